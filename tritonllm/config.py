@@ -1,0 +1,118 @@
+"""Typed configuration, the one source of truth for model-repository values.
+
+`EngineConfig` bounds the engine; `SamplingParams` holds one request's sampling inputs with their
+defaults and bounds (the ensemble's tensors are documented from `TENSORS`)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import RequestValidationError
+
+RUNTIMES = ("onnxruntime", "torch-cuda", "tensorrt")
+
+
+def _check(cond: bool, name: str, value: Any, bound: str) -> None:
+    if not cond:
+        raise ValueError(f"config {name}={value!r} out of bounds: {bound}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    runtime: str = "onnxruntime"
+    max_slots: int = 8            # sequences generating at once (in-flight batch size)
+    max_context: int = 2048       # prompt + generated tokens per sequence (KV cache length per slot)
+    max_queue: int = 256          # requests waiting for a slot; beyond it requests are rejected
+    max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 64
+    request_timeout_s: float = 600.0  # a request still generating after this is ended ("timeout")
+    stream_interval_ms: float = 0.0   # >0: coalesce a stream's tokens for up to this long per response
+    threads: int = 0              # runtime intra-op threads (0: runtime default)
+    dtype: str = "float32"
+    kv_cache_memory_fraction: float = 0.5  # GPU runtimes: share of free memory for the KV cache
+
+    def __post_init__(self) -> None:
+        _check(self.runtime in RUNTIMES, "runtime", self.runtime, f"one of {RUNTIMES}")
+        _check(1 <= self.max_slots <= 1024, "max_slots", self.max_slots, "1..1024")
+        _check(16 <= self.max_context <= 1 << 20, "max_context", self.max_context, "16..1048576")
+        _check(0 <= self.max_queue <= 1 << 16, "max_queue", self.max_queue, "0..65536")
+        _check(1 <= self.max_tokens_limit < self.max_context, "max_tokens_limit", self.max_tokens_limit,
+               f"1..max_context-1 ({self.max_context - 1})")
+        _check(1 <= self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens",
+               self.default_max_tokens, "1..max_tokens_limit")
+        _check(self.request_timeout_s > 0, "request_timeout_s", self.request_timeout_s, "> 0")
+        _check(0 <= self.stream_interval_ms <= 10_000, "stream_interval_ms", self.stream_interval_ms, "0..10000")
+        _check(self.dtype in ("float32", "float16", "bfloat16"), "dtype", self.dtype, "float32|float16|bfloat16")
+        _check(0 < self.kv_cache_memory_fraction <= 0.95, "kv_cache_memory_fraction",
+               self.kv_cache_memory_fraction, "(0, 0.95]")
+
+    def to_parameters(self) -> dict[str, str]:
+        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "EngineConfig":
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in params:
+                raw = params[f.name]
+                kw[f.name] = raw if f.type == "str" else (float(raw) if f.type == "float" else int(raw))
+        return cls(**kw)
+
+
+@dataclass
+class SamplingParams:
+    """One request's generation inputs, validated against an EngineConfig."""
+
+    max_tokens: int = 64
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0                # 0: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    end_id: int | None = None     # None: the model's EOS ids
+    pad_id: int | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stop_ids: list[list[int]] = field(default_factory=list)
+    bad_ids: list[list[int]] = field(default_factory=list)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self, cfg: EngineConfig, prompt_len: int, vocab_size: int) -> "SamplingParams":
+        def bad(name, value, fix):
+            raise RequestValidationError(name, value, fix)
+
+        if not 1 <= self.max_tokens <= cfg.max_tokens_limit:
+            bad("max_tokens", self.max_tokens, f"use 1..{cfg.max_tokens_limit}")
+        if prompt_len < 1:
+            bad("text_input", "", "send a non-empty prompt")
+        if prompt_len + self.max_tokens > cfg.max_context:
+            room = cfg.max_context - prompt_len
+            fix = (f"the prompt has {prompt_len} tokens and max_tokens is {self.max_tokens}; the context holds "
+                   f"{cfg.max_context}: " + (f"lower max_tokens to <= {room}" if room > 0 else "shorten the prompt"))
+            bad("max_tokens" if room > 0 else "text_input", self.max_tokens if room > 0 else prompt_len, fix)
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            bad("min_tokens", self.min_tokens, f"use 0..max_tokens ({self.max_tokens})")
+        if not (0.0 <= self.temperature <= 100.0) or self.temperature != self.temperature:
+            bad("temperature", self.temperature, "use 0 (greedy) or a value in (0, 100]")
+        if not 0 <= self.top_k <= vocab_size:
+            bad("top_k", self.top_k, f"use 0 (off) or 1..{vocab_size}")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", self.top_p, "use a value in (0, 1]")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            bad("repetition_penalty", self.repetition_penalty, "use a value in (0, 10]; 1 is off")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            bad("seed", self.seed, "use an unsigned 64-bit integer")
+        for name in ("end_id", "pad_id"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v < vocab_size:
+                bad(name, v, f"use a token id in 0..{vocab_size - 1}")
+        return self
+
+
+def dumps(obj) -> str:
+    return json.dumps(asdict(obj), sort_keys=True)

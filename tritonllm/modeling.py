@@ -1,0 +1,163 @@
+"""A compact Llama-family decoder (Llama, SmolLM, Qwen2, Mistral) built from an HF checkpoint.
+
+One definition serves the ONNX export (explicit KV inputs/outputs, the runtime owns the cache) and
+the PyTorch runtimes. Rotary frequencies are taken from the HF model itself, so every rope scaling
+type HF supports (default, linear, llama3, ...) is reproduced exactly.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SUPPORTED = {"llama", "qwen2", "mistral", "smollm3"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Architecture facts every runtime and the engine config need (written as model_shape.json)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    pad_token_id: int | None
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelShape":
+        d = json.loads(Path(path).read_text())
+        d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        return cls(**d)
+
+
+def shape_of(hf_model) -> ModelShape:
+    c = hf_model.config
+    eos = hf_model.generation_config.eos_token_id if hf_model.generation_config else c.eos_token_id
+    eos = eos if eos is not None else c.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return ModelShape(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads,
+                      head_dim, c.hidden_size, c.vocab_size, c.max_position_embeddings, eos_ids,
+                      c.bos_token_id, c.pad_token_id)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def _linear(layer: nn.Linear) -> nn.Linear:
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    out.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    if layer.bias is not None:
+        out.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    return out
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hf_layer, shape: ModelShape, eps: float):
+        super().__init__()
+        a, m = hf_layer.self_attn, hf_layer.mlp
+        self.q, self.k, self.v, self.o = (_linear(a.q_proj), _linear(a.k_proj), _linear(a.v_proj), _linear(a.o_proj))
+        self.gate, self.up, self.down = _linear(m.gate_proj), _linear(m.up_proj), _linear(m.down_proj)
+        self.ln1 = RMSNorm(hf_layer.input_layernorm.weight, eps)
+        self.ln2 = RMSNorm(hf_layer.post_attention_layernorm.weight, eps)
+        self.h, self.hkv, self.d = shape.num_heads, shape.num_kv_heads, shape.head_dim
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B,T,E] -> q [B,H,T,D], k/v [B,Hkv,T,D] with rotary applied to q and k."""
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.h, self.d).transpose(1, 2)
+        k = self.k(x).view(b, t, self.hkv, self.d).transpose(1, 2)
+        v = self.v(x).view(b, t, self.hkv, self.d).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Grouped-query attention; q [B,H,T,D], k/v [B,Hkv,S,D], bias [B,1,T,S] additive."""
+        b, _, t, d = q.shape
+        g = self.h // self.hkv
+        qg = q.reshape(b, self.hkv, g, t, d)
+        scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * (d ** -0.5)
+        probs = torch.softmax(scores.float() + bias.unsqueeze(1), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v.unsqueeze(2))  # [B,Hkv,G,T,D]
+        return out.reshape(b, self.h, t, d).transpose(1, 2).reshape(b, t, self.h * d)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+class CausalLM(nn.Module):
+    """Weights + rotary table; `forward` is the export signature with explicit past/new KV."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        c = hf_model.config
+        if c.model_type not in SUPPORTED:
+            raise ValueError(f"model_type {c.model_type!r} is not supported; supported: {sorted(SUPPORTED)}")
+        self.shape = shape_of(hf_model)
+        base = hf_model.model
+        eps = c.rms_norm_eps
+        self.embed = nn.Parameter(base.embed_tokens.weight.detach().clone(), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(l, self.shape, eps) for l in base.layers)
+        self.norm = RMSNorm(base.norm.weight, eps)
+        self.lm_head = nn.Parameter(hf_model.lm_head.weight.detach().clone(), requires_grad=False)
+        rot = base.rotary_emb
+        self.register_buffer("inv_freq", rot.inv_freq.detach().float().clone(), persistent=False)
+        self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
+
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.norm(hidden), self.lm_head.t()).float()
+
+    def forward(self, input_ids, position_ids, attn_bias, last_index, past_k, past_v):
+        """input_ids/position_ids [B,T]; attn_bias [B,1,T,P+T]; last_index [B]; past_k/v [L,B,Hkv,P,D].
+        Returns logits at last_index [B,V] and the new keys/values [L,B,Hkv,T,D]."""
+        x = nn.functional.embedding(input_ids, self.embed)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(layer.ln1(x), cos, sin)
+            new_k.append(k)
+            new_v.append(v)
+            k_all = torch.cat([past_k[i], k], dim=2)
+            v_all = torch.cat([past_v[i], v], dim=2)
+            x = x + layer.o(layer.attend(q, k_all, v_all, attn_bias))
+            x = x + layer.mlp(layer.ln2(x))
+        idx = last_index.view(-1, 1, 1).expand(-1, 1, x.shape[-1])
+        last = torch.gather(x, 1, idx).squeeze(1)
+        return self.logits(last), torch.stack(new_k), torch.stack(new_v)
+
+
+def load_hf(checkpoint: Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    return model.eval()
