@@ -77,6 +77,7 @@ class SamplingParams:
     stream: bool = False
     stop_ids: list[list[int]] = field(default_factory=list)
     bad_ids: list[list[int]] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
 
     @property
     def greedy(self) -> bool:

@@ -98,7 +98,7 @@ class TritonServer:
     @property
     def log_path(self) -> Path:
         assert self._workdir is not None
-        return (self.log_dir or self._workdir) / "tritonserver.log"
+        return Path(self.log_dir or self._workdir) / "tritonserver.log"
 
     def command(self) -> list[str]:
         root = pytriton_root()

@@ -1,0 +1,212 @@
+"""Sync and asyncio clients over tritonclient.grpc streaming.
+
+Decoupled models refuse unary infer, so every request, streamed or not, goes through the gRPC
+stream (as with TensorRT-LLM). An error message is terminal: after it no final response follows."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator
+
+import numpy as np
+
+DTYPES = {"max_tokens": ("INT32", np.int32), "min_tokens": ("INT32", np.int32), "top_k": ("INT32", np.int32),
+          "end_id": ("INT32", np.int32), "pad_id": ("INT32", np.int32), "temperature": ("FP32", np.float32),
+          "top_p": ("FP32", np.float32), "repetition_penalty": ("FP32", np.float32), "seed": ("UINT64", np.uint64),
+          "stream": ("BOOL", bool), "ignore_eos": ("BOOL", bool), "exclude_input_in_output": ("BOOL", bool),
+          "apply_chat_template": ("BOOL", bool)}
+
+
+class GenerationError(RuntimeError):
+    """The server refused or failed the request; `status` is the gRPC status name when known."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(f"[{status}] {message}" if status else message)
+        self.status = status
+
+    @classmethod
+    def from_triton(cls, err) -> "GenerationError":
+        status = err.status() if hasattr(err, "status") else None
+        msg = err.message() if hasattr(err, "message") else str(err)
+        return cls(msg or repr(err), status)
+
+
+@dataclass
+class Chunk:
+    text: str
+    final: bool
+    finish_reason: str = ""
+    num_input_tokens: int = 0
+    num_output_tokens: int = 0
+    at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: str
+    num_input_tokens: int
+    num_output_tokens: int
+    ttft_s: float
+    latency_s: float
+    chunk_times: list[float]
+
+
+def build_inputs(grpcclient, prompt: str, params: dict) -> list:
+    text = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[prompt.encode("utf-8")]], dtype=object))
+    inputs = [text]
+    for name in ("stop_words", "bad_words"):
+        words = params.pop(name, None)
+        if words:
+            t = grpcclient.InferInput(name, [1, len(words)], "BYTES")
+            t.set_data_from_numpy(np.array([[w.encode("utf-8") for w in words]], dtype=object))
+            inputs.append(t)
+    for name, value in params.items():
+        if value is None:
+            continue
+        if name not in DTYPES:
+            raise TypeError(f"unknown generation parameter {name!r}; known: {sorted(DTYPES)} + stop_words, bad_words")
+        triton_type, np_type = DTYPES[name]
+        t = grpcclient.InferInput(name, [1, 1], triton_type)
+        t.set_data_from_numpy(np.array([[value]], dtype=np_type))
+        inputs.append(t)
+    return inputs
+
+
+def parse_result(result) -> Chunk:
+    def first(name, default):
+        arr = result.as_numpy(name)
+        return default if arr is None or arr.size == 0 else arr.reshape(-1)[0]
+
+    params = result.get_response().parameters
+    final = bool(params["triton_final_response"].bool_param) if "triton_final_response" in params else False
+    text = first("text_output", b"")
+    reason = first("finish_reason", b"")
+    return Chunk(text.decode("utf-8") if isinstance(text, bytes) else str(text), final,
+                 reason.decode() if isinstance(reason, bytes) else str(reason),
+                 int(first("num_input_tokens", 0)), int(first("num_output_tokens", 0)))
+
+
+def collect(chunks, started: float) -> GenerationResult:
+    parts, times, last = [], [], None
+    for c in chunks:
+        if c.text:
+            parts.append(c.text)
+            times.append(c.at)
+        last = c
+    end = time.perf_counter()
+    return GenerationResult("".join(parts), last.finish_reason if last else "", last.num_input_tokens if last else 0,
+                            last.num_output_tokens if last else 0, (times[0] - started) if times else end - started,
+                            end - started, times)
+
+
+class LLMClient:
+    """One gRPC stream per client; requests on one client run one at a time (use one client per
+    concurrent caller). `model` is the ensemble name (or `<name>_engine`-style direct models)."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", model: str = "llm", timeout_s: float = 300.0):
+        import tritonclient.grpc as grpcclient
+
+        self._g = grpcclient
+        self.model, self.timeout_s = model, timeout_s
+        self.client = grpcclient.InferenceServerClient(url)
+        self._q: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._started = False
+
+    def _callback(self, result=None, error=None):
+        self._q.put((result, error))
+
+    def _ensure_stream(self) -> None:
+        if not self._started:
+            self.client.start_stream(callback=self._callback)
+            self._started = True
+
+    def stream(self, prompt: str, **params) -> Iterator[Chunk]:
+        """Yield chunks (text deltas) until the final one; closing the iterator early cancels."""
+        with self._lock:
+            self._ensure_stream()
+            params.setdefault("stream", True)
+            self.client.async_stream_infer(self.model, build_inputs(self._g, prompt, params),
+                                           request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+            done = False
+            try:
+                while not done:
+                    try:
+                        result, error = self._q.get(timeout=self.timeout_s)
+                    except queue.Empty:
+                        raise GenerationError(f"no response within {self.timeout_s}s", "DEADLINE_EXCEEDED") from None
+                    if error is not None:
+                        done = True
+                        raise GenerationError.from_triton(error)
+                    chunk = parse_result(result)
+                    done = chunk.final
+                    yield chunk
+            finally:
+                if not done:
+                    self.cancel()
+
+    def generate(self, prompt: str, **params) -> GenerationResult:
+        started = time.perf_counter()
+        params.setdefault("stream", False)
+        return collect(self.stream(prompt, **params), started)
+
+    def cancel(self) -> None:
+        """Cancel whatever is in flight on this client's stream (closes the stream)."""
+        if self._started:
+            self.client.stop_stream(cancel_requests=True)
+            self._started = False
+        self._q = queue.Queue()
+
+    def close(self) -> None:
+        if self._started:
+            self.client.stop_stream(cancel_requests=True)
+            self._started = False
+        self.client.close()
+
+    def __enter__(self) -> "LLMClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncLLMClient:
+    """asyncio client: every request gets its own gRPC stream, so many can run concurrently."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", model: str = "llm", timeout_s: float = 300.0):
+        import tritonclient.grpc as grpcclient
+        import tritonclient.grpc.aio as aioclient
+
+        self._g = grpcclient
+        self.model, self.timeout_s = model, timeout_s
+        self.client = aioclient.InferenceServerClient(url)
+
+    async def stream(self, prompt: str, **params) -> AsyncIterator[Chunk]:
+        params.setdefault("stream", True)
+        inputs = build_inputs(self._g, prompt, params)
+
+        async def requests():
+            yield {"model_name": self.model, "inputs": inputs, "request_id": uuid.uuid4().hex,
+                   "enable_empty_final_response": True}
+
+        async for result, error in self.client.stream_infer(requests(), stream_timeout=self.timeout_s):
+            if error is not None:
+                raise GenerationError.from_triton(error)
+            chunk = parse_result(result)
+            yield chunk
+            if chunk.final:
+                return
+
+    async def generate(self, prompt: str, **params) -> GenerationResult:
+        started = time.perf_counter()
+        params.setdefault("stream", False)
+        chunks = [c async for c in self.stream(prompt, **params)]
+        return collect(chunks, started)
+
+    async def close(self) -> None:
+        await self.client.close()

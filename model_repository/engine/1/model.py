@@ -1,0 +1,74 @@
+"""Triton adapter for the decoupled engine: execute() validates and enqueues; the engine loop's
+background thread generates with in-flight batching and streams responses through the sink."""
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from tritonllm.config import EngineConfig  # noqa: E402
+from tritonllm.engine_loop import EngineLoop  # noqa: E402
+from tritonllm.engine_metrics import EngineMetrics  # noqa: E402
+from tritonllm.engine_request import build_sequence  # noqa: E402
+from tritonllm.runtimes import load_runtime  # noqa: E402
+from tritonllm.text import TokenizerFiles  # noqa: E402
+from tritonllm.triton_io import RequestReader, error_response, model_parameters, tensor  # noqa: E402
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonSink:
+    """Sends one request's responses; the last one carries the FINAL flag."""
+
+    def __init__(self, request):
+        self.request = request
+        self.sender = request.get_response_sender()
+
+    def send(self, seq, ids, n_context, final):
+        outputs = [tensor(pb_utils, "output_ids", ids, np.int32),
+                   tensor(pb_utils, "num_context_ids", [n_context], np.int32),
+                   tensor(pb_utils, "is_final", [final], bool),
+                   tensor(pb_utils, "finish_reason", [seq.finish_reason or ""] if final else [""], object),
+                   tensor(pb_utils, "num_input_tokens", [len(seq.prompt_ids)], np.int32),
+                   tensor(pb_utils, "num_output_tokens", [len(seq.output_ids)], np.int32),
+                   tensor(pb_utils, "stop_words", seq.params.stop_strings or [""], object)]
+        self.sender.send(pb_utils.InferenceResponse(outputs), flags=FINAL if final else 0)
+
+    def send_error(self, seq, error):
+        self.sender.send(error_response(pb_utils, error), flags=FINAL)
+
+    def is_cancelled(self):
+        return self.sender.is_cancelled()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        model_config = json.loads(args["model_config"])
+        here = Path(__file__).parent
+        self.cfg = EngineConfig.from_parameters(model_parameters(model_config))
+        self.runtime = load_runtime(self.cfg, here / "engine")
+        tok = TokenizerFiles(here / "tokenizer")
+        self.loop = EngineLoop(self.runtime, self.cfg, decode=tok.decode)
+        self.metrics = EngineMetrics(pb_utils, self.loop, args["model_name"])
+        self.loop.on_finish = self.metrics.observe_finished
+        self.loop.start()
+        pb_utils.Logger.log_info(f"tritonllm engine ready: {json.dumps(self.runtime.describe())}")
+
+    def execute(self, requests):
+        for request in requests:
+            sink = TritonSink(request)
+            try:
+                seq = build_sequence(RequestReader(pb_utils, request), self.cfg, self.runtime.shape)
+                seq.sink = sink
+                self.loop.submit(seq)
+            except Exception as exc:  # validation or a full queue: this request only, before any token
+                sink.send_error(None, exc)
+        return None
+
+    def finalize(self):
+        self.loop.stop()
+        self.metrics.close()

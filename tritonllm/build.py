@@ -1,0 +1,70 @@
+"""Build pipeline: HF checkpoint -> ONNX export (with KV cache) -> verified engine -> model repository.
+
+    python -m tritonllm.build --model build/models/smollm2 --name smollm2 --out build/model_repository
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from .config import RUNTIMES, EngineConfig
+from .repository import RepositoryConfig, write_repository
+
+log = logging.getLogger("tritonllm.build")
+
+
+def export_cached(checkpoint: Path, onnx_dir: Path) -> dict:
+    """Export and verify once per checkpoint; re-export when the checkpoint is newer."""
+    from .onnx_export import export, verify
+
+    onnx_path, report_path = onnx_dir / "model.onnx", onnx_dir / "verify.json"
+    newest = max(p.stat().st_mtime for p in Path(checkpoint).iterdir())
+    if onnx_path.exists() and report_path.exists() and onnx_path.stat().st_mtime >= newest:
+        log.info("[1/3] ONNX export up to date: %s", onnx_path)
+        return json.loads(report_path.read_text())
+    log.info("[1/3] exporting %s to ONNX", checkpoint)
+    export(checkpoint, onnx_dir)
+    log.info("[2/3] verifying the ONNX graph against PyTorch")
+    return verify(checkpoint, onnx_dir)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    d = EngineConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="local HF checkpoint folder")
+    p.add_argument("--name", default="llm", help="ensemble name; stages are <name>_tokenizer/_engine/_detokenizer")
+    p.add_argument("--out", type=Path, default=Path("build/model_repository"))
+    p.add_argument("--onnx-dir", type=Path, help="default build/onnx/<name>")
+    p.add_argument("--runtime", choices=RUNTIMES, default=d.runtime)
+    p.add_argument("--max-slots", type=int, default=d.max_slots)
+    p.add_argument("--max-context", type=int, default=d.max_context)
+    p.add_argument("--max-queue", type=int, default=d.max_queue)
+    p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit)
+    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
+    p.add_argument("--stream-interval-ms", type=float, default=d.stream_interval_ms)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--dtype", default=d.dtype)
+    a = p.parse_args(argv)
+    t0 = time.time()
+    engine = EngineConfig(runtime=a.runtime, max_slots=a.max_slots, max_context=a.max_context, max_queue=a.max_queue,
+                          max_tokens_limit=min(a.max_tokens_limit, a.max_context - 1),
+                          default_max_tokens=a.default_max_tokens, request_timeout_s=a.request_timeout_s,
+                          stream_interval_ms=a.stream_interval_ms, threads=a.threads, dtype=a.dtype)
+    cfg = RepositoryConfig(name=a.name, engine=engine)
+    onnx_dir = a.onnx_dir or Path("build/onnx") / a.name
+    report = export_cached(a.model, onnx_dir)
+    log.info("      ONNX vs PyTorch: %s", json.dumps(report))
+    log.info("[3/3] writing model repository %s (models %s, %s, %s, %s)", a.out, cfg.name,
+             cfg.stage("tokenizer"), cfg.stage("engine"), cfg.stage("detokenizer"))
+    write_repository(a.out, cfg, a.model, onnx_dir)
+    log.info("done in %.1fs", time.time() - t0)
+    return a.out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The one background generation loop every runtime plugs into.
+
+`submit()` only enqueues. The loop admits new sequences into the running batch, polls
+cancellation and deadlines, runs one runtime step for the whole batch (prefills + decodes),
+samples, updates the scheduler and streams responses through each sequence's sink."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .config import EngineConfig
+from .runtimes.base import Runtime
+from .sampling import sample
+from .scheduler import Scheduler, Sequence, StepPlan, queue_full
+
+log = logging.getLogger(__name__)
+DETOKENIZE_CONTEXT = 8  # ids resent before a response's new ids, so the detokenizer can stay stateless
+
+
+class ResponseSink(Protocol):
+    def send(self, seq: Sequence, ids: list[int], n_context: int, final: bool) -> None: ...
+    def send_error(self, seq: Sequence, error: Exception) -> None: ...
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    decode_steps: int = 0
+    batched_decode_steps: int = 0    # decode steps shared by two or more sequences
+    decode_rows: int = 0
+    max_decode_batch: int = 0
+    prefills: int = 0
+    tokens_generated: int = 0
+    requests_finished: dict[str, int] = field(default_factory=dict)
+
+
+def response_window(seq: Sequence, final: bool) -> tuple[list[int], int] | None:
+    """The ids to send now and how many of them are context already sent, or None (nothing new)."""
+    visible = seq.visible_ids
+    if not seq.params.stream:
+        return (visible, 0) if final else None
+    if len(visible) == seq.emitted and not final:
+        return None
+    context = DETOKENIZE_CONTEXT + 2 * max((len(s) for s in seq.params.stop_ids), default=0)
+    start = max(0, seq.emitted - context)
+    return visible[start:], seq.emitted - start
+
+
+class EngineLoop:
+    def __init__(self, runtime: Runtime, cfg: EngineConfig, on_finish=None, decode=None):
+        self.runtime, self.cfg = runtime, cfg
+        self.scheduler = Scheduler(cfg, decode)
+        self.stats = EngineStats()
+        self.on_finish = on_finish            # callback(seq) for metrics
+        self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tritonllm-engine", daemon=True)
+        self._lock = threading.Lock()
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._fail(seq, RuntimeError("the engine is shutting down"))
+        while not self._inbox.empty():
+            self._fail(self._inbox.get_nowait(), RuntimeError("the engine is shutting down"))
+
+    def submit(self, seq: Sequence) -> None:
+        """Enqueue; raises ServerBusyError when the queue is full (checked here, before accepting)."""
+        with self._lock:
+            if self.scheduler.queued + self._inbox.qsize() >= self.cfg.max_queue:
+                raise queue_full(self.cfg)
+            seq.deadline = time.monotonic() + self.cfg.request_timeout_s
+            self._inbox.put(seq)
+        self._wake.set()
+
+    # -- loop stages ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._admit()
+            self._drop_cancelled()
+            plan = self.scheduler.schedule()
+            if not plan:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            self._step(plan)
+
+    def _admit(self) -> None:
+        with self._lock:
+            while not self._inbox.empty():
+                self.scheduler.waiting.append(self._inbox.get_nowait())
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if seq.sink is not None and seq.sink.is_cancelled():
+                self._end(seq, "cancelled")
+            elif now > seq.deadline:
+                self._end(seq, "timeout")
+
+    def _step(self, plan: StepPlan) -> None:
+        seqs = plan.sequences
+        try:
+            logits = self.runtime.step([s.step_input() for s in seqs])
+            tokens = [self._sample(s, row) for s, row in zip(seqs, logits)]
+        except Exception as exc:  # a failed step ends its sequences with an error, the loop goes on
+            log.exception("engine step failed")
+            for seq in seqs:
+                self._fail(seq, exc)
+            return
+        self._count(plan)
+        finished = set(self.scheduler.update_from_output(plan, tokens))
+        self.stats.tokens_generated += len(seqs)
+        for seq in seqs:
+            self._emit(seq, final=seq in finished)
+            if seq in finished:
+                self._finished(seq)
+
+    def _sample(self, seq: Sequence, row: np.ndarray) -> int:
+        history = seq.prompt_ids + seq.output_ids
+        return sample(row, seq.params, history, len(seq.output_ids), seq.stop_token_ids, seq.rng)
+
+    def _count(self, plan: StepPlan) -> None:
+        st = self.stats
+        st.steps += 1
+        st.prefills += len(plan.prefill)
+        if plan.decode:
+            st.decode_steps += 1
+            st.decode_rows += len(plan.decode)
+            st.batched_decode_steps += len(plan.decode) > 1
+            st.max_decode_batch = max(st.max_decode_batch, len(plan.decode))
+
+    # -- responses -----------------------------------------------------------------------------
+    def _emit(self, seq: Sequence, final: bool) -> None:
+        if seq.sink is None:
+            return
+        now = time.monotonic()
+        interval = self.cfg.stream_interval_ms / 1000.0
+        if not final and seq.emitted and interval and now - seq.last_emit < interval:
+            return
+        window = response_window(seq, final)
+        if window is None:
+            return
+        try:
+            seq.sink.send(seq, window[0], window[1], final)
+        except Exception:  # the client went away: nothing more to send to it
+            log.warning("sending a response for sequence %d failed", seq.uid, exc_info=True)
+            if not final:
+                self._end(seq, "cancelled", notify=False)
+        seq.emitted = len(seq.visible_ids)
+        seq.last_emit = now
+
+    def _end(self, seq: Sequence, reason: str, notify: bool = True) -> None:
+        self.scheduler.finish(seq, reason)
+        if notify:
+            self._emit(seq, final=True)
+        self._finished(seq)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        self.scheduler.finish(seq, "error")
+        if seq.sink is not None:
+            try:
+                seq.sink.send_error(seq, exc)
+            except Exception:
+                log.warning("could not send the error for sequence %d", seq.uid, exc_info=True)
+        self._finished(seq)
+
+    def _finished(self, seq: Sequence) -> None:
+        r = seq.finish_reason or "unknown"
+        self.stats.requests_finished[r] = self.stats.requests_finished.get(r, 0) + 1
+        if self.on_finish is not None:
+            self.on_finish(seq)

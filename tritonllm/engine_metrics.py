@@ -1,0 +1,69 @@
+"""Prometheus metrics of the engine, published through Triton's custom metrics API (`pb` is
+triton_python_backend_utils); a small thread copies the loop's counters every half second."""
+from __future__ import annotations
+
+import threading
+
+from .engine_loop import EngineLoop
+from .scheduler import Sequence
+
+LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
+
+class EngineMetrics:
+    def __init__(self, pb, loop: EngineLoop, model: str):
+        fam = pb.MetricFamily
+        labels = {"model": model}
+        self._families = []  # a family must outlive its metrics
+
+        def metric(name, kind, desc, **kw):
+            family = fam(name=name, description=desc, kind=kind)
+            self._families.append(family)
+            return family.Metric(labels=labels, **kw)
+
+        self.active = metric("tritonllm_requests_active", fam.GAUGE, "sequences generating (slots in use)")
+        self.queued = metric("tritonllm_requests_queued", fam.GAUGE, "requests waiting for a slot")
+        self.slots = metric("tritonllm_slots_total", fam.GAUGE, "engine slots (max in-flight batch)")
+        self.tokens = metric("tritonllm_tokens_generated_total", fam.COUNTER, "tokens generated")
+        self.steps = metric("tritonllm_decode_steps_total", fam.COUNTER, "decode steps")
+        self.batched = metric("tritonllm_batched_decode_steps_total", fam.COUNTER,
+                              "decode steps shared by two or more sequences")
+        self.finished_family = fam(name="tritonllm_requests_finished_total", kind=fam.COUNTER,
+                                   description="requests finished, by reason")
+        self.ttft = metric("tritonllm_time_to_first_token_seconds", fam.HISTOGRAM, "time to first token",
+                           buckets=LATENCY_BUCKETS)
+        self.itl = metric("tritonllm_inter_token_latency_seconds", fam.HISTOGRAM,
+                          "mean inter-token latency per request", buckets=LATENCY_BUCKETS)
+        self.model, self.loop = model, loop
+        self._finished: dict[str, object] = {}
+        self._last = {"tokens": 0, "steps": 0, "batched": 0}
+        self.slots.set(loop.cfg.max_slots)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True, name="tritonllm-metrics")
+        self._thread.start()
+
+    def observe_finished(self, seq: Sequence) -> None:
+        reason = seq.finish_reason or "unknown"
+        if reason not in self._finished:
+            self._finished[reason] = self.finished_family.Metric(labels={"model": self.model, "reason": reason})
+        self._finished[reason].increment(1)
+        if seq.first_token_at is not None:
+            self.ttft.observe(seq.first_token_at - seq.arrival)
+            n = len(seq.output_ids)
+            if n > 1 and seq.last_emit > seq.first_token_at:
+                self.itl.observe((seq.last_emit - seq.first_token_at) / (n - 1))
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.5):
+            st, sch = self.loop.stats, self.loop.scheduler
+            self.active.set(sch.active)
+            self.queued.set(sch.queued)
+            for key, value, m in (("tokens", st.tokens_generated, self.tokens), ("steps", st.decode_steps, self.steps),
+                                  ("batched", st.batched_decode_steps, self.batched)):
+                if value > self._last[key]:
+                    m.increment(value - self._last[key])
+                    self._last[key] = value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)

@@ -1,0 +1,56 @@
+"""The runtime interface and the host-side KV cache the CPU runtimes share."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ..modeling import ModelShape
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """One sequence's work in a step: `tokens` placed at positions start..start+len-1 of `slot`.
+    A prefill has start=0 and the whole prompt; a decode has one token at start=current length."""
+
+    slot: int
+    tokens: list[int]
+    start: int
+
+
+class Runtime(Protocol):
+    shape: ModelShape
+    max_slots: int
+    max_context: int
+
+    def step(self, inputs: list[StepInput]) -> np.ndarray:
+        """Run the rows, write their keys/values into the cache, return logits [len(inputs), vocab]."""
+
+    def describe(self) -> dict:
+        """Facts reported at start-up (runtime, device, slots, context, cache bytes)."""
+
+
+class KVCache:
+    """Preallocated keys/values for every slot: [layers, slots, kv_heads, max_context, head_dim]."""
+
+    def __init__(self, shape: ModelShape, slots: int, max_context: int, dtype=np.float32):
+        dims = (shape.num_layers, slots, shape.num_kv_heads, max_context, shape.head_dim)
+        self.keys = np.zeros(dims, dtype=dtype)
+        self.values = np.zeros(dims, dtype=dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def gather(self, slots: list[int], length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Past keys/values of `slots` up to `length` positions: [L, B, Hkv, length, D] (a copy)."""
+        idx = np.asarray(slots)
+        return self.keys[:, idx, :, :length], self.values[:, idx, :, :length]
+
+    def update(self, slots: list[int], starts: list[int], counts: list[int],
+               new_keys: np.ndarray, new_values: np.ndarray) -> None:
+        """Write row b's first counts[b] new positions at starts[b].. of slots[b]."""
+        for b, (slot, start, n) in enumerate(zip(slots, starts, counts)):
+            self.keys[:, slot, :, start:start + n] = new_keys[:, b, :, :n]
+            self.values[:, slot, :, start:start + n] = new_values[:, b, :, :n]

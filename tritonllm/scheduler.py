@@ -1,0 +1,150 @@
+"""In-flight batching scheduler (Triton-free): `schedule()` -> the runtime executes -> 
+`update_from_output()`. Sequences waiting for a slot join the running batch at the next step;
+finished or cancelled ones leave it and free their slot."""
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import EngineConfig, SamplingParams
+from .errors import ServerBusyError
+from .runtimes.base import StepInput
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_token_ids: frozenset[int]
+    rng: np.random.Generator
+    echo_prompt: bool = False        # exclude_input_in_output=False: the prompt is part of the output
+    sink: Any = None                 # where the engine loop sends this sequence's responses
+    deadline: float = float("inf")
+    uid: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    slot: int | None = None
+    finish_reason: str | None = None
+    emitted: int = 0                 # visible ids already sent
+    last_emit: float = 0.0
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    peak_batch: int = 0              # the largest decode batch this sequence took part in
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def visible_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids if self.echo_prompt else self.output_ids
+
+    def step_input(self) -> StepInput:
+        if not self.output_ids:
+            return StepInput(self.slot, self.prompt_ids, 0)
+        return StepInput(self.slot, self.output_ids[-1:], self.length - 1)
+
+
+@dataclass
+class StepPlan:
+    prefill: list[Sequence]
+    decode: list[Sequence]
+
+    @property
+    def sequences(self) -> list[Sequence]:
+        return self.prefill + self.decode
+
+    def __bool__(self) -> bool:
+        return bool(self.prefill or self.decode)
+
+
+def is_end_token(seq: Sequence, token: int) -> bool:
+    """EOS / end_id ends the sequence (the sampler already masked it below min_tokens)."""
+    return token in seq.stop_token_ids and not seq.params.ignore_eos
+
+
+def should_stop(seq: Sequence, max_context: int, decode=None) -> str | None:
+    """The finish reason after the last appended token (stop words, length), or None to go on.
+    Stop words match as token ids and, where `decode` is given, as text in the recent output."""
+    p = seq.params
+    n = len(seq.output_ids)
+    if n >= p.min_tokens:
+        for stop in p.stop_ids:
+            if stop and len(stop) <= n and seq.output_ids[-len(stop):] == stop:
+                return "stop"
+        if p.stop_strings and decode is not None:
+            tail = decode(seq.output_ids[-(4 * max(map(len, p.stop_strings)) + 4):])
+            if any(s in tail for s in p.stop_strings):
+                return "stop"
+    if n >= p.max_tokens or seq.length >= max_context:
+        return "length"
+    return None
+
+
+def queue_full(cfg: EngineConfig) -> ServerBusyError:
+    return ServerBusyError(f"the engine queue is full ({cfg.max_queue} waiting, {cfg.max_slots} generating): "
+                           "retry later, or raise max_queue/max_slots when building the repository")
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, decode=None):
+        self.cfg, self.decode = cfg, decode
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.free_slots = list(range(cfg.max_slots - 1, -1, -1))
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.cfg.max_queue:
+            raise queue_full(self.cfg)
+        self.waiting.append(seq)
+
+    def schedule(self) -> StepPlan:
+        decode = [s for s in self.running if s.output_ids]
+        prefill = []
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot = self.free_slots.pop()
+            self.running.append(seq)
+            prefill.append(seq)
+        for s in decode:
+            s.peak_batch = max(s.peak_batch, len(decode))
+        return StepPlan(prefill, decode)
+
+    def update_from_output(self, plan: StepPlan, tokens: list[int]) -> list[Sequence]:
+        """Append each sequence's sampled token; return those that finished (slots freed)."""
+        finished = []
+        now = time.monotonic()
+        for seq, tok in zip(plan.sequences, tokens):
+            eos = is_end_token(seq, tok)
+            if not eos:  # the EOS token ends the sequence but is not part of the output
+                seq.output_ids.append(tok)
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            reason = "stop" if eos else should_stop(seq, self.cfg.max_context, self.decode)
+            if reason:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take a sequence out (finished, cancelled, timed out or failed) and free its slot."""
+        seq.finish_reason = seq.finish_reason or reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self.free_slots.append(seq.slot)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    @property
+    def active(self) -> int:
+        return len(self.running)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)

@@ -1,0 +1,81 @@
+"""Every tensor of the generated repository, defined once: dtype, dims, whether optional, default
+and bounds. Model configs and the README's tensor table are rendered from these lists. Names
+follow NVIDIA's TensorRT-LLM ensemble so its clients and tools work unchanged."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str           # Triton TYPE_* suffix
+    dims: tuple[int, ...]
+    optional: bool = False
+    doc: str = ""
+
+
+def T(name, dtype, dims=(1,), optional=False, doc=""):
+    return TensorSpec(name, dtype, tuple(dims), optional, doc)
+
+
+# -- the ensemble (what clients send and receive) -------------------------------------------------
+SAMPLING_INPUTS = [
+    T("max_tokens", "INT32", optional=True, doc="tokens to generate; default `default_max_tokens`, 1..`max_tokens_limit`; prompt + max_tokens <= `max_context`"),
+    T("min_tokens", "INT32", optional=True, doc="EOS and stop words are ignored before this many tokens; default 0, 0..max_tokens"),
+    T("temperature", "FP32", optional=True, doc="default 1.0; 0 = greedy; 0..100"),
+    T("top_k", "INT32", optional=True, doc="default 0 (off); 1 = greedy; 0..vocab size"),
+    T("top_p", "FP32", optional=True, doc="nucleus sampling; default 1.0; (0, 1]"),
+    T("repetition_penalty", "FP32", optional=True, doc="HF-style; default 1.0 (off); (0, 10]"),
+    T("seed", "UINT64", optional=True, doc="per-request random seed: same seed, same text; default random"),
+    T("end_id", "INT32", optional=True, doc="token that ends generation; default the model's EOS ids"),
+    T("pad_id", "INT32", optional=True, doc="accepted for compatibility (no padding is ever returned)"),
+    T("ignore_eos", "BOOL", optional=True, doc="keep generating past EOS until max_tokens; default false"),
+    T("stream", "BOOL", optional=True, doc="stream text deltas; default false (one response)"),
+    T("exclude_input_in_output", "BOOL", optional=True, doc="default true: the prompt is never echoed; false prepends it"),
+]
+ENSEMBLE_INPUTS = [
+    T("text_input", "STRING", doc="the prompt (UTF-8); with apply_chat_template, a user message or a JSON list of {role, content}"),
+    T("apply_chat_template", "BOOL", optional=True, doc="render the model's chat template around the prompt; default false"),
+    T("stop_words", "STRING", (-1,), optional=True, doc="strings that end generation; cut from the returned text"),
+    T("bad_words", "STRING", (-1,), optional=True, doc="strings never generated"),
+    *SAMPLING_INPUTS,
+]
+ENSEMBLE_OUTPUTS = [
+    T("text_output", "STRING", (-1,), doc="generated text (a delta per response when streaming)"),
+    T("finish_reason", "STRING", doc="final response: stop | length | cancelled | timeout; empty before"),
+    T("num_input_tokens", "INT32", doc="prompt tokens"),
+    T("num_output_tokens", "INT32", doc="tokens generated so far"),
+]
+
+# -- the stages --------------------------------------------------------------------------------
+TOKENIZER_INPUTS = [s for s in ENSEMBLE_INPUTS if s.name in ("text_input", "apply_chat_template", "stop_words", "bad_words")]
+TOKENIZER_OUTPUTS = [T("input_ids", "INT32", (-1,)), T("stop_ids", "INT32", (-1,)), T("bad_ids", "INT32", (-1,))]
+ENGINE_INPUTS = [
+    T("input_ids", "INT32", (-1,)),
+    T("stop_ids", "INT32", (-1,), optional=True, doc="-1 separated id lists"),
+    T("bad_ids", "INT32", (-1,), optional=True, doc="-1 separated id lists"),
+    T("stop_words", "STRING", (-1,), optional=True),
+    *SAMPLING_INPUTS,
+]
+ENGINE_OUTPUTS = [
+    T("output_ids", "INT32", (-1,), doc="the response's new ids preceded by num_context_ids ids sent before"),
+    T("num_context_ids", "INT32"),
+    T("is_final", "BOOL"),
+    *ENSEMBLE_OUTPUTS[1:],
+    T("stop_words", "STRING", (-1,), doc="the request's stop words, passed on to the detokenizer"),
+]
+DETOKENIZER_INPUTS = [
+    *ENGINE_OUTPUTS[:3],
+    *[T(s.name, s.dtype, s.dims, optional=True) for s in ENGINE_OUTPUTS[3:]],
+]
+DETOKENIZER_OUTPUTS = ENSEMBLE_OUTPUTS
+
+
+def tensor_table() -> str:
+    rows = ["| tensor | type | dims | required | meaning, default, bounds |", "|---|---|---|---|---|"]
+    for direction, specs in (("in", ENSEMBLE_INPUTS), ("out", ENSEMBLE_OUTPUTS)):
+        for s in specs:
+            req = "output" if direction == "out" else ("no" if s.optional else "yes")
+            rows.append(f"| `{s.name}` | {s.dtype} | {list(s.dims)} | {req} | {s.doc} |")
+    return "\n".join(rows)

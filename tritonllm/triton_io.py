@@ -1,0 +1,71 @@
+"""Small helpers shared by the Triton python-backend adapters: typed reads of optional inputs,
+response tensors, and errors mapped to gRPC status codes. `pb` is triton_python_backend_utils."""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import RequestValidationError, ServerBusyError
+
+
+class RequestReader:
+    """Reads one request's inputs; each read names the field in its error."""
+
+    def __init__(self, pb, request):
+        self.pb, self.request = pb, request
+
+    def array(self, name: str) -> np.ndarray | None:
+        t = self.pb.get_input_tensor_by_name(self.request, name)
+        return None if t is None else t.as_numpy()
+
+    def scalar(self, name: str, kind, default=None):
+        arr = self.array(name)
+        if arr is None:
+            return default
+        if arr.size != 1:
+            raise RequestValidationError(name, arr.tolist(), "send exactly one value (shape [1] or [1,1])")
+        value = arr.reshape(-1)[0]
+        if kind is bool:
+            return bool(value)
+        if kind is str:
+            return decode_utf8(name, value)
+        return kind(value)
+
+    def strings(self, name: str) -> list[str]:
+        arr = self.array(name)
+        return [] if arr is None else [decode_utf8(name, v) for v in arr.reshape(-1)]
+
+    def ints(self, name: str) -> list[int]:
+        arr = self.array(name)
+        return [] if arr is None else [int(v) for v in arr.reshape(-1)]
+
+
+def decode_utf8(name: str, value) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestValidationError(name, bytes(value)[:40], f"send valid UTF-8 text ({e.reason} at byte {e.start})")
+
+
+def tensor(pb, name: str, values, dtype) -> object:
+    """A [1, n] output tensor (batch dimension first)."""
+    if dtype is object:
+        arr = np.array([[v.encode("utf-8") if isinstance(v, str) else v for v in values]], dtype=object)
+    else:
+        arr = np.asarray(values, dtype=dtype).reshape(1, -1)
+    return pb.Tensor(name, arr)
+
+
+def error_response(pb, exc: Exception):
+    if isinstance(exc, RequestValidationError):
+        code = pb.TritonError.INVALID_ARG
+    elif isinstance(exc, ServerBusyError):
+        code = pb.TritonError.UNAVAILABLE
+    else:
+        code = pb.TritonError.INTERNAL
+    return pb.InferenceResponse(error=pb.TritonError(str(exc), code))
+
+
+def model_parameters(model_config: dict) -> dict[str, str]:
+    return {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
