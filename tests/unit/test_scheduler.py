@@ -1,0 +1,161 @@
+"""The scheduler and engine loop fed by a fabricated runtime: in-flight joins and leaves,
+queue bounds, stop conditions, cancellation and failures; no model involved."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tritonllm.config import EngineConfig, SamplingParams
+from tritonllm.engine_loop import EngineLoop
+from tritonllm.errors import ServerBusyError
+from tritonllm.inprocess import QueueSink
+from tritonllm.modeling import ModelShape
+from tritonllm.sampling import new_rng
+from tritonllm.scheduler import Scheduler, Sequence, should_stop
+
+V = 50
+EOS = 0
+
+
+class CountingRuntime:
+    """Next token = last token + 1 (mod V, skipping EOS unless asked); records batch sizes."""
+
+    def __init__(self, slots=4, eos_after=None, fail_on=None, delay=0.0):
+        self.shape = ModelShape(1, 1, 1, 1, 1, V, 1024, (EOS,), None, None)
+        self.max_slots, self.max_context = slots, 1024
+        self.eos_after, self.fail_on, self.delay = eos_after, fail_on, delay
+        self.batches = []
+        self.slots_seen = set()
+
+    def describe(self):
+        return {}
+
+    def step(self, inputs):
+        if self.delay:
+            time.sleep(self.delay)
+        self.batches.append(len(inputs))
+        out = np.zeros((len(inputs), V), dtype=np.float32)
+        for i, x in enumerate(inputs):
+            self.slots_seen.add(x.slot)
+            if self.fail_on is not None and x.tokens[-1] == self.fail_on:
+                raise RuntimeError("boom")
+            nxt = x.tokens[-1] % (V - 1) + 1
+            if self.eos_after is not None and x.start + len(x.tokens) >= self.eos_after:
+                nxt = EOS
+            out[i, nxt] = 10.0
+        return out
+
+
+def seq(prompt, **kw):
+    return Sequence(list(prompt), SamplingParams(temperature=0.0, **kw), frozenset({EOS}), new_rng(0))
+
+
+def run_loop(runtime, cfg, seqs, cancel_after=None):
+    loop = EngineLoop(runtime, cfg).start()
+    sinks = []
+    for s in seqs:
+        s.sink = QueueSink()
+        sinks.append(s.sink)
+        loop.submit(s)
+    try:
+        return [sk.wait(10) for sk in sinks], loop
+    finally:
+        loop.stop()
+
+
+def test_tokens_and_length_finish():
+    cfg = EngineConfig(max_slots=2, max_tokens_limit=100)
+    (res,), _ = run_loop(CountingRuntime(), cfg, [seq([5], max_tokens=4)])
+    assert res.ids == [6, 7, 8, 9] and res.finish_reason == "length"
+
+
+def test_eos_ends_without_being_emitted_and_min_tokens_delays_it():
+    cfg = EngineConfig(max_slots=2, max_tokens_limit=100)
+    (a, b), _ = run_loop(CountingRuntime(eos_after=3), cfg, [seq([5], max_tokens=10), seq([5], max_tokens=10, min_tokens=4)])
+    assert a.ids == [6, 7] and a.finish_reason == "stop"
+    assert len(b.ids) >= 4 and EOS not in b.ids[:4]
+
+
+def test_stop_ids_end_generation_and_are_emitted():
+    cfg = EngineConfig(max_slots=2, max_tokens_limit=100)
+    (res,), _ = run_loop(CountingRuntime(), cfg, [seq([5], max_tokens=20, stop_ids=[[8, 9]])])
+    assert res.ids == [6, 7, 8, 9] and res.finish_reason == "stop"
+
+
+def test_in_flight_batching_joins_and_leaves():
+    """Four sequences of different lengths through two slots: later ones join as earlier leave,
+    decode steps are shared, and only two slots are ever used."""
+    rt = CountingRuntime(slots=2, delay=0.002)
+    cfg = EngineConfig(max_slots=2, max_tokens_limit=100)
+    seqs = [seq([1], max_tokens=n) for n in (3, 12, 5, 7)]
+    results, loop = run_loop(rt, cfg, seqs)
+    assert [len(r.ids) for r in results] == [3, 12, 5, 7]
+    assert rt.slots_seen == {0, 1}
+    assert max(rt.batches) == 2 and loop.stats.batched_decode_steps > 0
+    assert loop.stats.requests_finished == {"length": 4}
+
+
+def test_queue_bound_rejects_with_busy_error():
+    sch = Scheduler(EngineConfig(max_slots=1, max_queue=2))
+    sch.add(seq([1]))
+    sch.add(seq([1]))
+    with pytest.raises(ServerBusyError, match="queue is full"):
+        sch.add(seq([1]))
+
+
+def test_cancellation_frees_the_slot_and_sends_a_final_response():
+    rt = CountingRuntime(slots=1, delay=0.005)
+    cfg = EngineConfig(max_slots=1, max_tokens_limit=1000, max_context=2048)
+    loop = EngineLoop(rt, cfg).start()
+    try:
+        s1, s2 = seq([1], max_tokens=900, stream=True), seq([1], max_tokens=3)
+        s1.sink, s2.sink = QueueSink(), QueueSink()
+        loop.submit(s1)
+        loop.submit(s2)
+        time.sleep(0.05)
+        s1.sink.cancelled = True
+        r1, r2 = s1.sink.wait(10), s2.sink.wait(10)
+        assert r1.finish_reason == "cancelled" and 0 < len(r1.ids) < 900
+        assert r2.ids == [2, 3, 4]
+        assert loop.scheduler.active == 0 and loop.scheduler.free_slots == [0]
+    finally:
+        loop.stop()
+
+
+def test_deadline_ends_a_request_with_timeout():
+    cfg = EngineConfig(max_slots=1, max_tokens_limit=1000, max_context=2048, request_timeout_s=0.05)
+    (res,), _ = run_loop(CountingRuntime(delay=0.005), cfg, [seq([1], max_tokens=900)])
+    assert res.finish_reason == "timeout"
+
+
+def test_failed_step_errors_its_sequences_and_loop_keeps_serving():
+    rt = CountingRuntime(fail_on=3)
+    cfg = EngineConfig(max_slots=2, max_tokens_limit=100)
+    (bad,), loop = run_loop(rt, cfg, [seq([1], max_tokens=5)])
+    assert isinstance(bad.error, RuntimeError)
+    (good,), _ = run_loop(rt, cfg, [seq([10], max_tokens=2)])
+    assert good.ids == [11, 12]
+
+
+def test_should_stop_on_stop_string_through_decode():
+    s = seq([1], max_tokens=50, stop_strings=["END"])
+    s.output_ids = [1, 2, 3]
+    assert should_stop(s, 1024, decode=lambda ids: "fooEN") is None
+    assert should_stop(s, 1024, decode=lambda ids: "foo END") == "stop"
+
+
+def test_submit_from_many_threads():
+    rt = CountingRuntime(slots=4)
+    cfg = EngineConfig(max_slots=4, max_queue=64, max_tokens_limit=100)
+    loop = EngineLoop(rt, cfg).start()
+    seqs = [seq([i + 1], max_tokens=5) for i in range(32)]
+    for s in seqs:
+        s.sink = QueueSink()
+    threads = [threading.Thread(target=loop.submit, args=(s,)) for s in seqs]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    try:
+        assert all(len(s.sink.wait(10).ids) == 5 for s in seqs)
+    finally:
+        loop.stop()
