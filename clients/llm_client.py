@@ -5,6 +5,7 @@ stream (as with TensorRT-LLM). An error message is terminal: after it no final r
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 import uuid
@@ -29,9 +30,14 @@ class GenerationError(RuntimeError):
 
     @classmethod
     def from_triton(cls, err) -> "GenerationError":
+        """gRPC status when the call failed; inside a stream only the message exists, so the
+        status is read from its "[STATUS]" tag (tritonllm models tag every error they send)."""
         status = err.status() if hasattr(err, "status") else None
-        msg = err.message() if hasattr(err, "message") else str(err)
-        return cls(msg or repr(err), status)
+        msg = (err.message() if hasattr(err, "message") else str(err)) or repr(err)
+        if status is None:
+            tag = re.search(r"\[([A-Z_]+)\]", msg)
+            status = tag.group(1) if tag else None
+        return cls(msg, status.replace("StatusCode.", "") if status else None)
 
 
 @dataclass

@@ -58,13 +58,15 @@ def tensor(pb, name: str, values, dtype) -> object:
 
 
 def error_response(pb, exc: Exception):
+    """An error response. Errors inside a gRPC stream carry only a message (no status code), so
+    the message starts with the status name in brackets, e.g. "[INVALID_ARGUMENT] invalid 'top_p'..."."""
     if isinstance(exc, RequestValidationError):
-        code = pb.TritonError.INVALID_ARG
+        code, status = pb.TritonError.INVALID_ARG, "INVALID_ARGUMENT"
     elif isinstance(exc, ServerBusyError):
-        code = pb.TritonError.UNAVAILABLE
+        code, status = pb.TritonError.UNAVAILABLE, "UNAVAILABLE"
     else:
-        code = pb.TritonError.INTERNAL
-    return pb.InferenceResponse(error=pb.TritonError(str(exc), code))
+        code, status = pb.TritonError.INTERNAL, "INTERNAL"
+    return pb.InferenceResponse(error=pb.TritonError(f"[{status}] {exc}", code))
 
 
 def model_parameters(model_config: dict) -> dict[str, str]:

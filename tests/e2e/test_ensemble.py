@@ -1,0 +1,195 @@
+"""End-to-end against a real tritonserver (from the nvidia-pytriton wheel) over gRPC streaming."""
+import asyncio
+import queue
+import time
+
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+
+from clients import AsyncLLMClient, GenerationError, LLMClient
+from tritonllm.modeling import load_hf
+from tritonllm.text import TokenizerFiles
+
+from .helpers import engine_inputs, metric_value, wait_for_metric
+
+
+@pytest.fixture
+def tiny(live_server):
+    with LLMClient(live_server.grpc_url, "tiny", timeout_s=60) as c:
+        yield c
+
+
+def hf_greedy_text(ckpt, prompt, n):
+    tok = TokenizerFiles(ckpt)
+    hf = load_hf(ckpt)
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                          pad_token_id=hf.config.eos_token_id)[0, len(ids):].tolist()
+    return out, tok.decode(out)
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_greedy_through_ensemble_matches_hf_generate(live_server, which, request):
+    ckpt = request.getfixturevalue(f"{which}_dir")
+    prompt, n = "The history of the city begins", 20
+    ids, text = hf_greedy_text(ckpt, prompt, n)
+    with LLMClient(live_server.grpc_url, which, timeout_s=120) as c:
+        r = c.generate(prompt, max_tokens=n, temperature=0.0, ignore_eos=True)
+    assert r.num_output_tokens == n and r.num_input_tokens == len(TokenizerFiles(ckpt).encode(prompt))
+    assert TokenizerFiles(ckpt).encode(r.text, add_special_tokens=False) == ids or r.text == text
+    assert r.text == text
+    assert r.finish_reason == "length"
+
+
+def test_stream_deltas_concatenate_to_non_streamed_text(tiny):
+    prompt = "Streaming text with émojis 😀 and 日本語:"
+    full = tiny.generate(prompt, max_tokens=60, temperature=0.0, ignore_eos=True)
+    chunks = list(tiny.stream(prompt, max_tokens=60, temperature=0.0, ignore_eos=True))
+    assert len(chunks) > 10  # really streamed
+    assert "".join(c.text for c in chunks) == full.text
+    assert chunks[-1].final and chunks[-1].finish_reason == "length"
+    assert not any("\ufffd" in c.text for c in chunks[:-1])
+
+
+def test_same_seed_same_text_and_different_seed_differs(tiny):
+    kw = dict(max_tokens=30, temperature=1.0, top_p=0.95, top_k=50, ignore_eos=True)
+    a = tiny.generate("Tell me a story", seed=1234, **kw).text
+    b = tiny.generate("Tell me a story", seed=1234, **kw).text
+    c = tiny.generate("Tell me a story", seed=99, **kw).text
+    streamed = "".join(ch.text for ch in tiny.stream("Tell me a story", seed=1234, **kw))
+    assert a == b == streamed
+    assert a != c
+
+
+def test_prompt_is_not_echoed_unless_asked(tiny):
+    prompt = "Echo check prompt"
+    r = tiny.generate(prompt, max_tokens=5, temperature=0.0, ignore_eos=True)
+    echoed = tiny.generate(prompt, max_tokens=5, temperature=0.0, ignore_eos=True, exclude_input_in_output=False)
+    assert not r.text.startswith(prompt)
+    assert echoed.text == prompt + r.text
+
+
+def test_stop_words_end_generation_and_are_trimmed(tiny):
+    full = tiny.generate("Counting:", max_tokens=40, temperature=0.0, ignore_eos=True).text
+    words = full.split()
+    assert len(words) > 4
+    stop = words[3]
+    r = tiny.generate("Counting:", max_tokens=40, temperature=0.0, ignore_eos=True, stop_words=[stop])
+    assert r.finish_reason == "stop" and stop not in r.text
+    assert full.startswith(r.text) and len(r.text) < len(full)
+    streamed = "".join(c.text for c in tiny.stream("Counting:", max_tokens=40, temperature=0.0, ignore_eos=True,
+                                                   stop_words=[stop]))
+    assert streamed == r.text
+
+
+def test_eight_concurrent_requests_share_decode_steps(live_server):
+    """8 asyncio streams of different lengths through 4 slots all complete with the right text,
+    and the engine's metrics show decode steps shared by several sequences."""
+    lengths = [5, 40, 12, 60, 25, 8, 50, 33]
+    prompts = [f"Request number {i} says" for i in range(8)]
+    with LLMClient(live_server.grpc_url, "tiny") as c:
+        expected = [c.generate(p, max_tokens=n, temperature=0.0, ignore_eos=True).text for p, n in zip(prompts, lengths)]
+    batched_before = metric_value(live_server, "tritonllm_batched_decode_steps_total", "tiny_engine")
+
+    async def run():
+        client = AsyncLLMClient(live_server.grpc_url, "tiny")
+        try:
+            return await asyncio.gather(*[client.generate(p, max_tokens=n, temperature=0.0, ignore_eos=True, stream=True)
+                                          for p, n in zip(prompts, lengths)])
+        finally:
+            await client.close()
+
+    results = asyncio.run(run())
+    assert [r.text for r in results] == expected
+    assert [r.num_output_tokens for r in results] == lengths
+    wait_for_metric(live_server, "tritonllm_batched_decode_steps_total", "tiny_engine",
+                    lambda v: v >= batched_before + 20)
+
+
+BAD_INPUTS = [
+    (dict(prompt=""), "text_input"),
+    (dict(prompt="word " * 400), "text_input"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=100000), "max_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-3), "top_k"),
+    (dict(prompt="word " * 200, max_tokens=150), "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("kw,field", BAD_INPUTS)
+def test_bad_input_gets_invalid_argument_naming_the_field(tiny, kw, field):
+    kw = dict(kw)
+    prompt = kw.pop("prompt", "Hello")
+    with pytest.raises(GenerationError) as e:
+        tiny.generate(prompt, **kw)
+    assert e.value.status == "INVALID_ARGUMENT", str(e.value)
+    assert f"'{field}'" in str(e.value)
+    assert tiny.generate("Still serving?", max_tokens=3, temperature=0.0).num_output_tokens >= 1
+
+
+def test_wrong_dtype_and_unknown_model_are_refused(live_server, tiny):
+    import numpy as np
+
+    c = grpcclient.InferenceServerClient(live_server.grpc_url)
+    try:
+        text = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"hi"]], dtype=object))
+        bad = grpcclient.InferInput("max_tokens", [1, 1], "FP32")
+        bad.set_data_from_numpy(np.array([[3.0]], dtype=np.float32))
+        results: queue.Queue = queue.Queue()
+        c.start_stream(callback=lambda result=None, error=None: results.put(error))
+        c.async_stream_infer("tiny", [text, bad])
+        err = results.get(timeout=30)
+        assert err is not None and "max_tokens" in str(err) and "INT32" in str(err)
+        c.async_stream_infer("no_such_model", [text])
+        err = results.get(timeout=30)
+        assert err is not None and "no_such_model" in str(err)
+        c.stop_stream()
+    finally:
+        c.close()
+    assert tiny.generate("ok", max_tokens=2).num_output_tokens >= 1
+
+
+def test_invalid_utf8_prompt_is_refused(live_server, tiny):
+    import numpy as np
+
+    c = grpcclient.InferenceServerClient(live_server.grpc_url)
+    try:
+        text = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"bad \xff\xfe bytes"]], dtype=object))
+        results: queue.Queue = queue.Queue()
+        c.start_stream(callback=lambda result=None, error=None: results.put(error))
+        c.async_stream_infer("tiny", [text])
+        err = results.get(timeout=30)
+        assert err is not None and "text_input" in str(err) and "UTF-8" in str(err)
+        c.stop_stream()
+    finally:
+        c.close()
+
+
+def test_cancelling_a_stream_to_the_engine_frees_its_slot(live_server, tiny_dir):
+    """Cancellation reaches the decoupled engine when it is addressed directly."""
+    ids = TokenizerFiles(tiny_dir).encode("Cancel me")
+    c = grpcclient.InferenceServerClient(live_server.grpc_url)
+    got: queue.Queue = queue.Queue()
+    c.start_stream(callback=lambda result=None, error=None: got.put((result, error)))
+    c.async_stream_infer("tiny_engine", engine_inputs(ids, max_tokens=("INT32", 200), stream=("BOOL", True),
+                                                      ignore_eos=("BOOL", True)))
+    got.get(timeout=30)  # generating
+    wait_for_metric(live_server, "tritonllm_requests_active", "tiny_engine", lambda v: v >= 1, timeout_s=5)
+    c.stop_stream(cancel_requests=True)
+    c.close()
+    wait_for_metric(live_server, "tritonllm_requests_active", "tiny_engine", lambda v: v == 0, timeout_s=10)
+    assert 'reason="cancelled"' in live_server.metrics()
+
+
+def test_chat_template_on_smollm2_answers(live_server):
+    with LLMClient(live_server.grpc_url, "smollm2", timeout_s=120) as c:
+        r = c.generate("What is the capital of France?", apply_chat_template=True, max_tokens=24, temperature=0.0)
+    assert "Paris" in r.text
+    assert "<|im_" not in r.text and not r.text.startswith("What is")
