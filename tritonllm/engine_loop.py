@@ -56,7 +56,7 @@ def response_window(seq: Sequence, final: bool) -> tuple[list[int], int] | None:
 class EngineLoop:
     def __init__(self, runtime: Runtime, cfg: EngineConfig, on_finish=None, decode=None):
         self.runtime, self.cfg = runtime, cfg
-        self.scheduler = Scheduler(cfg, decode)
+        self.scheduler = Scheduler(cfg, decode, slots=runtime.max_slots)
         self.stats = EngineStats()
         self.on_finish = on_finish            # callback(seq) for metrics
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
@@ -117,7 +117,10 @@ class EngineLoop:
         seqs = plan.sequences
         try:
             logits = self.runtime.step([s.step_input() for s in seqs])
-            tokens = [self._sample(s, row) for s, row in zip(seqs, logits)]
+            if hasattr(self.runtime, "sample_batch"):  # GPU runtimes sample on the device
+                tokens = self.runtime.sample_batch(logits, seqs)
+            else:
+                tokens = [self._sample(s, row) for s, row in zip(seqs, logits)]
         except Exception as exc:  # a failed step ends its sequences with an error, the loop goes on
             log.exception("engine step failed")
             for seq in seqs:

@@ -97,13 +97,15 @@ class DecoderLayer(nn.Module):
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Grouped-query attention; q [B,H,T,D], k/v [B,Hkv,S,D], bias [B,1,T,S] additive."""
+        """Grouped-query attention; q [B,H,T,D], k/v [B,Hkv,S,D], bias [B,1,T,S] additive.
+        The G query heads of a KV head are stacked as rows, so K/V are read once, never repeated."""
         b, _, t, d = q.shape
         g = self.h // self.hkv
-        qg = q.reshape(b, self.hkv, g, t, d)
-        scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * (d ** -0.5)
-        probs = torch.softmax(scores.float() + bias.unsqueeze(1), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v.unsqueeze(2))  # [B,Hkv,G,T,D]
+        qg = q.reshape(b, self.hkv, g * t, d)
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * (d ** -0.5)  # [B,Hkv,G*T,S]
+        bias_g = bias.unsqueeze(2).expand(b, 1, g, t, bias.shape[-1]).reshape(b, 1, g * t, bias.shape[-1])
+        probs = torch.softmax(scores.float() + bias_g, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v)  # [B,Hkv,G*T,D]
         return out.reshape(b, self.h, t, d).transpose(1, 2).reshape(b, t, self.h * d)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ finished or cancelled ones leave it and free their slot."""
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -93,11 +94,11 @@ def queue_full(cfg: EngineConfig) -> ServerBusyError:
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, decode=None):
+    def __init__(self, cfg: EngineConfig, decode=None, slots: int | None = None):
         self.cfg, self.decode = cfg, decode
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
-        self.free_slots = list(range(cfg.max_slots - 1, -1, -1))
+        self.free_slots = list(range(slots or cfg.max_slots))  # a min-heap: the lowest free slot is taken first
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.cfg.max_queue:
@@ -109,7 +110,7 @@ class Scheduler:
         prefill = []
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
-            seq.slot = self.free_slots.pop()
+            seq.slot = heapq.heappop(self.free_slots)
             self.running.append(seq)
             prefill.append(seq)
         for s in decode:
@@ -137,7 +138,7 @@ class Scheduler:
         seq.finish_reason = seq.finish_reason or reason
         if seq in self.running:
             self.running.remove(seq)
-            self.free_slots.append(seq.slot)
+            heapq.heappush(self.free_slots, seq.slot)
         elif seq in self.waiting:
             self.waiting.remove(seq)
 

@@ -1,0 +1,186 @@
+"""PyTorch on NVIDIA GPUs: weights and a static KV cache resident on the device, bf16, decode
+captured in CUDA graphs per (batch bucket, context bucket), sampling on the device.
+
+Decode runs over slots 0..B-1 (the scheduler hands out the lowest free slot), so a decode batch
+reads the cache through plain views: no gather, no host copies of the KV cache."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import EngineConfig
+from ..modeling import CausalLM, load_hf
+from . import torch_sampling
+from .base import StepInput
+
+log = logging.getLogger(__name__)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+NEG = -1e9
+
+
+def buckets(limit: int, start: int = 1) -> list[int]:
+    out, b = [], start
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+def bucket_for(n: int, sizes: list[int]) -> int:
+    return next(b for b in sizes if b >= n)
+
+
+class StaticKVCache:
+    """[layers, slots, kv_heads, max_context, head_dim] keys and values on the device."""
+
+    def __init__(self, shape, slots: int, max_context: int, dtype, device):
+        dims = (shape.num_layers, slots, shape.num_kv_heads, max_context, shape.head_dim)
+        self.keys = torch.zeros(dims, dtype=dtype, device=device)
+        self.values = torch.zeros(dims, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_slot(shape, max_context: int, dtype) -> int:
+        return 2 * shape.num_layers * shape.num_kv_heads * max_context * shape.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def update(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k/v [B,Hkv,T,D] of slots `rows` [B] at positions [B,T]."""
+        r = rows[:, None].expand_as(positions)
+        self.keys[layer].permute(0, 2, 1, 3)[r, positions] = k.transpose(1, 2)
+        self.values[layer].permute(0, 2, 1, 3)[r, positions] = v.transpose(1, 2)
+
+
+class TorchCudaRuntime:
+    def __init__(self, engine_dir: Path | None, cfg: EngineConfig, model: CausalLM | None = None,
+                 use_cuda_graphs: bool = True, device: str = "cuda"):
+        self.device = torch.device(device)
+        self.dtype = DTYPES[cfg.dtype]
+        if model is None:
+            model = CausalLM(load_hf(Path(engine_dir), dtype=self.dtype))
+        self.model = model.to(self.device, self.dtype).eval()
+        self.model.inv_freq = self.model.inv_freq.float()
+        self.shape = self.model.shape
+        self.max_context = cfg.max_context
+        self.max_slots = self._size_slots(cfg)
+        self.cache = StaticKVCache(self.shape, self.max_slots, cfg.max_context, self.dtype, self.device)
+        self.batch_buckets = buckets(self.max_slots)
+        self.ctx_buckets = buckets(cfg.max_context, start=min(128, cfg.max_context))
+        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[tuple[int, int], tuple] = {}
+        self._pool = None
+        self._tokens = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
+        self._positions = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
+
+    def _size_slots(self, cfg: EngineConfig) -> int:
+        if self.device.type != "cuda":
+            return cfg.max_slots
+        free, total = torch.cuda.mem_get_info()
+        per_slot = StaticKVCache.bytes_per_slot(self.shape, cfg.max_context, self.dtype)
+        fit = int(free * cfg.kv_cache_memory_fraction) // per_slot
+        if fit < 1:
+            raise RuntimeError(f"no room for one KV slot of {cfg.max_context} tokens ({per_slot / 2**20:.0f} MiB) in "
+                               f"{cfg.kv_cache_memory_fraction:.0%} of {free / 2**30:.1f} GiB free: lower max_context")
+        slots = min(cfg.max_slots, fit)
+        log.info("KV cache: %d slots x %d tokens (%.2f GiB); %d slots would fit", slots, cfg.max_context,
+                 slots * per_slot / 2**30, fit)
+        return slots
+
+    def describe(self) -> dict:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"runtime": "torch-cuda", "device": name, "dtype": str(self.dtype),
+                "slots": self.max_slots, "max_context": self.max_context,
+                "kv_cache_bytes": self.cache.keys.nbytes * 2, "cuda_graphs": self.use_cuda_graphs}
+
+    # -- forward passes ------------------------------------------------------------------------
+    def _layers(self, x, cos, sin, rows, positions, attend):
+        m = self.model
+        for i, layer in enumerate(m.layers):
+            q, k, v = layer.qkv(layer.ln1(x), cos, sin)
+            self.cache.update(i, rows, positions, k, v)
+            x = x + layer.o(attend(i, layer, q, k, v))
+            x = x + layer.mlp(layer.ln2(x))
+        return x
+
+    @torch.no_grad()
+    def prefill(self, rows: list[StepInput]) -> torch.Tensor:
+        """Prompts padded to one length, causal attention over the new tokens only."""
+        b, t = len(rows), max(len(r.tokens) for r in rows)
+        ids = torch.zeros((b, t), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r.tokens)] = torch.tensor(r.tokens)
+        ids = ids.to(self.device, non_blocking=True)
+        positions = torch.arange(t, device=self.device).expand(b, t)
+        slots = torch.tensor([r.slot for r in rows], device=self.device)
+        last = torch.tensor([len(r.tokens) - 1 for r in rows], device=self.device)
+        causal = torch.full((t, t), NEG, device=self.device).triu(1).expand(b, 1, t, t)
+        x = torch.nn.functional.embedding(ids, self.model.embed)
+        cos, sin = self.model.rotary(positions, x.dtype)
+        x = self._layers(x, cos, sin, slots, positions, lambda i, layer, q, k, v: layer.attend(q, k, v, causal))
+        return self.model.logits(x[torch.arange(b, device=self.device), last])
+
+    def _decode_graph_body(self, b: int, c: int) -> torch.Tensor:
+        tokens, positions = self._tokens[:b], self._positions[:b]
+        rows = torch.arange(b, device=self.device)
+        bias = torch.where(torch.arange(c, device=self.device)[None, :] <= positions[:, None], 0.0, NEG)
+        bias = bias.view(b, 1, 1, c)
+        x = torch.nn.functional.embedding(tokens[:, None], self.model.embed)
+        cos, sin = self.model.rotary(positions[:, None], x.dtype)
+
+        def attend(i, layer, q, k, v):
+            return layer.attend(q, self.cache.keys[i, :b, :, :c], self.cache.values[i, :b, :, :c], bias)
+
+        x = self._layers(x, cos, sin, rows, positions[:, None], attend)
+        return self.model.logits(x[:, 0])
+
+    def _graph(self, b: int, c: int):
+        key = (b, c)
+        if key not in self._graphs:
+            t0 = time.perf_counter()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.no_grad():
+                for _ in range(2):
+                    self._decode_graph_body(b, c)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
+                out = self._decode_graph_body(b, c)
+            self._pool = graph.pool()
+            self._graphs[key] = (graph, out)
+            log.info("captured decode graph batch=%d context=%d in %.0f ms", b, c, 1e3 * (time.perf_counter() - t0))
+        return self._graphs[key]
+
+    @torch.no_grad()
+    def decode(self, rows: list[StepInput]) -> torch.Tensor:
+        """One token for each row; rows are laid out by slot over a batch bucket."""
+        b = bucket_for(max(r.slot for r in rows) + 1, self.batch_buckets)
+        c = bucket_for(max(r.start for r in rows) + 1, self.ctx_buckets)
+        tok = torch.zeros(b, dtype=torch.long)
+        # padding rows (free or just-prefilled slots) write their throw-away K/V at the last position,
+        # which no live sequence in such a slot has reached (prompt + max_tokens <= max_context)
+        pos = torch.full((b,), self.max_context - 1, dtype=torch.long)
+        for r in rows:
+            tok[r.slot], pos[r.slot] = r.tokens[0], r.start
+        self._tokens[:b].copy_(tok, non_blocking=True)
+        self._positions[:b].copy_(pos, non_blocking=True)
+        if self.use_cuda_graphs:
+            graph, out = self._graph(b, c)
+            graph.replay()
+        else:
+            out = self._decode_graph_body(b, c)
+        return out[torch.tensor([r.slot for r in rows], device=self.device)]
+
+    def step(self, inputs: list[StepInput]) -> torch.Tensor:
+        logits = torch.empty((len(inputs), self.shape.vocab_size), dtype=torch.float32, device=self.device)
+        pre = [i for i, x in enumerate(inputs) if x.start == 0]
+        dec = [i for i, x in enumerate(inputs) if x.start > 0]
+        if pre:
+            logits[pre] = self.prefill([inputs[i] for i in pre])
+        if dec:
+            logits[dec] = self.decode([inputs[i] for i in dec])
+        return logits
+
+    def sample_batch(self, logits: torch.Tensor, seqs) -> list[int]:
+        return torch_sampling.sample_batch(logits, seqs)

@@ -1,0 +1,63 @@
+"""Batched sampling on the GPU (torch): the same processors and order as `sampling.sample`, one
+host synchronisation per step (reading the chosen ids)."""
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def _generator(seq, device) -> torch.Generator:
+    gen = getattr(seq, "_torch_gen", None)
+    if gen is None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seq.params.seed if seq.params.seed is not None else int(seq.rng.integers(2**63)))
+        seq._torch_gen = gen
+    return gen
+
+
+def _mask_rows(logits: torch.Tensor, seqs) -> None:
+    """EOS masking (min_tokens / ignore_eos), repetition penalty and bad words, row by row where
+    a request asks for them (greedy benchmark traffic takes none of these paths)."""
+    from ..sampling import banned_tokens
+
+    for i, s in enumerate(seqs):
+        p, n = s.params, len(s.output_ids)
+        if s.stop_token_ids and (p.ignore_eos or n < p.min_tokens):
+            logits[i, list(s.stop_token_ids)] = NEG_INF
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(s.prompt_ids + s.output_ids)), device=logits.device)
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.bad_ids:
+            banned = banned_tokens(s.output_ids, p.bad_ids)
+            if banned:
+                logits[i, banned] = NEG_INF
+
+
+def _filter_top_k_top_p(row: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if 0 < top_k < row.shape[-1]:
+        kth = torch.topk(row, top_k).values[-1]
+        row = row.masked_fill(row < kth, NEG_INF)
+    if top_p < 1.0:
+        sorted_vals, order = torch.sort(row, descending=True)
+        probs = torch.softmax(sorted_vals, -1)
+        drop = torch.cumsum(probs, -1) - probs > top_p
+        row = row.clone()
+        row[order[drop]] = NEG_INF
+    return row
+
+
+def sample_batch(logits: torch.Tensor, seqs) -> list[int]:
+    """logits [N, V] float32 on the device -> one token id per sequence."""
+    _mask_rows(logits, seqs)
+    chosen = torch.argmax(logits, dim=-1)
+    for i, s in enumerate(seqs):
+        p = s.params
+        if p.greedy:
+            continue
+        row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
+        u = torch.rand(row.shape, generator=_generator(s, logits.device), device=logits.device)
+        gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0)))
+        chosen[i] = torch.argmax(row + gumbel)
+    return chosen.tolist()
