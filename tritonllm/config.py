@@ -27,7 +27,8 @@ class EngineConfig:
     max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
     default_max_tokens: int = 64
     request_timeout_s: float = 600.0  # a request still generating after this is ended ("timeout")
-    stream_interval_ms: float = 0.0   # >0: coalesce a stream's tokens for up to this long per response
+    stream_interval_ms: float = 0.0   # >0: under load, coalesce a stream's tokens for up to this long per response
+    stream_coalesce_min_active: int = 8  # ... but only while at least this many sequences generate
     threads: int = 0              # runtime intra-op threads (0: runtime default)
     dtype: str = "float32"
     kv_cache_memory_fraction: float = 0.5  # GPU runtimes: share of free memory for the KV cache
@@ -43,6 +44,7 @@ class EngineConfig:
                self.default_max_tokens, "1..max_tokens_limit")
         _check(self.request_timeout_s > 0, "request_timeout_s", self.request_timeout_s, "> 0")
         _check(0 <= self.stream_interval_ms <= 10_000, "stream_interval_ms", self.stream_interval_ms, "0..10000")
+        _check(self.stream_coalesce_min_active >= 1, "stream_coalesce_min_active", self.stream_coalesce_min_active, ">= 1")
         _check(self.dtype in ("float32", "float16", "bfloat16"), "dtype", self.dtype, "float32|float16|bfloat16")
         _check(0 < self.kv_cache_memory_fraction <= 0.95, "kv_cache_memory_fraction",
                self.kv_cache_memory_fraction, "(0, 0.95]")

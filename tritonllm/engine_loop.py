@@ -154,7 +154,8 @@ class EngineLoop:
             return
         now = time.monotonic()
         interval = self.cfg.stream_interval_ms / 1000.0
-        if not final and seq.emitted and interval and now - seq.last_emit < interval:
+        busy = self.scheduler.active >= self.cfg.stream_coalesce_min_active
+        if not final and seq.emitted and interval and busy and now - seq.last_emit < interval:
             return
         window = response_window(seq, final)
         if window is None:

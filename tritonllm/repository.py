@@ -66,6 +66,8 @@ def python_model(name: str, cfg: RepositoryConfig, inputs, outputs, params, inst
          "instance_group": [{"count": instances, "kind": Enum("KIND_CPU")}]}
     if decoupled:
         d["model_transaction_policy"] = {"decoupled": True}
+    else:  # python models take whatever requests are queued in one execute() call
+        d["dynamic_batching"] = {}
     d["parameters"] = _params(params) or None
     return d
 

@@ -38,9 +38,14 @@ def free_port() -> int:
 
 
 def pytriton_root() -> Path:
-    import pytriton  # the wheel: tritonserver binary, python backend, stubs
+    """The nvidia-pytriton wheel's server tree (binary, python backend, stubs); a trimmed copy of
+    just that tree (no pytriton/__init__.py) is found too."""
+    import importlib.util
 
-    root = Path(pytriton.__file__).parent / "tritonserver"
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("nvidia-pytriton is not installed: pip install nvidia-pytriton==0.7.0")
+    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
     if not (root / "bin" / "tritonserver").exists():
         raise ServerError(f"no tritonserver binary under {root}; install nvidia-pytriton")
     return root

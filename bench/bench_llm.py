@@ -1,0 +1,178 @@
+"""`make bench`: one run compares, on the same weights and batch,
+  1. the engine driven in-process (no Triton),
+  2. the same engine through the Triton ensemble over gRPC streaming (the real server),
+  3. HF transformers `generate` (static cache on the GPU),
+  4. the roofline: device copy bandwidth / weight bytes read per decode step (GPU),
+and writes a table plus JSON (command, machine, date) under --out.
+
+  GPU: python -m bench.bench_llm --device gpu   (Llama-3.2-1B-shaped random bf16, 128 in / 128 out)
+  CPU: python -m bench.bench_llm --device cpu   (SmolLM2-135M fp32, 128 in / 64 out, 2 cores)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.drivers import run_hf, run_inprocess, run_triton
+from bench.measure import PowerSampler, markdown_table
+from bench.workloads import copy_bandwidth, llama_1b_random, random_prompts, weight_bytes, word_tokenizer
+from tritonllm.config import EngineConfig
+from tritonllm.inprocess import InProcessEngine
+from tritonllm.modeling import CausalLM
+from tritonllm.repository import RepositoryConfig, write_repository
+from tritonllm.server import TritonServer
+
+log = logging.getLogger("bench")
+COLS = ["system", "concurrency", "requests", "output_tokens", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
+        "itl_p50_ms", "itl_p99_ms", "mean_watts", "tokens_per_joule", "gpu_mem_gib"]
+
+
+def gpu_suite(a, results: list, facts: dict) -> None:
+    from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
+
+    power = PowerSampler()
+    with power:
+        time.sleep(2.0)
+    facts["idle_watts"] = power.mean_watts()
+    facts["copy_bandwidth_TBps"] = round(copy_bandwidth() / 1e12, 3)
+    hf = llama_1b_random()
+    facts["weight_bytes"] = weight_bytes(hf)
+    facts["roofline_batch1_tokens_per_s"] = round(facts["copy_bandwidth_TBps"] * 1e12 / facts["weight_bytes"], 1)
+    vocab = hf.config.vocab_size
+    parity_prompts = random_prompts(4, 32, vocab, seed=7)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(parity_prompts, device="cuda"), do_sample=False, max_new_tokens=32,
+                          min_new_tokens=32, pad_token_id=0)[:, 32:].tolist()
+    for c in a.concurrency:
+        torch.cuda.reset_peak_memory_stats()
+        results.append(run_hf(hf, random_prompts(c, a.prompt_len, vocab, seed=c), a.out_len, True, power).row())
+        log.info("%s", results[-1])
+    ckpt = Path(a.work) / "llama1b"
+    if "triton" in a.systems:
+        hf.save_pretrained(ckpt, safe_serialization=True)
+        word_tokenizer(vocab, ckpt)
+    cfg = EngineConfig(runtime="torch-cuda", dtype="bfloat16", max_slots=max(a.concurrency), max_context=a.max_context,
+                       max_tokens_limit=a.max_context - 1, stream_interval_ms=a.stream_interval_ms)
+    runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf))
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    facts["engine"] = runtime.describe()
+    with InProcessEngine(None, cfg, runtime=runtime) as eng:
+        got = [s.wait().ids for s in [eng.submit(p, max_tokens=32, temperature=0.0, ignore_eos=True)
+                                      for p in parity_prompts]]
+        facts["bf16_greedy_parity_vs_hf"] = {
+            "tokens_compared": 32, "prompts": 4,
+            "first_divergence": [next((i for i, (x, y) in enumerate(zip(g, r)) if x != y), None) for g, r in zip(got, ref)],
+            "note": "bf16, batched vs HF batched; None = identical ids"}
+        log.info("parity: %s", facts["bf16_greedy_parity_vs_hf"])
+        for c in a.concurrency:
+            prompts = random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)
+            run_inprocess(eng, prompts[:c], c, a.out_len, power)  # warm-up: graphs for this batch
+            torch.cuda.reset_peak_memory_stats()
+            r = run_inprocess(eng, prompts, c, a.out_len, power)
+            r.gpu_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+            results.append(r.row())
+            log.info("%s", results[-1])
+    del runtime, eng
+    gc.collect()
+    torch.cuda.empty_cache()
+    if "triton" in a.systems:
+        triton_suite(a, cfg, ckpt, ckpt, vocab, results, power)
+
+
+def triton_suite(a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int, results: list, power,
+                 texts_for=None) -> None:
+    repo = Path(a.work) / "model_repository"
+    shutil.rmtree(repo, ignore_errors=True)
+    write_repository(repo, RepositoryConfig(name="bench", engine=cfg, detokenizer_instances=a.detokenizer_instances),
+                     ckpt, engine_dir)
+    texts_for = texts_for or (lambda ids: " ".join(f"w{i}" for i in ids))
+    with TritonServer(repo, log_dir=Path(a.out) / "triton_logs", startup_timeout_s=600) as server:
+        for c in a.concurrency:
+            prompts = [texts_for(p) for p in random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)]
+            run_triton(server.grpc_url, "bench", prompts[:c], c, a.out_len, power)  # warm-up
+            results.append(run_triton(server.grpc_url, "bench", prompts, c, a.out_len, power).row())
+            log.info("%s", results[-1])
+
+
+def cpu_suite(a, results: list, facts: dict) -> None:
+    from tritonllm.build import export_cached
+    from tritonllm.model_prep import prepare_smollm2
+    from tritonllm.modeling import load_hf
+    from tritonllm.text import TokenizerFiles
+
+    ckpt = prepare_smollm2(Path("build/models/smollm2"))
+    onnx_dir = Path("build/onnx/smollm2")
+    export_cached(ckpt, onnx_dir)
+    tok = TokenizerFiles(ckpt)
+    base = tok.encode(Path(__file__).read_text() * 4, add_special_tokens=False)
+    prompts = [base[i * 37:i * 37 + a.prompt_len] for i in range(max(a.concurrency) * a.rounds)]
+    power = PowerSampler()
+    hf = load_hf(ckpt)
+    torch.set_num_threads(os.cpu_count())
+    for c in a.concurrency:
+        results.append(run_hf(hf, prompts[:c], a.out_len, False, power).row())
+        log.info("%s", results[-1])
+    del hf
+    cfg = EngineConfig(max_slots=max(a.concurrency), max_context=a.max_context, max_tokens_limit=a.max_context - 1,
+                       stream_interval_ms=a.stream_interval_ms)
+    with InProcessEngine(onnx_dir, cfg) as eng:
+        facts["engine"] = eng.runtime.describe()
+        for c in a.concurrency:
+            results.append(run_inprocess(eng, prompts[:c * a.rounds], c, a.out_len, power).row())
+            log.info("%s", results[-1])
+    if "triton" in a.systems:
+        triton_suite(a, cfg, ckpt, onnx_dir, tok.tokenizer.get_vocab_size(), results, power,
+                     texts_for=lambda ids: tok.decode(ids))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["gpu", "cpu"], required=True)
+    p.add_argument("--concurrency", type=int, nargs="+")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--out-len", type=int)
+    p.add_argument("--rounds", type=int, default=2, help="requests per concurrent stream")
+    p.add_argument("--max-context", type=int, default=512)
+    p.add_argument("--stream-interval-ms", type=float, default=0.0)
+    p.add_argument("--detokenizer-instances", type=int, default=1)
+    p.add_argument("--systems", nargs="+", default=["hf", "inprocess", "triton"])
+    p.add_argument("--work", default="/tmp/tritonllm-bench")
+    p.add_argument("--out", default="results")
+    a = p.parse_args()
+    gpu = a.device == "gpu"
+    a.concurrency = a.concurrency or ([1, 8, 64] if gpu else [1, 8])
+    a.out_len = a.out_len or (128 if gpu else 64)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    facts = {"command": " ".join([Path(sys.executable).name, "-m", "bench.bench_llm", *sys.argv[1:]]),
+             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "machine": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
+             "gpu": torch.cuda.get_device_name() if gpu else None,
+             "workload": f"prompt {a.prompt_len}, output {a.out_len}, ignore_eos, greedy"}
+    results: list[dict] = []
+    try:
+        (gpu_suite if gpu else cpu_suite)(a, results, facts)
+    finally:
+        name = f"bench-{a.device}"
+        Path(a.out, f"{name}.json").write_text(json.dumps({"facts": facts, "results": results}, indent=1))
+        table = markdown_table(results, COLS)
+        Path(a.out, f"{name}.md").write_text(f"# {name}\n\n```\n{json.dumps(facts, indent=1)}\n```\n\n{table}\n")
+        print(json.dumps(facts, indent=1))
+        print(table)
+
+
+if __name__ == "__main__":
+    main()

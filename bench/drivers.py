@@ -1,0 +1,86 @@
+"""The systems compared: HF generate, the engine in-process, the engine through Triton (gRPC)."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+
+from .measure import PowerSampler, RunResult, itl_from_chunks
+
+
+def run_hf(model, prompts: list[list[int]], out_len: int, static: bool, power: PowerSampler) -> RunResult:
+    dev = next(model.parameters()).device
+    ids = torch.tensor(prompts, device=dev)
+    kw = dict(do_sample=False, max_new_tokens=out_len, min_new_tokens=out_len, pad_token_id=0)
+    if static:
+        kw["cache_implementation"] = "static"
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        model.generate(ids, **kw)  # warm-up
+        sync()
+        with power:
+            t0 = time.perf_counter()
+            out = model.generate(ids, **kw)
+            sync()
+            wall = time.perf_counter() - t0
+    n = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
+    name = "HF generate" + (" (static cache)" if static else "")
+    return RunResult(name, len(prompts), len(prompts), n, wall, mean_watts=power.mean_watts(),
+                     joules=power.joules(), gpu_mem_gib=mem)
+
+
+def run_inprocess(engine, prompts: list[list[int]], concurrency: int, out_len: int, power: PowerSampler,
+                  name="engine in-process") -> RunResult:
+    """Closed loop: `concurrency` requests in flight, all of `prompts` sent."""
+    ttft, itl, tokens = [], [], 0
+    with power:
+        t0 = time.perf_counter()
+        for i in range(0, len(prompts), concurrency):
+            batch = prompts[i:i + concurrency]
+            starts = [time.perf_counter()]
+            sinks = [engine.submit(p, max_tokens=out_len, temperature=0.0, ignore_eos=True, stream=True) for p in batch]
+            for s in sinks:
+                r = s.wait(600)
+                if r.error:
+                    raise r.error
+                tokens += len(r.ids)
+                ttft.append(r.token_times[0] - starts[0])
+                itl += [b - a for a, b in zip(r.token_times, r.token_times[1:])]
+        wall = time.perf_counter() - t0
+    return RunResult(name, concurrency, len(prompts), tokens, wall, ttft, itl, power.mean_watts(), power.joules())
+
+
+async def _triton_worker(client, prompts, out_len, ttft, itl, counts):
+    for text in prompts:
+        t0 = time.perf_counter()
+        times, cum = [], []
+        async for chunk in client.stream(text, max_tokens=out_len, temperature=0.0, ignore_eos=True):
+            if chunk.num_output_tokens and (not cum or chunk.num_output_tokens > cum[-1]):
+                times.append(chunk.at)
+                cum.append(chunk.num_output_tokens)
+        ttft.append(times[0] - t0)
+        itl.extend(itl_from_chunks(times, cum))
+        counts.append(cum[-1])
+
+
+def run_triton(url: str, model: str, texts: list[str], concurrency: int, out_len: int,
+               power: PowerSampler) -> RunResult:
+    """`concurrency` gRPC streams, each sending its share of `texts` back to back."""
+    from clients import AsyncLLMClient
+
+    async def main():
+        clients = [AsyncLLMClient(url, model, timeout_s=600) for _ in range(concurrency)]
+        ttft, itl, counts = [], [], []
+        shares = [texts[i::concurrency] for i in range(concurrency)]
+        with power:
+            t0 = time.perf_counter()
+            await asyncio.gather(*[_triton_worker(c, s, out_len, ttft, itl, counts) for c, s in zip(clients, shares)])
+            wall = time.perf_counter() - t0
+        for c in clients:
+            await c.close()
+        return RunResult("Triton ensemble gRPC stream", concurrency, len(texts), sum(counts), wall, ttft, itl,
+                         power.mean_watts(), power.joules(), power.memory_used_bytes() and power.memory_used_bytes() / 2**30)
+
+    return asyncio.run(main())

@@ -1,0 +1,105 @@
+"""Measurement helpers: GPU power sampling (NVML), latency percentiles, run records."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+class PowerSampler:
+    """Samples GPU power every `period_s` through NVML; energy is the integral over the run."""
+
+    def __init__(self, period_s: float = 0.05, index: int = 0):
+        self.period_s, self.samples = period_s, []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml, self._h = pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+        except Exception:  # no NVML (CPU machine): energy is reported as unavailable
+            self._nvml = None
+        self._stop = threading.Event()
+
+    @property
+    def available(self) -> bool:
+        return self._nvml is not None
+
+    def memory_used_bytes(self) -> int | None:
+        return self._nvml.nvmlDeviceGetMemoryInfo(self._h).used if self._nvml else None
+
+    def __enter__(self):
+        self.samples, self._stop = [], threading.Event()
+        if self._nvml:
+            self._t = threading.Thread(target=self._run, daemon=True)
+            self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), self._nvml.nvmlDeviceGetPowerUsage(self._h) / 1000.0))
+            time.sleep(self.period_s)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._nvml:
+            self._t.join()
+
+    def mean_watts(self) -> float | None:
+        return float(np.mean([w for _, w in self.samples])) if self.samples else None
+
+    def joules(self) -> float | None:
+        if len(self.samples) < 2:
+            return None
+        t = np.array([s[0] for s in self.samples])
+        w = np.array([s[1] for s in self.samples])
+        return float(np.sum((w[1:] + w[:-1]) / 2 * np.diff(t)))
+
+
+def pct(values, q) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+@dataclass
+class RunResult:
+    system: str
+    concurrency: int
+    requests: int
+    output_tokens: int
+    wall_s: float
+    ttft_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)
+    mean_watts: float | None = None
+    joules: float | None = None
+    gpu_mem_gib: float | None = None
+    note: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+    def row(self) -> dict:
+        ms = lambda v: None if v is None else round(1e3 * v, 2)
+        d = {k: v for k, v in asdict(self).items() if k not in ("ttft_s", "itl_s")}
+        d.update(tokens_per_s=round(self.tokens_per_s, 1), ttft_p50_ms=ms(pct(self.ttft_s, 50)),
+                 ttft_p99_ms=ms(pct(self.ttft_s, 99)), itl_p50_ms=ms(pct(self.itl_s, 50)),
+                 itl_p99_ms=ms(pct(self.itl_s, 99)),
+                 tokens_per_joule=round(self.output_tokens / self.joules, 2) if self.joules else None)
+        return d
+
+
+def itl_from_chunks(times: list[float], cumulative_tokens: list[int]) -> list[float]:
+    """Per-token gaps: a chunk carrying k tokens after a gap g counts as k gaps of g/k."""
+    out = []
+    for (t0, n0), (t1, n1) in zip(zip(times, cumulative_tokens), zip(times[1:], cumulative_tokens[1:])):
+        k = max(n1 - n0, 1)
+        out += [(t1 - t0) / k] * k
+    return out
+
+
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines)

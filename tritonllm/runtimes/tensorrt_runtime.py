@@ -1,0 +1,202 @@
+"""TensorRT: build a serialized plan from the project's ONNX export and run it on device buffers.
+
+Written against the TensorRT 10 Python API (`tensorrt`) and TensorRT for RTX (`tensorrt_rtx_libs`
++ `tensorrt_rtx_bindings`, the same style of API). Precision follows the ONNX graph's types
+(TensorRT 11 / RTX networks are strongly typed; on TensorRT 10 the fp16/bf16 flags are set too).
+Plans are cached under a key of model file, GPU, TensorRT version, dtype and profile."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..config import EngineConfig
+from ..modeling import ModelShape
+from ..onnx_export import INPUTS, OUTPUTS
+from .base import StepInput
+
+log = logging.getLogger(__name__)
+
+
+class TensorRTUnavailable(RuntimeError):
+    pass
+
+
+def import_tensorrt():
+    """`tensorrt` where installed, else TensorRT for RTX's bindings."""
+    try:
+        import tensorrt as trt
+        return trt
+    except ImportError:
+        pass
+    try:
+        import tensorrt_rtx_libs  # noqa: F401  (loads the shared libraries)
+        import tensorrt_rtx_bindings as trt
+        return trt
+    except ImportError as e:
+        raise TensorRTUnavailable("neither `tensorrt` nor `tensorrt_rtx_bindings` is importable; install TensorRT "
+                                  "(pip install tensorrt-cu12) or use --runtime torch-cuda / onnxruntime") from e
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    max_batch: int
+    max_context: int
+    opt_batch: int = 8
+    opt_prompt: int = 128
+    dtype: str = "float16"
+    workspace_gib: float = 4.0
+
+    def profile_shapes(self, shape: ModelShape) -> dict[str, tuple[tuple, tuple, tuple]]:
+        """(min, opt, max) per input: batch B, new tokens T, past P, attended S = P + T."""
+        b, c = self.max_batch, self.max_context
+        ob, ot = min(self.opt_batch, b), min(self.opt_prompt, c)
+        kv = lambda bb, p: (shape.num_layers, bb, shape.num_kv_heads, p, shape.head_dim)
+        return {"input_ids": ((1, 1), (ob, 1), (b, c)), "position_ids": ((1, 1), (ob, 1), (b, c)),
+                "attn_bias": ((1, 1, 1, 1), (ob, 1, 1, ot), (b, 1, c, c)), "last_index": ((1,), (ob,), (b,)),
+                "past_keys": (kv(1, 0), kv(ob, ot), kv(b, c)), "past_values": (kv(1, 0), kv(ob, ot), kv(b, c))}
+
+
+def plan_key(onnx_path: Path, spec: PlanSpec, trt) -> str:
+    import torch
+
+    st = Path(onnx_path).stat()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "nogpu"
+    raw = json.dumps([str(onnx_path), st.st_size, int(st.st_mtime), gpu, trt.__version__, asdict(spec)])
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def build_plan(onnx_path: Path, out_dir: Path, shape: ModelShape, spec: PlanSpec) -> Path:
+    """Parse the ONNX, add one optimization profile over batch/prompt/KV length, build, cache."""
+    trt = import_tensorrt()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = out_dir / f"model-{plan_key(onnx_path, spec, trt)}.plan"
+    if plan.exists():
+        log.info("TensorRT plan cached: %s", plan)
+        return plan
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    t0 = time.perf_counter()
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}:\n{errors}")
+    parsed_s = time.perf_counter() - t0
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.workspace_gib * 2**30))
+    flag = {"float16": "FP16", "bfloat16": "BF16"}.get(spec.dtype)
+    if flag and hasattr(trt.BuilderFlag, flag) and not _strongly_typed(network, trt):
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    cache_file = out_dir / "timing.cache"
+    if hasattr(config, "create_timing_cache"):
+        cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.exists() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=True)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in spec.profile_shapes(shape).items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    t1 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT failed to build the plan (see the log above)")
+    plan.write_bytes(bytes(serialized))
+    if hasattr(config, "get_timing_cache") and config.get_timing_cache() is not None:
+        cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
+    report = {"onnx": str(onnx_path), "plan": str(plan), "plan_bytes": plan.stat().st_size,
+              "parse_s": round(parsed_s, 2), "build_s": round(time.perf_counter() - t1, 2),
+              "tensorrt": trt.__version__, "module": trt.__name__, "spec": asdict(spec),
+              "layers": network.num_layers}
+    (out_dir / "build_report.json").write_text(json.dumps(report, indent=1))
+    log.info("TensorRT plan built: %s", report)
+    return plan
+
+
+def _strongly_typed(network, trt) -> bool:
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return flag is not None and hasattr(network, "get_flag") and bool(network.get_flag(flag))
+
+
+class TensorRTRuntime:
+    """Runs a plan with one execution context. The KV cache is a device tensor; each step gathers
+    the batch's past rows on the device, runs the plan and scatters the new keys/values back."""
+
+    def __init__(self, engine_dir: Path, cfg: EngineConfig):
+        import torch
+
+        from .torch_cuda import StaticKVCache
+
+        trt = import_tensorrt()
+        engine_dir = Path(engine_dir)
+        self.shape = ModelShape.load(engine_dir / "model_shape.json")
+        self.max_slots, self.max_context = cfg.max_slots, cfg.max_context
+        spec = PlanSpec(cfg.max_slots, cfg.max_context, dtype=cfg.dtype)
+        plan = build_plan(engine_dir / "model.onnx", engine_dir / "trt", self.shape, spec)
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            raise TensorRTUnavailable(f"this TensorRT cannot run {plan} on {torch.cuda.get_device_name()}")
+        self.context = self.engine.create_execution_context()
+        self.device = torch.device("cuda")
+        import numpy as np
+
+        kv_np = np.dtype(trt.nptype(self.engine.get_tensor_dtype("past_keys")))
+        self.kv_dtype = torch.from_numpy(np.empty(0, dtype=kv_np)).dtype  # the graph's own KV type
+        self.cache = StaticKVCache(self.shape, cfg.max_slots, cfg.max_context, self.kv_dtype, self.device)
+        self.stream = torch.cuda.Stream()
+
+    def describe(self) -> dict:
+        return {"runtime": "tensorrt", "slots": self.max_slots, "max_context": self.max_context}
+
+    def sample_batch(self, logits, seqs) -> list[int]:
+        from .torch_sampling import sample_batch
+
+        return sample_batch(logits, seqs)
+
+    def step(self, inputs: list[StepInput]):
+        import torch
+
+        logits = torch.empty((len(inputs), self.shape.vocab_size), dtype=torch.float32, device=self.device)
+        for i, x in enumerate(inputs):  # TODO(perf): batch decode rows like the ONNX Runtime path
+            logits[i] = self._run([x])[0]
+        return logits
+
+    def _run(self, rows: list[StepInput]):
+        import numpy as np
+        import torch
+
+        from ..onnx_export import causal_bias
+
+        b, t, p = len(rows), max(len(r.tokens) for r in rows), max(r.start for r in rows)
+        dev = self.device
+        slots = torch.tensor([r.slot for r in rows], device=dev)
+        feed = {
+            "input_ids": torch.tensor([r.tokens + [0] * (t - len(r.tokens)) for r in rows], device=dev),
+            "position_ids": torch.tensor([list(range(r.start, r.start + t)) for r in rows], device=dev),
+            "attn_bias": torch.from_numpy(causal_bias(np.array([r.start for r in rows]),
+                                                      np.array([len(r.tokens) for r in rows]), p, t)).to(dev),
+            "last_index": torch.tensor([len(r.tokens) - 1 for r in rows], device=dev),
+            "past_keys": self.cache.keys[:, slots, :, :p].contiguous(),
+            "past_values": self.cache.values[:, slots, :, :p].contiguous(),
+        }
+        kv_out = (self.shape.num_layers, b, self.shape.num_kv_heads, t, self.shape.head_dim)
+        outs = {"logits": torch.empty((b, self.shape.vocab_size), dtype=torch.float32, device=dev),
+                "new_keys": torch.empty(kv_out, dtype=self.kv_dtype, device=dev),
+                "new_values": torch.empty(kv_out, dtype=self.kv_dtype, device=dev)}
+        for name in INPUTS:
+            self.context.set_input_shape(name, tuple(feed[name].shape))
+            self.context.set_tensor_address(name, feed[name].data_ptr())
+        for name in OUTPUTS:
+            self.context.set_tensor_address(name, outs[name].data_ptr())
+        with torch.cuda.stream(self.stream):
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+        self.stream.synchronize()
+        for j, r in enumerate(rows):
+            n = len(r.tokens)
+            self.cache.keys[:, r.slot, :, r.start:r.start + n] = outs["new_keys"][:, j, :, :n]
+            self.cache.values[:, r.slot, :, r.start:r.start + n] = outs["new_values"][:, j, :, :n]
+        return outs["logits"]
