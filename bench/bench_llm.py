@@ -85,11 +85,34 @@ def gpu_suite(a, results: list, facts: dict) -> None:
             r.gpu_mem_gib = torch.cuda.max_memory_allocated() / 2**30
             results.append(r.row())
             log.info("%s", results[-1])
+    if a.compile_variant:
+        compile_variant(a, runtime.model, cfg, vocab, results, power)
     del runtime, eng
     gc.collect()
     torch.cuda.empty_cache()
     if "triton" in a.systems:
         triton_suite(a, cfg, ckpt, ckpt, vocab, results, power)
+
+
+def compile_variant(a, model, cfg, vocab, results, power) -> None:
+    """The same engine with torch.compile'd decode steps (batch 1 only: each shape compiles)."""
+    from dataclasses import replace
+
+    from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
+
+    try:
+        runtime = TorchCudaRuntime(None, replace(cfg, torch_compile=True, max_slots=1), model=model)
+        with InProcessEngine(None, runtime_cfg := replace(cfg, max_slots=1), runtime=runtime) as eng:
+            prompts = random_prompts(3, a.prompt_len, vocab, seed=11)
+            t0 = time.perf_counter()
+            run_inprocess(eng, prompts[:1], 1, a.out_len, power)
+            log.info("compile warm-up %.0fs (%s)", time.perf_counter() - t0, runtime_cfg.max_slots)
+            r = run_inprocess(eng, prompts[1:], 1, a.out_len, power, name="engine in-process, torch.compile")
+            results.append(r.row())
+            log.info("%s", results[-1])
+    except Exception as exc:  # reported, not hidden
+        log.exception("torch.compile variant failed")
+        results.append({"system": "engine in-process, torch.compile", "note": f"failed: {exc!r}"[:300]})
 
 
 def triton_suite(a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int, results: list, power,
@@ -150,6 +173,7 @@ def main() -> None:
     p.add_argument("--stream-interval-ms", type=float, default=0.0)
     p.add_argument("--detokenizer-instances", type=int, default=1)
     p.add_argument("--systems", nargs="+", default=["hf", "inprocess", "triton"])
+    p.add_argument("--compile-variant", action="store_true", help="also time torch.compile'd decode (GPU, batch 1)")
     p.add_argument("--work", default="/tmp/tritonllm-bench")
     p.add_argument("--out", default="results")
     a = p.parse_args()

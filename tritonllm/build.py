@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .config import RUNTIMES, EngineConfig
+from .onnx_export import EXPORT_VERSION
 from .repository import RepositoryConfig, write_repository
 
 log = logging.getLogger("tritonllm.build")
@@ -22,7 +23,8 @@ def export_cached(checkpoint: Path, onnx_dir: Path) -> dict:
 
     onnx_path, report_path = onnx_dir / "model.onnx", onnx_dir / "verify.json"
     newest = max(p.stat().st_mtime for p in Path(checkpoint).iterdir())
-    if onnx_path.exists() and report_path.exists() and onnx_path.stat().st_mtime >= newest:
+    fresh = report_path.exists() and json.loads(report_path.read_text()).get("export_version") == EXPORT_VERSION
+    if onnx_path.exists() and fresh and onnx_path.stat().st_mtime >= newest:
         log.info("[1/3] ONNX export up to date: %s", onnx_path)
         return json.loads(report_path.read_text())
     log.info("[1/3] exporting %s to ONNX", checkpoint)

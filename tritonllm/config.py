@@ -32,6 +32,7 @@ class EngineConfig:
     threads: int = 0              # runtime intra-op threads (0: runtime default)
     dtype: str = "float32"
     kv_cache_memory_fraction: float = 0.5  # GPU runtimes: share of free memory for the KV cache
+    torch_compile: bool = False   # torch-cuda: torch.compile the decode step before graph capture
 
     def __post_init__(self) -> None:
         _check(self.runtime in RUNTIMES, "runtime", self.runtime, f"one of {RUNTIMES}")
@@ -58,7 +59,8 @@ class EngineConfig:
         for f in fields(cls):
             if f.name in params:
                 raw = params[f.name]
-                kw[f.name] = raw if f.type == "str" else (float(raw) if f.type == "float" else int(raw))
+                kind = {"str": str, "float": float, "bool": lambda v: v == "True", "int": int}[f.type]
+                kw[f.name] = kind(raw)
         return cls(**kw)
 
 

@@ -60,15 +60,23 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if hasattr(nn.functional, "rms_norm") and not torch.onnx.is_in_onnx_export():
+            xf = nn.functional.rms_norm(xf, (xf.shape[-1],), eps=self.eps)  # one fused kernel
+        else:
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
-def _linear(layer: nn.Linear) -> nn.Linear:
-    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-    out.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
-    if layer.bias is not None:
-        out.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+def _linear(*layers: nn.Linear) -> nn.Linear:
+    """One linear computing the given ones side by side (fused q/k/v, fused gate/up): one matrix
+    product per step instead of several."""
+    has_bias = any(l.bias is not None for l in layers)
+    out = nn.Linear(layers[0].in_features, sum(l.out_features for l in layers), bias=has_bias)
+    out.weight = nn.Parameter(torch.cat([l.weight.detach() for l in layers]).clone(), requires_grad=False)
+    if has_bias:
+        bias = [l.bias.detach() if l.bias is not None else torch.zeros(l.out_features, dtype=l.weight.dtype)
+                for l in layers]
+        out.bias = nn.Parameter(torch.cat(bias).clone(), requires_grad=False)
     return out
 
 
@@ -81,8 +89,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, hf_layer, shape: ModelShape, eps: float):
         super().__init__()
         a, m = hf_layer.self_attn, hf_layer.mlp
-        self.q, self.k, self.v, self.o = (_linear(a.q_proj), _linear(a.k_proj), _linear(a.v_proj), _linear(a.o_proj))
-        self.gate, self.up, self.down = _linear(m.gate_proj), _linear(m.up_proj), _linear(m.down_proj)
+        self.qkv_proj, self.o = _linear(a.q_proj, a.k_proj, a.v_proj), _linear(a.o_proj)
+        self.gate_up, self.down = _linear(m.gate_proj, m.up_proj), _linear(m.down_proj)
         self.ln1 = RMSNorm(hf_layer.input_layernorm.weight, eps)
         self.ln2 = RMSNorm(hf_layer.post_attention_layernorm.weight, eps)
         self.h, self.hkv, self.d = shape.num_heads, shape.num_kv_heads, shape.head_dim
@@ -90,11 +98,11 @@ class DecoderLayer(nn.Module):
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B,T,E] -> q [B,H,T,D], k/v [B,Hkv,T,D] with rotary applied to q and k."""
         b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.h, self.d).transpose(1, 2)
-        k = self.k(x).view(b, t, self.hkv, self.d).transpose(1, 2)
-        v = self.v(x).view(b, t, self.hkv, self.d).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+        heads = self.qkv_proj(x).view(b, t, self.h + 2 * self.hkv, self.d)
+        qk, v = heads[:, :, :self.h + self.hkv], heads[:, :, self.h + self.hkv:]
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        qk = qk * cos + rotate_half(qk) * sin  # rotary on all q and k heads at once
+        return (qk[:, :, :self.h].transpose(1, 2), qk[:, :, self.h:].transpose(1, 2), v.transpose(1, 2))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Grouped-query attention; q [B,H,T,D], k/v [B,Hkv,S,D], bias [B,1,T,S] additive.
@@ -109,7 +117,8 @@ class DecoderLayer(nn.Module):
         return out.reshape(b, self.h, t, d).transpose(1, 2).reshape(b, t, self.h * d)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(nn.functional.silu(gate) * up)
 
 
 class CausalLM(nn.Module):

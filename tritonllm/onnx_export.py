@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 INPUTS = ["input_ids", "position_ids", "attn_bias", "last_index", "past_keys", "past_values"]
 OUTPUTS = ["logits", "new_keys", "new_values"]
 NEG = -1e9
+EXPORT_VERSION = 2  # bump when the exported graph changes; cached exports are redone
 
 
 def causal_bias(past_lens: np.ndarray, new_lens: np.ndarray, p: int, t: int) -> np.ndarray:
@@ -96,6 +97,7 @@ def verify(checkpoint: Path, out_dir: Path, tol: float = 2e-3) -> dict:
               "decode_max_abs_diff": float(np.abs(logits2[0] - ref[0, 12]).max()),
               "max_abs_logit": scale, "tolerance": tol * scale,
               "argmax_equal": bool(logits[0].argmax() == ref[0, 11].argmax() and logits2[0].argmax() == ref[0, 12].argmax())}
+    report["export_version"] = EXPORT_VERSION
     report["ok"] = max(report["prefill_max_abs_diff"], report["decode_max_abs_diff"]) <= tol * scale
     (out_dir / "verify.json").write_text(json.dumps(report, indent=1))
     if not report["ok"]:

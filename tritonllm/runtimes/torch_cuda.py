@@ -68,6 +68,9 @@ class TorchCudaRuntime:
         self.batch_buckets = buckets(self.max_slots)
         self.ctx_buckets = buckets(cfg.max_context, start=min(128, cfg.max_context))
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self._decode_body = self._decode_graph_body
+        if cfg.torch_compile and self.device.type == "cuda":  # fuses the many small kernels of a step
+            self._decode_body = torch.compile(self._decode_graph_body, fullgraph=False, dynamic=False)
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._pool = None
         self._tokens = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
@@ -91,7 +94,8 @@ class TorchCudaRuntime:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {"runtime": "torch-cuda", "device": name, "dtype": str(self.dtype),
                 "slots": self.max_slots, "max_context": self.max_context,
-                "kv_cache_bytes": self.cache.keys.nbytes * 2, "cuda_graphs": self.use_cuda_graphs}
+                "kv_cache_bytes": self.cache.keys.nbytes * 2, "cuda_graphs": self.use_cuda_graphs,
+                "torch_compile": self._decode_body is not self._decode_graph_body}
 
     # -- forward passes ------------------------------------------------------------------------
     def _layers(self, x, cos, sin, rows, positions, attend):
@@ -142,11 +146,11 @@ class TorchCudaRuntime:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.no_grad():
                 for _ in range(2):
-                    self._decode_graph_body(b, c)
+                    self._decode_body(b, c)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
-                out = self._decode_graph_body(b, c)
+                out = self._decode_body(b, c)
             self._pool = graph.pool()
             self._graphs[key] = (graph, out)
             log.info("captured decode graph batch=%d context=%d in %.0f ms", b, c, 1e3 * (time.perf_counter() - t0))
@@ -169,7 +173,7 @@ class TorchCudaRuntime:
             graph, out = self._graph(b, c)
             graph.replay()
         else:
-            out = self._decode_graph_body(b, c)
+            out = self._decode_body(b, c)
         return out[torch.tensor([r.slot for r in rows], device=self.device)]
 
     def step(self, inputs: list[StepInput]) -> torch.Tensor:
