@@ -57,7 +57,8 @@ def main() -> None:
         report["build_error"] = traceback.format_exc()[-2000:]
     if "build" in report:
         try:
-            rt = TensorRTRuntime(onnx_dir, EngineConfig(runtime="tensorrt", max_slots=8, max_context=512))
+            rt = TensorRTRuntime(onnx_dir, EngineConfig(runtime="tensorrt", max_slots=8, max_context=512,
+                                                      max_tokens_limit=256))
             from tritonllm.runtimes.base import StepInput
 
             logits = rt.step([StepInput(0, [5, 6, 7, 8], 0)])

@@ -51,12 +51,13 @@ class PlanSpec:
     workspace_gib: float = 4.0
 
     def profile_shapes(self, shape: ModelShape) -> dict[str, tuple[tuple, tuple, tuple]]:
-        """(min, opt, max) per input: batch B, new tokens T, past P, attended S = P + T."""
+        """(min, opt, max) per input: batch B, new tokens T, past P, attended S = P + T (S must equal
+        P + T at each of min/opt/max: min decode T=1,P=0; opt decode T=1,P=opt_prompt; max T=P=c)."""
         b, c = self.max_batch, self.max_context
         ob, ot = min(self.opt_batch, b), min(self.opt_prompt, c)
         kv = lambda bb, p: (shape.num_layers, bb, shape.num_kv_heads, p, shape.head_dim)
         return {"input_ids": ((1, 1), (ob, 1), (b, c)), "position_ids": ((1, 1), (ob, 1), (b, c)),
-                "attn_bias": ((1, 1, 1, 1), (ob, 1, 1, ot), (b, 1, c, c)), "last_index": ((1,), (ob,), (b,)),
+                "attn_bias": ((1, 1, 1, 1), (ob, 1, 1, ot + 1), (b, 1, c, 2 * c)), "last_index": ((1,), (ob,), (b,)),
                 "past_keys": (kv(1, 0), kv(ob, ot), kv(b, c)), "past_values": (kv(1, 0), kv(ob, ot), kv(b, c))}
 
 
