@@ -85,6 +85,7 @@ def gpu_suite(a, results: list, facts: dict) -> None:
             r.gpu_mem_gib = torch.cuda.max_memory_allocated() / 2**30
             results.append(r.row())
             log.info("%s", results[-1])
+    facts["decode_step_gpu_ms"] = profile_decode_graphs(runtime, a)
     if a.compile_variant:
         compile_variant(a, runtime.model, cfg, vocab, results, power)
     del runtime, eng
@@ -92,6 +93,25 @@ def gpu_suite(a, results: list, facts: dict) -> None:
     torch.cuda.empty_cache()
     if "triton" in a.systems:
         triton_suite(a, cfg, ckpt, ckpt, vocab, results, power)
+
+
+def profile_decode_graphs(runtime, a) -> dict:
+    """Where the time goes: GPU time of one captured decode step per batch size (graph replays
+    timed with CUDA events), to compare with the engine's measured inter-token latency."""
+    out = {}
+    ctx = next(c for c in runtime.ctx_buckets if c >= a.prompt_len + a.out_len)
+    for b in a.concurrency:
+        graph, _ = runtime._graph(b, ctx)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.replay()
+        start.record()
+        for _ in range(50):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        out[f"batch{b}_ctx{ctx}"] = round(start.elapsed_time(end) / 50, 3)
+    log.info("decode step GPU time (ms): %s", out)
+    return out
 
 
 def compile_variant(a, model, cfg, vocab, results, power) -> None:
