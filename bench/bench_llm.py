@@ -58,10 +58,13 @@ def gpu_suite(a, results: list, facts: dict) -> None:
         torch.cuda.reset_peak_memory_stats()
         results.append(run_hf(hf, random_prompts(c, a.prompt_len, vocab, seed=c), a.out_len, True, power).row())
         log.info("%s", results[-1])
-    ckpt = Path(a.work) / "llama1b"
+    ckpt, engine_dir = Path(a.work) / "llama1b", Path(a.work) / "llama1b-engine"
     if "triton" in a.systems:
-        hf.save_pretrained(ckpt, safe_serialization=True)
+        from tritonllm.runtimes.torch_cuda import ENGINE_FILE
+
         word_tokenizer(vocab, ckpt)
+        engine_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(CausalLM(hf), engine_dir / ENGINE_FILE)
     cfg = EngineConfig(runtime="torch-cuda", dtype="bfloat16", max_slots=max(a.concurrency), max_context=a.max_context,
                        max_tokens_limit=a.max_context - 1, stream_interval_ms=a.stream_interval_ms)
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf))
@@ -92,7 +95,7 @@ def gpu_suite(a, results: list, facts: dict) -> None:
     gc.collect()
     torch.cuda.empty_cache()
     if "triton" in a.systems:
-        triton_suite(a, cfg, ckpt, ckpt, vocab, results, power)
+        triton_suite(a, cfg, ckpt, engine_dir, vocab, results, power)
 
 
 def profile_decode_graphs(runtime, a) -> dict:
@@ -142,7 +145,8 @@ def triton_suite(a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int,
     write_repository(repo, RepositoryConfig(name="bench", engine=cfg, detokenizer_instances=a.detokenizer_instances),
                      ckpt, engine_dir)
     texts_for = texts_for or (lambda ids: " ".join(f"w{i}" for i in ids))
-    with TritonServer(repo, log_dir=Path(a.out) / "triton_logs", startup_timeout_s=600) as server:
+    env = {"PYTHONPATH": f"{a.server_pythonpath}:{os.environ.get('PYTHONPATH', '')}"} if a.server_pythonpath else {}
+    with TritonServer(repo, log_dir=Path(a.out) / "triton_logs", startup_timeout_s=600, env=env) as server:
         for c in a.concurrency:
             prompts = [texts_for(p) for p in random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)]
             run_triton(server.grpc_url, "bench", prompts[:c], c, a.out_len, power)  # warm-up
@@ -193,6 +197,7 @@ def main() -> None:
     p.add_argument("--stream-interval-ms", type=float, default=0.0)
     p.add_argument("--detokenizer-instances", type=int, default=1)
     p.add_argument("--systems", nargs="+", default=["hf", "inprocess", "triton"])
+    p.add_argument("--server-pythonpath", help="prepended to PYTHONPATH of the Triton server's python stubs")
     p.add_argument("--compile-variant", action="store_true", help="also time torch.compile'd decode (GPU, batch 1)")
     p.add_argument("--work", default="/tmp/tritonllm-bench")
     p.add_argument("--out", default="results")

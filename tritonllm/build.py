@@ -33,6 +33,18 @@ def export_cached(checkpoint: Path, onnx_dir: Path) -> dict:
     return verify(checkpoint, onnx_dir)
 
 
+def build_tensorrt_plan(onnx_dir: Path, engine: EngineConfig) -> None:
+    """Build the plan now where TensorRT is installed; otherwise the engine builds it at load."""
+    from .modeling import ModelShape
+    from .runtimes.tensorrt_runtime import PlanSpec, TensorRTUnavailable, build_plan
+
+    try:
+        build_plan(onnx_dir / "model.onnx", onnx_dir / "trt", ModelShape.load(onnx_dir / "model_shape.json"),
+                   PlanSpec(engine.max_slots, engine.max_context, dtype=engine.dtype))
+    except TensorRTUnavailable as e:
+        log.warning("[2/3] %s: the plan will be built when the engine loads", e)
+
+
 def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     d = EngineConfig()
@@ -59,8 +71,16 @@ def main(argv: list[str] | None = None) -> Path:
                           stream_interval_ms=a.stream_interval_ms, threads=a.threads, dtype=a.dtype)
     cfg = RepositoryConfig(name=a.name, engine=engine)
     onnx_dir = a.onnx_dir or Path("build/onnx") / a.name
-    report = export_cached(a.model, onnx_dir)
-    log.info("      ONNX vs PyTorch: %s", json.dumps(report))
+    if a.runtime == "torch-cuda":  # the engine is our module with its weights, saved for torch alone
+        from .runtimes.torch_cuda import save_engine_model
+
+        log.info("[1/3] saving the PyTorch engine (%s)", a.dtype)
+        onnx_dir = save_engine_model(a.model, Path("build/engines") / a.name, a.dtype)
+    else:
+        report = export_cached(a.model, onnx_dir)
+        log.info("      ONNX vs PyTorch: %s", json.dumps(report))
+    if a.runtime == "tensorrt":
+        build_tensorrt_plan(onnx_dir, engine)
     log.info("[3/3] writing model repository %s (models %s, %s, %s, %s)", a.out, cfg.name,
              cfg.stage("tokenizer"), cfg.stage("engine"), cfg.stage("detokenizer"))
     write_repository(a.out, cfg, a.model, onnx_dir)

@@ -82,6 +82,7 @@ class TritonServer:
     log_dir: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 240.0
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for the server and its stubs
     _proc: subprocess.Popen | None = None
     _workdir: Path | None = None
 
@@ -128,6 +129,7 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = ":".join(libs)
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(self.env)
         return env
 
     def start(self) -> "TritonServer":

@@ -33,6 +33,25 @@ def bucket_for(n: int, sizes: list[int]) -> int:
     return next(b for b in sizes if b >= n)
 
 
+ENGINE_FILE = "model.pt"
+
+
+def save_engine_model(checkpoint: Path, engine_dir: Path, dtype: str) -> Path:
+    """Build step for torch-cuda: our module with its weights in `dtype`, loadable with torch alone
+    (no transformers needed where the repository is served)."""
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    model = CausalLM(load_hf(checkpoint, dtype=DTYPES[dtype]))
+    model.shape.save(engine_dir / "model_shape.json")
+    torch.save(model, engine_dir / ENGINE_FILE)
+    return engine_dir
+
+
+def load_engine_model(engine_dir: Path, dtype) -> CausalLM:
+    if (engine_dir / ENGINE_FILE).exists():
+        return torch.load(engine_dir / ENGINE_FILE, weights_only=False, map_location="cpu")
+    return CausalLM(load_hf(engine_dir, dtype=dtype))
+
+
 class StaticKVCache:
     """[layers, slots, kv_heads, max_context, head_dim] keys and values on the device."""
 
@@ -58,7 +77,7 @@ class TorchCudaRuntime:
         self.device = torch.device(device)
         self.dtype = DTYPES[cfg.dtype]
         if model is None:
-            model = CausalLM(load_hf(Path(engine_dir), dtype=self.dtype))
+            model = load_engine_model(Path(engine_dir), self.dtype)
         self.model = model.to(self.device, self.dtype).eval()
         self.model.inv_freq = self.model.inv_freq.float()
         self.shape = self.model.shape
