@@ -88,7 +88,8 @@ class TorchCudaRuntime:
         self.ctx_buckets = buckets(cfg.max_context, start=min(128, cfg.max_context))
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self._decode_body = self._decode_graph_body
-        if cfg.torch_compile and self.device.type == "cuda":  # fuses the many small kernels of a step
+        self.compiled = bool(cfg.torch_compile and self.device.type == "cuda")
+        if self.compiled:  # fuses the many small kernels of a step
             self._decode_body = torch.compile(self._decode_graph_body, fullgraph=False, dynamic=False)
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._pool = None
@@ -114,7 +115,7 @@ class TorchCudaRuntime:
         return {"runtime": "torch-cuda", "device": name, "dtype": str(self.dtype),
                 "slots": self.max_slots, "max_context": self.max_context,
                 "kv_cache_bytes": self.cache.keys.nbytes * 2, "cuda_graphs": self.use_cuda_graphs,
-                "torch_compile": self._decode_body is not self._decode_graph_body}
+                "torch_compile": self.compiled}
 
     # -- forward passes ------------------------------------------------------------------------
     def _layers(self, x, cos, sin, rows, positions, attend):
