@@ -21,6 +21,7 @@ from .scheduler import Scheduler, Sequence, StepPlan, queue_full
 
 log = logging.getLogger(__name__)
 DETOKENIZE_CONTEXT = 8  # ids resent before a response's new ids, so the detokenizer can stay stateless
+CANCEL_POLL_S = 0.02    # asking Triton whether a request was cancelled is an IPC call: at most this often
 
 
 class ResponseSink(Protocol):
@@ -64,6 +65,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tritonllm-engine", daemon=True)
         self._lock = threading.Lock()
+        self._last_poll = 0.0
 
     def start(self) -> "EngineLoop":
         self._thread.start()
@@ -107,6 +109,9 @@ class EngineLoop:
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
+        if now - self._last_poll < CANCEL_POLL_S:
+            return
+        self._last_poll = now
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             if seq.sink is not None and seq.sink.is_cancelled():
                 self._end(seq, "cancelled")

@@ -21,10 +21,15 @@ def _mask_rows(logits: torch.Tensor, seqs) -> None:
     a request asks for them (greedy benchmark traffic takes none of these paths)."""
     from ..sampling import banned_tokens
 
+    masked: dict[frozenset, list[int]] = {}  # rows whose EOS is masked, grouped by EOS set: one op each
     for i, s in enumerate(seqs):
-        p, n = s.params, len(s.output_ids)
-        if s.stop_token_ids and (p.ignore_eos or n < p.min_tokens):
-            logits[i, list(s.stop_token_ids)] = NEG_INF
+        if s.stop_token_ids and (s.params.ignore_eos or len(s.output_ids) < s.params.min_tokens):
+            masked.setdefault(s.stop_token_ids, []).append(i)
+    for ids, rows in masked.items():
+        r = torch.tensor(rows, device=logits.device)[:, None]
+        logits[r, torch.tensor(sorted(ids), device=logits.device)[None, :]] = NEG_INF
+    for i, s in enumerate(seqs):
+        p = s.params
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(s.prompt_ids + s.output_ids)), device=logits.device)
             vals = logits[i, seen]
