@@ -15,7 +15,7 @@ MAX_SLOTS ?= 8
 MAX_CONTEXT ?= 2048
 BUILD_ARGS ?=
 
-.PHONY: venv model build serve demo test test-fast bench loadtest clean help
+.PHONY: venv model build serve demo test test-fast bench bench-gpu loadtest clean help
 
 help:
 	@echo "make demo      venv + SmolLM2 + build + Triton + a streamed chat answer"
@@ -52,6 +52,13 @@ test: venv $(SMOLLM2)/config.json
 
 test-fast: venv
 	$(PY) -m pytest -q tests/unit
+
+bench: venv $(SMOLLM2)/config.json
+	$(PY) -m bench.bench_llm --device cpu --out results
+
+# On a GPU host with torch, transformers, tokenizers and the pytriton server tree importable:
+bench-gpu:
+	python3 -m bench.bench_llm --device gpu --stream-interval-ms 20 --detokenizer-instances 2 --out results
 
 clean:
 	rm -rf build

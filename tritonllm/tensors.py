@@ -43,7 +43,7 @@ ENSEMBLE_INPUTS = [
 ]
 ENSEMBLE_OUTPUTS = [
     T("text_output", "STRING", (-1,), doc="generated text (a delta per response when streaming)"),
-    T("finish_reason", "STRING", doc="final response: stop | length | cancelled | timeout; empty before"),
+    T("finish_reason", "STRING", doc="final response: stop, length, cancelled or timeout; empty before"),
     T("num_input_tokens", "INT32", doc="prompt tokens"),
     T("num_output_tokens", "INT32", doc="tokens generated so far"),
 ]
