@@ -15,7 +15,7 @@ MAX_SLOTS ?= 8
 MAX_CONTEXT ?= 2048
 BUILD_ARGS ?=
 
-.PHONY: venv model build serve demo test test-fast bench bench-gpu loadtest clean help
+.PHONY: venv model build serve demo test test-fast bench bench-gpu loadtest soak clean help
 
 help:
 	@echo "make demo      venv + SmolLM2 + build + Triton + a streamed chat answer"
@@ -59,6 +59,21 @@ bench: venv $(SMOLLM2)/config.json
 # On a GPU host with torch, transformers, tokenizers and the pytriton server tree importable:
 bench-gpu:
 	python3 -m bench.bench_llm --device gpu --stream-interval-ms 20 --detokenizer-instances 2 --out results
+
+# Load test a running server (make serve in another shell): headless, CSV + HTML + PNG under build/loadtest
+USERS ?= 8
+SPAWN_RATE ?= 4
+DURATION ?= 60s
+LOADTEST_ARGS ?= --input-mean 128 --output-mean 64 --slo-max-error-ratio 0.01
+loadtest: venv
+	mkdir -p build/loadtest
+	$(VENV)/bin/locust -f loadtests/locustfile.py --headless -u $(USERS) -r $(SPAWN_RATE) -t $(DURATION) \
+	  --host 127.0.0.1:8001 --model $(NAME) --tokenizer $(MODEL) --csv build/loadtest/run \
+	  --html build/loadtest/report.html $(LOADTEST_ARGS)
+
+# Soak: several thousand mixed requests against a fresh server (streaming and not, cancellations)
+soak: venv $(SMOLLM2)/config.json
+	$(PY) -m loadtests.soak --requests $${SOAK_REQUESTS:-3000}
 
 clean:
 	rm -rf build

@@ -23,7 +23,7 @@ def main() -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    server = TritonServer(a.repo, a.http_port, a.grpc_port, a.metrics_port, log_dir=a.log_dir)
+    server = TritonServer(a.repo, a.http_port, a.grpc_port, a.metrics_port, log_dir=a.log_dir, watchdog=True)
     with server:
         logging.info("serving %s: grpc %s, http %s, metrics :%d (log %s); Ctrl-C stops",
                      a.repo, server.grpc_url, server.http_url, server.metrics_port, server.log_path)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -83,6 +84,7 @@ class TritonServer:
     extra_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 240.0
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the server and its stubs
+    watchdog: bool = False  # reload a model whose python stub process died (Triton 2.51 does not)
     _proc: subprocess.Popen | None = None
     _workdir: Path | None = None
 
@@ -117,6 +119,7 @@ class TritonServer:
             "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--log-verbose=0",
+            *(["--model-control-mode=explicit", "--load-model=*"] if self.watchdog else []),
             "--exit-timeout-secs=15",
             *self.extra_args,
         ]
@@ -143,7 +146,53 @@ class TritonServer:
                                       env=self.environment(), start_new_session=True)
         logf.close()
         self.wait_ready()
+        if self.watchdog:
+            self._watch_stop = threading.Event()
+            self.reloads: list[tuple[str, float]] = []
+            threading.Thread(target=self._watch, daemon=True, name="triton-watchdog").start()
         return self
+
+    def stub_pids(self) -> dict[str, set[int]]:
+        """Python stub processes by model name (the model's directory is on their command line)."""
+        import psutil
+
+        out: dict[str, set[int]] = {}
+        models = [d.name for d in self.model_repository.iterdir() if (d / "1" / "model.py").exists()]
+        try:
+            children = psutil.Process(self._proc.pid).children(recursive=True) if self._proc else []
+        except psutil.NoSuchProcess:
+            return out
+        for p in children:
+            try:
+                cmd = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            for m in models:
+                if f"/{m}/" in cmd:
+                    out.setdefault(m, set()).add(p.pid)
+        return out
+
+    def _watch(self) -> None:
+        known = self.stub_pids()
+        while not self._watch_stop.wait(1.0) and self.is_alive():
+            now = self.stub_pids()
+            for model, pids in known.items():
+                if not pids & now.get(model, set()):
+                    t0 = time.monotonic()
+                    log.warning("python stub of %s died: reloading the model", model)
+                    self._post(f"/v2/repository/models/{model}/load")
+                    self.reloads.append((model, time.monotonic() - t0))
+            known = self.stub_pids()
+
+    def _post(self, path: str) -> int:
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return 0
 
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -183,6 +232,8 @@ class TritonServer:
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM the whole process group (server and stubs), SIGKILL after timeout, clean shm."""
+        if getattr(self, "_watch_stop", None) is not None:
+            self._watch_stop.set()
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):

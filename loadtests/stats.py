@@ -1,0 +1,99 @@
+"""Our own latency record beside Locust's (Locust rounds percentiles to whole ms, 10 ms steps above
+100 ms): per-request TTFT, per-gap inter-token latency, tokens; time series; SLO checks; plots."""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class RequestRecord:
+    end: float
+    ttft_s: float
+    latency_s: float
+    output_tokens: int
+    gaps_s: list[float]
+
+
+@dataclass
+class LoadStats:
+    records: list[RequestRecord] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    cpu_samples: list[float] = field(default_factory=list)
+
+    def add(self, rec: RequestRecord) -> None:
+        self.records.append(rec)
+
+    def error(self, status: str) -> None:
+        self.errors[status] = self.errors.get(status, 0) + 1
+
+    def summary(self) -> dict:
+        gaps = np.array([g for r in self.records for g in r.gaps_s]) if self.records else np.array([])
+        ttft = np.array([r.ttft_s for r in self.records])
+        wall = (max((r.end for r in self.records), default=self.started) - self.started) or 1e-9
+        n_err = sum(self.errors.values())
+        q = lambda a, p: round(float(np.percentile(a, p)) * 1e3, 3) if a.size else None
+        cpu = float(np.mean(self.cpu_samples)) if self.cpu_samples else None
+        return {"requests": len(self.records), "errors": self.errors,
+                "error_ratio": n_err / max(1, n_err + len(self.records)),
+                "output_tokens": int(sum(r.output_tokens for r in self.records)),
+                "tokens_per_s": round(sum(r.output_tokens for r in self.records) / wall, 2),
+                "ttft_p50_ms": q(ttft, 50), "ttft_p90_ms": q(ttft, 90), "ttft_p99_ms": q(ttft, 99),
+                "itl_p50_ms": q(gaps, 50), "itl_p90_ms": q(gaps, 90), "itl_p99_ms": q(gaps, 99),
+                "itl_mean_ms": round(float(gaps.mean()) * 1e3, 3) if gaps.size else None,
+                "load_generator_cpu_percent": cpu,
+                "load_generator_saturated": bool(cpu is not None and cpu > 85.0)}
+
+    def write(self, prefix: Path) -> dict:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        summary = self.summary()
+        Path(f"{prefix}_llm_summary.json").write_text(json.dumps(summary, indent=1))
+        with open(f"{prefix}_llm_requests.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["end_unix_s", "ttft_ms", "latency_ms", "output_tokens", "mean_itl_ms"])
+            for r in self.records:
+                w.writerow([round(r.end, 3), round(r.ttft_s * 1e3, 3), round(r.latency_s * 1e3, 3), r.output_tokens,
+                            round(float(np.mean(r.gaps_s)) * 1e3, 3) if r.gaps_s else ""])
+        self.plot(Path(f"{prefix}_llm_over_time.png"))
+        return summary
+
+    def plot(self, path: Path) -> None:
+        if not self.records:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        t = np.array([r.end - self.started for r in self.records])
+        fig, ax = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+        ax[0].plot(t, [r.ttft_s * 1e3 for r in self.records], ".", ms=3)
+        ax[0].set_ylabel("TTFT ms")
+        ax[1].plot(t, [np.mean(r.gaps_s) * 1e3 if r.gaps_s else np.nan for r in self.records], ".", ms=3)
+        ax[1].set_ylabel("mean ITL ms")
+        bins = np.arange(0, t.max() + 2, 1.0)
+        tokens, _ = np.histogram(t, bins=bins, weights=[r.output_tokens for r in self.records])
+        ax[2].step(bins[:-1], tokens, where="post")
+        ax[2].set_ylabel("output tokens/s")
+        ax[2].set_xlabel("seconds since start (request end)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+
+
+def check_slos(summary: dict, ttft_p99_ms: float | None, itl_p99_ms: float | None,
+               max_error_ratio: float | None) -> list[str]:
+    """Missed SLOs, each as a sentence; empty when all hold."""
+    missed = []
+    for key, limit in (("ttft_p99_ms", ttft_p99_ms), ("itl_p99_ms", itl_p99_ms)):
+        if limit is not None and (summary[key] is None or summary[key] > limit):
+            missed.append(f"{key} = {summary[key]} > {limit}")
+    if max_error_ratio is not None and summary["error_ratio"] > max_error_ratio:
+        missed.append(f"error_ratio = {summary['error_ratio']:.4f} > {max_error_ratio}")
+    return missed

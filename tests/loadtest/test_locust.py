@@ -1,0 +1,86 @@
+"""Locust against a timing-reference model with known delays (first token 50 ms, then one every
+20 ms): the measured TTFT and ITL must be right within 10%, alone and in distributed mode."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
+
+
+def locust(args, cwd, timeout=120, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def summary(prefix: Path) -> dict:
+    return json.loads(Path(f"{prefix}_llm_summary.json").read_text())
+
+
+def test_locust_measures_known_ttft_and_itl(timing_server, tmp_path):
+    prefix = tmp_path / "run"
+    r = locust(["-u", "4", "-r", "4", "-t", "6s", "--host", timing_server.grpc_url, "--model", "timing",
+                "--output-mean", "20", "--csv", str(prefix), "--html", str(tmp_path / "report.html")], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = summary(prefix)
+    assert s["requests"] >= 8 and s["error_ratio"] == 0
+    assert s["ttft_p50_ms"] == pytest.approx(50, rel=0.10)
+    assert s["itl_p50_ms"] == pytest.approx(20, rel=0.10)
+    assert s["output_tokens"] == 20 * s["requests"]
+    stats = (tmp_path / "run_stats.csv").read_text()
+    assert "ttft" in stats and "itl" in stats and (tmp_path / "report.html").exists()
+    assert (tmp_path / "run_llm_over_time.png").stat().st_size > 1000
+
+
+def test_slo_miss_makes_the_run_fail(timing_server, tmp_path):
+    r = locust(["-u", "2", "-r", "2", "-t", "3s", "--host", timing_server.grpc_url, "--model", "timing",
+                "--output-mean", "5", "--csv", str(tmp_path / "run"), "--slo-ttft-p99-ms", "10"], tmp_path)
+    assert r.returncode == 1
+    assert "SLO missed: ttft_p99_ms" in r.stdout + r.stderr
+
+
+def test_distributed_master_and_two_workers(timing_server, tmp_path):
+    prefix = tmp_path / "dist"
+    common = ["--host", timing_server.grpc_url, "--model", "timing", "--output-mean", "10"]
+    port = str(timing_server.grpc_port + 7)  # a free-ish port beside the server's
+    master = subprocess.Popen(
+        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", "--master",
+         "--master-bind-host", "127.0.0.1", "--master-bind-port", port, "--expect-workers", "2",
+         "-u", "4", "-r", "4", "-t", "6s", "--csv", str(prefix), *common],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    time.sleep(2)
+    workers = [subprocess.Popen(
+        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker", "--master-host", "127.0.0.1",
+         "--master-port", port, *common], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    try:
+        out, _ = master.communicate(timeout=90)
+    finally:
+        for w in workers:
+            w.terminate()
+            w.wait(10)
+    assert master.returncode == 0, out[-3000:]
+    s = summary(prefix)
+    assert s["requests"] >= 6 and s["error_ratio"] == 0
+    assert s["ttft_p50_ms"] == pytest.approx(50, rel=0.10)
+    assert s["itl_p50_ms"] == pytest.approx(20, rel=0.10)
+
+
+def test_locust_agrees_with_the_client_benchmark(timing_server, tmp_path):
+    """The project's own client and Locust measure the same server within 10%."""
+    from clients import LLMClient
+
+    with LLMClient(timing_server.grpc_url, "timing") as c:
+        results = [c.generate("x", max_tokens=10, stream=True) for _ in range(5)]
+    client_ttft = sorted(r.ttft_s for r in results)[2] * 1e3
+    r = locust(["-u", "1", "-r", "1", "-t", "4s", "--host", timing_server.grpc_url, "--model", "timing",
+                "--output-mean", "10", "--csv", str(tmp_path / "one")], tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert summary(tmp_path / "one")["ttft_p50_ms"] == pytest.approx(client_ttft, rel=0.10)
