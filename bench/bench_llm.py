@@ -149,6 +149,8 @@ def triton_suite(a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int,
                      ckpt, engine_dir)
     texts_for = texts_for or (lambda ids: " ".join(f"w{i}" for i in ids))
     env = {"PYTHONPATH": f"{a.server_pythonpath}:{os.environ.get('PYTHONPATH', '')}"} if a.server_pythonpath else {}
+    if a.server_hide_gpu:  # Triton's core without CUDA; only the engine's stub sees the GPU
+        env.update(CUDA_VISIBLE_DEVICES="", TRITONLLM_ENGINE_CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     # BYTES tensors must stay in plain host memory for the python stubs on a GPU host
     args = ["--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"] if a.device == "gpu" else []
     with TritonServer(repo, log_dir=Path(a.out) / "triton_logs", startup_timeout_s=600, env=env,
@@ -204,6 +206,7 @@ def main() -> None:
     p.add_argument("--detokenizer-instances", type=int, default=1)
     p.add_argument("--systems", nargs="+", default=["hf", "inprocess", "triton"])
     p.add_argument("--server-pythonpath", help="prepended to PYTHONPATH of the Triton server's python stubs")
+    p.add_argument("--server-hide-gpu", action="store_true", help="run Triton's core without CUDA (engine keeps it)")
     p.add_argument("--compile-variant", action="store_true", help="also time torch.compile'd decode (GPU, batch 1)")
     p.add_argument("--work", default="/tmp/tritonllm-bench")
     p.add_argument("--out", default="results")

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if "TRITONLLM_ENGINE_CUDA_VISIBLE_DEVICES" in os.environ:  # the server core may be run without GPUs
+    os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["TRITONLLM_ENGINE_CUDA_VISIBLE_DEVICES"]
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
