@@ -164,6 +164,8 @@ class TritonServer:
             return out
         for p in children:
             try:
+                if p.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped by the server
+                    continue
                 cmd = " ".join(p.cmdline())
             except psutil.Error:
                 continue
@@ -173,16 +175,22 @@ class TritonServer:
         return out
 
     def _watch(self) -> None:
-        known = self.stub_pids()
+        self.watched = self.stub_pids()
         while not self._watch_stop.wait(1.0) and self.is_alive():
-            now = self.stub_pids()
-            for model, pids in known.items():
-                if not pids & now.get(model, set()):
-                    t0 = time.monotonic()
-                    log.warning("python stub of %s died: reloading the model", model)
-                    self._post(f"/v2/repository/models/{model}/load")
-                    self.reloads.append((model, time.monotonic() - t0))
-            known = self.stub_pids()
+            try:
+                self._watch_once()
+            except Exception:  # the watchdog must outlive any one failed check
+                log.exception("watchdog check failed")
+
+    def _watch_once(self) -> None:
+        now = self.stub_pids()
+        for model, pids in self.watched.items():
+            if not pids & now.get(model, set()):
+                t0 = time.monotonic()
+                log.warning("python stub of %s died: reloading the model", model)
+                status = self._post(f"/v2/repository/models/{model}/load")
+                self.reloads.append((model, round(time.monotonic() - t0, 2), status))
+        self.watched = self.stub_pids()
 
     def _post(self, path: str) -> int:
         req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST")
