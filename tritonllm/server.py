@@ -193,14 +193,7 @@ class TritonServer:
         self.watched = self.stub_pids()
 
     def _post(self, path: str) -> int:
-        req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                return r.status
-        except urllib.error.HTTPError as e:
-            return e.code
-        except OSError:
-            return 0
+        return self._request(path, data=b"{}", timeout_s=120)
 
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -211,9 +204,11 @@ class TritonServer:
         except OSError:
             return "(no log)"
 
-    def _get(self, path: str) -> int:
+    def _request(self, path: str, data: bytes | None = None, timeout_s: float = 2.0) -> int:
+        """HTTP status of a GET (or POST with data) to the server; 0 when it does not answer."""
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=data, method="POST" if data else "GET")
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as r:
+            with urllib.request.urlopen(req, timeout=timeout_s) as r:
                 return r.status
         except urllib.error.HTTPError as e:
             return e.code
@@ -227,7 +222,7 @@ class TritonServer:
                 code = self._proc.returncode if self._proc else None
                 self.stop()
                 raise ServerError(f"tritonserver exited with {code} before it was ready:\n{self.log_tail()}")
-            if self._get("/v2/health/ready") == 200:
+            if self._request("/v2/health/ready") == 200:
                 return
             time.sleep(0.25)
         tail = self.log_tail()

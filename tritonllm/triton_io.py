@@ -69,5 +69,16 @@ def error_response(pb, exc: Exception):
     return pb.InferenceResponse(error=pb.TritonError(f"[{status}] {exc}", code))
 
 
+def respond_each(pb, requests, handle) -> list:
+    """One response per request: `handle(request)`'s, or its error sent to that request only."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(handle(request))
+        except Exception as exc:  # bad input or a failure: this request only, the model keeps serving
+            responses.append(error_response(pb, exc))
+    return responses
+
+
 def model_parameters(model_config: dict) -> dict[str, str]:
     return {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}

@@ -132,7 +132,7 @@ def test_bad_input_gets_invalid_argument_naming_the_field(tiny, kw, field):
     assert tiny.generate("Still serving?", max_tokens=3, temperature=0.0).num_output_tokens >= 1
 
 
-def test_wrong_dtype_and_unknown_model_are_refused(live_server, tiny):
+def test_wrong_dtype_shape_and_unknown_model_are_refused(live_server, tiny):
     import numpy as np
 
     c = grpcclient.InferenceServerClient(live_server.grpc_url)
@@ -146,6 +146,11 @@ def test_wrong_dtype_and_unknown_model_are_refused(live_server, tiny):
         c.async_stream_infer("tiny", [text, bad])
         err = results.get(timeout=30)
         assert err is not None and "max_tokens" in str(err) and "INT32" in str(err)
+        wide = grpcclient.InferInput("max_tokens", [1, 2], "INT32")  # two values where one belongs
+        wide.set_data_from_numpy(np.array([[3, 4]], dtype=np.int32))
+        c.async_stream_infer("tiny", [text, wide])
+        err = results.get(timeout=30)
+        assert err is not None and "max_tokens" in str(err)
         c.async_stream_infer("no_such_model", [text])
         err = results.get(timeout=30)
         assert err is not None and "no_such_model" in str(err)

@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from tritonllm.text import TokenizerFiles, encode_prompt, encode_words, flatten_id_lists  # noqa: E402
-from tritonllm.triton_io import RequestReader, error_response, model_parameters, tensor  # noqa: E402
+from tritonllm.triton_io import RequestReader, model_parameters, respond_each, tensor  # noqa: E402
 
 
 class TritonPythonModel:
@@ -20,19 +20,14 @@ class TritonPythonModel:
         self.tok = TokenizerFiles(Path(__file__).parent / "tokenizer")
 
     def execute(self, requests):
-        return [self._one(r) for r in requests]
+        return respond_each(pb_utils, requests, self._one)
 
     def _one(self, request):
-        try:
-            read = RequestReader(pb_utils, request)
-            text = read.scalar("text_input", str)
-            if text is None:
-                text = ""
-            ids = encode_prompt(self.tok, text, read.scalar("apply_chat_template", bool, False), self.max_context)
-            stop = flatten_id_lists(encode_words(self.tok, read.strings("stop_words"), "stop_words"))
-            bad = flatten_id_lists(encode_words(self.tok, read.strings("bad_words"), "bad_words"))
-        except Exception as exc:  # sent to this request only
-            return error_response(pb_utils, exc)
+        read = RequestReader(pb_utils, request)
+        text = read.scalar("text_input", str) or ""
+        ids = encode_prompt(self.tok, text, read.scalar("apply_chat_template", bool, False), self.max_context)
+        stop = flatten_id_lists(encode_words(self.tok, read.strings("stop_words"), "stop_words"))
+        bad = flatten_id_lists(encode_words(self.tok, read.strings("bad_words"), "bad_words"))
         return pb_utils.InferenceResponse([
             tensor(pb_utils, "input_ids", ids, np.int32),
             tensor(pb_utils, "stop_ids", stop or [-1], np.int32),
