@@ -77,3 +77,34 @@ def test_killed_engine_stub_errors_its_requests_and_the_server_recovers(fault_se
     assert recovered is not None, f"no recovery in 120 s:\n{fault_server.log_tail()}"
     print(f"engine stub killed: in-flight request got {err.value.status}; serving again after {recovered:.1f} s; "
           f"watchdog reloads {fault_server.reloads}")
+
+
+def test_walking_away_from_an_ensemble_stream_is_bounded(live_server):
+    """Triton 2.51 does not forward an ensemble cancellation to the decoupled engine: measure what
+    happens to the slot when the client walks away, and check that it is freed within the bound
+    the request carried (max_tokens), with finish reason 'length' or 'cancelled'."""
+    import queue as q
+
+    import tritonclient.grpc as grpcclient
+
+    from clients.llm_client import build_inputs
+    from .helpers import wait_for_metric
+
+    c = grpcclient.InferenceServerClient(live_server.grpc_url)
+    got: q.Queue = q.Queue()
+    c.start_stream(callback=lambda result=None, error=None: got.put(error))
+    c.async_stream_infer("tiny", build_inputs(grpcclient, "walk away", dict(max_tokens=190, stream=True,
+                                                                             ignore_eos=True, temperature=0.0)))
+    assert got.get(timeout=30) is None
+    wait_for_metric(live_server, "tritonllm_requests_active", "tiny_engine", lambda v: v >= 1, timeout_s=5)
+    c.stop_stream(cancel_requests=True)
+    c.close()
+    walked = time.monotonic()
+    wait_for_metric(live_server, "tritonllm_requests_active", "tiny_engine", lambda v: v == 0, timeout_s=30)
+    freed_after = time.monotonic() - walked
+    time.sleep(1.0)  # metrics are copied from the engine every 0.5 s
+    reasons = [l for l in live_server.metrics().splitlines()
+               if l.startswith("tritonllm_requests_finished_total") and "tiny_engine" in l]
+    print(f"ensemble stream abandoned: engine slot freed after {freed_after:.2f} s (190 tokens at most; "
+          f"cancellation not forwarded by Triton 2.51); finished so far: {reasons}")
+    assert freed_after < 30 and reasons
