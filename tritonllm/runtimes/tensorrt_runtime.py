@@ -161,7 +161,7 @@ class TensorRTRuntime:
         import torch
 
         logits = torch.empty((len(inputs), self.shape.vocab_size), dtype=torch.float32, device=self.device)
-        for i, x in enumerate(inputs):  # TODO(perf): batch decode rows like the ONNX Runtime path
+        for i, x in enumerate(inputs):  # one row per execution (untested on a GPU: see README)
             logits[i] = self._run([x])[0]
         return logits
 
