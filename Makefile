@@ -56,7 +56,9 @@ test-fast: venv
 bench: venv $(SMOLLM2)/config.json
 	$(PY) -m bench.bench_llm --device cpu --out results
 
-# On a GPU host with torch, transformers, tokenizers and the pytriton server tree importable:
+# On a GPU host with torch, transformers, tokenizers and the pytriton server tree importable.
+# Where that Python has numpy 2, give the python stubs numpy<2 first (README, "numpy 2") and add
+# --server-pythonpath <dir with numpy 1.26>.
 bench-gpu:
 	python3 -m bench.bench_llm --device gpu --stream-interval-ms 20 --detokenizer-instances 2 --out results
 

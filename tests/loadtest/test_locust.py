@@ -84,3 +84,20 @@ def test_locust_agrees_with_the_client_benchmark(timing_server, tmp_path):
                 "--output-mean", "10", "--csv", str(tmp_path / "one")], tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert summary(tmp_path / "one")["ttft_p50_ms"] == pytest.approx(client_ttft, rel=0.10)
+
+
+def test_bad_inputs_through_locust_are_counted_and_good_requests_finish(live_server, tmp_path):
+    """Locust against the real tiny ensemble with a JSONL mixing bad and good requests: the bad
+    ones are reported as INVALID_ARGUMENT failures naming the field, the good ones complete."""
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_text("\n".join(json.dumps(x) for x in [
+        {"prompt": "", "max_tokens": 4}, {"prompt": "a good prompt", "max_tokens": 4},
+        {"prompt": "zero tokens", "max_tokens": 0}, {"prompt": "another good one", "max_tokens": 4}]))
+    prefix = tmp_path / "bad"
+    locust(["-u", "2", "-r", "2", "-t", "4s", "--host", live_server.grpc_url, "--model", "tiny",
+                "--jsonl", str(jsonl), "--csv", str(prefix)], tmp_path)
+    s = summary(prefix)
+    assert s["requests"] > 0 and s["errors"].get("INVALID_ARGUMENT", 0) > 0, s
+    assert set(s["errors"]) == {"INVALID_ARGUMENT"}, s
+    failures = (tmp_path / "bad_failures.csv").read_text()
+    assert "'text_input'" in failures and "'max_tokens'" in failures
