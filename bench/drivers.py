@@ -6,7 +6,9 @@ import time
 
 import torch
 
-from .measure import PowerSampler, RunResult, itl_from_chunks
+from clients.llm_client import itl_from_chunks
+
+from .measure import PowerSampler, RunResult
 
 
 def run_hf(model, prompts: list[list[int]], out_len: int, static: bool, power: PowerSampler) -> RunResult:

@@ -89,15 +89,6 @@ class RunResult:
         return d
 
 
-def itl_from_chunks(times: list[float], cumulative_tokens: list[int]) -> list[float]:
-    """Per-token gaps: a chunk carrying k tokens after a gap g counts as k gaps of g/k."""
-    out = []
-    for (t0, n0), (t1, n1) in zip(zip(times, cumulative_tokens), zip(times[1:], cumulative_tokens[1:])):
-        k = max(n1 - n0, 1)
-        out += [(t1 - t0) / k] * k
-    return out
-
-
 def markdown_table(rows: list[dict], cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

@@ -23,7 +23,7 @@ from pathlib import Path  # noqa: E402
 import gevent  # noqa: E402
 from locust import LoadTestShape, User, constant, constant_throughput, events, task  # noqa: E402
 
-from clients.llm_client import GenerationError, build_inputs, parse_result  # noqa: E402
+from clients.llm_client import GenerationError, build_inputs, itl_from_chunks, parse_result  # noqa: E402
 from loadtests import prompts as prompt_sources  # noqa: E402
 from loadtests.stats import LoadStats, RequestRecord, check_slos  # noqa: E402
 
@@ -210,9 +210,7 @@ class TritonLLMUser(User):
 
     def _record(self, t0: float, times: list[float], counts: list[int]) -> None:
         end = time.perf_counter()
-        gaps = []
-        for (a, na), (b, nb) in zip(zip(times, counts), zip(times[1:], counts[1:])):
-            gaps += [(b - a) / (nb - na)] * (nb - na)
+        gaps = itl_from_chunks(times, counts)
         ttft = (times[0] - t0) if times else end - t0
         tokens = counts[-1] if counts else 0
         STATS.add(RequestRecord(time.time(), ttft, end - t0, tokens, gaps))

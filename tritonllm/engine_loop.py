@@ -32,12 +32,8 @@ class ResponseSink(Protocol):
 
 @dataclass
 class EngineStats:
-    steps: int = 0
     decode_steps: int = 0
     batched_decode_steps: int = 0    # decode steps shared by two or more sequences
-    decode_rows: int = 0
-    max_decode_batch: int = 0
-    prefills: int = 0
     tokens_generated: int = 0
     requests_finished: dict[str, int] = field(default_factory=dict)
 
@@ -144,14 +140,9 @@ class EngineLoop:
         return sample(row, seq.params, history, len(seq.output_ids), seq.stop_token_ids, seq.rng)
 
     def _count(self, plan: StepPlan) -> None:
-        st = self.stats
-        st.steps += 1
-        st.prefills += len(plan.prefill)
         if plan.decode:
-            st.decode_steps += 1
-            st.decode_rows += len(plan.decode)
-            st.batched_decode_steps += len(plan.decode) > 1
-            st.max_decode_batch = max(st.max_decode_batch, len(plan.decode))
+            self.stats.decode_steps += 1
+            self.stats.batched_decode_steps += len(plan.decode) > 1
 
     # -- responses -----------------------------------------------------------------------------
     def _emit(self, seq: Sequence, final: bool) -> None:

@@ -36,7 +36,6 @@ class Sequence:
     last_emit: float = 0.0
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
-    peak_batch: int = 0              # the largest decode batch this sequence took part in
 
     @property
     def length(self) -> int:
@@ -113,8 +112,6 @@ class Scheduler:
             seq.slot = heapq.heappop(self.free_slots)
             self.running.append(seq)
             prefill.append(seq)
-        for s in decode:
-            s.peak_batch = max(s.peak_batch, len(decode))
         return StepPlan(prefill, decode)
 
     def update_from_output(self, plan: StepPlan, tokens: list[int]) -> list[Sequence]:
