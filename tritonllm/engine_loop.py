@@ -1,8 +1,11 @@
 """The one background generation loop every runtime plugs into.
 
 `submit()` only enqueues. The loop admits new sequences into the running batch, polls
-cancellation and deadlines, runs one runtime step for the whole batch (prefills + decodes),
-samples, updates the scheduler and streams responses through each sequence's sink."""
+cancellation and deadlines, launches one runtime step for the whole batch (prefills + decodes,
+sampling included), then completes the step before it: reads its tokens, updates the scheduler
+and streams responses through each sequence's sink. Runtimes that can launch without waiting
+(`launch`/`collect`, the GPU runtime) thus overlap the host's work for step N with the device's
+work for step N+1; the others complete each step before the next is scheduled."""
 from __future__ import annotations
 
 import logging
@@ -38,6 +41,13 @@ class EngineStats:
     requests_finished: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class InFlight:
+    """A launched step: its plan and what `collect` turns into the sampled ids (or the ids)."""
+    plan: StepPlan
+    handle: object
+
+
 def response_window(seq: Sequence, final: bool) -> tuple[list[int], int] | None:
     """The ids to send now and how many of them are context already sent, or None (nothing new)."""
     visible = seq.visible_ids
@@ -62,6 +72,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="tritonllm-engine", daemon=True)
         self._lock = threading.Lock()
         self._last_poll = 0.0
+        self._overlap = hasattr(runtime, "launch") and hasattr(runtime, "collect")
 
     def start(self) -> "EngineLoop":
         self._thread.start()
@@ -88,15 +99,24 @@ class EngineLoop:
 
     # -- loop stages ---------------------------------------------------------------------------
     def _run(self) -> None:
+        in_flight: InFlight | None = None
         while not self._stop.is_set():
             self._admit()
             self._drop_cancelled()
+            if in_flight is not None and not self._may_overlap(in_flight):
+                self._complete(in_flight)
+                in_flight = None
             plan = self.scheduler.schedule()
-            if not plan:
+            launched = self._launch(plan) if plan else None
+            if in_flight is not None:
+                self._complete(in_flight)
+            elif launched is None:
                 self._wake.wait(0.05)
                 self._wake.clear()
-                continue
-            self._step(plan)
+            in_flight = launched
+
+    def _may_overlap(self, in_flight: "InFlight") -> bool:
+        return self._overlap and not any(s.needs_host_history for s in in_flight.plan.sequences if s.finish_reason is None)
 
     def _admit(self) -> None:
         with self._lock:
@@ -114,23 +134,38 @@ class EngineLoop:
             elif now > seq.deadline:
                 self._end(seq, "timeout")
 
-    def _step(self, plan: StepPlan) -> None:
+    def _launch(self, plan: StepPlan) -> "InFlight | None":
         seqs = plan.sequences
         try:
-            logits = self.runtime.step([s.step_input() for s in seqs])
-            if hasattr(self.runtime, "sample_batch"):  # GPU runtimes sample on the device
-                tokens = self.runtime.sample_batch(logits, seqs)
+            if self._overlap:
+                handle = self.runtime.launch([s.step_input() for s in seqs], seqs)
             else:
-                tokens = [self._sample(s, row) for s, row in zip(seqs, logits)]
+                logits = self.runtime.step([s.step_input() for s in seqs])
+                if hasattr(self.runtime, "sample_batch"):  # GPU runtimes sample on the device
+                    handle = self.runtime.sample_batch(logits, seqs)
+                else:
+                    handle = [self._sample(s, row) for s, row in zip(seqs, logits)]
         except Exception as exc:  # a failed step ends its sequences with an error, the loop goes on
             log.exception("engine step failed")
             for seq in seqs:
                 self._fail(seq, exc)
+            return None
+        self.scheduler.launched(plan)
+        return InFlight(plan, handle)
+
+    def _complete(self, step: "InFlight") -> None:
+        live = [s for s in step.plan.sequences if s.finish_reason is None]
+        try:
+            tokens = self.runtime.collect(step.handle) if self._overlap else step.handle
+        except Exception as exc:
+            log.exception("engine step failed")
+            for seq in live:
+                self._fail(seq, exc)
             return
-        self._count(plan)
-        finished = set(self.scheduler.update_from_output(plan, tokens))
-        self.stats.tokens_generated += len(seqs)
-        for seq in seqs:
+        self._count(step.plan)
+        finished = set(self.scheduler.update_from_output(step.plan, tokens))
+        self.stats.tokens_generated += len(live)
+        for seq in live:
             self._emit(seq, final=seq in finished)
             if seq in finished:
                 self._finished(seq)

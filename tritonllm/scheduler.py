@@ -36,19 +36,32 @@ class Sequence:
     last_emit: float = 0.0
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    pending: int = 0                 # tokens sampled by launched steps, not yet appended here
 
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def generated(self) -> int:
+        """Tokens generated so far, counting those still on the device (min_tokens masking)."""
+        return len(self.output_ids) + self.pending
+
+    @property
+    def needs_host_history(self) -> bool:
+        """Sampling reads the generated ids themselves (repetition penalty, bad words): a step for
+        this sequence cannot be launched before the previous step's token is on the host."""
+        return self.params.repetition_penalty != 1.0 or bool(self.params.bad_ids)
+
+    @property
     def visible_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids if self.echo_prompt else self.output_ids
 
     def step_input(self) -> StepInput:
-        if not self.output_ids:
+        if not self.output_ids and not self.pending:
             return StepInput(self.slot, self.prompt_ids, 0)
-        return StepInput(self.slot, self.output_ids[-1:], self.length - 1)
+        # a token still pending lives only on the device: the runtime reads it there (tokens=[])
+        return StepInput(self.slot, [] if self.pending else self.output_ids[-1:], self.length - 1 + self.pending)
 
 
 @dataclass
@@ -105,7 +118,9 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> StepPlan:
-        decode = [s for s in self.running if s.output_ids]
+        """Running sequences decode; waiting ones take free slots and prefill. With a step still
+        in flight (overlapped loop) a sequence its pending token surely ends (length) sits out."""
+        decode = [s for s in self.running if (s.output_ids or s.pending) and not self._ends_with_pending(s)]
         prefill = []
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
@@ -114,11 +129,24 @@ class Scheduler:
             prefill.append(seq)
         return StepPlan(prefill, decode)
 
+    def _ends_with_pending(self, seq: Sequence) -> bool:
+        return seq.pending > 0 and (seq.generated >= seq.params.max_tokens or seq.length + seq.pending >= self.cfg.max_context)
+
+    def launched(self, plan: StepPlan) -> None:
+        """The plan's step is enqueued: each of its sequences has one more token on the way."""
+        for seq in plan.sequences:
+            seq.pending += 1
+
     def update_from_output(self, plan: StepPlan, tokens: list[int]) -> list[Sequence]:
-        """Append each sequence's sampled token; return those that finished (slots freed)."""
+        """Append each sequence's sampled token; return those that finished (slots freed).
+        Sequences that ended while the step was in flight (cancelled, or finished by the step
+        before it in the overlapped loop) drop their token."""
         finished = []
         now = time.monotonic()
         for seq, tok in zip(plan.sequences, tokens):
+            seq.pending = max(0, seq.pending - 1)
+            if seq.finish_reason is not None:
+                continue
             eos = is_end_token(seq, tok)
             if not eos:  # the EOS token ends the sequence but is not part of the output
                 seq.output_ids.append(tok)

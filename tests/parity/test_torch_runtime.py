@@ -1,5 +1,6 @@
 """The PyTorch runtime (static cache, slot-laid decode, device sampler) checked on the CPU in fp32
 against HF greedy generate: the same code that runs on the GPU with CUDA graphs and bf16."""
+import pytest
 import torch
 
 from tritonllm.config import EngineConfig
@@ -11,14 +12,15 @@ from tritonllm.text import TokenizerFiles
 from .test_engine_parity import PROMPTS, hf_greedy
 
 
-def test_torch_runtime_greedy_matches_hf_with_in_flight_batching(tiny_dir):
+@pytest.mark.parametrize("fused_kernels", [True, False], ids=["fused", "reference-ops"])
+def test_torch_runtime_greedy_matches_hf_with_in_flight_batching(tiny_dir, fused_kernels):
     hf = load_hf(tiny_dir)
     tok = TokenizerFiles(tiny_dir)
     prompts = [tok.encode(p) for p in PROMPTS]
     lengths = [20, 7, 13, 3]
     expected = [hf_greedy(hf, ids, n) for ids, n in zip(prompts, lengths)]
     cfg = EngineConfig(max_slots=3, max_context=160, max_tokens_limit=64)  # 4 requests, 3 slots: one waits, joins
-    runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu")
+    runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", fused_kernels=fused_kernels)
     with InProcessEngine(None, cfg, runtime=runtime) as eng:
         sinks = [eng.submit(ids, max_tokens=n, temperature=0.0, ignore_eos=True) for ids, n in zip(prompts, lengths)]
         got = [s.wait(120).ids for s in sinks]

@@ -11,7 +11,8 @@ from tritonllm.engine_loop import EngineLoop
 from tritonllm.errors import ServerBusyError
 from tritonllm.inprocess import QueueSink
 from tritonllm.modeling import ModelShape
-from tritonllm.sampling import new_rng
+from tritonllm.runtimes.base import StepInput
+from tritonllm.sampling import new_rng, sample
 from tritonllm.scheduler import Scheduler, Sequence, should_stop
 
 V = 50
@@ -47,6 +48,34 @@ class CountingRuntime:
         return out
 
 
+class OverlappingRuntime(CountingRuntime):
+    """The same tokens through `launch`/`collect`: the loop launches step N+1 before it reads step
+    N's tokens, so decode inputs arrive without their last token (tokens=[]), which this runtime
+    keeps per slot as a GPU runtime keeps it on the device."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.device_tokens: dict[int, int] = {}
+        self.device_token_steps = 0
+
+    def launch(self, inputs, seqs):
+        self.device_token_steps += any(not x.tokens for x in inputs)
+        concrete = [x if x.tokens else StepInput(x.slot, [self.device_tokens[x.slot]], x.start) for x in inputs]
+        logits = self.step(concrete)
+        chosen = [sample(row, s.params, s.prompt_ids + s.output_ids, s.generated, s.stop_token_ids, s.rng)
+                  for s, row in zip(seqs, logits)]
+        self.device_tokens.update((x.slot, t) for x, t in zip(inputs, chosen))
+        return chosen
+
+    def collect(self, handle):
+        return handle
+
+
+@pytest.fixture(params=[CountingRuntime, OverlappingRuntime], ids=["sync", "overlapped"])
+def Runtime(request):
+    return request.param
+
+
 def seq(prompt, **kw):
     return Sequence(list(prompt), SamplingParams(temperature=0.0, **kw), frozenset({EOS}), new_rng(0))
 
@@ -64,29 +93,56 @@ def run_loop(runtime, cfg, seqs, cancel_after=None):
         loop.stop()
 
 
-def test_tokens_and_length_finish():
+def test_tokens_and_length_finish(Runtime):
     cfg = EngineConfig(max_slots=2, max_tokens_limit=100)
-    (res,), _ = run_loop(CountingRuntime(), cfg, [seq([5], max_tokens=4)])
+    rt = Runtime()
+    (res,), _ = run_loop(rt, cfg, [seq([5], max_tokens=4)])
     assert res.ids == [6, 7, 8, 9] and res.finish_reason == "length"
+    if isinstance(rt, OverlappingRuntime):  # steps really were launched ahead of the host
+        assert rt.device_token_steps == 3 and rt.batches == [1, 1, 1, 1]
 
 
-def test_eos_ends_without_being_emitted_and_min_tokens_delays_it():
+def test_a_pending_token_that_ends_the_sequence_keeps_it_out_of_the_next_step():
+    """Overlapped scheduling: a sequence whose in-flight token reaches max_tokens or the context
+    sits out; the others decode at their position + 1, reading their last token on the device."""
+    sch = Scheduler(EngineConfig(max_slots=3, max_context=64, max_tokens_limit=60, default_max_tokens=16))
+    ending, going, full = seq([1, 2], max_tokens=3), seq([1, 2], max_tokens=10), seq([1] * 53, max_tokens=50)
+    for s in (ending, going, full):
+        sch.add(s)
+    plan = sch.schedule()
+    assert [x.step_input() for x in plan.prefill][0] == StepInput(0, [1, 2], 0)
+    sch.update_from_output(plan, [7, 7, 7])
+    ending.output_ids.append(8)
+    full.output_ids.append(8)       # length 55
+    sch.launched(plan)
+    nxt = sch.schedule()
+    assert nxt.decode == [going, full]
+    assert going.step_input() == StepInput(1, [], 3)   # prompt 2 + 1 out, +1 pending
+    full.output_ids += [8] * 8      # 63 tokens + 1 pending == max_context
+    assert sch.schedule().decode == [going]
+    ending.finish_reason = "cancelled"
+    assert sch.update_from_output(plan, [9, 9, 9]) == [full]  # 64 tokens: the context is full
+    assert ending.output_ids == [7, 8] and going.output_ids == [7, 9]  # a cancelled one drops its token
+    assert going.pending == 0 and full.finish_reason == "length"
+
+
+def test_eos_ends_without_being_emitted_and_min_tokens_delays_it(Runtime):
     cfg = EngineConfig(max_slots=2, max_tokens_limit=100)
-    (a, b), _ = run_loop(CountingRuntime(eos_after=3), cfg, [seq([5], max_tokens=10), seq([5], max_tokens=10, min_tokens=4)])
+    (a, b), _ = run_loop(Runtime(eos_after=3), cfg, [seq([5], max_tokens=10), seq([5], max_tokens=10, min_tokens=4)])
     assert a.ids == [6, 7] and a.finish_reason == "stop"
     assert len(b.ids) >= 4 and EOS not in b.ids[:4]
 
 
-def test_stop_ids_end_generation_and_are_emitted():
+def test_stop_ids_end_generation_and_are_emitted(Runtime):
     cfg = EngineConfig(max_slots=2, max_tokens_limit=100)
-    (res,), _ = run_loop(CountingRuntime(), cfg, [seq([5], max_tokens=20, stop_ids=[[8, 9]])])
+    (res,), _ = run_loop(Runtime(), cfg, [seq([5], max_tokens=20, stop_ids=[[8, 9]])])
     assert res.ids == [6, 7, 8, 9] and res.finish_reason == "stop"
 
 
-def test_in_flight_batching_joins_and_leaves():
+def test_in_flight_batching_joins_and_leaves(Runtime):
     """Four sequences of different lengths through two slots: later ones join as earlier leave,
     decode steps are shared, and only two slots are ever used."""
-    rt = CountingRuntime(slots=2, delay=0.002)
+    rt = Runtime(slots=2, delay=0.002)
     cfg = EngineConfig(max_slots=2, max_tokens_limit=100)
     seqs = [seq([1], max_tokens=n) for n in (3, 12, 5, 7)]
     results, loop = run_loop(rt, cfg, seqs)
@@ -104,8 +160,8 @@ def test_queue_bound_rejects_with_busy_error():
         sch.add(seq([1]))
 
 
-def test_cancellation_frees_the_slot_and_sends_a_final_response():
-    rt = CountingRuntime(slots=1, delay=0.005)
+def test_cancellation_frees_the_slot_and_sends_a_final_response(Runtime):
+    rt = Runtime(slots=1, delay=0.005)
     cfg = EngineConfig(max_slots=1, max_tokens_limit=1000, max_context=2048)
     loop = EngineLoop(rt, cfg).start()
     try:
@@ -123,14 +179,14 @@ def test_cancellation_frees_the_slot_and_sends_a_final_response():
         loop.stop()
 
 
-def test_deadline_ends_a_request_with_timeout():
+def test_deadline_ends_a_request_with_timeout(Runtime):
     cfg = EngineConfig(max_slots=1, max_tokens_limit=1000, max_context=2048, request_timeout_s=0.05)
-    (res,), _ = run_loop(CountingRuntime(delay=0.005), cfg, [seq([1], max_tokens=900)])
+    (res,), _ = run_loop(Runtime(delay=0.005), cfg, [seq([1], max_tokens=900)])
     assert res.finish_reason == "timeout"
 
 
-def test_failed_step_errors_its_sequences_and_loop_keeps_serving():
-    rt = CountingRuntime(fail_on=3)
+def test_failed_step_errors_its_sequences_and_loop_keeps_serving(Runtime):
+    rt = Runtime(fail_on=3)
     cfg = EngineConfig(max_slots=2, max_tokens_limit=100)
     (bad,), loop = run_loop(rt, cfg, [seq([1], max_tokens=5)])
     assert isinstance(bad.error, RuntimeError)
@@ -145,8 +201,8 @@ def test_should_stop_on_stop_string_through_decode():
     assert should_stop(s, 1024, decode=lambda ids: "foo END") == "stop"
 
 
-def test_submit_from_many_threads():
-    rt = CountingRuntime(slots=4)
+def test_submit_from_many_threads(Runtime):
+    rt = Runtime(slots=4)
     cfg = EngineConfig(max_slots=4, max_queue=64, max_tokens_limit=100)
     loop = EngineLoop(rt, cfg).start()
     seqs = [seq([i + 1], max_tokens=5) for i in range(32)]

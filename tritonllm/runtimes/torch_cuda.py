@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..config import EngineConfig
 from ..modeling import CausalLM, load_hf
@@ -71,10 +72,24 @@ class StaticKVCache:
         self.values[layer].permute(0, 2, 1, 3)[r, positions] = v.transpose(1, 2)
 
 
+def attend_decode(layer, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
+    """q [B,H,1,D] against cached keys/values [B,Hkv,C,D] where valid [B,1,1,C]: one fused attention
+    kernel. The G query heads of a KV head are its rows, so K/V are read once (no GQA repeat)."""
+    b, h, _, d = q.shape
+    qg = q.reshape(b, layer.hkv, h // layer.hkv, d)
+    return F.scaled_dot_product_attention(qg, keys, values, attn_mask=valid).reshape(b, 1, h * d)
+
+
+def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """One kernel (the model's RMSNorm casts to float and back around it: four)."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+
 class TorchCudaRuntime:
     def __init__(self, engine_dir: Path | None, cfg: EngineConfig, model: CausalLM | None = None,
-                 use_cuda_graphs: bool = True, device: str = "cuda"):
+                 use_cuda_graphs: bool = True, device: str = "cuda", fused_kernels: bool = True):
         self.device = torch.device(device)
+        self.fused_kernels = fused_kernels  # False: the reference ops of modeling.py (profiling)
         self.dtype = DTYPES[cfg.dtype]
         if model is None:
             model = load_engine_model(Path(engine_dir), self.dtype)
@@ -115,17 +130,22 @@ class TorchCudaRuntime:
         return {"runtime": "torch-cuda", "device": name, "dtype": str(self.dtype),
                 "slots": self.max_slots, "max_context": self.max_context,
                 "kv_cache_bytes": self.cache.keys.nbytes * 2, "cuda_graphs": self.use_cuda_graphs,
-                "torch_compile": self.compiled}
+                "torch_compile": self.compiled, "fused_kernels": self.fused_kernels}
 
     # -- forward passes ------------------------------------------------------------------------
+    def _norm(self, norm, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(norm, x) if self.fused_kernels else norm(x)
+
     def _layers(self, x, cos, sin, rows, positions, attend):
-        m = self.model
-        for i, layer in enumerate(m.layers):
-            q, k, v = layer.qkv(layer.ln1(x), cos, sin)
+        for i, layer in enumerate(self.model.layers):
+            q, k, v = layer.qkv(self._norm(layer.ln1, x), cos, sin)
             self.cache.update(i, rows, positions, k, v)
             x = x + layer.o(attend(i, layer, q, k, v))
-            x = x + layer.mlp(layer.ln2(x))
+            x = x + layer.mlp(self._norm(layer.ln2, x))
         return x
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self._norm(self.model.norm, hidden), self.model.lm_head.t()).float()
 
     @torch.no_grad()
     def prefill(self, rows: list[StepInput]) -> torch.Tensor:
@@ -142,21 +162,24 @@ class TorchCudaRuntime:
         x = torch.nn.functional.embedding(ids, self.model.embed)
         cos, sin = self.model.rotary(positions, x.dtype)
         x = self._layers(x, cos, sin, slots, positions, lambda i, layer, q, k, v: layer.attend(q, k, v, causal))
-        return self.model.logits(x[torch.arange(b, device=self.device), last])
+        return self._logits(x[torch.arange(b, device=self.device), last])
 
     def _decode_graph_body(self, b: int, c: int) -> torch.Tensor:
         tokens, positions = self._tokens[:b], self._positions[:b]
         rows = torch.arange(b, device=self.device)
-        bias = torch.where(torch.arange(c, device=self.device)[None, :] <= positions[:, None], 0.0, NEG)
-        bias = bias.view(b, 1, 1, c)
+        valid = (torch.arange(c, device=self.device)[None, :] <= positions[:, None]).view(b, 1, 1, c)
+        bias = torch.where(valid, 0.0, NEG)
         x = torch.nn.functional.embedding(tokens[:, None], self.model.embed)
         cos, sin = self.model.rotary(positions[:, None], x.dtype)
 
         def attend(i, layer, q, k, v):
-            return layer.attend(q, self.cache.keys[i, :b, :, :c], self.cache.values[i, :b, :, :c], bias)
+            keys, values = self.cache.keys[i, :b, :, :c], self.cache.values[i, :b, :, :c]
+            if self.fused_kernels:
+                return attend_decode(layer, q, keys, values, valid)
+            return layer.attend(q, keys, values, bias)
 
         x = self._layers(x, cos, sin, rows, positions[:, None], attend)
-        return self.model.logits(x[:, 0])
+        return self._logits(x[:, 0])
 
     def _graph(self, b: int, c: int):
         key = (b, c)
@@ -181,14 +204,16 @@ class TorchCudaRuntime:
         """One token for each row; rows are laid out by slot over a batch bucket."""
         b = bucket_for(max(r.slot for r in rows) + 1, self.batch_buckets)
         c = bucket_for(max(r.start for r in rows) + 1, self.ctx_buckets)
-        tok = torch.zeros(b, dtype=torch.long)
         # padding rows (free or just-prefilled slots) write their throw-away K/V at the last position,
         # which no live sequence in such a slot has reached (prompt + max_tokens <= max_context)
         pos = torch.full((b,), self.max_context - 1, dtype=torch.long)
         for r in rows:
-            tok[r.slot], pos[r.slot] = r.tokens[0], r.start
-        self._tokens[:b].copy_(tok, non_blocking=True)
+            pos[r.slot] = r.start
         self._positions[:b].copy_(pos, non_blocking=True)
+        known = [r for r in rows if r.tokens]  # the others' last token is on the device already (launch)
+        if known:
+            slots = torch.tensor([r.slot for r in known], device=self.device)
+            self._tokens[slots] = torch.tensor([r.tokens[0] for r in known]).to(self.device, non_blocking=True)
         if self.use_cuda_graphs:
             graph, out = self._graph(b, c)
             graph.replay()
@@ -208,3 +233,25 @@ class TorchCudaRuntime:
 
     def sample_batch(self, logits: torch.Tensor, seqs) -> list[int]:
         return torch_sampling.sample_batch(logits, seqs)
+
+    def launch(self, inputs: list[StepInput], seqs):
+        """Enqueue one step and its sampling without waiting for the device. The chosen ids also
+        land in the device token buffer, where the next decode step reads them, so the engine loop
+        can launch step N+1 before it has read step N's tokens (host work overlaps the GPU)."""
+        chosen = torch_sampling.choose(self.step(inputs), seqs)
+        self._tokens[torch.tensor([i.slot for i in inputs], device=self.device)] = chosen
+        if self.device.type != "cuda":
+            return chosen
+        host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+        host.copy_(chosen, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    def collect(self, handle) -> list[int]:
+        """The chosen ids of a launched step (waits for that step only)."""
+        if isinstance(handle, torch.Tensor):
+            return handle.tolist()
+        host, done = handle
+        done.synchronize()
+        return host.tolist()

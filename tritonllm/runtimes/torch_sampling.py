@@ -23,7 +23,7 @@ def _mask_rows(logits: torch.Tensor, seqs) -> None:
 
     masked: dict[frozenset, list[int]] = {}  # rows whose EOS is masked, grouped by EOS set: one op each
     for i, s in enumerate(seqs):
-        if s.stop_token_ids and (s.params.ignore_eos or len(s.output_ids) < s.params.min_tokens):
+        if s.stop_token_ids and (s.params.ignore_eos or s.generated < s.params.min_tokens):
             masked.setdefault(s.stop_token_ids, []).append(i)
     for ids, rows in masked.items():
         r = torch.tensor(rows, device=logits.device)[:, None]
@@ -55,6 +55,11 @@ def _filter_top_k_top_p(row: torch.Tensor, top_k: int, top_p: float) -> torch.Te
 
 def sample_batch(logits: torch.Tensor, seqs) -> list[int]:
     """logits [N, V] float32 on the device -> one token id per sequence."""
+    return choose(logits, seqs).tolist()
+
+
+def choose(logits: torch.Tensor, seqs) -> torch.Tensor:
+    """The chosen ids [N] as a device tensor: no host synchronisation."""
     _mask_rows(logits, seqs)
     chosen = torch.argmax(logits, dim=-1)
     for i, s in enumerate(seqs):
@@ -65,4 +70,4 @@ def sample_batch(logits: torch.Tensor, seqs) -> list[int]:
         u = torch.rand(row.shape, generator=_generator(s, logits.device), device=logits.device)
         gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0)))
         chosen[i] = torch.argmax(row + gumbel)
-    return chosen.tolist()
+    return chosen

@@ -1,0 +1,141 @@
+"""Where a decode step's GPU time goes, per torch-cuda kernel variant (reference ops, fused
+kernels, fused + torch.compile): captured-graph GPU time per batch size, the top kernels of one
+eager step (torch.profiler), and the floor set by the step's matrix products alone (cuBLAS, timed
+in a graph) and by the weight bytes / copy bandwidth.
+
+  python -m bench.profile_decode --out results      (GPU; Llama-3.2-1B-shaped random bf16)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.workloads import copy_bandwidth, llama_1b_random, weight_bytes
+from tritonllm.config import EngineConfig
+from tritonllm.modeling import CausalLM
+
+log = logging.getLogger("profile")
+VARIANTS = {"reference": dict(fused_kernels=False), "fused": dict(fused_kernels=True),
+            "fused+compile": dict(fused_kernels=True, torch_compile=True)}
+
+
+def time_replays(graph, reps: int = 50) -> float:
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def time_graph(fn, reps: int = 50) -> float:
+    """GPU milliseconds per call of `fn` captured in a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return time_replays(g, reps)
+
+
+def gemm_floor_ms(model: CausalLM, batch: int) -> float:
+    """The step's matrix products alone (every layer's qkv, o, gate_up, down and the LM head)."""
+    x = torch.randn(batch, model.shape.hidden_size, device="cuda", dtype=model.lm_head.dtype)
+    layer = model.layers[0]
+    per_layer = 0.0
+    for lin in (layer.qkv_proj, layer.o, layer.gate_up, layer.down):
+        a = torch.randn(batch, lin.weight.shape[1], device="cuda", dtype=x.dtype)
+        per_layer += time_graph(lambda a=a, w=lin.weight: torch.matmul(a, w.t()))
+    head = time_graph(lambda: torch.matmul(x, model.lm_head.t()))
+    return per_layer * len(model.layers) + head
+
+
+def top_kernels(runtime, b: int, c: int, n: int = 14) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        runtime._decode_body(b, c)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                runtime._decode_body(b, c)
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            rows.append({"kernel": e.key[:90], "calls_per_step": e.count // 3, "us_per_step": round(t / 3, 1)})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    kernels = sum(r["calls_per_step"] for r in rows)
+    return [{"kernel": "TOTAL", "calls_per_step": kernels, "us_per_step": round(total, 1)}] + rows[:n]
+
+
+def profile_variant(name: str, model: CausalLM, a) -> dict:
+    from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
+
+    opts = dict(VARIANTS[name])
+    cfg = EngineConfig(runtime="torch-cuda", dtype="bfloat16", max_slots=max(a.batches), max_context=512,
+                       max_tokens_limit=511, torch_compile=opts.pop("torch_compile", False))
+    runtime = TorchCudaRuntime(None, cfg, model=model, **opts)
+    runtime._positions.fill_(a.context - 1)
+    out = {"graph_ms": {}, "top_kernels": {}}
+    for b in a.batches:
+        graph, _ = runtime._graph(b, a.context)
+        out["graph_ms"][b] = round(time_replays(graph), 3)
+        if name != "fused+compile":
+            out["top_kernels"][b] = top_kernels(runtime, b, a.context)
+    log.info("%s: %s", name, out["graph_ms"])
+    del runtime
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    hf = llama_1b_random()
+    bw = copy_bandwidth()
+    facts = {"command": "python3 -m bench.profile_decode " + " ".join(sys.argv[1:]),
+             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "context": a.context,
+             "weight_read_floor_ms": round(1e3 * weight_bytes(hf) / bw, 3)}
+    model = CausalLM(hf).to("cuda", torch.bfloat16)
+    del hf
+    facts["gemm_floor_ms"] = {b: round(gemm_floor_ms(model, b), 3) for b in a.batches}
+    log.info("floors: weights %.3f ms, GEMMs %s", facts["weight_read_floor_ms"], facts["gemm_floor_ms"])
+    facts["variants"] = {}
+    for name in a.variants:
+        try:
+            facts["variants"][name] = profile_variant(name, model, a)
+        except Exception as exc:  # reported, not hidden
+            log.exception("variant %s failed", name)
+            facts["variants"][name] = {"error": repr(exc)[:400]}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode-profile.json").write_text(json.dumps(facts, indent=1))
+    for name, v in facts["variants"].items():
+        print(f"{name:15s} graph ms per step: {v.get('graph_ms', v)}")
+    print(f"floors: weights/bandwidth {facts['weight_read_floor_ms']} ms, GEMMs alone {facts['gemm_floor_ms']}")
+
+
+if __name__ == "__main__":
+    main()
