@@ -66,7 +66,8 @@ def gpu_suite(a, results: list, facts: dict) -> None:
         engine_dir.mkdir(parents=True, exist_ok=True)
         torch.save(CausalLM(hf), engine_dir / ENGINE_FILE)
     cfg = EngineConfig(runtime="torch-cuda", dtype="bfloat16", max_slots=max(a.concurrency), max_context=a.max_context,
-                       max_tokens_limit=a.max_context - 1, stream_interval_ms=a.stream_interval_ms)
+                       max_tokens_limit=a.max_context - 1, stream_interval_ms=a.stream_interval_ms,
+                       stream_coalesce_min_active=a.coalesce_min_active)
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf))
     del hf
     gc.collect()
@@ -204,6 +205,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="requests per concurrent stream")
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--stream-interval-ms", type=float, default=0.0)
+    p.add_argument("--coalesce-min-active", type=int, default=8,
+                   help="streams generating before --stream-interval-ms coalescing starts")
     p.add_argument("--detokenizer-instances", type=int, default=1)
     p.add_argument("--systems", nargs="+", default=["hf", "inprocess", "triton"])
     p.add_argument("--server-pythonpath", help="prepended to PYTHONPATH of the Triton server's python stubs")

@@ -29,6 +29,7 @@ class EngineConfig:
     request_timeout_s: float = 600.0  # a request still generating after this is ended ("timeout")
     stream_interval_ms: float = 0.0   # >0: under load, coalesce a stream's tokens for up to this long per response
     stream_coalesce_min_active: int = 8  # ... but only while at least this many sequences generate
+    response_threads: int = 4     # threads sending responses off the engine loop (merging under backpressure)
     threads: int = 0              # runtime intra-op threads (0: runtime default)
     dtype: str = "float32"
     kv_cache_memory_fraction: float = 0.5  # GPU runtimes: share of free memory for the KV cache
@@ -46,6 +47,7 @@ class EngineConfig:
         _check(self.request_timeout_s > 0, "request_timeout_s", self.request_timeout_s, "> 0")
         _check(0 <= self.stream_interval_ms <= 10_000, "stream_interval_ms", self.stream_interval_ms, "0..10000")
         _check(self.stream_coalesce_min_active >= 1, "stream_coalesce_min_active", self.stream_coalesce_min_active, ">= 1")
+        _check(1 <= self.response_threads <= 64, "response_threads", self.response_threads, "1..64")
         _check(self.dtype in ("float32", "float16", "bfloat16"), "dtype", self.dtype, "float32|float16|bfloat16")
         _check(0 < self.kv_cache_memory_fraction <= 0.95, "kv_cache_memory_fraction",
                self.kv_cache_memory_fraction, "(0, 0.95]")

@@ -16,6 +16,7 @@ from tritonllm.config import EngineConfig  # noqa: E402
 from tritonllm.engine_loop import EngineLoop  # noqa: E402
 from tritonllm.engine_metrics import EngineMetrics  # noqa: E402
 from tritonllm.engine_request import build_sequence  # noqa: E402
+from tritonllm.response_pump import ResponsePump  # noqa: E402
 from tritonllm.runtimes import load_runtime  # noqa: E402
 from tritonllm.text import TokenizerFiles  # noqa: E402
 from tritonllm.triton_io import RequestReader, error_response, model_parameters, tensor  # noqa: E402
@@ -24,13 +25,25 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonSink:
-    """Sends one request's responses; the last one carries the FINAL flag."""
+    """One request's responses (the last one carries the FINAL flag). The engine loop only puts
+    them into the response pump; the pump's threads call `deliver`, so the loop never waits for
+    Triton's core to take a response."""
 
-    def __init__(self, request):
-        self.request = request
+    def __init__(self, request, pump: ResponsePump):
         self.sender = request.get_response_sender()
+        self.pump = pump
+        self.failed = False  # a send raised: the client is gone, the engine ends the sequence
 
     def send(self, seq, ids, n_context, final):
+        self.pump.put(seq, ids, n_context, final)
+
+    def send_error(self, seq, error):
+        if seq is None:  # rejected in execute(), before the engine saw it
+            self.deliver_error(seq, error)
+        else:
+            self.pump.put_error(seq, error)
+
+    def deliver(self, seq, ids, n_context, final):
         outputs = [tensor(pb_utils, "output_ids", ids, np.int32),
                    tensor(pb_utils, "num_context_ids", [n_context], np.int32),
                    tensor(pb_utils, "is_final", [final], bool),
@@ -40,11 +53,15 @@ class TritonSink:
                    tensor(pb_utils, "stop_words", seq.params.stop_strings or [""], object)]
         self.sender.send(pb_utils.InferenceResponse(outputs), flags=FINAL if final else 0)
 
-    def send_error(self, seq, error):
+    def deliver_error(self, seq, error):
         self.sender.send(error_response(pb_utils, error), flags=FINAL)
 
     def is_cancelled(self):
-        return self.sender.is_cancelled()
+        return self.failed or self.sender.is_cancelled()
+
+
+def _mark_failed(seq, exc):
+    seq.sink.failed = True
 
 
 class TritonPythonModel:
@@ -54,6 +71,9 @@ class TritonPythonModel:
         self.cfg = EngineConfig.from_parameters(model_parameters(model_config))
         self.runtime = load_runtime(self.cfg, here / "engine")
         tok = TokenizerFiles(here / "tokenizer")
+        self.pump = ResponsePump(lambda seq, *a: seq.sink.deliver(seq, *a),
+                                 lambda seq, exc: seq.sink.deliver_error(seq, exc), _mark_failed,
+                                 workers=self.cfg.response_threads)
         self.loop = EngineLoop(self.runtime, self.cfg, decode=tok.decode)
         self.metrics = EngineMetrics(pb_utils, self.loop, args["model_name"])
         self.loop.on_finish = self.metrics.observe_finished
@@ -62,7 +82,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            sink = TritonSink(request)
+            sink = TritonSink(request, self.pump)
             try:
                 seq = build_sequence(RequestReader(pb_utils, request), self.cfg, self.runtime.shape)
                 seq.sink = sink
@@ -73,4 +93,5 @@ class TritonPythonModel:
 
     def finalize(self):
         self.loop.stop()
+        self.pump.close()
         self.metrics.close()

@@ -1,0 +1,81 @@
+"""The response pump: the engine loop's sends leave its thread, stay in order per request and
+merge while the server is slow to take them; failures reach the engine; close() drains."""
+import threading
+import time
+from types import SimpleNamespace
+
+from tritonllm.response_pump import Pending, ResponsePump, merge
+
+
+def seq(uid):
+    return SimpleNamespace(uid=uid)
+
+
+class Recorder:
+    def __init__(self, delay=0.0, fail_uid=None):
+        self.delay, self.fail_uid = delay, fail_uid
+        self.sent, self.failed = [], []
+        self.lock = threading.Lock()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def send(self, s, ids, n_context, final):
+        self.gate.wait()
+        time.sleep(self.delay)
+        if s.uid == self.fail_uid:
+            raise RuntimeError("client gone")
+        with self.lock:
+            self.sent.append((s.uid, list(ids), n_context, final))
+
+    def send_error(self, s, exc):
+        with self.lock:
+            self.sent.append((s.uid, "error", str(exc), True))
+
+    def pump(self, workers=2):
+        return ResponsePump(self.send, self.send_error, lambda s, exc: self.failed.append(s.uid), workers)
+
+
+def test_merge_keeps_the_first_context_and_appends_new_ids():
+    a = Pending(seq(1), [10, 11, 12], 2, False)     # context 10, 11; new 12
+    b = Pending(seq(1), [11, 12, 13, 14], 2, True)  # context 11, 12; new 13, 14
+    m = merge(a, b)
+    assert (m.ids, m.n_context, m.final) == ([10, 11, 12, 13, 14], 2, True)
+
+
+def test_idle_pump_sends_each_response_in_order():
+    rec = Recorder()
+    pump = rec.pump()
+    s = seq(7)
+    for i in range(20):
+        pump.put(s, [i], 0, i == 19)
+        time.sleep(0.002)
+    pump.close()
+    assert [x[1] for x in rec.sent] == [[i] for i in range(20)] and rec.sent[-1][3]
+
+
+def test_busy_sender_merges_a_requests_responses_without_losing_or_reordering_ids():
+    rec = Recorder()
+    rec.gate.clear()  # the server is not taking responses yet
+    pump = rec.pump(workers=2)
+    streams = [seq(u) for u in range(6)]
+    for step in range(50):
+        for s in streams:
+            pump.put(s, [step], 0, step == 49)
+    rec.gate.set()
+    pump.close()
+    for s in streams:
+        mine = [x for x in rec.sent if x[0] == s.uid]
+        assert sum((x[1] for x in mine), []) == list(range(50))
+        assert [x[3] for x in mine] == [False] * (len(mine) - 1) + [True]
+    assert len(rec.sent) < 6 * 50  # merged while blocked
+
+
+def test_error_goes_after_the_responses_before_it_and_failures_are_reported():
+    rec = Recorder(fail_uid=2)
+    pump = rec.pump()
+    pump.put(seq(1), [5], 0, False)
+    pump.put_error(seq(1), ValueError("bad"))
+    pump.put(seq(2), [1], 0, False)
+    pump.close()
+    assert [x[1] for x in rec.sent if x[0] == 1] == [[5], "error"]
+    assert rec.failed == [2]
