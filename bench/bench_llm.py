@@ -11,6 +11,7 @@ and writes a table plus JSON (command, machine, date) under --out.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import datetime
 import gc
 import json
@@ -67,13 +68,12 @@ def gpu_suite(a, results: list, facts: dict) -> None:
         torch.save(CausalLM(hf), engine_dir / ENGINE_FILE)
     cfg = EngineConfig(runtime="torch-cuda", dtype="bfloat16", max_slots=max(a.concurrency), max_context=a.max_context,
                        max_tokens_limit=a.max_context - 1, stream_interval_ms=a.stream_interval_ms,
-                       stream_coalesce_min_active=a.coalesce_min_active)
+                       stream_coalesce_min_active=a.coalesce_min_active, response_threads=a.response_threads)
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf))
     del hf
     gc.collect()
     torch.cuda.empty_cache()
     facts["engine"] = runtime.describe()
-    from dataclasses import replace
 
     # in-process there is no per-response cost to amortize: every token is delivered as it is made
     with InProcessEngine(None, replace(cfg, stream_interval_ms=0.0), runtime=runtime) as eng:
@@ -123,7 +123,6 @@ def profile_decode_graphs(runtime, a) -> dict:
 
 def compile_variant(a, model, cfg, vocab, results, power) -> None:
     """The same engine with torch.compile'd decode steps (batch 1 only: each shape compiles)."""
-    from dataclasses import replace
 
     from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 
@@ -147,8 +146,10 @@ def triton_suite(a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int,
                  texts_for=None) -> None:
     repo = Path(a.work) / "model_repository"
     shutil.rmtree(repo, ignore_errors=True)
-    write_repository(repo, RepositoryConfig(name="bench", engine=cfg, detokenizer_instances=a.detokenizer_instances),
-                     ckpt, engine_dir)
+    pipelines = {f"bench{'_onehop' if v else ''}": bool(v) for v in a.emit_text}
+    for name, emit_text in pipelines.items():
+        write_repository(repo, RepositoryConfig(name=name, engine=replace(cfg, emit_text=emit_text),
+                                                detokenizer_instances=a.detokenizer_instances), ckpt, engine_dir)
     texts_for = texts_for or (lambda ids: " ".join(f"w{i}" for i in ids))
     env = {"PYTHONPATH": f"{a.server_pythonpath}:{os.environ.get('PYTHONPATH', '')}"} if a.server_pythonpath else {}
     if a.server_hide_gpu:  # Triton's core without CUDA; only the engine's stub sees the GPU
@@ -157,11 +158,15 @@ def triton_suite(a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int,
     args = ["--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"] if a.device == "gpu" else []
     with TritonServer(repo, log_dir=Path(a.out) / "triton_logs", startup_timeout_s=600, env=env,
                       extra_args=args) as server:
-        for c in a.concurrency:
-            prompts = [texts_for(p) for p in random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)]
-            run_triton(server.grpc_url, "bench", prompts[:c], c, a.out_len, power)  # warm-up
-            results.append(run_triton(server.grpc_url, "bench", prompts, c, a.out_len, power).row())
-            log.info("%s", results[-1])
+        for name, emit_text in pipelines.items():
+            label = "Triton ensemble gRPC stream" + (" (engine detokenizes)" if emit_text else "")
+            for c in a.concurrency:
+                prompts = [texts_for(p) for p in random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)]
+                run_triton(server.grpc_url, name, prompts[:c], c, a.out_len, power)  # warm-up
+                r = run_triton(server.grpc_url, name, prompts, c, a.out_len, power)
+                r.system = label
+                results.append(r.row())
+                log.info("%s", results[-1])
 
 
 def cpu_suite(a, results: list, facts: dict) -> None:
@@ -205,9 +210,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="requests per concurrent stream")
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--stream-interval-ms", type=float, default=0.0)
+    p.add_argument("--response-threads", type=int, default=4)
     p.add_argument("--coalesce-min-active", type=int, default=8,
                    help="streams generating before --stream-interval-ms coalescing starts")
     p.add_argument("--detokenizer-instances", type=int, default=1)
+    p.add_argument("--emit-text", nargs="+", type=int, choices=[0, 1], default=[0],
+                   help="Triton pipelines to time: 0 = tokenizer->engine->detokenizer, 1 = the engine detokenizes")
     p.add_argument("--systems", nargs="+", default=["hf", "inprocess", "triton"])
     p.add_argument("--server-pythonpath", help="prepended to PYTHONPATH of the Triton server's python stubs")
     p.add_argument("--server-hide-gpu", action="store_true", help="run Triton's core without CUDA (engine keeps it)")

@@ -29,6 +29,7 @@ class EngineConfig:
     request_timeout_s: float = 600.0  # a request still generating after this is ended ("timeout")
     stream_interval_ms: float = 0.0   # >0: under load, coalesce a stream's tokens for up to this long per response
     stream_coalesce_min_active: int = 8  # ... but only while at least this many sequences generate
+    emit_text: bool = False       # the engine detokenizes (tokenizer -> engine): one python hop fewer per response
     response_threads: int = 4     # threads sending responses off the engine loop (merging under backpressure)
     threads: int = 0              # runtime intra-op threads (0: runtime default)
     dtype: str = "float32"

@@ -73,7 +73,8 @@ def python_model(name: str, cfg: RepositoryConfig, inputs, outputs, params, inst
 
 
 def ensemble_model(cfg: RepositoryConfig) -> dict:
-    """tokenizer -> engine -> detokenizer; stage-to-stage tensors get internal names ('_' prefix)."""
+    """tokenizer -> engine -> detokenizer (or tokenizer -> engine with `emit_text`); stage-to-stage
+    tensors get internal names ('_' prefix)."""
     internal = {s.name: f"_{s.name}" for s in T.TOKENIZER_OUTPUTS + T.ENGINE_OUTPUTS if s.name != "stop_words"}
 
     def step(stage, inputs, outputs, out_names, in_names=None):
@@ -82,28 +83,32 @@ def ensemble_model(cfg: RepositoryConfig) -> dict:
                 "input_map": [{"key": i.name, "value": in_names.get(i.name, i.name)} for i in inputs],
                 "output_map": [{"key": o.name, "value": out_names.get(o.name, o.name)} for o in outputs]}
 
+    steps = [step("tokenizer", T.TOKENIZER_INPUTS, T.TOKENIZER_OUTPUTS, internal)]
+    if cfg.engine.emit_text:
+        steps.append(step("engine", T.ENGINE_INPUTS, T.ENGINE_TEXT_OUTPUTS, {}))
+    else:
+        steps += [step("engine", T.ENGINE_INPUTS, T.ENGINE_OUTPUTS, internal | {"stop_words": "_stop_words"}),
+                  step("detokenizer", T.DETOKENIZER_INPUTS, T.DETOKENIZER_OUTPUTS, {}, {"stop_words": "_stop_words"})]
     return {
         "name": cfg.name, "platform": "ensemble", "max_batch_size": cfg.max_batch_size,
         "input": _io(T.ENSEMBLE_INPUTS), "output": _outputs(T.ENSEMBLE_OUTPUTS),
-        "ensemble_scheduling": {"step": [
-            step("tokenizer", T.TOKENIZER_INPUTS, T.TOKENIZER_OUTPUTS, internal),
-            step("engine", T.ENGINE_INPUTS, T.ENGINE_OUTPUTS, internal | {"stop_words": "_stop_words"}),
-            step("detokenizer", T.DETOKENIZER_INPUTS, T.DETOKENIZER_OUTPUTS, {}, {"stop_words": "_stop_words"}),
-        ]},
+        "ensemble_scheduling": {"step": steps},
     }
 
 
 def model_configs(cfg: RepositoryConfig) -> dict[str, dict]:
     eng = cfg.engine
-    return {
+    engine_outputs = T.ENGINE_TEXT_OUTPUTS if eng.emit_text else T.ENGINE_OUTPUTS
+    configs = {
         cfg.stage("tokenizer"): python_model(cfg.stage("tokenizer"), cfg, T.TOKENIZER_INPUTS, T.TOKENIZER_OUTPUTS,
                                              {"max_context": str(eng.max_context)}),
-        cfg.stage("engine"): python_model(cfg.stage("engine"), cfg, T.ENGINE_INPUTS, T.ENGINE_OUTPUTS,
+        cfg.stage("engine"): python_model(cfg.stage("engine"), cfg, T.ENGINE_INPUTS, engine_outputs,
                                           eng.to_parameters(), decoupled=True),
-        cfg.stage("detokenizer"): python_model(cfg.stage("detokenizer"), cfg, T.DETOKENIZER_INPUTS,
-                                               T.DETOKENIZER_OUTPUTS, {}, instances=cfg.detokenizer_instances),
-        cfg.name: ensemble_model(cfg),
     }
+    if not eng.emit_text:
+        configs[cfg.stage("detokenizer")] = python_model(cfg.stage("detokenizer"), cfg, T.DETOKENIZER_INPUTS,
+                                                         T.DETOKENIZER_OUTPUTS, {}, instances=cfg.detokenizer_instances)
+    return configs | {cfg.name: ensemble_model(cfg)}
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -125,6 +130,8 @@ def write_repository(out: Path, cfg: RepositoryConfig, checkpoint: Path, engine_
     """Write (or replace) this LLM's four models under `out`; other LLMs there are left alone."""
     out = Path(out)
     configs = model_configs(cfg)
+    if cfg.stage("detokenizer") not in configs:  # a stale detokenizer from an earlier build would still load
+        shutil.rmtree(out / cfg.stage("detokenizer"), ignore_errors=True)
     for model, config in configs.items():
         mdir = out / model
         if mdir.exists():

@@ -25,13 +25,14 @@ class Pending:
     ids: list[int]
     n_context: int
     final: bool
+    n_output: int = 0                 # tokens generated when the loop put it (what its counter reports)
     error: Exception | None = None
 
 
 def merge(first: Pending, later: Pending) -> Pending:
     """`later`'s window starts with context the reader already gets from `first`: keep first's
     context, append later's new ids."""
-    return Pending(first.seq, first.ids + later.ids[later.n_context:], first.n_context, later.final)
+    return Pending(first.seq, first.ids + later.ids[later.n_context:], first.n_context, later.final, later.n_output)
 
 
 class _Worker:
@@ -61,7 +62,7 @@ class _Worker:
 
 class ResponsePump:
     def __init__(self, send: Callable, send_error: Callable, on_failure: Callable, workers: int = 4):
-        """send(seq, ids, n_context, final) and send_error(seq, exc) do the real sends;
+        """send(seq, ids, n_context, final, n_output) and send_error(seq, exc) do the real sends;
         on_failure(seq, exc) is told when a send raised (the client went away)."""
         self._send, self._send_error, self._on_failure = send, send_error, on_failure
         self.stopping = False
@@ -74,17 +75,17 @@ class ResponsePump:
         return self._workers[seq.uid % len(self._workers)]
 
     def put(self, seq, ids: list[int], n_context: int, final: bool) -> None:
-        self._worker(seq).put(Pending(seq, list(ids), n_context, final))
+        self._worker(seq).put(Pending(seq, list(ids), n_context, final, len(seq.output_ids)))
 
     def put_error(self, seq, error: Exception) -> None:
-        self._worker(seq).put(Pending(seq, [], 0, True, error))
+        self._worker(seq).put(Pending(seq, [], 0, True, error=error))
 
     def deliver_one(self, item: Pending) -> None:
         try:
             if item.error is not None:
                 self._send_error(item.seq, item.error)
             else:
-                self._send(item.seq, item.ids, item.n_context, item.final)
+                self._send(item.seq, item.ids, item.n_context, item.final, item.n_output)
             self.sent += 1
         except Exception as exc:  # the client went away: the engine is told, the pump goes on
             log.warning("sending a response failed: %s", exc)

@@ -65,6 +65,7 @@ ENGINE_OUTPUTS = [
     *ENSEMBLE_OUTPUTS[1:],
     T("stop_words", "STRING", (-1,), doc="the request's stop words, passed on to the detokenizer"),
 ]
+ENGINE_TEXT_OUTPUTS = ENSEMBLE_OUTPUTS  # emit_text: the engine answers with the ensemble's outputs itself
 DETOKENIZER_INPUTS = [
     *ENGINE_OUTPUTS[:3],
     *[T(s.name, s.dtype, s.dims, optional=True) for s in ENGINE_OUTPUTS[3:]],

@@ -62,6 +62,28 @@ def test_stream_deltas_concatenate_to_non_streamed_text(tiny):
     assert not any("\ufffd" in c.text for c in chunks[:-1])
 
 
+def test_engine_side_detokenization_gives_the_same_text_as_the_detokenizer_stage(live_server, tiny):
+    """`emit_text`: tokenizer -> engine (one python hop fewer per response) answers exactly as the
+    three-stage ensemble: UTF-8 across tokens, streamed deltas, stop words, counters."""
+    with grpcclient.InferenceServerClient(live_server.grpc_url) as admin:
+        served = {m["name"] for m in admin.get_model_repository_index(as_json=True)["models"]}
+    assert "tiny_onehop_engine" in served and "tiny_onehop_detokenizer" not in served
+    prompt = "Streaming text with émojis 😀 and 日本語:"
+    kw = dict(max_tokens=60, temperature=0.0, ignore_eos=True)
+    with LLMClient(live_server.grpc_url, "tiny_onehop", timeout_s=60) as onehop:
+        ref, got = tiny.generate(prompt, **kw), onehop.generate(prompt, **kw)
+        chunks = list(onehop.stream(prompt, **kw))
+        stop = ref.text.split()[3]
+        stopped = onehop.generate(prompt, stop_words=[stop], **kw)
+        streamed_stop = "".join(c.text for c in onehop.stream(prompt, stop_words=[stop], **kw))
+        seeded = [c.generate(prompt, max_tokens=30, temperature=1.0, seed=7).text for c in (tiny, onehop)]
+    assert got.text == ref.text == "".join(c.text for c in chunks) and len(chunks) > 10
+    assert (got.finish_reason, got.num_output_tokens, got.num_input_tokens) == \
+        (ref.finish_reason, ref.num_output_tokens, ref.num_input_tokens)
+    assert stopped.finish_reason == "stop" and stop not in stopped.text and streamed_stop == stopped.text
+    assert seeded[0] == seeded[1]
+
+
 def test_same_seed_same_text_and_different_seed_differs(tiny):
     kw = dict(max_tokens=30, temperature=1.0, top_p=0.95, top_k=50, ignore_eos=True)
     a = tiny.generate("Tell me a story", seed=1234, **kw).text

@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,17 @@ def test_repository_configs_match_golden_files():
         golden = GOLDEN / f"{model}.pbtxt"
         assert render(config) == golden.read_text(), f"{model} differs from {golden}"
         assert "${" not in render(config)
+
+
+def test_engine_side_detokenization_drops_the_detokenizer_stage():
+    """emit_text: tokenizer -> engine; the engine's outputs are the ensemble's (golden-tested too)."""
+    configs = model_configs(RepositoryConfig(name="onehop", engine=replace(CFG, emit_text=True)))
+    assert set(configs) == {"onehop", "onehop_tokenizer", "onehop_engine"}
+    steps = configs["onehop"]["ensemble_scheduling"]["step"]
+    assert [s["model_name"] for s in steps] == ["onehop_tokenizer", "onehop_engine"]
+    assert {o["name"] for o in configs["onehop_engine"]["output"]} == {o["name"] for o in configs["onehop"]["output"]}
+    for model in ("onehop", "onehop_engine"):
+        assert render(configs[model]) == (GOLDEN / f"{model}.pbtxt").read_text(), model
 
 
 def test_repository_name_is_validated():

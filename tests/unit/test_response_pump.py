@@ -8,7 +8,7 @@ from tritonllm.response_pump import Pending, ResponsePump, merge
 
 
 def seq(uid):
-    return SimpleNamespace(uid=uid)
+    return SimpleNamespace(uid=uid, output_ids=[])
 
 
 class Recorder:
@@ -19,7 +19,7 @@ class Recorder:
         self.gate = threading.Event()
         self.gate.set()
 
-    def send(self, s, ids, n_context, final):
+    def send(self, s, ids, n_context, final, n_output):
         self.gate.wait()
         time.sleep(self.delay)
         if s.uid == self.fail_uid:

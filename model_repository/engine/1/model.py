@@ -18,7 +18,7 @@ from tritonllm.engine_metrics import EngineMetrics  # noqa: E402
 from tritonllm.engine_request import build_sequence  # noqa: E402
 from tritonllm.response_pump import ResponsePump  # noqa: E402
 from tritonllm.runtimes import load_runtime  # noqa: E402
-from tritonllm.text import TokenizerFiles  # noqa: E402
+from tritonllm.text import TokenizerFiles, text_delta  # noqa: E402
 from tritonllm.triton_io import RequestReader, error_response, model_parameters, tensor  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -29,9 +29,9 @@ class TritonSink:
     them into the response pump; the pump's threads call `deliver`, so the loop never waits for
     Triton's core to take a response."""
 
-    def __init__(self, request, pump: ResponsePump):
+    def __init__(self, request, pump: ResponsePump, outputs):
         self.sender = request.get_response_sender()
-        self.pump = pump
+        self.pump, self.outputs = pump, outputs
         self.failed = False  # a send raised: the client is gone, the engine ends the sequence
 
     def send(self, seq, ids, n_context, final):
@@ -43,15 +43,9 @@ class TritonSink:
         else:
             self.pump.put_error(seq, error)
 
-    def deliver(self, seq, ids, n_context, final):
-        outputs = [tensor(pb_utils, "output_ids", ids, np.int32),
-                   tensor(pb_utils, "num_context_ids", [n_context], np.int32),
-                   tensor(pb_utils, "is_final", [final], bool),
-                   tensor(pb_utils, "finish_reason", [seq.finish_reason or ""] if final else [""], object),
-                   tensor(pb_utils, "num_input_tokens", [len(seq.prompt_ids)], np.int32),
-                   tensor(pb_utils, "num_output_tokens", [len(seq.output_ids)], np.int32),
-                   tensor(pb_utils, "stop_words", seq.params.stop_strings or [""], object)]
-        self.sender.send(pb_utils.InferenceResponse(outputs), flags=FINAL if final else 0)
+    def deliver(self, seq, ids, n_context, final, n_output):
+        self.sender.send(pb_utils.InferenceResponse(self.outputs(seq, ids, n_context, final, n_output)),
+                         flags=FINAL if final else 0)
 
     def deliver_error(self, seq, error):
         self.sender.send(error_response(pb_utils, error), flags=FINAL)
@@ -64,6 +58,19 @@ def _mark_failed(seq, exc):
     seq.sink.failed = True
 
 
+def _counters(seq, final, n_output):
+    return [tensor(pb_utils, "finish_reason", [seq.finish_reason or ""] if final else [""], object),
+            tensor(pb_utils, "num_input_tokens", [len(seq.prompt_ids)], np.int32),
+            tensor(pb_utils, "num_output_tokens", [n_output], np.int32)]
+
+
+def id_outputs(seq, ids, n_context, final, n_output):
+    """For the detokenizer stage: new ids after n_context ids already sent, and the stop words."""
+    return [tensor(pb_utils, "output_ids", ids, np.int32), tensor(pb_utils, "num_context_ids", [n_context], np.int32),
+            tensor(pb_utils, "is_final", [final], bool), *_counters(seq, final, n_output),
+            tensor(pb_utils, "stop_words", seq.params.stop_strings or [""], object)]
+
+
 class TritonPythonModel:
     def initialize(self, args):
         model_config = json.loads(args["model_config"])
@@ -74,6 +81,12 @@ class TritonPythonModel:
         self.pump = ResponsePump(lambda seq, *a: seq.sink.deliver(seq, *a),
                                  lambda seq, exc: seq.sink.deliver_error(seq, exc), _mark_failed,
                                  workers=self.cfg.response_threads)
+        self.outputs = id_outputs
+        if self.cfg.emit_text:  # the ensemble has no detokenizer stage: text leaves the engine
+            def text_outputs(seq, ids, n_context, final, n_output):
+                delta = text_delta(tok, ids, n_context, final, seq.params.stop_strings)
+                return [tensor(pb_utils, "text_output", [delta], object), *_counters(seq, final, n_output)]
+            self.outputs = text_outputs
         self.loop = EngineLoop(self.runtime, self.cfg, decode=tok.decode)
         self.metrics = EngineMetrics(pb_utils, self.loop, args["model_name"])
         self.loop.on_finish = self.metrics.observe_finished
@@ -82,7 +95,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            sink = TritonSink(request, self.pump)
+            sink = TritonSink(request, self.pump, self.outputs)
             try:
                 seq = build_sequence(RequestReader(pb_utils, request), self.cfg, self.runtime.shape)
                 seq.sink = sink
