@@ -36,7 +36,7 @@ from tritonllm.server import TritonServer
 
 log = logging.getLogger("bench")
 COLS = ["system", "concurrency", "requests", "output_tokens", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
-        "itl_p50_ms", "itl_p99_ms", "mean_watts", "tokens_per_joule", "gpu_mem_gib"]
+        "itl_p50_ms", "itl_p99_ms", "mean_watts", "tokens_per_joule", "gpu_mem_gib", "note"]
 
 
 def gpu_suite(a, results: list, facts: dict) -> None:
@@ -162,8 +162,8 @@ def triton_suite(a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int,
             label = "Triton ensemble gRPC stream" + (" (engine detokenizes)" if emit_text else "")
             for c in a.concurrency:
                 prompts = [texts_for(p) for p in random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)]
-                run_triton(server.grpc_url, name, prompts[:c], c, a.out_len, power)  # warm-up
-                r = run_triton(server.grpc_url, name, prompts, c, a.out_len, power)
+                run_triton(server.grpc_url, name, prompts[:c], c, a.out_len, power, a.client_procs)  # warm-up
+                r = run_triton(server.grpc_url, name, prompts, c, a.out_len, power, a.client_procs)
                 r.system = label
                 results.append(r.row())
                 log.info("%s", results[-1])
@@ -211,6 +211,7 @@ def main() -> None:
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--stream-interval-ms", type=float, default=0.0)
     p.add_argument("--response-threads", type=int, default=4)
+    p.add_argument("--client-procs", type=int, default=1, help="load-generating processes for the Triton runs")
     p.add_argument("--coalesce-min-active", type=int, default=8,
                    help="streams generating before --stream-interval-ms coalescing starts")
     p.add_argument("--detokenizer-instances", type=int, default=1)

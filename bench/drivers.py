@@ -67,22 +67,54 @@ async def _triton_worker(client, prompts, out_len, ttft, itl, counts):
         counts.append(cum[-1])
 
 
-def run_triton(url: str, model: str, texts: list[str], concurrency: int, out_len: int,
-               power: PowerSampler) -> RunResult:
-    """`concurrency` gRPC streams, each sending its share of `texts` back to back."""
+def _client_process(url: str, model: str, shares: list[list[str]], out_len: int, ready, go, out):
+    """One load-generating process: its streams (one client each) send their shares back to back."""
     from clients import AsyncLLMClient
 
     async def main():
-        clients = [AsyncLLMClient(url, model, timeout_s=600) for _ in range(concurrency)]
+        clients = [AsyncLLMClient(url, model, timeout_s=600) for _ in shares]
         ttft, itl, counts = [], [], []
-        shares = [texts[i::concurrency] for i in range(concurrency)]
-        with power:
-            t0 = time.perf_counter()
-            await asyncio.gather(*[_triton_worker(c, s, out_len, ttft, itl, counts) for c, s in zip(clients, shares)])
-            wall = time.perf_counter() - t0
+        ready.put(True)
+        while not go.is_set():
+            await asyncio.sleep(0.001)
+        cpu0 = time.process_time()
+        await asyncio.gather(*[_triton_worker(c, s, out_len, ttft, itl, counts) for c, s in zip(clients, shares)])
+        cpu = time.process_time() - cpu0
         for c in clients:
             await c.close()
-        return RunResult("Triton ensemble gRPC stream", concurrency, len(texts), sum(counts), wall, ttft, itl,
-                         power.mean_watts(), power.joules(), power.memory_used_bytes() and power.memory_used_bytes() / 2**30)
+        return ttft, itl, counts, cpu
 
-    return asyncio.run(main())
+    out.put(asyncio.run(main()))
+
+
+def run_triton(url: str, model: str, texts: list[str], concurrency: int, out_len: int,
+               power: PowerSampler, client_procs: int = 1) -> RunResult:
+    """`concurrency` gRPC streams spread over `client_procs` processes (so the load generator is
+    not the bottleneck), each stream sending its share of `texts` back to back. The note reports
+    the busiest client process's CPU use: near 100% means the client, not the server, limited."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    shares = [texts[i::concurrency] for i in range(concurrency)]
+    procs_n = max(1, min(client_procs, concurrency))
+    q, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_client_process, args=(url, model, shares[i::procs_n], out_len, ready, go, q))
+             for i in range(procs_n)]
+    for p in procs:
+        p.start()
+    for _ in procs:  # every process imported and connected before the clock starts
+        ready.get(timeout=300)
+    with power:
+        start = time.time()
+        go.set()
+        outs = [q.get(timeout=900) for _ in procs]
+        wall = time.time() - start
+    for p in procs:
+        p.join(30)
+    ttft = [x for o in outs for x in o[0]]
+    itl = [x for o in outs for x in o[1]]
+    busiest = max(o[3] for o in outs) / wall
+    return RunResult("Triton ensemble gRPC stream", concurrency, len(texts), sum(sum(o[2]) for o in outs), wall, ttft,
+                     itl, power.mean_watts(), power.joules(),
+                     power.memory_used_bytes() and power.memory_used_bytes() / 2**30,
+                     note=f"{procs_n} client procs, busiest at {busiest:.0%} CPU")
