@@ -11,7 +11,7 @@ and writes a table plus JSON (command, machine, date) under --out.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+from dataclasses import asdict, replace
 import datetime
 import gc
 import json
@@ -146,10 +146,10 @@ def triton_suite(a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int,
                  texts_for=None) -> None:
     repo = Path(a.work) / "model_repository"
     shutil.rmtree(repo, ignore_errors=True)
-    pipelines = {f"bench{'_onehop' if v else ''}": bool(v) for v in a.emit_text}
-    for name, emit_text in pipelines.items():
-        write_repository(repo, RepositoryConfig(name=name, engine=replace(cfg, emit_text=emit_text),
-                                                detokenizer_instances=a.detokenizer_instances), ckpt, engine_dir)
+    variants = dict(triton_variant(v, cfg) for v in a.triton_variants)
+    for name, engine in variants.items():
+        write_repository(repo, RepositoryConfig(name=name, engine=engine, detokenizer_instances=a.detokenizer_instances),
+                         ckpt, engine_dir)
     texts_for = texts_for or (lambda ids: " ".join(f"w{i}" for i in ids))
     env = {"PYTHONPATH": f"{a.server_pythonpath}:{os.environ.get('PYTHONPATH', '')}"} if a.server_pythonpath else {}
     if a.server_hide_gpu:  # Triton's core without CUDA; only the engine's stub sees the GPU
@@ -158,8 +158,9 @@ def triton_suite(a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int,
     args = ["--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"] if a.device == "gpu" else []
     with TritonServer(repo, log_dir=Path(a.out) / "triton_logs", startup_timeout_s=600, env=env,
                       extra_args=args) as server:
-        for name, emit_text in pipelines.items():
-            label = "Triton ensemble gRPC stream" + (" (engine detokenizes)" if emit_text else "")
+        for name, engine in variants.items():
+            changed = {k: v for k, v in asdict(engine).items() if getattr(cfg, k) != v}
+            label = "Triton ensemble gRPC stream" + (f" {name} {changed}" if changed else "")
             for c in a.concurrency:
                 prompts = [texts_for(p) for p in random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)]
                 run_triton(server.grpc_url, name, prompts[:c], c, a.out_len, power, a.client_procs)  # warm-up
@@ -167,6 +168,14 @@ def triton_suite(a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int,
                 r.system = label
                 results.append(r.row())
                 log.info("%s", results[-1])
+
+
+def triton_variant(spec: str, base: EngineConfig) -> tuple[str, EngineConfig]:
+    """'name:field=value,field=value' -> (name, base with those EngineConfig fields replaced)."""
+    name, _, overrides = spec.partition(":")
+    params = {f: str(v) for f, v in asdict(base).items()}
+    params.update(kv.split("=", 1) for kv in overrides.split(",") if kv)
+    return name, EngineConfig.from_parameters(params)
 
 
 def cpu_suite(a, results: list, facts: dict) -> None:
@@ -215,8 +224,9 @@ def main() -> None:
     p.add_argument("--coalesce-min-active", type=int, default=8,
                    help="streams generating before --stream-interval-ms coalescing starts")
     p.add_argument("--detokenizer-instances", type=int, default=1)
-    p.add_argument("--emit-text", nargs="+", type=int, choices=[0, 1], default=[0],
-                   help="Triton pipelines to time: 0 = tokenizer->engine->detokenizer, 1 = the engine detokenizes")
+    p.add_argument("--triton-variants", nargs="+", default=["bench"], metavar="NAME[:FIELD=VALUE,...]",
+                   help="LLMs served side by side in the Triton run, each with EngineConfig overrides, e.g. "
+                        "bench onehop:emit_text=True slow_gil:emit_text=True,switch_interval_ms=5")
     p.add_argument("--systems", nargs="+", default=["hf", "inprocess", "triton"])
     p.add_argument("--server-pythonpath", help="prepended to PYTHONPATH of the Triton server's python stubs")
     p.add_argument("--server-hide-gpu", action="store_true", help="run Triton's core without CUDA (engine keeps it)")

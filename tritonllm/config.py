@@ -30,6 +30,7 @@ class EngineConfig:
     stream_interval_ms: float = 0.0   # >0: under load, coalesce a stream's tokens for up to this long per response
     stream_coalesce_min_active: int = 8  # ... but only while at least this many sequences generate
     emit_text: bool = False       # the engine detokenizes (tokenizer -> engine): one python hop fewer per response
+    switch_interval_ms: float = 1.0  # the engine process's GIL switch interval (Python's default: 5)
     response_threads: int = 4     # threads sending responses off the engine loop (merging under backpressure)
     threads: int = 0              # runtime intra-op threads (0: runtime default)
     dtype: str = "float32"
@@ -48,6 +49,7 @@ class EngineConfig:
         _check(self.request_timeout_s > 0, "request_timeout_s", self.request_timeout_s, "> 0")
         _check(0 <= self.stream_interval_ms <= 10_000, "stream_interval_ms", self.stream_interval_ms, "0..10000")
         _check(self.stream_coalesce_min_active >= 1, "stream_coalesce_min_active", self.stream_coalesce_min_active, ">= 1")
+        _check(0.05 <= self.switch_interval_ms <= 100, "switch_interval_ms", self.switch_interval_ms, "0.05..100")
         _check(1 <= self.response_threads <= 64, "response_threads", self.response_threads, "1..64")
         _check(self.dtype in ("float32", "float16", "bfloat16"), "dtype", self.dtype, "float32|float16|bfloat16")
         _check(0 < self.kv_cache_memory_fraction <= 0.95, "kv_cache_memory_fraction",

@@ -24,7 +24,8 @@ from .scheduler import Scheduler, Sequence, StepPlan, queue_full
 
 log = logging.getLogger(__name__)
 DETOKENIZE_CONTEXT = 8  # ids resent before a response's new ids, so the detokenizer can stay stateless
-CANCEL_POLL_S = 0.02    # asking Triton whether a request was cancelled is an IPC call: at most this often
+CANCEL_POLL_S = 0.02    # asking Triton whether a request was cancelled is an IPC call: at most this often,
+                        # and from a watcher thread, never from the loop's
 
 
 class ResponseSink(Protocol):
@@ -70,12 +71,14 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tritonllm-engine", daemon=True)
+        self._watcher = threading.Thread(target=self._watch_cancellations, name="tritonllm-cancel-watch", daemon=True)
         self._lock = threading.Lock()
         self._last_poll = 0.0
         self._overlap = hasattr(runtime, "launch") and hasattr(runtime, "collect")
 
     def start(self) -> "EngineLoop":
         self._thread.start()
+        self._watcher.start()
         return self
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -83,6 +86,8 @@ class EngineLoop:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        if self._watcher.is_alive():
+            self._watcher.join(timeout_s)
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._fail(seq, RuntimeError("the engine is shutting down"))
         while not self._inbox.empty():
@@ -124,15 +129,27 @@ class EngineLoop:
                 self.scheduler.waiting.append(self._inbox.get_nowait())
 
     def _drop_cancelled(self) -> None:
+        """End sequences the watcher found cancelled, and those past their deadline."""
         now = time.monotonic()
         if now - self._last_poll < CANCEL_POLL_S:
             return
         self._last_poll = now
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            if seq.sink is not None and seq.sink.is_cancelled():
+            if seq.cancel_requested:
                 self._end(seq, "cancelled")
             elif now > seq.deadline:
                 self._end(seq, "timeout")
+
+    def _watch_cancellations(self) -> None:
+        """Polls each live request's sink (an IPC round trip under Triton) off the loop's thread."""
+        while not self._stop.wait(CANCEL_POLL_S):
+            for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                try:
+                    if seq.sink is not None and not seq.cancel_requested and seq.sink.is_cancelled():
+                        seq.cancel_requested = True
+                        self._wake.set()
+                except Exception:  # a request torn down meanwhile: the loop ends it on its own
+                    log.debug("cancellation poll failed for sequence %d", seq.uid, exc_info=True)
 
     def _launch(self, plan: StepPlan) -> "InFlight | None":
         seqs = plan.sequences

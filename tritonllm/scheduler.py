@@ -37,6 +37,7 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     pending: int = 0                 # tokens sampled by launched steps, not yet appended here
+    cancel_requested: bool = False   # set by the engine's cancellation watcher
 
     @property
     def length(self) -> int:

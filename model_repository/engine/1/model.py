@@ -76,6 +76,9 @@ class TritonPythonModel:
         model_config = json.loads(args["model_config"])
         here = Path(__file__).parent
         self.cfg = EngineConfig.from_parameters(model_parameters(model_config))
+        # the loop thread waits on the GPU and re-takes the GIL from the sender threads: with
+        # Python's 5 ms default switch interval each re-take can cost up to a decode step or more
+        sys.setswitchinterval(self.cfg.switch_interval_ms / 1000.0)
         self.runtime = load_runtime(self.cfg, here / "engine")
         tok = TokenizerFiles(here / "tokenizer")
         self.pump = ResponsePump(lambda seq, *a: seq.sink.deliver(seq, *a),
