@@ -76,7 +76,7 @@ def gpu_suite(a, results: list, facts: dict) -> None:
     facts["engine"] = runtime.describe()
 
     # in-process there is no per-response cost to amortize: every token is delivered as it is made
-    with InProcessEngine(None, replace(cfg, stream_interval_ms=0.0), runtime=runtime) as eng:
+    with InProcessEngine(None, replace(cfg, stream_interval_ms=0.0, max_responses_per_s=0.0), runtime=runtime) as eng:
         got = [s.wait().ids for s in [eng.submit(p, max_tokens=32, temperature=0.0, ignore_eos=True)
                                       for p in parity_prompts]]
         facts["bf16_greedy_parity_vs_hf"] = {
@@ -127,7 +127,7 @@ def compile_variant(a, model, cfg, vocab, results, power) -> None:
     from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 
     try:
-        one_slot = replace(cfg, max_slots=1, stream_interval_ms=0.0)
+        one_slot = replace(cfg, max_slots=1, stream_interval_ms=0.0, max_responses_per_s=0.0)
         runtime = TorchCudaRuntime(None, replace(one_slot, torch_compile=True), model=model)
         with InProcessEngine(None, one_slot, runtime=runtime) as eng:
             prompts = random_prompts(3, a.prompt_len, vocab, seed=11)

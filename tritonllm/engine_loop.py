@@ -201,9 +201,7 @@ class EngineLoop:
         if seq.sink is None:
             return
         now = time.monotonic()
-        interval = self.cfg.stream_interval_ms / 1000.0
-        busy = self.scheduler.active >= self.cfg.stream_coalesce_min_active
-        if not final and seq.emitted and interval and busy and now - seq.last_emit < interval:
+        if not final and seq.emitted and now - seq.last_emit < self._response_interval():
             return
         window = response_window(seq, final)
         if window is None:
@@ -216,6 +214,15 @@ class EngineLoop:
                 self._end(seq, "cancelled", notify=False)
         seq.emitted = len(seq.visible_ids)
         seq.last_emit = now
+
+    def _response_interval(self) -> float:
+        """Seconds a stream waits between responses: the fixed `stream_interval_ms` under load, and
+        the adaptive one that keeps all streams together within `max_responses_per_s` (each
+        response costs the server a fixed amount of work, whatever number of tokens it carries)."""
+        active = self.scheduler.active
+        fixed = self.cfg.stream_interval_ms / 1000.0 if active >= self.cfg.stream_coalesce_min_active else 0.0
+        budget = self.cfg.max_responses_per_s
+        return max(fixed, active / budget if budget else 0.0)
 
     def _end(self, seq: Sequence, reason: str, notify: bool = True) -> None:
         self.scheduler.finish(seq, reason)
