@@ -76,7 +76,6 @@ loadtest: venv
 # Soak: several thousand mixed requests against a fresh server (streaming and not, cancellations)
 soak: venv $(SMOLLM2)/config.json
 	$(PY) -m loadtests.soak --requests $${SOAK_REQUESTS:-3000}
-	TRITONLLM_FAULT_TESTS=1 $(PY) -m pytest -q -s tests/e2e/test_reliability.py -k killed
 
 clean:
 	rm -rf build

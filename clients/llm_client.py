@@ -4,6 +4,7 @@ Decoupled models refuse unary infer, so every request, streamed or not, goes thr
 stream (as with TensorRT-LLM). An error message is terminal: after it no final response follows."""
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
 import threading
@@ -146,8 +147,13 @@ class LLMClient:
         with self._lock:
             self._ensure_stream()
             params.setdefault("stream", True)
-            self.client.async_stream_infer(self.model, build_inputs(self._g, prompt, params),
-                                           request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+            inputs = build_inputs(self._g, prompt, params)
+            try:
+                self.client.async_stream_infer(self.model, inputs, request_id=uuid.uuid4().hex,
+                                               enable_empty_final_response=True)
+            except self._g.InferenceServerException as exc:  # the stream died (server gone): restart next time
+                self._reset_stream()
+                raise GenerationError(f"the gRPC stream is broken: {exc.message() or exc}", "UNAVAILABLE") from None
             done = False
             try:
                 while not done:
@@ -157,6 +163,7 @@ class LLMClient:
                         raise GenerationError(f"no response within {self.timeout_s}s", "DEADLINE_EXCEEDED") from None
                     if error is not None:
                         done = True
+                        self._reset_stream()  # after an error the stream may be dead: a fresh one next time
                         raise GenerationError.from_triton(error)
                     chunk = parse_result(result)
                     done = chunk.final
@@ -172,15 +179,17 @@ class LLMClient:
 
     def cancel(self) -> None:
         """Cancel whatever is in flight on this client's stream (closes the stream)."""
+        self._reset_stream()
+
+    def _reset_stream(self) -> None:
         if self._started:
-            self.client.stop_stream(cancel_requests=True)
             self._started = False
+            with contextlib.suppress(self._g.InferenceServerException):  # already dead
+                self.client.stop_stream(cancel_requests=True)
         self._q = queue.Queue()
 
     def close(self) -> None:
-        if self._started:
-            self.client.stop_stream(cancel_requests=True)
-            self._started = False
+        self._reset_stream()
         self.client.close()
 
     def __enter__(self) -> "LLMClient":

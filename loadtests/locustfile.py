@@ -44,6 +44,8 @@ def _args(parser):
     g.add_argument("--prompt-count", type=int, default=512)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-stream", action="store_true", help="one response per request")
+    g.add_argument("--ignore-eos", action="store_true", help="generate exactly max_tokens (benchmarking)")
+    g.add_argument("--temperature", type=float, default=None, help="sent with every request (0 = greedy)")
     g.add_argument("--rate", type=float, default=0, help="arrival rate per user (requests/s); 0 = closed loop")
     g.add_argument("--request-timeout", type=float, default=300)
     g.add_argument("--slo-ttft-p99-ms", type=float, default=None)
@@ -172,7 +174,8 @@ class TritonLLMUser(User):
         prompt = next(self.prompts)
         if self.client is None:
             self._connect()
-        params = {"max_tokens": prompt.max_tokens, "stream": not self.opts.no_stream}
+        params = {"max_tokens": prompt.max_tokens, "stream": not self.opts.no_stream,
+                  "ignore_eos": self.opts.ignore_eos or None, "temperature": self.opts.temperature}
         t0 = time.perf_counter()
         try:
             self.client.async_stream_infer(self.opts.model, build_inputs(grpcclient, prompt.text, params),

@@ -84,7 +84,8 @@ class TritonServer:
     extra_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 240.0
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the server and its stubs
-    watchdog: bool = False  # reload a model whose python stub process died (Triton 2.51 does not)
+    watchdog: bool = False  # recover a model whose python stub process died (Triton 2.51 does not)
+    reload_timeout_s: float = 15.0  # then restart the whole server
     _proc: subprocess.Popen | None = None
     _workdir: Path | None = None
 
@@ -136,21 +137,26 @@ class TritonServer:
         return env
 
     def start(self) -> "TritonServer":
-        self._workdir = Path(tempfile.mkdtemp(prefix="tritonllm-server-"))
-        prepare_backend_dir(self._workdir / "backends")
+        self._lifecycle = threading.RLock()  # a restart by the watchdog and stop() never overlap
+        self._launch()
+        if self.watchdog:
+            self._watch_stop = threading.Event()
+            self.recoveries: list[tuple[str, str, float]] = []  # (model, "reload" | "restart", seconds)
+            threading.Thread(target=self._watch, daemon=True, name="triton-watchdog").start()
+        return self
+
+    def _launch(self, append_log: bool = False) -> None:
+        if self._workdir is None:  # a restart reuses it (the old stubs may still hold its files)
+            self._workdir = Path(tempfile.mkdtemp(prefix="tritonllm-server-"))
+            prepare_backend_dir(self._workdir / "backends")
         if self.log_dir:
             Path(self.log_dir).mkdir(parents=True, exist_ok=True)
-        logf = open(self.log_path, "wb")
+        logf = open(self.log_path, "ab" if append_log else "wb")
         log.info("starting tritonserver grpc=%s http=%s", self.grpc_url, self.http_url)
         self._proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
                                       env=self.environment(), start_new_session=True)
         logf.close()
         self.wait_ready()
-        if self.watchdog:
-            self._watch_stop = threading.Event()
-            self.reloads: list[tuple[str, float]] = []
-            threading.Thread(target=self._watch, daemon=True, name="triton-watchdog").start()
-        return self
 
     def stub_pids(self) -> dict[str, set[int]]:
         """Python stub processes by model name (the model's directory is on their command line)."""
@@ -186,14 +192,29 @@ class TritonServer:
         now = self.stub_pids()
         for model, pids in self.watched.items():
             if not pids & now.get(model, set()):
-                t0 = time.monotonic()
-                log.warning("python stub of %s died: reloading the model", model)
-                status = self._post(f"/v2/repository/models/{model}/load")
-                self.reloads.append((model, round(time.monotonic() - t0, 2), status))
+                self._recover(model, pids)
+                break
         self.watched = self.stub_pids()
 
-    def _post(self, path: str) -> int:
-        return self._request(path, data=b"{}", timeout_s=120)
+    def _recover(self, model: str, dead: set[int]) -> None:
+        """Reload the model whose stub died. Triton 2.51 may answer the load at once without
+        starting a new stub, or never finish it (it waits on the dead stub's in-flight requests):
+        unless a new stub runs within `reload_timeout_s`, restart the server on its ports."""
+        t0 = time.monotonic()
+        log.warning("python stub of %s died (pids %s): reloading the model", model, sorted(dead))
+        status = self._request(f"/v2/repository/models/{model}/load", data=b"{}", timeout_s=self.reload_timeout_s)
+        while status == 200 and time.monotonic() - t0 < self.reload_timeout_s:
+            if self.stub_pids().get(model, set()) - dead:
+                self.recoveries.append((model, "reload", round(time.monotonic() - t0, 2)))
+                return
+            time.sleep(0.2)
+        log.warning("reloading %s did not finish in %.0f s: restarting tritonserver", model, self.reload_timeout_s)
+        with self._lifecycle:
+            if self._watch_stop.is_set():
+                return
+            self._terminate(timeout_s=5.0)
+            self._launch(append_log=True)
+        self.recoveries.append((model, "restart", round(time.monotonic() - t0, 2)))
 
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -237,6 +258,15 @@ class TritonServer:
         """SIGTERM the whole process group (server and stubs), SIGKILL after timeout, clean shm."""
         if getattr(self, "_watch_stop", None) is not None:
             self._watch_stop.set()
+        lock = getattr(self, "_lifecycle", None)
+        acquired = lock.acquire(timeout=self.startup_timeout_s) if lock is not None else False
+        try:
+            self._terminate(timeout_s)
+        finally:
+            if acquired:
+                lock.release()
+
+    def _terminate(self, timeout_s: float) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
