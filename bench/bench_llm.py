@@ -219,7 +219,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="requests per concurrent stream")
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--stream-interval-ms", type=float, default=0.0)
-    p.add_argument("--response-threads", type=int, default=4)
+    p.add_argument("--response-threads", type=int, default=EngineConfig.response_threads)
     p.add_argument("--client-procs", type=int, default=1, help="load-generating processes for the Triton runs")
     p.add_argument("--coalesce-min-active", type=int, default=8,
                    help="streams generating before --stream-interval-ms coalescing starts")

@@ -32,7 +32,7 @@ class EngineConfig:
     max_responses_per_s: float = 1000.0  # all streams together (0: no limit); beyond, responses carry several tokens
     emit_text: bool = False       # the engine detokenizes (tokenizer -> engine): one python hop fewer per response
     switch_interval_ms: float = 1.0  # the engine process's GIL switch interval (Python's default: 5)
-    response_threads: int = 4     # threads sending responses off the engine loop (merging under backpressure)
+    response_threads: int = 1     # threads sending responses off the engine loop (merging under backpressure)
     threads: int = 0              # runtime intra-op threads (0: runtime default)
     dtype: str = "float32"
     kv_cache_memory_fraction: float = 0.5  # GPU runtimes: share of free memory for the KV cache
