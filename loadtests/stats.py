@@ -36,7 +36,9 @@ class LoadStats:
     def summary(self) -> dict:
         gaps = np.array([g for r in self.records for g in r.gaps_s]) if self.records else np.array([])
         ttft = np.array([r.ttft_s for r in self.records])
-        wall = (max((r.end for r in self.records), default=self.started) - self.started) or 1e-9
+        # from the first request's start: a distributed master exists long before its workers send load
+        first = min((r.end - r.latency_s for r in self.records), default=self.started)
+        wall = (max((r.end for r in self.records), default=first) - first) or 1e-9
         n_err = sum(self.errors.values())
         q = lambda a, p: round(float(np.percentile(a, p)) * 1e3, 3) if a.size else None
         cpu = float(np.mean(self.cpu_samples)) if self.cpu_samples else None
