@@ -70,9 +70,9 @@ def plan_key(onnx_path: Path, spec: PlanSpec, trt) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def build_plan(onnx_path: Path, out_dir: Path, shape: ModelShape, spec: PlanSpec) -> Path:
+def build_plan(onnx_path: Path, out_dir: Path, shape: ModelShape, spec: PlanSpec, trt=None) -> Path:
     """Parse the ONNX, add one optimization profile over batch/prompt/KV length, build, cache."""
-    trt = import_tensorrt()
+    trt = trt or import_tensorrt()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = out_dir / f"model-{plan_key(onnx_path, spec, trt)}.plan"
@@ -117,6 +117,12 @@ def build_plan(onnx_path: Path, out_dir: Path, shape: ModelShape, spec: PlanSpec
     return plan
 
 
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
 def _strongly_typed(network, trt) -> bool:
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     return flag is not None and hasattr(network, "get_flag") and bool(network.get_flag(flag))
@@ -126,28 +132,30 @@ class TensorRTRuntime:
     """Runs a plan with one execution context. The KV cache is a device tensor; each step gathers
     the batch's past rows on the device, runs the plan and scatters the new keys/values back."""
 
-    def __init__(self, engine_dir: Path, cfg: EngineConfig):
+    def __init__(self, engine_dir: Path, cfg: EngineConfig, device: str = "cuda", trt=None):
+        """`trt`: the TensorRT module (default: imported); tests pass a stand-in speaking the same
+        execution-context API, with `device="cpu"`."""
         import torch
 
         from .torch_cuda import StaticKVCache
 
-        trt = import_tensorrt()
+        trt = trt or import_tensorrt()
         engine_dir = Path(engine_dir)
         self.shape = ModelShape.load(engine_dir / "model_shape.json")
         self.max_slots, self.max_context = cfg.max_slots, cfg.max_context
         spec = PlanSpec(cfg.max_slots, cfg.max_context, dtype=cfg.dtype)
-        plan = build_plan(engine_dir / "model.onnx", engine_dir / "trt", self.shape, spec)
+        plan = build_plan(engine_dir / "model.onnx", engine_dir / "trt", self.shape, spec, trt)
+        self.device = torch.device(device)
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
-            raise TensorRTUnavailable(f"this TensorRT cannot run {plan} on {torch.cuda.get_device_name()}")
+            raise TensorRTUnavailable(f"this TensorRT cannot run {plan} on {_device_name(self.device)}")
         self.context = self.engine.create_execution_context()
-        self.device = torch.device("cuda")
         import numpy as np
 
         kv_np = np.dtype(trt.nptype(self.engine.get_tensor_dtype("past_keys")))
         self.kv_dtype = torch.from_numpy(np.empty(0, dtype=kv_np)).dtype  # the graph's own KV type
         self.cache = StaticKVCache(self.shape, cfg.max_slots, cfg.max_context, self.kv_dtype, self.device)
-        self.stream = torch.cuda.Stream()
+        self.stream = torch.cuda.Stream() if self.device.type == "cuda" else None
 
     def describe(self) -> dict:
         return {"runtime": "tensorrt", "slots": self.max_slots, "max_context": self.max_context}
@@ -161,7 +169,7 @@ class TensorRTRuntime:
         import torch
 
         logits = torch.empty((len(inputs), self.shape.vocab_size), dtype=torch.float32, device=self.device)
-        for i, x in enumerate(inputs):  # one row per execution (untested on a GPU: see README)
+        for i, x in enumerate(inputs):  # one row per execution (never run on real TensorRT: see README)
             logits[i] = self._run([x])[0]
         return logits
 
@@ -192,10 +200,14 @@ class TensorRTRuntime:
             self.context.set_tensor_address(name, feed[name].data_ptr())
         for name in OUTPUTS:
             self.context.set_tensor_address(name, outs[name].data_ptr())
-        with torch.cuda.stream(self.stream):
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise RuntimeError("TensorRT execution failed")
-        self.stream.synchronize()
+        if self.stream is None:  # host buffers (the stand-in used by the tests)
+            ok = self.context.execute_async_v3(0)
+        else:
+            with torch.cuda.stream(self.stream):
+                ok = self.context.execute_async_v3(self.stream.cuda_stream)
+            self.stream.synchronize()
+        if not ok:
+            raise RuntimeError("TensorRT execution failed")
         for j, r in enumerate(rows):
             n = len(r.tokens)
             self.cache.keys[:, r.slot, :, r.start:r.start + n] = outs["new_keys"][:, j, :, :n]
