@@ -51,9 +51,14 @@ def example_inputs(shape: ModelShape, b: int, t: int, p: int, seed: int = 0, dty
     return ids, pos, bias, last, torch.randn(kv, generator=g, dtype=dtype), torch.randn(kv, generator=g, dtype=dtype)
 
 
-def export(checkpoint: Path, out_dir: Path, opset: int = 17) -> Path:
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def export(checkpoint: Path, out_dir: Path, opset: int = 17, dtype: str = "float32") -> Path:
+    """`dtype`: weights and KV cache tensors of the graph (float16/bfloat16 for TensorRT plans,
+    whose strongly typed networks take precision from the graph); logits stay float32."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf = load_hf(checkpoint)
+    hf = load_hf(checkpoint, dtype=TORCH_DTYPES[dtype])
     model = CausalLM(hf).eval()
     model.shape.save(out_dir / "model_shape.json")
     onnx_path = out_dir / "model.onnx"
@@ -63,10 +68,11 @@ def export(checkpoint: Path, out_dir: Path, opset: int = 17) -> Path:
            "past_keys": {1: "B", 3: "P"}, "past_values": {1: "B", 3: "P"},
            "logits": {0: "B"}, "new_keys": {1: "B", 3: "T"}, "new_values": {1: "B", 3: "T"}}
     with torch.no_grad():
-        torch.onnx.export(model, example_inputs(model.shape, 2, 3, 4), str(onnx_path), input_names=INPUTS,
+        torch.onnx.export(model, example_inputs(model.shape, 2, 3, 4, dtype=TORCH_DTYPES[dtype]), str(onnx_path),
+                          input_names=INPUTS,
                           output_names=OUTPUTS, dynamic_axes=dyn, opset_version=opset, dynamo=False,
                           external_data=model.shape.num_layers * model.shape.hidden_size ** 2 > 2e8)
-    log.info("exported %s in %.1fs", onnx_path, time.time() - t0)
+    log.info("exported %s (%s) in %.1fs", onnx_path, dtype, time.time() - t0)
     return onnx_path
 
 
