@@ -63,7 +63,7 @@ def main() -> None:
     if "build" in report:
         try:
             rt = TensorRTRuntime(onnx_dir, EngineConfig(runtime="tensorrt", max_slots=8, max_context=512,
-                                                      max_tokens_limit=256))
+                                                      max_tokens_limit=256, dtype=a.dtype))
             from tritonllm.runtimes.base import StepInput
 
             logits = rt.step([StepInput(0, [5, 6, 7, 8], 0)])
