@@ -22,8 +22,9 @@ from tritonllm.config import EngineConfig
 from tritonllm.modeling import CausalLM
 
 log = logging.getLogger("profile")
-VARIANTS = {"reference": dict(fused_kernels=False), "fused": dict(fused_kernels=True),
-            "fused+compile": dict(fused_kernels=True, torch_compile=True)}
+VARIANTS = {"reference": dict(fused_kernels=False), "fused": dict(fused_kernels=True, triton_kernels=False),
+            "fused+triton": dict(fused_kernels=True, triton_kernels=True),
+            "fused+compile": dict(fused_kernels=True, triton_kernels=False, torch_compile=True)}
 
 
 def time_replays(graph, reps: int = 50) -> float:
@@ -95,7 +96,7 @@ def profile_variant(name: str, model: CausalLM, a) -> dict:
     for b in a.batches:
         graph, _ = runtime._graph(b, a.context)
         out["graph_ms"][b] = round(time_replays(graph), 3)
-        if name != "fused+compile":
+        if "compile" not in name:
             out["top_kernels"][b] = top_kernels(runtime, b, a.context)
     log.info("%s: %s", name, out["graph_ms"])
     del runtime
@@ -109,7 +110,7 @@ def main() -> None:
     p.add_argument("--out", default="results")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--context", type=int, default=256)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["reference", "fused", "fused+triton"], choices=list(VARIANTS))
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     hf = llama_1b_random()

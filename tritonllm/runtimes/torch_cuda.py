@@ -6,6 +6,7 @@ reads the cache through plain views: no gather, no host copies of the KV cache."
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -87,7 +88,8 @@ def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
 
 class TorchCudaRuntime:
     def __init__(self, engine_dir: Path | None, cfg: EngineConfig, model: CausalLM | None = None,
-                 use_cuda_graphs: bool = True, device: str = "cuda", fused_kernels: bool = True):
+                 use_cuda_graphs: bool = True, device: str = "cuda", fused_kernels: bool = True,
+                 triton_kernels: bool | None = None):
         self.device = torch.device(device)
         self.fused_kernels = fused_kernels  # False: the reference ops of modeling.py (profiling)
         self.dtype = DTYPES[cfg.dtype]
@@ -102,7 +104,8 @@ class TorchCudaRuntime:
         self.batch_buckets = buckets(self.max_slots)
         self.ctx_buckets = buckets(cfg.max_context, start=min(128, cfg.max_context))
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
-        self._decode_body = self._decode_graph_body
+        self.triton_kernels = self._want_triton(triton_kernels)
+        self._decode_body = self._decode_triton if self.triton_kernels else self._decode_graph_body
         self.compiled = bool(cfg.torch_compile and self.device.type == "cuda")
         if self.compiled:  # fuses the many small kernels of a step
             self._decode_body = torch.compile(self._decode_graph_body, fullgraph=False, dynamic=False)
@@ -110,6 +113,19 @@ class TorchCudaRuntime:
         self._pool = None
         self._tokens = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
         self._positions = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
+
+    def _want_triton(self, asked: bool | None) -> bool:
+        """Fused OpenAI-Triton decode kernels: on by default on CUDA where `triton` imports
+        (TRITONLLM_TRITON_KERNELS=0 turns them off); `asked` forces the choice (tests)."""
+        if asked is not None:
+            return asked
+        if not self.fused_kernels or self.device.type != "cuda" or os.environ.get("TRITONLLM_TRITON_KERNELS") == "0":
+            return False
+        try:
+            from . import fused_kernels  # noqa: F401
+            return True
+        except ImportError:
+            return False
 
     def _size_slots(self, cfg: EngineConfig) -> int:
         if self.device.type != "cuda":
@@ -130,7 +146,8 @@ class TorchCudaRuntime:
         return {"runtime": "torch-cuda", "device": name, "dtype": str(self.dtype),
                 "slots": self.max_slots, "max_context": self.max_context,
                 "kv_cache_bytes": self.cache.keys.nbytes * 2, "cuda_graphs": self.use_cuda_graphs,
-                "torch_compile": self.compiled, "fused_kernels": self.fused_kernels}
+                "torch_compile": self.compiled, "fused_kernels": self.fused_kernels,
+                "triton_kernels": self.triton_kernels}
 
     # -- forward passes ------------------------------------------------------------------------
     def _norm(self, norm, x: torch.Tensor) -> torch.Tensor:
@@ -163,6 +180,27 @@ class TorchCudaRuntime:
         cos, sin = self.model.rotary(positions, x.dtype)
         x = self._layers(x, cos, sin, slots, positions, lambda i, layer, q, k, v: layer.attend(q, k, v, causal))
         return self._logits(x[torch.arange(b, device=self.device), last])
+
+    def _decode_triton(self, b: int, c: int) -> torch.Tensor:
+        """The decode step with the fused kernels: per layer 4 matrix products, attention and 3
+        small kernels (rotary + KV write, residual add + norm twice, SiLU * up)."""
+        from . import fused_kernels as fk
+
+        m, sh = self.model, self.shape
+        positions = self._positions[:b]
+        valid = (torch.arange(c, device=self.device)[None, :] <= positions[:, None]).view(b, 1, 1, c)
+        x = torch.nn.functional.embedding(self._tokens[:b, None], m.embed)  # the residual stream
+        cos, sin = m.rotary(positions[:, None], x.dtype)
+        h = rms_norm(m.layers[0].ln1, x)
+        for i, layer in enumerate(m.layers):
+            q = fk.rope_kv_write(layer.qkv_proj(h), cos, sin, self.cache.keys[i], self.cache.values[i], positions,
+                                 sh.num_heads, sh.num_kv_heads)
+            a = attend_decode(layer, q.view(b, sh.num_heads, 1, sh.head_dim), self.cache.keys[i, :b, :, :c],
+                              self.cache.values[i, :b, :, :c], valid)
+            h = fk.add_rms_norm(layer.o(a), x, layer.ln2.weight, layer.ln2.eps)
+            nxt = m.layers[i + 1].ln1 if i + 1 < len(m.layers) else m.norm
+            h = fk.add_rms_norm(layer.down(fk.silu_mul(layer.gate_up(h))), x, nxt.weight, nxt.eps)
+        return torch.matmul(h[:, 0], m.lm_head.t()).float()
 
     def _decode_graph_body(self, b: int, c: int) -> torch.Tensor:
         tokens, positions = self._tokens[:b], self._positions[:b]
