@@ -34,13 +34,12 @@ def _rope_kv_kernel(qkv, cos, sin, q_out, k_cache, v_cache, pos, n_heads, n_kv,
         tl.store(dst + HALF + j, y2.to(q_out.dtype.element_ty))
     else:
         kv = head - n_heads
-        p = tl.load(pos + b)
-        dst = b * s_c_slot + kv * s_c_head + p * s_c_pos
-        tl.store(k_cache + dst + j, y1.to(k_cache.dtype.element_ty))
-        tl.store(k_cache + dst + HALF + j, y2.to(k_cache.dtype.element_ty))
+        off = b * s_c_slot + kv * s_c_head + tl.load(pos + b) * s_c_pos
+        tl.store(k_cache + off + j, y1.to(k_cache.dtype.element_ty))
+        tl.store(k_cache + off + HALF + j, y2.to(k_cache.dtype.element_ty))
         vsrc = qkv + b * s_qkv + (n_heads + n_kv + kv) * 2 * HALF
-        tl.store(v_cache + dst + j, tl.load(vsrc + j))
-        tl.store(v_cache + dst + HALF + j, tl.load(vsrc + HALF + j))
+        tl.store(v_cache + off + j, tl.load(vsrc + j))
+        tl.store(v_cache + off + HALF + j, tl.load(vsrc + HALF + j))
 
 
 def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
@@ -96,3 +95,28 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(f, block))](gate_up, out, f, BLOCK=block)
     return out
+
+
+def self_check(device, dtype, head_dim: int) -> None:
+    """Compile and run each kernel once on small inputs against the reference ops; raises if a
+    kernel does not compile on this GPU/Triton or disagrees."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
+    qkv, ang = r(2, 1, 4 * head_dim), torch.randn(2, 1, head_dim // 2, generator=g)
+    cos, sin = (torch.cat([f(ang)] * 2, -1).to(device, dtype) for f in (torch.cos, torch.sin))
+    kc = torch.zeros(2, 1, 4, head_dim, device=device, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    q = rope_kv_write(qkv, cos, sin, kc, vc, torch.tensor([1, 3], device=device), 2, 1)
+    x = qkv.view(2, 1, 4, head_dim)[:, 0, :2].float()
+    half = head_dim // 2
+    ref = x * cos.float() + torch.cat([-x[..., half:], x[..., :half]], -1) * sin.float()
+    torch.testing.assert_close(q.float(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(vc[1, 0, 3].float(), qkv[1, 0, 3 * head_dim:].float())
+    res, w = r(2, 1, 64), r(64)
+    expected = (res.float() + qkv[..., :64].float()).to(dtype)
+    out = add_rms_norm(qkv[..., :64].contiguous(), res, w, 1e-5)
+    torch.testing.assert_close(out.float(), torch.nn.functional.rms_norm(expected.float(), (64,), w.float(), 1e-5),
+                               atol=5e-2, rtol=5e-2)
+    gu = r(2, 1, 128)
+    torch.testing.assert_close(silu_mul(gu).float(), (torch.nn.functional.silu(gu[..., :64].float()) * gu[..., 64:].float()),
+                               atol=5e-2, rtol=5e-2)

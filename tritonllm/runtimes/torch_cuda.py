@@ -122,9 +122,11 @@ class TorchCudaRuntime:
         if not self.fused_kernels or self.device.type != "cuda" or os.environ.get("TRITONLLM_TRITON_KERNELS") == "0":
             return False
         try:
-            from . import fused_kernels  # noqa: F401
+            from . import fused_kernels
+            fused_kernels.self_check(self.device, self.dtype, self.model.shape.head_dim)
             return True
-        except ImportError:
+        except Exception as exc:  # no triton, or its kernels do not compile here: the torch ops serve
+            log.warning("fused Triton decode kernels unavailable (%s): using the torch ops", str(exc)[:300])
             return False
 
     def _size_slots(self, cfg: EngineConfig) -> int:
