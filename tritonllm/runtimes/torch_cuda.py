@@ -115,11 +115,11 @@ class TorchCudaRuntime:
         self._positions = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
 
     def _want_triton(self, asked: bool | None) -> bool:
-        """Fused OpenAI-Triton decode kernels: on by default on CUDA where `triton` imports
-        (TRITONLLM_TRITON_KERNELS=0 turns them off); `asked` forces the choice (tests)."""
+        """Fused OpenAI-Triton decode kernels, opt-in with TRITONLLM_TRITON_KERNELS=1 on CUDA (checked
+        in Triton's interpreter, not yet measured compiled on a GPU); `asked` forces the choice."""
         if asked is not None:
             return asked
-        if not self.fused_kernels or self.device.type != "cuda" or os.environ.get("TRITONLLM_TRITON_KERNELS") == "0":
+        if not self.fused_kernels or self.device.type != "cuda" or os.environ.get("TRITONLLM_TRITON_KERNELS") != "1":
             return False
         try:
             from . import fused_kernels
