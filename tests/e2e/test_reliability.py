@@ -94,6 +94,9 @@ def test_killed_engine_stub_errors_its_requests_and_the_server_recovers(fault_se
     assert fault_server.is_alive()
     assert recovered is not None, f"no recovery in 120 s:\n{fault_server.log_tail()}"
     assert len(outcomes) == 3 and "finished" not in outcomes, outcomes  # ended in errors, none hung
+    deadline = time.monotonic() + 40  # the watchdog records a recovery once the new stub is seen
+    while not fault_server.recoveries and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert fault_server.recoveries and fault_server.recoveries[-1][1] in recovery.split("-or-"), \
         fault_server.recoveries
     print(f"engine stub killed under 3 streams: they ended with {outcomes}; serving again after {recovered:.1f} s "
