@@ -43,12 +43,15 @@ def test_merge_keeps_the_first_context_and_appends_new_ids():
 
 
 def test_idle_pump_sends_each_response_in_order():
+    """Idle (each response delivered before the next is put): one response per put, in order."""
     rec = Recorder()
     pump = rec.pump()
     s = seq(7)
     for i in range(20):
         pump.put(s, [i], 0, i == 19)
-        time.sleep(0.002)
+        deadline = time.monotonic() + 5
+        while len(rec.sent) <= i and time.monotonic() < deadline:
+            time.sleep(0.001)
     pump.close()
     assert [x[1] for x in rec.sent] == [[i] for i in range(20)] and rec.sent[-1][3]
 
