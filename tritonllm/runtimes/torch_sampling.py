@@ -7,6 +7,15 @@ import torch
 NEG_INF = float("-inf")
 
 
+def to_device(values, device, dtype=torch.long) -> torch.Tensor:
+    """A host list as a device tensor without making the host wait: on CUDA it is staged in pinned
+    memory and copied asynchronously (a copy from pageable memory, as `torch.tensor(..., device=)`
+    does, first waits for the stream's queued work, which would undo the engine loop's overlap)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def _generator(seq, device) -> torch.Generator:
     gen = getattr(seq, "_torch_gen", None)
     if gen is None:
@@ -26,12 +35,12 @@ def _mask_rows(logits: torch.Tensor, seqs) -> None:
         if s.stop_token_ids and (s.params.ignore_eos or s.generated < s.params.min_tokens):
             masked.setdefault(s.stop_token_ids, []).append(i)
     for ids, rows in masked.items():
-        r = torch.tensor(rows, device=logits.device)[:, None]
-        logits[r, torch.tensor(sorted(ids), device=logits.device)[None, :]] = NEG_INF
+        r = to_device(rows, logits.device)[:, None]
+        logits[r, to_device(sorted(ids), logits.device)[None, :]] = NEG_INF
     for i, s in enumerate(seqs):
         p = s.params
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(s.prompt_ids + s.output_ids)), device=logits.device)
+            seen = to_device(sorted(set(s.prompt_ids + s.output_ids)), logits.device)
             vals = logits[i, seen]
             logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.bad_ids:
