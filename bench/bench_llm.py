@@ -27,6 +27,7 @@ import torch
 
 from bench.drivers import run_hf, run_inprocess, run_triton
 from bench.measure import PowerSampler, markdown_table
+from bench.targets import COLS, render, target_lines
 from bench.workloads import copy_bandwidth, llama_1b_random, random_prompts, weight_bytes, word_tokenizer
 from tritonllm.config import EngineConfig
 from tritonllm.inprocess import InProcessEngine
@@ -35,8 +36,6 @@ from tritonllm.repository import RepositoryConfig, write_repository
 from tritonllm.server import TritonServer
 
 log = logging.getLogger("bench")
-COLS = ["system", "concurrency", "requests", "output_tokens", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
-        "itl_p50_ms", "itl_p99_ms", "mean_watts", "tokens_per_joule", "gpu_mem_gib", "note"]
 
 
 def gpu_suite(a, results: list, facts: dict) -> None:
@@ -258,10 +257,10 @@ def main() -> None:
     finally:
         name = f"bench-{a.device}"
         Path(a.out, f"{name}.json").write_text(json.dumps({"facts": facts, "results": results}, indent=1))
-        table = markdown_table(results, COLS)
-        Path(a.out, f"{name}.md").write_text(f"# {name}\n\n```\n{json.dumps(facts, indent=1)}\n```\n\n{table}\n")
+        Path(a.out, f"{name}.md").write_text(render(name, facts, results))
         print(json.dumps(facts, indent=1))
-        print(table)
+        print(markdown_table(results, COLS))
+        print("\n".join(target_lines(facts, results)))
 
 
 if __name__ == "__main__":

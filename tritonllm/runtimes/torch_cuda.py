@@ -176,10 +176,15 @@ class TorchCudaRuntime:
         positions = torch.arange(t, device=self.device).expand(b, t)
         slots = to_device([r.slot for r in rows], self.device)
         last = to_device([len(r.tokens) - 1 for r in rows], self.device)
-        causal = torch.full((t, t), NEG, device=self.device).triu(1).expand(b, 1, t, t)
         x = torch.nn.functional.embedding(ids, self.model.embed)
         cos, sin = self.model.rotary(positions, x.dtype)
-        x = self._layers(x, cos, sin, slots, positions, lambda i, layer, q, k, v: layer.attend(q, k, v, causal))
+        if self.fused_kernels:  # prompts are right-padded, so causal attention alone never sees a pad
+            attend = lambda i, layer, q, k, v: F.scaled_dot_product_attention(  # noqa: E731
+                q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2).reshape(b, t, -1)
+        else:
+            causal = torch.full((t, t), NEG, device=self.device).triu(1).expand(b, 1, t, t)
+            attend = lambda i, layer, q, k, v: layer.attend(q, k, v, causal)  # noqa: E731
+        x = self._layers(x, cos, sin, slots, positions, attend)
         return self._logits(x[torch.arange(b, device=self.device), last])
 
     def _decode_triton(self, b: int, c: int) -> torch.Tensor:

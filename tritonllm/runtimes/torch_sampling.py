@@ -25,6 +25,12 @@ def _generator(seq, device) -> torch.Generator:
     return gen
 
 
+def _neg_inf(device) -> torch.Tensor:
+    """-inf made on the device: a Python scalar as index_put_'s value is copied from pageable host
+    memory, which waits for the stream."""
+    return torch.full((), NEG_INF, device=device)
+
+
 def _mask_rows(logits: torch.Tensor, seqs) -> None:
     """EOS masking (min_tokens / ignore_eos), repetition penalty and bad words, row by row where
     a request asks for them (greedy benchmark traffic takes none of these paths)."""
@@ -36,7 +42,7 @@ def _mask_rows(logits: torch.Tensor, seqs) -> None:
             masked.setdefault(s.stop_token_ids, []).append(i)
     for ids, rows in masked.items():
         r = to_device(rows, logits.device)[:, None]
-        logits[r, to_device(sorted(ids), logits.device)[None, :]] = NEG_INF
+        logits.index_put_((r, to_device(sorted(ids), logits.device)[None, :]), _neg_inf(logits.device))
     for i, s in enumerate(seqs):
         p = s.params
         if p.repetition_penalty != 1.0:
@@ -46,7 +52,7 @@ def _mask_rows(logits: torch.Tensor, seqs) -> None:
         if p.bad_ids:
             banned = banned_tokens(s.output_ids, p.bad_ids)
             if banned:
-                logits[i, banned] = NEG_INF
+                logits.index_put_((to_device([i], logits.device), to_device(banned, logits.device)), _neg_inf(logits.device))
 
 
 def _filter_top_k_top_p(row: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -1,0 +1,72 @@
+"""Which calls make the engine loop's host wait for the GPU: runs the torch-cuda runtime in the
+in-process engine with `torch.cuda.set_sync_debug_mode("warn")` after warm-up and prints each
+distinct synchronizing call site (stack inside tritonllm) with its count per step. The overlapped
+loop expects exactly one: `collect` reading a step's ids, after the next step is launched.
+
+  python -m bench.sync_check --batch 1 8 64 --out results      (GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+from bench.workloads import llama_1b_random, random_prompts
+from tritonllm.config import EngineConfig
+from tritonllm.inprocess import InProcessEngine
+from tritonllm.modeling import CausalLM
+from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
+
+SITES: collections.Counter = collections.Counter()
+
+
+def _record(message, category, filename, lineno, file=None, line=None):
+    if "synchroniz" not in str(message):
+        return
+    frames = [f for f in traceback.extract_stack()[:-1] if "tritonllm" in f.filename]
+    SITES[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))] += 1
+
+
+def run(eng, batch: int, out_len: int) -> int:
+    prompts = random_prompts(batch, 128, eng.runtime.shape.vocab_size, seed=batch)
+    sinks = [eng.submit(p, max_tokens=out_len, temperature=0.0, ignore_eos=True) for p in prompts]
+    for s in sinks:
+        s.wait(300)
+    return eng.loop.stats.steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--out", default="results")
+    a = p.parse_args()
+    cfg = EngineConfig(runtime="torch-cuda", dtype="bfloat16", max_slots=max(a.batch), max_context=512,
+                       max_tokens_limit=511, stream_interval_ms=0.0, max_responses_per_s=0.0)
+    runtime = TorchCudaRuntime(None, cfg, model=CausalLM(llama_1b_random()))
+    warnings.showwarning = _record
+    warnings.simplefilter("always")
+    report = {}
+    with InProcessEngine(None, cfg, runtime=runtime) as eng:
+        for b in a.batch:
+            run(eng, b, a.tokens)  # warm-up: graphs captured, pinned blocks cached
+            SITES.clear()
+            steps0 = eng.loop.stats.steps
+            torch.cuda.set_sync_debug_mode("warn")
+            steps = run(eng, b, a.tokens) - steps0
+            torch.cuda.set_sync_debug_mode(0)
+            report[b] = {"steps": steps, "sites_per_step": {k: round(v / steps, 2) for k, v in SITES.most_common()}}
+            print(f"batch {b}: {steps} steps")
+            for site, n in report[b]["sites_per_step"].items():
+                print(f"  {n:6.2f}/step  {site}")
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "sync-check.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The benchmark's target verdicts are computed from one run's rows."""
+from bench.targets import render, target_lines
+
+FACTS = {"gpu": "G", "roofline_batch1_tokens_per_s": 1000.0, "weight_bytes": 2e9, "copy_bandwidth_TBps": 4.0,
+         "decode_step_gpu_ms": {"batch1_ctx256": 1.0}}
+
+
+def row(system, conc, rate, note=""):
+    return {"system": system, "concurrency": conc, "tokens_per_s": rate, "note": note}
+
+
+ROWS = [row("HF generate (static cache)", 1, 300), row("HF generate (static cache)", 64, 10000),
+        row("engine in-process", 1, 700, "loop ms/step launch 0.5 / wait 0.5 / complete 0.1"),
+        row("engine in-process", 64, 40000),
+        row("Triton ensemble gRPC stream", 1, 650), row("Triton ensemble gRPC stream", 64, 31000)]
+
+
+def test_verdicts_say_met_or_by_how_much_missed():
+    lines = target_lines(FACTS, ROWS)
+    assert "share of the roofline: 65.0% (target >= 60.0%): met" in lines[0]
+    assert "concurrency 64, x HF generate (static cache): 3.10x (target >= 3.00x): met" in lines[1]
+    assert "concurrency 1, share of the in-process engine: 92.9% (target >= 90.0%): met" in lines[2]
+    assert "concurrency 64, share of the in-process engine: 77.5% (target >= 90.0%): missed by 12.5%" in lines[3]
+    assert lines[-1].startswith("- engine in-process, concurrency 64") and lines[-1].endswith("met")
+
+
+def test_cpu_target_is_against_hf_at_batch_1_and_the_file_says_where_time_goes():
+    cpu_rows = [row("HF generate", 1, 10.0), row("engine in-process", 1, 20.0), row("Triton ensemble gRPC stream", 1, 19.0)]
+    assert "concurrency 1, x HF generate: 1.90x (target >= 2.00x): missed by 0.10x" in target_lines({"gpu": None}, cpu_rows)[0]
+    md = render("bench-gpu", FACTS, ROWS)
+    assert "weight-read floor 0.500 ms" in md and "launch 0.5 / wait 0.5" in md
