@@ -9,10 +9,13 @@ import numpy as np
 
 
 class PowerSampler:
-    """Samples GPU power every `period_s` through NVML; energy is the integral over the run."""
+    """GPU energy over a run through NVML: the board's total-energy counter (millijoules, Volta and
+    later) read at the start and end, which is exact however short the run; power readings lag
+    (recent GPUs report a ~1 s average), so the sampled power, every `period_s`, is only the
+    fallback where the counter is missing."""
 
     def __init__(self, period_s: float = 0.05, index: int = 0):
-        self.period_s, self.samples = period_s, []
+        self.period_s, self.samples, self._energy = period_s, [], None
         try:
             import pynvml
 
@@ -29,9 +32,16 @@ class PowerSampler:
     def memory_used_bytes(self) -> int | None:
         return self._nvml.nvmlDeviceGetMemoryInfo(self._h).used if self._nvml else None
 
+    def _energy_mj(self) -> int | None:
+        try:
+            return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._h)
+        except Exception:  # not supported on this board: the sampled power serves
+            return None
+
     def __enter__(self):
-        self.samples, self._stop = [], threading.Event()
+        self.samples, self._stop, self._energy = [], threading.Event(), None
         if self._nvml:
+            self._e0, self._t0 = self._energy_mj(), time.perf_counter()
             self._t = threading.Thread(target=self._run, daemon=True)
             self._t.start()
         return self
@@ -44,12 +54,19 @@ class PowerSampler:
     def __exit__(self, *exc):
         self._stop.set()
         if self._nvml:
+            e1, wall = self._energy_mj(), time.perf_counter() - self._t0
+            if self._e0 is not None and e1 is not None and wall > 0:
+                self._energy = ((e1 - self._e0) / 1000.0, wall)
             self._t.join()
 
     def mean_watts(self) -> float | None:
+        if self._energy:
+            return self._energy[0] / self._energy[1]
         return float(np.mean([w for _, w in self.samples])) if self.samples else None
 
     def joules(self) -> float | None:
+        if self._energy:
+            return self._energy[0]
         if len(self.samples) < 2:
             return None
         t = np.array([s[0] for s in self.samples])
