@@ -58,9 +58,13 @@ bench: venv $(SMOLLM2)/config.json
 
 # On a GPU host with torch, transformers, tokenizers and the pytriton server tree importable.
 # Where that Python has numpy 2, give the python stubs numpy<2 first (README, "numpy 2") and add
-# --server-pythonpath <dir with numpy 1.26>.
+# --server-pythonpath <dir with numpy 1.26> to BENCH_GPU_ARGS (scripts/gpu_host_setup.sh prepares the lent host).
+BENCH_GPU_ARGS ?=
 bench-gpu:
-	python3 -m bench.bench_llm --device gpu --stream-interval-ms 20 --detokenizer-instances 2 --out results
+	python3 -m bench.bench_llm --device gpu --rounds 4 --client-procs 8 --detokenizer-instances 4 \
+	  --triton-variants bench onehop:emit_text=True $(BENCH_GPU_ARGS) --out results
+	python3 -m bench.profile_decode --out results
+	python3 -m bench.sync_check --out results
 
 # Load test a running server (make serve in another shell): headless, CSV + HTML + PNG under build/loadtest
 USERS ?= 8
