@@ -4,7 +4,9 @@ import threading
 import time
 from types import SimpleNamespace
 
-from tritonllm.response_pump import Pending, ResponsePump, merge
+import pytest
+
+from tritonllm.response_pump import GuardedSender, Pending, ResponsePump, merge
 
 
 def seq(uid):
@@ -82,3 +84,52 @@ def test_error_goes_after_the_responses_before_it_and_failures_are_reported():
     pump.close()
     assert [x[1] for x in rec.sent if x[0] == 1] == [[5], "error"]
     assert rec.failed == [2]
+
+
+class FreeingSender:
+    """Like a python-backend sender: the final response frees the response factory; touching it
+    afterwards is recorded (in Triton 2.51 it crashed the server)."""
+
+    def __init__(self):
+        self.freed = False
+        self.touched_after_free = 0
+        self.sent = 0
+
+    def send(self, response, flags=0):
+        if self.freed:
+            self.touched_after_free += 1
+        self.sent += 1
+        if flags:
+            self.freed = True
+            time.sleep(0.002)  # the round trip to Triton's core goes on after the factory is gone
+
+    def is_cancelled(self):
+        if self.freed:
+            self.touched_after_free += 1
+        return False
+
+
+def test_guarded_sender_is_never_touched_after_the_final_response():
+    raw = FreeingSender()
+    sender = GuardedSender(raw)
+    stop = threading.Event()
+
+    def watcher():  # the engine's cancellation watcher, polling as fast as it can
+        while not stop.is_set():
+            sender.is_cancelled()
+
+    threads = [threading.Thread(target=watcher) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(50):
+        sender.send(f"r{i}", final=False, flags=0)
+    sender.send("last", final=True, flags=1)
+    time.sleep(0.01)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert raw.sent == 51 and raw.touched_after_free == 0 and sender.closed
+    assert not sender.is_cancelled()
+    with pytest.raises(RuntimeError, match="after the final"):
+        sender.send("late", final=False, flags=0)
+    assert raw.sent == 51

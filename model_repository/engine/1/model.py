@@ -16,7 +16,7 @@ from tritonllm.config import EngineConfig  # noqa: E402
 from tritonllm.engine_loop import EngineLoop  # noqa: E402
 from tritonllm.engine_metrics import EngineMetrics  # noqa: E402
 from tritonllm.engine_request import build_sequence  # noqa: E402
-from tritonllm.response_pump import ResponsePump  # noqa: E402
+from tritonllm.response_pump import GuardedSender, ResponsePump  # noqa: E402
 from tritonllm.runtimes import load_runtime  # noqa: E402
 from tritonllm.text import TokenizerFiles, text_delta  # noqa: E402
 from tritonllm.triton_io import RequestReader, error_response, model_parameters, tensor  # noqa: E402
@@ -30,7 +30,7 @@ class TritonSink:
     Triton's core to take a response."""
 
     def __init__(self, request, pump: ResponsePump, outputs):
-        self.sender = request.get_response_sender()
+        self.sender = GuardedSender(request.get_response_sender())
         self.pump, self.outputs = pump, outputs
         self.failed = False  # a send raised: the client is gone, the engine ends the sequence
 
@@ -45,10 +45,10 @@ class TritonSink:
 
     def deliver(self, seq, ids, n_context, final, n_output):
         self.sender.send(pb_utils.InferenceResponse(self.outputs(seq, ids, n_context, final, n_output)),
-                         flags=FINAL if final else 0)
+                         final, FINAL if final else 0)
 
     def deliver_error(self, seq, error):
-        self.sender.send(error_response(pb_utils, error), flags=FINAL)
+        self.sender.send(error_response(pb_utils, error), True, FINAL)
 
     def is_cancelled(self):
         return self.failed or self.sender.is_cancelled()
