@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import time
 
 import torch
@@ -33,23 +34,55 @@ def run_hf(model, prompts: list[list[int]], out_len: int, static: bool, power: P
                      joules=power.joules(), gpu_mem_gib=mem)
 
 
+class _StreamSink:
+    """Responses of one benchmark stream's current request, tagged and put on the driver's queue."""
+
+    def __init__(self, events: queue.SimpleQueue, stream: int):
+        self.events, self.stream = events, stream
+
+    def send(self, seq, ids, n_context, final):
+        self.events.put((self.stream, len(ids) - n_context, final, time.perf_counter(), None))
+
+    def send_error(self, seq, error):
+        self.events.put((self.stream, 0, True, time.perf_counter(), error))
+
+    def is_cancelled(self):
+        return False
+
+
 def run_inprocess(engine, prompts: list[list[int]], concurrency: int, out_len: int, power: PowerSampler,
                   name="engine in-process") -> RunResult:
-    """Closed loop: `concurrency` requests in flight, all of `prompts` sent."""
-    ttft, itl, tokens = [], [], 0
+    """Closed loop per stream, as the Triton clients run: each of `concurrency` streams sends its
+    next request when its previous one ends, so requests arrive spread out as they do through
+    Triton (not in lock-step waves whose prefills always share one step). One driver thread."""
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    shares = [prompts[i::concurrency] for i in range(concurrency)]
+    nxt, started, last, ttft, itl, tokens = [0] * concurrency, [0.0] * concurrency, [None] * concurrency, [], [], 0
+
+    def send_next(s: int) -> bool:
+        if nxt[s] >= len(shares[s]):
+            return False
+        started[s], last[s] = time.perf_counter(), None
+        engine.submit(shares[s][nxt[s]], sink=_StreamSink(events, s), max_tokens=out_len, temperature=0.0,
+                      ignore_eos=True, stream=True)
+        nxt[s] += 1
+        return True
+
     with power:
         t0 = time.perf_counter()
-        for i in range(0, len(prompts), concurrency):
-            batch = prompts[i:i + concurrency]
-            starts = [time.perf_counter()]
-            sinks = [engine.submit(p, max_tokens=out_len, temperature=0.0, ignore_eos=True, stream=True) for p in batch]
-            for s in sinks:
-                r = s.wait(600)
-                if r.error:
-                    raise r.error
-                tokens += len(r.ids)
-                ttft.append(r.token_times[0] - starts[0])
-                itl += [b - a for a, b in zip(r.token_times, r.token_times[1:])]
+        active = sum(send_next(s) for s in range(concurrency))
+        while active:
+            s, n, final, at, error = events.get(timeout=600)
+            if error is not None:
+                raise error
+            if n:
+                if last[s] is None:
+                    ttft.append(at - started[s])
+                else:
+                    itl.extend([(at - last[s]) / n] * n)
+                last[s], tokens = at, tokens + n
+            if final and not send_next(s):
+                active -= 1
         wall = time.perf_counter() - t0
     return RunResult(name, concurrency, len(prompts), tokens, wall, ttft, itl, power.mean_watts(), power.joules())
 

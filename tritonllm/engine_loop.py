@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 DETOKENIZE_CONTEXT = 8  # ids resent before a response's new ids, so the detokenizer can stay stateless
 CANCEL_POLL_S = 0.02    # asking Triton whether a request was cancelled is an IPC call: at most this often,
                         # and from a watcher thread, never from the loop's
+CANCEL_POLLS_PER_S = 500  # and at most this many calls a second over all live requests (each is a round
+                          # trip through the python stub, competing with the responses)
 
 
 class ResponseSink(Protocol):
@@ -146,8 +148,10 @@ class EngineLoop:
 
     def _watch_cancellations(self) -> None:
         """Polls each live request's sink (an IPC round trip under Triton) off the loop's thread."""
-        while not self._stop.wait(CANCEL_POLL_S):
-            for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+        live: list[Sequence] = []
+        while not self._stop.wait(max(CANCEL_POLL_S, len(live) / CANCEL_POLLS_PER_S)):
+            live = list(self.scheduler.running) + list(self.scheduler.waiting)
+            for seq in live:
                 try:
                     if seq.sink is not None and not seq.cancel_requested and seq.sink.is_cancelled():
                         seq.cancel_requested = True

@@ -56,9 +56,10 @@ class InProcessEngine:
         self.runtime = runtime or load_runtime(cfg, Path(engine_dir))
         self.loop = EngineLoop(self.runtime, cfg).start()
 
-    def submit(self, prompt_ids: list[int], **params) -> QueueSink:
+    def submit(self, prompt_ids: list[int], sink=None, **params):
+        """Enqueue one request; its responses go to `sink` (a QueueSink unless given), returned."""
         seq = build_sequence(DictReader({"input_ids": prompt_ids, **params}), self.cfg, self.runtime.shape)
-        seq.sink = QueueSink()
+        seq.sink = sink or QueueSink()
         self.loop.submit(seq)
         return seq.sink
 
