@@ -156,7 +156,8 @@ def triton_suite(a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int,
     shutil.rmtree(repo, ignore_errors=True)
     variants = dict(triton_variant(v, cfg) for v in a.triton_variants)
     for name, engine in variants.items():
-        write_repository(repo, RepositoryConfig(name=name, engine=engine, detokenizer_instances=a.detokenizer_instances),
+        write_repository(repo, RepositoryConfig(name=name, engine=engine, detokenizer_instances=a.detokenizer_instances,
+                                                tokenizer_instances=a.tokenizer_instances),
                          ckpt, engine_dir)
     texts_for = texts_for or (lambda ids: " ".join(f"w{i}" for i in ids))
     env = {"PYTHONPATH": f"{a.server_pythonpath}:{os.environ.get('PYTHONPATH', '')}"} if a.server_pythonpath else {}
@@ -231,6 +232,7 @@ def main() -> None:
     p.add_argument("--client-procs", type=int, default=1, help="load-generating processes for the Triton runs")
     p.add_argument("--coalesce-min-active", type=int, default=8,
                    help="streams generating before --stream-interval-ms coalescing starts")
+    p.add_argument("--tokenizer-instances", type=int, default=1)
     p.add_argument("--detokenizer-instances", type=int, default=1)
     p.add_argument("--triton-variants", nargs="+", default=["bench"], metavar="NAME[:FIELD=VALUE,...]",
                    help="LLMs served side by side in the Triton run, each with EngineConfig overrides, e.g. "

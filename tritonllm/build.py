@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--emit-text", action="store_true",
                    help="the engine detokenizes: tokenizer -> engine, no detokenizer stage (one python hop fewer)")
     p.add_argument("--response-threads", type=int, default=d.response_threads)
+    p.add_argument("--tokenizer-instances", type=int, default=1)
     p.add_argument("--detokenizer-instances", type=int, default=1)
     a = p.parse_args(argv)
     t0 = time.time()
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> Path:
                           default_max_tokens=a.default_max_tokens, request_timeout_s=a.request_timeout_s,
                           stream_interval_ms=a.stream_interval_ms, threads=a.threads, dtype=a.dtype,
                           emit_text=a.emit_text, response_threads=a.response_threads)
-    cfg = RepositoryConfig(name=a.name, engine=engine, detokenizer_instances=a.detokenizer_instances)
+    cfg = RepositoryConfig(name=a.name, engine=engine, tokenizer_instances=a.tokenizer_instances,
+                           detokenizer_instances=a.detokenizer_instances)
     onnx_dir = a.onnx_dir or Path("build/onnx") / a.name
     if a.runtime == "torch-cuda":  # the engine is our module with its weights, saved for torch alone
         from .runtimes.torch_cuda import save_engine_model

@@ -25,6 +25,7 @@ NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 class RepositoryConfig:
     name: str = "llm"
     max_batch_size: int = 64          # requests the tokenizer/detokenizer take per execute()
+    tokenizer_instances: int = 1      # python processes tokenizing in parallel (a burst of prompts queues here)
     detokenizer_instances: int = 1
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -33,8 +34,10 @@ class RepositoryConfig:
             raise ValueError(f"model name {self.name!r}: use letters, digits, '_', '.', '-' (start with a letter)")
         if not 1 <= self.max_batch_size <= 4096:
             raise ValueError(f"max_batch_size={self.max_batch_size}: use 1..4096")
-        if not 1 <= self.detokenizer_instances <= 64:
-            raise ValueError(f"detokenizer_instances={self.detokenizer_instances}: use 1..64")
+        for stage in ("tokenizer", "detokenizer"):
+            n = getattr(self, f"{stage}_instances")
+            if not 1 <= n <= 64:
+                raise ValueError(f"{stage}_instances={n}: use 1..64")
 
     def stage(self, stage: str) -> str:
         return f"{self.name}_{stage}"
@@ -101,7 +104,7 @@ def model_configs(cfg: RepositoryConfig) -> dict[str, dict]:
     engine_outputs = T.ENGINE_TEXT_OUTPUTS if eng.emit_text else T.ENGINE_OUTPUTS
     configs = {
         cfg.stage("tokenizer"): python_model(cfg.stage("tokenizer"), cfg, T.TOKENIZER_INPUTS, T.TOKENIZER_OUTPUTS,
-                                             {"max_context": str(eng.max_context)}),
+                                             {"max_context": str(eng.max_context)}, instances=cfg.tokenizer_instances),
         cfg.stage("engine"): python_model(cfg.stage("engine"), cfg, T.ENGINE_INPUTS, engine_outputs,
                                           eng.to_parameters(), decoupled=True),
     }
