@@ -173,10 +173,32 @@ def triton_suite(a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int,
             for c in a.concurrency:
                 prompts = [texts_for(p) for p in random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)]
                 run_triton(server.grpc_url, name, prompts[:c], c, a.out_len, power, a.client_procs)  # warm-up
+                before = engine_ttft(server, name)
                 r = run_triton(server.grpc_url, name, prompts, c, a.out_len, power, a.client_procs)
                 r.system = label
+                r.note += ttft_split(before, engine_ttft(server, name), r.ttft_s)
                 results.append(r.row())
                 log.info("%s", results[-1])
+
+
+def engine_ttft(server, name: str) -> tuple[float, float]:
+    """Sum and count of the engine's TTFT histogram (arrival at the engine -> first token) on /metrics."""
+    out = {}
+    for line in server.metrics().splitlines():
+        for kind in ("sum", "count"):
+            if line.startswith(f"tritonllm_time_to_first_token_seconds_{kind}") and f'model="{name}_engine"' in line:
+                out[kind] = float(line.rsplit(" ", 1)[1])
+    return out.get("sum", 0.0), out.get("count", 0.0)
+
+
+def ttft_split(before, after, client_ttft: list[float]) -> str:
+    """Mean TTFT at the client vs. inside the engine: the rest is the pipeline before the engine
+    (gRPC, ensemble, tokenizer) and the first response's way back."""
+    n = after[1] - before[1]
+    if n <= 0 or not client_ttft:
+        return ""
+    return (f"; TTFT mean client {1e3 * sum(client_ttft) / len(client_ttft):.1f} ms, "
+            f"in engine {1e3 * (after[0] - before[0]) / n:.1f} ms")
 
 
 def triton_variant(spec: str, base: EngineConfig) -> tuple[str, EngineConfig]:

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--stream-interval-ms", type=float, default=d.stream_interval_ms)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--prefill-gather-ms", type=float, default=0.0,
+                   help="while others decode, let arriving requests wait up to this long to prefill together")
     p.add_argument("--emit-text", action="store_true",
                    help="the engine detokenizes: tokenizer -> engine, no detokenizer stage (one python hop fewer)")
     p.add_argument("--response-threads", type=int, default=d.response_threads)
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> Path:
                           max_tokens_limit=min(a.max_tokens_limit, a.max_context - 1),
                           default_max_tokens=a.default_max_tokens, request_timeout_s=a.request_timeout_s,
                           stream_interval_ms=a.stream_interval_ms, threads=a.threads, dtype=a.dtype,
-                          emit_text=a.emit_text, response_threads=a.response_threads)
+                          emit_text=a.emit_text, response_threads=a.response_threads,
+                          prefill_gather_ms=a.prefill_gather_ms)
     cfg = RepositoryConfig(name=a.name, engine=engine, tokenizer_instances=a.tokenizer_instances,
                            detokenizer_instances=a.detokenizer_instances)
     onnx_dir = a.onnx_dir or Path("build/onnx") / a.name

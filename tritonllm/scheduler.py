@@ -123,12 +123,21 @@ class Scheduler:
         in flight (overlapped loop) a sequence its pending token surely ends (length) sits out."""
         decode = [s for s in self.running if (s.output_ids or s.pending) and not self._ends_with_pending(s)]
         prefill = []
-        while self.waiting and self.free_slots:
+        while self.waiting and self.free_slots and self._admit_now(decode):
             seq = self.waiting.popleft()
             seq.slot = heapq.heappop(self.free_slots)
             self.running.append(seq)
             prefill.append(seq)
         return StepPlan(prefill, decode)
+
+    def _admit_now(self, decode: list[Sequence]) -> bool:
+        """Each prefill step stalls every decoding sequence, so with `prefill_gather_ms` newcomers
+        that trickle in wait (at most that long, or until they would fill every free slot) to be
+        prefilled together; with nothing decoding they start at once."""
+        gather = self.cfg.prefill_gather_ms
+        if gather <= 0 or not decode or len(self.waiting) >= len(self.free_slots):
+            return True
+        return 1e3 * (time.monotonic() - self.waiting[0].arrival) >= gather
 
     def _ends_with_pending(self, seq: Sequence) -> bool:
         return seq.pending > 0 and (seq.generated >= seq.params.max_tokens or seq.length + seq.pending >= self.cfg.max_context)

@@ -249,3 +249,24 @@ def test_response_budget_merges_tokens_into_fewer_responses(budget, most):
         assert all(c <= 2 + int(elapsed / 0.1) for c in counts) and (elapsed > 3.5 or all(c < 40 for c in counts))
     else:
         assert all(c == 40 for c in counts)
+
+
+def test_prefill_gather_holds_newcomers_while_others_decode():
+    cfg = EngineConfig(max_slots=4, max_context=64, max_tokens_limit=32, default_max_tokens=16, prefill_gather_ms=20.0)
+    sched = Scheduler(cfg)
+    first = seq([1, 2, 3], max_tokens=8)
+    sched.add(first)
+    assert sched.schedule().prefill == [first]  # nothing decoding: starts at once
+    first.output_ids.append(5)
+    late = seq([4, 5], max_tokens=8)
+    sched.add(late)
+    plan = sched.schedule()
+    assert plan.prefill == [] and plan.decode == [first]  # waits to gather company
+    late.arrival -= 0.025  # waited past prefill_gather_ms
+    assert sched.schedule().prefill == [late]
+    a, b = seq([6], max_tokens=8), seq([7], max_tokens=8)
+    sched.add(a)
+    assert sched.schedule().prefill == []
+    sched.add(b)  # enough to fill both free slots: no reason to wait
+    assert sched.schedule().prefill == [a, b]
+    assert [s.slot for s in (first, late, a, b)] == [0, 1, 2, 3]
