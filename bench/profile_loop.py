@@ -3,13 +3,11 @@ collects instantly (fixed ids), N streams of `--tokens` tokens each, through the
 engine (scheduler, stop checks, response windows, the sinks' queue puts). On a GPU this cost
 overlaps the device's step; where it is longer than the step it sets the inter-token latency.
 
-  python -m bench.profile_loop --batch 1 8 64 [--cprofile]
+  python -m bench.profile_loop --batch 1 8 64
 """
 from __future__ import annotations
 
 import argparse
-import cProfile
-import pstats
 import time
 
 from tritonllm.config import EngineConfig
@@ -55,18 +53,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--cprofile", action="store_true", help="profile the largest batch (loop thread included)")
     a = p.parse_args()
     for b in a.batch:
         print(f"batch {b:3d}: {host_ms_per_step(b, a.tokens):.3f} ms host per step")
-    if a.cprofile:
-        prof = cProfile.Profile()
-        import threading
-        threading.setprofile(lambda *args: None)
-        prof.enable()
-        host_ms_per_step(max(a.batch), a.tokens)
-        prof.disable()
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Which calls make the engine loop's host wait for the GPU: runs the torch-cuda runtime in the
 in-process engine with `torch.cuda.set_sync_debug_mode("warn")` after warm-up and prints each
 distinct synchronizing call site (stack inside tritonllm) with its count per step. The overlapped
-loop expects exactly one: `collect` reading a step's ids, after the next step is launched.
+loop expects none: `collect` waits on a CUDA event for a step launched before the next one, which
+the debug mode does not flag (H200: none found at batch 1/8/64, one unattributed call in 64 steps
+at batch 1, `results/sync-check-h200.json`). It was written after the EOS mask's host-scalar `-inf`
+was found and fixed, so it has not been seen catching that one.
 
   python -m bench.sync_check --batch 1 8 64 --out results      (GPU)
 """
