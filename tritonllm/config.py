@@ -30,7 +30,7 @@ class EngineConfig:
     stream_interval_ms: float = 0.0   # >0: under load, coalesce a stream's tokens for up to this long per response
     stream_coalesce_min_active: int = 8  # ... but only while at least this many sequences generate
     max_responses_per_s: float = 1000.0  # all streams together (0: no limit); beyond, responses carry several tokens
-    prefill_gather_ms: float = 0.0  # >0: while others decode, newcomers wait up to this long to prefill together
+    prefill_gather_ms: float = 0.0  # >0: newcomers wait up to this x (share of slots decoding) to prefill together
     emit_text: bool = False       # the engine detokenizes (tokenizer -> engine): one python hop fewer per response
     switch_interval_ms: float = 1.0  # the engine process's GIL switch interval (Python's default: 5)
     response_threads: int = 1     # threads sending responses off the engine loop (merging under backpressure)

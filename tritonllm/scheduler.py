@@ -132,10 +132,11 @@ class Scheduler:
 
     def _admit_now(self, decode: list[Sequence]) -> bool:
         """Each prefill step stalls every decoding sequence, so with `prefill_gather_ms` newcomers
-        that trickle in wait (at most that long, or until they would fill every free slot) to be
-        prefilled together; with nothing decoding they start at once."""
-        gather = self.cfg.prefill_gather_ms
-        if gather <= 0 or not decode or len(self.waiting) >= len(self.free_slots):
+        that trickle in wait to be prefilled together: at most that long times the share of slots
+        decoding (a stall costs in proportion to the sequences it holds up), or until they would
+        fill every free slot; with nothing decoding they start at once."""
+        gather = self.cfg.prefill_gather_ms * len(decode) / self.cfg.max_slots
+        if gather <= 0 or len(self.waiting) >= len(self.free_slots):
             return True
         return 1e3 * (time.monotonic() - self.waiting[0].arrival) >= gather
 

@@ -252,7 +252,7 @@ def test_response_budget_merges_tokens_into_fewer_responses(budget, most):
 
 
 def test_prefill_gather_holds_newcomers_while_others_decode():
-    cfg = EngineConfig(max_slots=4, max_context=64, max_tokens_limit=32, default_max_tokens=16, prefill_gather_ms=20.0)
+    cfg = EngineConfig(max_slots=4, max_context=64, max_tokens_limit=32, default_max_tokens=16, prefill_gather_ms=80.0)
     sched = Scheduler(cfg)
     first = seq([1, 2, 3], max_tokens=8)
     sched.add(first)
@@ -262,7 +262,7 @@ def test_prefill_gather_holds_newcomers_while_others_decode():
     sched.add(late)
     plan = sched.schedule()
     assert plan.prefill == [] and plan.decode == [first]  # waits to gather company
-    late.arrival -= 0.025  # waited past prefill_gather_ms
+    late.arrival -= 0.025  # one of four slots decoding: waits 80 ms x 1/4 at most
     assert sched.schedule().prefill == [late]
     a, b = seq([6], max_tokens=8), seq([7], max_tokens=8)
     sched.add(a)
