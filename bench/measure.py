@@ -10,9 +10,10 @@ import numpy as np
 
 class PowerSampler:
     """GPU energy over a run through NVML: the board's total-energy counter (millijoules, Volta and
-    later) read at the start and end, which is exact however short the run; power readings lag
-    (recent GPUs report a ~1 s average), so the sampled power, every `period_s`, is only the
-    fallback where the counter is missing."""
+    later) read at the start and end. On the lent H200 it changes every 100 ms
+    (scripts/nvml_energy_check.py), so runs much shorter than a second carry that granularity;
+    the power reading is a trailing average, so sampling it every `period_s` is only the fallback
+    where the counter is missing."""
 
     def __init__(self, period_s: float = 0.05, index: int = 0):
         self.period_s, self.samples, self._energy = period_s, [], None
@@ -42,8 +43,9 @@ class PowerSampler:
         self.samples, self._stop, self._energy = [], threading.Event(), None
         if self._nvml:
             self._e0, self._t0 = self._energy_mj(), time.perf_counter()
-            self._t = threading.Thread(target=self._run, daemon=True)
-            self._t.start()
+            if self._e0 is None:  # no counter: sample the power instead
+                self._t = threading.Thread(target=self._run, daemon=True)
+                self._t.start()
         return self
 
     def _run(self):
@@ -57,7 +59,8 @@ class PowerSampler:
             e1, wall = self._energy_mj(), time.perf_counter() - self._t0
             if self._e0 is not None and e1 is not None and wall > 0:
                 self._energy = ((e1 - self._e0) / 1000.0, wall)
-            self._t.join()
+            if self._e0 is None:
+                self._t.join()
 
     def mean_watts(self) -> float | None:
         if self._energy:

@@ -47,10 +47,6 @@ class EngineStats:
     wait_s: float = 0.0              # waiting for a step's tokens (the device's time not hidden)
     complete_s: float = 0.0          # scheduler update, stop checks, handing responses to sinks
 
-    def per_step_ms(self) -> dict[str, float]:
-        n = max(self.steps, 1)
-        return {k: round(1e3 * getattr(self, k) / n, 3) for k in ("launch_s", "wait_s", "complete_s")}
-
 
 @dataclass
 class InFlight:

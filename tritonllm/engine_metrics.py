@@ -37,7 +37,7 @@ class EngineMetrics:
         self.model, self.loop = model, loop
         self._finished: dict[str, object] = {}
         self._last = {"tokens": 0, "steps": 0, "batched": 0}
-        self.slots.set(loop.cfg.max_slots)
+        self.slots.set(loop.scheduler.slots)  # the runtime's count (memory may allow fewer than configured)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True, name="tritonllm-metrics")
         self._thread.start()

@@ -111,7 +111,8 @@ class Scheduler:
         self.cfg, self.decode = cfg, decode
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
-        self.free_slots = list(range(slots or cfg.max_slots))  # a min-heap: the lowest free slot is taken first
+        self.slots = slots or cfg.max_slots  # the runtime's, which may be fewer than cfg.max_slots
+        self.free_slots = list(range(self.slots))  # a min-heap: the lowest free slot is taken first
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.cfg.max_queue:
@@ -135,7 +136,7 @@ class Scheduler:
         that trickle in wait to be prefilled together: at most that long times the share of slots
         decoding (a stall costs in proportion to the sequences it holds up), or until they would
         fill every free slot; with nothing decoding they start at once."""
-        gather = self.cfg.prefill_gather_ms * len(decode) / self.cfg.max_slots
+        gather = self.cfg.prefill_gather_ms * len(decode) / self.slots
         if gather <= 0 or len(self.waiting) >= len(self.free_slots):
             return True
         return 1e3 * (time.monotonic() - self.waiting[0].arrival) >= gather

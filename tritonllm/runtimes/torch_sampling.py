@@ -8,9 +8,8 @@ NEG_INF = float("-inf")
 
 
 def to_device(values, device, dtype=torch.long) -> torch.Tensor:
-    """A host list as a device tensor without making the host wait: on CUDA it is staged in pinned
-    memory and copied asynchronously (a copy from pageable memory, as `torch.tensor(..., device=)`
-    does, first waits for the stream's queued work, which would undo the engine loop's overlap)."""
+    """A host list as a device tensor, the copy queued on the stream from pinned memory so the host
+    goes on at once (the engine loop launches step N+1 while the GPU runs step N)."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
