@@ -106,8 +106,11 @@ class TritonServer:
 
     @property
     def log_path(self) -> Path:
-        assert self._workdir is not None
-        return Path(self.log_dir or self._workdir) / "tritonserver.log"
+        if self.log_dir:
+            return Path(self.log_dir) / "tritonserver.log"
+        if self._workdir is None:
+            raise ServerError("the server was never started: it has no log")
+        return self._workdir / "tritonserver.log"
 
     def command(self) -> list[str]:
         root = pytriton_root()
@@ -148,6 +151,7 @@ class TritonServer:
     def _launch(self, append_log: bool = False) -> None:
         if self._workdir is None:  # a restart reuses it (the old stubs may still hold its files)
             self._workdir = Path(tempfile.mkdtemp(prefix="tritonllm-server-"))
+        if not (self._workdir / "backends").exists():
             prepare_backend_dir(self._workdir / "backends")
         if self.log_dir:
             Path(self.log_dir).mkdir(parents=True, exist_ok=True)
@@ -222,7 +226,7 @@ class TritonServer:
     def log_tail(self, n: int = 60) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
+        except (OSError, ServerError):
             return "(no log)"
 
     def _request(self, path: str, data: bytes | None = None, timeout_s: float = 2.0) -> int:
@@ -262,9 +266,20 @@ class TritonServer:
         acquired = lock.acquire(timeout=self.startup_timeout_s) if lock is not None else False
         try:
             self._terminate(timeout_s)
+            self._remove_workdir()
         finally:
             if acquired:
                 lock.release()
+
+    def _remove_workdir(self) -> None:
+        """The backend copy goes with the server; the log stays where `log_dir` puts it (without a
+        `log_dir` the log is in the work directory, which is then kept for it)."""
+        if self._workdir is None:
+            return
+        shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        if self.log_dir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
 
     def _terminate(self, timeout_s: float) -> None:
         proc, self._proc = self._proc, None

@@ -44,8 +44,11 @@ def fault_server(model_repository):
 
     srv = TritonServer(model_repository, log_dir=Path("build/logs/tests/fault"), watchdog=True)
     srv.start()
+    workdir = srv._workdir
     yield srv
     srv.stop()
+    assert not workdir.exists(), f"the server's scratch directory {workdir} outlived it"
+    assert "GRPCInferenceService" in srv.log_tail(400)  # the log stays in log_dir
 
 
 @pytest.mark.parametrize("recovery", ["reload-or-restart", "restart"])
