@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -90,7 +91,7 @@ def gpu_suite(a, results: list, facts: dict) -> None:
             before = replace(eng.loop.stats)
             r = run_inprocess(eng, prompts, c, a.out_len, power)
             r.gpu_mem_gib = torch.cuda.max_memory_allocated() / 2**30
-            r.note = "loop ms/step " + loop_split(before, eng.loop.stats)
+            r.note = engine_note(stats_counters(before), stats_counters(eng.loop.stats), [])[2:]
             results.append(r.row())
             log.info("%s", results[-1])
     facts["decode_step_gpu_ms"] = profile_decode_graphs(runtime, a)
@@ -103,11 +104,10 @@ def gpu_suite(a, results: list, facts: dict) -> None:
         triton_suite(a, cfg, ckpt, engine_dir, vocab, results, power)
 
 
-def loop_split(before, after) -> str:
-    """The engine loop thread's time per step between two stats snapshots."""
-    n = max(after.steps - before.steps, 1)
-    ms = [1e3 * (getattr(after, k) - getattr(before, k)) / n for k in ("launch_s", "wait_s", "complete_s")]
-    return "launch {:.2f} / wait {:.2f} / complete {:.2f}".format(*ms)
+def stats_counters(stats) -> dict[str, float]:
+    """An in-process engine's loop stats under the names `engine_note` reads (as on /metrics)."""
+    return {"ttft_sum": 0.0, "ttft_count": 0.0, "steps": stats.steps, "prefill_steps": stats.prefill_steps,
+            "prefilled": stats.prefilled, "launch": stats.launch_s, "wait": stats.wait_s, "complete": stats.complete_s}
 
 
 def profile_decode_graphs(runtime, a) -> dict:
@@ -173,32 +173,54 @@ def triton_suite(a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int,
             for c in a.concurrency:
                 prompts = [texts_for(p) for p in random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)]
                 run_triton(server.grpc_url, name, prompts[:c], c, a.out_len, power, a.client_procs)  # warm-up
-                before = engine_ttft(server, name)
+                before = engine_counters(server, name)
                 r = run_triton(server.grpc_url, name, prompts, c, a.out_len, power, a.client_procs)
                 r.system = label
-                r.note += ttft_split(before, engine_ttft(server, name), r.ttft_s)
+                r.note += engine_note(before, engine_counters(server, name), r.ttft_s)
                 results.append(r.row())
                 log.info("%s", results[-1])
 
 
-def engine_ttft(server, name: str) -> tuple[float, float]:
-    """Sum and count of the engine's TTFT histogram (arrival at the engine -> first token) on /metrics."""
-    out = {}
+ENGINE_COUNTERS = {"ttft_sum": ("tritonllm_time_to_first_token_seconds_sum", None),
+                   "ttft_count": ("tritonllm_time_to_first_token_seconds_count", None),
+                   "steps": ("tritonllm_loop_steps_total", None), "prefill_steps": ("tritonllm_prefill_steps_total", None),
+                   "prefilled": ("tritonllm_prefilled_sequences_total", None),
+                   **{p: ("tritonllm_loop_seconds_total", p) for p in ("launch", "wait", "complete")}}
+METRIC_LINE = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$")
+
+
+def engine_counters(server, name: str) -> dict[str, float]:
+    """The engine's counters on /metrics (TTFT histogram sum/count, loop steps and time by phase,
+    prefill steps and sequences) for the model `<name>_engine`. Published every 0.5 s."""
+    time.sleep(0.6)
+    wanted = {v: k for k, v in ENGINE_COUNTERS.items()}
+    out = dict.fromkeys(ENGINE_COUNTERS, 0.0)
     for line in server.metrics().splitlines():
-        for kind in ("sum", "count"):
-            if line.startswith(f"tritonllm_time_to_first_token_seconds_{kind}") and f'model="{name}_engine"' in line:
-                out[kind] = float(line.rsplit(" ", 1)[1])
-    return out.get("sum", 0.0), out.get("count", 0.0)
+        m = METRIC_LINE.match(line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        key = wanted.get((m.group(1), labels.get("phase")))
+        if key and labels.get("model") == f"{name}_engine":
+            out[key] = float(m.group(3))
+    return out
 
 
-def ttft_split(before, after, client_ttft: list[float]) -> str:
-    """Mean TTFT at the client vs. inside the engine: the rest is the pipeline before the engine
-    (gRPC, ensemble, tokenizer) and the first response's way back."""
-    n = after[1] - before[1]
-    if n <= 0 or not client_ttft:
-        return ""
-    return (f"; TTFT mean client {1e3 * sum(client_ttft) / len(client_ttft):.1f} ms, "
-            f"in engine {1e3 * (after[0] - before[0]) / n:.1f} ms")
+def engine_note(before: dict, after: dict, client_ttft: list[float]) -> str:
+    """Mean TTFT at the client vs. inside the engine (the rest is gRPC, the ensemble, the tokenizer
+    and the first response's way back), the loop's time per step and how prefills were batched."""
+    d = {k: after[k] - before[k] for k in before}
+    notes = []
+    if d["ttft_count"] > 0 and client_ttft:
+        notes.append(f"TTFT mean client {1e3 * sum(client_ttft) / len(client_ttft):.1f} ms, "
+                     f"in engine {1e3 * d['ttft_sum'] / d['ttft_count']:.1f} ms")
+    if d["steps"] > 0:
+        notes.append("loop ms/step launch {:.2f} / wait {:.2f} / complete {:.2f}".format(
+            *(1e3 * d[p] / d["steps"] for p in ("launch", "wait", "complete"))))
+    if d["prefill_steps"] > 0:
+        notes.append(f"{d['prefilled'] / d['prefill_steps']:.1f} prefills/step in {d['prefill_steps']:.0f} of "
+                     f"{d['steps']:.0f} steps")
+    return "".join(f"; {n}" for n in notes)
 
 
 def triton_variant(spec: str, base: EngineConfig) -> tuple[str, EngineConfig]:

@@ -56,15 +56,16 @@ def target_lines(facts: dict, rows: list[dict]) -> list[str]:
 
 def time_lines(facts: dict, rows: list[dict]) -> list[str]:
     """Where the time goes: the decode step's GPU time against the weight-read floor, and the
-    engine loop thread's split per step (from the in-process rows' notes)."""
+    engine loop thread's split per step (from the rows' notes: in-process, and through Triton
+    from the engine's /metrics)."""
     out = []
     steps, bw = facts.get("decode_step_gpu_ms"), facts.get("copy_bandwidth_TBps")
     if steps and bw:
         floor = 1e3 * facts["weight_bytes"] / (bw * 1e12)
         out.append(f"- decode step GPU time (CUDA graph replay) {steps}; weight-read floor {floor:.3f} ms "
                    "(`python -m bench.profile_decode` splits it further)")
-    out += [f"- in-process, concurrency {r['concurrency']}: {r['note']}" for r in rows
-            if r["system"] == "engine in-process" and r.get("note")]
+    out += [f"- {r['system']}, concurrency {r['concurrency']}: {r['note']}" for r in rows
+            if r.get("note") and "loop ms/step" in r["note"]]
     return out
 
 

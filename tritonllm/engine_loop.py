@@ -42,6 +42,8 @@ class EngineStats:
     batched_decode_steps: int = 0    # decode steps shared by two or more sequences
     tokens_generated: int = 0
     requests_finished: dict[str, int] = field(default_factory=dict)
+    prefill_steps: int = 0           # steps that prefilled one or more new sequences
+    prefilled: int = 0               # sequences prefilled (over prefill_steps: how many shared a step)
     steps: int = 0                   # where the loop thread's time goes (seconds, summed over steps):
     launch_s: float = 0.0            # building and enqueueing steps (host)
     wait_s: float = 0.0              # waiting for a step's tokens (the device's time not hidden)
@@ -203,6 +205,9 @@ class EngineLoop:
         return sample(row, seq.params, history, len(seq.output_ids), seq.stop_token_ids, seq.rng)
 
     def _count(self, plan: StepPlan) -> None:
+        if plan.prefill:
+            self.stats.prefill_steps += 1
+            self.stats.prefilled += len(plan.prefill)
         if plan.decode:
             self.stats.decode_steps += 1
             self.stats.batched_decode_steps += len(plan.decode) > 1

@@ -28,6 +28,15 @@ class EngineMetrics:
         self.steps = metric("tritonllm_decode_steps_total", fam.COUNTER, "decode steps")
         self.batched = metric("tritonllm_batched_decode_steps_total", fam.COUNTER,
                               "decode steps shared by two or more sequences")
+        self.prefill_steps = metric("tritonllm_prefill_steps_total", fam.COUNTER,
+                                    "steps that prefilled new sequences (each stalls the running decodes)")
+        self.prefilled = metric("tritonllm_prefilled_sequences_total", fam.COUNTER, "sequences prefilled")
+        self.loop_steps = metric("tritonllm_loop_steps_total", fam.COUNTER, "steps completed by the engine loop")
+        phases = fam(name="tritonllm_loop_seconds_total", kind=fam.COUNTER,
+                     description="engine loop thread time by phase: launch (build and enqueue a step), wait "
+                                 "(for its tokens: device time not hidden), complete (scheduler, responses)")
+        self._families.append(phases)
+        self.phase = {p: phases.Metric(labels={**labels, "phase": p}) for p in ("launch", "wait", "complete")}
         self.finished_family = fam(name="tritonllm_requests_finished_total", kind=fam.COUNTER,
                                    description="requests finished, by reason")
         self.ttft = metric("tritonllm_time_to_first_token_seconds", fam.HISTOGRAM, "time to first token",
@@ -36,7 +45,7 @@ class EngineMetrics:
                           "mean inter-token latency per request", buckets=LATENCY_BUCKETS)
         self.model, self.loop = model, loop
         self._finished: dict[str, object] = {}
-        self._last = {"tokens": 0, "steps": 0, "batched": 0}
+        self._last: dict[str, float] = {}
         self.slots.set(loop.scheduler.slots)  # the runtime's count (memory may allow fewer than configured)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True, name="tritonllm-metrics")
@@ -58,10 +67,14 @@ class EngineMetrics:
             st, sch = self.loop.stats, self.loop.scheduler
             self.active.set(sch.active)
             self.queued.set(sch.queued)
-            for key, value, m in (("tokens", st.tokens_generated, self.tokens), ("steps", st.decode_steps, self.steps),
-                                  ("batched", st.batched_decode_steps, self.batched)):
-                if value > self._last[key]:
-                    m.increment(value - self._last[key])
+            counters = [("tokens", st.tokens_generated, self.tokens), ("steps", st.decode_steps, self.steps),
+                        ("batched", st.batched_decode_steps, self.batched),
+                        ("prefill_steps", st.prefill_steps, self.prefill_steps),
+                        ("prefilled", st.prefilled, self.prefilled), ("loop_steps", st.steps, self.loop_steps)]
+            counters += [(p, getattr(st, f"{p}_s"), m) for p, m in self.phase.items()]
+            for key, value, m in counters:
+                if value > self._last.get(key, 0):
+                    m.increment(value - self._last.get(key, 0))
                     self._last[key] = value
 
     def close(self) -> None:

@@ -122,7 +122,11 @@ def test_eight_concurrent_requests_share_decode_steps(live_server):
     prompts = [f"Request number {i} says" for i in range(8)]
     with LLMClient(live_server.grpc_url, "tiny") as c:
         expected = [c.generate(p, max_tokens=n, temperature=0.0, ignore_eos=True).text for p, n in zip(prompts, lengths)]
-    batched_before = metric_value(live_server, "tritonllm_batched_decode_steps_total", "tiny_engine")
+    counters = ("tritonllm_batched_decode_steps_total", "tritonllm_prefilled_sequences_total",
+                "tritonllm_prefill_steps_total", "tritonllm_loop_steps_total")
+    time.sleep(1.0)  # the engine publishes its counters every 0.5 s: let the warm-up's land first
+    batched_before, prefilled_before, prefill_steps_before, steps_before = (
+        metric_value(live_server, m, "tiny_engine") for m in counters)
 
     async def run():
         client = AsyncLLMClient(live_server.grpc_url, "tiny")
@@ -137,6 +141,13 @@ def test_eight_concurrent_requests_share_decode_steps(live_server):
     assert [r.num_output_tokens for r in results] == lengths
     wait_for_metric(live_server, "tritonllm_batched_decode_steps_total", "tiny_engine",
                     lambda v: v >= batched_before + 20)
+    prefilled = wait_for_metric(live_server, counters[1], "tiny_engine", lambda v: v >= prefilled_before + 8)
+    assert prefilled == prefilled_before + 8
+    prefill_steps = metric_value(live_server, counters[2], "tiny_engine") - prefill_steps_before
+    assert 1 <= prefill_steps <= 8
+    # every token of the longest request took a step
+    wait_for_metric(live_server, counters[3], "tiny_engine", lambda v: v >= steps_before + max(lengths))
+    assert metric_value(live_server, "tritonllm_loop_seconds_total", "tiny_engine") > 0  # first phase listed
 
 
 BAD_INPUTS = [

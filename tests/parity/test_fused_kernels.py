@@ -1,7 +1,8 @@
 """The fused OpenAI-Triton decode kernels, run by Triton's interpreter on the CPU
 (TRITON_INTERPRET=1): each against the reference ops, and the whole fused decode step inside the
-engine loop against HF greedy ids. Skipped where `triton` is not installed (CI installs no
-triton: `pip install triton` to run these; the GPU benchmark runs the kernels compiled)."""
+engine loop against HF greedy ids; the small-batch `gemv` products on ragged shapes and inside
+that step. `triton` is pinned in requirements.lock, so `make test` runs these (fp32: the
+interpreter's bf16 dot is wrong); the GPU benchmark runs the kernels compiled, in bf16."""
 import os
 
 import pytest
@@ -14,7 +15,8 @@ from tritonllm.config import EngineConfig  # noqa: E402
 from tritonllm.inprocess import InProcessEngine  # noqa: E402
 from tritonllm.modeling import CausalLM, load_hf, rotate_half  # noqa: E402
 from tritonllm.runtimes import fused_kernels as fk  # noqa: E402
-from tritonllm.runtimes.torch_cuda import TorchCudaRuntime  # noqa: E402
+from tritonllm.runtimes import gemv  # noqa: E402
+from tritonllm.runtimes.torch_cuda import PROJECTIONS, TorchCudaRuntime  # noqa: E402
 from tritonllm.text import TokenizerFiles  # noqa: E402
 
 
@@ -63,14 +65,33 @@ def test_decode_attention_matches_sdpa_over_each_rows_valid_keys(heads, kv_heads
         torch.testing.assert_close(got[i, 0], ref, atol=1e-4, rtol=1e-4)
 
 
-def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir):
+@pytest.mark.parametrize("rows,config", [(1, (8, 512, 4)), (3, (16, 512, 4)), (8, (4, 1024, 4))])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_matches_linear_on_ragged_shapes(rows, config, with_bias):
+    torch.manual_seed(3)
+    n, k = 37, 300  # neither a multiple of the rows per program nor of the K step
+    x, w = torch.randn(rows, 1, k), torch.randn(n, k)
+    b = torch.randn(n) if with_bias else None
+    torch.testing.assert_close(gemv.gemv(x, w, b, config), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4)
+
+
+def test_gemv_refuses_more_rows_than_a_program_holds():
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        gemv.gemv(torch.zeros(9, 16), torch.zeros(4, 16), None, gemv.CONFIGS[0])
+
+
+@pytest.mark.parametrize("use_gemv", [False, True])
+def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv):
     from .test_engine_parity import PROMPTS, hf_greedy
 
     hf, tok = load_hf(tiny_dir), TokenizerFiles(tiny_dir)
     prompts, lengths = [tok.encode(p) for p in PROMPTS[:3]], [10, 4, 7]
     cfg = EngineConfig(max_slots=2, max_context=160, max_tokens_limit=64)
-    runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True)
-    assert runtime.describe()["triton_kernels"]
+    # wide tiles for the LM head: the interpreter runs programs one by one
+    table = {(kind, rows): (1024, 64, 4) if kind == "lm_head" else gemv.CONFIGS[1]
+             for kind in PROJECTIONS + ("lm_head",) for rows in (1, 2)} if use_gemv else {}
+    runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table=table)
+    assert runtime.describe()["triton_kernels"] and len(runtime.describe()["gemv"]) == len(table)
     with InProcessEngine(None, cfg, runtime=runtime) as eng:
         got = [s.wait(300).ids for s in [eng.submit(ids, max_tokens=n, temperature=0.0, ignore_eos=True)
                                          for ids, n in zip(prompts, lengths)]]

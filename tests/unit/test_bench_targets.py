@@ -29,3 +29,33 @@ def test_cpu_target_is_against_hf_at_batch_1_and_the_file_says_where_time_goes()
     assert "concurrency 1, x HF generate: 1.90x (target >= 2.00x): missed by 0.10x" in target_lines({"gpu": None}, cpu_rows)[0]
     md = render("bench-gpu", FACTS, ROWS)
     assert "weight-read floor 0.500 ms" in md and "launch 0.5 / wait 0.5" in md
+
+
+def test_engine_note_reads_the_engines_counters_off_metrics_text():
+    from bench.bench_llm import engine_counters, engine_note
+
+    class Server:
+        text = ""
+
+        def metrics(self):
+            return self.text
+
+    def metrics(scale):
+        m = 'model="m_engine"'
+        return "\n".join([
+            f"tritonllm_time_to_first_token_seconds_sum{{{m}}} {0.5 * scale}",
+            f"tritonllm_time_to_first_token_seconds_count{{{m}}} {10 * scale}",
+            f'tritonllm_time_to_first_token_seconds_count{{model="other_engine"}} 999',
+            f"tritonllm_loop_steps_total{{{m}}} {100 * scale}",
+            f"tritonllm_prefill_steps_total{{{m}}} {4 * scale}",
+            f"tritonllm_prefilled_sequences_total{{{m}}} {10 * scale}",
+            *(f'tritonllm_loop_seconds_total{{{m},phase="{p}"}} {t * scale}'
+              for p, t in (("launch", 0.05), ("wait", 0.1), ("complete", 0.02)))])
+
+    srv = Server()
+    srv.text = metrics(1)
+    before = engine_counters(srv, "m")
+    srv.text = metrics(3)
+    note = engine_note(before, engine_counters(srv, "m"), [0.06] * 20)
+    assert note == ("; TTFT mean client 60.0 ms, in engine 50.0 ms; loop ms/step launch 0.50 / wait 1.00 / "
+                    "complete 0.20; 2.5 prefills/step in 8 of 200 steps")

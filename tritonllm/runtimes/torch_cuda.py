@@ -22,6 +22,7 @@ from .torch_sampling import to_device
 log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 NEG = -1e9
+PROJECTIONS = ("qkv_proj", "o", "gate_up", "down")  # a decoder layer's linears, by attribute name
 
 
 def buckets(limit: int, start: int = 1) -> list[int]:
@@ -90,7 +91,7 @@ def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
 class TorchCudaRuntime:
     def __init__(self, engine_dir: Path | None, cfg: EngineConfig, model: CausalLM | None = None,
                  use_cuda_graphs: bool = True, device: str = "cuda", fused_kernels: bool = True,
-                 triton_kernels: bool | None = None):
+                 triton_kernels: bool | None = None, gemv_table: dict | None = None):
         self.device = torch.device(device)
         self.fused_kernels = fused_kernels  # False: the reference ops of modeling.py (profiling)
         self.dtype = DTYPES[cfg.dtype]
@@ -107,6 +108,7 @@ class TorchCudaRuntime:
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self.triton_kernels = self._want_triton(triton_kernels)
         self._decode_body = self._decode_triton if self.triton_kernels else self._decode_graph_body
+        self.gemv_table, self.gemv_report = self._choose_gemv(gemv_table)
         self.compiled = bool(cfg.torch_compile and self.device.type == "cuda")
         if self.compiled:  # fuses the many small kernels of a step
             self._decode_body = torch.compile(self._decode_graph_body, fullgraph=False, dynamic=False)
@@ -131,6 +133,31 @@ class TorchCudaRuntime:
             log.warning("fused Triton decode kernels unavailable (%s): using the torch ops", str(exc)[:300])
             return False
 
+    def _choose_gemv(self, given: dict | None) -> tuple[dict, list]:
+        """{(weight kind, batch rows): tile config} for the fused decode step's small-batch products:
+        `given`, or timed against cuBLAS on this GPU (gemv.tune); TRITONLLM_GEMV=0 keeps cuBLAS."""
+        if given is not None:
+            return dict(given), []
+        if not self.triton_kernels or self.device.type != "cuda" or os.environ.get("TRITONLLM_GEMV") == "0":
+            return {}, []
+        m = self.model
+        weights = {kind: [(getattr(layer, kind).weight, getattr(layer, kind).bias) for layer in m.layers]
+                   for kind in PROJECTIONS}
+        weights["lm_head"] = [(m.lm_head, None)]
+        try:
+            from . import gemv
+            return gemv.tune(weights, self.batch_buckets)
+        except Exception as exc:  # the tiles do not compile here: cuBLAS serves every product
+            log.warning("gemv tuning failed (%s): cuBLAS serves the decode products", str(exc)[:300])
+            return {}, []
+
+    def _project(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        config = self.gemv_table.get((kind, x.shape[0]))
+        if config is None:
+            return F.linear(x, weight, bias)
+        from . import gemv
+        return gemv.gemv(x, weight, bias, config)
+
     def _size_slots(self, cfg: EngineConfig) -> int:
         if self.device.type != "cuda":
             return cfg.max_slots
@@ -151,7 +178,8 @@ class TorchCudaRuntime:
                 "slots": self.max_slots, "max_context": self.max_context,
                 "kv_cache_bytes": self.cache.keys.nbytes * 2, "cuda_graphs": self.use_cuda_graphs,
                 "torch_compile": self.compiled, "fused_kernels": self.fused_kernels,
-                "triton_kernels": self.triton_kernels}
+                "triton_kernels": self.triton_kernels,
+                "gemv": {f"{kind} x{rows}": list(cfg) for (kind, rows), cfg in sorted(self.gemv_table.items())}}
 
     # -- forward passes ------------------------------------------------------------------------
     def _norm(self, norm, x: torch.Tensor) -> torch.Tensor:
@@ -197,14 +225,16 @@ class TorchCudaRuntime:
         x = torch.nn.functional.embedding(self._tokens[:b, None], m.embed)  # the residual stream
         cos, sin = m.rotary(positions[:, None], x.dtype)
         h = rms_norm(m.layers[0].ln1, x)
+        proj = lambda kind, layer, inp: self._project(kind, getattr(layer, kind).weight,  # noqa: E731
+                                                      getattr(layer, kind).bias, inp)
         for i, layer in enumerate(m.layers):
-            q = fk.rope_kv_write(layer.qkv_proj(h), cos, sin, self.cache.keys[i], self.cache.values[i], positions,
-                                 sh.num_heads, sh.num_kv_heads)
+            q = fk.rope_kv_write(proj("qkv_proj", layer, h), cos, sin, self.cache.keys[i], self.cache.values[i],
+                                 positions, sh.num_heads, sh.num_kv_heads)
             a = fk.decode_attention(q, self.cache.keys[i], self.cache.values[i], positions, c)
-            h = fk.add_rms_norm(layer.o(a), x, layer.ln2.weight, layer.ln2.eps)
+            h = fk.add_rms_norm(proj("o", layer, a), x, layer.ln2.weight, layer.ln2.eps)
             nxt = m.layers[i + 1].ln1 if i + 1 < len(m.layers) else m.norm
-            h = fk.add_rms_norm(layer.down(fk.silu_mul(layer.gate_up(h))), x, nxt.weight, nxt.eps)
-        return torch.matmul(h[:, 0], m.lm_head.t()).float()
+            h = fk.add_rms_norm(proj("down", layer, fk.silu_mul(proj("gate_up", layer, h))), x, nxt.weight, nxt.eps)
+        return self._project("lm_head", m.lm_head, None, h[:, 0]).float()
 
     def _decode_graph_body(self, b: int, c: int) -> torch.Tensor:
         tokens, positions = self._tokens[:b], self._positions[:b]
