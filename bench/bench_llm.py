@@ -186,6 +186,9 @@ ENGINE_COUNTERS = {"ttft_sum": ("tritonllm_time_to_first_token_seconds_sum", Non
                    "steps": ("tritonllm_loop_steps_total", None), "prefill_steps": ("tritonllm_prefill_steps_total", None),
                    "prefilled": ("tritonllm_prefilled_sequences_total", None),
                    **{p: ("tritonllm_loop_seconds_total", p) for p in ("launch", "wait", "complete")}}
+TOKENIZER_COUNTERS = {"tok_requests": "nv_inference_request_success", "tok_execs": "nv_inference_exec_count",
+                      "tok_queue_us": "nv_inference_queue_duration_us",
+                      "tok_compute_us": "nv_inference_compute_infer_duration_us"}
 METRIC_LINE = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$")
 
 
@@ -194,7 +197,7 @@ def engine_counters(server, name: str) -> dict[str, float]:
     prefill steps and sequences) for the model `<name>_engine`. Published every 0.5 s."""
     time.sleep(0.6)
     wanted = {v: k for k, v in ENGINE_COUNTERS.items()}
-    out = dict.fromkeys(ENGINE_COUNTERS, 0.0)
+    out = dict.fromkeys([*ENGINE_COUNTERS, *TOKENIZER_COUNTERS], 0.0)
     for line in server.metrics().splitlines():
         m = METRIC_LINE.match(line)
         if not m:
@@ -203,6 +206,9 @@ def engine_counters(server, name: str) -> dict[str, float]:
         key = wanted.get((m.group(1), labels.get("phase")))
         if key and labels.get("model") == f"{name}_engine":
             out[key] = float(m.group(3))
+        tok = next((k for k, v in TOKENIZER_COUNTERS.items() if v == m.group(1)), None)
+        if tok and labels.get("model") == f"{name}_tokenizer":  # Triton's own per-model counters
+            out[tok] = float(m.group(3))
     return out
 
 
@@ -217,6 +223,10 @@ def engine_note(before: dict, after: dict, client_ttft: list[float]) -> str:
     if d["steps"] > 0:
         notes.append("loop ms/step launch {:.2f} / wait {:.2f} / complete {:.2f}".format(
             *(1e3 * d[p] / d["steps"] for p in ("launch", "wait", "complete"))))
+    if d.get("tok_requests", 0) > 0:
+        notes.append(f"tokenizer per request: queue {1e-3 * d['tok_queue_us'] / d['tok_requests']:.1f} ms, "
+                     f"compute {1e-3 * d['tok_compute_us'] / d['tok_requests']:.2f} ms, "
+                     f"{d['tok_requests'] / max(d['tok_execs'], 1):.1f} requests/execution")
     if d["prefill_steps"] > 0:
         notes.append(f"{d['prefilled'] / d['prefill_steps']:.1f} prefills/step in {d['prefill_steps']:.0f} of "
                      f"{d['steps']:.0f} steps")

@@ -1,7 +1,8 @@
 """Where a decode step's GPU time goes, per torch-cuda kernel variant (reference ops, fused
-kernels, fused + torch.compile): captured-graph GPU time per batch size, the top kernels of one
-eager step (torch.profiler), and the floor set by the step's matrix products alone (cuBLAS, timed
-in a graph) and by the weight bytes / copy bandwidth.
+kernels with cuBLAS or with the tuned gemv products, fused + torch.compile): captured-graph GPU
+time per batch size, the top kernels of one eager step (torch.profiler), the gemv tuning table,
+and the floor set by the step's matrix products alone (cuBLAS, one layer's weights timed in a
+graph: small ones stay in L2, so this floor is optimistic) and by the weight bytes / bandwidth.
 
   python -m bench.profile_decode --out results      (GPU; Llama-3.2-1B-shaped random bf16)
 """
@@ -13,6 +14,7 @@ import gc
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,7 +25,8 @@ from tritonllm.modeling import CausalLM
 
 log = logging.getLogger("profile")
 VARIANTS = {"reference": dict(fused_kernels=False), "fused": dict(fused_kernels=True, triton_kernels=False),
-            "fused+triton": dict(fused_kernels=True, triton_kernels=True),
+            "fused+triton": dict(fused_kernels=True, triton_kernels=True, gemv_table={}),  # cuBLAS products
+            "fused+triton+gemv": dict(fused_kernels=True, triton_kernels=True),  # gemv where timed faster
             "fused+compile": dict(fused_kernels=True, triton_kernels=False, torch_compile=True)}
 
 
@@ -84,6 +87,34 @@ def top_kernels(runtime, b: int, c: int, n: int = 14) -> list[dict]:
     return [{"kernel": "TOTAL", "calls_per_step": kernels, "us_per_step": round(total, 1)}] + rows[:n]
 
 
+def prefill_costs(runtime, a, prompt_len: int = 128) -> dict:
+    """One prefill step of b prompts, launched eagerly and replayed from its CUDA graph: the host's
+    time to enqueue it (the engine loop launches nothing else meanwhile) and the time until the
+    device is done (best of 3), and how far the graph's logits are from the eager ones."""
+    from tritonllm.runtimes.base import StepInput
+
+    def timed(fn):
+        best = (float("inf"), float("inf"), None)
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            best = min(best, (1e3 * (t1 - t0), 1e3 * (time.perf_counter() - t0), out), key=lambda x: x[:2])
+        return {"launch_ms": round(best[0], 2), "done_ms": round(best[1], 2)}, best[2]
+
+    out = {}
+    with torch.no_grad():
+        for b in (x for x in (1, 8, 23, 32, 64) if x <= runtime.max_slots):
+            rows = [StepInput(i, list(range(1, prompt_len + 1)), 0) for i in range(b)]
+            eager, ref = timed(lambda: runtime._prefill_body(*runtime._prefill_inputs(rows, b, prompt_len)))
+            graph, got = timed(lambda: runtime.prefill(rows))
+            diff = ((got - ref).abs().max() / ref.abs().max()).item()
+            out[b] = {"eager": eager, "graph": graph, "graph_vs_eager_max_rel_diff": round(diff, 5)}
+    return out
+
+
 def profile_variant(name: str, model: CausalLM, a) -> dict:
     from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 
@@ -92,13 +123,14 @@ def profile_variant(name: str, model: CausalLM, a) -> dict:
                        max_tokens_limit=511, torch_compile=opts.pop("torch_compile", False))
     runtime = TorchCudaRuntime(None, cfg, model=model, **opts)
     runtime._positions.fill_(a.context - 1)
-    out = {"graph_ms": {}, "top_kernels": {}}
+    out = {"graph_ms": {}, "top_kernels": {}, "gemv_tuning": runtime.gemv_report}
     for b in a.batches:
         graph, _ = runtime._graph(b, a.context)
         out["graph_ms"][b] = round(time_replays(graph), 3)
         if "compile" not in name:
             out["top_kernels"][b] = top_kernels(runtime, b, a.context)
-    log.info("%s: %s", name, out["graph_ms"])
+    out["prefill_ms"] = prefill_costs(runtime, a)
+    log.info("%s: %s prefill %s", name, out["graph_ms"], out["prefill_ms"])
     del runtime
     gc.collect()
     torch.cuda.empty_cache()
@@ -110,7 +142,7 @@ def main() -> None:
     p.add_argument("--out", default="results")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--context", type=int, default=256)
-    p.add_argument("--variants", nargs="+", default=["reference", "fused", "fused+triton"], choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["fused+triton", "fused+triton+gemv"], choices=list(VARIANTS))
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     hf = llama_1b_random()

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 NEG = -1e9
 PROJECTIONS = ("qkv_proj", "o", "gate_up", "down")  # a decoder layer's linears, by attribute name
+PREFILL_GRAPH_TOKENS = 8192  # larger prefills launch eagerly: their GPU time (H100: 37 ms for 64 x 128
+                             # tokens) hides the 12 ms of launches, and each graph's pool grows with it
 
 
 def buckets(limit: int, start: int = 1) -> list[int]:
@@ -102,8 +104,12 @@ class TorchCudaRuntime:
         self.shape = self.model.shape
         self.max_context = cfg.max_context
         self.max_slots = self._size_slots(cfg)
-        self.cache = StaticKVCache(self.shape, self.max_slots, cfg.max_context, self.dtype, self.device)
+        self.scratch_slot = self.max_slots  # padding rows of a graph-replayed prefill write their K/V here
+        self.cache = StaticKVCache(self.shape, self.max_slots + 1, cfg.max_context, self.dtype, self.device)
         self.batch_buckets = buckets(self.max_slots)
+        self.prefill_batch_buckets = sorted({b for b in buckets(self.max_slots) + [3 * x // 2 for x in buckets(self.max_slots)]
+                                             if 1 <= b <= self.max_slots})
+        self.prefill_len_buckets = buckets(cfg.max_context, start=min(16, cfg.max_context))
         self.ctx_buckets = buckets(cfg.max_context, start=min(128, cfg.max_context))
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self.triton_kernels = self._want_triton(triton_kernels)
@@ -113,6 +119,7 @@ class TorchCudaRuntime:
         if self.compiled:  # fuses the many small kernels of a step
             self._decode_body = torch.compile(self._decode_graph_body, fullgraph=False, dynamic=False)
         self._graphs: dict[tuple[int, int], tuple] = {}
+        self._prefill_graphs: dict[tuple[int, int], tuple] = {}
         self._pool = None
         self._tokens = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
         self._positions = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
@@ -163,7 +170,7 @@ class TorchCudaRuntime:
             return cfg.max_slots
         free, total = torch.cuda.mem_get_info()
         per_slot = StaticKVCache.bytes_per_slot(self.shape, cfg.max_context, self.dtype)
-        fit = int(free * cfg.kv_cache_memory_fraction) // per_slot
+        fit = int(free * cfg.kv_cache_memory_fraction) // per_slot - 1  # one is the prefill scratch slot
         if fit < 1:
             raise RuntimeError(f"no room for one KV slot of {cfg.max_context} tokens ({per_slot / 2**20:.0f} MiB) in "
                                f"{cfg.kv_cache_memory_fraction:.0%} of {free / 2**30:.1f} GiB free: lower max_context")
@@ -198,12 +205,32 @@ class TorchCudaRuntime:
 
     @torch.no_grad()
     def prefill(self, rows: list[StepInput]) -> torch.Tensor:
-        """Prompts padded to one length, causal attention over the new tokens only."""
+        """Prompts right-padded to one length, causal attention over the new tokens only. Up to
+        PREFILL_GRAPH_TOKENS (batch x length buckets) a CUDA graph per bucket replays the step:
+        launched eagerly, one 128-token prompt cost the host 8.7 ms on the H100 (the GPU's share
+        was done long before), and the loop launches no decode step meanwhile."""
         b, t = len(rows), max(len(r.tokens) for r in rows)
-        ids = to_device([r.tokens + [0] * (t - len(r.tokens)) for r in rows], self.device)
+        bb, tb = bucket_for(b, self.prefill_batch_buckets), bucket_for(t, self.prefill_len_buckets)
+        if not self.use_cuda_graphs or bb * tb > PREFILL_GRAPH_TOKENS:
+            return self._prefill_body(*self._prefill_inputs(rows, b, t))
+        graph, static, out = self._prefill_graph(bb, tb)
+        for buf, value in zip(static, self._prefill_inputs(rows, bb, tb)):
+            buf.copy_(value, non_blocking=True)
+        graph.replay()
+        return out[:b]
+
+    def _prefill_inputs(self, rows: list[StepInput], b: int, t: int) -> tuple[torch.Tensor, ...]:
+        """ids [b,t] (right-padded), slots [b], index of each row's last token [b]; rows past
+        len(rows) are padding: token 0 into the scratch slot."""
+        pad = b - len(rows)
+        ids = to_device([r.tokens + [0] * (t - len(r.tokens)) for r in rows] + [[0] * t] * pad, self.device)
+        slots = to_device([r.slot for r in rows] + [self.scratch_slot] * pad, self.device)
+        last = to_device([len(r.tokens) - 1 for r in rows] + [0] * pad, self.device)
+        return ids, slots, last
+
+    def _prefill_body(self, ids: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
         positions = torch.arange(t, device=self.device).expand(b, t)
-        slots = to_device([r.slot for r in rows], self.device)
-        last = to_device([len(r.tokens) - 1 for r in rows], self.device)
         x = torch.nn.functional.embedding(ids, self.model.embed)
         cos, sin = self.model.rotary(positions, x.dtype)
         if self.fused_kernels:  # prompts are right-padded, so causal attention alone never sees a pad
@@ -214,6 +241,15 @@ class TorchCudaRuntime:
             attend = lambda i, layer, q, k, v: layer.attend(q, k, v, causal)  # noqa: E731
         x = self._layers(x, cos, sin, slots, positions, attend)
         return self._logits(x[torch.arange(b, device=self.device), last])
+
+    def _prefill_graph(self, b: int, t: int):
+        if (b, t) not in self._prefill_graphs:
+            static = (torch.zeros((b, t), dtype=torch.long, device=self.device),
+                      torch.full((b,), self.scratch_slot, dtype=torch.long, device=self.device),
+                      torch.zeros((b,), dtype=torch.long, device=self.device))
+            graph, out = self._capture(lambda: self._prefill_body(*static), f"prefill batch={b} length={t}")
+            self._prefill_graphs[(b, t)] = (graph, static, out)
+        return self._prefill_graphs[(b, t)]
 
     def _decode_triton(self, b: int, c: int) -> torch.Tensor:
         """The decode step with the fused kernels: per layer 4 matrix products and 4 small kernels
@@ -254,22 +290,26 @@ class TorchCudaRuntime:
         return self._logits(x[:, 0])
 
     def _graph(self, b: int, c: int):
-        key = (b, c)
-        if key not in self._graphs:
-            t0 = time.perf_counter()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), torch.no_grad():
-                for _ in range(2):
-                    self._decode_body(b, c)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
-                out = self._decode_body(b, c)
-            self._pool = graph.pool()
-            self._graphs[key] = (graph, out)
-            log.info("captured decode graph batch=%d context=%d in %.0f ms", b, c, 1e3 * (time.perf_counter() - t0))
-        return self._graphs[key]
+        if (b, c) not in self._graphs:
+            self._graphs[(b, c)] = self._capture(lambda: self._decode_body(b, c), f"decode batch={b} context={c}")
+        return self._graphs[(b, c)]
+
+    def _capture(self, body, what: str):
+        """(graph, output) of `body` captured after two warm-up runs; all graphs share one memory
+        pool (they replay one at a time on one stream)."""
+        t0 = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
+            out = body()
+        self._pool = graph.pool()
+        log.info("captured %s graph in %.0f ms", what, 1e3 * (time.perf_counter() - t0))
+        return graph, out
 
     @torch.no_grad()
     def decode(self, rows: list[StepInput]) -> torch.Tensor:
