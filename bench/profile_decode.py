@@ -123,7 +123,8 @@ def profile_variant(name: str, model: CausalLM, a) -> dict:
                        max_tokens_limit=511, torch_compile=opts.pop("torch_compile", False))
     runtime = TorchCudaRuntime(None, cfg, model=model, capture_at_start=False, **opts)
     runtime._positions.fill_(a.context - 1)
-    out = {"graph_ms": {}, "top_kernels": {}, "gemv_tuning": runtime.gemv_report}
+    out = {"graph_ms": {}, "top_kernels": {}, "gemv_tuning": runtime.gemv_report,
+           "attention_tuning": runtime.attention_report}
     for b in a.batches:
         graph, _ = runtime._graph(b, a.context)
         out["graph_ms"][b] = round(time_replays(graph), 3)

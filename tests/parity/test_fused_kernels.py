@@ -49,14 +49,15 @@ def test_add_rms_norm_and_silu_mul_match_the_reference_ops():
     torch.testing.assert_close(fk.silu_mul(gu), torch.nn.functional.silu(gu[..., :1500]) * gu[..., 1500:])
 
 
+@pytest.mark.parametrize("config", fk.ATTENTION_CONFIGS[:2] + fk.ATTENTION_CONFIGS[3:])
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (8, 2)])
-def test_decode_attention_matches_sdpa_over_each_rows_valid_keys(heads, kv_heads):
+def test_decode_attention_matches_sdpa_over_each_rows_valid_keys(heads, kv_heads, config):
     torch.manual_seed(2)
     b, d, ctx = 3, 16, 150
     q = torch.randn(b, heads, d)
     kc, vc = torch.randn(4, kv_heads, ctx, d), torch.randn(4, kv_heads, ctx, d)
     pos = torch.tensor([0, 70, 149])
-    got = fk.decode_attention(q, kc, vc, pos, limit=128)  # row 2 is cut at the graph's context
+    got = fk.decode_attention(q, kc, vc, pos, limit=128, config=config)  # row 2 is cut at the graph's context
     g = heads // kv_heads
     for i in range(b):
         n = min(int(pos[i]) + 1, 128)

@@ -129,18 +129,45 @@ def _decode_attention_kernel(q, k_cache, v_cache, pos, out, limit, scale, s_q_b,
     tl.store(out + b * s_q_b + rows, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=(g < G)[:, None])
 
 
+ATTENTION_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2))  # (keys per block, warps, stages)
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                     limit: int) -> torch.Tensor:
+                     limit: int, config: tuple[int, int, int] = ATTENTION_CONFIGS[0]) -> torch.Tensor:
     """q [B,H,D] (contiguous) of slots 0..B-1 at positions [B]; k/v_cache [slots,Hkv,C,D] (one layer).
-    Row b attends to keys 0..min(positions[b], limit - 1). Returns [B,1,H*D]."""
+    Row b attends to keys 0..min(positions[b], limit - 1). Returns [B,1,H*D]. `config`: keys per
+    block (fewer blocks, fewer dependent loads: what a batch of few rows waits on), warps, stages."""
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     out = torch.empty_like(q)
+    block_n, warps, stages = config
     _decode_attention_kernel[(b, hkv)](
         q, k_cache, v_cache, positions, out, limit, d ** -0.5, q.stride(0), q.stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), G=h // hkv, GP=max(16, triton.next_power_of_2(h // hkv)), D=d,
-        BLOCK_N=64)
+        BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return out.view(b, 1, h * d)
+
+
+def tune_attention(k_caches, v_caches, num_heads: int, batches, context: int) -> tuple[dict, list]:
+    """The fastest ATTENTION_CONFIGS entry per batch size, timed over every layer's cache at
+    `context` keys per row (CUDA graph replays). Returns ({batch: config}, timings for the log)."""
+    from .gemv import graph_ms
+
+    d = k_caches[0].shape[-1]
+    table, report = {}, []
+    for b in batches:
+        q = torch.randn(b, num_heads, d, device=k_caches[0].device, dtype=k_caches[0].dtype)
+        pos = torch.full((b,), context - 1, device=q.device)
+        ref = decode_attention(q, k_caches[0], v_caches[0], pos, context).float()
+        agree = [cfg for cfg in ATTENTION_CONFIGS  # the default is checked against SDPA in self_check
+                 if torch.allclose(decode_attention(q, k_caches[0], v_caches[0], pos, context, cfg).float(), ref,
+                                   atol=2e-2, rtol=2e-2)]
+        times = {cfg: graph_ms(lambda cfg=cfg: [decode_attention(q, k, v, pos, context, cfg)
+                                                for k, v in zip(k_caches, v_caches)])
+                 for cfg in agree}
+        table[b] = min(times, key=times.get)
+        report.append({"batch": b, "chosen": str(table[b]), "us": {str(c): round(1e3 * t, 1) for c, t in times.items()}})
+    return table, report
 
 
 def self_check(device, dtype, head_dim: int) -> None:

@@ -61,7 +61,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
     return out.view(*x.shape[:-1], n)
 
 
-def _graph_ms(fn: Callable[[], object], reps: int = 5) -> float:
+def graph_ms(fn: Callable[[], object], reps: int = 5) -> float:
     """GPU milliseconds per call of `fn` replayed from a CUDA graph (Python launch cost excluded)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -102,9 +102,9 @@ def tune(weights: dict[str, Sequence[tuple[torch.Tensor, torch.Tensor | None]]],
         for m in (r for r in rows if r <= MAX_ROWS):
             x = torch.randn(m, 1, k, device=mats[0][0].device, dtype=mats[0][0].dtype)
             run = lambda f: (lambda: [f(x, w, b) for w, b in mats])  # noqa: E731
-            times = {"cublas": _graph_ms(run(torch.nn.functional.linear))}
+            times = {"cublas": graph_ms(run(torch.nn.functional.linear))}
             for cfg in (c for c in configs if _agrees(x, *mats[0], c)):
-                times[cfg] = _graph_ms(run(lambda x, w, b, cfg=cfg: gemv(x, w, b, cfg)))
+                times[cfg] = graph_ms(run(lambda x, w, b, cfg=cfg: gemv(x, w, b, cfg)))
             best = min(times, key=times.get)
             if best != "cublas":
                 table[(kind, m)] = best

@@ -115,6 +115,7 @@ class TorchCudaRuntime:
         self.triton_kernels = self._want_triton(triton_kernels)
         self._decode_body = self._decode_triton if self.triton_kernels else self._decode_graph_body
         self.gemv_table, self.gemv_report = self._choose_gemv(gemv_table)
+        self.attention_table, self.attention_report = self._choose_attention()
         self.compiled = bool(cfg.torch_compile and self.device.type == "cuda")
         if self.compiled:  # fuses the many small kernels of a step
             self._decode_body = torch.compile(self._decode_graph_body, fullgraph=False, dynamic=False)
@@ -177,6 +178,20 @@ class TorchCudaRuntime:
             log.warning("gemv tuning failed (%s): cuBLAS serves the decode products", str(exc)[:300])
             return {}, []
 
+    def _choose_attention(self) -> tuple[dict, list]:
+        """{batch bucket: decode attention config}, timed on this GPU at up to 256 keys per row."""
+        if not self.triton_kernels or self.device.type != "cuda":
+            return {}, []
+        from . import fused_kernels as fk
+        try:
+            table, report = fk.tune_attention(self.cache.keys, self.cache.values, self.shape.num_heads,
+                                              self.batch_buckets, min(256, self.max_context))
+        except Exception as exc:  # a config does not compile here: the default (self-checked) serves
+            log.warning("decode attention tuning failed (%s): default blocks", str(exc)[:300])
+            return {}, []
+        log.info("decode attention configs by batch: %s", table)
+        return table, report
+
     def _project(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         config = self.gemv_table.get((kind, x.shape[0]))
         if config is None:
@@ -205,7 +220,8 @@ class TorchCudaRuntime:
                 "kv_cache_bytes": self.cache.keys.nbytes * 2, "cuda_graphs": self.use_cuda_graphs,
                 "torch_compile": self.compiled, "fused_kernels": self.fused_kernels,
                 "triton_kernels": self.triton_kernels,
-                "gemv": {f"{kind} x{rows}": list(cfg) for (kind, rows), cfg in sorted(self.gemv_table.items())}}
+                "gemv": {f"{kind} x{rows}": list(cfg) for (kind, rows), cfg in sorted(self.gemv_table.items())},
+                "decode_attention": {b: list(cfg) for b, cfg in sorted(self.attention_table.items())}}
 
     # -- forward passes ------------------------------------------------------------------------
     def _norm(self, norm, x: torch.Tensor) -> torch.Tensor:
@@ -286,7 +302,8 @@ class TorchCudaRuntime:
         for i, layer in enumerate(m.layers):
             q = fk.rope_kv_write(proj("qkv_proj", layer, h), cos, sin, self.cache.keys[i], self.cache.values[i],
                                  positions, sh.num_heads, sh.num_kv_heads)
-            a = fk.decode_attention(q, self.cache.keys[i], self.cache.values[i], positions, c)
+            a = fk.decode_attention(q, self.cache.keys[i], self.cache.values[i], positions, c,
+                                    self.attention_table.get(b, fk.ATTENTION_CONFIGS[0]))
             h = fk.add_rms_norm(proj("o", layer, a), x, layer.ln2.weight, layer.ln2.eps)
             nxt = m.layers[i + 1].ln1 if i + 1 < len(m.layers) else m.norm
             h = fk.add_rms_norm(proj("down", layer, fk.silu_mul(proj("gate_up", layer, h))), x, nxt.weight, nxt.eps)
