@@ -4,7 +4,8 @@ At batch 1 cuBLAS tiles a weight's output rows 64 at a time, so a 2048-row proje
 programs on a GPU of 132 SMs: on the H200 the qkv and o projections read their weights at 1.8 TB/s
 and down at 2.6 TB/s, against 4.3 TB/s for a copy (results/decode-profile-h200-triton.json).
 `gemv` gives each program a few output rows over the whole input, so even a 2048-row weight is
-read by hundreds of programs at once. Which of cuBLAS and a few tile shapes serves each (weight
+read by hundreds of programs at once; `skinny_dot` does the same on the tensor cores for up to 64
+rows (a narrow tile of the weight per program). Which of cuBLAS and a few tile shapes serves each (weight
 kind, batch rows) is measured on the GPU itself at start-up (`tune`), on every layer's weight in
 turn as a decode step reads them (a single weight would sit in L2 and flatter the small tiles)."""
 from __future__ import annotations
@@ -17,9 +18,11 @@ import triton
 import triton.language as tl
 
 log = logging.getLogger(__name__)
-MAX_ROWS = 8  # batch rows a program holds beside its weight tile; larger batches use cuBLAS
+MAX_ROWS = 8  # batch rows a gemv program holds beside its weight tile
+MAX_DOT_ROWS = 64  # up to here `skinny_dot` (tensor cores, a narrow tile of W per program); beyond, cuBLAS
 CONFIGS = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 512, 8))  # (rows of W, K step, warps)
-Config = tuple[int, int, int]
+DOT_CONFIGS = ((16, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (32, 256, 8, 3))  # (rows of W, K step, warps, stages)
+Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot
 
 
 @triton.jit
@@ -61,6 +64,50 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
     return out.view(*x.shape[:-1], n)
 
 
+@triton.jit
+def _skinny_dot_kernel(x, w, bias, out, M, N, K, s_xm, s_wn, s_om, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    n_ok, m_ok = n < N, m < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w + n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(xt, tl.trans(wt))
+    if HAS_BIAS:
+        acc += tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out + m[:, None] * s_om + n[None, :], acc.to(out.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def skinny_dot(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config) -> torch.Tensor:
+    """x [..., K] of at most MAX_DOT_ROWS rows, weight [N, K] -> x @ weight.T + bias [..., N]: each
+    program multiplies all rows by a narrow tile of the weight on the tensor cores (cuBLAS's tiles
+    at 64 rows left the H100's qkv and o projections at 1.5 TB/s)."""
+    k = x.shape[-1]
+    rows = x.numel() // k
+    if rows > MAX_DOT_ROWS:
+        raise ValueError(f"skinny_dot takes at most {MAX_DOT_ROWS} rows, got {rows}: use the matmul")
+    x2 = x.reshape(rows, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n = weight.shape[0]
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, warps, stages = config
+    _skinny_dot_kernel[(triton.cdiv(n, block_n),)](
+        x2, weight, bias if bias is not None else weight, out, rows, n, k, x2.stride(0), weight.stride(0),
+        out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return out.view(*x.shape[:-1], n)
+
+
+def small_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config) -> torch.Tensor:
+    """The kernel a tuned config names: `gemv` (3 numbers) or `skinny_dot` (4)."""
+    return (gemv if len(config) == 3 else skinny_dot)(x, weight, bias, config)
+
+
 def graph_ms(fn: Callable[[], object], reps: int = 5) -> float:
     """GPU milliseconds per call of `fn` replayed from a CUDA graph (Python launch cost excluded)."""
     side = torch.cuda.Stream()
@@ -84,7 +131,7 @@ def graph_ms(fn: Callable[[], object], reps: int = 5) -> float:
 def _agrees(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, config: Config) -> bool:
     """The config's product equals cuBLAS's within rounding of the activations' type."""
     ref = torch.nn.functional.linear(x, w, b).float()
-    err = (gemv(x, w, b, config).float() - ref).abs().max().item()
+    err = (small_matmul(x, w, b, config).float() - ref).abs().max().item()
     ok = err <= 2e-2 * max(ref.abs().max().item(), 1.0)
     if not ok:
         log.warning("gemv %s disagrees with cuBLAS (max |diff| %.3g): not used", config, err)
@@ -92,19 +139,20 @@ def _agrees(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, config: Co
 
 
 def tune(weights: dict[str, Sequence[tuple[torch.Tensor, torch.Tensor | None]]], rows: Sequence[int],
-         configs: Sequence[Config] = CONFIGS) -> tuple[dict[tuple[str, int], Config], list[dict]]:
+         configs: Sequence[Config] = CONFIGS, dot_configs: Sequence[Config] = DOT_CONFIGS
+         ) -> tuple[dict[tuple[str, int], Config], list[dict]]:
     """For each weight kind (its (weight, bias) of every layer) and batch rows, the fastest of cuBLAS
-    and `configs`. Returns {(kind, rows): config} for the kinds where a config beat cuBLAS, and the
+    and `configs` (gemv, up to MAX_ROWS rows) or `dot_configs` (skinny_dot, up to MAX_DOT_ROWS). Returns {(kind, rows): config} for the kinds where a config beat cuBLAS, and the
     timings (microseconds for all layers' weights of the kind) for the log and the benchmark."""
     table, report = {}, []
     for kind, mats in weights.items():
         k = mats[0][0].shape[1]
-        for m in (r for r in rows if r <= MAX_ROWS):
+        for m in (r for r in rows if r <= MAX_DOT_ROWS):
             x = torch.randn(m, 1, k, device=mats[0][0].device, dtype=mats[0][0].dtype)
             run = lambda f: (lambda: [f(x, w, b) for w, b in mats])  # noqa: E731
             times = {"cublas": graph_ms(run(torch.nn.functional.linear))}
-            for cfg in (c for c in configs if _agrees(x, *mats[0], c)):
-                times[cfg] = graph_ms(run(lambda x, w, b, cfg=cfg: gemv(x, w, b, cfg)))
+            for cfg in (c for c in (configs if m <= MAX_ROWS else dot_configs) if _agrees(x, *mats[0], c)):
+                times[cfg] = graph_ms(run(lambda x, w, b, cfg=cfg: small_matmul(x, w, b, cfg)))
             best = min(times, key=times.get)
             if best != "cublas":
                 table[(kind, m)] = best

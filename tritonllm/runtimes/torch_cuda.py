@@ -197,7 +197,7 @@ class TorchCudaRuntime:
         if config is None:
             return F.linear(x, weight, bias)
         from . import gemv
-        return gemv.gemv(x, weight, bias, config)
+        return gemv.small_matmul(x, weight, bias, config)
 
     def _size_slots(self, cfg: EngineConfig) -> int:
         if self.device.type != "cuda":
