@@ -368,7 +368,14 @@ class TorchCudaRuntime:
             graph.replay()
         else:
             out = self._decode_body(b, c)
-        return out[to_device([r.slot for r in rows], self.device)]
+        return out[self._slot_index([r.slot for r in rows])]
+
+    def _slot_index(self, slots: list[int]):
+        """Indexes rows/slots in this order: a plain slice when they are 0..n-1 (a full batch in
+        slot order, the usual decode step), so no index is copied to the device."""
+        if slots == list(range(len(slots))):
+            return slice(0, len(slots))
+        return to_device(slots, self.device)
 
     def step(self, inputs: list[StepInput]) -> torch.Tensor:
         pre = [i for i, x in enumerate(inputs) if x.start == 0]
@@ -388,7 +395,7 @@ class TorchCudaRuntime:
         land in the device token buffer, where the next decode step reads them, so the engine loop
         can launch step N+1 before it has read step N's tokens (host work overlaps the GPU)."""
         chosen = torch_sampling.choose(self.step(inputs), seqs)
-        self._tokens[to_device([i.slot for i in inputs], self.device)] = chosen
+        self._tokens[self._slot_index([i.slot for i in inputs])] = chosen
         if self.device.type != "cuda":
             return chosen
         host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)

@@ -15,6 +15,20 @@ def to_device(values, device, dtype=torch.long) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
+_INDEX_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def cached_index(values: tuple[int, ...], device) -> torch.Tensor:
+    """A read-only device index for a tuple of ints, made once (the same rows are masked every step)."""
+    key = (values, str(device))
+    idx = _INDEX_CACHE.get(key)
+    if idx is None:
+        if len(_INDEX_CACHE) >= 512:
+            _INDEX_CACHE.clear()
+        idx = _INDEX_CACHE[key] = to_device(list(values), device)
+    return idx
+
+
 def _generator(seq, device) -> torch.Generator:
     gen = getattr(seq, "_torch_gen", None)
     if gen is None:
@@ -40,8 +54,8 @@ def _mask_rows(logits: torch.Tensor, seqs) -> None:
         if s.stop_token_ids and (s.params.ignore_eos or s.generated < s.params.min_tokens):
             masked.setdefault(s.stop_token_ids, []).append(i)
     for ids, rows in masked.items():
-        r = to_device(rows, logits.device)[:, None]
-        logits.index_put_((r, to_device(sorted(ids), logits.device)[None, :]), _neg_inf(logits.device))
+        r = cached_index(tuple(rows), logits.device)[:, None]
+        logits.index_put_((r, cached_index(tuple(sorted(ids)), logits.device)[None, :]), _neg_inf(logits.device))
     for i, s in enumerate(seqs):
         p = s.params
         if p.repetition_penalty != 1.0:
