@@ -61,7 +61,7 @@ bench: venv $(SMOLLM2)/config.json
 # --server-pythonpath <dir with numpy 1.26> to BENCH_GPU_ARGS (scripts/gpu_host_setup.sh prepares the lent host).
 BENCH_GPU_ARGS ?=
 bench-gpu:
-	python3 -m bench.bench_llm --device gpu --rounds 4 --client-procs 8 --detokenizer-instances 4 \
+	python3 -m bench.bench_llm --device gpu --rounds 8 --client-procs 8 --detokenizer-instances 4 \
 	  --triton-variants bench onehop:emit_text=True $(BENCH_GPU_ARGS) --out results
 	python3 -m bench.profile_decode --out results
 	python3 -m bench.sync_check --out results
