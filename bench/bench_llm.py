@@ -113,18 +113,13 @@ def stats_counters(stats) -> dict[str, float]:
 def profile_decode_graphs(runtime, a) -> dict:
     """Where the time goes: GPU time of one captured decode step per batch size (graph replays
     timed with CUDA events), to compare with the engine's measured inter-token latency."""
+    from tritonllm.runtimes.gemv import replay_ms
+
     out = {}
     ctx = next(c for c in runtime.ctx_buckets if c >= a.prompt_len + a.out_len)
     for b in a.concurrency:
         graph, _ = runtime._graph(b, ctx)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        graph.replay()
-        start.record()
-        for _ in range(50):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        out[f"batch{b}_ctx{ctx}"] = round(start.elapsed_time(end) / 50, 3)
+        out[f"batch{b}_ctx{ctx}"] = round(replay_ms(graph), 3)
     log.info("decode step GPU time (ms): %s", out)
     return out
 

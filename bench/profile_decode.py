@@ -22,36 +22,13 @@ import torch
 from bench.workloads import copy_bandwidth, llama_1b_random, weight_bytes
 from tritonllm.config import EngineConfig
 from tritonllm.modeling import CausalLM
+from tritonllm.runtimes.gemv import graph_ms, replay_ms
 
 log = logging.getLogger("profile")
 VARIANTS = {"reference": dict(fused_kernels=False), "fused": dict(fused_kernels=True, triton_kernels=False),
             "fused+triton": dict(fused_kernels=True, triton_kernels=True, gemv_table={}),  # cuBLAS products
             "fused+triton+gemv": dict(fused_kernels=True, triton_kernels=True),  # gemv where timed faster
             "fused+compile": dict(fused_kernels=True, triton_kernels=False, torch_compile=True)}
-
-
-def time_replays(graph, reps: int = 50) -> float:
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
-def time_graph(fn, reps: int = 50) -> float:
-    """GPU milliseconds per call of `fn` captured in a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return time_replays(g, reps)
 
 
 def gemm_floor_ms(model: CausalLM, batch: int) -> float:
@@ -61,8 +38,8 @@ def gemm_floor_ms(model: CausalLM, batch: int) -> float:
     per_layer = 0.0
     for lin in (layer.qkv_proj, layer.o, layer.gate_up, layer.down):
         a = torch.randn(batch, lin.weight.shape[1], device="cuda", dtype=x.dtype)
-        per_layer += time_graph(lambda a=a, w=lin.weight: torch.matmul(a, w.t()))
-    head = time_graph(lambda: torch.matmul(x, model.lm_head.t()))
+        per_layer += graph_ms(lambda a=a, w=lin.weight: torch.matmul(a, w.t()), reps=50)
+    head = graph_ms(lambda: torch.matmul(x, model.lm_head.t()), reps=50)
     return per_layer * len(model.layers) + head
 
 
@@ -127,7 +104,7 @@ def profile_variant(name: str, model: CausalLM, a) -> dict:
            "attention_tuning": runtime.attention_report}
     for b in a.batches:
         graph, _ = runtime._graph(b, a.context)
-        out["graph_ms"][b] = round(time_replays(graph), 3)
+        out["graph_ms"][b] = round(replay_ms(graph), 3)
         if "compile" not in name:
             out["top_kernels"][b] = top_kernels(runtime, b, a.context)
     out["prefill_ms"] = prefill_costs(runtime, a)

@@ -73,7 +73,7 @@ def test_gemv_matches_linear_on_ragged_shapes(rows, config, with_bias):
     n, k = 37, 300  # neither a multiple of the rows per program nor of the K step
     x, w = torch.randn(rows, 1, k), torch.randn(n, k)
     b = torch.randn(n) if with_bias else None
-    torch.testing.assert_close(gemv.gemv(x, w, b, config), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gemv.small_matmul(x, w, b, config), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("rows,config", [(9, gemv.DOT_CONFIGS[0]), (33, gemv.DOT_CONFIGS[2]), (64, gemv.DOT_CONFIGS[3])])
@@ -87,7 +87,7 @@ def test_skinny_dot_matches_linear_on_ragged_shapes(rows, config):
 
 def test_gemv_refuses_more_rows_than_a_program_holds():
     with pytest.raises(ValueError, match="at most 8 rows"):
-        gemv.gemv(torch.zeros(9, 16), torch.zeros(4, 16), None, gemv.CONFIGS[0])
+        gemv.small_matmul(torch.zeros(9, 16), torch.zeros(4, 16), None, gemv.CONFIGS[0])
 
 
 @pytest.mark.parametrize("use_gemv", [False, True])

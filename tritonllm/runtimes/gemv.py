@@ -26,47 +26,8 @@ Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot
 
 
 @triton.jit
-def _gemv_kernel(x, w, bias, out, M, N, K, s_xm, s_wn, s_om, HAS_BIAS: tl.constexpr, MP: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.arange(0, MP)
-    n_ok, m_ok = n < N, m < M
-    acc = tl.zeros([MP, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        wt = tl.load(w + n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
-    if HAS_BIAS:
-        acc += tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out + m[:, None] * s_om + n[None, :], acc.to(out.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config) -> torch.Tensor:
-    """x [..., K] of at most MAX_ROWS rows, weight [N, K] (nn.Linear layout) -> x @ weight.T + bias
-    [..., N], float32 accumulation. The K step shrinks as rows grow (a program holds rows x tile)."""
-    k = x.shape[-1]
-    rows = x.numel() // k
-    if rows > MAX_ROWS:
-        raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {rows}: use the matmul")
-    x2 = x.reshape(rows, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    n = weight.shape[0]
-    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = config
-    mp = triton.next_power_of_2(rows)
-    block_k = max(64, block_k // mp)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x2, weight, bias if bias is not None else weight, out, rows, n, k, x2.stride(0), weight.stride(0),
-        out.stride(0), HAS_BIAS=bias is not None, MP=mp, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-    return out.view(*x.shape[:-1], n)
-
-
-@triton.jit
-def _skinny_dot_kernel(x, w, bias, out, M, N, K, s_xm, s_wn, s_om, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _small_matmul_kernel(x, w, bias, out, M, N, K, s_xm, s_wn, s_om, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     n_ok, m_ok = n < N, m < M
@@ -76,36 +37,44 @@ def _skinny_dot_kernel(x, w, bias, out, M, N, K, s_xm, s_wn, s_om, HAS_BIAS: tl.
         k_ok = k < K
         xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w + n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.dot(xt, tl.trans(wt))
+        if USE_DOT:  # skinny_dot: the tensor cores (at least 16 rows, padded)
+            acc += tl.dot(xt, tl.trans(wt))
+        else:  # gemv: rows x tile products summed along K on the CUDA cores
+            acc += tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out + m[:, None] * s_om + n[None, :], acc.to(out.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def skinny_dot(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config) -> torch.Tensor:
-    """x [..., K] of at most MAX_DOT_ROWS rows, weight [N, K] -> x @ weight.T + bias [..., N]: each
-    program multiplies all rows by a narrow tile of the weight on the tensor cores (cuBLAS's tiles
-    at 64 rows left the H100's qkv and o projections at 1.5 TB/s)."""
+def small_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config) -> torch.Tensor:
+    """x [..., K], weight [N, K] (nn.Linear layout) -> x @ weight.T + bias [..., N], float32
+    accumulation, each program computing every row for a narrow tile of the weight's rows.
+    A 3-number config (rows of W, K step, warps) is `gemv`: at most MAX_ROWS rows, its K step
+    shrinking as rows grow (a program holds rows x tile). A 4-number one (..., stages) is
+    `skinny_dot`: at most MAX_DOT_ROWS rows on the tensor cores."""
+    use_dot = len(config) == 4
+    limit, name = (MAX_DOT_ROWS, "skinny_dot") if use_dot else (MAX_ROWS, "gemv")
     k = x.shape[-1]
     rows = x.numel() // k
-    if rows > MAX_DOT_ROWS:
-        raise ValueError(f"skinny_dot takes at most {MAX_DOT_ROWS} rows, got {rows}: use the matmul")
+    if rows > limit:
+        raise ValueError(f"{name} takes at most {limit} rows, got {rows}: use the matmul")
     x2 = x.reshape(rows, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     n = weight.shape[0]
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = config
-    _skinny_dot_kernel[(triton.cdiv(n, block_n),)](
+    block_n, block_k, warps, stages = config if use_dot else (*config, None)
+    block_m = triton.next_power_of_2(rows)
+    if use_dot:
+        block_m = max(16, block_m)
+    else:
+        block_k = max(64, block_k // block_m)
+    opts = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
+    _small_matmul_kernel[(triton.cdiv(n, block_n),)](
         x2, weight, bias if bias is not None else weight, out, rows, n, k, x2.stride(0), weight.stride(0),
-        out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        out.stride(0), HAS_BIAS=bias is not None, USE_DOT=use_dot, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, **opts)
     return out.view(*x.shape[:-1], n)
-
-
-def small_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config) -> torch.Tensor:
-    """The kernel a tuned config names: `gemv` (3 numbers) or `skinny_dot` (4)."""
-    return (gemv if len(config) == 3 else skinny_dot)(x, weight, bias, config)
 
 
 def graph_ms(fn: Callable[[], object], reps: int = 5) -> float:
@@ -118,6 +87,11 @@ def graph_ms(fn: Callable[[], object], reps: int = 5) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    return replay_ms(graph, reps)
+
+
+def replay_ms(graph, reps: int = 50) -> float:
+    """GPU milliseconds per replay of a captured CUDA graph (one replay first, then `reps` timed)."""
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
