@@ -20,7 +20,9 @@ import triton.language as tl
 log = logging.getLogger(__name__)
 MAX_ROWS = 8  # batch rows a gemv program holds beside its weight tile
 MAX_DOT_ROWS = 64  # up to here `skinny_dot` (tensor cores, a narrow tile of W per program); beyond, cuBLAS
-CONFIGS = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 512, 8))  # (rows of W, K step, warps)
+# (rows of W, K step, warps); on the H100 narrower and longer tiles won at batch 1 (8 or 16 rows of W
+# and 512-long steps never did: results/decode-profile-h100-gemv-first.json)
+CONFIGS = ((4, 1024, 4), (2, 1024, 4), (2, 2048, 4), (1, 2048, 4), (1, 4096, 4))
 DOT_CONFIGS = ((16, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (32, 256, 8, 3))  # (rows of W, K step, warps, stages)
 Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot
 
