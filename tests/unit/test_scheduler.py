@@ -150,6 +150,9 @@ def test_in_flight_batching_joins_and_leaves(Runtime):
     assert rt.slots_seen == {0, 1}
     assert max(rt.batches) == 2 and loop.stats.batched_decode_steps > 0
     assert loop.stats.requests_finished == {"length": 4}
+    st = loop.stats  # what /metrics publishes: every sequence prefilled once, every step timed
+    assert st.prefilled == 4 and 2 <= st.prefill_steps <= 4
+    assert st.steps >= 12 and st.launch_s > 0 and st.complete_s > 0
 
 
 def test_queue_bound_rejects_with_busy_error():
