@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import sys
 import time
@@ -184,26 +183,24 @@ ENGINE_COUNTERS = {"ttft_sum": ("tritonllm_time_to_first_token_seconds_sum", Non
 TOKENIZER_COUNTERS = {"tok_requests": "nv_inference_request_success", "tok_execs": "nv_inference_exec_count",
                       "tok_queue_us": "nv_inference_queue_duration_us",
                       "tok_compute_us": "nv_inference_compute_infer_duration_us"}
-METRIC_LINE = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$")
 
 
 def engine_counters(server, name: str) -> dict[str, float]:
     """The engine's counters on /metrics (TTFT histogram sum/count, loop steps and time by phase,
     prefill steps and sequences) for the model `<name>_engine`. Published every 0.5 s."""
+    from tritonllm.server import metric_samples
+
     time.sleep(0.6)
     wanted = {v: k for k, v in ENGINE_COUNTERS.items()}
+    tokenizer = {v: k for k, v in TOKENIZER_COUNTERS.items()}
     out = dict.fromkeys([*ENGINE_COUNTERS, *TOKENIZER_COUNTERS], 0.0)
-    for line in server.metrics().splitlines():
-        m = METRIC_LINE.match(line)
-        if not m:
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
-        key = wanted.get((m.group(1), labels.get("phase")))
+    for metric, labels, value in metric_samples(server.metrics()):
+        key = wanted.get((metric, labels.get("phase")))
         if key and labels.get("model") == f"{name}_engine":
-            out[key] = float(m.group(3))
-        tok = next((k for k, v in TOKENIZER_COUNTERS.items() if v == m.group(1)), None)
+            out[key] = value
+        tok = tokenizer.get(metric)
         if tok and labels.get("model") == f"{name}_tokenizer":  # Triton's own per-model counters
-            out[tok] = float(m.group(3))
+            out[tok] = value
     return out
 
 

@@ -11,6 +11,7 @@ import contextlib
 import glob
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,6 +31,21 @@ log = logging.getLogger(__name__)
 
 class ServerError(RuntimeError):
     """The server died or never became ready; the message holds the tail of its log."""
+
+
+_SAMPLE = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def metric_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """The labelled samples of a Prometheus text page (Triton's /metrics) as (name, labels, value),
+    in page order; comments and unlabelled lines are skipped."""
+    out = []
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m:
+            out.append((m.group(1), dict(_LABEL.findall(m.group(2))), float(m.group(3))))
+    return out
 
 
 def free_port() -> int:

@@ -1,13 +1,15 @@
-import re
 import time
 
 import numpy as np
 
+from tritonllm.server import metric_samples
+
 
 def metric_value(server, name: str, model: str) -> float:
-    text = server.metrics()
-    m = re.search(rf'^{name}\{{[^}}]*model="{re.escape(model)}"[^}}]*\}} ([0-9.e+-]+)$', text, re.M)
-    return float(m.group(1)) if m else 0.0  # a counter not yet incremented is not exported
+    """The first sample of `name` for `model` on /metrics (a counter not yet incremented is not
+    exported: 0)."""
+    return next((v for n, labels, v in metric_samples(server.metrics())
+                 if n == name and labels.get("model") == model), 0.0)
 
 
 def wait_for_metric(server, name, model, predicate, timeout_s=10.0):

@@ -149,19 +149,18 @@ def test_walking_away_from_an_ensemble_stream_is_bounded(live_server):
 
 def histogram(server, name: str, model: str) -> tuple[dict[float, float], float, float]:
     """Cumulative bucket counts by upper bound, sum and count of one histogram on /metrics."""
-    import re
+    from tritonllm.server import metric_samples
 
     buckets, total, count = {}, 0.0, 0.0
-    for line in server.metrics().splitlines():
-        if not line.startswith(name) or f'model="{model}"' not in line:
+    for metric, labels, value in metric_samples(server.metrics()):
+        if labels.get("model") != model:
             continue
-        value = float(line.rsplit(" ", 1)[1])
-        if line.startswith(f"{name}_bucket"):
-            le = re.search(r'le="([^"]+)"', line).group(1)
+        if metric == f"{name}_bucket":
+            le = labels["le"]
             buckets[float("inf") if le == "+Inf" else float(le)] = value
-        elif line.startswith(f"{name}_sum"):
+        elif metric == f"{name}_sum":
             total = value
-        elif line.startswith(f"{name}_count"):
+        elif metric == f"{name}_count":
             count = value
     return buckets, total, count
 

@@ -17,7 +17,7 @@ from ..config import EngineConfig
 from ..modeling import CausalLM, load_hf
 from . import torch_sampling
 from .base import StepInput
-from .torch_sampling import to_device
+from .torch_sampling import copy_to, to_device
 
 log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -249,19 +249,22 @@ class TorchCudaRuntime:
         if not self.use_cuda_graphs or bb * tb > PREFILL_GRAPH_TOKENS:
             return self._prefill_body(*self._prefill_inputs(rows, b, t))
         graph, static, out = self._prefill_graph(bb, tb)
-        for buf, value in zip(static, self._prefill_inputs(rows, bb, tb)):
-            buf.copy_(value, non_blocking=True)
+        for buf, values in zip(static, self._prefill_lists(rows, bb, tb)):
+            copy_to(buf, values)
         graph.replay()
         return out[:b]
 
-    def _prefill_inputs(self, rows: list[StepInput], b: int, t: int) -> tuple[torch.Tensor, ...]:
-        """ids [b,t] (right-padded), slots [b], index of each row's last token [b]; rows past
-        len(rows) are padding: token 0 into the scratch slot."""
+    def _prefill_lists(self, rows: list[StepInput], b: int, t: int) -> tuple[list, list, list]:
+        """ids [b,t] (right-padded), slots [b], index of each row's last token [b], as host lists;
+        rows past len(rows) are padding: token 0 into the scratch slot."""
         pad = b - len(rows)
-        ids = to_device([r.tokens + [0] * (t - len(r.tokens)) for r in rows] + [[0] * t] * pad, self.device)
-        slots = to_device([r.slot for r in rows] + [self.scratch_slot] * pad, self.device)
-        last = to_device([len(r.tokens) - 1 for r in rows] + [0] * pad, self.device)
-        return ids, slots, last
+        return ([r.tokens + [0] * (t - len(r.tokens)) for r in rows] + [[0] * t] * pad,
+                [r.slot for r in rows] + [self.scratch_slot] * pad,
+                [len(r.tokens) - 1 for r in rows] + [0] * pad)
+
+    def _prefill_inputs(self, rows: list[StepInput], b: int, t: int) -> tuple[torch.Tensor, ...]:
+        """`_prefill_lists` as device tensors (the eager path)."""
+        return tuple(to_device(values, self.device) for values in self._prefill_lists(rows, b, t))
 
     def _prefill_body(self, ids: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         b, t = ids.shape
@@ -358,7 +361,7 @@ class TorchCudaRuntime:
         pos = [self.max_context - 1] * b
         for r in rows:
             pos[r.slot] = r.start
-        self._positions[:b].copy_(to_device(pos, self.device))
+        copy_to(self._positions[:b], pos)
         known = [r for r in rows if r.tokens]  # the others' last token is on the device already (launch)
         if known:
             slots = to_device([r.slot for r in known], self.device)

@@ -15,6 +15,15 @@ def to_device(values, device, dtype=torch.long) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
+def copy_to(dst: torch.Tensor, values) -> None:
+    """Fill a preallocated device tensor from a host list, queued like `to_device` (no device-side
+    temporary, no second copy)."""
+    if dst.device.type != "cuda":
+        dst.copy_(torch.tensor(values, dtype=dst.dtype))
+    else:
+        dst.copy_(torch.tensor(values, dtype=dst.dtype, pin_memory=True), non_blocking=True)
+
+
 _INDEX_CACHE: dict[tuple, torch.Tensor] = {}
 
 
@@ -38,10 +47,16 @@ def _generator(seq, device) -> torch.Generator:
     return gen
 
 
+_NEG_INF: dict[str, torch.Tensor] = {}
+
+
 def _neg_inf(device) -> torch.Tensor:
-    """-inf made on the device: a Python scalar as index_put_'s value is copied from pageable host
-    memory, which waits for the stream."""
-    return torch.full((), NEG_INF, device=device)
+    """-inf made on the device, once: a Python scalar as index_put_'s value is copied from pageable
+    host memory, which waits for the stream."""
+    key = str(device)
+    if key not in _NEG_INF:
+        _NEG_INF[key] = torch.full((), NEG_INF, device=device)
+    return _NEG_INF[key]
 
 
 def _mask_rows(logits: torch.Tensor, seqs) -> None:
