@@ -98,9 +98,11 @@ def profile_variant(name: str, model: CausalLM, a) -> dict:
     opts = dict(VARIANTS[name])
     cfg = EngineConfig(runtime="torch-cuda", dtype="bfloat16", max_slots=max(a.batches), max_context=512,
                        max_tokens_limit=511, torch_compile=opts.pop("torch_compile", False))
+    t0 = time.perf_counter()
     runtime = TorchCudaRuntime(None, cfg, model=model, capture_at_start=False, **opts)
     runtime._positions.fill_(a.context - 1)
-    out = {"graph_ms": {}, "top_kernels": {}, "gemv_tuning": runtime.gemv_report,
+    out = {"tuning_s": round(time.perf_counter() - t0, 1), "graph_ms": {}, "top_kernels": {},
+           "gemv_tuning": runtime.gemv_report,
            "attention_tuning": runtime.attention_report}
     for b in a.batches:
         graph, _ = runtime._graph(b, a.context)

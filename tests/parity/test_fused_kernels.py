@@ -85,12 +85,44 @@ def test_skinny_dot_matches_linear_on_ragged_shapes(rows, config):
                                atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("rows,config", [(5, (16, 128, 4, 4, 2)), (33, (32, 64, 4, 4, 4)), (64, (64, 64, 4, 3, 8))])
+def test_split_k_partial_sums_add_up_to_linear(rows, config):
+    torch.manual_seed(5)
+    n, k = 45, 300  # the last slice of the 8-way split holds no K step at all: its partials are zeros
+    x, w, b = torch.randn(rows, 1, k), torch.randn(n, k), torch.randn(n)
+    got = gemv.small_matmul(x, w, b, config)
+    assert isinstance(got, gemv.SplitK) and got.parts.shape == (config[4], rows, n)
+    torch.testing.assert_close(got.total(), torch.nn.functional.linear(x, w, b)[:, 0], atol=1e-3, rtol=1e-3)
+
+
+def test_fused_kernels_read_split_partial_sums_as_the_product():
+    torch.manual_seed(6)
+    b, h, hkv, d = 3, 4, 2, 8
+    x, cfg = torch.randn(b, 1, 40), (16, 64, 4, 4, 3)
+    w_qkv, w_o, w_gu = torch.randn((h + 2 * hkv) * d, 40), torch.randn(40, 40), torch.randn(2 * 24, 40)
+    ang = torch.randn(b, 1, d // 2)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    pos = torch.tensor([5, 0, 11])
+    caches = [tuple(torch.zeros(4, hkv, 16, d) for _ in range(2)) for _ in range(2)]
+    qs = [fk.rope_kv_write(y, cos, sin, *kv, pos, h, hkv)
+          for y, kv in zip([x @ w_qkv.T, gemv.small_matmul(x, w_qkv, None, cfg)], caches)]
+    torch.testing.assert_close(qs[1], qs[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(caches[1], caches[0], atol=1e-4, rtol=1e-4)
+    res = [torch.randn(b, 1, 40)] * 2
+    res = [r.clone() for r in res]
+    outs = [fk.add_rms_norm(y, r, w_o[0], 1e-5) for y, r in zip([x @ w_o.T, gemv.small_matmul(x, w_o, None, cfg)], res)]
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res[1], res[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fk.silu_mul(gemv.small_matmul(x, w_gu, None, cfg)), fk.silu_mul(x @ w_gu.T),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_gemv_refuses_more_rows_than_a_program_holds():
     with pytest.raises(ValueError, match="at most 8 rows"):
         gemv.small_matmul(torch.zeros(9, 16), torch.zeros(4, 16), None, gemv.CONFIGS[0])
 
 
-@pytest.mark.parametrize("use_gemv", [False, True])
+@pytest.mark.parametrize("use_gemv", [False, True, "split"])
 def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv):
     from .test_engine_parity import PROMPTS, hf_greedy
 
@@ -100,6 +132,8 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv):
     # wide tiles for the LM head: the interpreter runs programs one by one
     table = {(kind, rows): (1024, 64, 4) if kind == "lm_head" else gemv.CONFIGS[1]
              for kind in PROJECTIONS + ("lm_head",) for rows in (1, 2)} if use_gemv else {}
+    if use_gemv == "split":  # every product split along K, the LM head's summed before the logits
+        table = {key: (1024, 64, 4, 2, 2) if key[0] == "lm_head" else (32, 64, 4, 2, 2) for key in table}
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table=table)
     assert runtime.describe()["triton_kernels"] and len(runtime.describe()["gemv"]) == len(table)
     with InProcessEngine(None, cfg, runtime=runtime) as eng:

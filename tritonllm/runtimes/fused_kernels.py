@@ -9,6 +9,9 @@
   (online softmax over blocks of the context), the G query heads of a KV head as the rows of one
   tile so K/V are read once; each row reads only its own valid length (read on the device, so one
   CUDA graph serves every length).
+The kernels that read a matrix product (rotary, add + norm, SiLU * up) also take it as
+`gemv.SplitK` partial sums and add them up as they load (`_load_product`): a split-K product
+needs no reduce kernel of its own.
 Arithmetic in float32, stored in the activations' type. Checked against the reference ops with
 TRITON_INTERPRET=1 on the CPU (tests/parity) and measured on the GPU (bench)."""
 from __future__ import annotations
@@ -17,15 +20,37 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemv import SplitK
+
 
 @triton.jit
-def _rope_kv_kernel(qkv, cos, sin, q_out, k_cache, v_cache, pos, n_heads, n_kv,
+def _load_product(ptr, offs, mask, n_split, s_split, like):
+    """A matrix product's values at ptr + offs as float32: the sum of its `n_split` partial sums
+    (slices `s_split` apart; 1 for a plain product), rounded to `like`'s element type first, as
+    the unsplit product's output is."""
+    acc = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    for s in range(1, n_split):
+        acc += tl.load(ptr + s * s_split + offs, mask=mask, other=0.0).to(tl.float32)
+    return acc.to(like.dtype.element_ty).to(tl.float32)
+
+
+def _product(y: "torch.Tensor | SplitK") -> tuple[torch.Tensor, int, int, torch.dtype]:
+    """(values [S, rows, N], S, stride between slices, activations' type) of a plain or split product."""
+    if isinstance(y, SplitK):
+        return y.parts, y.parts.shape[0], y.parts.stride(0), y.dtype
+    flat = y.reshape(1, -1, y.shape[-1])
+    return flat, 1, flat.stride(0), y.dtype
+
+
+@triton.jit
+def _rope_kv_kernel(qkv, cos, sin, q_out, k_cache, v_cache, pos, n_heads, n_kv, n_split, s_split,
                     s_qkv, s_cs, s_qo_b, s_qo_h, s_c_slot, s_c_head, s_c_pos, HALF: tl.constexpr):
     b, head = tl.program_id(0), tl.program_id(1)
     j = tl.arange(0, HALF)
-    src = qkv + b * s_qkv + head * 2 * HALF
-    x1 = tl.load(src + j).to(tl.float32)
-    x2 = tl.load(src + HALF + j).to(tl.float32)
+    every = j < HALF
+    src = b * s_qkv + head * 2 * HALF
+    x1 = _load_product(qkv, src + j, every, n_split, s_split, q_out)
+    x2 = _load_product(qkv, src + HALF + j, every, n_split, s_split, q_out)
     c1 = tl.load(cos + b * s_cs + j).to(tl.float32)
     c2 = tl.load(cos + b * s_cs + HALF + j).to(tl.float32)
     s1 = tl.load(sin + b * s_cs + j).to(tl.float32)
@@ -41,29 +66,31 @@ def _rope_kv_kernel(qkv, cos, sin, q_out, k_cache, v_cache, pos, n_heads, n_kv,
         off = b * s_c_slot + kv * s_c_head + tl.load(pos + b) * s_c_pos
         tl.store(k_cache + off + j, y1.to(k_cache.dtype.element_ty))
         tl.store(k_cache + off + HALF + j, y2.to(k_cache.dtype.element_ty))
-        vsrc = qkv + b * s_qkv + (n_heads + n_kv + kv) * 2 * HALF
-        tl.store(v_cache + off + j, tl.load(vsrc + j))
-        tl.store(v_cache + off + HALF + j, tl.load(vsrc + HALF + j))
+        vsrc = b * s_qkv + (n_heads + n_kv + kv) * 2 * HALF
+        tl.store(v_cache + off + j, _load_product(qkv, vsrc + j, every, n_split, s_split, v_cache).to(v_cache.dtype.element_ty))
+        tl.store(v_cache + off + HALF + j,
+                 _load_product(qkv, vsrc + HALF + j, every, n_split, s_split, v_cache).to(v_cache.dtype.element_ty))
 
 
-def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+def rope_kv_write(qkv: "torch.Tensor | SplitK", cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, positions: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
-    """qkv [B,1,(H+2Hkv)*D] of slots 0..B-1 at positions [B]; k/v_cache [slots,Hkv,C,D] (one layer).
-    Returns rotated q [B,H,D]; writes rotated k and v into the caches."""
-    b, d = qkv.shape[0], k_cache.shape[-1]
-    q = torch.empty((b, n_heads, d), dtype=qkv.dtype, device=qkv.device)
+    """qkv [B,1,(H+2Hkv)*D] (or its split partial sums) of slots 0..B-1 at positions [B];
+    k/v_cache [slots,Hkv,C,D] (one layer). Returns rotated q [B,H,D]; writes rotated k and v into the caches."""
+    parts, n_split, s_split, dtype = _product(qkv)
+    b, d = parts.shape[1], k_cache.shape[-1]
+    q = torch.empty((b, n_heads, d), dtype=dtype, device=parts.device)
     _rope_kv_kernel[(b, n_heads + n_kv)](
-        qkv, cos, sin, q, k_cache, v_cache, positions, n_heads, n_kv, qkv.stride(0), cos.stride(0),
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HALF=d // 2)
+        parts, cos, sin, q, k_cache, v_cache, positions, n_heads, n_kv, n_split, s_split, parts.stride(1),
+        cos.stride(0), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HALF=d // 2)
     return q
 
 
 @triton.jit
-def _add_rms_norm_kernel(x, residual, weight, out, n, eps, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(x, residual, weight, out, n, eps, n_split, s_split, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     m = i < n
-    s = tl.load(x + row * n + i, mask=m, other=0.0).to(tl.float32) + \
+    s = _load_product(x, row * n + i, m, n_split, s_split, residual) + \
         tl.load(residual + row * n + i, mask=m, other=0.0).to(tl.float32)
     s_stored = s.to(residual.dtype.element_ty)
     tl.store(residual + row * n + i, s_stored, mask=m)
@@ -73,31 +100,36 @@ def _add_rms_norm_kernel(x, residual, weight, out, n, eps, BLOCK: tl.constexpr):
     tl.store(out + row * n + i, (s * inv * w).to(out.dtype.element_ty), mask=m)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """residual += x (in place); returns RMSNorm(residual) * weight. Contiguous [..., E] tensors."""
-    n = x.shape[-1]
-    out = torch.empty_like(x)
-    _add_rms_norm_kernel[(x.numel() // n,)](x, residual, weight, out, n, eps, BLOCK=triton.next_power_of_2(n))
+def add_rms_norm(x: "torch.Tensor | SplitK", residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """residual += x (in place); returns RMSNorm(residual) * weight. Contiguous [..., E] tensors
+    (x may be a product's split partial sums)."""
+    parts, n_split, s_split, _ = _product(x)
+    n = residual.shape[-1]
+    out = torch.empty_like(residual)
+    _add_rms_norm_kernel[(residual.numel() // n,)](parts, residual, weight, out, n, eps, n_split, s_split,
+                                                    BLOCK=triton.next_power_of_2(n))
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up, out, f, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_up, out, f, n_split, s_split, BLOCK: tl.constexpr):
     row, blk = tl.program_id(0), tl.program_id(1)
     i = blk * BLOCK + tl.arange(0, BLOCK)
     m = i < f
-    g = tl.load(gate_up + row * 2 * f + i, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(gate_up + row * 2 * f + f + i, mask=m, other=0.0).to(tl.float32)
+    g = _load_product(gate_up, row * 2 * f + i, m, n_split, s_split, out)
+    u = _load_product(gate_up, row * 2 * f + f + i, m, n_split, s_split, out)
     tl.store(out + row * f + i, (g / (1.0 + tl.exp(-g)) * u).to(out.dtype.element_ty), mask=m)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[..., 2F] (gate then up) -> SiLU(gate) * up [..., F]."""
-    f = gate_up.shape[-1] // 2
-    rows = gate_up.numel() // (2 * f)
-    out = torch.empty((*gate_up.shape[:-1], f), dtype=gate_up.dtype, device=gate_up.device)
+def silu_mul(gate_up: "torch.Tensor | SplitK") -> torch.Tensor:
+    """[..., 2F] (gate then up; or its split partial sums [S, rows, 2F]) -> SiLU(gate) * up [..., F]
+    ([rows, 1, F] from partial sums)."""
+    parts, n_split, s_split, dtype = _product(gate_up)
+    f, rows = parts.shape[-1] // 2, parts.shape[1]
+    lead = gate_up.shape[:-1] if isinstance(gate_up, torch.Tensor) else (rows, 1)
+    out = torch.empty((*lead, f), dtype=dtype, device=parts.device)
     block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(f, block))](gate_up, out, f, BLOCK=block)
+    _silu_mul_kernel[(rows, triton.cdiv(f, block))](parts, out, f, n_split, s_split, BLOCK=block)
     return out
 
 
@@ -129,7 +161,8 @@ def _decode_attention_kernel(q, k_cache, v_cache, pos, out, limit, scale, s_q_b,
     tl.store(out + b * s_q_b + rows, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=(g < G)[:, None])
 
 
-ATTENTION_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2))  # (keys per block, warps, stages)
+# (keys per block, warps, stages); 2 warps: a batch of many rows runs more programs per SM at once
+ATTENTION_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2), (64, 2, 3), (32, 2, 4))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,

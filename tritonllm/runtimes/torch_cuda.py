@@ -310,7 +310,8 @@ class TorchCudaRuntime:
             h = fk.add_rms_norm(proj("o", layer, a), x, layer.ln2.weight, layer.ln2.eps)
             nxt = m.layers[i + 1].ln1 if i + 1 < len(m.layers) else m.norm
             h = fk.add_rms_norm(proj("down", layer, fk.silu_mul(proj("gate_up", layer, h))), x, nxt.weight, nxt.eps)
-        return self._project("lm_head", m.lm_head, None, h[:, 0]).float()
+        from .gemv import dense
+        return dense(self._project("lm_head", m.lm_head, None, h[:, 0])).float()
 
     def _decode_graph_body(self, b: int, c: int) -> torch.Tensor:
         tokens, positions = self._tokens[:b], self._positions[:b]
