@@ -29,6 +29,7 @@ MAX_DOT_ROWS = 64  # up to here `skinny_dot` (tensor cores, a narrow tile of W p
 CONFIGS = ((4, 1024, 4), (2, 1024, 4), (2, 2048, 4), (1, 2048, 4), (1, 4096, 4))
 DOT_CONFIGS = ((16, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (32, 256, 8, 3), (64, 128, 4, 3))  # (rows of W, K step, warps, stages)
 SPLITS = (1, 2, 4, 8)  # slices of K a skinny_dot may run as separate programs (a 5th number in its config)
+SPLIT_TILES = ((32, 128, 4, 4), (64, 64, 4, 4))  # the tiles tried split (the others never won split on the H100)
 Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot, 5: skinny_dot split along K
 
 
@@ -147,29 +148,35 @@ def _agrees(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, config: Co
 
 
 def split_configs(dot_configs: Sequence[Config], k: int) -> list[Config]:
-    """Each tile unsplit and split S ways where every slice holds at least one K step."""
-    return [tile if s == 1 else (*tile, s) for tile in dot_configs for s in SPLITS if k >= s * tile[1]]
+    """Each tile unsplit, and the SPLIT_TILES split S ways where every slice holds at least one K step."""
+    return list(dot_configs) + [(*tile, s) for tile in SPLIT_TILES for s in SPLITS[1:] if k >= s * tile[1]]
+
+
+Consumer = Callable[["torch.Tensor | SplitK"], object]
 
 
 def tune(weights: dict[str, Sequence[tuple[torch.Tensor, torch.Tensor | None]]], rows: Sequence[int],
-         configs: Sequence[Config] = CONFIGS, dot_configs: Sequence[Config] = DOT_CONFIGS
-         ) -> tuple[dict[tuple[str, int], Config], list[dict]]:
+         consumers: dict[str, Consumer] | None = None, configs: Sequence[Config] = CONFIGS,
+         dot_configs: Sequence[Config] = DOT_CONFIGS) -> tuple[dict[tuple[str, int], Config], list[dict]]:
     """For each weight kind (its (weight, bias) of every layer) and batch rows, the fastest of cuBLAS
-    and `configs` (gemv, up to MAX_ROWS rows) or `dot_configs` split as SPLITS allow (skinny_dot, up
-    to MAX_DOT_ROWS; a split one is timed with a separate sum of its partials, which the fused
-    kernels do as they load them: the timing is an upper bound). Returns {(kind, rows): config} for
-    the kinds where a config beat cuBLAS, and the timings (microseconds for all layers' weights of
-    the kind) for the log and the benchmark."""
+    and `configs` (gemv, up to MAX_ROWS rows) or `dot_configs` (skinny_dot, up to MAX_DOT_ROWS).
+    Each product is timed followed by its kind's consumer (`consumers`: the fused kernel that reads
+    it in a decode step); only kinds with a consumer, which adds up split partial sums as it loads
+    them, try split configs. Returns {(kind, rows): config} for the kinds where a config beat
+    cuBLAS, and the timings (microseconds for all layers' weights of the kind) for the log and the
+    benchmark."""
+    consumers = consumers or {}
     table, report = {}, []
     for kind, mats in weights.items():
         k = mats[0][0].shape[1]
+        consume = consumers.get(kind, dense)
         for m in (r for r in rows if r <= MAX_DOT_ROWS):
             x = torch.randn(m, 1, k, device=mats[0][0].device, dtype=mats[0][0].dtype)
-            run = lambda f: (lambda: [f(x, w, b) for w, b in mats])  # noqa: E731
+            run = lambda f: (lambda: [consume(f(x, w, b)) for w, b in mats])  # noqa: E731
             times = {"cublas": graph_ms(run(torch.nn.functional.linear))}
-            candidates = configs if m <= MAX_ROWS else split_configs(dot_configs, k)
+            candidates = configs if m <= MAX_ROWS else split_configs(dot_configs, k) if kind in consumers else dot_configs
             for cfg in (c for c in candidates if _agrees(x, *mats[0], c)):
-                times[cfg] = graph_ms(run(lambda x, w, b, cfg=cfg: dense(small_matmul(x, w, b, cfg))))
+                times[cfg] = graph_ms(run(lambda x, w, b, cfg=cfg: small_matmul(x, w, b, cfg)))
             best = min(times, key=times.get)
             if best != "cublas":
                 table[(kind, m)] = best

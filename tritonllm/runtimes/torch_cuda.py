@@ -173,10 +173,28 @@ class TorchCudaRuntime:
         weights["lm_head"] = [(m.lm_head, None)]
         try:
             from . import gemv
-            return gemv.tune(weights, self.batch_buckets)
+            return gemv.tune(weights, self.batch_buckets, self._product_consumers())
         except Exception as exc:  # the tiles do not compile here: cuBLAS serves every product
             log.warning("gemv tuning failed (%s): cuBLAS serves the decode products", str(exc)[:300])
             return {}, []
+
+    def _product_consumers(self) -> dict:
+        """{weight kind: the fused kernel that reads its product in `_decode_triton`}, on scratch
+        inputs, for timing a product together with its reader (split partial sums are added up
+        there). Writes K/V at position 0 of the first slots: nothing is cached yet."""
+        from . import fused_kernels as fk
+
+        sh, like = self.shape, self.model.embed
+        zeros = lambda *dims: torch.zeros(*dims, device=self.device, dtype=like.dtype)  # noqa: E731
+        cos, sin = zeros(self.max_slots, 1, sh.head_dim) + 1, zeros(self.max_slots, 1, sh.head_dim)
+        positions = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
+        residual, norm = zeros(self.max_slots, 1, sh.hidden_size), zeros(sh.hidden_size)
+        rows = lambda y: y.parts.shape[1] if hasattr(y, "parts") else y.shape[0]  # noqa: E731
+        return {"qkv_proj": lambda y: fk.rope_kv_write(y, cos[:rows(y)], sin[:rows(y)], self.cache.keys[0],
+                                                        self.cache.values[0], positions[:rows(y)], sh.num_heads, sh.num_kv_heads),
+                "o": lambda y: fk.add_rms_norm(y, residual[:rows(y)], norm, 1e-5),
+                "down": lambda y: fk.add_rms_norm(y, residual[:rows(y)], norm, 1e-5),
+                "gate_up": fk.silu_mul}
 
     def _choose_attention(self) -> tuple[dict, list]:
         """{batch bucket: decode attention config}, timed on this GPU at up to 256 keys per row."""
