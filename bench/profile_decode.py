@@ -22,6 +22,7 @@ import torch
 from bench.workloads import copy_bandwidth, llama_1b_random, weight_bytes
 from tritonllm.config import EngineConfig
 from tritonllm.modeling import CausalLM
+from tritonllm.runtimes.base import StepInput
 from tritonllm.runtimes.gemv import graph_ms, replay_ms
 
 log = logging.getLogger("profile")
@@ -43,15 +44,16 @@ def gemm_floor_ms(model: CausalLM, batch: int) -> float:
     return per_layer * len(model.layers) + head
 
 
-def top_kernels(runtime, b: int, c: int, n: int = 14) -> list[dict]:
+def top_kernels(step, n: int = 14) -> list[dict]:
+    """The kernels of `step()` (one decode or prefill step, launched eagerly), by GPU time."""
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad():
-        runtime._decode_body(b, c)
+        step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                runtime._decode_body(b, c)
+                step()
             torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
@@ -68,8 +70,6 @@ def prefill_costs(runtime, a, prompt_len: int = 128) -> dict:
     """One prefill step of b prompts, launched eagerly and replayed from its CUDA graph: the host's
     time to enqueue it (the engine loop launches nothing else meanwhile) and the time until the
     device is done (best of 3), and how far the graph's logits are from the eager ones."""
-    from tritonllm.runtimes.base import StepInput
-
     def timed(fn):
         best = (float("inf"), float("inf"), None)
         for _ in range(3):
@@ -87,7 +87,7 @@ def prefill_costs(runtime, a, prompt_len: int = 128) -> dict:
             rows = [StepInput(i, list(range(1, prompt_len + 1)), 0) for i in range(b)]
             eager, ref = timed(lambda: runtime._prefill_body(*runtime._prefill_inputs(rows, b, prompt_len)))
             graph, got = timed(lambda: runtime.prefill(rows))
-            diff = ((got - ref).abs().max() / ref.abs().max()).item()
+            diff = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             out[b] = {"eager": eager, "graph": graph, "graph_vs_eager_max_rel_diff": round(diff, 5)}
     return out
 
@@ -108,8 +108,11 @@ def profile_variant(name: str, model: CausalLM, a) -> dict:
         graph, _ = runtime._graph(b, a.context)
         out["graph_ms"][b] = round(replay_ms(graph), 3)
         if "compile" not in name:
-            out["top_kernels"][b] = top_kernels(runtime, b, a.context)
+            out["top_kernels"][b] = top_kernels(lambda b=b: runtime._decode_body(b, a.context))
     out["prefill_ms"] = prefill_costs(runtime, a)
+    b = max(a.batches)
+    out[f"prefill_top_kernels_{b}x128"] = top_kernels(lambda: runtime._prefill_body(*runtime._prefill_inputs(
+        [StepInput(i, list(range(1, 129)), 0) for i in range(b)], b, 128)), n=20)
     log.info("%s: %s prefill %s", name, out["graph_ms"], out["prefill_ms"])
     del runtime
     gc.collect()

@@ -122,6 +122,22 @@ def test_gemv_refuses_more_rows_than_a_program_holds():
         gemv.small_matmul(torch.zeros(9, 16), torch.zeros(4, 16), None, gemv.CONFIGS[0])
 
 
+def test_fused_prefill_gives_the_torch_ops_logits_and_cache(tiny_dir):
+    from tritonllm.runtimes.base import StepInput
+
+    hf = load_hf(tiny_dir)
+    cfg = EngineConfig(max_slots=3, max_context=128, max_tokens_limit=64)
+    rows = [StepInput(2, [5, 6, 7, 8, 9, 10, 11], 0), StepInput(0, [12, 13, 14], 0)]  # ragged, slots out of order
+    runs = []
+    for triton_kernels in (False, True):
+        rt = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=triton_kernels, gemv_table={})
+        runs.append((rt.prefill(rows), rt.cache.keys, rt.cache.values))
+    for ref, got in zip(*runs):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    keys = runs[1][1]  # [layers, slots, kv heads, context, head dim]
+    assert keys[:, 2, :, :7].abs().sum() > 0 and keys[:, 1].abs().sum() == 0  # slot 1 untouched
+
+
 @pytest.mark.parametrize("use_gemv", [False, True, "split"])
 def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv):
     from .test_engine_parity import PROMPTS, hf_greedy

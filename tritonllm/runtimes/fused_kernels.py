@@ -1,8 +1,9 @@
-"""Fused decode kernels (OpenAI Triton) for the torch-cuda runtime: a decode step is otherwise
+"""Fused kernels (OpenAI Triton) for the torch-cuda runtime's decode and prefill: a decode step is otherwise
 ~390 small kernels whose launch and tail cost exceeds the matrix products at batch 1.
 
 - `rope_kv_write`: rotary on q and k of every head plus the K/V cache write, from the fused qkv
-  projection, in one kernel (replaces ~8: slices, rotate_half, muls, adds, two index_puts).
+  projection, in one kernel (replaces ~8: slices, rotate_half, muls, adds, two index_puts); for
+  a decode token per slot, or a prefill's every token (rows mapped to their slots).
 - `add_rms_norm`: residual add (in place) + RMSNorm in one kernel (replaces 2).
 - `silu_mul`: SiLU(gate) * up in one kernel (replaces 2).
 - `decode_attention`: one query token per row against its slot's cached keys/values, flash-style
@@ -43,46 +44,58 @@ def _product(y: "torch.Tensor | SplitK") -> tuple[torch.Tensor, int, int, torch.
 
 
 @triton.jit
-def _rope_kv_kernel(qkv, cos, sin, q_out, k_cache, v_cache, pos, n_heads, n_kv, n_split, s_split,
-                    s_qkv, s_cs, s_qo_b, s_qo_h, s_c_slot, s_c_head, s_c_pos, HALF: tl.constexpr):
-    b, head = tl.program_id(0), tl.program_id(1)
+def _rope_kv_kernel(qkv, cos, sin, q_out, k_out, k_cache, v_cache, pos, row_slot, n_heads, n_kv, n_split, s_split,
+                    s_qkv, s_cs, s_qo_b, s_qo_h, s_c_slot, s_c_head, s_c_pos, HALF: tl.constexpr,
+                    HAS_SLOTS: tl.constexpr, WRITE_K: tl.constexpr):
+    row, head = tl.program_id(0), tl.program_id(1)  # one token of one sequence, one head
     j = tl.arange(0, HALF)
     every = j < HALF
-    src = b * s_qkv + head * 2 * HALF
+    src = row * s_qkv + head * 2 * HALF
     x1 = _load_product(qkv, src + j, every, n_split, s_split, q_out)
     x2 = _load_product(qkv, src + HALF + j, every, n_split, s_split, q_out)
-    c1 = tl.load(cos + b * s_cs + j).to(tl.float32)
-    c2 = tl.load(cos + b * s_cs + HALF + j).to(tl.float32)
-    s1 = tl.load(sin + b * s_cs + j).to(tl.float32)
-    s2 = tl.load(sin + b * s_cs + HALF + j).to(tl.float32)
+    c1 = tl.load(cos + row * s_cs + j).to(tl.float32)
+    c2 = tl.load(cos + row * s_cs + HALF + j).to(tl.float32)
+    s1 = tl.load(sin + row * s_cs + j).to(tl.float32)
+    s2 = tl.load(sin + row * s_cs + HALF + j).to(tl.float32)
     y1 = x1 * c1 - x2 * s1
     y2 = x2 * c2 + x1 * s2
     if head < n_heads:
-        dst = q_out + b * s_qo_b + head * s_qo_h
+        dst = q_out + row * s_qo_b + head * s_qo_h
         tl.store(dst + j, y1.to(q_out.dtype.element_ty))
         tl.store(dst + HALF + j, y2.to(q_out.dtype.element_ty))
     else:
         kv = head - n_heads
-        off = b * s_c_slot + kv * s_c_head + tl.load(pos + b) * s_c_pos
+        slot = tl.load(row_slot + row) if HAS_SLOTS else row
+        off = slot * s_c_slot + kv * s_c_head + tl.load(pos + row) * s_c_pos
         tl.store(k_cache + off + j, y1.to(k_cache.dtype.element_ty))
         tl.store(k_cache + off + HALF + j, y2.to(k_cache.dtype.element_ty))
-        vsrc = b * s_qkv + (n_heads + n_kv + kv) * 2 * HALF
+        if WRITE_K:
+            kdst = k_out + (row * n_kv + kv) * 2 * HALF
+            tl.store(kdst + j, y1.to(k_out.dtype.element_ty))
+            tl.store(kdst + HALF + j, y2.to(k_out.dtype.element_ty))
+        vsrc = row * s_qkv + (n_heads + n_kv + kv) * 2 * HALF
         tl.store(v_cache + off + j, _load_product(qkv, vsrc + j, every, n_split, s_split, v_cache).to(v_cache.dtype.element_ty))
         tl.store(v_cache + off + HALF + j,
                  _load_product(qkv, vsrc + HALF + j, every, n_split, s_split, v_cache).to(v_cache.dtype.element_ty))
 
 
 def rope_kv_write(qkv: "torch.Tensor | SplitK", cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, positions: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
-    """qkv [B,1,(H+2Hkv)*D] (or its split partial sums) of slots 0..B-1 at positions [B];
-    k/v_cache [slots,Hkv,C,D] (one layer). Returns rotated q [B,H,D]; writes rotated k and v into the caches."""
+                  v_cache: torch.Tensor, positions: torch.Tensor, n_heads: int, n_kv: int,
+                  slots: torch.Tensor | None = None, return_k: bool = False):
+    """qkv [..., (H+2Hkv)*D] (or its split partial sums): R token rows, row r at positions[r] of
+    cache slot slots[r] (default: slot r, one decode token per slot); cos/sin [..., D] per row;
+    k/v_cache [slots,Hkv,C,D] (one layer). Writes rotated k and v into the caches; returns rotated
+    q [R,H,D], and with `return_k` also the rotated k [R,Hkv,D] (what a prefill attends to)."""
     parts, n_split, s_split, dtype = _product(qkv)
-    b, d = parts.shape[1], k_cache.shape[-1]
-    q = torch.empty((b, n_heads, d), dtype=dtype, device=parts.device)
-    _rope_kv_kernel[(b, n_heads + n_kv)](
-        parts, cos, sin, q, k_cache, v_cache, positions, n_heads, n_kv, n_split, s_split, parts.stride(1),
-        cos.stride(0), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HALF=d // 2)
-    return q
+    rows, d = parts.shape[1], k_cache.shape[-1]
+    cos, sin = cos.reshape(-1, d), sin.reshape(-1, d)
+    q = torch.empty((rows, n_heads, d), dtype=dtype, device=parts.device)
+    k = torch.empty((rows, n_kv, d), dtype=dtype, device=parts.device) if return_k else q
+    _rope_kv_kernel[(rows, n_heads + n_kv)](
+        parts, cos, sin, q, k, k_cache, v_cache, positions, slots if slots is not None else positions, n_heads, n_kv,
+        n_split, s_split, parts.stride(1), cos.stride(0), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), HALF=d // 2, HAS_SLOTS=slots is not None, WRITE_K=return_k)
+    return (q, k) if return_k else q
 
 
 @triton.jit

@@ -97,12 +97,17 @@ def _filter_top_k_top_p(row: torch.Tensor, top_k: int, top_p: float) -> torch.Te
 
 
 def sample_batch(logits: torch.Tensor, seqs) -> list[int]:
-    """logits [N, V] float32 on the device -> one token id per sequence."""
+    """logits [N, V] on the device -> one token id per sequence."""
     return choose(logits, seqs).tolist()
 
 
 def choose(logits: torch.Tensor, seqs) -> torch.Tensor:
-    """The chosen ids [N] as a device tensor: no host synchronisation."""
+    """The chosen ids [N] as a device tensor: no host synchronisation. Logits come in the model's
+    type (bf16 on the GPU, as HF computes them): greedy rows take their argmax as they are (the
+    same ids as after a cast; 16 MB read instead of a 33 MB float copy at 64 rows of a 128k
+    vocabulary); penalties and sampling, as the CPU sampler, work in float32."""
+    if logits.dtype != torch.float32 and any(not s.params.greedy or s.params.repetition_penalty != 1.0 for s in seqs):
+        logits = logits.float()
     _mask_rows(logits, seqs)
     chosen = torch.argmax(logits, dim=-1)
     for i, s in enumerate(seqs):
