@@ -45,38 +45,35 @@ def _product(y: "torch.Tensor | SplitK") -> tuple[torch.Tensor, int, int, torch.
 
 @triton.jit
 def _rope_kv_kernel(qkv, cos, sin, q_out, k_out, k_cache, v_cache, pos, row_slot, n_heads, n_kv, n_split, s_split,
-                    s_qkv, s_cs, s_qo_b, s_qo_h, s_c_slot, s_c_head, s_c_pos, HALF: tl.constexpr,
-                    HAS_SLOTS: tl.constexpr, WRITE_K: tl.constexpr):
-    row, head = tl.program_id(0), tl.program_id(1)  # one token of one sequence, one head
-    j = tl.arange(0, HALF)
-    every = j < HALF
-    src = row * s_qkv + head * 2 * HALF
-    x1 = _load_product(qkv, src + j, every, n_split, s_split, q_out)
-    x2 = _load_product(qkv, src + HALF + j, every, n_split, s_split, q_out)
-    c1 = tl.load(cos + row * s_cs + j).to(tl.float32)
-    c2 = tl.load(cos + row * s_cs + HALF + j).to(tl.float32)
-    s1 = tl.load(sin + row * s_cs + j).to(tl.float32)
-    s2 = tl.load(sin + row * s_cs + HALF + j).to(tl.float32)
+                    s_qkv, s_cs, s_qo_b, s_qo_h, s_c_slot, s_c_head, s_c_pos, HALF: tl.constexpr, HP: tl.constexpr,
+                    KP: tl.constexpr, HAS_SLOTS: tl.constexpr, WRITE_K: tl.constexpr):
+    row = tl.program_id(0)  # one token of one sequence, all its heads: q and k heads as the rows of a tile
+    h, j = tl.arange(0, HP)[:, None], tl.arange(0, HALF)[None, :]
+    live = (h < n_heads + n_kv) & (j < HALF)
+    src = row * s_qkv + h * 2 * HALF + j
+    x1 = _load_product(qkv, src, live, n_split, s_split, q_out)
+    x2 = _load_product(qkv, src + HALF, live, n_split, s_split, q_out)
+    c1, c2 = tl.load(cos + row * s_cs + j).to(tl.float32), tl.load(cos + row * s_cs + HALF + j).to(tl.float32)
+    s1, s2 = tl.load(sin + row * s_cs + j).to(tl.float32), tl.load(sin + row * s_cs + HALF + j).to(tl.float32)
     y1 = x1 * c1 - x2 * s1
     y2 = x2 * c2 + x1 * s2
-    if head < n_heads:
-        dst = q_out + row * s_qo_b + head * s_qo_h
-        tl.store(dst + j, y1.to(q_out.dtype.element_ty))
-        tl.store(dst + HALF + j, y2.to(q_out.dtype.element_ty))
-    else:
-        kv = head - n_heads
-        slot = tl.load(row_slot + row) if HAS_SLOTS else row
-        off = slot * s_c_slot + kv * s_c_head + tl.load(pos + row) * s_c_pos
-        tl.store(k_cache + off + j, y1.to(k_cache.dtype.element_ty))
-        tl.store(k_cache + off + HALF + j, y2.to(k_cache.dtype.element_ty))
-        if WRITE_K:
-            kdst = k_out + (row * n_kv + kv) * 2 * HALF
-            tl.store(kdst + j, y1.to(k_out.dtype.element_ty))
-            tl.store(kdst + HALF + j, y2.to(k_out.dtype.element_ty))
-        vsrc = row * s_qkv + (n_heads + n_kv + kv) * 2 * HALF
-        tl.store(v_cache + off + j, _load_product(qkv, vsrc + j, every, n_split, s_split, v_cache).to(v_cache.dtype.element_ty))
-        tl.store(v_cache + off + HALF + j,
-                 _load_product(qkv, vsrc + HALF + j, every, n_split, s_split, v_cache).to(v_cache.dtype.element_ty))
+    is_q = live & (h < n_heads)
+    dst = q_out + row * s_qo_b + h * s_qo_h + j
+    tl.store(dst, y1.to(q_out.dtype.element_ty), mask=is_q)
+    tl.store(dst + HALF, y2.to(q_out.dtype.element_ty), mask=is_q)
+    slot = tl.load(row_slot + row) if HAS_SLOTS else row
+    at = slot * s_c_slot + tl.load(pos + row) * s_c_pos
+    is_k, kv = live & (h >= n_heads), h - n_heads
+    tl.store(k_cache + at + kv * s_c_head + j, y1.to(k_cache.dtype.element_ty), mask=is_k)
+    tl.store(k_cache + at + kv * s_c_head + HALF + j, y2.to(k_cache.dtype.element_ty), mask=is_k)
+    if WRITE_K:
+        kdst = k_out + (row * n_kv + kv) * 2 * HALF + j
+        tl.store(kdst, y1.to(k_out.dtype.element_ty), mask=is_k)
+        tl.store(kdst + HALF, y2.to(k_out.dtype.element_ty), mask=is_k)
+    g, d = tl.arange(0, KP)[:, None], tl.arange(0, 2 * HALF)[None, :]  # v heads: copied as they are
+    v_live = (g < n_kv) & (d < 2 * HALF)
+    v = _load_product(qkv, row * s_qkv + (n_heads + n_kv + g) * 2 * HALF + d, v_live, n_split, s_split, v_cache)
+    tl.store(v_cache + at + g * s_c_head + d, v.to(v_cache.dtype.element_ty), mask=v_live)
 
 
 def rope_kv_write(qkv: "torch.Tensor | SplitK", cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
@@ -91,10 +88,11 @@ def rope_kv_write(qkv: "torch.Tensor | SplitK", cos: torch.Tensor, sin: torch.Te
     cos, sin = cos.reshape(-1, d), sin.reshape(-1, d)
     q = torch.empty((rows, n_heads, d), dtype=dtype, device=parts.device)
     k = torch.empty((rows, n_kv, d), dtype=dtype, device=parts.device) if return_k else q
-    _rope_kv_kernel[(rows, n_heads + n_kv)](
+    _rope_kv_kernel[(rows,)](
         parts, cos, sin, q, k, k_cache, v_cache, positions, slots if slots is not None else positions, n_heads, n_kv,
         n_split, s_split, parts.stride(1), cos.stride(0), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), HALF=d // 2, HAS_SLOTS=slots is not None, WRITE_K=return_k)
+        k_cache.stride(2), HALF=d // 2, HP=triton.next_power_of_2(n_heads + n_kv), KP=max(2, triton.next_power_of_2(n_kv)),
+        HAS_SLOTS=slots is not None, WRITE_K=return_k)
     return (q, k) if return_k else q
 
 
