@@ -47,15 +47,15 @@ def _generator(seq, device) -> torch.Generator:
     return gen
 
 
-_NEG_INF: dict[str, torch.Tensor] = {}
+_NEG_INF: dict[tuple, torch.Tensor] = {}
 
 
-def _neg_inf(device) -> torch.Tensor:
-    """-inf made on the device, once: a Python scalar as index_put_'s value is copied from pageable
-    host memory, which waits for the stream."""
-    key = str(device)
+def _neg_inf(like: torch.Tensor) -> torch.Tensor:
+    """-inf on `like`'s device in its type, made once: a Python scalar as index_put_'s value is
+    copied from pageable host memory, which waits for the stream."""
+    key = (str(like.device), like.dtype)
     if key not in _NEG_INF:
-        _NEG_INF[key] = torch.full((), NEG_INF, device=device)
+        _NEG_INF[key] = torch.full((), NEG_INF, device=like.device, dtype=like.dtype)
     return _NEG_INF[key]
 
 
@@ -70,7 +70,7 @@ def _mask_rows(logits: torch.Tensor, seqs) -> None:
             masked.setdefault(s.stop_token_ids, []).append(i)
     for ids, rows in masked.items():
         r = cached_index(tuple(rows), logits.device)[:, None]
-        logits.index_put_((r, cached_index(tuple(sorted(ids)), logits.device)[None, :]), _neg_inf(logits.device))
+        logits.index_put_((r, cached_index(tuple(sorted(ids)), logits.device)[None, :]), _neg_inf(logits))
     for i, s in enumerate(seqs):
         p = s.params
         if p.repetition_penalty != 1.0:
@@ -80,7 +80,7 @@ def _mask_rows(logits: torch.Tensor, seqs) -> None:
         if p.bad_ids:
             banned = banned_tokens(s.output_ids, p.bad_ids)
             if banned:
-                logits.index_put_((to_device([i], logits.device), to_device(banned, logits.device)), _neg_inf(logits.device))
+                logits.index_put_((to_device([i], logits.device), to_device(banned, logits.device)), _neg_inf(logits))
 
 
 def _filter_top_k_top_p(row: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
