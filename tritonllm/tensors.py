@@ -49,6 +49,33 @@ ENSEMBLE_OUTPUTS = [
 ]
 
 # -- the stages --------------------------------------------------------------------------------
+# engine -> detokenizer: a response's numbers travel as one INT32 tensor (was five tensors: at 64
+# streams the engine process built 7 tensors per response under its GIL, 3 now)
+RESPONSE_INFO = ("num_context_ids", "is_final", "num_input_tokens", "num_output_tokens", "finish_reason")
+FINISH_REASONS = ("", "stop", "length", "cancelled", "timeout", "error")  # finish_reason's code: its index here
+
+
+@dataclass(frozen=True)
+class ResponseInfo:
+    num_context_ids: int
+    is_final: bool
+    num_input_tokens: int
+    num_output_tokens: int
+    finish_reason: str  # "" before the final response
+
+    def pack(self) -> list[int]:
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(f"finish_reason {self.finish_reason!r} has no code: add it to FINISH_REASONS")
+        return [self.num_context_ids, int(self.is_final), self.num_input_tokens, self.num_output_tokens,
+                FINISH_REASONS.index(self.finish_reason)]
+
+    @classmethod
+    def unpack(cls, values: list[int]) -> "ResponseInfo":
+        if len(values) != len(RESPONSE_INFO) or not 0 <= values[4] < len(FINISH_REASONS):
+            raise ValueError(f"response_info {values!r}: expected {len(RESPONSE_INFO)} values {RESPONSE_INFO}")
+        return cls(values[0], bool(values[1]), values[2], values[3], FINISH_REASONS[values[4]])
+
+
 TOKENIZER_INPUTS = [s for s in ENSEMBLE_INPUTS if s.name in ("text_input", "apply_chat_template", "stop_words", "bad_words")]
 TOKENIZER_OUTPUTS = [T("input_ids", "INT32", (-1,)), T("stop_ids", "INT32", (-1,)), T("bad_ids", "INT32", (-1,))]
 ENGINE_INPUTS = [
@@ -58,18 +85,13 @@ ENGINE_INPUTS = [
     T("stop_words", "STRING", (-1,), optional=True),
     *SAMPLING_INPUTS,
 ]
-ENGINE_OUTPUTS = [
-    T("output_ids", "INT32", (-1,), doc="the response's new ids preceded by num_context_ids ids sent before"),
-    T("num_context_ids", "INT32"),
-    T("is_final", "BOOL"),
-    *ENSEMBLE_OUTPUTS[1:],
+ENGINE_OUTPUTS = [  # three tensors per response (each one costs the engine process's GIL): ids, numbers, stop words
+    T("output_ids", "INT32", (-1,), doc="the response's new ids preceded by `num_context_ids` ids sent before"),
+    T("response_info", "INT32", (len(RESPONSE_INFO),), doc="the response's numbers, in RESPONSE_INFO order"),
     T("stop_words", "STRING", (-1,), doc="the request's stop words, passed on to the detokenizer"),
 ]
 ENGINE_TEXT_OUTPUTS = ENSEMBLE_OUTPUTS  # emit_text: the engine answers with the ensemble's outputs itself
-DETOKENIZER_INPUTS = [
-    *ENGINE_OUTPUTS[:3],
-    *[T(s.name, s.dtype, s.dims, optional=True) for s in ENGINE_OUTPUTS[3:]],
-]
+DETOKENIZER_INPUTS = [*ENGINE_OUTPUTS[:2], T("stop_words", "STRING", (-1,), optional=True)]
 DETOKENIZER_OUTPUTS = ENSEMBLE_OUTPUTS
 
 

@@ -73,3 +73,15 @@ def test_engine_side_detokenization_drops_the_detokenizer_stage():
 def test_repository_name_is_validated():
     with pytest.raises(ValueError, match="model name"):
         RepositoryConfig(name="bad name")
+
+
+def test_response_info_round_trips_every_finish_reason():
+    from tritonllm.tensors import FINISH_REASONS, ResponseInfo
+
+    for reason in FINISH_REASONS:
+        info = ResponseInfo(8, bool(reason), 128, 17, reason)
+        assert ResponseInfo.unpack(info.pack()) == info
+    with pytest.raises(ValueError, match="add it to FINISH_REASONS"):
+        ResponseInfo(0, True, 1, 1, "exploded").pack()
+    with pytest.raises(ValueError, match="expected 5 values"):
+        ResponseInfo.unpack([0, 1, 2])

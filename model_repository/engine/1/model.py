@@ -18,6 +18,7 @@ from tritonllm.engine_metrics import EngineMetrics  # noqa: E402
 from tritonllm.engine_request import build_sequence  # noqa: E402
 from tritonllm.response_pump import GuardedSender, ResponsePump  # noqa: E402
 from tritonllm.runtimes import load_runtime  # noqa: E402
+from tritonllm.tensors import ResponseInfo  # noqa: E402
 from tritonllm.text import TokenizerFiles, text_delta  # noqa: E402
 from tritonllm.triton_io import RequestReader, error_response, model_parameters, tensor  # noqa: E402
 
@@ -65,9 +66,10 @@ def _counters(seq, final, n_output):
 
 
 def id_outputs(seq, ids, n_context, final, n_output):
-    """For the detokenizer stage: new ids after n_context ids already sent, and the stop words."""
-    return [tensor(pb_utils, "output_ids", ids, np.int32), tensor(pb_utils, "num_context_ids", [n_context], np.int32),
-            tensor(pb_utils, "is_final", [final], bool), *_counters(seq, final, n_output),
+    """For the detokenizer stage: new ids after n_context ids already sent, the response's numbers
+    in one tensor, and the stop words."""
+    info = ResponseInfo(n_context, final, len(seq.prompt_ids), n_output, (seq.finish_reason or "") if final else "")
+    return [tensor(pb_utils, "output_ids", ids, np.int32), tensor(pb_utils, "response_info", info.pack(), np.int32),
             tensor(pb_utils, "stop_words", seq.params.stop_strings or [""], object)]
 
 
