@@ -1,0 +1,122 @@
+"""Where the engine process's GIL goes while Triton serves load: runs `bench.bench_llm` with the
+arguments after `--`, waits until the engine's loop steps quickly (the load phase, read from the
+server's /metrics), then samples the engine's python stub with py-spy in `--gil` mode (only the
+thread holding the GIL is sampled) and reports the share of wall time the GIL was held, split by
+thread (engine loop, response senders, cancellation watcher, execute, ...) and by function.
+
+  python -m bench.profile_server_gil --out results -- --device gpu --systems triton --concurrency 64 \
+      --rounds 24 --client-procs 8 --detokenizer-instances 4 --out /tmp/r
+
+Needs the py-spy binary (`pip install py-spy`; its wheel can be carried to a host without network).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+THREADS = {"engine loop": "engine_loop.py:_run", "response senders": "response_pump.py:_run",
+           "cancellation watcher": "_watch_cancellations", "execute (requests in)": ":execute",
+           "metrics": "engine_metrics.py"}
+
+
+def processes() -> list[tuple[int, list[str]]]:
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            out.append((int(pid), Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")))
+        except OSError:
+            continue
+    return out
+
+
+def engine_stub_and_metrics_port() -> tuple[int, int] | None:
+    stub = next((pid for pid, cmd in processes() if cmd[0].endswith("triton_python_backend_stub")
+                 and any("_engine" in c for c in cmd)), None)
+    port = next((int(m.group(1)) for _, cmd in processes() for c in cmd if (m := re.match(r"--metrics-port=(\d+)", c))),
+                None)
+    return (stub, port) if stub and port else None
+
+
+def loop_steps(port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("tritonllm_loop_steps_total"))
+
+
+def wait_for_load(min_steps_per_s: float, timeout_s: float = 900) -> int:
+    """The engine stub's pid once its loop steps at least `min_steps_per_s` (the load is on)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = engine_stub_and_metrics_port()
+        if found:
+            try:
+                a = loop_steps(found[1])
+                time.sleep(0.5)
+                if (loop_steps(found[1]) - a) / 0.5 >= min_steps_per_s:
+                    return found[0]
+            except OSError:
+                pass
+        time.sleep(0.5)
+    raise TimeoutError("the engine never reached the load phase")
+
+
+def summarize(raw: str, seconds: float, rate: int) -> dict:
+    """py-spy raw (collapsed) stacks -> GIL-held share of wall time by thread and by function."""
+    by_thread, by_function, inclusive, total = collections.Counter(), collections.Counter(), collections.Counter(), 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        names = [re.sub(r" \((.*/)?([^/]*?):\d+\)$", r" (\2)", f) for f in frames]
+        joined = ";".join(re.sub(r"^(\S+) \((\S+)\)$", r"\2:\1", f) for f in names)
+        by_thread[next((k for k, v in THREADS.items() if v in joined), "other")] += n
+        by_function[names[-1]] += n
+        for name in set(names):
+            inclusive[name] += n
+    wall = seconds * rate
+    return {"samples": total, "gil_held_share_of_wall": round(total / wall, 3),
+            "by_thread_share_of_wall": {k: round(v / wall, 3) for k, v in by_thread.most_common()},
+            "top_functions_share_of_wall": {k: round(v / wall, 3) for k, v in by_function.most_common(25)},
+            "top_functions_inclusive_share_of_wall": {k: round(v / wall, 3) for k, v in inclusive.most_common(40)}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results")
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--rate", type=int, default=250)
+    p.add_argument("--min-steps-per-s", type=float, default=200.0)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    a = p.parse_args()
+    bench = subprocess.Popen([sys.executable, "-m", "bench.bench_llm", *[x for x in a.bench_args if x != "--"]])
+    found: dict = {}
+    watcher = threading.Thread(target=lambda: found.update(pid=wait_for_load(a.min_steps_per_s)), daemon=True)
+    watcher.start()
+    watcher.join()
+    raw_path = Path("/tmp/tritonllm-gil.txt")
+    subprocess.run(["py-spy", "record", "--pid", str(found["pid"]), "--gil", "--nonblocking", "--rate", str(a.rate),
+                    "--duration", str(int(a.seconds)), "--format", "raw", "--output", str(raw_path)], check=True)
+    bench.wait()
+    report = {"command": "python3 -m bench.profile_server_gil " + " ".join(sys.argv[1:]),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              **summarize(raw_path.read_text(), int(a.seconds), a.rate)}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "server-gil-profile.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
