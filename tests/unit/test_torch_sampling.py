@@ -35,3 +35,11 @@ def test_device_sampler_matches_the_host_sampler(dtype):
             for r, s in zip(rows, seqs)]
     assert got == want
     assert got[0] == 3 and got[1] != 3 and got[2] != 3  # greedy takes EOS; ignore_eos and min_tokens mask it
+
+
+def test_eos_mask_of_every_row_is_one_fill():
+    rows = torch.zeros(4, 8, dtype=torch.bfloat16)
+    rows[:, 3] = 5.0
+    seqs = [seq([], temperature=0.0, ignore_eos=True) for _ in range(4)]
+    assert torch_sampling.choose(rows, seqs).tolist() == [0, 0, 0, 0]
+    assert torch.isinf(rows[:, 3]).all() and not torch.isinf(rows[:, :3]).any()

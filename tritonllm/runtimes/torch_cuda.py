@@ -17,7 +17,7 @@ from ..config import EngineConfig
 from ..modeling import CausalLM, load_hf
 from . import torch_sampling
 from .base import StepInput
-from .torch_sampling import copy_to, to_device
+from .torch_sampling import PinnedRing, copy_to, to_device
 
 log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -123,6 +123,9 @@ class TorchCudaRuntime:
         self._prefill_graphs: dict[tuple[int, int], tuple] = {}
         self._pool = None
         self._tokens = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
+        if self.device.type == "cuda":  # staging for positions and prompt ids up, sampled ids down
+            self._uploads = PinnedRing(max(PREFILL_GRAPH_TOKENS, self.max_slots), depth=8)
+            self._downloads = PinnedRing(self.max_slots)
         self._positions = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
         if self.use_cuda_graphs:  # every prefill graph writes its logits here (one buffer, not one each)
             self._prefill_logits = torch.empty((self.max_slots, self.shape.vocab_size), device=self.device, dtype=self.dtype)
@@ -268,7 +271,7 @@ class TorchCudaRuntime:
             return self._prefill_body(*self._prefill_inputs(rows, b, t))
         graph, static, out = self._prefill_graph(bb, tb)
         for buf, values in zip(static, self._prefill_lists(rows, bb, tb)):
-            copy_to(buf, values)
+            copy_to(buf, values, self._uploads)
         graph.replay()
         return out[:b]
 
@@ -416,7 +419,7 @@ class TorchCudaRuntime:
         pos = [self.max_context - 1] * b
         for r in rows:
             pos[r.slot] = r.start
-        copy_to(self._positions[:b], pos)
+        copy_to(self._positions[:b], pos, getattr(self, "_uploads", None))
         known = [r for r in rows if r.tokens]  # the others' last token is on the device already (launch)
         if known:
             slots = to_device([r.slot for r in known], self.device)
@@ -456,11 +459,9 @@ class TorchCudaRuntime:
         self._tokens[self._slot_index([i.slot for i in inputs])] = chosen
         if self.device.type != "cuda":
             return chosen
-        host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+        host, i = self._downloads.take(chosen.shape[0])
         host.copy_(chosen, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return host, done
+        return host, self._downloads.fence(i)
 
     def collect(self, handle) -> list[int]:
         """The chosen ids of a launched step (waits for that step only)."""

@@ -2,6 +2,7 @@
 host synchronisation per step (reading the chosen ids)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 NEG_INF = float("-inf")
@@ -15,13 +16,47 @@ def to_device(values, device, dtype=torch.long) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
-def copy_to(dst: torch.Tensor, values) -> None:
-    """Fill a preallocated device tensor from a host list, queued like `to_device` (no device-side
-    temporary, no second copy)."""
+class PinnedRing:
+    """Pinned host buffers handed out round-robin for the engine loop's small copies (positions
+    and prompt ids up, sampled ids down): a fresh pinned tensor per copy cost the H100 host's loop
+    ~80 us of GIL time a step (results/server-gil-profile-h100.json). A buffer is handed out again
+    only after the event behind its last copy completed; the caller keeps fewer than `depth`
+    copies whose host side is still to be read (the engine loop has at most two steps in flight)."""
+
+    def __init__(self, numel: int, dtype=torch.long, depth: int = 4):
+        self.numel, self.dtype = numel, dtype
+        self._buffers = [torch.empty(numel, dtype=dtype, pin_memory=True) for _ in range(depth)]
+        self._events: list[torch.cuda.Event | None] = [None] * depth
+        self._next = 0
+
+    def take(self, n: int) -> tuple[torch.Tensor, int]:
+        """A pinned buffer of n elements and its index (for `fence`)."""
+        i = self._next
+        self._next = (i + 1) % len(self._buffers)
+        if self._events[i] is not None:
+            self._events[i].synchronize()
+        return self._buffers[i][:n], i
+
+    def fence(self, i: int) -> torch.cuda.Event:
+        """Record that buffer i is in use by the copies enqueued so far; returns that event."""
+        done = torch.cuda.Event()
+        done.record()
+        self._events[i] = done
+        return done
+
+
+def copy_to(dst: torch.Tensor, values, ring: PinnedRing | None = None) -> None:
+    """Fill a preallocated device tensor from a host list (nested for 2-D), queued like
+    `to_device` (no device-side temporary, no second copy), through `ring` where it is big enough."""
     if dst.device.type != "cuda":
         dst.copy_(torch.tensor(values, dtype=dst.dtype))
-    else:
+    elif ring is None or dst.numel() > ring.numel or dst.dtype != ring.dtype:
         dst.copy_(torch.tensor(values, dtype=dst.dtype, pin_memory=True), non_blocking=True)
+    else:
+        buf, i = ring.take(dst.numel())
+        buf.numpy()[:] = np.asarray(values).reshape(-1)
+        dst.copy_(buf.view(dst.shape), non_blocking=True)
+        ring.fence(i)
 
 
 _INDEX_CACHE: dict[tuple, torch.Tensor] = {}
@@ -69,8 +104,12 @@ def _mask_rows(logits: torch.Tensor, seqs) -> None:
         if s.stop_token_ids and (s.params.ignore_eos or s.generated < s.params.min_tokens):
             masked.setdefault(s.stop_token_ids, []).append(i)
     for ids, rows in masked.items():
+        columns = cached_index(tuple(sorted(ids)), logits.device)
+        if len(rows) == logits.shape[0]:  # every row (ignore_eos traffic): one fill, no row index
+            logits.index_fill_(1, columns, NEG_INF)
+            continue
         r = cached_index(tuple(rows), logits.device)[:, None]
-        logits.index_put_((r, cached_index(tuple(sorted(ids)), logits.device)[None, :]), _neg_inf(logits))
+        logits.index_put_((r, columns[None, :]), _neg_inf(logits))
     for i, s in enumerate(seqs):
         p = s.params
         if p.repetition_penalty != 1.0:
