@@ -156,3 +156,9 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv):
         got = [s.wait(300).ids for s in [eng.submit(ids, max_tokens=n, temperature=0.0, ignore_eos=True)
                                          for ids, n in zip(prompts, lengths)]]
     assert got == [hf_greedy(hf, ids, n) for ids, n in zip(prompts, lengths)]
+
+
+def test_start_up_self_check_passes_for_every_kernel_form():
+    """What the GPU runtime runs before enabling the kernels (decode and prefill rotary forms
+    included: a form that fails to compile there turns the fused kernels off, not the engine)."""
+    fk.self_check(torch.device("cpu"), torch.float32, 64)

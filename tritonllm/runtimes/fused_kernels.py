@@ -229,6 +229,11 @@ def self_check(device, dtype, head_dim: int) -> None:
     ref = x * cos.float() + torch.cat([-x[..., half:], x[..., :half]], -1) * sin.float()
     torch.testing.assert_close(q.float(), ref, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(vc[1, 0, 3].float(), qkv[1, 0, 3 * head_dim:].float())
+    # the prefill form: rows mapped to slots, rotated k returned (compiled separately)
+    q2, k2 = rope_kv_write(qkv, cos, sin, kc, vc, torch.tensor([2, 0], device=device), 2, 1,
+                           slots=torch.tensor([1, 0], device=device), return_k=True)
+    torch.testing.assert_close(q2, q)
+    torch.testing.assert_close(k2[:, 0], kc[torch.tensor([1, 0]), 0, torch.tensor([2, 0])])
     res, w = r(2, 1, 64), r(64)
     expected = (res.float() + qkv[..., :64].float()).to(dtype)
     out = add_rms_norm(qkv[..., :64].contiguous(), res, w, 1e-5)

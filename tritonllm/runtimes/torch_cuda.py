@@ -123,7 +123,8 @@ class TorchCudaRuntime:
         self._prefill_graphs: dict[tuple[int, int], tuple] = {}
         self._pool = None
         self._tokens = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
-        if self.device.type == "cuda":  # staging for positions and prompt ids up, sampled ids down
+        self._uploads = self._downloads = None  # staging for positions and prompt ids up, sampled ids down
+        if self.device.type == "cuda":
             self._uploads = PinnedRing(max(PREFILL_GRAPH_TOKENS, self.max_slots), depth=8)
             self._downloads = PinnedRing(self.max_slots)
         self._positions = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
@@ -419,7 +420,7 @@ class TorchCudaRuntime:
         pos = [self.max_context - 1] * b
         for r in rows:
             pos[r.slot] = r.start
-        copy_to(self._positions[:b], pos, getattr(self, "_uploads", None))
+        copy_to(self._positions[:b], pos, self._uploads)
         known = [r for r in rows if r.tokens]  # the others' last token is on the device already (launch)
         if known:
             slots = to_device([r.slot for r in known], self.device)
