@@ -66,6 +66,11 @@ def top_kernels(step, n: int = 14) -> list[dict]:
     return [{"kernel": "TOTAL", "calls_per_step": kernels, "us_per_step": round(total, 1)}] + rows[:n]
 
 
+def prompt_rows(b: int, prompt_len: int = 128) -> list[StepInput]:
+    """b prompts of prompt_len tokens, one per slot, to prefill."""
+    return [StepInput(i, list(range(1, prompt_len + 1)), 0) for i in range(b)]
+
+
 def prefill_costs(runtime, a, prompt_len: int = 128) -> dict:
     """One prefill step of b prompts, launched eagerly and replayed from its CUDA graph: the host's
     time to enqueue it (the engine loop launches nothing else meanwhile) and the time until the
@@ -84,7 +89,7 @@ def prefill_costs(runtime, a, prompt_len: int = 128) -> dict:
     out = {}
     with torch.no_grad():
         for b in (x for x in (1, 8, 23, 32, 64) if x <= runtime.max_slots):
-            rows = [StepInput(i, list(range(1, prompt_len + 1)), 0) for i in range(b)]
+            rows = prompt_rows(b, prompt_len)
             eager, ref = timed(lambda: runtime._prefill_body(*runtime._prefill_inputs(rows, b, prompt_len)))
             graph, got = timed(lambda: runtime.prefill(rows))
             diff = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
@@ -111,8 +116,8 @@ def profile_variant(name: str, model: CausalLM, a) -> dict:
             out["top_kernels"][b] = top_kernels(lambda b=b: runtime._decode_body(b, a.context))
     out["prefill_ms"] = prefill_costs(runtime, a)
     b = max(a.batches)
-    out[f"prefill_top_kernels_{b}x128"] = top_kernels(lambda: runtime._prefill_body(*runtime._prefill_inputs(
-        [StepInput(i, list(range(1, 129)), 0) for i in range(b)], b, 128)), n=20)
+    out[f"prefill_top_kernels_{b}x128"] = top_kernels(
+        lambda: runtime._prefill_body(*runtime._prefill_inputs(prompt_rows(b), b, 128)), n=20)
     log.info("%s: %s prefill %s", name, out["graph_ms"], out["prefill_ms"])
     del runtime
     gc.collect()

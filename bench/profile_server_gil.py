@@ -19,10 +19,11 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from tritonllm.server import metric_samples
 
 THREADS = {"engine loop": "engine_loop.py:_run", "response senders": "response_pump.py:_run",
            "cancellation watcher": "_watch_cancellations", "execute (requests in)": ":execute",
@@ -49,7 +50,7 @@ def engine_stub_and_metrics_port() -> tuple[int, int] | None:
 
 def loop_steps(port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("tritonllm_loop_steps_total"))
+    return sum(value for name, _, value in metric_samples(text) if name == "tritonllm_loop_steps_total")
 
 
 def wait_for_load(min_steps_per_s: float, timeout_s: float = 900) -> int:
@@ -101,14 +102,16 @@ def main() -> None:
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     a = p.parse_args()
     bench = subprocess.Popen([sys.executable, "-m", "bench.bench_llm", *[x for x in a.bench_args if x != "--"]])
-    found: dict = {}
-    watcher = threading.Thread(target=lambda: found.update(pid=wait_for_load(a.min_steps_per_s)), daemon=True)
-    watcher.start()
-    watcher.join()
     raw_path = Path("/tmp/tritonllm-gil.txt")
-    subprocess.run(["py-spy", "record", "--pid", str(found["pid"]), "--gil", "--nonblocking", "--rate", str(a.rate),
-                    "--duration", str(int(a.seconds)), "--format", "raw", "--output", str(raw_path)], check=True)
-    bench.wait()
+    try:
+        pid = wait_for_load(a.min_steps_per_s)
+        subprocess.run(["py-spy", "record", "--pid", str(pid), "--gil", "--nonblocking", "--rate", str(a.rate),
+                        "--duration", str(int(a.seconds)), "--format", "raw", "--output", str(raw_path)], check=True)
+        bench.wait()
+    finally:  # a failed wait or recording leaves no bench (and its server) behind
+        if bench.poll() is None:
+            bench.terminate()
+            bench.wait()
     report = {"command": "python3 -m bench.profile_server_gil " + " ".join(sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               **summarize(raw_path.read_text(), int(a.seconds), a.rate)}
