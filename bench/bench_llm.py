@@ -67,7 +67,8 @@ def gpu_suite(a, results: list, facts: dict) -> None:
         torch.save(CausalLM(hf), engine_dir / ENGINE_FILE)
     cfg = EngineConfig(runtime="torch-cuda", dtype="bfloat16", max_slots=max(a.concurrency), max_context=a.max_context,
                        max_tokens_limit=a.max_context - 1, stream_interval_ms=a.stream_interval_ms,
-                       stream_coalesce_min_active=a.coalesce_min_active, response_threads=a.response_threads)
+                       stream_coalesce_min_active=a.coalesce_min_active, response_threads=a.response_threads,
+                       launch_ahead=a.launch_ahead)
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf))
     del hf
     gc.collect()
@@ -106,7 +107,8 @@ def gpu_suite(a, results: list, facts: dict) -> None:
 def stats_counters(stats) -> dict[str, float]:
     """An in-process engine's loop stats under the names `engine_note` reads (as on /metrics)."""
     return {"ttft_sum": 0.0, "ttft_count": 0.0, "steps": stats.steps, "prefill_steps": stats.prefill_steps,
-            "prefilled": stats.prefilled, "launch": stats.launch_s, "wait": stats.wait_s, "complete": stats.complete_s}
+            "prefilled": stats.prefilled, "launch": stats.launch_s, "wait": stats.wait_s, "complete": stats.complete_s,
+            "gpu_idle": stats.gpu_idle_s}
 
 
 def profile_decode_graphs(runtime, a) -> dict:
@@ -179,6 +181,7 @@ ENGINE_COUNTERS = {"ttft_sum": ("tritonllm_time_to_first_token_seconds_sum", Non
                    "ttft_count": ("tritonllm_time_to_first_token_seconds_count", None),
                    "steps": ("tritonllm_loop_steps_total", None), "prefill_steps": ("tritonllm_prefill_steps_total", None),
                    "prefilled": ("tritonllm_prefilled_sequences_total", None),
+                   "gpu_idle": ("tritonllm_gpu_idle_seconds_total", None),
                    **{p: ("tritonllm_loop_seconds_total", p) for p in ("launch", "wait", "complete")}}
 TOKENIZER_COUNTERS = {"tok_requests": "nv_inference_request_success", "tok_execs": "nv_inference_exec_count",
                       "tok_queue_us": "nv_inference_queue_duration_us",
@@ -215,6 +218,8 @@ def engine_note(before: dict, after: dict, client_ttft: list[float]) -> str:
     if d["steps"] > 0:
         notes.append("loop ms/step launch {:.2f} / wait {:.2f} / complete {:.2f}".format(
             *(1e3 * d[p] / d["steps"] for p in ("launch", "wait", "complete"))))
+        if d.get("gpu_idle", 0.0) > 0:  # measured by GPU runtimes only
+            notes.append(f"GPU idle between steps {1e3 * d['gpu_idle'] / d['steps']:.2f} ms/step")
     if d.get("tok_requests", 0) > 0:
         notes.append(f"tokenizer per request: queue {1e-3 * d['tok_queue_us'] / d['tok_requests']:.1f} ms, "
                      f"compute {1e-3 * d['tok_compute_us'] / d['tok_requests']:.2f} ms, "
@@ -275,6 +280,7 @@ def main() -> None:
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--stream-interval-ms", type=float, default=0.0)
     p.add_argument("--response-threads", type=int, default=EngineConfig.response_threads)
+    p.add_argument("--launch-ahead", type=int, default=EngineConfig.launch_ahead)
     p.add_argument("--client-procs", type=int, default=1, help="load-generating processes for the Triton runs")
     p.add_argument("--coalesce-min-active", type=int, default=8,
                    help="streams generating before --stream-interval-ms coalescing starts")

@@ -2,12 +2,15 @@
 
 `submit()` only enqueues. The loop admits new sequences into the running batch, polls
 cancellation and deadlines, launches one runtime step for the whole batch (prefills + decodes,
-sampling included), then completes the step before it: reads its tokens, updates the scheduler
-and streams responses through each sequence's sink. Runtimes that can launch without waiting
-(`launch`/`collect`, the GPU runtime) thus overlap the host's work for step N with the device's
-work for step N+1; the others complete each step before the next is scheduled."""
+sampling included), then completes the oldest step in flight: reads its tokens, updates the
+scheduler and streams responses through each sequence's sink. Runtimes that can launch without
+waiting (`launch`/`collect`, the GPU runtime) thus overlap the host's work with the device's:
+`launch_ahead` steps stay queued on the device while the host completes older ones (2 absorbs the
+host's stalls, e.g. on the GIL under Triton, that 1 exposes as device idle time). The others
+complete each step before the next is scheduled."""
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -48,6 +51,8 @@ class EngineStats:
     launch_s: float = 0.0            # building and enqueueing steps (host)
     wait_s: float = 0.0              # waiting for a step's tokens (the device's time not hidden)
     complete_s: float = 0.0          # scheduler update, stop checks, handing responses to sinks
+    gpu_idle_s: float = 0.0          # device idle between two steps while the loop had one in flight
+                                     # (the host was late to launch: overhead not hidden), where measured
 
 
 @dataclass
@@ -111,24 +116,28 @@ class EngineLoop:
 
     # -- loop stages ---------------------------------------------------------------------------
     def _run(self) -> None:
-        in_flight: InFlight | None = None
+        in_flight: collections.deque[InFlight] = collections.deque()
+        ahead = self.cfg.launch_ahead if self._overlap else 0  # steps left in flight after a launch
         while not self._stop.is_set():
             self._admit()
             self._drop_cancelled()
-            if in_flight is not None and not self._may_overlap(in_flight):
-                self._complete(in_flight)
-                in_flight = None
+            if in_flight and not self._may_overlap(in_flight):
+                while in_flight:
+                    self._complete(in_flight.popleft())
             plan = self.scheduler.schedule()
             launched = self._launch(plan) if plan else None
-            if in_flight is not None:
-                self._complete(in_flight)
+            if launched is not None:
+                in_flight.append(launched)
+            if len(in_flight) > ahead or (in_flight and launched is None):
+                self._complete(in_flight.popleft())
             elif launched is None:
                 self._wake.wait(0.05)
                 self._wake.clear()
-            in_flight = launched
 
-    def _may_overlap(self, in_flight: "InFlight") -> bool:
-        return self._overlap and not any(s.needs_host_history for s in in_flight.plan.sequences if s.finish_reason is None)
+    def _may_overlap(self, in_flight) -> bool:
+        """False while a launched step holds a sequence whose next step needs its token on the host."""
+        return self._overlap and not any(s.needs_host_history and s.finish_reason is None
+                                         for step in in_flight for s in step.plan.sequences)
 
     def _admit(self) -> None:
         with self._lock:
@@ -197,6 +206,7 @@ class EngineLoop:
             if seq in finished:
                 self._finished(seq)
         self.stats.steps += 1
+        self.stats.gpu_idle_s = getattr(self.runtime, "gpu_idle_s", 0.0)
         self.stats.wait_s += t1 - t0
         self.stats.complete_s += time.perf_counter() - t1
 

@@ -2,6 +2,7 @@
 queue bounds, stop conditions, cancellation and failures; no model involved."""
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -53,12 +54,17 @@ class OverlappingRuntime(CountingRuntime):
     N's tokens, so decode inputs arrive without their last token (tokens=[]), which this runtime
     keeps per slot as a GPU runtime keeps it on the device."""
 
+    launch_ahead = 1
+
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.device_tokens: dict[int, int] = {}
         self.device_token_steps = 0
+        self.in_flight = self.max_in_flight = 0
 
     def launch(self, inputs, seqs):
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
         self.device_token_steps += any(not x.tokens for x in inputs)
         concrete = [x if x.tokens else StepInput(x.slot, [self.device_tokens[x.slot]], x.start) for x in inputs]
         logits = self.step(concrete)
@@ -68,10 +74,16 @@ class OverlappingRuntime(CountingRuntime):
         return chosen
 
     def collect(self, handle):
+        self.in_flight -= 1
         return handle
 
 
-@pytest.fixture(params=[CountingRuntime, OverlappingRuntime], ids=["sync", "overlapped"])
+class TwoAheadRuntime(OverlappingRuntime):
+    """Run with launch_ahead=2: two steps stay queued while the loop completes the oldest."""
+    launch_ahead = 2
+
+
+@pytest.fixture(params=[CountingRuntime, OverlappingRuntime, TwoAheadRuntime], ids=["sync", "overlapped", "ahead2"])
 def Runtime(request):
     return request.param
 
@@ -81,7 +93,7 @@ def seq(prompt, **kw):
 
 
 def run_loop(runtime, cfg, seqs, cancel_after=None):
-    loop = EngineLoop(runtime, cfg).start()
+    loop = EngineLoop(runtime, replace(cfg, launch_ahead=getattr(runtime, "launch_ahead", 1))).start()
     sinks = []
     for s in seqs:
         s.sink = QueueSink()
@@ -100,6 +112,7 @@ def test_tokens_and_length_finish(Runtime):
     assert res.ids == [6, 7, 8, 9] and res.finish_reason == "length"
     if isinstance(rt, OverlappingRuntime):  # steps really were launched ahead of the host
         assert rt.device_token_steps == 3 and rt.batches == [1, 1, 1, 1]
+        assert rt.max_in_flight == rt.launch_ahead + 1 and rt.in_flight == 0
 
 
 def test_a_pending_token_that_ends_the_sequence_keeps_it_out_of_the_next_step():

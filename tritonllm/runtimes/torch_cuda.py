@@ -125,8 +125,11 @@ class TorchCudaRuntime:
         self._tokens = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
         self._uploads = self._downloads = None  # staging for positions and prompt ids up, sampled ids down
         if self.device.type == "cuda":
-            self._uploads = PinnedRing(max(PREFILL_GRAPH_TOKENS, self.max_slots), depth=8)
-            self._downloads = PinnedRing(self.max_slots)
+            self._uploads = PinnedRing(max(PREFILL_GRAPH_TOKENS, self.max_slots), depth=16)
+            self._downloads = PinnedRing(self.max_slots, depth=8, timed=True)  # > launch_ahead + 1 steps
+        self.gpu_idle_s = 0.0   # device idle between a step and the next one launched before it was collected
+        self._last_done = None  # the newest launched step's end event
+        self._uncollected = 0   # steps launched and not collected yet
         self._positions = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
         if self.use_cuda_graphs:  # every prefill graph writes its logits here (one buffer, not one each)
             self._prefill_logits = torch.empty((self.max_slots, self.shape.vocab_size), device=self.device, dtype=self.dtype)
@@ -456,18 +459,30 @@ class TorchCudaRuntime:
         """Enqueue one step and its sampling without waiting for the device. The chosen ids also
         land in the device token buffer, where the next decode step reads them, so the engine loop
         can launch step N+1 before it has read step N's tokens (host work overlaps the GPU)."""
+        start = None
+        if self.device.type == "cuda" and self._uncollected:  # the device may still be busy: time the gap
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         chosen = torch_sampling.choose(self.step(inputs), seqs)
         self._tokens[self._slot_index([i.slot for i in inputs])] = chosen
         if self.device.type != "cuda":
             return chosen
         host, i = self._downloads.take(chosen.shape[0])
         host.copy_(chosen, non_blocking=True)
-        return host, self._downloads.fence(i)
+        done = self._downloads.fence(i)
+        gap = (self._last_done, start) if start is not None else None
+        self._last_done = done
+        self._uncollected += 1
+        return host, done, gap
 
     def collect(self, handle) -> list[int]:
-        """The chosen ids of a launched step (waits for that step only)."""
+        """The chosen ids of a launched step (waits for that step only). Adds the device's idle
+        time before the step, where the loop launched it with an older step still uncollected."""
         if isinstance(handle, torch.Tensor):
             return handle.tolist()
-        host, done = handle
+        host, done, gap = handle
+        self._uncollected -= 1
         done.synchronize()
+        if gap is not None:
+            self.gpu_idle_s += gap[0].elapsed_time(gap[1]) / 1e3
         return host.tolist()

@@ -21,10 +21,11 @@ class PinnedRing:
     and prompt ids up, sampled ids down): a fresh pinned tensor per copy cost the H100 host's loop
     ~80 us of GIL time a step (results/server-gil-profile-h100.json). A buffer is handed out again
     only after the event behind its last copy completed; the caller keeps fewer than `depth`
-    copies whose host side is still to be read (the engine loop has at most two steps in flight)."""
+    copies whose host side is still to be read (the engine loop has at most launch_ahead + 1 steps
+    in flight). `timed` fences can be timed against other events (CUDA events with timing)."""
 
-    def __init__(self, numel: int, dtype=torch.long, depth: int = 4):
-        self.numel, self.dtype = numel, dtype
+    def __init__(self, numel: int, dtype=torch.long, depth: int = 4, timed: bool = False):
+        self.numel, self.dtype, self.timed = numel, dtype, timed
         self._buffers = [torch.empty(numel, dtype=dtype, pin_memory=True) for _ in range(depth)]
         self._events: list[torch.cuda.Event | None] = [None] * depth
         self._next = 0
@@ -39,7 +40,7 @@ class PinnedRing:
 
     def fence(self, i: int) -> torch.cuda.Event:
         """Record that buffer i is in use by the copies enqueued so far; returns that event."""
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(enable_timing=self.timed)
         done.record()
         self._events[i] = done
         return done
