@@ -68,7 +68,7 @@ def gpu_suite(a, results: list, facts: dict) -> None:
     cfg = EngineConfig(runtime="torch-cuda", dtype="bfloat16", max_slots=max(a.concurrency), max_context=a.max_context,
                        max_tokens_limit=a.max_context - 1, stream_interval_ms=a.stream_interval_ms,
                        stream_coalesce_min_active=a.coalesce_min_active, response_threads=a.response_threads,
-                       launch_ahead=a.launch_ahead)
+                       launch_ahead=a.launch_ahead, steps_per_launch=a.steps_per_launch)
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf))
     del hf
     gc.collect()
@@ -84,6 +84,14 @@ def gpu_suite(a, results: list, facts: dict) -> None:
             "first_divergence": [next((i for i, (x, y) in enumerate(zip(g, r)) if x != y), None) for g, r in zip(got, ref)],
             "note": "bf16, batched vs HF batched; None = identical ids"}
         log.info("parity: %s", facts["bf16_greedy_parity_vs_hf"])
+    if cfg.steps_per_launch > 1:  # the same prompts with every decode step in multi-step runs
+        with InProcessEngine(None, replace(cfg, multi_step_min_active=1), runtime=runtime) as multi:
+            runs = [s.wait().ids for s in [multi.submit(p, max_tokens=32, temperature=0.0, ignore_eos=True)
+                                           for p in parity_prompts]]
+        facts["bf16_greedy_parity_multi_step"] = {"same_ids_as_single_steps": runs == got, "first_divergence_vs_hf": [
+            next((i for i, (x, y) in enumerate(zip(g, r)) if x != y), None) for g, r in zip(runs, ref)]}
+        log.info("multi-step parity: %s", facts["bf16_greedy_parity_multi_step"])
+    with InProcessEngine(None, replace(cfg, stream_interval_ms=0.0, max_responses_per_s=0.0), runtime=runtime) as eng:
         for c in a.concurrency if "inprocess" in a.systems else []:
             prompts = random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)
             run_inprocess(eng, prompts[:c], c, a.out_len, power)  # warm-up: graphs for this batch
@@ -281,6 +289,7 @@ def main() -> None:
     p.add_argument("--stream-interval-ms", type=float, default=0.0)
     p.add_argument("--response-threads", type=int, default=EngineConfig.response_threads)
     p.add_argument("--launch-ahead", type=int, default=EngineConfig.launch_ahead)
+    p.add_argument("--steps-per-launch", type=int, default=EngineConfig.steps_per_launch)
     p.add_argument("--client-procs", type=int, default=1, help="load-generating processes for the Triton runs")
     p.add_argument("--coalesce-min-active", type=int, default=8,
                    help="streams generating before --stream-interval-ms coalescing starts")

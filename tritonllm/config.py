@@ -33,6 +33,8 @@ class EngineConfig:
     prefill_gather_ms: float = 0.0  # >0: newcomers wait up to this x (share of slots decoding) to prefill together
     emit_text: bool = False       # the engine detokenizes (tokenizer -> engine): one python hop fewer per response
     switch_interval_ms: float = 1.0  # the engine process's GIL switch interval (Python's default: 5)
+    steps_per_launch: int = 1     # GPU runtimes: decode steps launched at once (one host pass per run of steps) ...
+    multi_step_min_active: int = 16  # ... while at least this many sequences decode (below, host time is hidden)
     launch_ahead: int = 1         # GPU runtimes: steps left queued on the device while the loop completes older ones
     response_threads: int = 1     # threads sending responses off the engine loop (merging under backpressure)
     threads: int = 0              # runtime intra-op threads (0: runtime default)
@@ -56,6 +58,8 @@ class EngineConfig:
         _check(self.stream_coalesce_min_active >= 1, "stream_coalesce_min_active", self.stream_coalesce_min_active, ">= 1")
         _check(0 <= self.prefill_gather_ms <= 1000, "prefill_gather_ms", self.prefill_gather_ms, "0..1000")
         _check(0.05 <= self.switch_interval_ms <= 100, "switch_interval_ms", self.switch_interval_ms, "0.05..100")
+        _check(1 <= self.steps_per_launch <= 16, "steps_per_launch", self.steps_per_launch, "1..16")
+        _check(self.multi_step_min_active >= 1, "multi_step_min_active", self.multi_step_min_active, ">= 1")
         _check(1 <= self.launch_ahead <= 4, "launch_ahead", self.launch_ahead, "1..4")
         _check(1 <= self.response_threads <= 64, "response_threads", self.response_threads, "1..64")
         _check(self.dtype in ("float32", "float16", "bfloat16"), "dtype", self.dtype, "float32|float16|bfloat16")

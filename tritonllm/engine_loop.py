@@ -77,7 +77,8 @@ def response_window(seq: Sequence, final: bool) -> tuple[list[int], int] | None:
 class EngineLoop:
     def __init__(self, runtime: Runtime, cfg: EngineConfig, on_finish=None, decode=None):
         self.runtime, self.cfg = runtime, cfg
-        self.scheduler = Scheduler(cfg, decode, slots=runtime.max_slots)
+        multi_step = cfg.steps_per_launch if getattr(runtime, "multi_step", False) else 1
+        self.scheduler = Scheduler(cfg, decode, slots=runtime.max_slots, max_steps=multi_step)
         self.stats = EngineStats()
         self.on_finish = on_finish            # callback(seq) for metrics
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
@@ -170,7 +171,9 @@ class EngineLoop:
         seqs = plan.sequences
         t0 = time.perf_counter()
         try:
-            if self._overlap:
+            if plan.steps > 1:
+                handle = self.runtime.launch([s.step_input() for s in seqs], seqs, steps=plan.steps)
+            elif self._overlap:
                 handle = self.runtime.launch([s.step_input() for s in seqs], seqs)
             else:
                 logits = self.runtime.step([s.step_input() for s in seqs])
@@ -199,13 +202,15 @@ class EngineLoop:
             return
         t1 = time.perf_counter()
         self._count(step.plan)
+        before = sum(len(s.output_ids) for s in live)
         finished = set(self.scheduler.update_from_output(step.plan, tokens))
-        self.stats.tokens_generated += len(live)
+        self.stats.tokens_generated += sum(len(s.output_ids) for s in live) - before  # kept (not EOS, not past a stop)
+        interval = self._response_interval()
         for seq in live:
-            self._emit(seq, final=seq in finished)
+            self._emit(seq, final=seq in finished, interval=interval)
             if seq in finished:
                 self._finished(seq)
-        self.stats.steps += 1
+        self.stats.steps += step.plan.steps
         self.stats.gpu_idle_s = getattr(self.runtime, "gpu_idle_s", 0.0)
         self.stats.wait_s += t1 - t0
         self.stats.complete_s += time.perf_counter() - t1
@@ -219,15 +224,16 @@ class EngineLoop:
             self.stats.prefill_steps += 1
             self.stats.prefilled += len(plan.prefill)
         if plan.decode:
-            self.stats.decode_steps += 1
-            self.stats.batched_decode_steps += len(plan.decode) > 1
+            self.stats.decode_steps += plan.steps
+            self.stats.batched_decode_steps += plan.steps * (len(plan.decode) > 1)
 
     # -- responses -----------------------------------------------------------------------------
-    def _emit(self, seq: Sequence, final: bool) -> None:
+    def _emit(self, seq: Sequence, final: bool, interval: float = 0.0) -> None:
+        """Send what is new, unless `interval` (s) has not passed since the stream's last response."""
         if seq.sink is None:
             return
         now = time.monotonic()
-        if not final and seq.emitted and now - seq.last_emit < self._response_interval():
+        if not final and seq.emitted and now - seq.last_emit < interval:
             return
         window = response_window(seq, final)
         if window is None:

@@ -69,6 +69,7 @@ class Sequence:
 class StepPlan:
     prefill: list[Sequence]
     decode: list[Sequence]
+    steps: int = 1   # decode steps launched together (multi-step: no prefill, every row decodes `steps` tokens)
 
     @property
     def sequences(self) -> list[Sequence]:
@@ -107,8 +108,9 @@ def queue_full(cfg: EngineConfig) -> ServerBusyError:
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, decode=None, slots: int | None = None):
-        self.cfg, self.decode = cfg, decode
+    def __init__(self, cfg: EngineConfig, decode=None, slots: int | None = None, max_steps: int = 1):
+        """max_steps: decode steps the runtime can run in one launch (cfg.steps_per_launch where it can)."""
+        self.cfg, self.decode, self.max_steps = cfg, decode, max_steps
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.slots = slots or cfg.max_slots  # the runtime's, which may be fewer than cfg.max_slots
@@ -129,7 +131,24 @@ class Scheduler:
             seq.slot = heapq.heappop(self.free_slots)
             self.running.append(seq)
             prefill.append(seq)
-        return StepPlan(prefill, decode)
+        return StepPlan(prefill, decode, 1 if prefill else self._steps_for(decode))
+
+    def _steps_for(self, decode: list[Sequence]) -> int:
+        """Decode steps to launch at once: up to max_steps while at least `multi_step_min_active`
+        sequences decode and nothing is left to prefill; no sequence may outrun its context, change
+        its EOS masking (min_tokens) meanwhile, or need its tokens on the host between steps. A
+        sequence whose length limit or stop comes inside the run drops the tokens after it."""
+        if self.max_steps <= 1 or len(decode) < self.cfg.multi_step_min_active or (self.waiting and self.free_slots):
+            return 1
+        steps = self.max_steps
+        for seq in decode:
+            p = seq.params
+            if seq.needs_host_history:
+                return 1
+            steps = min(steps, self.cfg.max_context - seq.length - seq.pending + 1)
+            if not p.ignore_eos and seq.generated < p.min_tokens:
+                steps = min(steps, p.min_tokens - seq.generated)
+        return max(1, steps)
 
     def _admit_now(self, decode: list[Sequence]) -> bool:
         """Each prefill step stalls every decoding sequence, so with `prefill_gather_ms` newcomers
@@ -145,30 +164,48 @@ class Scheduler:
         return seq.pending > 0 and (seq.generated >= seq.params.max_tokens or seq.length + seq.pending >= self.cfg.max_context)
 
     def launched(self, plan: StepPlan) -> None:
-        """The plan's step is enqueued: each of its sequences has one more token on the way."""
+        """The plan's step is enqueued: each of its sequences has `steps` more tokens on the way."""
         for seq in plan.sequences:
-            seq.pending += 1
+            seq.pending += plan.steps
 
-    def update_from_output(self, plan: StepPlan, tokens: list[int]) -> list[Sequence]:
-        """Append each sequence's sampled token; return those that finished (slots freed).
-        Sequences that ended while the step was in flight (cancelled, or finished by the step
-        before it in the overlapped loop) drop their token."""
+    def update_from_output(self, plan: StepPlan, tokens: list) -> list[Sequence]:
+        """Append each sequence's sampled token (a list of `plan.steps` tokens each for a multi-step
+        plan); return those that finished (slots freed). Sequences that ended while the step was in
+        flight (cancelled, or finished by an earlier step in the overlapped loop) drop their tokens."""
         finished = []
         now = time.monotonic()
-        for seq, tok in zip(plan.sequences, tokens):
-            seq.pending = max(0, seq.pending - 1)
+        for seq, got in zip(plan.sequences, tokens):
+            seq.pending = max(0, seq.pending - plan.steps)
             if seq.finish_reason is not None:
                 continue
-            eos = is_end_token(seq, tok)
-            if not eos:  # the EOS token ends the sequence but is not part of the output
-                seq.output_ids.append(tok)
             if seq.first_token_at is None:
                 seq.first_token_at = now
-            reason = "stop" if eos else should_stop(seq, self.cfg.max_context, self.decode)
+            reason = self._append(seq, got) if plan.steps == 1 else self._append_run(seq, got)
             if reason:
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def _append(self, seq: Sequence, tok: int) -> str | None:
+        """One token: the finish reason it brings, or None."""
+        if is_end_token(seq, tok):  # the EOS token ends the sequence but is not part of the output
+            return "stop"
+        seq.output_ids.append(tok)
+        return should_stop(seq, self.cfg.max_context, self.decode)
+
+    def _append_run(self, seq: Sequence, run: list[int]) -> str | None:
+        """A multi-step run of tokens, up to the first that ends the sequence. Without stop words
+        or EOS in the run, the tokens within the length limit go in at once."""
+        p = seq.params
+        if not p.stop_ids and not p.stop_strings and (p.ignore_eos or not seq.stop_token_ids.intersection(run)):
+            room = min(p.max_tokens - len(seq.output_ids), self.cfg.max_context - seq.length)
+            seq.output_ids += run[:room]
+            return "length" if room <= len(run) else None
+        for tok in run:
+            reason = self._append(seq, tok)
+            if reason:
+                return reason
+        return None
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Take a sequence out (finished, cancelled, timed out or failed) and free its slot."""

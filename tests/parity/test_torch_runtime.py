@@ -1,5 +1,7 @@
 """The PyTorch runtime (static cache, slot-laid decode, device sampler) checked on the CPU in fp32
 against HF greedy generate: the same code that runs on the GPU with CUDA graphs and bf16."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -12,20 +14,26 @@ from tritonllm.text import TokenizerFiles
 from .test_engine_parity import PROMPTS, hf_greedy
 
 
-@pytest.mark.parametrize("fused_kernels", [True, False], ids=["fused", "reference-ops"])
-def test_torch_runtime_greedy_matches_hf_with_in_flight_batching(tiny_dir, fused_kernels):
+@pytest.mark.parametrize("fused_kernels,steps", [(True, 1), (False, 1), (True, 4)],
+                         ids=["fused", "reference-ops", "fused-multi-step"])
+def test_torch_runtime_greedy_matches_hf_with_in_flight_batching(tiny_dir, fused_kernels, steps):
+    """4 requests, 3 slots: one waits, joins. Multi-step: decode steps in runs of up to 4 (one host
+    pass each), tokens past a length limit dropped, the same ids."""
     hf = load_hf(tiny_dir)
     tok = TokenizerFiles(tiny_dir)
     prompts = [tok.encode(p) for p in PROMPTS]
     lengths = [20, 7, 13, 3]
     expected = [hf_greedy(hf, ids, n) for ids, n in zip(prompts, lengths)]
-    cfg = EngineConfig(max_slots=3, max_context=160, max_tokens_limit=64)  # 4 requests, 3 slots: one waits, joins
+    cfg = EngineConfig(max_slots=3, max_context=160, max_tokens_limit=64, steps_per_launch=steps, multi_step_min_active=1)
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", fused_kernels=fused_kernels)
+    runs, decode_run = [], runtime._decode_run
+    runtime._decode_run = lambda *a: runs.append(a[-1]) or decode_run(*a)
     with InProcessEngine(None, cfg, runtime=runtime) as eng:
         sinks = [eng.submit(ids, max_tokens=n, temperature=0.0, ignore_eos=True) for ids, n in zip(prompts, lengths)]
         got = [s.wait(120).ids for s in sinks]
         assert eng.loop.stats.batched_decode_steps > 0
     assert got == expected
+    assert (max(runs, default=1) == 4) == (steps == 4)
 
 
 def test_device_sampler_seeded_and_filtered(tiny_dir):
@@ -44,6 +52,9 @@ def test_device_sampler_seeded_and_filtered(tiny_dir):
     assert a == b and a != c
     assert banned[0] != bad[0]
     assert len(a) == 16
+    multi = replace(cfg, steps_per_launch=4, multi_step_min_active=1)
+    with InProcessEngine(None, multi, runtime=TorchCudaRuntime(None, multi, model=CausalLM(hf), device="cpu")) as eng:
+        assert eng.generate(ids, seed=5, **kw).ids == a  # runs of 4 steps draw in the same order
 
 
 def test_tensorrt_runtime_wiring_matches_hf_through_a_standin(tiny_dir, tiny_engine_dir, tmp_path):

@@ -14,7 +14,7 @@ from tritonllm.inprocess import QueueSink
 from tritonllm.modeling import ModelShape
 from tritonllm.runtimes.base import StepInput
 from tritonllm.sampling import new_rng, sample
-from tritonllm.scheduler import Scheduler, Sequence, should_stop
+from tritonllm.scheduler import Scheduler, Sequence, StepPlan, should_stop
 
 V = 50
 EOS = 0
@@ -62,16 +62,20 @@ class OverlappingRuntime(CountingRuntime):
         self.device_token_steps = 0
         self.in_flight = self.max_in_flight = 0
 
-    def launch(self, inputs, seqs):
+    def launch(self, inputs, seqs, steps=1):
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         self.device_token_steps += any(not x.tokens for x in inputs)
-        concrete = [x if x.tokens else StepInput(x.slot, [self.device_tokens[x.slot]], x.start) for x in inputs]
-        logits = self.step(concrete)
-        chosen = [sample(row, s.params, s.prompt_ids + s.output_ids, s.generated, s.stop_token_ids, s.rng)
-                  for s, row in zip(seqs, logits)]
-        self.device_tokens.update((x.slot, t) for x, t in zip(inputs, chosen))
-        return chosen
+        runs = []
+        for k in range(steps):  # a multi-step launch: each step reads the tokens the one before chose
+            concrete = [StepInput(x.slot, x.tokens if x.tokens and not k else [self.device_tokens[x.slot]], x.start + k)
+                        for x in inputs]
+            logits = self.step(concrete)
+            chosen = [sample(row, s.params, s.prompt_ids + s.output_ids, s.generated, s.stop_token_ids, s.rng)
+                      for s, row in zip(seqs, logits)]
+            self.device_tokens.update((x.slot, t) for x, t in zip(inputs, chosen))
+            runs.append(chosen)
+        return runs[0] if steps == 1 else [list(r) for r in zip(*runs)]
 
     def collect(self, handle):
         self.in_flight -= 1
@@ -83,7 +87,13 @@ class TwoAheadRuntime(OverlappingRuntime):
     launch_ahead = 2
 
 
-@pytest.fixture(params=[CountingRuntime, OverlappingRuntime, TwoAheadRuntime], ids=["sync", "overlapped", "ahead2"])
+class MultiStepRuntime(OverlappingRuntime):
+    """Run with steps_per_launch=3 from one decoding sequence on: decode steps go in runs of 3."""
+    multi_step, steps_per_launch = True, 3
+
+
+@pytest.fixture(params=[CountingRuntime, OverlappingRuntime, TwoAheadRuntime, MultiStepRuntime],
+                ids=["sync", "overlapped", "ahead2", "multi-step"])
 def Runtime(request):
     return request.param
 
@@ -93,7 +103,9 @@ def seq(prompt, **kw):
 
 
 def run_loop(runtime, cfg, seqs, cancel_after=None):
-    loop = EngineLoop(runtime, replace(cfg, launch_ahead=getattr(runtime, "launch_ahead", 1))).start()
+    cfg = replace(cfg, launch_ahead=getattr(runtime, "launch_ahead", 1),
+                  steps_per_launch=getattr(runtime, "steps_per_launch", 1), multi_step_min_active=1)
+    loop = EngineLoop(runtime, cfg).start()
     sinks = []
     for s in seqs:
         s.sink = QueueSink()
@@ -110,7 +122,9 @@ def test_tokens_and_length_finish(Runtime):
     rt = Runtime()
     (res,), _ = run_loop(rt, cfg, [seq([5], max_tokens=4)])
     assert res.ids == [6, 7, 8, 9] and res.finish_reason == "length"
-    if isinstance(rt, OverlappingRuntime):  # steps really were launched ahead of the host
+    if isinstance(rt, MultiStepRuntime):  # prefill, then one run of 3 decode steps
+        assert rt.batches == [1, 1, 1, 1] and rt.device_token_steps == 1 and rt.in_flight == 0
+    elif isinstance(rt, OverlappingRuntime):  # steps really were launched ahead of the host
         assert rt.device_token_steps == 3 and rt.batches == [1, 1, 1, 1]
         assert rt.max_in_flight == rt.launch_ahead + 1 and rt.in_flight == 0
 
@@ -137,6 +151,46 @@ def test_a_pending_token_that_ends_the_sequence_keeps_it_out_of_the_next_step():
     assert sch.update_from_output(plan, [9, 9, 9]) == [full]  # 64 tokens: the context is full
     assert ending.output_ids == [7, 8] and going.output_ids == [7, 9]  # a cancelled one drops its token
     assert going.pending == 0 and full.finish_reason == "length"
+
+
+def test_multi_step_runs_are_clipped_and_their_tokens_cut_at_a_stop():
+    """A run of decode steps only while enough sequences decode and none waits for a free slot;
+    clipped so no sequence outruns its context or changes its EOS masking; tokens past a length
+    limit, EOS or stop word are dropped."""
+    cfg = EngineConfig(max_slots=4, max_context=64, max_tokens_limit=60, default_max_tokens=16, steps_per_launch=4,
+                       multi_step_min_active=2)
+    sch = Scheduler(cfg, max_steps=4)
+    a, b = seq([1] * 10, max_tokens=6), seq([1] * 10, max_tokens=50, stop_ids=[[5, 6]])
+    for s in (a, b):
+        sch.add(s)
+    first = sch.schedule()
+    assert first.steps == 1 and first.prefill == [a, b]  # prefill steps are single
+    sch.launched(first)
+    run = sch.schedule()
+    assert run.decode == [a, b] and run.steps == 4
+    sch.launched(run)
+    assert sch.update_from_output(first, [2, 2]) == [] and a.pending == 4
+    assert sch.update_from_output(run, [[3, 4, 5, 6], [3, 5, 6, 7]]) == [b]
+    assert a.output_ids == [2, 3, 4, 5, 6] and b.output_ids == [2, 3, 5, 6] and b.finish_reason == "stop"
+    assert sch.update_from_output(StepPlan([], [a], 4), [[7, 8, 9, 10]]) == [a]  # past max_tokens=6: dropped
+    assert a.output_ids == [2, 3, 4, 5, 6, 7] and a.finish_reason == "length"
+
+    c, d = seq([1] * 60, max_tokens=4), seq([1] * 10, max_tokens=20, min_tokens=3)
+    e = Sequence([1] * 10, SamplingParams(temperature=0.0, max_tokens=20), frozenset({EOS}), new_rng(0))
+    for s in (c, d, e):
+        s.output_ids, s.slot = [2], None
+        sch.running.append(s)
+    assert sch._steps_for([c, d, e]) == 2  # min_tokens: d's EOS stays masked for 2 more tokens
+    c.output_ids = [2, 2, 2]
+    assert sch._steps_for([c, e]) == 2      # c (63 tokens) decodes at 62 and 63, the last of its context
+    assert sch._steps_for([e]) == 1         # fewer than multi_step_min_active decode
+    e.params.repetition_penalty = 1.2
+    assert sch._steps_for([d, e]) == 1      # the penalty reads each token on the host
+    e.params.repetition_penalty = 1.0
+    sch.waiting.append(seq([1]))
+    assert sch._steps_for([d, e]) == 1      # a request waits and a slot is free: prefill it first
+    sch.free_slots.clear()
+    assert sch._steps_for([d, e]) == 2
 
 
 def test_eos_ends_without_being_emitted_and_min_tokens_delays_it(Runtime):

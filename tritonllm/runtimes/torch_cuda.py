@@ -126,7 +126,9 @@ class TorchCudaRuntime:
         self._uploads = self._downloads = None  # staging for positions and prompt ids up, sampled ids down
         if self.device.type == "cuda":
             self._uploads = PinnedRing(max(PREFILL_GRAPH_TOKENS, self.max_slots), depth=16)
-            self._downloads = PinnedRing(self.max_slots, depth=8, timed=True)  # > launch_ahead + 1 steps
+            self._downloads = PinnedRing(self.max_slots * cfg.steps_per_launch, depth=8, timed=True)  # > launch_ahead + 1
+        self.multi_step = True  # launch(..., steps=n) runs n decode steps on one host pass
+        self._run_tokens = torch.zeros((cfg.steps_per_launch, self.max_slots), dtype=torch.long, device=self.device)
         self.gpu_idle_s = 0.0   # device idle between a step and the next one launched before it was collected
         self._last_done = None  # the newest launched step's end event
         self._uncollected = 0   # steps launched and not collected yet
@@ -416,11 +418,16 @@ class TorchCudaRuntime:
     @torch.no_grad()
     def decode(self, rows: list[StepInput]) -> torch.Tensor:
         """One token for each row; rows are laid out by slot over a batch bucket."""
+        return self._decode_setup(rows, 1)()[self._slot_index([r.slot for r in rows])]
+
+    def _decode_setup(self, rows: list[StepInput], steps: int):
+        """Positions and known tokens uploaded for `steps` decode steps; returns a function that
+        runs one step and returns its logits [bucket, vocab]. Padding rows (free or just-prefilled slots) write their
+        throw-away K/V at the last `steps` positions, which no live sequence in such a slot has
+        reached (prompt + max_tokens <= max_context, and a new one writes a position before it reads it)."""
         b = bucket_for(max(r.slot for r in rows) + 1, self.batch_buckets)
-        c = bucket_for(max(r.start for r in rows) + 1, self.ctx_buckets)
-        # padding rows (free or just-prefilled slots) write their throw-away K/V at the last position,
-        # which no live sequence in such a slot has reached (prompt + max_tokens <= max_context)
-        pos = [self.max_context - 1] * b
+        c = bucket_for(max(r.start for r in rows) + steps, self.ctx_buckets)
+        pos = [self.max_context - steps] * b
         for r in rows:
             pos[r.slot] = r.start
         copy_to(self._positions[:b], pos, self._uploads)
@@ -428,12 +435,10 @@ class TorchCudaRuntime:
         if known:
             slots = to_device([r.slot for r in known], self.device)
             self._tokens[slots] = to_device([r.tokens[0] for r in known], self.device)
-        if self.use_cuda_graphs:
-            graph, out = self._graph(b, c)
-            graph.replay()
-        else:
-            out = self._decode_body(b, c)
-        return out[self._slot_index([r.slot for r in rows])]
+        if not self.use_cuda_graphs:
+            return lambda: self._decode_body(b, c)
+        graph, out = self._graph(b, c)
+        return lambda: graph.replay() or out
 
     def _slot_index(self, slots: list[int]):
         """Indexes rows/slots in this order: a plain slice when they are 0..n-1 (a full batch in
@@ -455,34 +460,56 @@ class TorchCudaRuntime:
     def sample_batch(self, logits: torch.Tensor, seqs) -> list[int]:
         return torch_sampling.sample_batch(logits, seqs)
 
-    def launch(self, inputs: list[StepInput], seqs):
-        """Enqueue one step and its sampling without waiting for the device. The chosen ids also
-        land in the device token buffer, where the next decode step reads them, so the engine loop
-        can launch step N+1 before it has read step N's tokens (host work overlaps the GPU)."""
+    def launch(self, inputs: list[StepInput], seqs, steps: int = 1):
+        """Enqueue one step and its sampling without waiting for the device (or `steps` decode
+        steps, each sampling into the next: multi-step). The chosen ids also land in the device
+        token buffer, where the next decode step reads them, so the engine loop can launch step N+1
+        before it has read step N's tokens (host work overlaps the GPU)."""
         start = None
         if self.device.type == "cuda" and self._uncollected:  # the device may still be busy: time the gap
             start = torch.cuda.Event(enable_timing=True)
             start.record()
-        chosen = torch_sampling.choose(self.step(inputs), seqs)
-        self._tokens[self._slot_index([i.slot for i in inputs])] = chosen
-        if self.device.type != "cuda":
-            return chosen
-        host, i = self._downloads.take(chosen.shape[0])
-        host.copy_(chosen, non_blocking=True)
+        index = self._slot_index([i.slot for i in inputs])
+        if steps == 1:
+            chosen = torch_sampling.choose(self.step(inputs), seqs)
+            self._tokens[index] = chosen
+        else:
+            chosen = self._decode_run(inputs, seqs, index, steps)
+        if self.device.type != "cuda":  # a multi-step run's ids sit in a buffer the next run reuses
+            return (chosen.clone() if steps > 1 else chosen), steps
+        host, i = self._downloads.take(chosen.numel())
+        host.copy_(chosen.view(-1), non_blocking=True)
         done = self._downloads.fence(i)
         gap = (self._last_done, start) if start is not None else None
         self._last_done = done
         self._uncollected += 1
-        return host, done, gap
+        return host, steps, done, gap
 
-    def collect(self, handle) -> list[int]:
-        """The chosen ids of a launched step (waits for that step only). Adds the device's idle
-        time before the step, where the loop launched it with an older step still uncollected."""
-        if isinstance(handle, torch.Tensor):
-            return handle.tolist()
-        host, done, gap = handle
-        self._uncollected -= 1
-        done.synchronize()
-        if gap is not None:
-            self.gpu_idle_s += gap[0].elapsed_time(gap[1]) / 1e3
-        return host.tolist()
+    @torch.no_grad()
+    def _decode_run(self, rows: list[StepInput], seqs, index, steps: int) -> torch.Tensor:
+        """`steps` decode steps on one upload: positions advance on the device, each step's chosen
+        ids feed the next. Returns the chosen ids [steps, rows]."""
+        run = self._decode_setup(rows, steps)
+        sampling = torch_sampling.SamplingPlan(seqs)
+        chosen = self._run_tokens[:steps, :len(rows)]
+        for k in range(steps):
+            if k:
+                self._positions.add_(1)
+            chosen[k] = sampling.choose(run()[index])
+            self._tokens[index] = chosen[k]
+        return chosen
+
+    def collect(self, handle) -> list:
+        """The chosen ids of a launched step (waits for that step only): one id per row, or for a
+        multi-step launch a list of ids per row. Adds the device's idle time before the step, where
+        the loop launched it with an older step still uncollected."""
+        if len(handle) == 2:
+            chosen, steps = handle
+        else:
+            host, steps, done, gap = handle
+            self._uncollected -= 1
+            done.synchronize()
+            if gap is not None:
+                self.gpu_idle_s += gap[0].elapsed_time(gap[1]) / 1e3
+            chosen = host
+        return chosen.tolist() if steps == 1 else chosen.view(steps, -1).t().tolist()

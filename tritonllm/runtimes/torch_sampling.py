@@ -95,30 +95,64 @@ def _neg_inf(like: torch.Tensor) -> torch.Tensor:
     return _NEG_INF[key]
 
 
-def _mask_rows(logits: torch.Tensor, seqs) -> None:
-    """EOS masking (min_tokens / ignore_eos), repetition penalty and bad words, row by row where
-    a request asks for them (greedy benchmark traffic takes none of these paths)."""
-    from ..sampling import banned_tokens
+class SamplingPlan:
+    """What a batch's sampling does, read from its sequences once per launch (one pass over them)
+    and applied to each step's logits: EOS masking (min_tokens / ignore_eos) grouped by EOS set,
+    repetition penalty and bad words where a request asks for them, and the rows that sample
+    rather than take the argmax. A multi-step launch applies one plan to each of its steps (the
+    scheduler keeps every row's masking fixed over the run)."""
 
-    masked: dict[frozenset, list[int]] = {}  # rows whose EOS is masked, grouped by EOS set: one op each
-    for i, s in enumerate(seqs):
-        if s.stop_token_ids and (s.params.ignore_eos or s.generated < s.params.min_tokens):
-            masked.setdefault(s.stop_token_ids, []).append(i)
-    for ids, rows in masked.items():
-        columns = cached_index(tuple(sorted(ids)), logits.device)
-        if len(rows) == logits.shape[0]:  # every row (ignore_eos traffic): one fill, no row index
-            logits.index_fill_(1, columns, NEG_INF)
-            continue
-        r = cached_index(tuple(rows), logits.device)[:, None]
-        logits.index_put_((r, columns[None, :]), _neg_inf(logits))
-    for i, s in enumerate(seqs):
-        p = s.params
-        if p.repetition_penalty != 1.0:
-            seen = to_device(sorted(set(s.prompt_ids + s.output_ids)), logits.device)
-            vals = logits[i, seen]
-            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if p.bad_ids:
-            banned = banned_tokens(s.output_ids, p.bad_ids)
+    def __init__(self, seqs):
+        self.seqs = seqs
+        masked: dict[frozenset, list[int]] = {}  # rows whose EOS is masked, grouped by EOS set: one op each
+        self.history_rows, self.sampled_rows = [], []
+        for i, s in enumerate(seqs):
+            p = s.params
+            if s.stop_token_ids and (p.ignore_eos or s.generated < p.min_tokens):
+                masked.setdefault(s.stop_token_ids, []).append(i)
+            if p.repetition_penalty != 1.0 or p.bad_ids:
+                self.history_rows.append(i)
+            if not p.greedy:
+                self.sampled_rows.append(i)
+        self.masked = list(masked.items())
+        self.upcast = bool(self.sampled_rows) or any(seqs[i].params.repetition_penalty != 1.0 for i in self.history_rows)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The chosen ids [N] as a device tensor: no host synchronisation. Logits come in the
+        model's type (bf16 on the GPU, as HF computes them): greedy rows take their argmax as they
+        are (the same ids as after a cast; 16 MB read instead of a 33 MB float copy at 64 rows of a
+        128k vocabulary); penalties and sampling, as the CPU sampler, work in float32."""
+        if logits.dtype != torch.float32 and self.upcast:
+            logits = logits.float()
+        self._mask(logits)
+        chosen = torch.argmax(logits, dim=-1)
+        for i in self.sampled_rows:
+            s = self.seqs[i]
+            p = s.params
+            row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
+            u = torch.rand(row.shape, generator=_generator(s, logits.device), device=logits.device)
+            gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0)))
+            chosen[i] = torch.argmax(row + gumbel)
+        return chosen
+
+    def _mask(self, logits: torch.Tensor) -> None:
+        from ..sampling import banned_tokens
+
+        for ids, rows in self.masked:
+            columns = cached_index(tuple(sorted(ids)), logits.device)
+            if len(rows) == logits.shape[0]:  # every row (ignore_eos traffic): one fill, no row index
+                logits.index_fill_(1, columns, NEG_INF)
+                continue
+            r = cached_index(tuple(rows), logits.device)[:, None]
+            logits.index_put_((r, columns[None, :]), _neg_inf(logits))
+        for i in self.history_rows:
+            s = self.seqs[i]
+            p = s.params
+            if p.repetition_penalty != 1.0:
+                seen = to_device(sorted(set(s.prompt_ids + s.output_ids)), logits.device)
+                vals = logits[i, seen]
+                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            banned = banned_tokens(s.output_ids, p.bad_ids) if p.bad_ids else []
             if banned:
                 logits.index_put_((to_device([i], logits.device), to_device(banned, logits.device)), _neg_inf(logits))
 
@@ -142,20 +176,5 @@ def sample_batch(logits: torch.Tensor, seqs) -> list[int]:
 
 
 def choose(logits: torch.Tensor, seqs) -> torch.Tensor:
-    """The chosen ids [N] as a device tensor: no host synchronisation. Logits come in the model's
-    type (bf16 on the GPU, as HF computes them): greedy rows take their argmax as they are (the
-    same ids as after a cast; 16 MB read instead of a 33 MB float copy at 64 rows of a 128k
-    vocabulary); penalties and sampling, as the CPU sampler, work in float32."""
-    if logits.dtype != torch.float32 and any(not s.params.greedy or s.params.repetition_penalty != 1.0 for s in seqs):
-        logits = logits.float()
-    _mask_rows(logits, seqs)
-    chosen = torch.argmax(logits, dim=-1)
-    for i, s in enumerate(seqs):
-        p = s.params
-        if p.greedy:
-            continue
-        row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
-        u = torch.rand(row.shape, generator=_generator(s, logits.device), device=logits.device)
-        gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0)))
-        chosen[i] = torch.argmax(row + gumbel)
-    return chosen
+    """The chosen ids [N] of one step as a device tensor (`SamplingPlan.choose`)."""
+    return SamplingPlan(seqs).choose(logits)
