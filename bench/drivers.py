@@ -117,7 +117,10 @@ def _client_process(url: str, model: str, shares: list[list[str]], out_len: int,
             await c.close()
         return ttft, itl, counts, cpu
 
-    out.put(asyncio.run(main()))
+    try:
+        out.put(asyncio.run(main()))
+    except Exception as exc:  # the parent raises it at once instead of waiting for this process's result
+        out.put(RuntimeError(f"client process failed: {exc!r}"))
 
 
 def run_triton(url: str, model: str, texts: list[str], concurrency: int, out_len: int,
@@ -140,7 +143,13 @@ def run_triton(url: str, model: str, texts: list[str], concurrency: int, out_len
     with power:
         start = time.time()
         go.set()
-        outs = [q.get(timeout=900) for _ in procs]
+        outs = []
+        for _ in procs:
+            outs.append(q.get(timeout=900))
+            if isinstance(outs[-1], Exception):
+                for p in procs:
+                    p.terminate()
+                raise outs[-1]
         wall = time.time() - start
     for p in procs:
         p.join(30)

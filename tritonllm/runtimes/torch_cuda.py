@@ -128,7 +128,7 @@ class TorchCudaRuntime:
             self._uploads = PinnedRing(max(PREFILL_GRAPH_TOKENS, self.max_slots), depth=16)
             self._downloads = PinnedRing(self.max_slots * cfg.steps_per_launch, depth=8, timed=True)  # > launch_ahead + 1
         self.multi_step = True  # launch(..., steps=n) runs n decode steps on one host pass
-        self._run_tokens = torch.zeros((cfg.steps_per_launch, self.max_slots), dtype=torch.long, device=self.device)
+        self._run_tokens = torch.zeros(cfg.steps_per_launch * self.max_slots, dtype=torch.long, device=self.device)
         self.gpu_idle_s = 0.0   # device idle between a step and the next one launched before it was collected
         self._last_done = None  # the newest launched step's end event
         self._uncollected = 0   # steps launched and not collected yet
@@ -475,10 +475,11 @@ class TorchCudaRuntime:
             self._tokens[index] = chosen
         else:
             chosen = self._decode_run(inputs, seqs, index, steps)
+        flat = chosen.view(-1)
         if self.device.type != "cuda":  # a multi-step run's ids sit in a buffer the next run reuses
-            return (chosen.clone() if steps > 1 else chosen), steps
-        host, i = self._downloads.take(chosen.numel())
-        host.copy_(chosen.view(-1), non_blocking=True)
+            return flat.clone(), steps
+        host, i = self._downloads.take(flat.numel())
+        host.copy_(flat, non_blocking=True)
         done = self._downloads.fence(i)
         gap = (self._last_done, start) if start is not None else None
         self._last_done = done
@@ -491,7 +492,7 @@ class TorchCudaRuntime:
         ids feed the next. Returns the chosen ids [steps, rows]."""
         run = self._decode_setup(rows, steps)
         sampling = torch_sampling.SamplingPlan(seqs)
-        chosen = self._run_tokens[:steps, :len(rows)]
+        chosen = self._run_tokens[:steps * len(rows)].view(steps, len(rows))  # contiguous: one copy down
         for k in range(steps):
             if k:
                 self._positions.add_(1)
