@@ -33,7 +33,7 @@ class EngineConfig:
     prefill_gather_ms: float = 0.0  # >0: newcomers wait up to this x (share of slots decoding) to prefill together
     emit_text: bool = False       # the engine detokenizes (tokenizer -> engine): one python hop fewer per response
     switch_interval_ms: float = 1.0  # the engine process's GIL switch interval (Python's default: 5)
-    steps_per_launch: int = 4     # GPU runtimes: decode steps launched at once (one host pass per run of steps) ...
+    steps_per_launch: int = 1     # GPU runtimes: decode steps launched at once (one host pass per run of steps) ...
     multi_step_min_active: int = 16  # ... while at least this many sequences decode (below, host time is hidden)
     launch_ahead: int = 1         # GPU runtimes: steps left queued on the device while the loop completes older ones
     response_threads: int = 1     # threads sending responses off the engine loop (merging under backpressure)
