@@ -60,7 +60,7 @@ def gpu_suite(a, results: list, facts: dict) -> None:
         log.info("%s", results[-1])
     ckpt, engine_dir = Path(a.work) / "llama1b", Path(a.work) / "llama1b-engine"
     if "triton" in a.systems:
-        from tritonllm.runtimes.torch_cuda import ENGINE_FILE
+        from tritonllm.modeling import ENGINE_FILE
 
         word_tokenizer(vocab, ckpt)
         engine_dir.mkdir(parents=True, exist_ok=True)

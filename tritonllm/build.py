@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> Path:
                            detokenizer_instances=a.detokenizer_instances)
     onnx_dir = a.onnx_dir or Path("build/onnx") / a.name
     if a.runtime == "torch-cuda":  # the engine is our module with its weights, saved for torch alone
-        from .runtimes.torch_cuda import save_engine_model
+        from .modeling import save_engine_model
 
         log.info("[1/3] saving the PyTorch engine (%s)", a.dtype)
         onnx_dir = save_engine_model(a.model, Path("build/engines") / a.name, a.dtype)

@@ -172,3 +172,22 @@ def load_hf(checkpoint: Path, dtype: torch.dtype = torch.float32):
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
     return model.eval()
+
+
+ENGINE_FILE = "model.pt"
+
+
+def save_engine_model(checkpoint: Path, engine_dir: Path, dtype: str) -> Path:
+    """Build step for torch-cuda: our module with its weights in `dtype` ("bfloat16", ...), loadable
+    with torch alone (no transformers needed where the repository is served)."""
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    model = CausalLM(load_hf(checkpoint, dtype=getattr(torch, dtype)))
+    model.shape.save(engine_dir / "model_shape.json")
+    torch.save(model, engine_dir / ENGINE_FILE)
+    return engine_dir
+
+
+def load_engine_model(engine_dir: Path, dtype: torch.dtype) -> CausalLM:
+    if (engine_dir / ENGINE_FILE).exists():
+        return torch.load(engine_dir / ENGINE_FILE, weights_only=False, map_location="cpu")
+    return CausalLM(load_hf(engine_dir, dtype=dtype))

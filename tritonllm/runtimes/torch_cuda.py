@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import EngineConfig
-from ..modeling import CausalLM, load_hf
+from ..modeling import CausalLM, load_engine_model
 from . import torch_sampling
 from .base import StepInput
-from .torch_sampling import PinnedRing, copy_to, to_device
+from .torch_sampling import PinnedRing, StepDownloads, copy_to, to_device
 
 log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -37,25 +37,6 @@ def buckets(limit: int, start: int = 1) -> list[int]:
 
 def bucket_for(n: int, sizes: list[int]) -> int:
     return next(b for b in sizes if b >= n)
-
-
-ENGINE_FILE = "model.pt"
-
-
-def save_engine_model(checkpoint: Path, engine_dir: Path, dtype: str) -> Path:
-    """Build step for torch-cuda: our module with its weights in `dtype`, loadable with torch alone
-    (no transformers needed where the repository is served)."""
-    engine_dir.mkdir(parents=True, exist_ok=True)
-    model = CausalLM(load_hf(checkpoint, dtype=DTYPES[dtype]))
-    model.shape.save(engine_dir / "model_shape.json")
-    torch.save(model, engine_dir / ENGINE_FILE)
-    return engine_dir
-
-
-def load_engine_model(engine_dir: Path, dtype) -> CausalLM:
-    if (engine_dir / ENGINE_FILE).exists():
-        return torch.load(engine_dir / ENGINE_FILE, weights_only=False, map_location="cpu")
-    return CausalLM(load_hf(engine_dir, dtype=dtype))
 
 
 class StaticKVCache:
@@ -126,12 +107,9 @@ class TorchCudaRuntime:
         self._uploads = self._downloads = None  # staging for positions and prompt ids up, sampled ids down
         if self.device.type == "cuda":
             self._uploads = PinnedRing(max(PREFILL_GRAPH_TOKENS, self.max_slots), depth=16)
-            self._downloads = PinnedRing(self.max_slots * cfg.steps_per_launch, depth=8, timed=True)  # > launch_ahead + 1
+            self._downloads = StepDownloads(self.max_slots * cfg.steps_per_launch)
         self.multi_step = True  # launch(..., steps=n) runs n decode steps on one host pass
         self._run_tokens = torch.zeros(cfg.steps_per_launch * self.max_slots, dtype=torch.long, device=self.device)
-        self.gpu_idle_s = 0.0   # device idle between a step and the next one launched before it was collected
-        self._last_done = None  # the newest launched step's end event
-        self._uncollected = 0   # steps launched and not collected yet
         self._positions = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
         if self.use_cuda_graphs:  # every prefill graph writes its logits here (one buffer, not one each)
             self._prefill_logits = torch.empty((self.max_slots, self.shape.vocab_size), device=self.device, dtype=self.dtype)
@@ -465,10 +443,7 @@ class TorchCudaRuntime:
         steps, each sampling into the next: multi-step). The chosen ids also land in the device
         token buffer, where the next decode step reads them, so the engine loop can launch step N+1
         before it has read step N's tokens (host work overlaps the GPU)."""
-        start = None
-        if self.device.type == "cuda" and self._uncollected:  # the device may still be busy: time the gap
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
+        start = self._downloads.mark_start() if self._downloads else None
         index = self._slot_index([i.slot for i in inputs])
         if steps == 1:
             chosen = torch_sampling.choose(self.step(inputs), seqs)
@@ -478,13 +453,7 @@ class TorchCudaRuntime:
         flat = chosen.view(-1)
         if self.device.type != "cuda":  # a multi-step run's ids sit in a buffer the next run reuses
             return flat.clone(), steps
-        host, i = self._downloads.take(flat.numel())
-        host.copy_(flat, non_blocking=True)
-        done = self._downloads.fence(i)
-        gap = (self._last_done, start) if start is not None else None
-        self._last_done = done
-        self._uncollected += 1
-        return host, steps, done, gap
+        return self._downloads.send(flat, start), steps
 
     @torch.no_grad()
     def _decode_run(self, rows: list[StepInput], seqs, index, steps: int) -> torch.Tensor:
@@ -504,13 +473,12 @@ class TorchCudaRuntime:
         """The chosen ids of a launched step (waits for that step only): one id per row, or for a
         multi-step launch a list of ids per row. Adds the device's idle time before the step, where
         the loop launched it with an older step still uncollected."""
-        if len(handle) == 2:
-            chosen, steps = handle
-        else:
-            host, steps, done, gap = handle
-            self._uncollected -= 1
-            done.synchronize()
-            if gap is not None:
-                self.gpu_idle_s += gap[0].elapsed_time(gap[1]) / 1e3
-            chosen = host
+        chosen, steps = handle
+        if self._downloads:
+            chosen = self._downloads.receive(chosen)
         return chosen.tolist() if steps == 1 else chosen.view(steps, -1).t().tolist()
+
+    @property
+    def gpu_idle_s(self) -> float:
+        """Device idle between a step and the next one launched before it was collected."""
+        return self._downloads.idle_s if self._downloads else 0.0

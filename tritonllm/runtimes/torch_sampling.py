@@ -46,6 +46,44 @@ class PinnedRing:
         return done
 
 
+class StepDownloads:
+    """Each launched step's chosen ids down to the host through a pinned ring, behind one CUDA event
+    per step; also times the device's idle gap before a step launched while an older one was still
+    uncollected (the host was late: overhead the overlap did not hide)."""
+
+    def __init__(self, numel: int, depth: int = 8):
+        self.ring = PinnedRing(numel, depth=depth, timed=True)  # depth > the loop's launch_ahead + 1
+        self.idle_s = 0.0
+        self._last_done: torch.cuda.Event | None = None
+        self._uncollected = 0
+
+    def mark_start(self) -> torch.cuda.Event | None:
+        """Record where a step starts on the stream, if an older step may still be running."""
+        if not self._uncollected:
+            return None
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start
+
+    def send(self, ids: torch.Tensor, start: torch.cuda.Event | None) -> tuple:
+        host, i = self.ring.take(ids.numel())
+        host.copy_(ids, non_blocking=True)
+        done = self.ring.fence(i)
+        gap = (self._last_done, start) if start is not None else None
+        self._last_done = done
+        self._uncollected += 1
+        return host, done, gap
+
+    def receive(self, handle: tuple) -> torch.Tensor:
+        """The host copy of a sent step's ids, once that step is done."""
+        host, done, gap = handle
+        self._uncollected -= 1
+        done.synchronize()
+        if gap is not None:
+            self.idle_s += gap[0].elapsed_time(gap[1]) / 1e3
+        return host
+
+
 def copy_to(dst: torch.Tensor, values, ring: PinnedRing | None = None) -> None:
     """Fill a preallocated device tensor from a host list (nested for 2-D), queued like
     `to_device` (no device-side temporary, no second copy), through `ring` where it is big enough."""
