@@ -47,10 +47,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--steps-per-launch", type=int, default=EngineConfig.steps_per_launch)
     p.add_argument("--out", default="results")
     a = p.parse_args()
     cfg = EngineConfig(runtime="torch-cuda", dtype="bfloat16", max_slots=max(a.batch), max_context=512,
-                       max_tokens_limit=511, stream_interval_ms=0.0, max_responses_per_s=0.0)
+                       max_tokens_limit=511, stream_interval_ms=0.0, max_responses_per_s=0.0,
+                       steps_per_launch=a.steps_per_launch)
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(llama_1b_random()))
     warnings.showwarning = _record
     warnings.simplefilter("always")
@@ -68,7 +70,8 @@ def main() -> None:
             for site, n in report[b]["sites_per_step"].items():
                 print(f"  {n:6.2f}/step  {site}")
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "sync-check.json").write_text(json.dumps(report, indent=1))
+    name = "sync-check.json" if a.steps_per_launch == 1 else f"sync-check-steps{a.steps_per_launch}.json"
+    (Path(a.out) / name).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
