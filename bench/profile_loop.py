@@ -1,18 +1,33 @@
-"""Host cost of the engine loop per step, the runtime excluded: a runtime that launches and
-collects instantly (fixed ids), N streams of `--tokens` tokens each, through the in-process
-engine (scheduler, stop checks, response windows, the sinks' queue puts). On a GPU this cost
-overlaps the device's step; where it is longer than the step it sets the inter-token latency.
+"""Host cost of the engine loop per step with the device's work taken out: N streams of `--tokens`
+tokens each through the in-process engine (scheduler, stop checks, response windows, the sinks'
+queue puts). On a GPU this cost overlaps the device's step; where it is longer than the step it
+sets the inter-token latency, and under Triton it competes for the engine process's GIL.
 
-  python -m bench.profile_loop --batch 1 8 64
+  --runtime instant   a runtime that launches and collects instantly (the loop alone)
+  --runtime torch     the torch-cuda runtime's own host path too (step inputs, positions, sampling
+                      plan, launch/collect), run on the CPU with the model's forward stubbed out
+                      (fixed logits over a 1024-id vocabulary): what the loop thread does per step
+                      on a GPU host, less the CUDA calls themselves
+
+  python -m bench.profile_loop --batch 1 8 64 --runtime torch [--steps-per-launch 4] [--out results]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
 import time
+from pathlib import Path
 
 from tritonllm.config import EngineConfig
 from tritonllm.inprocess import InProcessEngine
 from tritonllm.modeling import ModelShape
+
+VOCAB = 1024
 
 
 class InstantRuntime:
@@ -21,7 +36,7 @@ class InstantRuntime:
     def __init__(self, slots: int):
         self.max_slots, self.max_context = slots, 512
         self.shape = ModelShape(num_layers=1, num_heads=1, num_kv_heads=1, head_dim=64, hidden_size=64,
-                                vocab_size=1000, max_position_embeddings=512, eos_token_ids=(2,),
+                                vocab_size=VOCAB, max_position_embeddings=512, eos_token_ids=(2,),
                                 bos_token_id=None, pad_token_id=None)
 
     def describe(self) -> dict:
@@ -37,25 +52,71 @@ class InstantRuntime:
         return handle
 
 
-def host_ms_per_step(batch: int, tokens: int) -> float:
-    cfg = EngineConfig(max_slots=batch, max_context=512, max_tokens_limit=tokens)
-    with InProcessEngine(None, cfg, runtime=InstantRuntime(batch)) as eng:
+def stubbed_torch_runtime(cfg: EngineConfig):
+    """TorchCudaRuntime on the CPU over a one-layer random model whose forward passes return fixed
+    logits: every host-side line of a step runs, no model arithmetic."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tritonllm.modeling import CausalLM
+    from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
+
+    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB,
+                                        eos_token_id=2, bos_token_id=1))
+    runtime = TorchCudaRuntime(None, cfg, model=CausalLM(tiny.eval()), device="cpu")
+    logits = torch.zeros((cfg.max_slots, VOCAB))
+    logits[:, 7] = 1.0
+    runtime._decode_body = lambda b, c: logits[:b]
+    runtime._prefill_body = lambda ids, slots, last: logits[:ids.shape[0]]
+    return runtime
+
+
+def host_ms_per_step(runtime_kind: str, batch: int, tokens: int, steps_per_launch: int) -> dict:
+    cfg = EngineConfig(max_slots=batch, max_context=512, max_tokens_limit=tokens, steps_per_launch=steps_per_launch)
+    runtime = InstantRuntime(batch) if runtime_kind == "instant" else stubbed_torch_runtime(cfg)
+    with InProcessEngine(None, cfg, runtime=runtime) as eng:
+        def wave():
+            sinks = [eng.submit([1] * 16, max_tokens=tokens, ignore_eos=True, temperature=0.0, stream=True)
+                     for _ in range(batch)]
+            for s in sinks:
+                s.wait(120)
+
+        wave()  # warm-up
+        before = dataclasses.replace(eng.loop.stats)
         t0 = time.perf_counter()
-        sinks = [eng.submit([1] * 16, max_tokens=tokens, ignore_eos=True, temperature=0.0) for _ in range(batch)]
-        for s in sinks:
-            s.wait(120)
+        wave()
         elapsed = time.perf_counter() - t0
-        steps = eng.loop.stats.decode_steps or 1
-    return 1e3 * elapsed / steps
+        st = eng.loop.stats
+        steps = max(st.steps - before.steps, 1)
+        return {"batch": batch, "wall_ms_per_step": round(1e3 * elapsed / steps, 3),
+                "launch_ms_per_step": round(1e3 * (st.launch_s - before.launch_s) / steps, 3),
+                "complete_ms_per_step": round(1e3 * (st.complete_s - before.complete_s) / steps, 3)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--runtime", choices=["instant", "torch"], default="instant")
+    p.add_argument("--steps-per-launch", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3, help="runs per batch; the fastest is reported")
+    p.add_argument("--out", help="write profile-loop-<runtime>[-steps<n>].json here")
     a = p.parse_args()
+    rows = []
     for b in a.batch:
-        print(f"batch {b:3d}: {host_ms_per_step(b, a.tokens):.3f} ms host per step")
+        runs = [host_ms_per_step(a.runtime, b, a.tokens, a.steps_per_launch) for _ in range(a.repeat)]
+        rows.append(min(runs, key=lambda r: r["wall_ms_per_step"]))
+        r = rows[-1]
+        print(f"batch {b:3d}: {r['wall_ms_per_step']:.3f} ms host per step (launch {r['launch_ms_per_step']:.3f}, "
+              f"complete {r['complete_ms_per_step']:.3f})")
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        report = {"command": "python -m bench.profile_loop " + " ".join(sys.argv[1:]),
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "machine": platform.node(), "cpus": os.cpu_count(), "rows": rows}
+        steps = "" if a.steps_per_launch == 1 else f"-steps{a.steps_per_launch}"
+        (Path(a.out) / f"profile-loop-{a.runtime}{steps}.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
