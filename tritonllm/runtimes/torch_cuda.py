@@ -400,9 +400,10 @@ class TorchCudaRuntime:
 
     def _decode_setup(self, rows: list[StepInput], steps: int):
         """Positions and known tokens uploaded for `steps` decode steps; returns a function that
-        runs one step and returns its logits [bucket, vocab]. Padding rows (free or just-prefilled slots) write their
-        throw-away K/V at the last `steps` positions, which no live sequence in such a slot has
-        reached (prompt + max_tokens <= max_context, and a new one writes a position before it reads it)."""
+        runs one step and returns its logits [bucket, vocab]. Padding rows (free slots, slots
+        prefilled in the same step, sequences sitting out their last step) write throw-away K/V
+        at the last `steps` positions, which no live sequence in such a slot has reached (a new
+        one writes each position before it reads it)."""
         b = bucket_for(max(r.slot for r in rows) + 1, self.batch_buckets)
         c = bucket_for(max(r.start for r in rows) + steps, self.ctx_buckets)
         pos = [self.max_context - steps] * b
