@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--emit-text", action="store_true",
                    help="the engine detokenizes: tokenizer -> engine, no detokenizer stage (one python hop fewer)")
     p.add_argument("--response-threads", type=int, default=d.response_threads)
+    p.add_argument("--steps-per-launch", type=int, default=d.steps_per_launch,
+                   help="torch-cuda: decode steps per host pass under load (README: multi-step; 1 = off)")
+    p.add_argument("--multi-step-min-active", type=int, default=d.multi_step_min_active)
+    p.add_argument("--launch-ahead", type=int, default=d.launch_ahead,
+                   help="torch-cuda: launched steps left queued on the device while older ones complete")
     p.add_argument("--tokenizer-instances", type=int, default=1)
     p.add_argument("--detokenizer-instances", type=int, default=1)
     a = p.parse_args(argv)
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> Path:
                           default_max_tokens=a.default_max_tokens, request_timeout_s=a.request_timeout_s,
                           stream_interval_ms=a.stream_interval_ms, threads=a.threads, dtype=a.dtype,
                           emit_text=a.emit_text, response_threads=a.response_threads,
-                          prefill_gather_ms=a.prefill_gather_ms)
+                          prefill_gather_ms=a.prefill_gather_ms, steps_per_launch=a.steps_per_launch,
+                          multi_step_min_active=a.multi_step_min_active, launch_ahead=a.launch_ahead)
     cfg = RepositoryConfig(name=a.name, engine=engine, tokenizer_instances=a.tokenizer_instances,
                            detokenizer_instances=a.detokenizer_instances)
     onnx_dir = a.onnx_dir or Path("build/onnx") / a.name
