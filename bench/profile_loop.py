@@ -14,7 +14,6 @@ sets the inter-token latency, and under Triton it competes for the engine proces
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -24,7 +23,9 @@ import time
 from pathlib import Path
 
 from tritonllm.config import EngineConfig
-from tritonllm.inprocess import InProcessEngine
+from tritonllm.engine_loop import EngineLoop
+from tritonllm.engine_request import DictReader, build_sequence
+from tritonllm.inprocess import QueueSink
 from tritonllm.modeling import ModelShape
 
 VOCAB = 1024
@@ -73,25 +74,31 @@ def stubbed_torch_runtime(cfg: EngineConfig):
 
 
 def host_ms_per_step(runtime_kind: str, batch: int, tokens: int, steps_per_launch: int) -> dict:
+    """One warm-up wave, then one measured wave of `batch` requests, each wave queued before its
+    loop starts so every step holds the whole batch (submitted to a running loop, a fast runtime
+    steps before the last requests arrive and the batch is never full)."""
     cfg = EngineConfig(max_slots=batch, max_context=512, max_tokens_limit=tokens, steps_per_launch=steps_per_launch)
     runtime = InstantRuntime(batch) if runtime_kind == "instant" else stubbed_torch_runtime(cfg)
-    with InProcessEngine(None, cfg, runtime=runtime) as eng:
-        def wave():
-            sinks = [eng.submit([1] * 16, max_tokens=tokens, ignore_eos=True, temperature=0.0, stream=True)
-                     for _ in range(batch)]
-            for s in sinks:
-                s.wait(120)
-
-        wave()  # warm-up
-        before = dataclasses.replace(eng.loop.stats)
+    for _ in range(2):
+        loop = EngineLoop(runtime, cfg)
+        sinks = []
+        for _ in range(batch):
+            seq = build_sequence(DictReader({"input_ids": [1] * 16, "max_tokens": tokens, "ignore_eos": True,
+                                             "temperature": 0.0, "stream": True}), cfg, runtime.shape)
+            seq.sink = QueueSink()
+            sinks.append(seq.sink)
+            loop.submit(seq)
         t0 = time.perf_counter()
-        wave()
+        loop.start()
+        for s in sinks:
+            s.wait(120)
         elapsed = time.perf_counter() - t0
-        st = eng.loop.stats
-        steps = max(st.steps - before.steps, 1)
-        return {"batch": batch, "wall_ms_per_step": round(1e3 * elapsed / steps, 3),
-                "launch_ms_per_step": round(1e3 * (st.launch_s - before.launch_s) / steps, 3),
-                "complete_ms_per_step": round(1e3 * (st.complete_s - before.complete_s) / steps, 3)}
+        loop.stop()
+    st = loop.stats
+    steps = max(st.steps, 1)
+    return {"batch": batch, "steps": st.steps, "wall_ms_per_step": round(1e3 * elapsed / steps, 3),
+            "launch_ms_per_step": round(1e3 * st.launch_s / steps, 3),
+            "complete_ms_per_step": round(1e3 * st.complete_s / steps, 3)}
 
 
 def main() -> None:

@@ -203,12 +203,11 @@ class EngineLoop:
             return
         t1 = time.perf_counter()
         self._count(step.plan)
-        before = sum(len(s.output_ids) for s in live)
         finished = set(self.scheduler.update_from_output(step.plan, tokens))
-        self.stats.tokens_generated += sum(len(s.output_ids) for s in live) - before  # kept (not EOS, not past a stop)
-        interval = self._response_interval()
+        self.stats.tokens_generated = self.scheduler.tokens_kept
+        interval, now = self._response_interval(), time.monotonic()
         for seq in live:
-            self._emit(seq, final=seq in finished, interval=interval)
+            self._emit(seq, final=seq in finished, interval=interval, now=now)
             if seq in finished:
                 self._finished(seq)
         self.stats.steps += step.plan.steps
@@ -229,11 +228,11 @@ class EngineLoop:
             self.stats.batched_decode_steps += plan.steps * (len(plan.decode) > 1)
 
     # -- responses -----------------------------------------------------------------------------
-    def _emit(self, seq: Sequence, final: bool, interval: float = 0.0) -> None:
+    def _emit(self, seq: Sequence, final: bool, interval: float = 0.0, now: float | None = None) -> None:
         """Send what is new, unless `interval` (s) has not passed since the stream's last response."""
         if seq.sink is None:
             return
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         if not final and seq.emitted and now - seq.last_emit < interval:
             return
         window = response_window(seq, final)

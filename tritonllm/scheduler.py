@@ -38,10 +38,24 @@ class Sequence:
     first_token_at: float | None = None
     pending: int = 0                 # tokens sampled by launched steps, not yet appended here
     cancel_requested: bool = False   # set by the engine's cancellation watcher
+    # fixed at creation (read for every sequence at every step):
+    n_prompt: int = field(init=False)
+    needs_host_history: bool = field(init=False)  # sampling reads the generated ids (repetition penalty,
+    # bad words): a step for this sequence cannot be launched before the previous step's token is on the host
+    greedy: bool = field(init=False)
+    eos_masked_below: float = field(init=False)   # the EOS ids are masked while fewer tokens were generated
+                                                  # (min_tokens; inf with ignore_eos; 0 without EOS ids)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.n_prompt = len(self.prompt_ids)
+        self.needs_host_history = p.repetition_penalty != 1.0 or bool(p.bad_ids)
+        self.greedy = p.greedy
+        self.eos_masked_below = 0 if not self.stop_token_ids else float("inf") if p.ignore_eos else p.min_tokens
 
     @property
     def length(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return self.n_prompt + len(self.output_ids)
 
     @property
     def generated(self) -> int:
@@ -49,20 +63,15 @@ class Sequence:
         return len(self.output_ids) + self.pending
 
     @property
-    def needs_host_history(self) -> bool:
-        """Sampling reads the generated ids themselves (repetition penalty, bad words): a step for
-        this sequence cannot be launched before the previous step's token is on the host."""
-        return self.params.repetition_penalty != 1.0 or bool(self.params.bad_ids)
-
-    @property
     def visible_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids if self.echo_prompt else self.output_ids
 
     def step_input(self) -> StepInput:
-        if not self.output_ids and not self.pending:
+        if self.pending:  # a token still pending lives only on the device: the runtime reads it there
+            return StepInput(self.slot, [], self.n_prompt + len(self.output_ids) - 1 + self.pending)
+        if not self.output_ids:
             return StepInput(self.slot, self.prompt_ids, 0)
-        # a token still pending lives only on the device: the runtime reads it there (tokens=[])
-        return StepInput(self.slot, [] if self.pending else self.output_ids[-1:], self.length - 1 + self.pending)
+        return StepInput(self.slot, self.output_ids[-1:], self.n_prompt + len(self.output_ids) - 1)
 
 
 @dataclass
@@ -77,11 +86,6 @@ class StepPlan:
 
     def __bool__(self) -> bool:
         return bool(self.prefill or self.decode)
-
-
-def is_end_token(seq: Sequence, token: int) -> bool:
-    """EOS / end_id ends the sequence (the sampler already masked it below min_tokens)."""
-    return token in seq.stop_token_ids and not seq.params.ignore_eos
 
 
 def should_stop(seq: Sequence, max_context: int, decode=None) -> str | None:
@@ -111,6 +115,7 @@ class Scheduler:
     def __init__(self, cfg: EngineConfig, decode=None, slots: int | None = None, max_steps: int = 1):
         """max_steps: decode steps the runtime can run in one launch (cfg.steps_per_launch where it can)."""
         self.cfg, self.decode, self.max_steps = cfg, decode, max_steps
+        self.tokens_kept = 0  # tokens appended to outputs (not EOS, none past a stop)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.slots = slots or cfg.max_slots  # the runtime's, which may be fewer than cfg.max_slots
@@ -161,7 +166,10 @@ class Scheduler:
         return 1e3 * (time.monotonic() - self.waiting[0].arrival) >= gather
 
     def _ends_with_pending(self, seq: Sequence) -> bool:
-        return seq.pending > 0 and (seq.generated >= seq.params.max_tokens or seq.length + seq.pending >= self.cfg.max_context)
+        if not seq.pending:
+            return False
+        n = len(seq.output_ids) + seq.pending
+        return n >= seq.params.max_tokens or seq.n_prompt + n >= self.cfg.max_context
 
     def launched(self, plan: StepPlan) -> None:
         """The plan's step is enqueued: each of its sequences has `steps` more tokens on the way."""
@@ -175,7 +183,7 @@ class Scheduler:
         finished = []
         now = time.monotonic()
         for seq, got in zip(plan.sequences, tokens):
-            seq.pending = max(0, seq.pending - plan.steps)
+            seq.pending = seq.pending - plan.steps if seq.pending > plan.steps else 0
             if seq.finish_reason is not None:
                 continue
             if seq.first_token_at is None:
@@ -188,10 +196,15 @@ class Scheduler:
 
     def _append(self, seq: Sequence, tok: int) -> str | None:
         """One token: the finish reason it brings, or None."""
-        if is_end_token(seq, tok):  # the EOS token ends the sequence but is not part of the output
+        p = seq.params
+        if tok in seq.stop_token_ids and not p.ignore_eos:  # EOS ends the sequence, not part of the output
             return "stop"
         seq.output_ids.append(tok)
-        return should_stop(seq, self.cfg.max_context, self.decode)
+        self.tokens_kept += 1
+        if p.stop_ids or p.stop_strings:
+            return should_stop(seq, self.cfg.max_context, self.decode)
+        n = len(seq.output_ids)  # no stop words: only the length limits (as should_stop)
+        return "length" if n >= p.max_tokens or seq.n_prompt + n >= self.cfg.max_context else None
 
     def _append_run(self, seq: Sequence, run: list[int]) -> str | None:
         """A multi-step run of tokens, up to the first that ends the sequence. Without stop words
@@ -200,6 +213,7 @@ class Scheduler:
         if not p.stop_ids and not p.stop_strings and (p.ignore_eos or not seq.stop_token_ids.intersection(run)):
             room = min(p.max_tokens - len(seq.output_ids), self.cfg.max_context - seq.length)
             seq.output_ids += run[:room]
+            self.tokens_kept += min(room, len(run))
             return "length" if room <= len(run) else None
         for tok in run:
             reason = self._append(seq, tok)

@@ -184,9 +184,9 @@ def test_multi_step_runs_are_clipped_and_their_tokens_cut_at_a_stop():
     c.output_ids = [2, 2, 2]
     assert sch._steps_for([c, e]) == 2      # c (63 tokens) decodes at 62 and 63, the last of its context
     assert sch._steps_for([e]) == 1         # fewer than multi_step_min_active decode
-    e.params.repetition_penalty = 1.2
-    assert sch._steps_for([d, e]) == 1      # the penalty reads each token on the host
-    e.params.repetition_penalty = 1.0
+    penalized = seq([1] * 10, max_tokens=20, repetition_penalty=1.2)
+    penalized.output_ids = [2]
+    assert sch._steps_for([d, penalized]) == 1  # the penalty reads each token on the host
     sch.waiting.append(seq([1]))
     assert sch._steps_for([d, e]) == 1      # a request waits and a slot is free: prefill it first
     sch.free_slots.clear()
@@ -220,6 +220,7 @@ def test_in_flight_batching_joins_and_leaves(Runtime):
     st = loop.stats  # what /metrics publishes: every sequence prefilled once, every step timed
     assert st.prefilled == 4 and 2 <= st.prefill_steps <= 4
     assert st.steps >= 12 and st.launch_s > 0 and st.complete_s > 0
+    assert st.tokens_generated == 3 + 12 + 5 + 7  # the tokens kept, as tritonllm_tokens_generated_total
 
 
 def test_queue_bound_rejects_with_busy_error():

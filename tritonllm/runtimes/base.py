@@ -1,18 +1,17 @@
 """The runtime interface and the host-side KV cache the CPU runtimes share."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
 from ..modeling import ModelShape
 
 
-@dataclass(frozen=True)
-class StepInput:
+class StepInput(NamedTuple):
     """One sequence's work in a step: `tokens` placed at positions start..start+len-1 of `slot`.
-    A prefill has start=0 and the whole prompt; a decode has one token at start=current length."""
+    A prefill has start=0 and the whole prompt; a decode has one token at start=current length.
+    (A named tuple: the loop makes one per sequence per step; half the cost of a frozen dataclass.)"""
 
     slot: int
     tokens: list[int]

@@ -145,12 +145,11 @@ class SamplingPlan:
         masked: dict[frozenset, list[int]] = {}  # rows whose EOS is masked, grouped by EOS set: one op each
         self.history_rows, self.sampled_rows = [], []
         for i, s in enumerate(seqs):
-            p = s.params
-            if s.stop_token_ids and (p.ignore_eos or s.generated < p.min_tokens):
+            if len(s.output_ids) + s.pending < s.eos_masked_below:  # ignore_eos, or below min_tokens
                 masked.setdefault(s.stop_token_ids, []).append(i)
-            if p.repetition_penalty != 1.0 or p.bad_ids:
+            if s.needs_host_history:
                 self.history_rows.append(i)
-            if not p.greedy:
+            if not s.greedy:
                 self.sampled_rows.append(i)
         self.masked = list(masked.items())
         self.upcast = bool(self.sampled_rows) or any(seqs[i].params.repetition_penalty != 1.0 for i in self.history_rows)
