@@ -8,13 +8,15 @@ from .errors import RequestValidationError, ServerBusyError
 
 
 class RequestReader:
-    """Reads one request's inputs; each read names the field in its error."""
+    """Reads one request's inputs; each read names the field in its error. The inputs are listed
+    once (`pb_utils.get_input_tensor_by_name` lists and scans them on every call: the engine reads
+    15 optional inputs per request)."""
 
-    def __init__(self, pb, request):
-        self.pb, self.request = pb, request
+    def __init__(self, request):
+        self.inputs = {t.name(): t for t in request.inputs()}
 
     def array(self, name: str) -> np.ndarray | None:
-        t = self.pb.get_input_tensor_by_name(self.request, name)
+        t = self.inputs.get(name)
         return None if t is None else t.as_numpy()
 
     def scalar(self, name: str, kind, default=None):

@@ -23,7 +23,7 @@ class TritonPythonModel:
         return respond_each(pb_utils, requests, self._one)
 
     def _one(self, request):
-        read = RequestReader(pb_utils, request)
+        read = RequestReader(request)
         info = ResponseInfo.unpack(read.ints("response_info"))
         delta = text_delta(self.tok, read.ints("output_ids"), info.num_context_ids, info.is_final, read.strings("stop_words"))
         return pb_utils.InferenceResponse([

@@ -102,7 +102,7 @@ class TritonPythonModel:
         for request in requests:
             sink = TritonSink(request, self.pump, self.outputs)
             try:
-                seq = build_sequence(RequestReader(pb_utils, request), self.cfg, self.runtime.shape)
+                seq = build_sequence(RequestReader(request), self.cfg, self.runtime.shape)
                 seq.sink = sink
                 self.loop.submit(seq)
             except Exception as exc:  # validation or a full queue: this request only, before any token

@@ -23,7 +23,7 @@ class TritonPythonModel:
         return respond_each(pb_utils, requests, self._one)
 
     def _one(self, request):
-        read = RequestReader(pb_utils, request)
+        read = RequestReader(request)
         text = read.scalar("text_input", str) or ""
         ids = encode_prompt(self.tok, text, read.scalar("apply_chat_template", bool, False), self.max_context)
         stop = flatten_id_lists(encode_words(self.tok, read.strings("stop_words"), "stop_words"))

@@ -1,0 +1,48 @@
+"""The python-backend request reader over a stand-in request (the real one is exercised by the
+end-to-end tests): inputs listed once, typed reads, errors that name the field and the fix."""
+import numpy as np
+import pytest
+
+from tritonllm.errors import RequestValidationError
+from tritonllm.triton_io import RequestReader
+
+
+class Tensor:
+    def __init__(self, name, array):
+        self._name, self._array = name, np.asarray(array)
+
+    def name(self):
+        return self._name
+
+    def as_numpy(self):
+        return self._array
+
+
+class Request:
+    def __init__(self, **inputs):
+        self.listed = 0
+        self._inputs = [Tensor(k, v) for k, v in inputs.items()]
+
+    def inputs(self):
+        self.listed += 1
+        return list(self._inputs)
+
+
+def test_reads_typed_values_and_defaults_listing_the_inputs_once():
+    req = Request(max_tokens=[[7]], temperature=np.array([[0.5]], np.float32), ignore_eos=[[True]],
+                  stop_words=np.array([[b"END", "x"]], dtype=object), input_ids=[[1, 2, 3]])
+    read = RequestReader(req)
+    assert read.scalar("max_tokens", int) == 7 and read.scalar("temperature", float) == 0.5
+    assert read.scalar("ignore_eos", bool) is True and read.scalar("seed", int) is None
+    assert read.scalar("top_k", int, 0) == 0
+    assert read.strings("stop_words") == ["END", "x"] and read.strings("bad_words") == []
+    assert read.ints("input_ids") == [1, 2, 3]
+    assert req.listed == 1
+
+
+def test_errors_name_the_field_and_the_fix():
+    read = RequestReader(Request(max_tokens=[[1, 2]], stop_words=np.array([[b"\xff"]], dtype=object)))
+    with pytest.raises(RequestValidationError, match="max_tokens.*exactly one value"):
+        read.scalar("max_tokens", int)
+    with pytest.raises(RequestValidationError, match="stop_words.*valid UTF-8"):
+        read.strings("stop_words")
