@@ -2,6 +2,8 @@
 response tensors, and errors mapped to gRPC status codes. `pb` is triton_python_backend_utils."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .errors import RequestValidationError, ServerBusyError
@@ -57,6 +59,19 @@ def tensor(pb, name: str, values, dtype) -> object:
     else:
         arr = np.asarray(values, dtype=dtype).reshape(1, -1)
     return pb.Tensor(name, arr)
+
+
+@functools.lru_cache(maxsize=256)
+def _strings_array(values: tuple[str, ...]) -> np.ndarray:
+    arr = np.array([[v.encode("utf-8") for v in values]], dtype=object)
+    arr.flags.writeable = False
+    return arr
+
+
+def strings_tensor(pb, name: str, values: tuple[str, ...]) -> object:
+    """A [1, n] BYTES tensor of strings that repeat across responses (a request's stop words in
+    every response it gets): encoded once, not per response."""
+    return pb.Tensor(name, _strings_array(values))
 
 
 def error_response(pb, exc: Exception):

@@ -46,3 +46,16 @@ def test_errors_name_the_field_and_the_fix():
         read.scalar("max_tokens", int)
     with pytest.raises(RequestValidationError, match="stop_words.*valid UTF-8"):
         read.strings("stop_words")
+
+
+def test_repeated_strings_are_encoded_once():
+    class Pb:
+        @staticmethod
+        def Tensor(name, arr):
+            return name, arr
+
+    from tritonllm.triton_io import strings_tensor
+
+    (_, a), (_, b) = strings_tensor(Pb, "stop_words", ("END", "é")), strings_tensor(Pb, "stop_words", ("END", "é"))
+    assert a is b and a.shape == (1, 2) and a.tolist() == [[b"END", "é".encode()]]
+    assert not a.flags.writeable

@@ -20,7 +20,7 @@ from tritonllm.response_pump import GuardedSender, ResponsePump  # noqa: E402
 from tritonllm.runtimes import load_runtime  # noqa: E402
 from tritonllm.tensors import ResponseInfo  # noqa: E402
 from tritonllm.text import TokenizerFiles, text_delta  # noqa: E402
-from tritonllm.triton_io import RequestReader, error_response, model_parameters, tensor  # noqa: E402
+from tritonllm.triton_io import RequestReader, error_response, model_parameters, strings_tensor, tensor  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -70,7 +70,7 @@ def id_outputs(seq, ids, n_context, final, n_output):
     in one tensor, and the stop words."""
     info = ResponseInfo(n_context, final, len(seq.prompt_ids), n_output, (seq.finish_reason or "") if final else "")
     return [tensor(pb_utils, "output_ids", ids, np.int32), tensor(pb_utils, "response_info", info.pack(), np.int32),
-            tensor(pb_utils, "stop_words", seq.params.stop_strings or [""], object)]
+            strings_tensor(pb_utils, "stop_words", tuple(seq.params.stop_strings) or ("",))]
 
 
 class TritonPythonModel:
