@@ -39,7 +39,7 @@ def build_sequence(read, cfg: EngineConfig, shape: ModelShape) -> Sequence:
     stop_tokens = frozenset([params.end_id] if params.end_id is not None else shape.eos_token_ids)
     echo = not read.scalar("exclude_input_in_output", bool, True)
     return Sequence(prompt_ids=prompt, params=params, stop_token_ids=stop_tokens,
-                    rng=new_rng(params.seed), echo_prompt=echo)
+                    rng=None if params.greedy else new_rng(params.seed), echo_prompt=echo)
 
 
 class DictReader:
