@@ -211,7 +211,7 @@ class Scheduler:
         or EOS in the run, the tokens within the length limit go in at once."""
         p = seq.params
         if not p.stop_ids and not p.stop_strings and (p.ignore_eos or not seq.stop_token_ids.intersection(run)):
-            room = min(p.max_tokens - len(seq.output_ids), self.cfg.max_context - seq.length)
+            room = max(0, min(p.max_tokens - len(seq.output_ids), self.cfg.max_context - seq.length))
             seq.output_ids += run[:room]
             self.tokens_kept += min(room, len(run))
             return "length" if room <= len(run) else None
