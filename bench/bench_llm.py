@@ -116,7 +116,7 @@ def stats_counters(stats) -> dict[str, float]:
     """An in-process engine's loop stats under the names `engine_note` reads (as on /metrics)."""
     return {"ttft_sum": 0.0, "ttft_count": 0.0, "steps": stats.steps, "prefill_steps": stats.prefill_steps,
             "prefilled": stats.prefilled, "launch": stats.launch_s, "wait": stats.wait_s, "complete": stats.complete_s,
-            "gpu_idle": stats.gpu_idle_s}
+            "gpu_idle": stats.gpu_idle_s, "prefill_tokens": stats.prefill_tokens, "prefill_computed": stats.prefill_computed}
 
 
 def profile_decode_graphs(runtime, a) -> dict:
@@ -190,6 +190,8 @@ ENGINE_COUNTERS = {"ttft_sum": ("tritonllm_time_to_first_token_seconds_sum", Non
                    "steps": ("tritonllm_loop_steps_total", None), "prefill_steps": ("tritonllm_prefill_steps_total", None),
                    "prefilled": ("tritonllm_prefilled_sequences_total", None),
                    "gpu_idle": ("tritonllm_gpu_idle_seconds_total", None),
+                   "prefill_tokens": ("tritonllm_prefill_tokens_total", None),
+                   "prefill_computed": ("tritonllm_prefill_computed_tokens_total", None),
                    **{p: ("tritonllm_loop_seconds_total", p) for p in ("launch", "wait", "complete")}}
 TOKENIZER_COUNTERS = {"tok_requests": "nv_inference_request_success", "tok_execs": "nv_inference_exec_count",
                       "tok_queue_us": "nv_inference_queue_duration_us",
@@ -235,6 +237,8 @@ def engine_note(before: dict, after: dict, client_ttft: list[float]) -> str:
     if d["prefill_steps"] > 0:
         notes.append(f"{d['prefilled'] / d['prefill_steps']:.1f} prefills/step in {d['prefill_steps']:.0f} of "
                      f"{d['steps']:.0f} steps")
+    if d.get("prefill_tokens", 0) > 0 and d.get("prefill_computed", 0) > 0:  # reported by the torch runtime
+        notes.append(f"prefill computed {d['prefill_computed'] / d['prefill_tokens']:.2f}x its prompt tokens (padding)")
     return "".join(f"; {n}" for n in notes)
 
 

@@ -54,6 +54,8 @@ class EngineStats:
     complete_s: float = 0.0          # scheduler update, stop checks, handing responses to sinks
     gpu_idle_s: float = 0.0          # device idle between two steps while the loop had one in flight
                                      # (the host was late to launch: overhead not hidden), where measured
+    prefill_tokens: int = 0          # prompt tokens prefilled ...
+    prefill_computed: int = 0        # ... and tokens computed for them, padding included, where reported
 
 
 @dataclass
@@ -212,6 +214,7 @@ class EngineLoop:
                 self._finished(seq)
         self.stats.steps += step.plan.steps
         self.stats.gpu_idle_s = getattr(self.runtime, "gpu_idle_s", 0.0)
+        self.stats.prefill_tokens, self.stats.prefill_computed = getattr(self.runtime, "prefill_tokens", (0, 0))
         self.stats.wait_s += t1 - t0
         self.stats.complete_s += time.perf_counter() - t1
 

@@ -39,6 +39,9 @@ class EngineMetrics:
         self.phase = {p: phases.Metric(labels={**labels, "phase": p}) for p in ("launch", "wait", "complete")}
         self.gpu_idle = metric("tritonllm_gpu_idle_seconds_total", fam.COUNTER,
                                "device idle between steps while the loop had a step in flight (host late to launch)")
+        self.prefill_tokens = metric("tritonllm_prefill_tokens_total", fam.COUNTER, "prompt tokens prefilled")
+        self.prefill_computed = metric("tritonllm_prefill_computed_tokens_total", fam.COUNTER,
+                                       "tokens computed by prefill steps, padding to batch and length buckets included")
         self.finished_family = fam(name="tritonllm_requests_finished_total", kind=fam.COUNTER,
                                    description="requests finished, by reason")
         self.ttft = metric("tritonllm_time_to_first_token_seconds", fam.HISTOGRAM, "time to first token",
@@ -74,7 +77,8 @@ class EngineMetrics:
                         ("prefill_steps", st.prefill_steps, self.prefill_steps),
                         ("prefilled", st.prefilled, self.prefilled), ("loop_steps", st.steps, self.loop_steps)]
             counters += [(p, getattr(st, f"{p}_s"), m) for p, m in self.phase.items()]
-            counters.append(("gpu_idle", st.gpu_idle_s, self.gpu_idle))
+            counters += [("gpu_idle", st.gpu_idle_s, self.gpu_idle), ("prefill_tokens", st.prefill_tokens, self.prefill_tokens),
+                         ("prefill_computed", st.prefill_computed, self.prefill_computed)]
             for key, value, m in counters:
                 if value > self._last.get(key, 0):
                     m.increment(value - self._last.get(key, 0))

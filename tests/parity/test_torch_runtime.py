@@ -31,7 +31,9 @@ def test_torch_runtime_greedy_matches_hf_with_in_flight_batching(tiny_dir, fused
     with InProcessEngine(None, cfg, runtime=runtime) as eng:
         sinks = [eng.submit(ids, max_tokens=n, temperature=0.0, ignore_eos=True) for ids, n in zip(prompts, lengths)]
         got = [s.wait(120).ids for s in sinks]
-        assert eng.loop.stats.batched_decode_steps > 0
+        st = eng.loop.stats
+        assert st.batched_decode_steps > 0
+        assert st.prefill_tokens == sum(map(len, prompts)) <= st.prefill_computed  # padding counted beside
     assert got == expected
     assert (max(runs, default=1) == 4) == (steps == 4)
 

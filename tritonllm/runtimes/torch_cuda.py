@@ -111,6 +111,7 @@ class TorchCudaRuntime:
         self.multi_step = True  # launch(..., steps=n) runs n decode steps on one host pass
         self._run_tokens = torch.zeros(cfg.steps_per_launch * self.max_slots, dtype=torch.long, device=self.device)
         self._positions = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
+        self.prefill_tokens = [0, 0]  # prompt tokens prefilled, tokens computed for them (padding to buckets)
         if self.use_cuda_graphs:  # every prefill graph writes its logits here (one buffer, not one each)
             self._prefill_logits = torch.empty((self.max_slots, self.shape.vocab_size), device=self.device, dtype=self.dtype)
             if capture_at_start:
@@ -251,8 +252,11 @@ class TorchCudaRuntime:
         was done long before), and the loop launches no decode step meanwhile."""
         b, t = len(rows), max(len(r.tokens) for r in rows)
         bb, tb = bucket_for(b, self.prefill_batch_buckets), bucket_for(t, self.prefill_len_buckets)
+        self.prefill_tokens[0] += sum(len(r.tokens) for r in rows)
         if not self.use_cuda_graphs or bb * tb > PREFILL_GRAPH_TOKENS:
+            self.prefill_tokens[1] += b * t
             return self._prefill_body(*self._prefill_inputs(rows, b, t))
+        self.prefill_tokens[1] += bb * tb
         graph, static, out = self._prefill_graph(bb, tb)
         for buf, values in zip(static, self._prefill_lists(rows, bb, tb)):
             copy_to(buf, values, self._uploads)
