@@ -112,6 +112,7 @@ class TorchCudaRuntime:
         self._run_tokens = torch.zeros(cfg.steps_per_launch * self.max_slots, dtype=torch.long, device=self.device)
         self._positions = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
         self.prefill_tokens = [0, 0]  # prompt tokens prefilled, tokens computed for them (padding to buckets)
+        self._in_order = [tuple(range(n)) for n in range(self.max_slots + 1)]  # slots 0..n-1, to compare with
         if self.use_cuda_graphs:  # every prefill graph writes its logits here (one buffer, not one each)
             self._prefill_logits = torch.empty((self.max_slots, self.shape.vocab_size), device=self.device, dtype=self.dtype)
             if capture_at_start:
@@ -400,7 +401,7 @@ class TorchCudaRuntime:
     @torch.no_grad()
     def decode(self, rows: list[StepInput]) -> torch.Tensor:
         """One token for each row; rows are laid out by slot over a batch bucket."""
-        return self._decode_setup(rows, 1)()[self._slot_index([r.slot for r in rows])]
+        return self._decode_setup(rows, 1)()[self._slot_index(tuple(r.slot for r in rows))]
 
     def _decode_setup(self, rows: list[StepInput], steps: int):
         """Positions and known tokens uploaded for `steps` decode steps; returns a function that
@@ -408,33 +409,37 @@ class TorchCudaRuntime:
         prefilled in the same step, sequences sitting out their last step) write throw-away K/V
         at the last `steps` positions, which no live sequence in such a slot has reached (a new
         one writes each position before it reads it)."""
-        b = bucket_for(max(r.slot for r in rows) + 1, self.batch_buckets)
-        c = bucket_for(max(r.start for r in rows) + steps, self.ctx_buckets)
-        pos = [self.max_context - steps] * b
-        for r in rows:
-            pos[r.slot] = r.start
+        slots, tokens, starts = zip(*rows)  # one pass over the rows (named tuples)
+        b = bucket_for(max(slots) + 1, self.batch_buckets)
+        c = bucket_for(max(starts) + steps, self.ctx_buckets)
+        pad = self.max_context - steps
+        if slots == self._in_order[len(slots)]:  # the usual step: slots 0..n-1 in order
+            pos = [*starts, *[pad] * (b - len(slots))]
+        else:
+            pos = [pad] * b
+            for slot, start in zip(slots, starts):
+                pos[slot] = start
         copy_to(self._positions[:b], pos, self._uploads)
-        known = [r for r in rows if r.tokens]  # the others' last token is on the device already (launch)
-        if known:
-            slots = to_device([r.slot for r in known], self.device)
-            self._tokens[slots] = to_device([r.tokens[0] for r in known], self.device)
+        if any(tokens):  # rows whose last token is not on the device already (launch keeps it there)
+            known = [(slot, t[0]) for slot, t in zip(slots, tokens) if t]
+            self._tokens[to_device([k[0] for k in known], self.device)] = to_device([k[1] for k in known], self.device)
         if not self.use_cuda_graphs:
             return lambda: self._decode_body(b, c)
         graph, out = self._graph(b, c)
         return lambda: graph.replay() or out
 
-    def _slot_index(self, slots: list[int]):
+    def _slot_index(self, slots: tuple[int, ...]):
         """Indexes rows/slots in this order: a plain slice when they are 0..n-1 (a full batch in
         slot order, the usual decode step), so no index is copied to the device."""
-        if slots == list(range(len(slots))):
+        if slots == self._in_order[len(slots)]:
             return slice(0, len(slots))
-        return to_device(slots, self.device)
+        return to_device(list(slots), self.device)
 
     def step(self, inputs: list[StepInput]) -> torch.Tensor:
         pre = [i for i, x in enumerate(inputs) if x.start == 0]
-        dec = [i for i, x in enumerate(inputs) if x.start > 0]
-        if not pre or not dec:  # one kind of row: its logits in input order as they are
+        if not pre or len(pre) == len(inputs):  # one kind of row: its logits in input order as they are
             return self.prefill(inputs) if pre else self.decode(inputs)
+        dec = [i for i, x in enumerate(inputs) if x.start > 0]
         logits = torch.empty((len(inputs), self.shape.vocab_size), dtype=self.dtype, device=self.device)
         logits[to_device(pre, self.device)] = self.prefill([inputs[i] for i in pre])
         logits[to_device(dec, self.device)] = self.decode([inputs[i] for i in dec])
@@ -449,7 +454,7 @@ class TorchCudaRuntime:
         token buffer, where the next decode step reads them, so the engine loop can launch step N+1
         before it has read step N's tokens (host work overlaps the GPU)."""
         start = self._downloads.mark_start() if self._downloads else None
-        index = self._slot_index([i.slot for i in inputs])
+        index = self._slot_index(tuple(i.slot for i in inputs))
         if steps == 1:
             chosen = torch_sampling.choose(self.step(inputs), seqs)
             self._tokens[index] = chosen
