@@ -210,8 +210,6 @@ class EngineLoop:
         interval, now = self._response_interval(), time.monotonic()
         for seq in live:
             self._emit(seq, final=seq in finished, interval=interval, now=now)
-            if seq in finished:
-                self._finished(seq)
         self.stats.steps += step.plan.steps
         self.stats.gpu_idle_s = getattr(self.runtime, "gpu_idle_s", 0.0)
         self.stats.prefill_tokens, self.stats.prefill_computed = getattr(self.runtime, "prefill_tokens", (0, 0))
@@ -232,10 +230,15 @@ class EngineLoop:
 
     # -- responses -----------------------------------------------------------------------------
     def _emit(self, seq: Sequence, final: bool, interval: float = 0.0, now: float | None = None) -> None:
-        """Send what is new, unless `interval` (s) has not passed since the stream's last response."""
+        """Send what is new, unless `interval` (s) has not passed since the stream's last response.
+        A final response is sent after the request is counted as finished (metrics), so a client
+        that reads /metrics as soon as its stream ends finds its request there."""
+        now = time.monotonic() if now is None else now
+        if final:
+            seq.last_emit = now
+            self._finished(seq)
         if seq.sink is None:
             return
-        now = time.monotonic() if now is None else now
         if not final and seq.emitted and now - seq.last_emit < interval:
             return
         window = response_window(seq, final)
@@ -262,8 +265,9 @@ class EngineLoop:
     def _end(self, seq: Sequence, reason: str, notify: bool = True) -> None:
         self.scheduler.finish(seq, reason)
         if notify:
-            self._emit(seq, final=True)
-        self._finished(seq)
+            self._emit(seq, final=True)  # counts it finished, then sends
+        else:
+            self._finished(seq)
 
     def _fail(self, seq: Sequence, exc: Exception) -> None:
         self.scheduler.finish(seq, "error")
