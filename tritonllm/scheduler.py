@@ -93,7 +93,7 @@ def should_stop(seq: Sequence, max_context: int, decode=None) -> str | None:
     Stop words match as token ids and, where `decode` is given, as text in the recent output."""
     p = seq.params
     n = len(seq.output_ids)
-    if n >= p.min_tokens:
+    if (p.stop_ids or p.stop_strings) and n >= p.min_tokens:
         for stop in p.stop_ids:
             if stop and len(stop) <= n and seq.output_ids[-len(stop):] == stop:
                 return "stop"
@@ -101,7 +101,7 @@ def should_stop(seq: Sequence, max_context: int, decode=None) -> str | None:
             tail = decode(seq.output_ids[-(4 * max(map(len, p.stop_strings)) + 4):])
             if any(s in tail for s in p.stop_strings):
                 return "stop"
-    if n >= p.max_tokens or seq.length >= max_context:
+    if n >= p.max_tokens or seq.n_prompt + n >= max_context:
         return "length"
     return None
 
@@ -201,10 +201,7 @@ class Scheduler:
             return "stop"
         seq.output_ids.append(tok)
         self.tokens_kept += 1
-        if p.stop_ids or p.stop_strings:
-            return should_stop(seq, self.cfg.max_context, self.decode)
-        n = len(seq.output_ids)  # no stop words: only the length limits (as should_stop)
-        return "length" if n >= p.max_tokens or seq.n_prompt + n >= self.cfg.max_context else None
+        return should_stop(seq, self.cfg.max_context, self.decode)
 
     def _append_run(self, seq: Sequence, run: list[int]) -> str | None:
         """A multi-step run of tokens, up to the first that ends the sequence. Without stop words

@@ -55,15 +55,20 @@ def decode_utf8(name: str, value) -> str:
 def tensor(pb, name: str, values, dtype) -> object:
     """A [1, n] output tensor (batch dimension first)."""
     if dtype is object:
-        arr = np.array([[v.encode("utf-8") if isinstance(v, str) else v for v in values]], dtype=object)
+        arr = _bytes_row(values)
     else:
         arr = np.asarray(values, dtype=dtype).reshape(1, -1)
     return pb.Tensor(name, arr)
 
 
+def _bytes_row(values) -> np.ndarray:
+    """[1, n] object array of UTF-8 bytes (Triton's BYTES)."""
+    return np.array([[v.encode("utf-8") if isinstance(v, str) else v for v in values]], dtype=object)
+
+
 @functools.lru_cache(maxsize=256)
 def _strings_array(values: tuple[str, ...]) -> np.ndarray:
-    arr = np.array([[v.encode("utf-8") for v in values]], dtype=object)
+    arr = _bytes_row(values)
     arr.flags.writeable = False
     return arr
 
