@@ -24,7 +24,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     stop_token_ids: frozenset[int]
-    rng: np.random.Generator | None  # the request's draws; None for greedy ones (making one: ~20 us here)
+    rng: np.random.Generator | None  # the request's draws; None for greedy ones (never drawn from)
     echo_prompt: bool = False        # exclude_input_in_output=False: the prompt is part of the output
     sink: Any = None                 # where the engine loop sends this sequence's responses
     deadline: float = float("inf")

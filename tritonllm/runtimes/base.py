@@ -11,7 +11,7 @@ from ..modeling import ModelShape
 class StepInput(NamedTuple):
     """One sequence's work in a step: `tokens` placed at positions start..start+len-1 of `slot`.
     A prefill has start=0 and the whole prompt; a decode has one token at start=current length.
-    (A named tuple: the loop makes one per sequence per step; half the cost of a frozen dataclass.)"""
+    (A named tuple: the loop makes one per sequence per step, cheaper than a frozen dataclass.)"""
 
     slot: int
     tokens: list[int]
