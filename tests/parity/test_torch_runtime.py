@@ -60,8 +60,8 @@ def test_device_sampler_seeded_and_filtered(tiny_dir):
 
 
 def test_tensorrt_runtime_wiring_matches_hf_through_a_standin(tiny_dir, tiny_engine_dir, tmp_path):
-    """TensorRTRuntime (plan lookup, per-row feeds and shapes, tensor addresses, KV scatter into
-    its cache) driven by the engine loop, with TensorRT replaced by an ONNX Runtime stand-in on host
+    """TensorRTRuntime (plan lookup, feeds and shapes, tensor addresses, KV scatter into its cache;
+    decode rows batched into one execution, prefills one each) driven by the engine loop, with TensorRT replaced by an ONNX Runtime stand-in on host
     buffers (no runnable TensorRT here): greedy ids equal HF's. TensorRT itself is not tested."""
     import shutil
 
@@ -83,4 +83,6 @@ def test_tensorrt_runtime_wiring_matches_hf_through_a_standin(tiny_dir, tiny_eng
         got = [s.wait(120).ids for s in [eng.submit(ids, max_tokens=n, temperature=0.0, ignore_eos=True)
                                          for ids, n in zip(prompts, lengths)]]
     assert got == [hf_greedy(hf, ids, n) for ids, n in zip(prompts, lengths)]
-    assert runtime.engine.executions >= sum(lengths)
+    batches = runtime.engine.batches
+    assert max(batches) == 2, batches  # both slots decoded in one execution
+    assert len(batches) < sum(lengths), batches  # fewer executions than generated tokens

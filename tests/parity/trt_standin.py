@@ -48,6 +48,7 @@ class Engine:
         self.session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
         self.types = {t.name: ORT_TYPES[t.type] for t in self.session.get_inputs() + self.session.get_outputs()}
         self.executions = 0
+        self.batches: list[int] = []  # input_ids rows of each execution
 
     def get_tensor_dtype(self, name: str):
         return self.types[name]
@@ -81,4 +82,5 @@ class Context:
         for out, value in zip([o.name for o in e.session.get_outputs()], e.session.run(None, feed)):
             _view(self.addresses[out], e.types[out], value.shape)[...] = value
         e.executions += 1
+        e.batches.append(self.shapes["input_ids"][0])
         return True

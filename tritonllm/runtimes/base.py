@@ -30,6 +30,21 @@ class Runtime(Protocol):
         """Facts reported at start-up (runtime, device, slots, context, cache bytes)."""
 
 
+def step_by_kind(inputs: list[StepInput], run, logits):
+    """Fill `logits` [len(inputs), vocab] (numpy or torch) with `run(rows)`'s: decode rows (one token
+    each) as one batch, each prefill on its own (prompts differ in length: one batch would pad every
+    prompt to the longest). The CPU and TensorRT runtimes, whose graphs take any batch, share it."""
+    decode = [i for i, x in enumerate(inputs) if len(x.tokens) == 1 and x.start > 0]
+    if decode:
+        logits[decode] = run([inputs[i] for i in decode])
+    if len(decode) < len(inputs):
+        batched = set(decode)
+        for i, x in enumerate(inputs):
+            if i not in batched:
+                logits[i] = run([x])[0]
+    return logits
+
+
 class KVCache:
     """Preallocated keys/values for every slot: [layers, slots, kv_heads, max_context, head_dim]."""
 

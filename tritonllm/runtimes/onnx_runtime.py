@@ -9,7 +9,7 @@ import numpy as np
 from ..config import EngineConfig
 from ..modeling import ModelShape
 from ..onnx_export import OUTPUTS, causal_bias
-from .base import KVCache, StepInput
+from .base import KVCache, StepInput, step_by_kind
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,7 @@ class OnnxRuntime:
 
     def step(self, inputs: list[StepInput]) -> np.ndarray:
         """Decode rows (one token each) run as one batch; each prefill runs on its own."""
-        logits = np.empty((len(inputs), self.shape.vocab_size), dtype=np.float32)
-        decode = [i for i, x in enumerate(inputs) if len(x.tokens) == 1 and x.start > 0]
-        if decode:
-            logits[decode] = self._run([inputs[i] for i in decode])
-        for i, x in enumerate(inputs):
-            if i not in decode:
-                logits[i] = self._run([x])[0]
-        return logits
+        return step_by_kind(inputs, self._run, np.empty((len(inputs), self.shape.vocab_size), dtype=np.float32))
 
     def _run(self, rows: list[StepInput]) -> np.ndarray:
         b, t = len(rows), max(len(r.tokens) for r in rows)

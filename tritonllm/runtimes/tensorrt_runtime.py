@@ -16,7 +16,7 @@ from pathlib import Path
 from ..config import EngineConfig
 from ..modeling import ModelShape
 from ..onnx_export import INPUTS, OUTPUTS
-from .base import StepInput
+from .base import StepInput, step_by_kind
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +166,11 @@ class TensorRTRuntime:
         return sample_batch(logits, seqs)
 
     def step(self, inputs: list[StepInput]):
+        """Decode rows (one token each) in one execution; each prefill in its own."""
         import torch
 
         logits = torch.empty((len(inputs), self.shape.vocab_size), dtype=torch.float32, device=self.device)
-        for i, x in enumerate(inputs):  # one row per execution (never run on real TensorRT: see README)
-            logits[i] = self._run([x])[0]
-        return logits
+        return step_by_kind(inputs, self._run, logits)
 
     def _run(self, rows: list[StepInput]):
         import numpy as np
@@ -208,8 +207,20 @@ class TensorRTRuntime:
             self.stream.synchronize()
         if not ok:
             raise RuntimeError("TensorRT execution failed")
+        self._write_kv(rows, slots, outs["new_keys"], outs["new_values"])
+        return outs["logits"]
+
+    def _write_kv(self, rows: list[StepInput], slots, new_keys, new_values) -> None:
+        """Each row's new keys/values into its slot of the device cache: a decode batch (one position
+        per row) in one indexed write per tensor, a prefill row by slices."""
+        import torch
+
+        if all(len(r.tokens) == 1 for r in rows):
+            starts = torch.tensor([r.start for r in rows], device=self.device)
+            self.cache.keys[:, slots, :, starts] = new_keys[:, :, :, 0].transpose(0, 1)
+            self.cache.values[:, slots, :, starts] = new_values[:, :, :, 0].transpose(0, 1)
+            return
         for j, r in enumerate(rows):
             n = len(r.tokens)
-            self.cache.keys[:, r.slot, :, r.start:r.start + n] = outs["new_keys"][:, j, :, :n]
-            self.cache.values[:, r.slot, :, r.start:r.start + n] = outs["new_values"][:, j, :, :n]
-        return outs["logits"]
+            self.cache.keys[:, r.slot, :, r.start:r.start + n] = new_keys[:, j, :, :n]
+            self.cache.values[:, r.slot, :, r.start:r.start + n] = new_values[:, j, :, :n]
