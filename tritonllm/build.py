@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--stream-interval-ms", type=float, default=d.stream_interval_ms)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
+                   help="prompt tokens one engine step prefills (bounds the stall of the running streams)")
     p.add_argument("--prefill-gather-ms", type=float, default=0.0,
                    help="while others decode, let arriving requests wait up to this long to prefill together")
     p.add_argument("--emit-text", action="store_true",
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> Path:
                           default_max_tokens=a.default_max_tokens, request_timeout_s=a.request_timeout_s,
                           stream_interval_ms=a.stream_interval_ms, threads=a.threads, dtype=a.dtype,
                           emit_text=a.emit_text, response_threads=a.response_threads,
-                          prefill_gather_ms=a.prefill_gather_ms, steps_per_launch=a.steps_per_launch,
+                          max_prefill_tokens=a.max_prefill_tokens, prefill_gather_ms=a.prefill_gather_ms,
+                          steps_per_launch=a.steps_per_launch,
                           multi_step_min_active=a.multi_step_min_active, launch_ahead=a.launch_ahead)
     cfg = RepositoryConfig(name=a.name, engine=engine, tokenizer_instances=a.tokenizer_instances,
                            detokenizer_instances=a.detokenizer_instances)

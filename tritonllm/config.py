@@ -30,6 +30,8 @@ class EngineConfig:
     stream_interval_ms: float = 0.0   # >0: under load, coalesce a stream's tokens for up to this long per response
     stream_coalesce_min_active: int = 8  # ... but only while at least this many sequences generate
     max_responses_per_s: float = 1000.0  # all streams together (0: no limit); beyond, responses carry several tokens
+    max_prefill_tokens: int = 8192  # prompt tokens one step prefills (bounds its stall and memory); a longer
+                                    # prompt still runs, alone
     prefill_gather_ms: float = 0.0  # >0: newcomers wait up to this x (share of slots decoding) to prefill together
     emit_text: bool = False       # the engine detokenizes (tokenizer -> engine): one python hop fewer per response
     switch_interval_ms: float = 1.0  # the engine process's GIL switch interval (Python's default: 5)
@@ -56,6 +58,7 @@ class EngineConfig:
         _check(self.max_responses_per_s == 0 or 10 <= self.max_responses_per_s <= 1e6, "max_responses_per_s",
                self.max_responses_per_s, "0 (no limit) or 10..1000000")
         _check(self.stream_coalesce_min_active >= 1, "stream_coalesce_min_active", self.stream_coalesce_min_active, ">= 1")
+        _check(16 <= self.max_prefill_tokens <= 1 << 24, "max_prefill_tokens", self.max_prefill_tokens, "16..16777216")
         _check(0 <= self.prefill_gather_ms <= 1000, "prefill_gather_ms", self.prefill_gather_ms, "0..1000")
         _check(0.05 <= self.switch_interval_ms <= 100, "switch_interval_ms", self.switch_interval_ms, "0.05..100")
         _check(1 <= self.steps_per_launch <= 16, "steps_per_launch", self.steps_per_launch, "1..16")

@@ -127,12 +127,17 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> StepPlan:
-        """Running sequences decode; waiting ones take free slots and prefill. With a step still
-        in flight (overlapped loop) a sequence its pending token surely ends (length) sits out."""
+        """Running sequences decode; waiting ones take free slots and prefill, in arrival order, up
+        to `max_prefill_tokens` prompt tokens a step (the first always goes). With a step still in
+        flight (overlapped loop) a sequence its pending token surely ends (length) sits out."""
         decode = [s for s in self.running if (s.output_ids or s.pending) and not self._ends_with_pending(s)]
         prefill = []
+        budget = self.cfg.max_prefill_tokens
         while self.waiting and self.free_slots and self._admit_now(decode):
+            if prefill and self.waiting[0].n_prompt > budget:
+                break
             seq = self.waiting.popleft()
+            budget -= seq.n_prompt
             seq.slot = heapq.heappop(self.free_slots)
             self.running.append(seq)
             prefill.append(seq)

@@ -341,3 +341,24 @@ def test_prefill_gather_holds_newcomers_while_others_decode():
     sched.add(b)  # enough to fill both free slots: no reason to wait
     assert sched.schedule().prefill == [a, b]
     assert [s.slot for s in (first, late, a, b)] == [0, 1, 2, 3]
+
+
+def test_prefill_token_budget_spreads_newcomers_over_steps():
+    """max_prefill_tokens: a step prefills waiting prompts in arrival order while their tokens fit;
+    the first always goes (a prompt longer than the budget runs alone), the rest wait their turn
+    while the admitted ones decode."""
+    cfg = EngineConfig(max_slots=4, max_context=256, max_tokens_limit=32, default_max_tokens=16, max_prefill_tokens=20)
+    sched = Scheduler(cfg)
+    long, a, b, c = seq(list(range(1, 31)), max_tokens=8), seq([1] * 12), seq([2] * 8), seq([3] * 5)
+    for s in (long, a, b, c):
+        sched.add(s)
+    assert sched.schedule().prefill == [long]  # 30 tokens > 20: alone
+    long.output_ids.append(5)
+    plan = sched.schedule()
+    assert plan.prefill == [a, b] and plan.decode == [long]  # 12 + 8 = 20 fit, c's 5 more would not
+    a.output_ids.append(5)
+    b.output_ids.append(5)
+    plan = sched.schedule()
+    assert plan.prefill == [c] and plan.decode == [long, a, b]
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        EngineConfig(max_prefill_tokens=8)
