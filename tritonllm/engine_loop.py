@@ -81,7 +81,8 @@ class EngineLoop:
     def __init__(self, runtime: Runtime, cfg: EngineConfig, on_finish=None, decode=None):
         self.runtime, self.cfg = runtime, cfg
         multi_step = cfg.steps_per_launch if getattr(runtime, "multi_step", False) else 1
-        self.scheduler = Scheduler(cfg, decode, slots=runtime.max_slots, max_steps=multi_step)
+        self.scheduler = Scheduler(cfg, decode, slots=runtime.max_slots, max_steps=multi_step,
+                                   chunked=getattr(runtime, "chunked_prefill", False))
         self.stats = EngineStats()
         self.on_finish = on_finish            # callback(seq) for metrics
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
@@ -179,11 +180,7 @@ class EngineLoop:
             elif self._overlap:
                 handle = self.runtime.launch([s.step_input() for s in seqs], seqs)
             else:
-                logits = self.runtime.step([s.step_input() for s in seqs])
-                if hasattr(self.runtime, "sample_batch"):  # GPU runtimes sample on the device
-                    handle = self.runtime.sample_batch(logits, seqs)
-                else:
-                    handle = [self._sample(s, row) for s, row in zip(seqs, logits)]
+                handle = self._choose(self.runtime.step([s.step_input() for s in seqs]), seqs, plan.partial)
         except Exception as exc:  # a failed step ends its sequences with an error, the loop goes on
             log.exception("engine step failed")
             for seq in seqs:
@@ -208,13 +205,28 @@ class EngineLoop:
         finished = set(self.scheduler.update_from_output(step.plan, tokens))
         self.stats.tokens_generated = self.scheduler.tokens_kept
         interval, now = self._response_interval(), time.monotonic()
+        partial = step.plan.partial  # prompt pieces: nothing to send yet
         for seq in live:
-            self._emit(seq, final=seq in finished, interval=interval, now=now)
+            if not partial or seq not in partial:
+                self._emit(seq, final=seq in finished, interval=interval, now=now)
         self.stats.steps += step.plan.steps
         self.stats.gpu_idle_s = getattr(self.runtime, "gpu_idle_s", 0.0)
         self.stats.prefill_tokens, self.stats.prefill_computed = getattr(self.runtime, "prefill_tokens", (0, 0))
         self.stats.wait_s += t1 - t0
         self.stats.complete_s += time.perf_counter() - t1
+
+    def _choose(self, logits, seqs: list[Sequence], partial: frozenset) -> list:
+        """The sampled id of each row (None for a prompt piece: nothing is drawn for it, so a seeded
+        request gets the same ids however its prompt was split)."""
+        if partial:
+            keep = [i for i, s in enumerate(seqs) if s not in partial]
+            chosen: list = [None] * len(seqs)
+            for i, tok in zip(keep, self._choose(logits[keep], [seqs[i] for i in keep], frozenset()) if keep else []):
+                chosen[i] = tok
+            return chosen
+        if hasattr(self.runtime, "sample_batch"):  # GPU runtimes sample on the device
+            return self.runtime.sample_batch(logits, seqs)
+        return [self._sample(s, row) for s, row in zip(seqs, logits)]
 
     def _sample(self, seq: Sequence, row: np.ndarray) -> int:
         history = seq.prompt_ids + seq.output_ids
@@ -223,7 +235,7 @@ class EngineLoop:
     def _count(self, plan: StepPlan) -> None:
         if plan.prefill:
             self.stats.prefill_steps += 1
-            self.stats.prefilled += len(plan.prefill)
+            self.stats.prefilled += len(plan.prefill) - len(plan.partial)
         if plan.decode:
             self.stats.decode_steps += plan.steps
             self.stats.batched_decode_steps += plan.steps * (len(plan.decode) > 1)

@@ -38,6 +38,8 @@ class Sequence:
     first_token_at: float | None = None
     pending: int = 0                 # tokens sampled by launched steps, not yet appended here
     cancel_requested: bool = False   # set by the engine's cancellation watcher
+    prefilled: int = 0               # prompt tokens in the KV cache (or on their way: launched)
+    chunk: int = 0                   # prompt tokens the scheduled step prefills
     # fixed at creation (read for every sequence at every step):
     n_prompt: int = field(init=False)
     needs_host_history: bool = field(init=False)  # sampling reads the generated ids (repetition penalty,
@@ -69,8 +71,10 @@ class Sequence:
     def step_input(self) -> StepInput:
         if self.pending:  # a token still pending lives only on the device: the runtime reads it there
             return StepInput(self.slot, [], self.n_prompt + len(self.output_ids) - 1 + self.pending)
-        if not self.output_ids:
-            return StepInput(self.slot, self.prompt_ids, 0)
+        if self.prefilled < self.n_prompt:  # the prompt, or its next piece (chunked prefill)
+            end = self.prefilled + self.chunk
+            return StepInput(self.slot, self.prompt_ids if end == self.n_prompt == self.chunk else
+                             self.prompt_ids[self.prefilled:end], self.prefilled)
         return StepInput(self.slot, self.output_ids[-1:], self.n_prompt + len(self.output_ids) - 1)
 
 
@@ -79,6 +83,7 @@ class StepPlan:
     prefill: list[Sequence]
     decode: list[Sequence]
     steps: int = 1   # decode steps launched together (multi-step: no prefill, every row decodes `steps` tokens)
+    partial: frozenset = frozenset()  # prefill rows whose piece does not end the prompt: no token this step
 
     @property
     def sequences(self) -> list[Sequence]:
@@ -112,9 +117,12 @@ def queue_full(cfg: EngineConfig) -> ServerBusyError:
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, decode=None, slots: int | None = None, max_steps: int = 1):
-        """max_steps: decode steps the runtime can run in one launch (cfg.steps_per_launch where it can)."""
-        self.cfg, self.decode, self.max_steps = cfg, decode, max_steps
+    def __init__(self, cfg: EngineConfig, decode=None, slots: int | None = None, max_steps: int = 1,
+                 chunked: bool = False):
+        """max_steps: decode steps the runtime can run in one launch (cfg.steps_per_launch where it can);
+        chunked: the runtime takes a prompt in pieces at any start (prompts longer than the step's
+        prefill budget are split over steps)."""
+        self.cfg, self.decode, self.max_steps, self.chunked = cfg, decode, max_steps, chunked
         self.tokens_kept = 0  # tokens appended to outputs (not EOS, none past a stop)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
@@ -128,20 +136,36 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         """Running sequences decode; waiting ones take free slots and prefill, in arrival order, up
-        to `max_prefill_tokens` prompt tokens a step (the first always goes). With a step still in
-        flight (overlapped loop) a sequence its pending token surely ends (length) sits out."""
+        to `max_prefill_tokens` prompt tokens a step; a prompt that fits a step waits for the next
+        one rather than being split. Where the runtime takes prompts in pieces, a longer prompt is
+        split over steps (its rest goes first in the next); elsewhere the first prompt always goes
+        whole. With a step still in flight (overlapped loop) a sequence its pending token surely
+        ends (length) sits out."""
         decode = [s for s in self.running if (s.output_ids or s.pending) and not self._ends_with_pending(s)]
-        prefill = []
+        prefill, partial = [], []
         budget = self.cfg.max_prefill_tokens
-        while self.waiting and self.free_slots and self._admit_now(decode):
-            if prefill and self.waiting[0].n_prompt > budget:
+        if self.chunked:  # a prompt split over steps goes on first
+            for seq in self.running:
+                if seq.prefilled < seq.n_prompt and budget > 0:
+                    budget = self._take_piece(seq, budget, prefill, partial)
+        while self.waiting and self.free_slots and budget > 0 and self._admit_now(decode):
+            n = self.waiting[0].n_prompt
+            if prefill and n > budget and not (self.chunked and n > self.cfg.max_prefill_tokens):
                 break
             seq = self.waiting.popleft()
-            budget -= seq.n_prompt
             seq.slot = heapq.heappop(self.free_slots)
             self.running.append(seq)
-            prefill.append(seq)
-        return StepPlan(prefill, decode, 1 if prefill else self._steps_for(decode))
+            budget = self._take_piece(seq, budget, prefill, partial)
+        return StepPlan(prefill, decode, 1 if prefill else self._steps_for(decode), frozenset(partial))
+
+    def _take_piece(self, seq: Sequence, budget: int, prefill: list, partial: list) -> int:
+        """Schedule the next piece of seq's prompt (all of it unless chunked); returns the budget left."""
+        left = seq.n_prompt - seq.prefilled
+        seq.chunk = min(left, budget) if self.chunked else left
+        prefill.append(seq)
+        if seq.chunk < left:
+            partial.append(seq)
+        return budget - seq.chunk
 
     def _steps_for(self, decode: list[Sequence]) -> int:
         """Decode steps to launch at once: up to max_steps while at least `multi_step_min_active`
@@ -177,9 +201,14 @@ class Scheduler:
         return n >= seq.params.max_tokens or seq.n_prompt + n >= self.cfg.max_context
 
     def launched(self, plan: StepPlan) -> None:
-        """The plan's step is enqueued: each of its sequences has `steps` more tokens on the way."""
+        """The plan's step is enqueued: its prompt pieces are in the cache, and each of its other
+        sequences has `steps` more tokens on the way."""
+        for seq in plan.prefill:
+            seq.prefilled += seq.chunk
         for seq in plan.sequences:
             seq.pending += plan.steps
+        for seq in plan.partial:
+            seq.pending -= plan.steps
 
     def update_from_output(self, plan: StepPlan, tokens: list) -> list[Sequence]:
         """Append each sequence's sampled token (a list of `plan.steps` tokens each for a multi-step
@@ -188,6 +217,8 @@ class Scheduler:
         finished = []
         now = time.monotonic()
         for seq, got in zip(plan.sequences, tokens):
+            if plan.partial and seq in plan.partial:  # a prompt piece: its logits were not sampled
+                continue
             seq.pending = seq.pending - plan.steps if seq.pending > plan.steps else 0
             if seq.finish_reason is not None:
                 continue

@@ -59,9 +59,11 @@ def test_device_sampler_seeded_and_filtered(tiny_dir):
         assert eng.generate(ids, seed=5, **kw).ids == a  # runs of 4 steps draw in the same order
 
 
-def test_tensorrt_runtime_wiring_matches_hf_through_a_standin(tiny_dir, tiny_engine_dir, tmp_path):
+@pytest.mark.parametrize("prefill_budget", [8192, 16])
+def test_tensorrt_runtime_wiring_matches_hf_through_a_standin(tiny_dir, tiny_engine_dir, tmp_path, prefill_budget):
     """TensorRTRuntime (plan lookup, feeds and shapes, tensor addresses, KV scatter into its cache;
-    decode rows batched into one execution, prefills one each) driven by the engine loop, with TensorRT replaced by an ONNX Runtime stand-in on host
+    decode rows batched into one execution, prefills one each; with a 16-token budget prompts split
+    into pieces) driven by the engine loop, with TensorRT replaced by an ONNX Runtime stand-in on host
     buffers (no runnable TensorRT here): greedy ids equal HF's. TensorRT itself is not tested."""
     import shutil
 
@@ -72,17 +74,21 @@ def test_tensorrt_runtime_wiring_matches_hf_through_a_standin(tiny_dir, tiny_eng
 
     engine_dir = tmp_path / "engine"
     shutil.copytree(tiny_engine_dir, engine_dir)
-    cfg = EngineConfig(runtime="tensorrt", max_slots=2, max_context=160, max_tokens_limit=64, dtype="float32")
+    cfg = EngineConfig(runtime="tensorrt", max_slots=2, max_context=160, max_tokens_limit=64, dtype="float32",
+                       max_prefill_tokens=prefill_budget)
     spec = trt_rt.PlanSpec(cfg.max_slots, cfg.max_context, dtype=cfg.dtype)
     key = trt_rt.plan_key(engine_dir / "model.onnx", spec, trt_standin)
     trt_standin.write_plan(engine_dir / "trt" / f"model-{key}.plan", engine_dir / "model.onnx")
     runtime = trt_rt.TensorRTRuntime(engine_dir, cfg, device="cpu", trt=trt_standin)
     hf, tok = load_hf(tiny_dir), TokenizerFiles(tiny_dir)
-    prompts, lengths = [tok.encode(p) for p in PROMPTS[:3]], [12, 5, 9]
+    repeat = 1 if prefill_budget > 64 else 3  # 12, 33 and 24 tokens: pieces of 16 and less
+    prompts, lengths = [tok.encode(p * repeat) for p in PROMPTS[:3]], [12, 5, 9]
     with InProcessEngine(None, cfg, runtime=runtime) as eng:  # 3 requests through 2 slots
         got = [s.wait(120).ids for s in [eng.submit(ids, max_tokens=n, temperature=0.0, ignore_eos=True)
                                          for ids, n in zip(prompts, lengths)]]
+        pieces = eng.loop.stats.prefill_steps
     assert got == [hf_greedy(hf, ids, n) for ids, n in zip(prompts, lengths)]
+    assert (pieces > 3) == (prefill_budget == 16), pieces  # prompts split over steps only under the small budget
     batches = runtime.engine.batches
     assert max(batches) == 2, batches  # both slots decoded in one execution
     assert len(batches) < sum(lengths), batches  # fewer executions than generated tokens

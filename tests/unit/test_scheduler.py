@@ -327,14 +327,17 @@ def test_prefill_gather_holds_newcomers_while_others_decode():
     sched = Scheduler(cfg)
     first = seq([1, 2, 3], max_tokens=8)
     sched.add(first)
-    assert sched.schedule().prefill == [first]  # nothing decoding: starts at once
-    first.output_ids.append(5)
+    plan = sched.schedule()
+    assert plan.prefill == [first]  # nothing decoding: starts at once
+    run_step(sched, plan)
     late = seq([4, 5], max_tokens=8)
     sched.add(late)
     plan = sched.schedule()
     assert plan.prefill == [] and plan.decode == [first]  # waits to gather company
     late.arrival -= 0.025  # one of four slots decoding: waits 80 ms x 1/4 at most
-    assert sched.schedule().prefill == [late]
+    plan = sched.schedule()
+    assert plan.prefill == [late]
+    run_step(sched, plan)
     a, b = seq([6], max_tokens=8), seq([7], max_tokens=8)
     sched.add(a)
     assert sched.schedule().prefill == []
@@ -343,22 +346,57 @@ def test_prefill_gather_holds_newcomers_while_others_decode():
     assert [s.slot for s in (first, late, a, b)] == [0, 1, 2, 3]
 
 
+def run_step(sched: Scheduler, plan: StepPlan, token: int = 5) -> None:
+    """What the engine loop does with a plan: launch it, then hand back one token per row."""
+    sched.launched(plan)
+    sched.update_from_output(plan, [token] * len(plan.sequences))
+
+
 def test_prefill_token_budget_spreads_newcomers_over_steps():
     """max_prefill_tokens: a step prefills waiting prompts in arrival order while their tokens fit;
-    the first always goes (a prompt longer than the budget runs alone), the rest wait their turn
-    while the admitted ones decode."""
+    without chunking the first always goes whole (a prompt longer than the budget runs alone), the
+    rest wait their turn while the admitted ones decode."""
     cfg = EngineConfig(max_slots=4, max_context=256, max_tokens_limit=32, default_max_tokens=16, max_prefill_tokens=20)
     sched = Scheduler(cfg)
     long, a, b, c = seq(list(range(1, 31)), max_tokens=8), seq([1] * 12), seq([2] * 8), seq([3] * 5)
     for s in (long, a, b, c):
         sched.add(s)
-    assert sched.schedule().prefill == [long]  # 30 tokens > 20: alone
-    long.output_ids.append(5)
+    plan = sched.schedule()
+    assert plan.prefill == [long] and long.step_input() == StepInput(0, long.prompt_ids, 0)  # 30 > 20: alone
+    run_step(sched, plan)
     plan = sched.schedule()
     assert plan.prefill == [a, b] and plan.decode == [long]  # 12 + 8 = 20 fit, c's 5 more would not
-    a.output_ids.append(5)
-    b.output_ids.append(5)
+    run_step(sched, plan)
     plan = sched.schedule()
     assert plan.prefill == [c] and plan.decode == [long, a, b]
     with pytest.raises(ValueError, match="max_prefill_tokens"):
         EngineConfig(max_prefill_tokens=8)
+
+
+def test_chunked_prefill_splits_a_long_prompt_and_samples_only_its_last_piece():
+    """A runtime that takes prompt pieces, a 16-token budget: a 34-token prompt prefills 14 (after
+    the 2 of the prompt before it), then 16 while the other decodes, then its last 4; a 14-token
+    prompt, which fits a step, waits for the next step whole rather than being split; only the last
+    piece gives a token."""
+    cfg = EngineConfig(max_slots=4, max_context=256, max_tokens_limit=32, default_max_tokens=16, max_prefill_tokens=16)
+    sched = Scheduler(cfg, chunked=True)
+    short, long = seq([9, 9], max_tokens=8), seq(list(range(1, 35)), max_tokens=8)
+    mid, tiny = seq([7] * 14, max_tokens=8), seq([8, 8], max_tokens=8)
+    for s in (short, long, mid, tiny):
+        sched.add(s)
+    plan = sched.schedule()
+    assert plan.prefill == [short, long] and plan.partial == {long}
+    assert long.step_input() == StepInput(1, list(range(1, 15)), 0)
+    run_step(sched, plan)
+    assert short.output_ids == [5] and long.output_ids == [] and long.first_token_at is None
+    plan = sched.schedule()
+    assert plan.prefill == [long] and plan.decode == [short] and plan.partial == {long}  # the budget is spent
+    assert long.step_input() == StepInput(1, list(range(15, 31)), 14)
+    run_step(sched, plan)
+    plan = sched.schedule()
+    assert plan.prefill == [long] and not plan.partial  # 4 + mid's 14 > 16, but 14 fits a step: mid waits
+    assert long.step_input() == StepInput(1, [31, 32, 33, 34], 30)
+    run_step(sched, plan, token=6)
+    assert long.output_ids == [6] and long.step_input() == StepInput(1, [6], 34)
+    plan = sched.schedule()
+    assert plan.prefill == [mid, tiny] and plan.decode == [short, long] and not plan.partial

@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 
 class OnnxRuntime:
+    chunked_prefill = True  # step() takes a prompt piece at any start (the graph reads the cached past)
+
     def __init__(self, engine_dir: Path, cfg: EngineConfig, providers: list[str] | None = None):
         import onnxruntime as ort
 

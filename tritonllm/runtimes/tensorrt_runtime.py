@@ -132,6 +132,8 @@ class TensorRTRuntime:
     """Runs a plan with one execution context. The KV cache is a device tensor; each step gathers
     the batch's past rows on the device, runs the plan and scatters the new keys/values back."""
 
+    chunked_prefill = True  # step() takes a prompt piece at any start (the plan reads the cached past)
+
     def __init__(self, engine_dir: Path, cfg: EngineConfig, device: str = "cuda", trt=None):
         """`trt`: the TensorRT module (default: imported); tests pass a stand-in speaking the same
         execution-context API, with `device="cpu"`."""
