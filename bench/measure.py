@@ -114,3 +114,24 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
     for r in rows:
         lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def write_results(out_dir, name: str, facts: dict, rows: list[dict]) -> str:
+    """<name>.json and <name>.md under out_dir: the command, date and machine (added here), the
+    caller's facts and the rows as a table. Returns the table."""
+    import datetime
+    import json
+    import os
+    import platform
+    import sys
+    from pathlib import Path
+
+    facts = {"command": " ".join([f"python -m bench.{Path(sys.argv[0]).stem}", *sys.argv[1:]]),
+             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "machine": platform.node(), "cpus": os.cpu_count(), **facts}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({**facts, "rows": rows}, indent=1))
+    table = markdown_table(rows, list(rows[0]))
+    (out / f"{name}.md").write_text(f"# {name}\n\n```\n{json.dumps(facts, indent=1)}\n```\n\n{table}\n")
+    return table

@@ -10,18 +10,15 @@ each step prefilling one piece next to the streams' decodes.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
 import os
-import platform
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from bench.measure import write_results
 from tritonllm.config import EngineConfig
 from tritonllm.inprocess import InProcessEngine
 
@@ -77,21 +74,10 @@ def main() -> None:
 
 
 def write(a, rows: list[dict]) -> None:
-    facts = {"command": "python -m bench.prefill_stall " + " ".join(sys.argv[1:]),
-             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "machine": platform.node(), "cpus": os.cpu_count(), "model": "SmolLM2-135M-Instruct, ONNX Runtime fp32",
+    facts = {"model": "SmolLM2-135M-Instruct, ONNX Runtime fp32",
              "workload": f"{a.streams} greedy streams of {a.out_len} tokens; a {a.long}-token prompt arrives "
                          f"once each has {a.warm}"}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prefill-stall-cpu.json").write_text(json.dumps({**facts, "rows": rows}, indent=1))
-    cols = list(rows[0])
-    table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    table += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    (out / "prefill-stall-cpu.md").write_text("# prefill stall (CPU)\n\n```\n" + json.dumps(facts, indent=1)
-                                               + "\n```\n\n" + "\n".join(table) + "\n")
-    log.info("\n%s", "\n".join(table))
-
+    log.info("\n%s", write_results(a.out, "prefill-stall-cpu", facts, rows))
 
 if __name__ == "__main__":
     main()

@@ -52,15 +52,28 @@ class KVCache:
         dims = (shape.num_layers, slots, shape.num_kv_heads, max_context, shape.head_dim)
         self.keys = np.zeros(dims, dtype=dtype)
         self.values = np.zeros(dims, dtype=dtype)
+        self._staging = (np.empty(0, dtype), np.empty(0, dtype))  # gather's output, grown on demand
 
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
     def gather(self, slots: list[int], length: int) -> tuple[np.ndarray, np.ndarray]:
-        """Past keys/values of `slots` up to `length` positions: [L, B, Hkv, length, D] (a copy)."""
-        idx = np.asarray(slots)
-        return self.keys[:, idx, :, :length], self.values[:, idx, :, :length]
+        """Past keys/values of `slots` up to `length` positions: [L, B, Hkv, length, D], copied into
+        staging buffers kept between calls (valid until the next call). A fresh array each step cost
+        about twice the copy itself (its pages are touched anew). Staging grows to the largest batch x
+        past seen, at most the cache's own size."""
+        dims = (self.keys.shape[0], len(slots), self.keys.shape[2], length, self.keys.shape[4])
+        n = int(np.prod(dims))
+        if self._staging[0].size < n:
+            self._staging = (np.empty(n, self.keys.dtype), np.empty(n, self.keys.dtype))
+        out = tuple(buf[:n].reshape(dims) for buf in self._staging)
+        for src, dst in zip((self.keys, self.values), out):
+            if slots == list(range(len(slots))):  # slots 0..B-1: one strided copy
+                np.copyto(dst, src[:, :len(slots), :, :length])
+            else:
+                np.take(src[:, :, :, :length], slots, axis=1, out=dst)
+        return out
 
     def update(self, slots: list[int], starts: list[int], counts: list[int],
                new_keys: np.ndarray, new_values: np.ndarray) -> None:
