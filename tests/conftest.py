@@ -49,13 +49,15 @@ SMOL_ENGINE = dict(max_slots=4, max_context=512, max_queue=16, max_tokens_limit=
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory, tiny_dir, tiny_engine_dir, smollm2_dir, smollm2_engine_dir) -> Path:
     """Three LLMs in one repository: `tiny`, `smollm2`, and `tiny_onehop` (the tiny weights with
-    the engine detokenizing: tokenizer -> engine, no detokenizer stage)."""
+    the engine detokenizing: tokenizer -> engine, no detokenizer stage; and chunked prefill: a
+    16-token budget)."""
     from tritonllm.config import EngineConfig
     from tritonllm.repository import RepositoryConfig, write_repository
 
     repo = tmp_path_factory.mktemp("model_repository")
     write_repository(repo, RepositoryConfig(name="tiny", engine=EngineConfig(**TINY_ENGINE)), tiny_dir, tiny_engine_dir)
-    write_repository(repo, RepositoryConfig(name="tiny_onehop", engine=EngineConfig(**TINY_ENGINE, emit_text=True)),
+    onehop = EngineConfig(**TINY_ENGINE, emit_text=True, max_prefill_tokens=16)  # prompts over 16 tokens in pieces
+    write_repository(repo, RepositoryConfig(name="tiny_onehop", engine=onehop),
                      tiny_dir, tiny_engine_dir)
     write_repository(repo, RepositoryConfig(name="smollm2", engine=EngineConfig(**SMOL_ENGINE)), smollm2_dir,
                      smollm2_engine_dir)

@@ -65,12 +65,16 @@ def test_stream_deltas_concatenate_to_non_streamed_text(tiny):
 
 def test_engine_side_detokenization_gives_the_same_text_as_the_detokenizer_stage(live_server, tiny):
     """`emit_text`: tokenizer -> engine (one python hop fewer per response) answers exactly as the
-    three-stage ensemble: UTF-8 across tokens, streamed deltas, stop words, counters."""
+    three-stage ensemble: UTF-8 across tokens, streamed deltas, stop words, counters. That engine
+    also prefills the 19-token prompt in two pieces (16-token budget): the same greedy and seeded
+    text as the whole-prompt prefill."""
     with grpcclient.InferenceServerClient(live_server.grpc_url) as admin:
         served = {m["name"] for m in admin.get_model_repository_index(as_json=True)["models"]}
     assert "tiny_onehop_engine" in served and "tiny_onehop_detokenizer" not in served
     prompt = "Streaming text with émojis 😀 and 日本語:"
     kw = dict(max_tokens=60, temperature=0.0, ignore_eos=True)
+    pieces, prefilled = (metric_value(live_server, f"tritonllm_{m}_total", "tiny_onehop_engine")
+                         for m in ("prefill_steps", "prefilled_sequences"))
     with LLMClient(live_server.grpc_url, "tiny_onehop", timeout_s=60) as onehop:
         ref, got = tiny.generate(prompt, **kw), onehop.generate(prompt, **kw)
         chunks = list(onehop.stream(prompt, **kw))
@@ -83,6 +87,10 @@ def test_engine_side_detokenization_gives_the_same_text_as_the_detokenizer_stage
         (ref.finish_reason, ref.num_output_tokens, ref.num_input_tokens)
     assert stopped.finish_reason == "stop" and stop not in stopped.text and streamed_stop == stopped.text
     assert seeded[0] == seeded[1]
+    after = wait_for_metric(live_server, "tritonllm_prefilled_sequences_total", "tiny_onehop_engine",
+                            lambda v: v >= prefilled + 5)  # the five requests above
+    pieces = metric_value(live_server, "tritonllm_prefill_steps_total", "tiny_onehop_engine") - pieces
+    assert pieces >= 2 * (after - prefilled), (pieces, after - prefilled)  # each prompt in two pieces or more
 
 
 def test_same_seed_same_text_and_different_seed_differs(tiny):
