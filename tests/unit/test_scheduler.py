@@ -400,3 +400,43 @@ def test_chunked_prefill_splits_a_long_prompt_and_samples_only_its_last_piece():
     assert long.output_ids == [6] and long.step_input() == StepInput(1, [6], 34)
     plan = sched.schedule()
     assert plan.prefill == [mid, tiny] and plan.decode == [short, long] and not plan.partial
+
+
+class ChunkedRuntime(CountingRuntime):
+    """Takes prompt pieces (as ONNX Runtime does); records each row's (start, length)."""
+    chunked_prefill = True
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.rows: list[tuple[int, int]] = []
+
+    def step(self, inputs):
+        self.rows += [(x.start, len(x.tokens)) for x in inputs]
+        return super().step(inputs)
+
+
+def test_a_prompt_in_pieces_streams_like_a_whole_one_and_can_be_cancelled_mid_prefill():
+    """Through the loop: a 40-token prompt goes in pieces of 16, 16 and 8 and then generates as a
+    whole one would; one cancelled while its pieces run gets
+    its one final response and frees its slot for the next request."""
+    cfg = EngineConfig(max_slots=1, max_tokens_limit=100, max_context=1024, max_prefill_tokens=16)
+    rt = ChunkedRuntime(slots=1)
+    (res,), _ = run_loop(rt, cfg, [seq(range(1, 41), max_tokens=3, stream=True)])
+    assert res.ids == [41, 42, 43] and res.finish_reason == "length"
+    assert rt.rows[:4] == [(0, 16), (16, 16), (32, 8), (40, 1)]
+    slow = ChunkedRuntime(slots=1, delay=0.02)
+    loop = EngineLoop(slow, cfg).start()
+    try:
+        long, nxt = seq(range(1, 1001), max_tokens=3, stream=True), seq([1], max_tokens=3)
+        long.sink, nxt.sink = QueueSink(), QueueSink()
+        loop.submit(long)
+        loop.submit(nxt)
+        while len(slow.rows) < 2:
+            time.sleep(0.005)
+        long.sink.cancelled = True
+        cancelled, after = long.sink.wait(10), nxt.sink.wait(10)
+        assert cancelled.finish_reason == "cancelled" and cancelled.ids == []
+        assert max(start for start, n in slow.rows if n > 1) < 1000 - 16  # ended before its last piece
+        assert after.ids == [2, 3, 4] and loop.scheduler.free_slots == [0]
+    finally:
+        loop.stop()
