@@ -45,6 +45,11 @@ def step_by_kind(inputs: list[StepInput], run, logits):
     return logits
 
 
+def grown(buffers: tuple, n: int) -> tuple:
+    """The same flat buffers, or new ones of n elements where they are smaller."""
+    return buffers if buffers[0].size >= n else tuple(np.empty(n, b.dtype) for b in buffers)
+
+
 class KVCache:
     """Preallocated keys/values for every slot: [layers, slots, kv_heads, max_context, head_dim]."""
 
@@ -58,16 +63,15 @@ class KVCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def gather(self, slots: list[int], length: int) -> tuple[np.ndarray, np.ndarray]:
+    def gather(self, slots: list[int], length: int, out: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Past keys/values of `slots` up to `length` positions: [L, B, Hkv, length, D], copied into
-        staging buffers kept between calls (valid until the next call). A fresh array each step cost
-        about twice the copy itself (its pages are touched anew). Staging grows to the largest batch x
-        past seen, at most the cache's own size."""
+        `out` or else into staging buffers kept between calls (valid until the next call). A fresh
+        array each step cost about twice the copy itself (its pages are touched anew). Staging grows
+        to the largest batch x past seen, at most the cache's own size."""
         dims = (self.keys.shape[0], len(slots), self.keys.shape[2], length, self.keys.shape[4])
-        n = int(np.prod(dims))
-        if self._staging[0].size < n:
-            self._staging = (np.empty(n, self.keys.dtype), np.empty(n, self.keys.dtype))
-        out = tuple(buf[:n].reshape(dims) for buf in self._staging)
+        if out is None:
+            self._staging = grown(self._staging, int(np.prod(dims)))
+            out = tuple(buf[:int(np.prod(dims))].reshape(dims) for buf in self._staging)
         for src, dst in zip((self.keys, self.values), out):
             if slots == list(range(len(slots))):  # slots 0..B-1: one strided copy
                 np.copyto(dst, src[:, :len(slots), :, :length])
