@@ -73,3 +73,27 @@ def test_chunked_prefill_gives_hf_greedy_ids_and_the_same_seeded_samples(tiny_di
     assert pieces >= sum(-(-len(p) // 16) for p in prompts[:2])  # the long prompts took several steps
     with InProcessEngine(tiny_engine_dir, base) as eng:
         assert eng.generate(prompts[1], max_tokens=12, temperature=0.9, top_k=20, seed=7, ignore_eos=True).ids == sampled
+
+
+def test_onnx_decode_staging_is_dropped_when_a_slot_is_prefilled_again(tiny_dir, tiny_engine_dir):
+    """The staged decode past must not outlive a new prompt in the same slot: slot 0 decodes one
+    prompt, then takes another (a prefill-only step) and decodes again with the same slots; its
+    logits equal a fresh runtime's for that prompt (to float rounding: its staged past is longer)."""
+    import numpy as np
+
+    from tritonllm.runtimes.base import StepInput
+    from tritonllm.runtimes.onnx_runtime import OnnxRuntime
+
+    tok = TokenizerFiles(tiny_dir)
+    first, second = tok.encode(PROMPTS[1]), tok.encode(PROMPTS[3])
+    cfg = EngineConfig(max_slots=2, max_context=128, max_tokens_limit=64, threads=2)
+
+    def decode_after(rt, prompt, steps=3):
+        out = rt.step([StepInput(0, prompt, 0)])
+        for k in range(steps):
+            out = rt.step([StepInput(0, [int(out[0].argmax())], len(prompt) + k)])
+        return out
+
+    reused, fresh = OnnxRuntime(tiny_engine_dir, cfg), OnnxRuntime(tiny_engine_dir, cfg)
+    decode_after(reused, first, steps=5)
+    np.testing.assert_allclose(decode_after(reused, second), decode_after(fresh, second), rtol=1e-4, atol=1e-4)
