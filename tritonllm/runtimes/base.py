@@ -45,9 +45,13 @@ def step_by_kind(inputs: list[StepInput], run, logits):
     return logits
 
 
-def grown(buffers: tuple, n: int) -> tuple:
-    """The same flat buffers, or new ones of n elements where they are smaller."""
-    return buffers if buffers[0].size >= n else tuple(np.empty(n, b.dtype) for b in buffers)
+def staged(buffers: tuple, dims: tuple) -> tuple[tuple, tuple]:
+    """(flat buffers, views of their first prod(dims) elements shaped `dims`): the same buffers, or
+    new ones where they are too small (kept by the caller for the next call)."""
+    n = int(np.prod(dims))
+    if buffers[0].size < n:
+        buffers = tuple(np.empty(n, b.dtype) for b in buffers)
+    return buffers, tuple(b[:n].reshape(dims) for b in buffers)
 
 
 class KVCache:
@@ -70,8 +74,7 @@ class KVCache:
         to the largest batch x past seen, at most the cache's own size."""
         dims = (self.keys.shape[0], len(slots), self.keys.shape[2], length, self.keys.shape[4])
         if out is None:
-            self._staging = grown(self._staging, int(np.prod(dims)))
-            out = tuple(buf[:int(np.prod(dims))].reshape(dims) for buf in self._staging)
+            self._staging, out = staged(self._staging, dims)
         for src, dst in zip((self.keys, self.values), out):
             if slots == list(range(len(slots))):  # slots 0..B-1: one strided copy
                 np.copyto(dst, src[:, :len(slots), :, :length])

@@ -9,7 +9,7 @@ import numpy as np
 from ..config import EngineConfig
 from ..modeling import ModelShape
 from ..onnx_export import OUTPUTS, causal_bias
-from .base import KVCache, StepInput, grown, step_by_kind
+from .base import KVCache, StepInput, staged, step_by_kind
 
 log = logging.getLogger(__name__)
 PAST_ROUND = 16  # a decode batch's staged past grows in steps of this many positions
@@ -38,9 +38,8 @@ class DecodeStaging:
         if self.key is None or self.key[0] != tuple(slots) or self.key[1] < need:
             k = self.cache.keys
             p = min(-(-need // PAST_ROUND) * PAST_ROUND, k.shape[3])
-            dims = (k.shape[0], len(slots), k.shape[2], p, k.shape[4])
-            self._flat = grown(self._flat, int(np.prod(dims)))
-            self.past = self.cache.gather(slots, p, out=tuple(b[:int(np.prod(dims))].reshape(dims) for b in self._flat))
+            self._flat, out = staged(self._flat, (k.shape[0], len(slots), k.shape[2], p, k.shape[4]))
+            self.past = self.cache.gather(slots, p, out=out)
             self.key = (tuple(slots), p)
         return self.past
 
