@@ -72,9 +72,7 @@ class Sequence:
         if self.pending:  # a token still pending lives only on the device: the runtime reads it there
             return StepInput(self.slot, [], self.n_prompt + len(self.output_ids) - 1 + self.pending)
         if self.prefilled < self.n_prompt:  # the prompt, or its next piece (chunked prefill)
-            end = self.prefilled + self.chunk
-            return StepInput(self.slot, self.prompt_ids if end == self.n_prompt == self.chunk else
-                             self.prompt_ids[self.prefilled:end], self.prefilled)
+            return StepInput(self.slot, self.prompt_ids[self.prefilled:self.prefilled + self.chunk], self.prefilled)
         return StepInput(self.slot, self.output_ids[-1:], self.n_prompt + len(self.output_ids) - 1)
 
 

@@ -75,8 +75,9 @@ class KVCache:
         dims = (self.keys.shape[0], len(slots), self.keys.shape[2], length, self.keys.shape[4])
         if out is None:
             self._staging, out = staged(self._staging, dims)
+        in_order = slots == list(range(len(slots)))  # slots 0..B-1: one strided copy each
         for src, dst in zip((self.keys, self.values), out):
-            if slots == list(range(len(slots))):  # slots 0..B-1: one strided copy
+            if in_order:
                 np.copyto(dst, src[:, :len(slots), :, :length])
             else:
                 np.take(src[:, :, :, :length], slots, axis=1, out=dst)
