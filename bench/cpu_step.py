@@ -6,6 +6,7 @@ copy of the batch's past out of the slot cache alone.
 
   python -m bench.cpu_step --batch 1 8 --past 128 512 --out results [--name cpu-step]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.measure import write_results
+from bench.provenance import DEFAULT_OUT
 from tritonllm.config import EngineConfig
 from tritonllm.runtimes.base import StepInput
 from tritonllm.runtimes.onnx_runtime import OnnxRuntime
@@ -46,8 +48,14 @@ def measure(rt: OnnxRuntime, batch: int, past: int, repeats: int) -> dict:
     step_best, step_median = timed(lambda: rt.step(rows), repeats)
     _, restaged_median = timed(restaged, repeats)
     _, gather_median = timed(lambda: rt.cache.gather(list(range(batch)), past), repeats)
-    return {"batch": batch, "past": past, "step_ms_best": step_best, "step_ms_median": step_median,
-            "restaged_ms_median": restaged_median, "gather_ms_median": gather_median}
+    return {
+        "batch": batch,
+        "past": past,
+        "step_ms_best": step_best,
+        "step_ms_median": step_median,
+        "restaged_ms_median": restaged_median,
+        "gather_ms_median": gather_median,
+    }
 
 
 def main() -> None:
@@ -56,20 +64,26 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--past", type=int, nargs="+", default=[128, 512])
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--out", default="results")
+    p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--name", default="cpu-step")
     a = p.parse_args()
-    from tritonllm.build import export_cached
-    from tritonllm.model_prep import prepare_smollm2
+    from tritonllm.build.pipeline import export_cached
+    from tritonllm.model.prep import prepare_smollm2
 
     engine_dir = Path("build/onnx/smollm2")
     export_cached(prepare_smollm2(Path("build/models/smollm2")), engine_dir)
-    cfg = EngineConfig(max_slots=max(a.batch), max_context=max(a.past) + 64, max_tokens_limit=32,
-                       default_max_tokens=16, threads=os.cpu_count() or 1)
+    cfg = EngineConfig(
+        max_slots=max(a.batch),
+        max_context=max(a.past) + 64,
+        max_tokens_limit=32,
+        default_max_tokens=16,
+        threads=os.cpu_count() or 1,
+    )
     rt = OnnxRuntime(engine_dir, cfg)
     rows = [measure(rt, b, past, a.repeats) for b in a.batch for past in a.past]
     facts = {"model": "SmolLM2-135M-Instruct, ONNX Runtime fp32"}
     log.info("\n%s", write_results(a.out, a.name, facts, rows))
+
 
 if __name__ == "__main__":
     main()

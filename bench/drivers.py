@@ -1,4 +1,5 @@
 """The systems compared: HF generate, the engine in-process, the engine through Triton (gRPC)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +8,7 @@ import time
 
 import torch
 
-from clients.llm_client import itl_from_chunks
+from tritonllm.client.llm_client import itl_from_chunks
 
 from .measure import PowerSampler, RunResult
 
@@ -30,8 +31,9 @@ def run_hf(model, prompts: list[list[int]], out_len: int, static: bool, power: P
     n = (out.shape[1] - ids.shape[1]) * ids.shape[0]
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     name = "HF generate" + (" (static cache)" if static else "")
-    return RunResult(name, len(prompts), len(prompts), n, wall, mean_watts=power.mean_watts(),
-                     joules=power.joules(), gpu_mem_gib=mem)
+    return RunResult(
+        name, len(prompts), len(prompts), n, wall, mean_watts=power.mean_watts(), joules=power.joules(), gpu_mem_gib=mem
+    )
 
 
 class _StreamSink:
@@ -50,8 +52,9 @@ class _StreamSink:
         return False
 
 
-def run_inprocess(engine, prompts: list[list[int]], concurrency: int, out_len: int, power: PowerSampler,
-                  name="engine in-process") -> RunResult:
+def run_inprocess(
+    engine, prompts: list[list[int]], concurrency: int, out_len: int, power: PowerSampler, name="engine in-process"
+) -> RunResult:
     """Closed loop per stream, as the Triton clients run: each of `concurrency` streams sends its
     next request when its previous one ends, so requests arrive spread out as they do through
     Triton (not in lock-step waves whose prefills always share one step). One driver thread."""
@@ -63,8 +66,14 @@ def run_inprocess(engine, prompts: list[list[int]], concurrency: int, out_len: i
         if nxt[s] >= len(shares[s]):
             return False
         started[s], last[s] = time.perf_counter(), None
-        engine.submit(shares[s][nxt[s]], sink=_StreamSink(events, s), max_tokens=out_len, temperature=0.0,
-                      ignore_eos=True, stream=True)
+        engine.submit(
+            shares[s][nxt[s]],
+            sink=_StreamSink(events, s),
+            max_tokens=out_len,
+            temperature=0.0,
+            ignore_eos=True,
+            stream=True,
+        )
         nxt[s] += 1
         return True
 
@@ -102,7 +111,7 @@ async def _triton_worker(client, prompts, out_len, ttft, itl, counts):
 
 def _client_process(url: str, model: str, shares: list[list[str]], out_len: int, ready, go, out):
     """One load-generating process: its streams (one client each) send their shares back to back."""
-    from clients import AsyncLLMClient
+    from tritonllm.client import AsyncLLMClient
 
     async def main():
         clients = [AsyncLLMClient(url, model, timeout_s=600) for _ in shares]
@@ -123,8 +132,9 @@ def _client_process(url: str, model: str, shares: list[list[str]], out_len: int,
         out.put(RuntimeError(f"client process failed: {exc!r}"))
 
 
-def run_triton(url: str, model: str, texts: list[str], concurrency: int, out_len: int,
-               power: PowerSampler, client_procs: int = 1) -> RunResult:
+def run_triton(
+    url: str, model: str, texts: list[str], concurrency: int, out_len: int, power: PowerSampler, client_procs: int = 1
+) -> RunResult:
     """`concurrency` gRPC streams spread over `client_procs` processes (so the load generator is
     not the bottleneck), each stream sending its share of `texts` back to back. The note reports
     the busiest client process's CPU use: near 100% means the client, not the server, limited."""
@@ -134,8 +144,10 @@ def run_triton(url: str, model: str, texts: list[str], concurrency: int, out_len
     shares = [texts[i::concurrency] for i in range(concurrency)]
     procs_n = max(1, min(client_procs, concurrency))
     q, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_client_process, args=(url, model, shares[i::procs_n], out_len, ready, go, q))
-             for i in range(procs_n)]
+    procs = [
+        ctx.Process(target=_client_process, args=(url, model, shares[i::procs_n], out_len, ready, go, q))
+        for i in range(procs_n)
+    ]
     for p in procs:
         p.start()
     for _ in procs:  # every process imported and connected before the clock starts
@@ -156,7 +168,16 @@ def run_triton(url: str, model: str, texts: list[str], concurrency: int, out_len
     ttft = [x for o in outs for x in o[0]]
     itl = [x for o in outs for x in o[1]]
     busiest = max(o[3] for o in outs) / wall
-    return RunResult("Triton ensemble gRPC stream", concurrency, len(texts), sum(sum(o[2]) for o in outs), wall, ttft,
-                     itl, power.mean_watts(), power.joules(),
-                     power.memory_used_bytes() and power.memory_used_bytes() / 2**30,
-                     note=f"{procs_n} client procs, busiest at {busiest:.0%} CPU")
+    return RunResult(
+        "Triton ensemble gRPC stream",
+        concurrency,
+        len(texts),
+        sum(sum(o[2]) for o in outs),
+        wall,
+        ttft,
+        itl,
+        power.mean_watts(),
+        power.joules(),
+        power.memory_used_bytes() and power.memory_used_bytes() / 2**30,
+        note=f"{procs_n} client procs, busiest at {busiest:.0%} CPU",
+    )

@@ -1,4 +1,5 @@
 """Measurement helpers: GPU power sampling (NVML), latency percentiles, run records."""
+
 from __future__ import annotations
 
 import threading
@@ -102,10 +103,14 @@ class RunResult:
     def row(self) -> dict:
         ms = lambda v: None if v is None else round(1e3 * v, 2)
         d = {k: v for k, v in asdict(self).items() if k not in ("ttft_s", "itl_s")}
-        d.update(tokens_per_s=round(self.tokens_per_s, 1), ttft_p50_ms=ms(pct(self.ttft_s, 50)),
-                 ttft_p99_ms=ms(pct(self.ttft_s, 99)), itl_p50_ms=ms(pct(self.itl_s, 50)),
-                 itl_p99_ms=ms(pct(self.itl_s, 99)),
-                 tokens_per_joule=round(self.output_tokens / self.joules, 2) if self.joules else None)
+        d.update(
+            tokens_per_s=round(self.tokens_per_s, 1),
+            ttft_p50_ms=ms(pct(self.ttft_s, 50)),
+            ttft_p99_ms=ms(pct(self.ttft_s, 99)),
+            itl_p50_ms=ms(pct(self.itl_s, 50)),
+            itl_p99_ms=ms(pct(self.itl_s, 99)),
+            tokens_per_joule=round(self.output_tokens / self.joules, 2) if self.joules else None,
+        )
         return d
 
 
@@ -117,21 +122,14 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
 
 
 def write_results(out_dir, name: str, facts: dict, rows: list[dict]) -> str:
-    """<name>.json and <name>.md under out_dir: the command, date and machine (added here), the
-    caller's facts and the rows as a table. Returns the table."""
-    import datetime
+    """{date}-{machine}-{name}.json and .md under out_dir: where the run came from (command, date,
+    machine, commit: `provenance.run_facts`), the caller's facts and the rows as a table. Returns the table."""
     import json
-    import os
-    import platform
-    import sys
-    from pathlib import Path
 
-    facts = {"command": " ".join([f"python -m bench.{Path(sys.argv[0]).stem}", *sys.argv[1:]]),
-             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "machine": platform.node(), "cpus": os.cpu_count(), **facts}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps({**facts, "rows": rows}, indent=1))
+    from bench.provenance import run_facts, write_json
+
+    facts = run_facts(**facts)
+    path = write_json(out_dir, name, {**facts, "rows": rows})
     table = markdown_table(rows, list(rows[0]))
-    (out / f"{name}.md").write_text(f"# {name}\n\n```\n{json.dumps(facts, indent=1)}\n```\n\n{table}\n")
+    path.with_suffix(".md").write_text(f"# {name}\n\n```\n{json.dumps(facts, indent=1)}\n```\n\n{table}\n")
     return table

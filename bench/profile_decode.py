@@ -6,30 +6,31 @@ graph: small ones stay in L2, so this floor is optimistic) and by the weight byt
 
   python -m bench.profile_decode --out results      (GPU; Llama-3.2-1B-shaped random bf16)
 """
+
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import logging
-import sys
 import time
-from pathlib import Path
 
 import torch
 
+from bench.provenance import DEFAULT_OUT, run_facts, write_json
 from bench.workloads import copy_bandwidth, llama_1b_random, weight_bytes
 from tritonllm.config import EngineConfig
-from tritonllm.modeling import CausalLM
+from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.base import StepInput
-from tritonllm.runtimes.gemv import graph_ms, replay_ms
+from tritonllm.runtimes.kernels.gemv import graph_ms, replay_ms
 
 log = logging.getLogger("profile")
-VARIANTS = {"reference": dict(fused_kernels=False), "fused": dict(fused_kernels=True, triton_kernels=False),
-            "fused+triton": dict(fused_kernels=True, triton_kernels=True, gemv_table={}),  # cuBLAS products
-            "fused+triton+gemv": dict(fused_kernels=True, triton_kernels=True),  # gemv where timed faster
-            "fused+compile": dict(fused_kernels=True, triton_kernels=False, torch_compile=True)}
+VARIANTS = {
+    "reference": dict(fused_kernels=False),
+    "fused": dict(fused_kernels=True, triton_kernels=False),
+    "fused+triton": dict(fused_kernels=True, triton_kernels=True, gemv_table={}),  # cuBLAS products
+    "fused+triton+gemv": dict(fused_kernels=True, triton_kernels=True),  # gemv where timed faster
+    "fused+compile": dict(fused_kernels=True, triton_kernels=False, torch_compile=True),
+}
 
 
 def gemm_floor_ms(model: CausalLM, batch: int) -> float:
@@ -75,6 +76,7 @@ def prefill_costs(runtime, a, prompt_len: int = 128) -> dict:
     """One prefill step of b prompts, launched eagerly and replayed from its CUDA graph: the host's
     time to enqueue it (the engine loop launches nothing else meanwhile) and the time until the
     device is done (best of 3), and how far the graph's logits are from the eager ones."""
+
     def timed(fn):
         best = (float("inf"), float("inf"), None)
         for _ in range(3):
@@ -90,7 +92,7 @@ def prefill_costs(runtime, a, prompt_len: int = 128) -> dict:
     with torch.no_grad():
         for b in (x for x in (1, 8, 23, 32, 64) if x <= runtime.max_slots):
             rows = prompt_rows(b, prompt_len)
-            eager, ref = timed(lambda: runtime._prefill_body(*runtime._prefill_inputs(rows, b, prompt_len)))
+            eager, ref = timed(lambda: runtime.forward.prefill(*runtime.prefill_inputs(rows, b, prompt_len)))
             graph, got = timed(lambda: runtime.prefill(rows))
             diff = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             out[b] = {"eager": eager, "graph": graph, "graph_vs_eager_max_rel_diff": round(diff, 5)}
@@ -101,25 +103,36 @@ def profile_variant(name: str, model: CausalLM, a) -> dict:
     from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 
     opts = dict(VARIANTS[name])
-    cfg = EngineConfig(runtime="torch-cuda", dtype="bfloat16", max_slots=max(a.batches), max_context=512,
-                       max_tokens_limit=511, torch_compile=opts.pop("torch_compile", False))
+    cfg = EngineConfig(
+        runtime="torch-cuda",
+        dtype="bfloat16",
+        max_slots=max(a.batches),
+        max_context=512,
+        max_tokens_limit=511,
+        torch_compile=opts.pop("torch_compile", False),
+    )
     t0 = time.perf_counter()
     runtime = TorchCudaRuntime(None, cfg, model=model, capture_at_start=False, **opts)
-    runtime._positions.fill_(a.context - 1)
-    out = {"tuning_s": round(time.perf_counter() - t0, 1), "graph_ms": {}, "top_kernels": {},
-           "gemv_tuning": runtime.gemv_report,
-           "attention_tuning": runtime.attention_report}
+    runtime.forward.positions.fill_(a.context - 1)
+    out = {
+        "tuning_s": round(time.perf_counter() - t0, 1),
+        "graph_ms": {},
+        "top_kernels": {},
+        "gemv_tuning": runtime.kernels.gemv_report,
+        "attention_tuning": runtime.kernels.attention_report,
+    }
     for b in a.batches:
-        graph, _ = runtime._graph(b, a.context)
+        graph, _ = runtime.decode_graph(b, a.context)
         out["graph_ms"][b] = round(replay_ms(graph), 3)
         if "compile" not in name:
-            out["top_kernels"][b] = top_kernels(lambda b=b: runtime._decode_body(b, a.context))
+            out["top_kernels"][b] = top_kernels(lambda b=b: runtime.forward.decode(b, a.context))
     out["prefill_ms"] = prefill_costs(runtime, a)
     b = max(a.batches)
     out[f"prefill_top_kernels_{b}x128"] = top_kernels(
-        lambda: runtime._prefill_body(*runtime._prefill_inputs(prompt_rows(b), b, 128)), n=20)
+        lambda: runtime.forward.prefill(*runtime.prefill_inputs(prompt_rows(b), b, 128)), n=20
+    )
     log.info("%s: %s prefill %s", name, out["graph_ms"], out["prefill_ms"])
-    del runtime
+    runtime = None  # frees its device memory before the next variant
     gc.collect()
     torch.cuda.empty_cache()
     return out
@@ -127,7 +140,7 @@ def profile_variant(name: str, model: CausalLM, a) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="results")
+    p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--variants", nargs="+", default=["fused+triton", "fused+triton+gemv"], choices=list(VARIANTS))
@@ -135,10 +148,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     hf = llama_1b_random()
     bw = copy_bandwidth()
-    facts = {"command": "python3 -m bench.profile_decode " + " ".join(sys.argv[1:]),
-             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "context": a.context,
-             "weight_read_floor_ms": round(1e3 * weight_bytes(hf) / bw, 3)}
+    facts = run_facts(
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        context=a.context,
+        weight_read_floor_ms=round(1e3 * weight_bytes(hf) / bw, 3),
+    )
     model = CausalLM(hf).to("cuda", torch.bfloat16)
     del hf
     facts["gemm_floor_ms"] = {b: round(gemm_floor_ms(model, b), 3) for b in a.batches}
@@ -150,9 +165,7 @@ def main() -> None:
         except Exception as exc:  # reported, not hidden
             log.exception("variant %s failed", name)
             facts["variants"][name] = {"error": repr(exc)[:400]}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode-profile.json").write_text(json.dumps(facts, indent=1))
+    write_json(a.out, "decode-profile", facts)
     for name, v in facts["variants"].items():
         print(f"{name:15s} graph ms per step: {v.get('graph_ms', v)}")
     print(f"floors: weights/bandwidth {facts['weight_read_floor_ms']} ms, GEMMs alone {facts['gemm_floor_ms']}")

@@ -11,34 +11,42 @@ sets the inter-token latency, and under Triton it competes for the engine proces
 
   python -m bench.profile_loop --batch 1 8 64 --runtime torch [--steps-per-launch 4] [--out results]
 """
+
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 
+from bench.provenance import run_facts, write_json
 from tritonllm.config import EngineConfig
-from tritonllm.engine_loop import EngineLoop
-from tritonllm.engine_request import DictReader, build_sequence
-from tritonllm.inprocess import QueueSink
-from tritonllm.modeling import ModelShape
+from tritonllm.engine.inprocess import QueueSink
+from tritonllm.engine.loop import EngineLoop
+from tritonllm.engine.request import DictReader, build_sequence
+from tritonllm.model.shape import ModelShape
+from tritonllm.runtimes.base import Runtime, RuntimeCapabilities
 
 VOCAB = 1024
 
 
-class InstantRuntime:
+class InstantRuntime(Runtime):
     """launch/collect with no device: every row gets token 7 (never a stop id here)."""
+
+    capabilities = RuntimeCapabilities(overlap=True)
 
     def __init__(self, slots: int):
         self.max_slots, self.max_context = slots, 512
-        self.shape = ModelShape(num_layers=1, num_heads=1, num_kv_heads=1, head_dim=64, hidden_size=64,
-                                vocab_size=VOCAB, max_position_embeddings=512, eos_token_ids=(2,),
-                                bos_token_id=None, pad_token_id=None)
+        self.shape = ModelShape(
+            num_layers=1,
+            num_heads=1,
+            num_kv_heads=1,
+            head_dim=64,
+            hidden_size=64,
+            vocab_size=VOCAB,
+            max_position_embeddings=512,
+            eos_token_ids=(2,),
+            bos_token_id=None,
+            pad_token_id=None,
+        )
 
     def describe(self) -> dict:
         return {"runtime": "instant"}
@@ -46,7 +54,7 @@ class InstantRuntime:
     def step(self, inputs):
         raise NotImplementedError("launch/collect only")
 
-    def launch(self, inputs, seqs):
+    def launch(self, inputs, seqs, steps=1):
         return [7] * len(inputs)
 
     def collect(self, handle):
@@ -59,17 +67,26 @@ def stubbed_torch_runtime(cfg: EngineConfig):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tritonllm.modeling import CausalLM
+    from tritonllm.model.modeling import CausalLM
     from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 
-    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB,
-                                        eos_token_id=2, bos_token_id=1))
+    tiny = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=VOCAB,
+            eos_token_id=2,
+            bos_token_id=1,
+        )
+    )
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(tiny.eval()), device="cpu")
     logits = torch.zeros((cfg.max_slots, VOCAB))
     logits[:, 7] = 1.0
-    runtime._decode_body = lambda b, c: logits[:b]
-    runtime._prefill_body = lambda ids, slots, last: logits[:ids.shape[0]]
+    runtime.forward.decode = lambda b, c: logits[:b]
+    runtime.forward.prefill = lambda ids, slots, last: logits[: ids.shape[0]]
     return runtime
 
 
@@ -83,8 +100,19 @@ def host_ms_per_step(runtime_kind: str, batch: int, tokens: int, steps_per_launc
         loop = EngineLoop(runtime, cfg)
         sinks = []
         for _ in range(batch):
-            seq = build_sequence(DictReader({"input_ids": [1] * 16, "max_tokens": tokens, "ignore_eos": True,
-                                             "temperature": 0.0, "stream": True}), cfg, runtime.shape)
+            seq = build_sequence(
+                DictReader(
+                    {
+                        "input_ids": [1] * 16,
+                        "max_tokens": tokens,
+                        "ignore_eos": True,
+                        "temperature": 0.0,
+                        "stream": True,
+                    }
+                ),
+                cfg,
+                runtime.shape,
+            )
             seq.sink = QueueSink()
             sinks.append(seq.sink)
             loop.submit(seq)
@@ -96,9 +124,13 @@ def host_ms_per_step(runtime_kind: str, batch: int, tokens: int, steps_per_launc
         loop.stop()
     st = loop.stats
     steps = max(st.steps, 1)
-    return {"batch": batch, "steps": st.steps, "wall_ms_per_step": round(1e3 * elapsed / steps, 3),
-            "launch_ms_per_step": round(1e3 * st.launch_s / steps, 3),
-            "complete_ms_per_step": round(1e3 * st.complete_s / steps, 3)}
+    return {
+        "batch": batch,
+        "steps": st.steps,
+        "wall_ms_per_step": round(1e3 * elapsed / steps, 3),
+        "launch_ms_per_step": round(1e3 * st.launch_s / steps, 3),
+        "complete_ms_per_step": round(1e3 * st.complete_s / steps, 3),
+    }
 
 
 def main() -> None:
@@ -115,15 +147,13 @@ def main() -> None:
         runs = [host_ms_per_step(a.runtime, b, a.tokens, a.steps_per_launch) for _ in range(a.repeat)]
         rows.append(min(runs, key=lambda r: r["wall_ms_per_step"]))
         r = rows[-1]
-        print(f"batch {b:3d}: {r['wall_ms_per_step']:.3f} ms host per step (launch {r['launch_ms_per_step']:.3f}, "
-              f"complete {r['complete_ms_per_step']:.3f})")
+        print(
+            f"batch {b:3d}: {r['wall_ms_per_step']:.3f} ms host per step (launch {r['launch_ms_per_step']:.3f}, "
+            f"complete {r['complete_ms_per_step']:.3f})"
+        )
     if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        report = {"command": "python -m bench.profile_loop " + " ".join(sys.argv[1:]),
-                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "machine": platform.node(), "cpus": os.cpu_count(), "rows": rows}
         steps = "" if a.steps_per_launch == 1 else f"-steps{a.steps_per_launch}"
-        (Path(a.out) / f"profile-loop-{a.runtime}{steps}.json").write_text(json.dumps(report, indent=1))
+        write_json(a.out, f"profile-loop-{a.runtime}{steps}", run_facts(rows=rows))
 
 
 if __name__ == "__main__":

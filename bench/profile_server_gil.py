@@ -9,11 +9,11 @@ thread (engine loop, response senders, cancellation watcher, execute, ...) and b
 
 Needs the py-spy binary (`pip install py-spy`; its wheel can be carried to a host without network).
 """
+
 from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
 import os
 import re
@@ -23,11 +23,16 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tritonllm.server import metric_samples
+from bench.provenance import DEFAULT_OUT, run_facts, write_json
+from tritonllm.triton.scrape import metric_samples
 
-THREADS = {"engine loop": "engine_loop.py:_run", "response senders": "response_pump.py:_run",
-           "cancellation watcher": "_watch_cancellations", "execute (requests in)": ":execute",
-           "metrics": "engine_metrics.py"}
+THREADS = {
+    "engine loop": "engine_loop.py:_run",
+    "response senders": "response_pump.py:_run",
+    "cancellation watcher": "_watch_cancellations",
+    "execute (requests in)": ":execute",
+    "metrics": "engine_metrics.py",
+}
 
 
 def processes() -> list[tuple[int, list[str]]]:
@@ -41,10 +46,17 @@ def processes() -> list[tuple[int, list[str]]]:
 
 
 def engine_stub_and_metrics_port() -> tuple[int, int] | None:
-    stub = next((pid for pid, cmd in processes() if cmd[0].endswith("triton_python_backend_stub")
-                 and any("_engine" in c for c in cmd)), None)
-    port = next((int(m.group(1)) for _, cmd in processes() for c in cmd if (m := re.match(r"--metrics-port=(\d+)", c))),
-                None)
+    stub = next(
+        (
+            pid
+            for pid, cmd in processes()
+            if cmd[0].endswith("triton_python_backend_stub") and any("_engine" in c for c in cmd)
+        ),
+        None,
+    )
+    port = next(
+        (int(m.group(1)) for _, cmd in processes() for c in cmd if (m := re.match(r"--metrics-port=(\d+)", c))), None
+    )
     return (stub, port) if stub and port else None
 
 
@@ -87,15 +99,18 @@ def summarize(raw: str, seconds: float, rate: int) -> dict:
         for name in set(names):
             inclusive[name] += n
     wall = seconds * rate
-    return {"samples": total, "gil_held_share_of_wall": round(total / wall, 3),
-            "by_thread_share_of_wall": {k: round(v / wall, 3) for k, v in by_thread.most_common()},
-            "top_functions_share_of_wall": {k: round(v / wall, 3) for k, v in by_function.most_common(25)},
-            "top_functions_inclusive_share_of_wall": {k: round(v / wall, 3) for k, v in inclusive.most_common(40)}}
+    return {
+        "samples": total,
+        "gil_held_share_of_wall": round(total / wall, 3),
+        "by_thread_share_of_wall": {k: round(v / wall, 3) for k, v in by_thread.most_common()},
+        "top_functions_share_of_wall": {k: round(v / wall, 3) for k, v in by_function.most_common(25)},
+        "top_functions_inclusive_share_of_wall": {k: round(v / wall, 3) for k, v in inclusive.most_common(40)},
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="results")
+    p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--rate", type=int, default=250)
     p.add_argument("--min-steps-per-s", type=float, default=200.0)
@@ -105,19 +120,32 @@ def main() -> None:
     raw_path = Path("/tmp/tritonllm-gil.txt")
     try:
         pid = wait_for_load(a.min_steps_per_s)
-        subprocess.run(["py-spy", "record", "--pid", str(pid), "--gil", "--nonblocking", "--rate", str(a.rate),
-                        "--duration", str(int(a.seconds)), "--format", "raw", "--output", str(raw_path)], check=True)
+        subprocess.run(
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(pid),
+                "--gil",
+                "--nonblocking",
+                "--rate",
+                str(a.rate),
+                "--duration",
+                str(int(a.seconds)),
+                "--format",
+                "raw",
+                "--output",
+                str(raw_path),
+            ],
+            check=True,
+        )
         bench.wait()
     finally:  # a failed wait or recording leaves no bench (and its server) behind
         if bench.poll() is None:
             bench.terminate()
             bench.wait()
-    report = {"command": "python3 -m bench.profile_server_gil " + " ".join(sys.argv[1:]),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              **summarize(raw_path.read_text(), int(a.seconds), a.rate)}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "server-gil-profile.json").write_text(json.dumps(report, indent=1))
+    report = run_facts(**summarize(raw_path.read_text(), int(a.seconds), a.rate))
+    write_json(a.out, "server-gil-profile", report)
     print(json.dumps(report, indent=1))
 
 

@@ -8,21 +8,22 @@ was found and fixed, so it has not been seen catching that one.
 
   python -m bench.sync_check --batch 1 8 64 --out results      (GPU)
 """
+
 from __future__ import annotations
 
 import argparse
 import collections
-import json
 import traceback
 import warnings
 from pathlib import Path
 
 import torch
 
+from bench.provenance import DEFAULT_OUT, run_facts, write_json
 from bench.workloads import llama_1b_random, random_prompts
 from tritonllm.config import EngineConfig
-from tritonllm.inprocess import InProcessEngine
-from tritonllm.modeling import CausalLM
+from tritonllm.engine.inprocess import InProcessEngine
+from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 
 SITES: collections.Counter = collections.Counter()
@@ -48,11 +49,18 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--steps-per-launch", type=int, default=EngineConfig.steps_per_launch)
-    p.add_argument("--out", default="results")
+    p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
-    cfg = EngineConfig(runtime="torch-cuda", dtype="bfloat16", max_slots=max(a.batch), max_context=512,
-                       max_tokens_limit=511, stream_interval_ms=0.0, max_responses_per_s=0.0,
-                       steps_per_launch=a.steps_per_launch)
+    cfg = EngineConfig(
+        runtime="torch-cuda",
+        dtype="bfloat16",
+        max_slots=max(a.batch),
+        max_context=512,
+        max_tokens_limit=511,
+        stream_interval_ms=0.0,
+        max_responses_per_s=0.0,
+        steps_per_launch=a.steps_per_launch,
+    )
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(llama_1b_random()))
     warnings.showwarning = _record
     warnings.simplefilter("always")
@@ -69,9 +77,8 @@ def main() -> None:
             print(f"batch {b}: {steps} steps")
             for site, n in report[b]["sites_per_step"].items():
                 print(f"  {n:6.2f}/step  {site}")
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    name = "sync-check.json" if a.steps_per_launch == 1 else f"sync-check-steps{a.steps_per_launch}.json"
-    (Path(a.out) / name).write_text(json.dumps(report, indent=1))
+    topic = "sync-check" if a.steps_per_launch == 1 else f"sync-check-steps{a.steps_per_launch}"
+    write_json(a.out, topic, run_facts(batches=report))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ another run), and the markdown results file written from a run's JSON.
 
   python -m bench.targets results/bench-gpu-h200.json     (re-renders results/bench-gpu-h200.md)
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,21 @@ from pathlib import Path
 from bench.measure import markdown_table
 
 TRITON = "Triton ensemble gRPC stream"
-COLS = ["system", "concurrency", "requests", "output_tokens", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
-        "itl_p50_ms", "itl_p99_ms", "mean_watts", "tokens_per_joule", "gpu_mem_gib", "note"]
+COLS = [
+    "system",
+    "concurrency",
+    "requests",
+    "output_tokens",
+    "tokens_per_s",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "itl_p50_ms",
+    "itl_p99_ms",
+    "mean_watts",
+    "tokens_per_joule",
+    "gpu_mem_gib",
+    "note",
+]
 
 
 def _rate(rows: list[dict], system: str, conc: int) -> float | None:
@@ -38,19 +52,39 @@ def target_lines(facts: dict, rows: list[dict]) -> list[str]:
     for t in tritons:
         one, inproc_max = _rate(rows, t, 1), max(concs)
         if gpu and one and facts.get("roofline_batch1_tokens_per_s"):
-            out.append(_verdict(f"{t}, concurrency 1, share of the roofline", one / facts["roofline_batch1_tokens_per_s"], 0.60, "%"))
+            out.append(
+                _verdict(
+                    f"{t}, concurrency 1, share of the roofline", one / facts["roofline_batch1_tokens_per_s"], 0.60, "%"
+                )
+            )
         if not gpu and one and _rate(rows, hf, 1):
             out.append(_verdict(f"{t}, concurrency 1, x {hf}", one / _rate(rows, hf, 1), 2.0, "x"))
         if gpu and _rate(rows, t, inproc_max) and _rate(rows, hf, inproc_max):
-            out.append(_verdict(f"{t}, concurrency {inproc_max}, x {hf}", _rate(rows, t, inproc_max) / _rate(rows, hf, inproc_max),
-                                3.0))
+            out.append(
+                _verdict(
+                    f"{t}, concurrency {inproc_max}, x {hf}",
+                    _rate(rows, t, inproc_max) / _rate(rows, hf, inproc_max),
+                    3.0,
+                )
+            )
         for c in concs:
             if _rate(rows, t, c) and _rate(rows, "engine in-process", c):
-                out.append(_verdict(f"{t}, concurrency {c}, share of the in-process engine",
-                                    _rate(rows, t, c) / _rate(rows, "engine in-process", c), 0.90, "%"))
+                out.append(
+                    _verdict(
+                        f"{t}, concurrency {c}, share of the in-process engine",
+                        _rate(rows, t, c) / _rate(rows, "engine in-process", c),
+                        0.90,
+                        "%",
+                    )
+                )
     if gpu and _rate(rows, "engine in-process", max(concs)) and _rate(rows, hf, max(concs)):
-        out.append(_verdict(f"engine in-process, concurrency {max(concs)}, x {hf} (for reference)",
-                            _rate(rows, "engine in-process", max(concs)) / _rate(rows, hf, max(concs)), 3.0))
+        out.append(
+            _verdict(
+                f"engine in-process, concurrency {max(concs)}, x {hf} (for reference)",
+                _rate(rows, "engine in-process", max(concs)) / _rate(rows, hf, max(concs)),
+                3.0,
+            )
+        )
     return out
 
 
@@ -62,18 +96,25 @@ def time_lines(facts: dict, rows: list[dict]) -> list[str]:
     steps, bw = facts.get("decode_step_gpu_ms"), facts.get("copy_bandwidth_TBps")
     if steps and bw:
         floor = 1e3 * facts["weight_bytes"] / (bw * 1e12)
-        out.append(f"- decode step GPU time (CUDA graph replay) {steps}; weight-read floor {floor:.3f} ms "
-                   "(`python -m bench.profile_decode` splits it further)")
-    out += [f"- {r['system']}, concurrency {r['concurrency']}: {r['note']}" for r in rows
-            if r.get("note") and "loop ms/step" in r["note"]]
+        out.append(
+            f"- decode step GPU time (CUDA graph replay) {steps}; weight-read floor {floor:.3f} ms "
+            "(`python -m bench.profile_decode` splits it further)"
+        )
+    out += [
+        f"- {r['system']}, concurrency {r['concurrency']}: {r['note']}"
+        for r in rows
+        if r.get("note") and "loop ms/step" in r["note"]
+    ]
     return out
 
 
 def render(name: str, facts: dict, rows: list[dict]) -> str:
     targets = "\n".join(target_lines(facts, rows))
-    return (f"# {name}\n\n```\n{json.dumps(facts, indent=1)}\n```\n\n{markdown_table(rows, COLS)}\n\n"
-            f"## Targets (computed from the rows above)\n\n{targets}\n\n"
-            "## Where the time goes\n\n" + "\n".join(time_lines(facts, rows)) + "\n")
+    return (
+        f"# {name}\n\n```\n{json.dumps(facts, indent=1)}\n```\n\n{markdown_table(rows, COLS)}\n\n"
+        f"## Targets (computed from the rows above)\n\n{targets}\n\n"
+        "## Where the time goes\n\n" + "\n".join(time_lines(facts, rows)) + "\n"
+    )
 
 
 def main() -> None:

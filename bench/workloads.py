@@ -1,5 +1,6 @@
 """Benchmark workloads: the Llama-3.2-1B-shaped random bf16 model (built on the GPU, no weights
 fetched) with a word-level tokenizer covering its 128256 ids, and SmolLM2 on the CPU."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
-                max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1,
-                rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    tie_word_embeddings=True,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    bos_token_id=0,
+    eos_token_id=1,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+)
 
 
 def llama_1b_random(device="cuda", dtype=torch.bfloat16, seed=0):

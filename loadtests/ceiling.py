@@ -5,20 +5,21 @@ the bottleneck. Writes a table and JSON (command, machine, date).
 
   python -m loadtests.ceiling --users 8 32 64 96 --workers 0 2 --out results
 """
+
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.measure import write_results
+from bench.provenance import DEFAULT_OUT
 from loadtests.timing_reference import FIRST_TOKEN_MS, INTER_TOKEN_MS, write_timing_repository
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,23 +30,69 @@ log = logging.getLogger("ceiling")
 def run_locust(url: str, users: int, workers: int, seconds: int, tokens: int, prefix: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     common = ["-f", str(LOCUSTFILE), "--host", url, "--model", "timing", "--output-mean", str(tokens)]
-    run = ["--headless", "--only-summary", "-u", str(users), "-r", str(users), "-t", f"{seconds}s",
-           "--csv", str(prefix)]
+    run = [
+        "--headless",
+        "--only-summary",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{seconds}s",
+        "--csv",
+        str(prefix),
+    ]
     if not workers:
-        subprocess.run([sys.executable, "-m", "locust", *common, *run], env=env, capture_output=True,
-                       timeout=seconds + 120, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "locust", *common, *run],
+            env=env,
+            capture_output=True,
+            timeout=seconds + 120,
+            check=True,
+        )
     else:
-        from tritonllm.server import free_port
+        from tritonllm.triton.server_process import free_port
 
         port = str(free_port())
-        master = subprocess.Popen([sys.executable, "-m", "locust", *common, *run, "--master",
-                                   "--master-bind-host", "127.0.0.1", "--master-bind-port", port,
-                                   "--expect-workers", str(workers)], env=env,
-                                  stdout=open(f"{prefix}_master.log", "w"), stderr=subprocess.STDOUT)
+        master = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "locust",
+                *common,
+                *run,
+                "--master",
+                "--master-bind-host",
+                "127.0.0.1",
+                "--master-bind-port",
+                port,
+                "--expect-workers",
+                str(workers),
+            ],
+            env=env,
+            stdout=open(f"{prefix}_master.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         time.sleep(2)
-        procs = [subprocess.Popen([sys.executable, "-m", "locust", *common, "--worker", "--master-host", "127.0.0.1",
-                                   "--master-port", port], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL) for _ in range(workers)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "locust",
+                    *common,
+                    "--worker",
+                    "--master-host",
+                    "127.0.0.1",
+                    "--master-port",
+                    port,
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for _ in range(workers)
+        ]
         try:
             master.wait(seconds + 120)
         finally:
@@ -56,14 +103,14 @@ def run_locust(url: str, users: int, workers: int, seconds: int, tokens: int, pr
 
 
 def main() -> None:
-    from tritonllm.server import TritonServer
+    from tritonllm.triton.server_process import TritonServer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", type=int, nargs="+", default=[8, 32, 64, 96])
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--seconds", type=int, default=12)
     p.add_argument("--tokens", type=int, default=40, help="output tokens per request")
-    p.add_argument("--out", default="results")
+    p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     per_user = a.tokens / ((FIRST_TOKEN_MS + (a.tokens - 1) * INTER_TOKEN_MS) / 1000)
@@ -76,24 +123,22 @@ def main() -> None:
                 if not s["requests"]:
                     log_tail = Path(f"{prefix}_master.log").read_text()[-2000:] if workers else ""
                     raise RuntimeError(f"no request finished with {users} users, {workers} workers\n{log_tail}")
-                rows.append({"users": users, "workers": workers, "offered_tokens_per_s": round(users * per_user, 1),
-                             "measured_tokens_per_s": s["tokens_per_s"], "ttft_p50_ms": s["ttft_p50_ms"],
-                             "itl_p50_ms": s["itl_p50_ms"], "itl_p99_ms": s["itl_p99_ms"],
-                             "itl_p50_error_pct": round(100 * (s["itl_p50_ms"] / INTER_TOKEN_MS - 1), 1),
-                             "load_generator_cpu_percent": s["load_generator_cpu_percent"]})
+                rows.append(
+                    {
+                        "users": users,
+                        "workers": workers,
+                        "offered_tokens_per_s": round(users * per_user, 1),
+                        "measured_tokens_per_s": s["tokens_per_s"],
+                        "ttft_p50_ms": s["ttft_p50_ms"],
+                        "itl_p50_ms": s["itl_p50_ms"],
+                        "itl_p99_ms": s["itl_p99_ms"],
+                        "itl_p50_error_pct": round(100 * (s["itl_p50_ms"] / INTER_TOKEN_MS - 1), 1),
+                        "load_generator_cpu_percent": s["load_generator_cpu_percent"],
+                    }
+                )
                 log.info("%s", rows[-1])
-    facts = {"command": "python -m loadtests.ceiling " + " ".join(sys.argv[1:]),
-             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "machine": platform.node(), "cpus": os.cpu_count(),
-             "truth": f"first token {FIRST_TOKEN_MS:.0f} ms, then one every {INTER_TOKEN_MS:.0f} ms"}
-    cols = list(rows[0])
-    table = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] +
-                      ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows])
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "locust-ceiling.json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
-    (out / "locust-ceiling.md").write_text(f"# Locust ceiling\n\n```\n{json.dumps(facts, indent=1)}\n```\n\n{table}\n")
-    print(table)
+    truth = f"first token {FIRST_TOKEN_MS:.0f} ms, then one every {INTER_TOKEN_MS:.0f} ms"
+    log.info("\n%s", write_results(a.out, "locust-ceiling", {"truth": truth}, rows))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ histogram (`<csv>_llm_summary.json`: ITL percentiles per gap at microsecond prec
 load-generator CPU) and `<csv>_llm_over_time.png`. Load shapes: LLM_SHAPE=ramp|step|spike with
 LLM_USERS and LLM_DURATION_S; arrival-rate mode: --rate R (requests/s per user).
 """
+
 from grpc.experimental import gevent as grpc_gevent
 
 grpc_gevent.init_gevent()  # before any channel: without it the process hangs on the first stream
@@ -23,9 +24,9 @@ from pathlib import Path  # noqa: E402
 import gevent  # noqa: E402
 from locust import LoadTestShape, User, constant, constant_throughput, events, task  # noqa: E402
 
-from clients.llm_client import GenerationError, build_inputs, itl_from_chunks, parse_result  # noqa: E402
 from loadtests import prompts as prompt_sources  # noqa: E402
 from loadtests.stats import LoadStats, RequestRecord, check_slos  # noqa: E402
+from tritonllm.client.llm_client import GenerationError, build_inputs, itl_from_chunks, parse_result  # noqa: E402
 
 STATS = LoadStats()
 PROMPTS: list = []
@@ -57,9 +58,13 @@ def _args(parser):
 def _init(environment, **_):
     o = environment.parsed_options
     global PROMPTS
-    PROMPTS = (prompt_sources.from_jsonl(o.jsonl) if o.jsonl else
-               prompt_sources.synthetic(o.prompt_count, o.input_mean, o.input_std, o.output_mean, o.output_std,
-                                        o.tokenizer or None, o.seed))
+    PROMPTS = (
+        prompt_sources.from_jsonl(o.jsonl)
+        if o.jsonl
+        else prompt_sources.synthetic(
+            o.prompt_count, o.input_mean, o.input_std, o.output_mean, o.output_std, o.tokenizer or None, o.seed
+        )
+    )
     runner = environment.runner
     if runner is None:
         return
@@ -88,8 +93,11 @@ def _ship_records(environment) -> None:
 def _flush(environment) -> None:
     if not STATS.records and not STATS.errors:
         return
-    data = {"records": [(r.end, r.ttft_s, r.latency_s, r.output_tokens, r.gaps_s) for r in STATS.records],
-            "errors": dict(STATS.errors), "cpu": list(STATS.cpu_samples)}
+    data = {
+        "records": [(r.end, r.ttft_s, r.latency_s, r.output_tokens, r.gaps_s) for r in STATS.records],
+        "errors": dict(STATS.errors),
+        "cpu": list(STATS.cpu_samples),
+    }
     STATS.records.clear()
     STATS.errors.clear()
     STATS.cpu_samples.clear()
@@ -121,8 +129,11 @@ def _report(environment, **_):
     summary = STATS.write(prefix)
     missed = check_slos(summary, o.slo_ttft_p99_ms, o.slo_itl_p99_ms, o.slo_max_error_ratio)
     if summary["load_generator_saturated"]:
-        print(f"WARNING: the load generator used {summary['load_generator_cpu_percent']:.0f}% CPU: the numbers "
-              "measure Locust, not the server; add workers (--processes N or --master/--worker)", flush=True)
+        print(
+            f"WARNING: the load generator used {summary['load_generator_cpu_percent']:.0f}% CPU: the numbers "
+            "measure Locust, not the server; add workers (--processes N or --master/--worker)",
+            flush=True,
+        )
     print("tritonllm summary:", summary, flush=True)
     if missed:
         print("SLO missed: " + "; ".join(missed), flush=True)
@@ -143,7 +154,9 @@ class TritonLLMUser(User):
         self.results: queue.Queue = queue.Queue()
         self.client = None
         self.backoff = 0.1
-        self.prompts = itertools.cycle(PROMPTS[id(self) % max(1, len(PROMPTS)):] + PROMPTS[:id(self) % max(1, len(PROMPTS))])
+        self.prompts = itertools.cycle(
+            PROMPTS[id(self) % max(1, len(PROMPTS)) :] + PROMPTS[: id(self) % max(1, len(PROMPTS))]
+        )
 
     def _connect(self) -> None:
         import tritonclient.grpc as grpcclient
@@ -164,8 +177,9 @@ class TritonLLMUser(User):
         self._disconnect()
 
     def _fire(self, name: str, ms: float, length: int = 0, exc: Exception | None = None) -> None:
-        self.environment.events.request.fire(request_type="LLM", name=name, response_time=ms,
-                                             response_length=length, exception=exc, context={})
+        self.environment.events.request.fire(
+            request_type="LLM", name=name, response_time=ms, response_length=length, exception=exc, context={}
+        )
 
     @task
     def generate(self):
@@ -174,12 +188,17 @@ class TritonLLMUser(User):
         prompt = next(self.prompts)
         if self.client is None:
             self._connect()
-        params = {"max_tokens": prompt.max_tokens, "stream": not self.opts.no_stream,
-                  "ignore_eos": self.opts.ignore_eos or None, "temperature": self.opts.temperature}
+        params = {
+            "max_tokens": prompt.max_tokens,
+            "stream": not self.opts.no_stream,
+            "ignore_eos": self.opts.ignore_eos or None,
+            "temperature": self.opts.temperature,
+        }
         t0 = time.perf_counter()
         try:
-            self.client.async_stream_infer(self.opts.model, build_inputs(grpcclient, prompt.text, params),
-                                           enable_empty_final_response=True)
+            self.client.async_stream_infer(
+                self.opts.model, build_inputs(grpcclient, prompt.text, params), enable_empty_final_response=True
+            )
             times, counts = self._collect(t0)
         except GenerationError as exc:
             STATS.error(exc.status or "ERROR")
@@ -225,6 +244,7 @@ class TritonLLMUser(User):
 
 SHAPE = os.environ.get("LLM_SHAPE", "")
 if SHAPE:
+
     class LLMLoadShape(LoadTestShape):
         """ramp: 0 -> N users over the duration; step: N/4 more every quarter; spike: N/4, then N in
         the middle third, then N/4 again. N = LLM_USERS, duration = LLM_DURATION_S."""

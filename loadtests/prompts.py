@@ -1,5 +1,6 @@
 """Prompt sources for load tests: synthetic prompts with token-accurate lengths (the model's own
 tokenizer), or a JSONL file; deterministic for a seed."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
-         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+    "quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
+).split()
 
 
 @dataclass(frozen=True)
@@ -22,8 +25,15 @@ def _clip(rng: random.Random, mean: float, std: float, lo: int) -> int:
     return max(lo, int(round(rng.gauss(mean, std)))) if std > 0 else max(lo, int(mean))
 
 
-def synthetic(n: int, input_mean: float, input_std: float, output_mean: float, output_std: float,
-              tokenizer_dir: str | None = None, seed: int = 0) -> list[Prompt]:
+def synthetic(
+    n: int,
+    input_mean: float,
+    input_std: float,
+    output_mean: float,
+    output_std: float,
+    tokenizer_dir: str | None = None,
+    seed: int = 0,
+) -> list[Prompt]:
     """Prompts of a drawn token length: words are added until the tokenizer counts the target, so
     the input length is exact for that model (approximate, one word = one token, without one)."""
     rng = random.Random(seed)

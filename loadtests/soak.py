@@ -3,6 +3,7 @@ fresh server with the tiny model; counts lost responses and reports server memor
 
     python -m loadtests.soak --requests 3000 --concurrency 16 --out results/soak.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,10 +16,13 @@ from pathlib import Path
 
 import psutil
 
-from clients import AsyncLLMClient, GenerationError
+from bench.provenance import DEFAULT_OUT, run_facts, write_json
+from tritonllm.build.repository import RepositoryConfig, write_repository
+from tritonllm.client import AsyncLLMClient, GenerationError
 from tritonllm.config import EngineConfig
-from tritonllm.repository import RepositoryConfig, write_repository
-from tritonllm.server import TritonServer
+from tritonllm.triton.server_process import TritonServer
+
+log = logging.getLogger(__name__)
 
 
 def server_rss_mib(server: TritonServer) -> float:
@@ -32,8 +36,13 @@ async def one(client, rng: random.Random, counts: dict) -> None:
     n = rng.randint(1, 40)
     try:
         got_final, i = False, 0
-        async for chunk in client.stream(f"soak {rng.random()}", max_tokens=n, stream=stream,
-                                         temperature=rng.choice([0.0, 0.8]), seed=rng.randint(0, 2**31)):
+        async for chunk in client.stream(
+            f"soak {rng.random()}",
+            max_tokens=n,
+            stream=stream,
+            temperature=rng.choice([0.0, 0.8]),
+            seed=rng.randint(0, 2**31),
+        ):
             i += 1
             got_final = chunk.final
             if cancel and stream and i == 2:
@@ -69,10 +78,10 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=3000)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("results/soak.json"))
+    p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
-    from tritonllm.build import export_cached
-    from tritonllm.model_prep import prepare_smollm2, prepare_tiny
+    from tritonllm.build.pipeline import export_cached
+    from tritonllm.model.prep import prepare_smollm2, prepare_tiny
 
     tiny = prepare_tiny(Path("build/models/tiny"), prepare_smollm2(Path("build/models/smollm2")))
     export_cached(tiny, Path("build/onnx/tiny"))
@@ -82,20 +91,30 @@ def main() -> None:
     with TritonServer(repo, log_dir=Path("build/logs/soak"), watchdog=True) as server:
         rss = [server_rss_mib(server)]
         t0 = time.time()
-        counts = asyncio.run(soak(server.grpc_url, "tiny", a.requests, a.concurrency, a.seed,
-                                  lambda i: rss.append(server_rss_mib(server))))
+        counts = asyncio.run(
+            soak(
+                server.grpc_url, "tiny", a.requests, a.concurrency, a.seed, lambda i: rss.append(server_rss_mib(server))
+            )
+        )
         wall = time.time() - t0
         time.sleep(1.0)
         rss.append(server_rss_mib(server))
         active = server.metrics()
-    report = {"requests": a.requests, "concurrency": a.concurrency, "wall_s": round(wall, 1), "outcomes": counts,
-              "lost_responses": counts["lost"], "server_rss_mib": [round(r, 1) for r in rss],
-              "rss_growth_mib": round(rss[-1] - rss[0], 1),
-              "engine_active_after": [l for l in active.splitlines() if l.startswith("tritonllm_requests_active")],
-              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": "make soak"}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    report = run_facts(
+        **{
+            "requests": a.requests,
+            "concurrency": a.concurrency,
+            "wall_s": round(wall, 1),
+            "outcomes": counts,
+            "lost_responses": counts["lost"],
+            "server_rss_mib": [round(r, 1) for r in rss],
+            "rss_growth_mib": round(rss[-1] - rss[0], 1),
+            "engine_active_after": [
+                line for line in active.splitlines() if line.startswith("tritonllm_requests_active")
+            ],
+        }
+    )
+    log.info("%s: %s", write_json(a.out, "soak", report), json.dumps(report, indent=1))
     if counts["lost"]:
         raise SystemExit(f"{counts['lost']} responses lost")
 

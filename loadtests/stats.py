@@ -1,5 +1,6 @@
 """Our own latency record beside Locust's (Locust rounds percentiles to whole ms, 10 ms steps above
 100 ms): per-request TTFT, per-gap inter-token latency, tokens; time series; SLO checks; plots."""
+
 from __future__ import annotations
 
 import csv
@@ -42,15 +43,22 @@ class LoadStats:
         n_err = sum(self.errors.values())
         q = lambda a, p: round(float(np.percentile(a, p)) * 1e3, 3) if a.size else None
         cpu = float(np.mean(self.cpu_samples)) if self.cpu_samples else None
-        return {"requests": len(self.records), "errors": self.errors,
-                "error_ratio": n_err / max(1, n_err + len(self.records)),
-                "output_tokens": int(sum(r.output_tokens for r in self.records)),
-                "tokens_per_s": round(sum(r.output_tokens for r in self.records) / wall, 2),
-                "ttft_p50_ms": q(ttft, 50), "ttft_p90_ms": q(ttft, 90), "ttft_p99_ms": q(ttft, 99),
-                "itl_p50_ms": q(gaps, 50), "itl_p90_ms": q(gaps, 90), "itl_p99_ms": q(gaps, 99),
-                "itl_mean_ms": round(float(gaps.mean()) * 1e3, 3) if gaps.size else None,
-                "load_generator_cpu_percent": cpu,
-                "load_generator_saturated": bool(cpu is not None and cpu > 85.0)}
+        return {
+            "requests": len(self.records),
+            "errors": self.errors,
+            "error_ratio": n_err / max(1, n_err + len(self.records)),
+            "output_tokens": int(sum(r.output_tokens for r in self.records)),
+            "tokens_per_s": round(sum(r.output_tokens for r in self.records) / wall, 2),
+            "ttft_p50_ms": q(ttft, 50),
+            "ttft_p90_ms": q(ttft, 90),
+            "ttft_p99_ms": q(ttft, 99),
+            "itl_p50_ms": q(gaps, 50),
+            "itl_p90_ms": q(gaps, 90),
+            "itl_p99_ms": q(gaps, 99),
+            "itl_mean_ms": round(float(gaps.mean()) * 1e3, 3) if gaps.size else None,
+            "load_generator_cpu_percent": cpu,
+            "load_generator_saturated": bool(cpu is not None and cpu > 85.0),
+        }
 
     def write(self, prefix: Path) -> dict:
         prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -60,8 +68,15 @@ class LoadStats:
             w = csv.writer(f)
             w.writerow(["end_unix_s", "ttft_ms", "latency_ms", "output_tokens", "mean_itl_ms"])
             for r in self.records:
-                w.writerow([round(r.end, 3), round(r.ttft_s * 1e3, 3), round(r.latency_s * 1e3, 3), r.output_tokens,
-                            round(float(np.mean(r.gaps_s)) * 1e3, 3) if r.gaps_s else ""])
+                w.writerow(
+                    [
+                        round(r.end, 3),
+                        round(r.ttft_s * 1e3, 3),
+                        round(r.latency_s * 1e3, 3),
+                        r.output_tokens,
+                        round(float(np.mean(r.gaps_s)) * 1e3, 3) if r.gaps_s else "",
+                    ]
+                )
         self.plot(Path(f"{prefix}_llm_over_time.png"))
         return summary
 
@@ -89,8 +104,9 @@ class LoadStats:
         plt.close(fig)
 
 
-def check_slos(summary: dict, ttft_p99_ms: float | None, itl_p99_ms: float | None,
-               max_error_ratio: float | None) -> list[str]:
+def check_slos(
+    summary: dict, ttft_p99_ms: float | None, itl_p99_ms: float | None, max_error_ratio: float | None
+) -> list[str]:
     """Missed SLOs, each as a sentence; empty when all hold."""
     missed = []
     for key, limit in (("ttft_p99_ms", ttft_p99_ms), ("itl_p99_ms", itl_p99_ms)):

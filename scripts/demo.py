@@ -1,17 +1,15 @@
 """`make demo`: start Triton with the built repository, stream a chat answer to a real question
 through the ensemble over gRPC, then stop the server."""
+
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from clients import LLMClient  # noqa: E402
-from tritonllm.server import TritonServer  # noqa: E402
+from tritonllm.client import LLMClient
+from tritonllm.triton.server_process import TritonServer
 
 
 def main() -> None:
@@ -27,8 +25,9 @@ def main() -> None:
         with LLMClient(server.grpc_url, a.model) as client:
             t0 = time.perf_counter()
             last = None
-            for chunk in client.stream(a.question, apply_chat_template=True, max_tokens=a.max_tokens,
-                                       temperature=0.0, repetition_penalty=1.1):
+            for chunk in client.stream(
+                a.question, apply_chat_template=True, max_tokens=a.max_tokens, temperature=0.0, repetition_penalty=1.1
+            ):
                 print(chunk.text, end="", flush=True)
                 last = chunk
             dt = time.perf_counter() - t0

@@ -1,43 +1,46 @@
 """Diagnose BYTES inputs in python-backend stubs on a host: start the server with a one-model
 repository whose model echoes a STRING input and logs its numpy / Python, then send one request
 over gRPC and one over HTTP, with the stubs' default environment and with --stub-pythonpath first."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
 import tempfile
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.provenance import DEFAULT_OUT
+from tritonllm.build.pbtxt import Enum, render
+from tritonllm.triton.server_process import TritonServer
 
-from tritonllm.pbtxt import Enum, render  # noqa: E402
-from tritonllm.server import TritonServer  # noqa: E402
-
-MODEL = '''
+MODEL = """
 import sys, numpy as np, triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     def initialize(self, args):
-        pb_utils.Logger.log_info("ECHO numpy=%s python=%s path=%s" % (np.__version__, sys.version.split()[0], sys.path[:4]))
+        facts = (np.__version__, sys.version.split()[0], sys.path[:4])
+        pb_utils.Logger.log_info("ECHO numpy=%s python=%s path=%s" % facts)
     def execute(self, requests):
         out = []
         for r in requests:
             t = pb_utils.get_input_tensor_by_name(r, "text").as_numpy()
             out.append(pb_utils.InferenceResponse([pb_utils.Tensor("echo", t)]))
         return out
-'''
+"""
 
 
 def repo(root: Path) -> Path:
     (root / "echo" / "1").mkdir(parents=True)
     (root / "echo" / "1" / "model.py").write_text(MODEL)
     io = lambda n: {"name": n, "data_type": Enum("TYPE_STRING"), "dims": [1]}
-    (root / "echo" / "config.pbtxt").write_text(render({"name": "echo", "backend": "python", "max_batch_size": 8,
-                                                         "input": [io("text")], "output": [io("echo")]}))
+    (root / "echo" / "config.pbtxt").write_text(
+        render(
+            {"name": "echo", "backend": "python", "max_batch_size": 8, "input": [io("text")], "output": [io("echo")]}
+        )
+    )
     return root
 
 
@@ -65,7 +68,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--stub-pythonpath", default="")
-    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     a = p.parse_args()
     report = {"client_numpy": np.__version__}
     variants = {"default": {}}
@@ -80,7 +83,9 @@ def main() -> None:
             except Exception as e:
                 report[name] = {"start": f"ERROR {e}"[:500]}
             finally:
-                report[name + "_log"] = [l for l in server.log_tail(400).splitlines() if "ECHO" in l or "what()" in l][:4]
+                report[name + "_log"] = [
+                    line for line in server.log_tail(400).splitlines() if "ECHO" in line or "what()" in line
+                ][:4]
                 server.stop()
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "stub_strings.json").write_text(json.dumps(report, indent=1))

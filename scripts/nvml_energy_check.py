@@ -3,6 +3,7 @@
 
   python scripts/nvml_energy_check.py      (GPU host with pynvml)
 """
+
 import time
 
 import pynvml
@@ -29,4 +30,7 @@ for name, s in (("energy counter", energy), ("power reading", power)):
     c = changes(s)
     gaps = [1e3 * (b - a) for a, b in zip(c, c[1:])]
     print(f"{name}: {len(s)} reads, {len(c)} changes, median gap {sorted(gaps)[len(gaps) // 2] if gaps else None} ms")
-print(f"mean power from the counter over the loop: {(energy[-1][1] - energy[0][1]) / (energy[-1][0] - energy[0][0]) / 1e3:.1f} W")
+print(
+    "mean power from the counter over the loop: "
+    f"{(energy[-1][1] - energy[0][1]) / (energy[-1][0] - energy[0][0]) / 1e3:.1f} W"
+)

@@ -1,6 +1,7 @@
 """Prove the TensorRT path on a GPU host: export a Llama-family model (SmolLM2-135M shape, random
 weights, or --model) to ONNX with our exporter, build a serialized plan with the TensorRT Python
 API (`tensorrt` or TensorRT for RTX), then try to run it. Writes build_report.json and a log."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,14 +13,27 @@ from pathlib import Path
 
 import torch
 
+from bench.provenance import DEFAULT_OUT
+from tritonllm.build.onnx_export import export, verify
 from tritonllm.config import EngineConfig
-from tritonllm.modeling import ModelShape
-from tritonllm.onnx_export import export, verify
-from tritonllm.runtimes.tensorrt_runtime import PlanSpec, TensorRTRuntime, build_plan, import_tensorrt
+from tritonllm.model.shape import ModelShape
+from tritonllm.runtimes.tensorrt.plan import PlanSpec, build_plan, import_tensorrt
+from tritonllm.runtimes.tensorrt.runtime import TensorRTRuntime
 
-SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                     num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
-                     max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+SMOLLM2_SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    rope_theta=100000.0,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def main() -> None:
@@ -27,13 +41,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", type=Path, help="HF checkpoint (default: SmolLM2-shaped random weights)")
     p.add_argument("--work", type=Path, default=Path("/tmp/trt-check"))
-    p.add_argument("--out", type=Path, default=Path("results"))
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="graph precision of the ONNX export and the plan")
+    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="graph precision of the ONNX export and the plan",
+    )
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    report = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-              "capability": list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None}
+    report = {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "capability": list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None,
+    }
     ckpt = a.model
     if ckpt is None:
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: F401
@@ -62,8 +82,10 @@ def main() -> None:
         report["build_error"] = traceback.format_exc()[-2000:]
     if "build" in report:
         try:
-            rt = TensorRTRuntime(onnx_dir, EngineConfig(runtime="tensorrt", max_slots=8, max_context=512,
-                                                      max_tokens_limit=256, dtype=a.dtype))
+            rt = TensorRTRuntime(
+                onnx_dir,
+                EngineConfig(runtime="tensorrt", max_slots=8, max_context=512, max_tokens_limit=256, dtype=a.dtype),
+            )
             from tritonllm.runtimes.base import StepInput
 
             logits = rt.step([StepInput(0, [5, 6, 7, 8], 0)])

@@ -2,6 +2,7 @@
 
 `EngineConfig` bounds the engine; `SamplingParams` holds one request's sampling inputs with their
 defaults and bounds (the ensemble's tensors are documented from `TENSORS`)."""
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from typing import Any
 from .errors import RequestValidationError
 
 RUNTIMES = ("onnxruntime", "torch-cuda", "tensorrt")
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _check(cond: bool, name: str, value: Any, bound: str) -> None:
@@ -21,43 +23,57 @@ def _check(cond: bool, name: str, value: Any, bound: str) -> None:
 @dataclass(frozen=True)
 class EngineConfig:
     runtime: str = "onnxruntime"
-    max_slots: int = 8            # sequences generating at once (in-flight batch size)
-    max_context: int = 2048       # prompt + generated tokens per sequence (KV cache length per slot)
-    max_queue: int = 256          # requests waiting for a slot; beyond it requests are rejected
+    max_slots: int = 8  # sequences generating at once (in-flight batch size)
+    max_context: int = 2048  # prompt + generated tokens per sequence (KV cache length per slot)
+    max_queue: int = 256  # requests waiting for a slot; beyond it requests are rejected
     max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
     default_max_tokens: int = 64
     request_timeout_s: float = 600.0  # a request still generating after this is ended ("timeout")
-    stream_interval_ms: float = 0.0   # >0: under load, coalesce a stream's tokens for up to this long per response
+    stream_interval_ms: float = 0.0  # >0: under load, coalesce a stream's tokens for up to this long per response
     stream_coalesce_min_active: int = 8  # ... but only while at least this many sequences generate
     max_responses_per_s: float = 1000.0  # all streams together (0: no limit); beyond, responses carry several tokens
     max_prefill_tokens: int = 8192  # prompt tokens one step prefills (bounds its stall and memory); a longer
-                                    # prompt still runs, alone
+    # prompt still runs, alone
     prefill_gather_ms: float = 0.0  # >0: newcomers wait up to this x (share of slots decoding) to prefill together
-    emit_text: bool = False       # the engine detokenizes (tokenizer -> engine): one python hop fewer per response
+    emit_text: bool = False  # the engine detokenizes (tokenizer -> engine): one python hop fewer per response
     switch_interval_ms: float = 1.0  # the engine process's GIL switch interval (Python's default: 5)
-    steps_per_launch: int = 1     # GPU runtimes: decode steps launched at once (one host pass per run of steps) ...
+    steps_per_launch: int = 1  # GPU runtimes: decode steps launched at once (one host pass per run of steps) ...
     multi_step_min_active: int = 16  # ... while at least this many sequences decode (below, host time is hidden)
-    launch_ahead: int = 1         # GPU runtimes: steps left queued on the device while the loop completes older ones
-    response_threads: int = 1     # threads sending responses off the engine loop (merging under backpressure)
-    threads: int = 0              # runtime intra-op threads (0: runtime default)
+    launch_ahead: int = 1  # GPU runtimes: steps left queued on the device while the loop completes older ones
+    response_threads: int = 1  # threads sending responses off the engine loop (merging under backpressure)
+    threads: int = 0  # runtime intra-op threads (0: runtime default)
     dtype: str = "float32"
     kv_cache_memory_fraction: float = 0.5  # GPU runtimes: share of free memory for the KV cache
-    torch_compile: bool = False   # torch-cuda: torch.compile the decode step before graph capture
+    torch_compile: bool = False  # torch-cuda: torch.compile the decode step before graph capture
 
     def __post_init__(self) -> None:
         _check(self.runtime in RUNTIMES, "runtime", self.runtime, f"one of {RUNTIMES}")
         _check(1 <= self.max_slots <= 1024, "max_slots", self.max_slots, "1..1024")
         _check(16 <= self.max_context <= 1 << 20, "max_context", self.max_context, "16..1048576")
         _check(0 <= self.max_queue <= 1 << 16, "max_queue", self.max_queue, "0..65536")
-        _check(1 <= self.max_tokens_limit < self.max_context, "max_tokens_limit", self.max_tokens_limit,
-               f"1..max_context-1 ({self.max_context - 1})")
-        _check(1 <= self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens",
-               self.default_max_tokens, "1..max_tokens_limit")
+        _check(
+            1 <= self.max_tokens_limit < self.max_context,
+            "max_tokens_limit",
+            self.max_tokens_limit,
+            f"1..max_context-1 ({self.max_context - 1})",
+        )
+        _check(
+            1 <= self.default_max_tokens <= self.max_tokens_limit,
+            "default_max_tokens",
+            self.default_max_tokens,
+            "1..max_tokens_limit",
+        )
         _check(self.request_timeout_s > 0, "request_timeout_s", self.request_timeout_s, "> 0")
         _check(0 <= self.stream_interval_ms <= 10_000, "stream_interval_ms", self.stream_interval_ms, "0..10000")
-        _check(self.max_responses_per_s == 0 or 10 <= self.max_responses_per_s <= 1e6, "max_responses_per_s",
-               self.max_responses_per_s, "0 (no limit) or 10..1000000")
-        _check(self.stream_coalesce_min_active >= 1, "stream_coalesce_min_active", self.stream_coalesce_min_active, ">= 1")
+        _check(
+            self.max_responses_per_s == 0 or 10 <= self.max_responses_per_s <= 1e6,
+            "max_responses_per_s",
+            self.max_responses_per_s,
+            "0 (no limit) or 10..1000000",
+        )
+        _check(
+            self.stream_coalesce_min_active >= 1, "stream_coalesce_min_active", self.stream_coalesce_min_active, ">= 1"
+        )
         _check(16 <= self.max_prefill_tokens <= 1 << 24, "max_prefill_tokens", self.max_prefill_tokens, "16..16777216")
         _check(0 <= self.prefill_gather_ms <= 1000, "prefill_gather_ms", self.prefill_gather_ms, "0..1000")
         _check(0.05 <= self.switch_interval_ms <= 100, "switch_interval_ms", self.switch_interval_ms, "0.05..100")
@@ -65,15 +81,19 @@ class EngineConfig:
         _check(self.multi_step_min_active >= 1, "multi_step_min_active", self.multi_step_min_active, ">= 1")
         _check(1 <= self.launch_ahead <= 4, "launch_ahead", self.launch_ahead, "1..4")
         _check(1 <= self.response_threads <= 64, "response_threads", self.response_threads, "1..64")
-        _check(self.dtype in ("float32", "float16", "bfloat16"), "dtype", self.dtype, "float32|float16|bfloat16")
-        _check(0 < self.kv_cache_memory_fraction <= 0.95, "kv_cache_memory_fraction",
-               self.kv_cache_memory_fraction, "(0, 0.95]")
+        _check(self.dtype in DTYPES, "dtype", self.dtype, "|".join(DTYPES))
+        _check(
+            0 < self.kv_cache_memory_fraction <= 0.95,
+            "kv_cache_memory_fraction",
+            self.kv_cache_memory_fraction,
+            "(0, 0.95]",
+        )
 
     def to_parameters(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
-    def from_parameters(cls, params: dict[str, str]) -> "EngineConfig":
+    def from_parameters(cls, params: dict[str, str]) -> EngineConfig:
         kw: dict[str, Any] = {}
         for f in fields(cls):
             if f.name in params:
@@ -90,11 +110,11 @@ class SamplingParams:
     max_tokens: int = 64
     min_tokens: int = 0
     temperature: float = 1.0
-    top_k: int = 0                # 0: off
+    top_k: int = 0  # 0: off
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
-    end_id: int | None = None     # None: the model's EOS ids
+    end_id: int | None = None  # None: the model's EOS ids
     pad_id: int | None = None
     ignore_eos: bool = False
     stream: bool = False
@@ -106,7 +126,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
-    def validate(self, cfg: EngineConfig, prompt_len: int, vocab_size: int) -> "SamplingParams":
+    def validate(self, cfg: EngineConfig, prompt_len: int, vocab_size: int) -> SamplingParams:
         def bad(name, value, fix):
             raise RequestValidationError(name, value, fix)
 
@@ -116,8 +136,10 @@ class SamplingParams:
             bad("text_input", "", "send a non-empty prompt")
         if prompt_len + self.max_tokens > cfg.max_context:
             room = cfg.max_context - prompt_len
-            fix = (f"the prompt has {prompt_len} tokens and max_tokens is {self.max_tokens}; the context holds "
-                   f"{cfg.max_context}: " + (f"lower max_tokens to <= {room}" if room > 0 else "shorten the prompt"))
+            fix = (
+                f"the prompt has {prompt_len} tokens and max_tokens is {self.max_tokens}; the context holds "
+                f"{cfg.max_context}: " + (f"lower max_tokens to <= {room}" if room > 0 else "shorten the prompt")
+            )
             bad("max_tokens" if room > 0 else "text_input", self.max_tokens if room > 0 else prompt_len, fix)
         if not 0 <= self.min_tokens <= self.max_tokens:
             bad("min_tokens", self.min_tokens, f"use 0..max_tokens ({self.max_tokens})")

@@ -1,6 +1,7 @@
 """Every tensor of the generated repository, defined once: dtype, dims, whether optional, default
 and bounds. Model configs and the README's tensor table are rendered from these lists. Names
 follow NVIDIA's TensorRT-LLM ensemble so its clients and tools work unchanged."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: str           # Triton TYPE_* suffix
+    dtype: str  # Triton TYPE_* suffix
     dims: tuple[int, ...]
     optional: bool = False
     doc: str = ""
@@ -21,8 +22,19 @@ def T(name, dtype, dims=(1,), optional=False, doc=""):
 
 # -- the ensemble (what clients send and receive) -------------------------------------------------
 SAMPLING_INPUTS = [
-    T("max_tokens", "INT32", optional=True, doc="tokens to generate; default `default_max_tokens`, 1..`max_tokens_limit`; prompt + max_tokens <= `max_context`"),
-    T("min_tokens", "INT32", optional=True, doc="EOS and stop words are ignored before this many tokens; default 0, 0..max_tokens"),
+    T(
+        "max_tokens",
+        "INT32",
+        optional=True,
+        doc="tokens to generate; default `default_max_tokens`, 1..`max_tokens_limit`; "
+        "prompt + max_tokens <= `max_context`",
+    ),
+    T(
+        "min_tokens",
+        "INT32",
+        optional=True,
+        doc="EOS and stop words are ignored before this many tokens; default 0, 0..max_tokens",
+    ),
     T("temperature", "FP32", optional=True, doc="default 1.0; 0 = greedy; 0..100"),
     T("top_k", "INT32", optional=True, doc="default 0 (off); 1 = greedy; 0..vocab size"),
     T("top_p", "FP32", optional=True, doc="nucleus sampling; default 1.0; (0, 1]"),
@@ -32,11 +44,25 @@ SAMPLING_INPUTS = [
     T("pad_id", "INT32", optional=True, doc="accepted for compatibility (no padding is ever returned)"),
     T("ignore_eos", "BOOL", optional=True, doc="keep generating past EOS until max_tokens; default false"),
     T("stream", "BOOL", optional=True, doc="stream text deltas; default false (one response)"),
-    T("exclude_input_in_output", "BOOL", optional=True, doc="default true: the prompt is never echoed; false prepends it"),
+    T(
+        "exclude_input_in_output",
+        "BOOL",
+        optional=True,
+        doc="default true: the prompt is never echoed; false prepends it",
+    ),
 ]
 ENSEMBLE_INPUTS = [
-    T("text_input", "STRING", doc="the prompt (UTF-8); with apply_chat_template, a user message or a JSON list of {role, content}"),
-    T("apply_chat_template", "BOOL", optional=True, doc="render the model's chat template around the prompt; default false"),
+    T(
+        "text_input",
+        "STRING",
+        doc="the prompt (UTF-8); with apply_chat_template, a user message or a JSON list of {role, content}",
+    ),
+    T(
+        "apply_chat_template",
+        "BOOL",
+        optional=True,
+        doc="render the model's chat template around the prompt; default false",
+    ),
     T("stop_words", "STRING", (-1,), optional=True, doc="strings that end generation; cut from the returned text"),
     T("bad_words", "STRING", (-1,), optional=True, doc="strings never generated"),
     *SAMPLING_INPUTS,
@@ -66,17 +92,24 @@ class ResponseInfo:
     def pack(self) -> list[int]:
         if self.finish_reason not in FINISH_REASONS:
             raise ValueError(f"finish_reason {self.finish_reason!r} has no code: add it to FINISH_REASONS")
-        return [self.num_context_ids, int(self.is_final), self.num_input_tokens, self.num_output_tokens,
-                FINISH_REASONS.index(self.finish_reason)]
+        return [
+            self.num_context_ids,
+            int(self.is_final),
+            self.num_input_tokens,
+            self.num_output_tokens,
+            FINISH_REASONS.index(self.finish_reason),
+        ]
 
     @classmethod
-    def unpack(cls, values: list[int]) -> "ResponseInfo":
+    def unpack(cls, values: list[int]) -> ResponseInfo:
         if len(values) != len(RESPONSE_INFO) or not 0 <= values[4] < len(FINISH_REASONS):
             raise ValueError(f"response_info {values!r}: expected {len(RESPONSE_INFO)} values {RESPONSE_INFO}")
         return cls(values[0], bool(values[1]), values[2], values[3], FINISH_REASONS[values[4]])
 
 
-TOKENIZER_INPUTS = [s for s in ENSEMBLE_INPUTS if s.name in ("text_input", "apply_chat_template", "stop_words", "bad_words")]
+TOKENIZER_INPUTS = [
+    s for s in ENSEMBLE_INPUTS if s.name in ("text_input", "apply_chat_template", "stop_words", "bad_words")
+]
 TOKENIZER_OUTPUTS = [T("input_ids", "INT32", (-1,)), T("stop_ids", "INT32", (-1,)), T("bad_ids", "INT32", (-1,))]
 ENGINE_INPUTS = [
     T("input_ids", "INT32", (-1,)),

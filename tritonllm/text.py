@@ -6,6 +6,7 @@ already sent (`n_context`). The text a prefix of ids may show is a pure function
 are held back, and everything from the first stop string on is cut. A response's delta is the
 visible text of all its ids minus that of its context ids, so the deltas concatenate exactly to
 the non-streamed text, with no lost spaces and no split characters."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,11 @@ class TokenizerFiles:
 
     def render_chat(self, messages: list[dict]) -> str:
         if not self.chat_template:
-            raise RequestValidationError("apply_chat_template", True,
-                                         "this model has no chat template: send plain text with apply_chat_template=false")
+            raise RequestValidationError(
+                "apply_chat_template",
+                True,
+                "this model has no chat template: send plain text with apply_chat_template=false",
+            )
         if self._template is None:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -52,8 +56,12 @@ class TokenizerFiles:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = raise_exception
             self._template = env.from_string(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=True,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=True,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
 
 
 def parse_messages(text: str) -> list[dict]:
@@ -77,8 +85,11 @@ def encode_prompt(tok: TokenizerFiles, text: str, apply_chat_template: bool, max
     else:
         ids = tok.encode(text)
     if len(ids) >= max_context:
-        raise RequestValidationError("text_input", f"<{len(ids)} tokens>",
-                                     f"the prompt must be shorter than the context of {max_context} tokens; shorten it")
+        raise RequestValidationError(
+            "text_input",
+            f"<{len(ids)} tokens>",
+            f"the prompt must be shorter than the context of {max_context} tokens; shorten it",
+        )
     return ids
 
 
@@ -138,7 +149,7 @@ def visible_text(text: str, final: bool, stops: list[str]) -> str:
     if final:
         return text
     text = text.rstrip(REPLACEMENT)
-    return text[:len(text) - _held_back_tail(text, stops)]
+    return text[: len(text) - _held_back_tail(text, stops)]
 
 
 def text_delta(tok: TokenizerFiles, ids: list[int], n_context: int, final: bool, stops: list[str]) -> str:
@@ -148,7 +159,7 @@ def text_delta(tok: TokenizerFiles, ids: list[int], n_context: int, final: bool,
         return cur
     prev = visible_text(tok.decode(ids[:n_context]), False, stops)
     if cur.startswith(prev):
-        return cur[len(prev):]
+        return cur[len(prev) :]
     common = 0
     while common < min(len(cur), len(prev)) and cur[common] == prev[common]:
         common += 1

@@ -2,14 +2,15 @@ import time
 
 import numpy as np
 
-from tritonllm.server import metric_samples
+from tritonllm.triton.scrape import metric_samples
 
 
 def metric_value(server, name: str, model: str) -> float:
     """The first sample of `name` for `model` on /metrics (a counter not yet incremented is not
     exported: 0)."""
-    return next((v for n, labels, v in metric_samples(server.metrics())
-                 if n == name and labels.get("model") == model), 0.0)
+    return next(
+        (v for n, labels, v in metric_samples(server.metrics()) if n == name and labels.get("model") == model), 0.0
+    )
 
 
 def wait_for_metric(server, name, model, predicate, timeout_s=10.0):

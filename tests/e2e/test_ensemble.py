@@ -1,4 +1,5 @@
 """End-to-end against a real tritonserver (from the nvidia-pytriton wheel) over gRPC streaming."""
+
 import asyncio
 import queue
 import time
@@ -7,10 +8,10 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
-from clients import AsyncLLMClient, GenerationError, LLMClient
-from tritonllm.modeling import load_hf
-from tritonllm.server import metric_samples
+from tritonllm.client import AsyncLLMClient, GenerationError, LLMClient
+from tritonllm.model.modeling import load_hf
 from tritonllm.text import TokenizerFiles
+from tritonllm.triton.scrape import metric_samples
 
 from .helpers import engine_inputs, metric_value, wait_for_metric
 
@@ -26,8 +27,13 @@ def hf_greedy_text(ckpt, prompt, n):
     hf = load_hf(ckpt)
     ids = tok.encode(prompt)
     with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                          pad_token_id=hf.config.eos_token_id)[0, len(ids):].tolist()
+        out = hf.generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=hf.config.eos_token_id,
+        )[0, len(ids) :].tolist()
     return out, tok.decode(out)
 
 
@@ -42,8 +48,15 @@ def test_greedy_through_ensemble_matches_hf_generate(live_server, which, request
     got: queue.Queue = queue.Queue()
     raw = grpcclient.InferenceServerClient(live_server.grpc_url)
     raw.start_stream(callback=lambda result=None, error=None: got.put((result, error)))
-    raw.async_stream_infer(f"{which}_engine", engine_inputs(TokenizerFiles(ckpt).encode(prompt), max_tokens=("INT32", n),
-                                                            temperature=("FP32", 0.0), ignore_eos=("BOOL", True)))
+    raw.async_stream_infer(
+        f"{which}_engine",
+        engine_inputs(
+            TokenizerFiles(ckpt).encode(prompt),
+            max_tokens=("INT32", n),
+            temperature=("FP32", 0.0),
+            ignore_eos=("BOOL", True),
+        ),
+    )
     result, error = got.get(timeout=120)
     raw.stop_stream()
     raw.close()
@@ -73,8 +86,10 @@ def test_engine_side_detokenization_gives_the_same_text_as_the_detokenizer_stage
     assert "tiny_onehop_engine" in served and "tiny_onehop_detokenizer" not in served
     prompt = "Streaming text with émojis 😀 and 日本語:"
     kw = dict(max_tokens=60, temperature=0.0, ignore_eos=True)
-    pieces, prefilled = (metric_value(live_server, f"tritonllm_{m}_total", "tiny_onehop_engine")
-                         for m in ("prefill_steps", "prefilled_sequences"))
+    pieces, prefilled = (
+        metric_value(live_server, f"tritonllm_{m}_total", "tiny_onehop_engine")
+        for m in ("prefill_steps", "prefilled_sequences")
+    )
     with LLMClient(live_server.grpc_url, "tiny_onehop", timeout_s=60) as onehop:
         ref, got = tiny.generate(prompt, **kw), onehop.generate(prompt, **kw)
         chunks = list(onehop.stream(prompt, **kw))
@@ -83,12 +98,16 @@ def test_engine_side_detokenization_gives_the_same_text_as_the_detokenizer_stage
         streamed_stop = "".join(c.text for c in onehop.stream(prompt, stop_words=[stop], **kw))
         seeded = [c.generate(prompt, max_tokens=30, temperature=1.0, seed=7).text for c in (tiny, onehop)]
     assert got.text == ref.text == "".join(c.text for c in chunks) and len(chunks) > 10
-    assert (got.finish_reason, got.num_output_tokens, got.num_input_tokens) == \
-        (ref.finish_reason, ref.num_output_tokens, ref.num_input_tokens)
+    assert (got.finish_reason, got.num_output_tokens, got.num_input_tokens) == (
+        ref.finish_reason,
+        ref.num_output_tokens,
+        ref.num_input_tokens,
+    )
     assert stopped.finish_reason == "stop" and stop not in stopped.text and streamed_stop == stopped.text
     assert seeded[0] == seeded[1]
-    after = wait_for_metric(live_server, "tritonllm_prefilled_sequences_total", "tiny_onehop_engine",
-                            lambda v: v >= prefilled + 5)  # the five requests above
+    after = wait_for_metric(
+        live_server, "tritonllm_prefilled_sequences_total", "tiny_onehop_engine", lambda v: v >= prefilled + 5
+    )  # the five requests above
     pieces = metric_value(live_server, "tritonllm_prefill_steps_total", "tiny_onehop_engine") - pieces
     assert pieces >= 2 * (after - prefilled), (pieces, after - prefilled)  # each prompt in two pieces or more
 
@@ -119,8 +138,9 @@ def test_stop_words_end_generation_and_are_trimmed(tiny):
     r = tiny.generate("Counting:", max_tokens=40, temperature=0.0, ignore_eos=True, stop_words=[stop])
     assert r.finish_reason == "stop" and stop not in r.text
     assert full.startswith(r.text) and len(r.text) < len(full)
-    streamed = "".join(c.text for c in tiny.stream("Counting:", max_tokens=40, temperature=0.0, ignore_eos=True,
-                                                   stop_words=[stop]))
+    streamed = "".join(
+        c.text for c in tiny.stream("Counting:", max_tokens=40, temperature=0.0, ignore_eos=True, stop_words=[stop])
+    )
     assert streamed == r.text
 
 
@@ -130,26 +150,38 @@ def test_eight_concurrent_requests_share_decode_steps(live_server):
     lengths = [5, 40, 12, 60, 25, 8, 50, 33]
     prompts = [f"Request number {i} says" for i in range(8)]
     with LLMClient(live_server.grpc_url, "tiny") as c:
-        expected = [c.generate(p, max_tokens=n, temperature=0.0, ignore_eos=True).text for p, n in zip(prompts, lengths)]
-    counters = ("tritonllm_batched_decode_steps_total", "tritonllm_prefilled_sequences_total",
-                "tritonllm_prefill_steps_total", "tritonllm_loop_steps_total")
+        expected = [
+            c.generate(p, max_tokens=n, temperature=0.0, ignore_eos=True).text for p, n in zip(prompts, lengths)
+        ]
+    counters = (
+        "tritonllm_batched_decode_steps_total",
+        "tritonllm_prefilled_sequences_total",
+        "tritonllm_prefill_steps_total",
+        "tritonllm_loop_steps_total",
+    )
     time.sleep(1.0)  # the engine publishes its counters every 0.5 s: let the warm-up's land first
     batched_before, prefilled_before, prefill_steps_before, steps_before = (
-        metric_value(live_server, m, "tiny_engine") for m in counters)
+        metric_value(live_server, m, "tiny_engine") for m in counters
+    )
 
     async def run():
         client = AsyncLLMClient(live_server.grpc_url, "tiny")
         try:
-            return await asyncio.gather(*[client.generate(p, max_tokens=n, temperature=0.0, ignore_eos=True, stream=True)
-                                          for p, n in zip(prompts, lengths)])
+            return await asyncio.gather(
+                *[
+                    client.generate(p, max_tokens=n, temperature=0.0, ignore_eos=True, stream=True)
+                    for p, n in zip(prompts, lengths)
+                ]
+            )
         finally:
             await client.close()
 
     results = asyncio.run(run())
     assert [r.text for r in results] == expected
     assert [r.num_output_tokens for r in results] == lengths
-    wait_for_metric(live_server, "tritonllm_batched_decode_steps_total", "tiny_engine",
-                    lambda v: v >= batched_before + 20)
+    wait_for_metric(
+        live_server, "tritonllm_batched_decode_steps_total", "tiny_engine", lambda v: v >= batched_before + 20
+    )
     prefilled = wait_for_metric(live_server, counters[1], "tiny_engine", lambda v: v >= prefilled_before + 8)
     assert prefilled == prefilled_before + 8
     prefill_steps = metric_value(live_server, counters[2], "tiny_engine") - prefill_steps_before
@@ -229,8 +261,11 @@ def test_invalid_utf8_prompt_is_refused(live_server, tiny):
 
 
 def _finished_by_reason(server, model: str) -> dict[str, float]:
-    return {labels["reason"]: v for n, labels, v in metric_samples(server.metrics())
-            if n == "tritonllm_requests_finished_total" and labels.get("model") == model}
+    return {
+        labels["reason"]: v
+        for n, labels, v in metric_samples(server.metrics())
+        if n == "tritonllm_requests_finished_total" and labels.get("model") == model
+    }
 
 
 def test_cancelling_a_stream_to_the_engine_frees_its_slot(live_server, tiny_dir):
@@ -244,8 +279,10 @@ def test_cancelling_a_stream_to_the_engine_frees_its_slot(live_server, tiny_dir)
         c = grpcclient.InferenceServerClient(live_server.grpc_url)
         got: queue.Queue = queue.Queue()
         c.start_stream(callback=lambda result=None, error=None: got.put((result, error)))
-        c.async_stream_infer("tiny_engine", engine_inputs(ids, max_tokens=("INT32", 200), stream=("BOOL", True),
-                                                          ignore_eos=("BOOL", True)))
+        c.async_stream_infer(
+            "tiny_engine",
+            engine_inputs(ids, max_tokens=("INT32", 200), stream=("BOOL", True), ignore_eos=("BOOL", True)),
+        )
         result, error = got.get(timeout=30)  # generating
         assert error is None, error
         c.stop_stream(cancel_requests=True)

@@ -1,4 +1,5 @@
 """Reliability on the real server: overload beyond slots + queue, a killed engine stub."""
+
 import asyncio
 import os
 import signal
@@ -7,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from clients import AsyncLLMClient, GenerationError, LLMClient
+from tritonllm.client import AsyncLLMClient, GenerationError, LLMClient
 
 
 def test_overload_rejects_cleanly_and_every_accepted_request_finishes(live_server):
     """40 streams at once against 4 slots + a queue of 8: the excess gets UNAVAILABLE at once,
     every accepted request gets exactly its tokens and one final response, nothing hangs."""
+
     async def one(client, i):
         try:
             chunks = [c async for c in client.stream(f"overload {i}", max_tokens=30, temperature=0.0, ignore_eos=True)]
@@ -40,7 +42,7 @@ def test_overload_rejects_cleanly_and_every_accepted_request_finishes(live_serve
 
 @pytest.fixture
 def fault_server(model_repository):
-    from tritonllm.server import TritonServer
+    from tritonllm.triton.server_process import TritonServer
 
     srv = TritonServer(model_repository, log_dir=Path("build/logs/tests/fault"), watchdog=True)
     srv.start()
@@ -55,14 +57,17 @@ def fault_server(model_repository):
 def test_killed_engine_stub_errors_its_requests_and_the_server_recovers(fault_server, recovery):
     """SIGKILL the engine's python stub while three streams generate. Triton 2.51 neither answers
     nor restarts it; the watchdog reloads the model or, when no new stub runs in time (it varies
-    from run to run in 2.51; forced here by a tiny timeout), restarts the server. Every affected request ends in an error,
-    none hangs, and the server serves again; the recovery time is printed."""
+    from run to run in 2.51; forced here by a tiny timeout), restarts the server. Every affected request ends in
+    an error, none hangs, and the server serves again; the recovery time is printed."""
     import threading
 
     if recovery == "restart":
         fault_server.reload_timeout_s = 0.05  # forces the fallback
     deadline = time.monotonic() + 30
-    while not (pids := sorted(getattr(fault_server, "watched", {}).get("tiny_engine", ()))) and time.monotonic() < deadline:
+    while (
+        not (pids := sorted(getattr(fault_server, "watched", {}).get("tiny_engine", ())))
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.5)  # until the watchdog knows the engine's stub
     assert pids, f"no stub process found for tiny_engine: {fault_server.stub_pids()}\n{fault_server.log_tail(20)}"
     outcomes, started = [], threading.Barrier(4)
@@ -100,10 +105,11 @@ def test_killed_engine_stub_errors_its_requests_and_the_server_recovers(fault_se
     deadline = time.monotonic() + 40  # the watchdog records a recovery once the new stub is seen
     while not fault_server.recoveries and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert fault_server.recoveries and fault_server.recoveries[-1][1] in recovery.split("-or-"), \
-        fault_server.recoveries
-    print(f"engine stub killed under 3 streams: they ended with {outcomes}; serving again after {recovered:.1f} s "
-          f"({fault_server.recoveries})")
+    assert fault_server.recoveries and fault_server.recoveries[-1][1] in recovery.split("-or-"), fault_server.recoveries
+    print(
+        f"engine stub killed under 3 streams: they ended with {outcomes}; serving again after {recovered:.1f} s "
+        f"({fault_server.recoveries})"
+    )
 
 
 def test_walking_away_from_an_ensemble_stream_is_bounded(live_server):
@@ -114,42 +120,54 @@ def test_walking_away_from_an_ensemble_stream_is_bounded(live_server):
 
     import tritonclient.grpc as grpcclient
 
-    from clients.llm_client import build_inputs
+    from tritonllm.client.llm_client import build_inputs
+
     from .helpers import metric_value, wait_for_metric
 
     def finished_total() -> float:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in live_server.metrics().splitlines()
-                   if line.startswith("tritonllm_requests_finished_total") and 'model="tiny_engine"' in line)
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in live_server.metrics().splitlines()
+            if line.startswith("tritonllm_requests_finished_total") and 'model="tiny_engine"' in line
+        )
 
     wait_for_metric(live_server, "tritonllm_requests_active", "tiny_engine", lambda v: v == 0, timeout_s=30)
     before = finished_total()
     c = grpcclient.InferenceServerClient(live_server.grpc_url)
     got: q.Queue = q.Queue()
     c.start_stream(callback=lambda result=None, error=None: got.put(error))
-    c.async_stream_infer("tiny", build_inputs(grpcclient, "walk away", dict(max_tokens=190, stream=True,
-                                                                             ignore_eos=True, temperature=0.0)))
+    c.async_stream_infer(
+        "tiny",
+        build_inputs(grpcclient, "walk away", dict(max_tokens=190, stream=True, ignore_eos=True, temperature=0.0)),
+    )
     assert got.get(timeout=30) is None  # streaming: the engine holds the slot now
     c.stop_stream(cancel_requests=True)
     c.close()
     walked = time.monotonic()
     # the slot is freed when the engine finishes the request (finished counter +1, nothing active);
     # on a fast host that may already have happened before the walk-away
-    while not (finished_total() >= before + 1 and
-               metric_value(live_server, "tritonllm_requests_active", "tiny_engine") == 0):
+    while not (
+        finished_total() >= before + 1 and metric_value(live_server, "tritonllm_requests_active", "tiny_engine") == 0
+    ):
         assert time.monotonic() - walked < 30, "the abandoned request still holds its slot after 30 s"
         time.sleep(0.1)
     freed_after = time.monotonic() - walked
     time.sleep(1.0)  # metrics are copied from the engine every 0.5 s
-    reasons = [l for l in live_server.metrics().splitlines()
-               if l.startswith("tritonllm_requests_finished_total") and "tiny_engine" in l]
-    print(f"ensemble stream abandoned: engine slot freed after {freed_after:.2f} s (190 tokens at most; "
-          f"cancellation not forwarded by Triton 2.51); finished so far: {reasons}")
+    reasons = [
+        line
+        for line in live_server.metrics().splitlines()
+        if line.startswith("tritonllm_requests_finished_total") and "tiny_engine" in line
+    ]
+    print(
+        f"ensemble stream abandoned: engine slot freed after {freed_after:.2f} s (190 tokens at most; "
+        f"cancellation not forwarded by Triton 2.51); finished so far: {reasons}"
+    )
     assert freed_after < 30 and reasons
 
 
 def histogram(server, name: str, model: str) -> tuple[dict[float, float], float, float]:
     """Cumulative bucket counts by upper bound, sum and count of one histogram on /metrics."""
-    from tritonllm.server import metric_samples
+    from tritonllm.triton.scrape import metric_samples
 
     buckets, total, count = {}, 0.0, 0.0
     for metric, labels, value in metric_samples(server.metrics()):
@@ -168,11 +186,14 @@ def histogram(server, name: str, model: str) -> tuple[dict[float, float], float,
 def test_ttft_and_itl_histograms_agree_with_what_the_client_measured(live_server):
     """Four streams: the engine's TTFT and ITL histograms on /metrics count each request once, in
     buckets consistent with the client's own timings (the server's TTFT is at most the client's)."""
-    from clients.llm_client import itl_from_chunks
+    from tritonllm.client.llm_client import itl_from_chunks
 
-    ttft_name, itl_name, model = "tritonllm_time_to_first_token_seconds", "tritonllm_inter_token_latency_seconds", \
-        "tiny_onehop_engine"
-    (b0, s0, n0), (i0, is0, in0) = histogram(live_server, ttft_name, model), histogram(live_server, itl_name, model)
+    ttft_name, itl_name, model = (
+        "tritonllm_time_to_first_token_seconds",
+        "tritonllm_inter_token_latency_seconds",
+        "tiny_onehop_engine",
+    )
+    (b0, s0, n0), (_, is0, in0) = histogram(live_server, ttft_name, model), histogram(live_server, itl_name, model)
     client_ttft, client_itl = [], []
     with LLMClient(live_server.grpc_url, "tiny_onehop", timeout_s=60) as c:
         for i in range(4):
@@ -184,7 +205,7 @@ def test_ttft_and_itl_histograms_agree_with_what_the_client_measured(live_server
             client_ttft.append(times[0] - t0)
             gaps = itl_from_chunks(times, counts)
             client_itl.append(sum(gaps) / len(gaps))
-    (b1, s1, n1), (i1, is1, in1) = histogram(live_server, ttft_name, model), histogram(live_server, itl_name, model)
+    (b1, s1, n1), (_, is1, in1) = histogram(live_server, ttft_name, model), histogram(live_server, itl_name, model)
     assert n1 - n0 == 4 and in1 - in0 == 4
     delta = {le: b1[le] - b0.get(le, 0.0) for le in sorted(b1)}
     counts = list(delta.values())
@@ -206,6 +227,7 @@ def test_short_soak_with_walk_aways_keeps_the_server_up(live_server):
     import asyncio
 
     from loadtests.soak import soak
+
     from .helpers import wait_for_metric
 
     counts = asyncio.run(soak(live_server.grpc_url, "tiny", 400, 8, seed=7, on_progress=lambda i: None))

@@ -1,6 +1,7 @@
 """Tests only: the project's Locust user, starting each request at the beginning of an even time
 slot of the wall clock (slot length SLOT_S seconds). A second process that starts its requests at
 odd slots never overlaps it, yet both sample the server within seconds of each other."""
+
 import os
 import time
 

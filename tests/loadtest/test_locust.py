@@ -1,5 +1,6 @@
 """Locust against a timing-reference model with known delays (first token 50 ms, then one every
 20 ms): the measured TTFT and ITL must be right within 10%, alone and in distributed mode."""
+
 import json
 import os
 import subprocess
@@ -26,8 +27,27 @@ def summary(prefix: Path) -> dict:
 
 def test_locust_measures_known_ttft_and_itl(timing_server, tmp_path):
     prefix = tmp_path / "run"
-    r = locust(["-u", "4", "-r", "4", "-t", "6s", "--host", timing_server.grpc_url, "--model", "timing",
-                "--output-mean", "20", "--csv", str(prefix), "--html", str(tmp_path / "report.html")], tmp_path)
+    r = locust(
+        [
+            "-u",
+            "4",
+            "-r",
+            "4",
+            "-t",
+            "6s",
+            "--host",
+            timing_server.grpc_url,
+            "--model",
+            "timing",
+            "--output-mean",
+            "20",
+            "--csv",
+            str(prefix),
+            "--html",
+            str(tmp_path / "report.html"),
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = summary(prefix)
     assert s["requests"] >= 8 and s["error_ratio"] == 0
@@ -40,8 +60,27 @@ def test_locust_measures_known_ttft_and_itl(timing_server, tmp_path):
 
 
 def test_slo_miss_makes_the_run_fail(timing_server, tmp_path):
-    r = locust(["-u", "2", "-r", "2", "-t", "3s", "--host", timing_server.grpc_url, "--model", "timing",
-                "--output-mean", "5", "--csv", str(tmp_path / "run"), "--slo-ttft-p99-ms", "10"], tmp_path)
+    r = locust(
+        [
+            "-u",
+            "2",
+            "-r",
+            "2",
+            "-t",
+            "3s",
+            "--host",
+            timing_server.grpc_url,
+            "--model",
+            "timing",
+            "--output-mean",
+            "5",
+            "--csv",
+            str(tmp_path / "run"),
+            "--slo-ttft-p99-ms",
+            "10",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 1
     assert "SLO missed: ttft_p99_ms" in r.stdout + r.stderr
 
@@ -51,16 +90,60 @@ def test_distributed_master_and_two_workers(timing_server, tmp_path):
     common = ["--host", timing_server.grpc_url, "--model", "timing", "--output-mean", "10"]
     port = str(timing_server.grpc_port + 7)  # a free-ish port beside the server's
     master = subprocess.Popen(
-        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", "--master",
-         "--master-bind-host", "127.0.0.1", "--master-bind-port", port, "--expect-workers", "2",
-         "-u", "4", "-r", "4", "-t", "6s", "--csv", str(prefix), *common],
-        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(LOCUSTFILE),
+            "--headless",
+            "--only-summary",
+            "--master",
+            "--master-bind-host",
+            "127.0.0.1",
+            "--master-bind-port",
+            port,
+            "--expect-workers",
+            "2",
+            "-u",
+            "4",
+            "-r",
+            "4",
+            "-t",
+            "6s",
+            "--csv",
+            str(prefix),
+            *common,
+        ],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     time.sleep(2)
-    workers = [subprocess.Popen(
-        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker", "--master-host", "127.0.0.1",
-         "--master-port", port, *common], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "locust",
+                "-f",
+                str(LOCUSTFILE),
+                "--worker",
+                "--master-host",
+                "127.0.0.1",
+                "--master-port",
+                port,
+                *common,
+            ],
+            cwd=tmp_path,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(2)
+    ]
     try:
         out, _ = master.communicate(timeout=90)
     finally:
@@ -76,13 +159,30 @@ def test_distributed_master_and_two_workers(timing_server, tmp_path):
 
 def test_locust_agrees_with_the_client_benchmark(timing_server, tmp_path):
     """The project's own client and Locust measure the same server within 10%."""
-    from clients import LLMClient
+    from tritonllm.client import LLMClient
 
     with LLMClient(timing_server.grpc_url, "timing") as c:
         results = [c.generate("x", max_tokens=10, stream=True) for _ in range(5)]
     client_ttft = sorted(r.ttft_s for r in results)[2] * 1e3
-    r = locust(["-u", "1", "-r", "1", "-t", "4s", "--host", timing_server.grpc_url, "--model", "timing",
-                "--output-mean", "10", "--csv", str(tmp_path / "one")], tmp_path)
+    r = locust(
+        [
+            "-u",
+            "1",
+            "-r",
+            "1",
+            "-t",
+            "4s",
+            "--host",
+            timing_server.grpc_url,
+            "--model",
+            "timing",
+            "--output-mean",
+            "10",
+            "--csv",
+            str(tmp_path / "one"),
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert summary(tmp_path / "one")["ttft_p50_ms"] == pytest.approx(client_ttft, rel=0.10)
 
@@ -102,11 +202,40 @@ def test_locust_agrees_with_our_client_on_the_real_ensemble(live_server, tmp_pat
     jsonl.write_text(json.dumps({"prompt": prompt, "max_tokens": n}))
     prefix = tmp_path / "real"
     env = dict(os.environ, PYTHONPATH=str(ROOT), SLOT_S=str(slot))
-    proc = subprocess.Popen([sys.executable, "-m", "locust", "-f", str(SLOTTED), "--headless", "--only-summary",
-                             "-u", "1", "-r", "1", "-t", f"{int(4 + 2 * slot * (runs + 1))}s", "--host",
-                             live_server.grpc_url, "--model", "smollm2", "--jsonl", str(jsonl), "--ignore-eos",
-                             "--temperature", "0", "--csv", str(prefix), "SlottedUser"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(SLOTTED),
+            "--headless",
+            "--only-summary",
+            "-u",
+            "1",
+            "-r",
+            "1",
+            "-t",
+            f"{int(4 + 2 * slot * (runs + 1))}s",
+            "--host",
+            live_server.grpc_url,
+            "--model",
+            "smollm2",
+            "--jsonl",
+            str(jsonl),
+            "--ignore-eos",
+            "--temperature",
+            "0",
+            "--csv",
+            str(prefix),
+            "SlottedUser",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     time.sleep(3.0)  # Locust imported and streaming
     ttft, itl = client_timings(live_server.grpc_url, "smollm2", prompt, n, runs=runs, slot_s=slot)
     out, _ = proc.communicate(timeout=180)
@@ -114,35 +243,46 @@ def test_locust_agrees_with_our_client_on_the_real_ensemble(live_server, tmp_pat
     s = summary(prefix)
     assert s["requests"] >= runs - 2 and s["error_ratio"] == 0 and s["output_tokens"] == n * s["requests"], s
     median = lambda xs: sorted(xs)[len(xs) // 2] * 1e3
-    print(f"real ensemble, slots of {slot} s: Locust TTFT/ITL p50 {s['ttft_p50_ms']:.1f}/{s['itl_p50_ms']:.1f} ms "
-          f"({s['requests']} requests), client {median(ttft):.1f}/{median(itl):.1f} ms ({runs})")
+    print(
+        f"real ensemble, slots of {slot} s: Locust TTFT/ITL p50 {s['ttft_p50_ms']:.1f}/{s['itl_p50_ms']:.1f} ms "
+        f"({s['requests']} requests), client {median(ttft):.1f}/{median(itl):.1f} ms ({runs})"
+    )
     assert s["itl_p50_ms"] == pytest.approx(median(itl), rel=0.10), (s, median(itl))
     assert s["ttft_p50_ms"] == pytest.approx(median(ttft), rel=0.10), (s, median(ttft))
 
 
-def client_timings(url: str, model: str, prompt: str, n: int, runs: int,
-                   slot_s: float = 0.0) -> tuple[list[float], list[float]]:
+def client_timings(
+    url: str, model: str, prompt: str, n: int, runs: int, slot_s: float = 0.0
+) -> tuple[list[float], list[float]]:
     """TTFT per request and per-token gaps from the project's streaming client, run in its own
     process like Locust (so neither measurement shares a process with the test runner); with
     `slot_s`, each request starts at the beginning of an odd time slot (Locust's user takes the even)."""
-    code = ("import json, sys, time\n"
-            "from clients import LLMClient\n"
-            "from clients.llm_client import itl_from_chunks\n"
-            "url, model, prompt, n, runs, slot = json.loads(sys.argv[1])\n"
-            "ttft, itl = [], []\n"
-            "with LLMClient(url, model, timeout_s=120) as c:\n"
-            "    for _ in range(runs):\n"
-            "        if slot:\n"
-            "            time.sleep((slot - time.time()) % (2 * slot))\n"
-            "        t0, times, counts = time.perf_counter(), [], []\n"
-            "        for ch in c.stream(prompt, max_tokens=n, temperature=0.0, ignore_eos=True):\n"
-            "            if ch.num_output_tokens and (not counts or ch.num_output_tokens > counts[-1]):\n"
-            "                times.append(ch.at)\n"
-            "                counts.append(ch.num_output_tokens)\n"
-            "        ttft.append(times[0] - t0)\n"
-            "        itl += itl_from_chunks(times, counts)\n"
-            "print(json.dumps([ttft, itl]))\n")
-    out = subprocess.run([sys.executable, "-c", code, json.dumps([url, model, prompt, n, runs, slot_s])], capture_output=True,
-                         text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True)
+    code = (
+        "import json, sys, time\n"
+        "from tritonllm.client import LLMClient\n"
+        "from tritonllm.client.llm_client import itl_from_chunks\n"
+        "url, model, prompt, n, runs, slot = json.loads(sys.argv[1])\n"
+        "ttft, itl = [], []\n"
+        "with LLMClient(url, model, timeout_s=120) as c:\n"
+        "    for _ in range(runs):\n"
+        "        if slot:\n"
+        "            time.sleep((slot - time.time()) % (2 * slot))\n"
+        "        t0, times, counts = time.perf_counter(), [], []\n"
+        "        for ch in c.stream(prompt, max_tokens=n, temperature=0.0, ignore_eos=True):\n"
+        "            if ch.num_output_tokens and (not counts or ch.num_output_tokens > counts[-1]):\n"
+        "                times.append(ch.at)\n"
+        "                counts.append(ch.num_output_tokens)\n"
+        "        ttft.append(times[0] - t0)\n"
+        "        itl += itl_from_chunks(times, counts)\n"
+        "print(json.dumps([ttft, itl]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([url, model, prompt, n, runs, slot_s])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        check=True,
+    )
     ttft, itl = json.loads(out.stdout.strip().splitlines()[-1])
     return ttft, itl

@@ -1,11 +1,12 @@
 """The engine (ONNX Runtime, in-process, in-flight batched) against transformers' greedy
 `generate`: exact token ids, on the tiny random model and on SmolLM2-135M-Instruct."""
+
 import pytest
 import torch
 
 from tritonllm.config import EngineConfig
-from tritonllm.inprocess import InProcessEngine
-from tritonllm.modeling import load_hf
+from tritonllm.engine.inprocess import InProcessEngine
+from tritonllm.model.modeling import load_hf
 from tritonllm.text import TokenizerFiles
 
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away,", "1, 2, 3,", "Paris is the capital of"]
@@ -13,13 +14,18 @@ PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away,", "1, 2
 
 def hf_greedy(model, ids, n):
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                             pad_token_id=model.config.eos_token_id)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=model.config.eos_token_id,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def strip_eos(ids, eos):
-    return ids[:ids.index(eos)] if eos in ids else ids
+    return ids[: ids.index(eos)] if eos in ids else ids
 
 
 @pytest.mark.parametrize("which", ["tiny", "smollm2"])
@@ -50,7 +56,9 @@ def test_eos_stops_like_hf(tiny_dir, tiny_engine_dir):
         got = eng.generate(ids, max_tokens=40, temperature=0.0)
     eos = hf.config.eos_token_id
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=40, pad_token_id=eos)[0, len(ids):].tolist()
+        ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=40, pad_token_id=eos)[
+            0, len(ids) :
+        ].tolist()
     assert got.ids == strip_eos(ref, eos)
     assert got.finish_reason == ("stop" if eos in ref else "length")
 
@@ -65,14 +73,18 @@ def test_chunked_prefill_gives_hf_greedy_ids_and_the_same_seeded_samples(tiny_di
     base = EngineConfig(max_slots=2, max_context=256, max_tokens_limit=64, threads=2)
     chunked = EngineConfig(**{**base.__dict__, "max_prefill_tokens": 16})
     with InProcessEngine(tiny_engine_dir, chunked) as eng:
-        got = [s.wait(120).ids for s in [eng.submit(ids, max_tokens=12, temperature=0.0, ignore_eos=True)
-                                         for ids in prompts]]
+        got = [
+            s.wait(120).ids
+            for s in [eng.submit(ids, max_tokens=12, temperature=0.0, ignore_eos=True) for ids in prompts]
+        ]
         pieces = eng.loop.stats.prefill_steps
         sampled = eng.generate(prompts[1], max_tokens=12, temperature=0.9, top_k=20, seed=7, ignore_eos=True).ids
     assert got == [hf_greedy(hf, ids, 12) for ids in prompts]
     assert pieces >= sum(-(-len(p) // 16) for p in prompts[:2])  # the long prompts took several steps
     with InProcessEngine(tiny_engine_dir, base) as eng:
-        assert eng.generate(prompts[1], max_tokens=12, temperature=0.9, top_k=20, seed=7, ignore_eos=True).ids == sampled
+        assert (
+            eng.generate(prompts[1], max_tokens=12, temperature=0.9, top_k=20, seed=7, ignore_eos=True).ids == sampled
+        )
 
 
 def test_onnx_decode_staging_is_dropped_when_a_slot_is_prefilled_again(tiny_dir, tiny_engine_dir):

@@ -3,6 +3,7 @@
 engine loop against HF greedy ids; the small-batch `gemv` products on ragged shapes and inside
 that step. `triton` is pinned in requirements.lock, so `make test` runs these (fp32: the
 interpreter's bf16 dot is wrong); the GPU benchmark runs the kernels compiled, in bf16."""
+
 import os
 
 import pytest
@@ -11,13 +12,14 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from tritonllm.config import EngineConfig  # noqa: E402
-from tritonllm.inprocess import InProcessEngine  # noqa: E402
-from tritonllm.modeling import CausalLM, load_hf, rotate_half  # noqa: E402
-from tritonllm.runtimes import fused_kernels as fk  # noqa: E402
-from tritonllm.runtimes import gemv  # noqa: E402
-from tritonllm.runtimes.torch_cuda import PROJECTIONS, TorchCudaRuntime  # noqa: E402
-from tritonllm.text import TokenizerFiles  # noqa: E402
+from tritonllm.config import EngineConfig
+from tritonllm.engine.inprocess import InProcessEngine
+from tritonllm.model.modeling import CausalLM, load_hf, rotate_half
+from tritonllm.runtimes.kernels import fused as fk
+from tritonllm.runtimes.kernels import gemv
+from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
+from tritonllm.runtimes.torch_cuda.tuning import PROJECTIONS
+from tritonllm.text import TokenizerFiles
 
 
 def test_rope_kv_write_matches_rotate_half_and_writes_the_cache():
@@ -30,11 +32,11 @@ def test_rope_kv_write_matches_rotate_half_and_writes_the_cache():
     pos = torch.tensor([5, 0, 11])
     q = fk.rope_kv_write(qkv, cos, sin, kc, vc, pos, h, hkv)
     heads = qkv.view(b, 1, h + 2 * hkv, d)
-    ref = heads[:, :, :h + hkv] * cos[:, :, None] + rotate_half(heads[:, :, :h + hkv]) * sin[:, :, None]
+    ref = heads[:, :, : h + hkv] * cos[:, :, None] + rotate_half(heads[:, :, : h + hkv]) * sin[:, :, None]
     torch.testing.assert_close(q, ref[:, 0, :h])
     for i in range(b):
         torch.testing.assert_close(kc[i, :, pos[i]], ref[i, 0, h:])
-        torch.testing.assert_close(vc[i, :, pos[i]], heads[i, 0, h + hkv:])
+        torch.testing.assert_close(vc[i, :, pos[i]], heads[i, 0, h + hkv :])
     assert kc.abs().sum() == sum(kc[i, :, pos[i]].abs().sum() for i in range(b))  # nothing else written
 
 
@@ -62,7 +64,8 @@ def test_decode_attention_matches_sdpa_over_each_rows_valid_keys(heads, kv_heads
     for i in range(b):
         n = min(int(pos[i]) + 1, 128)
         ref = torch.nn.functional.scaled_dot_product_attention(
-            q[i].view(kv_heads, g, d), kc[i, :, :n], vc[i, :, :n]).reshape(-1)
+            q[i].view(kv_heads, g, d), kc[i, :, :n], vc[i, :, :n]
+        ).reshape(-1)
         torch.testing.assert_close(got[i, 0], ref, atol=1e-4, rtol=1e-4)
 
 
@@ -73,16 +76,21 @@ def test_gemv_matches_linear_on_ragged_shapes(rows, config, with_bias):
     n, k = 37, 300  # neither a multiple of the rows per program nor of the K step
     x, w = torch.randn(rows, 1, k), torch.randn(n, k)
     b = torch.randn(n) if with_bias else None
-    torch.testing.assert_close(gemv.small_matmul(x, w, b, config), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        gemv.small_matmul(x, w, b, config), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4
+    )
 
 
-@pytest.mark.parametrize("rows,config", [(9, gemv.DOT_CONFIGS[0]), (33, gemv.DOT_CONFIGS[2]), (64, gemv.DOT_CONFIGS[3])])
+@pytest.mark.parametrize(
+    "rows,config", [(9, gemv.DOT_CONFIGS[0]), (33, gemv.DOT_CONFIGS[2]), (64, gemv.DOT_CONFIGS[3])]
+)
 def test_skinny_dot_matches_linear_on_ragged_shapes(rows, config):
     torch.manual_seed(4)
     n, k = 45, 300
     x, w, b = torch.randn(rows, 1, k), torch.randn(n, k), torch.randn(n)
-    torch.testing.assert_close(gemv.small_matmul(x, w, b, config), torch.nn.functional.linear(x, w, b),
-                               atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        gemv.small_matmul(x, w, b, config), torch.nn.functional.linear(x, w, b), atol=1e-3, rtol=1e-3
+    )
 
 
 @pytest.mark.parametrize("rows,config", [(5, (16, 128, 4, 4, 2)), (33, (32, 64, 4, 4, 4)), (64, (64, 64, 4, 3, 8))])
@@ -104,8 +112,10 @@ def test_fused_kernels_read_split_partial_sums_as_the_product():
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
     pos = torch.tensor([5, 0, 11])
     caches = [tuple(torch.zeros(4, hkv, 16, d) for _ in range(2)) for _ in range(2)]
-    qs = [fk.rope_kv_write(y, cos, sin, *kv, pos, h, hkv)
-          for y, kv in zip([x @ w_qkv.T, gemv.small_matmul(x, w_qkv, None, cfg)], caches)]
+    qs = [
+        fk.rope_kv_write(y, cos, sin, *kv, pos, h, hkv)
+        for y, kv in zip([x @ w_qkv.T, gemv.small_matmul(x, w_qkv, None, cfg)], caches)
+    ]
     torch.testing.assert_close(qs[1], qs[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(caches[1], caches[0], atol=1e-4, rtol=1e-4)
     res = [torch.randn(b, 1, 40)] * 2
@@ -113,8 +123,9 @@ def test_fused_kernels_read_split_partial_sums_as_the_product():
     outs = [fk.add_rms_norm(y, r, w_o[0], 1e-5) for y, r in zip([x @ w_o.T, gemv.small_matmul(x, w_o, None, cfg)], res)]
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(res[1], res[0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(fk.silu_mul(gemv.small_matmul(x, w_gu, None, cfg)), fk.silu_mul(x @ w_gu.T),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        fk.silu_mul(gemv.small_matmul(x, w_gu, None, cfg)), fk.silu_mul(x @ w_gu.T), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_gemv_refuses_more_rows_than_a_program_holds():
@@ -146,15 +157,26 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv):
     prompts, lengths = [tok.encode(p) for p in PROMPTS[:3]], [10, 4, 7]
     cfg = EngineConfig(max_slots=2, max_context=160, max_tokens_limit=64)
     # wide tiles for the LM head: the interpreter runs programs one by one
-    table = {(kind, rows): (1024, 64, 4) if kind == "lm_head" else gemv.CONFIGS[1]
-             for kind in PROJECTIONS + ("lm_head",) for rows in (1, 2)} if use_gemv else {}
+    table = (
+        {
+            (kind, rows): (1024, 64, 4) if kind == "lm_head" else gemv.CONFIGS[1]
+            for kind in PROJECTIONS + ("lm_head",)
+            for rows in (1, 2)
+        }
+        if use_gemv
+        else {}
+    )
     if use_gemv == "split":  # every product split along K, the LM head's summed before the logits
         table = {key: (1024, 64, 4, 2, 2) if key[0] == "lm_head" else (32, 64, 4, 2, 2) for key in table}
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table=table)
     assert runtime.describe()["triton_kernels"] and len(runtime.describe()["gemv"]) == len(table)
     with InProcessEngine(None, cfg, runtime=runtime) as eng:
-        got = [s.wait(300).ids for s in [eng.submit(ids, max_tokens=n, temperature=0.0, ignore_eos=True)
-                                         for ids, n in zip(prompts, lengths)]]
+        got = [
+            s.wait(300).ids
+            for s in [
+                eng.submit(ids, max_tokens=n, temperature=0.0, ignore_eos=True) for ids, n in zip(prompts, lengths)
+            ]
+        ]
     assert got == [hf_greedy(hf, ids, n) for ids, n in zip(prompts, lengths)]
 
 

@@ -1,21 +1,22 @@
 """The PyTorch runtime (static cache, slot-laid decode, device sampler) checked on the CPU in fp32
 against HF greedy generate: the same code that runs on the GPU with CUDA graphs and bf16."""
+
 from dataclasses import replace
 
 import pytest
-import torch
 
 from tritonllm.config import EngineConfig
-from tritonllm.inprocess import InProcessEngine
-from tritonllm.modeling import CausalLM, load_hf
+from tritonllm.engine.inprocess import InProcessEngine
+from tritonllm.model.modeling import CausalLM, load_hf
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 from tritonllm.text import TokenizerFiles
 
 from .test_engine_parity import PROMPTS, hf_greedy
 
 
-@pytest.mark.parametrize("fused_kernels,steps", [(True, 1), (False, 1), (True, 4)],
-                         ids=["fused", "reference-ops", "fused-multi-step"])
+@pytest.mark.parametrize(
+    "fused_kernels,steps", [(True, 1), (False, 1), (True, 4)], ids=["fused", "reference-ops", "fused-multi-step"]
+)
 def test_torch_runtime_greedy_matches_hf_with_in_flight_batching(tiny_dir, fused_kernels, steps):
     """4 requests, 3 slots: one waits, joins. Multi-step: decode steps in runs of up to 4 (one host
     pass each), tokens past a length limit dropped, the same ids."""
@@ -24,7 +25,9 @@ def test_torch_runtime_greedy_matches_hf_with_in_flight_batching(tiny_dir, fused
     prompts = [tok.encode(p) for p in PROMPTS]
     lengths = [20, 7, 13, 3]
     expected = [hf_greedy(hf, ids, n) for ids, n in zip(prompts, lengths)]
-    cfg = EngineConfig(max_slots=3, max_context=160, max_tokens_limit=64, steps_per_launch=steps, multi_step_min_active=1)
+    cfg = EngineConfig(
+        max_slots=3, max_context=160, max_tokens_limit=64, steps_per_launch=steps, multi_step_min_active=1
+    )
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", fused_kernels=fused_kernels)
     runs, decode_run = [], runtime._decode_run
     runtime._decode_run = lambda *a: runs.append(a[-1]) or decode_run(*a)
@@ -50,7 +53,9 @@ def test_device_sampler_seeded_and_filtered(tiny_dir):
         b = eng.generate(ids, seed=5, **kw).ids
         c = eng.generate(ids, seed=6, **kw).ids
         bad = eng.generate(ids, max_tokens=16, temperature=0.0, ignore_eos=True).ids
-        banned = eng.generate(ids, max_tokens=16, temperature=0.0, ignore_eos=True, bad_ids=[bad[0]]).ids  # flat, -1 separated
+        banned = eng.generate(
+            ids, max_tokens=16, temperature=0.0, ignore_eos=True, bad_ids=[bad[0]]
+        ).ids  # flat, -1 separated
     assert a == b and a != c
     assert banned[0] != bad[0]
     assert len(a) == 16
@@ -67,25 +72,36 @@ def test_tensorrt_runtime_wiring_matches_hf_through_a_standin(tiny_dir, tiny_eng
     buffers (no runnable TensorRT here): greedy ids equal HF's. TensorRT itself is not tested."""
     import shutil
 
-    from tritonllm.runtimes import tensorrt_runtime as trt_rt
+    from tritonllm.runtimes.tensorrt import plan as trt_plan
+    from tritonllm.runtimes.tensorrt.runtime import TensorRTRuntime
 
     from . import trt_standin
     from .test_engine_parity import PROMPTS, hf_greedy
 
     engine_dir = tmp_path / "engine"
     shutil.copytree(tiny_engine_dir, engine_dir)
-    cfg = EngineConfig(runtime="tensorrt", max_slots=2, max_context=160, max_tokens_limit=64, dtype="float32",
-                       max_prefill_tokens=prefill_budget)
-    spec = trt_rt.PlanSpec(cfg.max_slots, cfg.max_context, dtype=cfg.dtype)
-    key = trt_rt.plan_key(engine_dir / "model.onnx", spec, trt_standin)
+    cfg = EngineConfig(
+        runtime="tensorrt",
+        max_slots=2,
+        max_context=160,
+        max_tokens_limit=64,
+        dtype="float32",
+        max_prefill_tokens=prefill_budget,
+    )
+    spec = trt_plan.PlanSpec(cfg.max_slots, cfg.max_context, dtype=cfg.dtype)
+    key = trt_plan.plan_key(engine_dir / "model.onnx", spec, trt_standin)
     trt_standin.write_plan(engine_dir / "trt" / f"model-{key}.plan", engine_dir / "model.onnx")
-    runtime = trt_rt.TensorRTRuntime(engine_dir, cfg, device="cpu", trt=trt_standin)
+    runtime = TensorRTRuntime(engine_dir, cfg, device="cpu", trt=trt_standin)
     hf, tok = load_hf(tiny_dir), TokenizerFiles(tiny_dir)
     repeat = 1 if prefill_budget > 64 else 3  # 12, 33 and 24 tokens: pieces of 16 and less
     prompts, lengths = [tok.encode(p * repeat) for p in PROMPTS[:3]], [12, 5, 9]
     with InProcessEngine(None, cfg, runtime=runtime) as eng:  # 3 requests through 2 slots
-        got = [s.wait(120).ids for s in [eng.submit(ids, max_tokens=n, temperature=0.0, ignore_eos=True)
-                                         for ids, n in zip(prompts, lengths)]]
+        got = [
+            s.wait(120).ids
+            for s in [
+                eng.submit(ids, max_tokens=n, temperature=0.0, ignore_eos=True) for ids, n in zip(prompts, lengths)
+            ]
+        ]
         pieces = eng.loop.stats.prefill_steps
     assert got == [hf_greedy(hf, ids, n) for ids, n in zip(prompts, lengths)]
     assert (pieces > 3) == (prefill_budget == 16), pieces  # prompts split over steps only under the small budget

@@ -4,6 +4,7 @@ speaks the part of the TensorRT 10 API the runtime uses (Runtime, engine tensor 
 execution context with set_input_shape / set_tensor_address / execute_async_v3) and executes the
 project's ONNX with ONNX Runtime on the raw host buffers the runtime hands it. It checks our
 buffer wiring, shapes and KV-cache handling; it says nothing about TensorRT itself."""
+
 from __future__ import annotations
 
 import ctypes
@@ -12,8 +13,12 @@ from pathlib import Path
 import numpy as np
 
 __version__ = "standin"
-ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
-             "tensor(float16)": np.float16}
+ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(float16)": np.float16,
+}
 
 
 class Logger:
@@ -37,7 +42,7 @@ class Runtime:
     def __init__(self, logger):
         self.logger = logger
 
-    def deserialize_cuda_engine(self, data: bytes) -> "Engine":
+    def deserialize_cuda_engine(self, data: bytes) -> Engine:
         return Engine(Path(data.decode()))
 
 
@@ -53,14 +58,17 @@ class Engine:
     def get_tensor_dtype(self, name: str):
         return self.types[name]
 
-    def create_execution_context(self) -> "Context":
+    def create_execution_context(self) -> Context:
         return Context(self)
 
 
 def _view(ptr: int, dtype, shape) -> np.ndarray:
     n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return np.frombuffer((ctypes.c_char * n).from_address(ptr), dtype=dtype).reshape(shape) if n else \
-        np.empty(shape, dtype=dtype)
+    return (
+        np.frombuffer((ctypes.c_char * n).from_address(ptr), dtype=dtype).reshape(shape)
+        if n
+        else np.empty(shape, dtype=dtype)
+    )
 
 
 class Context:
@@ -77,8 +85,10 @@ class Context:
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         e = self.engine
-        feed = {i.name: _view(self.addresses[i.name], e.types[i.name], self.shapes[i.name]).copy()
-                for i in e.session.get_inputs()}
+        feed = {
+            i.name: _view(self.addresses[i.name], e.types[i.name], self.shapes[i.name]).copy()
+            for i in e.session.get_inputs()
+        }
         for out, value in zip([o.name for o in e.session.get_outputs()], e.session.run(None, feed)):
             _view(self.addresses[out], e.types[out], value.shape)[...] = value
         e.executions += 1

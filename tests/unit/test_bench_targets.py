@@ -1,18 +1,28 @@
 """The benchmark's target verdicts are computed from one run's rows."""
+
 from bench.targets import render, target_lines
 
-FACTS = {"gpu": "G", "roofline_batch1_tokens_per_s": 1000.0, "weight_bytes": 2e9, "copy_bandwidth_TBps": 4.0,
-         "decode_step_gpu_ms": {"batch1_ctx256": 1.0}}
+FACTS = {
+    "gpu": "G",
+    "roofline_batch1_tokens_per_s": 1000.0,
+    "weight_bytes": 2e9,
+    "copy_bandwidth_TBps": 4.0,
+    "decode_step_gpu_ms": {"batch1_ctx256": 1.0},
+}
 
 
 def row(system, conc, rate, note=""):
     return {"system": system, "concurrency": conc, "tokens_per_s": rate, "note": note}
 
 
-ROWS = [row("HF generate (static cache)", 1, 300), row("HF generate (static cache)", 64, 10000),
-        row("engine in-process", 1, 700, "loop ms/step launch 0.5 / wait 0.5 / complete 0.1"),
-        row("engine in-process", 64, 40000),
-        row("Triton ensemble gRPC stream", 1, 650), row("Triton ensemble gRPC stream", 64, 31000)]
+ROWS = [
+    row("HF generate (static cache)", 1, 300),
+    row("HF generate (static cache)", 64, 10000),
+    row("engine in-process", 1, 700, "loop ms/step launch 0.5 / wait 0.5 / complete 0.1"),
+    row("engine in-process", 64, 40000),
+    row("Triton ensemble gRPC stream", 1, 650),
+    row("Triton ensemble gRPC stream", 64, 31000),
+]
 
 
 def test_verdicts_say_met_or_by_how_much_missed():
@@ -25,8 +35,15 @@ def test_verdicts_say_met_or_by_how_much_missed():
 
 
 def test_cpu_target_is_against_hf_at_batch_1_and_the_file_says_where_time_goes():
-    cpu_rows = [row("HF generate", 1, 10.0), row("engine in-process", 1, 20.0), row("Triton ensemble gRPC stream", 1, 19.0)]
-    assert "concurrency 1, x HF generate: 1.90x (target >= 2.00x): missed by 0.10x" in target_lines({"gpu": None}, cpu_rows)[0]
+    cpu_rows = [
+        row("HF generate", 1, 10.0),
+        row("engine in-process", 1, 20.0),
+        row("Triton ensemble gRPC stream", 1, 19.0),
+    ]
+    assert (
+        "concurrency 1, x HF generate: 1.90x (target >= 2.00x): missed by 0.10x"
+        in target_lines({"gpu": None}, cpu_rows)[0]
+    )
     md = render("bench-gpu", FACTS, ROWS)
     assert "weight-read floor 0.500 ms" in md and "launch 0.5 / wait 0.5" in md
 
@@ -42,24 +59,31 @@ def test_engine_note_reads_the_engines_counters_off_metrics_text():
 
     def metrics(scale):
         m = 'model="m_engine"'
-        return "\n".join([
-            f"tritonllm_time_to_first_token_seconds_sum{{{m}}} {0.5 * scale}",
-            f"tritonllm_time_to_first_token_seconds_count{{{m}}} {10 * scale}",
-            f'tritonllm_time_to_first_token_seconds_count{{model="other_engine"}} 999',
-            f"tritonllm_loop_steps_total{{{m}}} {100 * scale}",
-            f"tritonllm_prefill_steps_total{{{m}}} {4 * scale}",
-            f"tritonllm_prefilled_sequences_total{{{m}}} {10 * scale}",
-            f"tritonllm_gpu_idle_seconds_total{{{m}}} {0.03 * scale}",
-            f"tritonllm_prefill_tokens_total{{{m}}} {1000 * scale}",
-            f"tritonllm_prefill_computed_tokens_total{{{m}}} {1250 * scale}",
-            *(f'tritonllm_loop_seconds_total{{{m},phase="{p}"}} {t * scale}'
-              for p, t in (("launch", 0.05), ("wait", 0.1), ("complete", 0.02)))])
+        return "\n".join(
+            [
+                f"tritonllm_time_to_first_token_seconds_sum{{{m}}} {0.5 * scale}",
+                f"tritonllm_time_to_first_token_seconds_count{{{m}}} {10 * scale}",
+                'tritonllm_time_to_first_token_seconds_count{model="other_engine"} 999',
+                f"tritonllm_loop_steps_total{{{m}}} {100 * scale}",
+                f"tritonllm_prefill_steps_total{{{m}}} {4 * scale}",
+                f"tritonllm_prefilled_sequences_total{{{m}}} {10 * scale}",
+                f"tritonllm_gpu_idle_seconds_total{{{m}}} {0.03 * scale}",
+                f"tritonllm_prefill_tokens_total{{{m}}} {1000 * scale}",
+                f"tritonllm_prefill_computed_tokens_total{{{m}}} {1250 * scale}",
+                *(
+                    f'tritonllm_loop_seconds_total{{{m},phase="{p}"}} {t * scale}'
+                    for p, t in (("launch", 0.05), ("wait", 0.1), ("complete", 0.02))
+                ),
+            ]
+        )
 
     srv = Server()
     srv.text = metrics(1)
     before = engine_counters(srv, "m")
     srv.text = metrics(3)
     note = engine_note(before, engine_counters(srv, "m"), [0.06] * 20)
-    assert note == ("; TTFT mean client 60.0 ms, in engine 50.0 ms; loop ms/step launch 0.50 / wait 1.00 / "
-                    "complete 0.20; GPU idle between steps 0.30 ms/step; 2.5 prefills/step in 8 of 200 steps; "
-                    "prefill computed 1.25x its prompt tokens (padding)")
+    assert note == (
+        "; TTFT mean client 60.0 ms, in engine 50.0 ms; loop ms/step launch 0.50 / wait 1.00 / "
+        "complete 0.20; GPU idle between steps 0.30 ms/step; 2.5 prefills/step in 8 of 200 steps; "
+        "prefill computed 1.25x its prompt tokens (padding)"
+    )

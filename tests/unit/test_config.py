@@ -3,17 +3,25 @@ from pathlib import Path
 
 import pytest
 
+from tritonllm.build.pbtxt import Enum, render
+from tritonllm.build.repository import RepositoryConfig, model_configs
 from tritonllm.config import EngineConfig, SamplingParams
 from tritonllm.errors import RequestValidationError
-from tritonllm.pbtxt import Enum, render
-from tritonllm.repository import RepositoryConfig, model_configs
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 CFG = EngineConfig(max_slots=4, max_context=256, max_tokens_limit=200, default_max_tokens=16)
 
 
-@pytest.mark.parametrize("kw", [dict(max_slots=0), dict(max_context=8), dict(runtime="vllm"),
-                                dict(max_tokens_limit=4096, max_context=2048), dict(kv_cache_memory_fraction=1.0)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(max_slots=0),
+        dict(max_context=8),
+        dict(runtime="vllm"),
+        dict(max_tokens_limit=4096, max_context=2048),
+        dict(kv_cache_memory_fraction=1.0),
+    ],
+)
 def test_engine_config_bounds(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         EngineConfig(**kw)
@@ -23,12 +31,20 @@ def test_engine_config_roundtrips_through_parameters():
     assert EngineConfig.from_parameters(CFG.to_parameters()) == CFG
 
 
-@pytest.mark.parametrize("kw,field", [
-    (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=201), "max_tokens"),
-    (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-1), "top_k"), (dict(repetition_penalty=0.0), "repetition_penalty"),
-    (dict(min_tokens=50, max_tokens=10), "min_tokens"), (dict(end_id=10**9), "end_id"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=201), "max_tokens"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(min_tokens=50, max_tokens=10), "min_tokens"),
+        (dict(end_id=10**9), "end_id"),
+    ],
+)
 def test_sampling_params_errors_name_field_and_fix(kw, field):
     with pytest.raises(RequestValidationError) as e:
         SamplingParams(**kw).validate(CFG, prompt_len=5, vocab_size=1000)
@@ -44,10 +60,20 @@ def test_prompt_plus_max_tokens_beyond_context_says_how_much_fits():
 
 
 def test_render_scalars_lists_messages():
-    text = render({"name": "m", "max_batch_size": 4, "flag": True, "dims": [-1],
-                   "input": [{"name": "a", "data_type": Enum("TYPE_INT32")}], "x": {"y": 1.5}})
-    assert text == ('name: "m"\nmax_batch_size: 4\nflag: true\ndims: [-1]\n'
-                    'input {\n  name: "a"\n  data_type: TYPE_INT32\n}\nx {\n  y: 1.5\n}\n')
+    text = render(
+        {
+            "name": "m",
+            "max_batch_size": 4,
+            "flag": True,
+            "dims": [-1],
+            "input": [{"name": "a", "data_type": Enum("TYPE_INT32")}],
+            "x": {"y": 1.5},
+        }
+    )
+    assert text == (
+        'name: "m"\nmax_batch_size: 4\nflag: true\ndims: [-1]\n'
+        'input {\n  name: "a"\n  data_type: TYPE_INT32\n}\nx {\n  y: 1.5\n}\n'
+    )
 
 
 def test_repository_configs_match_golden_files():

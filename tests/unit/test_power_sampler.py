@@ -1,5 +1,6 @@
 """Energy comes from NVML's total-energy counter where the board has one (exact for short runs),
 from the sampled power otherwise. NVML is faked: this machine has no GPU."""
+
 import sys
 import time
 import types
@@ -10,13 +11,18 @@ from bench.measure import PowerSampler
 
 
 def fake_nvml(energy_mj=None, watts=200.0):
-    m = types.SimpleNamespace(nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: "gpu0",
-                              nvmlDeviceGetPowerUsage=lambda h: int(watts * 1000))
+    m = types.SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: "gpu0",
+        nvmlDeviceGetPowerUsage=lambda h: int(watts * 1000),
+    )
     if energy_mj is not None:
         m.nvmlDeviceGetTotalEnergyConsumption = lambda h: next(energy_mj)
     else:
+
         def unsupported(h):
             raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+
         m.nvmlDeviceGetTotalEnergyConsumption = unsupported
     return m
 

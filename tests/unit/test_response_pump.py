@@ -1,12 +1,14 @@
 """The response pump: the engine loop's sends leave its thread, stay in order per request and
 merge while the server is slow to take them; failures reach the engine; close() drains."""
+
 import threading
 import time
 from types import SimpleNamespace
 
 import pytest
 
-from tritonllm.response_pump import GuardedSender, Pending, ResponsePump, merge
+from tritonllm.engine.response_pump import Pending, ResponsePump, merge
+from tritonllm.triton.senders import GuardedSender
 
 
 def seq(uid):
@@ -38,7 +40,7 @@ class Recorder:
 
 
 def test_merge_keeps_the_first_context_and_appends_new_ids():
-    a = Pending(seq(1), [10, 11, 12], 2, False)     # context 10, 11; new 12
+    a = Pending(seq(1), [10, 11, 12], 2, False)  # context 10, 11; new 12
     b = Pending(seq(1), [11, 12, 13, 14], 2, True)  # context 11, 12; new 13, 14
     m = merge(a, b)
     assert (m.ids, m.n_context, m.final) == ([10, 11, 12, 13, 14], 2, True)

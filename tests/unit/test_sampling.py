@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from tritonllm.config import SamplingParams
-from tritonllm.sampling import banned_tokens, new_rng, sample, top_k_top_p_filter
+from tritonllm.engine.sampling import banned_tokens, new_rng, sample, top_k_top_p_filter
 
 
 def logits(*vals):

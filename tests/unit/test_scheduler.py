@@ -1,5 +1,6 @@
 """The scheduler and engine loop fed by a fabricated runtime: in-flight joins and leaves,
 queue bounds, stop conditions, cancellation and failures; no model involved."""
+
 import threading
 import time
 from dataclasses import replace
@@ -8,19 +9,21 @@ import numpy as np
 import pytest
 
 from tritonllm.config import EngineConfig, SamplingParams
-from tritonllm.engine_loop import EngineLoop
+from tritonllm.engine.inprocess import QueueSink
+from tritonllm.engine.loop import EngineLoop
+from tritonllm.engine.sampling import new_rng, sample
+from tritonllm.engine.scheduler import Scheduler, should_stop
+from tritonllm.engine.sequence import Sequence, StepPlan
 from tritonllm.errors import ServerBusyError
-from tritonllm.inprocess import QueueSink
-from tritonllm.modeling import ModelShape
-from tritonllm.runtimes.base import StepInput
-from tritonllm.sampling import new_rng, sample
-from tritonllm.scheduler import Scheduler, Sequence, StepPlan, should_stop
+from tritonllm.model.shape import ModelShape
+from tritonllm.runtimes.base import Runtime as RuntimeContract
+from tritonllm.runtimes.base import RuntimeCapabilities, StepInput
 
 V = 50
 EOS = 0
 
 
-class CountingRuntime:
+class CountingRuntime(RuntimeContract):
     """Next token = last token + 1 (mod V, skipping EOS unless asked); records batch sizes."""
 
     def __init__(self, slots=4, eos_after=None, fail_on=None, delay=0.0):
@@ -54,6 +57,7 @@ class OverlappingRuntime(CountingRuntime):
     N's tokens, so decode inputs arrive without their last token (tokens=[]), which this runtime
     keeps per slot as a GPU runtime keeps it on the device."""
 
+    capabilities = RuntimeCapabilities(overlap=True)
     launch_ahead = 1
 
     def __init__(self, *a, **kw):
@@ -68,11 +72,15 @@ class OverlappingRuntime(CountingRuntime):
         self.device_token_steps += any(not x.tokens for x in inputs)
         runs = []
         for k in range(steps):  # a multi-step launch: each step reads the tokens the one before chose
-            concrete = [StepInput(x.slot, x.tokens if x.tokens and not k else [self.device_tokens[x.slot]], x.start + k)
-                        for x in inputs]
+            concrete = [
+                StepInput(x.slot, x.tokens if x.tokens and not k else [self.device_tokens[x.slot]], x.start + k)
+                for x in inputs
+            ]
             logits = self.step(concrete)
-            chosen = [sample(row, s.params, s.prompt_ids + s.output_ids, s.generated, s.stop_token_ids, s.rng)
-                      for s, row in zip(seqs, logits)]
+            chosen = [
+                sample(row, s.params, s.prompt_ids + s.output_ids, s.generated, s.stop_token_ids, s.rng)
+                for s, row in zip(seqs, logits)
+            ]
             self.device_tokens.update((x.slot, t) for x, t in zip(inputs, chosen))
             runs.append(chosen)
         return runs[0] if steps == 1 else [list(r) for r in zip(*runs)]
@@ -84,16 +92,21 @@ class OverlappingRuntime(CountingRuntime):
 
 class TwoAheadRuntime(OverlappingRuntime):
     """Run with launch_ahead=2: two steps stay queued while the loop completes the oldest."""
+
     launch_ahead = 2
 
 
 class MultiStepRuntime(OverlappingRuntime):
     """Run with steps_per_launch=3 from one decoding sequence on: decode steps go in runs of 3."""
-    multi_step, steps_per_launch = True, 3
+
+    capabilities = RuntimeCapabilities(overlap=True, multi_step=True)
+    steps_per_launch = 3
 
 
-@pytest.fixture(params=[CountingRuntime, OverlappingRuntime, TwoAheadRuntime, MultiStepRuntime],
-                ids=["sync", "overlapped", "ahead2", "multi-step"])
+@pytest.fixture(
+    params=[CountingRuntime, OverlappingRuntime, TwoAheadRuntime, MultiStepRuntime],
+    ids=["sync", "overlapped", "ahead2", "multi-step"],
+)
 def Runtime(request):
     return request.param
 
@@ -103,8 +116,12 @@ def seq(prompt, **kw):
 
 
 def run_loop(runtime, cfg, seqs, cancel_after=None):
-    cfg = replace(cfg, launch_ahead=getattr(runtime, "launch_ahead", 1),
-                  steps_per_launch=getattr(runtime, "steps_per_launch", 1), multi_step_min_active=1)
+    cfg = replace(
+        cfg,
+        launch_ahead=getattr(runtime, "launch_ahead", 1),
+        steps_per_launch=getattr(runtime, "steps_per_launch", 1),
+        multi_step_min_active=1,
+    )
     loop = EngineLoop(runtime, cfg).start()
     sinks = []
     for s in seqs:
@@ -140,12 +157,12 @@ def test_a_pending_token_that_ends_the_sequence_keeps_it_out_of_the_next_step():
     assert [x.step_input() for x in plan.prefill][0] == StepInput(0, [1, 2], 0)
     sch.update_from_output(plan, [7, 7, 7])
     ending.output_ids.append(8)
-    full.output_ids.append(8)       # length 55
+    full.output_ids.append(8)  # length 55
     sch.launched(plan)
     nxt = sch.schedule()
     assert nxt.decode == [going, full]
-    assert going.step_input() == StepInput(1, [], 3)   # prompt 2 + 1 out, +1 pending
-    full.output_ids += [8] * 8      # 63 tokens + 1 pending == max_context
+    assert going.step_input() == StepInput(1, [], 3)  # prompt 2 + 1 out, +1 pending
+    full.output_ids += [8] * 8  # 63 tokens + 1 pending == max_context
     assert sch.schedule().decode == [going]
     ending.finish_reason = "cancelled"
     assert sch.update_from_output(plan, [9, 9, 9]) == [full]  # 64 tokens: the context is full
@@ -157,8 +174,14 @@ def test_multi_step_runs_are_clipped_and_their_tokens_cut_at_a_stop():
     """A run of decode steps only while enough sequences decode and none waits for a free slot;
     clipped so no sequence outruns its context or changes its EOS masking; tokens past a length
     limit, EOS or stop word are dropped."""
-    cfg = EngineConfig(max_slots=4, max_context=64, max_tokens_limit=60, default_max_tokens=16, steps_per_launch=4,
-                       multi_step_min_active=2)
+    cfg = EngineConfig(
+        max_slots=4,
+        max_context=64,
+        max_tokens_limit=60,
+        default_max_tokens=16,
+        steps_per_launch=4,
+        multi_step_min_active=2,
+    )
     sch = Scheduler(cfg, max_steps=4)
     a, b = seq([1] * 10, max_tokens=6), seq([1] * 10, max_tokens=50, stop_ids=[[5, 6]])
     for s in (a, b):
@@ -182,13 +205,13 @@ def test_multi_step_runs_are_clipped_and_their_tokens_cut_at_a_stop():
         sch.running.append(s)
     assert sch._steps_for([c, d, e]) == 2  # min_tokens: d's EOS stays masked for 2 more tokens
     c.output_ids = [2, 2, 2]
-    assert sch._steps_for([c, e]) == 2      # c (63 tokens) decodes at 62 and 63, the last of its context
-    assert sch._steps_for([e]) == 1         # fewer than multi_step_min_active decode
+    assert sch._steps_for([c, e]) == 2  # c (63 tokens) decodes at 62 and 63, the last of its context
+    assert sch._steps_for([e]) == 1  # fewer than multi_step_min_active decode
     penalized = seq([1] * 10, max_tokens=20, repetition_penalty=1.2)
     penalized.output_ids = [2]
     assert sch._steps_for([d, penalized]) == 1  # the penalty reads each token on the host
     sch.waiting.append(seq([1]))
-    assert sch._steps_for([d, e]) == 1      # a request waits and a slot is free: prefill it first
+    assert sch._steps_for([d, e]) == 1  # a request waits and a slot is free: prefill it first
     sch.free_slots.clear()
     assert sch._steps_for([d, e]) == 2
 
@@ -404,7 +427,8 @@ def test_chunked_prefill_splits_a_long_prompt_and_samples_only_its_last_piece():
 
 class ChunkedRuntime(CountingRuntime):
     """Takes prompt pieces (as ONNX Runtime does); records each row's (start, length)."""
-    chunked_prefill = True
+
+    capabilities = RuntimeCapabilities(prompt_pieces=True)
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)

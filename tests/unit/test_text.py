@@ -1,14 +1,22 @@
 """Incremental detokenization on tricky text with the real SmolLM2 tokenizer (byte-level BPE):
 streamed deltas, computed statelessly from the engine's response windows, concatenate exactly to
 the non-streamed text, never show a replacement character, never show part of a stop string."""
+
 import pytest
 
 from tritonllm.config import SamplingParams
-from tritonllm.engine_loop import response_window
-from tritonllm.scheduler import Sequence
-from tritonllm.sampling import new_rng
-from tritonllm.text import (TokenizerFiles, encode_words, flatten_id_lists, parse_messages, split_id_lists,
-                            text_delta, visible_text)
+from tritonllm.engine.loop import response_window
+from tritonllm.engine.sampling import new_rng
+from tritonllm.engine.sequence import Sequence
+from tritonllm.text import (
+    TokenizerFiles,
+    encode_words,
+    flatten_id_lists,
+    parse_messages,
+    split_id_lists,
+    text_delta,
+    visible_text,
+)
 
 TRICKY = [
     "Hello world, how are you?",
@@ -32,7 +40,7 @@ def stream_deltas(tok, ids, stops=(), chunk=1):
     seq.params.stop_ids = [tok.encode(s, add_special_tokens=False) for s in stops]
     deltas = []
     for i in range(0, len(ids), chunk):
-        seq.output_ids = ids[:i + chunk]
+        seq.output_ids = ids[: i + chunk]
         final = i + chunk >= len(ids)
         window, n_ctx = response_window(seq, final)
         deltas.append(text_delta(tok, window, n_ctx, final, list(stops)))

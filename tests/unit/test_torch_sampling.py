@@ -1,13 +1,13 @@
 """The device sampler (`torch_sampling.choose`, run here on the CPU) picks what the host sampler
 (`sampling.sample`) picks, from float32 logits and from the bf16 logits the GPU runtime hands it."""
-import numpy as np
+
 import pytest
 import torch
 
 from tritonllm.config import SamplingParams
-from tritonllm.runtimes import torch_sampling
-from tritonllm.sampling import new_rng, sample
-from tritonllm.scheduler import Sequence
+from tritonllm.engine.sampling import new_rng, sample
+from tritonllm.engine.sequence import Sequence
+from tritonllm.runtimes.torch_cuda import sampling as torch_sampling
 
 EOS = frozenset({3})
 
@@ -18,8 +18,13 @@ def seq(output_ids, **params) -> Sequence:
     return s
 
 
-CASES = [dict(temperature=0.0), dict(temperature=0.0, ignore_eos=True), dict(temperature=0.0, min_tokens=4),
-         dict(temperature=0.0, repetition_penalty=1.8), dict(temperature=0.0, bad_ids=[[7, 3], [9]])]
+CASES = [
+    dict(temperature=0.0),
+    dict(temperature=0.0, ignore_eos=True),
+    dict(temperature=0.0, min_tokens=4),
+    dict(temperature=0.0, repetition_penalty=1.8),
+    dict(temperature=0.0, bad_ids=[[7, 3], [9]]),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -31,8 +36,10 @@ def test_device_sampler_matches_the_host_sampler(dtype):
     seqs = [seq([7, 1], **c) for c in CASES]
     got = torch_sampling.choose(rows.clone(), seqs).tolist()
     assert torch_sampling.choose(rows[:3].clone(), seqs[:3]).tolist() == got[:3]  # greedy only: stays in `dtype`
-    want = [sample(r.float().numpy(), s.params, s.prompt_ids + s.output_ids, len(s.output_ids), EOS, s.rng)
-            for r, s in zip(rows, seqs)]
+    want = [
+        sample(r.float().numpy(), s.params, s.prompt_ids + s.output_ids, len(s.output_ids), EOS, s.rng)
+        for r, s in zip(rows, seqs)
+    ]
     assert got == want
     assert got[0] == 3 and got[1] != 3 and got[2] != 3  # greedy takes EOS; ignore_eos and min_tokens mask it
 

@@ -1,10 +1,11 @@
 """The python-backend request reader over a stand-in request (the real one is exercised by the
 end-to-end tests): inputs listed once, typed reads, errors that name the field and the fix."""
+
 import numpy as np
 import pytest
 
 from tritonllm.errors import RequestValidationError
-from tritonllm.triton_io import RequestReader
+from tritonllm.triton.backend_io import RequestReader
 
 
 class Tensor:
@@ -29,8 +30,13 @@ class Request:
 
 
 def test_reads_typed_values_and_defaults_listing_the_inputs_once():
-    req = Request(max_tokens=[[7]], temperature=np.array([[0.5]], np.float32), ignore_eos=[[True]],
-                  stop_words=np.array([[b"END", "x"]], dtype=object), input_ids=[[1, 2, 3]])
+    req = Request(
+        max_tokens=[[7]],
+        temperature=np.array([[0.5]], np.float32),
+        ignore_eos=[[True]],
+        stop_words=np.array([[b"END", "x"]], dtype=object),
+        input_ids=[[1, 2, 3]],
+    )
     read = RequestReader(req)
     assert read.scalar("max_tokens", int) == 7 and read.scalar("temperature", float) == 0.5
     assert read.scalar("ignore_eos", bool) is True and read.scalar("seed", int) is None
@@ -54,7 +60,7 @@ def test_repeated_strings_are_encoded_once():
         def Tensor(name, arr):
             return name, arr
 
-    from tritonllm.triton_io import strings_tensor
+    from tritonllm.triton.backend_io import strings_tensor
 
     (_, a), (_, b) = strings_tensor(Pb, "stop_words", ("END", "é")), strings_tensor(Pb, "stop_words", ("END", "é"))
     assert a is b and a.shape == (1, 2) and a.tolist() == [[b"END", "é".encode()]]

@@ -1,91 +1,91 @@
-"""The runtime interface and the host-side KV cache the CPU runtimes share."""
+"""The contract between the engine loop and a runtime.
+
+A runtime owns the model's weights and KV cache and runs steps: each step is a list of
+`StepInput` rows (prompt pieces and decode tokens of different sequences) and yields one row of
+logits per input. What a runtime can do beyond `step()` it declares in `capabilities`, read once
+by the loop; the loop never probes a runtime for methods. Optional methods a runtime does not
+declare raise `NotImplementedError`."""
+
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Union
 
 import numpy as np
 
-from ..modeling import ModelShape
+from ..model.shape import ModelShape
+
+if TYPE_CHECKING:
+    import torch
+
+Logits = Union[np.ndarray, "torch.Tensor"]  # [rows, vocab]: numpy on host runtimes, a device tensor on GPU ones
 
 
 class StepInput(NamedTuple):
     """One sequence's work in a step: `tokens` placed at positions start..start+len-1 of `slot`.
-    A prefill has start=0 and the whole prompt; a decode has one token at start=current length.
-    (A named tuple: the loop makes one per sequence per step, cheaper than a frozen dataclass.)"""
+    A prefill piece starts at the prompt tokens already cached (0 for a whole prompt); a decode
+    row is one token at start = current length, or no token when the runtime already holds it on
+    the device (an overlapped step sampled it). A named tuple: the loop makes one per sequence
+    per step, and a tuple is the cheapest such object."""
 
     slot: int
     tokens: list[int]
     start: int
 
 
-class Runtime(Protocol):
+@dataclass(frozen=True)
+class RuntimeCapabilities:
+    """What the loop may ask of a runtime beyond `step()` and `describe()`."""
+
+    overlap: bool = False  # launch()/collect(): a step is enqueued without waiting for the device,
+    # and its sampled ids stay there for the next step's decode rows
+    multi_step: bool = False  # launch(..., steps=n) runs n decode steps on one host pass (needs overlap)
+    prompt_pieces: bool = False  # step() takes a prompt piece at any start: chunked prefill
+    device_sampling: bool = False  # sample() draws each row's token where the logits are (no host copy)
+
+
+@dataclass(frozen=True)
+class RuntimeStats:
+    """Counters a runtime keeps about its own work (zeros where it does not measure them)."""
+
+    gpu_idle_s: float = 0.0  # device idle between a step and the next one launched before it was collected
+    prefill_tokens: int = 0  # prompt tokens prefilled ...
+    prefill_computed_tokens: int = 0  # ... and tokens computed for them, padding to graph buckets included
+
+
+class Runtime(ABC):
+    """Subclasses set `shape`, `max_slots` (may be fewer than configured, e.g. by memory) and
+    `max_context` in their constructor, and declare `capabilities`."""
+
+    capabilities: ClassVar[RuntimeCapabilities] = RuntimeCapabilities()
     shape: ModelShape
     max_slots: int
     max_context: int
 
-    def step(self, inputs: list[StepInput]) -> np.ndarray:
-        """Run the rows, write their keys/values into the cache, return logits [len(inputs), vocab]."""
+    @abstractmethod
+    def step(self, inputs: list[StepInput]) -> Logits:
+        """Run the rows and write their keys/values into the cache; return logits [len(inputs),
+        vocab], the logits of each row's last token, in input order. Synchronous."""
 
+    @abstractmethod
     def describe(self) -> dict:
-        """Facts reported at start-up (runtime, device, slots, context, cache bytes)."""
+        """Facts reported at start-up (runtime, device, slots, context, cache bytes, kernels)."""
 
+    def sample(self, logits: Logits, seqs: Sequence[Any]) -> list[int]:
+        """(device_sampling) Each row's token under its sequence's sampling parameters."""
+        raise NotImplementedError(f"{type(self).__name__} does not sample on its device")
 
-def step_by_kind(inputs: list[StepInput], run, logits):
-    """Fill `logits` [len(inputs), vocab] (numpy or torch) with `run(rows)`'s: decode rows (one token
-    each) as one batch, each prefill on its own (prompts differ in length: one batch would pad every
-    prompt to the longest). The CPU and TensorRT runtimes, whose graphs take any batch, share it."""
-    decode = [i for i, x in enumerate(inputs) if len(x.tokens) == 1 and x.start > 0]
-    if decode:
-        logits[decode] = run([inputs[i] for i in decode])
-    if len(decode) < len(inputs):
-        batched = set(decode)
-        for i, x in enumerate(inputs):
-            if i not in batched:
-                logits[i] = run([x])[0]
-    return logits
+    def launch(self, inputs: list[StepInput], seqs: Sequence[Any], steps: int = 1) -> object:
+        """(overlap) Enqueue one step and its sampling without waiting (or, with multi_step, `steps`
+        decode steps, each sampling into the next); returns a handle for `collect`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot launch steps ahead")
 
+    def collect(self, handle: object) -> list:
+        """(overlap) Wait for a launched step: one id per row, or for a multi-step launch a list of
+        `steps` ids per row."""
+        raise NotImplementedError(f"{type(self).__name__} cannot launch steps ahead")
 
-def staged(buffers: tuple, dims: tuple) -> tuple[tuple, tuple]:
-    """(flat buffers, views of their first prod(dims) elements shaped `dims`): the same buffers, or
-    new ones where they are too small (kept by the caller for the next call)."""
-    n = int(np.prod(dims))
-    if buffers[0].size < n:
-        buffers = tuple(np.empty(n, b.dtype) for b in buffers)
-    return buffers, tuple(b[:n].reshape(dims) for b in buffers)
-
-
-class KVCache:
-    """Preallocated keys/values for every slot: [layers, slots, kv_heads, max_context, head_dim]."""
-
-    def __init__(self, shape: ModelShape, slots: int, max_context: int, dtype=np.float32):
-        dims = (shape.num_layers, slots, shape.num_kv_heads, max_context, shape.head_dim)
-        self.keys = np.zeros(dims, dtype=dtype)
-        self.values = np.zeros(dims, dtype=dtype)
-        self._staging = (np.empty(0, dtype), np.empty(0, dtype))  # gather's output, grown on demand
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
-
-    def gather(self, slots: list[int], length: int, out: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Past keys/values of `slots` up to `length` positions: [L, B, Hkv, length, D], copied into
-        `out` or else into staging buffers kept between calls (valid until the next call). A fresh
-        array each step cost about twice the copy itself (its pages are touched anew). Staging grows
-        to the largest batch x past seen, at most the cache's own size."""
-        dims = (self.keys.shape[0], len(slots), self.keys.shape[2], length, self.keys.shape[4])
-        if out is None:
-            self._staging, out = staged(self._staging, dims)
-        in_order = slots == list(range(len(slots)))  # slots 0..B-1: one strided copy each
-        for src, dst in zip((self.keys, self.values), out):
-            if in_order:
-                np.copyto(dst, src[:, :len(slots), :, :length])
-            else:
-                np.take(src[:, :, :, :length], slots, axis=1, out=dst)
-        return out
-
-    def update(self, slots: list[int], starts: list[int], counts: list[int],
-               new_keys: np.ndarray, new_values: np.ndarray) -> None:
-        """Write row b's first counts[b] new positions at starts[b].. of slots[b]."""
-        for b, (slot, start, n) in enumerate(zip(slots, starts, counts)):
-            self.keys[:, slot, :, start:start + n] = new_keys[:, b, :, :n]
-            self.values[:, slot, :, start:start + n] = new_values[:, b, :, :n]
+    def stats(self) -> RuntimeStats:
+        return RuntimeStats()

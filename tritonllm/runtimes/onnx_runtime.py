@@ -1,4 +1,5 @@
 """ONNX Runtime (CPU, the embedded default) over the exported graph with the host KV cache."""
+
 from __future__ import annotations
 
 import logging
@@ -7,9 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from ..config import EngineConfig
-from ..modeling import ModelShape
-from ..onnx_export import OUTPUTS, causal_bias
-from .base import KVCache, StepInput, staged, step_by_kind
+from ..model.graph_io import OUTPUTS, causal_bias
+from ..model.shape import ModelShape
+from .base import Runtime, RuntimeCapabilities, StepInput
+from .host_kv import KVCache, staged, step_by_kind
 
 log = logging.getLogger(__name__)
 PAST_ROUND = 16  # a decode batch's staged past grows in steps of this many positions
@@ -19,9 +21,9 @@ class DecodeStaging:
     """A decode batch's past keys/values kept between steps in the layout the graph reads ([L, B,
     Hkv, P, D], P rounded up to PAST_ROUND): while the batch's slots stay the same, a step writes
     each row's new position into it instead of copying the whole past out of the slot cache again
-    (that copy was 17-22 % of a batch-8 step at a 512-token past, `results/cpu-step-*.md`).
-    Positions past a row's length are masked by the attention bias. Any other run (a prefill)
-    drops it: it may have written a staged slot."""
+    (at long pasts that copy is a large share of a decode step: docs/decisions.md). Positions
+    past a row's length are masked by the attention bias. Any other run (a prefill) drops it: it
+    may have written a staged slot."""
 
     def __init__(self, cache: KVCache):
         self.cache = cache
@@ -50,8 +52,8 @@ class DecodeStaging:
             self.past[1][:, b, :, start] = new_values[:, b, :, 0]
 
 
-class OnnxRuntime:
-    chunked_prefill = True  # step() takes a prompt piece at any start (the graph reads the cached past)
+class OnnxRuntime(Runtime):
+    capabilities = RuntimeCapabilities(prompt_pieces=True)  # the graph reads the cached past at any start
 
     def __init__(self, engine_dir: Path, cfg: EngineConfig, providers: list[str] | None = None):
         import onnxruntime as ort
@@ -62,14 +64,20 @@ class OnnxRuntime:
         if cfg.threads:
             opts.intra_op_num_threads = cfg.threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(Path(engine_dir) / "model.onnx"), opts,
-                                            providers=providers or ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(Path(engine_dir) / "model.onnx"), opts, providers=providers or ["CPUExecutionProvider"]
+        )
         self.cache = KVCache(self.shape, cfg.max_slots, cfg.max_context)
         self.staging = DecodeStaging(self.cache)
 
     def describe(self) -> dict:
-        return {"runtime": "onnxruntime", "providers": self.session.get_providers(), "slots": self.max_slots,
-                "max_context": self.max_context, "kv_cache_bytes": self.cache.nbytes}
+        return {
+            "runtime": "onnxruntime",
+            "providers": self.session.get_providers(),
+            "slots": self.max_slots,
+            "max_context": self.max_context,
+            "kv_cache_bytes": self.cache.nbytes,
+        }
 
     def step(self, inputs: list[StepInput]) -> np.ndarray:
         """Decode rows (one token each) run as one batch; each prefill runs on its own."""
@@ -81,7 +89,7 @@ class OnnxRuntime:
         ids = np.zeros((b, t), dtype=np.int64)
         pos = np.zeros((b, t), dtype=np.int64)
         for i, r in enumerate(rows):
-            ids[i, :len(r.tokens)] = r.tokens
+            ids[i, : len(r.tokens)] = r.tokens
             pos[i] = np.arange(r.start, r.start + t)
         counts = [len(r.tokens) for r in rows]
         decode = t == 1 and min(starts) > 0
@@ -90,9 +98,14 @@ class OnnxRuntime:
         else:
             self.staging.invalidate()
             past_k, past_v = self.cache.gather(slots, max(starts))
-        feed = {"input_ids": ids, "position_ids": pos,
-                "attn_bias": causal_bias(np.array(starts), np.array(counts), past_k.shape[3], t),
-                "last_index": np.array(counts, dtype=np.int64) - 1, "past_keys": past_k, "past_values": past_v}
+        feed = {
+            "input_ids": ids,
+            "position_ids": pos,
+            "attn_bias": causal_bias(np.array(starts), np.array(counts), past_k.shape[3], t),
+            "last_index": np.array(counts, dtype=np.int64) - 1,
+            "past_keys": past_k,
+            "past_values": past_v,
+        }
         logits, new_k, new_v = self.session.run(OUTPUTS, feed)
         self.cache.update(slots, starts, counts, new_k, new_v)
         if decode:

@@ -1,0 +1,69 @@
+"""`tritonllm-build`: HF checkpoint -> engine files -> Triton model repository.
+
+    tritonllm-build --model build/models/smollm2 --name smollm2 --out build/model_repository
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from ..config import DTYPES, RUNTIMES, EngineConfig
+from .pipeline import build
+from .repository import RepositoryConfig
+
+log = logging.getLogger("tritonllm.build")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    d = EngineConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="local HF checkpoint folder")
+    p.add_argument("--name", default="llm", help="ensemble name; stages are <name>_tokenizer/_engine/_detokenizer")
+    p.add_argument("--out", type=Path, default=Path("build/model_repository"))
+    p.add_argument("--onnx-dir", type=Path, help="default build/onnx/<name>")
+    p.add_argument("--runtime", choices=RUNTIMES, default=d.runtime)
+    p.add_argument("--max-slots", type=int, default=d.max_slots)
+    p.add_argument("--max-context", type=int, default=d.max_context)
+    p.add_argument("--max-queue", type=int, default=d.max_queue)
+    p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit)
+    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
+    p.add_argument("--stream-interval-ms", type=float, default=d.stream_interval_ms)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="weights and KV cache (torch-cuda: bfloat16)")
+    p.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
+                   help="prompt tokens one engine step prefills (bounds the stall of the running streams)")
+    p.add_argument("--prefill-gather-ms", type=float, default=0.0,
+                   help="while others decode, let arriving requests wait up to this long to prefill together")
+    p.add_argument("--emit-text", action="store_true",
+                   help="the engine detokenizes: tokenizer -> engine, no detokenizer stage (one python hop fewer)")
+    p.add_argument("--response-threads", type=int, default=d.response_threads)
+    p.add_argument("--steps-per-launch", type=int, default=d.steps_per_launch,
+                   help="torch-cuda: decode steps per host pass under load (README: multi-step; 1 = off)")
+    p.add_argument("--multi-step-min-active", type=int, default=d.multi_step_min_active)
+    p.add_argument("--launch-ahead", type=int, default=d.launch_ahead,
+                   help="torch-cuda: launched steps left queued on the device while older ones complete")
+    p.add_argument("--tokenizer-instances", type=int, default=1)
+    p.add_argument("--detokenizer-instances", type=int, default=1)
+    a = p.parse_args(argv)
+    t0 = time.time()
+    engine = EngineConfig(runtime=a.runtime, max_slots=a.max_slots, max_context=a.max_context, max_queue=a.max_queue,
+                          max_tokens_limit=min(a.max_tokens_limit, a.max_context - 1),
+                          default_max_tokens=a.default_max_tokens, request_timeout_s=a.request_timeout_s,
+                          stream_interval_ms=a.stream_interval_ms, threads=a.threads, dtype=a.dtype,
+                          emit_text=a.emit_text, response_threads=a.response_threads,
+                          max_prefill_tokens=a.max_prefill_tokens, prefill_gather_ms=a.prefill_gather_ms,
+                          steps_per_launch=a.steps_per_launch,
+                          multi_step_min_active=a.multi_step_min_active, launch_ahead=a.launch_ahead)
+    cfg = RepositoryConfig(name=a.name, engine=engine, tokenizer_instances=a.tokenizer_instances,
+                           detokenizer_instances=a.detokenizer_instances)
+    build(a.model, cfg, a.out, a.onnx_dir)
+    log.info("done in %.1fs", time.time() - t0)
+    return a.out
+
+
+if __name__ == "__main__":
+    main()

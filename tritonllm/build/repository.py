@@ -1,0 +1,163 @@
+"""Write a Triton model repository for one LLM: <name> (ensemble), <name>_tokenizer,
+<name>_engine (decoupled, in-flight batching), <name>_detokenizer. Several LLMs can share one
+repository under distinct names. Each stage's model.py is its adapter from `tritonllm/triton/models/`,
+and the `tritonllm` package is copied beside it: Triton's python backend puts a model's version
+folder on `sys.path`, so the repository serves from a stock `tritonserver:<yy.mm>-py3` container
+with only the runtime's packages installed (README, "Serving from a stock Triton container")."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import tensors as T
+from ..config import EngineConfig
+from .pbtxt import Enum, render
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+ADAPTERS_DIR = PACKAGE_DIR / "triton" / "models"  # <stage>.py, copied as each stage's model.py
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    name: str = "llm"
+    max_batch_size: int = 64          # requests the tokenizer/detokenizer take per execute()
+    tokenizer_instances: int = 1      # python processes tokenizing in parallel (a burst of prompts queues here)
+    detokenizer_instances: int = 1
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise ValueError(f"model name {self.name!r}: use letters, digits, '_', '.', '-' (start with a letter)")
+        if not 1 <= self.max_batch_size <= 4096:
+            raise ValueError(f"max_batch_size={self.max_batch_size}: use 1..4096")
+        for stage in ("tokenizer", "detokenizer"):
+            n = getattr(self, f"{stage}_instances")
+            if not 1 <= n <= 64:
+                raise ValueError(f"{stage}_instances={n}: use 1..64")
+
+    def stage(self, stage: str) -> str:
+        return f"{self.name}_{stage}"
+
+    def model_names(self) -> list[str]:
+        """The ensemble and its stages (no detokenizer when the engine emits text)."""
+        stages = ("tokenizer", "engine") if self.engine.emit_text else ("tokenizer", "engine", "detokenizer")
+        return [self.name, *(self.stage(s) for s in stages)]
+
+
+def _io(specs: list[T.TensorSpec], ragged: bool = False) -> list[dict]:
+    out = []
+    for s in specs:
+        d = {"name": s.name, "data_type": Enum(f"TYPE_{s.dtype}"), "dims": list(s.dims)}
+        if s.optional:
+            d["optional"] = True
+        if ragged and -1 in s.dims:
+            d["allow_ragged_batch"] = True
+        out.append(d)
+    return out
+
+
+def _outputs(specs: list[T.TensorSpec]) -> list[dict]:
+    return [{"name": s.name, "data_type": Enum(f"TYPE_{s.dtype}"), "dims": list(s.dims)} for s in specs]
+
+
+def _params(values: dict[str, str]) -> list[dict]:
+    return [{"key": k, "value": {"string_value": v}} for k, v in values.items()]
+
+
+def python_model(name: str, cfg: RepositoryConfig, inputs, outputs, params, instances=1, decoupled=False) -> dict:
+    d = {"name": name, "backend": "python", "max_batch_size": cfg.max_batch_size,
+         "input": _io(inputs, ragged=True), "output": _outputs(outputs),
+         "instance_group": [{"count": instances, "kind": Enum("KIND_CPU")}]}
+    if decoupled:
+        d["model_transaction_policy"] = {"decoupled": True}
+    else:  # python models take whatever requests are queued in one execute() call
+        d["dynamic_batching"] = {}
+    d["parameters"] = _params(params) or None
+    return d
+
+
+def ensemble_model(cfg: RepositoryConfig) -> dict:
+    """tokenizer -> engine -> detokenizer (or tokenizer -> engine with `emit_text`); stage-to-stage
+    tensors get internal names ('_' prefix)."""
+    internal = {s.name: f"_{s.name}" for s in T.TOKENIZER_OUTPUTS + T.ENGINE_OUTPUTS if s.name != "stop_words"}
+
+    def step(stage, inputs, outputs, out_names, in_names=None):
+        in_names = internal | (in_names or {})
+        return {"model_name": cfg.stage(stage), "model_version": -1,
+                "input_map": [{"key": i.name, "value": in_names.get(i.name, i.name)} for i in inputs],
+                "output_map": [{"key": o.name, "value": out_names.get(o.name, o.name)} for o in outputs]}
+
+    steps = [step("tokenizer", T.TOKENIZER_INPUTS, T.TOKENIZER_OUTPUTS, internal)]
+    if cfg.engine.emit_text:
+        steps.append(step("engine", T.ENGINE_INPUTS, T.ENGINE_TEXT_OUTPUTS, {}))
+    else:
+        steps += [step("engine", T.ENGINE_INPUTS, T.ENGINE_OUTPUTS, internal | {"stop_words": "_stop_words"}),
+                  step("detokenizer", T.DETOKENIZER_INPUTS, T.DETOKENIZER_OUTPUTS, {}, {"stop_words": "_stop_words"})]
+    return {
+        "name": cfg.name, "platform": "ensemble", "max_batch_size": cfg.max_batch_size,
+        "input": _io(T.ENSEMBLE_INPUTS), "output": _outputs(T.ENSEMBLE_OUTPUTS),
+        "ensemble_scheduling": {"step": steps},
+    }
+
+
+def model_configs(cfg: RepositoryConfig) -> dict[str, dict]:
+    eng = cfg.engine
+    engine_outputs = T.ENGINE_TEXT_OUTPUTS if eng.emit_text else T.ENGINE_OUTPUTS
+    configs = {
+        cfg.stage("tokenizer"): python_model(cfg.stage("tokenizer"), cfg, T.TOKENIZER_INPUTS, T.TOKENIZER_OUTPUTS,
+                                             {"max_context": str(eng.max_context)}, instances=cfg.tokenizer_instances),
+        cfg.stage("engine"): python_model(cfg.stage("engine"), cfg, T.ENGINE_INPUTS, engine_outputs,
+                                          eng.to_parameters(), decoupled=True),
+    }
+    if not eng.emit_text:
+        configs[cfg.stage("detokenizer")] = python_model(cfg.stage("detokenizer"), cfg, T.DETOKENIZER_INPUTS,
+                                                         T.DETOKENIZER_OUTPUTS, {}, instances=cfg.detokenizer_instances)
+    return configs | {cfg.name: ensemble_model(cfg)}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _copy_package(dst: Path) -> None:
+    shutil.copytree(PACKAGE_DIR, dst / "tritonllm", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def write_repository(out: Path, cfg: RepositoryConfig, checkpoint: Path, engine_dir: Path) -> Path:
+    """Write (or replace) this LLM's four models under `out`; other LLMs there are left alone."""
+    out = Path(out)
+    configs = model_configs(cfg)
+    if cfg.stage("detokenizer") not in configs:  # a stale detokenizer from an earlier build would still load
+        shutil.rmtree(out / cfg.stage("detokenizer"), ignore_errors=True)
+    for model, config in configs.items():
+        mdir = out / model
+        if mdir.exists():
+            shutil.rmtree(mdir)
+        version = mdir / "1"
+        version.mkdir(parents=True)
+        (mdir / "config.pbtxt").write_text(render(config))
+        if model == cfg.name:
+            continue
+        stage = model[len(cfg.name) + 1:]
+        shutil.copy2(ADAPTERS_DIR / f"{stage}.py", version / "model.py")
+        _copy_package(version)
+        for f in TOKENIZER_FILES:
+            if (Path(checkpoint) / f).exists():
+                _link_or_copy(Path(checkpoint) / f, version / "tokenizer" / f)
+        if stage == "engine":
+            for f in Path(engine_dir).iterdir():
+                if f.is_file():
+                    _link_or_copy(f, version / "engine" / f.name)
+    return out

@@ -1,0 +1,102 @@
+"""Responses sent from worker threads, merged under backpressure (Triton-free).
+
+A python-backend `response_sender.send()` is a round trip to Triton's core (it releases the GIL
+and waits for the core to take the response). Made on the engine loop's thread, that wait is
+added to every step. The pump takes responses off the loop: `put()` only records them, worker
+threads send. One request always goes through the same worker, so its responses stay in order;
+while that worker is busy, later tokens of the same request merge into the one pending response.
+Idle, every token goes out as it is made; under load each response carries the tokens made while
+the previous one was in transit, so the response rate adapts to what the server can take.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pending:
+    seq: object
+    ids: list[int]
+    n_context: int
+    final: bool
+    n_output: int = 0  # tokens generated when the loop put it (what its counter reports)
+    error: Exception | None = None
+
+
+def merge(first: Pending, later: Pending) -> Pending:
+    """`later`'s window starts with context the reader already gets from `first`: keep first's
+    context, append later's new ids."""
+    return Pending(first.seq, first.ids + later.ids[later.n_context :], first.n_context, later.final, later.n_output)
+
+
+class _Worker:
+    def __init__(self, pump: ResponsePump, name: str):
+        self.pump = pump
+        self.cond = threading.Condition()
+        self.pending: collections.OrderedDict[tuple[int, bool], Pending] = collections.OrderedDict()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def put(self, item: Pending) -> None:
+        key = (item.seq.uid, item.error is not None)
+        with self.cond:
+            prev = self.pending.get(key)
+            self.pending[key] = merge(prev, item) if prev is not None and item.error is None else item
+            self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.pending and not self.pump.stopping:
+                    self.cond.wait()
+                if not self.pending:
+                    return
+                _, item = self.pending.popitem(last=False)
+            self.pump.deliver_one(item)
+
+
+class ResponsePump:
+    def __init__(self, send: Callable, send_error: Callable, on_failure: Callable, workers: int = 4):
+        """send(seq, ids, n_context, final, n_output) and send_error(seq, exc) do the real sends;
+        on_failure(seq, exc) is told when a send raised (the client went away)."""
+        self._send, self._send_error, self._on_failure = send, send_error, on_failure
+        self.stopping = False
+        self.sent = 0
+        self._workers = [_Worker(self, f"tritonllm-sender-{i}") for i in range(workers)]
+        for w in self._workers:
+            w.thread.start()
+
+    def _worker(self, seq) -> _Worker:
+        return self._workers[seq.uid % len(self._workers)]
+
+    def put(self, seq, ids: list[int], n_context: int, final: bool) -> None:
+        self._worker(seq).put(Pending(seq, list(ids), n_context, final, len(seq.output_ids)))
+
+    def put_error(self, seq, error: Exception) -> None:
+        self._worker(seq).put(Pending(seq, [], 0, True, error=error))
+
+    def deliver_one(self, item: Pending) -> None:
+        try:
+            if item.error is not None:
+                self._send_error(item.seq, item.error)
+            else:
+                self._send(item.seq, item.ids, item.n_context, item.final, item.n_output)
+            self.sent += 1
+        except Exception as exc:  # the client went away: the engine is told, the pump goes on
+            log.warning("sending a response failed: %s", exc)
+            self._on_failure(item.seq, exc)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Send what is pending, then stop the workers."""
+        self.stopping = True
+        for w in self._workers:
+            with w.cond:
+                w.cond.notify_all()
+        for w in self._workers:
+            w.thread.join(timeout_s)

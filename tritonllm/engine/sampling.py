@@ -1,0 +1,77 @@
+"""Token sampling on one row of logits (numpy), in the order HF `generate` applies its processors:
+repetition penalty -> min_tokens/ignore_eos masking -> bad words -> temperature -> top-k -> top-p."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import SamplingParams
+
+NEG_INF = np.float32(-np.inf)
+
+
+def new_rng(seed: int | None) -> np.random.Generator:
+    """Per-request generator: the same seed gives the same draws whatever else is in the batch."""
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> None:
+    if penalty == 1.0 or seen.size == 0:
+        return
+    vals = logits[seen]
+    logits[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+
+
+def banned_tokens(output: list[int], bad_ids: list[list[int]]) -> list[int]:
+    """Last tokens of bad-word sequences whose prefix the output currently ends with."""
+    out = []
+    for seq in bad_ids:
+        prefix = seq[:-1]
+        if not prefix or (len(output) >= len(prefix) and output[-len(prefix) :] == prefix):
+            out.append(seq[-1])
+    return out
+
+
+def top_k_top_p_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    if 0 < top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k)[-top_k]
+        logits = np.where(logits < kth, NEG_INF, logits)
+    if top_p < 1.0:
+        order = np.argsort(-logits, kind="stable")
+        probs = softmax(logits[order])
+        cum = np.cumsum(probs)
+        drop = cum - probs > top_p  # keep the smallest prefix whose mass reaches top_p (at least one)
+        filtered = logits.copy()
+        filtered[order[drop]] = NEG_INF
+        logits = filtered
+    return logits
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - np.max(x))
+    return e / e.sum()
+
+
+def sample(
+    logits: np.ndarray,
+    params: SamplingParams,
+    history: list[int],
+    n_generated: int,
+    stop_token_ids: frozenset[int],
+    rng: np.random.Generator,
+) -> int:
+    """Pick the next token. `history` is prompt + output (for the repetition penalty), `n_generated`
+    the tokens generated so far, `stop_token_ids` the ids that end the sequence (EOS / end_id)."""
+    logits = np.array(logits, dtype=np.float32, copy=True)
+    apply_repetition_penalty(logits, np.unique(np.asarray(history, dtype=np.int64)), params.repetition_penalty)
+    if stop_token_ids and (params.ignore_eos or n_generated < params.min_tokens):
+        logits[list(stop_token_ids)] = NEG_INF
+    if params.bad_ids:
+        banned = banned_tokens(history[len(history) - n_generated :], params.bad_ids)
+        if banned:
+            logits[banned] = NEG_INF
+    if params.greedy:
+        return int(np.argmax(logits))
+    logits = top_k_top_p_filter(logits / np.float32(params.temperature), params.top_k, params.top_p)
+    probs = softmax(logits.astype(np.float64))
+    return int(rng.choice(probs.shape[-1], p=probs))

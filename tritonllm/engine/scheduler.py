@@ -1,0 +1,195 @@
+"""In-flight batching scheduler (Triton-free): `schedule()` -> the runtime executes ->
+`update_from_output()`. Sequences waiting for a slot join the running batch at the next step;
+finished or cancelled ones leave it and free their slot."""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import time
+
+from ..config import EngineConfig
+from ..errors import ServerBusyError
+from .sequence import Sequence, StepPlan
+
+
+def should_stop(seq: Sequence, max_context: int, decode=None) -> str | None:
+    """The finish reason after the last appended token (stop words, length), or None to go on.
+    Stop words match as token ids and, where `decode` is given, as text in the recent output."""
+    p = seq.params
+    n = len(seq.output_ids)
+    if (p.stop_ids or p.stop_strings) and n >= p.min_tokens:
+        for stop in p.stop_ids:
+            if stop and len(stop) <= n and seq.output_ids[-len(stop) :] == stop:
+                return "stop"
+        if p.stop_strings and decode is not None:
+            tail = decode(seq.output_ids[-(4 * max(map(len, p.stop_strings)) + 4) :])
+            if any(s in tail for s in p.stop_strings):
+                return "stop"
+    if n >= p.max_tokens or seq.n_prompt + n >= max_context:
+        return "length"
+    return None
+
+
+def queue_full(cfg: EngineConfig) -> ServerBusyError:
+    return ServerBusyError(
+        f"the engine queue is full ({cfg.max_queue} waiting, {cfg.max_slots} generating): "
+        "retry later, or raise max_queue/max_slots when building the repository"
+    )
+
+
+class Scheduler:
+    def __init__(
+        self, cfg: EngineConfig, decode=None, slots: int | None = None, max_steps: int = 1, chunked: bool = False
+    ):
+        """max_steps: decode steps the runtime can run in one launch (cfg.steps_per_launch where it can);
+        chunked: the runtime takes a prompt in pieces at any start (prompts longer than the step's
+        prefill budget are split over steps)."""
+        self.cfg, self.decode, self.max_steps, self.chunked = cfg, decode, max_steps, chunked
+        self.tokens_kept = 0  # tokens appended to outputs (not EOS, none past a stop)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.slots = slots or cfg.max_slots  # the runtime's, which may be fewer than cfg.max_slots
+        self.free_slots = list(range(self.slots))  # a min-heap: the lowest free slot is taken first
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.cfg.max_queue:
+            raise queue_full(self.cfg)
+        self.waiting.append(seq)
+
+    def schedule(self) -> StepPlan:
+        """Running sequences decode; waiting ones take free slots and prefill, in arrival order, up
+        to `max_prefill_tokens` prompt tokens a step; a prompt that fits a step waits for the next
+        one rather than being split. Where the runtime takes prompts in pieces, a longer prompt is
+        split over steps (its rest goes first in the next); elsewhere the first prompt always goes
+        whole. With a step still in flight (overlapped loop) a sequence its pending token surely
+        ends (length) sits out."""
+        decode = [s for s in self.running if (s.output_ids or s.pending) and not self._ends_with_pending(s)]
+        prefill, partial = [], []
+        budget = self.cfg.max_prefill_tokens
+        if self.chunked:  # a prompt split over steps goes on first
+            for seq in self.running:
+                if seq.prefilled < seq.n_prompt and budget > 0:
+                    budget = self._take_piece(seq, budget, prefill, partial)
+        while self.waiting and self.free_slots and budget > 0 and self._admit_now(decode):
+            n = self.waiting[0].n_prompt
+            if prefill and n > budget and not (self.chunked and n > self.cfg.max_prefill_tokens):
+                break
+            seq = self.waiting.popleft()
+            seq.slot = heapq.heappop(self.free_slots)
+            self.running.append(seq)
+            budget = self._take_piece(seq, budget, prefill, partial)
+        return StepPlan(prefill, decode, 1 if prefill else self._steps_for(decode), frozenset(partial))
+
+    def _take_piece(self, seq: Sequence, budget: int, prefill: list, partial: list) -> int:
+        """Schedule the next piece of seq's prompt (all of it unless chunked); returns the budget left."""
+        left = seq.n_prompt - seq.prefilled
+        seq.chunk = min(left, budget) if self.chunked else left
+        prefill.append(seq)
+        if seq.chunk < left:
+            partial.append(seq)
+        return budget - seq.chunk
+
+    def _steps_for(self, decode: list[Sequence]) -> int:
+        """Decode steps to launch at once: up to max_steps while at least `multi_step_min_active`
+        sequences decode and nothing is left to prefill; no sequence may outrun its context, change
+        its EOS masking (min_tokens) meanwhile, or need its tokens on the host between steps. A
+        sequence whose length limit or stop comes inside the run drops the tokens after it."""
+        if self.max_steps <= 1 or len(decode) < self.cfg.multi_step_min_active or (self.waiting and self.free_slots):
+            return 1
+        steps = self.max_steps
+        for seq in decode:
+            p = seq.params
+            if seq.needs_host_history:
+                return 1
+            steps = min(steps, self.cfg.max_context - seq.length - seq.pending + 1)
+            if not p.ignore_eos and seq.generated < p.min_tokens:
+                steps = min(steps, p.min_tokens - seq.generated)
+        return max(1, steps)
+
+    def _admit_now(self, decode: list[Sequence]) -> bool:
+        """Each prefill step stalls every decoding sequence, so with `prefill_gather_ms` newcomers
+        that trickle in wait to be prefilled together: at most that long times the share of slots
+        decoding (a stall costs in proportion to the sequences it holds up), or until they would
+        fill every free slot; with nothing decoding they start at once."""
+        gather = self.cfg.prefill_gather_ms * len(decode) / self.slots
+        if gather <= 0 or len(self.waiting) >= len(self.free_slots):
+            return True
+        return 1e3 * (time.monotonic() - self.waiting[0].arrival) >= gather
+
+    def _ends_with_pending(self, seq: Sequence) -> bool:
+        if not seq.pending:
+            return False
+        n = len(seq.output_ids) + seq.pending
+        return n >= seq.params.max_tokens or seq.n_prompt + n >= self.cfg.max_context
+
+    def launched(self, plan: StepPlan) -> None:
+        """The plan's step is enqueued: its prompt pieces are in the cache, and each of its other
+        sequences has `steps` more tokens on the way."""
+        for seq in plan.prefill:
+            seq.prefilled += seq.chunk
+        for seq in plan.sequences:
+            seq.pending += plan.steps
+        for seq in plan.partial:
+            seq.pending -= plan.steps
+
+    def update_from_output(self, plan: StepPlan, tokens: list) -> list[Sequence]:
+        """Append each sequence's sampled token (a list of `plan.steps` tokens each for a multi-step
+        plan); return those that finished (slots freed). Sequences that ended while the step was in
+        flight (cancelled, or finished by an earlier step in the overlapped loop) drop their tokens."""
+        finished = []
+        now = time.monotonic()
+        for seq, got in zip(plan.sequences, tokens):
+            if plan.partial and seq in plan.partial:  # a prompt piece: its logits were not sampled
+                continue
+            seq.pending = seq.pending - plan.steps if seq.pending > plan.steps else 0
+            if seq.finish_reason is not None:
+                continue
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            reason = self._append(seq, got) if plan.steps == 1 else self._append_run(seq, got)
+            if reason:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _append(self, seq: Sequence, tok: int) -> str | None:
+        """One token: the finish reason it brings, or None."""
+        p = seq.params
+        if tok in seq.stop_token_ids and not p.ignore_eos:  # EOS ends the sequence, not part of the output
+            return "stop"
+        seq.output_ids.append(tok)
+        self.tokens_kept += 1
+        return should_stop(seq, self.cfg.max_context, self.decode)
+
+    def _append_run(self, seq: Sequence, run: list[int]) -> str | None:
+        """A multi-step run of tokens, up to the first that ends the sequence. Without stop words
+        or EOS in the run, the tokens within the length limit go in at once."""
+        p = seq.params
+        if not p.stop_ids and not p.stop_strings and (p.ignore_eos or not seq.stop_token_ids.intersection(run)):
+            room = max(0, min(p.max_tokens - len(seq.output_ids), self.cfg.max_context - seq.length))
+            seq.output_ids += run[:room]
+            self.tokens_kept += min(room, len(run))
+            return "length" if room <= len(run) else None
+        for tok in run:
+            reason = self._append(seq, tok)
+            if reason:
+                return reason
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take a sequence out (finished, cancelled, timed out or failed) and free its slot."""
+        seq.finish_reason = seq.finish_reason or reason
+        if seq in self.running:
+            self.running.remove(seq)
+            heapq.heappush(self.free_slots, seq.slot)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    @property
+    def active(self) -> int:
+        return len(self.running)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)

@@ -1,0 +1,89 @@
+"""A request inside the engine (`Sequence`: its prompt, sampling parameters, generated ids, slot
+and progress) and one step's plan (`StepPlan`). Triton-free."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..config import SamplingParams
+from ..runtimes.base import StepInput
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_token_ids: frozenset[int]
+    rng: np.random.Generator | None  # the request's draws; None for greedy ones (never drawn from)
+    echo_prompt: bool = False  # exclude_input_in_output=False: the prompt is part of the output
+    sink: Any = None  # where the engine loop sends this sequence's responses (a ResponseSink)
+    deadline: float = float("inf")
+    uid: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    slot: int | None = None
+    finish_reason: str | None = None
+    emitted: int = 0  # visible ids already sent
+    last_emit: float = 0.0
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    pending: int = 0  # tokens sampled by launched steps, not yet appended here
+    cancel_requested: bool = False  # set by the engine's cancellation watcher
+    prefilled: int = 0  # prompt tokens in the KV cache (or on their way: launched)
+    chunk: int = 0  # prompt tokens the scheduled step prefills
+    device_rng: Any = None  # a device runtime's random generator for this sequence, made on first draw
+    # fixed at creation (read for every sequence at every step):
+    n_prompt: int = field(init=False)
+    needs_host_history: bool = field(init=False)  # sampling reads the generated ids (repetition penalty,
+    # bad words): a step for this sequence cannot be launched before the previous step's token is on the host
+    greedy: bool = field(init=False)
+    eos_masked_below: float = field(init=False)  # the EOS ids are masked while fewer tokens were generated
+    # (min_tokens; inf with ignore_eos; 0 without EOS ids)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.n_prompt = len(self.prompt_ids)
+        self.needs_host_history = p.repetition_penalty != 1.0 or bool(p.bad_ids)
+        self.greedy = p.greedy
+        self.eos_masked_below = 0 if not self.stop_token_ids else float("inf") if p.ignore_eos else p.min_tokens
+
+    @property
+    def length(self) -> int:
+        return self.n_prompt + len(self.output_ids)
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated so far, counting those still on the device (min_tokens masking)."""
+        return len(self.output_ids) + self.pending
+
+    @property
+    def visible_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids if self.echo_prompt else self.output_ids
+
+    def step_input(self) -> StepInput:
+        if self.pending:  # a token still pending lives only on the device: the runtime reads it there
+            return StepInput(self.slot, [], self.n_prompt + len(self.output_ids) - 1 + self.pending)
+        if self.prefilled < self.n_prompt:  # the prompt, or its next piece (chunked prefill)
+            return StepInput(self.slot, self.prompt_ids[self.prefilled : self.prefilled + self.chunk], self.prefilled)
+        return StepInput(self.slot, self.output_ids[-1:], self.n_prompt + len(self.output_ids) - 1)
+
+
+@dataclass
+class StepPlan:
+    prefill: list[Sequence]
+    decode: list[Sequence]
+    steps: int = 1  # decode steps launched together (multi-step: no prefill, every row decodes `steps` tokens)
+    partial: frozenset = frozenset()  # prefill rows whose piece does not end the prompt: no token this step
+
+    @property
+    def sequences(self) -> list[Sequence]:
+        return self.prefill + self.decode
+
+    def __bool__(self) -> bool:
+        return bool(self.prefill or self.decode)

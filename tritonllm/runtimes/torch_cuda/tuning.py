@@ -1,0 +1,126 @@
+"""Start-up kernel choices of the torch runtime: whether the fused OpenAI-Triton kernels run here
+(self-checked), and which tile each small-batch product and the decode attention use, chosen by
+timing the candidates on this GPU against cuBLAS / the default. Every choice falls back to the
+torch ops when a kernel does not compile or check out here."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import StaticKVCache
+
+log = logging.getLogger(__name__)
+PROJECTIONS = ("qkv_proj", "o", "gate_up", "down")  # a decoder layer's linears, by attribute name
+
+
+@dataclass
+class KernelChoice:
+    triton: bool = False  # fused Triton kernels for decode and prefill
+    gemv_table: dict = field(default_factory=dict)  # {(weight kind, batch rows): tile config}
+    attention_table: dict = field(default_factory=dict)  # {batch bucket: decode attention config}
+    gemv_report: list = field(default_factory=list)  # the timings behind the tables
+    attention_report: list = field(default_factory=list)
+
+    def describe(self) -> dict:
+        return {
+            "triton_kernels": self.triton,
+            "gemv": {f"{kind} x{rows}": list(cfg) for (kind, rows), cfg in sorted(self.gemv_table.items())},
+            "decode_attention": {b: list(cfg) for b, cfg in sorted(self.attention_table.items())},
+        }
+
+
+def want_triton(asked: bool | None, fused_ops: bool, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Fused Triton kernels on CUDA where `triton` imports and their self check passes;
+    TRITONLLM_TRITON_KERNELS=0 turns them off; `asked` forces the choice (tests, profiling)."""
+    if asked is not None:
+        return asked
+    if not fused_ops or device.type != "cuda" or os.environ.get("TRITONLLM_TRITON_KERNELS") == "0":
+        return False
+    try:
+        from ..kernels import fused
+
+        fused.self_check(device, dtype, head_dim)
+        return True
+    except Exception as exc:  # no triton, or its kernels do not compile here: the torch ops serve
+        log.warning("fused Triton decode kernels unavailable (%s): using the torch ops", str(exc)[:300])
+        return False
+
+
+def choose_kernels(
+    model, cache: StaticKVCache, batch_buckets: list[int], max_context: int, triton: bool, gemv_table: dict | None
+) -> KernelChoice:
+    """The tables for this model on this device: `gemv_table` as given (tests), else tuned."""
+    device = cache.keys.device
+    if not triton or device.type != "cuda":
+        return KernelChoice(triton, dict(gemv_table or {}))
+    choice = KernelChoice(True)
+    if gemv_table is not None:
+        choice.gemv_table = dict(gemv_table)
+    elif os.environ.get("TRITONLLM_GEMV") != "0":
+        choice.gemv_table, choice.gemv_report = _tune_gemv(model, cache, batch_buckets)
+    choice.attention_table, choice.attention_report = _tune_attention(model, cache, batch_buckets, max_context)
+    return choice
+
+
+def _tune_gemv(model, cache: StaticKVCache, batch_buckets: list[int]) -> tuple[dict, list]:
+    """{(weight kind, batch rows): tile} for the decode step's small-batch products, each timed
+    with the fused kernel that reads its product (split-K partial sums are added up there)."""
+    weights = {
+        kind: [(getattr(layer, kind).weight, getattr(layer, kind).bias) for layer in model.layers]
+        for kind in PROJECTIONS
+    }
+    weights["lm_head"] = [(model.lm_head, None)]
+    try:
+        from ..kernels import gemv
+
+        return gemv.tune(weights, batch_buckets, _product_consumers(model, cache, max(batch_buckets)))
+    except Exception as exc:  # the tiles do not compile here: cuBLAS serves every product
+        log.warning("gemv tuning failed (%s): cuBLAS serves the decode products", str(exc)[:300])
+        return {}, []
+
+
+def _product_consumers(model, cache: StaticKVCache, max_rows: int) -> dict:
+    """{weight kind: the fused kernel that reads its product in the decode step}, on scratch
+    inputs. Writes K/V at position 0 of the first slots: nothing is cached yet at start-up."""
+    from ..kernels import fused as fk
+
+    sh, device, dtype = model.shape, cache.keys.device, model.embed.dtype
+    zeros = lambda *dims: torch.zeros(*dims, device=device, dtype=dtype)
+    cos, sin = zeros(max_rows, 1, sh.head_dim) + 1, zeros(max_rows, 1, sh.head_dim)
+    positions = torch.zeros(max_rows, dtype=torch.long, device=device)
+    residual, norm = zeros(max_rows, 1, sh.hidden_size), zeros(sh.hidden_size)
+    rows = lambda y: y.parts.shape[1] if hasattr(y, "parts") else y.shape[0]
+    return {
+        "qkv_proj": lambda y: fk.rope_kv_write(
+            y,
+            cos[: rows(y)],
+            sin[: rows(y)],
+            cache.keys[0],
+            cache.values[0],
+            positions[: rows(y)],
+            sh.num_heads,
+            sh.num_kv_heads,
+        ),
+        "o": lambda y: fk.add_rms_norm(y, residual[: rows(y)], norm, 1e-5),
+        "down": lambda y: fk.add_rms_norm(y, residual[: rows(y)], norm, 1e-5),
+        "gate_up": fk.silu_mul,
+    }
+
+
+def _tune_attention(model, cache: StaticKVCache, batch_buckets: list[int], max_context: int) -> tuple[dict, list]:
+    """{batch bucket: decode attention config}, timed at up to 256 keys per row."""
+    from ..kernels import fused as fk
+
+    try:
+        table, report = fk.tune_attention(
+            cache.keys, cache.values, model.shape.num_heads, batch_buckets, min(256, max_context)
+        )
+    except Exception as exc:  # a config does not compile here: the default (self-checked) serves
+        log.warning("decode attention tuning failed (%s): default blocks", str(exc)[:300])
+        return {}, []
+    log.info("decode attention configs by batch: %s", table)
+    return table, report

@@ -1,0 +1,116 @@
+"""Prometheus metrics of the engine, published through Triton's custom metrics API (`pb` is
+triton_python_backend_utils); a small thread copies the loop's counters every half second."""
+
+from __future__ import annotations
+
+import threading
+
+from ..engine.loop import EngineLoop
+from ..engine.sequence import Sequence
+
+LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
+
+class EngineMetrics:
+    def __init__(self, pb, loop: EngineLoop, model: str):
+        fam = pb.MetricFamily
+        labels = {"model": model}
+        self._families = []  # a family must outlive its metrics
+
+        def metric(name, kind, desc, **kw):
+            family = fam(name=name, description=desc, kind=kind)
+            self._families.append(family)
+            return family.Metric(labels=labels, **kw)
+
+        self.active = metric("tritonllm_requests_active", fam.GAUGE, "sequences generating (slots in use)")
+        self.queued = metric("tritonllm_requests_queued", fam.GAUGE, "requests waiting for a slot")
+        self.slots = metric("tritonllm_slots_total", fam.GAUGE, "engine slots (max in-flight batch)")
+        self.tokens = metric("tritonllm_tokens_generated_total", fam.COUNTER, "tokens generated")
+        self.steps = metric("tritonllm_decode_steps_total", fam.COUNTER, "decode steps")
+        self.batched = metric(
+            "tritonllm_batched_decode_steps_total", fam.COUNTER, "decode steps shared by two or more sequences"
+        )
+        self.prefill_steps = metric(
+            "tritonllm_prefill_steps_total",
+            fam.COUNTER,
+            "steps that prefilled new sequences (each stalls the running decodes)",
+        )
+        self.prefilled = metric("tritonllm_prefilled_sequences_total", fam.COUNTER, "sequences prefilled")
+        self.loop_steps = metric("tritonllm_loop_steps_total", fam.COUNTER, "steps completed by the engine loop")
+        phases = fam(
+            name="tritonllm_loop_seconds_total",
+            kind=fam.COUNTER,
+            description="engine loop thread time by phase: launch (build and enqueue a step), wait "
+            "(for its tokens: device time not hidden), complete (scheduler, responses)",
+        )
+        self._families.append(phases)
+        self.phase = {p: phases.Metric(labels={**labels, "phase": p}) for p in ("launch", "wait", "complete")}
+        self.gpu_idle = metric(
+            "tritonllm_gpu_idle_seconds_total",
+            fam.COUNTER,
+            "device idle between steps while the loop had a step in flight (host late to launch)",
+        )
+        self.prefill_tokens = metric("tritonllm_prefill_tokens_total", fam.COUNTER, "prompt tokens prefilled")
+        self.prefill_computed = metric(
+            "tritonllm_prefill_computed_tokens_total",
+            fam.COUNTER,
+            "tokens computed by prefill steps, padding to batch and length buckets included",
+        )
+        self.finished_family = fam(
+            name="tritonllm_requests_finished_total", kind=fam.COUNTER, description="requests finished, by reason"
+        )
+        self.ttft = metric(
+            "tritonllm_time_to_first_token_seconds", fam.HISTOGRAM, "time to first token", buckets=LATENCY_BUCKETS
+        )
+        self.itl = metric(
+            "tritonllm_inter_token_latency_seconds",
+            fam.HISTOGRAM,
+            "mean inter-token latency per request",
+            buckets=LATENCY_BUCKETS,
+        )
+        self.model, self.loop = model, loop
+        self._finished: dict[str, object] = {}
+        self._last: dict[str, float] = {}
+        self.slots.set(loop.scheduler.slots)  # the runtime's count (memory may allow fewer than configured)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True, name="tritonllm-metrics")
+        self._thread.start()
+
+    def observe_finished(self, seq: Sequence) -> None:
+        reason = seq.finish_reason or "unknown"
+        if reason not in self._finished:
+            self._finished[reason] = self.finished_family.Metric(labels={"model": self.model, "reason": reason})
+        self._finished[reason].increment(1)
+        if seq.first_token_at is not None:
+            self.ttft.observe(seq.first_token_at - seq.arrival)
+            n = len(seq.output_ids)
+            if n > 1 and seq.last_emit > seq.first_token_at:
+                self.itl.observe((seq.last_emit - seq.first_token_at) / (n - 1))
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.5):
+            st, sch = self.loop.stats, self.loop.scheduler
+            self.active.set(sch.active)
+            self.queued.set(sch.queued)
+            counters = [
+                ("tokens", st.tokens_generated, self.tokens),
+                ("steps", st.decode_steps, self.steps),
+                ("batched", st.batched_decode_steps, self.batched),
+                ("prefill_steps", st.prefill_steps, self.prefill_steps),
+                ("prefilled", st.prefilled, self.prefilled),
+                ("loop_steps", st.steps, self.loop_steps),
+            ]
+            counters += [(p, getattr(st, f"{p}_s"), m) for p, m in self.phase.items()]
+            counters += [
+                ("gpu_idle", st.gpu_idle_s, self.gpu_idle),
+                ("prefill_tokens", st.prefill_tokens, self.prefill_tokens),
+                ("prefill_computed", st.prefill_computed, self.prefill_computed),
+            ]
+            for key, value, m in counters:
+                if value > self._last.get(key, 0):
+                    m.increment(value - self._last.get(key, 0))
+                    self._last[key] = value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)

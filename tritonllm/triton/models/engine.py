@@ -1,0 +1,127 @@
+"""Triton adapter for the decoupled engine: execute() validates and enqueues; the engine loop's
+background thread generates with in-flight batching and streams responses through the sink."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+if "TRITONLLM_ENGINE_CUDA_VISIBLE_DEVICES" in os.environ:  # the server core may be run without GPUs
+    os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["TRITONLLM_ENGINE_CUDA_VISIBLE_DEVICES"]
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from tritonllm.config import EngineConfig
+from tritonllm.engine.loop import EngineLoop
+from tritonllm.engine.request import build_sequence
+from tritonllm.engine.response_pump import ResponsePump
+from tritonllm.runtimes import load_runtime
+from tritonllm.tensors import ResponseInfo
+from tritonllm.text import TokenizerFiles, text_delta
+from tritonllm.triton.backend_io import RequestReader, error_response, model_parameters, strings_tensor, tensor
+from tritonllm.triton.metrics import EngineMetrics
+from tritonllm.triton.senders import GuardedSender
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonSink:
+    """One request's responses (the last one carries the FINAL flag). The engine loop only puts
+    them into the response pump; the pump's threads call `deliver`, so the loop never waits for
+    Triton's core to take a response."""
+
+    def __init__(self, request, pump: ResponsePump, outputs):
+        self.sender = GuardedSender(request.get_response_sender())
+        self.pump, self.outputs = pump, outputs
+        self.failed = False  # a send raised: the client is gone, the engine ends the sequence
+
+    def send(self, seq, ids, n_context, final):
+        self.pump.put(seq, ids, n_context, final)
+
+    def send_error(self, seq, error):
+        if seq is None:  # rejected in execute(), before the engine saw it
+            self.deliver_error(seq, error)
+        else:
+            self.pump.put_error(seq, error)
+
+    def deliver(self, seq, ids, n_context, final, n_output):
+        self.sender.send(
+            pb_utils.InferenceResponse(self.outputs(seq, ids, n_context, final, n_output)), final, FINAL if final else 0
+        )
+
+    def deliver_error(self, seq, error):
+        self.sender.send(error_response(pb_utils, error), True, FINAL)
+
+    def is_cancelled(self):
+        return self.failed or self.sender.is_cancelled()
+
+
+def _mark_failed(seq, exc):
+    seq.sink.failed = True
+
+
+def _counters(seq, final, n_output):
+    return [
+        tensor(pb_utils, "finish_reason", [seq.finish_reason or ""] if final else [""], object),
+        tensor(pb_utils, "num_input_tokens", [len(seq.prompt_ids)], np.int32),
+        tensor(pb_utils, "num_output_tokens", [n_output], np.int32),
+    ]
+
+
+def id_outputs(seq, ids, n_context, final, n_output):
+    """For the detokenizer stage: new ids after n_context ids already sent, the response's numbers
+    in one tensor, and the stop words."""
+    info = ResponseInfo(n_context, final, len(seq.prompt_ids), n_output, (seq.finish_reason or "") if final else "")
+    return [
+        tensor(pb_utils, "output_ids", ids, np.int32),
+        tensor(pb_utils, "response_info", info.pack(), np.int32),
+        strings_tensor(pb_utils, "stop_words", tuple(seq.params.stop_strings) or ("",)),
+    ]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        model_config = json.loads(args["model_config"])
+        here = Path(__file__).parent
+        self.cfg = EngineConfig.from_parameters(model_parameters(model_config))
+        # the loop thread waits on the GPU and re-takes the GIL from the sender threads: with
+        # Python's 5 ms default switch interval each re-take can cost up to a decode step or more
+        sys.setswitchinterval(self.cfg.switch_interval_ms / 1000.0)
+        self.runtime = load_runtime(self.cfg, here / "engine")
+        tok = TokenizerFiles(here / "tokenizer")
+        self.pump = ResponsePump(
+            lambda seq, *a: seq.sink.deliver(seq, *a),
+            lambda seq, exc: seq.sink.deliver_error(seq, exc),
+            _mark_failed,
+            workers=self.cfg.response_threads,
+        )
+        self.outputs = id_outputs
+        if self.cfg.emit_text:  # the ensemble has no detokenizer stage: text leaves the engine
+
+            def text_outputs(seq, ids, n_context, final, n_output):
+                delta = text_delta(tok, ids, n_context, final, seq.params.stop_strings)
+                return [tensor(pb_utils, "text_output", [delta], object), *_counters(seq, final, n_output)]
+
+            self.outputs = text_outputs
+        self.loop = EngineLoop(self.runtime, self.cfg, decode=tok.decode)
+        self.metrics = EngineMetrics(pb_utils, self.loop, args["model_name"])
+        self.loop.on_finish = self.metrics.observe_finished
+        self.loop.start()
+        pb_utils.Logger.log_info(f"tritonllm engine ready: {json.dumps(self.runtime.describe())}")
+
+    def execute(self, requests):
+        for request in requests:
+            sink = TritonSink(request, self.pump, self.outputs)
+            try:
+                seq = build_sequence(RequestReader(request), self.cfg, self.runtime.shape)
+                seq.sink = sink
+                self.loop.submit(seq)
+            except Exception as exc:  # validation or a full queue: this request only, before any token
+                sink.send_error(None, exc)
+        return None
+
+    def finalize(self):
+        self.loop.stop()
+        self.pump.close()
+        self.metrics.close()
