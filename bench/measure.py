@@ -11,8 +11,8 @@ import numpy as np
 
 class PowerSampler:
     """GPU energy over a run through NVML: the board's total-energy counter (millijoules, Volta and
-    later) read at the start and end. On the lent H200 it changes every 100 ms
-    (scripts/nvml_energy_check.py), so runs much shorter than a second carry that granularity;
+    later) read at the start and end. It changes in steps (every 100 ms on the lent H200:
+    scripts/nvml_energy_check.py), so runs much shorter than a second carry that granularity;
     the power reading is a trailing average, so sampling it every `period_s` is only the fallback
     where the counter is missing."""
 

@@ -2,11 +2,10 @@
 in-process engine with `torch.cuda.set_sync_debug_mode("warn")` after warm-up and prints each
 distinct synchronizing call site (stack inside tritonllm) with its count per step. The overlapped
 loop expects none: `collect` waits on a CUDA event for a step launched before the next one, which
-the debug mode does not flag (H200: none found at batch 1/8/64, one unattributed call in 64 steps
-at batch 1, `results/sync-check-h200.json`). It was written after the EOS mask's host-scalar `-inf`
-was found and fixed, so it has not been seen catching that one.
+the debug mode does not flag (results: results/README.md). It was written after the EOS mask's
+host-scalar `-inf` was found and fixed, so it has not been seen catching that one.
 
-  python -m bench.sync_check --batch 1 8 64 --out results      (GPU)
+  python -m bench.sync_check --batch 1 8 64      (GPU; writes build/results/{date}-{gpu}-sync-check.json)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The issue's targets, checked against one benchmark run's rows (never against constants from
 another run), and the markdown results file written from a run's JSON.
 
-  python -m bench.targets results/bench-gpu-h200.json     (re-renders results/bench-gpu-h200.md)
+  python -m bench.targets results/2026-11-26-h200-bench.json     (re-renders the .md beside it)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Soak: thousands of mixed requests (streaming and not, varied lengths, cancellations) against a
 fresh server with the tiny model; counts lost responses and reports server memory growth.
 
-    python -m loadtests.soak --requests 3000 --concurrency 16 --out results/soak.json
+    python -m loadtests.soak --requests 3000 --concurrency 16     (writes build/results/{date}-cpu-soak.json)
 """
 
 from __future__ import annotations

@@ -75,8 +75,8 @@ ENSEMBLE_OUTPUTS = [
 ]
 
 # -- the stages --------------------------------------------------------------------------------
-# engine -> detokenizer: a response's numbers travel as one INT32 tensor (was five tensors: at 64
-# streams the engine process built 7 tensors per response under its GIL, 3 now)
+# engine -> detokenizer: a response's numbers travel as one INT32 tensor: every tensor the engine
+# process builds per response costs its GIL, which the engine loop shares
 RESPONSE_INFO = ("num_context_ids", "is_final", "num_input_tokens", "num_output_tokens", "finish_reason")
 FINISH_REASONS = ("", "stop", "length", "cancelled", "timeout", "error")  # finish_reason's code: its index here
 

@@ -1,16 +1,14 @@
 """Matrix products for decode batches of a few rows (OpenAI Triton), chosen per weight by timing.
 
 At batch 1 cuBLAS tiles a weight's output rows 64 at a time, so a 2048-row projection runs as 32
-programs on a GPU of 132 SMs: on the H200 the qkv and o projections read their weights at 1.8 TB/s
-and down at 2.6 TB/s, against 4.3 TB/s for a copy (results/decode-profile-h200-triton.json).
-`gemv` gives each program a few output rows over the whole input, so even a 2048-row weight is
-read by hundreds of programs at once; `skinny_dot` does the same on the tensor cores for up to 64
-rows (a narrow tile of the weight per program), optionally split along K: at 64 rows cuBLAS read
-the H100's qkv and o weights at 1.2-1.5 TB/s and down at 1.9 (results/decode-profile-h100.json),
-its few output tiles leaving SMs idle. A split product is left as `SplitK` partial sums that the
-next fused kernel adds up as it loads them (no reduce kernel). Which of cuBLAS and a few tile shapes serves each (weight
-kind, batch rows) is measured on the GPU itself at start-up (`tune`), on every layer's weight in
-turn as a decode step reads them (a single weight would sit in L2 and flatter the small tiles)."""
+programs on a GPU of 132 SMs, far below the copy bandwidth (docs/decisions.md). `gemv` gives each
+program a few output rows over the whole input, so even a 2048-row weight is read by hundreds of
+programs at once; `skinny_dot` does the same on the tensor cores for up to 64 rows (a narrow tile
+of the weight per program), optionally split along K where cuBLAS's few output tiles would leave SMs
+idle. A split product is left as `SplitK` partial sums that the next fused kernel adds up as it
+loads them (no reduce kernel). Which of cuBLAS and a few tile shapes serves each (weight kind,
+batch rows) is timed on the GPU itself at start-up (`tune`), on every layer's weight in turn as a
+decode step reads them (a single weight would sit in L2 and flatter the small tiles)."""
 
 from __future__ import annotations
 
@@ -25,8 +23,7 @@ import triton.language as tl
 log = logging.getLogger(__name__)
 MAX_ROWS = 8  # batch rows a gemv program holds beside its weight tile
 MAX_DOT_ROWS = 64  # up to here `skinny_dot` (tensor cores, a narrow tile of W per program); beyond, cuBLAS
-# (rows of W, K step, warps); on the H100 narrower and longer tiles won at batch 1 (8 or 16 rows of W
-# and 512-long steps never did: results/decode-profile-h100-gemv-first.json)
+# (rows of W, K step, warps): the candidates start-up timing chooses from (docs/decisions.md: gemv tiles)
 CONFIGS = ((4, 1024, 4), (2, 1024, 4), (2, 2048, 4), (1, 2048, 4), (1, 4096, 4))
 DOT_CONFIGS = (
     (16, 128, 4, 4),
@@ -36,7 +33,7 @@ DOT_CONFIGS = (
     (64, 128, 4, 3),
 )  # (rows of W, K step, warps, stages)
 SPLITS = (1, 2, 4, 8)  # slices of K a skinny_dot may run as separate programs (a 5th number in its config)
-SPLIT_TILES = ((32, 128, 4, 4), (64, 64, 4, 4))  # the tiles tried split (the others never won split on the H100)
+SPLIT_TILES = ((32, 128, 4, 4), (64, 64, 4, 4))  # the tiles tried split (the others never won split)
 Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot, 5: skinny_dot split along K
 
 

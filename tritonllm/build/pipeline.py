@@ -1,0 +1,67 @@
+"""The build's steps: engine files for a runtime, then the model repository. Each step logs
+`[k/3]`: 1 engine files, 2 their verification or plan, 3 the repository."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..config import EngineConfig
+from .onnx_export import EXPORT_VERSION
+from .repository import RepositoryConfig, write_repository
+
+log = logging.getLogger("tritonllm.build")
+
+
+def export_cached(checkpoint: Path, onnx_dir: Path) -> dict:
+    """Export and verify once per checkpoint; re-export when the checkpoint is newer or the
+    exported graph changed (EXPORT_VERSION). Returns the verification report."""
+    from .onnx_export import export, verify
+
+    onnx_path, report_path = onnx_dir / "model.onnx", onnx_dir / "verify.json"
+    newest = max(p.stat().st_mtime for p in Path(checkpoint).iterdir())
+    fresh = report_path.exists() and json.loads(report_path.read_text()).get("export_version") == EXPORT_VERSION
+    if onnx_path.exists() and fresh and onnx_path.stat().st_mtime >= newest:
+        log.info("[1/3] ONNX export up to date: %s", onnx_path)
+        log.info("[2/3] verified earlier: %s", report_path)
+        return json.loads(report_path.read_text())
+    log.info("[1/3] exporting %s to ONNX", checkpoint)
+    export(checkpoint, onnx_dir)
+    log.info("[2/3] verifying the ONNX graph against PyTorch")
+    return verify(checkpoint, onnx_dir)
+
+
+def build_tensorrt_plan(onnx_dir: Path, engine: EngineConfig) -> None:
+    """Build the plan now where TensorRT is installed; otherwise the engine builds it at load."""
+    from ..model.shape import ModelShape
+    from ..runtimes.tensorrt.plan import PlanSpec, TensorRTUnavailable, build_plan
+
+    try:
+        build_plan(onnx_dir / "model.onnx", onnx_dir / "trt", ModelShape.load(onnx_dir / "model_shape.json"),
+                   PlanSpec(engine.max_slots, engine.max_context, dtype=engine.dtype))
+    except TensorRTUnavailable as e:
+        log.warning("[2/3] %s: the plan will be built when the engine loads", e)
+
+
+def engine_files(checkpoint: Path, name: str, engine: EngineConfig, onnx_dir: Path | None = None) -> Path:
+    """Steps 1-2: the folder of engine files for `engine.runtime`."""
+    if engine.runtime == "torch-cuda":  # our module with its weights, saved for torch alone
+        from ..model.modeling import save_engine_model
+
+        log.info("[1/3] saving the PyTorch engine (%s)", engine.dtype)
+        out = save_engine_model(checkpoint, Path("build/engines") / name, engine.dtype)
+        log.info("[2/3] nothing to verify: the module is the one the parity tests check")
+        return out
+    onnx_dir = onnx_dir or Path("build/onnx") / name
+    report = export_cached(checkpoint, onnx_dir)
+    log.info("      ONNX vs PyTorch: %s", json.dumps(report))
+    if engine.runtime == "tensorrt":
+        build_tensorrt_plan(onnx_dir, engine)
+    return onnx_dir
+
+
+def build(checkpoint: Path, cfg: RepositoryConfig, out: Path, onnx_dir: Path | None = None) -> Path:
+    """The whole build: engine files, then this LLM's models in the repository at `out`."""
+    engine_dir = engine_files(checkpoint, cfg.name, cfg.engine, onnx_dir)
+    log.info("[3/3] writing model repository %s (models %s)", out, ", ".join(cfg.model_names()))
+    return write_repository(out, cfg, checkpoint, engine_dir)
