@@ -23,6 +23,7 @@ from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
 from locust import LoadTestShape, User, constant, constant_throughput, events, task  # noqa: E402
+from locust import stats as locust_stats  # noqa: E402
 
 from loadtests import prompts as prompt_sources  # noqa: E402
 from loadtests.stats import LoadStats, RequestRecord, check_slos  # noqa: E402
@@ -52,11 +53,13 @@ def _args(parser):
     g.add_argument("--slo-ttft-p99-ms", type=float, default=None)
     g.add_argument("--slo-itl-p99-ms", type=float, default=None)
     g.add_argument("--slo-max-error-ratio", type=float, default=None)
+    g.add_argument("--console-interval", type=float, default=10.0, help="seconds between Locust's console tables")
 
 
 @events.init.add_listener
 def _init(environment, **_):
     o = environment.parsed_options
+    locust_stats.CONSOLE_STATS_INTERVAL_SEC = o.console_interval  # headless: a table every 2 s buries the log
     global PROMPTS
     PROMPTS = (
         prompt_sources.from_jsonl(o.jsonl)
@@ -120,13 +123,29 @@ def _stopping(environment, **_):
         _flush(environment)
 
 
+def run_title(environment) -> str:
+    """The run's parameters, for the plot's title."""
+    o = environment.parsed_options
+    users = getattr(o, "num_users", None) or os.environ.get("LLM_USERS", "?")
+    shape = f", shape {SHAPE}" if SHAPE else ""
+    rate = f", {o.rate} req/s per user" if o.rate else ", closed loop"
+    lengths = (
+        f"prompts from {o.jsonl}"
+        if o.jsonl
+        else f"input {o.input_mean:.0f}+-{o.input_std:.0f} tokens, output {o.output_mean:.0f}+-{o.output_std:.0f}"
+    )
+    run_time = getattr(o, "run_time", None) or "-"
+    stream = "stream" if not o.no_stream else "no stream"
+    return f"{o.model} at {environment.host}: {users} users{shape}{rate}, run time {run_time} s, {lengths}, {stream}"
+
+
 @events.quitting.add_listener
 def _report(environment, **_):
     if type(environment.runner).__name__ == "WorkerRunner":
         return
     o = environment.parsed_options
     prefix = Path(o.csv_prefix) if getattr(o, "csv_prefix", None) else Path("build/loadtest/run")
-    summary = STATS.write(prefix)
+    summary = STATS.write(prefix, run_title(environment))
     missed = check_slos(summary, o.slo_ttft_p99_ms, o.slo_itl_p99_ms, o.slo_max_error_ratio)
     if summary["load_generator_saturated"]:
         print(

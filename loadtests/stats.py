@@ -60,7 +60,7 @@ class LoadStats:
             "load_generator_saturated": bool(cpu is not None and cpu > 85.0),
         }
 
-    def write(self, prefix: Path) -> dict:
+    def write(self, prefix: Path, title: str = "") -> dict:
         prefix.parent.mkdir(parents=True, exist_ok=True)
         summary = self.summary()
         Path(f"{prefix}_llm_summary.json").write_text(json.dumps(summary, indent=1))
@@ -77,10 +77,22 @@ class LoadStats:
                         round(float(np.mean(r.gaps_s)) * 1e3, 3) if r.gaps_s else "",
                     ]
                 )
-        self.plot(Path(f"{prefix}_llm_over_time.png"))
+        self.plot(Path(f"{prefix}_llm_over_time.png"), title)
         return summary
 
-    def plot(self, path: Path) -> None:
+    def token_times(self) -> np.ndarray:
+        """When each output token arrived, in seconds since the start: a request's first token at
+        its TTFT, each later one after its gap (a response carrying k tokens counts k gaps)."""
+        times = []
+        for r in self.records:
+            t = r.end - r.latency_s - self.started + r.ttft_s
+            times.append(t)
+            times.extend(t + np.cumsum(r.gaps_s))
+        return np.sort(np.array(times))
+
+    def plot(self, path: Path, title: str = "", window_s: float = 5.0) -> None:
+        """TTFT and mean ITL per request (by its end) with a rolling median, and output tokens/s as
+        a rolling rate over `window_s` seconds of token arrivals."""
         if not self.records:
             return
         import matplotlib
@@ -88,20 +100,52 @@ class LoadStats:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        t = np.array([r.end - self.started for r in self.records])
-        fig, ax = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
-        ax[0].plot(t, [r.ttft_s * 1e3 for r in self.records], ".", ms=3)
-        ax[0].set_ylabel("TTFT ms")
-        ax[1].plot(t, [np.mean(r.gaps_s) * 1e3 if r.gaps_s else np.nan for r in self.records], ".", ms=3)
-        ax[1].set_ylabel("mean ITL ms")
-        bins = np.arange(0, t.max() + 2, 1.0)
-        tokens, _ = np.histogram(t, bins=bins, weights=[r.output_tokens for r in self.records])
-        ax[2].step(bins[:-1], tokens, where="post")
-        ax[2].set_ylabel("output tokens/s")
-        ax[2].set_xlabel("seconds since start (request end)")
+        ends = np.array([r.end - self.started for r in self.records])
+        order = np.argsort(ends)
+        ttft = np.array([r.ttft_s * 1e3 for r in self.records])[order]
+        itl = np.array([np.mean(r.gaps_s) * 1e3 if r.gaps_s else np.nan for r in self.records])[order]
+        ends = ends[order]
+        tokens = self.token_times()
+        grid = np.arange(0.0, max(tokens.max(initial=0.0), ends.max()) + 0.5, 0.5)
+        fig, ax = plt.subplots(3, 1, figsize=(10, 8.5), sharex=True)
+        for a, values, label in ((ax[0], ttft, "TTFT (ms)"), (ax[1], itl, "mean ITL per request (ms)")):
+            a.plot(ends, values, "o", ms=4, alpha=0.35, label="request (at its end)")
+            a.plot(
+                grid,
+                _rolling_median(ends, values, grid, window_s),
+                "-",
+                lw=2,
+                label=f"median of the last {window_s:.0f} s",
+            )
+            a.set_ylabel(label)
+            a.grid(alpha=0.3)
+            a.legend(loc="upper right", fontsize=8)
+        counted = np.searchsorted(tokens, grid, side="right") - np.searchsorted(tokens, grid - window_s, side="right")
+        rate = counted / np.clip(grid, 0.5, window_s)  # the first seconds: the time elapsed, not the full window
+        ax[2].plot(grid, rate, "-", lw=2)
+        ax[2].set_ylabel(f"output tokens/s ({window_s:.0f} s window)")
+        ax[2].set_xlabel("seconds since the load test started")
+        ax[2].grid(alpha=0.3)
+        s = self.summary()
+        fig.suptitle(
+            f"{title}\n{s['requests']} requests, {s['tokens_per_s']} tokens/s, TTFT p50 {s['ttft_p50_ms']} ms, "
+            f"ITL p50 {s['itl_p50_ms']} ms, errors {s['error_ratio']:.2%}",
+            fontsize=10,
+        )
         fig.tight_layout()
-        fig.savefig(path, dpi=90)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
+
+
+def _rolling_median(at: np.ndarray, values: np.ndarray, grid: np.ndarray, window_s: float) -> np.ndarray:
+    """At each grid time, the median of the values whose time `at` (sorted) lies in the window before it."""
+    out = np.full(grid.shape, np.nan)
+    lo, hi = np.searchsorted(at, grid - window_s, side="right"), np.searchsorted(at, grid, side="right")
+    for i, (a, b) in enumerate(zip(lo, hi)):
+        window = values[a:b]
+        if np.isfinite(window).any():
+            out[i] = np.nanmedian(window)
+    return out
 
 
 def check_slos(

@@ -238,3 +238,41 @@ def test_short_soak_with_walk_aways_keeps_the_server_up(live_server):
     assert counts["ok"] + counts["cancelled"] + busy == 400, counts
     wait_for_metric(live_server, "tritonllm_requests_active", "tiny_engine", lambda v: v == 0, timeout_s=60)
     assert live_server.is_alive()
+
+
+def test_stopping_the_server_after_cut_ensemble_streams_takes_seconds(model_repository):
+    """How a Locust run ends: streams cut mid-generation (`stop_stream(cancel_requests=True)`) on
+    the ensemble, and the server stopped a moment later. Triton 2.51 does not tell the engine, which
+    finishes the abandoned requests (bounded by their max_tokens); after that nothing may stay in
+    flight. With a dynamic batcher on the detokenizer the ensemble never released these requests
+    and the stop waited out Triton's 15 s exit timeout ("Exit timeout expired")."""
+    import queue as q
+
+    import tritonclient.grpc as grpcclient
+
+    from tritonllm.client.llm_client import build_inputs
+    from tritonllm.triton.server_process import TritonServer
+
+    srv = TritonServer(model_repository, log_dir=Path("build/logs/tests/cut-streams")).start()
+    try:
+        streams = []
+        for i in range(4):
+            c, got = grpcclient.InferenceServerClient(srv.grpc_url), q.Queue()
+            c.start_stream(callback=lambda result=None, error=None, got=got: got.put(error))
+            params = dict(max_tokens=48, stream=True, ignore_eos=True, temperature=0.0)
+            c.async_stream_infer("smollm2", build_inputs(grpcclient, f"cut stream {i}", params))
+            streams.append((c, got))
+        for _, got in streams:
+            assert got.get(timeout=60) is None  # generating: the first token arrived
+        for c, _ in streams:
+            c.stop_stream(cancel_requests=True)
+            c.close()
+        time.sleep(1.0)  # Locust has stopped; the user stops the server a moment later
+    finally:
+        t0 = time.monotonic()
+        srv.stop()
+        took = time.monotonic() - t0
+    log = srv.log_tail(400)
+    print(f"server stopped {took:.1f} s after 4 cut ensemble streams")
+    assert "Exit timeout expired" not in log, log[-2000:]
+    assert took < 12, f"stopping took {took:.1f} s"

@@ -25,7 +25,7 @@ NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 @dataclass(frozen=True)
 class RepositoryConfig:
     name: str = "llm"
-    max_batch_size: int = 64          # requests the tokenizer/detokenizer take per execute()
+    max_batch_size: int = 64          # batch dimension of every model (clients send [1, 1] scalars)
     tokenizer_instances: int = 1      # python processes tokenizing in parallel (a burst of prompts queues here)
     detokenizer_instances: int = 1
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -75,8 +75,9 @@ def python_model(name: str, cfg: RepositoryConfig, inputs, outputs, params, inst
          "instance_group": [{"count": instances, "kind": Enum("KIND_CPU")}]}
     if decoupled:
         d["model_transaction_policy"] = {"decoupled": True}
-    else:  # python models take whatever requests are queued in one execute() call
-        d["dynamic_batching"] = {}
+    # No dynamic batcher on any stage: in Triton 2.51, when an ensemble request is cancelled, the
+    # batcher drops the stage requests it still queues and the ensemble never releases the request
+    # (it stays in flight until Triton's exit timeout: docs/decisions.md, 2026-12-01).
     d["parameters"] = _params(params) or None
     return d
 

@@ -26,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .scrape import metric_samples
+
 log = logging.getLogger(__name__)
 
 
@@ -87,6 +89,7 @@ class TritonServer:
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the server and its stubs
     watchdog: bool = False  # recover a model whose python stub process died (Triton 2.51 does not)
     reload_timeout_s: float = 15.0  # then restart the whole server
+    drain_timeout_s: float = 30.0  # stop() first waits up to this long for the engines to finish their requests
     _proc: subprocess.Popen | None = None
     _workdir: Path | None = None
 
@@ -263,10 +266,36 @@ class TritonServer:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             return r.read().decode()
 
+    def engine_requests(self) -> float:
+        """Requests the engines hold (generating or queued), read from /metrics."""
+        names = ("tritonllm_requests_active", "tritonllm_requests_queued")
+        return sum(value for name, _, value in metric_samples(self.metrics()) if name in names)
+
+    def drain(self, timeout_s: float) -> None:
+        """Wait, at most `timeout_s`, until no engine holds a request. Triton 2.51 cannot finish a
+        three-stage ensemble request once its shutdown has begun (the ensemble's detokenizer steps
+        are refused and the request stays in flight until the exit timeout), and it does not pass a
+        client's cancellation of an ensemble stream on to the engine, which finishes such requests
+        (bounded by their max_tokens): so the harness lets them end before it signals the server."""
+        deadline = time.monotonic() + timeout_s
+        busy = 0.0
+        while time.monotonic() < deadline and self.is_alive():
+            try:
+                busy = self.engine_requests()
+            except OSError:  # metrics do not answer: nothing to wait for
+                return
+            if not busy:
+                return
+            time.sleep(0.25)
+        log.warning("stopping tritonserver with %d engine requests unfinished after %.0f s", busy, timeout_s)
+
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM the whole process group (server and stubs), SIGKILL after timeout, clean shm."""
+        """Drain the engines, then SIGTERM the whole process group (server and stubs), SIGKILL after
+        timeout, clean shm."""
         if getattr(self, "_watch_stop", None) is not None:
             self._watch_stop.set()
+        if self.drain_timeout_s and self.is_alive():
+            self.drain(self.drain_timeout_s)
         lock = getattr(self, "_lifecycle", None)
         acquired = lock.acquire(timeout=self.startup_timeout_s) if lock is not None else False
         try:
