@@ -27,7 +27,13 @@ from locust import stats as locust_stats  # noqa: E402
 
 from loadtests import prompts as prompt_sources  # noqa: E402
 from loadtests.stats import LoadStats, RequestRecord, check_slos  # noqa: E402
-from tritonllm.client.llm_client import GenerationError, build_inputs, itl_from_chunks, parse_result  # noqa: E402
+from tritonllm.client.llm_client import (  # noqa: E402
+    GenerationError,
+    build_inputs,
+    itl_from_chunks,
+    parse_result,
+    resolve_model,
+)
 
 STATS = LoadStats()
 PROMPTS: list = []
@@ -36,7 +42,7 @@ PROMPTS: list = []
 @events.init_command_line_parser.add_listener
 def _args(parser):
     g = parser.add_argument_group("tritonllm")
-    g.add_argument("--model", default="llm", help="ensemble name")
+    g.add_argument("--model", default="", help="ensemble name (default: the only LLM the server serves)")
     g.add_argument("--jsonl", default="", help="prompts file ({'prompt', 'max_tokens'} a line)")
     g.add_argument("--tokenizer", default="", help="HF checkpoint dir: token-accurate synthetic prompts")
     g.add_argument("--input-mean", type=float, default=128)
@@ -60,6 +66,8 @@ def _args(parser):
 def _init(environment, **_):
     o = environment.parsed_options
     locust_stats.CONSOLE_STATS_INTERVAL_SEC = o.console_interval  # headless: a table every 2 s buries the log
+    if not o.model and environment.host:
+        o.model = default_model(environment.host)
     global PROMPTS
     PROMPTS = (
         prompt_sources.from_jsonl(o.jsonl)
@@ -121,6 +129,16 @@ def _sample_cpu() -> None:
 def _stopping(environment, **_):
     if type(environment.runner).__name__ == "WorkerRunner":
         _flush(environment)
+
+
+def default_model(host: str) -> str:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(host)
+    try:
+        return resolve_model(client, host, None)
+    finally:
+        client.close()
 
 
 def run_title(environment) -> str:

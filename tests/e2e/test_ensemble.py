@@ -212,6 +212,7 @@ def test_bad_input_gets_invalid_argument_naming_the_field(tiny, kw, field):
         tiny.generate(prompt, **kw)
     assert e.value.status == "INVALID_ARGUMENT", str(e.value)
     assert f"'{field}'" in str(e.value)
+    assert str(e.value).count("INVALID_ARGUMENT") == 1 and "in ensemble" not in str(e.value), str(e.value)
     assert tiny.generate("Still serving?", max_tokens=3, temperature=0.0).num_output_tokens >= 1
 
 
@@ -302,3 +303,23 @@ def test_chat_template_on_smollm2_answers(live_server):
         r = c.generate("What is the capital of France?", apply_chat_template=True, max_tokens=24, temperature=0.0)
     assert "Paris" in r.text
     assert "<|im_" not in r.text and not r.text.startswith("What is")
+
+
+def test_cli_names_the_llms_served_and_an_unreachable_server(live_server, capsys):
+    """The CLI's first tries as a new user makes them: no --model where the server serves several
+    LLMs, a wrong --model, a port where nothing listens; each error says what to do. With --model
+    named it answers."""
+    from tritonllm.client.cli import main
+    from tritonllm.triton.server_process import free_port
+
+    assert main(["Hello", "--url", live_server.grpc_url, "--max-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "serves 3 LLMs (smollm2, tiny, tiny_onehop)" in err and "--model" in err, err
+    assert main(["Hello", "--url", live_server.grpc_url, "--model", "llm"]) == 1
+    err = capsys.readouterr().err
+    assert "[NOT_FOUND] model 'llm' is not served" in err and "smollm2, tiny, tiny_onehop" in err, err
+    assert main(["Hello", "--url", f"127.0.0.1:{free_port()}"]) == 1
+    err = capsys.readouterr().err
+    assert "[UNAVAILABLE] no Triton server answers at 127.0.0.1:" in err and "stream is broken" not in err, err
+    assert main(["Hello", "--url", live_server.grpc_url, "--model", "tiny", "--max-tokens", "3"]) == 0
+    assert "finish_reason=length" in capsys.readouterr().err
