@@ -46,16 +46,26 @@ def machine_kind() -> str:
     return "cpu"
 
 
+def commit() -> tuple[str, bool | None]:
+    """(HEAD, whether tracked files differ from it). A copy of the tree without .git (the lent GPU
+    host gets one) takes both from TRITONLLM_COMMIT / TRITONLLM_DIRTY, set by whoever sent it."""
+    head = _git("rev-parse", "HEAD")
+    if head:
+        return head, bool(_git("status", "--porcelain", "--untracked-files=no"))
+    dirty = os.environ.get("TRITONLLM_DIRTY")
+    return os.environ.get("TRITONLLM_COMMIT", "unknown"), None if dirty is None else dirty == "1"
+
+
 def run_facts(**extra) -> dict:
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    head, dirty = commit()
     return {
         "command": command(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.node(),
         "machine_kind": machine_kind(),
         "cpus": os.cpu_count(),
-        "commit": _git("rev-parse", "HEAD") or "unknown",
-        "dirty": bool(status),
+        "commit": head,
+        "dirty": dirty,
         **extra,
     }
 
