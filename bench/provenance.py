@@ -26,6 +26,8 @@ def _git(*args: str) -> str:
 def command() -> str:
     """How this process was started, as `python -m module args` where it was run as a module."""
     script = Path(sys.argv[0]).resolve()
+    if not script.is_file():  # python -c
+        return " ".join(["python", *sys.argv])
     try:
         module = ".".join(script.relative_to(ROOT).with_suffix("").parts)
         return " ".join(["python", "-m", module, *sys.argv[1:]])
@@ -47,13 +49,16 @@ def machine_kind() -> str:
 
 
 def commit() -> tuple[str, bool | None]:
-    """(HEAD, whether tracked files differ from it). A copy of the tree without .git (the lent GPU
-    host gets one) takes both from TRITONLLM_COMMIT / TRITONLLM_DIRTY, set by whoever sent it."""
+    """(the commit measured, whether tracked files differed from it). TRITONLLM_COMMIT /
+    TRITONLLM_DIRTY, where set, win: a copy of the tree sent to another host (the lent GPU) may
+    carry a .git of some other commit, or none."""
+    if os.environ.get("TRITONLLM_COMMIT"):
+        dirty = os.environ.get("TRITONLLM_DIRTY")
+        return os.environ["TRITONLLM_COMMIT"], None if dirty is None else dirty == "1"
     head = _git("rev-parse", "HEAD")
     if head:
         return head, bool(_git("status", "--porcelain", "--untracked-files=no"))
-    dirty = os.environ.get("TRITONLLM_DIRTY")
-    return os.environ.get("TRITONLLM_COMMIT", "unknown"), None if dirty is None else dirty == "1"
+    return "unknown", None
 
 
 def run_facts(**extra) -> dict:

@@ -11,41 +11,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench.measure import write_results
 from bench.provenance import DEFAULT_OUT
+from loadtests import launch
 from loadtests.timing_reference import FIRST_TOKEN_MS, INTER_TOKEN_MS, write_timing_repository
 
-ROOT = Path(__file__).resolve().parent.parent
-LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 log = logging.getLogger("ceiling")
 
 
 def run_locust(url: str, users: int, workers: int, seconds: int, tokens: int, prefix: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    common = ["-f", str(LOCUSTFILE), "--host", url, "--model", "timing", "--output-mean", str(tokens)]
-    run = [
-        "--headless",
-        "--only-summary",
-        "-u",
-        str(users),
-        "-r",
-        str(users),
-        "-t",
-        f"{seconds}s",
-        "--csv",
-        str(prefix),
-    ]
+    common = ["--host", url, "--model", "timing", "--output-mean", str(tokens)]
+    run = ["--headless", "--only-summary", *f"-u {users} -r {users} -t {seconds}s".split(), "--csv", str(prefix)]
     if not workers:
         subprocess.run(
-            [sys.executable, "-m", "locust", *common, *run],
-            env=env,
+            launch.command(*common, *run),
+            env=launch.environment(),
             capture_output=True,
             timeout=seconds + 120,
             check=True,
@@ -53,52 +37,9 @@ def run_locust(url: str, users: int, workers: int, seconds: int, tokens: int, pr
     else:
         from tritonllm.triton.server_process import free_port
 
-        port = str(free_port())
-        master = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "locust",
-                *common,
-                *run,
-                "--master",
-                "--master-bind-host",
-                "127.0.0.1",
-                "--master-bind-port",
-                port,
-                "--expect-workers",
-                str(workers),
-            ],
-            env=env,
-            stdout=open(f"{prefix}_master.log", "w"),
-            stderr=subprocess.STDOUT,
+        launch.run_distributed(
+            run, common, workers, free_port(), seconds + 120, master_log=Path(f"{prefix}_master.log")
         )
-        time.sleep(2)
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "locust",
-                    *common,
-                    "--worker",
-                    "--master-host",
-                    "127.0.0.1",
-                    "--master-port",
-                    port,
-                ],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for _ in range(workers)
-        ]
-        try:
-            master.wait(seconds + 120)
-        finally:
-            for p in procs:
-                p.terminate()
-                p.wait(10)
     return json.loads(Path(f"{prefix}_llm_summary.json").read_text())
 
 

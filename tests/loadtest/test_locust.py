@@ -2,7 +2,6 @@
 20 ms): the measured TTFT and ITL must be right within 10%, alone and in distributed mode."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -10,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
+from loadtests import launch
+
 SLOTTED = Path(__file__).with_name("slotted_locustfile.py")
 
 
 def locust(args, cwd, timeout=120, env_extra=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", *args]
+    env = dict(launch.environment(), **(env_extra or {}))
+    cmd = launch.command("--headless", "--only-summary", *args)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -29,12 +28,7 @@ def test_locust_measures_known_ttft_and_itl(timing_server, tmp_path):
     prefix = tmp_path / "run"
     r = locust(
         [
-            "-u",
-            "4",
-            "-r",
-            "4",
-            "-t",
-            "6s",
+            *"-u 4 -r 4 -t 6s".split(),
             "--host",
             timing_server.grpc_url,
             "--model",
@@ -88,69 +82,10 @@ def test_slo_miss_makes_the_run_fail(timing_server, tmp_path):
 def test_distributed_master_and_two_workers(timing_server, tmp_path):
     prefix = tmp_path / "dist"
     common = ["--host", timing_server.grpc_url, "--model", "timing", "--output-mean", "10"]
-    port = str(timing_server.grpc_port + 7)  # a free-ish port beside the server's
-    master = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "locust",
-            "-f",
-            str(LOCUSTFILE),
-            "--headless",
-            "--only-summary",
-            "--master",
-            "--master-bind-host",
-            "127.0.0.1",
-            "--master-bind-port",
-            port,
-            "--expect-workers",
-            "2",
-            "-u",
-            "4",
-            "-r",
-            "4",
-            "-t",
-            "6s",
-            "--csv",
-            str(prefix),
-            *common,
-        ],
-        cwd=tmp_path,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    time.sleep(2)
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "locust",
-                "-f",
-                str(LOCUSTFILE),
-                "--worker",
-                "--master-host",
-                "127.0.0.1",
-                "--master-port",
-                port,
-                *common,
-            ],
-            cwd=tmp_path,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(2)
-    ]
-    try:
-        out, _ = master.communicate(timeout=90)
-    finally:
-        for w in workers:
-            w.terminate()
-            w.wait(10)
-    assert master.returncode == 0, out[-3000:]
+    run = ["--headless", "--only-summary", *"-u 4 -r 4 -t 6s".split(), "--csv", str(prefix)]
+    port = timing_server.grpc_port + 7  # a free-ish port beside the server's
+    code, out = launch.run_distributed(run, common, workers=2, port=port, timeout_s=90, cwd=tmp_path)
+    assert code == 0, out[-3000:]
     s = summary(prefix)
     assert s["requests"] >= 6 and s["error_ratio"] == 0
     assert s["ttft_p50_ms"] == pytest.approx(50, rel=0.10)
@@ -201,7 +136,7 @@ def test_locust_agrees_with_our_client_on_the_real_ensemble(live_server, tmp_pat
     jsonl = tmp_path / "one.jsonl"
     jsonl.write_text(json.dumps({"prompt": prompt, "max_tokens": n}))
     prefix = tmp_path / "real"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), SLOT_S=str(slot))
+    env = dict(launch.environment(), SLOT_S=str(slot))
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -281,7 +216,7 @@ def client_timings(
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        env=launch.environment(),
         check=True,
     )
     ttft, itl = json.loads(out.stdout.strip().splitlines()[-1])

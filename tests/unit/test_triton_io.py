@@ -65,3 +65,30 @@ def test_repeated_strings_are_encoded_once():
     (_, a), (_, b) = strings_tensor(Pb, "stop_words", ("END", "é")), strings_tensor(Pb, "stop_words", ("END", "é"))
     assert a is b and a.shape == (1, 2) and a.tolist() == [[b"END", "é".encode()]]
     assert not a.flags.writeable
+
+
+def test_metric_samples_keep_the_names_the_page_uses():
+    """Triton's counters have no `_total` suffix, ours do; histogram samples keep theirs."""
+    from tritonllm.triton.scrape import metric_samples
+
+    page = (
+        "# HELP nv_inference_request_success Number of successful inference requests\n"
+        "# TYPE nv_inference_request_success counter\n"
+        'nv_inference_request_success{model="m_tokenizer",version="1"} 3\n'
+        "# HELP tritonllm_tokens_generated_total tokens generated\n"
+        "# TYPE tritonllm_tokens_generated_total counter\n"
+        'tritonllm_tokens_generated_total{model="m_engine"} 42\n'
+        "# TYPE tritonllm_time_to_first_token_seconds histogram\n"
+        'tritonllm_time_to_first_token_seconds_bucket{model="m_engine",le="0.1"} 1\n'
+        'tritonllm_time_to_first_token_seconds_bucket{model="m_engine",le="+Inf"} 2\n'
+        'tritonllm_time_to_first_token_seconds_sum{model="m_engine"} 0.3\n'
+        'tritonllm_time_to_first_token_seconds_count{model="m_engine"} 2\n'
+    )
+    samples = metric_samples(page)
+    assert samples[0] == ("nv_inference_request_success", {"model": "m_tokenizer", "version": "1"}, 3.0)
+    assert samples[1] == ("tritonllm_tokens_generated_total", {"model": "m_engine"}, 42.0)
+    assert [s[0] for s in samples[2:]] == ["tritonllm_time_to_first_token_seconds_bucket"] * 2 + [
+        "tritonllm_time_to_first_token_seconds_sum",
+        "tritonllm_time_to_first_token_seconds_count",
+    ]
+    assert samples[3][1]["le"] == "+Inf"
