@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.provenance import DEFAULT_OUT
+from bench.provenance import DEFAULT_OUT, run_facts, write_json
 from tritonllm.build.pbtxt import Enum, render
 from tritonllm.triton.server_process import TritonServer
 
+log = logging.getLogger(__name__)
 MODEL = """
 import sys, numpy as np, triton_python_backend_utils as pb_utils
+
 class TritonPythonModel:
     def initialize(self, args):
         facts = (np.__version__, sys.version.split()[0], sys.path[:4])
@@ -70,7 +72,7 @@ def main() -> None:
     p.add_argument("--stub-pythonpath", default="")
     p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     a = p.parse_args()
-    report = {"client_numpy": np.__version__}
+    report = run_facts(client_numpy=np.__version__)
     variants = {"default": {}}
     if a.stub_pythonpath:
         variants["stub_pythonpath"] = {"PYTHONPATH": a.stub_pythonpath}
@@ -87,9 +89,7 @@ def main() -> None:
                     line for line in server.log_tail(400).splitlines() if "ECHO" in line or "what()" in line
                 ][:4]
                 server.stop()
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "stub_strings.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    log.info("%s: %s", write_json(a.out, "stub-strings", report), json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

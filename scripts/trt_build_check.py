@@ -13,12 +13,14 @@ from pathlib import Path
 
 import torch
 
-from bench.provenance import DEFAULT_OUT
+from bench.provenance import DEFAULT_OUT, run_facts, write_json
 from tritonllm.build.onnx_export import export, verify
 from tritonllm.config import EngineConfig
 from tritonllm.model.shape import ModelShape
 from tritonllm.runtimes.tensorrt.plan import PlanSpec, build_plan, import_tensorrt
 from tritonllm.runtimes.tensorrt.runtime import TensorRTRuntime
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_SHAPE = dict(
     hidden_size=576,
@@ -50,10 +52,12 @@ def main() -> None:
     )
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    report = {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "capability": list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None,
-    }
+    report = run_facts(
+        **{
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "capability": list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None,
+        }
+    )
     ckpt = a.model
     if ckpt is None:
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: F401
@@ -92,8 +96,7 @@ def main() -> None:
             report["run"] = {"ok": True, "logits_shape": list(logits.shape)}
         except Exception as exc:
             report["run"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:1500]}
-    (a.out / f"trt_build_report_{a.dtype}.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    log.info("%s: %s", write_json(a.out, f"trt-build-{a.dtype}", report), json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
