@@ -16,7 +16,14 @@ from .repository import RepositoryConfig
 log = logging.getLogger("tritonllm.build")
 
 
-def main(argv: list[str] | None = None) -> Path:
+def gpu_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(g) for g in text.split(",") if g.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gpus {text!r}: give GPU indices separated by commas, e.g. 0,1") from None
+
+
+def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     d = EngineConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,6 +55,9 @@ def main(argv: list[str] | None = None) -> Path:
                    help="torch-cuda: launched steps left queued on the device while older ones complete")
     p.add_argument("--tokenizer-instances", type=int, default=1)
     p.add_argument("--detokenizer-instances", type=int, default=1)
+    p.add_argument("--engine-instances", type=int, default=1, help="engine processes on the CPU instance kind")
+    p.add_argument("--gpus", type=gpu_list, default=(), metavar="0,1,...",
+                   help="one engine instance per listed GPU (Triton spreads requests over them)")
     a = p.parse_args(argv)
     t0 = time.time()
     engine = EngineConfig(runtime=a.runtime, max_slots=a.max_slots, max_context=a.max_context, max_queue=a.max_queue,
@@ -59,10 +69,10 @@ def main(argv: list[str] | None = None) -> Path:
                           steps_per_launch=a.steps_per_launch,
                           multi_step_min_active=a.multi_step_min_active, launch_ahead=a.launch_ahead)
     cfg = RepositoryConfig(name=a.name, engine=engine, tokenizer_instances=a.tokenizer_instances,
-                           detokenizer_instances=a.detokenizer_instances)
+                           detokenizer_instances=a.detokenizer_instances, engine_instances=a.engine_instances,
+                           gpus=a.gpus)
     build(a.model, cfg, a.out, a.onnx_dir)
     log.info("done in %.1fs", time.time() - t0)
-    return a.out
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from .pbtxt import Enum, render
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 ADAPTERS_DIR = PACKAGE_DIR / "triton" / "models"  # <stage>.py, copied as each stage's model.py
+REQUIREMENTS_DIR = PACKAGE_DIR / "build" / "requirements"  # <runtime>.txt: what a served repository imports
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
@@ -28,6 +29,8 @@ class RepositoryConfig:
     max_batch_size: int = 64          # batch dimension of every model (clients send [1, 1] scalars)
     tokenizer_instances: int = 1      # python processes tokenizing in parallel (a burst of prompts queues here)
     detokenizer_instances: int = 1
+    engine_instances: int = 1         # engine processes on the CPU kind (each its own slots and weights) ...
+    gpus: tuple[int, ...] = ()        # ... or one engine instance on each of these GPUs (kind GPU)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -35,10 +38,16 @@ class RepositoryConfig:
             raise ValueError(f"model name {self.name!r}: use letters, digits, '_', '.', '-' (start with a letter)")
         if not 1 <= self.max_batch_size <= 4096:
             raise ValueError(f"max_batch_size={self.max_batch_size}: use 1..4096")
-        for stage in ("tokenizer", "detokenizer"):
+        for stage in ("tokenizer", "detokenizer", "engine"):
             n = getattr(self, f"{stage}_instances")
             if not 1 <= n <= 64:
                 raise ValueError(f"{stage}_instances={n}: use 1..64")
+        if self.gpus and self.engine.runtime == "onnxruntime":
+            raise ValueError(f"gpus={list(self.gpus)}: the onnxruntime engine runs on the CPU; use --runtime torch-cuda, "
+                             "or --engine-instances for several CPU engines")
+        if self.gpus and (self.engine_instances != 1 or len(set(self.gpus)) != len(self.gpus) or min(self.gpus) < 0):
+            raise ValueError(f"gpus={list(self.gpus)}, engine_instances={self.engine_instances}: list distinct GPU "
+                             "indices, one engine each (engine_instances applies to CPU engines)")
 
     def stage(self, stage: str) -> str:
         return f"{self.name}_{stage}"
@@ -69,10 +78,18 @@ def _params(values: dict[str, str]) -> list[dict]:
     return [{"key": k, "value": {"string_value": v}} for k, v in values.items()]
 
 
-def python_model(name: str, cfg: RepositoryConfig, inputs, outputs, params, instances=1, decoupled=False) -> dict:
+def instance_group(count: int = 1, gpus: tuple[int, ...] = ()) -> list[dict]:
+    """`count` instances on the CPU kind, or one instance on each of `gpus` (Triton passes each its
+    device id; the engine runs there)."""
+    if gpus:
+        return [{"count": 1, "kind": Enum("KIND_GPU"), "gpus": list(gpus)}]
+    return [{"count": count, "kind": Enum("KIND_CPU")}]
+
+
+def python_model(name: str, cfg: RepositoryConfig, inputs, outputs, params, instances=None, decoupled=False) -> dict:
     d = {"name": name, "backend": "python", "max_batch_size": cfg.max_batch_size,
          "input": _io(inputs, ragged=True), "output": _outputs(outputs),
-         "instance_group": [{"count": instances, "kind": Enum("KIND_CPU")}]}
+         "instance_group": instances or instance_group()}
     if decoupled:
         d["model_transaction_policy"] = {"decoupled": True}
     # No dynamic batcher on any stage: in Triton 2.51, when an ensemble request is cancelled, the
@@ -111,13 +128,16 @@ def model_configs(cfg: RepositoryConfig) -> dict[str, dict]:
     engine_outputs = T.ENGINE_TEXT_OUTPUTS if eng.emit_text else T.ENGINE_OUTPUTS
     configs = {
         cfg.stage("tokenizer"): python_model(cfg.stage("tokenizer"), cfg, T.TOKENIZER_INPUTS, T.TOKENIZER_OUTPUTS,
-                                             {"max_context": str(eng.max_context)}, instances=cfg.tokenizer_instances),
+                                             {"max_context": str(eng.max_context)},
+                                             instances=instance_group(cfg.tokenizer_instances)),
         cfg.stage("engine"): python_model(cfg.stage("engine"), cfg, T.ENGINE_INPUTS, engine_outputs,
-                                          eng.to_parameters(), decoupled=True),
+                                          eng.to_parameters(), instance_group(cfg.engine_instances, cfg.gpus),
+                                          decoupled=True),
     }
     if not eng.emit_text:
         configs[cfg.stage("detokenizer")] = python_model(cfg.stage("detokenizer"), cfg, T.DETOKENIZER_INPUTS,
-                                                         T.DETOKENIZER_OUTPUTS, {}, instances=cfg.detokenizer_instances)
+                                                         T.DETOKENIZER_OUTPUTS, {},
+                                                         instances=instance_group(cfg.detokenizer_instances))
     return configs | {cfg.name: ensemble_model(cfg)}
 
 
@@ -157,7 +177,8 @@ def write_repository(out: Path, cfg: RepositoryConfig, checkpoint: Path, engine_
         for f in TOKENIZER_FILES:
             if (Path(checkpoint) / f).exists():
                 _link_or_copy(Path(checkpoint) / f, version / "tokenizer" / f)
-        if stage == "engine":
+        if stage == "engine":  # what a container serving this repository must install
+            shutil.copy2(REQUIREMENTS_DIR / f"{cfg.engine.runtime}.txt", mdir / "requirements.txt")
             for f in Path(engine_dir).iterdir():
                 if f.is_file():
                     _link_or_copy(f, version / "engine" / f.name)

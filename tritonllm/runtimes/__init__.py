@@ -10,9 +10,10 @@ from ..config import EngineConfig
 from .base import Runtime, RuntimeCapabilities, RuntimeStats, StepInput
 
 
-def load_runtime(cfg: EngineConfig, engine_dir: Path) -> Runtime:
+def load_runtime(cfg: EngineConfig, engine_dir: Path, device: str = "cuda") -> Runtime:
     """The runtime `cfg.runtime` names, over the engine files in `engine_dir` (imported here so a
-    repository serves with only its own runtime's packages installed)."""
+    repository serves with only its own runtime's packages installed); GPU runtimes run on `device`
+    ("cuda:1": the engine instance Triton placed on GPU 1)."""
     if cfg.runtime == "onnxruntime":
         from .onnx_runtime import OnnxRuntime
 
@@ -20,11 +21,11 @@ def load_runtime(cfg: EngineConfig, engine_dir: Path) -> Runtime:
     if cfg.runtime == "torch-cuda":
         from .torch_cuda import TorchCudaRuntime
 
-        return TorchCudaRuntime(engine_dir, cfg)
+        return TorchCudaRuntime(engine_dir, cfg, device=device)
     if cfg.runtime == "tensorrt":
         from .tensorrt.runtime import TensorRTRuntime
 
-        return TensorRTRuntime(engine_dir, cfg)
+        return TensorRTRuntime(engine_dir, cfg, device=device)
     raise ValueError(f"unknown runtime {cfg.runtime!r}: use one of onnxruntime, torch-cuda, tensorrt")
 
 

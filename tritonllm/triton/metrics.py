@@ -12,9 +12,11 @@ LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class EngineMetrics:
-    def __init__(self, pb, loop: EngineLoop, model: str):
+    def __init__(self, pb, loop: EngineLoop, model: str, instance: str = ""):
+        """Every metric is labelled with the model and the engine instance (one per GPU, or several
+        CPU instances: each its own process, engine and slots)."""
         fam = pb.MetricFamily
-        labels = {"model": model}
+        labels = {"model": model, "instance": instance or model}
         self._families = []  # a family must outlive its metrics
 
         def metric(name, kind, desc, **kw):
@@ -68,7 +70,7 @@ class EngineMetrics:
             "mean inter-token latency per request",
             buckets=LATENCY_BUCKETS,
         )
-        self.model, self.loop = model, loop
+        self.labels, self.loop = labels, loop
         self._finished: dict[str, object] = {}
         self._last: dict[str, float] = {}
         self.slots.set(loop.scheduler.slots)  # the runtime's count (memory may allow fewer than configured)
@@ -79,7 +81,7 @@ class EngineMetrics:
     def observe_finished(self, seq: Sequence) -> None:
         reason = seq.finish_reason or "unknown"
         if reason not in self._finished:
-            self._finished[reason] = self.finished_family.Metric(labels={"model": self.model, "reason": reason})
+            self._finished[reason] = self.finished_family.Metric(labels={**self.labels, "reason": reason})
         self._finished[reason].increment(1)
         if seq.first_token_at is not None:
             self.ttft.observe(seq.first_token_at - seq.arrival)

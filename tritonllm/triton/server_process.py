@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import os
 import shutil
@@ -17,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -41,38 +41,58 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pytriton_root() -> Path:
-    """The nvidia-pytriton wheel's server tree (binary, python backend, stubs); a trimmed copy of
-    just that tree (no pytriton/__init__.py) is found too."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise ServerError("nvidia-pytriton is not installed: pip install nvidia-pytriton==0.7.0")
-    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
-    if not (root / "bin" / "tritonserver").exists():
-        raise ServerError(f"no tritonserver binary under {root}; install nvidia-pytriton")
-    return root
+SERVER_FLAGS = ["--log-verbose=0", "--exit-timeout-secs=15"]  # beside the repository: deploy/Dockerfile's CMD too
+_PROBE = (
+    "import importlib.util, json, sys, sysconfig; s = importlib.util.find_spec('pytriton'); "
+    "print(json.dumps([list(s.submodule_search_locations)[0] if s and s.submodule_search_locations else None, "
+    "'%d.%d' % sys.version_info[:2], sysconfig.get_config_var('LIBDIR')]))"
+)
 
 
-def _python_libdir() -> str:
-    return sysconfig.get_config_var("LIBDIR") or str(Path(sys.executable).resolve().parent.parent / "lib")
+@dataclass(frozen=True)
+class ServingPython:
+    """The Python whose environment runs the models: the nvidia-pytriton server tree installed in
+    it (binary, python backend, a stub per Python version), its version and its libpython folder."""
 
+    executable: str
+    root: Path
+    version: str
+    libdir: str
 
-def prepare_backend_dir(dest: Path) -> Path:
-    """Copy the python backend with the stub for this interpreter's version into dest/python."""
-    root = pytriton_root()
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
-    if not stub.exists():
-        raise ServerError(f"the wheel has no python backend stub for Python {version}")
-    py = dest / "python"
-    py.mkdir(parents=True, exist_ok=True)
-    for f in (root / "backends" / "python").iterdir():
-        if f.is_file():
-            shutil.copy2(f, py / f.name)
-    shutil.copy2(stub, py / "triton_python_backend_stub")
-    return dest
+    @classmethod
+    def of(cls, executable: str = sys.executable) -> ServingPython:
+        out = subprocess.run([executable, "-c", _PROBE], capture_output=True, text=True, timeout=60)
+        if out.returncode:
+            raise ServerError(f"{executable} could not be asked about its environment: {out.stderr[-500:]}")
+        package, version, libdir = json.loads(out.stdout)
+        if package is None:
+            raise ServerError(f"nvidia-pytriton is not installed for {executable}: pip install nvidia-pytriton==0.7.0")
+        root = Path(package) / "tritonserver"
+        if not (root / "bin" / "tritonserver").exists():
+            raise ServerError(f"no tritonserver binary under {root}; install nvidia-pytriton")
+        return cls(executable, root, version, libdir or str(Path(executable).resolve().parent.parent / "lib"))
+
+    def prepare_backend_dir(self, dest: Path) -> Path:
+        """Copy the python backend with the stub for this Python's version into dest/python."""
+        stub = self.root / "python_backend_stubs" / self.version / "triton_python_backend_stub"
+        if not stub.exists():
+            raise ServerError(f"the wheel has no python backend stub for Python {self.version}")
+        py = dest / "python"
+        py.mkdir(parents=True, exist_ok=True)
+        for f in (self.root / "backends" / "python").iterdir():
+            if f.is_file():
+                shutil.copy2(f, py / f.name)
+        shutil.copy2(stub, py / "triton_python_backend_stub")
+        return dest
+
+    def environment(self, base: dict[str, str]) -> dict[str, str]:
+        """`base` with the wheel's libraries and this Python's libpython first on the library path
+        (otherwise the stub may load another libpython) and its bin folder first on PATH."""
+        env = dict(base)
+        libs = [str(self.root.parent.parent / "nvidia_pytriton.libs"), self.libdir]
+        env["LD_LIBRARY_PATH"] = ":".join([*libs, *([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else [])])
+        env["PATH"] = f"{Path(self.executable).parent}:{env.get('PATH', '')}"
+        return env
 
 
 @dataclass
@@ -90,6 +110,7 @@ class TritonServer:
     watchdog: bool = False  # recover a model whose python stub process died (Triton 2.51 does not)
     reload_timeout_s: float = 15.0  # then restart the whole server
     drain_timeout_s: float = 30.0  # stop() first waits up to this long for the engines to finish their requests
+    python: str = sys.executable  # whose environment (packages, pytriton server) the models run in
     _proc: subprocess.Popen | None = None
     _workdir: Path | None = None
 
@@ -99,6 +120,7 @@ class TritonServer:
         self.grpc_port = self.grpc_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
         self.shm_prefix = f"tllm{os.getpid()}_{self.grpc_port}_"
+        self.serving = ServingPython.of(self.python)
 
     @property
     def grpc_url(self) -> str:
@@ -117,9 +139,10 @@ class TritonServer:
         return self._workdir / "tritonserver.log"
 
     def command(self) -> list[str]:
-        root = pytriton_root()
+        """`tritonserver --model-repository=... SERVER_FLAGS` plus what this harness adds: the wheel's
+        backend folder and shared-memory prefix, loopback addresses and ports, the watchdog's mode."""
         return [
-            str(root / "bin" / "tritonserver"),
+            str(self.serving.root / "bin" / "tritonserver"),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={self._workdir / 'backends'}",
             "--http-address=127.0.0.1",
@@ -129,19 +152,13 @@ class TritonServer:
             "--metrics-address=127.0.0.1",
             f"--metrics-port={self.metrics_port}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-            "--log-verbose=0",
             *(["--model-control-mode=explicit", "--load-model=*"] if self.watchdog else []),
-            "--exit-timeout-secs=15",
+            *SERVER_FLAGS,
             *self.extra_args,
         ]
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        libs = [str(pytriton_root().parent.parent / "nvidia_pytriton.libs"), _python_libdir()]
-        if env.get("LD_LIBRARY_PATH"):
-            libs.append(env["LD_LIBRARY_PATH"])
-        env["LD_LIBRARY_PATH"] = ":".join(libs)
-        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env = self.serving.environment(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update(self.env)
         return env
@@ -159,7 +176,7 @@ class TritonServer:
         if self._workdir is None:  # a restart reuses it (the old stubs may still hold its files)
             self._workdir = Path(tempfile.mkdtemp(prefix="tritonllm-server-"))
         if not (self._workdir / "backends").exists():
-            prepare_backend_dir(self._workdir / "backends")
+            self.serving.prepare_backend_dir(self._workdir / "backends")
         if self.log_dir:
             Path(self.log_dir).mkdir(parents=True, exist_ok=True)
         logf = open(self.log_path, "ab" if append_log else "wb")

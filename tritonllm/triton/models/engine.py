@@ -80,6 +80,14 @@ def id_outputs(seq, ids, n_context, final, n_output):
     ]
 
 
+def instance_device(args) -> str:
+    """The device of this model instance: an instance group of kind GPU places one engine on each
+    listed GPU (`tritonllm-build --gpus 0,1`); a CPU-kind engine takes the first visible GPU."""
+    if args.get("model_instance_kind") == "GPU":
+        return f"cuda:{int(args['model_instance_device_id'])}"
+    return "cuda"
+
+
 class TritonPythonModel:
     def initialize(self, args):
         model_config = json.loads(args["model_config"])
@@ -88,7 +96,7 @@ class TritonPythonModel:
         # the loop thread waits on the GPU and re-takes the GIL from the sender threads: with
         # Python's 5 ms default switch interval each re-take can cost up to a decode step or more
         sys.setswitchinterval(self.cfg.switch_interval_ms / 1000.0)
-        self.runtime = load_runtime(self.cfg, here / "engine")
+        self.runtime = load_runtime(self.cfg, here / "engine", instance_device(args))
         tok = TokenizerFiles(here / "tokenizer")
         self.pump = ResponsePump(
             lambda seq, *a: seq.sink.deliver(seq, *a),
@@ -105,7 +113,7 @@ class TritonPythonModel:
 
             self.outputs = text_outputs
         self.loop = EngineLoop(self.runtime, self.cfg, decode=tok.decode)
-        self.metrics = EngineMetrics(pb_utils, self.loop, args["model_name"])
+        self.metrics = EngineMetrics(pb_utils, self.loop, args["model_name"], args["model_instance_name"])
         self.loop.on_finish = self.metrics.observe_finished
         self.loop.start()
         pb_utils.Logger.log_info(f"tritonllm engine ready: {json.dumps(self.runtime.describe())}")
