@@ -41,6 +41,8 @@ class EngineConfig:
     multi_step_min_active: int = 16  # ... while at least this many sequences decode (below, host time is hidden)
     launch_ahead: int = 1  # GPU runtimes: steps left queued on the device while the loop completes older ones
     response_threads: int = 1  # threads sending responses off the engine loop (merging under backpressure)
+    instance_balance_ms: float = 50.0  # several engine instances: a full one holds a new request this long
+    # in execute() (so Triton hands the next ones to the others) before queueing it
     threads: int = 0  # runtime intra-op threads (0: runtime default)
     dtype: str = "float32"
     kv_cache_memory_fraction: float = 0.5  # GPU runtimes: share of free memory for the KV cache
@@ -81,6 +83,7 @@ class EngineConfig:
         _check(self.multi_step_min_active >= 1, "multi_step_min_active", self.multi_step_min_active, ">= 1")
         _check(1 <= self.launch_ahead <= 4, "launch_ahead", self.launch_ahead, "1..4")
         _check(1 <= self.response_threads <= 64, "response_threads", self.response_threads, "1..64")
+        _check(0 <= self.instance_balance_ms <= 10_000, "instance_balance_ms", self.instance_balance_ms, "0..10000")
         _check(self.dtype in DTYPES, "dtype", self.dtype, "|".join(DTYPES))
         _check(
             0 < self.kv_cache_memory_fraction <= 0.95,

@@ -464,3 +464,23 @@ def test_a_prompt_in_pieces_streams_like_a_whole_one_and_can_be_cancelled_mid_pr
         assert after.ids == [2, 3, 4] and loop.scheduler.free_slots == [0]
     finally:
         loop.stop()
+
+
+def test_wait_for_capacity_holds_a_caller_while_every_slot_is_claimed():
+    """What a full engine instance does in execute() when Triton runs several: it waits (so Triton
+    routes new requests to the other instances) until a sequence finishes, or gives up after the
+    timeout and queues the request anyway."""
+    cfg = EngineConfig(max_slots=1, max_context=1024, max_tokens_limit=100, default_max_tokens=16)
+    loop = EngineLoop(CountingRuntime(slots=1, delay=0.01), cfg).start()
+    try:
+        assert loop.wait_for_capacity(0.01)  # idle: at once
+        first = seq([1, 2, 3], max_tokens=20, ignore_eos=True)
+        first.sink = QueueSink()
+        loop.submit(first)
+        t0 = time.monotonic()
+        assert not loop.wait_for_capacity(0.05)  # its slot is claimed: the caller waited the full timeout
+        assert time.monotonic() - t0 >= 0.05
+        assert loop.wait_for_capacity(10.0)  # released when `first` finishes
+        assert first.sink.wait(10).finish_reason == "length"
+    finally:
+        loop.stop()

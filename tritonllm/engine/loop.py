@@ -81,6 +81,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="tritonllm-engine", daemon=True)
         self._watcher = threading.Thread(target=self._watch_cancellations, name="tritonllm-cancel-watch", daemon=True)
         self._lock = threading.Lock()
+        self._capacity = threading.Condition()  # notified when a sequence finishes (wait_for_capacity)
         self._overlap = can.overlap
         self._device_sampling = can.device_sampling
 
@@ -100,6 +101,20 @@ class EngineLoop:
             self._fail(seq, RuntimeError("the engine is shutting down"))
         while not self._inbox.empty():
             self._fail(self._inbox.get_nowait(), RuntimeError("the engine is shutting down"))
+
+    def wait_for_capacity(self, timeout_s: float) -> bool:
+        """Block the caller until the engine could start one more sequence now (a slot not claimed by
+        a running, waiting or arriving sequence), at most `timeout_s`; True if it can. Where Triton
+        runs several engine instances it hands each request to an instance whose execute() is free:
+        an instance waiting here is not, so requests go to the others first."""
+        deadline = time.monotonic() + timeout_s
+        with self._capacity:
+            while self.scheduler.active + self.scheduler.queued + self._inbox.qsize() >= self.scheduler.slots:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    return False
+                self._capacity.wait(left)
+        return True
 
     def submit(self, seq: Sequence) -> None:
         """Enqueue; raises ServerBusyError when the queue is full (checked here, before accepting)."""
@@ -288,3 +303,5 @@ class EngineLoop:
         self.stats.requests_finished[r] = self.stats.requests_finished.get(r, 0) + 1
         if self.on_finish is not None:
             self.on_finish(seq)
+        with self._capacity:
+            self._capacity.notify_all()

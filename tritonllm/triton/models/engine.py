@@ -80,6 +80,11 @@ def id_outputs(seq, ids, n_context, final, n_output):
     ]
 
 
+def instance_count(model_config: dict) -> int:
+    """Engine instances Triton runs for this model (a GPU group: one per listed GPU per count)."""
+    return sum(g.get("count", 1) * max(1, len(g.get("gpus", []))) for g in model_config.get("instance_group", []))
+
+
 def instance_device(args) -> str:
     """The device of this model instance: an instance group of kind GPU places one engine on each
     listed GPU (`tritonllm-build --gpus 0,1`); a CPU-kind engine takes the first visible GPU."""
@@ -113,6 +118,9 @@ class TritonPythonModel:
 
             self.outputs = text_outputs
         self.loop = EngineLoop(self.runtime, self.cfg, decode=tok.decode)
+        # with several engine instances a full one holds new requests briefly, so Triton hands the
+        # next ones to a free instance (it routes each request to an instance whose execute() is idle)
+        self.balance_s = self.cfg.instance_balance_ms / 1000.0 if instance_count(model_config) > 1 else 0.0
         self.metrics = EngineMetrics(pb_utils, self.loop, args["model_name"], args["model_instance_name"])
         self.loop.on_finish = self.metrics.observe_finished
         self.loop.start()
@@ -124,6 +132,8 @@ class TritonPythonModel:
             try:
                 seq = build_sequence(RequestReader(request), self.cfg, self.runtime.shape)
                 seq.sink = sink
+                if self.balance_s:
+                    self.loop.wait_for_capacity(self.balance_s)
                 self.loop.submit(seq)
             except Exception as exc:  # validation or a full queue: this request only, before any token
                 sink.send_error(None, exc)
