@@ -193,8 +193,8 @@ def triton_suite(
 ) -> None:
     repo = Path(a.work) / "model_repository"
     shutil.rmtree(repo, ignore_errors=True)
-    variants = dict(triton_variant(v, cfg) for v in a.triton_variants)
-    for name, engine in variants.items():
+    variants = {name: (engine, gpus) for name, engine, gpus in (triton_variant(v, cfg) for v in a.triton_variants)}
+    for name, (engine, gpus) in variants.items():
         write_repository(
             repo,
             RepositoryConfig(
@@ -202,6 +202,7 @@ def triton_suite(
                 engine=engine,
                 detokenizer_instances=a.detokenizer_instances,
                 tokenizer_instances=a.tokenizer_instances,
+                gpus=gpus,
             ),
             ckpt,
             engine_dir,
@@ -217,8 +218,9 @@ def triton_suite(
     with TritonServer(
         repo, log_dir=Path("build/logs/bench"), startup_timeout_s=600, env=env, extra_args=args
     ) as server:
-        for name, engine in variants.items():
+        for name, (engine, gpus) in variants.items():
             changed = {k: v for k, v in asdict(engine).items() if getattr(cfg, k) != v}
+            changed |= {"gpus": gpus} if gpus else {}
             label = "Triton ensemble gRPC stream" + (f" {name} {changed}" if changed else "")
             for c in a.concurrency:
                 prompts = [texts_for(p) for p in random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)]
@@ -261,8 +263,8 @@ def engine_counters(server, name: str) -> dict[str, float]:
     out = dict.fromkeys([*ENGINE_COUNTERS, *TOKENIZER_COUNTERS], 0.0)
     for metric, labels, value in metric_samples(server.metrics()):
         key = wanted.get((metric, labels.get("phase")))
-        if key and labels.get("model") == f"{name}_engine":
-            out[key] = value
+        if key and labels.get("model") == f"{name}_engine":  # summed over the engine's instances
+            out[key] += value
         tok = tokenizer.get(metric)
         if tok and labels.get("model") == f"{name}_tokenizer":  # Triton's own per-model counters
             out[tok] = value
@@ -303,12 +305,14 @@ def engine_note(before: dict, after: dict, client_ttft: list[float]) -> str:
     return "".join(f"; {n}" for n in notes)
 
 
-def triton_variant(spec: str, base: EngineConfig) -> tuple[str, EngineConfig]:
-    """'name:field=value,field=value' -> (name, base with those EngineConfig fields replaced)."""
+def triton_variant(spec: str, base: EngineConfig) -> tuple[str, EngineConfig, tuple[int, ...]]:
+    """'name:field=value,...' -> (name, base with those EngineConfig fields replaced, GPUs of its
+    engine instances). `gpus=0+1` places one engine instance on each listed GPU (instance kind GPU)."""
     name, _, overrides = spec.partition(":")
     params = {f: str(v) for f, v in asdict(base).items()}
     params.update(kv.split("=", 1) for kv in overrides.split(",") if kv)
-    return name, EngineConfig.from_parameters(params)
+    gpus = tuple(int(g) for g in params.pop("gpus", "").split("+") if g)
+    return name, EngineConfig.from_parameters(params), gpus
 
 
 def cpu_suite(a, results: list, facts: dict) -> None:
