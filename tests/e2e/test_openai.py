@@ -1,0 +1,155 @@
+"""The OpenAI-compatible API against the real server, driven by the official `openai` SDK and raw
+HTTP: chat and completions, streamed and not, stop strings, seeds, usage, errors in OpenAI's form
+with the right status, and a client that walks away cancelling its engine request."""
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from tritonllm.openai.server import create_app
+from tritonllm.triton.server_process import free_port
+
+from .helpers import metric_value, wait_for_metric
+
+
+@pytest.fixture(scope="module")
+def gateway(server, model_repository):
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(server.grpc_url, model_repository), host="127.0.0.1", port=port, log_level="warning"
+    )
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline, "the gateway did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def client(gateway):
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models_and_health(client, gateway):
+    assert sorted(m.id for m in client.models.list()) == ["smollm2", "tiny", "tiny_onehop"]
+    assert httpx.get(f"{gateway}/health").status_code == 200
+
+
+def test_chat_streamed_equals_not_streamed_with_usage(client):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Say something"}], max_tokens=24, temperature=0)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and whole.choices[0].finish_reason == "length"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24 == whole.usage.completion_tokens
+    assert whole.usage.prompt_tokens > 0 and whole.object == "chat.completion"
+
+
+def test_smollm2_answers_a_chat_question(client):
+    r = client.chat.completions.create(
+        model="smollm2",
+        max_tokens=24,
+        temperature=0,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    assert "Paris" in r.choices[0].message.content
+
+
+def test_completions_seed_and_stop(client):
+    kw = dict(model="tiny", prompt="Once upon a time", max_tokens=20, temperature=1.0, seed=7)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert a.choices[0].text == b.choices[0].text and a.object == "text_completion"
+    greedy = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=20, temperature=0)
+    text = greedy.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    stopped = client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=20, temperature=0, stop=[stop]
+    )
+    assert stop not in stopped.choices[0].text and text.startswith(stopped.choices[0].text)
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        (dict(messages=[]), "messages"),
+        (dict(messages=[{"role": "wizard", "content": "hi"}]), "messages"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=100000), "max_tokens"),
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(n=2), "n"),
+        (dict(messages=[{"role": "user", "content": "word " * 400}]), "messages"),
+    ],
+)
+def test_bad_chat_input_is_a_400_naming_the_field(client, body, param):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4) | body
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**kw)
+    assert e.value.status_code == 400 and e.value.body["param"] == param, e.value.body
+    assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "ok?"}], max_tokens=2)
+
+
+def test_unknown_model_is_a_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+    assert "tiny" in e.value.body["message"] and e.value.body["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    "content,headers,status",
+    [
+        (b"{not json", {"content-type": "application/json"}, 400),
+        (b"model=tiny", {"content-type": "application/x-www-form-urlencoded"}, 400),
+        (b'{"model": "tiny", "prompt": "' + b"a" * (5 << 20) + b'"}', {"content-type": "application/json"}, 413),
+    ],
+)
+def test_malformed_bodies_are_4xx_and_the_server_keeps_serving(gateway, client, content, headers, status):
+    r = httpx.post(f"{gateway}/v1/completions", content=content, headers=headers, timeout=30)
+    assert r.status_code == status and r.json()["error"]["message"], r.text
+    assert client.completions.create(model="tiny", prompt="still there", max_tokens=2).choices[0].text is not None
+
+
+def test_a_client_that_walks_away_cancels_its_engine_request(gateway, server):
+    """Streaming chat, the client closes the connection after the first chunk: the engine's request
+    ends as cancelled (the gateway addresses the engine, whose cancellation Triton delivers), long
+    before its 190 tokens."""
+    before = metric_value(server, "tritonllm_requests_finished_total", "tiny_engine")
+    cancelled_before = sum_reason(server, "cancelled")
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "walk away"}],
+        "max_tokens": 190,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())
+    wait_for_metric(server, "tritonllm_requests_active", "tiny_engine", lambda v: v == 0, timeout_s=30)
+    time.sleep(1.0)  # counters are published every 0.5 s
+    assert sum_reason(server, "cancelled") == cancelled_before + 1
+    assert metric_value(server, "tritonllm_requests_finished_total", "tiny_engine") >= before
+
+
+def sum_reason(server, reason: str) -> float:
+    from tritonllm.triton.scrape import metric_samples
+
+    return sum(
+        v
+        for n, labels, v in metric_samples(server.metrics())
+        if n == "tritonllm_requests_finished_total"
+        and labels.get("model") == "tiny_engine"
+        and labels.get("reason") == reason
+    )

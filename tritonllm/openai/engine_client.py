@@ -1,0 +1,117 @@
+"""Requests to one LLM's decoupled engine (`<name>_engine`) over Triton's gRPC stream, with the
+tokenization the ensemble's tokenizer stage would do and the detokenization of its detokenizer
+stage (the same functions). Addressing the engine directly is what makes cancellation work: Triton
+2.51 does not forward the cancellation of an ensemble request, but closing this stream cancels the
+engine's request, which frees its slot."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import EngineConfig
+from ..tensors import ResponseInfo
+from ..text import TokenizerFiles, encode_words, flatten_id_lists, text_delta
+
+SCALARS = {
+    "max_tokens": ("INT32", np.int32),
+    "temperature": ("FP32", np.float32),
+    "top_p": ("FP32", np.float32),
+    "top_k": ("INT32", np.int32),
+    "seed": ("UINT64", np.uint64),
+    "min_tokens": ("INT32", np.int32),
+    "ignore_eos": ("BOOL", bool),
+    "stream": ("BOOL", bool),
+}
+
+
+class EngineError(RuntimeError):
+    """The engine (or Triton) refused or failed the request; `status` is the gRPC status name."""
+
+    def __init__(self, message: str, status: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.field = status, field
+
+
+@dataclass
+class Delta:
+    text: str
+    num_input_tokens: int
+    num_output_tokens: int
+    finish_reason: str  # "" until the final response
+
+
+class EngineClient:
+    """One LLM: its tokenizer files (from the repository the engine serves) and its engine's limits
+    (from the engine's model config on the server)."""
+
+    def __init__(self, grpc, name: str, tokenizer_dir: Path, engine: EngineConfig):
+        self.grpc, self.name, self.engine = grpc, name, engine
+        self.tok = TokenizerFiles(tokenizer_dir)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        return self.tok.encode(self.tok.render_chat(messages), add_special_tokens=False)
+
+    def text_prompt(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    def inputs(self, prompt: list[int], params: dict, stop: list[str]) -> list:
+        import tritonclient.grpc as g
+
+        def tensor(name, array, dtype):
+            t = g.InferInput(name, list(array.shape), dtype)
+            t.set_data_from_numpy(array)
+            return t
+
+        out = [tensor("input_ids", np.array([prompt], dtype=np.int32), "INT32")]
+        for name, value in params.items():
+            if value is not None:
+                dtype, np_type = SCALARS[name]
+                out.append(tensor(name, np.array([[value]], dtype=np_type), dtype))
+        if stop:
+            ids = flatten_id_lists(encode_words(self.tok, stop, "stop"))
+            out.append(tensor("stop_ids", np.array([ids], dtype=np.int32), "INT32"))
+            out.append(tensor("stop_words", np.array([[s.encode() for s in stop]], dtype=object), "BYTES"))
+        return out
+
+    async def generate(self, prompt: list[int], params: dict, stop: list[str]) -> AsyncIterator[Delta]:
+        """Text deltas until the final one. Leaving the iteration early closes the gRPC stream,
+        which cancels the engine's request."""
+        inputs = self.inputs(prompt, {**params, "stream": True}, stop)
+
+        async def requests():
+            yield {"model_name": f"{self.name}_engine", "inputs": inputs, "request_id": uuid.uuid4().hex}
+
+        responses = self.grpc.stream_infer(requests())
+        done = False
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    done = True
+                    raise engine_error(error)
+                ids = result.as_numpy("output_ids").reshape(-1).tolist()
+                info = ResponseInfo.unpack(result.as_numpy("response_info").reshape(-1).tolist())
+                text = text_delta(self.tok, ids, info.num_context_ids, info.is_final, stop)
+                done = info.is_final
+                yield Delta(text, info.num_input_tokens, info.num_output_tokens, info.finish_reason)
+                if done:
+                    return
+        finally:
+            if not done:  # the caller left early: cancelling the RPC cancels the engine's request
+                responses.cancel()
+
+
+def engine_error(error) -> EngineError:
+    """An engine error message "[STATUS] invalid 'field' = value: fix" as its parts."""
+    import re
+
+    message = error.message() if hasattr(error, "message") else str(error)
+    tag = re.search(r"\[([A-Z_]+)\]\s*", message)
+    status = tag.group(1) if tag else "INTERNAL"
+    message = message[tag.end() :] if tag else message
+    field = re.search(r"invalid '(\w+)'", message)
+    return EngineError(message, status, field.group(1) if field else None)

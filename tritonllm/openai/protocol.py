@@ -1,0 +1,101 @@
+"""The OpenAI request bodies we take (unknown fields ignored, as OpenAI does), validated with
+pydantic; each bound names the field and the fix."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**64)
+    stop: str | list[str] | None = Field(default=None, validate_default=True)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError(f"n={n}: only n=1 is supported; send n separate requests")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def stop_list(cls, stop):
+        words = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(words) > 4 or any(not w for w in words):
+            raise ValueError("give up to 4 non-empty stop strings")
+        return words
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def no_penalty_yet(cls, value: float) -> float:
+        if value:
+            raise ValueError("frequency and presence penalties are not implemented yet: send 0")
+        return value
+
+    def engine_params(self) -> dict:
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+
+
+class ChatCompletionRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+
+    @field_validator("logprobs")
+    @classmethod
+    def no_logprobs_yet(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("log-probabilities are not implemented yet: send logprobs=false")
+        return value
+
+    def engine_params(self) -> dict:
+        return {**super().engine_params(), "max_tokens": self.max_completion_tokens or self.max_tokens}
+
+
+class CompletionRequest(Sampling):
+    prompt: str = Field(min_length=1)
+    logprobs: int | None = None
+    echo: bool = False
+
+    @field_validator("logprobs")
+    @classmethod
+    def no_logprobs_yet(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise ValueError("log-probabilities are not implemented yet: leave logprobs out")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def no_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("echo is not supported: send echo=false")
+        return value
