@@ -31,7 +31,7 @@ help:
 	@echo "make lint        ruff check + ruff format --check;  make format: apply ruff format"
 	@echo "make build       MODEL=$(MODEL) NAME=$(NAME) RUNTIME=$(RUNTIME) (onnxruntime|torch-cuda|tensorrt)"
 	@echo "                 MAX_SLOTS=$(MAX_SLOTS) MAX_CONTEXT=$(MAX_CONTEXT) BUILD_ARGS='...' -> REPO=$(REPO)"
-	@echo "make serve       build, then serve REPO on 127.0.0.1 (gRPC 8001, HTTP 8000, metrics 8002) until Ctrl-C"
+	@echo "make serve       build, then serve REPO on 127.0.0.1 (gRPC 8001, HTTP 8000, metrics 8002, OpenAI API 9000)"
 	@echo "make loadtest    Locust against a running server: USERS=$(USERS) SPAWN_RATE=$(SPAWN_RATE)"
 	@echo "                 DURATION=$(DURATION) NAME MODEL LOADTEST_ARGS='$(LOADTEST_ARGS)' -> build/loadtest"
 	@echo "make soak        SOAK_REQUESTS=$(SOAK_REQUESTS) mixed requests against a fresh server -> RESULTS"

@@ -2,15 +2,13 @@
 HTTP: chat and completions, streamed and not, stop strings, seeds, usage, errors in OpenAI's form
 with the right status, and a client that walks away cancelling its engine request."""
 
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from tritonllm.openai.server import create_app
+from tritonllm.openai.server import Gateway
 from tritonllm.triton.server_process import free_port
 
 from .helpers import metric_value, wait_for_metric
@@ -18,20 +16,9 @@ from .helpers import metric_value, wait_for_metric
 
 @pytest.fixture(scope="module")
 def gateway(server, model_repository):
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(server.grpc_url, model_repository), host="127.0.0.1", port=port, log_level="warning"
-    )
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "the gateway did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    gw = Gateway(server.grpc_url, model_repository, port=free_port()).start()
+    yield gw.url
+    gw.stop()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -238,6 +239,33 @@ async def _prepend(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[De
 
 def _event(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+class Gateway:
+    """The API served by uvicorn on a background thread (beside `tritonllm-serve`'s Triton, and
+    in the tests); `stop()` finishes the open responses and returns."""
+
+    def __init__(self, triton_url: str, repository: Path, host: str = "127.0.0.1", port: int = 9000):
+        import uvicorn
+
+        self.url = f"http://{host}:{port}"
+        self._server = uvicorn.Server(
+            uvicorn.Config(create_app(triton_url, repository), host=host, port=port, log_level="warning")
+        )
+        self._thread = threading.Thread(target=self._server.run, name="tritonllm-openai", daemon=True)
+
+    def start(self, timeout_s: float = 30.0) -> Gateway:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the OpenAI gateway did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout_s)
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
-"""`make serve`: start Triton on loopback with a model repository, wait until ready, serve until
-Ctrl-C / SIGTERM, then stop the whole process group and clean its shared memory."""
+"""`tritonllm-serve` (`make serve`): start Triton on loopback with a model repository and, beside
+it, the OpenAI-compatible API; serve until Ctrl-C / SIGTERM, then stop the API, drain the engines,
+stop Triton's whole process group and clean its shared memory."""
 
 from __future__ import annotations
 
@@ -20,12 +21,19 @@ def main() -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--log-dir", type=Path, default=Path("build/logs/serve"))
+    p.add_argument("--openai-port", type=int, default=9000, help="the OpenAI-compatible API (0: none)")
     a = p.parse_args()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server = TritonServer(a.repo, a.http_port, a.grpc_port, a.metrics_port, log_dir=a.log_dir, watchdog=True)
     with server:
+        gateway = None
+        if a.openai_port:
+            from ..openai.server import Gateway
+
+            gateway = Gateway(server.grpc_url, a.repo, port=a.openai_port).start()
+            logging.info("OpenAI-compatible API on %s/v1", gateway.url)
         logging.info(
             "serving %s: grpc %s, http %s, metrics :%d (log %s); Ctrl-C stops",
             a.repo,
@@ -34,9 +42,13 @@ def main() -> None:
             server.metrics_port,
             server.log_path,
         )
-        while not stop.wait(1.0):
-            if not server.is_alive():
-                raise SystemExit(f"tritonserver died:\n{server.log_tail()}")
+        try:
+            while not stop.wait(1.0):
+                if not server.is_alive():
+                    raise SystemExit(f"tritonserver died:\n{server.log_tail()}")
+        finally:
+            if gateway is not None:
+                gateway.stop()
     logging.info("stopped")
 
 
