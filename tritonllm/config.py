@@ -116,6 +116,8 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0  # OpenAI's rule, over the generated tokens
+    presence_penalty: float = 0.0
     seed: int | None = None
     end_id: int | None = None  # None: the model's EOS ids
     pad_id: int | None = None
@@ -124,6 +126,10 @@ class SamplingParams:
     stop_ids: list[list[int]] = field(default_factory=list)
     bad_ids: list[list[int]] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
+
+    @property
+    def has_output_penalties(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -154,6 +160,9 @@ class SamplingParams:
             bad("top_p", self.top_p, "use a value in (0, 1]")
         if not 0.0 < self.repetition_penalty <= 10.0:
             bad("repetition_penalty", self.repetition_penalty, "use a value in (0, 10]; 1 is off")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                bad(name, getattr(self, name), "use a value in [-2, 2]; 0 is off")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             bad("seed", self.seed, "use an unsigned 64-bit integer")
         for name in ("end_id", "pad_id"):

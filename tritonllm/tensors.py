@@ -39,6 +39,18 @@ SAMPLING_INPUTS = [
     T("top_k", "INT32", optional=True, doc="default 0 (off); 1 = greedy; 0..vocab size"),
     T("top_p", "FP32", optional=True, doc="nucleus sampling; default 1.0; (0, 1]"),
     T("repetition_penalty", "FP32", optional=True, doc="HF-style; default 1.0 (off); (0, 10]"),
+    T(
+        "frequency_penalty",
+        "FP32",
+        optional=True,
+        doc="OpenAI-style: minus this x each token's count in the output so far; default 0; [-2, 2]",
+    ),
+    T(
+        "presence_penalty",
+        "FP32",
+        optional=True,
+        doc="OpenAI-style: minus this for each token already in the output; default 0; [-2, 2]",
+    ),
     T("seed", "UINT64", optional=True, doc="per-request random seed: same seed, same text; default random"),
     T("end_id", "INT32", optional=True, doc="token that ends generation; default the model's EOS ids"),
     T("pad_id", "INT32", optional=True, doc="accepted for compatibility (no padding is ever returned)"),

@@ -140,3 +140,18 @@ def sum_reason(server, reason: str) -> float:
         and labels.get("model") == "tiny_engine"
         and labels.get("reason") == reason
     )
+
+
+def test_penalties_reach_the_sampler(client):
+    """SmolLM2 continues a run of "hello" with more of them greedily; a frequency and presence
+    penalty (over its own output) cut that short, deterministically."""
+    kw = dict(model="smollm2", prompt=" ".join(["hello"] * 8), max_tokens=16, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    penalised = [
+        client.completions.create(**kw, frequency_penalty=2.0, presence_penalty=1.0).choices[0].text for _ in range(2)
+    ]
+    assert plain.count("hello") >= 3, plain
+    assert penalised[0] == penalised[1] and penalised[0].count("hello") < plain.count("hello"), (plain, penalised)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**kw, frequency_penalty=3.0)
+    assert e.value.body["param"] == "frequency_penalty"

@@ -69,3 +69,17 @@ def test_bad_words_single_and_multi_token():
     assert banned_tokens([5, 7], [[6, 9]]) == []
     p = SamplingParams(temperature=0.0, bad_ids=[[1]])
     assert sample(logits(0.0, 10.0, 1.0), p, [], 0, frozenset(), new_rng(0)) == 2
+
+
+def test_frequency_and_presence_penalties_follow_openais_rule():
+    """logit[t] -= frequency x count(t in output) + presence x [t in output]; the prompt is not
+    counted (OpenAI and vLLM penalise what the model generated)."""
+    from tritonllm.engine.sampling import apply_output_penalties
+
+    logits = np.array([5.0, 4.0, 3.0, 0.0], dtype=np.float32)
+    apply_output_penalties(logits, [0, 0, 1], frequency=0.5, presence=1.0)
+    np.testing.assert_allclose(logits, [5.0 - 1.0 - 1.0, 4.0 - 0.5 - 1.0, 3.0, 0.0])
+    params = SamplingParams(temperature=0.0, frequency_penalty=2.0)
+    row = np.array([5.0, 4.0, 3.0, 0.0], dtype=np.float32)
+    assert sample(row, params, [0, 0, 9], 0, frozenset(), new_rng(0)) == 0  # prompt tokens: no penalty
+    assert sample(row, params, [9, 0], 1, frozenset(), new_rng(0)) == 1  # 0 was generated once: 5 - 2 < 4

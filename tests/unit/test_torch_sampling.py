@@ -24,6 +24,7 @@ CASES = [
     dict(temperature=0.0, min_tokens=4),
     dict(temperature=0.0, repetition_penalty=1.8),
     dict(temperature=0.0, bad_ids=[[7, 3], [9]]),
+    dict(temperature=0.0, frequency_penalty=2.0, presence_penalty=1.5),
 ]
 
 

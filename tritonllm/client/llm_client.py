@@ -25,6 +25,8 @@ DTYPES = {
     "temperature": ("FP32", np.float32),
     "top_p": ("FP32", np.float32),
     "repetition_penalty": ("FP32", np.float32),
+    "frequency_penalty": ("FP32", np.float32),
+    "presence_penalty": ("FP32", np.float32),
     "seed": ("UINT64", np.uint64),
     "stream": ("BOOL", bool),
     "ignore_eos": ("BOOL", bool),

@@ -19,6 +19,8 @@ def sampling_params(read, cfg: EngineConfig) -> SamplingParams:
         top_k=read.scalar("top_k", int, 0),
         top_p=read.scalar("top_p", float, 1.0),
         repetition_penalty=read.scalar("repetition_penalty", float, 1.0),
+        frequency_penalty=read.scalar("frequency_penalty", float, 0.0),
+        presence_penalty=read.scalar("presence_penalty", float, 0.0),
         seed=read.scalar("seed", int, None),
         end_id=read.scalar("end_id", int, None),
         pad_id=read.scalar("pad_id", int, None),

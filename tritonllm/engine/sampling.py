@@ -1,5 +1,6 @@
 """Token sampling on one row of logits (numpy), in the order HF `generate` applies its processors:
-repetition penalty -> min_tokens/ignore_eos masking -> bad words -> temperature -> top-k -> top-p."""
+repetition penalty -> frequency/presence penalties -> min_tokens/ignore_eos masking -> bad words ->
+temperature -> top-k -> top-p."""
 
 from __future__ import annotations
 
@@ -20,6 +21,15 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
         return
     vals = logits[seen]
     logits[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+
+
+def apply_output_penalties(logits: np.ndarray, output: list[int], frequency: float, presence: float) -> None:
+    """OpenAI's rule (as vLLM applies it): each token generated so far loses `frequency` per
+    occurrence and `presence` once."""
+    if not output or not (frequency or presence):
+        return
+    ids, counts = np.unique(np.asarray(output, dtype=np.int64), return_counts=True)
+    logits[ids] -= np.float32(frequency) * counts.astype(np.float32) + np.float32(presence)
 
 
 def banned_tokens(output: list[int], bad_ids: list[list[int]]) -> list[int]:
@@ -64,10 +74,12 @@ def sample(
     the tokens generated so far, `stop_token_ids` the ids that end the sequence (EOS / end_id)."""
     logits = np.array(logits, dtype=np.float32, copy=True)
     apply_repetition_penalty(logits, np.unique(np.asarray(history, dtype=np.int64)), params.repetition_penalty)
+    output = history[len(history) - n_generated :] if n_generated else []
+    apply_output_penalties(logits, output, params.frequency_penalty, params.presence_penalty)
     if stop_token_ids and (params.ignore_eos or n_generated < params.min_tokens):
         logits[list(stop_token_ids)] = NEG_INF
     if params.bad_ids:
-        banned = banned_tokens(history[len(history) - n_generated :], params.bad_ids)
+        banned = banned_tokens(output, params.bad_ids)
         if banned:
             logits[banned] = NEG_INF
     if params.greedy:

@@ -49,7 +49,7 @@ class Sequence:
     def __post_init__(self) -> None:
         p = self.params
         self.n_prompt = len(self.prompt_ids)
-        self.needs_host_history = p.repetition_penalty != 1.0 or bool(p.bad_ids)
+        self.needs_host_history = p.repetition_penalty != 1.0 or bool(p.bad_ids) or p.has_output_penalties
         self.greedy = p.greedy
         self.eos_masked_below = 0 if not self.stop_token_ids else float("inf") if p.ignore_eos else p.min_tokens
 

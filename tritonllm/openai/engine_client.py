@@ -22,6 +22,8 @@ SCALARS = {
     "temperature": ("FP32", np.float32),
     "top_p": ("FP32", np.float32),
     "top_k": ("INT32", np.int32),
+    "frequency_penalty": ("FP32", np.float32),
+    "presence_penalty": ("FP32", np.float32),
     "seed": ("UINT64", np.uint64),
     "min_tokens": ("INT32", np.int32),
     "ignore_eos": ("BOOL", bool),

@@ -44,15 +44,15 @@ class Sampling(BaseModel):
             raise ValueError("give up to 4 non-empty stop strings")
         return words
 
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def no_penalty_yet(cls, value: float) -> float:
-        if value:
-            raise ValueError("frequency and presence penalties are not implemented yet: send 0")
-        return value
-
     def engine_params(self) -> dict:
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "frequency_penalty": self.frequency_penalty or None,
+            "presence_penalty": self.presence_penalty or None,
+        }
 
     @property
     def include_usage(self) -> bool:

@@ -50,7 +50,7 @@ class SamplingPlan:
                 self.sampled_rows.append(i)
         self.masked = list(masked.items())
         self.upcast = bool(self.sampled_rows) or any(
-            seqs[i].params.repetition_penalty != 1.0 for i in self.history_rows
+            seqs[i].params.repetition_penalty != 1.0 or seqs[i].params.has_output_penalties for i in self.history_rows
         )
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
@@ -88,6 +88,12 @@ class SamplingPlan:
                 seen = to_device(sorted(set(s.prompt_ids + s.output_ids)), logits.device)
                 vals = logits[i, seen]
                 logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if p.has_output_penalties and s.output_ids:
+                ids, counts = torch.unique(torch.tensor(s.output_ids), return_counts=True)
+                penalty = p.frequency_penalty * counts.float() + p.presence_penalty
+                logits[i, to_device(ids.tolist(), logits.device)] -= to_device(
+                    penalty.tolist(), logits.device, logits.dtype
+                )
             banned = banned_tokens(s.output_ids, p.bad_ids) if p.bad_ids else []
             if banned:
                 logits.index_put_((to_device([i], logits.device), to_device(banned, logits.device)), _neg_inf(logits))
