@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -147,3 +149,9 @@ def tensor_table() -> str:
             req = "output" if direction == "out" else ("no" if s.optional else "yes")
             rows.append(f"| `{s.name}` | {s.dtype} | {list(s.dims)} | {req} | {s.doc} |")
     return "\n".join(rows)
+
+
+NUMPY_TYPES = {"INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": bool}
+SCALAR_INPUTS = {  # {name: (Triton type, numpy type)} of the one-value inputs clients send as [1, 1]
+    s.name: (s.dtype, NUMPY_TYPES[s.dtype]) for s in ENSEMBLE_INPUTS if s.dims == (1,) and s.dtype in NUMPY_TYPES
+}

@@ -16,24 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-DTYPES = {
-    "max_tokens": ("INT32", np.int32),
-    "min_tokens": ("INT32", np.int32),
-    "top_k": ("INT32", np.int32),
-    "end_id": ("INT32", np.int32),
-    "pad_id": ("INT32", np.int32),
-    "temperature": ("FP32", np.float32),
-    "top_p": ("FP32", np.float32),
-    "repetition_penalty": ("FP32", np.float32),
-    "frequency_penalty": ("FP32", np.float32),
-    "presence_penalty": ("FP32", np.float32),
-    "seed": ("UINT64", np.uint64),
-    "stream": ("BOOL", bool),
-    "ignore_eos": ("BOOL", bool),
-    "exclude_input_in_output": ("BOOL", bool),
-    "apply_chat_template": ("BOOL", bool),
-}
-
+from ..tensors import SCALAR_INPUTS
 
 _TAG = re.compile(r"\[(?:StatusCode\.)?([A-Z_]+)\]\s*")
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
@@ -130,9 +113,11 @@ def build_inputs(grpcclient, prompt: str, params: dict) -> list:
     for name, value in params.items():
         if value is None:
             continue
-        if name not in DTYPES:
-            raise TypeError(f"unknown generation parameter {name!r}; known: {sorted(DTYPES)} + stop_words, bad_words")
-        triton_type, np_type = DTYPES[name]
+        if name not in SCALAR_INPUTS:
+            raise TypeError(
+                f"unknown generation parameter {name!r}; known: {sorted(SCALAR_INPUTS)} + stop_words, bad_words"
+            )
+        triton_type, np_type = SCALAR_INPUTS[name]
         t = grpcclient.InferInput(name, [1, 1], triton_type)
         t.set_data_from_numpy(np.array([[value]], dtype=np_type))
         inputs.append(t)

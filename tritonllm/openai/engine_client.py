@@ -14,21 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import EngineConfig
-from ..tensors import ResponseInfo
+from ..tensors import SCALAR_INPUTS, ResponseInfo
 from ..text import TokenizerFiles, encode_words, flatten_id_lists, text_delta
-
-SCALARS = {
-    "max_tokens": ("INT32", np.int32),
-    "temperature": ("FP32", np.float32),
-    "top_p": ("FP32", np.float32),
-    "top_k": ("INT32", np.int32),
-    "frequency_penalty": ("FP32", np.float32),
-    "presence_penalty": ("FP32", np.float32),
-    "seed": ("UINT64", np.uint64),
-    "min_tokens": ("INT32", np.int32),
-    "ignore_eos": ("BOOL", bool),
-    "stream": ("BOOL", bool),
-}
 
 
 class EngineError(RuntimeError):
@@ -72,7 +59,7 @@ class EngineClient:
         out = [tensor("input_ids", np.array([prompt], dtype=np.int32), "INT32")]
         for name, value in params.items():
             if value is not None:
-                dtype, np_type = SCALARS[name]
+                dtype, np_type = SCALAR_INPUTS[name]
                 out.append(tensor(name, np.array([[value]], dtype=np_type), dtype))
         if stop:
             ids = flatten_id_lists(encode_words(self.tok, stop, "stop"))
