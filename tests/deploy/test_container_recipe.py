@@ -86,3 +86,64 @@ def test_a_venv_with_only_the_runtime_list_serves_the_repository(tiny_dir, tiny_
         stubs = [p for p in children if "_engine/" in " ".join(p.cmdline())]
         loaded = {m.path for p in stubs for m in p.memory_maps() if "onnxruntime_pybind11_state" in m.path}
         assert loaded and all(path.startswith(str(venv)) for path in loaded), loaded
+
+
+def test_the_gateway_image_recipe_runs_from_its_requirement_list(live_server, model_repository, tmp_path):
+    """deploy/Dockerfile.openai without a container: a fresh venv with exactly its requirement list,
+    the tritonllm package copied (not installed) as the image does, its ENTRYPOINT's command line
+    (bound to loopback here); it lists the LLMs and answers a completion."""
+    import os
+    import shutil
+    import time
+
+    import httpx
+
+    from tritonllm.triton.server_process import free_port
+
+    text = (ROOT / "deploy" / "Dockerfile.openai").read_text()
+    src = re.search(r"^COPY (\S+) /opt/tritonllm/requirements.txt$", text, re.M).group(1)
+    entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    r = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(ROOT / src)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.copytree(ROOT / "tritonllm", tmp_path / "opt" / "tritonllm", ignore=shutil.ignore_patterns("__pycache__"))
+    port = free_port()
+    argv = [
+        str(python),
+        *entry[1:],
+        "--triton",
+        live_server.grpc_url,
+        "--repository",
+        str(model_repository),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "opt"))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    proc.stdout.read() if proc.poll() else "slow"
+                )
+                time.sleep(0.2)
+        assert sorted(m["id"] for m in models["data"]) == ["smollm2", "tiny", "tiny_onehop"]
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
+        assert answer["usage"]["completion_tokens"] == 4, answer
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -23,8 +23,9 @@ def run(*cmd, **kw):
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, **kw)
 
 
-def test_dockerfile_passes_hadolint():
-    r = run(BIN / "hadolint", DEPLOY / "Dockerfile")
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.openai"])
+def test_dockerfiles_pass_hadolint(dockerfile):
+    r = run(BIN / "hadolint", DEPLOY / dockerfile)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
