@@ -1,6 +1,7 @@
 """One engine instance vs two in one Triton server (`tritonllm-build --engine-instances 2`; on a GPU
 host the same instance group is `--gpus 0,1`): tokens/s through the ensemble at the same streams,
-served side by side in one run, and how the requests spread over the instances.
+served side by side in one run, each engine with slots for half the streams, and how the requests
+spread over the instances (with and without `instance_balance_ms`).
 
     python -m bench.engine_instances            (CPU: SmolLM2 fp32 on ONNX Runtime, 1 thread per engine)
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench.drivers import run_triton
@@ -50,19 +52,24 @@ def main() -> None:
     words = tok.decode(tok.encode(Path(__file__).read_text() * 8, add_special_tokens=False))
     ids = tok.encode(words, add_special_tokens=False)
     texts = [tok.decode(ids[i * 41 : i * 41 + a.prompt_len]) for i in range(a.streams * a.requests_per_stream)]
-    engine = EngineConfig(max_slots=a.streams, max_context=512, max_tokens_limit=256, threads=1)
+    # each engine holds half the streams: one alone queues the rest, two can hold them all if the
+    # requests spread
+    engine = EngineConfig(max_slots=max(1, a.streams // 2), max_context=512, max_tokens_limit=256, threads=1)
     repo = Path("build/instances_repository")
-    variants = {"one": 1, "two": 2}
-    for name, n in variants.items():
-        write_repository(repo, RepositoryConfig(name=name, engine=engine, engine_instances=n), ckpt, onnx_dir)
+    # name: (engine instances, instance_balance_ms); "two_unbalanced" shows where requests go without
+    # the wait that makes a full instance pass new requests on
+    variants = {"one": (1, 50.0), "two_unbalanced": (2, 0.0), "two": (2, 50.0)}
+    for name, (n, balance) in variants.items():
+        cfg = RepositoryConfig(name=name, engine=replace(engine, instance_balance_ms=balance), engine_instances=n)
+        write_repository(repo, cfg, ckpt, onnx_dir)
     rows = []
     with TritonServer(repo, log_dir=Path("build/logs/instances")) as server:
-        for name, n in variants.items():
+        for name, (n, balance) in variants.items():
             result = run_triton(server.grpc_url, name, texts, a.streams, a.out_len, PowerSampler())
             time.sleep(1.0)  # the engines publish their counters every 0.5 s
             row = result.row()
             row.update(
-                system=f"Triton, {n} engine instance{'s' * (n > 1)}",
+                system=f"Triton, {n} engine instance{'s' * (n > 1)}, instance_balance_ms {balance:g}",
                 requests_by_instance=finished_by_instance(server, name),
             )
             rows.append(row)
