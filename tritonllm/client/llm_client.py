@@ -54,17 +54,24 @@ def unreachable(url: str) -> GenerationError:
 
 def served_llms(client) -> list[str]:
     """The LLMs a server's repository serves: ensembles `<name>` whose `<name>_engine` is there too."""
-    names = {m.name for m in client.get_model_repository_index().models}
+    return llms_among(served_models(client))
+
+
+def served_models(client) -> set[str]:
+    return {m.name for m in client.get_model_repository_index().models}
+
+
+def llms_among(names: set[str]) -> list[str]:
     return sorted(n for n in names if f"{n}_engine" in names)
 
 
 def resolve_model(client, url: str, model: str | None) -> str:
     """`model`, checked against the server's repository, or the one LLM it serves when None."""
     try:
-        llms = served_llms(client)
-        names = {m.name for m in client.get_model_repository_index().models}
+        names = served_models(client)
     except Exception as exc:  # any RPC failure here means the server is not there to ask
         raise unreachable(url) from exc
+    llms = llms_among(names)
     if model is None:
         if len(llms) != 1:
             raise GenerationError(
@@ -110,6 +117,12 @@ def build_inputs(grpcclient, prompt: str, params: dict) -> list:
             t = grpcclient.InferInput(name, [1, len(words)], "BYTES")
             t.set_data_from_numpy(np.array([[w.encode("utf-8") for w in words]], dtype=object))
             inputs.append(t)
+    return inputs + scalar_tensors(grpcclient, params)
+
+
+def scalar_tensors(grpcclient, params: dict) -> list:
+    """A [1, 1] input of its wire type (`tensors.SCALAR_INPUTS`) for each parameter that is set."""
+    out = []
     for name, value in params.items():
         if value is None:
             continue
@@ -120,8 +133,8 @@ def build_inputs(grpcclient, prompt: str, params: dict) -> list:
         triton_type, np_type = SCALAR_INPUTS[name]
         t = grpcclient.InferInput(name, [1, 1], triton_type)
         t.set_data_from_numpy(np.array([[value]], dtype=np_type))
-        inputs.append(t)
-    return inputs
+        out.append(t)
+    return out
 
 
 def parse_result(result) -> Chunk:

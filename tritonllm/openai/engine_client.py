@@ -6,6 +6,7 @@ engine's request, which frees its slot."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..client.llm_client import GenerationError, scalar_tensors
 from ..config import EngineConfig
-from ..tensors import SCALAR_INPUTS, ResponseInfo
+from ..tensors import ResponseInfo
 from ..text import TokenizerFiles, encode_words, flatten_id_lists, text_delta
 
 
@@ -56,11 +58,7 @@ class EngineClient:
             t.set_data_from_numpy(array)
             return t
 
-        out = [tensor("input_ids", np.array([prompt], dtype=np.int32), "INT32")]
-        for name, value in params.items():
-            if value is not None:
-                dtype, np_type = SCALAR_INPUTS[name]
-                out.append(tensor(name, np.array([[value]], dtype=np_type), dtype))
+        out = [tensor("input_ids", np.array([prompt], dtype=np.int32), "INT32"), *scalar_tensors(g, params)]
         if stop:
             ids = flatten_id_lists(encode_words(self.tok, stop, "stop"))
             out.append(tensor("stop_ids", np.array([ids], dtype=np.int32), "INT32"))
@@ -95,12 +93,7 @@ class EngineClient:
 
 
 def engine_error(error) -> EngineError:
-    """An engine error message "[STATUS] invalid 'field' = value: fix" as its parts."""
-    import re
-
-    message = error.message() if hasattr(error, "message") else str(error)
-    tag = re.search(r"\[([A-Z_]+)\]\s*", message)
-    status = tag.group(1) if tag else "INTERNAL"
-    message = message[tag.end() :] if tag else message
-    field = re.search(r"invalid '(\w+)'", message)
-    return EngineError(message, status, field.group(1) if field else None)
+    """An engine error ("[STATUS] invalid 'field' = value: fix") with its status and field."""
+    err = GenerationError.from_triton(error)
+    field = re.search(r"invalid '(\w+)'", err.message)
+    return EngineError(err.message, err.status or "INTERNAL", field.group(1) if field else None)
