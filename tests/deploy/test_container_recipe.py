@@ -36,6 +36,16 @@ def lock_version(package: str) -> str:
     return re.search(rf"^{re.escape(package)}==\S+$", lock, re.M | re.I).group(0)
 
 
+def fresh_venv(venv: Path, *pip_args) -> Path:
+    """A new venv at `venv` holding what `pip install *pip_args` brings; returns its python."""
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    install = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *pip_args]
+    r = subprocess.run([str(a) for a in install], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return python
+
+
 def test_the_dockerfile_cmd_is_the_harness_command_line():
     """CMD = tritonserver, the repository, SERVER_FLAGS: what every test's server runs, less the
     harness's wheel layout, loopback addresses and ports."""
@@ -51,21 +61,7 @@ def test_a_venv_with_only_the_runtime_list_serves_the_repository(tiny_dir, tiny_
     requirements = dockerfile_requirements()
     assert all("==" in line for line in pinned(requirements)), "the runtime list pins every package"
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    install = [
-        python,
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--disable-pip-version-check",
-        "-r",
-        requirements,
-        lock_version("nvidia-pytriton"),
-    ]
-    r = subprocess.run([str(a) for a in install], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    python = fresh_venv(venv, "-r", requirements, lock_version("nvidia-pytriton"))
     installed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
     assert "torch" not in installed and "transformers" not in installed  # nothing of the build side
 
@@ -103,16 +99,7 @@ def test_the_gateway_image_recipe_runs_from_its_requirement_list(live_server, mo
     text = (ROOT / "deploy" / "Dockerfile.openai").read_text()
     src = re.search(r"^COPY (\S+) /opt/tritonllm/requirements.txt$", text, re.M).group(1)
     entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1))
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    r = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(ROOT / src)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    python = fresh_venv(tmp_path / "venv", "-r", ROOT / src)
     shutil.copytree(ROOT / "tritonllm", tmp_path / "opt" / "tritonllm", ignore=shutil.ignore_patterns("__pycache__"))
     port = free_port()
     argv = [
