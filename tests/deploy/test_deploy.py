@@ -60,6 +60,14 @@ def test_kustomize_overlay_renders_valid_kubernetes_objects(overlay, tmp_path):
     assert ("nvidia.com/gpu" in container["resources"]["limits"]) == (overlay == "gpu")
 
 
+def test_the_prestop_drain_runs_on_the_standard_library_alone():
+    """The image copies tritonllm/triton/drain.py alone (nothing of tritonllm is installed there):
+    it must start without site-packages; the harness's stop() runs the same code in every test."""
+    r = run(sys.executable, "-I", "-S", ROOT / "tritonllm" / "triton" / "drain.py", "--help")
+    assert r.returncode == 0 and "--timeout-s" in r.stdout, r.stderr
+    assert "COPY tritonllm/triton/drain.py /opt/tritonllm/drain.py" in (DEPLOY / "Dockerfile").read_text()
+
+
 def test_compose_file_matches_the_compose_schema():
     r = run(BIN / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", DEPLOY / "docker-compose.yml")
     assert r.returncode == 0, r.stdout + r.stderr

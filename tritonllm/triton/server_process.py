@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .scrape import metric_samples
+from .drain import wait_drained
 
 log = logging.getLogger(__name__)
 
@@ -283,28 +283,11 @@ class TritonServer:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             return r.read().decode()
 
-    def engine_requests(self) -> float:
-        """Requests the engines hold (generating or queued), read from /metrics."""
-        names = ("tritonllm_requests_active", "tritonllm_requests_queued")
-        return sum(value for name, _, value in metric_samples(self.metrics()) if name in names)
-
     def drain(self, timeout_s: float) -> None:
-        """Wait, at most `timeout_s`, until no engine holds a request. Triton 2.51 cannot finish a
-        three-stage ensemble request once its shutdown has begun (the ensemble's detokenizer steps
-        are refused and the request stays in flight until the exit timeout), and it does not pass a
-        client's cancellation of an ensemble stream on to the engine, which finishes such requests
-        (bounded by their max_tokens): so the harness lets them end before it signals the server."""
-        deadline = time.monotonic() + timeout_s
-        busy = 0.0
-        while time.monotonic() < deadline and self.is_alive():
-            try:
-                busy = self.engine_requests()
-            except OSError:  # metrics do not answer: nothing to wait for
-                return
-            if not busy:
-                return
-            time.sleep(0.25)
-        log.warning("stopping tritonserver with %d engine requests unfinished after %.0f s", busy, timeout_s)
+        """Wait, at most `timeout_s`, until no engine holds a request (`drain.wait_drained`: why)."""
+        held = wait_drained(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout_s, self.is_alive)
+        if held:
+            log.warning("stopping tritonserver with %d engine requests unfinished after %.0f s", held, timeout_s)
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """Drain the engines, then SIGTERM the whole process group (server and stubs), SIGKILL after
