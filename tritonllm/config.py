@@ -13,6 +13,7 @@ from .errors import RequestValidationError
 
 RUNTIMES = ("onnxruntime", "torch-cuda", "tensorrt")
 DTYPES = ("float32", "float16", "bfloat16")
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
 
 def _check(cond: bool, name: str, value: Any, bound: str) -> None:
@@ -114,7 +115,8 @@ class SamplingParams:
     min_tokens: int = 0
     temperature: float = 1.0
     top_k: int = 0  # 0: off
-    top_p: float = 1.0
+    top_p: float = 0.0  # 0: not set; 1: the whole distribution. TensorRT-LLM's rule: top_k and top_p both
+    # 0 means greedy whatever the temperature (a client that sends nothing, or only a temperature, gets greedy ids)
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0  # OpenAI's rule, over the generated tokens
     presence_penalty: float = 0.0
@@ -126,6 +128,8 @@ class SamplingParams:
     stop_ids: list[list[int]] = field(default_factory=list)
     bad_ids: list[list[int]] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
+    logprobs: bool = False  # return each generated token's log-probability (return_log_probs)
+    top_logprobs: int = 0  # ... and the k most likely tokens at each step
 
     @property
     def has_output_penalties(self) -> bool:
@@ -133,7 +137,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature == 0.0 or self.top_k == 1 or (self.top_k == 0 and self.top_p == 0.0)
 
     def validate(self, cfg: EngineConfig, prompt_len: int, vocab_size: int) -> SamplingParams:
         def bad(name, value, fix):
@@ -156,8 +160,8 @@ class SamplingParams:
             bad("temperature", self.temperature, "use 0 (greedy) or a value in (0, 100]")
         if not 0 <= self.top_k <= vocab_size:
             bad("top_k", self.top_k, f"use 0 (off) or 1..{vocab_size}")
-        if not 0.0 < self.top_p <= 1.0:
-            bad("top_p", self.top_p, "use a value in (0, 1]")
+        if not 0.0 <= self.top_p <= 1.0:
+            bad("top_p", self.top_p, "use 0 (off) or a value in (0, 1]")
         if not 0.0 < self.repetition_penalty <= 10.0:
             bad("repetition_penalty", self.repetition_penalty, "use a value in (0, 10]; 1 is off")
         for name in ("frequency_penalty", "presence_penalty"):
@@ -165,6 +169,10 @@ class SamplingParams:
                 bad(name, getattr(self, name), "use a value in [-2, 2]; 0 is off")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             bad("seed", self.seed, "use an unsigned 64-bit integer")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            bad("top_logprobs", self.top_logprobs, f"use 0..{MAX_TOP_LOGPROBS}")
+        if self.top_logprobs and not self.logprobs:
+            bad("top_logprobs", self.top_logprobs, "use it with return_log_probs=true, or send 0")
         for name in ("end_id", "pad_id"):
             v = getattr(self, name)
             if v is not None and not 0 <= v < vocab_size:

@@ -1,5 +1,5 @@
 """Every tensor of the generated repository, defined once: dtype, dims, whether optional, default
-and bounds. Model configs and the README's tensor table are rendered from these lists. Names
+and bounds. Model configs and docs/tensors.md's table are rendered from these lists. Names
 follow NVIDIA's TensorRT-LLM ensemble so its clients and tools work unchanged."""
 
 from __future__ import annotations
@@ -37,9 +37,20 @@ SAMPLING_INPUTS = [
         optional=True,
         doc="EOS and stop words are ignored before this many tokens; default 0, 0..max_tokens",
     ),
-    T("temperature", "FP32", optional=True, doc="default 1.0; 0 = greedy; 0..100"),
-    T("top_k", "INT32", optional=True, doc="default 0 (off); 1 = greedy; 0..vocab size"),
-    T("top_p", "FP32", optional=True, doc="nucleus sampling; default 1.0; (0, 1]"),
+    T(
+        "temperature",
+        "FP32",
+        optional=True,
+        doc="default 1.0; 0 = greedy; 0..100. As in TensorRT-LLM, a request samples only when it sets "
+        "top_k > 1 or top_p > 0: without them it is greedy whatever the temperature",
+    ),
+    T("top_k", "INT32", optional=True, doc="default 0 (not set); 1 = greedy; 0..vocab size"),
+    T(
+        "top_p",
+        "FP32",
+        optional=True,
+        doc="nucleus sampling; default 0 (not set); 0..1, 1 = the whole distribution",
+    ),
     T("repetition_penalty", "FP32", optional=True, doc="HF-style; default 1.0 (off); (0, 10]"),
     T(
         "frequency_penalty",
@@ -62,8 +73,38 @@ SAMPLING_INPUTS = [
         "exclude_input_in_output",
         "BOOL",
         optional=True,
-        doc="default true: the prompt is never echoed; false prepends it",
+        doc="default true (TensorRT-LLM: false): a response's text is only what was generated, so streamed "
+        "deltas and OpenAI-style clients need no prompt stripping; false prepends the prompt",
     ),
+    T(
+        "return_log_probs",
+        "BOOL",
+        optional=True,
+        doc="return `output_log_probs` and `cum_log_probs`; default false. Log-probabilities of the distribution "
+        "drawn from: after penalties and temperature, before top-k/top-p",
+    ),
+    T(
+        "top_logprobs",
+        "INT32",
+        optional=True,
+        doc="with return_log_probs: also the k most likely tokens at each step (`top_log_probs`, "
+        "`top_log_prob_ids`); 0..20; default 0",
+    ),
+]
+COMPAT_INPUTS = [  # sent by Triton's OpenAI frontend; the token counts are always returned
+    T("return_num_input_tokens", "BOOL", optional=True, doc="accepted; `num_input_tokens` is always returned"),
+    T("return_num_output_tokens", "BOOL", optional=True, doc="accepted; `num_output_tokens` is always returned"),
+]
+LOGPROB_OUTPUTS = [  # only in the responses of requests that set return_log_probs
+    T("output_log_probs", "FP32", (-1,), doc="with return_log_probs: each new token's log-probability"),
+    T("cum_log_probs", "FP32", doc="with return_log_probs: their sum over every token generated so far"),
+    T(
+        "top_log_probs",
+        "FP32",
+        (-1,),
+        doc="with top_logprobs k: k log-probabilities per new token, most likely first (token-major)",
+    ),
+    T("top_log_prob_ids", "INT32", (-1,), doc="with top_logprobs k: the ids of `top_log_probs`"),
 ]
 ENSEMBLE_INPUTS = [
     T(
@@ -80,12 +121,14 @@ ENSEMBLE_INPUTS = [
     T("stop_words", "STRING", (-1,), optional=True, doc="strings that end generation; cut from the returned text"),
     T("bad_words", "STRING", (-1,), optional=True, doc="strings never generated"),
     *SAMPLING_INPUTS,
+    *COMPAT_INPUTS,
 ]
 ENSEMBLE_OUTPUTS = [
     T("text_output", "STRING", (-1,), doc="generated text (a delta per response when streaming)"),
     T("finish_reason", "STRING", doc="final response: stop, length, cancelled or timeout; empty before"),
     T("num_input_tokens", "INT32", doc="prompt tokens"),
     T("num_output_tokens", "INT32", doc="tokens generated so far"),
+    *LOGPROB_OUTPUTS,
 ]
 
 # -- the stages --------------------------------------------------------------------------------
@@ -122,7 +165,8 @@ class ResponseInfo:
 
 
 TOKENIZER_INPUTS = [
-    s for s in ENSEMBLE_INPUTS if s.name in ("text_input", "apply_chat_template", "stop_words", "bad_words")
+    *(s for s in ENSEMBLE_INPUTS if s.name in ("text_input", "apply_chat_template", "stop_words", "bad_words")),
+    *COMPAT_INPUTS,  # an ensemble input must reach a step: the tokenizer takes and ignores them
 ]
 TOKENIZER_OUTPUTS = [T("input_ids", "INT32", (-1,)), T("stop_ids", "INT32", (-1,)), T("bad_ids", "INT32", (-1,))]
 ENGINE_INPUTS = [
@@ -136,9 +180,14 @@ ENGINE_OUTPUTS = [  # three tensors per response (each one costs the engine proc
     T("output_ids", "INT32", (-1,), doc="the response's new ids preceded by `num_context_ids` ids sent before"),
     T("response_info", "INT32", (len(RESPONSE_INFO),), doc="the response's numbers, in RESPONSE_INFO order"),
     T("stop_words", "STRING", (-1,), doc="the request's stop words, passed on to the detokenizer"),
+    *LOGPROB_OUTPUTS,  # (only where asked for)
 ]
 ENGINE_TEXT_OUTPUTS = ENSEMBLE_OUTPUTS  # emit_text: the engine answers with the ensemble's outputs itself
-DETOKENIZER_INPUTS = [*ENGINE_OUTPUTS[:2], T("stop_words", "STRING", (-1,), optional=True)]
+DETOKENIZER_INPUTS = [
+    *ENGINE_OUTPUTS[:2],
+    T("stop_words", "STRING", (-1,), optional=True),
+    *(T(s.name, s.dtype, s.dims, optional=True, doc=s.doc) for s in LOGPROB_OUTPUTS),
+]
 DETOKENIZER_OUTPUTS = ENSEMBLE_OUTPUTS
 
 

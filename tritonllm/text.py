@@ -40,6 +40,11 @@ class TokenizerFiles:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def decode_one(self, token_id: int) -> str:
+        """One token's own text, special tokens included (a piece of a multi-byte character reads
+        as U+FFFD, as in other OpenAI-compatible servers)."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
     def render_chat(self, messages: list[dict]) -> str:
         if not self.chat_template:
             raise RequestValidationError(

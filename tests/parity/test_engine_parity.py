@@ -109,3 +109,49 @@ def test_onnx_decode_staging_is_dropped_when_a_slot_is_prefilled_again(tiny_dir,
     reused, fresh = OnnxRuntime(tiny_engine_dir, cfg), OnnxRuntime(tiny_engine_dir, cfg)
     decode_after(reused, first, steps=5)
     np.testing.assert_allclose(decode_after(reused, second), decode_after(fresh, second), rtol=1e-4, atol=1e-4)
+
+
+def hf_greedy_logprobs(model, ids, n):
+    """HF greedy ids (up to EOS, not included) and each step's log-softmax of its raw logits
+    (float64). No EOS masking: a request with ignore_eos or min_tokens gets the log-probabilities
+    of the distribution it draws from, without the EOS ids."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=n,
+            pad_token_id=model.config.eos_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    steps = [torch.log_softmax(step[0].double(), -1) for step in out.logits]
+    return strip_eos(out.sequences[0, len(ids) :].tolist(), model.config.eos_token_id), steps
+
+
+LOGPROB_TOL = 1e-3  # fp32 engines against HF's fp32 logits (measured differences are below 1e-4)
+
+
+def assert_logprobs_match(got, want_ids, steps, k):
+    assert got.ids == want_ids
+    assert len(got.logprobs) == len(want_ids) == len(got.top_logprobs)
+    for i, (tok, lp, (top_ids, top_lps)) in enumerate(zip(want_ids, got.logprobs, got.top_logprobs)):
+        ref = steps[i]
+        assert lp == pytest.approx(float(ref[tok]), abs=LOGPROB_TOL), f"token {i}"
+        assert top_lps == pytest.approx(torch.topk(ref, k).values.tolist(), abs=LOGPROB_TOL), f"token {i}"
+        assert [float(ref[t]) for t in top_ids] == pytest.approx(top_lps, abs=LOGPROB_TOL)
+        assert top_ids[0] == tok  # greedy: the chosen token is the most likely
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_logprobs_match_hf_log_softmax(which, request):
+    ckpt = request.getfixturevalue(f"{which}_dir")
+    engine_dir = request.getfixturevalue(f"{which}_engine_dir")
+    tok, hf = TokenizerFiles(ckpt), load_hf(ckpt)
+    prompts = [tok.encode(p) for p in PROMPTS[:2]]
+    want = [hf_greedy_logprobs(hf, ids, 8) for ids in prompts]
+    cfg = EngineConfig(max_slots=2, max_context=256, max_tokens_limit=64, threads=2)
+    with InProcessEngine(engine_dir, cfg) as eng:
+        kw = dict(max_tokens=8, temperature=0.0, return_log_probs=True, top_logprobs=5)
+        got = [s.wait(120) for s in [eng.submit(ids, **kw) for ids in prompts]]
+    for g, (ids, steps) in zip(got, want):
+        assert_logprobs_match(g, ids, steps, 5)

@@ -108,3 +108,20 @@ def test_tensorrt_runtime_wiring_matches_hf_through_a_standin(tiny_dir, tiny_eng
     batches = runtime.engine.batches
     assert max(batches) == 2, batches  # both slots decoded in one execution
     assert len(batches) < sum(lengths), batches  # fewer executions than generated tokens
+
+
+def test_device_logprobs_match_hf_log_softmax(tiny_dir):
+    """The device sampler's log-probabilities (overlapped launch/collect, CPU fp32)."""
+    from .test_engine_parity import assert_logprobs_match, hf_greedy_logprobs
+
+    hf = load_hf(tiny_dir)
+    tok = TokenizerFiles(tiny_dir)
+    prompts = [tok.encode(p) for p in PROMPTS[:2]]
+    want = [hf_greedy_logprobs(hf, ids, 10) for ids in prompts]
+    cfg = EngineConfig(max_slots=2, max_context=128, max_tokens_limit=64, steps_per_launch=4, multi_step_min_active=1)
+    runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu")
+    with InProcessEngine(None, cfg, runtime=runtime) as eng:
+        kw = dict(max_tokens=10, temperature=0.0, return_log_probs=True, top_logprobs=3)
+        got = [s.wait(120) for s in [eng.submit(ids, **kw) for ids in prompts]]
+    for g, (ids, steps) in zip(got, want):
+        assert_logprobs_match(g, ids, steps, 3)

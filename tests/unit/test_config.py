@@ -37,12 +37,14 @@ def test_engine_config_roundtrips_through_parameters():
         (dict(max_tokens=0), "max_tokens"),
         (dict(max_tokens=201), "max_tokens"),
         (dict(temperature=-0.5), "temperature"),
-        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=-0.1), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=-1), "top_k"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
         (dict(min_tokens=50, max_tokens=10), "min_tokens"),
         (dict(end_id=10**9), "end_id"),
+        (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+        (dict(top_logprobs=2), "top_logprobs"),
     ],
 )
 def test_sampling_params_errors_name_field_and_fix(kw, field):

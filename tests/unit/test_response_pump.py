@@ -12,7 +12,7 @@ from tritonllm.triton.senders import GuardedSender
 
 
 def seq(uid):
-    return SimpleNamespace(uid=uid, output_ids=[])
+    return SimpleNamespace(uid=uid, output_ids=[], unsent_logprobs_start=0)
 
 
 class Recorder:
@@ -23,7 +23,7 @@ class Recorder:
         self.gate = threading.Event()
         self.gate.set()
 
-    def send(self, s, ids, n_context, final, n_output):
+    def send(self, s, ids, n_context, final, n_output, logprobs_from):
         self.gate.wait()
         time.sleep(self.delay)
         if s.uid == self.fail_uid:

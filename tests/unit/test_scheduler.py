@@ -17,7 +17,7 @@ from tritonllm.engine.sequence import Sequence, StepPlan
 from tritonllm.errors import ServerBusyError
 from tritonllm.model.shape import ModelShape
 from tritonllm.runtimes.base import Runtime as RuntimeContract
-from tritonllm.runtimes.base import RuntimeCapabilities, StepInput
+from tritonllm.runtimes.base import RuntimeCapabilities, Sampled, StepInput
 
 V = 50
 EOS = 0
@@ -484,3 +484,23 @@ def test_wait_for_capacity_holds_a_caller_while_every_slot_is_claimed():
         assert first.sink.wait(10).finish_reason == "length"
     finally:
         loop.stop()
+
+
+def test_logprobs_follow_the_kept_tokens_and_keep_multi_step_off():
+    """A sequence that asks for log-probabilities gets one per kept id (EOS is not kept), and
+    decodes one step per launch even where the others could run several."""
+    cfg = EngineConfig(max_slots=2, max_context=64, max_tokens_limit=60, default_max_tokens=16, multi_step_min_active=1)
+    sch = Scheduler(cfg, max_steps=4)
+    lp, plain = seq([1, 2], max_tokens=10, logprobs=True, top_logprobs=1), seq([1, 2], max_tokens=10)
+    sch.add(lp)
+    sch.add(plain)
+    plan = sch.schedule()
+    sch.launched(plan)
+    sch.update_from_output(plan, [Sampled(5, -0.5, [5], [-0.5]), 6])
+    nxt = sch.schedule()
+    assert nxt.steps == 1 and nxt.decode == [lp, plain]
+    sch.launched(nxt)
+    assert sch.update_from_output(nxt, [Sampled(EOS, -0.1, [EOS], [-0.1]), 6]) == [lp]
+    assert lp.output_ids == [5] and lp.logprobs == [-0.5] and lp.top_logprobs == [([5], [-0.5])]
+    assert lp.finish_reason == "stop" and plain.output_ids == [6, 6]
+    assert sch.schedule().steps == 4  # without it, the others run in multi-step again

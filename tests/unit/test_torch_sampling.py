@@ -1,6 +1,7 @@
 """The device sampler (`torch_sampling.choose`, run here on the CPU) picks what the host sampler
 (`sampling.sample`) picks, from float32 logits and from the bf16 logits the GPU runtime hands it."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,3 +52,34 @@ def test_eos_mask_of_every_row_is_one_fill():
     seqs = [seq([], temperature=0.0, ignore_eos=True) for _ in range(4)]
     assert torch_sampling.choose(rows, seqs).tolist() == [0, 0, 0, 0]
     assert torch.isinf(rows[:, 3]).all() and not torch.isinf(rows[:, :3]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_logprobs_match_the_host_sampler(dtype):
+    torch.manual_seed(1)
+    rows = torch.randn(4, 40).to(dtype)
+    cases = [
+        dict(temperature=0.0, logprobs=True, top_logprobs=3),
+        dict(temperature=0.0),  # no log-probabilities: a plain id among Sampled rows
+        dict(temperature=0.0, logprobs=True, repetition_penalty=1.5),
+        dict(temperature=0.7, top_p=1.0, seed=3, logprobs=True, top_logprobs=5),
+    ]
+    seqs = [seq([7, 1], **c) for c in cases]
+    got = torch_sampling.sample_batch(rows.clone(), seqs)
+    assert isinstance(got[1], int)
+    for i in (0, 2, 3):
+        s = seqs[i]
+        want = sample(rows[i].float().numpy(), s.params, s.prompt_ids + s.output_ids, 2, EOS, s.rng)
+        if s.greedy:
+            assert got[i].token == want.token
+        host = host_logprobs(rows[i], s)
+        assert got[i].logprob == pytest.approx(host[got[i].token], abs=1e-4)
+        assert got[i].top_logprobs == pytest.approx(want.top_logprobs, abs=1e-4)  # ties (bf16) in any order
+        assert [host[t] for t in got[i].top_ids] == pytest.approx(got[i].top_logprobs, abs=1e-4)
+
+
+def host_logprobs(row, s):
+    from tritonllm.engine.sampling import processed_logits
+
+    x = processed_logits(row.float().numpy(), s.params, s.prompt_ids + s.output_ids, 2, EOS).astype(float)
+    return x - np.log(np.exp(x - x.max()).sum()) - x.max()

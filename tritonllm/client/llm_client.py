@@ -94,6 +94,9 @@ class Chunk:
     num_input_tokens: int = 0
     num_output_tokens: int = 0
     at: float = field(default_factory=time.perf_counter)
+    logprobs: list[float] = field(default_factory=list)  # with return_log_probs: one per new token
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # with top_logprobs: per new token
+    cum_logprob: float | None = None
 
 
 @dataclass
@@ -105,6 +108,9 @@ class GenerationResult:
     ttft_s: float
     latency_s: float
     chunk_times: list[float]
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    cum_logprob: float | None = None
 
 
 def build_inputs(grpcclient, prompt: str, params: dict) -> list:
@@ -146,13 +152,32 @@ def parse_result(result) -> Chunk:
     final = bool(params["triton_final_response"].bool_param) if "triton_final_response" in params else False
     text = first("text_output", b"")
     reason = first("finish_reason", b"")
-    return Chunk(
+    chunk = Chunk(
         text.decode("utf-8") if isinstance(text, bytes) else str(text),
         final,
         reason.decode() if isinstance(reason, bytes) else str(reason),
         int(first("num_input_tokens", 0)),
         int(first("num_output_tokens", 0)),
     )
+    chunk.logprobs, chunk.top_logprobs, chunk.cum_logprob = read_logprobs(result)
+    return chunk
+
+
+def read_logprobs(result) -> tuple[list[float], list[list[tuple[int, float]]], float | None]:
+    """A response's log-probability outputs (present where the request set return_log_probs): one
+    per new token, the (id, log-probability) alternatives per new token, and the running sum."""
+    lps = result.as_numpy("output_log_probs")
+    if lps is None:
+        return [], [], None
+    logprobs = lps.reshape(-1).tolist()
+    cum = result.as_numpy("cum_log_probs")
+    ids, vals = result.as_numpy("top_log_prob_ids"), result.as_numpy("top_log_probs")
+    top = []
+    if ids is not None and logprobs:
+        k = ids.size // len(logprobs)
+        pairs = list(zip(ids.reshape(-1).tolist(), vals.reshape(-1).tolist()))
+        top = [pairs[i * k : (i + 1) * k] for i in range(len(logprobs))]
+    return logprobs, top, None if cum is None else float(cum.reshape(-1)[0])
 
 
 def itl_from_chunks(times: list[float], cumulative_tokens: list[int]) -> list[float]:
@@ -165,11 +190,14 @@ def itl_from_chunks(times: list[float], cumulative_tokens: list[int]) -> list[fl
 
 
 def collect(chunks, started: float) -> GenerationResult:
-    parts, times, last = [], [], None
+    parts, times, last, logprobs, top, cum = [], [], None, [], [], None
     for c in chunks:
         if c.text:
             parts.append(c.text)
             times.append(c.at)
+        logprobs += c.logprobs
+        top += c.top_logprobs
+        cum = c.cum_logprob if c.cum_logprob is not None else cum
         last = c
     end = time.perf_counter()
     return GenerationResult(
@@ -180,6 +208,9 @@ def collect(chunks, started: float) -> GenerationResult:
         (times[0] - started) if times else end - started,
         end - started,
         times,
+        logprobs,
+        top,
+        cum,
     )
 
 

@@ -19,6 +19,8 @@ class Collected:
     finish_reason: str = ""
     token_times: list[float] = field(default_factory=list)
     error: Exception | None = None
+    logprobs: list[float] = field(default_factory=list)  # where asked for (return_log_probs)
+    top_logprobs: list[tuple[list[int], list[float]]] = field(default_factory=list)
 
 
 class QueueSink:
@@ -27,8 +29,12 @@ class QueueSink:
     def __init__(self):
         self.q: queue.Queue = queue.Queue()
         self.cancelled = False
+        self.logprobs: list[float] = []
+        self.top_logprobs: list = []
 
     def send(self, seq, ids, n_context, final):
+        if final:  # the loop appends no more: its log-probabilities are complete
+            self.logprobs, self.top_logprobs = list(seq.logprobs), list(seq.top_logprobs)
         self.q.put((list(ids[n_context:]), final, seq.finish_reason, time.perf_counter()))
 
     def send_error(self, seq, error):
@@ -48,6 +54,7 @@ class QueueSink:
             out.token_times += [at] * len(ids)
             if final:
                 out.finish_reason = reason
+                out.logprobs, out.top_logprobs = self.logprobs, self.top_logprobs
                 return out
 
 

@@ -17,7 +17,7 @@ def sampling_params(read, cfg: EngineConfig) -> SamplingParams:
         min_tokens=read.scalar("min_tokens", int, 0),
         temperature=read.scalar("temperature", float, 1.0),
         top_k=read.scalar("top_k", int, 0),
-        top_p=read.scalar("top_p", float, 1.0),
+        top_p=read.scalar("top_p", float, 0.0),
         repetition_penalty=read.scalar("repetition_penalty", float, 1.0),
         frequency_penalty=read.scalar("frequency_penalty", float, 0.0),
         presence_penalty=read.scalar("presence_penalty", float, 0.0),
@@ -29,6 +29,8 @@ def sampling_params(read, cfg: EngineConfig) -> SamplingParams:
         stop_ids=split_id_lists(read.ints("stop_ids")),
         bad_ids=split_id_lists(read.ints("bad_ids")),
         stop_strings=read.strings("stop_words"),
+        logprobs=read.scalar("return_log_probs", bool, False),
+        top_logprobs=read.scalar("top_logprobs", int, 0),
     )
     return p
 

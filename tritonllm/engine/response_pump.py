@@ -28,12 +28,14 @@ class Pending:
     final: bool
     n_output: int = 0  # tokens generated when the loop put it (what its counter reports)
     error: Exception | None = None
+    logprobs_from: int = 0  # the response carries seq.logprobs[logprobs_from:n_output] (where asked for)
 
 
 def merge(first: Pending, later: Pending) -> Pending:
     """`later`'s window starts with context the reader already gets from `first`: keep first's
     context, append later's new ids."""
-    return Pending(first.seq, first.ids + later.ids[later.n_context :], first.n_context, later.final, later.n_output)
+    ids = first.ids + later.ids[later.n_context :]
+    return Pending(first.seq, ids, first.n_context, later.final, later.n_output, None, first.logprobs_from)
 
 
 class _Worker:
@@ -63,7 +65,7 @@ class _Worker:
 
 class ResponsePump:
     def __init__(self, send: Callable, send_error: Callable, on_failure: Callable, workers: int = 4):
-        """send(seq, ids, n_context, final, n_output) and send_error(seq, exc) do the real sends;
+        """send(seq, ids, n_context, final, n_output, logprobs_from) and send_error(seq, exc) do the real sends;
         on_failure(seq, exc) is told when a send raised (the client went away)."""
         self._send, self._send_error, self._on_failure = send, send_error, on_failure
         self.stopping = False
@@ -76,7 +78,8 @@ class ResponsePump:
         return self._workers[seq.uid % len(self._workers)]
 
     def put(self, seq, ids: list[int], n_context: int, final: bool) -> None:
-        self._worker(seq).put(Pending(seq, list(ids), n_context, final, len(seq.output_ids)))
+        n = len(seq.output_ids)
+        self._worker(seq).put(Pending(seq, list(ids), n_context, final, n, None, seq.unsent_logprobs_start))
 
     def put_error(self, seq, error: Exception) -> None:
         self._worker(seq).put(Pending(seq, [], 0, True, error=error))
@@ -86,7 +89,7 @@ class ResponsePump:
             if item.error is not None:
                 self._send_error(item.seq, item.error)
             else:
-                self._send(item.seq, item.ids, item.n_context, item.final, item.n_output)
+                self._send(item.seq, item.ids, item.n_context, item.final, item.n_output, item.logprobs_from)
             self.sent += 1
         except Exception as exc:  # the client went away: the engine is told, the pump goes on
             log.warning("sending a response failed: %s", exc)

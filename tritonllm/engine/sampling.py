@@ -1,12 +1,15 @@
 """Token sampling on one row of logits (numpy), in the order HF `generate` applies its processors:
 repetition penalty -> frequency/presence penalties -> min_tokens/ignore_eos masking -> bad words ->
-temperature -> top-k -> top-p."""
+temperature -> top-k -> top-p. Log-probabilities are taken after temperature, before top-k/top-p
+(vLLM's "processed" log-probabilities without its top-k/top-p step; TensorRT-LLM also applies
+temperature first): with greedy requests and no penalties they are the model's log-softmax."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ..config import SamplingParams
+from ..runtimes.base import Sampled
 
 NEG_INF = np.float32(-np.inf)
 
@@ -46,7 +49,7 @@ def top_k_top_p_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarr
     if 0 < top_k < logits.shape[-1]:
         kth = np.partition(logits, -top_k)[-top_k]
         logits = np.where(logits < kth, NEG_INF, logits)
-    if top_p < 1.0:
+    if 0.0 < top_p < 1.0:
         order = np.argsort(-logits, kind="stable")
         probs = softmax(logits[order])
         cum = np.cumsum(probs)
@@ -62,16 +65,13 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def sample(
-    logits: np.ndarray,
-    params: SamplingParams,
-    history: list[int],
-    n_generated: int,
-    stop_token_ids: frozenset[int],
-    rng: np.random.Generator,
-) -> int:
-    """Pick the next token. `history` is prompt + output (for the repetition penalty), `n_generated`
-    the tokens generated so far, `stop_token_ids` the ids that end the sequence (EOS / end_id)."""
+def processed_logits(
+    logits: np.ndarray, params: SamplingParams, history: list[int], n_generated: int, stop_token_ids: frozenset[int]
+) -> np.ndarray:
+    """The row the token is drawn from: a float32 copy after the penalties and masks, divided by the
+    temperature where the request samples. `history` is prompt + output (for the repetition
+    penalty), `n_generated` the tokens generated so far, `stop_token_ids` the ids that end the
+    sequence (EOS / end_id)."""
     logits = np.array(logits, dtype=np.float32, copy=True)
     apply_repetition_penalty(logits, np.unique(np.asarray(history, dtype=np.int64)), params.repetition_penalty)
     output = history[len(history) - n_generated :] if n_generated else []
@@ -82,8 +82,34 @@ def sample(
         banned = banned_tokens(output, params.bad_ids)
         if banned:
             logits[banned] = NEG_INF
+    return logits if params.greedy else logits / np.float32(params.temperature)
+
+
+def pick(processed: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     if params.greedy:
-        return int(np.argmax(logits))
-    logits = top_k_top_p_filter(logits / np.float32(params.temperature), params.top_k, params.top_p)
-    probs = softmax(logits.astype(np.float64))
+        return int(np.argmax(processed))
+    probs = softmax(top_k_top_p_filter(processed, params.top_k, params.top_p).astype(np.float64))
     return int(rng.choice(probs.shape[-1], p=probs))
+
+
+def with_logprobs(processed: np.ndarray, token: int, k: int) -> Sampled:
+    """`token` with its log-probability and the k most likely tokens' under `processed`."""
+    x = processed.astype(np.float64)
+    m = np.max(x)
+    logp = x - (m + np.log(np.sum(np.exp(x - m))))
+    top = np.argsort(-logp, kind="stable")[:k] if k else np.empty(0, dtype=np.int64)
+    return Sampled(token, float(logp[token]), top.tolist(), logp[top].tolist())
+
+
+def sample(
+    logits: np.ndarray,
+    params: SamplingParams,
+    history: list[int],
+    n_generated: int,
+    stop_token_ids: frozenset[int],
+    rng: np.random.Generator,
+) -> int | Sampled:
+    """The next token (a `Sampled` with its log-probabilities where the request asks for them)."""
+    processed = processed_logits(logits, params, history, n_generated, stop_token_ids)
+    token = pick(processed, params, rng)
+    return with_logprobs(processed, token, params.top_logprobs) if params.logprobs else token

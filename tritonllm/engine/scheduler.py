@@ -94,13 +94,14 @@ class Scheduler:
         """Decode steps to launch at once: up to max_steps while at least `multi_step_min_active`
         sequences decode and nothing is left to prefill; no sequence may outrun its context, change
         its EOS masking (min_tokens) meanwhile, or need its tokens on the host between steps. A
-        sequence whose length limit or stop comes inside the run drops the tokens after it."""
+        sequence whose length limit or stop comes inside the run drops the tokens after it. Sequences
+        that ask for log-probabilities decode one step per launch."""
         if self.max_steps <= 1 or len(decode) < self.cfg.multi_step_min_active or (self.waiting and self.free_slots):
             return 1
         steps = self.max_steps
         for seq in decode:
             p = seq.params
-            if seq.needs_host_history:
+            if seq.needs_host_history or p.logprobs:  # a run's tokens are plain ids
                 return 1
             steps = min(steps, self.cfg.max_context - seq.length - seq.pending + 1)
             if not p.ignore_eos and seq.generated < p.min_tokens:
@@ -153,9 +154,15 @@ class Scheduler:
                 finished.append(seq)
         return finished
 
-    def _append(self, seq: Sequence, tok: int) -> str | None:
-        """One token: the finish reason it brings, or None."""
+    def _append(self, seq: Sequence, tok) -> str | None:
+        """One token (a `Sampled` where the sequence asks for log-probabilities): the finish reason
+        it brings, or None."""
         p = seq.params
+        if p.logprobs:
+            tok, sampled = tok.token, tok
+            if tok not in seq.stop_token_ids or p.ignore_eos:
+                seq.logprobs.append(sampled.logprob)
+                seq.top_logprobs.append((sampled.top_ids, sampled.top_logprobs))
         if tok in seq.stop_token_ids and not p.ignore_eos:  # EOS ends the sequence, not part of the output
             return "stop"
         seq.output_ids.append(tok)

@@ -38,6 +38,8 @@ class Sequence:
     prefilled: int = 0  # prompt tokens in the KV cache (or on their way: launched)
     chunk: int = 0  # prompt tokens the scheduled step prefills
     device_rng: Any = None  # a device runtime's random generator for this sequence, made on first draw
+    logprobs: list[float] = field(default_factory=list)  # per output id, where params.logprobs
+    top_logprobs: list[tuple[list[int], list[float]]] = field(default_factory=list)  # (ids, log-probs) per output id
     # fixed at creation (read for every sequence at every step):
     n_prompt: int = field(init=False)
     needs_host_history: bool = field(init=False)  # sampling reads the generated ids (repetition penalty,
@@ -65,6 +67,12 @@ class Sequence:
     @property
     def visible_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids if self.echo_prompt else self.output_ids
+
+    @property
+    def unsent_logprobs_start(self) -> int:
+        """The index in `logprobs` of the first generated id not yet sent (the prompt comes first in
+        the visible ids when it is echoed)."""
+        return max(0, self.emitted - (self.n_prompt if self.echo_prompt else 0))
 
     def step_input(self) -> StepInput:
         if self.pending:  # a token still pending lives only on the device: the runtime reads it there

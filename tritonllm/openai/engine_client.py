@@ -9,12 +9,12 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..client.llm_client import GenerationError, scalar_tensors
+from ..client.llm_client import GenerationError, read_logprobs, scalar_tensors
 from ..config import EngineConfig
 from ..tensors import ResponseInfo
 from ..text import TokenizerFiles, encode_words, flatten_id_lists, text_delta
@@ -34,6 +34,14 @@ class Delta:
     num_input_tokens: int
     num_output_tokens: int
     finish_reason: str  # "" until the final response
+    tokens: list[TokenLogprob] = field(default_factory=list)  # where asked for: the new tokens' log-probabilities
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]  # the most likely alternatives, most likely first
 
 
 class EngineClient:
@@ -84,12 +92,24 @@ class EngineClient:
                 info = ResponseInfo.unpack(result.as_numpy("response_info").reshape(-1).tolist())
                 text = text_delta(self.tok, ids, info.num_context_ids, info.is_final, stop)
                 done = info.is_final
-                yield Delta(text, info.num_input_tokens, info.num_output_tokens, info.finish_reason)
+                tokens = self.token_logprobs(ids[info.num_context_ids :], result)
+                yield Delta(text, info.num_input_tokens, info.num_output_tokens, info.finish_reason, tokens)
                 if done:
                     return
         finally:
             if not done:  # the caller left early: cancelling the RPC cancels the engine's request
                 responses.cancel()
+
+    def token_logprobs(self, new_ids: list[int], result) -> list[TokenLogprob]:
+        """The new tokens (their text alone) with their log-probabilities, where the request asked."""
+        logprobs, top, _ = read_logprobs(result)
+        if not logprobs:
+            return []
+        top = top or [[] for _ in logprobs]
+        piece = self.tok.decode_one
+        return [
+            TokenLogprob(piece(t), lp, [(piece(i), v) for i, v in alts]) for t, lp, alts in zip(new_ids, logprobs, top)
+        ]
 
 
 def engine_error(error) -> EngineError:

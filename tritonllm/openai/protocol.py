@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..config import MAX_TOP_LOGPROBS
 
 
 class StreamOptions(BaseModel):
@@ -69,29 +71,26 @@ class ChatCompletionRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
-    @field_validator("logprobs")
-    @classmethod
-    def no_logprobs_yet(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("log-probabilities are not implemented yet: send logprobs=false")
-        return value
+    @model_validator(mode="after")
+    def top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
 
     def engine_params(self) -> dict:
-        return {**super().engine_params(), "max_tokens": self.max_completion_tokens or self.max_tokens}
+        return {
+            **super().engine_params(),
+            "max_tokens": self.max_completion_tokens or self.max_tokens,
+            **logprob_params(self.logprobs, self.top_logprobs or 0),
+        }
 
 
 class CompletionRequest(Sampling):
     prompt: str = Field(min_length=1)
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # the legacy API's bound
     echo: bool = False
-
-    @field_validator("logprobs")
-    @classmethod
-    def no_logprobs_yet(cls, value: int | None) -> int | None:
-        if value is not None:
-            raise ValueError("log-probabilities are not implemented yet: leave logprobs out")
-        return value
 
     @field_validator("echo")
     @classmethod
@@ -99,3 +98,10 @@ class CompletionRequest(Sampling):
         if value:
             raise ValueError("echo is not supported: send echo=false")
         return value
+
+    def engine_params(self) -> dict:
+        return {**super().engine_params(), **logprob_params(self.logprobs is not None, self.logprobs or 0)}
+
+
+def logprob_params(wanted: bool, top: int) -> dict:
+    return {"return_log_probs": True, "top_logprobs": top or None} if wanted else {}

@@ -9,6 +9,7 @@ it runs beside any Triton, in the same pod or its own. Binds 127.0.0.1 unless to
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import threading
@@ -25,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..config import EngineConfig
 from ..errors import RequestValidationError as FieldError
 from ..triton.backend_io import model_parameters
-from .engine_client import Delta, EngineClient, EngineError
+from .engine_client import Delta, EngineClient, EngineError, TokenLogprob
 from .protocol import ChatCompletionRequest, CompletionRequest, Sampling
 
 log = logging.getLogger("tritonllm.openai")
@@ -156,7 +157,7 @@ async def complete(request: Request, body: Sampling, kind: str):
         status, kind_name = STATUS.get(exc.status, (500, "server_error"))
         param = {"text_input": field, "input_ids": field}.get(exc.field, exc.field)
         return error(status, str(exc), kind_name, param)
-    out = Output(kind, body.model, body.include_usage)
+    out = Output(kind, body.model, body.include_usage, "return_log_probs" in params)
     if body.stream:
         return StreamingResponse(out.sse(first, deltas), media_type="text/event-stream")
     return JSONResponse(await out.whole(first, deltas))
@@ -165,24 +166,46 @@ async def complete(request: Request, body: Sampling, kind: str):
 class Output:
     """OpenAI's response objects for one request: chunks while streaming, or one completion."""
 
-    def __init__(self, kind: str, model: str, include_usage: bool):
-        self.kind, self.model, self.include_usage = kind, model, include_usage
+    def __init__(self, kind: str, model: str, include_usage: bool, logprobs: bool = False):
+        self.kind, self.model, self.include_usage, self.logprobs = kind, model, include_usage, logprobs
+        self.text_offset = 0  # completions' logprobs: where the next token's text starts
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if kind == "chat" else "text_completion"
 
-    def _choice(self, text: str | None, finish: str | None, first: bool = False, whole: bool = False) -> dict:
+    def _choice(
+        self, text: str | None, finish: str | None, tokens: list | None, first: bool = False, whole: bool = False
+    ) -> dict:
+        logprobs = None if tokens is None else self._logprobs(tokens)
         if self.kind == "text":
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         if whole:
-            return {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
+            message = {"role": "assistant", "content": text}
+            return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
         delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    def _logprobs(self, tokens: list[TokenLogprob]) -> dict:
+        """OpenAI's logprobs object: chat's `content` list, or the legacy completions' columns."""
+        if self.kind == "chat":
+            return {
+                "content": [
+                    {
+                        **_token(t.token, t.logprob),
+                        "top_logprobs": [_token(s, v) for s, v in t.top],
+                    }
+                    for t in tokens
+                ],
+                "refusal": None,
+            }
+        offsets = list(itertools.accumulate((len(t.token) for t in tokens[:-1]), initial=self.text_offset))
+        self.text_offset += sum(len(t.token) for t in tokens)
+        return {
+            "tokens": [t.token for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [dict(t.top) for t in tokens],
+            "text_offset": offsets if tokens else [],
+        }
 
     def _usage(self, last: Delta) -> dict:
         return {
@@ -204,12 +227,14 @@ class Output:
         return obj
 
     async def whole(self, first: Delta, rest: AsyncIterator[Delta]) -> dict:
-        parts, last = [first.text], first
+        parts, last, tokens = [first.text], first, list(first.tokens)
         async for d in rest:
             parts.append(d.text)
+            tokens += d.tokens
             last = d
         finish = FINISH.get(last.finish_reason, "stop")
-        return self._object([self._choice("".join(parts), finish, whole=True)], False, self._usage(last))
+        choice = self._choice("".join(parts), finish, tokens if self.logprobs else None, whole=True)
+        return self._object([choice], False, self._usage(last))
 
     async def sse(self, first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[str]:
         """Server-sent events; leaving early (the client went away) closes `rest`, which cancels the
@@ -219,8 +244,9 @@ class Output:
             async for d in _prepend(first, rest):
                 last = d
                 finish = FINISH.get(d.finish_reason) if d.finish_reason else None
-                if d.text or finish or is_first:
-                    yield _event(self._object([self._choice(d.text, finish, first=is_first)], True))
+                if d.text or finish or is_first or d.tokens:
+                    tokens = d.tokens if self.logprobs else None
+                    yield _event(self._object([self._choice(d.text, finish, tokens, first=is_first)], True))
                 is_first = False
             if self.include_usage:
                 yield _event(self._object([], True, self._usage(last)))
@@ -235,6 +261,10 @@ async def _prepend(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[De
     yield first
     async for d in rest:
         yield d
+
+
+def _token(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
 def _event(obj: dict) -> str:

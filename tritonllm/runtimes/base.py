@@ -35,6 +35,18 @@ class StepInput(NamedTuple):
     start: int
 
 
+class Sampled(NamedTuple):
+    """A token drawn for a sequence that asked for log-probabilities (`return_log_probs`): its
+    log-probability and the `top_logprobs` most likely tokens' (most likely first), from the logits
+    the sampler drew from (after penalties, masks and temperature, before top-k/top-p). Rows of
+    other sequences are plain ids."""
+
+    token: int
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
 @dataclass(frozen=True)
 class RuntimeCapabilities:
     """What the loop may ask of a runtime beyond `step()` and `describe()`."""
@@ -73,8 +85,9 @@ class Runtime(ABC):
     def describe(self) -> dict:
         """Facts reported at start-up (runtime, device, slots, context, cache bytes, kernels)."""
 
-    def sample(self, logits: Logits, seqs: Sequence[Any]) -> list[int]:
-        """(device_sampling) Each row's token under its sequence's sampling parameters."""
+    def sample(self, logits: Logits, seqs: Sequence[Any]) -> list:
+        """(device_sampling) Each row's token under its sequence's sampling parameters (a `Sampled`
+        where the sequence asks for log-probabilities)."""
         raise NotImplementedError(f"{type(self).__name__} does not sample on its device")
 
     def launch(self, inputs: list[StepInput], seqs: Sequence[Any], steps: int = 1) -> object:
@@ -83,8 +96,9 @@ class Runtime(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot launch steps ahead")
 
     def collect(self, handle: object) -> list:
-        """(overlap) Wait for a launched step: one id per row, or for a multi-step launch a list of
-        `steps` ids per row."""
+        """(overlap) Wait for a launched step: one id (or `Sampled`) per row, or for a multi-step launch
+        a list of `steps` ids per row (the scheduler never runs several steps for a sequence that asks
+        for log-probabilities)."""
         raise NotImplementedError(f"{type(self).__name__} cannot launch steps ahead")
 
     def stats(self) -> RuntimeStats:

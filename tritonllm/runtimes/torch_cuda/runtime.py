@@ -221,7 +221,7 @@ class TorchCudaRuntime(Runtime):
         logits[to_device(dec, self.device)] = self.decode([inputs[i] for i in dec])
         return logits
 
-    def sample(self, logits: torch.Tensor, seqs) -> list[int]:
+    def sample(self, logits: torch.Tensor, seqs) -> list:
         return sampling.sample_batch(logits, seqs)
 
     def launch(self, inputs: list[StepInput], seqs, steps: int = 1):
@@ -231,22 +231,24 @@ class TorchCudaRuntime(Runtime):
         before it has read step N's tokens."""
         start = self._downloads.mark_start() if self._downloads else None
         index = self._slot_index(tuple(i.slot for i in inputs))
+        plan, logprobs = sampling.SamplingPlan(seqs), None
         if steps == 1:
-            chosen = sampling.choose(self.step(inputs), seqs)
+            chosen = plan.choose(self.step(inputs))
             self.forward.tokens[index] = chosen
+            if plan.logprob_rows:  # copied down before the ids: the ids' fence covers them
+                logprobs = tuple(_host_copy(t) for t in plan.logprobs(chosen))
         else:
-            chosen = self._decode_run(inputs, seqs, index, steps)
+            chosen = self._decode_run(inputs, plan, index, steps)
         flat = chosen.view(-1)
         if self.device.type != "cuda":  # a multi-step run's ids sit in a buffer the next run reuses
-            return flat.clone(), steps
-        return self._downloads.send(flat, start), steps
+            return flat.clone(), steps, plan, logprobs
+        return self._downloads.send(flat, start), steps, plan, logprobs
 
     @torch.no_grad()
-    def _decode_run(self, rows: list[StepInput], seqs, index, steps: int) -> torch.Tensor:
+    def _decode_run(self, rows: list[StepInput], plan: sampling.SamplingPlan, index, steps: int) -> torch.Tensor:
         """`steps` decode steps on one upload: positions advance on the device, each step's chosen
         ids feed the next. Returns the chosen ids [steps, rows]."""
         run = self._decode_setup(rows, steps)
-        plan = sampling.SamplingPlan(seqs)
         chosen = self._run_tokens[: steps * len(rows)].view(steps, len(rows))  # contiguous: one copy down
         for k in range(steps):
             if k:
@@ -259,7 +261,18 @@ class TorchCudaRuntime(Runtime):
         """The chosen ids of a launched step (waits for that step only): one id per row, or for a
         multi-step launch a list of ids per row. Adds the device's idle time before the step, where
         the loop launched it with an older step still uncollected."""
-        chosen, steps = handle
+        chosen, steps, plan, logprobs = handle
         if self._downloads:
             chosen = self._downloads.receive(chosen)
-        return chosen.tolist() if steps == 1 else chosen.view(steps, -1).t().tolist()
+        if steps > 1:
+            return chosen.view(steps, -1).t().tolist()
+        return plan.results(chosen.tolist(), None if logprobs is None else tuple(t.tolist() for t in logprobs))
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` in pinned host memory, queued on the stream (read after the step's fence)."""
+    if t.device.type != "cuda":
+        return t.clone()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..base import Sampled
 from .transfers import cached_index, to_device
 
 NEG_INF = float("-inf")
@@ -49,6 +50,8 @@ class SamplingPlan:
             if not s.greedy:
                 self.sampled_rows.append(i)
         self.masked = list(masked.items())
+        self.logprob_rows = [i for i, s in enumerate(seqs) if s.params.logprobs]
+        self.top_logprobs = max((seqs[i].params.top_logprobs for i in self.logprob_rows), default=0)
         self.upcast = bool(self.sampled_rows) or any(
             seqs[i].params.repetition_penalty != 1.0 or seqs[i].params.has_output_penalties for i in self.history_rows
         )
@@ -61,6 +64,7 @@ class SamplingPlan:
         if logits.dtype != torch.float32 and self.upcast:
             logits = logits.float()
         self._mask(logits)
+        self.processed = logits  # masked and penalised (`logprobs` reads it)
         chosen = torch.argmax(logits, dim=-1)
         for i in self.sampled_rows:
             s = self.seqs[i]
@@ -70,6 +74,34 @@ class SamplingPlan:
             gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0)))
             chosen[i] = torch.argmax(row + gumbel)
         return chosen
+
+    def logprobs(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the rows that ask for them (after `choose`): [n, 1 + k] float32 log-
+        probabilities (the chosen token's, then the k most likely) and [n, k] ids, k the largest
+        `top_logprobs` among them; temperature applied as the sampler applies it."""
+        logits = self.processed
+        rows = cached_index(tuple(self.logprob_rows), logits.device)
+        x = logits.index_select(0, rows).float()
+        temps = [1.0 if self.seqs[i].greedy else self.seqs[i].params.temperature for i in self.logprob_rows]
+        if any(t != 1.0 for t in temps):
+            x = x / to_device(temps, logits.device, torch.float32)[:, None]
+        logp = torch.log_softmax(x, dim=-1)
+        picked = logp.gather(1, chosen.index_select(0, rows)[:, None])
+        top = torch.topk(logp, self.top_logprobs, dim=-1) if self.top_logprobs else None
+        if top is None:
+            return picked, torch.empty((len(temps), 0), dtype=torch.long, device=logits.device)
+        return torch.cat([picked, top.values], dim=1), top.indices
+
+    def results(self, chosen: list[int], logprobs: tuple[list, list] | None) -> list:
+        """The step's ids, a `Sampled` for each row that asks for log-probabilities (host lists of
+        `logprobs`' two tensors)."""
+        if logprobs is None:
+            return chosen
+        out = list(chosen)
+        for i, vals, ids in zip(self.logprob_rows, *logprobs):
+            k = self.seqs[i].params.top_logprobs
+            out[i] = Sampled(chosen[i], vals[0], ids[:k], vals[1 : 1 + k])
+        return out
 
     def _mask(self, logits: torch.Tensor) -> None:
         from ...engine.sampling import banned_tokens
@@ -103,7 +135,7 @@ def _filter_top_k_top_p(row: torch.Tensor, top_k: int, top_p: float) -> torch.Te
     if 0 < top_k < row.shape[-1]:
         kth = torch.topk(row, top_k).values[-1]
         row = row.masked_fill(row < kth, NEG_INF)
-    if top_p < 1.0:
+    if 0.0 < top_p < 1.0:
         sorted_vals, order = torch.sort(row, descending=True)
         probs = torch.softmax(sorted_vals, -1)
         drop = torch.cumsum(probs, -1) - probs > top_p
@@ -112,9 +144,12 @@ def _filter_top_k_top_p(row: torch.Tensor, top_k: int, top_p: float) -> torch.Te
     return row
 
 
-def sample_batch(logits: torch.Tensor, seqs) -> list[int]:
-    """logits [N, V] on the device -> one token id per sequence."""
-    return choose(logits, seqs).tolist()
+def sample_batch(logits: torch.Tensor, seqs) -> list:
+    """logits [N, V] on the device -> one token id (or `Sampled`) per sequence."""
+    plan = SamplingPlan(seqs)
+    chosen = plan.choose(logits)
+    extra = plan.logprobs(chosen) if plan.logprob_rows else None
+    return plan.results(chosen.tolist(), None if extra is None else (extra[0].tolist(), extra[1].tolist()))
 
 
 def choose(logits: torch.Tensor, seqs) -> torch.Tensor:

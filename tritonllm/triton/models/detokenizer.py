@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonllm.tensors import ResponseInfo
+from tritonllm.tensors import LOGPROB_OUTPUTS, ResponseInfo
 from tritonllm.text import TokenizerFiles, text_delta
 from tritonllm.triton.backend_io import RequestReader, respond_each, tensor
+
+LOGPROB_NAMES = [s.name for s in LOGPROB_OUTPUTS]
 
 
 class TritonPythonModel:
@@ -25,11 +27,13 @@ class TritonPythonModel:
         delta = text_delta(
             self.tok, read.ints("output_ids"), info.num_context_ids, info.is_final, read.strings("stop_words")
         )
-        return pb_utils.InferenceResponse(
-            [
-                tensor(pb_utils, "text_output", [delta], object),
-                tensor(pb_utils, "finish_reason", [info.finish_reason], object),
-                tensor(pb_utils, "num_input_tokens", [info.num_input_tokens], np.int32),
-                tensor(pb_utils, "num_output_tokens", [info.num_output_tokens], np.int32),
-            ]
-        )
+        outputs = [
+            tensor(pb_utils, "text_output", [delta], object),
+            tensor(pb_utils, "finish_reason", [info.finish_reason], object),
+            tensor(pb_utils, "num_input_tokens", [info.num_input_tokens], np.int32),
+            tensor(pb_utils, "num_output_tokens", [info.num_output_tokens], np.int32),
+        ]
+        for name in LOGPROB_NAMES:  # passed on where the request asked for them
+            if name in read.inputs:
+                outputs.append(pb_utils.Tensor(name, read.array(name)))
+        return pb_utils.InferenceResponse(outputs)

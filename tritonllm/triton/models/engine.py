@@ -45,10 +45,11 @@ class TritonSink:
         else:
             self.pump.put_error(seq, error)
 
-    def deliver(self, seq, ids, n_context, final, n_output):
-        self.sender.send(
-            pb_utils.InferenceResponse(self.outputs(seq, ids, n_context, final, n_output)), final, FINAL if final else 0
-        )
+    def deliver(self, seq, ids, n_context, final, n_output, logprobs_from):
+        tensors = self.outputs(seq, ids, n_context, final, n_output)
+        if seq.params.logprobs:
+            tensors += logprob_tensors(seq, logprobs_from, n_output)
+        self.sender.send(pb_utils.InferenceResponse(tensors), final, FINAL if final else 0)
 
     def deliver_error(self, seq, error):
         self.sender.send(error_response(pb_utils, error), True, FINAL)
@@ -67,6 +68,21 @@ def _counters(seq, final, n_output):
         tensor(pb_utils, "num_input_tokens", [len(seq.prompt_ids)], np.int32),
         tensor(pb_utils, "num_output_tokens", [n_output], np.int32),
     ]
+
+
+def logprob_tensors(seq, start: int, end: int) -> list:
+    """The log-probabilities of output ids start..end-1 (and their running sum), for a request that
+    asked for them."""
+    lps, k = seq.logprobs[start:end], seq.params.top_logprobs
+    out = [
+        tensor(pb_utils, "output_log_probs", lps, np.float32),
+        tensor(pb_utils, "cum_log_probs", [sum(seq.logprobs[:end])], np.float32),
+    ]
+    if k:
+        top = seq.top_logprobs[start:end]
+        out.append(tensor(pb_utils, "top_log_probs", [v for _, vals in top for v in vals], np.float32))
+        out.append(tensor(pb_utils, "top_log_prob_ids", [i for ids, _ in top for i in ids], np.int32))
+    return out
 
 
 def id_outputs(seq, ids, n_context, final, n_output):
