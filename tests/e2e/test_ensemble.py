@@ -96,7 +96,8 @@ def test_engine_side_detokenization_gives_the_same_text_as_the_detokenizer_stage
         stop = ref.text.split()[3]
         stopped = onehop.generate(prompt, stop_words=[stop], **kw)
         streamed_stop = "".join(c.text for c in onehop.stream(prompt, stop_words=[stop], **kw))
-        seeded = [c.generate(prompt, max_tokens=30, temperature=1.0, seed=7).text for c in (tiny, onehop)]
+        seeded = [c.generate(prompt, max_tokens=30, temperature=1.0, top_p=1.0, seed=7).text for c in (tiny, onehop)]
+        lps = [c.generate(prompt, max_tokens=6, return_log_probs=True, top_logprobs=2) for c in (tiny, onehop)]
     assert got.text == ref.text == "".join(c.text for c in chunks) and len(chunks) > 10
     assert (got.finish_reason, got.num_output_tokens, got.num_input_tokens) == (
         ref.finish_reason,
@@ -105,6 +106,7 @@ def test_engine_side_detokenization_gives_the_same_text_as_the_detokenizer_stage
     )
     assert stopped.finish_reason == "stop" and stop not in stopped.text and streamed_stop == stopped.text
     assert seeded[0] == seeded[1]
+    assert lps[0].logprobs == pytest.approx(lps[1].logprobs) and len(lps[1].top_logprobs) == 6
     after = wait_for_metric(
         live_server, "tritonllm_prefilled_sequences_total", "tiny_onehop_engine", lambda v: v >= prefilled + 5
     )  # the five requests above
@@ -197,7 +199,8 @@ BAD_INPUTS = [
     (dict(max_tokens=0), "max_tokens"),
     (dict(max_tokens=100000), "max_tokens"),
     (dict(temperature=-1.0), "temperature"),
-    (dict(top_p=0.0), "top_p"),
+    (dict(return_log_probs=True, top_logprobs=21), "top_logprobs"),
+    (dict(top_p=1.5), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=-3), "top_k"),
     (dict(prompt="word " * 200, max_tokens=150), "max_tokens"),
@@ -323,3 +326,51 @@ def test_cli_names_the_llms_served_and_an_unreachable_server(live_server, capsys
     assert "[UNAVAILABLE] no Triton server answers at 127.0.0.1:" in err and "stream is broken" not in err, err
     assert main(["Hello", "--url", live_server.grpc_url, "--model", "tiny", "--max-tokens", "3"]) == 0
     assert "finish_reason=length" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_through_the_ensemble_match_the_engine_in_process(tiny, tiny_dir, tiny_engine_dir, stream):
+    """return_log_probs / top_logprobs through tokenizer -> engine -> detokenizer: one value per
+    generated token (streamed: per response), the running sum, and the in-process engine's numbers;
+    a request in between that does not ask gets none."""
+    from tritonllm.config import EngineConfig
+    from tritonllm.engine.inprocess import InProcessEngine
+
+    prompt = "Log-probabilities of"
+    kw = dict(max_tokens=12, temperature=0.0, ignore_eos=True, return_log_probs=True, top_logprobs=3)
+    chunks = list(tiny.stream(prompt, **kw)) if stream else None
+    r = tiny.generate(prompt, **kw) if not stream else None
+    plain = tiny.generate(prompt, max_tokens=4)
+    logprobs = [v for c in chunks for v in c.logprobs] if stream else r.logprobs
+    top = [t for c in chunks for t in c.top_logprobs] if stream else r.top_logprobs
+    cum = chunks[-1].cum_logprob if stream else r.cum_logprob
+    cfg = EngineConfig(max_slots=2, max_context=256, max_tokens_limit=64)
+    with InProcessEngine(tiny_engine_dir, cfg) as eng:
+        ref = eng.generate(TokenizerFiles(tiny_dir).encode(prompt), **kw)
+    assert logprobs == pytest.approx(ref.logprobs, abs=1e-5) and len(logprobs) == 12
+    assert cum == pytest.approx(sum(ref.logprobs), abs=1e-4)
+    assert [[i for i, _ in t] for t in top] == [ids for ids, _ in ref.top_logprobs]
+    assert plain.logprobs == [] and plain.cum_logprob is None
+    if stream:
+        assert len(chunks) > 1 and all(len(c.logprobs) <= 12 for c in chunks)
+
+
+def test_a_triton_openai_frontend_request_is_served(live_server, tiny):
+    """The inputs Triton's OpenAI frontend (server repo python/openai, its TensorRT-LLM path) sends
+    to an ensemble: top_p 0 (TensorRT-LLM: not set), a temperature, return_num_* flags. Greedy by
+    TensorRT-LLM's rule, so the text equals a temperature-0 request's."""
+    prompt = "Frontend compatibility"
+    greedy = tiny.generate(prompt, max_tokens=10, temperature=0.0)
+    r = tiny.generate(
+        prompt,
+        max_tokens=10,
+        top_p=0.0,
+        temperature=0.7,
+        seed=3,
+        frequency_penalty=0.0,
+        presence_penalty=0.0,
+        return_num_input_tokens=True,
+        return_num_output_tokens=True,
+    )
+    default = tiny.generate(prompt, max_tokens=10)  # nothing set: greedy, as TensorRT-LLM
+    assert r.text == greedy.text == default.text and r.num_output_tokens == greedy.num_output_tokens

@@ -58,6 +58,7 @@ def test_completions_seed_and_stop(client):
     a, b = client.completions.create(**kw), client.completions.create(**kw)
     assert a.choices[0].text == b.choices[0].text and a.object == "text_completion"
     greedy = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=20, temperature=0)
+    assert a.choices[0].text != greedy.choices[0].text  # OpenAI's defaults (top_p 1) sample
     text = greedy.choices[0].text
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     stopped = client.completions.create(
@@ -77,6 +78,8 @@ def test_completions_seed_and_stop(client):
         (dict(temperature=-1), "temperature"),
         (dict(top_p=0), "top_p"),
         (dict(n=2), "n"),
+        (dict(top_logprobs=21, logprobs=True), "top_logprobs"),
+        (dict(top_logprobs=2), "body"),  # top_logprobs without logprobs: a whole-body rule
         (dict(messages=[{"role": "user", "content": "word " * 400}]), "messages"),
     ],
 )
@@ -155,3 +158,33 @@ def test_penalties_reach_the_sampler(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(**kw, frequency_penalty=3.0)
     assert e.value.body["param"] == "frequency_penalty"
+
+
+def test_logprobs_chat_and_completions_streamed_and_not(client, tiny_dir, tiny_engine_dir):
+    """The SDK reads chat's `logprobs.content` and the completions' columns; the numbers are the
+    engine's (in-process, same greedy request) and the tokens spell the text."""
+    from tritonllm.config import EngineConfig
+    from tritonllm.engine.inprocess import InProcessEngine
+    from tritonllm.text import TokenizerFiles
+
+    kw = dict(model="tiny", prompt="Log-probabilities via OpenAI", max_tokens=8, temperature=0)
+    whole = client.completions.create(**kw, logprobs=2)
+    lp = whole.choices[0].logprobs
+    with InProcessEngine(tiny_engine_dir, EngineConfig(max_slots=1, max_context=256, max_tokens_limit=64)) as eng:
+        ref = eng.generate(TokenizerFiles(tiny_dir).encode(kw["prompt"]), max_tokens=8, temperature=0.0)
+    assert "".join(lp.tokens) == whole.choices[0].text and len(lp.token_logprobs) == len(ref.ids)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert all(len(t) <= 2 and max(t.values()) == pytest.approx(v) for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0)
+    c = client.chat.completions.create(**chat, logprobs=True, top_logprobs=3)
+    content = c.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == c.choices[0].message.content and len(content) == 8
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob == pytest.approx(t.logprob) for t in content)
+    streamed = [
+        t
+        for ch in client.chat.completions.create(**chat, logprobs=True, stream=True)
+        if ch.choices
+        for t in (ch.choices[0].logprobs.content if ch.choices[0].logprobs else [])
+    ]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-6)
+    assert client.chat.completions.create(**chat).choices[0].logprobs is None
