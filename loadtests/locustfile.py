@@ -54,6 +54,7 @@ def _args(parser):
     g.add_argument("--no-stream", action="store_true", help="one response per request")
     g.add_argument("--ignore-eos", action="store_true", help="generate exactly max_tokens (benchmarking)")
     g.add_argument("--temperature", type=float, default=None, help="sent with every request (0 = greedy)")
+    g.add_argument("--top-p", type=float, default=None, help="sent with every request (without it or --top-k: greedy)")
     g.add_argument("--rate", type=float, default=0, help="arrival rate per user (requests/s); 0 = closed loop")
     g.add_argument("--request-timeout", type=float, default=300)
     g.add_argument("--slo-ttft-p99-ms", type=float, default=None)
@@ -230,6 +231,7 @@ class TritonLLMUser(User):
             "stream": not self.opts.no_stream,
             "ignore_eos": self.opts.ignore_eos or None,
             "temperature": self.opts.temperature,
+            "top_p": self.opts.top_p,
         }
         t0 = time.perf_counter()
         try:

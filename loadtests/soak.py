@@ -41,6 +41,7 @@ async def one(client, rng: random.Random, counts: dict) -> None:
             max_tokens=n,
             stream=stream,
             temperature=rng.choice([0.0, 0.8]),
+            top_p=0.95,  # sampled where the temperature is not 0 (without top_k/top_p: greedy)
             seed=rng.randint(0, 2**31),
         ):
             i += 1

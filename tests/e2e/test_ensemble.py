@@ -325,7 +325,11 @@ def test_cli_names_the_llms_served_and_an_unreachable_server(live_server, capsys
     err = capsys.readouterr().err
     assert "[UNAVAILABLE] no Triton server answers at 127.0.0.1:" in err and "stream is broken" not in err, err
     assert main(["Hello", "--url", live_server.grpc_url, "--model", "tiny", "--max-tokens", "3"]) == 0
-    assert "finish_reason=length" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "finish_reason=length" in err and "[sampling: greedy (no --top-k/--top-p)]" in err, err
+    args = ["Hello", "--url", live_server.grpc_url, "--model", "tiny", "--max-tokens", "3", "--temperature", "0.7"]
+    assert main([*args, "--top-p", "0.9", "--seed", "5"]) == 0
+    assert "[sampling: temperature=0.7 top_k=off top_p=0.9 seed=5]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stream", [False, True])

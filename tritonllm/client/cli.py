@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..config import SamplingParams
 from .llm_client import GenerationError, LLMClient
 
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_words=a.stop,
         apply_chat_template=a.chat or None,
     )
+    sys.stderr.write(f"[{sampling_line(params)}]\n")
     try:
         client = LLMClient(a.url, a.model, timeout_s=a.timeout)
     except GenerationError as e:
@@ -58,6 +60,21 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"error: {e}\n")
             return 1
     return 0
+
+
+def sampling_line(params: dict) -> str:
+    """What the server samples with for these parameters (its defaults filled in, TensorRT-LLM's rule:
+    no top_k and no top_p is greedy)."""
+    sp = SamplingParams(
+        temperature=1.0 if params["temperature"] is None else params["temperature"],
+        top_k=params["top_k"] or 0,
+        top_p=params["top_p"] or 0.0,
+    )
+    if sp.greedy:
+        why = "temperature 0" if sp.temperature == 0 else "top_k 1" if sp.top_k == 1 else "no --top-k/--top-p"
+        return f"sampling: greedy ({why})"
+    seed = "random" if params["seed"] is None else params["seed"]
+    return f"sampling: temperature={sp.temperature:g} top_k={sp.top_k or 'off'} top_p={sp.top_p or 'off'} seed={seed}"
 
 
 def cli() -> None:
