@@ -11,10 +11,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
+OPENAI_LOCUSTFILE = ROOT / "loadtests" / "openai_locustfile.py"
 
 
-def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), *args]
+def command(*args: str, locustfile: Path = LOCUSTFILE) -> list[str]:
+    return [sys.executable, "-m", "locust", "-f", str(locustfile), *args]
 
 
 def environment() -> dict[str, str]:

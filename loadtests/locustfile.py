@@ -1,4 +1,5 @@
-"""Locust load test for tritonllm (or TensorRT-LLM-style) ensembles over gRPC streaming.
+"""Locust load test for tritonllm (or TensorRT-LLM-style) ensembles over gRPC streaming (the
+OpenAI API's user, with the same options and statistics: `openai_locustfile.py`).
 
     locust -f loadtests/locustfile.py --headless -u 16 -r 4 -t 60s --host 127.0.0.1:8001 \
         --model smollm2 --tokenizer build/models/smollm2 --input-mean 128 --output-mean 64 \
@@ -54,7 +55,7 @@ def _args(parser):
     g.add_argument("--no-stream", action="store_true", help="one response per request")
     g.add_argument("--ignore-eos", action="store_true", help="generate exactly max_tokens (benchmarking)")
     g.add_argument("--temperature", type=float, default=None, help="sent with every request (0 = greedy)")
-    g.add_argument("--top-p", type=float, default=None, help="sent with every request (without it or --top-k: greedy)")
+    g.add_argument("--top-p", type=float, default=None, help="sent with every request (without it: greedy)")
     g.add_argument("--rate", type=float, default=0, help="arrival rate per user (requests/s); 0 = closed loop")
     g.add_argument("--request-timeout", type=float, default=300)
     g.add_argument("--slo-ttft-p99-ms", type=float, default=None)
@@ -132,7 +133,28 @@ def _stopping(environment, **_):
         _flush(environment)
 
 
+def prompt_cycle(offset: int):
+    """The prompts, endlessly, starting at a user's own offset (users do not march in step)."""
+    k = offset % max(1, len(PROMPTS))
+    return itertools.cycle(PROMPTS[k:] + PROMPTS[:k])
+
+
+def fire(environment, name: str, ms: float, length: int = 0, exc: Exception | None = None) -> None:
+    """One Locust statistic (ttft, itl, e2e) of a request."""
+    environment.events.request.fire(
+        request_type="LLM", name=name, response_time=ms, response_length=length, exception=exc, context={}
+    )
+
+
 def default_model(host: str) -> str:
+    """The only LLM served: over gRPC from Triton's repository index, over HTTP from /v1/models."""
+    if host.startswith("http"):
+        import requests
+
+        models = [m["id"] for m in requests.get(f"{host.rstrip('/')}/v1/models", timeout=30).json()["data"]]
+        if len(models) != 1:
+            raise SystemExit(f"{host} serves {len(models)} models ({', '.join(models)}): choose one with --model")
+        return models[0]
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(host)
@@ -192,9 +214,7 @@ class TritonLLMUser(User):
         self.results: queue.Queue = queue.Queue()
         self.client = None
         self.backoff = 0.1
-        self.prompts = itertools.cycle(
-            PROMPTS[id(self) % max(1, len(PROMPTS)) :] + PROMPTS[: id(self) % max(1, len(PROMPTS))]
-        )
+        self.prompts = prompt_cycle(id(self))
 
     def _connect(self) -> None:
         import tritonclient.grpc as grpcclient
@@ -215,9 +235,7 @@ class TritonLLMUser(User):
         self._disconnect()
 
     def _fire(self, name: str, ms: float, length: int = 0, exc: Exception | None = None) -> None:
-        self.environment.events.request.fire(
-            request_type="LLM", name=name, response_time=ms, response_length=length, exception=exc, context={}
-        )
+        fire(self.environment, name, ms, length, exc)
 
     @task
     def generate(self):

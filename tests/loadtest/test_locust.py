@@ -14,9 +14,9 @@ from loadtests import launch
 SLOTTED = Path(__file__).with_name("slotted_locustfile.py")
 
 
-def locust(args, cwd, timeout=120, env_extra=None):
+def locust(args, cwd, timeout=120, env_extra=None, locustfile=launch.LOCUSTFILE):
     env = dict(launch.environment(), **(env_extra or {}))
-    cmd = launch.command("--headless", "--only-summary", *args)
+    cmd = launch.command("--headless", "--only-summary", *args, locustfile=locustfile)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -221,3 +221,42 @@ def client_timings(
     )
     ttft, itl = json.loads(out.stdout.strip().splitlines()[-1])
     return ttft, itl
+
+
+def test_openai_user_against_the_gateway(live_server, model_repository, tiny_dir, tmp_path):
+    """The HTTP user through the OpenAI gateway: every request streamed to its end, the token counts
+    its usage reports (exact with ignore_eos), per-request ITL and TTFT in the shared report."""
+    from tritonllm.openai.server import Gateway
+    from tritonllm.triton.server_process import free_port
+
+    gw = Gateway(live_server.grpc_url, model_repository, port=free_port()).start()
+    prefix = tmp_path / "http"
+    try:
+        r = locust(
+            [
+                *"-u 2 -r 2 -t 5s".split(),
+                "--host",
+                gw.url,
+                "--model",
+                "tiny",
+                "--tokenizer",
+                str(tiny_dir),
+                "--input-mean",
+                "32",
+                "--output-mean",
+                "12",
+                "--ignore-eos",
+                "--temperature",
+                "0",
+                "--csv",
+                str(prefix),
+            ],
+            tmp_path,
+            locustfile=launch.OPENAI_LOCUSTFILE,
+        )
+    finally:
+        gw.stop()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = summary(prefix)
+    assert s["requests"] >= 2 and s["error_ratio"] == 0 and s["output_tokens"] == 12 * s["requests"]
+    assert 0 < s["ttft_p50_ms"] and 0 < s["itl_p50_ms"] < s["ttft_p50_ms"] * 50

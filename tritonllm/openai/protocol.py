@@ -30,6 +30,8 @@ class Sampling(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    ignore_eos: bool = False  # extensions that vLLM's API also takes (benchmark clients send them)
+    min_tokens: int | None = Field(default=None, ge=0)
 
     @field_validator("n")
     @classmethod
@@ -54,6 +56,8 @@ class Sampling(BaseModel):
             "seed": self.seed,
             "frequency_penalty": self.frequency_penalty or None,
             "presence_penalty": self.presence_penalty or None,
+            "ignore_eos": self.ignore_eos or None,
+            "min_tokens": self.min_tokens,
         }
 
     @property
