@@ -21,8 +21,11 @@ DURATION ?= 60s
 LOADTEST_ARGS ?= --input-mean 128 --output-mean 64 --slo-max-error-ratio 0.01
 SOAK_REQUESTS ?= 3000
 BENCH_GPU_ARGS ?=
+AIPERF_VENV ?= build/aiperf-venv
+AIPERF ?= $(AIPERF_VENV)/bin/aiperf
 
-.PHONY: help venv model build serve demo test test-fast lint format bench bench-gpu loadtest soak clean distclean
+.PHONY: help venv model build serve demo test test-fast lint format bench bench-gpu loadtest loadtest-openai \
+  bench-openai-clients soak clean distclean
 
 help:
 	@echo "make demo        venv + SmolLM2 + build + Triton + a streamed chat answer, then stop"
@@ -34,6 +37,8 @@ help:
 	@echo "make serve       build, then serve REPO on 127.0.0.1 (gRPC 8001, HTTP 8000, metrics 8002, OpenAI API 9000)"
 	@echo "make loadtest    Locust against a running server: USERS=$(USERS) SPAWN_RATE=$(SPAWN_RATE)"
 	@echo "                 DURATION=$(DURATION) NAME MODEL LOADTEST_ARGS='$(LOADTEST_ARGS)' -> build/loadtest"
+	@echo "make loadtest-openai  the same against the OpenAI API of a running server (http://127.0.0.1:9000)"
+	@echo "make bench-openai-clients  aiperf vs Locust on the OpenAI API, one server (AIPERF=$(AIPERF)) -> RESULTS"
 	@echo "make soak        SOAK_REQUESTS=$(SOAK_REQUESTS) mixed requests against a fresh server -> RESULTS"
 	@echo "make bench       CPU benchmark: HF generate vs the engine in-process vs through Triton -> RESULTS"
 	@echo "make bench-gpu   the GPU benchmark on a CUDA host (docs/benchmarks.md): BENCH_GPU_ARGS='...' -> RESULTS"
@@ -96,6 +101,19 @@ loadtest: venv
 	$(BIN)/locust -f loadtests/locustfile.py --headless -u $(USERS) -r $(SPAWN_RATE) -t $(DURATION) \
 	  --host 127.0.0.1:8001 --model $(NAME) --tokenizer $(MODEL) --csv build/loadtest/run \
 	  --html build/loadtest/report.html $(LOADTEST_ARGS)
+
+loadtest-openai: venv
+	mkdir -p build/loadtest
+	$(BIN)/locust -f loadtests/openai_locustfile.py --headless -u $(USERS) -r $(SPAWN_RATE) -t $(DURATION) \
+	  --host http://127.0.0.1:9000 --model $(NAME) --tokenizer $(MODEL) --csv build/loadtest/openai \
+	  --html build/loadtest/openai.html $(LOADTEST_ARGS)
+
+# aiperf brings its own pandas/pyarrow/transformers: a venv of its own, made on first use
+$(AIPERF):
+	$(PYTHON) -m venv $(AIPERF_VENV) && $(AIPERF_VENV)/bin/pip install -q aiperf
+
+bench-openai-clients: venv $(SMOLLM2)/config.json $(AIPERF)
+	$(PY) -m bench.openai_clients --aiperf $(AIPERF) --out $(RESULTS)
 
 soak: venv $(SMOLLM2)/config.json
 	$(PY) -m loadtests.soak --requests $(SOAK_REQUESTS) --out $(RESULTS)
