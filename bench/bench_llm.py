@@ -126,6 +126,13 @@ def gpu_suite(a, results: list, facts: dict) -> None:
             r.note = engine_note(stats_counters(before), stats_counters(eng.loop.stats), [])[2:]
             results.append(r.row())
             log.info("%s", results[-1])
+        if a.logprobs is not None and "inprocess" in a.systems:  # their cost, at the most streams
+            c = max(a.concurrency)
+            prompts = random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)
+            r = run_inprocess(eng, prompts, c, a.out_len, power, extra=logprob_request(a.logprobs))
+            r.system += f" with logprobs (top {a.logprobs})"
+            results.append(r.row())
+            log.info("%s", results[-1])
     facts["decode_step_gpu_ms"] = profile_decode_graphs(runtime, a)
     if a.compile_variant:
         compile_variant(a, runtime.model, cfg, vocab, results, power)
@@ -231,6 +238,18 @@ def triton_suite(
                 r.note += engine_note(before, engine_counters(server, name), r.ttft_s)
                 results.append(r.row())
                 log.info("%s", results[-1])
+        if a.logprobs is not None:  # their cost through the first variant, at the most streams
+            name, c = next(iter(variants)), max(a.concurrency)
+            prompts = [texts_for(p) for p in random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)]
+            extra = logprob_request(a.logprobs)
+            r = run_triton(server.grpc_url, name, prompts, c, a.out_len, power, a.client_procs, extra)
+            r.system = f"Triton ensemble gRPC stream {name} with logprobs (top {a.logprobs})"
+            results.append(r.row())
+            log.info("%s", results[-1])
+
+
+def logprob_request(top: int) -> dict:
+    return {"return_log_probs": True, "top_logprobs": top or None}
 
 
 ENGINE_COUNTERS = {
@@ -392,6 +411,9 @@ def main() -> None:
     p.add_argument("--server-pythonpath", help="prepended to PYTHONPATH of the Triton server's python stubs")
     p.add_argument("--server-hide-gpu", action="store_true", help="run Triton's core without CUDA (engine keeps it)")
     p.add_argument("--compile-variant", action="store_true", help="also time torch.compile'd decode (GPU, batch 1)")
+    p.add_argument(
+        "--logprobs", type=int, help="also run the most streams with return_log_probs and this top_logprobs k"
+    )
     p.add_argument("--work", default="/tmp/tritonllm-bench")
     p.add_argument("--topic", default="bench", help="the results file's topic: {date}-{machine}-{topic}.json")
     p.add_argument("--out", default=DEFAULT_OUT, help="results folder (copy a run into results/ deliberately)")

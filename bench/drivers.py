@@ -53,7 +53,13 @@ class _StreamSink:
 
 
 def run_inprocess(
-    engine, prompts: list[list[int]], concurrency: int, out_len: int, power: PowerSampler, name="engine in-process"
+    engine,
+    prompts: list[list[int]],
+    concurrency: int,
+    out_len: int,
+    power: PowerSampler,
+    name="engine in-process",
+    extra: dict | None = None,
 ) -> RunResult:
     """Closed loop per stream, as the Triton clients run: each of `concurrency` streams sends its
     next request when its previous one ends, so requests arrive spread out as they do through
@@ -73,6 +79,7 @@ def run_inprocess(
             temperature=0.0,
             ignore_eos=True,
             stream=True,
+            **(extra or {}),
         )
         nxt[s] += 1
         return True
@@ -96,11 +103,11 @@ def run_inprocess(
     return RunResult(name, concurrency, len(prompts), tokens, wall, ttft, itl, power.mean_watts(), power.joules())
 
 
-async def _triton_worker(client, prompts, out_len, ttft, itl, counts):
+async def _triton_worker(client, prompts, out_len, ttft, itl, counts, extra):
     for text in prompts:
         t0 = time.perf_counter()
         times, cum = [], []
-        async for chunk in client.stream(text, max_tokens=out_len, temperature=0.0, ignore_eos=True):
+        async for chunk in client.stream(text, max_tokens=out_len, temperature=0.0, ignore_eos=True, **extra):
             if chunk.num_output_tokens and (not cum or chunk.num_output_tokens > cum[-1]):
                 times.append(chunk.at)
                 cum.append(chunk.num_output_tokens)
@@ -109,7 +116,7 @@ async def _triton_worker(client, prompts, out_len, ttft, itl, counts):
         counts.append(cum[-1])
 
 
-def _client_process(url: str, model: str, shares: list[list[str]], out_len: int, ready, go, out):
+def _client_process(url: str, model: str, shares: list[list[str]], out_len: int, ready, go, out, extra: dict):
     """One load-generating process: its streams (one client each) send their shares back to back."""
     from tritonllm.client import AsyncLLMClient
 
@@ -120,7 +127,9 @@ def _client_process(url: str, model: str, shares: list[list[str]], out_len: int,
         while not go.is_set():
             await asyncio.sleep(0.001)
         cpu0 = time.process_time()
-        await asyncio.gather(*[_triton_worker(c, s, out_len, ttft, itl, counts) for c, s in zip(clients, shares)])
+        await asyncio.gather(
+            *[_triton_worker(c, s, out_len, ttft, itl, counts, extra) for c, s in zip(clients, shares)]
+        )
         cpu = time.process_time() - cpu0
         for c in clients:
             await c.close()
@@ -133,7 +142,14 @@ def _client_process(url: str, model: str, shares: list[list[str]], out_len: int,
 
 
 def run_triton(
-    url: str, model: str, texts: list[str], concurrency: int, out_len: int, power: PowerSampler, client_procs: int = 1
+    url: str,
+    model: str,
+    texts: list[str],
+    concurrency: int,
+    out_len: int,
+    power: PowerSampler,
+    client_procs: int = 1,
+    extra: dict | None = None,
 ) -> RunResult:
     """`concurrency` gRPC streams spread over `client_procs` processes (so the load generator is
     not the bottleneck), each stream sending its share of `texts` back to back. The note reports
@@ -145,7 +161,7 @@ def run_triton(
     procs_n = max(1, min(client_procs, concurrency))
     q, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     procs = [
-        ctx.Process(target=_client_process, args=(url, model, shares[i::procs_n], out_len, ready, go, q))
+        ctx.Process(target=_client_process, args=(url, model, shares[i::procs_n], out_len, ready, go, q, extra or {}))
         for i in range(procs_n)
     ]
     for p in procs:
