@@ -129,8 +129,10 @@ def gpu_suite(a, results: list, facts: dict) -> None:
         if a.logprobs is not None and "inprocess" in a.systems:  # their cost, at the most streams
             c = max(a.concurrency)
             prompts = random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)
+            before = replace(eng.loop.stats)
             r = run_inprocess(eng, prompts, c, a.out_len, power, extra=logprob_request(a.logprobs))
             r.system += f" with logprobs (top {a.logprobs})"
+            r.note = engine_note(stats_counters(before), stats_counters(eng.loop.stats), [])[2:]
             results.append(r.row())
             log.info("%s", results[-1])
     facts["decode_step_gpu_ms"] = profile_decode_graphs(runtime, a)
@@ -242,8 +244,10 @@ def triton_suite(
             name, c = next(iter(variants)), max(a.concurrency)
             prompts = [texts_for(p) for p in random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)]
             extra = logprob_request(a.logprobs)
+            before = engine_counters(server, name)
             r = run_triton(server.grpc_url, name, prompts, c, a.out_len, power, a.client_procs, extra)
             r.system = f"Triton ensemble gRPC stream {name} with logprobs (top {a.logprobs})"
+            r.note += engine_note(before, engine_counters(server, name), r.ttft_s)
             results.append(r.row())
             log.info("%s", results[-1])
 

@@ -80,17 +80,20 @@ class SamplingPlan:
         probabilities (the chosen token's, then the k most likely) and [n, k] ids, k the largest
         `top_logprobs` among them; temperature applied as the sampler applies it."""
         logits = self.processed
+        every = len(self.logprob_rows) == len(self.seqs)
         rows = cached_index(tuple(self.logprob_rows), logits.device)
-        x = logits.index_select(0, rows).float()
+        x = (logits if every else logits.index_select(0, rows)).float()
         temps = [1.0 if self.seqs[i].greedy else self.seqs[i].params.temperature for i in self.logprob_rows]
         if any(t != 1.0 for t in temps):
             x = x / to_device(temps, logits.device, torch.float32)[:, None]
-        logp = torch.log_softmax(x, dim=-1)
-        picked = logp.gather(1, chosen.index_select(0, rows)[:, None])
-        top = torch.topk(logp, self.top_logprobs, dim=-1) if self.top_logprobs else None
-        if top is None:
+        # log-softmax = x - logsumexp(x), taken only where read: a [rows, vocab] log-softmax would be
+        # one more full write and read of the logits
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        picked = x.gather(1, (chosen if every else chosen.index_select(0, rows))[:, None]) - lse
+        if not self.top_logprobs:
             return picked, torch.empty((len(temps), 0), dtype=torch.long, device=logits.device)
-        return torch.cat([picked, top.values], dim=1), top.indices
+        top = torch.topk(x, self.top_logprobs, dim=-1)
+        return torch.cat([picked, top.values - lse], dim=1), top.indices
 
     def results(self, chosen: list[int], logprobs: tuple[list, list] | None) -> list:
         """The step's ids, a `Sampled` for each row that asks for log-probabilities (host lists of
