@@ -35,9 +35,10 @@ def _record(message, category, filename, lineno, file=None, line=None):
     SITES[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))] += 1
 
 
-def run(eng, batch: int, out_len: int) -> int:
+def run(eng, batch: int, out_len: int, logprobs: int | None = None) -> int:
     prompts = random_prompts(batch, 128, eng.runtime.shape.vocab_size, seed=batch)
-    sinks = [eng.submit(p, max_tokens=out_len, temperature=0.0, ignore_eos=True) for p in prompts]
+    extra = {} if logprobs is None else {"return_log_probs": True, "top_logprobs": logprobs or None}
+    sinks = [eng.submit(p, max_tokens=out_len, temperature=0.0, ignore_eos=True, **extra) for p in prompts]
     for s in sinks:
         s.wait(300)
     return eng.loop.stats.steps
@@ -48,6 +49,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--steps-per-launch", type=int, default=EngineConfig.steps_per_launch)
+    p.add_argument("--logprobs", type=int, help="requests ask for log-probabilities (this top_logprobs k)")
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
     cfg = EngineConfig(
@@ -66,17 +68,24 @@ def main() -> None:
     report = {}
     with InProcessEngine(None, cfg, runtime=runtime) as eng:
         for b in a.batch:
-            run(eng, b, a.tokens)  # warm-up: graphs captured, pinned blocks cached
+            run(eng, b, a.tokens, a.logprobs)  # warm-up: graphs captured, pinned blocks cached
             SITES.clear()
             steps0 = eng.loop.stats.steps
             torch.cuda.set_sync_debug_mode("warn")
-            steps = run(eng, b, a.tokens) - steps0
+            launch0 = eng.loop.stats.launch_s
+            steps = run(eng, b, a.tokens, a.logprobs) - steps0
+            launch_ms = 1e3 * (eng.loop.stats.launch_s - launch0) / steps
             torch.cuda.set_sync_debug_mode(0)
-            report[b] = {"steps": steps, "sites_per_step": {k: round(v / steps, 2) for k, v in SITES.most_common()}}
-            print(f"batch {b}: {steps} steps")
+            report[b] = {
+                "steps": steps,
+                "launch_ms_per_step": round(launch_ms, 3),
+                "sites_per_step": {k: round(v / steps, 2) for k, v in SITES.most_common()},
+            }
+            print(f"batch {b}: {steps} steps, launch {launch_ms:.3f} ms/step")
             for site, n in report[b]["sites_per_step"].items():
                 print(f"  {n:6.2f}/step  {site}")
     topic = "sync-check" if a.steps_per_launch == 1 else f"sync-check-steps{a.steps_per_launch}"
+    topic += "" if a.logprobs is None else f"-logprobs{a.logprobs}"
     write_json(a.out, topic, run_facts(batches=report))
 
 
