@@ -184,3 +184,26 @@ def test_start_up_self_check_passes_for_every_kernel_form():
     """What the GPU runtime runs before enabling the kernels (decode and prefill rotary forms
     included: a form that fails to compile there turns the fused kernels off, not the engine)."""
     fk.self_check(torch.device("cpu"), torch.float32, 64)
+
+
+@pytest.mark.parametrize("k", [0, 5])
+def test_logprob_kernels_match_log_softmax_and_topk(k):
+    """Chunked log-sum-exp and top k over a vocabulary of several chunks (one not full), rows taken
+    by index, temperatures, masked (-inf) entries: against torch's log_softmax and topk."""
+    from tritonllm.runtimes.kernels import logprobs as lk
+
+    torch.manual_seed(4)
+    v = 2 * lk.CHUNK + 123
+    logits = torch.randn(5, v) * 3
+    logits[:, 7] = float("-inf")  # a masked EOS
+    logits[3, : lk.CHUNK] = float("-inf")  # a whole chunk masked
+    rows, temps = torch.tensor([4, 1, 3]), torch.tensor([1.0, 0.5, 2.0])
+    x = logits[rows] / temps[:, None]
+    chosen = torch.tensor([int(x[0].argmax()), 9, v - 1])
+    vals, ids = lk.logprob_stats(logits, rows, temps, chosen, k)
+    ref = torch.log_softmax(x.double(), -1)
+    torch.testing.assert_close(vals[:, 0].double(), ref.gather(1, chosen[:, None])[:, 0], atol=1e-4, rtol=0)
+    if k:
+        top = torch.topk(ref, k)
+        torch.testing.assert_close(vals[:, 1:].double(), top.values, atol=1e-4, rtol=0)
+        assert ids.tolist() == top.indices.tolist()

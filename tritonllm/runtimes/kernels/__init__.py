@@ -1,2 +1,3 @@
-"""OpenAI-Triton kernels of the GPU runtime: fused decoder pieces (`fused`) and small-batch
-matrix products (`gemv`). Tested on the CPU through Triton's interpreter (TRITON_INTERPRET=1)."""
+"""OpenAI-Triton kernels of the GPU runtime: fused decoder pieces (`fused`), small-batch matrix
+products (`gemv`) and log-probabilities (`logprobs`). Tested on the CPU through Triton's interpreter
+(TRITON_INTERPRET=1)."""

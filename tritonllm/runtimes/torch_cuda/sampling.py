@@ -82,14 +82,16 @@ class SamplingPlan:
         logits = self.processed
         every = len(self.logprob_rows) == len(self.seqs)
         rows = cached_index(tuple(self.logprob_rows), logits.device)
-        x = (logits if every else logits.index_select(0, rows)).float()
+        picked_ids = chosen if every else chosen.index_select(0, rows)
         temps = [1.0 if self.seqs[i].greedy else self.seqs[i].params.temperature for i in self.logprob_rows]
+        if logits.is_cuda and _kernels() is not None:
+            t = cached_index(tuple(temps), logits.device, torch.float32)
+            return _kernels().logprob_stats(logits, rows, t, picked_ids, self.top_logprobs)
+        x = (logits if every else logits.index_select(0, rows)).float()
         if any(t != 1.0 for t in temps):
             x = x / to_device(temps, logits.device, torch.float32)[:, None]
-        # log-softmax = x - logsumexp(x), taken only where read: a [rows, vocab] log-softmax would be
-        # one more full write and read of the logits
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)
-        picked = x.gather(1, (chosen if every else chosen.index_select(0, rows))[:, None]) - lse
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)  # read where needed, no [rows, vocab] log-softmax
+        picked = x.gather(1, picked_ids[:, None]) - lse
         if not self.top_logprobs:
             return picked, torch.empty((len(temps), 0), dtype=torch.long, device=logits.device)
         top = torch.topk(x, self.top_logprobs, dim=-1)
@@ -158,3 +160,18 @@ def sample_batch(logits: torch.Tensor, seqs) -> list:
 def choose(logits: torch.Tensor, seqs) -> torch.Tensor:
     """The chosen ids [N] of one step as a device tensor (`SamplingPlan.choose`)."""
     return SamplingPlan(seqs).choose(logits)
+
+
+_KERNELS: list = []
+
+
+def _kernels():
+    """The OpenAI-Triton log-probability kernels (`kernels.logprobs`), or None where Triton does not
+    import (the torch ops then serve)."""
+    if not _KERNELS:
+        try:
+            from ..kernels import logprobs
+        except ImportError:
+            logprobs = None
+        _KERNELS.append(logprobs)
+    return _KERNELS[0]

@@ -101,12 +101,13 @@ def copy_to(dst: torch.Tensor, values, ring: PinnedRing | None = None) -> None:
 _INDEX_CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def cached_index(values: tuple[int, ...], device) -> torch.Tensor:
-    """A read-only device index for a tuple of ints, made once (the same rows are masked every step)."""
-    key = (values, str(device))
+def cached_index(values: tuple, device, dtype=torch.long) -> torch.Tensor:
+    """A read-only device tensor of a tuple of numbers (an index of rows, by default), made once (the
+    same rows are masked every step)."""
+    key = (values, str(device), dtype)
     idx = _INDEX_CACHE.get(key)
     if idx is None:
         if len(_INDEX_CACHE) >= 512:
             _INDEX_CACHE.clear()
-        idx = _INDEX_CACHE[key] = to_device(list(values), device)
+        idx = _INDEX_CACHE[key] = to_device(list(values), device, dtype)
     return idx
