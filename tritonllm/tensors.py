@@ -164,6 +164,33 @@ class ResponseInfo:
         return cls(values[0], bool(values[1]), values[2], values[3], FINISH_REASONS[values[4]])
 
 
+@dataclass(frozen=True)
+class LogProbs:
+    """A response's log-probabilities: one per new token, the top k alternatives of each as (id,
+    log-probability) pairs, and the running sum. Between the engine and the detokenizer (or the
+    OpenAI gateway) they travel packed in one FP32 tensor, [cum, k, logprobs..., top values...,
+    top ids...] (ids are exact in float32 below 2^24), for the engine process's GIL; the ensemble
+    returns them as LOGPROB_OUTPUTS."""
+
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+    cum: float
+
+    def pack(self) -> list[float]:
+        k = len(self.top[0]) if self.top else 0
+        vals = [v for alts in self.top for _, v in alts]
+        ids = [float(i) for alts in self.top for i, _ in alts]
+        return [self.cum, float(k), *self.logprobs, *vals, *ids]
+
+    @classmethod
+    def unpack(cls, values: list[float]) -> LogProbs:
+        cum, k = values[0], int(values[1])
+        n = (len(values) - 2) // (1 + 2 * k)
+        lps, vals, ids = values[2 : 2 + n], values[2 + n : 2 + n + n * k], values[2 + n + n * k :]
+        top = [[(int(ids[t * k + j]), vals[t * k + j]) for j in range(k)] for t in range(n)] if k else []
+        return cls(list(lps), top, cum)
+
+
 TOKENIZER_INPUTS = [
     *(s for s in ENSEMBLE_INPUTS if s.name in ("text_input", "apply_chat_template", "stop_words", "bad_words")),
     *COMPAT_INPUTS,  # an ensemble input must reach a step: the tokenizer takes and ignores them
@@ -180,13 +207,13 @@ ENGINE_OUTPUTS = [  # three tensors per response (each one costs the engine proc
     T("output_ids", "INT32", (-1,), doc="the response's new ids preceded by `num_context_ids` ids sent before"),
     T("response_info", "INT32", (len(RESPONSE_INFO),), doc="the response's numbers, in RESPONSE_INFO order"),
     T("stop_words", "STRING", (-1,), doc="the request's stop words, passed on to the detokenizer"),
-    *LOGPROB_OUTPUTS,  # (only where asked for)
+    T("log_probs", "FP32", (-1,), doc="where asked for: a response's log-probabilities in one tensor (LogProbs)"),
 ]
 ENGINE_TEXT_OUTPUTS = ENSEMBLE_OUTPUTS  # emit_text: the engine answers with the ensemble's outputs itself
 DETOKENIZER_INPUTS = [
     *ENGINE_OUTPUTS[:2],
     T("stop_words", "STRING", (-1,), optional=True),
-    *(T(s.name, s.dtype, s.dims, optional=True, doc=s.doc) for s in LOGPROB_OUTPUTS),
+    T("log_probs", "FP32", (-1,), optional=True),
 ]
 DETOKENIZER_OUTPUTS = ENSEMBLE_OUTPUTS
 

@@ -92,3 +92,13 @@ def test_metric_samples_keep_the_names_the_page_uses():
         "tritonllm_time_to_first_token_seconds_count",
     ]
     assert samples[3][1]["le"] == "+Inf"
+
+
+def test_logprobs_pack_into_one_tensor_and_back():
+    from tritonllm.tensors import LogProbs
+
+    lp = LogProbs([-0.5, -1.25], [[(7, -0.5), (3, -2.0)], [(131071, -1.25), (0, -1.5)]], -1.75)
+    back = LogProbs.unpack([float(v) for v in np.asarray(lp.pack(), dtype=np.float32)])
+    assert back == lp
+    plain = LogProbs([-0.5], [], -0.5)
+    assert LogProbs.unpack(plain.pack()) == plain and LogProbs.unpack(LogProbs([], [], 0.0).pack()).logprobs == []

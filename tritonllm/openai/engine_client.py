@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..client.llm_client import GenerationError, read_logprobs, scalar_tensors
+from ..client.llm_client import GenerationError, scalar_tensors
 from ..config import EngineConfig
-from ..tensors import ResponseInfo
+from ..tensors import LogProbs, ResponseInfo
 from ..text import TokenizerFiles, encode_words, flatten_id_lists, text_delta
 
 
@@ -102,10 +102,11 @@ class EngineClient:
 
     def token_logprobs(self, new_ids: list[int], result) -> list[TokenLogprob]:
         """The new tokens (their text alone) with their log-probabilities, where the request asked."""
-        logprobs, top, _ = read_logprobs(result)
-        if not logprobs:
+        packed = result.as_numpy("log_probs")
+        if packed is None:
             return []
-        top = top or [[] for _ in logprobs]
+        lp = LogProbs.unpack(packed.reshape(-1).tolist())
+        logprobs, top = lp.logprobs, lp.top or [[] for _ in lp.logprobs]
         piece = self.tok.decode_one
         return [
             TokenLogprob(piece(t), lp, [(piece(i), v) for i, v in alts]) for t, lp, alts in zip(new_ids, logprobs, top)

@@ -81,6 +81,15 @@ def strings_tensor(pb, name: str, values: tuple[str, ...]) -> object:
     return pb.Tensor(name, _strings_array(values))
 
 
+def logprob_tensors(pb, lp) -> list:
+    """The ensemble's log-probability outputs of one response (a `tensors.LogProbs`)."""
+    out = [tensor(pb, "output_log_probs", lp.logprobs, np.float32), tensor(pb, "cum_log_probs", [lp.cum], np.float32)]
+    if lp.top:
+        out.append(tensor(pb, "top_log_probs", [v for alts in lp.top for _, v in alts], np.float32))
+        out.append(tensor(pb, "top_log_prob_ids", [i for alts in lp.top for i, _ in alts], np.int32))
+    return out
+
+
 def error_response(pb, exc: Exception):
     """An error response. Errors inside a gRPC stream carry only a message (no status code), so
     the message starts with the status name in brackets, e.g. "[INVALID_ARGUMENT] invalid 'top_p'..."."""

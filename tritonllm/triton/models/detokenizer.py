@@ -7,11 +7,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonllm.tensors import LOGPROB_OUTPUTS, ResponseInfo
+from tritonllm.tensors import LogProbs, ResponseInfo
 from tritonllm.text import TokenizerFiles, text_delta
-from tritonllm.triton.backend_io import RequestReader, respond_each, tensor
-
-LOGPROB_NAMES = [s.name for s in LOGPROB_OUTPUTS]
+from tritonllm.triton.backend_io import RequestReader, logprob_tensors, respond_each, tensor
 
 
 class TritonPythonModel:
@@ -33,7 +31,6 @@ class TritonPythonModel:
             tensor(pb_utils, "num_input_tokens", [info.num_input_tokens], np.int32),
             tensor(pb_utils, "num_output_tokens", [info.num_output_tokens], np.int32),
         ]
-        for name in LOGPROB_NAMES:  # passed on where the request asked for them
-            if name in read.inputs:
-                outputs.append(pb_utils.Tensor(name, read.array(name)))
+        if "log_probs" in read.inputs:  # where the request asked for them: unpacked into the ensemble's outputs
+            outputs += logprob_tensors(pb_utils, LogProbs.unpack(read.array("log_probs").reshape(-1).tolist()))
         return pb_utils.InferenceResponse(outputs)

@@ -17,9 +17,16 @@ from tritonllm.engine.loop import EngineLoop
 from tritonllm.engine.request import build_sequence
 from tritonllm.engine.response_pump import ResponsePump
 from tritonllm.runtimes import load_runtime
-from tritonllm.tensors import ResponseInfo
+from tritonllm.tensors import LogProbs, ResponseInfo
 from tritonllm.text import TokenizerFiles, text_delta
-from tritonllm.triton.backend_io import RequestReader, error_response, model_parameters, strings_tensor, tensor
+from tritonllm.triton.backend_io import (
+    RequestReader,
+    error_response,
+    logprob_tensors,
+    model_parameters,
+    strings_tensor,
+    tensor,
+)
 from tritonllm.triton.metrics import EngineMetrics
 from tritonllm.triton.senders import GuardedSender
 
@@ -31,9 +38,9 @@ class TritonSink:
     them into the response pump; the pump's threads call `deliver`, so the loop never waits for
     Triton's core to take a response."""
 
-    def __init__(self, request, pump: ResponsePump, outputs):
+    def __init__(self, request, pump: ResponsePump, outputs, logprob_outputs):
         self.sender = GuardedSender(request.get_response_sender())
-        self.pump, self.outputs = pump, outputs
+        self.pump, self.outputs, self.logprob_outputs = pump, outputs, logprob_outputs
         self.failed = False  # a send raised: the client is gone, the engine ends the sequence
 
     def send(self, seq, ids, n_context, final):
@@ -48,7 +55,7 @@ class TritonSink:
     def deliver(self, seq, ids, n_context, final, n_output, logprobs_from):
         tensors = self.outputs(seq, ids, n_context, final, n_output)
         if seq.params.logprobs:
-            tensors += logprob_tensors(seq, logprobs_from, n_output)
+            tensors += self.logprob_outputs(seq, logprobs_from, n_output)
         self.sender.send(pb_utils.InferenceResponse(tensors), final, FINAL if final else 0)
 
     def deliver_error(self, seq, error):
@@ -70,19 +77,19 @@ def _counters(seq, final, n_output):
     ]
 
 
-def logprob_tensors(seq, start: int, end: int) -> list:
-    """The log-probabilities of output ids start..end-1 (and their running sum), for a request that
-    asked for them."""
-    lps, k = seq.logprobs[start:end], seq.params.top_logprobs
-    out = [
-        tensor(pb_utils, "output_log_probs", lps, np.float32),
-        tensor(pb_utils, "cum_log_probs", [sum(seq.logprobs[:end])], np.float32),
-    ]
-    if k:
-        top = seq.top_logprobs[start:end]
-        out.append(tensor(pb_utils, "top_log_probs", [v for _, vals in top for v in vals], np.float32))
-        out.append(tensor(pb_utils, "top_log_prob_ids", [i for ids, _ in top for i in ids], np.int32))
-    return out
+def logprobs_of(seq, start: int, end: int) -> LogProbs:
+    """The log-probabilities of output ids start..end-1 and their running sum."""
+    top = [list(zip(ids, vals)) for ids, vals in seq.top_logprobs[start:end]] if seq.params.top_logprobs else []
+    return LogProbs(seq.logprobs[start:end], top, sum(seq.logprobs[:end]))
+
+
+def packed_logprobs(seq, start: int, end: int) -> list:
+    return [tensor(pb_utils, "log_probs", logprobs_of(seq, start, end).pack(), np.float32)]
+
+
+def logprob_outputs(seq, start: int, end: int) -> list:
+    """The ensemble's log-probability outputs (an engine that answers with text)."""
+    return logprob_tensors(pb_utils, logprobs_of(seq, start, end))
 
 
 def id_outputs(seq, ids, n_context, final, n_output):
@@ -125,14 +132,14 @@ class TritonPythonModel:
             _mark_failed,
             workers=self.cfg.response_threads,
         )
-        self.outputs = id_outputs
+        self.outputs, self.logprob_outputs = id_outputs, packed_logprobs
         if self.cfg.emit_text:  # the ensemble has no detokenizer stage: text leaves the engine
 
             def text_outputs(seq, ids, n_context, final, n_output):
                 delta = text_delta(tok, ids, n_context, final, seq.params.stop_strings)
                 return [tensor(pb_utils, "text_output", [delta], object), *_counters(seq, final, n_output)]
 
-            self.outputs = text_outputs
+            self.outputs, self.logprob_outputs = text_outputs, logprob_outputs
         self.loop = EngineLoop(self.runtime, self.cfg, decode=tok.decode)
         # with several engine instances a full one holds new requests briefly, so Triton hands the
         # next ones to a free instance (it routes each request to an instance whose execute() is idle)
@@ -144,7 +151,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            sink = TritonSink(request, self.pump, self.outputs)
+            sink = TritonSink(request, self.pump, self.outputs, self.logprob_outputs)
             try:
                 seq = build_sequence(RequestReader(request), self.cfg, self.runtime.shape)
                 seq.sink = sink
