@@ -45,6 +45,11 @@ def build_tensorrt_plan(onnx_dir: Path, engine: EngineConfig) -> None:
 
 def engine_files(checkpoint: Path, name: str, engine: EngineConfig, onnx_dir: Path | None = None) -> Path:
     """Steps 1-2: the folder of engine files for `engine.runtime`."""
+    from transformers import AutoConfig
+
+    from ..model.families import check_context
+
+    check_context(AutoConfig.from_pretrained(checkpoint), engine.max_context)  # before any export
     if engine.runtime == "torch-cuda":  # our module with its weights, saved for torch alone
         from ..model.modeling import save_engine_model
 

@@ -1,4 +1,4 @@
-"""A compact Llama-family decoder (Llama, SmolLM, Qwen2, Mistral) built from an HF checkpoint.
+"""A compact Llama-family decoder (the families of `families.py`) built from an HF checkpoint.
 
 One definition serves the ONNX export (explicit KV inputs/outputs, the runtime owns the cache) and
 the PyTorch runtimes. Rotary frequencies are taken from the HF model itself, so every rope scaling
@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .families import features
 from .shape import ModelShape, shape_of
-
-SUPPORTED = {"llama", "qwen2", "mistral", "smollm3"}
 
 
 class RMSNorm(nn.Module):
@@ -61,12 +60,17 @@ class DecoderLayer(nn.Module):
         self.ln1 = RMSNorm(hf_layer.input_layernorm.weight, eps)
         self.ln2 = RMSNorm(hf_layer.post_attention_layernorm.weight, eps)
         self.h, self.hkv, self.d = shape.num_heads, shape.num_kv_heads, shape.head_dim
+        q_norm = getattr(a, "q_norm", None)  # Qwen3: RMSNorm over each q and k head, before the rotary
+        self.q_norm = RMSNorm(q_norm.weight, eps) if q_norm is not None else None
+        self.k_norm = RMSNorm(a.k_norm.weight, eps) if q_norm is not None else None
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B,T,E] -> q [B,H,T,D], k/v [B,Hkv,T,D] with rotary applied to q and k."""
         b, t, _ = x.shape
         heads = self.qkv_proj(x).view(b, t, self.h + 2 * self.hkv, self.d)
         qk, v = heads[:, :, : self.h + self.hkv], heads[:, :, self.h + self.hkv :]
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :, : self.h]), self.k_norm(qk[:, :, self.h :])], dim=2)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
         qk = qk * cos + rotate_half(qk) * sin  # rotary on all q and k heads at once
         return (qk[:, :, : self.h].transpose(1, 2), qk[:, :, self.h :].transpose(1, 2), v.transpose(1, 2))
@@ -94,8 +98,7 @@ class CausalLM(nn.Module):
     def __init__(self, hf_model):
         super().__init__()
         c = hf_model.config
-        if c.model_type not in SUPPORTED:
-            raise ValueError(f"model_type {c.model_type!r} is not supported; supported: {sorted(SUPPORTED)}")
+        self.features = features(c)  # raises for a family or feature the decoder does not reproduce
         self.shape = shape_of(hf_model)
         base = hf_model.model
         eps = c.rms_norm_eps

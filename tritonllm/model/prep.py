@@ -10,6 +10,8 @@ import logging
 import time
 from pathlib import Path
 
+from .families import FAMILIES
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,32 +57,41 @@ def prepare_smollm2(out: Path) -> Path:
     return out
 
 
-def prepare_tiny(out: Path, tokenizer_from: Path, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
-    """A random-weight Llama-style model (GQA, 4 heads / 2 KV heads) with a real tokenizer."""
+def prepare_tiny(
+    out: Path, tokenizer_from: Path, seed: int = 0, layers: int = 2, hidden: int = 64, family: str = "llama", **extra
+) -> Path:
+    """A random-weight model of `family` (an HF model_type; GQA, 4 heads / 2 KV heads) made with
+    transformers' own config class, with a real tokenizer. `extra`: more config fields."""
     if _is_checkpoint(out):
         return out
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_from)
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        family,
         vocab_size=len(tok),
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=hidden // 4,
         max_position_embeddings=1024,
         rope_theta=10000.0,
         tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        **extra,
     )
-    model = LlamaForCausalLM(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # larger logits spread: fewer near-ties, so greedy parity is meaningful
         model.lm_head.weight.mul_(4.0)
+        for name, param in model.named_parameters():  # other families: biases and norms of zeros and ones
+            if family != "llama" and (name.endswith("bias") or "norm" in name):  # would test nothing
+                param.add_(0.1 * torch.randn_like(param))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
@@ -93,11 +104,12 @@ def main() -> None:
     p.add_argument("which", choices=["smollm2", "tiny"])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tokenizer-from", type=Path, help="for tiny: a checkpoint whose tokenizer to reuse")
+    p.add_argument("--family", default="llama", choices=sorted(FAMILIES), help="for tiny: its model_type")
     a = p.parse_args()
     if a.which == "smollm2":
         prepare_smollm2(a.out)
     else:
-        prepare_tiny(a.out, a.tokenizer_from)
+        prepare_tiny(a.out, a.tokenizer_from, family=a.family)
     log.info("checkpoint ready: %s", a.out)
 
 

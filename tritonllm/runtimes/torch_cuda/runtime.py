@@ -57,6 +57,8 @@ class TorchCudaRuntime(Runtime):
         self.scratch_slot = self.max_slots  # padding rows of a graph-replayed prefill write their K/V here
         self.cache = StaticKVCache(self.shape, self.max_slots + 1, cfg.max_context, self.dtype, self.device)
         self.buckets = Buckets.for_engine(self.max_slots, cfg.max_context)
+        # the fused decode kernels go from the qkv product straight to the rotary: no per-head q/k norm
+        fused_kernels = fused_kernels and not self.model.features.qk_norm
         triton = want_triton(triton_kernels, fused_kernels, self.device, self.dtype, self.shape.head_dim)
         self.kernels = choose_kernels(self.model, self.cache, self.buckets.batch, cfg.max_context, triton, gemv_table)
         self.compiled = bool(cfg.torch_compile and self.device.type == "cuda")
