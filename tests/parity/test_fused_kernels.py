@@ -186,7 +186,7 @@ def test_start_up_self_check_passes_for_every_kernel_form():
     fk.self_check(torch.device("cpu"), torch.float32, 64)
 
 
-@pytest.mark.parametrize("k", [0, 5])
+@pytest.mark.parametrize("k", [0, 5, 20])
 def test_logprob_kernels_match_log_softmax_and_topk(k):
     """Chunked log-sum-exp and top k over a vocabulary of several chunks (one not full), rows taken
     by index, temperatures, masked (-inf) entries: against torch's log_softmax and topk."""

@@ -61,6 +61,7 @@ class TorchCudaRuntime(Runtime):
         fused_kernels = fused_kernels and not self.model.features.qk_norm
         triton = want_triton(triton_kernels, fused_kernels, self.device, self.dtype, self.shape.head_dim)
         self.kernels = choose_kernels(self.model, self.cache, self.buckets.batch, cfg.max_context, triton, gemv_table)
+        sampling.warm_up_logprobs(self.shape.vocab_size, self.device)
         self.compiled = bool(cfg.torch_compile and self.device.type == "cuda")
         self.forward = ForwardPasses(self.model, self.cache, self.kernels, self.max_slots, fused_kernels, self.compiled)
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..base import Sampled
 from .transfers import cached_index, to_device
 
+log = logging.getLogger(__name__)
 NEG_INF = float("-inf")
 
 
@@ -163,6 +166,19 @@ def choose(logits: torch.Tensor, seqs) -> torch.Tensor:
 
 
 _KERNELS: list = []
+
+
+def warm_up_logprobs(vocab: int, device) -> None:
+    """Compile the log-probability kernels at start-up (not in a request's step); where they do not
+    compile, the torch ops serve."""
+    kernels = _kernels()
+    if kernels is None or torch.device(device).type != "cuda":
+        return
+    try:
+        kernels.warm_up(vocab, device)
+    except Exception as exc:  # a Triton that cannot build them here: the torch ops are exact too
+        log.warning("log-probability kernels unavailable (%s): using the torch ops", str(exc)[:300])
+        _KERNELS[:] = [None]
 
 
 def _kernels():
