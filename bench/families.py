@@ -24,45 +24,25 @@ from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 
 log = logging.getLogger("bench.families")
-SMALL = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    vocab_size=128256,
-    max_position_embeddings=4096,
-)
+
+
+def shape(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int) -> dict:
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+    )
+
+
+SMALL = shape(2048, 8192, 16, 32, 8, 64, 128256)  # Llama-3.2-1B-like
 LARGE = {  # the published shapes (random weights)
-    "llama": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=128256,
-    ),
-    "qwen2": dict(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        head_dim=128,
-        vocab_size=152064,
-    ),
-    "mistral": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=32768,
-        sliding_window=None,
-    ),
+    "llama": shape(4096, 14336, 32, 32, 8, 128, 128256),  # Llama-3.1-8B
+    "qwen2": shape(3584, 18944, 28, 28, 4, 128, 152064),  # Qwen2.5-7B
+    "mistral": {**shape(4096, 14336, 32, 32, 8, 128, 32768), "sliding_window": None},  # Mistral-7B v0.3
 }
 
 
