@@ -11,7 +11,7 @@ import pytest
 from tritonllm.openai.server import Gateway
 from tritonllm.triton.server_process import free_port
 
-from .helpers import metric_value, wait_for_metric
+from .helpers import wait_for_metric
 
 
 @pytest.fixture(scope="module")
@@ -114,25 +114,25 @@ def test_malformed_bodies_are_4xx_and_the_server_keeps_serving(gateway, client, 
 def test_a_client_that_walks_away_cancels_its_engine_request(gateway, server):
     """Streaming chat, the client closes the connection after the first chunk: the engine's request
     ends as cancelled (the gateway addresses the engine, whose cancellation Triton delivers), long
-    before its 190 tokens."""
-    before = metric_value(server, "tritonllm_requests_finished_total", "tiny_engine")
+    before its 200 tokens. SmolLM2 (tens of ms a token here): the tiny model can write all its tokens
+    before a loaded 2-core machine has passed the disconnect on."""
     cancelled_before = sum_reason(server, "cancelled")
     body = {
-        "model": "tiny",
+        "model": "smollm2",
         "messages": [{"role": "user", "content": "walk away"}],
-        "max_tokens": 190,
+        "max_tokens": 200,
+        "ignore_eos": True,
         "temperature": 0,
         "stream": True,
     }
     with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         next(r.iter_lines())
-    wait_for_metric(server, "tritonllm_requests_active", "tiny_engine", lambda v: v == 0, timeout_s=30)
+    wait_for_metric(server, "tritonllm_requests_active", "smollm2_engine", lambda v: v == 0, timeout_s=30)
     deadline = time.monotonic() + 10  # a finished request's count can show a moment after its slot is free
     while sum_reason(server, "cancelled") == cancelled_before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert sum_reason(server, "cancelled") == cancelled_before + 1
-    assert metric_value(server, "tritonllm_requests_finished_total", "tiny_engine") >= before
 
 
 def sum_reason(server, reason: str) -> float:
@@ -142,7 +142,7 @@ def sum_reason(server, reason: str) -> float:
         v
         for n, labels, v in metric_samples(server.metrics())
         if n == "tritonllm_requests_finished_total"
-        and labels.get("model") == "tiny_engine"
+        and labels.get("model") == "smollm2_engine"
         and labels.get("reason") == reason
     )
 
