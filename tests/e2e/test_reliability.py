@@ -99,7 +99,10 @@ def test_killed_engine_stub_errors_its_requests_and_the_server_recovers(fault_se
             time.sleep(0.5)
     for t in threads:
         t.join(60)
-    assert fault_server.is_alive()
+    alive_by = time.monotonic() + 60  # where Triton aborted during the reload, the watchdog is restarting it
+    while not fault_server.is_alive() and time.monotonic() < alive_by:
+        time.sleep(0.5)
+    assert fault_server.is_alive(), fault_server.log_tail()
     assert recovered is not None, f"no recovery in 120 s:\n{fault_server.log_tail()}"
     assert len(outcomes) == 3 and "finished" not in outcomes, outcomes  # ended in errors, none hung
     deadline = time.monotonic() + 40  # the watchdog records a recovery once the new stub is seen
@@ -110,6 +113,18 @@ def test_killed_engine_stub_errors_its_requests_and_the_server_recovers(fault_se
         f"engine stub killed under 3 streams: they ended with {outcomes}; serving again after {recovered:.1f} s "
         f"({fault_server.recoveries})"
     )
+
+
+def test_the_watchdog_restarts_a_server_that_exited(fault_server):
+    """Triton 2.51 can abort (SIGABRT) while it unloads a model whose stub was killed: a server
+    process that exits under the watchdog is started again on its ports, and serves."""
+    os.kill(fault_server._proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    while not fault_server.recoveries and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert fault_server.recoveries == [("tritonserver", "restart", fault_server.recoveries[0][2])]
+    with LLMClient(fault_server.grpc_url, "tiny", timeout_s=30) as c:
+        assert c.generate("back again", max_tokens=3, temperature=0.0).num_output_tokens >= 1
 
 
 def test_walking_away_from_an_ensemble_stream_is_bounded(live_server):

@@ -211,11 +211,26 @@ class TritonServer:
 
     def _watch(self) -> None:
         self.watched = self.stub_pids()
-        while not self._watch_stop.wait(1.0) and self.is_alive():
+        while not self._watch_stop.wait(1.0):
             try:
-                self._watch_once()
+                if self.is_alive():
+                    self._watch_once()
+                else:  # Triton 2.51 can abort while it unloads a model whose stub was killed
+                    self._restart_exited()
             except Exception:  # the watchdog must outlive any one failed check
                 log.exception("watchdog check failed")
+
+    def _restart_exited(self) -> None:
+        t0 = time.monotonic()
+        with self._lifecycle:
+            if self._watch_stop.is_set() or self.is_alive():
+                return
+            code = self._proc.poll() if self._proc is not None else None
+            log.warning("tritonserver exited (code %s): restarting it", code)
+            self._terminate(timeout_s=5.0)
+            self._launch(append_log=True)
+        self.recoveries.append(("tritonserver", "restart", round(time.monotonic() - t0, 2)))
+        self.watched = self.stub_pids()
 
     def _watch_once(self) -> None:
         now = self.stub_pids()
