@@ -27,7 +27,7 @@ from bench.drivers import run_hf, run_inprocess, run_triton
 from bench.measure import PowerSampler, markdown_table
 from bench.provenance import DEFAULT_OUT, result_stem, run_facts
 from bench.targets import COLS, render, target_lines
-from bench.workloads import copy_bandwidth, llama_1b_random, random_prompts, weight_bytes, word_tokenizer
+from bench.workloads import copy_bandwidth, llama_1b_random, random_prompts, smollm2_onnx, weight_bytes, word_tokenizer
 from tritonllm.build.repository import RepositoryConfig, write_repository
 from tritonllm.config import EngineConfig
 from tritonllm.engine.inprocess import InProcessEngine
@@ -339,14 +339,10 @@ def triton_variant(spec: str, base: EngineConfig) -> tuple[str, EngineConfig, tu
 
 
 def cpu_suite(a, results: list, facts: dict) -> None:
-    from tritonllm.build.pipeline import export_cached
     from tritonllm.model.modeling import load_hf
-    from tritonllm.model.prep import prepare_smollm2
     from tritonllm.text import TokenizerFiles
 
-    ckpt = prepare_smollm2(Path("build/models/smollm2"))
-    onnx_dir = Path("build/onnx/smollm2")
-    export_cached(ckpt, onnx_dir)
+    ckpt, onnx_dir = smollm2_onnx()
     tok = TokenizerFiles(ckpt)
     base = tok.encode(Path(__file__).read_text() * 4, add_special_tokens=False)
     prompts = [base[i * 37 : i * 37 + a.prompt_len] for i in range(max(a.concurrency) * a.rounds)]

@@ -13,7 +13,6 @@ import argparse
 import logging
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -67,11 +66,9 @@ def main() -> None:
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--name", default="cpu-step")
     a = p.parse_args()
-    from tritonllm.build.pipeline import export_cached
-    from tritonllm.model.prep import prepare_smollm2
+    from bench.workloads import smollm2_onnx
 
-    engine_dir = Path("build/onnx/smollm2")
-    export_cached(prepare_smollm2(Path("build/models/smollm2")), engine_dir)
+    _, engine_dir = smollm2_onnx()
     cfg = EngineConfig(
         max_slots=max(a.batch),
         max_context=max(a.past) + 64,

@@ -17,10 +17,9 @@ from pathlib import Path
 from bench.drivers import run_triton
 from bench.measure import PowerSampler, write_results
 from bench.provenance import DEFAULT_OUT
-from tritonllm.build.pipeline import export_cached
+from bench.workloads import smollm2_onnx
 from tritonllm.build.repository import RepositoryConfig, write_repository
 from tritonllm.config import EngineConfig
-from tritonllm.model.prep import prepare_smollm2
 from tritonllm.text import TokenizerFiles
 from tritonllm.triton.scrape import metric_samples
 from tritonllm.triton.server_process import TritonServer
@@ -45,9 +44,7 @@ def main() -> None:
     p.add_argument("--out-len", type=int, default=64)
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
-    ckpt = prepare_smollm2(Path("build/models/smollm2"))
-    onnx_dir = Path("build/onnx/smollm2")
-    export_cached(ckpt, onnx_dir)
+    ckpt, onnx_dir = smollm2_onnx()
     tok = TokenizerFiles(ckpt)
     words = tok.decode(tok.encode(Path(__file__).read_text() * 8, add_special_tokens=False))
     ids = tok.encode(words, add_special_tokens=False)

@@ -19,11 +19,10 @@ from pathlib import Path
 
 from bench.measure import write_results
 from bench.provenance import DEFAULT_OUT
+from bench.workloads import smollm2_onnx
 from loadtests import launch
-from tritonllm.build.pipeline import export_cached
 from tritonllm.build.repository import RepositoryConfig, write_repository
 from tritonllm.config import EngineConfig
-from tritonllm.model.prep import prepare_smollm2
 from tritonllm.openai.server import Gateway
 from tritonllm.triton.server_process import TritonServer, free_port
 
@@ -104,9 +103,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
-    ckpt = prepare_smollm2(Path("build/models/smollm2"))
-    onnx_dir = Path("build/onnx/smollm2")
-    export_cached(ckpt, onnx_dir)
+    ckpt, onnx_dir = smollm2_onnx()
     repo = BUILD / "repository"
     # one ONNX Runtime thread: the other core is the load generator's
     engine = EngineConfig(max_slots=max(4, a.concurrency), max_context=1024, max_tokens_limit=512, threads=1)

@@ -62,13 +62,10 @@ def main() -> None:
     p.add_argument("--out-len", type=int, default=96)
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
-    from tritonllm.build.pipeline import export_cached
-    from tritonllm.model.prep import prepare_smollm2
+    from bench.workloads import smollm2_onnx
     from tritonllm.text import TokenizerFiles
 
-    ckpt = prepare_smollm2(Path("build/models/smollm2"))
-    engine_dir = Path("build/onnx/smollm2")
-    export_cached(ckpt, engine_dir)
+    ckpt, engine_dir = smollm2_onnx()
     text = TokenizerFiles(ckpt).encode(Path(__file__).read_text() * 40, add_special_tokens=False)
     stream_prompts = [text[i * 50 : i * 50 + 32] for i in range(a.streams)]
     base = EngineConfig(max_slots=a.streams + 1, max_context=2048, max_tokens_limit=256, threads=os.cpu_count() or 1)

@@ -81,3 +81,14 @@ def copy_bandwidth(nbytes: int = 2 << 30, iters: int = 20) -> float:
     end.record()
     torch.cuda.synchronize()
     return 2 * a.numel() * a.element_size() * iters / (start.elapsed_time(end) / 1e3)
+
+
+def smollm2_onnx() -> tuple[Path, Path]:
+    """The CPU benchmarks' model: the shipped SmolLM2 checkpoint and its ONNX engine folder, made
+    once and reused while up to date."""
+    from tritonllm.build.pipeline import export_cached
+    from tritonllm.model.prep import prepare_smollm2
+
+    ckpt, onnx_dir = prepare_smollm2(Path("build/models/smollm2")), Path("build/onnx/smollm2")
+    export_cached(ckpt, onnx_dir)
+    return ckpt, onnx_dir
