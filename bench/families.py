@@ -21,6 +21,7 @@ from bench.workloads import random_prompts
 from tritonllm.config import EngineConfig
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model.modeling import CausalLM
+from tritonllm.model.prep import spread_random_weights
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 
 log = logging.getLogger("bench.families")
@@ -53,11 +54,7 @@ def random_model(family: str, shape: dict, seed: int = 0):
     config = AutoConfig.for_model(family, **{"max_position_embeddings": 4096, "tie_word_embeddings": False, **shape})
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(4.0)  # a wider spread of logits: fewer near-ties between random tokens
-        for name, p in model.named_parameters():  # biases and norms of zeros and ones would test nothing
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.05 * torch.randn_like(p))
+    spread_random_weights(model, 0.05)
     return model.eval()
 
 

@@ -57,6 +57,20 @@ def prepare_smollm2(out: Path) -> Path:
     return out
 
 
+def spread_random_weights(model, bias_norm_noise: float) -> None:
+    """Make a freshly initialised random model a meaningful parity subject: logits 4x wider (fewer
+    near-ties, so greedy ids are decided) and, with `bias_norm_noise`, biases and norm weights moved
+    off their initial zeros and ones (which would leave those code paths untested)."""
+    import torch
+
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+        if bias_norm_noise:
+            for name, param in model.named_parameters():
+                if name.endswith("bias") or "norm" in name:
+                    param.add_(bias_norm_noise * torch.randn_like(param))
+
+
 def prepare_tiny(
     out: Path, tokenizer_from: Path, seed: int = 0, layers: int = 2, hidden: int = 64, family: str = "llama", **extra
 ) -> Path:
@@ -87,11 +101,7 @@ def prepare_tiny(
         **extra,
     )
     model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # larger logits spread: fewer near-ties, so greedy parity is meaningful
-        model.lm_head.weight.mul_(4.0)
-        for name, param in model.named_parameters():  # other families: biases and norms of zeros and ones
-            if family != "llama" and (name.endswith("bias") or "norm" in name):  # would test nothing
-                param.add_(0.1 * torch.randn_like(param))
+    spread_random_weights(model, 0.1 if family != "llama" else 0.0)  # the tiny Llama predates the noise
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
