@@ -174,9 +174,9 @@ class Output:
         self.object = "chat.completion" if kind == "chat" else "text_completion"
 
     def _choice(
-        self, text: str | None, finish: str | None, tokens: list | None, first: bool = False, whole: bool = False
+        self, text: str | None, finish: str | None, tokens: list[TokenLogprob], first: bool = False, whole: bool = False
     ) -> dict:
-        logprobs = None if tokens is None else self._logprobs(tokens)
+        logprobs = self._logprobs(tokens) if self.logprobs else None
         if self.kind == "text":
             return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         if whole:
@@ -233,7 +233,7 @@ class Output:
             tokens += d.tokens
             last = d
         finish = FINISH.get(last.finish_reason, "stop")
-        choice = self._choice("".join(parts), finish, tokens if self.logprobs else None, whole=True)
+        choice = self._choice("".join(parts), finish, tokens, whole=True)
         return self._object([choice], False, self._usage(last))
 
     async def sse(self, first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[str]:
@@ -245,8 +245,7 @@ class Output:
                 last = d
                 finish = FINISH.get(d.finish_reason) if d.finish_reason else None
                 if d.text or finish or is_first or d.tokens:
-                    tokens = d.tokens if self.logprobs else None
-                    yield _event(self._object([self._choice(d.text, finish, tokens, first=is_first)], True))
+                    yield _event(self._object([self._choice(d.text, finish, d.tokens, first=is_first)], True))
                 is_first = False
             if self.include_usage:
                 yield _event(self._object([], True, self._usage(last)))

@@ -269,7 +269,7 @@ class TorchCudaRuntime(Runtime):
             chosen = self._downloads.receive(chosen)
         if steps > 1:
             return chosen.view(steps, -1).t().tolist()
-        return plan.results(chosen.tolist(), None if logprobs is None else tuple(t.tolist() for t in logprobs))
+        return plan.results(chosen.tolist(), logprobs)
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:

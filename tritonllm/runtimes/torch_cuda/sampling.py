@@ -86,13 +86,13 @@ class SamplingPlan:
         every = len(self.logprob_rows) == len(self.seqs)
         rows = cached_index(tuple(self.logprob_rows), logits.device)
         picked_ids = chosen if every else chosen.index_select(0, rows)
-        temps = [1.0 if self.seqs[i].greedy else self.seqs[i].params.temperature for i in self.logprob_rows]
+        temps = tuple(1.0 if self.seqs[i].greedy else self.seqs[i].params.temperature for i in self.logprob_rows)
+        temps_t = cached_index(temps, logits.device, torch.float32)
         if logits.is_cuda and _kernels() is not None:
-            t = cached_index(tuple(temps), logits.device, torch.float32)
-            return _kernels().logprob_stats(logits, rows, t, picked_ids, self.top_logprobs)
+            return _kernels().logprob_stats(logits, rows, temps_t, picked_ids, self.top_logprobs)
         x = (logits if every else logits.index_select(0, rows)).float()
         if any(t != 1.0 for t in temps):
-            x = x / to_device(temps, logits.device, torch.float32)[:, None]
+            x = x / temps_t[:, None]
         lse = torch.logsumexp(x, dim=-1, keepdim=True)  # read where needed, no [rows, vocab] log-softmax
         picked = x.gather(1, picked_ids[:, None]) - lse
         if not self.top_logprobs:
@@ -100,13 +100,13 @@ class SamplingPlan:
         top = torch.topk(x, self.top_logprobs, dim=-1)
         return torch.cat([picked, top.values - lse], dim=1), top.indices
 
-    def results(self, chosen: list[int], logprobs: tuple[list, list] | None) -> list:
-        """The step's ids, a `Sampled` for each row that asks for log-probabilities (host lists of
-        `logprobs`' two tensors)."""
+    def results(self, chosen: list[int], logprobs: tuple[torch.Tensor, torch.Tensor] | None) -> list:
+        """The step's ids, a `Sampled` for each row that asks for log-probabilities (`logprobs`: the
+        two tensors of `logprobs()`, on the host or read from the device here)."""
         if logprobs is None:
             return chosen
         out = list(chosen)
-        for i, vals, ids in zip(self.logprob_rows, *logprobs):
+        for i, vals, ids in zip(self.logprob_rows, *(t.tolist() for t in logprobs)):
             k = self.seqs[i].params.top_logprobs
             out[i] = Sampled(chosen[i], vals[0], ids[:k], vals[1 : 1 + k])
         return out
@@ -156,8 +156,7 @@ def sample_batch(logits: torch.Tensor, seqs) -> list:
     """logits [N, V] on the device -> one token id (or `Sampled`) per sequence."""
     plan = SamplingPlan(seqs)
     chosen = plan.choose(logits)
-    extra = plan.logprobs(chosen) if plan.logprob_rows else None
-    return plan.results(chosen.tolist(), None if extra is None else (extra[0].tolist(), extra[1].tolist()))
+    return plan.results(chosen.tolist(), plan.logprobs(chosen) if plan.logprob_rows else None)
 
 
 def choose(logits: torch.Tensor, seqs) -> torch.Tensor:
