@@ -1,6 +1,7 @@
 """The model families the one decoder definition (`modeling.py`) serves, as data: which HF
 `model_type`s, which of their features it reproduces, and the checks that refuse a checkpoint whose
-features it would get wrong (never a silently wrong model). Kernels read the same `Features`."""
+features it would get wrong (never a silently wrong model). The torch runtime reads the same `Features`
+(a q/k norm turns its fused decode kernels off)."""
 
 from __future__ import annotations
 
