@@ -105,11 +105,12 @@ class EngineClient:
         packed = result.as_numpy("log_probs")
         if packed is None:
             return []
-        lp = LogProbs.unpack(packed.reshape(-1).tolist())
-        logprobs, top = lp.logprobs, lp.top or [[] for _ in lp.logprobs]
+        got = LogProbs.unpack(packed.reshape(-1).tolist())
+        top = got.top or [[] for _ in got.logprobs]
         piece = self.tok.decode_one
         return [
-            TokenLogprob(piece(t), lp, [(piece(i), v) for i, v in alts]) for t, lp, alts in zip(new_ids, logprobs, top)
+            TokenLogprob(piece(t), v, [(piece(i), alt) for i, alt in alts])
+            for t, v, alts in zip(new_ids, got.logprobs, top)
         ]
 
 
