@@ -347,7 +347,7 @@ def cpu_suite(a, results: list, facts: dict) -> None:
     base = tok.encode(Path(__file__).read_text() * 4, add_special_tokens=False)
     prompts = [base[i * 37 : i * 37 + a.prompt_len] for i in range(max(a.concurrency) * a.rounds)]
     power = PowerSampler()
-    hf = load_hf(ckpt)
+    hf = load_hf(ckpt, attention="sdpa")  # HF as users run it
     torch.set_num_threads(os.cpu_count())
     for c in a.concurrency:
         results.append(run_hf(hf, prompts[:c], a.out_len, False, power).row())

@@ -69,6 +69,23 @@ def test_decode_attention_matches_sdpa_over_each_rows_valid_keys(heads, kv_heads
         torch.testing.assert_close(got[i, 0], ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("config", [fk.ATTENTION_CONFIGS[0], fk.ATTENTION_CONFIGS[5]])
+def test_decode_attention_keeps_to_a_sliding_window_with_a_query_scale(config):
+    torch.manual_seed(4)
+    b, heads, kv_heads, d, ctx, window, scale = 3, 4, 2, 16, 150, 40, 0.3
+    q = torch.randn(b, heads, d)
+    kc, vc = torch.randn(4, kv_heads, ctx, d), torch.randn(4, kv_heads, ctx, d)
+    pos = torch.tensor([10, 70, 149])  # inside the window, past it, and cut at the graph's context
+    got = fk.decode_attention(q, kc, vc, pos, 128, config, window=window, scale=scale)
+    for i in range(b):
+        n = min(int(pos[i]) + 1, 128)
+        lo = max(0, n - window)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[i].view(kv_heads, 2, d), kc[i, :, lo:n], vc[i, :, lo:n], scale=scale
+        ).reshape(-1)
+        torch.testing.assert_close(got[i, 0], ref, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("rows,config", [(1, (8, 512, 4)), (3, (16, 512, 4)), (8, (4, 1024, 4))])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_gemv_matches_linear_on_ragged_shapes(rows, config, with_bias):

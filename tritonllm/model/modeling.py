@@ -1,4 +1,5 @@
-"""A compact Llama-family decoder (the families of `families.py`) built from an HF checkpoint.
+"""One compact decoder for every family of `families.py`, built from an HF checkpoint; what differs
+between families (norm style, MLP activation, windows, soft-capping, ...) is read from `Features`.
 
 One definition serves the ONNX export (explicit KV inputs/outputs, the runtime owns the cache) and
 the PyTorch runtimes. Rotary frequencies are taken from the HF model itself, so every rope scaling
@@ -12,15 +13,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .families import features
+from .families import Features, features
 from .shape import ModelShape, shape_of
+
+NEG = -1e9
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float):
+    """Llama's RMSNorm (cast to the model's dtype, then scaled by w) or, with `offset` 1, Gemma's
+    (scaled by 1 + w in fp32, then cast): the two round differently in bf16."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -28,6 +34,8 @@ class RMSNorm(nn.Module):
             xf = nn.functional.rms_norm(xf, (xf.shape[-1],), eps=self.eps)  # one fused kernel
         else:
             xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
@@ -46,33 +54,61 @@ def _linear(*layers: nn.Linear) -> nn.Linear:
     return out
 
 
+def _fused(module: nn.Module, fused_name: str, *names: str) -> nn.Linear:
+    """The module's fused projection (Phi-3 ships qkv_proj / gate_up_proj) or its parts, fused."""
+    whole = getattr(module, fused_name, None)
+    return _linear(whole) if whole is not None else _linear(*(getattr(module, n) for n in names))
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary on the first cos.shape[-1] dims of each head (all of them, or Phi's partial rotary)."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot = x[..., :r]
+    return torch.cat([rot * cos + rotate_half(rot) * sin, x[..., r:]], dim=-1)
+
+
+def activate(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "gelu_tanh":
+        return nn.functional.gelu(x, approximate="tanh")
+    return nn.functional.gelu(x) if name == "gelu" else nn.functional.silu(x)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_layer, shape: ModelShape, eps: float):
+    def __init__(self, hf_layer, shape: ModelShape, eps: float, feats: Features, index: int):
         super().__init__()
         a, m = hf_layer.self_attn, hf_layer.mlp
-        self.qkv_proj, self.o = _linear(a.q_proj, a.k_proj, a.v_proj), _linear(a.o_proj)
-        self.gate_up, self.down = _linear(m.gate_proj, m.up_proj), _linear(m.down_proj)
-        self.ln1 = RMSNorm(hf_layer.input_layernorm.weight, eps)
-        self.ln2 = RMSNorm(hf_layer.post_attention_layernorm.weight, eps)
+        self.qkv_proj, self.o = _fused(a, "qkv_proj", "q_proj", "k_proj", "v_proj"), _linear(a.o_proj)
+        self.gate_up, self.down = _fused(m, "gate_up_proj", "gate_proj", "up_proj"), _linear(m.down_proj)
+
+        def norm(source):
+            return RMSNorm(source.weight, eps, feats.norm_offset) if source is not None else None
+
+        sandwich = feats.sandwich_norms  # Gemma 2/3: post_attention_layernorm is the attention output's
+        self.ln1 = norm(hf_layer.input_layernorm)
+        self.ln2 = norm(hf_layer.pre_feedforward_layernorm if sandwich else hf_layer.post_attention_layernorm)
+        self.post_attention = norm(hf_layer.post_attention_layernorm) if sandwich else None
+        self.post_mlp = norm(hf_layer.post_feedforward_layernorm) if sandwich else None
+        self.q_norm, self.k_norm = norm(getattr(a, "q_norm", None)), norm(getattr(a, "k_norm", None))
         self.h, self.hkv, self.d = shape.num_heads, shape.num_kv_heads, shape.head_dim
-        q_norm = getattr(a, "q_norm", None)  # Qwen3: RMSNorm over each q and k head, before the rotary
-        self.q_norm = RMSNorm(q_norm.weight, eps) if q_norm is not None else None
-        self.k_norm = RMSNorm(a.k_norm.weight, eps) if q_norm is not None else None
+        self.window = feats.window(index)
+        self.scale = feats.attn_scale or self.d**-0.5
+        self.softcap, self.activation = feats.attn_softcap, feats.activation
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B,T,E] -> q [B,H,T,D], k/v [B,Hkv,T,D] with rotary applied to q and k."""
         b, t, _ = x.shape
         heads = self.qkv_proj(x).view(b, t, self.h + 2 * self.hkv, self.d)
         qk, v = heads[:, :, : self.h + self.hkv], heads[:, :, self.h + self.hkv :]
-        if self.q_norm is not None:
+        if self.q_norm is not None:  # Qwen3, Gemma 3: RMSNorm over each q and k head, before the rotary
             qk = torch.cat([self.q_norm(qk[:, :, : self.h]), self.k_norm(qk[:, :, self.h :])], dim=2)
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-        qk = qk * cos + rotate_half(qk) * sin  # rotary on all q and k heads at once
+        qk = apply_rotary(qk, cos.unsqueeze(2), sin.unsqueeze(2))  # all q and k heads at once
         return (qk[:, :, : self.h].transpose(1, 2), qk[:, :, self.h :].transpose(1, 2), v.transpose(1, 2))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -81,7 +117,9 @@ class DecoderLayer(nn.Module):
         b, _, t, d = q.shape
         g = self.h // self.hkv
         qg = q.reshape(b, self.hkv, g * t, d)
-        scores = torch.matmul(qg, k.transpose(-1, -2)) * (d**-0.5)  # [B,Hkv,G*T,S]
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * self.scale  # [B,Hkv,G*T,S]
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         bias_g = bias.unsqueeze(2).expand(b, 1, g, t, bias.shape[-1]).reshape(b, 1, g * t, bias.shape[-1])
         probs = torch.softmax(scores.float() + bias_g, dim=-1).to(q.dtype)
         out = torch.matmul(probs, v)  # [B,Hkv,G*T,D]
@@ -89,58 +127,113 @@ class DecoderLayer(nn.Module):
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(nn.functional.silu(gate) * up)
+        return self.down(activate(self.activation, gate) * up)
+
+    def after_attention(self, y: torch.Tensor) -> torch.Tensor:
+        """The attention output as added to the residual stream (normed first in Gemma 2/3)."""
+        return self.post_attention(y) if self.post_attention is not None else y
+
+    def after_mlp(self, y: torch.Tensor) -> torch.Tensor:
+        return self.post_mlp(y) if self.post_mlp is not None else y
+
+
+def window_bias(bias: torch.Tensor, position_ids: torch.Tensor, window: int) -> torch.Tensor:
+    """`bias` [B,1,T,P+T] with keys `window` or more positions behind the query masked; past column
+    j holds position j and the new tokens' positions are `position_ids` [B,T]."""
+    b, t = position_ids.shape
+    past = torch.arange(bias.shape[-1] - t, device=bias.device).unsqueeze(0).expand(b, -1)
+    keys = torch.cat([past, position_ids], dim=1)
+    far = (position_ids.unsqueeze(-1) - keys.unsqueeze(1)) >= window  # [B,T,P+T]
+    return bias.masked_fill(far.unsqueeze(1), NEG)
+
+
+def _rotary_tables(rot, feats: Features) -> tuple[list[str], list[torch.Tensor], list[float]]:
+    """HF's rotary frequencies and attention scaling, one table per layer type where the model has
+    them (Gemma 3: local and global), else one; (layer types, inverse frequencies, scales)."""
+    if not feats.rope_per_layer_type:
+        return [], [rot.inv_freq], [float(getattr(rot, "attention_scaling", 1.0))]
+    kinds = sorted(set(feats.layer_types))
+    freqs = [getattr(rot, f"{k}_inv_freq") for k in kinds]
+    return kinds, freqs, [float(getattr(rot, f"{k}_attention_scaling")) for k in kinds]
 
 
 class CausalLM(nn.Module):
-    """Weights + rotary table; `forward` is the export signature with explicit past/new KV."""
+    """Weights + rotary tables; `forward` is the export signature with explicit past/new KV."""
 
     def __init__(self, hf_model):
         super().__init__()
         c = hf_model.config
-        self.features = features(c)  # raises for a family or feature the decoder does not reproduce
+        self.features = feats = features(c)  # raises for a family or feature the decoder does not reproduce
         self.shape = shape_of(hf_model)
         base = hf_model.model
         eps = c.rms_norm_eps
         self.embed = nn.Parameter(base.embed_tokens.weight.detach().clone(), requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(layer, self.shape, eps) for layer in base.layers)
-        self.norm = RMSNorm(base.norm.weight, eps)
+        self.layers = nn.ModuleList(
+            DecoderLayer(layer, self.shape, eps, feats, i) for i, layer in enumerate(base.layers)
+        )
+        self.norm = RMSNorm(base.norm.weight, eps, feats.norm_offset)
         self.lm_head = nn.Parameter(hf_model.lm_head.weight.detach().clone(), requires_grad=False)
-        rot = base.rotary_emb
-        self.register_buffer("inv_freq", rot.inv_freq.detach().float().clone(), persistent=False)
-        self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
+        kinds, freqs, self.rope_scales = _rotary_tables(base.rotary_emb, feats)
+        self.register_buffer("inv_freq", torch.stack([f.detach().float() for f in freqs]), persistent=False)
+        self.layer_rope = [kinds.index(k) if kinds else 0 for k in feats.layer_types]  # each layer's table
 
-    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq
+    def kernel_gaps(self) -> list[str]:
+        """What of this model the fused decode kernels do not compute (`Features.kernel_gaps`, and a
+        partial rotary, which they apply to whole heads)."""
+        partial = ["partial rotary"] if self.inv_freq.shape[-1] * 2 != self.shape.head_dim else []
+        return self.features.kernel_gaps() + partial
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.embedding(ids, self.embed)
+        if self.features.embed_scale is not None:  # Gemma scales by sqrt(hidden) rounded to the model's dtype
+            x = x * torch.tensor(self.features.embed_scale, dtype=x.dtype)
+        return x
+
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype, table: int = 0):
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq[table]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
+        scale = self.rope_scales[table]
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+    def rotaries(self, position_ids: torch.Tensor, dtype: torch.dtype) -> list[tuple]:
+        """(cos, sin) of each rotary table; layer i reads `rotaries(...)[self.layer_rope[i]]`."""
+        return [self.rotary(position_ids, dtype, i) for i in range(len(self.rope_scales))]
+
+    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = self.features.logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(self.norm(hidden), self.lm_head.t()).float()
+        return self.cap_logits(torch.matmul(self.norm(hidden), self.lm_head.t()).float())
 
     def forward(self, input_ids, position_ids, attn_bias, last_index, past_k, past_v):
         """input_ids/position_ids [B,T]; attn_bias [B,1,T,P+T]; last_index [B]; past_k/v [L,B,Hkv,P,D].
         Returns logits at last_index [B,V] and the new keys/values [L,B,Hkv,T,D]."""
-        x = nn.functional.embedding(input_ids, self.embed)
-        cos, sin = self.rotary(position_ids, x.dtype)
+        x = self.embed_tokens(input_ids)
+        rot = self.rotaries(position_ids, x.dtype)
+        windows = {w: window_bias(attn_bias, position_ids, w) for w in {layer.window for layer in self.layers} if w}
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(layer.ln1(x), cos, sin)
+            q, k, v = layer.qkv(layer.ln1(x), *rot[self.layer_rope[i]])
             new_k.append(k)
             new_v.append(v)
             k_all = torch.cat([past_k[i], k], dim=2)
             v_all = torch.cat([past_v[i], v], dim=2)
-            x = x + layer.o(layer.attend(q, k_all, v_all, attn_bias))
-            x = x + layer.mlp(layer.ln2(x))
+            bias = windows[layer.window] if layer.window else attn_bias
+            x = x + layer.after_attention(layer.o(layer.attend(q, k_all, v_all, bias)))
+            x = x + layer.after_mlp(layer.mlp(layer.ln2(x)))
         idx = last_index.view(-1, 1, 1).expand(-1, 1, x.shape[-1])
         last = torch.gather(x, 1, idx).squeeze(1)
         return self.logits(last), torch.stack(new_k), torch.stack(new_v)
 
 
-def load_hf(checkpoint: Path, dtype: torch.dtype = torch.float32):
+def load_hf(checkpoint: Path, dtype: torch.dtype = torch.float32, attention: str = "eager"):
+    """The HF model; by default with its eager attention, the reference math that exports and tests
+    are checked against (HF's SDPA path skips Gemma 2's score soft-capping). Benchmarks of HF itself
+    pass attention="sdpa", its default."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation=attention)
     return model.eval()
 
 

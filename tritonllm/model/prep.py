@@ -75,7 +75,8 @@ def prepare_tiny(
     out: Path, tokenizer_from: Path, seed: int = 0, layers: int = 2, hidden: int = 64, family: str = "llama", **extra
 ) -> Path:
     """A random-weight model of `family` (an HF model_type; GQA, 4 heads / 2 KV heads) made with
-    transformers' own config class, with a real tokenizer. `extra`: more config fields."""
+    transformers' own config class, with a real tokenizer. `extra`: more config fields, or ones
+    replacing these defaults."""
     if _is_checkpoint(out):
         return out
     import torch
@@ -83,8 +84,7 @@ def prepare_tiny(
 
     tok = AutoTokenizer.from_pretrained(tokenizer_from)
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(
-        family,
+    fields = dict(
         vocab_size=len(tok),
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -93,13 +93,14 @@ def prepare_tiny(
         num_key_value_heads=2,
         head_dim=hidden // 4,
         max_position_embeddings=1024,
-        rope_theta=10000.0,
         tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        **extra,
     )
+    if "rope_parameters" not in extra:
+        fields["rope_theta"] = 10000.0
+    config = AutoConfig.for_model(family, **{**fields, **extra})
     model = AutoModelForCausalLM.from_config(config).eval()
     spread_random_weights(model, 0.1 if family != "llama" else 0.0)  # the tiny Llama predates the noise
     out.mkdir(parents=True, exist_ok=True)

@@ -210,6 +210,7 @@ def _decode_attention_kernel(
     pos,
     out,
     limit,
+    window,
     scale,
     s_q_b,
     s_q_h,
@@ -226,13 +227,14 @@ def _decode_attention_kernel(
     rows = (kv * G + g)[:, None] * s_q_h + d[None, :]
     qv = tl.load(q + b * s_q_b + rows, mask=(g < G)[:, None], other=0.0)
     n = tl.minimum(tl.load(pos + b) + 1, limit)  # keys 0..pos, never beyond the graph's context
+    lo = tl.maximum(n - window, 0)  # a sliding window sees the last `window` keys only
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     base = b * s_c_slot + kv * s_c_head
-    for start in range(0, n, BLOCK_N):
+    for start in range((lo // BLOCK_N) * BLOCK_N, n, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        live = cols < n
+        live = (cols < n) & (cols >= lo)
         at = base + cols[:, None] * s_c_pos + d[None, :]
         kb = tl.load(k_cache + at, mask=live[:, None], other=0.0)
         s = tl.where(live[None, :], tl.dot(qv, tl.trans(kb)).to(tl.float32) * scale, float("-inf"))
@@ -257,10 +259,13 @@ def decode_attention(
     positions: torch.Tensor,
     limit: int,
     config: tuple[int, int, int] = ATTENTION_CONFIGS[0],
+    window: int | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """q [B,H,D] (contiguous) of slots 0..B-1 at positions [B]; k/v_cache [slots,Hkv,C,D] (one layer).
-    Row b attends to keys 0..min(positions[b], limit - 1). Returns [B,1,H*D]. `config`: keys per
-    block (fewer blocks, fewer dependent loads: what a batch of few rows waits on), warps, stages."""
+    Row b attends to keys 0..min(positions[b], limit - 1), the last `window` of them where one is
+    set; scores scaled by `scale` (default D ** -0.5). Returns [B,1,H*D]. `config`: keys per block
+    (fewer blocks, fewer dependent loads: what a batch of few rows waits on), warps, stages."""
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     out = torch.empty_like(q)
@@ -272,7 +277,8 @@ def decode_attention(
         positions,
         out,
         limit,
-        d**-0.5,
+        window or 2**30,
+        scale or d**-0.5,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),

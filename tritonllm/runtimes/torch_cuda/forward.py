@@ -20,16 +20,39 @@ NEG = -1e9
 
 
 def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """One kernel (the module's RMSNorm casts to float and back around it: four)."""
-    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    """One kernel (the module's RMSNorm casts to float and back around it: four); Gemma's (1 + w)
+    norm scales before its cast, which this kernel cannot, so it keeps the module's ops."""
+    return norm(x) if norm.offset else F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
 
 
 def attend_decode(layer, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
     """q [B,H,1,D] against cached keys/values [B,Hkv,C,D] where valid [B,1,1,C]: one fused attention
-    kernel. The G query heads of a KV head are its rows, so K/V are read once (no GQA repeat)."""
+    kernel. The G query heads of a KV head are its rows, so K/V are read once (no GQA repeat).
+    Soft-capped scores (Gemma 2) take the module's reference ops."""
     b, h, _, d = q.shape
+    if layer.softcap is not None:
+        return layer.attend(q, keys, values, torch.where(valid, 0.0, NEG))
     qg = q.reshape(b, layer.hkv, h // layer.hkv, d)
-    return F.scaled_dot_product_attention(qg, keys, values, attn_mask=valid).reshape(b, 1, h * d)
+    return F.scaled_dot_product_attention(qg, keys, values, attn_mask=valid, scale=layer.scale).reshape(b, 1, h * d)
+
+
+def causal_mask(t: int, window: int | None, device) -> torch.Tensor:
+    """[t, t] True where query i may see key j: j <= i, and i - j < window where one is set."""
+    i, j = torch.arange(t, device=device)[:, None], torch.arange(t, device=device)[None, :]
+    return (j <= i) & ((i - j) < window) if window else j <= i
+
+
+def attend_prompt(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention over right-padded prompts' new tokens [B,*,T,D] -> [B,T,H*D] (a padding
+    key is never before a real query, so causality alone masks it)."""
+    b, _, t, _ = q.shape
+    if layer.softcap is not None:
+        return layer.attend(q, k, v, torch.where(causal_mask(t, layer.window, q.device), 0.0, NEG).expand(b, 1, t, t))
+    mask = causal_mask(t, layer.window, q.device) if layer.window and layer.window < t else None
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=layer.scale, enable_gqa=True
+    )
+    return out.transpose(1, 2).reshape(b, t, -1)
 
 
 class ForwardPasses:
@@ -44,6 +67,7 @@ class ForwardPasses:
     ):
         self.model, self.cache, self.kernels, self.fused_ops = model, cache, kernels, fused_ops
         self.shape, self.device = model.shape, cache.keys.device
+        self.windows = {layer.window for layer in model.layers}  # None (full attention) and any sliding window
         self.tokens = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # each slot's next token
         self.positions = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # ... and its position
         self.decode = self._decode_triton if kernels.triton else self._decode_torch
@@ -55,22 +79,18 @@ class ForwardPasses:
         """ids [b,t] right-padded, slots [b], each row's last real token [b] -> logits [b, vocab]."""
         b, t = ids.shape
         positions = torch.arange(t, device=self.device).expand(b, t)
-        x = F.embedding(ids, self.model.embed)
-        cos, sin = self.model.rotary(positions, x.dtype)
+        x = self.model.embed_tokens(ids)
+        rot = self.model.rotaries(positions, x.dtype)
         rows = torch.arange(b, device=self.device)
         if self.kernels.triton:
-            h = self._prefill_triton(x, cos, sin, slots)
+            h = self._prefill_triton(x, *rot[0], slots)
             return torch.matmul(h[rows, last], self.model.lm_head.t())
-        if self.fused_ops:  # prompts are right-padded, so causal attention alone never sees a pad
-            attend = lambda i, layer, q, k, v: (
-                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-                .transpose(1, 2)
-                .reshape(b, t, -1)
-            )
+        if self.fused_ops:
+            attend = lambda i, layer, q, k, v: attend_prompt(layer, q, k, v)
         else:
-            causal = torch.full((t, t), NEG, device=self.device).triu(1).expand(b, 1, t, t)
-            attend = lambda i, layer, q, k, v: layer.attend(q, k, v, causal)
-        x = self._layers(x, cos, sin, slots, positions, attend)
+            masks = {w: torch.where(causal_mask(t, w, self.device), 0.0, NEG).expand(b, 1, t, t) for w in self.windows}
+            attend = lambda i, layer, q, k, v: layer.attend(q, k, v, masks[layer.window])
+        x = self._layers(x, rot, slots, positions, attend)
         return self._logits(x[rows, last])
 
     def _prefill_triton(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor):
@@ -101,12 +121,7 @@ class ForwardPasses:
             return q.view(b, t, sh.num_heads, -1), k.view(b, t, sh.num_kv_heads, -1), v
 
         def attend(i, qkv):
-            q, k, v = (y.transpose(1, 2) for y in qkv)
-            return (
-                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-                .transpose(1, 2)
-                .reshape(b, t, -1)
-            )
+            return attend_prompt(self.model.layers[i], *(y.transpose(1, 2) for y in qkv))
 
         return self._fused_layers(x, rope, attend, lambda kind, layer, inp: getattr(layer, kind)(inp))
 
@@ -119,13 +134,15 @@ class ForwardPasses:
 
         m, sh, cache = self.model, self.shape, self.cache
         positions = self.positions[:b]
-        x = F.embedding(self.tokens[:b, None], m.embed)  # the residual stream
+        x = m.embed_tokens(self.tokens[:b, None])  # the residual stream
         cos, sin = m.rotary(positions[:, None], x.dtype)
         attention = self.kernels.attention_table.get(b, fk.ATTENTION_CONFIGS[0])
         rope = lambda i, qkv: fk.rope_kv_write(
             qkv, cos, sin, cache.keys[i], cache.values[i], positions, sh.num_heads, sh.num_kv_heads
         )
-        attend = lambda i, q: fk.decode_attention(q, cache.keys[i], cache.values[i], positions, c, attention)
+        attend = lambda i, q: fk.decode_attention(
+            q, cache.keys[i], cache.values[i], positions, c, attention, m.layers[i].window, m.layers[i].scale
+        )
         proj = lambda kind, layer, inp: self._project(kind, getattr(layer, kind).weight, getattr(layer, kind).bias, inp)
         h = self._fused_layers(x, rope, attend, proj)
         return dense(self._project("lm_head", m.lm_head, None, h[:, 0]))
@@ -134,35 +151,36 @@ class ForwardPasses:
         """The decode step on torch ops (fused attention and norms, or the reference ops)."""
         tokens, positions = self.tokens[:b], self.positions[:b]
         rows = torch.arange(b, device=self.device)
-        valid = (torch.arange(c, device=self.device)[None, :] <= positions[:, None]).view(b, 1, 1, c)
-        bias = torch.where(valid, 0.0, NEG)
-        x = F.embedding(tokens[:, None], self.model.embed)
-        cos, sin = self.model.rotary(positions[:, None], x.dtype)
+        behind = positions[:, None] - torch.arange(c, device=self.device)[None, :]  # [b, c]
+        valid = {w: ((behind >= 0) & (behind < (w or c))).view(b, 1, 1, c) for w in self.windows}
+        x = self.model.embed_tokens(tokens[:, None])
+        rot = self.model.rotaries(positions[:, None], x.dtype)
 
         def attend(i, layer, q, k, v):
             keys, values = self.cache.keys[i, :b, :, :c], self.cache.values[i, :b, :, :c]
             if self.fused_ops:
-                return attend_decode(layer, q, keys, values, valid)
-            return layer.attend(q, keys, values, bias)
+                return attend_decode(layer, q, keys, values, valid[layer.window])
+            return layer.attend(q, keys, values, torch.where(valid[layer.window], 0.0, NEG))
 
-        x = self._layers(x, cos, sin, rows, positions[:, None], attend)
+        x = self._layers(x, rot, rows, positions[:, None], attend)
         return self._logits(x[:, 0])
 
     # -- shared pieces ---------------------------------------------------------------------------
     def _norm(self, norm, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(norm, x) if self.fused_ops else norm(x)
 
-    def _layers(self, x, cos, sin, rows, positions, attend):
-        """The decoder stack on torch ops; k/v of each layer written into the cache at `positions`."""
+    def _layers(self, x, rot, rows, positions, attend):
+        """The decoder stack on torch ops; k/v of each layer written into the cache at `positions`;
+        `rot`: (cos, sin) of each rotary table."""
         for i, layer in enumerate(self.model.layers):
-            q, k, v = layer.qkv(self._norm(layer.ln1, x), cos, sin)
+            q, k, v = layer.qkv(self._norm(layer.ln1, x), *rot[self.model.layer_rope[i]])
             self.cache.update(i, rows, positions, k, v)
-            x = x + layer.o(attend(i, layer, q, k, v))
-            x = x + layer.mlp(self._norm(layer.ln2, x))
+            x = x + layer.after_attention(layer.o(attend(i, layer, q, k, v)))
+            x = x + layer.after_mlp(layer.mlp(self._norm(layer.ln2, x)))
         return x
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(self._norm(self.model.norm, hidden), self.model.lm_head.t())
+        return self.model.cap_logits(torch.matmul(self._norm(self.model.norm, hidden), self.model.lm_head.t()))
 
     def _fused_layers(self, x: torch.Tensor, rope, attend, proj) -> torch.Tensor:
         """The decoder stack on the fused kernels: per layer 4 matrix products (`proj`) and 4 small

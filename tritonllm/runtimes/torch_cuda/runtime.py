@@ -57,9 +57,14 @@ class TorchCudaRuntime(Runtime):
         self.scratch_slot = self.max_slots  # padding rows of a graph-replayed prefill write their K/V here
         self.cache = StaticKVCache(self.shape, self.max_slots + 1, cfg.max_context, self.dtype, self.device)
         self.buckets = Buckets.for_engine(self.max_slots, cfg.max_context)
-        # the fused decode kernels go from the qkv product straight to the rotary: no per-head q/k norm
-        fused_kernels = fused_kernels and not self.model.features.qk_norm
-        triton = want_triton(triton_kernels, fused_kernels, self.device, self.dtype, self.shape.head_dim)
+        gaps = self.model.kernel_gaps()
+        if gaps and triton_kernels:
+            raise ValueError(
+                f"triton_kernels=True, but the fused kernels do not compute {', '.join(gaps)}: leave it unset"
+            )
+        if gaps and fused_kernels:
+            log.info("fused decode kernels off for this model (they do not compute %s): torch ops", ", ".join(gaps))
+        triton = not gaps and want_triton(triton_kernels, fused_kernels, self.device, self.dtype, self.shape.head_dim)
         self.kernels = choose_kernels(self.model, self.cache, self.buckets.batch, cfg.max_context, triton, gemv_table)
         sampling.warm_up_logprobs(self.shape.vocab_size, self.device)
         self.compiled = bool(cfg.torch_compile and self.device.type == "cuda")
