@@ -4,10 +4,13 @@ ops and its fused torch ops) and through the ONNX export on ONNX Runtime; slidin
 than the prompts and soft-caps the logits exceed; checkpoints whose features the decoder lacks are
 refused at build time, naming what is missing."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the fused kernels on the CPU
 
 from tritonllm.config import EngineConfig
 from tritonllm.engine.inprocess import InProcessEngine
@@ -61,9 +64,17 @@ def family_dir(request, smollm2_dir):
 
 
 def expected(ckpt, n=12):
+    """HF's greedy ids for three prompts of 12, 33 and 24 tokens (longer than the window, and split
+    into pieces by a 16-token prefill budget)."""
     hf, tok = load_hf(ckpt), TokenizerFiles(ckpt)  # eager attention: HF's reference math
-    prompts = [tok.encode(p) for p in PROMPTS[:3]]
+    prompts = [tok.encode(p * 3) for p in PROMPTS[:3]]
     return hf, prompts, [hf_greedy(hf, ids, n) for ids in prompts]
+
+
+def greedy(cfg: EngineConfig, prompts, engine_dir=None, runtime=None) -> list:
+    with InProcessEngine(engine_dir, cfg, runtime=runtime) as eng:
+        streams = [eng.submit(p, max_tokens=12, temperature=0.0, ignore_eos=True) for p in prompts]
+        return [s.wait(120).ids for s in streams]
 
 
 def assert_features_are_exercised(name: str, hf, prompts) -> None:
@@ -87,20 +98,35 @@ def assert_features_are_exercised(name: str, hf, prompts) -> None:
         assert hf.config.tie_word_embeddings
 
 
-def test_family_greedy_ids_match_hf_on_the_torch_runtime_and_onnx_runtime(family_dir):
+def test_family_greedy_ids_match_hf_on_every_runtime(family_dir, tmp_path):
+    """The torch runtime on its reference ops and on its fused torch ops (SDPA, fused norms); the
+    ONNX export on ONNX Runtime, prompts whole and in pieces of a 16-token budget; the same graph
+    through TensorRTRuntime with the ONNX Runtime stand-in for TensorRT (its wiring, not TensorRT)."""
+    import shutil
+
     from tritonllm.build.pipeline import engine_files
+    from tritonllm.runtimes.tensorrt import plan as trt_plan
+    from tritonllm.runtimes.tensorrt.runtime import TensorRTRuntime
+
+    from . import trt_standin
 
     hf, prompts, want = expected(family_dir)
     assert_features_are_exercised(family_dir.name.removeprefix("tiny-"), hf, prompts)
     cfg = EngineConfig(max_slots=2, max_context=256, max_tokens_limit=64)
-    kw = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
-    for fused in (False, True):  # the module's reference ops; SDPA and fused norms
+    for fused in (False, True):
         runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", fused_kernels=fused)
-        with InProcessEngine(None, cfg, runtime=runtime) as eng:
-            assert [s.wait(120).ids for s in [eng.submit(p, **kw) for p in prompts]] == want, f"fused ops {fused}"
+        assert greedy(cfg, prompts, runtime=runtime) == want, f"torch runtime, fused ops {fused}"
     onnx_dir = engine_files(family_dir, family_dir.name, cfg, BUILD / "onnx" / family_dir.name)
-    with InProcessEngine(onnx_dir, cfg) as eng:
-        assert [s.wait(120).ids for s in [eng.submit(p, **kw) for p in prompts]] == want
+    pieces = EngineConfig(max_slots=2, max_context=256, max_tokens_limit=64, max_prefill_tokens=16)
+    assert greedy(cfg, prompts, onnx_dir) == want, "ONNX Runtime"
+    assert greedy(pieces, prompts, onnx_dir) == want, "ONNX Runtime, prompts in pieces"
+    trt_cfg = EngineConfig(runtime="tensorrt", max_slots=2, max_context=256, max_tokens_limit=64, dtype="float32")
+    engine_dir = shutil.copytree(onnx_dir, tmp_path / "engine")
+    spec = trt_plan.PlanSpec(trt_cfg.max_slots, trt_cfg.max_context, dtype=trt_cfg.dtype)
+    key = trt_plan.plan_key(engine_dir / "model.onnx", spec, trt_standin)
+    trt_standin.write_plan(engine_dir / "trt" / f"model-{key}.plan", engine_dir / "model.onnx")
+    runtime = TensorRTRuntime(engine_dir, trt_cfg, device="cpu", trt=trt_standin)
+    assert greedy(trt_cfg, prompts, runtime=runtime) == want, "TensorRTRuntime (stand-in)"
 
 
 def test_unsupported_families_and_features_are_refused_at_build_time(smollm2_dir, tmp_path):
@@ -119,3 +145,21 @@ def test_unsupported_families_and_features_are_refused_at_build_time(smollm2_dir
     with pytest.raises(ValueError, match=r"longrope.*past 512 tokens.*max_context is 1024.*--max-context <= 512"):
         engine_files(phi, "phi", EngineConfig(max_context=1024, max_tokens_limit=128), tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()  # refused before any export
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral", "phi3", "gemma2"])
+def test_fused_kernels_run_the_families_they_compute_and_refuse_the_others(name, smollm2_dir):
+    """Triton's interpreter on the CPU: the fused decode kernels with QKV biases (Qwen2) and a
+    sliding window (Mistral) give HF's greedy ids; Phi-3's partial rotary and Gemma 2's norms and
+    caps are not in the kernels, so asking for them fails, naming what is missing."""
+    pytest.importorskip("triton")
+    kind, extra = FAMILIES[name]
+    hf, prompts, want = expected(prepare_tiny(BUILD / "models" / f"tiny-{name}", smollm2_dir, family=kind, **extra))
+    cfg = EngineConfig(max_slots=2, max_context=128, max_tokens_limit=64)
+    make = lambda: TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table={})
+    if name in ("phi3", "gemma2"):
+        missing = "partial rotary" if name == "phi3" else r"\(1 \+ w\) RMSNorm, sandwich norms, gelu_tanh MLP"
+        with pytest.raises(ValueError, match=rf"fused kernels do not compute {missing}"):
+            make()
+        return
+    assert greedy(cfg, prompts, runtime=make()) == want

@@ -16,7 +16,7 @@ from ..model.shape import ModelShape
 
 log = logging.getLogger(__name__)
 
-EXPORT_VERSION = 2  # bump when the exported graph changes; cached exports are redone
+EXPORT_VERSION = 3  # bump when the exported graph changes; cached exports are redone
 
 
 def example_inputs(shape: ModelShape, b: int, t: int, p: int, seed: int = 0, dtype=torch.float32):
