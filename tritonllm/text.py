@@ -53,20 +53,35 @@ class TokenizerFiles:
                 "this model has no chat template: send plain text with apply_chat_template=false",
             )
         if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(msg):
-                raise RequestValidationError("text_input", "messages", str(msg))
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template)
+            self._template = template_environment().from_string(self.chat_template)
         return self._template.render(
             messages=messages,
             add_generation_prompt=True,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
         )
+
+
+def template_environment():
+    """Jinja as chat templates expect it (the helpers transformers gives them): `raise_exception`
+    (a template refusing a conversation: that request's error), `strftime_now` (Llama 3.x dates),
+    loop controls, and `tojson` that keeps non-ASCII text as it is."""
+    from datetime import datetime
+
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg):
+        raise RequestValidationError("text_input", "messages", str(msg))
+
+    def tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=False):
+        return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = tojson
+    return env
 
 
 def parse_messages(text: str) -> list[dict]:

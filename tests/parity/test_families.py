@@ -4,8 +4,8 @@ ops and its fused torch ops) and through the ONNX export on ONNX Runtime; slidin
 than the prompts and soft-caps the logits exceed; checkpoints whose features the decoder lacks are
 refused at build time, naming what is missing."""
 
+import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,48 +19,13 @@ from tritonllm.model.prep import prepare_tiny
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 from tritonllm.text import TokenizerFiles
 
+from ..family_models import BUILD, FAMILIES, WINDOW, family_checkpoint
 from .test_engine_parity import PROMPTS, hf_greedy
-
-BUILD = Path(__file__).resolve().parents[2] / "build"
-WINDOW = 5  # shorter than every prompt plus its 12 new tokens
-LONGROPE = {
-    "rope_type": "longrope",
-    "rope_theta": 10000.0,
-    "short_factor": [1.0, 1.3, 1.7, 2.0, 3.0, 4.0],  # 6 = 16 * 0.75 / 2
-    "long_factor": [8.0] * 6,
-    "original_max_position_embeddings": 512,
-    "partial_rotary_factor": 0.75,
-}
-GEMMA3_ROPE = {  # Gemma 3's own: local layers plain, global layers linear-scaled on a larger base
-    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
-}
-ALTERNATING = {"sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"]}
-FAMILIES = {  # the tiny checkpoint's name -> (model_type, config fields)
-    "qwen2": ("qwen2", {}),  # QKV biases
-    "qwen2-windowed": ("qwen2", {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}),
-    "qwen3": ("qwen3", {}),  # q/k RMSNorm per head
-    "mistral": ("mistral", {"sliding_window": WINDOW}),
-    "phi3": ("phi3", {"rope_parameters": LONGROPE, "original_max_position_embeddings": 512}),
-    "gemma": ("gemma", {"tie_word_embeddings": True}),
-    "gemma2": (
-        "gemma2",
-        {
-            **ALTERNATING,
-            "tie_word_embeddings": True,
-            "query_pre_attn_scalar": 1,  # scale 1: the scores pass the small cap below
-            "attn_logit_softcapping": 0.05,
-            "final_logit_softcapping": 0.5,
-        },
-    ),
-    "gemma3": ("gemma3_text", {**ALTERNATING, "rope_parameters": GEMMA3_ROPE, "query_pre_attn_scalar": 8}),
-}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_dir(request, smollm2_dir):
-    kind, extra = FAMILIES[request.param]
-    return prepare_tiny(BUILD / "models" / f"tiny-{request.param}", smollm2_dir, family=kind, **extra)
+    return family_checkpoint(request.param, smollm2_dir)
 
 
 def expected(ckpt, n=12):
@@ -141,7 +106,7 @@ def test_unsupported_families_and_features_are_refused_at_build_time(smollm2_dir
         features(AutoConfig.for_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
     with pytest.raises(ValueError, match=r"activation 'relu2'.*supported"):
         features(AutoConfig.for_model("llama", hidden_act="relu2"))
-    phi = prepare_tiny(tmp_path / "phi", smollm2_dir, family="phi3", **FAMILIES["phi3"][1])
+    phi = prepare_tiny(tmp_path / "phi", smollm2_dir, family="phi3", **FAMILIES["phi3"][2])
     with pytest.raises(ValueError, match=r"longrope.*past 512 tokens.*max_context is 1024.*--max-context <= 512"):
         engine_files(phi, "phi", EngineConfig(max_context=1024, max_tokens_limit=128), tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()  # refused before any export
@@ -153,8 +118,7 @@ def test_fused_kernels_run_the_families_they_compute_and_refuse_the_others(name,
     sliding window (Mistral) give HF's greedy ids; Phi-3's partial rotary and Gemma 2's norms and
     caps are not in the kernels, so asking for them fails, naming what is missing."""
     pytest.importorskip("triton")
-    kind, extra = FAMILIES[name]
-    hf, prompts, want = expected(prepare_tiny(BUILD / "models" / f"tiny-{name}", smollm2_dir, family=kind, **extra))
+    hf, prompts, want = expected(family_checkpoint(name, smollm2_dir))
     cfg = EngineConfig(max_slots=2, max_context=128, max_tokens_limit=64)
     make = lambda: TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table={})
     if name in ("phi3", "gemma2"):
@@ -163,3 +127,55 @@ def test_fused_kernels_run_the_families_they_compute_and_refuse_the_others(name,
             make()
         return
     assert greedy(cfg, prompts, runtime=make()) == want
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You answer in one short sentence."},
+    {"role": "user", "content": "  Where is Paris? "},
+    {"role": "assistant", "content": "In France."},
+    {"role": "user", "content": "And Rome?"},
+]
+
+
+@pytest.mark.parametrize("name", ["qwen3", "mistral", "phi3", "gemma2"])
+def test_family_chat_templates_render_as_transformers_does(name, smollm2_dir):
+    """The tokenizer stage's template rendering (jinja2 alone, no transformers) gives the ids of
+    transformers' apply_chat_template for each family's turn format; its turn markers are single
+    special tokens; the end-of-turn token is one of the engine's EOS ids; a conversation the
+    template refuses is refused with the template's own message."""
+    from transformers import AutoTokenizer
+
+    from tritonllm.errors import RequestValidationError
+    from tritonllm.model.shape import shape_of
+    from tritonllm.text import encode_prompt
+
+    ckpt = family_checkpoint(name, smollm2_dir)
+    ours, theirs = TokenizerFiles(ckpt), AutoTokenizer.from_pretrained(ckpt)
+    want = theirs.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert encode_prompt(ours, json.dumps(CONVERSATION), True, 256) == list(want)
+    chat = FAMILIES[name][1]
+    for token in chat.special_tokens:
+        assert len(ours.encode(token, add_special_tokens=False)) == 1, token
+        assert token not in ours.decode(ours.encode(f"a {token} b", add_special_tokens=False))
+    end = theirs.convert_tokens_to_ids(chat.end_of_turn)
+    assert end in shape_of(load_hf(ckpt)).eos_token_ids
+    if name in ("mistral", "gemma2"):  # these templates insist on alternating roles
+        with pytest.raises(RequestValidationError, match="alternate|only user and assistant"):
+            encode_prompt(ours, json.dumps([{"role": "tool", "content": "x"}] * 2), True, 256)
+
+
+def test_template_helpers_render_as_transformers_does(tmp_path, smollm2_dir):
+    """Templates of real checkpoints call strftime_now (Llama 3.x), break out of loops and dump
+    JSON with non-ASCII text: rendered as transformers renders them."""
+    from transformers import AutoTokenizer
+
+    template = (
+        "{{ strftime_now('%d %b %Y') }}{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+        "{{ m | tojson }}\n{% endfor %}"
+    )
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    tok.chat_template = template
+    tok.save_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "café ✓"}] * 3
+    want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert TokenizerFiles(tmp_path).render_chat(messages) == want

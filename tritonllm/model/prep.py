@@ -8,6 +8,7 @@ import argparse
 import importlib.util
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .families import FAMILIES
@@ -57,6 +58,16 @@ def prepare_smollm2(out: Path) -> Path:
     return out
 
 
+@dataclass(frozen=True)
+class ChatFormat:
+    """A family's chat turn format for a tiny checkpoint: its Jinja template, the special tokens
+    it adds to the tokenizer, and the one that ends an assistant turn (an extra EOS id)."""
+
+    template: str
+    special_tokens: tuple[str, ...]
+    end_of_turn: str
+
+
 def spread_random_weights(model, bias_norm_noise: float) -> None:
     """Make a freshly initialised random model a meaningful parity subject: logits 4x wider (fewer
     near-ties, so greedy ids are decided) and, with `bias_norm_noise`, biases and norm weights moved
@@ -72,17 +83,27 @@ def spread_random_weights(model, bias_norm_noise: float) -> None:
 
 
 def prepare_tiny(
-    out: Path, tokenizer_from: Path, seed: int = 0, layers: int = 2, hidden: int = 64, family: str = "llama", **extra
+    out: Path,
+    tokenizer_from: Path,
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 64,
+    family: str = "llama",
+    chat: ChatFormat | None = None,
+    **extra,
 ) -> Path:
     """A random-weight model of `family` (an HF model_type; GQA, 4 heads / 2 KV heads) made with
-    transformers' own config class, with a real tokenizer. `extra`: more config fields, or ones
-    replacing these defaults."""
+    transformers' own config class, with a real tokenizer (and `chat`'s turn format where given).
+    `extra`: more config fields, or ones replacing these defaults."""
     if _is_checkpoint(out):
         return out
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_from)
+    if chat is not None:
+        tok.add_special_tokens({"additional_special_tokens": list(chat.special_tokens)})
+        tok.chat_template = chat.template
     torch.manual_seed(seed)
     fields = dict(
         vocab_size=len(tok),
@@ -102,6 +123,9 @@ def prepare_tiny(
         fields["rope_theta"] = 10000.0
     config = AutoConfig.for_model(family, **{**fields, **extra})
     model = AutoModelForCausalLM.from_config(config).eval()
+    if chat is not None:  # generation ends at the end of a turn as well as at EOS
+        ends = [tok.eos_token_id, tok.convert_tokens_to_ids(chat.end_of_turn)]
+        model.generation_config.eos_token_id = list(dict.fromkeys(ends))
     spread_random_weights(model, 0.1 if family != "llama" else 0.0)  # the tiny Llama predates the noise
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
