@@ -1,3 +1,4 @@
+import queue
 import time
 
 import numpy as np
@@ -36,3 +37,20 @@ def engine_inputs(ids, **scalars):
         x.set_data_from_numpy(np.array([[value]], dtype={"INT32": np.int32, "BOOL": bool, "FP32": np.float32}[dtype]))
         inputs.append(x)
     return inputs
+
+
+def engine_output_ids(url: str, model: str, ids: list[int], max_tokens: int) -> list[int]:
+    """Greedy ids (EOS ignored) straight from the <name>_engine model, one streamed request: the
+    ensemble answers with text, its engine step with ids."""
+    import tritonclient.grpc as g
+
+    got: queue.Queue = queue.Queue()
+    raw = g.InferenceServerClient(url)
+    raw.start_stream(callback=lambda result=None, error=None: got.put((result, error)))
+    inputs = engine_inputs(ids, max_tokens=("INT32", max_tokens), temperature=("FP32", 0.0), ignore_eos=("BOOL", True))
+    raw.async_stream_infer(model, inputs)
+    result, error = got.get(timeout=120)
+    raw.stop_stream()
+    raw.close()
+    assert error is None, error
+    return result.as_numpy("output_ids").reshape(-1).tolist()

@@ -13,7 +13,7 @@ from tritonllm.model.modeling import load_hf
 from tritonllm.text import TokenizerFiles
 from tritonllm.triton.scrape import metric_samples
 
-from .helpers import engine_inputs, metric_value, wait_for_metric
+from .helpers import engine_inputs, engine_output_ids, metric_value, wait_for_metric
 
 
 @pytest.fixture
@@ -44,23 +44,8 @@ def test_greedy_through_ensemble_matches_hf_generate(live_server, which, request
     ids, text = hf_greedy_text(ckpt, prompt, n)
     with LLMClient(live_server.grpc_url, which, timeout_s=120) as c:
         r = c.generate(prompt, max_tokens=n, temperature=0.0, ignore_eos=True)
-    # exact ids from the served engine (the ensemble returns text; its engine step returns ids)
-    got: queue.Queue = queue.Queue()
-    raw = grpcclient.InferenceServerClient(live_server.grpc_url)
-    raw.start_stream(callback=lambda result=None, error=None: got.put((result, error)))
-    raw.async_stream_infer(
-        f"{which}_engine",
-        engine_inputs(
-            TokenizerFiles(ckpt).encode(prompt),
-            max_tokens=("INT32", n),
-            temperature=("FP32", 0.0),
-            ignore_eos=("BOOL", True),
-        ),
-    )
-    result, error = got.get(timeout=120)
-    raw.stop_stream()
-    raw.close()
-    assert error is None and result.as_numpy("output_ids").reshape(-1).tolist() == ids
+    served = engine_output_ids(live_server.grpc_url, f"{which}_engine", TokenizerFiles(ckpt).encode(prompt), n)
+    assert served == ids
     assert r.num_output_tokens == n and r.num_input_tokens == len(TokenizerFiles(ckpt).encode(prompt))
     assert r.text == text
     assert r.finish_reason == "length"
