@@ -112,11 +112,12 @@ def test_unsupported_families_and_features_are_refused_at_build_time(smollm2_dir
     assert not (tmp_path / "onnx").exists()  # refused before any export
 
 
-@pytest.mark.parametrize("name", ["qwen2", "mistral", "phi3", "gemma2"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral", "phi3", "gemma2"])
 def test_fused_kernels_run_the_families_they_compute_and_refuse_the_others(name, smollm2_dir):
-    """Triton's interpreter on the CPU: the fused decode kernels with QKV biases (Qwen2) and a
-    sliding window (Mistral) give HF's greedy ids; Phi-3's partial rotary and Gemma 2's norms and
-    caps are not in the kernels, so asking for them fails, naming what is missing."""
+    """Triton's interpreter on the CPU: the fused decode and prefill kernels with QKV biases
+    (Qwen2), q/k norms per head (Qwen3) and a sliding window (Mistral) give HF's greedy ids;
+    Phi-3's partial rotary and Gemma 2's norms and caps are not in the kernels, so asking for them
+    fails, naming what is missing."""
     pytest.importorskip("triton")
     hf, prompts, want = expected(family_checkpoint(name, smollm2_dir))
     cfg = EngineConfig(max_slots=2, max_context=128, max_tokens_limit=64)

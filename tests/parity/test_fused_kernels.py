@@ -198,9 +198,27 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv):
 
 
 def test_start_up_self_check_passes_for_every_kernel_form():
-    """What the GPU runtime runs before enabling the kernels (decode and prefill rotary forms
-    included: a form that fails to compile there turns the fused kernels off, not the engine)."""
-    fk.self_check(torch.device("cpu"), torch.float32, 64)
+    """What the GPU runtime runs before enabling the kernels (decode and prefill rotary forms, and
+    the q/k-norm form, included: a form that fails to compile there turns the fused kernels off,
+    not the engine)."""
+    fk.self_check(torch.device("cpu"), torch.float32, 64, qk_norm=True)
+
+
+def test_rope_kv_write_norms_each_q_and_k_head_first():
+    from tritonllm.model.modeling import RMSNorm, apply_rotary
+
+    torch.manual_seed(5)
+    b, h, hkv, d = 2, 4, 2, 16
+    qkv, ang = torch.randn(b, 1, (h + 2 * hkv) * d), torch.randn(b, 1, d // 2)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    qn, kn = RMSNorm(torch.randn(d), 1e-6), RMSNorm(torch.randn(d), 1e-6)
+    kc, vc = torch.zeros(3, hkv, 8, d), torch.zeros(3, hkv, 8, d)
+    q = fk.rope_kv_write(qkv, cos, sin, kc, vc, torch.tensor([3, 6]), h, hkv, qk_norm=(qn.weight, kn.weight, 1e-6))
+    heads = qkv.view(b, 1, h + 2 * hkv, d)
+    normed = torch.cat([qn(heads[:, :, :h]), kn(heads[:, :, h : h + hkv])], dim=2)
+    ref = apply_rotary(normed, cos[:, :, None], sin[:, :, None])
+    torch.testing.assert_close(q, ref[:, 0, :h])
+    torch.testing.assert_close(kc[0, :, 3], ref[0, 0, h:])
 
 
 @pytest.mark.parametrize("k", [0, 5, 20])

@@ -55,10 +55,9 @@ class Features:
 
     def kernel_gaps(self) -> list[str]:
         """What the fused decode kernels (rotary + KV write, add + RMSNorm, SiLU * up) do not
-        compute; a model with any of these runs on the torch ops. Sliding windows, QKV biases and
-        a query scale they do compute."""
+        compute; a model with any of these runs on the torch ops. Sliding windows, QKV biases, a
+        query scale and Llama-style q/k norms per head (Qwen3) they do compute."""
         gaps = {
-            "per-head q/k norm": self.qk_norm,
             "(1 + w) RMSNorm": bool(self.norm_offset),
             "sandwich norms": self.sandwich_norms,
             f"{self.activation} MLP": self.activation != "silu",

@@ -55,6 +55,9 @@ def _rope_kv_kernel(
     v_cache,
     pos,
     row_slot,
+    q_w,
+    k_w,
+    eps,
     n_heads,
     n_kv,
     n_split,
@@ -71,6 +74,7 @@ def _rope_kv_kernel(
     KP: tl.constexpr,
     HAS_SLOTS: tl.constexpr,
     WRITE_K: tl.constexpr,
+    QK_NORM: tl.constexpr,
 ):
     row = tl.program_id(0)  # one token of one sequence, all its heads: q and k heads as the rows of a tile
     h, j = tl.arange(0, HP)[:, None], tl.arange(0, HALF)[None, :]
@@ -78,6 +82,13 @@ def _rope_kv_kernel(
     src = row * s_qkv + h * 2 * HALF + j
     x1 = _load_product(qkv, src, live, n_split, s_split, q_out)
     x2 = _load_product(qkv, src + HALF, live, n_split, s_split, q_out)
+    if QK_NORM:  # Qwen3: each q and k head RMS-normed (rounded as the module rounds), then rotated
+        r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+        is_q_row = h < n_heads
+        w1 = tl.where(is_q_row, tl.load(q_w + j).to(tl.float32), tl.load(k_w + j).to(tl.float32))
+        w2 = tl.where(is_q_row, tl.load(q_w + HALF + j).to(tl.float32), tl.load(k_w + HALF + j).to(tl.float32))
+        x1 = ((x1 * r).to(q_out.dtype.element_ty).to(tl.float32) * w1).to(q_out.dtype.element_ty).to(tl.float32)
+        x2 = ((x2 * r).to(q_out.dtype.element_ty).to(tl.float32) * w2).to(q_out.dtype.element_ty).to(tl.float32)
     c1, c2 = tl.load(cos + row * s_cs + j).to(tl.float32), tl.load(cos + row * s_cs + HALF + j).to(tl.float32)
     s1, s2 = tl.load(sin + row * s_cs + j).to(tl.float32), tl.load(sin + row * s_cs + HALF + j).to(tl.float32)
     y1 = x1 * c1 - x2 * s1
@@ -112,11 +123,13 @@ def rope_kv_write(
     n_kv: int,
     slots: torch.Tensor | None = None,
     return_k: bool = False,
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ):
     """qkv [..., (H+2Hkv)*D] (or its split partial sums): R token rows, row r at positions[r] of
     cache slot slots[r] (default: slot r, one decode token per slot); cos/sin [..., D] per row;
     k/v_cache [slots,Hkv,C,D] (one layer). Writes rotated k and v into the caches; returns rotated
-    q [R,H,D], and with `return_k` also the rotated k [R,Hkv,D] (what a prefill attends to)."""
+    q [R,H,D], and with `return_k` also the rotated k [R,Hkv,D] (what a prefill attends to).
+    `qk_norm`: (q weight [D], k weight [D], eps) of an RMSNorm over each head before the rotary."""
     parts, n_split, s_split, dtype = _product(qkv)
     rows, d = parts.shape[1], k_cache.shape[-1]
     cos, sin = cos.reshape(-1, d), sin.reshape(-1, d)
@@ -132,6 +145,9 @@ def rope_kv_write(
         v_cache,
         positions,
         slots if slots is not None else positions,
+        qk_norm[0] if qk_norm else cos,
+        qk_norm[1] if qk_norm else cos,
+        qk_norm[2] if qk_norm else 0.0,
         n_heads,
         n_kv,
         n_split,
@@ -148,6 +164,7 @@ def rope_kv_write(
         KP=max(2, triton.next_power_of_2(n_kv)),
         HAS_SLOTS=slots is not None,
         WRITE_K=return_k,
+        QK_NORM=qk_norm is not None,
     )
     return (q, k) if return_k else q
 
@@ -324,9 +341,10 @@ def tune_attention(k_caches, v_caches, num_heads: int, batches, context: int) ->
     return table, report
 
 
-def self_check(device, dtype, head_dim: int) -> None:
-    """Compile and run each kernel once on small inputs against the reference ops; raises if a
-    kernel does not compile on this GPU/Triton or disagrees."""
+def self_check(device, dtype, head_dim: int, qk_norm: bool = False) -> None:
+    """Compile and run each kernel once on small inputs against the reference ops (the q/k-norm
+    rotary form where the model needs it); raises if a kernel does not compile on this GPU/Triton
+    or disagrees."""
     g = torch.Generator(device="cpu").manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
     qkv, ang = r(2, 1, 4 * head_dim), torch.randn(2, 1, head_dim // 2, generator=g)
@@ -354,6 +372,12 @@ def self_check(device, dtype, head_dim: int) -> None:
     )
     torch.testing.assert_close(q2, q)
     torch.testing.assert_close(k2[:, 0], kc[torch.tensor([1, 0]), 0, torch.tensor([2, 0])])
+    if qk_norm:
+        weights = (r(head_dim), r(head_dim), 1e-6)
+        q3 = rope_kv_write(qkv, cos, sin, kc, vc, torch.tensor([1, 3], device=device), 2, 1, qk_norm=weights)
+        normed = torch.nn.functional.rms_norm(x, (head_dim,), eps=1e-6).to(dtype).float() * weights[0].float()
+        ref = normed * cos.float() + torch.cat([-normed[..., half:], normed[..., :half]], -1) * sin.float()
+        torch.testing.assert_close(q3.float(), ref, atol=5e-2, rtol=5e-2)
     res, w = r(2, 1, 64), r(64)
     expected = (res.float() + qkv[..., :64].float()).to(dtype)
     out = add_rms_norm(qkv[..., :64].contiguous(), res, w, 1e-5)

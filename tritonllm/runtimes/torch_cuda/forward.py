@@ -36,6 +36,11 @@ def attend_decode(layer, q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     return F.scaled_dot_product_attention(qg, keys, values, attn_mask=valid, scale=layer.scale).reshape(b, 1, h * d)
 
 
+def head_norms(layer) -> tuple | None:
+    """The fused rotary kernel's q/k-norm argument for a layer: (q weight, k weight, eps) or None."""
+    return (layer.q_norm.weight, layer.k_norm.weight, layer.q_norm.eps) if layer.q_norm is not None else None
+
+
 def causal_mask(t: int, window: int | None, device) -> torch.Tensor:
     """[t, t] True where query i may see key j: j <= i, and i - j < window where one is set."""
     i, j = torch.arange(t, device=device)[:, None], torch.arange(t, device=device)[None, :]
@@ -116,6 +121,7 @@ class ForwardPasses:
                 sh.num_kv_heads,
                 slots=row_slots,
                 return_k=True,
+                qk_norm=head_norms(self.model.layers[i]),
             )
             v = qkv.view(b, t, kv_from + sh.num_kv_heads, sh.head_dim)[:, :, kv_from:]
             return q.view(b, t, sh.num_heads, -1), k.view(b, t, sh.num_kv_heads, -1), v
@@ -138,7 +144,15 @@ class ForwardPasses:
         cos, sin = m.rotary(positions[:, None], x.dtype)
         attention = self.kernels.attention_table.get(b, fk.ATTENTION_CONFIGS[0])
         rope = lambda i, qkv: fk.rope_kv_write(
-            qkv, cos, sin, cache.keys[i], cache.values[i], positions, sh.num_heads, sh.num_kv_heads
+            qkv,
+            cos,
+            sin,
+            cache.keys[i],
+            cache.values[i],
+            positions,
+            sh.num_heads,
+            sh.num_kv_heads,
+            qk_norm=head_norms(m.layers[i]),
         )
         attend = lambda i, q: fk.decode_attention(
             q, cache.keys[i], cache.values[i], positions, c, attention, m.layers[i].window, m.layers[i].scale

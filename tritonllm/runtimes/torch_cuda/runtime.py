@@ -64,7 +64,10 @@ class TorchCudaRuntime(Runtime):
             )
         if gaps and fused_kernels:
             log.info("fused decode kernels off for this model (they do not compute %s): torch ops", ", ".join(gaps))
-        triton = not gaps and want_triton(triton_kernels, fused_kernels, self.device, self.dtype, self.shape.head_dim)
+        qk_norm = self.model.features.qk_norm
+        triton = not gaps and want_triton(
+            triton_kernels, fused_kernels, self.device, self.dtype, self.shape.head_dim, qk_norm
+        )
         self.kernels = choose_kernels(self.model, self.cache, self.buckets.batch, cfg.max_context, triton, gemv_table)
         sampling.warm_up_logprobs(self.shape.vocab_size, self.device)
         self.compiled = bool(cfg.torch_compile and self.device.type == "cuda")

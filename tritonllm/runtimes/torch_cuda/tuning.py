@@ -33,7 +33,9 @@ class KernelChoice:
         }
 
 
-def want_triton(asked: bool | None, fused_ops: bool, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+def want_triton(
+    asked: bool | None, fused_ops: bool, device: torch.device, dtype: torch.dtype, head_dim: int, qk_norm: bool = False
+) -> bool:
     """Fused Triton kernels on CUDA where `triton` imports and their self check passes;
     TRITONLLM_TRITON_KERNELS=0 turns them off; `asked` forces the choice (tests, profiling)."""
     if asked is not None:
@@ -43,7 +45,7 @@ def want_triton(asked: bool | None, fused_ops: bool, device: torch.device, dtype
     try:
         from ..kernels import fused
 
-        fused.self_check(device, dtype, head_dim)
+        fused.self_check(device, dtype, head_dim, qk_norm)
         return True
     except Exception as exc:  # no triton, or its kernels do not compile here: the torch ops serve
         log.warning("fused Triton decode kernels unavailable (%s): using the torch ops", str(exc)[:300])
@@ -87,6 +89,7 @@ def _product_consumers(model, cache: StaticKVCache, max_rows: int) -> dict:
     """{weight kind: the fused kernel that reads its product in the decode step}, on scratch
     inputs. Writes K/V at position 0 of the first slots: nothing is cached yet at start-up."""
     from ..kernels import fused as fk
+    from .forward import head_norms
 
     sh, device, dtype = model.shape, cache.keys.device, model.embed.dtype
     zeros = lambda *dims: torch.zeros(*dims, device=device, dtype=dtype)
@@ -104,6 +107,7 @@ def _product_consumers(model, cache: StaticKVCache, max_rows: int) -> dict:
             positions[: rows(y)],
             sh.num_heads,
             sh.num_kv_heads,
+            qk_norm=head_norms(model.layers[0]),
         ),
         "o": lambda y: fk.add_rms_norm(y, residual[: rows(y)], norm, 1e-5),
         "down": lambda y: fk.add_rms_norm(y, residual[: rows(y)], norm, 1e-5),
