@@ -180,3 +180,19 @@ def test_template_helpers_render_as_transformers_does(tmp_path, smollm2_dir):
     messages = [{"role": "user", "content": "café ✓"}] * 3
     want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert TokenizerFiles(tmp_path).render_chat(messages) == want
+
+
+@pytest.mark.parametrize("name", ["qwen2-windowed", "phi3", "gemma2", "gemma3"])
+def test_half_precision_family_graphs_match_their_fp32_graphs(name, smollm2_dir, tmp_path):
+    """The fp16 graph a TensorRT plan is built from, for families whose features add ops (windows
+    past the 5 cached + 12 new tokens, caps, partial rotary, per-type rotary): ONNX Runtime runs it
+    within 1 % of the fp32 graph."""
+    from tritonllm.build.pipeline import engine_files
+
+    from .test_onnx_dtype import assert_fp16_graph_matches_fp32
+
+    ckpt = family_checkpoint(name, smollm2_dir)
+    cfg = EngineConfig(max_slots=2, max_context=256, max_tokens_limit=64)
+    assert_fp16_graph_matches_fp32(
+        ckpt, engine_files(ckpt, f"tiny-{name}", cfg, BUILD / "onnx" / f"tiny-{name}"), tmp_path
+    )
