@@ -77,6 +77,7 @@ LARGE = {  # the published shapes (random weights)
     "qwen3": shape(4096, 12288, 36, 32, 8, 128, 151936),  # Qwen3-8B
     "phi3": shape(5120, 17920, 40, 40, 10, 128, 100352),  # Phi-4 (14B)
     "gemma2": {**shape(3584, 14336, 42, 16, 8, 256, 256000), "query_pre_attn_scalar": 256},  # Gemma-2-9B
+    "gemma3_text": {**shape(3840, 15360, 48, 16, 8, 256, 262208), "query_pre_attn_scalar": 256},  # Gemma-3-12B
 }
 
 

@@ -112,19 +112,18 @@ def test_unsupported_families_and_features_are_refused_at_build_time(smollm2_dir
     assert not (tmp_path / "onnx").exists()  # refused before any export
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral", "phi3", "gemma2"])
-def test_fused_kernels_run_the_families_they_compute_and_refuse_the_others(name, smollm2_dir):
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3"])
+def test_fused_kernels_give_each_family_hf_greedy_ids(name, smollm2_dir):
     """Triton's interpreter on the CPU: the fused decode and prefill kernels with QKV biases
-    (Qwen2), q/k norms per head (Qwen3) and a sliding window (Mistral) give HF's greedy ids;
-    Phi-3's partial rotary and Gemma 2's norms and caps are not in the kernels, so asking for them
-    fails, naming what is missing."""
+    (Qwen2), q/k norms per head (Qwen3, Gemma 3), sliding windows, Gemma's (1 + w) and sandwich
+    norms, GeGLU, embedding and query scaling, soft-caps and per-type rotary tables give HF's greedy
+    ids. Phi-3's partial rotary is not in the kernels: asking for them fails, naming it."""
     pytest.importorskip("triton")
     hf, prompts, want = expected(family_checkpoint(name, smollm2_dir))
     cfg = EngineConfig(max_slots=2, max_context=128, max_tokens_limit=64)
     make = lambda: TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table={})
-    if name in ("phi3", "gemma2"):
-        missing = "partial rotary" if name == "phi3" else r"\(1 \+ w\) RMSNorm, sandwich norms, gelu_tanh MLP"
-        with pytest.raises(ValueError, match=rf"fused kernels do not compute {missing}"):
+    if name == "phi3":
+        with pytest.raises(ValueError, match="fused kernels do not compute partial rotary"):
             make()
         return
     assert greedy(cfg, prompts, runtime=make()) == want

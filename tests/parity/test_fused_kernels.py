@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 from tritonllm.config import EngineConfig
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model.modeling import CausalLM, load_hf, rotate_half
+from tritonllm.runtimes.kernels import attention as ak
 from tritonllm.runtimes.kernels import fused as fk
 from tritonllm.runtimes.kernels import gemv
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
@@ -40,7 +41,7 @@ def test_rope_kv_write_matches_rotate_half_and_writes_the_cache():
     assert kc.abs().sum() == sum(kc[i, :, pos[i]].abs().sum() for i in range(b))  # nothing else written
 
 
-def test_add_rms_norm_and_silu_mul_match_the_reference_ops():
+def test_add_rms_norm_and_activate_mul_match_the_reference_ops():
     torch.manual_seed(1)
     x, res, w = torch.randn(3, 1, 40), torch.randn(3, 1, 40), torch.randn(40)
     expected_res = res + x
@@ -48,10 +49,25 @@ def test_add_rms_norm_and_silu_mul_match_the_reference_ops():
     torch.testing.assert_close(res, expected_res)
     torch.testing.assert_close(out, torch.nn.functional.rms_norm(expected_res, (40,), w, 1e-5))
     gu = torch.randn(2, 1, 2 * 1500)
-    torch.testing.assert_close(fk.silu_mul(gu), torch.nn.functional.silu(gu[..., :1500]) * gu[..., 1500:])
+    torch.testing.assert_close(fk.activate_mul(gu), torch.nn.functional.silu(gu[..., :1500]) * gu[..., 1500:])
+    geglu = torch.nn.functional.gelu(gu[..., :1500], approximate="tanh") * gu[..., 1500:]
+    torch.testing.assert_close(fk.activate_mul(gu, "gelu_tanh"), geglu)
 
 
-@pytest.mark.parametrize("config", fk.ATTENTION_CONFIGS[:2] + fk.ATTENTION_CONFIGS[3:])
+def test_add_rms_norm_norms_the_product_first_for_sandwich_norms():
+    """Gemma 2/3: residual += RMSNorm(x) * (1 + w_post); out = RMSNorm(residual) * (1 + w_pre)."""
+    from tritonllm.model.modeling import RMSNorm
+
+    torch.manual_seed(6)
+    x, res = torch.randn(3, 1, 40), torch.randn(3, 1, 40)
+    post, pre = RMSNorm(torch.randn(40), 1e-6, offset=1.0), RMSNorm(torch.randn(40), 1e-6, offset=1.0)
+    expected_res = res + post(x)
+    out = fk.add_rms_norm(x, res, 1 + pre.weight, 1e-6, pre_weight=1 + post.weight)
+    torch.testing.assert_close(res, expected_res)
+    torch.testing.assert_close(out, pre(expected_res))
+
+
+@pytest.mark.parametrize("config", ak.ATTENTION_CONFIGS[:2] + ak.ATTENTION_CONFIGS[3:])
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (8, 2)])
 def test_decode_attention_matches_sdpa_over_each_rows_valid_keys(heads, kv_heads, config):
     torch.manual_seed(2)
@@ -59,7 +75,7 @@ def test_decode_attention_matches_sdpa_over_each_rows_valid_keys(heads, kv_heads
     q = torch.randn(b, heads, d)
     kc, vc = torch.randn(4, kv_heads, ctx, d), torch.randn(4, kv_heads, ctx, d)
     pos = torch.tensor([0, 70, 149])
-    got = fk.decode_attention(q, kc, vc, pos, limit=128, config=config)  # row 2 is cut at the graph's context
+    got = ak.decode_attention(q, kc, vc, pos, limit=128, config=config)  # row 2 is cut at the graph's context
     g = heads // kv_heads
     for i in range(b):
         n = min(int(pos[i]) + 1, 128)
@@ -69,14 +85,14 @@ def test_decode_attention_matches_sdpa_over_each_rows_valid_keys(heads, kv_heads
         torch.testing.assert_close(got[i, 0], ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("config", [fk.ATTENTION_CONFIGS[0], fk.ATTENTION_CONFIGS[5]])
+@pytest.mark.parametrize("config", [ak.ATTENTION_CONFIGS[0], ak.ATTENTION_CONFIGS[5]])
 def test_decode_attention_keeps_to_a_sliding_window_with_a_query_scale(config):
     torch.manual_seed(4)
     b, heads, kv_heads, d, ctx, window, scale = 3, 4, 2, 16, 150, 40, 0.3
     q = torch.randn(b, heads, d)
     kc, vc = torch.randn(4, kv_heads, ctx, d), torch.randn(4, kv_heads, ctx, d)
     pos = torch.tensor([10, 70, 149])  # inside the window, past it, and cut at the graph's context
-    got = fk.decode_attention(q, kc, vc, pos, 128, config, window=window, scale=scale)
+    got = ak.decode_attention(q, kc, vc, pos, 128, config, window=window, scale=scale)
     for i in range(b):
         n = min(int(pos[i]) + 1, 128)
         lo = max(0, n - window)
@@ -84,6 +100,20 @@ def test_decode_attention_keeps_to_a_sliding_window_with_a_query_scale(config):
             q[i].view(kv_heads, 2, d), kc[i, :, lo:n], vc[i, :, lo:n], scale=scale
         ).reshape(-1)
         torch.testing.assert_close(got[i, 0], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_attention_soft_caps_the_scores():
+    torch.manual_seed(7)
+    b, heads, kv_heads, d, ctx, cap = 2, 4, 2, 16, 40, 0.5
+    q, kc, vc = torch.randn(b, heads, d), torch.randn(3, kv_heads, ctx, d), torch.randn(3, kv_heads, ctx, d)
+    pos = torch.tensor([9, 33])
+    got = ak.decode_attention(q, kc, vc, pos, 64, window=16, scale=1.0, softcap=cap)
+    for i in range(b):
+        n = int(pos[i]) + 1
+        lo = max(0, n - 16)
+        scores = torch.matmul(q[i].view(kv_heads, 2, d), kc[i, :, lo:n].transpose(-1, -2))
+        probs = torch.softmax(torch.tanh(scores / cap) * cap, -1)
+        torch.testing.assert_close(got[i, 0], torch.matmul(probs, vc[i, :, lo:n]).reshape(-1), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("rows,config", [(1, (8, 512, 4)), (3, (16, 512, 4)), (8, (4, 1024, 4))])
@@ -141,7 +171,7 @@ def test_fused_kernels_read_split_partial_sums_as_the_product():
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(res[1], res[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(
-        fk.silu_mul(gemv.small_matmul(x, w_gu, None, cfg)), fk.silu_mul(x @ w_gu.T), atol=1e-4, rtol=1e-4
+        fk.activate_mul(gemv.small_matmul(x, w_gu, None, cfg)), fk.activate_mul(x @ w_gu.T), atol=1e-4, rtol=1e-4
     )
 
 
@@ -213,12 +243,15 @@ def test_rope_kv_write_norms_each_q_and_k_head_first():
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
     qn, kn = RMSNorm(torch.randn(d), 1e-6), RMSNorm(torch.randn(d), 1e-6)
     kc, vc = torch.zeros(3, hkv, 8, d), torch.zeros(3, hkv, 8, d)
-    q = fk.rope_kv_write(qkv, cos, sin, kc, vc, torch.tensor([3, 6]), h, hkv, qk_norm=(qn.weight, kn.weight, 1e-6))
     heads = qkv.view(b, 1, h + 2 * hkv, d)
-    normed = torch.cat([qn(heads[:, :, :h]), kn(heads[:, :, h : h + hkv])], dim=2)
-    ref = apply_rotary(normed, cos[:, :, None], sin[:, :, None])
-    torch.testing.assert_close(q, ref[:, 0, :h])
-    torch.testing.assert_close(kc[0, :, 3], ref[0, 0, h:])
+    for offset in (0.0, 1.0):  # Qwen3's norm, Gemma 3's (1 + w)
+        qn.offset = kn.offset = offset
+        scales = (offset + qn.weight, offset + kn.weight, 1e-6, bool(offset))
+        q = fk.rope_kv_write(qkv, cos, sin, kc, vc, torch.tensor([3, 6]), h, hkv, qk_norm=scales)
+        normed = torch.cat([qn(heads[:, :, :h]), kn(heads[:, :, h : h + hkv])], dim=2)
+        ref = apply_rotary(normed, cos[:, :, None], sin[:, :, None])
+        torch.testing.assert_close(q, ref[:, 0, :h])
+        torch.testing.assert_close(kc[0, :, 3], ref[0, 0, h:])
 
 
 @pytest.mark.parametrize("k", [0, 5, 20])

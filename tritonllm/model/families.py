@@ -1,8 +1,7 @@
 """The model families the one decoder definition (`modeling.py`) serves, as data: which HF
 `model_type`s, which of their features it reproduces, and the checks that refuse a checkpoint whose
 features it would get wrong (never a silently wrong model). The decoder reads `Features` to build
-its layers; the torch runtime reads `kernel_gaps` to decide whether its fused decode kernels can
-compute the model (the torch ops compute every family)."""
+its layers, and the torch runtime's fused kernels read the same fields."""
 
 from __future__ import annotations
 
@@ -52,20 +51,6 @@ class Features:
 
     def window(self, layer: int) -> int | None:
         return self.sliding_window if self.layer_types[layer] == SLIDING else None
-
-    def kernel_gaps(self) -> list[str]:
-        """What the fused decode kernels (rotary + KV write, add + RMSNorm, SiLU * up) do not
-        compute; a model with any of these runs on the torch ops. Sliding windows, QKV biases, a
-        query scale and Llama-style q/k norms per head (Qwen3) they do compute."""
-        gaps = {
-            "(1 + w) RMSNorm": bool(self.norm_offset),
-            "sandwich norms": self.sandwich_norms,
-            f"{self.activation} MLP": self.activation != "silu",
-            "embedding scaling": self.embed_scale is not None,
-            "soft-capping": self.attn_softcap is not None or self.logit_softcap is not None,
-            "a rotary table per layer type": self.rope_per_layer_type,
-        }
-        return [name for name, present in gaps.items() if present]
 
 
 def _rope_parameters(config) -> list[dict]:

@@ -178,10 +178,11 @@ class CausalLM(nn.Module):
         self.layer_rope = [kinds.index(k) if kinds else 0 for k in feats.layer_types]  # each layer's table
 
     def kernel_gaps(self) -> list[str]:
-        """What of this model the fused decode kernels do not compute (`Features.kernel_gaps`, and a
-        partial rotary, which they apply to whole heads)."""
-        partial = ["partial rotary"] if self.inv_freq.shape[-1] * 2 != self.shape.head_dim else []
-        return self.features.kernel_gaps() + partial
+        """What of this model the fused decode kernels do not compute: a partial rotary (they rotate
+        whole heads) or a head size that is not a power of two (their tiles)."""
+        d = self.shape.head_dim
+        gaps = ["partial rotary"] if self.inv_freq.shape[-1] * 2 != d else []
+        return gaps + ([f"head_dim {d} (not a power of two)"] if d & (d - 1) else [])
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         x = nn.functional.embedding(ids, self.embed)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...model.modeling import CausalLM
+from ...model.modeling import CausalLM, RMSNorm
 from .cache import StaticKVCache
 from .tuning import KernelChoice
 
@@ -34,11 +34,6 @@ def attend_decode(layer, q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         return layer.attend(q, keys, values, torch.where(valid, 0.0, NEG))
     qg = q.reshape(b, layer.hkv, h // layer.hkv, d)
     return F.scaled_dot_product_attention(qg, keys, values, attn_mask=valid, scale=layer.scale).reshape(b, 1, h * d)
-
-
-def head_norms(layer) -> tuple | None:
-    """The fused rotary kernel's q/k-norm argument for a layer: (q weight, k weight, eps) or None."""
-    return (layer.q_norm.weight, layer.k_norm.weight, layer.q_norm.eps) if layer.q_norm is not None else None
 
 
 def causal_mask(t: int, window: int | None, device) -> torch.Tensor:
@@ -73,6 +68,13 @@ class ForwardPasses:
         self.model, self.cache, self.kernels, self.fused_ops = model, cache, kernels, fused_ops
         self.shape, self.device = model.shape, cache.keys.device
         self.windows = {layer.window for layer in model.layers}  # None (full attention) and any sliding window
+        # what the fused kernels scale each norm by: its weight, or Gemma's 1 + w in fp32 (made once:
+        # a CUDA graph replays the tensors it captured)
+        self._scales = {
+            id(n): (n.offset + n.weight.float()) if n.offset else n.weight
+            for n in model.modules()
+            if isinstance(n, RMSNorm)
+        }
         self.tokens = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # each slot's next token
         self.positions = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # ... and its position
         self.decode = self._decode_triton if kernels.triton else self._decode_torch
@@ -88,8 +90,8 @@ class ForwardPasses:
         rot = self.model.rotaries(positions, x.dtype)
         rows = torch.arange(b, device=self.device)
         if self.kernels.triton:
-            h = self._prefill_triton(x, *rot[0], slots)
-            return torch.matmul(h[rows, last], self.model.lm_head.t())
+            h = self._prefill_triton(x, rot, slots)
+            return self.model.cap_logits(torch.matmul(h[rows, last], self.model.lm_head.t()))
         if self.fused_ops:
             attend = lambda i, layer, q, k, v: attend_prompt(layer, q, k, v)
         else:
@@ -98,10 +100,11 @@ class ForwardPasses:
         x = self._layers(x, rot, slots, positions, attend)
         return self._logits(x[rows, last])
 
-    def _prefill_triton(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor):
-        """The prefill's decoder stack on the fused kernels (rotary + cache write, adds and SiLU in
-        one kernel each), cuBLAS products, causal flash attention over each prompt's new tokens.
-        Returns the final-normed hidden states."""
+    def _prefill_triton(self, x: torch.Tensor, rot: list, slots: torch.Tensor):
+        """The prefill's decoder stack on the fused kernels (rotary + cache write, adds and the
+        gated activation in one kernel each), cuBLAS products, causal flash attention over each
+        prompt's new tokens; `rot`: (cos, sin) of each rotary table. Returns the final-normed
+        hidden states."""
         from ..kernels import fused as fk
 
         (b, t, _), sh, cache = x.shape, self.shape, self.cache
@@ -112,8 +115,7 @@ class ForwardPasses:
         def rope(i, qkv):
             q, k = fk.rope_kv_write(
                 qkv,
-                cos,
-                sin,
+                *rot[self.model.layer_rope[i]],
                 cache.keys[i],
                 cache.values[i],
                 row_positions,
@@ -121,7 +123,7 @@ class ForwardPasses:
                 sh.num_kv_heads,
                 slots=row_slots,
                 return_k=True,
-                qk_norm=head_norms(self.model.layers[i]),
+                qk_norm=self._head_norms(self.model.layers[i]),
             )
             v = qkv.view(b, t, kv_from + sh.num_kv_heads, sh.head_dim)[:, :, kv_from:]
             return q.view(b, t, sh.num_heads, -1), k.view(b, t, sh.num_kv_heads, -1), v
@@ -135,31 +137,31 @@ class ForwardPasses:
     def _decode_triton(self, b: int, c: int) -> torch.Tensor:
         """The decode step of slots 0..b-1 over a context bucket c on the fused kernels, products by
         the tuned gemv table."""
+        from ..kernels import attention as ak
         from ..kernels import fused as fk
         from ..kernels.gemv import dense
 
         m, sh, cache = self.model, self.shape, self.cache
         positions = self.positions[:b]
         x = m.embed_tokens(self.tokens[:b, None])  # the residual stream
-        cos, sin = m.rotary(positions[:, None], x.dtype)
-        attention = self.kernels.attention_table.get(b, fk.ATTENTION_CONFIGS[0])
+        rot = m.rotaries(positions[:, None], x.dtype)
+        attention = self.kernels.attention_table.get(b, ak.ATTENTION_CONFIGS[0])
         rope = lambda i, qkv: fk.rope_kv_write(
             qkv,
-            cos,
-            sin,
+            *rot[m.layer_rope[i]],
             cache.keys[i],
             cache.values[i],
             positions,
             sh.num_heads,
             sh.num_kv_heads,
-            qk_norm=head_norms(m.layers[i]),
+            qk_norm=self._head_norms(m.layers[i]),
         )
-        attend = lambda i, q: fk.decode_attention(
-            q, cache.keys[i], cache.values[i], positions, c, attention, m.layers[i].window, m.layers[i].scale
+        attend = lambda i, q: ak.decode_attention(
+            q, cache.keys[i], cache.values[i], positions, c, attention, *self._attention_args(m.layers[i])
         )
         proj = lambda kind, layer, inp: self._project(kind, getattr(layer, kind).weight, getattr(layer, kind).bias, inp)
         h = self._fused_layers(x, rope, attend, proj)
-        return dense(self._project("lm_head", m.lm_head, None, h[:, 0]))
+        return m.cap_logits(dense(self._project("lm_head", m.lm_head, None, h[:, 0])))
 
     def _decode_torch(self, b: int, c: int) -> torch.Tensor:
         """The decode step on torch ops (fused attention and norms, or the reference ops)."""
@@ -198,18 +200,34 @@ class ForwardPasses:
 
     def _fused_layers(self, x: torch.Tensor, rope, attend, proj) -> torch.Tensor:
         """The decoder stack on the fused kernels: per layer 4 matrix products (`proj`) and 4 small
-        kernels (rotary + KV write `rope`, attention `attend`, residual add + norm twice, SiLU * up).
+        kernels (rotary + KV write `rope`, attention `attend`, residual add + norm twice (each with
+        the output's own norm first in Gemma 2/3), the gated activation).
         x is the residual stream (updated in place); returns it normalised by the final norm."""
         from ..kernels import fused as fk
 
-        m = self.model
+        m, scale = self.model, self._scale
         h = rms_norm(m.layers[0].ln1, x)
         for i, layer in enumerate(m.layers):
             a = attend(i, rope(i, proj("qkv_proj", layer, h)))
-            h = fk.add_rms_norm(proj("o", layer, a), x, layer.ln2.weight, layer.ln2.eps)
+            h = fk.add_rms_norm(proj("o", layer, a), x, scale(layer.ln2), layer.ln2.eps, scale(layer.post_attention))
             nxt = m.layers[i + 1].ln1 if i + 1 < len(m.layers) else m.norm
-            h = fk.add_rms_norm(proj("down", layer, fk.silu_mul(proj("gate_up", layer, h))), x, nxt.weight, nxt.eps)
+            up = fk.activate_mul(proj("gate_up", layer, h), layer.activation)
+            h = fk.add_rms_norm(proj("down", layer, up), x, scale(nxt), nxt.eps, scale(layer.post_mlp))
         return h
+
+    def _scale(self, norm) -> torch.Tensor | None:
+        return None if norm is None else self._scales[id(norm)]
+
+    def _head_norms(self, layer) -> tuple | None:
+        """The fused rotary kernel's q/k-norm argument: (q scale, k scale, eps, Gemma-style) or None."""
+        if layer.q_norm is None:
+            return None
+        return self._scale(layer.q_norm), self._scale(layer.k_norm), layer.q_norm.eps, bool(layer.q_norm.offset)
+
+    @staticmethod
+    def _attention_args(layer) -> tuple:
+        """decode_attention's (window, scale, softcap) for a layer."""
+        return layer.window, layer.scale, layer.softcap
 
     def _project(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         config = self.kernels.gemv_table.get((kind, x.shape[0]))

@@ -89,7 +89,6 @@ def _product_consumers(model, cache: StaticKVCache, max_rows: int) -> dict:
     """{weight kind: the fused kernel that reads its product in the decode step}, on scratch
     inputs. Writes K/V at position 0 of the first slots: nothing is cached yet at start-up."""
     from ..kernels import fused as fk
-    from .forward import head_norms
 
     sh, device, dtype = model.shape, cache.keys.device, model.embed.dtype
     zeros = lambda *dims: torch.zeros(*dims, device=device, dtype=dtype)
@@ -107,20 +106,20 @@ def _product_consumers(model, cache: StaticKVCache, max_rows: int) -> dict:
             positions[: rows(y)],
             sh.num_heads,
             sh.num_kv_heads,
-            qk_norm=head_norms(model.layers[0]),
+            qk_norm=(norm[: sh.head_dim], norm[: sh.head_dim], 1e-6, False) if model.features.qk_norm else None,
         ),
         "o": lambda y: fk.add_rms_norm(y, residual[: rows(y)], norm, 1e-5),
         "down": lambda y: fk.add_rms_norm(y, residual[: rows(y)], norm, 1e-5),
-        "gate_up": fk.silu_mul,
+        "gate_up": lambda y: fk.activate_mul(y, model.features.activation),
     }
 
 
 def _tune_attention(model, cache: StaticKVCache, batch_buckets: list[int], max_context: int) -> tuple[dict, list]:
     """{batch bucket: decode attention config}, timed at up to 256 keys per row."""
-    from ..kernels import fused as fk
+    from ..kernels import attention as ak
 
     try:
-        table, report = fk.tune_attention(
+        table, report = ak.tune_attention(
             cache.keys, cache.values, model.shape.num_heads, batch_buckets, min(256, max_context)
         )
     except Exception as exc:  # a config does not compile here: the default (self-checked) serves

@@ -1,0 +1,143 @@
+"""Decode attention (OpenAI Triton) for the torch-cuda runtime: one query token per row against its
+slot's cached keys/values, flash-style (online softmax over blocks of the context), the G query
+heads of a KV head as the rows of one tile so K/V are read once; each row reads only its own valid
+length (read on the device, so one CUDA graph serves every length), from the start of its sliding
+window where the layer has one. `tune_attention` picks the block configuration per batch size at
+start-up. Checked against SDPA with TRITON_INTERPRET=1 on the CPU (tests/parity)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q,
+    k_cache,
+    v_cache,
+    pos,
+    out,
+    limit,
+    window,
+    scale,
+    softcap,
+    s_q_b,
+    s_q_h,
+    s_c_slot,
+    s_c_head,
+    s_c_pos,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAPPED: tl.constexpr,
+):
+    b, kv = tl.program_id(0), tl.program_id(1)
+    g, d = tl.arange(0, GP), tl.arange(0, D)
+    rows = (kv * G + g)[:, None] * s_q_h + d[None, :]
+    qv = tl.load(q + b * s_q_b + rows, mask=(g < G)[:, None], other=0.0)
+    n = tl.minimum(tl.load(pos + b) + 1, limit)  # keys 0..pos, never beyond the graph's context
+    lo = tl.maximum(n - window, 0)  # a sliding window sees the last `window` keys only
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    base = b * s_c_slot + kv * s_c_head
+    for start in range((lo // BLOCK_N) * BLOCK_N, n, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        live = (cols < n) & (cols >= lo)
+        at = base + cols[:, None] * s_c_pos + d[None, :]
+        kb = tl.load(k_cache + at, mask=live[:, None], other=0.0)
+        s = tl.dot(qv, tl.trans(kb)).to(tl.float32) * scale
+        if CAPPED:  # Gemma 2: cap * tanh(s / cap), tanh from exp (2 / (1 + e^-2z) - 1)
+            s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vb = tl.load(v_cache + at, mask=live[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb).to(tl.float32)
+        m_i = m_new
+    tl.store(out + b * s_q_b + rows, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=(g < G)[:, None])
+
+
+# (keys per block, warps, stages); 2 warps: a batch of many rows runs more programs per SM at once
+ATTENTION_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2), (64, 2, 3), (32, 2, 4))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    limit: int,
+    config: tuple[int, int, int] = ATTENTION_CONFIGS[0],
+    window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """q [B,H,D] (contiguous) of slots 0..B-1 at positions [B]; k/v_cache [slots,Hkv,C,D] (one layer).
+    Row b attends to keys 0..min(positions[b], limit - 1), the last `window` of them where one is
+    set; scores scaled by `scale` (default D ** -0.5), then soft-capped at `softcap` where one is
+    set. Returns [B,1,H*D]. `config`: keys per block
+    (fewer blocks, fewer dependent loads: what a batch of few rows waits on), warps, stages."""
+    b, h, d = q.shape
+    hkv = k_cache.shape[1]
+    out = torch.empty_like(q)
+    block_n, warps, stages = config
+    _decode_attention_kernel[(b, hkv)](
+        q,
+        k_cache,
+        v_cache,
+        positions,
+        out,
+        limit,
+        window or 2**30,
+        scale or d**-0.5,
+        softcap or 1.0,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        G=h // hkv,
+        GP=max(16, triton.next_power_of_2(h // hkv)),
+        D=d,
+        BLOCK_N=block_n,
+        CAPPED=softcap is not None,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out.view(b, 1, h * d)
+
+
+def tune_attention(k_caches, v_caches, num_heads: int, batches, context: int) -> tuple[dict, list]:
+    """The fastest ATTENTION_CONFIGS entry per batch size, timed over every layer's cache at
+    `context` keys per row (CUDA graph replays). Returns ({batch: config}, timings for the log)."""
+    from .gemv import graph_ms
+
+    d = k_caches[0].shape[-1]
+    table, report = {}, []
+    for b in batches:
+        q = torch.randn(b, num_heads, d, device=k_caches[0].device, dtype=k_caches[0].dtype)
+        pos = torch.full((b,), context - 1, device=q.device)
+        kr, vr = (torch.randn_like(c[0][:b, :, :context]) for c in (k_caches, v_caches))  # the cache may be all zeros
+        ref = decode_attention(q, kr, vr, pos, context).float()
+        agree = [
+            cfg
+            for cfg in ATTENTION_CONFIGS  # the default is checked against SDPA in self_check
+            if torch.allclose(decode_attention(q, kr, vr, pos, context, cfg).float(), ref, atol=2e-2, rtol=2e-2)
+        ]
+        times = {
+            cfg: graph_ms(
+                lambda cfg=cfg: [decode_attention(q, k, v, pos, context, cfg) for k, v in zip(k_caches, v_caches)]
+            )
+            for cfg in agree
+        }
+        table[b] = min(times, key=times.get)
+        report.append(
+            {"batch": b, "chosen": str(table[b]), "us": {str(c): round(1e3 * t, 1) for c, t in times.items()}}
+        )
+    return table, report
