@@ -48,6 +48,7 @@ class EngineConfig:
     dtype: str = "float32"
     kv_cache_memory_fraction: float = 0.5  # GPU runtimes: share of free memory for the KV cache
     torch_compile: bool = False  # torch-cuda: torch.compile the decode step before graph capture
+    prefix_cache: bool = True  # onnxruntime: prompts reuse the cached keys/values of a prefix seen before
 
     def __post_init__(self) -> None:
         _check(self.runtime in RUNTIMES, "runtime", self.runtime, f"one of {RUNTIMES}")

@@ -178,6 +178,20 @@ def test_eight_concurrent_requests_share_decode_steps(live_server):
     assert metric_value(live_server, "tritonllm_loop_seconds_total", "tiny_engine") > 0  # first phase listed
 
 
+def test_a_repeated_prompt_prefix_comes_from_the_prefix_cache(live_server, tiny):
+    """The second of two requests with the same 3-block prompt reuses its cached blocks: the same
+    text, and the prefix-cache counters on /metrics count the reused tokens."""
+    prompt = "A long shared system prompt that many requests begin with, word after word. " * 4
+    queried, hits = "tritonllm_prefix_cache_queried_tokens_total", "tritonllm_prefix_cache_hit_tokens_total"
+    hits_before = metric_value(live_server, hits, "tiny_engine")
+    first = tiny.generate(prompt, max_tokens=6, temperature=0.0, ignore_eos=True)
+    second = tiny.generate(prompt, max_tokens=6, temperature=0.0, ignore_eos=True)
+    assert second.text == first.text and first.num_input_tokens > 48
+    reused = wait_for_metric(live_server, hits, "tiny_engine", lambda v: v >= hits_before + 48) - hits_before
+    assert reused == (first.num_input_tokens - 1) // 16 * 16  # whole blocks, never the last prompt token
+    assert metric_value(live_server, queried, "tiny_engine") >= 2 * first.num_input_tokens
+
+
 BAD_INPUTS = [
     (dict(prompt=""), "text_input"),
     (dict(prompt="word " * 400), "text_input"),

@@ -155,3 +155,26 @@ def test_logprobs_match_hf_log_softmax(which, request):
         got = [s.wait(120) for s in [eng.submit(ids, **kw) for ids in prompts]]
     for g, (ids, steps) in zip(got, want):
         assert_logprobs_match(g, ids, steps, 5)
+
+
+def test_prefix_cache_reuse_gives_the_ids_of_a_cold_run(tiny_dir, tiny_engine_dir):
+    """Prompts sharing a 3-block prefix, one at a time and then together, prompts whole and in
+    40-token pieces, in a pool small enough that cached blocks are evicted: the same greedy ids as
+    HF, and most of the shared prefix was found in the cache (not computed again)."""
+    hf, tok = load_hf(tiny_dir), TokenizerFiles(tiny_dir)
+    shared = tok.encode("You are a careful assistant who answers in full sentences. " * 4)[:48]
+    prompts = [shared + tok.encode(f" Question {i}: what comes after {i}?") for i in range(4)]
+    want = [hf_greedy(hf, p, 8) for p in prompts]
+    for budget in (8192, 40):
+        cfg = EngineConfig(
+            max_slots=2, max_context=96, max_tokens_limit=32, default_max_tokens=8, max_prefill_tokens=budget
+        )
+        with InProcessEngine(tiny_engine_dir, cfg) as eng:
+            kw = dict(max_tokens=8, temperature=0.0, ignore_eos=True)
+            first = [eng.generate(p, **kw).ids for p in prompts[:2]]
+            together = [s.wait(60).ids for s in [eng.submit(p, **kw) for p in prompts]]
+            hits = eng.loop.stats.prefix_hits
+        assert first == want[:2] and together == want, f"budget {budget}"
+        # of the five later prompts at least three found the shared blocks (one may have lost them to
+        # eviction); a 40-token piece reuses its two whole blocks, never its last token
+        assert hits >= 3 * (48 if budget > 48 else 32), (budget, hits)

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="while others decode, let arriving requests wait up to this long to prefill together")
     p.add_argument("--emit-text", action="store_true",
                    help="the engine detokenizes: tokenizer -> engine, no detokenizer stage (one python hop fewer)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="onnxruntime: compute every prompt whole instead of reusing a cached prefix's keys/values")
     p.add_argument("--response-threads", type=int, default=d.response_threads)
     p.add_argument("--steps-per-launch", type=int, default=d.steps_per_launch,
                    help="torch-cuda: decode steps per host pass under load (README: multi-step; 1 = off)")
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
                           emit_text=a.emit_text, response_threads=a.response_threads,
                           max_prefill_tokens=a.max_prefill_tokens, prefill_gather_ms=a.prefill_gather_ms,
                           steps_per_launch=a.steps_per_launch,
-                          multi_step_min_active=a.multi_step_min_active, launch_ahead=a.launch_ahead)
+                          multi_step_min_active=a.multi_step_min_active, launch_ahead=a.launch_ahead,
+                          prefix_cache=not a.no_prefix_cache)
     cfg = RepositoryConfig(name=a.name, engine=engine, tokenizer_instances=a.tokenizer_instances,
                            detokenizer_instances=a.detokenizer_instances, engine_instances=a.engine_instances,
                            gpus=a.gpus)

@@ -65,6 +65,8 @@ class RuntimeStats:
     gpu_idle_s: float = 0.0  # device idle between a step and the next one launched before it was collected
     prefill_tokens: int = 0  # prompt tokens prefilled ...
     prefill_computed_tokens: int = 0  # ... and tokens computed for them, padding to graph buckets included
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in a prefix cache ...
+    prefix_hit_tokens: int = 0  # ... and found there (not computed again)
 
 
 class Runtime(ABC):

@@ -10,8 +10,9 @@ import numpy as np
 from ..config import EngineConfig
 from ..model.graph_io import OUTPUTS, causal_bias
 from ..model.shape import ModelShape
-from .base import Runtime, RuntimeCapabilities, StepInput
-from .host_kv import KVCache, staged, step_by_kind
+from .base import Runtime, RuntimeCapabilities, RuntimeStats, StepInput
+from .host_kv import staged, step_by_kind
+from .paged_kv import BLOCK_SIZE, PagedKVCache
 
 log = logging.getLogger(__name__)
 PAST_ROUND = 16  # a decode batch's staged past grows in steps of this many positions
@@ -25,7 +26,7 @@ class DecodeStaging:
     past a row's length are masked by the attention bias. Any other run (a prefill) drops it: it
     may have written a staged slot."""
 
-    def __init__(self, cache: KVCache):
+    def __init__(self, cache: PagedKVCache):
         self.cache = cache
         self.key: tuple | None = None  # (slots, positions) the staged arrays hold
         self._flat = (np.empty(0, cache.keys.dtype), np.empty(0, cache.keys.dtype))
@@ -38,9 +39,9 @@ class DecodeStaging:
         """[L, B, Hkv, P, D] keys and values of `slots`, P >= need (copied from the cache only when
         the slots changed or P must grow)."""
         if self.key is None or self.key[0] != tuple(slots) or self.key[1] < need:
-            k = self.cache.keys
-            p = min(-(-need // PAST_ROUND) * PAST_ROUND, k.shape[3])
-            self._flat, out = staged(self._flat, (k.shape[0], len(slots), k.shape[2], p, k.shape[4]))
+            c = self.cache
+            p = min(-(-need // PAST_ROUND) * PAST_ROUND, c.max_context)
+            self._flat, out = staged(self._flat, (c.layers, len(slots), c.kv_heads, p, c.head_dim))
             self.past = self.cache.gather(slots, p, out=out)
             self.key = (tuple(slots), p)
         return self.past
@@ -67,7 +68,7 @@ class OnnxRuntime(Runtime):
         self.session = ort.InferenceSession(
             str(Path(engine_dir) / "model.onnx"), opts, providers=providers or ["CPUExecutionProvider"]
         )
-        self.cache = KVCache(self.shape, cfg.max_slots, cfg.max_context)
+        self.cache = PagedKVCache(self.shape, cfg.max_slots, cfg.max_context, cfg.prefix_cache)
         self.staging = DecodeStaging(self.cache)
 
     def describe(self) -> dict:
@@ -77,13 +78,21 @@ class OnnxRuntime(Runtime):
             "slots": self.max_slots,
             "max_context": self.max_context,
             "kv_cache_bytes": self.cache.nbytes,
+            "kv_block_size": BLOCK_SIZE,
+            "prefix_cache": self.cache.prefix_cache,
         }
+
+    def stats(self) -> RuntimeStats:
+        prefix = self.cache.stats
+        return RuntimeStats(prefix_queried_tokens=prefix.queried_tokens, prefix_hit_tokens=prefix.hit_tokens)
 
     def step(self, inputs: list[StepInput]) -> np.ndarray:
         """Decode rows (one token each) run as one batch; each prefill runs on its own."""
         return step_by_kind(inputs, self._run, np.empty((len(inputs), self.shape.vocab_size), dtype=np.float32))
 
     def _run(self, rows: list[StepInput]) -> np.ndarray:
+        if not (len(rows[0].tokens) == 1 and rows[0].start > 0):  # a prefill: its cached prefix is not computed
+            rows = [self._after_cached_prefix(r) for r in rows]
         b, t = len(rows), max(len(r.tokens) for r in rows)
         slots, starts = [r.slot for r in rows], [r.start for r in rows]
         ids = np.zeros((b, t), dtype=np.int64)
@@ -107,7 +116,11 @@ class OnnxRuntime(Runtime):
             "past_values": past_v,
         }
         logits, new_k, new_v = self.session.run(OUTPUTS, feed)
-        self.cache.update(slots, starts, counts, new_k, new_v)
+        self.cache.update(slots, starts, [r.tokens for r in rows], new_k, new_v)
         if decode:
             self.staging.record(starts, new_k, new_v)
         return logits
+
+    def _after_cached_prefix(self, row: StepInput) -> StepInput:
+        reused = self.cache.begin(row.slot, row.start, row.tokens)
+        return StepInput(row.slot, row.tokens[reused:], row.start + reused) if reused else row

@@ -58,6 +58,14 @@ class EngineMetrics:
             fam.COUNTER,
             "tokens computed by prefill steps, padding to batch and length buckets included",
         )
+        self.prefix_queried = metric(
+            "tritonllm_prefix_cache_queried_tokens_total", fam.COUNTER, "prompt tokens looked up in the prefix cache"
+        )
+        self.prefix_hits = metric(
+            "tritonllm_prefix_cache_hit_tokens_total",
+            fam.COUNTER,
+            "prompt tokens found in the prefix cache (their keys/values reused, not computed)",
+        )
         self.finished_family = fam(
             name="tritonllm_requests_finished_total", kind=fam.COUNTER, description="requests finished, by reason"
         )
@@ -107,6 +115,8 @@ class EngineMetrics:
                 ("gpu_idle", st.gpu_idle_s, self.gpu_idle),
                 ("prefill_tokens", st.prefill_tokens, self.prefill_tokens),
                 ("prefill_computed", st.prefill_computed, self.prefill_computed),
+                ("prefix_queried", st.prefix_queried, self.prefix_queried),
+                ("prefix_hits", st.prefix_hits, self.prefix_hits),
             ]
             for key, value, m in counters:
                 if value > self._last.get(key, 0):

@@ -1,0 +1,101 @@
+"""The paged host KV cache: the block pool (allocation, reference counts, LRU eviction of cached
+blocks, running out), prefix lookup by chain hash (collisions are misses), and the cache's block
+tables (writes across blocks, reuse of whole blocks of a prefix, never a prompt's last token)."""
+
+import numpy as np
+import pytest
+
+from tritonllm.model.shape import ModelShape
+from tritonllm.runtimes.paged_kv import BLOCK_SIZE, BlockPool, OutOfBlocksError, PagedKVCache, chain_hash
+
+SHAPE = ModelShape(2, 4, 2, 8, 32, 100, 1024, (0,), None, None)
+
+
+def test_pool_allocates_free_blocks_then_evicts_the_least_recently_released_cached_one():
+    pool = BlockPool(3)
+    a, b, c = pool.allocate(), pool.allocate(), pool.allocate()
+    pool.register(a, 11, (1,))
+    pool.register(b, 22, (2,))
+    pool.release(b)  # cached, unheld: evictable, released first
+    pool.release(a)
+    pool.release(c)  # not cached: back to the free list
+    assert pool.available == 3 and pool.allocate() == c  # a free block before any eviction
+    assert pool.allocate() == b and pool.lookup(22, (2,)) is None  # evicted: no longer found
+    assert pool.lookup(11, (1,)) == a and pool.stats.evicted_blocks == 1
+    pool.acquire(a)  # held again: not evictable
+    with pytest.raises(OutOfBlocksError):
+        pool.allocate()
+
+
+def test_a_shared_block_stays_until_its_last_holder_releases_it():
+    pool = BlockPool(1)
+    block = pool.allocate()
+    pool.register(block, 5, (7, 8))
+    pool.acquire(block)
+    pool.release(block)
+    assert pool.available == 0  # still held once
+    pool.release(block)
+    assert pool.available == 1 and pool.lookup(5, (7, 8)) == block
+
+
+def test_a_hash_collision_is_a_miss():
+    pool = BlockPool(2)
+    block = pool.allocate()
+    pool.register(block, 99, (1, 2, 3))
+    assert pool.lookup(99, (1, 2, 4)) is None  # same hash, other tokens
+
+
+def kv(n, seed):
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((2, 1, 2, n, 8)).astype(np.float32)
+    return k, k + 100
+
+
+def test_writes_across_blocks_read_back_in_order_and_unheld_positions_read_zero():
+    cache = PagedKVCache(SHAPE, slots=2, max_context=64)
+    k, v = kv(40, 0)
+    cache.update([1], [0], [list(range(40))], k, v)
+    k2, v2 = kv(1, 1)
+    cache.update([1], [40], [[40]], k2, v2)
+    past_k, past_v = cache.gather([1, 0], 48)
+    np.testing.assert_array_equal(past_k[:, 0, :, :40], k[:, 0])
+    np.testing.assert_array_equal(past_v[:, 0, :, 40], v2[:, 0, :, 0])
+    assert not past_k[:, 0, :, 41:].any() and not past_k[:, 1].any()
+    assert len(cache.tables[1]) == 3 and len(cache.chains[1]) == 2  # two full blocks registered
+
+
+def test_a_new_prompt_reuses_whole_cached_blocks_of_its_prefix_but_computes_its_last_token():
+    cache = PagedKVCache(SHAPE, slots=2, max_context=128)
+    prompt = list(range(1, 2 * BLOCK_SIZE + 1))  # exactly two blocks
+    k, v = kv(len(prompt), 2)
+    assert cache.begin(0, 0, prompt) == 0
+    cache.update([0], [0], [prompt], k, v)
+    assert cache.begin(1, 0, prompt) == BLOCK_SIZE  # the second block holds the last token: computed
+    assert cache.begin(1, 0, prompt + [5]) == 2 * BLOCK_SIZE
+    past_k, _ = cache.gather([1], 2 * BLOCK_SIZE)
+    np.testing.assert_array_equal(past_k[:, 0], k[:, 0])
+    assert cache.tables[1] == cache.tables[0]  # the same blocks, shared
+    assert cache.begin(1, 0, [9] + prompt) == 0  # another first token: another chain
+    assert cache.stats.hit_tokens == 3 * BLOCK_SIZE
+
+
+def test_dropping_a_slot_leaves_its_full_blocks_cached_for_the_next_prompt():
+    cache = PagedKVCache(SHAPE, slots=1, max_context=64)
+    prompt = list(range(100, 100 + BLOCK_SIZE + 3))
+    cache.begin(0, 0, prompt)
+    cache.update([0], [0], [prompt], *kv(len(prompt), 3))
+    assert cache.begin(0, 0, prompt) == BLOCK_SIZE  # the slot's own old block, found after the drop
+    off = PagedKVCache(SHAPE, slots=1, max_context=64, prefix_cache=False)
+    off.begin(0, 0, prompt)
+    off.update([0], [0], [prompt], *kv(len(prompt), 3))
+    assert off.begin(0, 0, prompt) == 0 and off.stats.queried_tokens == 0
+
+
+def test_a_piece_must_start_where_the_slot_ends():
+    cache = PagedKVCache(SHAPE, slots=1, max_context=64)
+    with pytest.raises(ValueError, match="slot 0 holds 0 positions, a piece starts at 16"):
+        cache.begin(0, 16, [1, 2])
+
+
+def test_chain_hash_depends_on_everything_before():
+    assert chain_hash(chain_hash(0, (1,)), (2,)) != chain_hash(chain_hash(0, (3,)), (2,))
