@@ -63,28 +63,38 @@ def test_eos_stops_like_hf(tiny_dir, tiny_engine_dir):
     assert got.finish_reason == ("stop" if eos in ref else "length")
 
 
-def test_chunked_prefill_gives_hf_greedy_ids_and_the_same_seeded_samples(tiny_dir, tiny_engine_dir):
-    """Prompts longer than max_prefill_tokens go in 16-token pieces over several steps (ONNX
-    Runtime reads the cached past), next to other requests' decodes: greedy ids equal HF's, and a
-    seeded sampled request gets the same ids as with its prompt prefilled whole."""
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch-reference-ops", "torch-fused-ops"])
+def test_chunked_prefill_gives_hf_greedy_ids_and_the_same_seeded_samples(tiny_dir, tiny_engine_dir, runtime):
+    """Prompts longer than max_prefill_tokens go in 16-token pieces over several steps (each piece
+    reads the cached past: ONNX Runtime's graph, the torch runtime's pieces), next to other
+    requests' decodes: greedy ids equal HF's, and a seeded sampled request gets the same ids as
+    with its prompt prefilled whole."""
+    from tritonllm.model.modeling import CausalLM
+    from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
+
     hf, tok = load_hf(tiny_dir), TokenizerFiles(tiny_dir)
     prompts = [tok.encode(" ".join(PROMPTS * 2)), tok.encode(PROMPTS[1] * 4), tok.encode(PROMPTS[0])]
     assert min(len(p) for p in prompts[:2]) > 2 * 16
     base = EngineConfig(max_slots=2, max_context=256, max_tokens_limit=64, threads=2)
     chunked = EngineConfig(**{**base.__dict__, "max_prefill_tokens": 16})
-    with InProcessEngine(tiny_engine_dir, chunked) as eng:
-        got = [
-            s.wait(120).ids
-            for s in [eng.submit(ids, max_tokens=12, temperature=0.0, ignore_eos=True) for ids in prompts]
-        ]
+
+    def engine(cfg):
+        if runtime == "onnxruntime":
+            return InProcessEngine(tiny_engine_dir, cfg)
+        fused = runtime == "torch-fused-ops"
+        return InProcessEngine(
+            None, cfg, runtime=TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", fused_kernels=fused)
+        )
+
+    kw = dict(max_tokens=12, ignore_eos=True)
+    with engine(chunked) as eng:
+        got = [s.wait(120).ids for s in [eng.submit(ids, temperature=0.0, **kw) for ids in prompts]]
         pieces = eng.loop.stats.prefill_steps
-        sampled = eng.generate(prompts[1], max_tokens=12, temperature=0.9, top_k=20, seed=7, ignore_eos=True).ids
+        sampled = eng.generate(prompts[1], temperature=0.9, top_k=20, seed=7, **kw).ids
     assert got == [hf_greedy(hf, ids, 12) for ids in prompts]
     assert pieces >= sum(-(-len(p) // 16) for p in prompts[:2])  # the long prompts took several steps
-    with InProcessEngine(tiny_engine_dir, base) as eng:
-        assert (
-            eng.generate(prompts[1], max_tokens=12, temperature=0.9, top_k=20, seed=7, ignore_eos=True).ids == sampled
-        )
+    with engine(base) as eng:
+        assert eng.generate(prompts[1], temperature=0.9, top_k=20, seed=7, **kw).ids == sampled
 
 
 def test_onnx_decode_staging_is_dropped_when_a_slot_is_prefilled_again(tiny_dir, tiny_engine_dir):

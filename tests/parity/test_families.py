@@ -64,8 +64,8 @@ def assert_features_are_exercised(name: str, hf, prompts) -> None:
 
 
 def test_family_greedy_ids_match_hf_on_every_runtime(family_dir, tmp_path):
-    """The torch runtime on its reference ops and on its fused torch ops (SDPA, fused norms); the
-    ONNX export on ONNX Runtime, prompts whole and in pieces of a 16-token budget; the same graph
+    """The torch runtime on its reference ops and on its fused torch ops (SDPA, fused norms), and
+    the ONNX export on ONNX Runtime, each with prompts whole and in pieces of a 16-token budget; the same graph
     through TensorRTRuntime with the ONNX Runtime stand-in for TensorRT (its wiring, not TensorRT)."""
     import shutil
 
@@ -78,11 +78,14 @@ def test_family_greedy_ids_match_hf_on_every_runtime(family_dir, tmp_path):
     hf, prompts, want = expected(family_dir)
     assert_features_are_exercised(family_dir.name.removeprefix("tiny-"), hf, prompts)
     cfg = EngineConfig(max_slots=2, max_context=256, max_tokens_limit=64)
-    for fused in (False, True):
-        runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", fused_kernels=fused)
-        assert greedy(cfg, prompts, runtime=runtime) == want, f"torch runtime, fused ops {fused}"
-    onnx_dir = engine_files(family_dir, family_dir.name, cfg, BUILD / "onnx" / family_dir.name)
     pieces = EngineConfig(max_slots=2, max_context=256, max_tokens_limit=64, max_prefill_tokens=16)
+    for fused in (False, True):
+        for c in (cfg, pieces):
+            runtime = TorchCudaRuntime(None, c, model=CausalLM(hf), device="cpu", fused_kernels=fused)
+            assert greedy(c, prompts, runtime=runtime) == want, (
+                f"torch runtime, fused ops {fused}, {c.max_prefill_tokens}"
+            )
+    onnx_dir = engine_files(family_dir, family_dir.name, cfg, BUILD / "onnx" / family_dir.name)
     assert greedy(cfg, prompts, onnx_dir) == want, "ONNX Runtime"
     assert greedy(pieces, prompts, onnx_dir) == want, "ONNX Runtime, prompts in pieces"
     trt_cfg = EngineConfig(runtime="tensorrt", max_slots=2, max_context=256, max_tokens_limit=64, dtype="float32")
@@ -114,13 +117,14 @@ def test_unsupported_families_and_features_are_refused_at_build_time(smollm2_dir
 
 @pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3"])
 def test_fused_kernels_give_each_family_hf_greedy_ids(name, smollm2_dir):
-    """Triton's interpreter on the CPU: the fused decode and prefill kernels with QKV biases
+    """Triton's interpreter on the CPU, prompts in 16-token pieces (the first on the fused prefill,
+    the rest reading the cached past): the fused decode and prefill kernels with QKV biases
     (Qwen2), q/k norms per head (Qwen3, Gemma 3), sliding windows, Gemma's (1 + w) and sandwich
     norms, GeGLU, embedding and query scaling, soft-caps and per-type rotary tables give HF's greedy
     ids. Phi-3's partial rotary is not in the kernels: asking for them fails, naming it."""
     pytest.importorskip("triton")
     hf, prompts, want = expected(family_checkpoint(name, smollm2_dir))
-    cfg = EngineConfig(max_slots=2, max_context=128, max_tokens_limit=64)
+    cfg = EngineConfig(max_slots=2, max_context=128, max_tokens_limit=64, max_prefill_tokens=16)  # in pieces
     make = lambda: TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table={})
     if name == "phi3":
         with pytest.raises(ValueError, match="fused kernels do not compute partial rotary"):

@@ -100,6 +100,32 @@ class ForwardPasses:
         x = self._layers(x, rot, slots, positions, attend)
         return self._logits(x[rows, last])
 
+    def prefill_piece(self, tokens: list[int], slot: int, start: int) -> torch.Tensor:
+        """A prompt piece at positions start.. of `slot`, attending to the slot's cached positions
+        0..start-1 and causally to itself (sliding windows applied); logits of its last token [1, V]."""
+        t, span = len(tokens), start + len(tokens)
+        ids = torch.tensor([tokens], device=self.device)
+        positions = start + torch.arange(t, device=self.device).unsqueeze(0)
+        slots = torch.tensor([slot], device=self.device)
+        x = self.model.embed_tokens(ids)
+        behind = positions[0, :, None] - torch.arange(span, device=self.device)[None, :]  # [t, span]
+        visible = {w: ((behind >= 0) & (behind < (w or span))).view(1, 1, t, span) for w in self.windows}
+
+        def attend(i, layer, q, k, v):
+            keys, values = (
+                self.cache.keys[i, slot : slot + 1, :, :span],
+                self.cache.values[i, slot : slot + 1, :, :span],
+            )
+            if self.fused_ops and layer.softcap is None:
+                out = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=visible[layer.window], scale=layer.scale, enable_gqa=True
+                )
+                return out.transpose(1, 2).reshape(1, t, -1)
+            return layer.attend(q, keys, values, torch.where(visible[layer.window], 0.0, NEG))
+
+        x = self._layers(x, self.model.rotaries(positions, x.dtype), slots, positions, attend)
+        return self._logits(x[:, -1])
+
     def _prefill_triton(self, x: torch.Tensor, rot: list, slots: torch.Tensor):
         """The prefill's decoder stack on the fused kernels (rotary + cache write, adds and the
         gated activation in one kernel each), cuBLAS products, causal flash attention over each

@@ -29,7 +29,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 class TorchCudaRuntime(Runtime):
-    capabilities = RuntimeCapabilities(overlap=True, multi_step=True, device_sampling=True)
+    capabilities = RuntimeCapabilities(overlap=True, multi_step=True, device_sampling=True, prompt_pieces=True)
 
     def __init__(
         self,
@@ -223,14 +223,26 @@ class TorchCudaRuntime(Runtime):
         return to_device(list(slots), self.device)
 
     def step(self, inputs: list[StepInput]) -> torch.Tensor:
-        pre = [i for i, x in enumerate(inputs) if x.start == 0]
-        if not pre or len(pre) == len(inputs):  # one kind of row: its logits in input order as they are
-            return self.prefill(inputs) if pre else self.decode(inputs)
-        dec = [i for i, x in enumerate(inputs) if x.start > 0]
+        """Whole prompts (start 0), prompt pieces after a cached part (chunked prefill) and decode
+        rows, each kind run its own way; logits in input order."""
+        kinds = [0 if x.start == 0 else 1 if len(x.tokens) > 1 else 2 for x in inputs]
+        runs = (self.prefill, self.prefill_pieces, self.decode)
+        if len(set(kinds)) == 1:  # one kind of row: its logits in input order as they are
+            return runs[kinds[0]](inputs)
         logits = torch.empty((len(inputs), self.shape.vocab_size), dtype=self.dtype, device=self.device)
-        logits[to_device(pre, self.device)] = self.prefill([inputs[i] for i in pre])
-        logits[to_device(dec, self.device)] = self.decode([inputs[i] for i in dec])
+        for kind, run in enumerate(runs):
+            rows = [i for i, k in enumerate(kinds) if k == kind]
+            if rows:
+                logits[to_device(rows, self.device)] = run([inputs[i] for i in rows])
         return logits
+
+    @torch.no_grad()
+    def prefill_pieces(self, rows: list[StepInput]) -> torch.Tensor:
+        """Prompt pieces that start after the part of their prompt already cached (chunked prefill),
+        one row at a time and eagerly: each attends to its slot's cached past and its own tokens."""
+        self._prefill_counts[0] += sum(len(r.tokens) for r in rows)
+        self._prefill_counts[1] += sum(len(r.tokens) for r in rows)
+        return torch.cat([self.forward.prefill_piece(r.tokens, r.slot, r.start) for r in rows])
 
     def sample(self, logits: torch.Tensor, seqs) -> list:
         return sampling.sample_batch(logits, seqs)
