@@ -144,34 +144,35 @@ def parity(families: list[str], out) -> None:
         log.info("%s", write_json(out, "families-parity", run_facts(**facts)))
 
 
-def decode_speed(family: str, concurrency: list[int], power: PowerSampler) -> list[dict]:
-    hf = random_model(family, LARGE[family])
-    cfg = EngineConfig(
-        runtime="torch-cuda",
-        dtype="bfloat16",
-        max_slots=max(concurrency),
-        max_context=512,
-        max_tokens_limit=511,
-        stream_interval_ms=0.0,
-        max_responses_per_s=0.0,
-    )
-    runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf))
-    kernels = "fused kernels" if runtime.describe()["triton_kernels"] else "torch ops"
-    del hf
+def decode_speed(family: str, concurrency: list[int], power: PowerSampler, budgets=(8192,)) -> list[dict]:
+    """In-process decode of the family's published shape at each concurrency, for each prefill
+    budget (`max_prefill_tokens`: below a step's prompt tokens, prompts go in pieces)."""
+    model = CausalLM(random_model(family, LARGE[family]))
     gc.collect()
     rows = []
-    with InProcessEngine(None, cfg, runtime=runtime) as eng:
-        for c in concurrency:
-            prompts = random_prompts(2 * c, 128, LARGE[family]["vocab_size"], seed=c)
-            run_inprocess(eng, prompts[:c], c, 32, power)  # warm-up
-            r = run_inprocess(
-                eng, prompts, c, 128, power, name=f"{family} ({LARGE[family]['hidden_size']} hidden, {kernels})"
-            )
-            rows.append(r.row())
-            log.info("%s", rows[-1])
-    del runtime, eng
-    gc.collect()
-    torch.cuda.empty_cache()
+    for budget in budgets:
+        cfg = EngineConfig(
+            runtime="torch-cuda",
+            dtype="bfloat16",
+            max_slots=max(concurrency),
+            max_context=512,
+            max_tokens_limit=511,
+            stream_interval_ms=0.0,
+            max_responses_per_s=0.0,
+            max_prefill_tokens=budget,
+        )
+        runtime = TorchCudaRuntime(None, cfg, model=model)
+        kernels = "fused kernels" if runtime.describe()["triton_kernels"] else "torch ops"
+        name = f"{family} ({LARGE[family]['hidden_size']} hidden, {kernels}, prefill budget {budget})"
+        with InProcessEngine(None, cfg, runtime=runtime) as eng:
+            for c in concurrency:
+                prompts = random_prompts(2 * c, 128, LARGE[family]["vocab_size"], seed=c)
+                run_inprocess(eng, prompts[:c], c, 32, power)  # warm-up
+                rows.append(run_inprocess(eng, prompts, c, 128, power, name=name).row())
+                log.info("%s", rows[-1])
+        del runtime, eng
+        gc.collect()
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -182,6 +183,7 @@ def main() -> None:
     p.add_argument("--families", nargs="+", default=list(PARITY))
     p.add_argument("--speed-families", nargs="+", default=list(LARGE))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--prefill-budgets", type=int, nargs="+", default=[8192], help="max_prefill_tokens to compare")
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
     if "parity" in a.parts:
@@ -190,7 +192,7 @@ def main() -> None:
         facts = {"large_shapes": LARGE, "workload": "in-process engine, 128 in / 128 out, 2 requests per stream"}
         rows = []
         for family in a.speed_families:
-            rows += decode_speed(family, a.concurrency, PowerSampler())
+            rows += decode_speed(family, a.concurrency, PowerSampler(), a.prefill_budgets)
             log.info("\n%s", write_results(a.out, "families", facts, rows))
 
 
