@@ -14,6 +14,20 @@ from .errors import RequestValidationError
 RUNTIMES = ("onnxruntime", "torch-cuda", "tensorrt")
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+QUANTIZATIONS = ("none", "fp8", "int8-wo", "int8", "int4")
+# what each runtime is built for; anything else is refused at build time with what to use instead
+RUNTIME_QUANTIZATIONS = {
+    "onnxruntime": ("none", "int8", "int4"),
+    "torch-cuda": ("none", "fp8", "int8-wo"),
+    "tensorrt": ("none",),
+}
+QUANTIZATION_ADVICE = {
+    "fp8": "fp8 needs FP8 Tensor Cores: build it for --runtime torch-cuda (compute capability >= 8.9)",
+    "int8-wo": "int8-wo (int8 weights, bf16 activations) is a GPU scheme: build it for --runtime torch-cuda",
+    "int8": "int8 (ONNX Runtime's integer products) is the CPU scheme: build it for --runtime onnxruntime; "
+    "on the GPU use int8-wo or fp8 with --runtime torch-cuda",
+    "int4": "int4 (ONNX Runtime's MatMulNBits) is built for --runtime onnxruntime only; on the GPU use int8-wo or fp8",
+}
 
 
 def _check(cond: bool, name: str, value: Any, bound: str) -> None:
@@ -49,6 +63,7 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.5  # GPU runtimes: share of free memory for the KV cache
     torch_compile: bool = False  # torch-cuda: torch.compile the decode step before graph capture
     prefix_cache: bool = True  # onnxruntime: prompts reuse the cached keys/values of a prefix seen before
+    quantization: str = "none"  # weights' scheme (QUANTIZATIONS), quantized once at build time
 
     def __post_init__(self) -> None:
         _check(self.runtime in RUNTIMES, "runtime", self.runtime, f"one of {RUNTIMES}")
@@ -93,6 +108,14 @@ class EngineConfig:
             self.kv_cache_memory_fraction,
             "(0, 0.95]",
         )
+
+        _check(self.quantization in QUANTIZATIONS, "quantization", self.quantization, "|".join(QUANTIZATIONS))
+        allowed = RUNTIME_QUANTIZATIONS[self.runtime]
+        if self.quantization not in allowed:
+            raise ValueError(
+                f"config quantization={self.quantization!r} is not built for runtime {self.runtime!r} "
+                f"(it takes {'|'.join(allowed)}): {QUANTIZATION_ADVICE[self.quantization]}"
+            )
 
     def to_parameters(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}

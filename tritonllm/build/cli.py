@@ -9,7 +9,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..config import DTYPES, RUNTIMES, EngineConfig
+from ..config import DTYPES, QUANTIZATIONS, RUNTIMES, EngineConfig
 from .pipeline import build
 from .repository import RepositoryConfig
 
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="the engine detokenizes: tokenizer -> engine, no detokenizer stage (one python hop fewer)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="onnxruntime: compute every prompt whole instead of reusing a cached prefix's keys/values")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default=d.quantization,
+                   help="weights: fp8 / int8-wo (torch-cuda), int8 / int4 (onnxruntime); README: quantization")
     p.add_argument("--response-threads", type=int, default=d.response_threads)
     p.add_argument("--steps-per-launch", type=int, default=d.steps_per_launch,
                    help="torch-cuda: decode steps per host pass under load (README: multi-step; 1 = off)")
@@ -62,21 +64,27 @@ def main(argv: list[str] | None = None) -> None:
                    help="one engine instance per listed GPU (Triton spreads requests over them)")
     a = p.parse_args(argv)
     t0 = time.time()
-    engine = EngineConfig(runtime=a.runtime, max_slots=a.max_slots, max_context=a.max_context, max_queue=a.max_queue,
-                          max_tokens_limit=min(a.max_tokens_limit, a.max_context - 1),
-                          default_max_tokens=a.default_max_tokens, request_timeout_s=a.request_timeout_s,
-                          stream_interval_ms=a.stream_interval_ms, threads=a.threads, dtype=a.dtype,
-                          emit_text=a.emit_text, response_threads=a.response_threads,
-                          max_prefill_tokens=a.max_prefill_tokens, prefill_gather_ms=a.prefill_gather_ms,
-                          steps_per_launch=a.steps_per_launch,
-                          multi_step_min_active=a.multi_step_min_active, launch_ahead=a.launch_ahead,
-                          prefix_cache=not a.no_prefix_cache)
+    try:
+        engine = _engine_config(a)
+    except ValueError as e:  # a bound or a runtime/quantization pair the build cannot make
+        p.error(str(e))
     cfg = RepositoryConfig(name=a.name, engine=engine, tokenizer_instances=a.tokenizer_instances,
                            detokenizer_instances=a.detokenizer_instances, engine_instances=a.engine_instances,
                            gpus=a.gpus)
     build(a.model, cfg, a.out, a.onnx_dir)
     log.info("done in %.1fs", time.time() - t0)
 
+
+def _engine_config(a: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(runtime=a.runtime, max_slots=a.max_slots, max_context=a.max_context, max_queue=a.max_queue,
+                        max_tokens_limit=min(a.max_tokens_limit, a.max_context - 1),
+                        default_max_tokens=a.default_max_tokens, request_timeout_s=a.request_timeout_s,
+                        stream_interval_ms=a.stream_interval_ms, threads=a.threads, dtype=a.dtype,
+                        emit_text=a.emit_text, response_threads=a.response_threads,
+                        max_prefill_tokens=a.max_prefill_tokens, prefill_gather_ms=a.prefill_gather_ms,
+                        steps_per_launch=a.steps_per_launch,
+                        multi_step_min_active=a.multi_step_min_active, launch_ahead=a.launch_ahead,
+                        prefix_cache=not a.no_prefix_cache, quantization=a.quantization)
 
 if __name__ == "__main__":
     main()

@@ -53,8 +53,8 @@ def engine_files(checkpoint: Path, name: str, engine: EngineConfig, onnx_dir: Pa
     if engine.runtime == "torch-cuda":  # our module with its weights, saved for torch alone
         from ..model.modeling import save_engine_model
 
-        log.info("[1/3] saving the PyTorch engine (%s)", engine.dtype)
-        out = save_engine_model(checkpoint, Path("build/engines") / name, engine.dtype)
+        log.info("[1/3] saving the PyTorch engine (%s, quantization %s)", engine.dtype, engine.quantization)
+        out = save_engine_model(checkpoint, Path("build/engines") / name, engine.dtype, engine.quantization)
         log.info("[2/3] nothing to verify: the module is the one the parity tests check")
         return out
     onnx_dir = onnx_dir or Path("build/onnx") / name
@@ -62,6 +62,11 @@ def engine_files(checkpoint: Path, name: str, engine: EngineConfig, onnx_dir: Pa
     log.info("      ONNX vs PyTorch: %s", json.dumps(report))
     if engine.runtime == "tensorrt":
         build_tensorrt_plan(onnx_dir, engine)
+    if engine.quantization != "none":
+        from .quantize_onnx import quantize_onnx
+
+        log.info("      quantizing the graph's weights: %s", engine.quantization)
+        return quantize_onnx(onnx_dir, engine.quantization)
     return onnx_dir
 
 

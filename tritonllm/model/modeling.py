@@ -241,12 +241,20 @@ def load_hf(checkpoint: Path, dtype: torch.dtype = torch.float32, attention: str
 ENGINE_FILE = "model.pt"
 
 
-def save_engine_model(checkpoint: Path, engine_dir: Path, dtype: str) -> Path:
-    """Build step for torch-cuda: our module with its weights in `dtype` ("bfloat16", ...), loadable
-    with torch alone (no transformers needed where the repository is served)."""
+def save_engine_model(checkpoint: Path, engine_dir: Path, dtype: str, quantization: str = "none") -> Path:
+    """Build step for torch-cuda: our module with its weights in `dtype` ("bfloat16", ...), its
+    projections quantized once here when asked (`quant.SCHEMES`), loadable with torch alone (no
+    transformers needed where the repository is served)."""
+    import json
+
+    from .quant import check_device_support, quantize_model
+
+    check_device_support(quantization, None)
     engine_dir.mkdir(parents=True, exist_ok=True)
     model = CausalLM(load_hf(checkpoint, dtype=getattr(torch, dtype)))
+    report = {"scheme": "none"} if quantization == "none" else quantize_model(model, quantization)
     model.shape.save(engine_dir / "model_shape.json")
+    (engine_dir / "quantization.json").write_text(json.dumps(report, indent=1))
     torch.save(model, engine_dir / ENGINE_FILE)
     return engine_dir
 

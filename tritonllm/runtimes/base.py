@@ -77,6 +77,7 @@ class Runtime(ABC):
     shape: ModelShape
     max_slots: int
     max_context: int
+    quantization: str = "none"  # the weights' scheme the engine files were built with (config.QUANTIZATIONS)
 
     @abstractmethod
     def step(self, inputs: list[StepInput]) -> Logits:

@@ -59,8 +59,16 @@ class OnnxRuntime(Runtime):
     def __init__(self, engine_dir: Path, cfg: EngineConfig, providers: list[str] | None = None):
         import onnxruntime as ort
 
+        from ..build.quantize_onnx import read_scheme
+
+        scheme = read_scheme(engine_dir)
+        if scheme != cfg.quantization:
+            raise ValueError(
+                f"the engine graph in {engine_dir} is quantized {scheme!r} but the config says quantization="
+                f"{cfg.quantization!r}: rebuild the repository with --quantization {scheme}"
+            )
         self.shape = ModelShape.load(Path(engine_dir) / "model_shape.json")
-        self.max_slots, self.max_context = cfg.max_slots, cfg.max_context
+        self.max_slots, self.max_context, self.quantization = cfg.max_slots, cfg.max_context, scheme
         opts = ort.SessionOptions()
         if cfg.threads:
             opts.intra_op_num_threads = cfg.threads
@@ -78,6 +86,7 @@ class OnnxRuntime(Runtime):
             "slots": self.max_slots,
             "max_context": self.max_context,
             "kv_cache_bytes": self.cache.nbytes,
+            "quantization": self.quantization,
             "kv_block_size": BLOCK_SIZE,
             "prefix_cache": self.cache.prefix_cache,
         }

@@ -56,6 +56,7 @@ def _small_matmul_kernel(
     x,
     w,
     bias,
+    w_scale,
     out,
     M,
     N,
@@ -66,6 +67,7 @@ def _small_matmul_kernel(
     s_os,
     s_om,
     HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     USE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -81,10 +83,14 @@ def _small_matmul_kernel(
         k_ok = k < K
         xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w + n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_SCALE:  # an 8-bit weight (int8 or float8): widened in registers, exactly
+            wt = wt.to(xt.dtype)
         if USE_DOT:  # skinny_dot: the tensor cores (at least 16 rows, padded)
             acc += tl.dot(xt, tl.trans(wt))
         else:  # gemv: rows x tile products summed along K on the CUDA cores
             acc += tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
+    if HAS_SCALE:  # per output channel: (x @ q.T) * scale == x @ (q * scale).T
+        acc *= tl.load(w_scale + n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         if split == 0:
             acc += tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -96,14 +102,16 @@ def _small_matmul_kernel(
 
 
 def small_matmul(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config, scale: torch.Tensor | None = None
 ) -> torch.Tensor | SplitK:
     """x [..., K], weight [N, K] (nn.Linear layout) -> x @ weight.T + bias [..., N], float32
     accumulation, each program computing every row for a narrow tile of the weight's rows.
     A 3-number config (rows of W, K step, warps) is `gemv`: at most MAX_ROWS rows, its K step
     shrinking as rows grow (a program holds rows x tile). A 4-number one (..., stages) is
     `skinny_dot`: at most MAX_DOT_ROWS rows on the tensor cores; a 5th number S > 1 splits K
-    into S slices, each its own programs, and returns their `SplitK` partial sums."""
+    into S slices, each its own programs, and returns their `SplitK` partial sums. With `scale`
+    [N] the weight is 8-bit (int8 or float8, model/quant.py) and the product is x @ (weight *
+    scale).T: the weight streams at a byte per value."""
     use_dot = len(config) >= 4
     splits = config[4] if len(config) == 5 else 1
     limit, name = (MAX_DOT_ROWS, "skinny_dot") if use_dot else (MAX_ROWS, "gemv")
@@ -128,6 +136,7 @@ def small_matmul(
         x2,
         weight,
         bias if bias is not None else weight,
+        scale if scale is not None else weight,
         out,
         rows,
         n,
@@ -138,6 +147,7 @@ def small_matmul(
         out.stride(0),
         out.stride(1),
         HAS_BIAS=bias is not None,
+        HAS_SCALE=scale is not None,
         USE_DOT=use_dot,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -179,10 +189,18 @@ def replay_ms(graph, reps: int = 50) -> float:
     return start.elapsed_time(end) / reps
 
 
-def _agrees(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, config: Config) -> bool:
-    """The config's product equals cuBLAS's within rounding of the activations' type."""
-    ref = torch.nn.functional.linear(x, w, b).float()
-    err = (dense(small_matmul(x, w, b, config)).float().view_as(ref) - ref).abs().max().item()
+def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: torch.Tensor | None = None):
+    """cuBLAS's product; an 8-bit weight (with `scale`) is dequantized first (every call: the
+    fallback the quantized kernels must beat, and their reference)."""
+    if scale is not None:
+        w = (w.float() * scale[:, None]).to(x.dtype)
+    return torch.nn.functional.linear(x, w, b)
+
+
+def _agrees(x: torch.Tensor, w, b, s, config: Config) -> bool:
+    """The config's product equals the reference within rounding of the activations' type."""
+    ref = reference(x, w, b, s).float()
+    err = (dense(small_matmul(x, w, b, config, s)).float().view_as(ref) - ref).abs().max().item()
     ok = err <= 2e-2 * max(ref.abs().max().item(), 1.0)
     if not ok:
         log.warning("gemv %s disagrees with cuBLAS (max |diff| %.3g): not used", config, err)
@@ -198,17 +216,19 @@ Consumer = Callable[["torch.Tensor | SplitK"], object]
 
 
 def tune(
-    weights: dict[str, Sequence[tuple[torch.Tensor, torch.Tensor | None]]],
+    weights: dict[str, Sequence[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]],
     rows: Sequence[int],
     consumers: dict[str, Consumer] | None = None,
     configs: Sequence[Config] = CONFIGS,
     dot_configs: Sequence[Config] = DOT_CONFIGS,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[dict[tuple[str, int], Config], list[dict]]:
-    """For each weight kind (its (weight, bias) of every layer) and batch rows, the fastest of cuBLAS
+    """For each weight kind (its (weight, bias, scale) of every layer; scale None unless the weight
+    is 8-bit) and batch rows, the fastest of the reference (`reference`: cuBLAS)
     and `configs` (gemv, up to MAX_ROWS rows) or `dot_configs` (skinny_dot, up to MAX_DOT_ROWS).
     Each product is timed followed by its kind's consumer (`consumers`: the fused kernel that reads
     it in a decode step); only kinds with a consumer, which adds up split partial sums as it loads
-    them, try split configs. Returns {(kind, rows): config} for the kinds where a config beat
+    them, try split configs. `dtype`: the activations'. Returns {(kind, rows): config} for the kinds where a config beat
     cuBLAS, and the timings (microseconds for all layers' weights of the kind) for the log and the
     benchmark."""
     consumers = consumers or {}
@@ -217,14 +237,14 @@ def tune(
         k = mats[0][0].shape[1]
         consume = consumers.get(kind, dense)
         for m in (r for r in rows if r <= MAX_DOT_ROWS):
-            x = torch.randn(m, 1, k, device=mats[0][0].device, dtype=mats[0][0].dtype)
-            run = lambda f: lambda: [consume(f(x, w, b)) for w, b in mats]
-            times = {"cublas": graph_ms(run(torch.nn.functional.linear))}
+            x = torch.randn(m, 1, k, device=mats[0][0].device, dtype=dtype)
+            run = lambda f: lambda: [consume(f(x, w, b, s)) for w, b, s in mats]
+            times = {"cublas": graph_ms(run(reference))}
             candidates = (
                 configs if m <= MAX_ROWS else split_configs(dot_configs, k) if kind in consumers else dot_configs
             )
             for cfg in (c for c in candidates if _agrees(x, *mats[0], c)):
-                times[cfg] = graph_ms(run(lambda x, w, b, cfg=cfg: small_matmul(x, w, b, cfg)))
+                times[cfg] = graph_ms(run(lambda x, w, b, s, cfg=cfg: small_matmul(x, w, b, cfg, s)))
             best = min(times, key=times.get)
             if best != "cublas":
                 table[(kind, m)] = best

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ...model.modeling import CausalLM, RMSNorm
+from ...model.quant import operands
 from .cache import StaticKVCache
 from .tuning import KernelChoice
 
@@ -157,7 +158,9 @@ class ForwardPasses:
         def attend(i, qkv):
             return attend_prompt(self.model.layers[i], *(y.transpose(1, 2) for y in qkv))
 
-        return self._fused_layers(x, rope, attend, lambda kind, layer, inp: getattr(layer, kind)(inp))
+        # a prompt's products are never the decode step's small-batch tiles (whose split-K partial sums
+        # the prefill's value view cannot read)
+        return self._fused_layers(x, rope, attend, lambda kind, layer, inp: self._linear(kind, layer, inp, small=False))
 
     # -- decode ----------------------------------------------------------------------------------
     def _decode_triton(self, b: int, c: int) -> torch.Tensor:
@@ -185,8 +188,7 @@ class ForwardPasses:
         attend = lambda i, q: ak.decode_attention(
             q, cache.keys[i], cache.values[i], positions, c, attention, *self._attention_args(m.layers[i])
         )
-        proj = lambda kind, layer, inp: self._project(kind, getattr(layer, kind).weight, getattr(layer, kind).bias, inp)
-        h = self._fused_layers(x, rope, attend, proj)
+        h = self._fused_layers(x, rope, attend, self._linear)
         return m.cap_logits(dense(self._project("lm_head", m.lm_head, None, h[:, 0])))
 
     def _decode_torch(self, b: int, c: int) -> torch.Tensor:
@@ -255,10 +257,22 @@ class ForwardPasses:
         """decode_attention's (window, scale, softcap) for a layer."""
         return layer.window, layer.scale, layer.softcap
 
-    def _project(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        config = self.kernels.gemv_table.get((kind, x.shape[0]))
-        if config is None:
-            return F.linear(x, weight, bias)
-        from ..kernels import gemv
+    def _linear(self, kind: str, layer, x: torch.Tensor, small: bool = True):
+        """A layer's projection `kind` of x, by the start-up tables."""
+        weight, bias, scale = operands(getattr(layer, kind))
+        return self._project(kind, weight, bias, x, scale, small)
 
-        return gemv.small_matmul(x, weight, bias, config)
+    def _project(self, kind: str, weight, bias, x: torch.Tensor, scale: torch.Tensor | None = None, small=True):
+        """x @ weight.T + bias: the tuned small-batch tile for these rows (`small`: a decode step),
+        else cuBLAS; an 8-bit weight (with `scale`) otherwise takes its tuned large-batch product."""
+        rows = x.numel() // x.shape[-1]
+        config = self.kernels.gemv_table.get((kind, rows)) if small else None
+        if config is not None:
+            from ..kernels import gemv
+
+            return gemv.small_matmul(x, weight, bias, config, scale)
+        if scale is None:
+            return F.linear(x, weight, bias)
+        from ..kernels import qmatmul
+
+        return qmatmul.matmul(x, weight, scale, bias, qmatmul.choose(self.kernels.quant_table, kind, rows))

@@ -16,6 +16,7 @@ import torch
 
 from ...config import EngineConfig
 from ...model.modeling import CausalLM, load_engine_model
+from ...model.quant import check_device_support, place, scheme_of
 from ..base import Runtime, RuntimeCapabilities, RuntimeStats, StepInput
 from . import sampling
 from .cache import StaticKVCache, size_slots
@@ -50,7 +51,15 @@ class TorchCudaRuntime(Runtime):
         self.dtype = DTYPES[cfg.dtype]
         if model is None:
             model = load_engine_model(Path(engine_dir), self.dtype)
-        self.model = model.to(self.device, self.dtype).eval()
+        scheme = scheme_of(model)
+        if scheme != cfg.quantization:
+            raise ValueError(
+                f"the engine's weights are quantized {scheme!r} but the config says quantization="
+                f"{cfg.quantization!r}: rebuild the repository with --quantization {scheme}"
+            )
+        check_device_support(scheme, self.device)
+        self.quantization = scheme
+        self.model = place(model, self.device, self.dtype).eval()
         self.model.inv_freq = self.model.inv_freq.float()
         self.shape, self.max_context = self.model.shape, cfg.max_context
         self.max_slots = size_slots(self.shape, cfg, self.dtype, self.device)
@@ -113,6 +122,7 @@ class TorchCudaRuntime(Runtime):
             "runtime": "torch-cuda",
             "device": name,
             "dtype": str(self.dtype),
+            "quantization": self.quantization,
             "slots": self.max_slots,
             "max_context": self.max_context,
             "kv_cache_bytes": self.cache.nbytes,

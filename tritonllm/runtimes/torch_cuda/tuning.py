@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...model.quant import operands, scheme_of
 from .cache import StaticKVCache
 
 log = logging.getLogger(__name__)
 PROJECTIONS = ("qkv_proj", "o", "gate_up", "down")  # a decoder layer's linears, by attribute name
+PREFILL_ROWS = 2048  # a prefill's products (prompt tokens x weight) are timed at this many rows
 
 
 @dataclass
@@ -22,14 +24,17 @@ class KernelChoice:
     triton: bool = False  # fused Triton kernels for decode and prefill
     gemv_table: dict = field(default_factory=dict)  # {(weight kind, batch rows): tile config}
     attention_table: dict = field(default_factory=dict)  # {batch bucket: decode attention config}
+    quant_table: dict = field(default_factory=dict)  # 8-bit weights, beyond gemv's rows: {(kind, rows): choice}
     gemv_report: list = field(default_factory=list)  # the timings behind the tables
     attention_report: list = field(default_factory=list)
+    quant_report: list = field(default_factory=list)
 
     def describe(self) -> dict:
         return {
             "triton_kernels": self.triton,
             "gemv": {f"{kind} x{rows}": list(cfg) for (kind, rows), cfg in sorted(self.gemv_table.items())},
             "decode_attention": {b: list(cfg) for b, cfg in sorted(self.attention_table.items())},
+            "quantized_products": {f"{kind} x{rows}": str(c) for (kind, rows), c in sorted(self.quant_table.items())},
         }
 
 
@@ -65,23 +70,37 @@ def choose_kernels(
     elif os.environ.get("TRITONLLM_GEMV") != "0":
         choice.gemv_table, choice.gemv_report = _tune_gemv(model, cache, batch_buckets)
     choice.attention_table, choice.attention_report = _tune_attention(model, cache, batch_buckets, max_context)
+    if scheme_of(model) != "none":
+        choice.quant_table, choice.quant_report = _tune_quant(model, batch_buckets)
     return choice
 
 
 def _tune_gemv(model, cache: StaticKVCache, batch_buckets: list[int]) -> tuple[dict, list]:
     """{(weight kind, batch rows): tile} for the decode step's small-batch products, each timed
     with the fused kernel that reads its product (split-K partial sums are added up there)."""
-    weights = {
-        kind: [(getattr(layer, kind).weight, getattr(layer, kind).bias) for layer in model.layers]
-        for kind in PROJECTIONS
-    }
-    weights["lm_head"] = [(model.lm_head, None)]
+    weights = {kind: [operands(getattr(layer, kind)) for layer in model.layers] for kind in PROJECTIONS}
+    weights["lm_head"] = [(model.lm_head, None, None)]
     try:
         from ..kernels import gemv
 
-        return gemv.tune(weights, batch_buckets, _product_consumers(model, cache, max(batch_buckets)))
+        consumers = _product_consumers(model, cache, max(batch_buckets))
+        return gemv.tune(weights, batch_buckets, consumers, dtype=model.embed.dtype)
     except Exception as exc:  # the tiles do not compile here: cuBLAS serves every product
         log.warning("gemv tuning failed (%s): cuBLAS serves the decode products", str(exc)[:300])
+        return {}, []
+
+
+def _tune_quant(model, batch_buckets: list[int]) -> tuple[dict, list]:
+    """{(kind, rows): choice} for the 8-bit projections at the rows gemv does not serve: decode
+    batches beyond its tiles and a prefill's many rows."""
+    from ..kernels import gemv, qmatmul
+
+    weights = {kind: [operands(getattr(layer, kind)) for layer in model.layers] for kind in PROJECTIONS}
+    rows = [b for b in batch_buckets if b > gemv.MAX_DOT_ROWS] + [PREFILL_ROWS]
+    try:
+        return qmatmul.tune(weights, rows, model.embed.dtype)
+    except Exception as exc:  # no kernel builds here: the dequantized reference serves (slowly)
+        log.warning("quantized product tuning failed (%s): dequantize + cuBLAS", str(exc)[:300])
         return {}, []
 
 

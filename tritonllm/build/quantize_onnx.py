@@ -1,0 +1,69 @@
+"""Quantized copies of the exported ONNX graph for ONNX Runtime on the CPU, made once at build time
+with ONNX Runtime's own tooling (`onnxruntime.quantization`).
+
+- int8 / int4: `MatMulNBitsQuantizer`, weights 8- or 4-bit in blocks of 32 along K with a scale
+  per block (symmetric, calibration-free), activations quantized to int8 per block inside the
+  kernel (accuracy level 4): integer dot products on the CPU.
+`quantize_dynamic`'s per-tensor activation scales (DynamicQuantizeMatMul) were measured first and
+wrecked SmolLM2 (its activations have outliers); docs/decisions.md has the comparison
+(bench.onnx_quant_formats).
+
+Each quantized graph sits in its own folder beside the fp32 export (`<onnx_dir>/<scheme>/`), with
+the model shape and a `quantization.json` the runtime checks against its config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+QUANT_FILE = "quantization.json"
+BLOCK = 32  # weights per scale along K
+BITS = {"int8": 8, "int4": 4}
+
+
+def read_scheme(engine_dir: Path) -> str:
+    """The scheme an engine folder was built with ("none" when it records none)."""
+    path = Path(engine_dir) / QUANT_FILE
+    return json.loads(path.read_text())["scheme"] if path.exists() else "none"
+
+
+def write_scheme(engine_dir: Path, report: dict) -> None:
+    (Path(engine_dir) / QUANT_FILE).write_text(json.dumps(report, indent=1))
+
+
+def quantize_onnx(onnx_dir: Path, scheme: str) -> Path:
+    """`<onnx_dir>/<scheme>/model.onnx` from `<onnx_dir>/model.onnx` (redone when the export is newer)."""
+    src, out = Path(onnx_dir) / "model.onnx", Path(onnx_dir) / scheme
+    dst = out / "model.onnx"
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and read_scheme(out) == scheme:
+        log.info("      %s graph up to date: %s", scheme, dst)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    if scheme not in BITS:
+        raise ValueError(f"quantization {scheme!r} is not an ONNX Runtime scheme: use int8 or int4")
+    matmul_nbits(src, dst, BITS[scheme])
+    shutil.copy2(Path(onnx_dir) / "model_shape.json", out / "model_shape.json")
+    report = {"scheme": scheme, "format": f"MatMulNBits {BITS[scheme]}-bit, block {BLOCK}, accuracy level 4",
+              "source_bytes": _bytes(src), "quantized_bytes": _bytes(dst), "calibration": "none (absmax)"}
+    write_scheme(out, report)
+    log.info("      %s graph: %.1f MB -> %.1f MB", scheme, report["source_bytes"] / 1e6, report["quantized_bytes"] / 1e6)
+    return out
+
+
+def _bytes(model: Path) -> int:
+    return sum(p.stat().st_size for p in model.parent.iterdir() if p.name.startswith(model.name))
+
+
+def matmul_nbits(src: Path, dst: Path, bits: int, block: int = BLOCK, accuracy_level: int | None = 4, **kw) -> None:
+    """`src`'s MatMuls with constant weights as MatMulNBits (kw: the quantizer's other options)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=True, accuracy_level=accuracy_level, **kw
+    )
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)

@@ -1,0 +1,122 @@
+"""Weight quantization of the decoder's linears for the torch-cuda engine, done once at build time.
+
+Calibration-free: each output channel's scale is its weights' own absmax over the format's largest
+value (int8: 127; float8 e4m3: 448), so the dequantized weight is q * scale[n]. A product
+x @ W.T then equals (x @ q.T) * scale, which is how the kernels compute it: the weight is read in
+8 bits and converted in registers, the scale applied once per output. `QuantLinear.forward` is the
+dequantized reference (CPU, the torch ops, tests); the GPU kernels are checked against it.
+The embedding and the LM head stay in the model's dtype (as TensorRT-LLM's FP8 recipes keep them):
+the head's errors land on every logit directly."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# scheme -> (stored dtype, largest magnitude the format holds)
+SCHEMES = {"fp8": (torch.float8_e4m3fn, 448.0), "int8-wo": (torch.int8, 127.0)}
+PROJECTIONS = ("qkv_proj", "o", "gate_up", "down")  # a decoder layer's linears, by attribute name
+
+
+def quantize_weight(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (q [N, K] in the scheme's dtype, scale [N] float32), per output channel."""
+    dtype, qmax = SCHEMES[scheme]
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / qmax
+    q = (w / scale[:, None]).clamp(-qmax, qmax)
+    if not dtype.is_floating_point:
+        q = q.round()
+    return q.to(dtype), scale
+
+
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [M, K] -> (q [M, K], scale [M, 1] float32): per-token dynamic scales, for the
+    products that run in FP8 on the Tensor Cores (x ~= q * scale)."""
+    qmax = torch.finfo(dtype).max
+    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / qmax
+    return (x.float() / scale).clamp(-qmax, qmax).to(dtype), scale
+
+
+class QuantLinear(nn.Module):
+    """A linear whose weight is stored quantized (`qweight` [N, K], `scale` [N]); the bias, if any,
+    stays in the activations' dtype."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, scheme: str):
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale.float())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.scheme = scheme
+        self.out_features, self.in_features = qweight.shape
+
+    @classmethod
+    def of(cls, linear: nn.Linear, scheme: str) -> QuantLinear:
+        q, scale = quantize_weight(linear.weight, scheme)
+        return cls(q, scale, linear.bias, scheme)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantized(x.dtype), self.bias)
+
+
+def operands(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(weight as stored, bias, per-channel scale or None): what a product kernel reads."""
+    if isinstance(linear, QuantLinear):
+        return linear.qweight, linear.bias, linear.scale
+    return linear.weight, linear.bias, None
+
+
+def quantize_model(model: nn.Module, scheme: str) -> dict:
+    """Replace every decoder layer's projections by QuantLinear (in place); returns what changed."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantization {scheme!r} is not a torch-cuda scheme: use one of {', '.join(SCHEMES)}")
+    before = after = 0
+    for layer in model.layers:
+        for kind in PROJECTIONS:
+            linear = getattr(layer, kind)
+            quantized = QuantLinear.of(linear, scheme)
+            before += linear.weight.numel() * linear.weight.element_size()
+            after += quantized.qweight.numel() * quantized.qweight.element_size() + quantized.scale.numel() * 4
+            setattr(layer, kind, quantized)
+    return {"scheme": scheme, "projection_bytes": before, "quantized_bytes": after, "calibration": "none (absmax)"}
+
+
+FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 Tensor Cores
+
+
+def check_device_support(scheme: str, device: torch.device | None) -> None:
+    """Refuse fp8 on a GPU without FP8 Tensor Cores (`device` None: the build host's GPU, if any;
+    a CPU-only build host leaves the check to the engine's start-up on its GPU)."""
+    if scheme != "fp8" or not torch.cuda.is_available():
+        return
+    if device is not None and device.type != "cuda":
+        return
+    cap = torch.cuda.get_device_capability(device)
+    if cap < FP8_CAPABILITY:
+        raise ValueError(
+            f"quantization 'fp8' on runtime torch-cuda needs FP8 Tensor Cores (compute capability >= 8.9); "
+            f"this GPU has {cap[0]}.{cap[1]}: build with --quantization int8-wo instead"
+        )
+
+
+def place(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """model.to(device, dtype), except that quantized weights and their float32 scales keep their
+    formats (a plain `.to(dtype)` would widen float8 weights and round the scales)."""
+    model.to(device)
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(dtype)
+            continue
+        for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            if t.is_floating_point():
+                t.data = t.data.to(dtype)
+    return model
+
+
+def scheme_of(model: nn.Module) -> str:
+    """The scheme a loaded engine model was built with ("none" for plain weights)."""
+    linear = getattr(model.layers[0], PROJECTIONS[0])
+    return linear.scheme if isinstance(linear, QuantLinear) else "none"
