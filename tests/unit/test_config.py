@@ -27,8 +27,35 @@ def test_engine_config_bounds(kw):
         EngineConfig(**kw)
 
 
+@pytest.mark.parametrize(
+    "runtime,scheme,advice",
+    [
+        ("onnxruntime", "fp8", "torch-cuda"),
+        ("onnxruntime", "int8-wo", "torch-cuda"),
+        ("torch-cuda", "int4", "int8-wo or fp8"),
+        ("torch-cuda", "int8", "int8-wo or fp8"),
+        ("tensorrt", "int8", "onnxruntime"),
+    ],
+)
+def test_a_quantization_the_runtime_cannot_run_is_refused_with_what_to_use(runtime, scheme, advice):
+    with pytest.raises(ValueError, match=f"quantization='{scheme}' is not built for runtime '{runtime}'") as e:
+        EngineConfig(runtime=runtime, quantization=scheme)
+    assert advice in str(e.value)
+
+
+def test_the_build_cli_refuses_a_quantization_before_building(tmp_path, capsys):
+    from tritonllm.build.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path), "--runtime", "onnxruntime", "--quantization", "fp8", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "FP8 Tensor Cores" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing built
+
+
 def test_engine_config_roundtrips_through_parameters():
     assert EngineConfig.from_parameters(CFG.to_parameters()) == CFG
+    quantized = EngineConfig(runtime="torch-cuda", quantization="fp8")
+    assert EngineConfig.from_parameters(quantized.to_parameters()) == quantized
 
 
 @pytest.mark.parametrize(

@@ -43,10 +43,12 @@ class TorchCudaRuntime(Runtime):
         triton_kernels: bool | None = None,
         gemv_table: dict | None = None,
         capture_at_start: bool = True,
+        quant_table: dict | None = None,
     ):
         """`model`: an already built module (benchmarks, tests) instead of `engine_dir`'s;
-        `fused_kernels=False`: the module's reference ops; `triton_kernels` / `gemv_table` force
-        the start-up kernel choices; `capture_at_start=False`: graphs captured on first use."""
+        `fused_kernels=False`: the module's reference ops; `triton_kernels` / `gemv_table` /
+        `quant_table` (8-bit products beyond gemv's rows) force the start-up kernel choices;
+        `capture_at_start=False`: graphs captured on first use."""
         self.device = torch.device(device)
         self.dtype = DTYPES[cfg.dtype]
         if model is None:
@@ -77,7 +79,9 @@ class TorchCudaRuntime(Runtime):
         triton = not gaps and want_triton(
             triton_kernels, fused_kernels, self.device, self.dtype, self.shape.head_dim, qk_norm
         )
-        self.kernels = choose_kernels(self.model, self.cache, self.buckets.batch, cfg.max_context, triton, gemv_table)
+        self.kernels = choose_kernels(
+            self.model, self.cache, self.buckets.batch, cfg.max_context, triton, gemv_table, quant_table
+        )
         sampling.warm_up_logprobs(self.shape.vocab_size, self.device)
         self.compiled = bool(cfg.torch_compile and self.device.type == "cuda")
         self.forward = ForwardPasses(self.model, self.cache, self.kernels, self.max_slots, fused_kernels, self.compiled)

@@ -58,19 +58,28 @@ def want_triton(
 
 
 def choose_kernels(
-    model, cache: StaticKVCache, batch_buckets: list[int], max_context: int, triton: bool, gemv_table: dict | None
+    model,
+    cache: StaticKVCache,
+    batch_buckets: list[int],
+    max_context: int,
+    triton: bool,
+    gemv_table: dict | None,
+    quant_table: dict | None = None,
 ) -> KernelChoice:
-    """The tables for this model on this device: `gemv_table` as given (tests), else tuned."""
+    """The tables for this model on this device: `gemv_table` / `quant_table` as given (tests),
+    else tuned."""
     device = cache.keys.device
     if not triton or device.type != "cuda":
-        return KernelChoice(triton, dict(gemv_table or {}))
+        return KernelChoice(triton, dict(gemv_table or {}), quant_table=dict(quant_table or {}))
     choice = KernelChoice(True)
     if gemv_table is not None:
         choice.gemv_table = dict(gemv_table)
     elif os.environ.get("TRITONLLM_GEMV") != "0":
         choice.gemv_table, choice.gemv_report = _tune_gemv(model, cache, batch_buckets)
     choice.attention_table, choice.attention_report = _tune_attention(model, cache, batch_buckets, max_context)
-    if scheme_of(model) != "none":
+    if quant_table is not None:
+        choice.quant_table = dict(quant_table)
+    elif scheme_of(model) != "none":
         choice.quant_table, choice.quant_report = _tune_quant(model, batch_buckets)
     return choice
 

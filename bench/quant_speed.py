@@ -1,0 +1,153 @@
+"""Quantized torch-cuda engines on the GPU beside the bf16 engine, in one run: the Llama-3.2-1B and
+Llama-3.1-8B shapes (random bf16 weights built on the GPU), each quantized at start (`quant.
+quantize_model`, the build step's own function) to int8-wo and fp8.
+
+    python -m bench.quant_speed [--shapes 1b 8b --schemes none int8-wo fp8 --concurrency 1 64 256]
+
+For each (shape, scheme):
+- the products the engine chose at start-up (gemv tiles, large-batch choices) against the
+  dequantized reference on layer 0's weights at the benchmark's row counts (relative error);
+- greedy ids of the engine on its kernels against the same quantized weights on the reference
+  ops (bf16), 4 prompts x 32 tokens, first divergence (1B shape only: the reference ops are slow);
+- in-process decode, 128 in / 128 out, closed-loop streams at each concurrency: tokens/s, TTFT,
+  ITL, tokens per joule; batch-1 tokens/s against the weight-read roofline (copy bandwidth /
+  bytes of weights read per token).
+Writes {date}-{gpu}-quant-speed.json/.md after each shape (a run cut short keeps what it measured)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import logging
+from dataclasses import replace
+
+import torch
+
+from bench.drivers import run_inprocess
+from bench.families import LARGE, SMALL, random_model
+from bench.measure import PowerSampler, write_results
+from bench.provenance import DEFAULT_OUT
+from bench.workloads import random_prompts
+from tritonllm.config import EngineConfig
+from tritonllm.engine.inprocess import InProcessEngine
+from tritonllm.model import quant
+from tritonllm.model.modeling import CausalLM
+from tritonllm.runtimes.kernels import gemv
+from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
+
+log = logging.getLogger("bench.quant_speed")
+SHAPES = {"1b": SMALL, "8b": LARGE["llama"]}
+COPY_BANDWIDTH = 4.2e12  # bytes/s, the H200's measured device copy rate (docs/benchmarks.md)
+CHECK_ROWS = (1, 8, 64, 256, 2048)
+
+
+def weight_bytes(model: CausalLM) -> int:
+    """Bytes a decode step reads per token at batch 1: every projection, norm and the LM head."""
+    skip = {id(model.embed)}
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if id(t) not in skip)
+
+
+def kernel_errors(runtime: TorchCudaRuntime) -> dict:
+    """{kind xrows: relative error} of the engine's chosen product on layer 0's weights."""
+    out, layer = {}, runtime.model.layers[0]
+    for kind in quant.PROJECTIONS:
+        weight, bias, scale = quant.operands(getattr(layer, kind))
+        for rows in CHECK_ROWS:
+            x = torch.randn(rows, 1, weight.shape[1], device=weight.device, dtype=torch.bfloat16)
+            got = gemv.dense(runtime.forward._project(kind, weight, bias, x, scale)).float().view(rows, -1)
+            ref = gemv.reference(x, weight, bias, scale).float().view(rows, -1)
+            out[f"{kind} x{rows}"] = round(float((got - ref).norm() / ref.norm()), 5)
+    return out
+
+
+def greedy(runtime: TorchCudaRuntime, cfg: EngineConfig, prompts: list[list[int]]) -> list[list[int]]:
+    with InProcessEngine(None, cfg, runtime=runtime) as eng:
+        return [
+            s.wait(600).ids for s in [eng.submit(p, max_tokens=32, temperature=0.0, ignore_eos=True) for p in prompts]
+        ]
+
+
+def reference_divergence(model: CausalLM, cfg: EngineConfig, kernels: TorchCudaRuntime, vocab: int) -> list[int]:
+    prompts = random_prompts(4, 32, vocab, seed=7)
+    ref = greedy(TorchCudaRuntime(None, cfg, model=model, fused_kernels=False, use_cuda_graphs=False), cfg, prompts)
+    got = greedy(kernels, cfg, prompts)
+    return [next((i for i, (x, y) in enumerate(zip(g, r)) if x != y), 32) for g, r in zip(got, ref)]
+
+
+def run_scheme(base: CausalLM, name: str, scheme: str, concurrency: list[int], power: PowerSampler) -> tuple:
+    model = copy.deepcopy(base)
+    if scheme != "none":
+        quant.quantize_model(model, scheme)
+    cfg = EngineConfig(
+        runtime="torch-cuda",
+        dtype="bfloat16",
+        max_slots=max(concurrency),
+        max_context=512,
+        max_tokens_limit=511,
+        stream_interval_ms=0.0,
+        max_responses_per_s=0.0,
+        quantization=scheme,
+    )
+    runtime = TorchCudaRuntime(None, cfg, model=model)
+    detail = {
+        "kernels": runtime.kernels.describe(),
+        "quant_report": runtime.kernels.quant_report,
+        "weight_bytes_per_token": weight_bytes(runtime.model),
+        "kernel_rel_error": kernel_errors(runtime),
+    }
+    roofline = COPY_BANDWIDTH / detail["weight_bytes_per_token"]
+    vocab = model.shape.vocab_size
+    if name == "1b" and scheme != "none":
+        small = replace(cfg, max_slots=4, max_context=128, max_tokens_limit=64)
+        detail["first_divergence_vs_reference_ops"] = reference_divergence(
+            model, small, TorchCudaRuntime(None, small, model=model), vocab
+        )
+    rows = []
+    with InProcessEngine(None, cfg, runtime=runtime) as eng:
+        for c in concurrency:
+            prompts = random_prompts(2 * c, 128, vocab, seed=c)
+            run_inprocess(eng, prompts[:c], c, 32, power)  # warm-up
+            row = run_inprocess(eng, prompts, c, 128, power, name=f"{name} {scheme}").row()
+            if c == 1:
+                row["roofline_share_pct"] = round(100 * row["tokens_per_s"] / roofline, 1)
+            rows.append(row)
+            log.info("%s", row)
+    log.info("%s %s: %s", name, scheme, detail)
+    del runtime, eng, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows, detail
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    p.add_argument("--schemes", nargs="+", choices=["none", *quant.SCHEMES], default=["none", *quant.SCHEMES])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--out", default=DEFAULT_OUT)
+    a = p.parse_args()
+    rows, details = [], {}
+    for name in a.shapes:
+        base = CausalLM(random_model("llama", SHAPES[name]))
+        for scheme in a.schemes:
+            try:
+                r, details[f"{name} {scheme}"] = run_scheme(base, name, scheme, a.concurrency, PowerSampler())
+                rows += r
+            except Exception as exc:  # one scheme failing must not lose the others' measurements
+                log.exception("%s %s failed", name, scheme)
+                details[f"{name} {scheme}"] = {"error": repr(exc)[:500]}
+            facts = {
+                "shapes": {n: SHAPES[n] for n in a.shapes},
+                "details": details,
+                "workload": "in-process engine, 128 in / 128 out, 2 requests per stream",
+            }
+            print(write_results(a.out, "quant-speed", facts, rows or [{"engine": "none measured"}]))
+        del base
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""A quantized engine through a real tritonserver: the tiny model's int8 graph (ONNX Runtime's
+MatMulNBits), built by the pipeline into the shared repository, answers with the ids of the same
+graph in-process, and its served config names the scheme."""
+
+import tritonclient.grpc as g
+
+from tritonllm.build.quantize_onnx import quantize_onnx
+from tritonllm.config import EngineConfig
+from tritonllm.engine.inprocess import InProcessEngine
+from tritonllm.text import TokenizerFiles
+
+from ..conftest import TINY_ENGINE
+from ..parity.test_engine_parity import PROMPTS
+from .helpers import engine_output_ids
+
+
+def test_the_int8_engine_serves_the_ids_of_its_graph_in_process(live_server, tiny_dir, tiny_engine_dir):
+    ids = TokenizerFiles(tiny_dir).encode(PROMPTS[0])
+    served = engine_output_ids(live_server.grpc_url, "tiny_int8_engine", ids, 12)
+    cfg = EngineConfig(**TINY_ENGINE, quantization="int8")
+    with InProcessEngine(quantize_onnx(tiny_engine_dir, "int8"), cfg) as eng:
+        local = eng.generate(ids, max_tokens=12, temperature=0.0, ignore_eos=True).ids
+    assert served == local and len(served) == 12
+    config = g.InferenceServerClient(live_server.grpc_url).get_model_config("tiny_int8_engine").config
+    assert config.parameters["quantization"].string_value == "int8"

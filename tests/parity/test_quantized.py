@@ -1,0 +1,174 @@
+"""Quantized engines against their dequantized references, on the CPU.
+
+torch-cuda's 8-bit weights (fp8 e4m3, int8-wo): the round trip of the per-channel absmax scheme,
+the OpenAI-Triton products that read 8-bit weights (run by Triton's interpreter, fp32), the FP8
+Tensor Core path's per-token activation rounding (torch._scaled_mm runs on the CPU too), and the
+whole engine on those kernels against the quantized model on the reference ops (greedy ids).
+ONNX Runtime's int8 / int4 graphs: built by the build pipeline, served by the engine, refused
+under a config of another scheme. The accuracy on real text is a benchmark (bench.quant_eval)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from tritonllm.config import EngineConfig
+from tritonllm.engine.inprocess import InProcessEngine
+from tritonllm.model import quant
+from tritonllm.model.modeling import CausalLM, load_hf
+from tritonllm.runtimes.kernels import gemv, qmatmul
+from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
+from tritonllm.runtimes.torch_cuda.tuning import PROJECTIONS
+from tritonllm.text import TokenizerFiles
+
+SCHEMES = ["int8-wo", "fp8"]
+TILE = (32, 32, 32, 4, 1)  # the interpreter's smallest sensible tile (tl.dot needs 16+)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_weights_round_trip_within_the_formats_step(scheme):
+    torch.manual_seed(0)
+    w = torch.randn(48, 64) * torch.logspace(-3, 1, 48)[:, None]  # channels of very different ranges
+    q, scale = quant.quantize_weight(w, scheme)
+    dtype, qmax = quant.SCHEMES[scheme]
+    assert q.dtype == dtype and scale.shape == (48,)
+    assert torch.equal(q.float().abs().amax(1), torch.full((48,), qmax))  # each channel's absmax maps to qmax
+    err = (q.float() * scale[:, None] - w).abs()
+    if scheme == "int8-wo":  # round to nearest: half a step
+        assert (err <= scale[:, None] / 2 * (1 + 1e-5)).all()
+    else:  # e4m3: 3 mantissa bits (relative 2^-4), subnormal steps of 2^-9 below 2^-6
+        assert (err <= w.abs() * 2**-4 + scale[:, None] * 2**-10).all()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("config", [gemv.CONFIGS[1], (16, 32, 4, 2), (16, 32, 4, 2, 2)])
+def test_small_batch_products_read_8bit_weights(scheme, config):
+    """gemv (CUDA cores), skinny_dot (tensor cores) and its split-K form on ragged shapes, with a bias."""
+    torch.manual_seed(1)
+    q, scale = quant.quantize_weight(torch.randn(40, 80), scheme)
+    x, bias = torch.randn(5, 1, 80), torch.randn(40)
+    got = gemv.dense(gemv.small_matmul(x, q, bias, config, scale)).view(5, 1, 40)
+    torch.testing.assert_close(got, gemv.reference(x, q, bias, scale), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_large_batch_tiles_match_the_dequantized_reference(scheme):
+    torch.manual_seed(2)
+    q, scale = quant.quantize_weight(torch.randn(48, 80), scheme)
+    x, bias = torch.randn(70, 80), torch.randn(48)
+    ref = gemv.reference(x, q, bias, scale)
+    torch.testing.assert_close(qmatmul.tile_matmul(x, q, scale, bias, TILE), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(qmatmul.matmul(x, q, scale, None, "reference"), ref - bias)
+
+
+def test_fp8_gemm_rounds_each_rows_activations_and_nothing_else():
+    """The FP8 Tensor Core product equals the reference on activations rounded to e4m3 with one
+    scale per row (a row count that is no multiple of 16 is padded and cut back)."""
+    torch.manual_seed(3)
+    q, scale = quant.quantize_weight(torch.randn(48, 64), "fp8")
+    x = torch.randn(21, 64) * torch.logspace(-2, 2, 21)[:, None]  # rows of very different ranges
+    xq, x_scale = quant.quantize_rows(x)
+    got = qmatmul.fp8_matmul(x, q, scale, None)
+    torch.testing.assert_close(got, gemv.reference(xq.float() * x_scale, q, None, scale), atol=1e-4, rtol=1e-5)
+    assert (xq.float().abs().amax(1) == 448).all()
+    rel = (got - gemv.reference(x, q, None, scale)).norm() / gemv.reference(x, q, None, scale).norm()
+    assert 0 < rel < 0.06  # the rounding is there, and small
+
+
+def test_the_tuned_choice_is_the_smallest_tuned_row_count_at_or_above():
+    table = {("o", 128): TILE, ("o", 2048): "fp8", ("down", 128): "reference"}
+    assert qmatmul.choose(table, "o", 100) == TILE
+    assert qmatmul.choose(table, "o", 129) == "fp8"
+    assert qmatmul.choose(table, "o", 5000) == "fp8"
+    assert qmatmul.choose(table, "gate_up", 7) == "reference"  # nothing tuned for it
+
+
+def test_place_keeps_the_quantized_formats(tiny_dir):
+    model = CausalLM(load_hf(tiny_dir))
+    quant.quantize_model(model, "fp8")
+    quant.place(model, torch.device("cpu"), torch.bfloat16)
+    layer = model.layers[0]
+    assert layer.qkv_proj.qweight.dtype == torch.float8_e4m3fn and layer.qkv_proj.scale.dtype == torch.float32
+    assert model.embed.dtype == torch.bfloat16 and layer.ln1.weight.dtype == torch.bfloat16
+    assert quant.scheme_of(model) == "fp8"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_engine_on_the_kernels_gives_the_reference_greedy_ids(tiny_dir, scheme):
+    """Prefill on the tiled 8-bit product, decode on gemv tiles: the ids of the same quantized
+    weights on the reference ops (QuantLinear's dequantized product)."""
+    from .test_engine_parity import PROMPTS
+
+    hf, tok = load_hf(tiny_dir), TokenizerFiles(tiny_dir)
+    prompts = [tok.encode(p) for p in PROMPTS[:3]]
+    cfg = EngineConfig(runtime="torch-cuda", max_slots=2, max_context=160, max_tokens_limit=64, quantization=scheme)
+    small = {(kind, rows): gemv.CONFIGS[1] for kind in PROJECTIONS for rows in (1, 2)}
+    large = {(kind, 2048): TILE for kind in PROJECTIONS}
+    runs = []
+    for kernels in (False, True):
+        model = CausalLM(hf)
+        quant.quantize_model(model, scheme)
+        kw = {"triton_kernels": True, "gemv_table": small, "quant_table": large} if kernels else {}
+        runtime = TorchCudaRuntime(None, cfg, model=model, device="cpu", fused_kernels=kernels, **kw)
+        assert runtime.describe()["quantization"] == scheme
+        with InProcessEngine(None, cfg, runtime=runtime) as eng:
+            seqs = [
+                eng.submit(ids, max_tokens=n, temperature=0.0, ignore_eos=True) for ids, n in zip(prompts, [9, 4, 6])
+            ]
+            runs.append([s.wait(300).ids for s in seqs])
+    assert runs[0] == runs[1]
+
+
+def test_a_quantized_torch_engine_refuses_a_config_of_another_scheme(tiny_dir):
+    model = CausalLM(load_hf(tiny_dir))
+    quant.quantize_model(model, "int8-wo")
+    cfg = EngineConfig(runtime="torch-cuda", max_slots=2, max_context=64, max_tokens_limit=32, default_max_tokens=8)
+    with pytest.raises(ValueError, match="quantized 'int8-wo'.*--quantization int8-wo"):
+        TorchCudaRuntime(None, cfg, model=model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def onnx_quantized(tiny_dir, tmp_path_factory):
+    """The tiny model's fp32, int8 and int4 engine folders, made by the build pipeline."""
+    from tritonllm.build.pipeline import engine_files
+
+    onnx_dir = tmp_path_factory.mktemp("onnx")
+    return {
+        scheme: engine_files(tiny_dir, "tiny", EngineConfig(quantization=scheme), onnx_dir)
+        for scheme in ("none", "int8", "int4")
+    }
+
+
+def test_onnx_quantized_graphs_are_smaller_and_close_to_fp32(onnx_quantized, tiny_dir):
+    """The engine's next-token distributions from each graph (one prefill of 3 prompts): int8 close
+    to fp32 (KL < 1e-3), int4 within KL 0.05 on this random model; the weights shrink."""
+    from tritonllm.build.quantize_onnx import read_scheme
+    from tritonllm.runtimes.base import StepInput
+    from tritonllm.runtimes.onnx_runtime import OnnxRuntime
+
+    from .test_engine_parity import PROMPTS
+
+    tok = TokenizerFiles(tiny_dir)
+    rows = [StepInput(i, tok.encode(p), 0) for i, p in enumerate(PROMPTS[:3])]
+    logp = {}
+    for scheme, folder in onnx_quantized.items():
+        assert read_scheme(folder) == scheme
+        cfg = EngineConfig(max_slots=3, max_context=64, max_tokens_limit=32, default_max_tokens=8, quantization=scheme)
+        rt = OnnxRuntime(folder, cfg)
+        logp[scheme] = torch.log_softmax(torch.as_tensor(rt.step(rows)).double(), -1)
+    kl = {s: float((logp["none"].exp() * (logp["none"] - logp[s])).sum(-1).max()) for s in ("int8", "int4")}
+    assert kl["int8"] < 1e-3 and kl["int4"] < 0.05, kl
+    size = {s: (f / "model.onnx").stat().st_size for s, f in onnx_quantized.items()}
+    assert size["int4"] < size["int8"] < size["none"]
+
+
+def test_an_onnx_engine_refuses_a_config_of_another_scheme(onnx_quantized):
+    from tritonllm.runtimes.onnx_runtime import OnnxRuntime
+
+    with pytest.raises(ValueError, match="quantized 'int8'.*--quantization int8"):
+        OnnxRuntime(
+            onnx_quantized["int8"], EngineConfig(max_slots=1, max_context=64, max_tokens_limit=32, default_max_tokens=8)
+        )
