@@ -33,7 +33,7 @@ from tritonllm.config import EngineConfig
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model import quant
 from tritonllm.model.modeling import CausalLM
-from tritonllm.runtimes.kernels import gemv
+from tritonllm.runtimes.kernels import gemv, qmatmul
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 
 log = logging.getLogger("bench.quant_speed")
@@ -58,6 +58,10 @@ def kernel_errors(runtime: TorchCudaRuntime) -> dict:
             got = gemv.dense(runtime.forward._project(kind, weight, bias, x, scale)).float().view(rows, -1)
             ref = gemv.reference(x, weight, bias, scale).float().view(rows, -1)
             out[f"{kind} x{rows}"] = round(float((got - ref).norm() / ref.norm()), 5)
+    if scale is not None and weight.dtype == torch.float8_e4m3fn:  # the row-quantizing kernel vs torch's rounding
+        x = torch.randn(256, weight.shape[1], device=weight.device, dtype=torch.bfloat16) * 4
+        (q, s), (ref_q, ref_s) = qmatmul.quantize_rows(x, weight.dtype), quant.quantize_rows(x)
+        out["quantize_rows mismatches"] = int((q.float() != ref_q.float()).sum()) + int((s != ref_s).sum())
     return out
 
 

@@ -32,6 +32,10 @@ DOT_CONFIGS = (
     (32, 256, 8, 3),
     (64, 128, 4, 3),
 )  # (rows of W, K step, warps, stages)
+# 8-bit weights (model/quant.py): the same programs read half the bytes per tile, so the candidates
+# reach further along K to keep as many bytes in flight
+QUANT_CONFIGS = CONFIGS + ((2, 4096, 4), (4, 4096, 8), (1, 8192, 8), (2, 8192, 8), (8, 2048, 8))
+QUANT_DOT_CONFIGS = DOT_CONFIGS + ((16, 256, 4, 4), (32, 256, 4, 4), (64, 256, 8, 3), (32, 512, 8, 3))
 SPLITS = (1, 2, 4, 8)  # slices of K a skinny_dot may run as separate programs (a 5th number in its config)
 SPLIT_TILES = ((32, 128, 4, 4), (64, 64, 4, 4))  # the tiles tried split (the others never won split)
 Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot, 5: skinny_dot split along K
@@ -83,7 +87,7 @@ def _small_matmul_kernel(
         k_ok = k < K
         xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w + n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if HAS_SCALE:  # an 8-bit weight (int8 or float8): widened in registers, exactly
+        if HAS_SCALE and USE_DOT:  # an 8-bit weight (int8 or float8): widened in registers, exactly
             wt = wt.to(xt.dtype)
         if USE_DOT:  # skinny_dot: the tensor cores (at least 16 rows, padded)
             acc += tl.dot(xt, tl.trans(wt))
@@ -240,9 +244,8 @@ def tune(
             x = torch.randn(m, 1, k, device=mats[0][0].device, dtype=dtype)
             run = lambda f: lambda: [consume(f(x, w, b, s)) for w, b, s in mats]
             times = {"cublas": graph_ms(run(reference))}
-            candidates = (
-                configs if m <= MAX_ROWS else split_configs(dot_configs, k) if kind in consumers else dot_configs
-            )
+            small, dots = (QUANT_CONFIGS, QUANT_DOT_CONFIGS) if mats[0][2] is not None else (configs, dot_configs)
+            candidates = small if m <= MAX_ROWS else split_configs(dots, k) if kind in consumers else dots
             for cfg in (c for c in candidates if _agrees(x, *mats[0], c)):
                 times[cfg] = graph_ms(run(lambda x, w, b, s, cfg=cfg: small_matmul(x, w, b, cfg, s)))
             best = min(times, key=times.get)
