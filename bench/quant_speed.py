@@ -92,6 +92,7 @@ def run_scheme(base: CausalLM, name: str, scheme: str, concurrency: list[int], p
         stream_interval_ms=0.0,
         max_responses_per_s=0.0,
         quantization=scheme,
+        max_queue=4096,  # a closed-loop stream may send its next request before its last one frees its slot
     )
     runtime = TorchCudaRuntime(None, cfg, model=model)
     detail = {
