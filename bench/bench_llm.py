@@ -197,6 +197,15 @@ def compile_variant(a, model, cfg, vocab, results, power) -> None:
         results.append({"system": "engine in-process, torch.compile", "note": f"failed: {exc!r}"[:300]})
 
 
+def engine_dir_for(engine: EngineConfig, onnx_dir: Path) -> Path:
+    """The ONNX engine folder of the config's quantization (made from the fp32 export once)."""
+    if engine.runtime != "onnxruntime" or engine.quantization == "none":
+        return onnx_dir
+    from tritonllm.build.quantize_onnx import quantize_onnx
+
+    return quantize_onnx(onnx_dir, engine.quantization)
+
+
 def triton_suite(
     a, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int, results: list, power, texts_for=None
 ) -> None:
@@ -214,7 +223,7 @@ def triton_suite(
                 gpus=gpus,
             ),
             ckpt,
-            engine_dir,
+            engine_dir_for(engine, engine_dir),
         )
     texts_for = texts_for or (lambda ids: " ".join(f"w{i}" for i in ids))
     env = {"PYTHONPATH": f"{a.server_pythonpath}:{os.environ.get('PYTHONPATH', '')}"} if a.server_pythonpath else {}
@@ -359,11 +368,14 @@ def cpu_suite(a, results: list, facts: dict) -> None:
         max_tokens_limit=a.max_context - 1,
         stream_interval_ms=a.stream_interval_ms,
     )
-    with InProcessEngine(onnx_dir, cfg) as eng:
-        facts["engine"] = eng.runtime.describe()
-        for c in a.concurrency:
-            results.append(run_inprocess(eng, prompts[: c * a.rounds], c, a.out_len, power).row())
-            log.info("%s", results[-1])
+    for scheme in a.quantizations:
+        q = replace(cfg, quantization=scheme)
+        with InProcessEngine(engine_dir_for(q, onnx_dir), q) as eng:
+            facts["engine" if scheme == "none" else f"engine {scheme}"] = eng.runtime.describe()
+            name = "engine in-process" + ("" if scheme == "none" else f" {scheme}")
+            for c in a.concurrency:
+                results.append(run_inprocess(eng, prompts[: c * a.rounds], c, a.out_len, power, name=name).row())
+                log.info("%s", results[-1])
     if "triton" in a.systems:
         triton_suite(
             a,
@@ -408,6 +420,14 @@ def main() -> None:
         "bench onehop:emit_text=True slow_gil:emit_text=True,switch_interval_ms=5",
     )
     p.add_argument("--systems", nargs="+", default=["hf", "inprocess", "triton"])
+    p.add_argument(
+        "--quantizations",
+        nargs="+",
+        default=["none"],
+        choices=["none", "int8", "int4"],
+        help="CPU: the in-process engine with each of these ONNX Runtime schemes (Triton: --triton-variants "
+        "NAME:quantization=int8)",
+    )
     p.add_argument("--server-pythonpath", help="prepended to PYTHONPATH of the Triton server's python stubs")
     p.add_argument("--server-hide-gpu", action="store_true", help="run Triton's core without CUDA (engine keeps it)")
     p.add_argument("--compile-variant", action="store_true", help="also time torch.compile'd decode (GPU, batch 1)")

@@ -119,7 +119,8 @@ class EngineLoop:
     def submit(self, seq: Sequence) -> None:
         """Enqueue; raises ServerBusyError when the queue is full (checked here, before accepting)."""
         with self._lock:
-            if self.scheduler.queued + self._inbox.qsize() >= self.cfg.max_queue:
+            arrived = self.scheduler.queued + self._inbox.qsize() + 1  # this request included
+            if self.scheduler.waiting_for_slot(arrived) > self.cfg.max_queue:
                 raise queue_full(self.cfg)
             seq.deadline = time.monotonic() + self.cfg.request_timeout_s
             self._inbox.put(seq)

@@ -53,9 +53,15 @@ class Scheduler:
         self.free_slots = list(range(self.slots))  # a min-heap: the lowest free slot is taken first
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.cfg.max_queue:
+        if self.waiting_for_slot(len(self.waiting) + 1) > self.cfg.max_queue:
             raise queue_full(self.cfg)
         self.waiting.append(seq)
+
+    def waiting_for_slot(self, arrived: int) -> int:
+        """Of `arrived` requests not yet admitted, those no free slot will take at the next step:
+        what `max_queue` bounds (so as many simultaneous arrivals as free slots are never refused,
+        whatever max_queue is)."""
+        return max(0, arrived - len(self.free_slots))
 
     def schedule(self) -> StepPlan:
         """Running sequences decode; waiting ones take free slots and prefill, in arrival order, up
