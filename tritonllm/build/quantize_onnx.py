@@ -22,12 +22,20 @@ log = logging.getLogger(__name__)
 QUANT_FILE = "quantization.json"
 BLOCK = 32  # weights per scale along K
 BITS = {"int8": 8, "int4": 4}
+FORMAT = {scheme: f"MatMulNBits {bits}-bit, block {BLOCK}, symmetric, accuracy level 4" for scheme, bits in BITS.items()}
 
 
 def read_scheme(engine_dir: Path) -> str:
     """The scheme an engine folder was built with ("none" when it records none)."""
     path = Path(engine_dir) / QUANT_FILE
     return json.loads(path.read_text())["scheme"] if path.exists() else "none"
+
+
+def _recorded(engine_dir: Path) -> tuple[str, str | None]:
+    """(scheme, format) an engine folder records: a graph of another format is made again."""
+    path = Path(engine_dir) / QUANT_FILE
+    report = json.loads(path.read_text()) if path.exists() else {}
+    return report.get("scheme", "none"), report.get("format")
 
 
 def write_scheme(engine_dir: Path, report: dict) -> None:
@@ -38,7 +46,7 @@ def quantize_onnx(onnx_dir: Path, scheme: str) -> Path:
     """`<onnx_dir>/<scheme>/model.onnx` from `<onnx_dir>/model.onnx` (redone when the export is newer)."""
     src, out = Path(onnx_dir) / "model.onnx", Path(onnx_dir) / scheme
     dst = out / "model.onnx"
-    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and read_scheme(out) == scheme:
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and _recorded(out) == (scheme, FORMAT[scheme]):
         log.info("      %s graph up to date: %s", scheme, dst)
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -46,7 +54,7 @@ def quantize_onnx(onnx_dir: Path, scheme: str) -> Path:
         raise ValueError(f"quantization {scheme!r} is not an ONNX Runtime scheme: use int8 or int4")
     matmul_nbits(src, dst, BITS[scheme])
     shutil.copy2(Path(onnx_dir) / "model_shape.json", out / "model_shape.json")
-    report = {"scheme": scheme, "format": f"MatMulNBits {BITS[scheme]}-bit, block {BLOCK}, accuracy level 4",
+    report = {"scheme": scheme, "format": FORMAT[scheme],
               "source_bytes": _bytes(src), "quantized_bytes": _bytes(dst), "calibration": "none (absmax)"}
     write_scheme(out, report)
     log.info("      %s graph: %.1f MB -> %.1f MB", scheme, report["source_bytes"] / 1e6, report["quantized_bytes"] / 1e6)
