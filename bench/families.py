@@ -144,6 +144,20 @@ def parity(families: list[str], out) -> None:
         log.info("%s", write_json(out, "families-parity", run_facts(**facts)))
 
 
+def bench_engine_config(slots: int, **fields) -> EngineConfig:
+    """The GPU benchmarks' torch-cuda engine: bf16, 512-token contexts, every token streamed."""
+    return EngineConfig(
+        runtime="torch-cuda",
+        dtype="bfloat16",
+        max_slots=slots,
+        max_context=512,
+        max_tokens_limit=511,
+        stream_interval_ms=0.0,
+        max_responses_per_s=0.0,
+        **fields,
+    )
+
+
 def decode_speed(family: str, concurrency: list[int], power: PowerSampler, budgets=(8192,)) -> list[dict]:
     """In-process decode of the family's published shape at each concurrency, for each prefill
     budget (`max_prefill_tokens`: below a step's prompt tokens, prompts go in pieces)."""
@@ -151,16 +165,7 @@ def decode_speed(family: str, concurrency: list[int], power: PowerSampler, budge
     gc.collect()
     rows = []
     for budget in budgets:
-        cfg = EngineConfig(
-            runtime="torch-cuda",
-            dtype="bfloat16",
-            max_slots=max(concurrency),
-            max_context=512,
-            max_tokens_limit=511,
-            stream_interval_ms=0.0,
-            max_responses_per_s=0.0,
-            max_prefill_tokens=budget,
-        )
+        cfg = bench_engine_config(max(concurrency), max_prefill_tokens=budget)
         runtime = TorchCudaRuntime(None, cfg, model=model)
         kernels = "fused kernels" if runtime.describe()["triton_kernels"] else "torch ops"
         name = f"{family} ({LARGE[family]['hidden_size']} hidden, {kernels}, prefill budget {budget})"

@@ -25,7 +25,7 @@ from dataclasses import replace
 import torch
 
 from bench.drivers import run_inprocess
-from bench.families import LARGE, SMALL, random_model
+from bench.families import LARGE, SMALL, bench_engine_config, random_model
 from bench.measure import PowerSampler, write_results
 from bench.provenance import DEFAULT_OUT
 from bench.workloads import random_prompts
@@ -83,17 +83,7 @@ def run_scheme(base: CausalLM, name: str, scheme: str, concurrency: list[int], p
     model = copy.deepcopy(base)
     if scheme != "none":
         quant.quantize_model(model, scheme)
-    cfg = EngineConfig(
-        runtime="torch-cuda",
-        dtype="bfloat16",
-        max_slots=max(concurrency),
-        max_context=512,
-        max_tokens_limit=511,
-        stream_interval_ms=0.0,
-        max_responses_per_s=0.0,
-        quantization=scheme,
-        max_queue=4096,  # a closed-loop stream may send its next request before its last one frees its slot
-    )
+    cfg = bench_engine_config(max(concurrency), quantization=scheme)
     runtime = TorchCudaRuntime(None, cfg, model=model)
     detail = {
         "kernels": runtime.kernels.describe(),
