@@ -14,7 +14,6 @@ from tritonllm.engine.loop import EngineLoop
 from tritonllm.engine.sampling import new_rng, sample
 from tritonllm.engine.scheduler import Scheduler, should_stop
 from tritonllm.engine.sequence import Sequence, StepPlan
-from tritonllm.errors import ServerBusyError
 from tritonllm.model.shape import ModelShape
 from tritonllm.runtimes.base import Runtime as RuntimeContract
 from tritonllm.runtimes.base import RuntimeCapabilities, Sampled, StepInput
@@ -244,52 +243,6 @@ def test_in_flight_batching_joins_and_leaves(Runtime):
     assert st.prefilled == 4 and 2 <= st.prefill_steps <= 4
     assert st.steps >= 12 and st.launch_s > 0 and st.complete_s > 0
     assert st.tokens_generated == 3 + 12 + 5 + 7  # the tokens kept, as tritonllm_tokens_generated_total
-
-
-def test_queue_bound_rejects_with_busy_error():
-    """max_queue counts requests no free slot will take: with one free slot, 1 + 2 are accepted."""
-    sch = Scheduler(EngineConfig(max_slots=1, max_queue=2))
-    for _ in range(3):
-        sch.add(seq([1]))
-    with pytest.raises(ServerBusyError, match="queue is full.*raise max_queue"):
-        sch.add(seq([1]))
-
-
-def test_a_closed_loop_client_that_fits_the_slots_is_never_refused(Runtime):
-    """max_queue 0 and 4 slots: 4 streams, each sending its next request as soon as its last one
-    ended (a finished sequence frees its slot before its final response goes out), are never
-    refused; a 5th request while 4 generate is."""
-    cfg = EngineConfig(max_slots=4, max_queue=0, max_tokens_limit=100)
-    loop = EngineLoop(Runtime(slots=4, delay=0.002), cfg).start()
-    errors = []
-
-    def stream():
-        for _ in range(5):
-            s = seq([1], max_tokens=3)
-            s.sink = QueueSink()
-            try:
-                loop.submit(s)
-            except ServerBusyError as e:
-                errors.append(e)
-                return
-            assert s.sink.wait(10).ids == [2, 3, 4]
-
-    try:
-        threads = [threading.Thread(target=stream) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert errors == []
-        long = [seq([1], max_tokens=900) for _ in range(4)]
-        for s in long:
-            s.sink = QueueSink()
-            loop.submit(s)
-        time.sleep(0.05)  # all four admitted: no free slot left
-        with pytest.raises(ServerBusyError, match="raise max_queue"):
-            loop.submit(seq([1], max_tokens=3))
-    finally:
-        loop.stop()
 
 
 def test_cancellation_frees_the_slot_and_sends_a_final_response(Runtime):

@@ -1,0 +1,70 @@
+"""Admission: what `max_queue` bounds, and that a closed-loop client fitting the slots is never
+refused (the loop fed by the fabricated runtimes of test_scheduler)."""
+
+import threading
+import time
+
+import pytest
+
+from tritonllm.config import EngineConfig
+from tritonllm.engine.inprocess import QueueSink
+from tritonllm.engine.loop import EngineLoop
+from tritonllm.engine.scheduler import Scheduler
+from tritonllm.errors import ServerBusyError
+
+from .test_scheduler import CountingRuntime, MultiStepRuntime, OverlappingRuntime, TwoAheadRuntime, seq
+
+
+def test_queue_bound_rejects_with_busy_error():
+    """max_queue counts requests no free slot will take: with one free slot, 1 + 2 are accepted."""
+    sch = Scheduler(EngineConfig(max_slots=1, max_queue=2))
+    for _ in range(3):
+        sch.add(seq([1]))
+    with pytest.raises(ServerBusyError, match="queue is full.*raise max_queue"):
+        sch.add(seq([1]))
+
+
+@pytest.mark.parametrize("kind", [CountingRuntime, OverlappingRuntime, TwoAheadRuntime, MultiStepRuntime])
+def test_a_closed_loop_client_that_fits_the_slots_is_never_refused(kind):
+    """max_queue 0 and 4 slots: 4 streams, each sending its next request as soon as its last one
+    ended (a finished sequence frees its slot before its final response goes out), are never
+    refused; a 5th request while 4 generate is."""
+    runtime = kind(slots=4, delay=0.002)
+    cfg = EngineConfig(
+        max_slots=4,
+        max_queue=0,
+        max_tokens_limit=100,
+        launch_ahead=getattr(runtime, "launch_ahead", 1),
+        steps_per_launch=getattr(runtime, "steps_per_launch", 1),
+        multi_step_min_active=1,
+    )
+    loop = EngineLoop(runtime, cfg).start()
+    errors = []
+
+    def stream():
+        for _ in range(5):
+            s = seq([1], max_tokens=3)
+            s.sink = QueueSink()
+            try:
+                loop.submit(s)
+            except ServerBusyError as e:
+                errors.append(e)
+                return
+            assert s.sink.wait(10).ids == [2, 3, 4]
+
+    try:
+        threads = [threading.Thread(target=stream) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == []
+        long = [seq([1], max_tokens=900) for _ in range(4)]
+        for s in long:
+            s.sink = QueueSink()
+            loop.submit(s)
+        time.sleep(0.05)  # all four admitted: no free slot left
+        with pytest.raises(ServerBusyError, match="raise max_queue"):
+            loop.submit(seq([1], max_tokens=3))
+    finally:
+        loop.stop()
