@@ -8,6 +8,7 @@ ONNX Runtime's int8 / int4 graphs: built by the build pipeline, served by the en
 under a config of another scheme. The accuracy on real text is a benchmark (bench.quant_eval)."""
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -200,3 +201,51 @@ def test_a_cached_graph_of_another_format_is_quantized_again(onnx_quantized):
     write_scheme(folder, {"scheme": "int8", "format": "QOperator DynamicQuantizeMatMul"})
     assert quantize_onnx(folder.parent, "int8") == folder
     assert json.loads((folder / QUANT_FILE).read_text())["format"] == FORMAT["int8"]
+
+
+def test_the_tensorrt_qdq_graph_holds_the_torch_engines_int8_weights(tiny_dir, tmp_path):
+    """The weight-only Q/DQ graph for TensorRT (a DequantizeLinear per projection, the LM head left
+    alone), run through TensorRTRuntime with the ONNX Runtime stand-in for TensorRT (its wiring, not
+    TensorRT), gives the greedy ids of the torch engine's int8-wo weights on the reference ops."""
+    import onnx
+
+    from tritonllm.build.pipeline import engine_files
+    from tritonllm.runtimes.tensorrt import plan as trt_plan
+    from tritonllm.runtimes.tensorrt.runtime import TensorRTRuntime
+
+    from . import trt_standin
+    from .test_engine_parity import PROMPTS
+
+    cfg = EngineConfig(
+        runtime="tensorrt", dtype="float32", max_slots=2, max_context=128, max_tokens_limit=64, quantization="int8-wo"
+    )
+    engine_dir = engine_files(tiny_dir, "tiny", cfg, tmp_path / "onnx")
+    graph = onnx.load(str(engine_dir / "model.onnx"))
+    dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear"]
+    hf = load_hf(tiny_dir)
+    assert len(dq) == 4 * hf.config.num_hidden_layers
+    spec = trt_plan.PlanSpec(cfg.max_slots, cfg.max_context, dtype=cfg.dtype)
+    key = trt_plan.plan_key(engine_dir / "model.onnx", spec, trt_standin)
+    trt_standin.write_plan(engine_dir / "trt" / f"model-{key}.plan", engine_dir / "model.onnx")
+    prompts = [TokenizerFiles(tiny_dir).encode(p) for p in PROMPTS[:2]]
+    model = CausalLM(hf)
+    quant.quantize_model(model, "int8-wo")
+    torch_cfg = replace(cfg, runtime="torch-cuda")
+    runtimes = [
+        (cfg, TensorRTRuntime(engine_dir, cfg, device="cpu", trt=trt_standin)),
+        (torch_cfg, TorchCudaRuntime(None, torch_cfg, model=model, device="cpu", fused_kernels=False)),
+    ]
+    from tritonllm.runtimes.base import StepInput
+
+    rows = [StepInput(0, prompts[0], 0)]
+    logits = [torch.as_tensor(rt.step(rows)).float() for _, rt in runtimes]
+    plain = TorchCudaRuntime(None, replace(torch_cfg, quantization="none"), model=CausalLM(hf), device="cpu")
+    unquantized = plain.step(rows).float()
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)  # the same int8 numbers
+    assert (logits[0] - unquantized).abs().max() > 1e-3  # ... which are not the fp32 weights
+    ids = []
+    for c, runtime in runtimes:
+        assert runtime.quantization == "int8-wo"
+        with InProcessEngine(None, c, runtime=runtime) as eng:
+            ids.append([eng.generate(p, max_tokens=8, temperature=0.0, ignore_eos=True).ids for p in prompts])
+    assert ids[0] == ids[1]

@@ -50,7 +50,12 @@ class Engine:
     def __init__(self, onnx: Path):
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        # keep DequantizeLinear -> MatMul as written (ONNX Runtime would otherwise fuse Q/DQ graphs
+        # into integer kernels that also quantize the activations, which TensorRT's weight-only
+        # plans do not)
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+        self.session = ort.InferenceSession(str(onnx), opts, providers=["CPUExecutionProvider"])
         self.types = {t.name: ORT_TYPES[t.type] for t in self.session.get_inputs() + self.session.get_outputs()}
         self.executions = 0
         self.batches: list[int] = []  # input_ids rows of each execution

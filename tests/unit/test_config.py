@@ -35,6 +35,7 @@ def test_engine_config_bounds(kw):
         ("torch-cuda", "int4", "int8-wo or fp8"),
         ("torch-cuda", "int8", "int8-wo or fp8"),
         ("tensorrt", "int8", "onnxruntime"),
+        ("tensorrt", "fp8", "calibrated activation scales"),
     ],
 )
 def test_a_quantization_the_runtime_cannot_run_is_refused_with_what_to_use(runtime, scheme, advice):

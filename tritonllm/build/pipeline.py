@@ -60,14 +60,24 @@ def engine_files(checkpoint: Path, name: str, engine: EngineConfig, onnx_dir: Pa
     onnx_dir = onnx_dir or Path("build/onnx") / name
     report = export_cached(checkpoint, onnx_dir)
     log.info("      ONNX vs PyTorch: %s", json.dumps(report))
+    if engine.quantization != "none":
+        log.info("      quantizing the graph's weights: %s", engine.quantization)
+        onnx_dir = quantized_graph(onnx_dir, engine)
     if engine.runtime == "tensorrt":
         build_tensorrt_plan(onnx_dir, engine)
-    if engine.quantization != "none":
-        from .quantize_onnx import quantize_onnx
-
-        log.info("      quantizing the graph's weights: %s", engine.quantization)
-        return quantize_onnx(onnx_dir, engine.quantization)
     return onnx_dir
+
+
+def quantized_graph(onnx_dir: Path, engine: EngineConfig) -> Path:
+    """The folder of the exported graph quantized for the engine's runtime: ONNX Runtime's own
+    formats, or weight-only Q/DQ for TensorRT's builder."""
+    if engine.runtime == "tensorrt":
+        from .qdq_export import qdq_graph
+
+        return qdq_graph(onnx_dir, engine.quantization)
+    from .quantize_onnx import quantize_onnx
+
+    return quantize_onnx(onnx_dir, engine.quantization)
 
 
 def build(checkpoint: Path, cfg: RepositoryConfig, out: Path, onnx_dir: Path | None = None) -> Path:

@@ -31,6 +31,17 @@ def read_scheme(engine_dir: Path) -> str:
     return json.loads(path.read_text())["scheme"] if path.exists() else "none"
 
 
+def check_scheme(engine_dir: Path, configured: str) -> str:
+    """The engine folder's scheme, refused when the config says another."""
+    scheme = read_scheme(engine_dir)
+    if scheme != configured:
+        raise ValueError(
+            f"the engine graph in {engine_dir} is quantized {scheme!r} but the config says quantization="
+            f"{configured!r}: rebuild the repository with --quantization {scheme}"
+        )
+    return scheme
+
+
 def _recorded(engine_dir: Path) -> tuple[str, str | None]:
     """(scheme, format) an engine folder records: a graph of another format is made again."""
     path = Path(engine_dir) / QUANT_FILE

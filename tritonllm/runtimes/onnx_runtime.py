@@ -59,14 +59,9 @@ class OnnxRuntime(Runtime):
     def __init__(self, engine_dir: Path, cfg: EngineConfig, providers: list[str] | None = None):
         import onnxruntime as ort
 
-        from ..build.quantize_onnx import read_scheme
+        from ..build.quantize_onnx import check_scheme
 
-        scheme = read_scheme(engine_dir)
-        if scheme != cfg.quantization:
-            raise ValueError(
-                f"the engine graph in {engine_dir} is quantized {scheme!r} but the config says quantization="
-                f"{cfg.quantization!r}: rebuild the repository with --quantization {scheme}"
-            )
+        scheme = check_scheme(engine_dir, cfg.quantization)
         self.shape = ModelShape.load(Path(engine_dir) / "model_shape.json")
         self.max_slots, self.max_context, self.quantization = cfg.max_slots, cfg.max_context, scheme
         opts = ort.SessionOptions()

@@ -35,6 +35,9 @@ class TensorRTRuntime(Runtime):
 
         trt = trt or import_tensorrt()
         engine_dir = Path(engine_dir)
+        from ...build.quantize_onnx import check_scheme
+
+        self.quantization = check_scheme(engine_dir, cfg.quantization)
         self.shape = ModelShape.load(engine_dir / "model_shape.json")
         self.max_slots, self.max_context = cfg.max_slots, cfg.max_context
         spec = PlanSpec(cfg.max_slots, cfg.max_context, dtype=cfg.dtype)
