@@ -56,10 +56,9 @@ SMOL_ENGINE = dict(max_slots=4, max_context=512, max_queue=16, max_tokens_limit=
 
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory, tiny_dir, tiny_engine_dir, smollm2_dir, smollm2_engine_dir) -> Path:
-    """Four LLMs in one repository: `tiny`, `smollm2`, `tiny_onehop` (the tiny weights with the
-    engine detokenizing: tokenizer -> engine, no detokenizer stage; and chunked prefill: a 16-token
-    budget) and `tiny_int8` (its int8 graph)."""
-    from tritonllm.build.quantize_onnx import quantize_onnx
+    """Three LLMs in one repository: `tiny`, `smollm2`, and `tiny_onehop` (the tiny weights with
+    the engine detokenizing: tokenizer -> engine, no detokenizer stage; and chunked prefill: a
+    16-token budget)."""
     from tritonllm.build.repository import RepositoryConfig, write_repository
     from tritonllm.config import EngineConfig
 
@@ -69,10 +68,6 @@ def model_repository(tmp_path_factory, tiny_dir, tiny_engine_dir, smollm2_dir, s
     write_repository(repo, RepositoryConfig(name="tiny_onehop", engine=onehop), tiny_dir, tiny_engine_dir)
     write_repository(
         repo, RepositoryConfig(name="smollm2", engine=EngineConfig(**SMOL_ENGINE)), smollm2_dir, smollm2_engine_dir
-    )
-    int8 = EngineConfig(**TINY_ENGINE, quantization="int8")
-    write_repository(
-        repo, RepositoryConfig(name="tiny_int8", engine=int8), tiny_dir, quantize_onnx(tiny_engine_dir, "int8")
     )
     return repo
 
