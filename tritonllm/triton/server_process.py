@@ -116,9 +116,14 @@ class TritonServer:
 
     def __post_init__(self) -> None:
         self.model_repository = Path(self.model_repository).resolve()
-        self.http_port = self.http_port or free_port()
-        self.grpc_port = self.grpc_port or free_port()
-        self.metrics_port = self.metrics_port or free_port()
+        # a port the OS just handed out and took back can come again: draw until the three differ
+        taken = {p for p in (self.http_port, self.grpc_port, self.metrics_port) if p}
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            while not getattr(self, name):
+                port = free_port()
+                if port not in taken:
+                    setattr(self, name, port)
+                    taken.add(port)
         self.shm_prefix = f"tllm{os.getpid()}_{self.grpc_port}_"
         self.serving = ServingPython.of(self.python)
 
