@@ -27,7 +27,15 @@ from bench.drivers import run_hf, run_inprocess, run_triton
 from bench.measure import PowerSampler, markdown_table
 from bench.provenance import DEFAULT_OUT, result_stem, run_facts
 from bench.targets import COLS, render, target_lines
-from bench.workloads import copy_bandwidth, llama_1b_random, random_prompts, smollm2_onnx, weight_bytes, word_tokenizer
+from bench.workloads import (
+    copy_bandwidth,
+    engine_dir_for,
+    llama_1b_random,
+    random_prompts,
+    smollm2_onnx,
+    weight_bytes,
+    word_tokenizer,
+)
 from tritonllm.build.repository import RepositoryConfig, write_repository
 from tritonllm.config import EngineConfig
 from tritonllm.engine.inprocess import InProcessEngine
@@ -195,15 +203,6 @@ def compile_variant(a, model, cfg, vocab, results, power) -> None:
     except Exception as exc:  # reported, not hidden
         log.exception("torch.compile variant failed")
         results.append({"system": "engine in-process, torch.compile", "note": f"failed: {exc!r}"[:300]})
-
-
-def engine_dir_for(engine: EngineConfig, onnx_dir: Path) -> Path:
-    """The ONNX engine folder of the config's quantization (made from the fp32 export once)."""
-    if engine.runtime != "onnxruntime" or engine.quantization == "none":
-        return onnx_dir
-    from tritonllm.build.quantize_onnx import quantize_onnx
-
-    return quantize_onnx(onnx_dir, engine.quantization)
 
 
 def triton_suite(

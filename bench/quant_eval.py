@@ -35,8 +35,7 @@ import torch
 
 from bench.measure import write_results
 from bench.provenance import DEFAULT_OUT
-from bench.workloads import smollm2_onnx
-from tritonllm.build.quantize_onnx import quantize_onnx
+from bench.workloads import engine_dir_for, smollm2_onnx
 from tritonllm.config import EngineConfig
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model import quant
@@ -94,10 +93,8 @@ def engines(ckpt, onnx_dir, max_context: int, rows: int) -> dict[str, tuple[str,
         "max_tokens_limit": max_context - 1,
         "default_max_tokens": 1,
     }
-    ort = lambda scheme: OnnxRuntime(
-        quantize_onnx(onnx_dir, scheme) if scheme != "none" else onnx_dir,
-        EngineConfig(**limits, threads=threads, prefix_cache=False, quantization=scheme),
-    )
+    ort_cfg = lambda scheme: EngineConfig(**limits, threads=threads, prefix_cache=False, quantization=scheme)
+    ort = lambda scheme: OnnxRuntime(engine_dir_for(ort_cfg(scheme), onnx_dir), ort_cfg(scheme))
     pt_cfg = EngineConfig(runtime="torch-cuda", **limits)
     pt = lambda scheme, act=False: TorchCudaRuntime(
         None, pt_cfg, model=torch_model(ckpt, scheme, act), device="cpu", fused_kernels=False

@@ -83,6 +83,14 @@ def copy_bandwidth(nbytes: int = 2 << 30, iters: int = 20) -> float:
     return 2 * a.numel() * a.element_size() * iters / (start.elapsed_time(end) / 1e3)
 
 
+def engine_dir_for(engine, onnx_dir: Path) -> Path:
+    """The engine folder of the config's quantization, made from the fp32 export once (the build's
+    own step)."""
+    from tritonllm.build.pipeline import quantized_graph
+
+    return onnx_dir if engine.quantization == "none" else quantized_graph(onnx_dir, engine)
+
+
 def smollm2_onnx() -> tuple[Path, Path]:
     """The CPU benchmarks' model: the shipped SmolLM2 checkpoint and its ONNX engine folder, made
     once and reused while up to date."""

@@ -32,6 +32,17 @@ QUANTIZATION_ADVICE = {
 }
 
 
+def require_scheme(found: str, configured: str, what: str) -> str:
+    """The quantization scheme engine files were built with (`found`), refused when the config
+    says another: `what` names the files in the error."""
+    if found != configured:
+        raise ValueError(
+            f"{what} is quantized {found!r} but the config says quantization={configured!r}: "
+            f"rebuild the repository with --quantization {found}"
+        )
+    return found
+
+
 def _check(cond: bool, name: str, value: Any, bound: str) -> None:
     if not cond:
         raise ValueError(f"config {name}={value!r} out of bounds: {bound}")

@@ -8,12 +8,14 @@ activations with static scales, i.e. a calibration pass this build does not have
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
+
+from ..model.shape import ModelShape
+from .quantize_onnx import write_scheme
 
 log = logging.getLogger(__name__)
 QDQ_SCHEMES = ("int8-wo",)
@@ -32,7 +34,7 @@ def qdq_graph(onnx_dir: Path, scheme: str) -> Path:
     if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
         return out
     model = onnx.load(str(src))
-    vocab = json.loads((Path(onnx_dir) / "model_shape.json").read_text())["vocab_size"]
+    vocab = ModelShape.load(Path(onnx_dir) / "model_shape.json").vocab_size
     weights = {t.name: t for t in model.graph.initializer}
     nodes, count = [], 0
     for node in model.graph.node:
@@ -56,7 +58,7 @@ def qdq_graph(onnx_dir: Path, scheme: str) -> Path:
     onnx.save(model, str(dst), save_as_external_data=model.ByteSize() > 1.8e9)
     shutil.copy2(Path(onnx_dir) / "model_shape.json", out / "model_shape.json")
     report = {"scheme": scheme, "format": "Q/DQ: int8 weights, a float scale per output channel", "weights": count}
-    (out / "quantization.json").write_text(json.dumps(report, indent=1))
+    write_scheme(out, report)
     log.info("      Q/DQ graph (%s, %d weights): %s", scheme, count, dst)
     return out
 

@@ -18,6 +18,8 @@ import logging
 import shutil
 from pathlib import Path
 
+from ..config import require_scheme
+
 log = logging.getLogger(__name__)
 QUANT_FILE = "quantization.json"
 BLOCK = 32  # weights per scale along K
@@ -25,28 +27,21 @@ BITS = {"int8": 8, "int4": 4}
 FORMAT = {scheme: f"MatMulNBits {bits}-bit, block {BLOCK}, symmetric, accuracy level 4" for scheme, bits in BITS.items()}
 
 
+def recorded(engine_dir: Path) -> tuple[str, str | None]:
+    """(scheme, format) an engine folder records ("none" when it records none)."""
+    path = Path(engine_dir) / QUANT_FILE
+    report = json.loads(path.read_text()) if path.exists() else {}
+    return report.get("scheme", "none"), report.get("format")
+
+
 def read_scheme(engine_dir: Path) -> str:
     """The scheme an engine folder was built with ("none" when it records none)."""
-    path = Path(engine_dir) / QUANT_FILE
-    return json.loads(path.read_text())["scheme"] if path.exists() else "none"
+    return recorded(engine_dir)[0]
 
 
 def check_scheme(engine_dir: Path, configured: str) -> str:
     """The engine folder's scheme, refused when the config says another."""
-    scheme = read_scheme(engine_dir)
-    if scheme != configured:
-        raise ValueError(
-            f"the engine graph in {engine_dir} is quantized {scheme!r} but the config says quantization="
-            f"{configured!r}: rebuild the repository with --quantization {scheme}"
-        )
-    return scheme
-
-
-def _recorded(engine_dir: Path) -> tuple[str, str | None]:
-    """(scheme, format) an engine folder records: a graph of another format is made again."""
-    path = Path(engine_dir) / QUANT_FILE
-    report = json.loads(path.read_text()) if path.exists() else {}
-    return report.get("scheme", "none"), report.get("format")
+    return require_scheme(read_scheme(engine_dir), configured, f"the engine graph in {engine_dir}")
 
 
 def write_scheme(engine_dir: Path, report: dict) -> None:
@@ -55,14 +50,14 @@ def write_scheme(engine_dir: Path, report: dict) -> None:
 
 def quantize_onnx(onnx_dir: Path, scheme: str) -> Path:
     """`<onnx_dir>/<scheme>/model.onnx` from `<onnx_dir>/model.onnx` (redone when the export is newer)."""
+    if scheme not in BITS:
+        raise ValueError(f"quantization {scheme!r} is not an ONNX Runtime scheme: use int8 or int4")
     src, out = Path(onnx_dir) / "model.onnx", Path(onnx_dir) / scheme
     dst = out / "model.onnx"
-    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and _recorded(out) == (scheme, FORMAT[scheme]):
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and recorded(out) == (scheme, FORMAT[scheme]):
         log.info("      %s graph up to date: %s", scheme, dst)
         return out
     out.mkdir(parents=True, exist_ok=True)
-    if scheme not in BITS:
-        raise ValueError(f"quantization {scheme!r} is not an ONNX Runtime scheme: use int8 or int4")
     matmul_nbits(src, dst, BITS[scheme])
     shutil.copy2(Path(onnx_dir) / "model_shape.json", out / "model_shape.json")
     report = {"scheme": scheme, "format": FORMAT[scheme],

@@ -201,18 +201,24 @@ def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: t
     return torch.nn.functional.linear(x, w, b)
 
 
+def agrees(label: str, product: Callable[[], torch.Tensor], ref: torch.Tensor, tolerance: float = 2e-2) -> bool:
+    """A candidate `product` (a thunk) equals `ref` within `tolerance` x max(|ref|, 1); one that
+    does not compile on this GPU (shared memory, ...) or disagrees is logged and not a candidate."""
+    ref = ref.float()
+    try:
+        err = (product().float().view_as(ref) - ref).abs().max().item()
+    except Exception as exc:  # a tile that does not compile here: not a candidate
+        log.warning("%s unavailable here (%s)", label, str(exc)[:200])
+        return False
+    ok = err <= tolerance * max(ref.abs().max().item(), 1.0)
+    if not ok:
+        log.warning("%s disagrees with the reference (max |diff| %.3g): not used", label, err)
+    return ok
+
+
 def _agrees(x: torch.Tensor, w, b, s, config: Config) -> bool:
     """The config's product equals the reference within rounding of the activations' type."""
-    ref = reference(x, w, b, s).float()
-    try:
-        err = (dense(small_matmul(x, w, b, config, s)).float().view_as(ref) - ref).abs().max().item()
-    except Exception as exc:  # a tile that does not compile on this GPU (shared memory, ...): not a candidate
-        log.warning("gemv %s unavailable here (%s)", config, str(exc)[:200])
-        return False
-    ok = err <= 2e-2 * max(ref.abs().max().item(), 1.0)
-    if not ok:
-        log.warning("gemv %s disagrees with cuBLAS (max |diff| %.3g): not used", config, err)
-    return ok
+    return agrees(f"gemv {config}", lambda: dense(small_matmul(x, w, b, config, s)), reference(x, w, b, s))
 
 
 def split_configs(dot_configs: Sequence[Config], k: int) -> list[Config]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ...config import EngineConfig
+from ...config import EngineConfig, require_scheme
 from ...model.modeling import CausalLM, load_engine_model
 from ...model.quant import check_device_support, place, scheme_of
 from ..base import Runtime, RuntimeCapabilities, RuntimeStats, StepInput
@@ -53,14 +53,8 @@ class TorchCudaRuntime(Runtime):
         self.dtype = DTYPES[cfg.dtype]
         if model is None:
             model = load_engine_model(Path(engine_dir), self.dtype)
-        scheme = scheme_of(model)
-        if scheme != cfg.quantization:
-            raise ValueError(
-                f"the engine's weights are quantized {scheme!r} but the config says quantization="
-                f"{cfg.quantization!r}: rebuild the repository with --quantization {scheme}"
-            )
-        check_device_support(scheme, self.device)
-        self.quantization = scheme
+        self.quantization = require_scheme(scheme_of(model), cfg.quantization, "the engine model")
+        check_device_support(self.quantization, self.device)
         self.model = place(model, self.device, self.dtype).eval()
         self.model.inv_freq = self.model.inv_freq.float()
         self.shape, self.max_context = self.model.shape, cfg.max_context

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...model.quant import operands, scheme_of
+from ...model.quant import PROJECTIONS, operands, scheme_of
 from .cache import StaticKVCache
 
 log = logging.getLogger(__name__)
-PROJECTIONS = ("qkv_proj", "o", "gate_up", "down")  # a decoder layer's linears, by attribute name
 PREFILL_ROWS = 2048  # a prefill's products (prompt tokens x weight) are timed at this many rows
 
 
@@ -87,8 +86,7 @@ def choose_kernels(
 def _tune_gemv(model, cache: StaticKVCache, batch_buckets: list[int]) -> tuple[dict, list]:
     """{(weight kind, batch rows): tile} for the decode step's small-batch products, each timed
     with the fused kernel that reads its product (split-K partial sums are added up there)."""
-    weights = {kind: [operands(getattr(layer, kind)) for layer in model.layers] for kind in PROJECTIONS}
-    weights["lm_head"] = [(model.lm_head, None, None)]
+    weights = {**_projections(model), "lm_head": [(model.lm_head, None, None)]}
     try:
         from ..kernels import gemv
 
@@ -99,12 +97,17 @@ def _tune_gemv(model, cache: StaticKVCache, batch_buckets: list[int]) -> tuple[d
         return {}, []
 
 
+def _projections(model) -> dict:
+    """{projection kind: (weight as stored, bias, scale or None) of every layer}: what tuning times."""
+    return {kind: [operands(getattr(layer, kind)) for layer in model.layers] for kind in PROJECTIONS}
+
+
 def _tune_quant(model, batch_buckets: list[int]) -> tuple[dict, list]:
     """{(kind, rows): choice} for the 8-bit projections at the rows gemv does not serve: decode
     batches beyond its tiles and a prefill's many rows."""
     from ..kernels import gemv, qmatmul
 
-    weights = {kind: [operands(getattr(layer, kind)) for layer in model.layers] for kind in PROJECTIONS}
+    weights = _projections(model)
     rows = [b for b in batch_buckets if b > gemv.MAX_DOT_ROWS] + [PREFILL_ROWS]
     try:
         return qmatmul.tune(weights, rows, model.embed.dtype)
