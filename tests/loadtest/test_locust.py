@@ -1,5 +1,7 @@
 """Locust against a timing-reference model with known delays (first token 50 ms, then one every
-20 ms): the measured TTFT and ITL must be right within 10%, alone and in distributed mode."""
+20 ms). The model's delays are floors: transport and a loaded CI machine can only add to them, so
+TTFT must lie between the first-token delay and the second token's arrival (a measurement that
+started late or stopped at the wrong token falls outside), and ITL within 10% of its interval."""
 
 import json
 import subprocess
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from loadtests import launch
+from loadtests.timing_reference import FIRST_TOKEN_MS, INTER_TOKEN_MS
 
 SLOTTED = Path(__file__).with_name("slotted_locustfile.py")
 
@@ -22,6 +25,11 @@ def locust(args, cwd, timeout=120, env_extra=None, locustfile=launch.LOCUSTFILE)
 
 def summary(prefix: Path) -> dict:
     return json.loads(Path(f"{prefix}_llm_summary.json").read_text())
+
+
+def assert_measures_the_timing_model(s: dict) -> None:
+    assert FIRST_TOKEN_MS - 1 <= s["ttft_p50_ms"] < FIRST_TOKEN_MS + INTER_TOKEN_MS, s
+    assert s["itl_p50_ms"] == pytest.approx(INTER_TOKEN_MS, rel=0.10), s
 
 
 def test_locust_measures_known_ttft_and_itl(timing_server, tmp_path):
@@ -45,8 +53,7 @@ def test_locust_measures_known_ttft_and_itl(timing_server, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = summary(prefix)
     assert s["requests"] >= 8 and s["error_ratio"] == 0
-    assert s["ttft_p50_ms"] == pytest.approx(50, rel=0.10)
-    assert s["itl_p50_ms"] == pytest.approx(20, rel=0.10)
+    assert_measures_the_timing_model(s)
     assert s["output_tokens"] == 20 * s["requests"]
     stats = (tmp_path / "run_stats.csv").read_text()
     assert "ttft" in stats and "itl" in stats and (tmp_path / "report.html").exists()
@@ -92,8 +99,7 @@ def test_distributed_master_and_two_workers(timing_server, tmp_path):
     assert code == 0, out[-3000:]
     s = summary(prefix)
     assert s["requests"] >= 6 and s["error_ratio"] == 0
-    assert s["ttft_p50_ms"] == pytest.approx(50, rel=0.10)
-    assert s["itl_p50_ms"] == pytest.approx(20, rel=0.10)
+    assert_measures_the_timing_model(s)
 
 
 def test_locust_agrees_with_the_client_benchmark(timing_server, tmp_path):
