@@ -1,6 +1,8 @@
 """Prove the TensorRT path on a GPU host: export a Llama-family model (SmolLM2-135M shape, random
-weights, or --model) to ONNX with our exporter, build a serialized plan with the TensorRT Python
-API (`tensorrt` or TensorRT for RTX), then try to run it. Writes build_report.json and a log."""
+weights, or --model) to ONNX with our exporter, make the Q/DQ graphs of each --quantizations
+scheme (int8 / fp8 calibrated on random token ids for random weights, on the built-in text for a
+real checkpoint), build a serialized plan of each with the TensorRT Python API (`tensorrt` or
+TensorRT for RTX), and try to run it. Writes trt-build-<dtype>.json under --out."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from pathlib import Path
 import torch
 
 from bench.provenance import DEFAULT_OUT, run_facts, write_json
+from tritonllm.build.calibrate import calibration_prompts
 from tritonllm.build.onnx_export import export, verify
+from tritonllm.build.qdq_export import ACTIVATED, qdq_graph
 from tritonllm.config import EngineConfig
 from tritonllm.model.shape import ModelShape
 from tritonllm.runtimes.tensorrt.plan import PlanSpec, build_plan, import_tensorrt
@@ -50,6 +54,7 @@ def main() -> None:
         choices=["float32", "float16", "bfloat16"],
         help="graph precision of the ONNX export and the plan",
     )
+    p.add_argument("--quantizations", nargs="+", default=["none"], choices=["none", "int8-wo", "int8", "fp8"])
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     report = run_facts(
@@ -58,9 +63,9 @@ def main() -> None:
             "capability": list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None,
         }
     )
-    ckpt = a.model
-    if ckpt is None:
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: F401
+    ckpt, random_weights = a.model, a.model is None
+    if random_weights:
+        from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
         ckpt = a.work / "smollm2-shape"
@@ -76,27 +81,60 @@ def main() -> None:
         report["onnx_vs_pytorch"] = "not checked: ONNX Runtime's CPU provider lacks half-precision kernels"
     trt = import_tensorrt()
     report["tensorrt_module"], report["tensorrt_version"] = trt.__name__, trt.__version__
-    shape = ModelShape.load(onnx_dir / "model_shape.json")
-    spec = PlanSpec(max_batch=8, max_context=512, dtype=a.dtype)
-    try:
-        plan = build_plan(onnx_dir / "model.onnx", onnx_dir / "trt", shape, spec)
-        report["build"] = json.loads((onnx_dir / "trt" / "build_report.json").read_text())
-        report["plan_bytes"] = plan.stat().st_size
-    except Exception:
-        report["build_error"] = traceback.format_exc()[-2000:]
-    if "build" in report:
+    report["graphs"] = {}
+    for scheme in a.quantizations:
+        graph = report["graphs"][scheme] = {}
         try:
-            rt = TensorRTRuntime(
-                onnx_dir,
-                EngineConfig(runtime="tensorrt", max_slots=8, max_context=512, max_tokens_limit=256, dtype=a.dtype),
-            )
-            from tritonllm.runtimes.base import StepInput
-
-            logits = rt.step([StepInput(0, [5, 6, 7, 8], 0)])
-            report["run"] = {"ok": True, "logits_shape": list(logits.shape)}
-        except Exception as exc:
-            report["run"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:1500]}
+            folder = quantized(onnx_dir, ckpt, scheme, random_weights, graph)
+        except Exception:
+            graph["graph_error"] = traceback.format_exc()[-2000:]
+            continue
+        build_and_run(folder, a.dtype, graph, trt)
     log.info("%s: %s", write_json(a.out, f"trt-build-{a.dtype}", report), json.dumps(report, indent=1))
+
+
+def quantized(onnx_dir: Path, ckpt: Path, scheme: str, random_weights: bool, graph: dict) -> Path:
+    """The exported graph's folder for `scheme`; records how its activations were calibrated."""
+    if scheme == "none":
+        return onnx_dir
+    prompts = None
+    if scheme in ACTIVATED:
+        if random_weights:  # a random model has no text of its own: random ids exercise the same path
+            g = torch.Generator().manual_seed(0)
+            prompts = [torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (128,), generator=g).tolist() for _ in range(8)]
+            graph["calibration"] = "8 x 128 random token ids (random weights)"
+        else:
+            prompts = calibration_prompts(ckpt)
+            graph["calibration"] = f"the built-in text, {len(prompts)} paragraphs"
+    t0 = time.perf_counter()
+    folder = qdq_graph(onnx_dir, scheme, prompts)
+    graph["qdq_s"] = round(time.perf_counter() - t0, 1)
+    graph["quantization"] = json.loads((folder / "quantization.json").read_text())
+    return folder
+
+
+def build_and_run(folder: Path, dtype: str, graph: dict, trt) -> None:
+    """Build the plan (its parse/build times, size and layer kinds), then try one prefill step."""
+    shape = ModelShape.load(folder / "model_shape.json")
+    spec = PlanSpec(max_batch=8, max_context=512, dtype=dtype)
+    try:
+        plan = build_plan(folder / "model.onnx", folder / "trt", shape, spec)
+        graph["build"] = json.loads((folder / "trt" / "build_report.json").read_text())
+        graph["plan_bytes"] = plan.stat().st_size
+    except Exception:
+        graph["build_error"] = traceback.format_exc()[-2000:]
+        return
+    try:
+        scheme = graph.get("quantization", {}).get("scheme", "none")
+        cfg = EngineConfig(
+            runtime="tensorrt", max_slots=8, max_context=512, max_tokens_limit=256, dtype=dtype, quantization=scheme
+        )
+        from tritonllm.runtimes.base import StepInput
+
+        logits = TensorRTRuntime(folder, cfg).step([StepInput(0, [5, 6, 7, 8], 0)])
+        graph["run"] = {"ok": True, "logits_shape": list(logits.shape)}
+    except Exception as exc:
+        graph["run"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:1500]}
 
 
 if __name__ == "__main__":

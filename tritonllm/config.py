@@ -19,15 +19,13 @@ QUANTIZATIONS = ("none", "fp8", "int8-wo", "int8", "int4")
 RUNTIME_QUANTIZATIONS = {
     "onnxruntime": ("none", "int8", "int4"),
     "torch-cuda": ("none", "fp8", "int8-wo"),
-    "tensorrt": ("none", "int8-wo"),
+    "tensorrt": ("none", "int8-wo", "int8", "fp8"),
 }
 QUANTIZATION_ADVICE = {
-    "fp8": "fp8 needs FP8 Tensor Cores: build it for --runtime torch-cuda (compute capability >= 8.9); "
-    "TensorRT's fp8 needs calibrated activation scales, not built yet: use int8-wo there",
+    "fp8": "fp8 needs FP8 Tensor Cores: build it for --runtime torch-cuda or tensorrt (compute capability >= 8.9)",
     "int8-wo": "int8-wo (int8 weights, 16-bit activations) is a GPU scheme: build it for --runtime torch-cuda "
     "or tensorrt",
-    "int8": "int8 (ONNX Runtime's integer products) is the CPU scheme: build it for --runtime onnxruntime; "
-    "on the GPU use int8-wo or fp8 with --runtime torch-cuda",
+    "int8": "int8 (integer products) is built for --runtime onnxruntime or tensorrt; on torch-cuda use int8-wo or fp8",
     "int4": "int4 (ONNX Runtime's MatMulNBits) is built for --runtime onnxruntime only; on the GPU use int8-wo or fp8",
 }
 

@@ -34,8 +34,7 @@ def test_engine_config_bounds(kw):
         ("onnxruntime", "int8-wo", "torch-cuda"),
         ("torch-cuda", "int4", "int8-wo or fp8"),
         ("torch-cuda", "int8", "int8-wo or fp8"),
-        ("tensorrt", "int8", "onnxruntime"),
-        ("tensorrt", "fp8", "calibrated activation scales"),
+        ("tensorrt", "int4", "onnxruntime"),
     ],
 )
 def test_a_quantization_the_runtime_cannot_run_is_refused_with_what_to_use(runtime, scheme, advice):

@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="onnxruntime: compute every prompt whole instead of reusing a cached prefix's keys/values")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default=d.quantization,
-                   help="weights: fp8 / int8-wo (torch-cuda), int8 / int4 (onnxruntime); README: quantization")
+                   help="fp8 / int8-wo (torch-cuda), int8 / int4 (onnxruntime), int8-wo / int8 / fp8 (tensorrt Q/DQ); "
+                   "README: quantization")
+    p.add_argument("--calibration-text", type=Path, metavar="FILE",
+                   help="tensorrt int8/fp8: text (paragraphs split by blank lines) for the static activation "
+                   "scales; default: a built-in English sample")
     p.add_argument("--response-threads", type=int, default=d.response_threads)
     p.add_argument("--steps-per-launch", type=int, default=d.steps_per_launch,
                    help="torch-cuda: decode steps per host pass under load (README: multi-step; 1 = off)")
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = RepositoryConfig(name=a.name, engine=engine, tokenizer_instances=a.tokenizer_instances,
                            detokenizer_instances=a.detokenizer_instances, engine_instances=a.engine_instances,
                            gpus=a.gpus)
-    build(a.model, cfg, a.out, a.onnx_dir)
+    text = a.calibration_text.read_text(encoding="utf-8") if a.calibration_text else None
+    build(a.model, cfg, a.out, a.onnx_dir, text)
     log.info("done in %.1fs", time.time() - t0)
 
 

@@ -43,7 +43,9 @@ def build_tensorrt_plan(onnx_dir: Path, engine: EngineConfig) -> None:
         log.warning("[2/3] %s: the plan will be built when the engine loads", e)
 
 
-def engine_files(checkpoint: Path, name: str, engine: EngineConfig, onnx_dir: Path | None = None) -> Path:
+def engine_files(
+    checkpoint: Path, name: str, engine: EngineConfig, onnx_dir: Path | None = None, calibration_text: str | None = None
+) -> Path:
     """Steps 1-2: the folder of engine files for `engine.runtime`."""
     from transformers import AutoConfig
 
@@ -62,26 +64,41 @@ def engine_files(checkpoint: Path, name: str, engine: EngineConfig, onnx_dir: Pa
     log.info("      ONNX vs PyTorch: %s", json.dumps(report))
     if engine.quantization != "none":
         log.info("      quantizing the graph's weights: %s", engine.quantization)
-        onnx_dir = quantized_graph(onnx_dir, engine)
+        onnx_dir = quantized_graph(onnx_dir, engine, checkpoint, calibration_text)
     if engine.runtime == "tensorrt":
         build_tensorrt_plan(onnx_dir, engine)
     return onnx_dir
 
 
-def quantized_graph(onnx_dir: Path, engine: EngineConfig) -> Path:
+def quantized_graph(
+    onnx_dir: Path, engine: EngineConfig, checkpoint: Path | None = None, calibration_text: str | None = None
+) -> Path:
     """The folder of the exported graph quantized for the engine's runtime: ONNX Runtime's own
-    formats, or weight-only Q/DQ for TensorRT's builder."""
+    formats, or Q/DQ for TensorRT's builder (int8 / fp8 calibrated on `calibration_text`, the
+    default text when None, tokenized by the checkpoint's tokenizer)."""
     if engine.runtime == "tensorrt":
-        from .qdq_export import qdq_graph
+        from .calibrate import calibration_prompts
+        from .qdq_export import ACTIVATED, qdq_graph
 
-        return qdq_graph(onnx_dir, engine.quantization)
+        prompts = None
+        if engine.quantization in ACTIVATED:
+            if checkpoint is None:
+                raise ValueError(f"quantization {engine.quantization!r} on tensorrt calibrates: pass the checkpoint")
+            prompts = calibration_prompts(checkpoint, calibration_text)
+        return qdq_graph(onnx_dir, engine.quantization, prompts)
     from .quantize_onnx import quantize_onnx
 
     return quantize_onnx(onnx_dir, engine.quantization)
 
 
-def build(checkpoint: Path, cfg: RepositoryConfig, out: Path, onnx_dir: Path | None = None) -> Path:
+def build(
+    checkpoint: Path,
+    cfg: RepositoryConfig,
+    out: Path,
+    onnx_dir: Path | None = None,
+    calibration_text: str | None = None,
+) -> Path:
     """The whole build: engine files, then this LLM's models in the repository at `out`."""
-    engine_dir = engine_files(checkpoint, cfg.name, cfg.engine, onnx_dir)
+    engine_dir = engine_files(checkpoint, cfg.name, cfg.engine, onnx_dir, calibration_text)
     log.info("[3/3] writing model repository %s (models %s)", out, ", ".join(cfg.model_names()))
     return write_repository(out, cfg, checkpoint, engine_dir)

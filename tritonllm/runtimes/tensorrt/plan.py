@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -126,10 +127,17 @@ def build_plan(onnx_path: Path, out_dir: Path, shape: ModelShape, spec: PlanSpec
         "module": trt.__name__,
         "spec": asdict(spec),
         "layers": network.num_layers,
+        "layer_types": _layer_types(network),
     }
     (out_dir / "build_report.json").write_text(json.dumps(report, indent=1))
     log.info("TensorRT plan built: %s", report)
     return plan
+
+
+def _layer_types(network) -> dict[str, int]:
+    """How many layers of each kind the parser made (Q/DQ graphs: QUANTIZE / DEQUANTIZE kept)."""
+    kinds = Counter(str(network.get_layer(i).type).rsplit(".", 1)[-1] for i in range(network.num_layers))
+    return dict(kinds.most_common())
 
 
 def _strongly_typed(network, trt) -> bool:

@@ -1,0 +1,107 @@
+"""Static activation scales for the Q/DQ graphs TensorRT quantizes activations in (int8, fp8): the
+largest magnitude each projection's input reaches over a calibration text, measured on the
+exported graph by ONNX Runtime's MinMax calibrator (prefill of each paragraph from an empty
+cache). A scale is that absmax over the format's largest value, one per tensor (TensorRT's Q/DQ
+activations are per tensor); weights keep their own per-channel absmax scales.
+
+The default text is a few paragraphs of plain English prose written for this purpose; a user's
+own text (`--calibration-text`, paragraphs separated by blank lines) represents their traffic
+better, and the report says which was used."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEXT = """\
+The harbour was quiet before dawn. Fishing boats rocked against their moorings, and the only sound
+was the slap of water on the stone steps where the ferry would arrive at six.
+
+To replace a bicycle chain, shift to the smallest sprocket, open the quick link with pliers, and
+thread the new chain through the derailleur before you measure it against the old one.
+
+Photosynthesis turns light, water and carbon dioxide into sugar and oxygen. The reactions that
+depend on light happen in the thylakoid membranes; the Calvin cycle runs in the stroma.
+
+Dear Ms. Okafor, thank you for your letter of 12 March. We have rescheduled the inspection for
+Thursday at 10:30 and will send the revised report by the end of the month.
+
+def mean(values):
+    if not values:
+        raise ValueError("mean of an empty list")
+    return sum(values) / len(values)
+
+Q: How many minutes are there in a week? A: 7 days x 24 hours x 60 minutes = 10,080 minutes.
+
+In 1869 the first transcontinental railroad in the United States was completed, cutting the
+journey from coast to coast from months to about a week.
+
+She opened the window, listened for the rain, and decided the walk to the library could wait
+until the afternoon, when the streets would be dry and the market closed.
+
+The committee's recommendation: raise the reserve from 4% to 6%, review supplier contracts every
+two years, and publish the audit summary on the public website.
+
+Bonjour! Wie geht es dir? ¿Dónde está la estación? 東京は大きな都市です。 Emoji 🙂 and symbols: ≤ ≥ ± €.
+"""
+
+
+def calibration_prompts(tokenizer_dir: Path, text: str | None = None, max_tokens: int = 256) -> list[list[int]]:
+    """Token ids of each paragraph (blank-line separated), at most `max_tokens` each."""
+    from ..text import TokenizerFiles
+
+    tok = TokenizerFiles(tokenizer_dir)
+    paragraphs = [p.strip() for p in (text or DEFAULT_TEXT).split("\n\n") if p.strip()]
+    prompts = [tok.encode(p)[:max_tokens] for p in paragraphs]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError("the calibration text has no paragraphs: give text with at least one non-empty paragraph")
+    return prompts
+
+
+def prefill_feed(ids: list[int], num_layers: int, kv_heads: int, head_dim: int, kv_dtype) -> dict:
+    """The graph's inputs for one prompt's prefill from an empty cache."""
+    from ..model.graph_io import causal_bias
+
+    t = len(ids)
+    empty = np.zeros((num_layers, 1, kv_heads, 0, head_dim), dtype=kv_dtype)
+    return {
+        "input_ids": np.array([ids], dtype=np.int64),
+        "position_ids": np.arange(t, dtype=np.int64)[None],
+        "attn_bias": causal_bias(np.array([0]), np.array([t]), 0, t),
+        "last_index": np.array([t - 1], dtype=np.int64),
+        "past_keys": empty,
+        "past_values": empty,
+    }
+
+
+def input_absmax(onnx_path: Path, feeds: list[dict], tensors: list[str]) -> dict[str, float]:
+    """max |x| of each named tensor over the feeds, by ONNX Runtime's MinMax calibrator."""
+    from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        calibrator = create_calibrator(
+            Path(onnx_path),
+            op_types_to_calibrate=["MatMul"],
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=Path(onnx_path).stat().st_size > 1.8e9,
+        )
+        calibrator.collect_data(Reader())
+        ranges = calibrator.compute_data()
+    missing = [t for t in tensors if t not in ranges.data]
+    if missing:
+        raise RuntimeError(f"the calibrator saw no values for {missing[:3]}: is {onnx_path} the exported graph?")
+    return {t: float(np.abs(np.asarray(ranges.data[t].range_value, dtype=np.float64)).max()) for t in tensors}
