@@ -19,6 +19,11 @@ the quantized weights dequantized once (q * scale, exactly the values the GPU ke
 so their numbers are the schemes' accuracy; the GPU kernels are checked against the same
 dequantized reference (bench.quant_speed, tests/parity/test_quantized.py). "fp8 w8a8" also rounds
 each product's activations to e4m3 per token, as the FP8 Tensor Core GEMM does at large batch.
+"tensorrt int8 / fp8 (Q/DQ)" are the calibrated Q/DQ graphs' arithmetic (their weights, and each
+projection's input rounded with the graph's static scale, calibrated on the build's built-in text,
+not on this eval's text), on the same torch reference: what TensorRT's plan of that graph computes
+up to its GEMMs' accumulation order (tests/parity/test_qdq_calibrated.py checks it against the
+graph run by ONNX Runtime).
 
 Prints a table and writes {date}-cpu-quant-eval.json/.md (command, machine, date, commit)."""
 
@@ -59,33 +64,48 @@ def kjv_verses() -> list[str]:
 
 
 class Simulated(torch.nn.Module):
-    """A quantized projection with its weight dequantized once (fp32 on the CPU); `fp8_activations`
-    rounds each row of the input to e4m3 with its own scale first."""
+    """A quantized projection with its weight dequantized once (fp32 on the CPU). Activations:
+    "dynamic" rounds each row of the input to e4m3 with its own scale first; a float is a static
+    per-tensor scale for `static` ("int8" / "fp8"); None leaves them alone."""
 
-    def __init__(self, q: quant.QuantLinear, fp8_activations: bool):
+    def __init__(self, q: quant.QuantLinear, activations: str | float | None = None, static: str = "fp8"):
         super().__init__()
         self.weight, self.bias = torch.nn.Parameter(q.dequantized(torch.float32), requires_grad=False), q.bias
-        self.fp8_activations = fp8_activations
+        self.activations, self.static = activations, static
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp8_activations:
+        if self.activations == "dynamic":
             xq, scale = quant.quantize_rows(x.reshape(-1, x.shape[-1]))
             x = (xq.float() * scale).view_as(x)
+        elif self.activations is not None:
+            x = quant.round_activations(x, self.activations, self.static)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-def torch_model(ckpt, scheme: str, fp8_activations: bool = False) -> CausalLM:
+def torch_model(ckpt, scheme: str, activations: str | list[float] | None = None, static: str = "fp8") -> CausalLM:
+    """The torch reference with `scheme`'s weights; `activations` "dynamic", or one static scale per
+    projection in graph order (a calibrated Q/DQ graph's)."""
     model = CausalLM(load_hf(ckpt))
-    if scheme != "none":
-        quant.quantize_model(model, scheme)
-        for layer in model.layers:
-            for kind in quant.PROJECTIONS:
-                setattr(layer, kind, Simulated(getattr(layer, kind), fp8_activations))
+    if scheme == "none":
+        return model
+    quant.quantize_model(model, scheme)
+    kinds = [(layer, kind) for layer in model.layers for kind in quant.PROJECTIONS]
+    per = activations if isinstance(activations, list) else [activations] * len(kinds)
+    for (layer, kind), act in zip(kinds, per, strict=True):
+        setattr(layer, kind, Simulated(getattr(layer, kind), act, static))
     return model
 
 
-def engines(ckpt, onnx_dir, max_context: int, rows: int) -> dict[str, tuple[str, object]]:
-    """name -> (baseline name, runtime); the baselines first."""
+def qdq_scales(ckpt, onnx_dir, scheme: str) -> list[float]:
+    """The static activation scales of the calibrated TensorRT Q/DQ graph of `scheme`."""
+    from tritonllm.build.qdq_export import activation_scales
+
+    cfg = EngineConfig(runtime="tensorrt", dtype="float32", quantization=scheme)
+    return activation_scales(engine_dir_for(cfg, onnx_dir, ckpt))
+
+
+def engines(ckpt, onnx_dir, max_context: int, rows: int, only: list[str] | None) -> dict[str, tuple[str, object]]:
+    """name -> (baseline name, runtime); the baselines first; `only` keeps those and their baselines."""
     threads = os.cpu_count() or 1
     limits = {
         "max_slots": rows,
@@ -96,18 +116,25 @@ def engines(ckpt, onnx_dir, max_context: int, rows: int) -> dict[str, tuple[str,
     ort_cfg = lambda scheme: EngineConfig(**limits, threads=threads, prefix_cache=False, quantization=scheme)
     ort = lambda scheme: OnnxRuntime(engine_dir_for(ort_cfg(scheme), onnx_dir), ort_cfg(scheme))
     pt_cfg = EngineConfig(runtime="torch-cuda", **limits)
-    pt = lambda scheme, act=False: TorchCudaRuntime(
-        None, pt_cfg, model=torch_model(ckpt, scheme, act), device="cpu", fused_kernels=False
+    pt = lambda scheme, act=None, static="fp8": TorchCudaRuntime(
+        None, pt_cfg, model=torch_model(ckpt, scheme, act, static), device="cpu", fused_kernels=False
     )
-    return {
-        "onnxruntime fp32": ("onnxruntime fp32", ort("none")),
-        "onnxruntime int8": ("onnxruntime fp32", ort("int8")),
-        "onnxruntime int4": ("onnxruntime fp32", ort("int4")),
-        "torch fp32": ("torch fp32", pt("none")),
-        "torch int8-wo": ("torch fp32", pt("int8-wo")),
-        "torch fp8": ("torch fp32", pt("fp8")),
-        "torch fp8 w8a8": ("torch fp32", pt("fp8", True)),
+    made = {  # name -> (baseline, a thunk: only the engines asked for are built)
+        "onnxruntime fp32": ("onnxruntime fp32", lambda: ort("none")),
+        "onnxruntime int8": ("onnxruntime fp32", lambda: ort("int8")),
+        "onnxruntime int4": ("onnxruntime fp32", lambda: ort("int4")),
+        "torch fp32": ("torch fp32", lambda: pt("none")),
+        "torch int8-wo": ("torch fp32", lambda: pt("int8-wo")),
+        "torch fp8": ("torch fp32", lambda: pt("fp8")),
+        "torch fp8 w8a8": ("torch fp32", lambda: pt("fp8", "dynamic")),
+        "tensorrt int8 (Q/DQ)": ("torch fp32", lambda: pt("int8-wo", qdq_scales(ckpt, onnx_dir, "int8"), "int8")),
+        "tensorrt fp8 (Q/DQ)": ("torch fp32", lambda: pt("fp8", qdq_scales(ckpt, onnx_dir, "fp8"), "fp8")),
     }
+    unknown = sorted(set(only or ()) - set(made))
+    if unknown:
+        raise SystemExit(f"--engines {unknown}: choose from {sorted(made)}")
+    keep = set(only or made) | {made[n][0] for n in only or made}
+    return {name: (base, thunk()) for name, (base, thunk) in made.items() if name in keep}
 
 
 def log_probs(logits) -> np.ndarray:
@@ -155,6 +182,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--engines", nargs="+", help="only these engines (and their baselines); default: all")
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -165,7 +193,7 @@ def main() -> None:
     chunks = np.array(ids, dtype=np.int64).reshape(a.chunks, a.chunk_len)
     prompts = [tok.encode(v, add_special_tokens=False)[:PROMPT_TOKENS] for v in verses[half::97][: a.prompts]]
     max_context = max(a.chunk_len, PROMPT_TOKENS + a.new_tokens) + 16
-    runtimes = engines(ckpt, onnx_dir, max_context, a.rows)
+    runtimes = engines(ckpt, onnx_dir, max_context, a.rows, a.engines)
     acc = teacher_forced(runtimes, chunks)
     gen_cfg = lambda rt: EngineConfig(
         runtime="torch-cuda" if isinstance(rt, TorchCudaRuntime) else "onnxruntime",

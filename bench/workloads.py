@@ -83,12 +83,12 @@ def copy_bandwidth(nbytes: int = 2 << 30, iters: int = 20) -> float:
     return 2 * a.numel() * a.element_size() * iters / (start.elapsed_time(end) / 1e3)
 
 
-def engine_dir_for(engine, onnx_dir: Path) -> Path:
+def engine_dir_for(engine, onnx_dir: Path, checkpoint: Path | None = None) -> Path:
     """The engine folder of the config's quantization, made from the fp32 export once (the build's
-    own step)."""
+    own step; TensorRT's int8 / fp8 calibrate on the built-in text with the checkpoint's tokenizer)."""
     from tritonllm.build.pipeline import quantized_graph
 
-    return onnx_dir if engine.quantization == "none" else quantized_graph(onnx_dir, engine)
+    return onnx_dir if engine.quantization == "none" else quantized_graph(onnx_dir, engine, checkpoint)
 
 
 def smollm2_onnx() -> tuple[Path, Path]:

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..model.quant import STATIC
 from ..model.shape import ModelShape
 from .quantize_onnx import QUANT_FILE, write_scheme
 
 log = logging.getLogger(__name__)
 QDQ_SCHEMES = ("int8-wo", "int8", "fp8")
-ACTIVATED = {"int8": 127.0, "fp8": 448.0}  # schemes that also quantize activations: the format's largest value
+ACTIVATED = STATIC  # schemes that also quantize activations -> the format's largest value
 FP8_OPSET = 19
 PREFIX = "qdq-"
 FORMAT = {
@@ -77,6 +78,18 @@ def projection_nodes(model, vocab: int) -> list:
         if w is not None and len(w.dims) == 2 and w.dims[1] != vocab:
             found.append((node, w))
     return found
+
+
+def activation_scales(graph_dir: Path) -> list[float]:
+    """Each projection's static input scale in a calibrated Q/DQ graph, in graph order (layer by
+    layer, `model.quant.PROJECTIONS` within one): the QuantizeLinear nodes' scales."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(Path(graph_dir) / "model.onnx"), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    return [float(numpy_helper.to_array(inits[n.input[1]])) for n in quantizers]
 
 
 def _rewrite(model, targets: list, scheme: str, absmax: dict[str, float]) -> None:

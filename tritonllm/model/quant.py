@@ -37,6 +37,19 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> 
     return (x.float() / scale).clamp(-qmax, qmax).to(dtype), scale
 
 
+STATIC = {"int8": 127.0, "fp8": 448.0}  # schemes with static per-tensor activation scales (TensorRT Q/DQ)
+
+
+def round_activations(x: torch.Tensor, scale: float, scheme: str) -> torch.Tensor:
+    """x rounded to the scheme's 8-bit format with one static scale and read back (what a
+    QuantizeLinear -> DequantizeLinear pair computes): int8 rounds half to even, fp8 to nearest
+    e4m3; both saturate at the format's largest value."""
+    qmax = STATIC[scheme]
+    y = (x.float() / scale).clamp(-qmax, qmax)
+    y = y.round() if scheme == "int8" else y.to(torch.float8_e4m3fn).float()
+    return (y * scale).to(x.dtype)
+
+
 class QuantLinear(nn.Module):
     """A linear whose weight is stored quantized (`qweight` [N, K], `scale` [N]); the bias, if any,
     stays in the activations' dtype."""
