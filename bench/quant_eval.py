@@ -30,6 +30,7 @@ Prints a table and writes {date}-cpu-quant-eval.json/.md (command, machine, date
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sqlite3
@@ -82,18 +83,30 @@ class Simulated(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-def torch_model(ckpt, scheme: str, activations: str | list[float] | None = None, static: str = "fp8") -> CausalLM:
-    """The torch reference with `scheme`'s weights; `activations` "dynamic", or one static scale per
-    projection in graph order (a calibrated Q/DQ graph's)."""
+def torch_model(
+    ckpt, scheme: str, activations: str | list[float] | None = None, static: str = "fp8", gptq: bool = False
+) -> CausalLM:
+    """The torch reference with `scheme`'s weights (GPTQ-rounded over the build's built-in
+    calibration text if `gptq`); `activations` "dynamic", or one static scale per projection in
+    graph order (a calibrated Q/DQ graph's)."""
     model = CausalLM(load_hf(ckpt))
     if scheme == "none":
         return model
-    quant.quantize_model(model, scheme)
+    quant.quantize_model(model, scheme, gptq_hessians(ckpt) if gptq else None)
     kinds = [(layer, kind) for layer in model.layers for kind in quant.PROJECTIONS]
     per = activations if isinstance(activations, list) else [activations] * len(kinds)
     for (layer, kind), act in zip(kinds, per, strict=True):
         setattr(layer, kind, Simulated(getattr(layer, kind), act, static))
     return model
+
+
+@functools.cache
+def gptq_hessians(ckpt) -> dict:
+    from tritonllm.build.calibrate import calibration_prompts
+    from tritonllm.model.gptq import input_hessians, prefill_inputs
+
+    model = CausalLM(load_hf(ckpt)).eval()
+    return input_hessians(model, [prefill_inputs(model.shape, p) for p in calibration_prompts(ckpt)])
 
 
 def qdq_scales(ckpt, onnx_dir, scheme: str) -> list[float]:
@@ -116,8 +129,8 @@ def engines(ckpt, onnx_dir, max_context: int, rows: int, only: list[str] | None)
     ort_cfg = lambda scheme: EngineConfig(**limits, threads=threads, prefix_cache=False, quantization=scheme)
     ort = lambda scheme: OnnxRuntime(engine_dir_for(ort_cfg(scheme), onnx_dir), ort_cfg(scheme))
     pt_cfg = EngineConfig(runtime="torch-cuda", **limits)
-    pt = lambda scheme, act=None, static="fp8": TorchCudaRuntime(
-        None, pt_cfg, model=torch_model(ckpt, scheme, act, static), device="cpu", fused_kernels=False
+    pt = lambda scheme, act=None, static="fp8", gptq=False: TorchCudaRuntime(
+        None, pt_cfg, model=torch_model(ckpt, scheme, act, static, gptq), device="cpu", fused_kernels=False
     )
     made = {  # name -> (baseline, a thunk: only the engines asked for are built)
         "onnxruntime fp32": ("onnxruntime fp32", lambda: ort("none")),
@@ -127,6 +140,8 @@ def engines(ckpt, onnx_dir, max_context: int, rows: int, only: list[str] | None)
         "torch int8-wo": ("torch fp32", lambda: pt("int8-wo")),
         "torch fp8": ("torch fp32", lambda: pt("fp8")),
         "torch fp8 w8a8": ("torch fp32", lambda: pt("fp8", "dynamic")),
+        "torch int8-wo gptq": ("torch fp32", lambda: pt("int8-wo", gptq=True)),
+        "torch fp8 gptq": ("torch fp32", lambda: pt("fp8", gptq=True)),
         "tensorrt int8 (Q/DQ)": ("torch fp32", lambda: pt("int8-wo", qdq_scales(ckpt, onnx_dir, "int8"), "int8")),
         "tensorrt fp8 (Q/DQ)": ("torch fp32", lambda: pt("fp8", qdq_scales(ckpt, onnx_dir, "fp8"), "fp8")),
     }

@@ -12,12 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from tritonllm.build.calibrate import DEFAULT_TEXT, calibration_prompts, prefill_feed
+from tritonllm.build.calibrate import DEFAULT_TEXT, calibration_prompts
 from tritonllm.build.pipeline import engine_files
 from tritonllm.build.qdq_export import activation_scales
 from tritonllm.build.quantize_onnx import QUANT_FILE, read_scheme
 from tritonllm.config import EngineConfig
 from tritonllm.model import quant
+from tritonllm.model.graph_io import prefill_feed
 from tritonllm.model.modeling import CausalLM, load_hf
 
 from .test_engine_parity import PROMPTS

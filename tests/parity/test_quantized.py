@@ -249,3 +249,28 @@ def test_the_tensorrt_qdq_graph_holds_the_torch_engines_int8_weights(tiny_dir, t
         with InProcessEngine(None, c, runtime=runtime) as eng:
             ids.append([eng.generate(p, max_tokens=8, temperature=0.0, ignore_eos=True).ids for p in prompts])
     assert ids[0] == ids[1]
+
+
+def test_a_gptq_build_records_its_rounding_and_serves(tiny_dir, tmp_path, monkeypatch):
+    """--gptq: the engine folder holds GPTQ-rounded weights in the scheme's format (other roundings
+    than the nearest, the same scales), says so in quantization.json, and the engine serves them."""
+    import json
+
+    from tritonllm.build.calibrate import Calibration
+    from tritonllm.build.pipeline import engine_files
+    from tritonllm.model.modeling import load_engine_model
+
+    monkeypatch.chdir(tmp_path)  # the build writes build/engines/<name> under the working directory
+    cfg = EngineConfig(
+        runtime="torch-cuda", dtype="float32", max_slots=2, max_context=128, max_tokens_limit=64, quantization="int8-wo"
+    )
+    out = engine_files(tiny_dir, "tiny-gptq", cfg, calibration=Calibration(gptq=True))
+    report = json.loads((out / "quantization.json").read_text())
+    assert report["calibration"].startswith("GPTQ") and report["calibration_tokens"] > 100
+    built, nearest = load_engine_model(out, torch.float32), CausalLM(load_hf(tiny_dir))
+    quant.quantize_model(nearest, "int8-wo")
+    pairs = [(getattr(a, k), getattr(b, k)) for a, b in zip(built.layers, nearest.layers) for k in quant.PROJECTIONS]
+    assert all(a.qweight.dtype == torch.int8 and torch.equal(a.scale, b.scale) for a, b in pairs)
+    assert any(not torch.equal(a.qweight, b.qweight) for a, b in pairs)
+    with InProcessEngine(None, cfg, runtime=TorchCudaRuntime(out, cfg, device="cpu", fused_kernels=False)) as eng:
+        assert len(eng.generate([1, 2, 3, 4], max_tokens=6, temperature=0.0, ignore_eos=True).ids) == 6

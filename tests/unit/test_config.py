@@ -52,6 +52,22 @@ def test_the_build_cli_refuses_a_quantization_before_building(tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # nothing built
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--runtime", "onnxruntime", "--quantization", "int8", "--gptq"],
+        ["--runtime", "torch-cuda", "--gptq"],
+    ],
+)
+def test_the_build_cli_refuses_gptq_where_it_rounds_nothing(tmp_path, capsys, args):
+    from tritonllm.build.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path), *args, "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--gptq rounds torch-cuda's fp8 / int8-wo weights" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_engine_config_roundtrips_through_parameters():
     assert EngineConfig.from_parameters(CFG.to_parameters()) == CFG
     quantized = EngineConfig(runtime="torch-cuda", quantization="fp8")

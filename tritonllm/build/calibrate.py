@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,24 @@ Bonjour! Wie geht es dir? ¿Dónde está la estación? 東京は大きな都市�
 """
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """The build's calibration options. `text`: paragraphs to calibrate on (None: DEFAULT_TEXT);
+    `gptq`: torch-cuda's fp8 / int8-wo weights take GPTQ's rounding over it (`model.gptq`) instead
+    of the nearest value. TensorRT's int8 / fp8 Q/DQ graphs always calibrate their activations."""
+
+    text: str | None = None
+    gptq: bool = False
+
+    def check(self, runtime: str, quantization: str) -> None:
+        if self.gptq and (runtime != "torch-cuda" or quantization not in ("fp8", "int8-wo")):
+            raise ValueError(
+                f"--gptq rounds torch-cuda's fp8 / int8-wo weights, not runtime={runtime!r} "
+                f"quantization={quantization!r}: add --runtime torch-cuda --quantization fp8 (or int8-wo), "
+                "or drop --gptq"
+            )
+
+
 def calibration_prompts(tokenizer_dir: Path, text: str | None = None, max_tokens: int = 256) -> list[list[int]]:
     """Token ids of each paragraph (blank-line separated), at most `max_tokens` each."""
     from ..text import TokenizerFiles
@@ -62,22 +81,6 @@ def calibration_prompts(tokenizer_dir: Path, text: str | None = None, max_tokens
     if not prompts:
         raise ValueError("the calibration text has no paragraphs: give text with at least one non-empty paragraph")
     return prompts
-
-
-def prefill_feed(ids: list[int], num_layers: int, kv_heads: int, head_dim: int, kv_dtype) -> dict:
-    """The graph's inputs for one prompt's prefill from an empty cache."""
-    from ..model.graph_io import causal_bias
-
-    t = len(ids)
-    empty = np.zeros((num_layers, 1, kv_heads, 0, head_dim), dtype=kv_dtype)
-    return {
-        "input_ids": np.array([ids], dtype=np.int64),
-        "position_ids": np.arange(t, dtype=np.int64)[None],
-        "attn_bias": causal_bias(np.array([0]), np.array([t]), 0, t),
-        "last_index": np.array([t - 1], dtype=np.int64),
-        "past_keys": empty,
-        "past_values": empty,
-    }
 
 
 def input_absmax(onnx_path: Path, feeds: list[dict], tensors: list[str]) -> dict[str, float]:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ..config import DTYPES, QUANTIZATIONS, RUNTIMES, EngineConfig
+from .calibrate import Calibration
 from .pipeline import build
 from .repository import RepositoryConfig
 
@@ -53,8 +54,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="fp8 / int8-wo (torch-cuda), int8 / int4 (onnxruntime), int8-wo / int8 / fp8 (tensorrt Q/DQ); "
                    "README: quantization")
     p.add_argument("--calibration-text", type=Path, metavar="FILE",
-                   help="tensorrt int8/fp8: text (paragraphs split by blank lines) for the static activation "
-                   "scales; default: a built-in English sample")
+                   help="text (paragraphs split by blank lines) for tensorrt int8/fp8's static activation scales "
+                   "and --gptq; default: a built-in English sample")
+    p.add_argument("--gptq", action="store_true",
+                   help="torch-cuda fp8/int8-wo: GPTQ rounding of the weights over the calibration text")
     p.add_argument("--response-threads", type=int, default=d.response_threads)
     p.add_argument("--steps-per-launch", type=int, default=d.steps_per_launch,
                    help="torch-cuda: decode steps per host pass under load (README: multi-step; 1 = off)")
@@ -70,13 +73,14 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     try:
         engine = _engine_config(a)
-    except ValueError as e:  # a bound or a runtime/quantization pair the build cannot make
+        calibration = Calibration(a.calibration_text.read_text(encoding="utf-8") if a.calibration_text else None, a.gptq)
+        calibration.check(engine.runtime, engine.quantization)
+    except (ValueError, OSError) as e:  # a bound or a runtime/quantization pair the build cannot make
         p.error(str(e))
     cfg = RepositoryConfig(name=a.name, engine=engine, tokenizer_instances=a.tokenizer_instances,
                            detokenizer_instances=a.detokenizer_instances, engine_instances=a.engine_instances,
                            gpus=a.gpus)
-    text = a.calibration_text.read_text(encoding="utf-8") if a.calibration_text else None
-    build(a.model, cfg, a.out, a.onnx_dir, text)
+    build(a.model, cfg, a.out, a.onnx_dir, calibration)
     log.info("done in %.1fs", time.time() - t0)
 
 

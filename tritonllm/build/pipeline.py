@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from ..config import EngineConfig
+from .calibrate import Calibration, calibration_prompts
 from .onnx_export import EXPORT_VERSION
 from .repository import RepositoryConfig, write_repository
 
@@ -44,19 +45,25 @@ def build_tensorrt_plan(onnx_dir: Path, engine: EngineConfig) -> None:
 
 
 def engine_files(
-    checkpoint: Path, name: str, engine: EngineConfig, onnx_dir: Path | None = None, calibration_text: str | None = None
+    checkpoint: Path,
+    name: str,
+    engine: EngineConfig,
+    onnx_dir: Path | None = None,
+    calibration: Calibration = Calibration(),
 ) -> Path:
     """Steps 1-2: the folder of engine files for `engine.runtime`."""
     from transformers import AutoConfig
 
     from ..model.families import check_context
 
+    calibration.check(engine.runtime, engine.quantization)
     check_context(AutoConfig.from_pretrained(checkpoint), engine.max_context)  # before any export
     if engine.runtime == "torch-cuda":  # our module with its weights, saved for torch alone
         from ..model.modeling import save_engine_model
 
         log.info("[1/3] saving the PyTorch engine (%s, quantization %s)", engine.dtype, engine.quantization)
-        out = save_engine_model(checkpoint, Path("build/engines") / name, engine.dtype, engine.quantization)
+        prompts = calibration_prompts(checkpoint, calibration.text) if calibration.gptq else None
+        out = save_engine_model(checkpoint, Path("build/engines") / name, engine.dtype, engine.quantization, prompts)
         log.info("[2/3] nothing to verify: the module is the one the parity tests check")
         return out
     onnx_dir = onnx_dir or Path("build/onnx") / name
@@ -64,7 +71,7 @@ def engine_files(
     log.info("      ONNX vs PyTorch: %s", json.dumps(report))
     if engine.quantization != "none":
         log.info("      quantizing the graph's weights: %s", engine.quantization)
-        onnx_dir = quantized_graph(onnx_dir, engine, checkpoint, calibration_text)
+        onnx_dir = quantized_graph(onnx_dir, engine, checkpoint, calibration.text)
     if engine.runtime == "tensorrt":
         build_tensorrt_plan(onnx_dir, engine)
     return onnx_dir
@@ -77,7 +84,6 @@ def quantized_graph(
     formats, or Q/DQ for TensorRT's builder (int8 / fp8 calibrated on `calibration_text`, the
     default text when None, tokenized by the checkpoint's tokenizer)."""
     if engine.runtime == "tensorrt":
-        from .calibrate import calibration_prompts
         from .qdq_export import ACTIVATED, qdq_graph
 
         prompts = None
@@ -96,9 +102,9 @@ def build(
     cfg: RepositoryConfig,
     out: Path,
     onnx_dir: Path | None = None,
-    calibration_text: str | None = None,
+    calibration: Calibration = Calibration(),
 ) -> Path:
     """The whole build: engine files, then this LLM's models in the repository at `out`."""
-    engine_dir = engine_files(checkpoint, cfg.name, cfg.engine, onnx_dir, calibration_text)
+    engine_dir = engine_files(checkpoint, cfg.name, cfg.engine, onnx_dir, calibration)
     log.info("[3/3] writing model repository %s (models %s)", out, ", ".join(cfg.model_names()))
     return write_repository(out, cfg, checkpoint, engine_dir)

@@ -146,7 +146,8 @@ def q_tensor(q, name: str):
 def _calibrate(src: Path, model, shape: ModelShape, prompts: list[list[int]], tensors: list[str]) -> dict[str, float]:
     from onnx.helper import tensor_dtype_to_np_dtype
 
-    from .calibrate import input_absmax, prefill_feed
+    from ..model.graph_io import prefill_feed
+    from .calibrate import input_absmax
 
     past = next(i for i in model.graph.input if i.name == "past_keys")
     kv = tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type)

@@ -28,3 +28,17 @@ def causal_bias(past_lens: np.ndarray, new_lens: np.ndarray, p: int, t: int) -> 
         new[:, new_lens[i] :] = False
         bias[i, 0, :, p:][new] = 0.0
     return bias
+
+
+def prefill_feed(ids: list[int], num_layers: int, kv_heads: int, head_dim: int, kv_dtype=np.float32) -> dict:
+    """The graph's inputs (in INPUTS order) for one prompt's prefill from an empty cache."""
+    t = len(ids)
+    empty = np.zeros((num_layers, 1, kv_heads, 0, head_dim), dtype=kv_dtype)
+    return {
+        "input_ids": np.array([ids], dtype=np.int64),
+        "position_ids": np.arange(t, dtype=np.int64)[None],
+        "attn_bias": causal_bias(np.array([0]), np.array([t]), 0, t),
+        "last_index": np.array([t - 1], dtype=np.int64),
+        "past_keys": empty,
+        "past_values": empty,
+    }

@@ -241,22 +241,42 @@ def load_hf(checkpoint: Path, dtype: torch.dtype = torch.float32, attention: str
 ENGINE_FILE = "model.pt"
 
 
-def save_engine_model(checkpoint: Path, engine_dir: Path, dtype: str, quantization: str = "none") -> Path:
+def save_engine_model(
+    checkpoint: Path, engine_dir: Path, dtype: str, quantization: str = "none", calibration: list | None = None
+) -> Path:
     """Build step for torch-cuda: our module with its weights in `dtype` ("bfloat16", ...), its
     projections quantized once here when asked (`quant.SCHEMES`), loadable with torch alone (no
-    transformers needed where the repository is served)."""
+    transformers needed where the repository is served). `calibration` (token-id prompts) rounds
+    the weights with GPTQ, from an fp32 pass over those prompts."""
     import json
 
-    from .quant import check_device_support, quantize_model
+    from .quant import check_device_support, place, quantize_model
 
     check_device_support(quantization, None)
     engine_dir.mkdir(parents=True, exist_ok=True)
-    model = CausalLM(load_hf(checkpoint, dtype=getattr(torch, dtype)))
-    report = {"scheme": "none"} if quantization == "none" else quantize_model(model, quantization)
+    if quantization == "none":
+        model, report = CausalLM(load_hf(checkpoint, dtype=getattr(torch, dtype))), {"scheme": "none"}
+    elif calibration:
+        model, report = _gptq_model(checkpoint, quantization, calibration)
+        place(model, torch.device("cpu"), getattr(torch, dtype))
+    else:
+        model = CausalLM(load_hf(checkpoint, dtype=getattr(torch, dtype)))
+        report = quantize_model(model, quantization)
     model.shape.save(engine_dir / "model_shape.json")
     (engine_dir / "quantization.json").write_text(json.dumps(report, indent=1))
     torch.save(model, engine_dir / ENGINE_FILE)
     return engine_dir
+
+
+def _gptq_model(checkpoint: Path, scheme: str, prompts: list[list[int]]) -> tuple[CausalLM, dict]:
+    """The fp32 model with GPTQ-rounded projections, and the quantization report."""
+    from .gptq import input_hessians, prefill_inputs
+    from .quant import quantize_model
+
+    model = CausalLM(load_hf(checkpoint)).eval()
+    hessians = input_hessians(model, [prefill_inputs(model.shape, p) for p in prompts])
+    report = quantize_model(model, scheme, hessians)
+    return model, {**report, "calibration_tokens": sum(len(p) for p in prompts)}
 
 
 def load_engine_model(engine_dir: Path, dtype: torch.dtype) -> CausalLM:

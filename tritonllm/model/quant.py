@@ -81,19 +81,27 @@ def operands(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torc
     return linear.weight, linear.bias, None
 
 
-def quantize_model(model: nn.Module, scheme: str) -> dict:
-    """Replace every decoder layer's projections by QuantLinear (in place); returns what changed."""
+def quantize_model(model: nn.Module, scheme: str, hessians: dict | None = None) -> dict:
+    """Replace every decoder layer's projections by QuantLinear (in place); returns what changed.
+    `hessians` ((layer, projection) -> X^T X, `gptq.input_hessians`) choose GPTQ's rounding
+    instead of the nearest value."""
     if scheme not in SCHEMES:
         raise ValueError(f"quantization {scheme!r} is not a torch-cuda scheme: use one of {', '.join(SCHEMES)}")
+    from .gptq import gptq_weight
+
     before = after = 0
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         for kind in PROJECTIONS:
             linear = getattr(layer, kind)
-            quantized = QuantLinear.of(linear, scheme)
+            if hessians is None:
+                quantized = QuantLinear.of(linear, scheme)
+            else:
+                quantized = QuantLinear(*gptq_weight(linear.weight, hessians[(i, kind)], scheme), linear.bias, scheme)
             before += linear.weight.numel() * linear.weight.element_size()
             after += quantized.qweight.numel() * quantized.qweight.element_size() + quantized.scale.numel() * 4
             setattr(layer, kind, quantized)
-    return {"scheme": scheme, "projection_bytes": before, "quantized_bytes": after, "calibration": "none (absmax)"}
+    rounding = "none (absmax, nearest)" if hessians is None else "GPTQ rounding (absmax scales)"
+    return {"scheme": scheme, "projection_bytes": before, "quantized_bytes": after, "calibration": rounding}
 
 
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 Tensor Cores
