@@ -128,13 +128,25 @@ ENSEMBLE_OUTPUTS = [
     T("finish_reason", "STRING", doc="final response: stop, length, cancelled or timeout; empty before"),
     T("num_input_tokens", "INT32", doc="prompt tokens"),
     T("num_output_tokens", "INT32", doc="tokens generated so far"),
+    T(
+        "num_reused_tokens",
+        "INT32",
+        doc="prompt tokens whose keys/values came from the prefix cache, not computed again (0 without one)",
+    ),
     *LOGPROB_OUTPUTS,
 ]
 
 # -- the stages --------------------------------------------------------------------------------
 # engine -> detokenizer: a response's numbers travel as one INT32 tensor: every tensor the engine
 # process builds per response costs its GIL, which the engine loop shares
-RESPONSE_INFO = ("num_context_ids", "is_final", "num_input_tokens", "num_output_tokens", "finish_reason")
+RESPONSE_INFO = (
+    "num_context_ids",
+    "is_final",
+    "num_input_tokens",
+    "num_output_tokens",
+    "finish_reason",
+    "num_reused_tokens",
+)
 FINISH_REASONS = ("", "stop", "length", "cancelled", "timeout", "error")  # finish_reason's code: its index here
 
 
@@ -145,6 +157,7 @@ class ResponseInfo:
     num_input_tokens: int
     num_output_tokens: int
     finish_reason: str  # "" before the final response
+    num_reused_tokens: int = 0
 
     def pack(self) -> list[int]:
         if self.finish_reason not in FINISH_REASONS:
@@ -155,13 +168,14 @@ class ResponseInfo:
             self.num_input_tokens,
             self.num_output_tokens,
             FINISH_REASONS.index(self.finish_reason),
+            self.num_reused_tokens,
         ]
 
     @classmethod
     def unpack(cls, values: list[int]) -> ResponseInfo:
         if len(values) != len(RESPONSE_INFO) or not 0 <= values[4] < len(FINISH_REASONS):
             raise ValueError(f"response_info {values!r}: expected {len(RESPONSE_INFO)} values {RESPONSE_INFO}")
-        return cls(values[0], bool(values[1]), values[2], values[3], FINISH_REASONS[values[4]])
+        return cls(values[0], bool(values[1]), values[2], values[3], FINISH_REASONS[values[4]], values[5])
 
 
 @dataclass(frozen=True)

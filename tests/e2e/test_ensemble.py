@@ -189,6 +189,7 @@ def test_a_repeated_prompt_prefix_comes_from_the_prefix_cache(live_server, tiny)
     assert second.text == first.text and first.num_input_tokens > 48
     reused = wait_for_metric(live_server, hits, "tiny_engine", lambda v: v >= hits_before + 48) - hits_before
     assert reused == (first.num_input_tokens - 1) // 16 * 16  # whole blocks, never the last prompt token
+    assert (first.num_reused_tokens, second.num_reused_tokens) == (0, reused)  # the final response says so
     assert metric_value(live_server, queried, "tiny_engine") >= 2 * first.num_input_tokens
 
 

@@ -43,6 +43,16 @@ def test_chat_streamed_equals_not_streamed_with_usage(client):
     assert whole.usage.prompt_tokens > 0 and whole.object == "chat.completion"
 
 
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_held(client):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: the first time at most the chat template's
+    opening that other chats share, the second time every whole block but the one with the last token."""
+    content = "Repeat after me, slowly and carefully, every word of this long request. " * 4
+    kw = dict(model="tiny", messages=[{"role": "user", "content": content}], max_tokens=4, temperature=0)
+    first, second = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    cached = [r.usage.prompt_tokens_details.cached_tokens for r in (first, second)]
+    assert cached[0] < cached[1] == (second.usage.prompt_tokens - 1) // 16 * 16
+
+
 def test_smollm2_answers_a_chat_question(client):
     r = client.chat.completions.create(
         model="smollm2",

@@ -181,10 +181,12 @@ def test_prefix_cache_reuse_gives_the_ids_of_a_cold_run(tiny_dir, tiny_engine_di
         )
         with InProcessEngine(tiny_engine_dir, cfg) as eng:
             kw = dict(max_tokens=8, temperature=0.0, ignore_eos=True)
-            first = [eng.generate(p, **kw).ids for p in prompts[:2]]
-            together = [s.wait(60).ids for s in [eng.submit(p, **kw) for p in prompts]]
+            first = [eng.generate(p, **kw) for p in prompts[:2]]
+            together = [s.wait(60) for s in [eng.submit(p, **kw) for p in prompts]]
             hits = eng.loop.stats.prefix_hits
-        assert first == want[:2] and together == want, f"budget {budget}"
+        assert [r.ids for r in first] == want[:2] and [r.ids for r in together] == want, f"budget {budget}"
+        assert first[0].reused_tokens == 0 and first[1].reused_tokens == len(shared) // 16 * 16  # whole blocks
+        assert sum(r.reused_tokens for r in first + together) == hits  # each response's share of the metric
         # of the five later prompts at least three found the shared blocks (one may have lost them to
         # eviction); a 40-token piece reuses its two whole blocks, never its last token
         assert hits >= 3 * (48 if budget > 48 else 32), (budget, hits)

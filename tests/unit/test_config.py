@@ -150,9 +150,9 @@ def test_response_info_round_trips_every_finish_reason():
     from tritonllm.tensors import FINISH_REASONS, ResponseInfo
 
     for reason in FINISH_REASONS:
-        info = ResponseInfo(8, bool(reason), 128, 17, reason)
+        info = ResponseInfo(8, bool(reason), 128, 17, reason, 96)
         assert ResponseInfo.unpack(info.pack()) == info
     with pytest.raises(ValueError, match="add it to FINISH_REASONS"):
         ResponseInfo(0, True, 1, 1, "exploded").pack()
-    with pytest.raises(ValueError, match="expected 5 values"):
+    with pytest.raises(ValueError, match="expected 6 values"):
         ResponseInfo.unpack([0, 1, 2])

@@ -79,6 +79,21 @@ def test_a_new_prompt_reuses_whole_cached_blocks_of_its_prefix_but_computes_its_
     assert cache.stats.hit_tokens == 3 * BLOCK_SIZE
 
 
+def test_each_slot_counts_the_prompt_tokens_it_found_cached_over_its_pieces():
+    """What the final response reports: the whole prompt's reuse (pieces add up; a new sequence in
+    the slot starts from zero)."""
+    cache = PagedKVCache(SHAPE, slots=2, max_context=128)
+    prompt = list(range(1, 3 * BLOCK_SIZE + 2))
+    cache.begin(0, 0, prompt)
+    cache.update([0], [0], [prompt], *kv(len(prompt), 4))
+    first, rest = prompt[: 2 * BLOCK_SIZE], prompt[2 * BLOCK_SIZE :]
+    assert cache.begin(1, 0, first) == BLOCK_SIZE  # a piece keeps its last token to compute
+    cache.update([1], [BLOCK_SIZE], [first[BLOCK_SIZE:]], *kv(BLOCK_SIZE, 5))
+    assert cache.begin(1, 2 * BLOCK_SIZE, rest) == BLOCK_SIZE and cache.reused[1] == 2 * BLOCK_SIZE
+    assert cache.begin(1, 0, [7, 8]) == 0 and cache.reused[1] == 0
+    assert cache.reused[0] == 0
+
+
 def test_dropping_a_slot_leaves_its_full_blocks_cached_for_the_next_prompt():
     cache = PagedKVCache(SHAPE, slots=1, max_context=64)
     prompt = list(range(100, 100 + BLOCK_SIZE + 3))

@@ -93,6 +93,7 @@ class Chunk:
     finish_reason: str = ""
     num_input_tokens: int = 0
     num_output_tokens: int = 0
+    num_reused_tokens: int = 0
     at: float = field(default_factory=time.perf_counter)
     logprobs: list[float] = field(default_factory=list)  # with return_log_probs: one per new token
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # with top_logprobs: per new token
@@ -111,6 +112,7 @@ class GenerationResult:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     cum_logprob: float | None = None
+    num_reused_tokens: int = 0  # prompt tokens the engine's prefix cache held
 
 
 def build_inputs(grpcclient, prompt: str, params: dict) -> list:
@@ -158,6 +160,7 @@ def parse_result(result) -> Chunk:
         reason.decode() if isinstance(reason, bytes) else str(reason),
         int(first("num_input_tokens", 0)),
         int(first("num_output_tokens", 0)),
+        int(first("num_reused_tokens", 0)),
     )
     chunk.logprobs, chunk.top_logprobs, chunk.cum_logprob = read_logprobs(result)
     return chunk
@@ -211,6 +214,7 @@ def collect(chunks, started: float) -> GenerationResult:
         logprobs,
         top,
         cum,
+        last.num_reused_tokens if last else 0,
     )
 
 

@@ -21,6 +21,7 @@ class Collected:
     error: Exception | None = None
     logprobs: list[float] = field(default_factory=list)  # where asked for (return_log_probs)
     top_logprobs: list[tuple[list[int], list[float]]] = field(default_factory=list)
+    reused_tokens: int = 0  # prompt tokens the prefix cache held
 
 
 class QueueSink:
@@ -31,10 +32,12 @@ class QueueSink:
         self.cancelled = False
         self.logprobs: list[float] = []
         self.top_logprobs: list = []
+        self.reused_tokens = 0
 
     def send(self, seq, ids, n_context, final):
         if final:  # the loop appends no more: its log-probabilities are complete
             self.logprobs, self.top_logprobs = list(seq.logprobs), list(seq.top_logprobs)
+            self.reused_tokens = seq.reused_tokens
         self.q.put((list(ids[n_context:]), final, seq.finish_reason, time.perf_counter()))
 
     def send_error(self, seq, error):
@@ -55,6 +58,7 @@ class QueueSink:
             if final:
                 out.finish_reason = reason
                 out.logprobs, out.top_logprobs = self.logprobs, self.top_logprobs
+                out.reused_tokens = self.reused_tokens
                 return out
 
 

@@ -194,6 +194,8 @@ class EngineLoop:
             for seq in seqs:
                 self._fail(seq, exc)
             return None
+        for seq in plan.prefill:  # the runtime matched the prompt's prefix when it took the piece
+            seq.reused_tokens = self.runtime.reused_prompt_tokens(seq.slot)
         self.scheduler.launched(plan)
         self.stats.launch_s += time.perf_counter() - t0
         return InFlight(plan, handle)

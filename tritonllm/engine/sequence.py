@@ -36,6 +36,7 @@ class Sequence:
     pending: int = 0  # tokens sampled by launched steps, not yet appended here
     cancel_requested: bool = False  # set by the engine's cancellation watcher
     prefilled: int = 0  # prompt tokens in the KV cache (or on their way: launched)
+    reused_tokens: int = 0  # ... of which the runtime's prefix cache held (not computed again)
     chunk: int = 0  # prompt tokens the scheduled step prefills
     device_rng: Any = None  # a device runtime's random generator for this sequence, made on first draw
     logprobs: list[float] = field(default_factory=list)  # per output id, where params.logprobs

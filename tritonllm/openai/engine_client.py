@@ -35,6 +35,7 @@ class Delta:
     num_output_tokens: int
     finish_reason: str  # "" until the final response
     tokens: list[TokenLogprob] = field(default_factory=list)  # where asked for: the new tokens' log-probabilities
+    num_reused_tokens: int = 0  # prompt tokens the engine's prefix cache held
 
 
 @dataclass
@@ -93,7 +94,14 @@ class EngineClient:
                 text = text_delta(self.tok, ids, info.num_context_ids, info.is_final, stop)
                 done = info.is_final
                 tokens = self.token_logprobs(ids[info.num_context_ids :], result)
-                yield Delta(text, info.num_input_tokens, info.num_output_tokens, info.finish_reason, tokens)
+                yield Delta(
+                    text,
+                    info.num_input_tokens,
+                    info.num_output_tokens,
+                    info.finish_reason,
+                    tokens,
+                    info.num_reused_tokens,
+                )
                 if done:
                     return
         finally:

@@ -212,6 +212,7 @@ class Output:
             "prompt_tokens": last.num_input_tokens,
             "completion_tokens": last.num_output_tokens,
             "total_tokens": last.num_input_tokens + last.num_output_tokens,
+            "prompt_tokens_details": {"cached_tokens": last.num_reused_tokens},
         }
 
     def _object(self, choices: list, chunk: bool, usage: dict | None = None) -> dict:

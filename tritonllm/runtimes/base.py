@@ -106,3 +106,8 @@ class Runtime(ABC):
 
     def stats(self) -> RuntimeStats:
         return RuntimeStats()
+
+    def reused_prompt_tokens(self, slot: int) -> int:
+        """Prompt tokens of the sequence in `slot` whose keys/values a prefix cache held, so far
+        (read after each of its prompt pieces is taken); 0 for a runtime without one."""
+        return 0

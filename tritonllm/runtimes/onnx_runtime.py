@@ -90,6 +90,9 @@ class OnnxRuntime(Runtime):
         prefix = self.cache.stats
         return RuntimeStats(prefix_queried_tokens=prefix.queried_tokens, prefix_hit_tokens=prefix.hit_tokens)
 
+    def reused_prompt_tokens(self, slot: int) -> int:
+        return self.cache.reused[slot]
+
     def step(self, inputs: list[StepInput]) -> np.ndarray:
         """Decode rows (one token each) run as one batch; each prefill runs on its own."""
         return step_by_kind(inputs, self._run, np.empty((len(inputs), self.shape.vocab_size), dtype=np.float32))

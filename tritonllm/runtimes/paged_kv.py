@@ -105,6 +105,7 @@ class PagedKVCache:
         self.tables: list[list[int]] = [[] for _ in range(slots)]
         self.tokens: list[list[int]] = [[] for _ in range(slots)]
         self.chains: list[list[int]] = [[] for _ in range(slots)]  # chain hash of each full block
+        self.reused = [0] * slots  # prompt tokens each slot's sequence found cached (`begin`)
         self._scratch = (np.empty(0, dtype), np.empty(0, dtype))
 
     @property
@@ -121,6 +122,7 @@ class PagedKVCache:
         blocks of a matching prefix, never the last token (its logits are wanted)."""
         if start == 0:
             self._drop(slot)
+            self.reused[slot] = 0
         if len(self.tokens[slot]) != start:
             raise ValueError(f"slot {slot} holds {len(self.tokens[slot])} positions, a piece starts at {start}")
         if not self.prefix_cache or start % BLOCK_SIZE:
@@ -139,6 +141,7 @@ class PagedKVCache:
             self.tokens[slot].extend(block_tokens)
             reused += BLOCK_SIZE
         self.pool.stats.hit_tokens += reused
+        self.reused[slot] += reused
         return reused
 
     def _drop(self, slot: int) -> None:

@@ -30,6 +30,7 @@ class TritonPythonModel:
             tensor(pb_utils, "finish_reason", [info.finish_reason], object),
             tensor(pb_utils, "num_input_tokens", [info.num_input_tokens], np.int32),
             tensor(pb_utils, "num_output_tokens", [info.num_output_tokens], np.int32),
+            tensor(pb_utils, "num_reused_tokens", [info.num_reused_tokens], np.int32),
         ]
         if "log_probs" in read.inputs:  # where the request asked for them: unpacked into the ensemble's outputs
             outputs += logprob_tensors(pb_utils, LogProbs.unpack(read.array("log_probs").reshape(-1).tolist()))

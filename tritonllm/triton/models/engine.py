@@ -74,6 +74,7 @@ def _counters(seq, final, n_output):
         tensor(pb_utils, "finish_reason", [seq.finish_reason or ""] if final else [""], object),
         tensor(pb_utils, "num_input_tokens", [len(seq.prompt_ids)], np.int32),
         tensor(pb_utils, "num_output_tokens", [n_output], np.int32),
+        tensor(pb_utils, "num_reused_tokens", [seq.reused_tokens], np.int32),
     ]
 
 
@@ -95,7 +96,8 @@ def logprob_outputs(seq, start: int, end: int) -> list:
 def id_outputs(seq, ids, n_context, final, n_output):
     """For the detokenizer stage: new ids after n_context ids already sent, the response's numbers
     in one tensor, and the stop words."""
-    info = ResponseInfo(n_context, final, len(seq.prompt_ids), n_output, (seq.finish_reason or "") if final else "")
+    reason = (seq.finish_reason or "") if final else ""
+    info = ResponseInfo(n_context, final, len(seq.prompt_ids), n_output, reason, seq.reused_tokens)
     return [
         tensor(pb_utils, "output_ids", ids, np.int32),
         tensor(pb_utils, "response_info", info.pack(), np.int32),
