@@ -19,11 +19,11 @@ the quantized weights dequantized once (q * scale, exactly the values the GPU ke
 so their numbers are the schemes' accuracy; the GPU kernels are checked against the same
 dequantized reference (bench.quant_speed, tests/parity/test_quantized.py). "fp8 w8a8" also rounds
 each product's activations to e4m3 per token, as the FP8 Tensor Core GEMM does at large batch.
-"tensorrt int8 / fp8 (Q/DQ)" are the calibrated Q/DQ graphs' arithmetic (their weights, and each
-projection's input rounded with the graph's static scale, calibrated on the build's built-in text,
-not on this eval's text), on the same torch reference: what TensorRT's plan of that graph computes
-up to its GEMMs' accumulation order (tests/parity/test_qdq_calibrated.py checks it against the
-graph run by ONNX Runtime).
+"tensorrt int8 / fp8 (Q/DQ)" are the calibrated Q/DQ graphs' arithmetic (their SmoothQuant-scaled
+weights, each projection's input divided and rounded with the graph's static scale, calibrated on
+the build's built-in text, not on this eval's text) on the torch reference: what TensorRT's plan of
+that graph computes up to its GEMMs' accumulation order (tests/parity/test_qdq_calibrated.py checks
+it against the graph run by ONNX Runtime). "gptq" rows round the weights with GPTQ over that text.
 
 Prints a table and writes {date}-cpu-quant-eval.json/.md (command, machine, date, commit)."""
 
@@ -65,38 +65,30 @@ def kjv_verses() -> list[str]:
 
 
 class Simulated(torch.nn.Module):
-    """A quantized projection with its weight dequantized once (fp32 on the CPU). Activations:
-    "dynamic" rounds each row of the input to e4m3 with its own scale first; a float is a static
-    per-tensor scale for `static` ("int8" / "fp8"); None leaves them alone."""
+    """A quantized projection with its weight dequantized once (fp32 on the CPU); `fp8_activations`
+    rounds each row of the input to e4m3 with its own scale first."""
 
-    def __init__(self, q: quant.QuantLinear, activations: str | float | None = None, static: str = "fp8"):
+    def __init__(self, q: quant.QuantLinear, fp8_activations: bool):
         super().__init__()
         self.weight, self.bias = torch.nn.Parameter(q.dequantized(torch.float32), requires_grad=False), q.bias
-        self.activations, self.static = activations, static
+        self.fp8_activations = fp8_activations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activations == "dynamic":
+        if self.fp8_activations:
             xq, scale = quant.quantize_rows(x.reshape(-1, x.shape[-1]))
             x = (xq.float() * scale).view_as(x)
-        elif self.activations is not None:
-            x = quant.round_activations(x, self.activations, self.static)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-def torch_model(
-    ckpt, scheme: str, activations: str | list[float] | None = None, static: str = "fp8", gptq: bool = False
-) -> CausalLM:
+def torch_model(ckpt, scheme: str, fp8_activations: bool = False, gptq: bool = False) -> CausalLM:
     """The torch reference with `scheme`'s weights (GPTQ-rounded over the build's built-in
-    calibration text if `gptq`); `activations` "dynamic", or one static scale per projection in
-    graph order (a calibrated Q/DQ graph's)."""
+    calibration text if `gptq`)."""
     model = CausalLM(load_hf(ckpt))
-    if scheme == "none":
-        return model
-    quant.quantize_model(model, scheme, gptq_hessians(ckpt) if gptq else None)
-    kinds = [(layer, kind) for layer in model.layers for kind in quant.PROJECTIONS]
-    per = activations if isinstance(activations, list) else [activations] * len(kinds)
-    for (layer, kind), act in zip(kinds, per, strict=True):
-        setattr(layer, kind, Simulated(getattr(layer, kind), act, static))
+    if scheme != "none":
+        quant.quantize_model(model, scheme, gptq_hessians(ckpt) if gptq else None)
+        for layer in model.layers:
+            for kind in quant.PROJECTIONS:
+                setattr(layer, kind, Simulated(getattr(layer, kind), fp8_activations))
     return model
 
 
@@ -109,12 +101,13 @@ def gptq_hessians(ckpt) -> dict:
     return input_hessians(model, [prefill_inputs(model.shape, p) for p in calibration_prompts(ckpt)])
 
 
-def qdq_scales(ckpt, onnx_dir, scheme: str) -> list[float]:
-    """The static activation scales of the calibrated TensorRT Q/DQ graph of `scheme`."""
+def qdq_model(ckpt, onnx_dir, scheme: str) -> CausalLM:
+    """What the calibrated TensorRT Q/DQ graph of `scheme` computes, on the torch reference."""
     from tritonllm.build.qdq_export import activation_scales
 
     cfg = EngineConfig(runtime="tensorrt", dtype="float32", quantization=scheme)
-    return activation_scales(engine_dir_for(cfg, onnx_dir, ckpt))
+    inputs = [(s, torch.from_numpy(d)) for s, d in activation_scales(engine_dir_for(cfg, onnx_dir, ckpt))]
+    return quant.static_reference(CausalLM(load_hf(ckpt)), inputs, scheme)
 
 
 def engines(ckpt, onnx_dir, max_context: int, rows: int, only: list[str] | None) -> dict[str, tuple[str, object]]:
@@ -129,9 +122,8 @@ def engines(ckpt, onnx_dir, max_context: int, rows: int, only: list[str] | None)
     ort_cfg = lambda scheme: EngineConfig(**limits, threads=threads, prefix_cache=False, quantization=scheme)
     ort = lambda scheme: OnnxRuntime(engine_dir_for(ort_cfg(scheme), onnx_dir), ort_cfg(scheme))
     pt_cfg = EngineConfig(runtime="torch-cuda", **limits)
-    pt = lambda scheme, act=None, static="fp8", gptq=False: TorchCudaRuntime(
-        None, pt_cfg, model=torch_model(ckpt, scheme, act, static, gptq), device="cpu", fused_kernels=False
-    )
+    run = lambda model: TorchCudaRuntime(None, pt_cfg, model=model, device="cpu", fused_kernels=False)
+    pt = lambda scheme, act=False, gptq=False: run(torch_model(ckpt, scheme, act, gptq))
     made = {  # name -> (baseline, a thunk: only the engines asked for are built)
         "onnxruntime fp32": ("onnxruntime fp32", lambda: ort("none")),
         "onnxruntime int8": ("onnxruntime fp32", lambda: ort("int8")),
@@ -139,11 +131,11 @@ def engines(ckpt, onnx_dir, max_context: int, rows: int, only: list[str] | None)
         "torch fp32": ("torch fp32", lambda: pt("none")),
         "torch int8-wo": ("torch fp32", lambda: pt("int8-wo")),
         "torch fp8": ("torch fp32", lambda: pt("fp8")),
-        "torch fp8 w8a8": ("torch fp32", lambda: pt("fp8", "dynamic")),
+        "torch fp8 w8a8": ("torch fp32", lambda: pt("fp8", True)),
         "torch int8-wo gptq": ("torch fp32", lambda: pt("int8-wo", gptq=True)),
         "torch fp8 gptq": ("torch fp32", lambda: pt("fp8", gptq=True)),
-        "tensorrt int8 (Q/DQ)": ("torch fp32", lambda: pt("int8-wo", qdq_scales(ckpt, onnx_dir, "int8"), "int8")),
-        "tensorrt fp8 (Q/DQ)": ("torch fp32", lambda: pt("fp8", qdq_scales(ckpt, onnx_dir, "fp8"), "fp8")),
+        "tensorrt int8 (Q/DQ)": ("torch fp32", lambda: run(qdq_model(ckpt, onnx_dir, "int8"))),
+        "tensorrt fp8 (Q/DQ)": ("torch fp32", lambda: run(qdq_model(ckpt, onnx_dir, "fp8"))),
     }
     unknown = sorted(set(only or ()) - set(made))
     if unknown:

@@ -1,8 +1,9 @@
-"""TensorRT's calibrated Q/DQ graphs (int8 and fp8 weights and activations, static per-tensor
-activation scales from the calibration pass) against an independent torch reference: the model's
-own modules with the torch-cuda engine's quantized weights and each projection's input rounded
-to the format with the scale the graph holds. ONNX Runtime runs the graphs with its Q/DQ fusion
-off (the TensorRT stand-in's setting), so the graph's arithmetic is exactly what it says."""
+"""TensorRT's calibrated Q/DQ graphs (int8 and fp8 weights and activations, SmoothQuant divisors
+and static per-tensor activation scales from the calibration pass) against an independent torch
+reference: the model's own modules with the smoothed weights quantized as the torch-cuda engine
+quantizes, and each projection's input divided and rounded with the graph's numbers
+(`model.quant.static_reference`). ONNX Runtime runs the graphs with its Q/DQ fusion off (the
+TensorRT stand-in's setting), so the graph's arithmetic is exactly what it says."""
 
 import json
 from dataclasses import replace
@@ -10,7 +11,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from tritonllm.build.calibrate import DEFAULT_TEXT, calibration_prompts
 from tritonllm.build.pipeline import engine_files
@@ -27,17 +27,6 @@ SCHEMES = ["int8", "fp8"]
 CFG = EngineConfig(runtime="tensorrt", dtype="float32", max_slots=2, max_context=128, max_tokens_limit=64)
 
 
-class RoundedInput(nn.Module):
-    """A projection whose input is rounded to the scheme's format with a static scale first."""
-
-    def __init__(self, linear: nn.Module, scale: float, scheme: str):
-        super().__init__()
-        self.linear, self.scale, self.scheme = linear, scale, scheme
-
-    def forward(self, x):
-        return self.linear(quant.round_activations(x, self.scale, self.scheme))
-
-
 @pytest.fixture(scope="module")
 def qdq_dirs(tiny_dir, tmp_path_factory):
     onnx_dir = tmp_path_factory.mktemp("qdq") / "onnx"
@@ -45,16 +34,9 @@ def qdq_dirs(tiny_dir, tmp_path_factory):
 
 
 def reference_model(tiny_dir, graph_dir, scheme):
-    """CausalLM with the engine's quantized weights and the graph's activation scales, in the
-    graph's order of projections (layer by layer, model.quant.PROJECTIONS within one)."""
-    model = CausalLM(load_hf(tiny_dir)).eval()
-    quant.quantize_model(model, "fp8" if scheme == "fp8" else "int8-wo")
-    scales = activation_scales(graph_dir)
-    assert len(scales) == len(model.layers) * len(quant.PROJECTIONS)
-    for i, scale in enumerate(scales):
-        layer, kind = model.layers[i // len(quant.PROJECTIONS)], quant.PROJECTIONS[i % len(quant.PROJECTIONS)]
-        setattr(layer, kind, RoundedInput(getattr(layer, kind), scale, scheme))
-    return model
+    """CausalLM as the graph's scheme computes it, with the graph's smoothing and scales."""
+    inputs = [(scale, torch.from_numpy(divisor)) for scale, divisor in activation_scales(graph_dir)]
+    return quant.static_reference(CausalLM(load_hf(tiny_dir)).eval(), inputs, scheme)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -65,6 +47,9 @@ def test_calibrated_graph_quantizes_every_projection_input_and_weight(qdq_dirs, 
     ops = [n.op_type for n in graph.node]
     layers = load_hf(tiny_dir).config.num_hidden_layers
     assert ops.count("QuantizeLinear") == 4 * layers and ops.count("DequantizeLinear") == 8 * layers
+    assert ops.count("Div") >= 4 * layers  # the SmoothQuant divisors (attention has its own Div)
+    divisors = [d for _, d in activation_scales(qdq_dirs[scheme])]
+    assert all((d > 0).all() for d in divisors) and any(d.max() / d.min() > 2 for d in divisors)
     report = json.loads((qdq_dirs[scheme] / QUANT_FILE).read_text())
     assert read_scheme(qdq_dirs[scheme]) == scheme and report["calibration_tokens"] > 100
     assert 0 < report["activation_absmax"]["min"] <= report["activation_absmax"]["max"]
@@ -88,8 +73,9 @@ def test_calibrated_graph_computes_what_its_reference_does(qdq_dirs, tiny_dir, s
         args = [torch.from_numpy(v) for v in feed.values()]
         ref = [t.numpy() for t in model(*args)[:2]]
         unquantized = plain(*args)[0].numpy()
-    np.testing.assert_allclose(got[0], ref[0], atol=2e-3, rtol=1e-3)
-    np.testing.assert_allclose(got[1], ref[1], atol=2e-3, rtol=1e-3)
+    for a, b in zip(got, ref):  # an input exactly between two steps may round the other way: rare, one step
+        diff = np.abs(a - b)
+        assert (diff > 2e-3).mean() < 0.01 and diff.max() < 2e-2, (diff.max(), (diff > 2e-3).mean())
     assert np.abs(got[0] - unquantized).max() > 1e-3
 
 

@@ -1,8 +1,7 @@
-"""Static activation scales for the Q/DQ graphs TensorRT quantizes activations in (int8, fp8): the
-largest magnitude each projection's input reaches over a calibration text, measured on the
-exported graph by ONNX Runtime's MinMax calibrator (prefill of each paragraph from an empty
-cache). A scale is that absmax over the format's largest value, one per tensor (TensorRT's Q/DQ
-activations are per tensor); weights keep their own per-channel absmax scales.
+"""Calibration for the quantized builds: the calibration text, and the largest magnitude each
+channel of each projection's input reaches over it, measured on the exported graph by ONNX Runtime
+(prefill of each paragraph from an empty cache). The Q/DQ graphs TensorRT quantizes activations
+in (int8, fp8) smooth with those channel maxima and take one static scale per tensor from them.
 
 The default text is a few paragraphs of plain English prose written for this purpose; a user's
 own text (`--calibration-text`, paragraphs separated by blank lines) represents their traffic
@@ -83,28 +82,35 @@ def calibration_prompts(tokenizer_dir: Path, text: str | None = None, max_tokens
     return prompts
 
 
-def input_absmax(onnx_path: Path, feeds: list[dict], tensors: list[str]) -> dict[str, float]:
-    """max |x| of each named tensor over the feeds, by ONNX Runtime's MinMax calibrator."""
-    from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
+def channel_absmax(onnx_path: Path, feeds: list[dict], tensors: list[str]) -> dict[str, np.ndarray]:
+    """max |x| over the feeds of each named tensor [..., K], per channel K (the last axis): the
+    graph run by ONNX Runtime with an Abs -> ReduceMax -> Cast output added for each tensor (its
+    calibrators reduce per tensor or keep axis 1, not the channels a MatMul's input has last)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter(feeds)
-
-        def get_next(self):
-            return next(self.items, None)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        calibrator = create_calibrator(
-            Path(onnx_path),
-            op_types_to_calibrate=["MatMul"],
-            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=CalibrationMethod.MinMax,
-            use_external_data_format=Path(onnx_path).stat().st_size > 1.8e9,
+    model = onnx.load(str(onnx_path))
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    graph, names = model.graph, []
+    axes = {"axes": [0, 1]}
+    if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
+        graph.initializer.append(numpy_helper.from_array(np.array([0, 1], dtype=np.int64), "_calibrate_axes"))
+        axes = {}
+    for i, name in enumerate(tensors):
+        reduce_inputs = [f"_calibrate_abs{i}"] + (["_calibrate_axes"] if not axes else [])
+        graph.node.extend(
+            [
+                helper.make_node("Abs", [name], [f"_calibrate_abs{i}"]),
+                helper.make_node("ReduceMax", reduce_inputs, [f"_calibrate_max{i}"], keepdims=0, **axes),
+                helper.make_node("Cast", [f"_calibrate_max{i}"], [f"_calibrate_out{i}"], to=TensorProto.FLOAT),
+            ]
         )
-        calibrator.collect_data(Reader())
-        ranges = calibrator.compute_data()
-    missing = [t for t in tensors if t not in ranges.data]
-    if missing:
-        raise RuntimeError(f"the calibrator saw no values for {missing[:3]}: is {onnx_path} the exported graph?")
-    return {t: float(np.abs(np.asarray(ranges.data[t].range_value, dtype=np.float64)).max()) for t in tensors}
+        graph.output.append(helper.make_tensor_value_info(f"_calibrate_out{i}", TensorProto.FLOAT, None))
+        names.append(f"_calibrate_out{i}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "calibrate.onnx"
+        onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1.8e9)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        found = [np.max(values, axis=0) for values in zip(*(session.run(names, feed) for feed in feeds))]
+    return dict(zip(tensors, found))

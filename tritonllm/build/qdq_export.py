@@ -6,7 +6,13 @@ GEMMs. The embedding and the LM head stay as exported.
 - `int8-wo`: int8 weights only; activations stay in the graph's precision.
 - `int8` / `fp8`: int8 or float8 e4m3 weights, and each projection's input passes through
   QuantizeLinear -> DequantizeLinear with a static per-tensor scale from a calibration pass
-  (`calibrate.py`), so the GEMM itself runs in 8 bits. FP8 types need opset 19."""
+  (`calibrate.py`), so the GEMM itself runs in 8 bits. FP8 types need opset 19.
+
+A handful of input channels of an LLM's projections run tens of times larger than the rest, and one
+scale per tensor spends the 8 bits on them. SmoothQuant (Xiao et al., 2022) moves that range into
+the weights: input channel k is divided by s_k = a_k^alpha / w_k^(1-alpha) (a_k: its calibrated
+absmax, w_k: the largest weight it multiplies) through a Div before the QuantizeLinear, and the
+weight's row k multiplied by s_k before it is quantized: the product is unchanged, the ranges even."""
 
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from .quantize_onnx import QUANT_FILE, write_scheme
 log = logging.getLogger(__name__)
 QDQ_SCHEMES = ("int8-wo", "int8", "fp8")
 ACTIVATED = STATIC  # schemes that also quantize activations -> the format's largest value
+SMOOTHING = {"int8": 0.5, "fp8": 0.5}  # SmoothQuant's alpha per scheme (the paper's default)
 FP8_OPSET = 19
 PREFIX = "qdq-"
 FORMAT = {
@@ -54,11 +61,13 @@ def qdq_graph(onnx_dir: Path, scheme: str, prompts: list[list[int]] | None = Non
     shape = ModelShape.load(Path(onnx_dir) / "model_shape.json")
     targets = projection_nodes(model, shape.vocab_size)
     report = {"scheme": scheme, "format": FORMAT[scheme], "weights": len(targets), "calibration": digest}
+    absmax = {}
     if scheme in ACTIVATED:
         absmax = _calibrate(src, model, shape, prompts, [node.input[0] for node, _ in targets])
-        report["activation_absmax"] = {"min": min(absmax.values()), "max": max(absmax.values())}
+        peaks = [float(a.max()) for a in absmax.values()]
+        report.update(activation_absmax={"min": min(peaks), "max": max(peaks)}, smoothquant_alpha=SMOOTHING[scheme])
         report["calibration_tokens"] = sum(len(p) for p in prompts)
-    _rewrite(model, targets, scheme, absmax if scheme in ACTIVATED else {})
+    _rewrite(model, targets, scheme, absmax)
     onnx.checker.check_model(model)
     out.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst), save_as_external_data=model.ByteSize() > 1.8e9)
@@ -80,43 +89,79 @@ def projection_nodes(model, vocab: int) -> list:
     return found
 
 
-def activation_scales(graph_dir: Path) -> list[float]:
-    """Each projection's static input scale in a calibrated Q/DQ graph, in graph order (layer by
-    layer, `model.quant.PROJECTIONS` within one): the QuantizeLinear nodes' scales."""
+def activation_scales(graph_dir: Path) -> list[tuple[float, np.ndarray]]:
+    """(static input scale, SmoothQuant divisor s per input channel) of each projection of a
+    calibrated Q/DQ graph, in graph order (layer by layer, `model.quant.PROJECTIONS` within one)."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(Path(graph_dir) / "model.onnx"), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
+    value = lambda name: numpy_helper.to_array(inits[name])
     quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    return [float(numpy_helper.to_array(inits[n.input[1]])) for n in quantizers]
+    smoothers = {n.output[0]: n.input[1] for n in model.graph.node if n.op_type == "Div" and n.input[1] in inits}
+    return [(float(value(q.input[1])), value(smoothers[q.input[0]])) for q in quantizers]
 
 
-def _rewrite(model, targets: list, scheme: str, absmax: dict[str, float]) -> None:
-    from onnx import TensorProto, helper, numpy_helper
+def _rewrite(model, targets: list, scheme: str, absmax: dict[str, np.ndarray]) -> None:
+    from onnx import numpy_helper
 
     before: dict[int, list] = {}  # id(MatMul) -> the nodes that feed it
     for node, w in targets:
-        q, scale = quantize_columns(numpy_helper.to_array(w), "int8-wo" if scheme != "fp8" else "fp8")
+        weight = numpy_helper.to_array(w)
+        feed = []
+        if scheme in ACTIVATED:
+            smooth = smoothing(absmax[node.input[0]], weight, SMOOTHING[scheme]).astype(weight.dtype)
+            weight = weight * smooth[:, None]
+            feed = _quantized_input(model, node, w.name, absmax[node.input[0]] / smooth, smooth, scheme, weight.dtype)
+        q, scale = quantize_columns(weight, "int8-wo" if scheme != "fp8" else "fp8")
         model.graph.initializer.remove(w)
         model.graph.initializer.extend([q_tensor(q, f"{w.name}_q"), numpy_helper.from_array(scale, f"{w.name}_scale")])
-        feed = [helper.make_node("DequantizeLinear", [f"{w.name}_q", f"{w.name}_scale"], [f"{w.name}_dq"], axis=1)]
+        feed.append(_node("DequantizeLinear", [f"{w.name}_q", f"{w.name}_scale"], f"{w.name}_dq", axis=1))
         node.input[1] = f"{w.name}_dq"
-        if scheme in ACTIVATED:
-            x = node.input[0]
-            x_scale = np.array(max(absmax[x], 1e-12) / ACTIVATED[scheme], dtype=scale.dtype)
-            zero = TensorProto.FLOAT8E4M3FN if scheme == "fp8" else TensorProto.INT8
-            names = [f"{w.name}_x_scale", f"{w.name}_x_zero"]
-            model.graph.initializer.extend(
-                [numpy_helper.from_array(x_scale, names[0]), helper.make_tensor(names[1], zero, [], [0])]
-            )
-            feed.append(helper.make_node("QuantizeLinear", [x, *names], [f"{w.name}_xq"]))
-            feed.append(helper.make_node("DequantizeLinear", [f"{w.name}_xq", *names], [f"{w.name}_xdq"]))
-            node.input[0] = f"{w.name}_xdq"
         before[id(node)] = feed
     nodes = [n for node in model.graph.node for n in (*before.get(id(node), ()), node)]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+
+
+def smoothing(act_absmax: np.ndarray, weight: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's s_k = a_k^alpha / w_k^(1-alpha) for a MatMul weight [K, N] (1 where a channel
+    never carried a value or has no weight)."""
+    a = act_absmax.astype(np.float64)
+    w = np.abs(weight).max(axis=1).astype(np.float64)
+    s = np.ones_like(a)
+    live = (a > 0) & (w > 0)
+    s[live] = a[live] ** alpha / w[live] ** (1 - alpha)
+    return np.clip(s, 1e-5, 1e5)
+
+
+def _quantized_input(model, node, name: str, absmax: np.ndarray, smooth: np.ndarray, scheme: str, dtype) -> list:
+    """x -> x / s -> QuantizeLinear -> DequantizeLinear -> the MatMul's input, one static scale."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x_scale = np.array(max(float(absmax.max()), 1e-12) / ACTIVATED[scheme], dtype=dtype)  # of x / s
+    zero = TensorProto.FLOAT8E4M3FN if scheme == "fp8" else TensorProto.INT8
+    names = [f"{name}_x_scale", f"{name}_x_zero"]
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(smooth, f"{name}_x_smooth"),
+            numpy_helper.from_array(x_scale, names[0]),
+            helper.make_tensor(names[1], zero, [], [0]),
+        ]
+    )
+    x, node.input[0] = node.input[0], f"{name}_xdq"
+    return [
+        _node("Div", [x, f"{name}_x_smooth"], f"{name}_xs"),
+        _node("QuantizeLinear", [f"{name}_xs", *names], f"{name}_xq"),
+        _node("DequantizeLinear", [f"{name}_xq", *names], f"{name}_xdq"),
+    ]
+
+
+def _node(op: str, inputs: list[str], output: str, **attrs):
+    from onnx import helper
+
+    return helper.make_node(op, inputs, [output], **attrs)
 
 
 def quantize_columns(w: np.ndarray, scheme: str = "int8-wo") -> tuple[np.ndarray, np.ndarray]:
@@ -143,16 +188,16 @@ def q_tensor(q, name: str):
     return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, list(q.shape), raw, raw=True)
 
 
-def _calibrate(src: Path, model, shape: ModelShape, prompts: list[list[int]], tensors: list[str]) -> dict[str, float]:
+def _calibrate(src: Path, model, shape: ModelShape, prompts: list[list[int]], tensors: list[str]) -> dict:
     from onnx.helper import tensor_dtype_to_np_dtype
 
     from ..model.graph_io import prefill_feed
-    from .calibrate import input_absmax
+    from .calibrate import channel_absmax
 
     past = next(i for i in model.graph.input if i.name == "past_keys")
     kv = tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type)
     feeds = [prefill_feed(p, shape.num_layers, shape.num_kv_heads, shape.head_dim, kv) for p in prompts]
-    return input_absmax(src, feeds, tensors)
+    return channel_absmax(src, feeds, tensors)
 
 
 def _digest(prompts: list[list[int]] | None) -> str:

@@ -50,6 +50,36 @@ def round_activations(x: torch.Tensor, scale: float, scheme: str) -> torch.Tenso
     return (y * scale).to(x.dtype)
 
 
+class StaticInput(nn.Module):
+    """A projection whose input is divided by a per-channel SmoothQuant divisor and rounded to an
+    8-bit format with one static scale first: what a calibrated Q/DQ graph's Div -> QuantizeLinear
+    -> DequantizeLinear computes, the torch reference those graphs are checked against."""
+
+    def __init__(self, linear: nn.Module, scale: float, divisor: torch.Tensor, scheme: str):
+        super().__init__()
+        self.linear, self.scale, self.scheme = linear, scale, scheme
+        self.register_buffer("divisor", divisor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(round_activations(x / self.divisor, self.scale, self.scheme))
+
+
+def static_reference(model: nn.Module, inputs: list[tuple[float, torch.Tensor]], scheme: str) -> nn.Module:
+    """`model` (unquantized, in place) as a calibrated Q/DQ graph of `scheme` ("int8" / "fp8")
+    computes it: each projection's weight columns multiplied by its divisor, quantized per output
+    channel, its input divided and rounded. `inputs`: (scale, divisor) per projection, layer by
+    layer (`qdq_export.activation_scales`)."""
+    kinds = [(layer, kind) for layer in model.layers for kind in PROJECTIONS]
+    if len(inputs) != len(kinds):
+        raise ValueError(f"{len(inputs)} calibrated inputs for {len(kinds)} projections: not this model's graph")
+    for (layer, kind), (_, divisor) in zip(kinds, inputs):
+        getattr(layer, kind).weight.data *= divisor.to(torch.float32)[None, :]
+    quantize_model(model, "fp8" if scheme == "fp8" else "int8-wo")
+    for (layer, kind), (scale, divisor) in zip(kinds, inputs):
+        setattr(layer, kind, StaticInput(getattr(layer, kind), scale, divisor.float(), scheme))
+    return model
+
+
 class QuantLinear(nn.Module):
     """A linear whose weight is stored quantized (`qweight` [N, K], `scale` [N]); the bias, if any,
     stays in the activations' dtype."""
