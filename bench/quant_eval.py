@@ -94,11 +94,13 @@ def torch_model(ckpt, scheme: str, fp8_activations: bool = False, gptq: bool = F
 
 @functools.cache
 def gptq_hessians(ckpt) -> dict:
-    from tritonllm.build.calibrate import calibration_prompts
+    """X^T X over the build's default GPTQ calibration set (built-in text + self-generated)."""
+    from tritonllm.build.calibrate import Calibration, gptq_prompts
     from tritonllm.model.gptq import input_hessians, prefill_inputs
 
     model = CausalLM(load_hf(ckpt)).eval()
-    return input_hessians(model, [prefill_inputs(model.shape, p) for p in calibration_prompts(ckpt)])
+    prompts = gptq_prompts(ckpt, Calibration(gptq=True))
+    return input_hessians(model, [prefill_inputs(model.shape, p) for p in prompts])
 
 
 def qdq_model(ckpt, onnx_dir, scheme: str) -> CausalLM:

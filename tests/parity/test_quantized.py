@@ -266,7 +266,8 @@ def test_a_gptq_build_records_its_rounding_and_serves(tiny_dir, tmp_path, monkey
     )
     out = engine_files(tiny_dir, "tiny-gptq", cfg, calibration=Calibration(gptq=True))
     report = json.loads((out / "quantization.json").read_text())
-    assert report["calibration"].startswith("GPTQ") and report["calibration_tokens"] > 100
+    assert report["calibration"].startswith("GPTQ") and "sampled from the model" in report["calibration_data"]
+    assert report["calibration_tokens"] > 32 * 256  # the built-in text and the model's own samples
     built, nearest = load_engine_model(out, torch.float32), CausalLM(load_hf(tiny_dir))
     quant.quantize_model(nearest, "int8-wo")
     pairs = [(getattr(a, k), getattr(b, k)) for a, b in zip(built.layers, nearest.layers) for k in quant.PROJECTIONS]

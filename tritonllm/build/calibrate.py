@@ -5,7 +5,9 @@ in (int8, fp8) smooth with those channel maxima and take one static scale per te
 
 The default text is a few paragraphs of plain English prose written for this purpose; a user's
 own text (`--calibration-text`, paragraphs separated by blank lines) represents their traffic
-better, and the report says which was used."""
+better, and the report says which was used. GPTQ needs more tokens than those paragraphs hold (its
+X^T X must see every input direction): without a user's text it adds sequences the model samples
+itself from its first token (data-free, seeded), as LLM-QAT's data-free recipe does."""
 
 from __future__ import annotations
 
@@ -60,6 +62,12 @@ class Calibration:
     text: str | None = None
     gptq: bool = False
 
+    def describe(self) -> str:
+        if self.text:
+            return "--calibration-text"
+        extra = f" + {GENERATED[0]} sequences of {GENERATED[1]} tokens sampled from the model" if self.gptq else ""
+        return "the built-in text" + extra
+
     def check(self, runtime: str, quantization: str) -> None:
         if self.gptq and (runtime != "torch-cuda" or quantization not in ("fp8", "int8-wo")):
             raise ValueError(
@@ -67,6 +75,42 @@ class Calibration:
                 f"quantization={quantization!r}: add --runtime torch-cuda --quantization fp8 (or int8-wo), "
                 "or drop --gptq"
             )
+
+
+GENERATED = (32, 256)  # GPTQ's data-free sequences: how many, tokens each
+
+
+def gptq_prompts(checkpoint: Path, calibration: Calibration) -> list[list[int]]:
+    """GPTQ's calibration set: the user's text if given, else the built-in text and sequences the
+    model samples itself."""
+    if calibration.text:
+        return calibration_prompts(checkpoint, calibration.text)
+    return calibration_prompts(checkpoint) + generated_prompts(checkpoint, *GENERATED)
+
+
+def generated_prompts(checkpoint: Path, count: int, length: int, seed: int = 0) -> list[list[int]]:
+    """`count` sequences of `length` tokens sampled from the model (temperature 1, no truncation)
+    from its BOS token (EOS where it has none), EOS held back until the end; seeded."""
+    import torch
+
+    from ..model.modeling import load_hf
+
+    hf = load_hf(checkpoint)
+    cfg = hf.generation_config
+    start = next((t for t in (cfg.bos_token_id, cfg.eos_token_id, 0) if isinstance(t, int)), 0)
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        out = hf.generate(
+            torch.full((count, 1), start),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=length - 1,
+            min_new_tokens=length - 1,
+            pad_token_id=start,
+        )
+    return out.tolist()
 
 
 def calibration_prompts(tokenizer_dir: Path, text: str | None = None, max_tokens: int = 256) -> list[list[int]]:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from ..config import EngineConfig
-from .calibrate import Calibration, calibration_prompts
+from .calibrate import Calibration, calibration_prompts, gptq_prompts
 from .onnx_export import EXPORT_VERSION
 from .repository import RepositoryConfig, write_repository
 
@@ -62,8 +62,10 @@ def engine_files(
         from ..model.modeling import save_engine_model
 
         log.info("[1/3] saving the PyTorch engine (%s, quantization %s)", engine.dtype, engine.quantization)
-        prompts = calibration_prompts(checkpoint, calibration.text) if calibration.gptq else None
-        out = save_engine_model(checkpoint, Path("build/engines") / name, engine.dtype, engine.quantization, prompts)
+        prompts = gptq_prompts(checkpoint, calibration) if calibration.gptq else None
+        out = save_engine_model(
+            checkpoint, Path("build/engines") / name, engine.dtype, engine.quantization, prompts, calibration.describe()
+        )
         log.info("[2/3] nothing to verify: the module is the one the parity tests check")
         return out
     onnx_dir = onnx_dir or Path("build/onnx") / name

@@ -242,7 +242,12 @@ ENGINE_FILE = "model.pt"
 
 
 def save_engine_model(
-    checkpoint: Path, engine_dir: Path, dtype: str, quantization: str = "none", calibration: list | None = None
+    checkpoint: Path,
+    engine_dir: Path,
+    dtype: str,
+    quantization: str = "none",
+    calibration: list | None = None,
+    calibration_source: str = "",
 ) -> Path:
     """Build step for torch-cuda: our module with its weights in `dtype` ("bfloat16", ...), its
     projections quantized once here when asked (`quant.SCHEMES`), loadable with torch alone (no
@@ -258,6 +263,7 @@ def save_engine_model(
         model, report = CausalLM(load_hf(checkpoint, dtype=getattr(torch, dtype))), {"scheme": "none"}
     elif calibration:
         model, report = _gptq_model(checkpoint, quantization, calibration)
+        report["calibration_data"] = calibration_source
         place(model, torch.device("cpu"), getattr(torch, dtype))
     else:
         model = CausalLM(load_hf(checkpoint, dtype=getattr(torch, dtype)))
