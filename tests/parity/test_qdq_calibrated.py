@@ -88,6 +88,10 @@ def test_the_calibration_text_decides_the_scales_and_is_recorded(tiny_dir, tmp_p
     before = (first / QUANT_FILE).read_text()
     qdq_graph(onnx_dir, "int8", calibration_prompts(tiny_dir, "Short text.\n\nAnother paragraph, numbers 1 2 3."))
     assert (first / QUANT_FILE).read_text() != before
+    report = json.loads((first / QUANT_FILE).read_text())
+    (first / QUANT_FILE).write_text(json.dumps({**report, "format": "an older Q/DQ layout"}))
+    qdq_graph(onnx_dir, "int8", calibration_prompts(tiny_dir, "Short text.\n\nAnother paragraph, numbers 1 2 3."))
+    assert json.loads((first / QUANT_FILE).read_text()) == report  # made again, not reused
     with pytest.raises(ValueError, match="calibration prompts"):
         qdq_graph(onnx_dir, "fp8", None)
     with pytest.raises(ValueError, match="no paragraphs"):

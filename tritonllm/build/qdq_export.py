@@ -36,8 +36,9 @@ FP8_OPSET = 19
 PREFIX = "qdq-"
 FORMAT = {
     "int8-wo": "Q/DQ: int8 weights, a float scale per output channel",
-    "int8": "Q/DQ: int8 weights per output channel, int8 activations per tensor (static, calibrated)",
-    "fp8": "Q/DQ: float8 e4m3 weights per output channel, float8 e4m3 activations per tensor (static, calibrated)",
+    "int8": "Q/DQ: int8 weights per output channel, int8 activations per tensor (static, calibrated, SmoothQuant)",
+    "fp8": "Q/DQ: float8 e4m3 weights per output channel, float8 e4m3 activations per tensor "
+    "(static, calibrated, SmoothQuant)",
 }
 
 
@@ -53,8 +54,8 @@ def qdq_graph(onnx_dir: Path, scheme: str, prompts: list[list[int]] | None = Non
         raise ValueError(f"quantization {scheme!r} on tensorrt needs calibration prompts for its activation scales")
     src, out = Path(onnx_dir) / "model.onnx", Path(onnx_dir) / f"{PREFIX}{scheme}"
     dst, digest = out / "model.onnx", _digest(prompts)
-    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and _recorded_digest(out) == digest:
-        return out
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and _recorded(out) == (FORMAT[scheme], digest):
+        return out  # a graph of another format or calibration is made again, never reused
     model = onnx.load(str(src))
     if scheme == "fp8":  # ONNX's converter rewrites the ops whose form changed (ReduceMean's axes, ...)
         model = onnx.version_converter.convert_version(model, FP8_OPSET)
@@ -207,6 +208,7 @@ def _digest(prompts: list[list[int]] | None) -> str:
     return f"{len(prompts)} prompts, sha256 {hashlib.sha256(raw).hexdigest()[:16]}"
 
 
-def _recorded_digest(out: Path) -> str | None:
+def _recorded(out: Path) -> tuple[str | None, str | None]:
     path = out / QUANT_FILE
-    return json.loads(path.read_text()).get("calibration") if path.exists() else None
+    report = json.loads(path.read_text()) if path.exists() else {}
+    return report.get("format"), report.get("calibration")
