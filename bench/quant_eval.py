@@ -192,6 +192,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--engines", nargs="+", help="only these engines (and their baselines); default: all")
+    p.add_argument("--topic", default="quant-eval", help="results file name: {date}-{machine}-{topic}")
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -241,7 +242,7 @@ def main() -> None:
         "note": "torch engines on the CPU with the quantized weights dequantized once (fp32); "
         "ONNX Runtime engines as served on the CPU",
     }
-    print(write_results(a.out, "quant-eval", facts, rows))
+    print(write_results(a.out, a.topic, facts, rows))
 
 
 if __name__ == "__main__":
