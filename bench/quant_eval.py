@@ -108,7 +108,7 @@ def qdq_model(ckpt, onnx_dir, scheme: str) -> CausalLM:
     from tritonllm.build.qdq_export import activation_scales
 
     cfg = EngineConfig(runtime="tensorrt", dtype="float32", quantization=scheme)
-    inputs = [(s, torch.from_numpy(d)) for s, d in activation_scales(engine_dir_for(cfg, onnx_dir, ckpt))]
+    inputs = activation_scales(engine_dir_for(cfg, onnx_dir, ckpt))
     return quant.static_reference(CausalLM(load_hf(ckpt)), inputs, scheme)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from tritonllm.build.calibrate import DEFAULT_TEXT, calibration_prompts
 from tritonllm.build.pipeline import engine_files
-from tritonllm.build.qdq_export import activation_scales
+from tritonllm.build.qdq_export import WEIGHT_ONLY, activation_scales
 from tritonllm.build.quantize_onnx import QUANT_FILE, read_scheme
 from tritonllm.config import EngineConfig
 from tritonllm.model import quant
@@ -35,8 +35,7 @@ def qdq_dirs(tiny_dir, tmp_path_factory):
 
 def reference_model(tiny_dir, graph_dir, scheme):
     """CausalLM as the graph's scheme computes it, with the graph's smoothing and scales."""
-    inputs = [(scale, torch.from_numpy(divisor)) for scale, divisor in activation_scales(graph_dir)]
-    return quant.static_reference(CausalLM(load_hf(tiny_dir)).eval(), inputs, scheme)
+    return quant.static_reference(CausalLM(load_hf(tiny_dir)).eval(), activation_scales(graph_dir), scheme)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -46,9 +45,12 @@ def test_calibrated_graph_quantizes_every_projection_input_and_weight(qdq_dirs, 
     graph = onnx.load(str(qdq_dirs[scheme] / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
     layers = load_hf(tiny_dir).config.num_hidden_layers
-    assert ops.count("QuantizeLinear") == 4 * layers and ops.count("DequantizeLinear") == 8 * layers
-    assert ops.count("Div") >= 4 * layers  # the SmoothQuant divisors (attention has its own Div)
-    divisors = [d for _, d in activation_scales(qdq_dirs[scheme])]
+    quantized = layers * (len(quant.PROJECTIONS) - len(WEIGHT_ONLY[scheme]))  # int8's down stays weight-only
+    assert ops.count("QuantizeLinear") == quantized and ops.count("DequantizeLinear") == 4 * layers + quantized
+    assert ops.count("Div") >= quantized  # the SmoothQuant divisors (attention has its own Div)
+    inputs = activation_scales(qdq_dirs[scheme])
+    assert [x is None for x in inputs] == [k in WEIGHT_ONLY[scheme] for _ in range(layers) for k in quant.PROJECTIONS]
+    divisors = [x[1] for x in inputs if x is not None]
     assert all((d > 0).all() for d in divisors) and any(d.max() / d.min() > 2 for d in divisors)
     report = json.loads((qdq_dirs[scheme] / QUANT_FILE).read_text())
     assert read_scheme(qdq_dirs[scheme]) == scheme and report["calibration_tokens"] > 100

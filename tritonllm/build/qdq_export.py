@@ -12,7 +12,8 @@ A handful of input channels of an LLM's projections run tens of times larger tha
 scale per tensor spends the 8 bits on them. SmoothQuant (Xiao et al., 2022) moves that range into
 the weights: input channel k is divided by s_k = a_k^alpha / w_k^(1-alpha) (a_k: its calibrated
 absmax, w_k: the largest weight it multiplies) through a Div before the QuantizeLinear, and the
-weight's row k multiplied by s_k before it is quantized: the product is unchanged, the ranges even."""
+weight's row k multiplied by s_k before it is quantized: the product is unchanged, the ranges even.
+Where even that is not enough (int8's down projection), the input stays unquantized."""
 
 from __future__ import annotations
 
@@ -31,14 +32,19 @@ from .quantize_onnx import QUANT_FILE, write_scheme
 log = logging.getLogger(__name__)
 QDQ_SCHEMES = ("int8-wo", "int8", "fp8")
 ACTIVATED = STATIC  # schemes that also quantize activations -> the format's largest value
-SMOOTHING = {"int8": 0.5, "fp8": 0.5}  # SmoothQuant's alpha per scheme (the paper's default)
+SMOOTHING = {"int8": 0.5, "fp8": 0.3}  # SmoothQuant's alpha per scheme (docs/decisions.md: measured)
+# projections whose input keeps the graph's precision (their weights are still 8-bit): the MLP's
+# down projection reads act(gate) * up, whose outliers no single int8 scale per tensor survives
+WEIGHT_ONLY = {"int8": ("down",), "fp8": ()}
 FP8_OPSET = 19
 PREFIX = "qdq-"
-FORMAT = {
+FORMAT = {  # recorded with each graph: a cached graph of another format is made again
     "int8-wo": "Q/DQ: int8 weights, a float scale per output channel",
-    "int8": "Q/DQ: int8 weights per output channel, int8 activations per tensor (static, calibrated, SmoothQuant)",
-    "fp8": "Q/DQ: float8 e4m3 weights per output channel, float8 e4m3 activations per tensor "
-    "(static, calibrated, SmoothQuant)",
+    **{
+        scheme: f"Q/DQ: {kind} weights per output channel, {kind} activations per tensor (static, calibrated, "
+        f"SmoothQuant alpha {SMOOTHING[scheme]}), weight-only: {', '.join(WEIGHT_ONLY[scheme]) or 'none'}"
+        for scheme, kind in (("int8", "int8"), ("fp8", "float8 e4m3"))
+    },
 }
 
 
@@ -90,28 +96,40 @@ def projection_nodes(model, vocab: int) -> list:
     return found
 
 
-def activation_scales(graph_dir: Path) -> list[tuple[float, np.ndarray]]:
-    """(static input scale, SmoothQuant divisor s per input channel) of each projection of a
-    calibrated Q/DQ graph, in graph order (layer by layer, `model.quant.PROJECTIONS` within one)."""
+def activation_scales(graph_dir: Path) -> list[tuple[float, np.ndarray] | None]:
+    """(static input scale, SmoothQuant divisor s per input channel) of each projection of a Q/DQ
+    graph, None where its input is not quantized, in graph order (layer by layer,
+    `model.quant.PROJECTIONS` within one)."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(Path(graph_dir) / "model.onnx"), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
     value = lambda name: numpy_helper.to_array(inits[name])
-    quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    smoothers = {n.output[0]: n.input[1] for n in model.graph.node if n.op_type == "Div" and n.input[1] in inits}
-    return [(float(value(q.input[1])), value(smoothers[q.input[0]])) for q in quantizers]
+    made = {out: n for n in model.graph.node for out in n.output}
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or not node.input[1].endswith("_dq"):
+            continue  # not a projection: attention's products, the LM head
+        dq = made.get(node.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            found.append(None)
+            continue
+        div = made[made[dq.input[0]].input[0]]  # DequantizeLinear <- QuantizeLinear <- Div
+        found.append((float(value(dq.input[1])), value(div.input[1])))
+    return found
 
 
 def _rewrite(model, targets: list, scheme: str, absmax: dict[str, np.ndarray]) -> None:
     from onnx import numpy_helper
 
+    from ..model.quant import PROJECTIONS
+
     before: dict[int, list] = {}  # id(MatMul) -> the nodes that feed it
-    for node, w in targets:
+    for i, (node, w) in enumerate(targets):
         weight = numpy_helper.to_array(w)
         feed = []
-        if scheme in ACTIVATED:
+        if scheme in ACTIVATED and PROJECTIONS[i % len(PROJECTIONS)] not in WEIGHT_ONLY[scheme]:
             smooth = smoothing(absmax[node.input[0]], weight, SMOOTHING[scheme]).astype(weight.dtype)
             weight = weight * smooth[:, None]
             feed = _quantized_input(model, node, w.name, absmax[node.input[0]] / smooth, smooth, scheme, weight.dtype)

@@ -10,6 +10,8 @@ the head's errors land on every logit directly."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -64,19 +66,22 @@ class StaticInput(nn.Module):
         return self.linear(round_activations(x / self.divisor, self.scale, self.scheme))
 
 
-def static_reference(model: nn.Module, inputs: list[tuple[float, torch.Tensor]], scheme: str) -> nn.Module:
+def static_reference(model: nn.Module, inputs: list[tuple[float, Any] | None], scheme: str) -> nn.Module:
     """`model` (unquantized, in place) as a calibrated Q/DQ graph of `scheme` ("int8" / "fp8")
     computes it: each projection's weight columns multiplied by its divisor, quantized per output
     channel, its input divided and rounded. `inputs`: (scale, divisor) per projection, layer by
-    layer (`qdq_export.activation_scales`)."""
+    layer, None for a projection whose input is not quantized (`qdq_export.activation_scales`)."""
     kinds = [(layer, kind) for layer in model.layers for kind in PROJECTIONS]
     if len(inputs) != len(kinds):
         raise ValueError(f"{len(inputs)} calibrated inputs for {len(kinds)} projections: not this model's graph")
-    for (layer, kind), (_, divisor) in zip(kinds, inputs):
-        getattr(layer, kind).weight.data *= divisor.to(torch.float32)[None, :]
+    for (layer, kind), found in zip(kinds, inputs):
+        if found is not None:
+            getattr(layer, kind).weight.data *= torch.as_tensor(found[1], dtype=torch.float32)[None, :]
     quantize_model(model, "fp8" if scheme == "fp8" else "int8-wo")
-    for (layer, kind), (scale, divisor) in zip(kinds, inputs):
-        setattr(layer, kind, StaticInput(getattr(layer, kind), scale, divisor.float(), scheme))
+    for (layer, kind), found in zip(kinds, inputs):
+        if found is not None:
+            divisor = torch.as_tensor(found[1], dtype=torch.float32)
+            setattr(layer, kind, StaticInput(getattr(layer, kind), found[0], divisor, scheme))
     return model
 
 
