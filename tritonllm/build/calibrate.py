@@ -100,8 +100,10 @@ def generated_prompts(checkpoint: Path, count: int, length: int, seed: int = 0) 
     start = next((t for t in (cfg.bos_token_id, cfg.eos_token_id, 0) if isinstance(t, int)), 0)
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(seed)
+        first = torch.full((count, 1), start)
         out = hf.generate(
-            torch.full((count, 1), start),
+            first,
+            attention_mask=torch.ones_like(first),  # said, not guessed: the start token may double as padding
             do_sample=True,
             temperature=1.0,
             top_k=0,
