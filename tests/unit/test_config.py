@@ -68,6 +68,22 @@ def test_the_build_cli_refuses_gptq_where_it_rounds_nothing(tmp_path, capsys, ar
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("runtime", ["torch-cuda", "tensorrt"])
+def test_fp8_is_refused_on_a_gpu_without_fp8_tensor_cores(monkeypatch, runtime):
+    """The capability check itself (these machines have no such GPU: torch's answers are set)."""
+    import torch
+
+    from tritonllm.model.quant import check_device_support
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=rf"'fp8' on runtime {runtime} needs FP8 Tensor Cores.*has 8.0.*int8-wo"):
+        check_device_support("fp8", None, runtime)
+    check_device_support("int8-wo", None, runtime)  # 8-bit weights alone run anywhere
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_device_support("fp8", None, runtime)
+
+
 def test_engine_config_roundtrips_through_parameters():
     assert EngineConfig.from_parameters(CFG.to_parameters()) == CFG
     quantized = EngineConfig(runtime="torch-cuda", quantization="fp8")

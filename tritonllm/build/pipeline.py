@@ -55,9 +55,12 @@ def engine_files(
     from transformers import AutoConfig
 
     from ..model.families import check_context
+    from ..model.quant import check_device_support
 
     calibration.check(engine.runtime, engine.quantization)
     check_context(AutoConfig.from_pretrained(checkpoint), engine.max_context)  # before any export
+    if engine.runtime == "tensorrt":  # torch-cuda checks in save_engine_model
+        check_device_support(engine.quantization, None, "tensorrt")
     if engine.runtime == "torch-cuda":  # our module with its weights, saved for torch alone
         from ..model.modeling import save_engine_model
 

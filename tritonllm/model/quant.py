@@ -142,9 +142,10 @@ def quantize_model(model: nn.Module, scheme: str, hessians: dict | None = None) 
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 Tensor Cores
 
 
-def check_device_support(scheme: str, device: torch.device | None) -> None:
+def check_device_support(scheme: str, device: torch.device | None, runtime: str = "torch-cuda") -> None:
     """Refuse fp8 on a GPU without FP8 Tensor Cores (`device` None: the build host's GPU, if any;
-    a CPU-only build host leaves the check to the engine's start-up on its GPU)."""
+    a CPU-only build host leaves the check to the engine's start-up, or TensorRT's builder, on its
+    GPU)."""
     if scheme != "fp8" or not torch.cuda.is_available():
         return
     if device is not None and device.type != "cuda":
@@ -152,7 +153,7 @@ def check_device_support(scheme: str, device: torch.device | None) -> None:
     cap = torch.cuda.get_device_capability(device)
     if cap < FP8_CAPABILITY:
         raise ValueError(
-            f"quantization 'fp8' on runtime torch-cuda needs FP8 Tensor Cores (compute capability >= 8.9); "
+            f"quantization 'fp8' on runtime {runtime} needs FP8 Tensor Cores (compute capability >= 8.9); "
             f"this GPU has {cap[0]}.{cap[1]}: build with --quantization int8-wo instead"
         )
 
