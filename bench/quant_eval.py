@@ -96,11 +96,10 @@ def torch_model(ckpt, scheme: str, fp8_activations: bool = False, gptq: bool = F
 def gptq_hessians(ckpt) -> dict:
     """X^T X over the build's default GPTQ calibration set (built-in text + self-generated)."""
     from tritonllm.build.calibrate import Calibration, gptq_prompts
-    from tritonllm.model.gptq import input_hessians, prefill_inputs
+    from tritonllm.model.gptq import prompt_hessians
 
     model = CausalLM(load_hf(ckpt)).eval()
-    prompts = gptq_prompts(ckpt, Calibration(gptq=True))
-    return input_hessians(model, [prefill_inputs(model.shape, p) for p in prompts])
+    return prompt_hessians(model, gptq_prompts(ckpt, Calibration(gptq=True)))
 
 
 def qdq_model(ckpt, onnx_dir, scheme: str) -> CausalLM:

@@ -11,14 +11,11 @@ itself from its first token (data-free, seeded), as LLM-QAT's data-free recipe d
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 DEFAULT_TEXT = """\
 The harbour was quiet before dawn. Fishing boats rocked against their moorings, and the only sound

@@ -59,8 +59,7 @@ def engine_files(
 
     calibration.check(engine.runtime, engine.quantization)
     check_context(AutoConfig.from_pretrained(checkpoint), engine.max_context)  # before any export
-    if engine.runtime == "tensorrt":  # torch-cuda checks in save_engine_model
-        check_device_support(engine.quantization, None, "tensorrt")
+    check_device_support(engine.quantization, None, engine.runtime)  # the build host's GPU, if any
     if engine.runtime == "torch-cuda":  # our module with its weights, saved for torch alone
         from ..model.modeling import save_engine_model
 

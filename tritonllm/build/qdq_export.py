@@ -31,7 +31,7 @@ from .quantize_onnx import QUANT_FILE, write_scheme
 
 log = logging.getLogger(__name__)
 QDQ_SCHEMES = ("int8-wo", "int8", "fp8")
-ACTIVATED = STATIC  # schemes that also quantize activations -> the format's largest value
+ACTIVATED = STATIC  # schemes that also quantize activations -> (format, largest value)
 SMOOTHING = {"int8": 0.5, "fp8": 0.3}  # SmoothQuant's alpha per scheme (docs/decisions.md: measured)
 # projections whose input keeps the graph's precision (their weights are still 8-bit): the MLP's
 # down projection reads act(gate) * up, whose outliers no single int8 scale per tensor survives
@@ -159,7 +159,7 @@ def _quantized_input(model, node, name: str, absmax: np.ndarray, smooth: np.ndar
     """x -> x / s -> QuantizeLinear -> DequantizeLinear -> the MatMul's input, one static scale."""
     from onnx import TensorProto, helper, numpy_helper
 
-    x_scale = np.array(max(float(absmax.max()), 1e-12) / ACTIVATED[scheme], dtype=dtype)  # of x / s
+    x_scale = np.array(max(float(absmax.max()), 1e-12) / ACTIVATED[scheme][1], dtype=dtype)  # of x / s
     zero = TensorProto.FLOAT8E4M3FN if scheme == "fp8" else TensorProto.INT8
     names = [f"{name}_x_scale", f"{name}_x_zero"]
     model.graph.initializer.extend(

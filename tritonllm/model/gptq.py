@@ -10,13 +10,9 @@ ones): simpler, and what the paper's "no sequential" ablation measures close to 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from .quant import PROJECTIONS, SCHEMES, quantize_weight
-
-log = logging.getLogger(__name__)
+from .quant import PROJECTIONS, SCHEMES, quantize_weight, to_grid
 
 
 def input_hessians(model, feeds: list[tuple]) -> dict[tuple[int, str], torch.Tensor]:
@@ -46,19 +42,17 @@ def input_hessians(model, feeds: list[tuple]) -> dict[tuple[int, str], torch.Ten
     return sums
 
 
+def prompt_hessians(model, prompts: list[list[int]]) -> dict[tuple[int, str], torch.Tensor]:
+    """`input_hessians` over the prefill of each prompt (token ids)."""
+    return input_hessians(model, [prefill_inputs(model.shape, p) for p in prompts])
+
+
 def prefill_inputs(shape, ids: list[int]) -> tuple:
     """CausalLM's positional inputs for one prompt's prefill from an empty cache (float32)."""
     from .graph_io import prefill_feed
 
     feed = prefill_feed(ids, shape.num_layers, shape.num_kv_heads, shape.head_dim)
     return tuple(torch.from_numpy(v) for v in feed.values())
-
-
-def _round(w: torch.Tensor, scheme: str) -> torch.Tensor:
-    """Values in scale units -> the nearest point of the scheme's grid (float32)."""
-    dtype, qmax = SCHEMES[scheme]
-    w = w.clamp(-qmax, qmax)
-    return w.round() if not dtype.is_floating_point else w.to(dtype).float()
 
 
 def gptq_weight(
@@ -79,7 +73,7 @@ def gptq_weight(
         i2 = min(i1 + block, w.shape[1])
         part, errors = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2])
         for i in range(i2 - i1):
-            q[:, i1 + i] = _round(part[:, i].float(), scheme).double()
+            q[:, i1 + i] = to_grid(part[:, i], *SCHEMES[scheme]).double()
             err = (part[:, i] - q[:, i1 + i]) / hinv[i1 + i, i1 + i]
             part[:, i:] -= err[:, None] * hinv[i1 + i, i1 + i : i2][None, :]
             errors[:, i] = err

@@ -255,9 +255,8 @@ def save_engine_model(
     the weights with GPTQ, from an fp32 pass over those prompts."""
     import json
 
-    from .quant import check_device_support, place, quantize_model
+    from .quant import place, quantize_model
 
-    check_device_support(quantization, None)
     engine_dir.mkdir(parents=True, exist_ok=True)
     if quantization == "none":
         model, report = CausalLM(load_hf(checkpoint, dtype=getattr(torch, dtype))), {"scheme": "none"}
@@ -276,12 +275,11 @@ def save_engine_model(
 
 def _gptq_model(checkpoint: Path, scheme: str, prompts: list[list[int]]) -> tuple[CausalLM, dict]:
     """The fp32 model with GPTQ-rounded projections, and the quantization report."""
-    from .gptq import input_hessians, prefill_inputs
+    from .gptq import prompt_hessians
     from .quant import quantize_model
 
     model = CausalLM(load_hf(checkpoint)).eval()
-    hessians = input_hessians(model, [prefill_inputs(model.shape, p) for p in prompts])
-    report = quantize_model(model, scheme, hessians)
+    report = quantize_model(model, scheme, prompt_hessians(model, prompts))
     return model, {**report, "calibration_tokens": sum(len(p) for p in prompts)}
 
 

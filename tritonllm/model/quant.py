@@ -20,15 +20,19 @@ SCHEMES = {"fp8": (torch.float8_e4m3fn, 448.0), "int8-wo": (torch.int8, 127.0)}
 PROJECTIONS = ("qkv_proj", "o", "gate_up", "down")  # a decoder layer's linears, by attribute name
 
 
+def to_grid(values: torch.Tensor, dtype: torch.dtype, qmax: float) -> torch.Tensor:
+    """Values in scale units -> the nearest point of the format's grid (float32): saturated at
+    qmax, then rounded half to even (integers) or to the nearest float8 value."""
+    y = values.float().clamp(-qmax, qmax)
+    return y.to(dtype).float() if dtype.is_floating_point else y.round()
+
+
 def quantize_weight(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [N, K] -> (q [N, K] in the scheme's dtype, scale [N] float32), per output channel."""
     dtype, qmax = SCHEMES[scheme]
     w = weight.detach().float()
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / qmax
-    q = (w / scale[:, None]).clamp(-qmax, qmax)
-    if not dtype.is_floating_point:
-        q = q.round()
-    return q.to(dtype), scale
+    return to_grid(w / scale[:, None], dtype, qmax).to(dtype), scale
 
 
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,17 +43,15 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> 
     return (x.float() / scale).clamp(-qmax, qmax).to(dtype), scale
 
 
-STATIC = {"int8": 127.0, "fp8": 448.0}  # schemes with static per-tensor activation scales (TensorRT Q/DQ)
+# schemes with static per-tensor activation scales (TensorRT Q/DQ) -> (format, largest magnitude)
+STATIC = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 
 
 def round_activations(x: torch.Tensor, scale: float, scheme: str) -> torch.Tensor:
     """x rounded to the scheme's 8-bit format with one static scale and read back (what a
     QuantizeLinear -> DequantizeLinear pair computes): int8 rounds half to even, fp8 to nearest
     e4m3; both saturate at the format's largest value."""
-    qmax = STATIC[scheme]
-    y = (x.float() / scale).clamp(-qmax, qmax)
-    y = y.round() if scheme == "int8" else y.to(torch.float8_e4m3fn).float()
-    return (y * scale).to(x.dtype)
+    return (to_grid(x.float() / scale, *STATIC[scheme]) * scale).to(x.dtype)
 
 
 class StaticInput(nn.Module):
@@ -74,13 +76,13 @@ def static_reference(model: nn.Module, inputs: list[tuple[float, Any] | None], s
     kinds = [(layer, kind) for layer in model.layers for kind in PROJECTIONS]
     if len(inputs) != len(kinds):
         raise ValueError(f"{len(inputs)} calibrated inputs for {len(kinds)} projections: not this model's graph")
-    for (layer, kind), found in zip(kinds, inputs):
-        if found is not None:
-            getattr(layer, kind).weight.data *= torch.as_tensor(found[1], dtype=torch.float32)[None, :]
+    divisors = [None if found is None else torch.tensor(found[1], dtype=torch.float32) for found in inputs]
+    for (layer, kind), divisor in zip(kinds, divisors):
+        if divisor is not None:
+            getattr(layer, kind).weight.data *= divisor[None, :]
     quantize_model(model, "fp8" if scheme == "fp8" else "int8-wo")
-    for (layer, kind), found in zip(kinds, inputs):
+    for (layer, kind), found, divisor in zip(kinds, inputs, divisors):
         if found is not None:
-            divisor = torch.as_tensor(found[1], dtype=torch.float32)
             setattr(layer, kind, StaticInput(getattr(layer, kind), found[0], divisor, scheme))
     return model
 
@@ -142,7 +144,7 @@ def quantize_model(model: nn.Module, scheme: str, hessians: dict | None = None) 
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 Tensor Cores
 
 
-def check_device_support(scheme: str, device: torch.device | None, runtime: str = "torch-cuda") -> None:
+def check_device_support(scheme: str, device: torch.device | None, runtime: str) -> None:
     """Refuse fp8 on a GPU without FP8 Tensor Cores (`device` None: the build host's GPU, if any;
     a CPU-only build host leaves the check to the engine's start-up, or TensorRT's builder, on its
     GPU)."""

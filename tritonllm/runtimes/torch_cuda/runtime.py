@@ -54,7 +54,7 @@ class TorchCudaRuntime(Runtime):
         if model is None:
             model = load_engine_model(Path(engine_dir), self.dtype)
         self.quantization = require_scheme(scheme_of(model), cfg.quantization, "the engine model")
-        check_device_support(self.quantization, self.device)
+        check_device_support(self.quantization, self.device, "torch-cuda")
         self.model = place(model, self.device, self.dtype).eval()
         self.model.inv_freq = self.model.inv_freq.float()
         self.shape, self.max_context = self.model.shape, cfg.max_context
