@@ -72,8 +72,10 @@ class EngineConfig:
     threads: int = 0  # runtime intra-op threads (0: runtime default)
     dtype: str = "float32"
     kv_cache_memory_fraction: float = 0.5  # GPU runtimes: share of free memory for the KV cache
+    kv_cache_tokens: int = 0  # paged runtimes: tokens the KV block pool holds (0: by kv_cache_memory_fraction on
+    # a GPU, every slot at max_context on the host); requests are admitted by the blocks they may fill
     torch_compile: bool = False  # torch-cuda: torch.compile the decode step before graph capture
-    prefix_cache: bool = True  # onnxruntime: prompts reuse the cached keys/values of a prefix seen before
+    prefix_cache: bool = True  # onnxruntime, torch-cuda: prompts reuse the cached keys/values of a prefix seen before
     quantization: str = "none"  # weights' scheme (QUANTIZATIONS), quantized once at build time
 
     def __post_init__(self) -> None:
@@ -118,6 +120,12 @@ class EngineConfig:
             "kv_cache_memory_fraction",
             self.kv_cache_memory_fraction,
             "(0, 0.95]",
+        )
+        _check(
+            self.kv_cache_tokens == 0 or self.kv_cache_tokens >= self.max_context,
+            "kv_cache_tokens",
+            self.kv_cache_tokens,
+            f"0 (sized by memory) or >= max_context ({self.max_context}): one sequence at max_context must fit",
         )
 
         _check(self.quantization in QUANTIZATIONS, "quantization", self.quantization, "|".join(QUANTIZATIONS))

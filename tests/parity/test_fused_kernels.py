@@ -23,15 +23,30 @@ from tritonllm.runtimes.torch_cuda.tuning import PROJECTIONS
 from tritonllm.text import TokenizerFiles
 
 
+def paged(static: torch.Tensor, page: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slot-laid cache [slots, Hkv, C, D] as a paged one: (pool [blocks, Hkv, page, D] holding its
+    blocks in shuffled order, table [slots, C / page] (int32) of where each went)."""
+    slots, h, c, d = static.shape
+    n = -(-c // page)
+    padded = torch.zeros(slots, h, n * page, d)
+    padded[:, :, :c] = static
+    blocks = padded.view(slots, h, n, page, d).permute(0, 2, 1, 3, 4).reshape(slots * n, h, page, d)
+    where = torch.randperm(slots * n, generator=torch.Generator().manual_seed(seed))
+    pool = torch.empty_like(blocks)
+    pool[where] = blocks
+    return pool, where.view(slots, n).to(torch.int32)
+
+
 def test_rope_kv_write_matches_rotate_half_and_writes_the_cache():
     torch.manual_seed(0)
     b, h, hkv, d, slots, ctx = 3, 4, 2, 8, 4, 16
     qkv = torch.randn(b, 1, (h + 2 * hkv) * d)
     ang = torch.randn(b, 1, d // 2)
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-    kc, vc = torch.zeros(slots, hkv, ctx, d), torch.zeros(slots, hkv, ctx, d)
+    (kp, table), (vp, _) = paged(torch.zeros(slots, hkv, ctx, d), 4), paged(torch.zeros(slots, hkv, ctx, d), 4)
     pos = torch.tensor([5, 0, 11])
-    q = fk.rope_kv_write(qkv, cos, sin, kc, vc, pos, h, hkv)
+    q = fk.rope_kv_write(qkv, cos, sin, kp, vp, table, pos, h, hkv)
+    kc, vc = ak.read_pages(kp, table), ak.read_pages(vp, table)  # back in slot order
     heads = qkv.view(b, 1, h + 2 * hkv, d)
     ref = heads[:, :, : h + hkv] * cos[:, :, None] + rotate_half(heads[:, :, : h + hkv]) * sin[:, :, None]
     torch.testing.assert_close(q, ref[:, 0, :h])
@@ -74,8 +89,9 @@ def test_decode_attention_matches_sdpa_over_each_rows_valid_keys(heads, kv_heads
     b, d, ctx = 3, 16, 150
     q = torch.randn(b, heads, d)
     kc, vc = torch.randn(4, kv_heads, ctx, d), torch.randn(4, kv_heads, ctx, d)
+    (kp, table), (vp, _) = paged(kc), paged(vc)
     pos = torch.tensor([0, 70, 149])
-    got = ak.decode_attention(q, kc, vc, pos, limit=128, config=config)  # row 2 is cut at the graph's context
+    got = ak.decode_attention(q, kp, vp, table, pos, limit=128, config=config)  # row 2 is cut at the graph's context
     g = heads // kv_heads
     for i in range(b):
         n = min(int(pos[i]) + 1, 128)
@@ -91,8 +107,9 @@ def test_decode_attention_keeps_to_a_sliding_window_with_a_query_scale(config):
     b, heads, kv_heads, d, ctx, window, scale = 3, 4, 2, 16, 150, 40, 0.3
     q = torch.randn(b, heads, d)
     kc, vc = torch.randn(4, kv_heads, ctx, d), torch.randn(4, kv_heads, ctx, d)
+    (kp, table), (vp, _) = paged(kc, 32, seed=1), paged(vc, 32, seed=1)
     pos = torch.tensor([10, 70, 149])  # inside the window, past it, and cut at the graph's context
-    got = ak.decode_attention(q, kc, vc, pos, 128, config, window=window, scale=scale)
+    got = ak.decode_attention(q, kp, vp, table, pos, 128, config, window=window, scale=scale)
     for i in range(b):
         n = min(int(pos[i]) + 1, 128)
         lo = max(0, n - window)
@@ -107,7 +124,8 @@ def test_decode_attention_soft_caps_the_scores():
     b, heads, kv_heads, d, ctx, cap = 2, 4, 2, 16, 40, 0.5
     q, kc, vc = torch.randn(b, heads, d), torch.randn(3, kv_heads, ctx, d), torch.randn(3, kv_heads, ctx, d)
     pos = torch.tensor([9, 33])
-    got = ak.decode_attention(q, kc, vc, pos, 64, window=16, scale=1.0, softcap=cap)
+    (kp, table), (vp, _) = paged(kc, 8, seed=2), paged(vc, 8, seed=2)
+    got = ak.decode_attention(q, kp, vp, table, pos, 64, window=16, scale=1.0, softcap=cap)
     for i in range(b):
         n = int(pos[i]) + 1
         lo = max(0, n - 16)
@@ -160,7 +178,7 @@ def test_fused_kernels_read_split_partial_sums_as_the_product():
     pos = torch.tensor([5, 0, 11])
     caches = [tuple(torch.zeros(4, hkv, 16, d) for _ in range(2)) for _ in range(2)]
     qs = [
-        fk.rope_kv_write(y, cos, sin, *kv, pos, h, hkv)
+        fk.rope_kv_write(y, cos, sin, *kv, torch.arange(4, dtype=torch.int32).view(4, 1), pos, h, hkv)
         for y, kv in zip([x @ w_qkv.T, gemv.small_matmul(x, w_qkv, None, cfg)], caches)
     ]
     torch.testing.assert_close(qs[1], qs[0], atol=1e-4, rtol=1e-4)
@@ -189,11 +207,13 @@ def test_fused_prefill_gives_the_torch_ops_logits_and_cache(tiny_dir):
     runs = []
     for triton_kernels in (False, True):
         rt = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=triton_kernels, gemv_table={})
-        runs.append((rt.prefill(rows), rt.cache.keys, rt.cache.values))
-    for ref, got in zip(*runs):
+        runs.append((rt.step(rows), rt.cache.keys, rt.cache.values))
+    for ref, got in zip(*runs):  # the same blocks taken in the same order: the pools compare as they are
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-    keys = runs[1][1]  # [layers, slots, kv heads, context, head dim]
-    assert keys[:, 2, :, :7].abs().sum() > 0 and keys[:, 1].abs().sum() == 0  # slot 1 untouched
+    held = rt.blocks.tables
+    assert len(held[2]) == 1 and len(held[0]) == 1 and held[1] == []  # slot 1 holds nothing
+    keys, _ = rt.cache.gather(0, torch.tensor([2]), 7)
+    assert keys.abs().sum() > 0
 
 
 @pytest.mark.parametrize("use_gemv", [False, True, "split"])
@@ -243,11 +263,12 @@ def test_rope_kv_write_norms_each_q_and_k_head_first():
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
     qn, kn = RMSNorm(torch.randn(d), 1e-6), RMSNorm(torch.randn(d), 1e-6)
     kc, vc = torch.zeros(3, hkv, 8, d), torch.zeros(3, hkv, 8, d)
+    own = torch.arange(3, dtype=torch.int32).view(3, 1)  # slot s: block s of 8 positions
     heads = qkv.view(b, 1, h + 2 * hkv, d)
     for offset in (0.0, 1.0):  # Qwen3's norm, Gemma 3's (1 + w)
         qn.offset = kn.offset = offset
         scales = (offset + qn.weight, offset + kn.weight, 1e-6, bool(offset))
-        q = fk.rope_kv_write(qkv, cos, sin, kc, vc, torch.tensor([3, 6]), h, hkv, qk_norm=scales)
+        q = fk.rope_kv_write(qkv, cos, sin, kc, vc, own, torch.tensor([3, 6]), h, hkv, qk_norm=scales)
         normed = torch.cat([qn(heads[:, :, :h]), kn(heads[:, :, h : h + hkv])], dim=2)
         ref = apply_rotary(normed, cos[:, :, None], sin[:, :, None])
         torch.testing.assert_close(q, ref[:, 0, :h])
@@ -275,3 +296,11 @@ def test_logprob_kernels_match_log_softmax_and_topk(k):
         top = torch.topk(ref, k)
         torch.testing.assert_close(vals[:, 1:].double(), top.values, atol=1e-4, rtol=0)
         assert ids.tolist() == top.indices.tolist()
+
+
+def test_paged_cache_through_the_kernels_admits_by_blocks_and_reuses_prefixes_with_hf_ids(tiny_dir):
+    """The rotary write and decode attention kernels (interpreted) find positions through the block
+    tables of a pool small enough that requests wait for blocks and cached prefixes are evicted."""
+    from .test_torch_runtime import check_paged_cache
+
+    check_paged_cache(tiny_dir, triton_kernels=True)

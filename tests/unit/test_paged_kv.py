@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from tritonllm.model.shape import ModelShape
-from tritonllm.runtimes.paged_kv import BLOCK_SIZE, BlockPool, OutOfBlocksError, PagedKVCache, chain_hash
+from tritonllm.runtimes.paged_kv import (
+    BLOCK_SIZE,
+    BlockPool,
+    BlockTables,
+    OutOfBlocksError,
+    PagedKVCache,
+    chain_hash,
+)
 
 SHAPE = ModelShape(2, 4, 2, 8, 32, 100, 1024, (0,), None, None)
 
@@ -114,3 +121,44 @@ def test_a_piece_must_start_where_the_slot_ends():
 
 def test_chain_hash_depends_on_everything_before():
     assert chain_hash(chain_hash(0, (1,)), (2,)) != chain_hash(chain_hash(0, (3,)), (2,))
+
+
+def test_admission_promises_only_blocks_the_pool_can_keep():
+    """reserve: a sequence's longest length in blocks, against free + evictable blocks less what
+    was promised before and not yet taken; release returns both the blocks and the promise."""
+    tables = BlockTables(num_blocks=6, slots=3)
+    assert tables.reserve(0, 3 * BLOCK_SIZE)  # 3 of 6 promised
+    assert not tables.reserve(1, 4 * BLOCK_SIZE)  # 4 > 6 - 3
+    assert tables.reserve(1, 2 * BLOCK_SIZE + 1)  # 3 blocks: all promised now
+    assert not tables.reserve(2, 1)
+    tables.ensure(0, 2 * BLOCK_SIZE)  # taking promised blocks changes nothing for others
+    assert not tables.reserve(2, 1) and tables.owed == 4
+    tables.release(0)
+    assert tables.owed == 3 and tables.reserve(2, 3 * BLOCK_SIZE)
+
+
+def test_a_slot_never_takes_blocks_past_its_promise():
+    """A multi-step run may write past its sequence's end: those positions get no block (the device
+    runtime sends their writes to its scratch block), so the pool never runs dry for a promise."""
+    tables = BlockTables(num_blocks=4, slots=2)
+    tables.reserve(0, BLOCK_SIZE + 1)  # 2 blocks
+    tables.ensure(0, 4 * BLOCK_SIZE)
+    assert len(tables.tables[0]) == 2 and tables.pool.available == 2
+    assert tables.take_dirty() == {0: [0, 2]}
+    tables.release(0)
+    assert tables.take_dirty() == {0: [0, 2]}  # the entries to point back at scratch
+
+
+def test_prefix_hits_count_against_a_promise():
+    """Blocks found in the prefix cache are blocks the sequence need not take from the pool."""
+    tables = BlockTables(num_blocks=4, slots=2)
+    prompt = list(range(2 * BLOCK_SIZE + 1))
+    tables.reserve(0, 3 * BLOCK_SIZE)
+    tables.ensure(0, len(prompt))
+    tables.record(0, 0, prompt)
+    tables.release(0)  # two full blocks stay cached (evictable), one goes back free
+    assert tables.pool.available == 4
+    assert tables.reserve(1, 4 * BLOCK_SIZE) and tables.owed == 4
+    assert tables.begin(1, 0, prompt) == 2 * BLOCK_SIZE
+    assert tables.owed == 2 and tables.pool.available == 2
+    assert not tables.reserve(0, 1)

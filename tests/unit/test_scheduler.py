@@ -495,3 +495,33 @@ def test_logprobs_follow_the_kept_tokens_and_keep_multi_step_off():
     assert lp.output_ids == [5] and lp.logprobs == [-0.5] and lp.top_logprobs == [([5], [-0.5])]
     assert lp.finish_reason == "stop" and plain.output_ids == [6, 6]
     assert sch.schedule().steps == 4  # without it, the others run in multi-step again
+
+
+class TokenBudget:
+    """A KV pool of `tokens` positions: the admission seam a paged runtime speaks."""
+
+    def __init__(self, tokens):
+        self.free, self.held, self.most_held = tokens, {}, 0
+
+    def reserve_kv(self, slot, tokens):
+        if tokens > self.free:
+            return False
+        self.free -= tokens
+        self.held[slot] = tokens
+        self.most_held = max(self.most_held, sum(self.held.values()))
+        return True
+
+    def release_kv(self, slot):
+        self.free += self.held.pop(slot)
+
+
+def test_sequences_wait_for_kv_blocks_with_free_slots_and_none_is_lost(Runtime):
+    """Four slots but a pool of 25 positions: each sequence may fill 2 + 8, so two run at once;
+    the others wait (counted) until one ends, then run; every one finishes with its own tokens."""
+    cfg = EngineConfig(max_slots=4, max_tokens_limit=100)
+    rt, budget = Runtime(slots=4), TokenBudget(25)
+    rt.reserve_kv, rt.release_kv = budget.reserve_kv, budget.release_kv
+    results, loop = run_loop(rt, cfg, [seq([5 * i + 1, 5 * i + 2], max_tokens=8) for i in range(5)])
+    assert [r.ids for r in results] == [[5 * i + 3 + k for k in range(8)] for i in range(5)]
+    assert budget.most_held == 20 and budget.held == {} and budget.free == 25
+    assert loop.scheduler.kv_waits > 0 and len(rt.slots_seen) <= 4

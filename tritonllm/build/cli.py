@@ -49,7 +49,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--emit-text", action="store_true",
                    help="the engine detokenizes: tokenizer -> engine, no detokenizer stage (one python hop fewer)")
     p.add_argument("--no-prefix-cache", action="store_true",
-                   help="onnxruntime: compute every prompt whole instead of reusing a cached prefix's keys/values")
+                   help="compute every prompt whole instead of reusing a cached prefix's keys/values")
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=d.kv_cache_memory_fraction,
+                   help="torch-cuda: share of the GPU's free memory (after the weights) for the KV block pool")
+    p.add_argument("--kv-cache-tokens", type=int, default=d.kv_cache_tokens,
+                   help="tokens the KV block pool holds (0: by --kv-cache-memory-fraction on a GPU, every slot "
+                   "at --max-context on the CPU); requests are admitted by the blocks they may fill")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default=d.quantization,
                    help="fp8 / int8-wo (torch-cuda), int8 / int4 (onnxruntime), int8-wo / int8 / fp8 (tensorrt Q/DQ); "
                    "README: quantization")
@@ -93,7 +98,8 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
                         max_prefill_tokens=a.max_prefill_tokens, prefill_gather_ms=a.prefill_gather_ms,
                         steps_per_launch=a.steps_per_launch,
                         multi_step_min_active=a.multi_step_min_active, launch_ahead=a.launch_ahead,
-                        prefix_cache=not a.no_prefix_cache, quantization=a.quantization)
+                        prefix_cache=not a.no_prefix_cache, quantization=a.quantization,
+                        kv_cache_memory_fraction=a.kv_cache_memory_fraction, kv_cache_tokens=a.kv_cache_tokens)
 
 if __name__ == "__main__":
     main()

@@ -72,6 +72,7 @@ class EngineLoop:
             slots=runtime.max_slots,
             max_steps=cfg.steps_per_launch if can.multi_step else 1,
             chunked=can.prompt_pieces,
+            kv=runtime,
         )
         self.stats = EngineStats()
         self.on_finish = on_finish  # callback(seq) for metrics

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import heapq
 import time
+from typing import Protocol
 
 from ..config import EngineConfig
 from ..errors import ServerBusyError
@@ -38,14 +39,41 @@ def queue_full(cfg: EngineConfig) -> ServerBusyError:
     )
 
 
+class KVAdmission(Protocol):
+    """What admission asks of the KV cache (a runtime): a promise of a sequence's blocks, and their return."""
+
+    def reserve_kv(self, slot: int, tokens: int) -> bool: ...
+    def release_kv(self, slot: int) -> None: ...
+
+
+class SlotsOnly:
+    """Every slot holds max_context positions of its own: a free slot is all a sequence needs."""
+
+    def reserve_kv(self, slot: int, tokens: int) -> bool:
+        return True
+
+    def release_kv(self, slot: int) -> None:
+        pass
+
+
 class Scheduler:
     def __init__(
-        self, cfg: EngineConfig, decode=None, slots: int | None = None, max_steps: int = 1, chunked: bool = False
+        self,
+        cfg: EngineConfig,
+        decode=None,
+        slots: int | None = None,
+        max_steps: int = 1,
+        chunked: bool = False,
+        kv: KVAdmission | None = None,
     ):
         """max_steps: decode steps the runtime can run in one launch (cfg.steps_per_launch where it can);
         chunked: the runtime takes a prompt in pieces at any start (prompts longer than the step's
-        prefill budget are split over steps)."""
+        prefill budget are split over steps); kv: the cache that admits a sequence by the blocks it
+        may fill (a paged runtime), else slots alone."""
         self.cfg, self.decode, self.max_steps, self.chunked = cfg, decode, max_steps, chunked
+        self.kv = kv or SlotsOnly()
+        self.kv_waits = 0  # steps at which the next waiting sequence had a slot but not its KV blocks
+        self._kv_short = False  # ... and no sequence has ended since
         self.tokens_kept = 0  # tokens appended to outputs (not EOS, none past a stop)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
@@ -81,11 +109,19 @@ class Scheduler:
             n = self.waiting[0].n_prompt
             if prefill and n > budget and not (self.chunked and n > self.cfg.max_prefill_tokens):
                 break
+            if not self.kv.reserve_kv(self.free_slots[0], self._kv_tokens(self.waiting[0])):
+                self.kv_waits += 1  # it waits, first in line, until a sequence ends and frees blocks
+                self._kv_short = True
+                break
             seq = self.waiting.popleft()
             seq.slot = heapq.heappop(self.free_slots)
             self.running.append(seq)
             budget = self._take_piece(seq, budget, prefill, partial)
         return StepPlan(prefill, decode, 1 if prefill else self._steps_for(decode), frozenset(partial))
+
+    def _kv_tokens(self, seq: Sequence) -> int:
+        """The most positions a sequence can fill: its prompt and every token it may generate."""
+        return min(seq.n_prompt + seq.params.max_tokens, self.cfg.max_context)
 
     def _take_piece(self, seq: Sequence, budget: int, prefill: list, partial: list) -> int:
         """Schedule the next piece of seq's prompt (all of it unless chunked); returns the budget left."""
@@ -102,7 +138,8 @@ class Scheduler:
         its EOS masking (min_tokens) meanwhile, or need its tokens on the host between steps. A
         sequence whose length limit or stop comes inside the run drops the tokens after it. Sequences
         that ask for log-probabilities decode one step per launch."""
-        if self.max_steps <= 1 or len(decode) < self.cfg.multi_step_min_active or (self.waiting and self.free_slots):
+        admitting = self.waiting and self.free_slots and not self._kv_short
+        if self.max_steps <= 1 or len(decode) < self.cfg.multi_step_min_active or admitting:
             return 1
         steps = self.max_steps
         for seq in decode:
@@ -196,6 +233,8 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             heapq.heappush(self.free_slots, seq.slot)
+            self.kv.release_kv(seq.slot)
+            self._kv_short = False
         elif seq in self.waiting:
             self.waiting.remove(seq)
 

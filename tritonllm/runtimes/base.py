@@ -107,6 +107,16 @@ class Runtime(ABC):
     def stats(self) -> RuntimeStats:
         return RuntimeStats()
 
+    def reserve_kv(self, slot: int, tokens: int) -> bool:
+        """Promise the sequence about to take `slot` the cache of `tokens` positions (its prompt and
+        all it may generate); False: not now (the scheduler admits it when a sequence has ended).
+        Always True where every slot holds max_context positions of its own."""
+        return True
+
+    def release_kv(self, slot: int) -> None:
+        """The sequence in `slot` ended: its cache goes back now, before its final response is sent."""
+        return None
+
     def reused_prompt_tokens(self, slot: int) -> int:
         """Prompt tokens of the sequence in `slot` whose keys/values a prefix cache held, so far
         (read after each of its prompt pieces is taken); 0 for a runtime without one."""

@@ -71,7 +71,9 @@ class OnnxRuntime(Runtime):
         self.session = ort.InferenceSession(
             str(Path(engine_dir) / "model.onnx"), opts, providers=providers or ["CPUExecutionProvider"]
         )
-        self.cache = PagedKVCache(self.shape, cfg.max_slots, cfg.max_context, cfg.prefix_cache)
+        self.cache = PagedKVCache(
+            self.shape, cfg.max_slots, cfg.max_context, cfg.prefix_cache, tokens=cfg.kv_cache_tokens
+        )
         self.staging = DecodeStaging(self.cache)
 
     def describe(self) -> dict:
@@ -83,12 +85,19 @@ class OnnxRuntime(Runtime):
             "kv_cache_bytes": self.cache.nbytes,
             "quantization": self.quantization,
             "kv_block_size": BLOCK_SIZE,
+            "kv_cache_tokens": self.cache.blocks.pool.size * BLOCK_SIZE,
             "prefix_cache": self.cache.prefix_cache,
         }
 
     def stats(self) -> RuntimeStats:
         prefix = self.cache.stats
         return RuntimeStats(prefix_queried_tokens=prefix.queried_tokens, prefix_hit_tokens=prefix.hit_tokens)
+
+    def reserve_kv(self, slot: int, tokens: int) -> bool:
+        return self.cache.blocks.reserve(slot, tokens)
+
+    def release_kv(self, slot: int) -> None:
+        self.cache.release(slot)
 
     def reused_prompt_tokens(self, slot: int) -> int:
         return self.cache.reused[slot]

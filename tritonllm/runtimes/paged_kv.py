@@ -1,9 +1,14 @@
-"""Paged host KV cache with prefix caching, for the runtimes that run the exported graph on the host
-(ONNX Runtime). Keys/values live in fixed-size blocks of one pool; each slot holds a table of its
-blocks. A full block is registered under the hash of its tokens and of every token before it
-(the chain of its predecessors), so a later prompt that starts with the same tokens takes those
-blocks instead of computing them again. Blocks are reference-counted; a registered block nobody
-holds stays cached until the pool needs it (least recently released first)."""
+"""Paged KV cache bookkeeping with prefix caching, and the host storage of the runtimes that run the
+exported graph on the host (ONNX Runtime). Keys/values live in fixed-size blocks of one pool; each
+slot holds a table of its blocks. A full block is registered under the hash of its tokens and of
+every token before it (the chain of its predecessors), so a later prompt that starts with the same
+tokens takes those blocks instead of computing them again. Blocks are reference-counted; a
+registered block nobody holds stays cached until the pool needs it (least recently released first).
+
+Admission is by blocks: a sequence is admitted only when the pool can promise it the blocks of its
+longest possible length (prompt + max_tokens, at most max_context), TensorRT-LLM's "guaranteed no
+evict" policy, so a running sequence never finds the pool empty and nothing is preempted. A slot
+is then only a row of the batch, not a reservation of max_context tokens."""
 
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ class BlockPool:
     """Block ids 0..n-1: free, held (reference count > 0), or cached and unheld (evictable, LRU)."""
 
     def __init__(self, num_blocks: int):
+        self.size = num_blocks
         self.free = collections.deque(range(num_blocks))
         self.refs = [0] * num_blocks
         self.by_hash: dict[int, int] = {}  # chain hash -> block
@@ -87,25 +93,151 @@ def chain_hash(previous: int, tokens: tuple[int, ...]) -> int:
     return hash((previous, tokens))
 
 
-class PagedKVCache:
-    """Keys/values [layers, kv_heads, blocks, BLOCK_SIZE, head_dim] and per slot its block table,
-    the tokens whose keys/values it holds, and their blocks' chain hashes. Sized for every slot at
-    `max_context` (nothing is ever refused for lack of blocks); blocks a slot does not use hold
-    cached prefixes meanwhile."""
+def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
+    return -(-tokens // block_size)
 
-    def __init__(self, shape: ModelShape, slots: int, max_context: int, prefix_cache: bool = True, dtype=np.float32):
-        blocks_per_slot = -(-max_context // BLOCK_SIZE)
-        dims = (shape.num_layers, shape.num_kv_heads, slots * blocks_per_slot, BLOCK_SIZE, shape.head_dim)
-        self.keys = np.zeros(dims, dtype=dtype)
-        self.values = np.zeros(dims, dtype=dtype)
-        self.layers, self.kv_heads, self.head_dim = shape.num_layers, shape.num_kv_heads, shape.head_dim
-        self.max_context = max_context
-        self.pool = BlockPool(dims[2])
-        self.prefix_cache = prefix_cache
+
+class BlockTables:
+    """Per slot: its block table, the tokens known at its first positions (a prompt's; a runtime
+    that samples on the device never learns the rest, so only prompt blocks are registered there),
+    their full blocks' chain hashes, and the blocks promised to it at admission (`reserve`).
+    `dirty` collects the table entries that changed, for a runtime that mirrors the tables on a device."""
+
+    def __init__(self, num_blocks: int, slots: int, prefix_cache: bool = True, block_size: int = BLOCK_SIZE):
+        self.pool = BlockPool(num_blocks)
+        self.prefix_cache, self.block_size = prefix_cache, block_size
         self.tables: list[list[int]] = [[] for _ in range(slots)]
         self.tokens: list[list[int]] = [[] for _ in range(slots)]
         self.chains: list[list[int]] = [[] for _ in range(slots)]  # chain hash of each full block
         self.reused = [0] * slots  # prompt tokens each slot's sequence found cached (`begin`)
+        self.reserved = [0] * slots  # blocks promised to each slot's sequence (0: none promised)
+        self.owed = 0  # promised blocks not yet in their slot's table, over all slots
+        self.dirty: dict[int, list[int]] = {}  # slot -> [first, end) of table entries changed since `take_dirty`
+
+    @property
+    def stats(self) -> PrefixStats:
+        return self.pool.stats
+
+    def _owed(self, slot: int) -> int:
+        return max(0, self.reserved[slot] - len(self.tables[slot]))
+
+    def _mark(self, slot: int, first: int, end: int) -> None:
+        span = self.dirty.setdefault(slot, [first, end])
+        span[0], span[1] = min(span[0], first), max(span[1], end)
+
+    def take_dirty(self) -> dict[int, list[int]]:
+        dirty, self.dirty = self.dirty, {}
+        return dirty
+
+    def _take(self, slot: int, block: int) -> None:
+        self.owed -= self._owed(slot) > 0
+        self._mark(slot, len(self.tables[slot]), len(self.tables[slot]) + 1)
+        self.tables[slot].append(block)
+
+    def reserve(self, slot: int, tokens: int) -> bool:
+        """Promise `slot` the blocks of `tokens` positions if the pool can keep every promise made."""
+        need = blocks_for(tokens, self.block_size)
+        if self.pool.available - self.owed < need - len(self.tables[slot]):
+            return False
+        self.owed -= self._owed(slot)
+        self.reserved[slot] = need
+        self.owed += self._owed(slot)
+        return True
+
+    def release(self, slot: int) -> None:
+        """The slot's sequence ended: its blocks go back (full registered ones stay cached) and its
+        promise ends."""
+        self.owed -= self._owed(slot)
+        self.reserved[slot] = 0
+        self._drop(slot)
+
+    def _drop(self, slot: int) -> None:
+        for block in self.tables[slot]:
+            self.pool.release(block)
+        if self.tables[slot]:
+            self._mark(slot, 0, len(self.tables[slot]))
+        self.tables[slot], self.tokens[slot], self.chains[slot] = [], [], []
+        self.owed += self._owed(slot)
+
+    def begin(self, slot: int, start: int, tokens: list[int]) -> int:
+        """A prefill row for `slot`: a new sequence at start 0 drops the slot's old blocks. Returns
+        how many of `tokens` (from their start) are already cached and need no computing: whole
+        blocks of a matching prefix, never the last token (its logits are wanted)."""
+        if start == 0:
+            self.owed -= self._owed(slot)
+            self._drop(slot)
+            self.reused[slot] = 0
+        self.check_start(slot, start)
+        size = self.block_size
+        if not self.prefix_cache or start % size:
+            return 0
+        self.pool.stats.queried_tokens += len(tokens)
+        reused = 0
+        while reused + size < len(tokens):
+            block_tokens = tuple(tokens[reused : reused + size])
+            chain = chain_hash(self.chains[slot][-1] if self.chains[slot] else 0, block_tokens)
+            block = self.pool.lookup(chain, block_tokens)
+            if block is None:
+                break
+            self.pool.acquire(block)
+            self._take(slot, block)
+            self.chains[slot].append(chain)
+            self.tokens[slot].extend(block_tokens)
+            reused += size
+        self.pool.stats.hit_tokens += reused
+        self.reused[slot] += reused
+        return reused
+
+    def check_start(self, slot: int, start: int) -> None:
+        if len(self.tokens[slot]) != start:
+            raise ValueError(f"slot {slot} holds {len(self.tokens[slot])} positions, a piece starts at {start}")
+
+    def ensure(self, slot: int, length: int) -> None:
+        """Blocks for positions 0..length-1 of `slot`, but never beyond its promise where it has one:
+        positions past it (a multi-step run's tokens after its sequence's end) have no block, and
+        a runtime sends their writes to a scratch block."""
+        need = blocks_for(length, self.block_size)
+        if self.reserved[slot]:
+            need = min(need, self.reserved[slot])
+        while len(self.tables[slot]) < need:
+            self._take(slot, self.pool.allocate())
+
+    def record(self, slot: int, start: int, tokens: list[int]) -> None:
+        """`tokens` are at positions start.. of `slot` (their blocks ensured): each block they fill
+        is registered for prefix reuse."""
+        self.check_start(slot, start)
+        self.tokens[slot].extend(tokens)
+        chains, toks, size = self.chains[slot], self.tokens[slot], self.block_size
+        while (len(chains) + 1) * size <= len(toks):
+            i = len(chains)
+            block_tokens = tuple(toks[i * size : (i + 1) * size])
+            chains.append(chain_hash(chains[-1] if chains else 0, block_tokens))
+            if self.prefix_cache:
+                self.pool.register(self.tables[slot][i], chains[-1], block_tokens)
+
+
+class PagedKVCache:
+    """Host keys/values [layers, kv_heads, blocks, BLOCK_SIZE, head_dim] behind `BlockTables`: `tokens`
+    positions, by default every slot at `max_context` (admission never waits for blocks); blocks a
+    slot does not use hold cached prefixes meanwhile."""
+
+    def __init__(
+        self,
+        shape: ModelShape,
+        slots: int,
+        max_context: int,
+        prefix_cache: bool = True,
+        dtype=np.float32,
+        tokens: int = 0,
+    ):
+        blocks = blocks_for(tokens) if tokens else slots * blocks_for(max_context)
+        dims = (shape.num_layers, shape.num_kv_heads, blocks, BLOCK_SIZE, shape.head_dim)
+        self.keys = np.zeros(dims, dtype=dtype)
+        self.values = np.zeros(dims, dtype=dtype)
+        self.layers, self.kv_heads, self.head_dim = shape.num_layers, shape.num_kv_heads, shape.head_dim
+        self.max_context = max_context
+        self.blocks = BlockTables(dims[2], slots, prefix_cache)
+        self.begin, self.release = self.blocks.begin, self.blocks.release
         self._scratch = (np.empty(0, dtype), np.empty(0, dtype))
 
     @property
@@ -113,69 +245,40 @@ class PagedKVCache:
         return self.keys.nbytes + self.values.nbytes
 
     @property
+    def prefix_cache(self) -> bool:
+        return self.blocks.prefix_cache
+
+    @property
     def stats(self) -> PrefixStats:
-        return self.pool.stats
+        return self.blocks.stats
 
-    def begin(self, slot: int, start: int, tokens: list[int]) -> int:
-        """A prefill row for `slot`: a new sequence at start 0 drops the slot's old blocks. Returns
-        how many of `tokens` (from their start) are already cached and need no computing: whole
-        blocks of a matching prefix, never the last token (its logits are wanted)."""
-        if start == 0:
-            self._drop(slot)
-            self.reused[slot] = 0
-        if len(self.tokens[slot]) != start:
-            raise ValueError(f"slot {slot} holds {len(self.tokens[slot])} positions, a piece starts at {start}")
-        if not self.prefix_cache or start % BLOCK_SIZE:
-            return 0
-        self.pool.stats.queried_tokens += len(tokens)
-        reused = 0
-        while reused + BLOCK_SIZE < len(tokens):
-            block_tokens = tuple(tokens[reused : reused + BLOCK_SIZE])
-            chain = chain_hash(self.chains[slot][-1] if self.chains[slot] else 0, block_tokens)
-            block = self.pool.lookup(chain, block_tokens)
-            if block is None:
-                break
-            self.pool.acquire(block)
-            self.tables[slot].append(block)
-            self.chains[slot].append(chain)
-            self.tokens[slot].extend(block_tokens)
-            reused += BLOCK_SIZE
-        self.pool.stats.hit_tokens += reused
-        self.reused[slot] += reused
-        return reused
+    @property
+    def tables(self) -> list[list[int]]:
+        return self.blocks.tables
 
-    def _drop(self, slot: int) -> None:
-        for block in self.tables[slot]:
-            self.pool.release(block)
-        self.tables[slot], self.tokens[slot], self.chains[slot] = [], [], []
+    @property
+    def chains(self) -> list[list[int]]:
+        return self.blocks.chains
+
+    @property
+    def reused(self) -> list[int]:
+        return self.blocks.reused
 
     def update(self, slots: list[int], starts: list[int], tokens: list[list[int]], new_keys, new_values) -> None:
         """Write row b's keys/values for `tokens[b]` at positions starts[b].. of slots[b] (into new
         blocks as they are needed), and register each block it fills."""
         for b, (slot, start, toks) in enumerate(zip(slots, starts, tokens)):
-            if len(self.tokens[slot]) != start:
-                raise ValueError(f"slot {slot} holds {len(self.tokens[slot])} positions, new ones start at {start}")
-            done = 0
+            self.blocks.check_start(slot, start)
+            self.blocks.ensure(slot, start + len(toks))
+            table, done = self.tables[slot], 0
             while done < len(toks):
                 pos = start + done
-                if pos // BLOCK_SIZE == len(self.tables[slot]):
-                    self.tables[slot].append(self.pool.allocate())
-                block, off = self.tables[slot][pos // BLOCK_SIZE], pos % BLOCK_SIZE
+                block, off = table[pos // BLOCK_SIZE], pos % BLOCK_SIZE
                 n = min(BLOCK_SIZE - off, len(toks) - done)
                 self.keys[:, :, block, off : off + n] = new_keys[:, b, :, done : done + n]
                 self.values[:, :, block, off : off + n] = new_values[:, b, :, done : done + n]
                 done += n
-            self.tokens[slot].extend(toks)
-            self._register_full(slot)
-
-    def _register_full(self, slot: int) -> None:
-        chains, toks = self.chains[slot], self.tokens[slot]
-        while (len(chains) + 1) * BLOCK_SIZE <= len(toks):
-            i = len(chains)
-            block_tokens = tuple(toks[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])
-            chains.append(chain_hash(chains[-1] if chains else 0, block_tokens))
-            if self.prefix_cache:
-                self.pool.register(self.tables[slot][i], chains[-1], block_tokens)
+            self.blocks.record(slot, start, toks)
 
     def gather(self, slots: list[int], length: int, out: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Past keys/values of `slots` up to `length` positions: [L, B, Hkv, length, D] (zeros where a
@@ -188,8 +291,8 @@ class PagedKVCache:
         if out is None:
             self._scratch, out = staged(self._scratch, dims)
         for b, slot in enumerate(slots):
-            held = min(length, len(self.tokens[slot]))
-            table = self.tables[slot][: -(-held // BLOCK_SIZE)]
+            held = min(length, len(self.blocks.tokens[slot]))
+            table = self.tables[slot][: blocks_for(held)]
             for src, dst in zip((self.keys, self.values), out):
                 rows = src[:, :, table].reshape(layers, kv_heads, len(table) * BLOCK_SIZE, d)
                 dst[:, b, :, :held] = rows[:, :, :held]

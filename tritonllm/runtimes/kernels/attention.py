@@ -1,9 +1,11 @@
 """Decode attention (OpenAI Triton) for the torch-cuda runtime: one query token per row against its
-slot's cached keys/values, flash-style (online softmax over blocks of the context), the G query
-heads of a KV head as the rows of one tile so K/V are read once; each row reads only its own valid
-length (read on the device, so one CUDA graph serves every length), from the start of its sliding
-window where the layer has one. `tune_attention` picks the block configuration per batch size at
-start-up. Checked against SDPA with TRITON_INTERPRET=1 on the CPU (tests/parity)."""
+slot's cached keys/values, found through the slot's block table (a paged cache: position p is at
+offset p % PAGE of block table[slot, p // PAGE]), flash-style (online softmax over tiles of the
+context, each tile's keys gathered by their blocks), the G query heads of a KV head as the rows of
+one tile so K/V are read once; each row reads only its own valid length (read on the device, so
+one CUDA graph serves every length), from the start of its sliding window where the layer has one.
+`tune_attention` picks the tile configuration per batch size at start-up. Checked against SDPA
+with TRITON_INTERPRET=1 on the CPU (tests/parity)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ def _decode_attention_kernel(
     q,
     k_cache,
     v_cache,
+    table,
     pos,
     out,
     limit,
@@ -25,9 +28,11 @@ def _decode_attention_kernel(
     softcap,
     s_q_b,
     s_q_h,
-    s_c_slot,
+    s_table,
+    s_c_block,
     s_c_head,
     s_c_pos,
+    PAGE: tl.constexpr,
     G: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
@@ -43,11 +48,11 @@ def _decode_attention_kernel(
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    base = b * s_c_slot + kv * s_c_head
     for start in range((lo // BLOCK_N) * BLOCK_N, n, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         live = (cols < n) & (cols >= lo)
-        at = base + cols[:, None] * s_c_pos + d[None, :]
+        block = tl.load(table + b * s_table + cols // PAGE, mask=live, other=0).to(tl.int64)
+        at = (block * s_c_block + kv * s_c_head + (cols % PAGE) * s_c_pos)[:, None] + d[None, :]
         kb = tl.load(k_cache + at, mask=live[:, None], other=0.0)
         s = tl.dot(qv, tl.trans(kb)).to(tl.float32) * scale
         if CAPPED:  # Gemma 2: cap * tanh(s / cap), tanh from exp (2 / (1 + e^-2z) - 1)
@@ -71,6 +76,7 @@ def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    table: torch.Tensor,
     positions: torch.Tensor,
     limit: int,
     config: tuple[int, int, int] = ATTENTION_CONFIGS[0],
@@ -78,11 +84,12 @@ def decode_attention(
     scale: float | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """q [B,H,D] (contiguous) of slots 0..B-1 at positions [B]; k/v_cache [slots,Hkv,C,D] (one layer).
-    Row b attends to keys 0..min(positions[b], limit - 1), the last `window` of them where one is
-    set; scores scaled by `scale` (default D ** -0.5), then soft-capped at `softcap` where one is
-    set. Returns [B,1,H*D]. `config`: keys per block
-    (fewer blocks, fewer dependent loads: what a batch of few rows waits on), warps, stages."""
+    """q [B,H,D] (contiguous) of slots 0..B-1 at positions [B]; k/v_cache [blocks,Hkv,PAGE,D] (one
+    layer), table [slots, blocks per sequence] (int32: the block of each slot's positions, PAGE at
+    a time). Row b attends to keys 0..min(positions[b], limit - 1), the last `window` of them where
+    one is set; scores scaled by `scale` (default D ** -0.5), then soft-capped at `softcap` where
+    one is set. Returns [B,1,H*D]. `config`: keys per tile (fewer tiles, fewer dependent loads:
+    what a batch of few rows waits on), warps, stages."""
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     out = torch.empty_like(q)
@@ -91,6 +98,7 @@ def decode_attention(
         q,
         k_cache,
         v_cache,
+        table,
         positions,
         out,
         limit,
@@ -99,9 +107,11 @@ def decode_attention(
         softcap or 1.0,
         q.stride(0),
         q.stride(1),
+        table.stride(0),
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        PAGE=k_cache.shape[2],
         G=h // hkv,
         GP=max(16, triton.next_power_of_2(h // hkv)),
         D=d,
@@ -113,26 +123,47 @@ def decode_attention(
     return out.view(b, 1, h * d)
 
 
+def read_pages(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The positions that blocks [B, n] (a table's rows) hold in one layer's cache [blocks, Hkv, PAGE,
+    D], in order: [B, Hkv, n * PAGE, D] (a copy)."""
+    x = cache[blocks.long()]  # [B, n, Hkv, PAGE, D]
+    b, n, h, page, d = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b, h, n * page, d)
+
+
+def spread_table(rows: int, context: int, page: int, num_blocks: int, device) -> torch.Tensor:
+    """A block table [rows, context / page] whose rows hold distinct blocks spread over the pool (as
+    a busy cache's are), wrapping around where the pool is smaller: what tuning and checks read."""
+    n = -(-context // page)
+    step = max(1, num_blocks // max(1, rows * n))
+    flat = (torch.arange(rows * n, device=device) * step) % num_blocks
+    return flat.view(rows, n).to(torch.int32)
+
+
 def tune_attention(k_caches, v_caches, num_heads: int, batches, context: int) -> tuple[dict, list]:
-    """The fastest ATTENTION_CONFIGS entry per batch size, timed over every layer's cache at
-    `context` keys per row (CUDA graph replays). Returns ({batch: config}, timings for the log)."""
+    """The fastest ATTENTION_CONFIGS entry per batch size, timed over every layer's cache
+    [blocks, Hkv, PAGE, D] at `context` keys per row, rows' blocks spread over the pool (CUDA graph
+    replays). Returns ({batch: config}, timings for the log)."""
     from .gemv import graph_ms
 
-    d = k_caches[0].shape[-1]
+    blocks, hkv, page, d = k_caches[0].shape
     table, report = {}, []
     for b in batches:
         q = torch.randn(b, num_heads, d, device=k_caches[0].device, dtype=k_caches[0].dtype)
         pos = torch.full((b,), context - 1, device=q.device)
-        kr, vr = (torch.randn_like(c[0][:b, :, :context]) for c in (k_caches, v_caches))  # the cache may be all zeros
-        ref = decode_attention(q, kr, vr, pos, context).float()
+        tab = spread_table(b, context, page, blocks, q.device)
+        few = min(blocks, b * tab.shape[1])  # random keys (the cache may be all zeros) in a pool of their own
+        kr, vr = (torch.randn((few, hkv, page, d), device=q.device, dtype=q.dtype) for _ in range(2))
+        check = spread_table(b, context, page, few, q.device)
+        ref = decode_attention(q, kr, vr, check, pos, context).float()
         agree = [
             cfg
             for cfg in ATTENTION_CONFIGS  # the default is checked against SDPA in self_check
-            if torch.allclose(decode_attention(q, kr, vr, pos, context, cfg).float(), ref, atol=2e-2, rtol=2e-2)
+            if torch.allclose(decode_attention(q, kr, vr, check, pos, context, cfg).float(), ref, atol=2e-2, rtol=2e-2)
         ]
         times = {
             cfg: graph_ms(
-                lambda cfg=cfg: [decode_attention(q, k, v, pos, context, cfg) for k, v in zip(k_caches, v_caches)]
+                lambda cfg=cfg: [decode_attention(q, k, v, tab, pos, context, cfg) for k, v in zip(k_caches, v_caches)]
             )
             for cfg in agree
         }

@@ -51,6 +51,7 @@ def _rope_kv_kernel(
     k_out,
     k_cache,
     v_cache,
+    table,
     pos,
     row_slot,
     q_w,
@@ -64,9 +65,11 @@ def _rope_kv_kernel(
     s_cs,
     s_qo_b,
     s_qo_h,
-    s_c_slot,
+    s_table,
+    s_c_block,
     s_c_head,
     s_c_pos,
+    PAGE: tl.constexpr,
     HALF: tl.constexpr,
     HP: tl.constexpr,
     KP: tl.constexpr,
@@ -101,7 +104,9 @@ def _rope_kv_kernel(
     tl.store(dst, y1.to(q_out.dtype.element_ty), mask=is_q)
     tl.store(dst + HALF, y2.to(q_out.dtype.element_ty), mask=is_q)
     slot = tl.load(row_slot + row) if HAS_SLOTS else row
-    at = slot * s_c_slot + tl.load(pos + row) * s_c_pos
+    p = tl.load(pos + row)
+    block = tl.load(table + slot * s_table + p // PAGE).to(tl.int64)  # the paged cache's block of p
+    at = block * s_c_block + (p % PAGE) * s_c_pos
     is_k, kv = live & (h >= n_heads), h - n_heads
     tl.store(k_cache + at + kv * s_c_head + j, y1.to(k_cache.dtype.element_ty), mask=is_k)
     tl.store(k_cache + at + kv * s_c_head + HALF + j, y2.to(k_cache.dtype.element_ty), mask=is_k)
@@ -121,6 +126,7 @@ def rope_kv_write(
     sin: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    table: torch.Tensor,
     positions: torch.Tensor,
     n_heads: int,
     n_kv: int,
@@ -130,7 +136,8 @@ def rope_kv_write(
 ):
     """qkv [..., (H+2Hkv)*D] (or its split partial sums): R token rows, row r at positions[r] of
     cache slot slots[r] (default: slot r, one decode token per slot); cos/sin [..., D] per row;
-    k/v_cache [slots,Hkv,C,D] (one layer). Writes rotated k and v into the caches; returns rotated
+    k/v_cache [blocks,Hkv,PAGE,D] (one layer) behind the block table [slots, blocks per sequence]
+    (int32). Writes rotated k and v into the caches; returns rotated
     q [R,H,D], and with `return_k` also the rotated k [R,Hkv,D] (what a prefill attends to).
     `qk_norm`: (q scale [D], k scale [D], eps, gemma) of an RMSNorm over each head before the
     rotary; gemma: the scales are Gemma's fp32 (1 + w), applied before the one rounding."""
@@ -147,6 +154,7 @@ def rope_kv_write(
         k,
         k_cache,
         v_cache,
+        table,
         positions,
         slots if slots is not None else positions,
         qk_norm[0] if qk_norm else cos,
@@ -160,9 +168,11 @@ def rope_kv_write(
         cos.stride(0),
         q.stride(0),
         q.stride(1),
+        table.stride(0),
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        PAGE=k_cache.shape[2],
         HALF=d // 2,
         HP=triton.next_power_of_2(n_heads + n_kv),
         KP=max(2, triton.next_power_of_2(n_kv)),
@@ -263,9 +273,10 @@ def self_check(device, dtype, head_dim: int, qk_norm: bool = False) -> None:
     r = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
     qkv, ang = r(2, 1, 4 * head_dim), torch.randn(2, 1, head_dim // 2, generator=g)
     cos, sin = (torch.cat([f(ang)] * 2, -1).to(device, dtype) for f in (torch.cos, torch.sin))
-    kc = torch.zeros(2, 1, 4, head_dim, device=device, dtype=dtype)
+    kc = torch.zeros(2, 1, 4, head_dim, device=device, dtype=dtype)  # 2 slots of one 4-position block each
     vc = torch.zeros_like(kc)
-    q = rope_kv_write(qkv, cos, sin, kc, vc, torch.tensor([1, 3], device=device), 2, 1)
+    own = torch.arange(2, device=device, dtype=torch.int32).view(2, 1)  # slot s: block s
+    q = rope_kv_write(qkv, cos, sin, kc, vc, own, torch.tensor([1, 3], device=device), 2, 1)
     x = qkv.view(2, 1, 4, head_dim)[:, 0, :2].float()
     half = head_dim // 2
     ref = x * cos.float() + torch.cat([-x[..., half:], x[..., :half]], -1) * sin.float()
@@ -278,6 +289,7 @@ def self_check(device, dtype, head_dim: int, qk_norm: bool = False) -> None:
         sin,
         kc,
         vc,
+        own,
         torch.tensor([2, 0], device=device),
         2,
         1,
@@ -288,7 +300,7 @@ def self_check(device, dtype, head_dim: int, qk_norm: bool = False) -> None:
     torch.testing.assert_close(k2[:, 0], kc[torch.tensor([1, 0]), 0, torch.tensor([2, 0])])
     if qk_norm:
         weights = (r(head_dim), r(head_dim), 1e-6, False)
-        q3 = rope_kv_write(qkv, cos, sin, kc, vc, torch.tensor([1, 3], device=device), 2, 1, qk_norm=weights)
+        q3 = rope_kv_write(qkv, cos, sin, kc, vc, own, torch.tensor([1, 3], device=device), 2, 1, qk_norm=weights)
         normed = torch.nn.functional.rms_norm(x, (head_dim,), eps=1e-6).to(dtype).float() * weights[0].float()
         ref = normed * cos.float() + torch.cat([-normed[..., half:], normed[..., :half]], -1) * sin.float()
         torch.testing.assert_close(q3.float(), ref, atol=5e-2, rtol=5e-2)
@@ -298,18 +310,22 @@ def self_check(device, dtype, head_dim: int, qk_norm: bool = False) -> None:
     torch.testing.assert_close(
         out.float(), torch.nn.functional.rms_norm(expected.float(), (64,), w.float(), 1e-5), atol=5e-2, rtol=5e-2
     )
-    kc, vc, q4 = r(2, 2, 80, head_dim), r(2, 2, 80, head_dim), r(2, 8, head_dim)
+    kc, vc, q4 = r(10, 2, 16, head_dim), r(10, 2, 16, head_dim), r(2, 8, head_dim)  # 10 blocks of 16
+    table = torch.tensor([[9, 7, 5, 3, 1], [8, 6, 4, 2, 0]], device=device, dtype=torch.int32)
+    keys, values = attention.read_pages(kc, table), attention.read_pages(vc, table)
     pos = torch.tensor([70, 5], device=device)
     ref = torch.cat(
         [
             torch.nn.functional.scaled_dot_product_attention(
-                q4[i].view(2, 4, head_dim).float(), kc[i, :, : pos[i] + 1].float(), vc[i, :, : pos[i] + 1].float()
+                q4[i].view(2, 4, head_dim).float(),
+                keys[i, :, : pos[i] + 1].float(),
+                values[i, :, : pos[i] + 1].float(),
             ).view(1, -1)
             for i in range(2)
         ]
     )
     torch.testing.assert_close(
-        attention.decode_attention(q4, kc, vc, pos, 80).view(2, -1).float(), ref, atol=5e-2, rtol=5e-2
+        attention.decode_attention(q4, kc, vc, table, pos, 80).view(2, -1).float(), ref, atol=5e-2, rtol=5e-2
     )
     gu = r(2, 1, 128)
     torch.testing.assert_close(

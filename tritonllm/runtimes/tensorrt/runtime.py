@@ -31,8 +31,6 @@ class TensorRTRuntime(Runtime):
         execution-context API, with `device="cpu"`."""
         import torch
 
-        from ..torch_cuda.cache import StaticKVCache
-
         trt = trt or import_tensorrt()
         engine_dir = Path(engine_dir)
         from ...build.quantize_onnx import check_scheme
@@ -51,7 +49,10 @@ class TensorRTRuntime(Runtime):
 
         kv_np = np.dtype(trt.nptype(self.engine.get_tensor_dtype("past_keys")))
         self.kv_dtype = torch.from_numpy(np.empty(0, dtype=kv_np)).dtype  # the graph's own KV type
-        self.cache = StaticKVCache(self.shape, cfg.max_slots, cfg.max_context, self.kv_dtype, self.device)
+        sh = self.shape  # the cache the plan's past inputs are gathered from: max_context per slot
+        dims = (sh.num_layers, cfg.max_slots, sh.num_kv_heads, cfg.max_context, sh.head_dim)
+        self.keys = torch.zeros(dims, dtype=self.kv_dtype, device=self.device)
+        self.values = torch.zeros(dims, dtype=self.kv_dtype, device=self.device)
         self.stream = torch.cuda.Stream() if self.device.type == "cuda" else None
 
     def describe(self) -> dict:
@@ -83,8 +84,8 @@ class TensorRTRuntime(Runtime):
                 causal_bias(np.array([r.start for r in rows]), np.array([len(r.tokens) for r in rows]), p, t)
             ).to(dev),
             "last_index": torch.tensor([len(r.tokens) - 1 for r in rows], device=dev),
-            "past_keys": self.cache.keys[:, slots, :, :p].contiguous(),
-            "past_values": self.cache.values[:, slots, :, :p].contiguous(),
+            "past_keys": self.keys[:, slots, :, :p].contiguous(),
+            "past_values": self.values[:, slots, :, :p].contiguous(),
         }
         kv_out = (self.shape.num_layers, b, self.shape.num_kv_heads, t, self.shape.head_dim)
         outs = {
@@ -115,10 +116,10 @@ class TensorRTRuntime(Runtime):
 
         if all(len(r.tokens) == 1 for r in rows):
             starts = torch.tensor([r.start for r in rows], device=self.device)
-            self.cache.keys[:, slots, :, starts] = new_keys[:, :, :, 0].transpose(0, 1)
-            self.cache.values[:, slots, :, starts] = new_values[:, :, :, 0].transpose(0, 1)
+            self.keys[:, slots, :, starts] = new_keys[:, :, :, 0].transpose(0, 1)
+            self.values[:, slots, :, starts] = new_values[:, :, :, 0].transpose(0, 1)
             return
         for j, r in enumerate(rows):
             n = len(r.tokens)
-            self.cache.keys[:, r.slot, :, r.start : r.start + n] = new_keys[:, j, :, :n]
-            self.cache.values[:, r.slot, :, r.start : r.start + n] = new_values[:, j, :, :n]
+            self.keys[:, r.slot, :, r.start : r.start + n] = new_keys[:, j, :, :n]
+            self.values[:, r.slot, :, r.start : r.start + n] = new_values[:, j, :, :n]

@@ -1,5 +1,9 @@
-"""The torch runtimes' KV cache: static, on the device, one row of `max_context` positions per
-slot, and how many slots fit in the memory the configuration gives it."""
+"""The torch runtimes' KV cache: paged, on the device. Keys/values live in blocks of BLOCK_SIZE
+positions from one pool sized by `kv_cache_memory_fraction` of free memory; `BlockTables` (shared
+with the host runtimes) keeps each slot's blocks, the prefix cache and admission's promises, and
+a device mirror of the tables lets the kernels (and CUDA graphs) find a position's block there.
+Every table entry without a block points at one scratch block: the writes of a graph's padding
+rows and of positions past a sequence's promise land there, never in another sequence's block."""
 
 from __future__ import annotations
 
@@ -9,54 +13,107 @@ import torch
 
 from ...config import EngineConfig
 from ...model.shape import ModelShape
+from ..paged_kv import BLOCK_SIZE, BlockTables, blocks_for
+from .transfers import PinnedRing, copy_to
 
 log = logging.getLogger(__name__)
 
 
-class StaticKVCache:
-    """[layers, slots, kv_heads, max_context, head_dim] keys and values on the device."""
+class PagedDeviceCache:
+    """keys/values [layers, blocks + 1, kv_heads, BLOCK_SIZE, head_dim] (block `scratch` = the last)
+    and `table` [slots, blocks per max_context] (int32) on the device."""
 
-    def __init__(self, shape: ModelShape, slots: int, max_context: int, dtype: torch.dtype, device):
-        dims = (shape.num_layers, slots, shape.num_kv_heads, max_context, shape.head_dim)
+    def __init__(
+        self,
+        shape: ModelShape,
+        num_blocks: int,
+        slots: int,
+        max_context: int,
+        dtype: torch.dtype,
+        device,
+        prefix_cache: bool = True,
+    ):
+        dims = (shape.num_layers, num_blocks + 1, shape.num_kv_heads, BLOCK_SIZE, shape.head_dim)
         self.keys = torch.zeros(dims, dtype=dtype, device=device)
         self.values = torch.zeros(dims, dtype=dtype, device=device)
+        self.block_size, self.scratch, self.num_blocks = BLOCK_SIZE, num_blocks, num_blocks
+        self.blocks = BlockTables(num_blocks, slots, prefix_cache)
+        self.width = blocks_for(max_context)
+        self.table = torch.full((slots, self.width), num_blocks, dtype=torch.int32, device=device)
 
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
     @staticmethod
-    def bytes_per_slot(shape: ModelShape, max_context: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(shape: ModelShape, dtype: torch.dtype) -> int:
         item = torch.empty((), dtype=dtype).element_size()
-        return 2 * shape.num_layers * shape.num_kv_heads * max_context * shape.head_dim * item
+        return 2 * shape.num_layers * shape.num_kv_heads * BLOCK_SIZE * shape.head_dim * item
+
+    def sync(self, ring: PinnedRing | None = None) -> None:
+        """Mirror the table entries changed since the last call on the device: one upload of
+        (entry, block) pairs and one scatter, queued on the stream before the step that reads them
+        (a step still in flight reads the old entries, as it should)."""
+        dirty = self.blocks.take_dirty()
+        if not dirty:
+            return
+        at, blocks = [], []
+        for slot, (first, end) in dirty.items():
+            table = self.blocks.tables[slot]
+            for i in range(first, max(end, len(table))):
+                at.append(slot * self.width + i)
+                blocks.append(table[i] if i < len(table) else self.scratch)
+        staged = torch.empty(2 * len(at), dtype=torch.long, device=self.table.device)
+        copy_to(staged, at + blocks, ring)
+        self.table.view(-1)[staged[: len(at)]] = staged[len(at) :].to(torch.int32)
+
+    def locate(self, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset in it) of positions [B, T] of slots rows [B]."""
+        return self.table[rows[:, None], positions // self.block_size].long(), positions % self.block_size
 
     def update(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k/v [B,Hkv,T,D] of slots `rows` [B] at positions [B,T]."""
-        r = rows[:, None].expand_as(positions)
-        self.keys[layer].permute(0, 2, 1, 3)[r, positions] = k.transpose(1, 2)
-        self.values[layer].permute(0, 2, 1, 3)[r, positions] = v.transpose(1, 2)
+        block, offset = self.locate(rows, positions)
+        self.keys[layer][block, :, offset] = k.transpose(1, 2)
+        self.values[layer][block, :, offset] = v.transpose(1, 2)
+
+    def gather(self, layer: int, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of slots `rows` [B] at positions 0..length-1: [B, Hkv, length, D] each,
+        copied out through the tables (the torch ops' attention reads them)."""
+        from ..kernels.attention import read_pages
+
+        blocks = self.table[rows, : blocks_for(length, self.block_size)]
+        return tuple(read_pages(cache[layer], blocks)[:, :, :length] for cache in (self.keys, self.values))
 
 
-def size_slots(shape: ModelShape, cfg: EngineConfig, dtype: torch.dtype, device: torch.device) -> int:
-    """Slots for the KV cache: cfg.max_slots, or fewer where `kv_cache_memory_fraction` of the
-    device's free memory holds fewer (one more slot is kept as the prefill graphs' scratch)."""
+def size_blocks(shape: ModelShape, cfg: EngineConfig, dtype: torch.dtype, device: torch.device) -> int:
+    """Blocks for the KV pool: `kv_cache_tokens` where set; else what `kv_cache_memory_fraction` of the
+    device's free memory holds, at most every slot at max_context (more would never be used), at
+    least one sequence at max_context (else a long request could never be admitted). Off CUDA:
+    every slot at max_context."""
+    per_seq = blocks_for(cfg.max_context)
+    most = cfg.max_slots * per_seq
+    if cfg.kv_cache_tokens:
+        return blocks_for(cfg.kv_cache_tokens)
     if device.type != "cuda":
-        return cfg.max_slots
+        return most
     free, _ = torch.cuda.mem_get_info(device)
-    per_slot = StaticKVCache.bytes_per_slot(shape, cfg.max_context, dtype)
-    fit = int(free * cfg.kv_cache_memory_fraction) // per_slot - 1
-    if fit < 1:
+    per_block = PagedDeviceCache.bytes_per_block(shape, dtype)
+    fit = int(free * cfg.kv_cache_memory_fraction) // per_block - 1  # one is the scratch block
+    if fit < per_seq:
         raise RuntimeError(
-            f"no room for one KV slot of {cfg.max_context} tokens ({per_slot / 2**20:.0f} MiB) in "
-            f"{cfg.kv_cache_memory_fraction:.0%} of {free / 2**30:.1f} GiB free: lower max_context "
+            f"no room for one sequence of {cfg.max_context} tokens ({per_seq * per_block / 2**20:.0f} MiB of KV "
+            f"cache) in {cfg.kv_cache_memory_fraction:.0%} of {free / 2**30:.1f} GiB free: lower max_context "
             "or raise kv_cache_memory_fraction"
         )
-    slots = min(cfg.max_slots, fit)
+    blocks = min(fit, most)
     log.info(
-        "KV cache: %d slots x %d tokens (%.2f GiB); %d slots would fit",
-        slots,
+        "KV cache: %d blocks of %d tokens (%.2f GiB): %d tokens, %.1f sequences at max_context %d",
+        blocks,
+        BLOCK_SIZE,
+        blocks * per_block / 2**30,
+        blocks * BLOCK_SIZE,
+        blocks / per_seq,
         cfg.max_context,
-        slots * per_slot / 2**30,
-        fit,
     )
-    return slots
+    return blocks

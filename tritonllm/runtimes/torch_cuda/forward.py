@@ -1,9 +1,10 @@
 """The decoder's forward passes on the device, with the KV cache written as they go.
 
 Prefill takes right-padded prompts [b, t] and attends causally over their new tokens. The decode
-step runs over slots 0..b-1, reading each slot's next token and position from static device
-buffers (`tokens`, `positions`), so a CUDA graph captured once per bucket replays it; the slots'
-cache rows are read through plain views (no gather, no host copy of the cache). Three variants:
+step runs over slots 0..b-1, reading each slot's next token, position and the slot it writes
+(its own; the scratch slot for a padding row) from static device buffers (`tokens`, `positions`,
+`writes`), so a CUDA graph captured once per bucket replays it; the kernels find each position's
+block in the paged cache's device table (no gather, no host copy of the cache). Three variants:
 the fused OpenAI-Triton kernels (`KernelChoice.triton`), the torch ops with fused attention and
 norms, and the module's own reference ops (`fused_ops=False`)."""
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from ...model.modeling import CausalLM, RMSNorm
 from ...model.quant import operands
-from .cache import StaticKVCache
+from .cache import PagedDeviceCache
 from .tuning import KernelChoice
 
 NEG = -1e9
@@ -60,7 +61,7 @@ class ForwardPasses:
     def __init__(
         self,
         model: CausalLM,
-        cache: StaticKVCache,
+        cache: PagedDeviceCache,
         kernels: KernelChoice,
         max_slots: int,
         fused_ops: bool = True,
@@ -78,6 +79,7 @@ class ForwardPasses:
         }
         self.tokens = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # each slot's next token
         self.positions = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # ... and its position
+        self.writes = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # the slot each row writes
         self.decode = self._decode_triton if kernels.triton else self._decode_torch
         if compiled:  # fuses the many small kernels of the torch ops' step
             self.decode = torch.compile(self._decode_torch, fullgraph=False, dynamic=False)
@@ -113,10 +115,7 @@ class ForwardPasses:
         visible = {w: ((behind >= 0) & (behind < (w or span))).view(1, 1, t, span) for w in self.windows}
 
         def attend(i, layer, q, k, v):
-            keys, values = (
-                self.cache.keys[i, slot : slot + 1, :, :span],
-                self.cache.values[i, slot : slot + 1, :, :span],
-            )
+            keys, values = self.cache.gather(i, slots, span)
             if self.fused_ops and layer.softcap is None:
                 out = F.scaled_dot_product_attention(
                     q, keys, values, attn_mask=visible[layer.window], scale=layer.scale, enable_gqa=True
@@ -145,6 +144,7 @@ class ForwardPasses:
                 *rot[self.model.layer_rope[i]],
                 cache.keys[i],
                 cache.values[i],
+                cache.table,
                 row_positions,
                 sh.num_heads,
                 sh.num_kv_heads,
@@ -180,13 +180,15 @@ class ForwardPasses:
             *rot[m.layer_rope[i]],
             cache.keys[i],
             cache.values[i],
+            cache.table,
             positions,
             sh.num_heads,
             sh.num_kv_heads,
+            slots=self.writes[:b],
             qk_norm=self._head_norms(m.layers[i]),
         )
         attend = lambda i, q: ak.decode_attention(
-            q, cache.keys[i], cache.values[i], positions, c, attention, *self._attention_args(m.layers[i])
+            q, cache.keys[i], cache.values[i], cache.table, positions, c, attention, *self._attention_args(m.layers[i])
         )
         h = self._fused_layers(x, rope, attend, self._linear)
         return m.cap_logits(dense(self._project("lm_head", m.lm_head, None, h[:, 0])))
@@ -201,12 +203,12 @@ class ForwardPasses:
         rot = self.model.rotaries(positions[:, None], x.dtype)
 
         def attend(i, layer, q, k, v):
-            keys, values = self.cache.keys[i, :b, :, :c], self.cache.values[i, :b, :, :c]
+            keys, values = self.cache.gather(i, rows, c)
             if self.fused_ops:
                 return attend_decode(layer, q, keys, values, valid[layer.window])
             return layer.attend(q, keys, values, torch.where(valid[layer.window], 0.0, NEG))
 
-        x = self._layers(x, rot, rows, positions[:, None], attend)
+        x = self._layers(x, rot, self.writes[:b], positions[:, None], attend)
         return self._logits(x[:, 0])
 
     # -- shared pieces ---------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""PyTorch on NVIDIA GPUs: weights and a static KV cache resident on the device, decode and
+"""PyTorch on NVIDIA GPUs: weights and a paged KV cache resident on the device, decode and
 prefill replayed from CUDA graphs per shape bucket, sampling on the device, and steps launched
 without waiting (the engine loop overlaps its host work with the device's).
 
-The parts, one job each: `cache` (KV memory and slot sizing), `tuning` (start-up kernel choices),
+The parts, one job each: `cache` (the paged KV pool and its tables), `tuning` (start-up kernel choices),
 `forward` (the forward passes), `graphs` (buckets and capture), `transfers` (pinned host copies),
 `sampling` (device sampler). This class wires them and speaks the `Runtime` contract."""
 
@@ -18,8 +18,9 @@ from ...config import EngineConfig, require_scheme
 from ...model.modeling import CausalLM, load_engine_model
 from ...model.quant import check_device_support, place, scheme_of
 from ..base import Runtime, RuntimeCapabilities, RuntimeStats, StepInput
+from ..paged_kv import BLOCK_SIZE
 from . import sampling
-from .cache import StaticKVCache, size_slots
+from .cache import PagedDeviceCache, size_blocks
 from .forward import ForwardPasses
 from .graphs import PREFILL_GRAPH_TOKENS, Buckets, GraphCache, bucket_for
 from .transfers import PinnedRing, StepDownloads, copy_to, to_device
@@ -58,9 +59,13 @@ class TorchCudaRuntime(Runtime):
         self.model = place(model, self.device, self.dtype).eval()
         self.model.inv_freq = self.model.inv_freq.float()
         self.shape, self.max_context = self.model.shape, cfg.max_context
-        self.max_slots = size_slots(self.shape, cfg, self.dtype, self.device)
-        self.scratch_slot = self.max_slots  # padding rows of a graph-replayed prefill write their K/V here
-        self.cache = StaticKVCache(self.shape, self.max_slots + 1, cfg.max_context, self.dtype, self.device)
+        self.max_slots = cfg.max_slots  # rows of a step; the KV pool bounds how many run by their tokens
+        self.scratch_slot = self.max_slots  # padding rows write their K/V here (its table: the scratch block)
+        blocks = size_blocks(self.shape, cfg, self.dtype, self.device)
+        self.cache = PagedDeviceCache(
+            self.shape, blocks, self.max_slots + 1, cfg.max_context, self.dtype, self.device, cfg.prefix_cache
+        )
+        self.blocks = self.cache.blocks
         self.buckets = Buckets.for_engine(self.max_slots, cfg.max_context)
         gaps = self.model.kernel_gaps()
         if gaps and triton_kernels:
@@ -88,6 +93,7 @@ class TorchCudaRuntime(Runtime):
         self._run_tokens = torch.zeros(cfg.steps_per_launch * self.max_slots, dtype=torch.long, device=self.device)
         self._prefill_counts = [0, 0]  # prompt tokens prefilled, tokens computed for them (padding to buckets)
         self._in_order = [tuple(range(n)) for n in range(self.max_slots + 1)]  # slots 0..n-1, to compare with
+        self._writes: tuple = ()  # the decode rows' write slots last uploaded
         if self.use_cuda_graphs:  # every prefill graph writes its logits here (one buffer, not one each)
             self._prefill_logits = torch.empty(
                 (self.max_slots, self.shape.vocab_size), device=self.device, dtype=self.dtype
@@ -124,6 +130,10 @@ class TorchCudaRuntime(Runtime):
             "slots": self.max_slots,
             "max_context": self.max_context,
             "kv_cache_bytes": self.cache.nbytes,
+            "kv_blocks": self.cache.num_blocks,
+            "kv_block_size": BLOCK_SIZE,
+            "kv_cache_tokens": self.cache.num_blocks * BLOCK_SIZE,
+            "prefix_cache": self.blocks.prefix_cache,
             "cuda_graphs": self.use_cuda_graphs,
             "torch_compile": self.compiled,
             "fused_kernels": self.forward.fused_ops,
@@ -132,7 +142,17 @@ class TorchCudaRuntime(Runtime):
 
     def stats(self) -> RuntimeStats:
         idle = self._downloads.idle_s if self._downloads else 0.0
-        return RuntimeStats(idle, *self._prefill_counts)
+        prefix = self.blocks.stats
+        return RuntimeStats(idle, *self._prefill_counts, prefix.queried_tokens, prefix.hit_tokens)
+
+    def reserve_kv(self, slot: int, tokens: int) -> bool:
+        return self.blocks.reserve(slot, tokens)
+
+    def release_kv(self, slot: int) -> None:
+        self.blocks.release(slot)
+
+    def reused_prompt_tokens(self, slot: int) -> int:
+        return self.blocks.reused[slot]
 
     # -- graphs ----------------------------------------------------------------------------------
     def decode_graph(self, b: int, c: int) -> tuple:
@@ -196,23 +216,50 @@ class TorchCudaRuntime(Runtime):
         """One token for each row; rows are laid out by slot over a batch bucket."""
         return self._decode_setup(rows, 1)()[self._slot_index(tuple(r.slot for r in rows))]
 
+    def _take_blocks(self, rows: list[StepInput], steps: int) -> list[StepInput]:
+        """Blocks for every position the rows write, mirrored on the device before the step. A
+        prompt piece first looks up its prefix in the cache: what was found is not computed again
+        (the row becomes a piece after it). Every lookup comes before this step's prompts register
+        their blocks, so a row never reuses blocks the same step is still computing."""
+        blocks, out, prompts = self.blocks, [], []
+        for r in rows:
+            if len(r.tokens) > 1 or r.start == 0:
+                reused = blocks.begin(r.slot, r.start, r.tokens)
+                if reused:
+                    r = StepInput(r.slot, r.tokens[reused:], r.start + reused)
+                prompts.append(r)
+            out.append(r)
+        for r in prompts:
+            blocks.ensure(r.slot, r.start + len(r.tokens))
+            blocks.record(r.slot, r.start, r.tokens)
+        tables, size = blocks.tables, blocks.block_size
+        for slot, _, start in out:  # decode rows (and one-token pieces): `steps` positions each
+            if start + steps > len(tables[slot]) * size:
+                blocks.ensure(slot, start + steps)
+        self.cache.sync(self._uploads)
+        return out
+
     def _decode_setup(self, rows: list[StepInput], steps: int):
-        """Positions and known tokens uploaded for `steps` decode steps; returns a function that
-        runs one step and returns its logits [bucket, vocab]. Padding rows (free slots, slots
-        prefilled in the same step, sequences sitting out their last step) write throw-away K/V
-        at the last `steps` positions, which no live sequence in such a slot has reached (a new
-        one writes each position before it reads it)."""
+        """Positions, the slots rows write and known tokens uploaded for `steps` decode steps;
+        returns a function that runs one step and returns its logits [bucket, vocab]. Padding rows
+        (free slots, slots prefilled in the same step, sequences sitting out their last step) write
+        their throw-away K/V into the scratch slot, whose table points at the scratch block."""
         slots, tokens, starts = zip(*rows)  # one pass over the rows (named tuples)
         b = bucket_for(max(slots) + 1, self.buckets.batch)
         c = bucket_for(max(starts) + steps, self.buckets.context)
-        pad = self.max_context - steps
+        pad, scratch = self.max_context - steps, self.scratch_slot
         if slots == self._in_order[len(slots)]:  # the usual step: slots 0..n-1 in order
             pos = [*starts, *[pad] * (b - len(slots))]
+            writes = (*slots, *[scratch] * (b - len(slots)))
         else:
-            pos = [pad] * b
+            pos, writes = [pad] * b, [scratch] * b
             for slot, start in zip(slots, starts):
-                pos[slot] = start
+                pos[slot], writes[slot] = start, slot
+            writes = tuple(writes)
         copy_to(self.forward.positions[:b], pos, self._uploads)
+        if writes != self._writes:  # the same rows as the last step's: already on the device
+            copy_to(self.forward.writes[:b], writes, self._uploads)
+            self._writes = writes
         if any(tokens):  # rows whose last token is not on the device already (launch keeps it there)
             known = [(slot, t[0]) for slot, t in zip(slots, tokens) if t]
             self.forward.tokens[to_device([k[0] for k in known], self.device)] = to_device(
@@ -233,6 +280,7 @@ class TorchCudaRuntime(Runtime):
     def step(self, inputs: list[StepInput]) -> torch.Tensor:
         """Whole prompts (start 0), prompt pieces after a cached part (chunked prefill) and decode
         rows, each kind run its own way; logits in input order."""
+        inputs = self._take_blocks(inputs, 1)
         kinds = [0 if x.start == 0 else 1 if len(x.tokens) > 1 else 2 for x in inputs]
         runs = (self.prefill, self.prefill_pieces, self.decode)
         if len(set(kinds)) == 1:  # one kind of row: its logits in input order as they are
@@ -279,7 +327,7 @@ class TorchCudaRuntime(Runtime):
     def _decode_run(self, rows: list[StepInput], plan: sampling.SamplingPlan, index, steps: int) -> torch.Tensor:
         """`steps` decode steps on one upload: positions advance on the device, each step's chosen
         ids feed the next. Returns the chosen ids [steps, rows]."""
-        run = self._decode_setup(rows, steps)
+        run = self._decode_setup(self._take_blocks(rows, steps), steps)
         chosen = self._run_tokens[: steps * len(rows)].view(steps, len(rows))  # contiguous: one copy down
         for k in range(steps):
             if k:

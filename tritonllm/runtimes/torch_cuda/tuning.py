@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...model.quant import PROJECTIONS, operands, scheme_of
-from .cache import StaticKVCache
+from .cache import PagedDeviceCache
 
 log = logging.getLogger(__name__)
 PREFILL_ROWS = 2048  # a prefill's products (prompt tokens x weight) are timed at this many rows
@@ -58,7 +58,7 @@ def want_triton(
 
 def choose_kernels(
     model,
-    cache: StaticKVCache,
+    cache: PagedDeviceCache,
     batch_buckets: list[int],
     max_context: int,
     triton: bool,
@@ -83,7 +83,7 @@ def choose_kernels(
     return choice
 
 
-def _tune_gemv(model, cache: StaticKVCache, batch_buckets: list[int]) -> tuple[dict, list]:
+def _tune_gemv(model, cache: PagedDeviceCache, batch_buckets: list[int]) -> tuple[dict, list]:
     """{(weight kind, batch rows): tile} for the decode step's small-batch products, each timed
     with the fused kernel that reads its product (split-K partial sums are added up there)."""
     weights = {**_projections(model), "lm_head": [(model.lm_head, None, None)]}
@@ -116,9 +116,9 @@ def _tune_quant(model, batch_buckets: list[int]) -> tuple[dict, list]:
         return {}, []
 
 
-def _product_consumers(model, cache: StaticKVCache, max_rows: int) -> dict:
+def _product_consumers(model, cache: PagedDeviceCache, max_rows: int) -> dict:
     """{weight kind: the fused kernel that reads its product in the decode step}, on scratch
-    inputs. Writes K/V at position 0 of the first slots: nothing is cached yet at start-up."""
+    inputs. Writes K/V at position 0 of the first slots, whose tables point at the scratch block."""
     from ..kernels import fused as fk
 
     sh, device, dtype = model.shape, cache.keys.device, model.embed.dtype
@@ -134,6 +134,7 @@ def _product_consumers(model, cache: StaticKVCache, max_rows: int) -> dict:
             sin[: rows(y)],
             cache.keys[0],
             cache.values[0],
+            cache.table,
             positions[: rows(y)],
             sh.num_heads,
             sh.num_kv_heads,
@@ -145,7 +146,7 @@ def _product_consumers(model, cache: StaticKVCache, max_rows: int) -> dict:
     }
 
 
-def _tune_attention(model, cache: StaticKVCache, batch_buckets: list[int], max_context: int) -> tuple[dict, list]:
+def _tune_attention(model, cache: PagedDeviceCache, batch_buckets: list[int], max_context: int) -> tuple[dict, list]:
     """{batch bucket: decode attention config}, timed at up to 256 keys per row."""
     from ..kernels import attention as ak
 
