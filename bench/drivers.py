@@ -60,22 +60,26 @@ def run_inprocess(
     power: PowerSampler,
     name="engine in-process",
     extra: dict | None = None,
+    out_lens: list[int] | None = None,
 ) -> RunResult:
     """Closed loop per stream, as the Triton clients run: each of `concurrency` streams sends its
     next request when its previous one ends, so requests arrive spread out as they do through
-    Triton (not in lock-step waves whose prefills always share one step). One driver thread."""
+    Triton (not in lock-step waves whose prefills always share one step). One driver thread.
+    `out_lens`: each prompt's own output length (default: `out_len` for all)."""
     events: queue.SimpleQueue = queue.SimpleQueue()
-    shares = [prompts[i::concurrency] for i in range(concurrency)]
+    lengths = out_lens or [out_len] * len(prompts)
+    shares = [list(zip(prompts, lengths))[i::concurrency] for i in range(concurrency)]
     nxt, started, last, ttft, itl, tokens = [0] * concurrency, [0.0] * concurrency, [None] * concurrency, [], [], 0
 
     def send_next(s: int) -> bool:
         if nxt[s] >= len(shares[s]):
             return False
         started[s], last[s] = time.perf_counter(), None
+        prompt, length = shares[s][nxt[s]]
         engine.submit(
-            shares[s][nxt[s]],
+            prompt,
             sink=_StreamSink(events, s),
-            max_tokens=out_len,
+            max_tokens=length,
             temperature=0.0,
             ignore_eos=True,
             stream=True,

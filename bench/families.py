@@ -145,17 +145,17 @@ def parity(families: list[str], out) -> None:
 
 
 def bench_engine_config(slots: int, **fields) -> EngineConfig:
-    """The GPU benchmarks' torch-cuda engine: bf16, 512-token contexts, every token streamed."""
-    return EngineConfig(
+    """The GPU benchmarks' torch-cuda engine: bf16, 512-token contexts, every token streamed
+    (`fields` override any of these)."""
+    base = dict(
         runtime="torch-cuda",
         dtype="bfloat16",
-        max_slots=slots,
         max_context=512,
         max_tokens_limit=511,
         stream_interval_ms=0.0,
         max_responses_per_s=0.0,
-        **fields,
     )
+    return EngineConfig(max_slots=slots, **{**base, **fields})
 
 
 def decode_speed(family: str, concurrency: list[int], power: PowerSampler, budgets=(8192,)) -> list[dict]:

@@ -80,7 +80,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check(self.runtime in RUNTIMES, "runtime", self.runtime, f"one of {RUNTIMES}")
-        _check(1 <= self.max_slots <= 1024, "max_slots", self.max_slots, "1..1024")
+        _check(1 <= self.max_slots <= 4096, "max_slots", self.max_slots, "1..4096")
         _check(16 <= self.max_context <= 1 << 20, "max_context", self.max_context, "16..1048576")
         _check(0 <= self.max_queue <= 1 << 16, "max_queue", self.max_queue, "0..65536")
         _check(

@@ -154,3 +154,31 @@ def check_paged_cache(tiny_dir, triton_kernels: bool) -> None:
     whole = len(shared) // 16 * 16  # the shared prefix's whole blocks
     assert max(r.reused_tokens for r in got) == whole and hits >= 2 * whole  # evictions may take some
     assert runtime.blocks.owed == 0 and all(not t for t in runtime.blocks.tables)  # every block given back
+
+
+@pytest.mark.parametrize("budget", [8192, 40])
+def test_prompt_pieces_of_several_sequences_run_in_one_batch_with_hf_ids(tiny_dir, budget):
+    """After one prompt cached the shared prefix, three arriving together each reuse it and
+    compute only their own ragged rest, side by side in one step (with a 40-token budget, in
+    pieces over several steps); greedy ids equal HF's."""
+    hf, tok = load_hf(tiny_dir), TokenizerFiles(tiny_dir)
+    shared = tok.encode("Paged attention keeps each sequence's keys in blocks of sixteen. " * 3)
+    prompts = [shared + tok.encode(" and then" * (i + 1)) for i in range(4)]
+    want = [hf_greedy(hf, p, 6) for p in prompts]
+    cfg = EngineConfig(
+        max_slots=4, max_context=128, max_tokens_limit=32, default_max_tokens=6, max_prefill_tokens=budget
+    )
+    runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu")
+    batches, pieces = [], runtime.prefill_pieces
+    runtime.prefill_pieces = lambda rows: batches.append(len(rows)) or pieces(rows)
+    with InProcessEngine(None, cfg, runtime=runtime) as eng:
+        kw = dict(max_tokens=6, temperature=0.0, ignore_eos=True)
+        first = eng.generate(prompts[0], **kw)
+        rest = [s.wait(120) for s in [eng.submit(p, **kw) for p in prompts[1:]]]
+    assert [first.ids] + [r.ids for r in rest] == want
+    reused = [r.reused_tokens for r in rest]
+    if budget == 8192:
+        assert reused == [len(shared) // 16 * 16] * 3
+    else:  # a first piece reuses the whole blocks it holds but its last token (what the budget left it)
+        assert all(16 <= n <= 32 for n in reused), reused
+    assert max(batches) >= 2, batches

@@ -162,3 +162,14 @@ def test_prefix_hits_count_against_a_promise():
     assert tables.begin(1, 0, prompt) == 2 * BLOCK_SIZE
     assert tables.owed == 2 and tables.pool.available == 2
     assert not tables.reserve(0, 1)
+
+
+def test_a_cached_prefix_is_counted_without_being_taken():
+    tables = BlockTables(num_blocks=4, slots=2)
+    prompt = list(range(2 * BLOCK_SIZE + 1))
+    tables.ensure(0, len(prompt))
+    tables.record(0, 0, prompt)
+    assert (
+        tables.cached_prefix(prompt) == 2 * BLOCK_SIZE and tables.cached_prefix(prompt[: 2 * BLOCK_SIZE]) == BLOCK_SIZE
+    )
+    assert tables.cached_prefix([7] + prompt) == 0 and tables.pool.refs == [1, 1, 1, 0]  # nothing taken

@@ -514,6 +514,9 @@ class TokenBudget:
     def release_kv(self, slot):
         self.free += self.held.pop(slot)
 
+    def cached_prompt_tokens(self, prompt):
+        return 0
+
 
 def test_sequences_wait_for_kv_blocks_with_free_slots_and_none_is_lost(Runtime):
     """Four slots but a pool of 25 positions: each sequence may fill 2 + 8, so two run at once;
@@ -525,3 +528,21 @@ def test_sequences_wait_for_kv_blocks_with_free_slots_and_none_is_lost(Runtime):
     assert [r.ids for r in results] == [[5 * i + 3 + k for k in range(8)] for i in range(5)]
     assert budget.most_held == 20 and budget.held == {} and budget.free == 25
     assert loop.scheduler.kv_waits > 0 and len(rt.slots_seen) <= 4
+
+
+def test_a_prompt_prefix_found_cached_does_not_count_against_the_prefill_budget():
+    """Three 100-token prompts whose first 96 tokens the cache holds fit a 16-token budget in one
+    step: only their 4 uncached tokens each are computed; uncached, the budget takes one a step."""
+
+    class Cached(TokenBudget):
+        def cached_prompt_tokens(self, prompt):
+            return 96
+
+    cfg = EngineConfig(max_slots=4, max_context=256, max_tokens_limit=64, max_prefill_tokens=16)
+    for kv, per_step in ((Cached(10_000), 3), (TokenBudget(10_000), 1)):
+        sch = Scheduler(cfg, chunked=True, kv=kv)
+        for _ in range(3):
+            sch.add(seq(list(range(1, 101)), max_tokens=4))
+        plan = sch.schedule()
+        assert len(plan.prefill) == per_step
+        assert [s.chunk for s in plan.prefill] == ([100] * 3 if per_step == 3 else [16])

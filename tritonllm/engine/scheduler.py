@@ -44,6 +44,7 @@ class KVAdmission(Protocol):
 
     def reserve_kv(self, slot: int, tokens: int) -> bool: ...
     def release_kv(self, slot: int) -> None: ...
+    def cached_prompt_tokens(self, prompt: list[int]) -> int: ...
 
 
 class SlotsOnly:
@@ -54,6 +55,9 @@ class SlotsOnly:
 
     def release_kv(self, slot: int) -> None:
         pass
+
+    def cached_prompt_tokens(self, prompt: list[int]) -> int:
+        return 0
 
 
 class Scheduler:
@@ -106,7 +110,8 @@ class Scheduler:
                 if seq.prefilled < seq.n_prompt and budget > 0:
                     budget = self._take_piece(seq, budget, prefill, partial)
         while self.waiting and self.free_slots and budget > 0 and self._admit_now(decode):
-            n = self.waiting[0].n_prompt
+            cached = self.kv.cached_prompt_tokens(self.waiting[0].prompt_ids)  # not computed: not in the budget
+            n = self.waiting[0].n_prompt - cached
             if prefill and n > budget and not (self.chunked and n > self.cfg.max_prefill_tokens):
                 break
             if not self.kv.reserve_kv(self.free_slots[0], self._kv_tokens(self.waiting[0])):
@@ -116,21 +121,22 @@ class Scheduler:
             seq = self.waiting.popleft()
             seq.slot = heapq.heappop(self.free_slots)
             self.running.append(seq)
-            budget = self._take_piece(seq, budget, prefill, partial)
+            budget = self._take_piece(seq, budget, prefill, partial, cached)
         return StepPlan(prefill, decode, 1 if prefill else self._steps_for(decode), frozenset(partial))
 
     def _kv_tokens(self, seq: Sequence) -> int:
         """The most positions a sequence can fill: its prompt and every token it may generate."""
         return min(seq.n_prompt + seq.params.max_tokens, self.cfg.max_context)
 
-    def _take_piece(self, seq: Sequence, budget: int, prefill: list, partial: list) -> int:
-        """Schedule the next piece of seq's prompt (all of it unless chunked); returns the budget left."""
+    def _take_piece(self, seq: Sequence, budget: int, prefill: list, partial: list, cached: int = 0) -> int:
+        """Schedule the next piece of seq's prompt (all of it unless chunked; `cached` tokens at its
+        start are the prefix cache's, beyond the budget); returns the budget left."""
         left = seq.n_prompt - seq.prefilled
-        seq.chunk = min(left, budget) if self.chunked else left
+        seq.chunk = min(left, budget + cached) if self.chunked else left
         prefill.append(seq)
         if seq.chunk < left:
             partial.append(seq)
-        return budget - seq.chunk
+        return budget - max(0, seq.chunk - cached)
 
     def _steps_for(self, decode: list[Sequence]) -> int:
         """Decode steps to launch at once: up to max_steps while at least `multi_step_min_active`

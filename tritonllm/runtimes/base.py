@@ -117,6 +117,11 @@ class Runtime(ABC):
         """The sequence in `slot` ended: its cache goes back now, before its final response is sent."""
         return None
 
+    def cached_prompt_tokens(self, prompt: list[int]) -> int:
+        """How many of a prompt's first tokens a prefix cache holds now (what its prefill would not
+        compute), without taking them; 0 for a runtime without one."""
+        return 0
+
     def reused_prompt_tokens(self, slot: int) -> int:
         """Prompt tokens of the sequence in `slot` whose keys/values a prefix cache held, so far
         (read after each of its prompt pieces is taken); 0 for a runtime without one."""

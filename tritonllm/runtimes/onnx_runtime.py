@@ -99,6 +99,9 @@ class OnnxRuntime(Runtime):
     def release_kv(self, slot: int) -> None:
         self.cache.release(slot)
 
+    def cached_prompt_tokens(self, prompt: list[int]) -> int:
+        return self.cache.blocks.cached_prefix(prompt)
+
     def reused_prompt_tokens(self, slot: int) -> int:
         return self.cache.reused[slot]
 

@@ -188,6 +188,20 @@ class BlockTables:
         self.reused[slot] += reused
         return reused
 
+    def cached_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens` (from the first) a lookup would find cached now: whole blocks, never
+        the last token. Takes nothing."""
+        if not self.prefix_cache:
+            return 0
+        size, found, chain = self.block_size, 0, 0
+        while found + size < len(tokens):
+            block_tokens = tuple(tokens[found : found + size])
+            chain = chain_hash(chain, block_tokens)
+            if self.pool.lookup(chain, block_tokens) is None:
+                break
+            found += size
+        return found
+
     def check_start(self, slot: int, start: int) -> None:
         if len(self.tokens[slot]) != start:
             raise ValueError(f"slot {slot} holds {len(self.tokens[slot])} positions, a piece starts at {start}")

@@ -71,11 +71,19 @@ class PagedDeviceCache:
         """(block, offset in it) of positions [B, T] of slots rows [B]."""
         return self.table[rows[:, None], positions // self.block_size].long(), positions % self.block_size
 
-    def update(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k/v [B,Hkv,T,D] of slots `rows` [B] at positions [B,T]."""
-        block, offset = self.locate(rows, positions)
-        self.keys[layer][block, :, offset] = k.transpose(1, 2)
-        self.values[layer][block, :, offset] = v.transpose(1, 2)
+    def update(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k, v, real=None) -> None:
+        """Write k/v [B,Hkv,T,D] of slots `rows` [B] at positions [B,T] (only where `real` [B,T] is
+        True, if given: a batch of ragged pieces, whose padding may lie past a table's end)."""
+        if real is None:
+            block, offset = self.locate(rows, positions)
+            self.keys[layer][block, :, offset] = k.transpose(1, 2)
+            self.values[layer][block, :, offset] = v.transpose(1, 2)
+            return
+        row = rows[:, None].expand_as(positions)[real]
+        block = self.table[row, positions[real] // self.block_size].long()
+        offset = positions[real] % self.block_size
+        self.keys[layer][block, :, offset] = k.transpose(1, 2)[real]
+        self.values[layer][block, :, offset] = v.transpose(1, 2)[real]
 
     def gather(self, layer: int, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of slots `rows` [B] at positions 0..length-1: [B, Hkv, length, D] each,

@@ -103,16 +103,18 @@ class ForwardPasses:
         x = self._layers(x, rot, slots, positions, attend)
         return self._logits(x[rows, last])
 
-    def prefill_piece(self, tokens: list[int], slot: int, start: int) -> torch.Tensor:
-        """A prompt piece at positions start.. of `slot`, attending to the slot's cached positions
-        0..start-1 and causally to itself (sliding windows applied); logits of its last token [1, V]."""
-        t, span = len(tokens), start + len(tokens)
-        ids = torch.tensor([tokens], device=self.device)
-        positions = start + torch.arange(t, device=self.device).unsqueeze(0)
-        slots = torch.tensor([slot], device=self.device)
+    def prefill_pieces(self, ids: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, span):
+        """Prompt pieces after cached parts of their prompts (chunked prefill, prefix-cache hits), in
+        one batch: ids [b, t] right-padded, row r at positions starts[r].. of slots[r] with lens[r]
+        real tokens, attending to its slot's cached positions and causally to itself (sliding
+        windows applied); only real tokens are written; `span`: the largest start + len (from the
+        host: reading it here would wait for the device). Logits of each row's last token [b, V]."""
+        b, t = ids.shape
+        positions = starts[:, None] + torch.arange(t, device=self.device)[None, :]  # [b, t]
+        real = torch.arange(t, device=self.device)[None, :] < lens[:, None]
         x = self.model.embed_tokens(ids)
-        behind = positions[0, :, None] - torch.arange(span, device=self.device)[None, :]  # [t, span]
-        visible = {w: ((behind >= 0) & (behind < (w or span))).view(1, 1, t, span) for w in self.windows}
+        behind = positions[:, :, None] - torch.arange(span, device=self.device)[None, None, :]  # [b, t, span]
+        visible = {w: ((behind >= 0) & (behind < (w or span))).view(b, 1, t, span) for w in self.windows}
 
         def attend(i, layer, q, k, v):
             keys, values = self.cache.gather(i, slots, span)
@@ -120,11 +122,11 @@ class ForwardPasses:
                 out = F.scaled_dot_product_attention(
                     q, keys, values, attn_mask=visible[layer.window], scale=layer.scale, enable_gqa=True
                 )
-                return out.transpose(1, 2).reshape(1, t, -1)
+                return out.transpose(1, 2).reshape(b, t, -1)
             return layer.attend(q, keys, values, torch.where(visible[layer.window], 0.0, NEG))
 
-        x = self._layers(x, self.model.rotaries(positions, x.dtype), slots, positions, attend)
-        return self._logits(x[:, -1])
+        x = self._layers(x, self.model.rotaries(positions, x.dtype), slots, positions, attend, real)
+        return self._logits(x[torch.arange(b, device=self.device), lens - 1])
 
     def _prefill_triton(self, x: torch.Tensor, rot: list, slots: torch.Tensor):
         """The prefill's decoder stack on the fused kernels (rotary + cache write, adds and the
@@ -215,12 +217,12 @@ class ForwardPasses:
     def _norm(self, norm, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(norm, x) if self.fused_ops else norm(x)
 
-    def _layers(self, x, rot, rows, positions, attend):
-        """The decoder stack on torch ops; k/v of each layer written into the cache at `positions`;
-        `rot`: (cos, sin) of each rotary table."""
+    def _layers(self, x, rot, rows, positions, attend, real=None):
+        """The decoder stack on torch ops; k/v of each layer written into the cache at `positions`
+        (only where `real` [B, T], if given); `rot`: (cos, sin) of each rotary table."""
         for i, layer in enumerate(self.model.layers):
             q, k, v = layer.qkv(self._norm(layer.ln1, x), *rot[self.model.layer_rope[i]])
-            self.cache.update(i, rows, positions, k, v)
+            self.cache.update(i, rows, positions, k, v, real)
             x = x + layer.after_attention(layer.o(attend(i, layer, q, k, v)))
             x = x + layer.after_mlp(layer.mlp(self._norm(layer.ln2, x)))
         return x

@@ -151,6 +151,9 @@ class TorchCudaRuntime(Runtime):
     def release_kv(self, slot: int) -> None:
         self.blocks.release(slot)
 
+    def cached_prompt_tokens(self, prompt: list[int]) -> int:
+        return self.blocks.cached_prefix(prompt)
+
     def reused_prompt_tokens(self, slot: int) -> int:
         return self.blocks.reused[slot]
 
@@ -294,11 +297,15 @@ class TorchCudaRuntime(Runtime):
 
     @torch.no_grad()
     def prefill_pieces(self, rows: list[StepInput]) -> torch.Tensor:
-        """Prompt pieces that start after the part of their prompt already cached (chunked prefill),
-        one row at a time and eagerly: each attends to its slot's cached past and its own tokens."""
+        """Prompt pieces that start after the part of their prompt already cached (chunked prefill, a
+        prefix-cache hit), in one eager batch: each attends to its slot's cached past and its own tokens."""
         self._prefill_counts[0] += sum(len(r.tokens) for r in rows)
         self._prefill_counts[1] += sum(len(r.tokens) for r in rows)
-        return torch.cat([self.forward.prefill_piece(r.tokens, r.slot, r.start) for r in rows])
+        t = max(len(r.tokens) for r in rows)
+        ids = [r.tokens + [0] * (t - len(r.tokens)) for r in rows]
+        slots, starts, lens = ([r.slot for r in rows], [r.start for r in rows], [len(r.tokens) for r in rows])
+        span = max(s + n for s, n in zip(starts, lens))
+        return self.forward.prefill_pieces(*(to_device(v, self.device) for v in (ids, slots, starts, lens)), span)
 
     def sample(self, logits: torch.Tensor, seqs) -> list:
         return sampling.sample_batch(logits, seqs)

@@ -1,0 +1,158 @@
+"""The engine at scale on the GPU (torch-cuda, paged KV cache), in-process, one run: Llama-3.2-1B's
+shape with random bf16 weights built on the GPU.
+
+    python -m bench.engine_scale [--parts capacity prefix variable] [--concurrency 1 64 256 1024]
+
+- capacity: max_context 8192, `--capacity-slots` rows, the pool sized by kv_cache_memory_fraction
+  0.5 of free memory; the slots a max_context reservation per slot would give for the same pool
+  bytes, beside the most 128/128 sequences the engine ran at once with that many closed-loop
+  streams; then 128/128 tokens/s at each `--concurrency` on the same engine.
+- prefix: 64 streams, a 1,024-token shared prefix + 64 tokens of their own, 128 out, the prefix
+  cache off and on: TTFT and tokens/s.
+- variable: 256 streams, input ~ N(512, 128), output ~ N(256, 64) (seeded), whole-prompt prefill
+  against chunked prefill (512-token budget): tokens/s, TTFT, ITL p50/p99.
+Writes {date}-{gpu}-engine-scale.json/.md after each part (a run cut short keeps what it measured)."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import threading
+import time
+
+import numpy as np
+import torch
+
+from bench.drivers import run_inprocess
+from bench.families import SMALL, bench_engine_config, random_model
+from bench.measure import PowerSampler, write_results
+from bench.provenance import DEFAULT_OUT
+from bench.workloads import random_prompts
+from tritonllm.engine.inprocess import InProcessEngine
+from tritonllm.model.modeling import CausalLM
+from tritonllm.runtimes.paged_kv import BLOCK_SIZE
+from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
+from tritonllm.runtimes.torch_cuda.cache import PagedDeviceCache
+
+log = logging.getLogger("bench.engine_scale")
+
+
+class PeakActive:
+    """Samples the engine's running sequences every millisecond while it is entered."""
+
+    def __init__(self, engine: InProcessEngine):
+        self.engine, self.peak, self._stop = engine, 0, threading.Event()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self.engine.loop.scheduler.active)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def engine_for(model: CausalLM, cfg) -> InProcessEngine:
+    return InProcessEngine(None, cfg, runtime=TorchCudaRuntime(None, cfg, model=model))
+
+
+def free_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def capacity(model, vocab: int, a, rows: list, facts: dict) -> None:
+    cfg = bench_engine_config(
+        a.capacity_slots, max_context=8192, max_tokens_limit=1024, kv_cache_memory_fraction=0.5, max_queue=4096
+    )
+    with engine_for(model, cfg) as eng:
+        d = eng.runtime.describe()
+        per_slot = PagedDeviceCache.bytes_per_block(model.shape, torch.bfloat16) * (8192 // BLOCK_SIZE)
+        pool_bytes = d["kv_cache_bytes"]
+        streams = a.capacity_slots
+        prompts = random_prompts(streams, 128, vocab, seed=11)
+        eng.generate(prompts[0], max_tokens=4, temperature=0.0)  # warm-up
+        with PeakActive(eng) as peak:
+            rows.append(run_inprocess(eng, prompts, streams, 128, PowerSampler(), name="capacity run").row())
+        facts["capacity"] = {
+            "max_context": 8192,
+            "kv_pool_bytes": pool_bytes,
+            "kv_pool_tokens": d["kv_cache_tokens"],
+            "static_slots_same_bytes": pool_bytes // per_slot,
+            "slots": a.capacity_slots,
+            "most_sequences_running": peak.peak,
+            "kv_waits": eng.loop.scheduler.kv_waits,
+        }
+        log.info("capacity %s", facts["capacity"])
+        for c in a.concurrency:
+            prompts = random_prompts(c * a.rounds, 128, vocab, seed=c)
+            rows.append(run_inprocess(eng, prompts, c, 128, PowerSampler(), name="paged, max_context 8192").row())
+            log.info("%s", rows[-1])
+
+
+def shared_prefix(model, vocab: int, a, rows: list, facts: dict) -> None:
+    rng = np.random.default_rng(5)
+    prefix = rng.integers(3, vocab, 1024).tolist()
+    prompts = [prefix + rng.integers(3, vocab, 64).tolist() for _ in range(64 * a.rounds)]
+    counters = {}
+    for cached in (False, True):
+        cfg = bench_engine_config(64, max_context=2048, max_tokens_limit=1024, prefix_cache=cached)
+        with engine_for(model, cfg) as eng:
+            eng.generate(prompts[0], max_tokens=2, temperature=0.0)  # warm-up (cached: the prefix's blocks)
+            name = f"shared prefix, cache {'on' if cached else 'off'}"
+            rows.append(run_inprocess(eng, prompts, 64, 128, PowerSampler(), name=name).row())
+            counters[name] = {"queried": eng.loop.stats.prefix_queried, "hits": eng.loop.stats.prefix_hits}
+            log.info("%s %s", rows[-1], counters[name])
+        eng = None
+        free_memory()
+    facts["prefix_counters"] = counters
+
+
+def variable(model, vocab: int, a, rows: list, facts: dict) -> None:
+    rng = np.random.default_rng(3)
+    n = 256 * a.rounds
+    ins = np.clip(rng.normal(512, 128, n), 16, 1024).astype(int)
+    outs = np.clip(rng.normal(256, 64, n), 16, 512).astype(int).tolist()
+    prompts = [rng.integers(3, vocab, int(k)).tolist() for k in ins]
+    facts["variable"] = {"mean_in": float(ins.mean()), "mean_out": float(np.mean(outs)), "requests": n}
+    for budget in (8192, 512):
+        cfg = bench_engine_config(256, max_context=2048, max_tokens_limit=1024, max_prefill_tokens=budget)
+        with engine_for(model, cfg) as eng:
+            eng.generate(prompts[0], max_tokens=2, temperature=0.0)
+            name = f"variable lengths, prefill budget {budget}"
+            rows.append(run_inprocess(eng, prompts, 256, 0, PowerSampler(), name=name, out_lens=outs).row())
+            log.info("%s", rows[-1])
+        eng = None
+        free_memory()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", nargs="+", default=["capacity", "prefix", "variable"])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256, 1024])
+    p.add_argument("--capacity-slots", type=int, default=2048)
+    p.add_argument("--rounds", type=int, default=2, help="requests per stream")
+    p.add_argument("--out", default=DEFAULT_OUT)
+    a = p.parse_args()
+    hf = random_model("llama", SMALL)
+    model, vocab = CausalLM(hf), SMALL["vocab_size"]
+    del hf
+    rows: list = []
+    facts: dict = {"workload": "in-process torch-cuda engine, Llama-3.2-1B shape, random bf16 weights"}
+    for part in a.parts:
+        t0 = time.perf_counter()
+        {"capacity": capacity, "prefix": shared_prefix, "variable": variable}[part](model, vocab, a, rows, facts)
+        free_memory()
+        facts.setdefault("part_seconds", {})[part] = round(time.perf_counter() - t0, 1)
+        print(write_results(a.out, "engine-scale", facts, rows))
+
+
+if __name__ == "__main__":
+    main()
