@@ -1,8 +1,9 @@
 """The engine at scale on the GPU (torch-cuda, paged KV cache), in-process, one run: Llama-3.2-1B's
 shape with random bf16 weights built on the GPU.
 
-    python -m bench.engine_scale [--parts capacity prefix variable] [--concurrency 1 64 256 1024]
+    python -m bench.engine_scale [--parts parity capacity prefix variable] [--concurrency 1 64 256 1024]
 
+- parity: greedy ids on the kernels (cold, then with the prefix cached) against the reference ops.
 - capacity: max_context 8192, `--capacity-slots` rows, the pool sized by kv_cache_memory_fraction
   0.5 of free memory; the slots a max_context reservation per slot would give for the same pool
   bytes, beside the most 128/128 sequences the engine ran at once with that many closed-loop
@@ -36,6 +37,7 @@ from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 from tritonllm.runtimes.torch_cuda.cache import PagedDeviceCache
 
 log = logging.getLogger("bench.engine_scale")
+DEVICE = "cuda"
 
 
 class PeakActive:
@@ -59,7 +61,7 @@ class PeakActive:
 
 
 def engine_for(model: CausalLM, cfg) -> InProcessEngine:
-    return InProcessEngine(None, cfg, runtime=TorchCudaRuntime(None, cfg, model=model))
+    return InProcessEngine(None, cfg, runtime=TorchCudaRuntime(None, cfg, model=model, device=DEVICE))
 
 
 def free_memory() -> None:
@@ -132,10 +134,39 @@ def variable(model, vocab: int, a, rows: list, facts: dict) -> None:
         free_memory()
 
 
+def parity(model, vocab: int, a, rows: list, facts: dict) -> None:
+    """Greedy ids, 4 prompts (a shared 64-token prefix + 32 of their own) x 32 tokens: the paged
+    engine on its kernels cold, then again with the prefix cached, against the reference ops
+    (eager, the same block tables): the first divergence of each prompt (bf16 near-ties on random
+    weights may part them; the CPU tests compare fp32 ids exactly)."""
+    rng = np.random.default_rng(9)
+    shared = rng.integers(3, vocab, 64).tolist()
+    prompts = [shared + rng.integers(3, vocab, 32).tolist() for _ in range(4)]
+    cfg = bench_engine_config(4, max_context=256, max_tokens_limit=64)
+
+    def ids(runtime):
+        with InProcessEngine(None, cfg, runtime=runtime) as eng:
+            kw = dict(max_tokens=32, temperature=0.0, ignore_eos=True)
+            cold = [eng.generate(p, **kw) for p in prompts]
+            warm = [eng.generate(p, **kw) for p in prompts]
+        return [r.ids for r in cold], [r.ids for r in warm], [r.reused_tokens for r in warm]
+
+    kernels = ids(TorchCudaRuntime(None, cfg, model=model, device=DEVICE))
+    ref = ids(TorchCudaRuntime(None, cfg, model=model, device=DEVICE, fused_kernels=False, use_cuda_graphs=False))
+    first = lambda xs, ys: [next((i for i, (x, y) in enumerate(zip(g, r)) if x != y), 32) for g, r in zip(xs, ys)]
+    facts["parity"] = {
+        "kernels_vs_reference_ops": first(kernels[0], ref[0]),
+        "warm_vs_cold_kernels": first(kernels[1], kernels[0]),
+        "warm_vs_cold_reference_ops": first(ref[1], ref[0]),
+        "reused_tokens_warm": kernels[2],
+    }
+    log.info("parity %s", facts["parity"])
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", default=["capacity", "prefix", "variable"])
+    p.add_argument("--parts", nargs="+", default=["parity", "capacity", "prefix", "variable"])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256, 1024])
     p.add_argument("--capacity-slots", type=int, default=2048)
     p.add_argument("--rounds", type=int, default=2, help="requests per stream")
@@ -148,10 +179,12 @@ def main() -> None:
     facts: dict = {"workload": "in-process torch-cuda engine, Llama-3.2-1B shape, random bf16 weights"}
     for part in a.parts:
         t0 = time.perf_counter()
-        {"capacity": capacity, "prefix": shared_prefix, "variable": variable}[part](model, vocab, a, rows, facts)
+        parts = {"parity": parity, "capacity": capacity, "prefix": shared_prefix, "variable": variable}
+        parts[part](model, vocab, a, rows, facts)
         free_memory()
         facts.setdefault("part_seconds", {})[part] = round(time.perf_counter() - t0, 1)
-        print(write_results(a.out, "engine-scale", facts, rows))
+        if rows:  # the parity part alone has no rows (its facts go out with the next part's)
+            print(write_results(a.out, "engine-scale", facts, rows))
 
 
 if __name__ == "__main__":
