@@ -191,6 +191,9 @@ def test_a_repeated_prompt_prefix_comes_from_the_prefix_cache(live_server, tiny)
     assert reused == (first.num_input_tokens - 1) // 16 * 16  # whole blocks, never the last prompt token
     assert (first.num_reused_tokens, second.num_reused_tokens) == (0, reused)  # the final response says so
     assert metric_value(live_server, queried, "tiny_engine") >= 2 * first.num_input_tokens
+    assert metric_value(live_server, "tritonllm_kv_cache_blocks_total", "tiny_engine") > 0
+    # the finished requests' blocks went back (their prefix stays cached, evictable: not in use)
+    wait_for_metric(live_server, "tritonllm_kv_cache_blocks_used", "tiny_engine", lambda v: v == 0)
 
 
 BAD_INPUTS = [

@@ -225,6 +225,8 @@ class EngineLoop:
         self.stats.gpu_idle_s = runtime.gpu_idle_s
         self.stats.prefill_tokens, self.stats.prefill_computed = runtime.prefill_tokens, runtime.prefill_computed_tokens
         self.stats.prefix_queried, self.stats.prefix_hits = runtime.prefix_queried_tokens, runtime.prefix_hit_tokens
+        self.stats.kv_blocks, self.stats.kv_blocks_available = runtime.kv_blocks, runtime.kv_blocks_available
+        self.stats.kv_waits = self.scheduler.kv_waits
         self.stats.wait_s += t1 - t0
         self.stats.complete_s += time.perf_counter() - t1
 

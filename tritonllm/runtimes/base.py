@@ -67,6 +67,8 @@ class RuntimeStats:
     prefill_computed_tokens: int = 0  # ... and tokens computed for them, padding to graph buckets included
     prefix_queried_tokens: int = 0  # prompt tokens looked up in a prefix cache ...
     prefix_hit_tokens: int = 0  # ... and found there (not computed again)
+    kv_blocks: int = 0  # a paged cache's blocks ...
+    kv_blocks_available: int = 0  # ... held by no sequence (free, or cached and evictable)
 
 
 class Runtime(ABC):

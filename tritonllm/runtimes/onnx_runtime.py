@@ -90,8 +90,13 @@ class OnnxRuntime(Runtime):
         }
 
     def stats(self) -> RuntimeStats:
-        prefix = self.cache.stats
-        return RuntimeStats(prefix_queried_tokens=prefix.queried_tokens, prefix_hit_tokens=prefix.hit_tokens)
+        prefix, pool = self.cache.stats, self.cache.blocks.pool
+        return RuntimeStats(
+            prefix_queried_tokens=prefix.queried_tokens,
+            prefix_hit_tokens=prefix.hit_tokens,
+            kv_blocks=pool.size,
+            kv_blocks_available=pool.available,
+        )
 
     def reserve_kv(self, slot: int, tokens: int) -> bool:
         return self.cache.blocks.reserve(slot, tokens)

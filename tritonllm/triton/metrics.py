@@ -66,6 +66,15 @@ class EngineMetrics:
             fam.COUNTER,
             "prompt tokens found in the prefix cache (their keys/values reused, not computed)",
         )
+        self.kv_waits = metric(
+            "tritonllm_kv_cache_waits_total",
+            fam.COUNTER,
+            "engine steps at which the next request had a slot but waited for KV blocks (the pool was promised)",
+        )
+        self.kv_blocks = metric("tritonllm_kv_cache_blocks_total", fam.GAUGE, "blocks of the paged KV cache")
+        self.kv_used = metric(
+            "tritonllm_kv_cache_blocks_used", fam.GAUGE, "KV blocks held by sequences (not free, not evictable)"
+        )
         self.finished_family = fam(
             name="tritonllm_requests_finished_total", kind=fam.COUNTER, description="requests finished, by reason"
         )
@@ -102,6 +111,8 @@ class EngineMetrics:
             st, sch = self.loop.stats, self.loop.scheduler
             self.active.set(sch.active)
             self.queued.set(sch.queued)
+            self.kv_blocks.set(st.kv_blocks)
+            self.kv_used.set(st.kv_blocks - st.kv_blocks_available)
             counters = [
                 ("tokens", st.tokens_generated, self.tokens),
                 ("steps", st.decode_steps, self.steps),
@@ -117,6 +128,7 @@ class EngineMetrics:
                 ("prefill_computed", st.prefill_computed, self.prefill_computed),
                 ("prefix_queried", st.prefix_queried, self.prefix_queried),
                 ("prefix_hits", st.prefix_hits, self.prefix_hits),
+                ("kv_waits", st.kv_waits, self.kv_waits),
             ]
             for key, value, m in counters:
                 if value > self._last.get(key, 0):

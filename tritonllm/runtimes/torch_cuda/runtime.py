@@ -142,8 +142,10 @@ class TorchCudaRuntime(Runtime):
 
     def stats(self) -> RuntimeStats:
         idle = self._downloads.idle_s if self._downloads else 0.0
-        prefix = self.blocks.stats
-        return RuntimeStats(idle, *self._prefill_counts, prefix.queried_tokens, prefix.hit_tokens)
+        prefix, pool = self.blocks.stats, self.blocks.pool
+        return RuntimeStats(
+            idle, *self._prefill_counts, prefix.queried_tokens, prefix.hit_tokens, pool.size, pool.available
+        )
 
     def reserve_kv(self, slot: int, tokens: int) -> bool:
         return self.blocks.reserve(slot, tokens)
