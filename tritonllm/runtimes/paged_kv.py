@@ -172,18 +172,24 @@ class BlockTables:
         if not self.prefix_cache or start % size:
             return 0
         self.pool.stats.queried_tokens += len(tokens)
-        reused = 0
+        chains, found, reused = self.chains[slot], [], 0
+        chain = chains[-1] if chains else 0
         while reused + size < len(tokens):
             block_tokens = tuple(tokens[reused : reused + size])
-            chain = chain_hash(self.chains[slot][-1] if self.chains[slot] else 0, block_tokens)
+            chain = chain_hash(chain, block_tokens)
             block = self.pool.lookup(chain, block_tokens)
             if block is None:
                 break
             self.pool.acquire(block)
-            self._take(slot, block)
-            self.chains[slot].append(chain)
-            self.tokens[slot].extend(block_tokens)
+            found.append(block)
+            chains.append(chain)
             reused += size
+        if found:  # taken at once: one dirty span, one change of what is owed
+            table = self.tables[slot]
+            self.owed -= min(len(found), self._owed(slot))
+            self._mark(slot, len(table), len(table) + len(found))
+            table.extend(found)
+            self.tokens[slot].extend(tokens[:reused])
         self.pool.stats.hit_tokens += reused
         self.reused[slot] += reused
         return reused

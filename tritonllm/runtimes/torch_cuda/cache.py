@@ -67,23 +67,18 @@ class PagedDeviceCache:
         copy_to(staged, at + blocks, ring)
         self.table.view(-1)[staged[: len(at)]] = staged[len(at) :].to(torch.int32)
 
-    def locate(self, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block, offset in it) of positions [B, T] of slots rows [B]."""
-        return self.table[rows[:, None], positions // self.block_size].long(), positions % self.block_size
-
     def update(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k, v, real=None) -> None:
         """Write k/v [B,Hkv,T,D] of slots `rows` [B] at positions [B,T] (only where `real` [B,T] is
         True, if given: a batch of ragged pieces, whose padding may lie past a table's end)."""
-        if real is None:
-            block, offset = self.locate(rows, positions)
-            self.keys[layer][block, :, offset] = k.transpose(1, 2)
-            self.values[layer][block, :, offset] = v.transpose(1, 2)
-            return
-        row = rows[:, None].expand_as(positions)[real]
-        block = self.table[row, positions[real] // self.block_size].long()
-        offset = positions[real] % self.block_size
-        self.keys[layer][block, :, offset] = k.transpose(1, 2)[real]
-        self.values[layer][block, :, offset] = v.transpose(1, 2)[real]
+        index = positions // self.block_size
+        if real is not None:  # padding goes to the scratch block (no boolean indexing: it would wait for the device)
+            index = index.clamp(max=self.width - 1)
+        block = self.table[rows[:, None], index].long()
+        if real is not None:
+            block = torch.where(real, block, self.scratch)
+        offset = positions % self.block_size
+        self.keys[layer][block, :, offset] = k.transpose(1, 2)
+        self.values[layer][block, :, offset] = v.transpose(1, 2)
 
     def gather(self, layer: int, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of slots `rows` [B] at positions 0..length-1: [B, Hkv, length, D] each,

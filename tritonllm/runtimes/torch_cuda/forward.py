@@ -116,14 +116,16 @@ class ForwardPasses:
         behind = positions[:, :, None] - torch.arange(span, device=self.device)[None, None, :]  # [b, t, span]
         visible = {w: ((behind >= 0) & (behind < (w or span))).view(b, 1, t, span) for w in self.windows}
 
+        bias = {w: torch.where(m, 0.0, NEG).to(x.dtype) for w, m in visible.items()}
+
         def attend(i, layer, q, k, v):
             keys, values = self.cache.gather(i, slots, span)
-            if self.fused_ops and layer.softcap is None:
-                out = F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=visible[layer.window], scale=layer.scale, enable_gqa=True
-                )
+            if self.fused_ops and layer.softcap is None:  # K/V repeated per query head: with a bias, SDPA's
+                g = q.shape[1] // keys.shape[1]  # memory-efficient kernel serves (its GQA form may not)
+                keys, values = keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias[layer.window], scale=layer.scale)
                 return out.transpose(1, 2).reshape(b, t, -1)
-            return layer.attend(q, keys, values, torch.where(visible[layer.window], 0.0, NEG))
+            return layer.attend(q, keys, values, bias[layer.window])
 
         x = self._layers(x, self.model.rotaries(positions, x.dtype), slots, positions, attend, real)
         return self._logits(x[torch.arange(b, device=self.device), lens - 1])
