@@ -304,3 +304,21 @@ def test_paged_cache_through_the_kernels_admits_by_blocks_and_reuses_prefixes_wi
     from .test_torch_runtime import check_paged_cache
 
     check_paged_cache(tiny_dir, triton_kernels=True)
+
+
+def test_decode_attention_rows_of_one_slot_attend_up_to_their_own_positions():
+    """A prompt piece's tokens as rows of one slot (`row_slots`): each attends to the keys up to its
+    own position, which is causal attention over the piece and its cached past."""
+    torch.manual_seed(8)
+    heads, kv_heads, d, ctx = 4, 2, 16, 48
+    kc, vc = torch.randn(2, kv_heads, ctx, d), torch.randn(2, kv_heads, ctx, d)
+    (kp, table), (vp, _) = paged(kc, seed=3), paged(vc, seed=3)
+    row_slots, pos = torch.tensor([1, 1, 1, 0, 0]), torch.tensor([30, 31, 32, 0, 1])
+    q = torch.randn(5, heads, d)
+    got = ak.decode_attention(q, kp, vp, table, pos, 64, row_slots=row_slots)
+    for i in range(5):
+        s, n = int(row_slots[i]), int(pos[i]) + 1
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[i].view(kv_heads, 2, d), kc[s, :, :n], vc[s, :, :n]
+        ).reshape(-1)
+        torch.testing.assert_close(got[i, 0], ref, atol=1e-4, rtol=1e-4)

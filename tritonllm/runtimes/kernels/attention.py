@@ -21,6 +21,7 @@ def _decode_attention_kernel(
     v_cache,
     table,
     pos,
+    row_slot,
     out,
     limit,
     window,
@@ -33,6 +34,7 @@ def _decode_attention_kernel(
     s_c_head,
     s_c_pos,
     PAGE: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
     G: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
@@ -44,6 +46,7 @@ def _decode_attention_kernel(
     rows = (kv * G + g)[:, None] * s_q_h + d[None, :]
     qv = tl.load(q + b * s_q_b + rows, mask=(g < G)[:, None], other=0.0)
     n = tl.minimum(tl.load(pos + b) + 1, limit)  # keys 0..pos, never beyond the graph's context
+    slot = tl.load(row_slot + b) if HAS_SLOTS else b
     lo = tl.maximum(n - window, 0)  # a sliding window sees the last `window` keys only
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
@@ -51,7 +54,7 @@ def _decode_attention_kernel(
     for start in range((lo // BLOCK_N) * BLOCK_N, n, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         live = (cols < n) & (cols >= lo)
-        block = tl.load(table + b * s_table + cols // PAGE, mask=live, other=0).to(tl.int64)
+        block = tl.load(table + slot * s_table + cols // PAGE, mask=live, other=0).to(tl.int64)
         at = (block * s_c_block + kv * s_c_head + (cols % PAGE) * s_c_pos)[:, None] + d[None, :]
         kb = tl.load(k_cache + at, mask=live[:, None], other=0.0)
         s = tl.dot(qv, tl.trans(kb)).to(tl.float32) * scale
@@ -83,8 +86,11 @@ def decode_attention(
     window: int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    row_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [B,H,D] (contiguous) of slots 0..B-1 at positions [B]; k/v_cache [blocks,Hkv,PAGE,D] (one
+    """q [B,H,D] (contiguous) of slots 0..B-1 (or `row_slots` [B]: several rows may be one slot's,
+    the tokens of a prompt piece, each attending up to its own position) at positions [B];
+    k/v_cache [blocks,Hkv,PAGE,D] (one
     layer), table [slots, blocks per sequence] (int32: the block of each slot's positions, PAGE at
     a time). Row b attends to keys 0..min(positions[b], limit - 1), the last `window` of them where
     one is set; scores scaled by `scale` (default D ** -0.5), then soft-capped at `softcap` where
@@ -100,6 +106,7 @@ def decode_attention(
         v_cache,
         table,
         positions,
+        row_slots if row_slots is not None else positions,
         out,
         limit,
         window or 2**30,
@@ -112,6 +119,7 @@ def decode_attention(
         k_cache.stride(1),
         k_cache.stride(2),
         PAGE=k_cache.shape[2],
+        HAS_SLOTS=row_slots is not None,
         G=h // hkv,
         GP=max(16, triton.next_power_of_2(h // hkv)),
         D=d,

@@ -103,6 +103,44 @@ class ForwardPasses:
         x = self._layers(x, rot, slots, positions, attend)
         return self._logits(x[rows, last])
 
+    def pieces_triton(self, ids, slots, positions, last, span: int) -> torch.Tensor:
+        """Prompt pieces on the fused kernels, every token a row: ids/slots/positions [R] of the
+        pieces' tokens in order, last [b] the row of each piece's last token, `span` the largest
+        position + 1. The rotary kernel writes each token's K/V through the block tables first;
+        then each token attends to its slot's positions up to its own (the decode attention kernel
+        with a slot per row: causal by position, no gather of the cache). Logits [b, V]."""
+        from ..kernels import attention as ak
+        from ..kernels import fused as fk
+
+        m, sh, cache = self.model, self.shape, self.cache
+        x = m.embed_tokens(ids[:, None])  # [R, 1, H]: the residual stream
+        rot = m.rotaries(positions[:, None], x.dtype)
+        rope = lambda i, qkv: fk.rope_kv_write(
+            qkv,
+            *rot[m.layer_rope[i]],
+            cache.keys[i],
+            cache.values[i],
+            cache.table,
+            positions,
+            sh.num_heads,
+            sh.num_kv_heads,
+            slots=slots,
+            qk_norm=self._head_norms(m.layers[i]),
+        )
+        attend = lambda i, q: ak.decode_attention(
+            q,
+            cache.keys[i],
+            cache.values[i],
+            cache.table,
+            positions,
+            span,
+            ak.ATTENTION_CONFIGS[0],
+            *self._attention_args(m.layers[i]),
+            row_slots=slots,
+        )
+        h = self._fused_layers(x, rope, attend, lambda kind, layer, inp: self._linear(kind, layer, inp, small=False))
+        return m.cap_logits(torch.matmul(h[last, 0], m.lm_head.t()))
+
     def prefill_pieces(self, ids: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, span):
         """Prompt pieces after cached parts of their prompts (chunked prefill, prefix-cache hits), in
         one batch: ids [b, t] right-padded, row r at positions starts[r].. of slots[r] with lens[r]

@@ -8,6 +8,7 @@ The parts, one job each: `cache` (the paged KV pool and its tables), `tuning` (s
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -303,10 +304,18 @@ class TorchCudaRuntime(Runtime):
         prefix-cache hit), in one eager batch: each attends to its slot's cached past and its own tokens."""
         self._prefill_counts[0] += sum(len(r.tokens) for r in rows)
         self._prefill_counts[1] += sum(len(r.tokens) for r in rows)
+        span = max(r.start + len(r.tokens) for r in rows)
+        if self.kernels.triton:  # every token a row (no padding)
+            ids = [t for r in rows for t in r.tokens]
+            slots = [r.slot for r in rows for _ in r.tokens]
+            positions = [r.start + i for r in rows for i in range(len(r.tokens))]
+            last = list(itertools.accumulate(len(r.tokens) for r in rows))
+            last = [n - 1 for n in last]
+            flat = (to_device(v, self.device) for v in (ids, slots, positions, last))
+            return self.forward.pieces_triton(*flat, span)
         t = max(len(r.tokens) for r in rows)
         ids = [r.tokens + [0] * (t - len(r.tokens)) for r in rows]
         slots, starts, lens = ([r.slot for r in rows], [r.start for r in rows], [len(r.tokens) for r in rows])
-        span = max(s + n for s, n in zip(starts, lens))
         return self.forward.prefill_pieces(*(to_device(v, self.device) for v in (ids, slots, starts, lens)), span)
 
     def sample(self, logits: torch.Tensor, seqs) -> list:
