@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.drivers import run_hf, run_inprocess, run_triton
+from bench.families import LARGE, random_model
 from bench.measure import PowerSampler, markdown_table
 from bench.provenance import DEFAULT_OUT, result_stem, run_facts
 from bench.targets import COLS, render, target_lines
@@ -53,7 +54,7 @@ def gpu_suite(a, results: list, facts: dict) -> None:
         time.sleep(2.0)
     facts["idle_watts"] = power.mean_watts()
     facts["copy_bandwidth_TBps"] = round(copy_bandwidth() / 1e12, 3)
-    hf = llama_1b_random()
+    hf = llama_1b_random() if a.shape == "1b" else random_model("llama", LARGE["llama"])
     facts["weight_bytes"] = weight_bytes(hf)
     facts["roofline_batch1_tokens_per_s"] = round(facts["copy_bandwidth_TBps"] * 1e12 / facts["weight_bytes"], 1)
     vocab = hf.config.vocab_size
@@ -70,13 +71,19 @@ def gpu_suite(a, results: list, facts: dict) -> None:
         torch.cuda.reset_peak_memory_stats()
         results.append(run_hf(hf, random_prompts(c, a.prompt_len, vocab, seed=c), a.out_len, True, power).row())
         log.info("%s", results[-1])
-    ckpt, engine_dir = Path(a.work) / "llama1b", Path(a.work) / "llama1b-engine"
+    ckpt, engine_dir = Path(a.work) / f"llama{a.shape}", Path(a.work) / f"llama{a.shape}-engine"
+    model = CausalLM(hf)
+    if a.gpu_quantization != "none":  # the build step's own function: the engine files hold 8-bit weights
+        from tritonllm.model import quant
+
+        quant.quantize_model(model, a.gpu_quantization)
+    facts["shape"], facts["quantization"] = a.shape, a.gpu_quantization
     if "triton" in a.systems:
         from tritonllm.model.modeling import ENGINE_FILE
 
         word_tokenizer(vocab, ckpt)
         engine_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(CausalLM(hf), engine_dir / ENGINE_FILE)
+        torch.save(model, engine_dir / ENGINE_FILE)
     cfg = EngineConfig(
         runtime="torch-cuda",
         dtype="bfloat16",
@@ -88,8 +95,9 @@ def gpu_suite(a, results: list, facts: dict) -> None:
         response_threads=a.response_threads,
         launch_ahead=a.launch_ahead,
         steps_per_launch=a.steps_per_launch,
+        quantization=a.gpu_quantization,
     )
-    runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf))
+    runtime = TorchCudaRuntime(None, cfg, model=model)
     del hf
     gc.collect()
     torch.cuda.empty_cache()
@@ -107,7 +115,7 @@ def gpu_suite(a, results: list, facts: dict) -> None:
             "first_divergence": [
                 next((i for i, (x, y) in enumerate(zip(g, r)) if x != y), None) for g, r in zip(got, ref)
             ],
-            "note": "bf16, batched vs HF batched; None = identical ids",
+            "note": f"engine weights {a.gpu_quantization} (none: bf16), batched vs HF bf16; None = identical ids",
         }
         log.info("parity: %s", facts["bf16_greedy_parity_vs_hf"])
     if cfg.steps_per_launch > 1:  # the same prompts with every decode step in multi-step runs
@@ -426,6 +434,13 @@ def main() -> None:
         choices=["none", "int8", "int4"],
         help="CPU: the in-process engine with each of these ONNX Runtime schemes (Triton: --triton-variants "
         "NAME:quantization=int8)",
+    )
+    p.add_argument("--shape", choices=["1b", "8b"], default="1b", help="GPU: Llama-3.2-1B or Llama-3.1-8B shape")
+    p.add_argument(
+        "--gpu-quantization",
+        choices=["none", "fp8", "int8-wo"],
+        default="none",
+        help="GPU: the torch-cuda engine's weights (in-process and through Triton; the HF rows stay bf16)",
     )
     p.add_argument("--server-pythonpath", help="prepended to PYTHONPATH of the Triton server's python stubs")
     p.add_argument("--server-hide-gpu", action="store_true", help="run Triton's core without CUDA (engine keeps it)")
