@@ -20,6 +20,8 @@ CFG = EngineConfig(max_slots=4, max_context=256, max_tokens_limit=200, default_m
         dict(runtime="vllm"),
         dict(max_tokens_limit=4096, max_context=2048),
         dict(kv_cache_memory_fraction=1.0),
+        dict(kv_cache_tokens=1000, max_context=2048),
+        dict(max_slots=4097),
     ],
 )
 def test_engine_config_bounds(kw):
@@ -50,6 +52,16 @@ def test_the_build_cli_refuses_a_quantization_before_building(tmp_path, capsys):
         main(["--model", str(tmp_path), "--runtime", "onnxruntime", "--quantization", "fp8", "--out", str(tmp_path)])
     assert e.value.code == 2 and "FP8 Tensor Cores" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing built
+
+
+def test_the_build_cli_sizes_the_kv_pool_and_refuses_one_too_small_for_max_context(tmp_path, capsys):
+    from tritonllm.build.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path), "--kv-cache-tokens", "1000", "--max-context", "2048", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "kv_cache_tokens=1000" in err and ">= max_context (2048)" in err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(

@@ -110,34 +110,11 @@ class ForwardPasses:
         then each token attends to its slot's positions up to its own (the decode attention kernel
         with a slot per row: causal by position, no gather of the cache). Logits [b, V]."""
         from ..kernels import attention as ak
-        from ..kernels import fused as fk
 
-        m, sh, cache = self.model, self.shape, self.cache
+        m = self.model
         x = m.embed_tokens(ids[:, None])  # [R, 1, H]: the residual stream
         rot = m.rotaries(positions[:, None], x.dtype)
-        rope = lambda i, qkv: fk.rope_kv_write(
-            qkv,
-            *rot[m.layer_rope[i]],
-            cache.keys[i],
-            cache.values[i],
-            cache.table,
-            positions,
-            sh.num_heads,
-            sh.num_kv_heads,
-            slots=slots,
-            qk_norm=self._head_norms(m.layers[i]),
-        )
-        attend = lambda i, q: ak.decode_attention(
-            q,
-            cache.keys[i],
-            cache.values[i],
-            cache.table,
-            positions,
-            span,
-            ak.ATTENTION_CONFIGS[0],
-            *self._attention_args(m.layers[i]),
-            row_slots=slots,
-        )
+        rope, attend = self._row_kernels(rot, positions, slots, span, ak.ATTENTION_CONFIGS[0], reads=slots)
         h = self._fused_layers(x, rope, attend, lambda kind, layer, inp: self._linear(kind, layer, inp, small=False))
         return m.cap_logits(torch.matmul(h[last, 0], m.lm_head.t()))
 
@@ -209,14 +186,24 @@ class ForwardPasses:
         """The decode step of slots 0..b-1 over a context bucket c on the fused kernels, products by
         the tuned gemv table."""
         from ..kernels import attention as ak
-        from ..kernels import fused as fk
         from ..kernels.gemv import dense
 
-        m, sh, cache = self.model, self.shape, self.cache
-        positions = self.positions[:b]
+        m, positions = self.model, self.positions[:b]
         x = m.embed_tokens(self.tokens[:b, None])  # the residual stream
         rot = m.rotaries(positions[:, None], x.dtype)
-        attention = self.kernels.attention_table.get(b, ak.ATTENTION_CONFIGS[0])
+        config = self.kernels.attention_table.get(b, ak.ATTENTION_CONFIGS[0])
+        rope, attend = self._row_kernels(rot, positions, self.writes[:b], c, config)
+        h = self._fused_layers(x, rope, attend, self._linear)
+        return m.cap_logits(dense(self._project("lm_head", m.lm_head, None, h[:, 0])))
+
+    def _row_kernels(self, rot, positions, writes, limit: int, config, reads=None) -> tuple:
+        """(rope, attend) of the fused layers for token rows at `positions` [R]: the rotary kernel
+        writes each row's K/V into slot writes[r]'s blocks; the attention kernel reads slot
+        reads[r] (default: row r is slot r) up to the row's position, at most `limit` keys."""
+        from ..kernels import attention as ak
+        from ..kernels import fused as fk
+
+        m, sh, cache = self.model, self.shape, self.cache
         rope = lambda i, qkv: fk.rope_kv_write(
             qkv,
             *rot[m.layer_rope[i]],
@@ -226,14 +213,21 @@ class ForwardPasses:
             positions,
             sh.num_heads,
             sh.num_kv_heads,
-            slots=self.writes[:b],
+            slots=writes,
             qk_norm=self._head_norms(m.layers[i]),
         )
         attend = lambda i, q: ak.decode_attention(
-            q, cache.keys[i], cache.values[i], cache.table, positions, c, attention, *self._attention_args(m.layers[i])
+            q,
+            cache.keys[i],
+            cache.values[i],
+            cache.table,
+            positions,
+            limit,
+            config,
+            *self._attention_args(m.layers[i]),
+            row_slots=reads,
         )
-        h = self._fused_layers(x, rope, attend, self._linear)
-        return m.cap_logits(dense(self._project("lm_head", m.lm_head, None, h[:, 0])))
+        return rope, attend
 
     def _decode_torch(self, b: int, c: int) -> torch.Tensor:
         """The decode step on torch ops (fused attention and norms, or the reference ops)."""
