@@ -70,8 +70,6 @@ class EngineConfig:
     instance_balance_ms: float = 50.0  # several engine instances: a full one holds a new request this long
     # in execute() (so Triton hands the next ones to the others) before queueing it
     threads: int = 0  # runtime intra-op threads (0: runtime default)
-    cpu_spin: bool = True  # onnxruntime: intra-op threads spin-wait between ops (quick on cores of their own;
-    # False where the python stubs and clients share a few cores with them)
     dtype: str = "float32"
     kv_cache_memory_fraction: float = 0.5  # GPU runtimes: share of free memory for the KV cache
     kv_cache_tokens: int = 0  # paged runtimes: tokens the KV block pool holds (0: by kv_cache_memory_fraction on

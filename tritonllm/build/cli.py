@@ -41,8 +41,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
     p.add_argument("--stream-interval-ms", type=float, default=d.stream_interval_ms)
     p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--no-cpu-spin", action="store_true",
-                   help="onnxruntime: idle intra-op threads sleep instead of spinning (few cores shared with Triton)")
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="weights and KV cache (torch-cuda: bfloat16)")
     p.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
                    help="prompt tokens one engine step prefills (bounds the stall of the running streams)")
@@ -101,8 +99,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
                         steps_per_launch=a.steps_per_launch,
                         multi_step_min_active=a.multi_step_min_active, launch_ahead=a.launch_ahead,
                         prefix_cache=not a.no_prefix_cache, quantization=a.quantization,
-                        kv_cache_memory_fraction=a.kv_cache_memory_fraction, kv_cache_tokens=a.kv_cache_tokens,
-                        cpu_spin=not a.no_cpu_spin)
+                        kv_cache_memory_fraction=a.kv_cache_memory_fraction, kv_cache_tokens=a.kv_cache_tokens)
 
 if __name__ == "__main__":
     main()

@@ -67,9 +67,6 @@ class OnnxRuntime(Runtime):
         opts = ort.SessionOptions()
         if cfg.threads:
             opts.intra_op_num_threads = cfg.threads
-        if not cfg.cpu_spin:  # idle threads sleep instead of spinning on cores the stubs need
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(
             str(Path(engine_dir) / "model.onnx"), opts, providers=providers or ["CPUExecutionProvider"]
