@@ -12,7 +12,7 @@ from ..model.graph_io import OUTPUTS, causal_bias
 from ..model.shape import ModelShape
 from .base import Runtime, RuntimeCapabilities, RuntimeStats, StepInput
 from .host_kv import staged, step_by_kind
-from .paged_kv import BLOCK_SIZE, PagedKVCache
+from .paged_kv import BLOCK_SIZE, PagedAdmission, PagedKVCache
 
 log = logging.getLogger(__name__)
 PAST_ROUND = 16  # a decode batch's staged past grows in steps of this many positions
@@ -53,7 +53,7 @@ class DecodeStaging:
             self.past[1][:, b, :, start] = new_values[:, b, :, 0]
 
 
-class OnnxRuntime(Runtime):
+class OnnxRuntime(PagedAdmission, Runtime):
     capabilities = RuntimeCapabilities(prompt_pieces=True)  # the graph reads the cached past at any start
 
     def __init__(self, engine_dir: Path, cfg: EngineConfig, providers: list[str] | None = None):
@@ -74,6 +74,7 @@ class OnnxRuntime(Runtime):
         self.cache = PagedKVCache(
             self.shape, cfg.max_slots, cfg.max_context, cfg.prefix_cache, tokens=cfg.kv_cache_tokens
         )
+        self.blocks = self.cache.blocks
         self.staging = DecodeStaging(self.cache)
 
     def describe(self) -> dict:
@@ -85,30 +86,12 @@ class OnnxRuntime(Runtime):
             "kv_cache_bytes": self.cache.nbytes,
             "quantization": self.quantization,
             "kv_block_size": BLOCK_SIZE,
-            "kv_cache_tokens": self.cache.blocks.pool.size * BLOCK_SIZE,
+            "kv_cache_tokens": self.blocks.pool.size * BLOCK_SIZE,
             "prefix_cache": self.cache.prefix_cache,
         }
 
     def stats(self) -> RuntimeStats:
-        prefix, pool = self.cache.stats, self.cache.blocks.pool
-        return RuntimeStats(
-            prefix_queried_tokens=prefix.queried_tokens,
-            prefix_hit_tokens=prefix.hit_tokens,
-            kv_blocks=pool.size,
-            kv_blocks_available=pool.available,
-        )
-
-    def reserve_kv(self, slot: int, tokens: int) -> bool:
-        return self.cache.blocks.reserve(slot, tokens)
-
-    def release_kv(self, slot: int) -> None:
-        self.cache.release(slot)
-
-    def cached_prompt_tokens(self, prompt: list[int]) -> int:
-        return self.cache.blocks.cached_prefix(prompt)
-
-    def reused_prompt_tokens(self, slot: int) -> int:
-        return self.cache.reused[slot]
+        return RuntimeStats(**self.blocks.counts())
 
     def step(self, inputs: list[StepInput]) -> np.ndarray:
         """Decode rows (one token each) run as one batch; each prefill runs on its own."""

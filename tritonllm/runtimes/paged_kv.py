@@ -147,11 +147,13 @@ class BlockTables:
     def release(self, slot: int) -> None:
         """The slot's sequence ended: its blocks go back (full registered ones stay cached) and its
         promise ends."""
+        self._drop(slot)
         self.owed -= self._owed(slot)
         self.reserved[slot] = 0
-        self._drop(slot)
 
     def _drop(self, slot: int) -> None:
+        """The slot's blocks go back; what it is owed grows by them (its promise stands)."""
+        self.owed -= self._owed(slot)
         for block in self.tables[slot]:
             self.pool.release(block)
         if self.tables[slot]:
@@ -164,7 +166,6 @@ class BlockTables:
         how many of `tokens` (from their start) are already cached and need no computing: whole
         blocks of a matching prefix, never the last token (its logits are wanted)."""
         if start == 0:
-            self.owed -= self._owed(slot)
             self._drop(slot)
             self.reused[slot] = 0
         self.check_start(slot, start)
@@ -172,41 +173,48 @@ class BlockTables:
         if not self.prefix_cache or start % size:
             return 0
         self.pool.stats.queried_tokens += len(tokens)
-        chains, found, reused = self.chains[slot], [], 0
-        chain = chains[-1] if chains else 0
-        while reused + size < len(tokens):
-            block_tokens = tuple(tokens[reused : reused + size])
-            chain = chain_hash(chain, block_tokens)
-            block = self.pool.lookup(chain, block_tokens)
-            if block is None:
-                break
-            self.pool.acquire(block)
-            found.append(block)
-            chains.append(chain)
-            reused += size
+        found = self._cached_blocks(tokens, self.chains[slot][-1] if self.chains[slot] else 0)
+        reused = len(found) * size
         if found:  # taken at once: one dirty span, one change of what is owed
             table = self.tables[slot]
             self.owed -= min(len(found), self._owed(slot))
             self._mark(slot, len(table), len(table) + len(found))
-            table.extend(found)
+            for block, chain in found:
+                self.pool.acquire(block)
+                table.append(block)
+                self.chains[slot].append(chain)
             self.tokens[slot].extend(tokens[:reused])
         self.pool.stats.hit_tokens += reused
         self.reused[slot] += reused
         return reused
 
+    def _cached_blocks(self, tokens: list[int], chain: int) -> list[tuple[int, int]]:
+        """(block, chain hash) of each whole block of `tokens` found cached, from the first, after a
+        prefix whose chain hash is `chain`; never the block of the last token. Takes nothing."""
+        size, found = self.block_size, []
+        while (len(found) + 1) * size < len(tokens):
+            block_tokens = tuple(tokens[len(found) * size : (len(found) + 1) * size])
+            chain = chain_hash(chain, block_tokens)
+            block = self.pool.lookup(chain, block_tokens)
+            if block is None:
+                break
+            found.append((block, chain))
+        return found
+
     def cached_prefix(self, tokens: list[int]) -> int:
         """How many of `tokens` (from the first) a lookup would find cached now: whole blocks, never
         the last token. Takes nothing."""
-        if not self.prefix_cache:
-            return 0
-        size, found, chain = self.block_size, 0, 0
-        while found + size < len(tokens):
-            block_tokens = tuple(tokens[found : found + size])
-            chain = chain_hash(chain, block_tokens)
-            if self.pool.lookup(chain, block_tokens) is None:
-                break
-            found += size
-        return found
+        return len(self._cached_blocks(tokens, 0)) * self.block_size if self.prefix_cache else 0
+
+    def counts(self) -> dict[str, int]:
+        """The prefix cache's and the pool's counters, as `RuntimeStats` fields."""
+        stats, pool = self.pool.stats, self.pool
+        return {
+            "prefix_queried_tokens": stats.queried_tokens,
+            "prefix_hit_tokens": stats.hit_tokens,
+            "kv_blocks": pool.size,
+            "kv_blocks_available": pool.available,
+        }
 
     def check_start(self, slot: int, start: int) -> None:
         if len(self.tokens[slot]) != start:
@@ -236,6 +244,25 @@ class BlockTables:
                 self.pool.register(self.tables[slot][i], chains[-1], block_tokens)
 
 
+class PagedAdmission:
+    """The KV admission seam (`Runtime.reserve_kv` and the rest) of a runtime whose cache keeps its
+    blocks in `BlockTables` (`self.blocks`); listed before `Runtime` among its bases."""
+
+    blocks: BlockTables
+
+    def reserve_kv(self, slot: int, tokens: int) -> bool:
+        return self.blocks.reserve(slot, tokens)
+
+    def release_kv(self, slot: int) -> None:
+        self.blocks.release(slot)
+
+    def cached_prompt_tokens(self, prompt: list[int]) -> int:
+        return self.blocks.cached_prefix(prompt)
+
+    def reused_prompt_tokens(self, slot: int) -> int:
+        return self.blocks.reused[slot]
+
+
 class PagedKVCache:
     """Host keys/values [layers, kv_heads, blocks, BLOCK_SIZE, head_dim] behind `BlockTables`: `tokens`
     positions, by default every slot at `max_context` (admission never waits for blocks); blocks a
@@ -257,7 +284,7 @@ class PagedKVCache:
         self.layers, self.kv_heads, self.head_dim = shape.num_layers, shape.num_kv_heads, shape.head_dim
         self.max_context = max_context
         self.blocks = BlockTables(dims[2], slots, prefix_cache)
-        self.begin, self.release = self.blocks.begin, self.blocks.release
+        self.begin = self.blocks.begin
         self._scratch = (np.empty(0, dtype), np.empty(0, dtype))
 
     @property

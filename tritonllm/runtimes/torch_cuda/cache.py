@@ -36,9 +36,9 @@ class PagedDeviceCache:
         dims = (shape.num_layers, num_blocks + 1, shape.num_kv_heads, BLOCK_SIZE, shape.head_dim)
         self.keys = torch.zeros(dims, dtype=dtype, device=device)
         self.values = torch.zeros(dims, dtype=dtype, device=device)
-        self.block_size, self.scratch, self.num_blocks = BLOCK_SIZE, num_blocks, num_blocks
+        self.scratch = self.num_blocks = num_blocks
         self.blocks = BlockTables(num_blocks, slots, prefix_cache)
-        self.width = blocks_for(max_context)
+        self.block_size, self.width = BLOCK_SIZE, blocks_for(max_context)
         self.table = torch.full((slots, self.width), num_blocks, dtype=torch.int32, device=device)
 
     @property

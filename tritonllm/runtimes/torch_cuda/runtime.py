@@ -19,7 +19,7 @@ from ...config import EngineConfig, require_scheme
 from ...model.modeling import CausalLM, load_engine_model
 from ...model.quant import check_device_support, place, scheme_of
 from ..base import Runtime, RuntimeCapabilities, RuntimeStats, StepInput
-from ..paged_kv import BLOCK_SIZE
+from ..paged_kv import BLOCK_SIZE, PagedAdmission
 from . import sampling
 from .cache import PagedDeviceCache, size_blocks
 from .forward import ForwardPasses
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class TorchCudaRuntime(Runtime):
+class TorchCudaRuntime(PagedAdmission, Runtime):
     capabilities = RuntimeCapabilities(overlap=True, multi_step=True, device_sampling=True, prompt_pieces=True)
 
     def __init__(
@@ -143,22 +143,7 @@ class TorchCudaRuntime(Runtime):
 
     def stats(self) -> RuntimeStats:
         idle = self._downloads.idle_s if self._downloads else 0.0
-        prefix, pool = self.blocks.stats, self.blocks.pool
-        return RuntimeStats(
-            idle, *self._prefill_counts, prefix.queried_tokens, prefix.hit_tokens, pool.size, pool.available
-        )
-
-    def reserve_kv(self, slot: int, tokens: int) -> bool:
-        return self.blocks.reserve(slot, tokens)
-
-    def release_kv(self, slot: int) -> None:
-        self.blocks.release(slot)
-
-    def cached_prompt_tokens(self, prompt: list[int]) -> int:
-        return self.blocks.cached_prefix(prompt)
-
-    def reused_prompt_tokens(self, slot: int) -> int:
-        return self.blocks.reused[slot]
+        return RuntimeStats(idle, *self._prefill_counts, **self.blocks.counts())
 
     # -- graphs ----------------------------------------------------------------------------------
     def decode_graph(self, b: int, c: int) -> tuple:
