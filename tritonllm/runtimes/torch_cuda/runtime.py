@@ -294,8 +294,7 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
             ids = [t for r in rows for t in r.tokens]
             slots = [r.slot for r in rows for _ in r.tokens]
             positions = [r.start + i for r in rows for i in range(len(r.tokens))]
-            last = list(itertools.accumulate(len(r.tokens) for r in rows))
-            last = [n - 1 for n in last]
+            last = [n - 1 for n in itertools.accumulate(len(r.tokens) for r in rows)]
             flat = (to_device(v, self.device) for v in (ids, slots, positions, last))
             return self.forward.pieces_triton(*flat, span)
         t = max(len(r.tokens) for r in rows)
