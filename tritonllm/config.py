@@ -67,6 +67,8 @@ class EngineConfig:
     multi_step_min_active: int = 16  # ... while at least this many sequences decode (below, host time is hidden)
     launch_ahead: int = 1  # GPU runtimes: steps left queued on the device while the loop completes older ones
     response_threads: int = 1  # threads sending responses off the engine loop (merging under backpressure)
+    engine_process: bool = False  # Triton: the engine loop runs in a child process with its own GIL; the model
+    # instance keeps the request/response I/O
     instance_balance_ms: float = 50.0  # several engine instances: a full one holds a new request this long
     # in execute() (so Triton hands the next ones to the others) before queueing it
     threads: int = 0  # runtime intra-op threads (0: runtime default)

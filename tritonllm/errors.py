@@ -12,6 +12,9 @@ class RequestValidationError(ValueError):
             shown = shown[:77] + "..."
         super().__init__(f"invalid '{field}' = {shown}: {fix}")
 
+    def __reduce__(self):  # pickled across the engine process's pipe with its three parts
+        return type(self), (self.field, self.value, self.fix)
+
 
 class ServerBusyError(RuntimeError):
     """The engine's queue is full; the client should retry later (UNAVAILABLE)."""

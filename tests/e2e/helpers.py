@@ -54,3 +54,43 @@ def engine_output_ids(url: str, model: str, ids: list[int], max_tokens: int) -> 
     raw.close()
     assert error is None, error
     return result.as_numpy("output_ids").reshape(-1).tolist()
+
+
+def finished_by_reason(server, model: str) -> dict[str, float]:
+    return {
+        labels["reason"]: v
+        for n, labels, v in metric_samples(server.metrics())
+        if n == "tritonllm_requests_finished_total" and labels.get("model") == model
+    }
+
+
+def cancel_reaches_engine(server, model: str, ids: list[int]) -> None:
+    """A stream to `model` (an engine) cancelled after its first token ends "cancelled". The tiny
+    model can write its 200 tokens in under a second on a 2-core VM, so a loaded machine can finish
+    the request before the cancel arrives: such an attempt ends "length" and is tried again; a broken
+    cancel ends "length" every time and fails."""
+    import tritonclient.grpc as grpcclient
+
+    for _attempt in range(3):
+        before = finished_by_reason(server, model)
+        c = grpcclient.InferenceServerClient(server.grpc_url)
+        got: queue.Queue = queue.Queue()
+        c.start_stream(callback=lambda result=None, error=None: got.put((result, error)))
+        c.async_stream_infer(
+            model, engine_inputs(ids, max_tokens=("INT32", 200), stream=("BOOL", True), ignore_eos=("BOOL", True))
+        )
+        result, error = got.get(timeout=30)  # generating
+        assert error is None, error
+        c.stop_stream(cancel_requests=True)
+        c.close()
+        wait_for_metric(server, "tritonllm_requests_active", model, lambda v: v == 0, timeout_s=10)
+        # counted finished just after its slot is freed; a new reason's series can show 0 before its count
+        deadline = time.monotonic() + 10
+        while sum((after := finished_by_reason(server, model)).values()) == sum(before.values()):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if after.get("cancelled", 0) > before.get("cancelled", 0):
+            return
+        assert after.get("length", 0) > before.get("length", 0), f"finished counters {before} -> {after}"
+    raise AssertionError("three streams cancelled after their first token all ran to their length limit")

@@ -26,7 +26,7 @@ from ..runtimes.base import Runtime
 from .sampling import sample
 from .scheduler import Scheduler, queue_full
 from .sequence import Sequence, StepPlan
-from .stats import EngineStats
+from .stats import EngineSnapshot, EngineStats, Finished
 
 log = logging.getLogger(__name__)
 DETOKENIZE_CONTEXT = 8  # ids resent before a response's new ids, so the detokenizer can stay stateless
@@ -62,8 +62,22 @@ def response_window(seq: Sequence, final: bool) -> tuple[list[int], int] | None:
     return visible[start:], seq.emitted - start
 
 
+def watch_cancellations(stop: threading.Event, live, on_cancel) -> None:
+    """Poll each live request's sink (an IPC round trip under Triton) until `stop`, off the loop's
+    thread; `live()` lists the sequences, `on_cancel(seq)` is told once per cancelled one."""
+    seqs: list[Sequence] = []
+    while not stop.wait(max(CANCEL_POLL_S, len(seqs) / CANCEL_POLLS_PER_S)):
+        seqs = live()
+        for seq in seqs:
+            try:
+                if seq.sink is not None and not seq.cancel_requested and seq.sink.is_cancelled():
+                    on_cancel(seq)
+            except Exception:  # a request torn down meanwhile: the loop ends it on its own
+                log.debug("cancellation poll failed for sequence %d", seq.uid, exc_info=True)
+
+
 class EngineLoop:
-    def __init__(self, runtime: Runtime, cfg: EngineConfig, on_finish=None, decode=None):
+    def __init__(self, runtime: Runtime, cfg: EngineConfig, on_finish=None, decode=None, after_step=None):
         self.runtime, self.cfg = runtime, cfg
         can = runtime.capabilities
         self.scheduler = Scheduler(
@@ -75,7 +89,8 @@ class EngineLoop:
             kv=runtime,
         )
         self.stats = EngineStats()
-        self.on_finish = on_finish  # callback(seq) for metrics
+        self.on_finish = on_finish  # callback(Finished) for metrics
+        self.after_step = after_step  # called by the loop's thread after each pass (flushes batched responses)
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -117,6 +132,17 @@ class EngineLoop:
                 self._capacity.wait(left)
         return True
 
+    @property
+    def shape(self):
+        return self.runtime.shape
+
+    def describe(self) -> dict:
+        return self.runtime.describe()
+
+    def snapshot(self) -> EngineSnapshot:
+        sch = self.scheduler
+        return EngineSnapshot(self.stats, sch.active, sch.queued, sch.slots)
+
     def submit(self, seq: Sequence) -> None:
         """Enqueue; raises ServerBusyError when the queue is full (checked here, before accepting)."""
         with self._lock:
@@ -146,6 +172,8 @@ class EngineLoop:
             elif launched is None:
                 self._wake.wait(0.05)
                 self._wake.clear()
+            if self.after_step is not None:
+                self.after_step()
 
     def _may_overlap(self, in_flight) -> bool:
         """False while a launched step holds a sequence whose next step needs its token on the host."""
@@ -168,17 +196,15 @@ class EngineLoop:
                 self._end(seq, "timeout")
 
     def _watch_cancellations(self) -> None:
-        """Polls each live request's sink (an IPC round trip under Triton) off the loop's thread."""
-        live: list[Sequence] = []
-        while not self._stop.wait(max(CANCEL_POLL_S, len(live) / CANCEL_POLLS_PER_S)):
-            live = list(self.scheduler.running) + list(self.scheduler.waiting)
-            for seq in live:
-                try:
-                    if seq.sink is not None and not seq.cancel_requested and seq.sink.is_cancelled():
-                        seq.cancel_requested = True
-                        self._wake.set()
-                except Exception:  # a request torn down meanwhile: the loop ends it on its own
-                    log.debug("cancellation poll failed for sequence %d", seq.uid, exc_info=True)
+        watch_cancellations(self._stop, self._live, self.cancel)
+
+    def _live(self) -> list[Sequence]:
+        return list(self.scheduler.running) + list(self.scheduler.waiting)
+
+    def cancel(self, seq: Sequence) -> None:
+        """End `seq` at the loop's next pass (any thread)."""
+        seq.cancel_requested = True
+        self._wake.set()
 
     def _launch(self, plan: StepPlan) -> InFlight | None:
         seqs = plan.sequences
@@ -309,6 +335,6 @@ class EngineLoop:
         r = seq.finish_reason or "unknown"
         self.stats.requests_finished[r] = self.stats.requests_finished.get(r, 0) + 1
         if self.on_finish is not None:
-            self.on_finish(seq)
+            self.on_finish(Finished.of(seq))
         with self._capacity:
             self._capacity.notify_all()

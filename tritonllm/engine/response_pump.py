@@ -78,8 +78,11 @@ class ResponsePump:
         return self._workers[seq.uid % len(self._workers)]
 
     def put(self, seq, ids: list[int], n_context: int, final: bool) -> None:
-        n = len(seq.output_ids)
-        self._worker(seq).put(Pending(seq, list(ids), n_context, final, n, None, seq.unsent_logprobs_start))
+        self.put_counted(seq, ids, n_context, final, len(seq.output_ids), seq.unsent_logprobs_start)
+
+    def put_counted(self, seq, ids: list[int], n_context: int, final: bool, n_output: int, logprobs_from: int) -> None:
+        """`put` with the counts given (made where the sequence lives: the engine process)."""
+        self._worker(seq).put(Pending(seq, list(ids), n_context, final, n_output, None, logprobs_from))
 
     def put_error(self, seq, error: Exception) -> None:
         self._worker(seq).put(Pending(seq, [], 0, True, error=error))

@@ -26,3 +26,30 @@ class EngineStats:
     kv_waits: int = 0  # steps at which the next request had a slot but not its KV blocks (it waited)
     kv_blocks: int = 0  # a paged runtime's KV blocks ...
     kv_blocks_available: int = 0  # ... held by no sequence
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What the metrics exporter reads of an engine, in its own thread or across processes."""
+
+    stats: EngineStats
+    active: int  # sequences generating
+    queued: int  # requests waiting for a slot or KV blocks
+    slots: int  # the runtime's slots (memory may allow fewer than configured)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished request as the metrics see it."""
+
+    reason: str
+    ttft_s: float | None  # time to first token, None when no token came
+    itl_s: float | None  # mean inter-token latency, None below two tokens
+
+    @classmethod
+    def of(cls, seq) -> Finished:
+        if seq.first_token_at is None:
+            return cls(seq.finish_reason or "unknown", None, None)
+        n = len(seq.output_ids)
+        itl = (seq.last_emit - seq.first_token_at) / (n - 1) if n > 1 and seq.last_emit > seq.first_token_at else None
+        return cls(seq.finish_reason or "unknown", seq.first_token_at - seq.arrival, itl)

@@ -4,15 +4,22 @@ triton_python_backend_utils); a small thread copies the loop's counters every ha
 from __future__ import annotations
 
 import threading
+from typing import Protocol
 
-from ..engine.loop import EngineLoop
-from ..engine.sequence import Sequence
+from ..engine.stats import EngineSnapshot, Finished
+
+
+class EngineSource(Protocol):
+    """An engine loop, here or in its own process (`engine.core_process`)."""
+
+    def snapshot(self) -> EngineSnapshot: ...
+
 
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
 
 class EngineMetrics:
-    def __init__(self, pb, loop: EngineLoop, model: str, instance: str = ""):
+    def __init__(self, pb, engine: EngineSource, model: str, instance: str = ""):
         """Every metric is labelled with the model and the engine instance (one per GPU, or several
         CPU instances: each its own process, engine and slots)."""
         fam = pb.MetricFamily
@@ -87,30 +94,30 @@ class EngineMetrics:
             "mean inter-token latency per request",
             buckets=LATENCY_BUCKETS,
         )
-        self.labels, self.loop = labels, loop
+        self.labels, self.engine = labels, engine
         self._finished: dict[str, object] = {}
         self._last: dict[str, float] = {}
-        self.slots.set(loop.scheduler.slots)  # the runtime's count (memory may allow fewer than configured)
+        self.slots.set(engine.snapshot().slots)  # the runtime's count (memory may allow fewer than configured)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True, name="tritonllm-metrics")
         self._thread.start()
 
-    def observe_finished(self, seq: Sequence) -> None:
-        reason = seq.finish_reason or "unknown"
-        if reason not in self._finished:
-            self._finished[reason] = self.finished_family.Metric(labels={**self.labels, "reason": reason})
-        self._finished[reason].increment(1)
-        if seq.first_token_at is not None:
-            self.ttft.observe(seq.first_token_at - seq.arrival)
-            n = len(seq.output_ids)
-            if n > 1 and seq.last_emit > seq.first_token_at:
-                self.itl.observe((seq.last_emit - seq.first_token_at) / (n - 1))
+    def observe_finished(self, done: Finished) -> None:
+        if done.reason not in self._finished:
+            self._finished[done.reason] = self.finished_family.Metric(labels={**self.labels, "reason": done.reason})
+        self._finished[done.reason].increment(1)
+        if done.ttft_s is not None:
+            self.ttft.observe(done.ttft_s)
+        if done.itl_s is not None:
+            self.itl.observe(done.itl_s)
 
     def _poll(self) -> None:
         while not self._stop.wait(0.5):
-            st, sch = self.loop.stats, self.loop.scheduler
-            self.active.set(sch.active)
-            self.queued.set(sch.queued)
+            snap = self.engine.snapshot()
+            st = snap.stats
+            self.slots.set(snap.slots)
+            self.active.set(snap.active)
+            self.queued.set(snap.queued)
             self.kv_blocks.set(st.kv_blocks)
             self.kv_used.set(st.kv_blocks - st.kv_blocks_available)
             counters = [

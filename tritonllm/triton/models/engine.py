@@ -13,6 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tritonllm.config import EngineConfig
+from tritonllm.engine.core_process import EngineCoreClient
 from tritonllm.engine.loop import EngineLoop
 from tritonllm.engine.request import build_sequence
 from tritonllm.engine.response_pump import ResponsePump
@@ -45,6 +46,9 @@ class TritonSink:
 
     def send(self, seq, ids, n_context, final):
         self.pump.put(seq, ids, n_context, final)
+
+    def send_counted(self, seq, ids, n_context, final, n_output, logprobs_from):
+        self.pump.put_counted(seq, ids, n_context, final, n_output, logprobs_from)
 
     def send_error(self, seq, error):
         if seq is None:  # rejected in execute(), before the engine saw it
@@ -126,7 +130,6 @@ class TritonPythonModel:
         # the loop thread waits on the GPU and re-takes the GIL from the sender threads: with
         # Python's 5 ms default switch interval each re-take can cost up to a decode step or more
         sys.setswitchinterval(self.cfg.switch_interval_ms / 1000.0)
-        self.runtime = load_runtime(self.cfg, here / "engine", instance_device(args))
         tok = TokenizerFiles(here / "tokenizer")
         self.pump = ResponsePump(
             lambda seq, *a: seq.sink.deliver(seq, *a),
@@ -142,20 +145,24 @@ class TritonPythonModel:
                 return [tensor(pb_utils, "text_output", [delta], object), *_counters(seq, final, n_output)]
 
             self.outputs, self.logprob_outputs = text_outputs, logprob_outputs
-        self.loop = EngineLoop(self.runtime, self.cfg, decode=tok.decode)
+        if self.cfg.engine_process:  # the loop gets a GIL of its own; this process keeps the I/O
+            self.loop = EngineCoreClient(self.cfg, here / "engine", here / "tokenizer", instance_device(args))
+        else:
+            runtime = load_runtime(self.cfg, here / "engine", instance_device(args))
+            self.loop = EngineLoop(runtime, self.cfg, decode=tok.decode)
         # with several engine instances a full one holds new requests briefly, so Triton hands the
         # next ones to a free instance (it routes each request to an instance whose execute() is idle)
         self.balance_s = self.cfg.instance_balance_ms / 1000.0 if instance_count(model_config) > 1 else 0.0
         self.metrics = EngineMetrics(pb_utils, self.loop, args["model_name"], args["model_instance_name"])
         self.loop.on_finish = self.metrics.observe_finished
         self.loop.start()
-        pb_utils.Logger.log_info(f"tritonllm engine ready: {json.dumps(self.runtime.describe())}")
+        pb_utils.Logger.log_info(f"tritonllm engine ready: {json.dumps(self.loop.describe())}")
 
     def execute(self, requests):
         for request in requests:
             sink = TritonSink(request, self.pump, self.outputs, self.logprob_outputs)
             try:
-                seq = build_sequence(RequestReader(request), self.cfg, self.runtime.shape)
+                seq = build_sequence(RequestReader(request), self.cfg, self.loop.shape)
                 seq.sink = sink
                 if self.balance_s:
                     self.loop.wait_for_capacity(self.balance_s)

@@ -1,0 +1,353 @@
+"""The engine loop in a process of its own (vLLM's "engine core"), Triton-free.
+
+Under Triton the engine loop shares one interpreter, and so one GIL, with everything the python
+backend does: execute() reading requests, the threads sending responses, cancellation polls. At
+hundreds of streams the loop then waits for the GIL between launching steps and the device idles.
+With `engine_process` the model instance keeps only that I/O side: it validates each request into a
+`Sequence` and hands it to `EngineCoreClient`, which sends it to a child process running the runtime
+and `EngineLoop`. The child sends back each pass's responses as one message (ids, counts, new
+log-probabilities, finished records); a receiver thread here passes them to the requests' sinks.
+
+    parent -> child: ("submit", Sequence) | ("cancel", uid) | ("stop",)
+    child -> parent: ("ready", shape, description) | ("failed", message)
+                     | ("events", [event, ...], EngineSnapshot | None) | ("bye",)
+
+The child's standard output and error are the server's, so its log lines land in Triton's log. It
+runs `main()` by import (not `-m`), so what it pickles names this module, not `__main__`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Protocol
+
+from ..config import EngineConfig
+from ..errors import RequestValidationError, ServerBusyError
+from .loop import watch_cancellations
+from .sequence import Sequence
+from .stats import EngineSnapshot, EngineStats, Finished
+
+log = logging.getLogger(__name__)
+SNAPSHOT_EVERY_S = 0.25  # how often the child sends its counters (metrics poll every 0.5 s)
+
+
+class CountedSink(Protocol):
+    """A request's sink on the I/O side: responses arrive with the counts the engine process made."""
+
+    def send_counted(self, seq, ids: list[int], n_context: int, final: bool, n_output: int, logprobs_from: int): ...
+    def send_error(self, seq, error: Exception) -> None: ...
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Response:
+    """One response of one sequence, as the child's loop made it."""
+
+    uid: int
+    ids: list[int]
+    n_context: int
+    final: bool
+    n_output: int
+    logprobs_from: int
+    logprobs: list[float] | None  # the sequence's log-probabilities from logprobs_from on (where asked for)
+    top_logprobs: list | None
+    finish_reason: str | None
+    reused_tokens: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    uid: int
+    error: Exception  # ours as raised (they pickle); any other as a RuntimeError with its message
+
+
+@dataclass(frozen=True)
+class Done:
+    finished: Finished  # a sequence ended (sent before its final response, as the loop does)
+
+
+def _failure(uid: int, exc: Exception) -> Failure:
+    if isinstance(exc, (RequestValidationError, ServerBusyError)):
+        return Failure(uid, exc)
+    return Failure(uid, RuntimeError(f"{type(exc).__name__}: {exc}"))
+
+
+# -- the child ---------------------------------------------------------------------------------
+class _Outbox:
+    """The child's side of every sequence's sink: responses are batched per loop pass."""
+
+    def __init__(self, conn: Connection):
+        self.conn, self.events, self.lock = conn, [], threading.Lock()
+        self.source = None  # the EngineLoop, for snapshots
+        self.last_snapshot = 0.0
+
+    def send(self, seq: Sequence, ids, n_context, final):
+        lp_from = seq.unsent_logprobs_start
+        n = len(seq.output_ids)
+        lps = seq.logprobs[lp_from:n] if seq.params.logprobs else None
+        top = seq.top_logprobs[lp_from:n] if seq.params.logprobs and seq.params.top_logprobs else None
+        reason = seq.finish_reason if final else None
+        self.events.append(Response(seq.uid, ids, n_context, final, n, lp_from, lps, top, reason, seq.reused_tokens))
+
+    def send_error(self, seq: Sequence, error: Exception) -> None:
+        self.events.append(_failure(seq.uid, error))
+
+    def is_cancelled(self) -> bool:
+        return False  # the I/O side polls Triton and sends ("cancel", uid)
+
+    def finished(self, done: Finished) -> None:
+        self.events.append(Done(done))
+
+    def flush(self) -> None:
+        now = time.monotonic()
+        snap = None
+        if now - self.last_snapshot >= SNAPSHOT_EVERY_S and self.source is not None:
+            snap, self.last_snapshot = self.source.snapshot(), now
+        if not self.events and snap is None:
+            return
+        events, self.events = self.events, []
+        self.post(("events", events, snap))
+
+    def post(self, message) -> None:
+        with self.lock:
+            try:
+                self.conn.send(message)
+            except OSError:  # the I/O side is gone; the reader sees it too and stops the loop
+                log.warning("the engine process lost its I/O side; %s not delivered", message[0])
+
+
+def _serve(conn: Connection) -> None:
+    from ..runtimes import load_runtime
+    from ..text import TokenizerFiles
+    from .loop import EngineLoop
+
+    cfg, engine_dir, tokenizer_dir, device = conn.recv()
+    sys.setswitchinterval(cfg.switch_interval_ms / 1000.0)
+    outbox = _Outbox(conn)
+    try:
+        runtime = load_runtime(cfg, Path(engine_dir), device)
+        decode = TokenizerFiles(Path(tokenizer_dir)).decode if tokenizer_dir else None
+    except Exception as exc:
+        log.exception("the engine process could not load its runtime")
+        outbox.post(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    seqs: dict[int, Sequence] = {}
+    loop = EngineLoop(runtime, cfg, decode=decode, after_step=outbox.flush)
+    loop.on_finish = outbox.finished
+    outbox.source = loop
+    loop.start()
+    outbox.post(("ready", runtime.shape, runtime.describe(), loop.scheduler.slots))
+    _read_commands(conn, loop, outbox, seqs)
+    loop.stop()
+    outbox.flush()
+    outbox.post(("bye",))
+
+
+def _read_commands(conn: Connection, loop, outbox: _Outbox, seqs: dict[int, Sequence]) -> None:
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the I/O side is gone: nothing to answer to
+            return
+        if msg[0] == "stop":
+            return
+        if msg[0] == "cancel":
+            seq = seqs.get(msg[1])
+            if seq is not None:
+                loop.cancel(seq)
+            continue
+        seq = msg[1]
+        seq.sink = outbox
+        seqs[seq.uid] = seq
+        try:
+            loop.submit(seq)
+        except Exception as exc:  # a full queue: this request's error, sent now
+            seqs.pop(seq.uid, None)
+            outbox.post(("events", [_failure(seq.uid, exc)], None))
+        # ended sequences are dropped lazily: the dict only serves cancellations
+        if len(seqs) > 4 * loop.scheduler.slots:
+            for uid in [u for u, s in seqs.items() if s.finish_reason is not None]:
+                del seqs[uid]
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s tritonllm-engine-core %(levelname)s %(message)s")
+    _serve(Connection(int(sys.argv[1])))
+
+
+# -- the I/O side --------------------------------------------------------------------------------
+def child_python() -> str:
+    """The Python to run the engine process: $TRITONLLM_PYTHON, else this one. Inside Triton's
+    python stub `sys.executable` is the stub, not a Python: then the first python3 on PATH."""
+    chosen = os.environ.get("TRITONLLM_PYTHON")
+    if chosen:
+        return chosen
+    if Path(sys.executable).name.startswith("python"):
+        return sys.executable
+    found = shutil.which("python3") or shutil.which("python")
+    if found is None:
+        raise RuntimeError("engine_process needs a Python executable: set TRITONLLM_PYTHON or put python3 on PATH")
+    return found
+
+
+class EngineCoreClient:
+    """Runs the engine loop in a child process; offers the loop's surface to the Triton adapter
+    (submit, wait_for_capacity, snapshot, shape, describe, stop)."""
+
+    def __init__(self, cfg: EngineConfig, engine_dir: Path, tokenizer_dir: Path | None, device: str = "cuda"):
+        self.cfg = cfg
+        self.on_finish = None  # callback(Finished) for metrics
+        self._live: dict[int, Sequence] = {}
+        self._capacity = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._dead: str | None = None
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._proc = subprocess.Popen(
+            [child_python(), "-c", "from tritonllm.engine.core_process import main; main()", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            env=env,
+        )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send((cfg, str(engine_dir), str(tokenizer_dir) if tokenizer_dir else "", device))
+        self.shape, self._description, slots = self._wait_ready()
+        self._snapshot = EngineSnapshot(EngineStats(), 0, 0, slots)
+        self._stop = threading.Event()
+        self._receiver = threading.Thread(target=self._receive, name="tritonllm-core-receiver", daemon=True)
+        self._watcher = threading.Thread(
+            target=watch_cancellations,
+            args=(self._stop, lambda: list(self._live.values()), self._cancel),
+            name="tritonllm-cancel-watch",
+            daemon=True,
+        )
+
+    def _wait_ready(self):
+        try:
+            msg = self._conn.recv()
+        except (EOFError, OSError):
+            msg = ("failed", f"it exited with code {self._proc.wait()}")
+        if msg[0] != "ready":
+            self._proc.kill()
+            raise RuntimeError(f"the engine process did not start: {msg[1]} (see the log above)")
+        return msg[1:]
+
+    def start(self) -> EngineCoreClient:
+        self._receiver.start()
+        self._watcher.start()
+        return self
+
+    def describe(self) -> dict:
+        return {**self._description, "engine_process": self._proc.pid}
+
+    def snapshot(self) -> EngineSnapshot:
+        return self._snapshot
+
+    def submit(self, seq: Sequence) -> None:
+        """Hand a validated sequence to the engine process; its responses come to `seq.sink` (a
+        CountedSink), a full queue comes back as its error response."""
+        if self._dead is not None:
+            raise RuntimeError(f"the engine process is gone ({self._dead}); restart the model")
+        with self._capacity:
+            self._live[seq.uid] = seq
+        self._post(("submit", dataclasses.replace(seq, sink=None)))
+
+    def wait_for_capacity(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with self._capacity:
+            while len(self._live) >= self._snapshot.slots:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._dead is not None:
+                    return False
+                self._capacity.wait(left)
+        return True
+
+    def _post(self, message) -> None:
+        with self._send_lock:
+            self._conn.send(message)
+
+    def _cancel(self, seq: Sequence) -> None:
+        seq.cancel_requested = True
+        try:
+            self._post(("cancel", seq.uid))
+        except OSError:
+            log.debug("cancel for sequence %d not sent: the engine process is gone", seq.uid)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                msg = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception:  # a message that does not unpickle: stop serving rather than lose requests silently
+                log.exception("the engine process sent a message that could not be read; stopping it")
+                self._proc.kill()
+                break
+            if msg[0] == "bye":
+                break
+            _, events, snap = msg
+            if snap is not None:
+                self._snapshot = snap
+            for event in events:
+                self._deliver(event)
+        code = self._proc.wait()
+        self._dead = f"exit code {code}"
+        self._fail_all(RuntimeError(f"the engine process exited (code {code}) before this request finished"))
+
+    def _deliver(self, event) -> None:
+        if isinstance(event, Done):
+            if self.on_finish is not None:
+                self.on_finish(event.finished)
+            return
+        seq = self._live.get(event.uid)
+        if seq is None:
+            return
+        if isinstance(event, Failure):
+            self._forget(seq)
+            seq.sink.send_error(seq, event.error)
+            return
+        if event.logprobs is not None:
+            seq.logprobs[event.logprobs_from :] = event.logprobs
+        if event.top_logprobs is not None:
+            seq.top_logprobs[event.logprobs_from :] = event.top_logprobs
+        seq.reused_tokens = event.reused_tokens
+        if event.final:
+            seq.finish_reason = event.finish_reason
+            self._forget(seq)
+        seq.sink.send_counted(seq, event.ids, event.n_context, event.final, event.n_output, event.logprobs_from)
+
+    def _forget(self, seq: Sequence) -> None:
+        with self._capacity:
+            self._live.pop(seq.uid, None)
+            self._capacity.notify_all()
+
+    def _fail_all(self, exc: Exception) -> None:
+        for seq in list(self._live.values()):
+            self._forget(seq)
+            try:
+                seq.sink.send_error(seq, exc)
+            except Exception:
+                log.warning("could not send the error for sequence %d", seq.uid, exc_info=True)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        try:
+            self._post(("stop",))
+        except OSError:
+            pass  # already gone
+        if self._receiver.is_alive():
+            self._receiver.join(timeout_s)
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._fail_all(RuntimeError("the engine is shutting down"))
