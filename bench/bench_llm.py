@@ -96,6 +96,7 @@ def gpu_suite(a, results: list, facts: dict) -> None:
         launch_ahead=a.launch_ahead,
         steps_per_launch=a.steps_per_launch,
         quantization=a.gpu_quantization,
+        kv_cache_memory_fraction=a.kv_cache_memory_fraction,
     )
     runtime = TorchCudaRuntime(None, cfg, model=model)
     del hf
@@ -281,14 +282,16 @@ ENGINE_COUNTERS = {
     "gpu_idle": ("tritonllm_gpu_idle_seconds_total", None),
     "prefill_tokens": ("tritonllm_prefill_tokens_total", None),
     "prefill_computed": ("tritonllm_prefill_computed_tokens_total", None),
+    "tokens": ("tritonllm_tokens_generated_total", None),
     **{p: ("tritonllm_loop_seconds_total", p) for p in ("launch", "wait", "complete")},
 }
-TOKENIZER_COUNTERS = {
-    "tok_requests": "nv_inference_request_success",
-    "tok_execs": "nv_inference_exec_count",
-    "tok_queue_us": "nv_inference_queue_duration_us",
-    "tok_compute_us": "nv_inference_compute_infer_duration_us",
+STAGE_COUNTERS = {  # Triton's own per-model counters, for each python stage of the ensemble
+    "requests": "nv_inference_request_success",
+    "execs": "nv_inference_exec_count",
+    "queue_us": "nv_inference_queue_duration_us",
+    "compute_us": "nv_inference_compute_infer_duration_us",
 }
+STAGES = ("tokenizer", "engine", "detokenizer")
 
 
 def engine_counters(server, name: str) -> dict[str, float]:
@@ -298,15 +301,15 @@ def engine_counters(server, name: str) -> dict[str, float]:
 
     time.sleep(0.6)
     wanted = {v: k for k, v in ENGINE_COUNTERS.items()}
-    tokenizer = {v: k for k, v in TOKENIZER_COUNTERS.items()}
-    out = dict.fromkeys([*ENGINE_COUNTERS, *TOKENIZER_COUNTERS], 0.0)
+    staged = {v: k for k, v in STAGE_COUNTERS.items()}
+    out = dict.fromkeys([*ENGINE_COUNTERS, *(f"{st}_{k}" for st in STAGES for k in STAGE_COUNTERS)], 0.0)
     for metric, labels, value in metric_samples(server.metrics()):
         key = wanted.get((metric, labels.get("phase")))
         if key and labels.get("model") == f"{name}_engine":  # summed over the engine's instances
             out[key] += value
-        tok = tokenizer.get(metric)
-        if tok and labels.get("model") == f"{name}_tokenizer":  # Triton's own per-model counters
-            out[tok] = value
+        stage = labels.get("model", "").removeprefix(f"{name}_")
+        if metric in staged and stage in STAGES:  # summed over the stage's instances
+            out[f"{stage}_{staged[metric]}"] += value
     return out
 
 
@@ -328,12 +331,16 @@ def engine_note(before: dict, after: dict, client_ttft: list[float]) -> str:
         )
         if d.get("gpu_idle", 0.0) > 0:  # measured by GPU runtimes only
             notes.append(f"GPU idle between steps {1e3 * d['gpu_idle'] / d['steps']:.2f} ms/step")
-    if d.get("tok_requests", 0) > 0:
-        notes.append(
-            f"tokenizer per request: queue {1e-3 * d['tok_queue_us'] / d['tok_requests']:.1f} ms, "
-            f"compute {1e-3 * d['tok_compute_us'] / d['tok_requests']:.2f} ms, "
-            f"{d['tok_requests'] / max(d['tok_execs'], 1):.1f} requests/execution"
-        )
+        if d.get("tokens", 0) > 0:  # sequences per step on average: below the streams, requests were in transit
+            notes.append(f"mean batch {d['tokens'] / d['steps']:.0f} sequences")
+    for stage in STAGES:  # the engine's "compute" is its execute(): validating and enqueueing
+        n = d.get(f"{stage}_requests", 0)
+        if n > 0:
+            notes.append(
+                f"{stage} per request: queue {1e-3 * d[f'{stage}_queue_us'] / n:.1f} ms, "
+                f"compute {1e-3 * d[f'{stage}_compute_us'] / n:.2f} ms, "
+                f"{n / max(d[f'{stage}_execs'], 1):.1f} requests/execution"
+            )
     if d["prefill_steps"] > 0:
         notes.append(
             f"{d['prefilled'] / d['prefill_steps']:.1f} prefills/step in {d['prefill_steps']:.0f} of "
@@ -408,6 +415,7 @@ def main() -> None:
     p.add_argument("--stream-interval-ms", type=float, default=0.0)
     p.add_argument("--response-threads", type=int, default=EngineConfig.response_threads)
     p.add_argument("--launch-ahead", type=int, default=EngineConfig.launch_ahead)
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=EngineConfig.kv_cache_memory_fraction)
     p.add_argument("--steps-per-launch", type=int, default=EngineConfig.steps_per_launch)
     p.add_argument("--client-procs", type=int, default=1, help="load-generating processes for the Triton runs")
     p.add_argument(
