@@ -13,6 +13,7 @@ from .errors import RequestValidationError
 
 RUNTIMES = ("onnxruntime", "torch-cuda", "tensorrt")
 DTYPES = ("float32", "float16", "bfloat16")
+ENGINE_PROCESS = ("auto", "on", "off")
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 QUANTIZATIONS = ("none", "fp8", "int8-wo", "int8", "int4")
 # what each runtime is built for; anything else is refused at build time with what to use instead
@@ -67,8 +68,8 @@ class EngineConfig:
     multi_step_min_active: int = 16  # ... while at least this many sequences decode (below, host time is hidden)
     launch_ahead: int = 1  # GPU runtimes: steps left queued on the device while the loop completes older ones
     response_threads: int = 1  # threads sending responses off the engine loop (merging under backpressure)
-    engine_process: bool = False  # Triton: the engine loop runs in a child process with its own GIL; the model
-    # instance keeps the request/response I/O
+    engine_process: str = "auto"  # Triton: "on" runs the engine loop in a child process with its own GIL (the model
+    # instance keeps the request/response I/O); "auto": on for the GPU runtimes, off for ONNX Runtime on the CPU
     instance_balance_ms: float = 50.0  # several engine instances: a full one holds a new request this long
     # in execute() (so Triton hands the next ones to the others) before queueing it
     threads: int = 0  # runtime intra-op threads (0: runtime default)
@@ -115,6 +116,7 @@ class EngineConfig:
         _check(self.multi_step_min_active >= 1, "multi_step_min_active", self.multi_step_min_active, ">= 1")
         _check(1 <= self.launch_ahead <= 4, "launch_ahead", self.launch_ahead, "1..4")
         _check(1 <= self.response_threads <= 64, "response_threads", self.response_threads, "1..64")
+        _check(self.engine_process in ENGINE_PROCESS, "engine_process", self.engine_process, "|".join(ENGINE_PROCESS))
         _check(0 <= self.instance_balance_ms <= 10_000, "instance_balance_ms", self.instance_balance_ms, "0..10000")
         _check(self.dtype in DTYPES, "dtype", self.dtype, "|".join(DTYPES))
         _check(
@@ -137,6 +139,11 @@ class EngineConfig:
                 f"config quantization={self.quantization!r} is not built for runtime {self.runtime!r} "
                 f"(it takes {'|'.join(allowed)}): {QUANTIZATION_ADVICE[self.quantization]}"
             )
+
+    @property
+    def separate_process(self) -> bool:
+        """Whether Triton's model instance runs the engine loop in a child process (`engine_process`)."""
+        return self.engine_process == "on" or (self.engine_process == "auto" and self.runtime != "onnxruntime")
 
     def to_parameters(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}

@@ -16,7 +16,7 @@ from tritonllm.triton.server_process import TritonServer
 
 from .helpers import cancel_reaches_engine, engine_output_ids, metric_value, wait_for_metric
 
-ENGINE = EngineConfig(max_slots=4, max_context=256, max_tokens_limit=200, threads=1, engine_process=True)
+ENGINE = EngineConfig(max_slots=4, max_context=256, max_tokens_limit=200, threads=1, engine_process="on")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def core_server(tiny_dir, tiny_engine_dir, tmp_path_factory):
 def test_ids_match_the_loop_in_this_process(core_server, tiny_dir, tiny_engine_dir):
     tok = TokenizerFiles(tiny_dir)
     prompts = [tok.encode(p) for p in ("The quick brown fox", "1, 2, 3,")]
-    with InProcessEngine(tiny_engine_dir, replace(ENGINE, engine_process=False)) as eng:
+    with InProcessEngine(tiny_engine_dir, replace(ENGINE, engine_process="off")) as eng:
         expected = [eng.generate(p, max_tokens=20, temperature=0.0, ignore_eos=True).ids for p in prompts]
     got = [engine_output_ids(core_server.grpc_url, "tinycore_engine", p, 20) for p in prompts]
     assert got == expected

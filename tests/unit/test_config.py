@@ -22,11 +22,20 @@ CFG = EngineConfig(max_slots=4, max_context=256, max_tokens_limit=200, default_m
         dict(kv_cache_memory_fraction=1.0),
         dict(kv_cache_tokens=1000, max_context=2048),
         dict(max_slots=4097),
+        dict(engine_process="yes"),
     ],
 )
 def test_engine_config_bounds(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         EngineConfig(**kw)
+
+
+def test_engine_process_auto_is_on_for_gpu_runtimes_only():
+    assert not EngineConfig(runtime="onnxruntime").separate_process
+    assert EngineConfig(runtime="torch-cuda", dtype="bfloat16").separate_process
+    assert EngineConfig(runtime="onnxruntime", engine_process="on").separate_process
+    assert not EngineConfig(runtime="torch-cuda", dtype="bfloat16", engine_process="off").separate_process
+    assert EngineConfig.from_parameters(EngineConfig(engine_process="on").to_parameters()).engine_process == "on"
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..config import DTYPES, QUANTIZATIONS, RUNTIMES, EngineConfig
+from ..config import DTYPES, ENGINE_PROCESS, QUANTIZATIONS, RUNTIMES, EngineConfig
 from .calibrate import Calibration
 from .pipeline import build
 from .repository import RepositoryConfig
@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gptq", action="store_true",
                    help="torch-cuda fp8/int8-wo: GPTQ rounding of the weights over the calibration text")
     p.add_argument("--response-threads", type=int, default=d.response_threads)
-    p.add_argument("--engine-process", action="store_true",
-                   help="run the engine loop in its own process beside Triton's python stub (README: engine process)")
+    p.add_argument("--engine-process", choices=ENGINE_PROCESS, default=d.engine_process,
+                   help="the engine loop in its own process beside Triton's python stub; auto: on for the GPU "
+                   "runtimes (README: engine process)")
     p.add_argument("--steps-per-launch", type=int, default=d.steps_per_launch,
                    help="torch-cuda: decode steps per host pass under load (README: multi-step; 1 = off)")
     p.add_argument("--multi-step-min-active", type=int, default=d.multi_step_min_active)
@@ -97,7 +98,8 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
                         default_max_tokens=a.default_max_tokens, request_timeout_s=a.request_timeout_s,
                         stream_interval_ms=a.stream_interval_ms, threads=a.threads, dtype=a.dtype,
                         emit_text=a.emit_text, response_threads=a.response_threads,
-                        engine_process=a.engine_process, max_prefill_tokens=a.max_prefill_tokens, prefill_gather_ms=a.prefill_gather_ms,
+                        engine_process=a.engine_process, max_prefill_tokens=a.max_prefill_tokens,
+                        prefill_gather_ms=a.prefill_gather_ms,
                         steps_per_launch=a.steps_per_launch,
                         multi_step_min_active=a.multi_step_min_active, launch_ahead=a.launch_ahead,
                         prefix_cache=not a.no_prefix_cache, quantization=a.quantization,

@@ -145,7 +145,7 @@ class TritonPythonModel:
                 return [tensor(pb_utils, "text_output", [delta], object), *_counters(seq, final, n_output)]
 
             self.outputs, self.logprob_outputs = text_outputs, logprob_outputs
-        if self.cfg.engine_process:  # the loop gets a GIL of its own; this process keeps the I/O
+        if self.cfg.separate_process:  # the loop gets a GIL of its own; this process keeps the I/O
             self.loop = EngineCoreClient(self.cfg, here / "engine", here / "tokenizer", instance_device(args))
         else:
             runtime = load_runtime(self.cfg, here / "engine", instance_device(args))
