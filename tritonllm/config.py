@@ -14,6 +14,7 @@ from .errors import RequestValidationError
 RUNTIMES = ("onnxruntime", "torch-cuda", "tensorrt")
 DTYPES = ("float32", "float16", "bfloat16")
 ENGINE_PROCESS = ("auto", "on", "off")
+KV_POLICIES = ("guaranteed-no-evict", "max-utilization")  # TensorRT-LLM's names for the same two policies
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 QUANTIZATIONS = ("none", "fp8", "int8-wo", "int8", "int4")
 # what each runtime is built for; anything else is refused at build time with what to use instead
@@ -79,6 +80,9 @@ class EngineConfig:
     # a GPU, every slot at max_context on the host); requests are admitted by the blocks they may fill
     torch_compile: bool = False  # torch-cuda: torch.compile the decode step before graph capture
     prefix_cache: bool = True  # onnxruntime, torch-cuda: prompts reuse the cached keys/values of a prefix seen before
+    kv_policy: str = "guaranteed-no-evict"  # paged runtimes: admit a sequence only with blocks for its longest
+    # length (never preempted), or "max-utilization": admit with blocks for its prompt, grow step by step, and
+    # preempt the youngest sequence (recomputed later) when the pool runs out
     quantization: str = "none"  # weights' scheme (QUANTIZATIONS), quantized once at build time
 
     def __post_init__(self) -> None:
@@ -132,6 +136,7 @@ class EngineConfig:
             f"0 (sized by memory) or >= max_context ({self.max_context}): one sequence at max_context must fit",
         )
 
+        _check(self.kv_policy in KV_POLICIES, "kv_policy", self.kv_policy, "|".join(KV_POLICIES))
         _check(self.quantization in QUANTIZATIONS, "quantization", self.quantization, "|".join(QUANTIZATIONS))
         allowed = RUNTIME_QUANTIZATIONS[self.runtime]
         if self.quantization not in allowed:

@@ -173,3 +173,18 @@ def test_a_cached_prefix_is_counted_without_being_taken():
         tables.cached_prefix(prompt) == 2 * BLOCK_SIZE and tables.cached_prefix(prompt[: 2 * BLOCK_SIZE]) == BLOCK_SIZE
     )
     assert tables.cached_prefix([7] + prompt) == 0 and tables.pool.refs == [1, 1, 1, 0]  # nothing taken
+
+
+def test_a_promise_grows_against_the_others_and_keeps_spare_blocks():
+    """max-utilization grows a running sequence's promise step by step: its own promise is not
+    counted against it, a smaller request keeps what it has, and `spare` blocks stay unpromised."""
+    tables = BlockTables(num_blocks=6, slots=2)
+    assert tables.reserve(0, BLOCK_SIZE) == BLOCK_SIZE
+    assert tables.reserve(1, BLOCK_SIZE, spare=4) == BLOCK_SIZE  # 6 - 1 promised - 4 spare = 1 left
+    assert tables.reserve(0, 1) == BLOCK_SIZE and tables.owed == 2  # never shrinks
+    assert tables.reserve(0, 4 * BLOCK_SIZE) == 4 * BLOCK_SIZE and tables.owed == 5
+    assert tables.reserve(0, 5 * BLOCK_SIZE + 1) == 0 and tables.reserved[0] == 4  # refused: nothing changed
+    tables.ensure(0, 4 * BLOCK_SIZE)
+    assert tables.reserve(0, 5 * BLOCK_SIZE) == 5 * BLOCK_SIZE and tables.owed == 2
+    tables.release(0)
+    assert tables.owed == 1 and tables.pool.available == 6

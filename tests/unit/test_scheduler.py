@@ -498,18 +498,20 @@ def test_logprobs_follow_the_kept_tokens_and_keep_multi_step_off():
 
 
 class TokenBudget:
-    """A KV pool of `tokens` positions: the admission seam a paged runtime speaks."""
+    """A KV pool of `tokens` positions in blocks of one: the admission seam a paged runtime speaks."""
 
     def __init__(self, tokens):
         self.free, self.held, self.most_held = tokens, {}, 0
 
-    def reserve_kv(self, slot, tokens):
-        if tokens > self.free:
-            return False
-        self.free -= tokens
-        self.held[slot] = tokens
+    def reserve_kv(self, slot, tokens, spare=0):
+        more = tokens - self.held.get(slot, 0)
+        if more > self.free - spare:
+            return 0
+        if more > 0:
+            self.free -= more
+            self.held[slot] = tokens
         self.most_held = max(self.most_held, sum(self.held.values()))
-        return True
+        return self.held[slot]
 
     def release_kv(self, slot):
         self.free += self.held.pop(slot)

@@ -222,7 +222,8 @@ class EngineLoop:
                 self._fail(seq, exc)
             return None
         for seq in plan.prefill:  # the runtime matched the prompt's prefix when it took the piece
-            seq.reused_tokens = self.runtime.reused_prompt_tokens(seq.slot)
+            if not seq.preemptions:  # a recomputation's hits are not the prompt's
+                seq.reused_tokens = self.runtime.reused_prompt_tokens(seq.slot)
         self.scheduler.launched(plan)
         self.stats.launch_s += time.perf_counter() - t0
         return InFlight(plan, handle)
@@ -252,7 +253,7 @@ class EngineLoop:
         self.stats.prefill_tokens, self.stats.prefill_computed = runtime.prefill_tokens, runtime.prefill_computed_tokens
         self.stats.prefix_queried, self.stats.prefix_hits = runtime.prefix_queried_tokens, runtime.prefix_hit_tokens
         self.stats.kv_blocks, self.stats.kv_blocks_available = runtime.kv_blocks, runtime.kv_blocks_available
-        self.stats.kv_waits = self.scheduler.kv_waits
+        self.stats.kv_waits, self.stats.kv_preemptions = self.scheduler.kv_waits, self.scheduler.preemptions
         self.stats.wait_s += t1 - t0
         self.stats.complete_s += time.perf_counter() - t1
 

@@ -40,9 +40,10 @@ def queue_full(cfg: EngineConfig) -> ServerBusyError:
 
 
 class KVAdmission(Protocol):
-    """What admission asks of the KV cache (a runtime): a promise of a sequence's blocks, and their return."""
+    """What admission asks of the KV cache (a runtime): a promise of a sequence's blocks (the positions
+    promised, 0: not now), and their return."""
 
-    def reserve_kv(self, slot: int, tokens: int) -> bool: ...
+    def reserve_kv(self, slot: int, tokens: int, spare: int = 0) -> int: ...
     def release_kv(self, slot: int) -> None: ...
     def cached_prompt_tokens(self, prompt: list[int]) -> int: ...
 
@@ -50,8 +51,8 @@ class KVAdmission(Protocol):
 class SlotsOnly:
     """Every slot holds max_context positions of its own: a free slot is all a sequence needs."""
 
-    def reserve_kv(self, slot: int, tokens: int) -> bool:
-        return True
+    def reserve_kv(self, slot: int, tokens: int, spare: int = 0) -> int:
+        return 1 << 30  # every position a sequence can reach
 
     def release_kv(self, slot: int) -> None:
         pass
@@ -76,6 +77,8 @@ class Scheduler:
         may fill (a paged runtime), else slots alone."""
         self.cfg, self.decode, self.max_steps, self.chunked = cfg, decode, max_steps, chunked
         self.kv = kv or SlotsOnly()
+        self.preempting = cfg.kv_policy == "max-utilization"
+        self.preemptions = 0  # sequences whose blocks were taken back to be recomputed later
         self.kv_waits = 0  # steps at which the next waiting sequence had a slot but not its KV blocks
         self._kv_short = False  # ... and no sequence has ended since
         self.tokens_kept = 0  # tokens appended to outputs (not EOS, none past a stop)
@@ -102,19 +105,26 @@ class Scheduler:
         split over steps (its rest goes first in the next); elsewhere the first prompt always goes
         whole. With a step still in flight (overlapped loop) a sequence its pending token surely
         ends (length) sits out."""
-        decode = [s for s in self.running if (s.output_ids or s.pending) and not self._ends_with_pending(s)]
+        if self.preempting:
+            self._grow_or_preempt()
+        decode = [s for s in self.running if s.prefilled >= s.n_prefill and not self._ends_with_pending(s)]
         prefill, partial = [], []
         budget = self.cfg.max_prefill_tokens
         if self.chunked:  # a prompt split over steps goes on first
             for seq in self.running:
-                if seq.prefilled < seq.n_prompt and budget > 0:
+                if seq.prefilled < seq.n_prefill and budget > 0:
                     budget = self._take_piece(seq, budget, prefill, partial)
         while self.waiting and self.free_slots and budget > 0 and self._admit_now(decode):
-            cached = self.kv.cached_prompt_tokens(self.waiting[0].prompt_ids)  # not computed: not in the budget
-            n = self.waiting[0].n_prompt - cached
+            head = self.waiting[0]
+            if head.pending:  # preempted with a token on its way: readmitted once it has arrived
+                break
+            if head.preemptions:
+                head.resume()
+            cached = self.kv.cached_prompt_tokens(head.context_ids())  # not computed: not in the budget
+            n = head.n_prefill - cached
             if prefill and n > budget and not (self.chunked and n > self.cfg.max_prefill_tokens):
                 break
-            if not self.kv.reserve_kv(self.free_slots[0], self._kv_tokens(self.waiting[0])):
+            if not self._reserve_for(head):
                 self.kv_waits += 1  # it waits, first in line, until a sequence ends and frees blocks
                 self._kv_short = True
                 break
@@ -124,14 +134,52 @@ class Scheduler:
             budget = self._take_piece(seq, budget, prefill, partial, cached)
         return StepPlan(prefill, decode, 1 if prefill else self._steps_for(decode), frozenset(partial))
 
-    def _kv_tokens(self, seq: Sequence) -> int:
-        """The most positions a sequence can fill: its prompt and every token it may generate."""
-        return min(seq.n_prompt + seq.params.max_tokens, self.cfg.max_context)
+    def _reserve_for(self, seq: Sequence) -> bool:
+        """Blocks for a sequence about to take the lowest free slot: for every token it may generate
+        (guaranteed-no-evict), or for its prefill and first launch, leaving a block for each running
+        sequence to grow into (max-utilization: a newcomer does not take what the running need next)."""
+        if self.preempting:
+            tokens = min(seq.n_prefill + self.max_steps, self.cfg.max_context)
+            seq.kv_room = self.kv.reserve_kv(self.free_slots[0], tokens, spare=len(self.running))
+        else:
+            tokens = min(seq.n_prompt + seq.params.max_tokens, self.cfg.max_context)
+            seq.kv_room = self.kv.reserve_kv(self.free_slots[0], tokens)
+        return seq.kv_room > 0
+
+    def _grow_or_preempt(self) -> None:
+        """max-utilization: each decoding sequence holds the blocks its next launch writes; when the
+        pool cannot promise them, the youngest running sequence gives its blocks back and waits,
+        first in line, to be recomputed (itself, if it is the youngest)."""
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            need = min(seq.length + seq.pending + self.max_steps, self.cfg.max_context)
+            if need <= seq.kv_room or seq.prefilled < seq.n_prefill:
+                i += 1
+                continue
+            room = self.kv.reserve_kv(seq.slot, need)
+            if room:
+                seq.kv_room = room
+                i += 1
+            else:
+                self._preempt(self.running[-1])
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's slot and blocks; it keeps its generated ids (and the token a
+        launched step may still bring) and goes first in line."""
+        self.running.remove(seq)
+        heapq.heappush(self.free_slots, seq.slot)
+        self.kv.release_kv(seq.slot)
+        seq.slot, seq.chunk, seq.kv_room = None, 0, 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        self._kv_short = True
+        self.waiting.appendleft(seq)
 
     def _take_piece(self, seq: Sequence, budget: int, prefill: list, partial: list, cached: int = 0) -> int:
         """Schedule the next piece of seq's prompt (all of it unless chunked; `cached` tokens at its
         start are the prefix cache's, beyond the budget); returns the budget left."""
-        left = seq.n_prompt - seq.prefilled
+        left = seq.n_prefill - seq.prefilled
         seq.chunk = min(left, budget + cached) if self.chunked else left
         prefill.append(seq)
         if seq.chunk < left:

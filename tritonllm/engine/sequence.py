@@ -38,11 +38,15 @@ class Sequence:
     prefilled: int = 0  # prompt tokens in the KV cache (or on their way: launched)
     reused_tokens: int = 0  # ... of which the runtime's prefix cache held (not computed again)
     chunk: int = 0  # prompt tokens the scheduled step prefills
+    kv_room: int = 0  # positions the KV cache has promised this sequence (its blocks, held or owed)
+    preemptions: int = 0  # times its blocks were taken back to be recomputed (kv_policy max-utilization)
     device_rng: Any = None  # a device runtime's random generator for this sequence, made on first draw
     logprobs: list[float] = field(default_factory=list)  # per output id, where params.logprobs
     top_logprobs: list[tuple[list[int], list[float]]] = field(default_factory=list)  # (ids, log-probs) per output id
     # fixed at creation (read for every sequence at every step):
     n_prompt: int = field(init=False)
+    n_prefill: int = field(init=False)  # tokens to put in the cache before decoding: the prompt, and after a
+    # preemption the prompt and the ids generated before it (recomputed, not generated again)
     needs_host_history: bool = field(init=False)  # sampling reads the generated ids (repetition penalty,
     # bad words): a step for this sequence cannot be launched before the previous step's token is on the host
     greedy: bool = field(init=False)
@@ -51,7 +55,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         p = self.params
-        self.n_prompt = len(self.prompt_ids)
+        self.n_prompt = self.n_prefill = len(self.prompt_ids)
         self.needs_host_history = p.repetition_penalty != 1.0 or bool(p.bad_ids) or p.has_output_penalties
         self.greedy = p.greedy
         self.eos_masked_below = 0 if not self.stop_token_ids else float("inf") if p.ignore_eos else p.min_tokens
@@ -75,11 +79,23 @@ class Sequence:
         the visible ids when it is echoed)."""
         return max(0, self.emitted - (self.n_prompt if self.echo_prompt else 0))
 
+    def context_ids(self) -> list[int]:
+        """The ids its prefill puts in the cache (`n_prefill` of them)."""
+        if self.n_prefill == self.n_prompt:
+            return self.prompt_ids
+        return self.prompt_ids + self.output_ids[: self.n_prefill - self.n_prompt]
+
+    def resume(self) -> None:
+        """Readmitted after a preemption, with no token still on its way: its prefill recomputes the
+        prompt and every id generated so far, and samples the next one."""
+        self.n_prefill, self.prefilled = self.n_prompt + len(self.output_ids), 0
+
     def step_input(self) -> StepInput:
         if self.pending:  # a token still pending lives only on the device: the runtime reads it there
             return StepInput(self.slot, [], self.n_prompt + len(self.output_ids) - 1 + self.pending)
-        if self.prefilled < self.n_prompt:  # the prompt, or its next piece (chunked prefill)
-            return StepInput(self.slot, self.prompt_ids[self.prefilled : self.prefilled + self.chunk], self.prefilled)
+        if self.prefilled < self.n_prefill:  # the prompt, or its next piece (chunked prefill)
+            piece = self.context_ids()[self.prefilled : self.prefilled + self.chunk]
+            return StepInput(self.slot, piece, self.prefilled)
         return StepInput(self.slot, self.output_ids[-1:], self.n_prompt + len(self.output_ids) - 1)
 
 

@@ -24,6 +24,7 @@ class EngineStats:
     prefix_queried: int = 0  # prompt tokens looked up in the runtime's prefix cache ...
     prefix_hits: int = 0  # ... and found there (not computed again), where the runtime has one
     kv_waits: int = 0  # steps at which the next request had a slot but not its KV blocks (it waited)
+    kv_preemptions: int = 0  # sequences whose blocks were taken back, to be recomputed (kv_policy max-utilization)
     kv_blocks: int = 0  # a paged runtime's KV blocks ...
     kv_blocks_available: int = 0  # ... held by no sequence
 

@@ -109,11 +109,12 @@ class Runtime(ABC):
     def stats(self) -> RuntimeStats:
         return RuntimeStats()
 
-    def reserve_kv(self, slot: int, tokens: int) -> bool:
-        """Promise the sequence about to take `slot` the cache of `tokens` positions (its prompt and
-        all it may generate); False: not now (the scheduler admits it when a sequence has ended).
-        Always True where every slot holds max_context positions of its own."""
-        return True
+    def reserve_kv(self, slot: int, tokens: int, spare: int = 0) -> int:
+        """Promise the sequence in (or about to take) `slot` the cache of `tokens` positions, keeping
+        `spare` blocks free besides; a promise only grows. Returns the positions promised (whole
+        blocks), 0 for not now (nothing changed: the sequence waits, or another is preempted).
+        max_context where every slot holds max_context positions of its own."""
+        return self.max_context
 
     def release_kv(self, slot: int) -> None:
         """The sequence in `slot` ended: its cache goes back now, before its final response is sent."""

@@ -5,10 +5,12 @@ every token before it (the chain of its predecessors), so a later prompt that st
 tokens takes those blocks instead of computing them again. Blocks are reference-counted; a
 registered block nobody holds stays cached until the pool needs it (least recently released first).
 
-Admission is by blocks: a sequence is admitted only when the pool can promise it the blocks of its
-longest possible length (prompt + max_tokens, at most max_context), TensorRT-LLM's "guaranteed no
-evict" policy, so a running sequence never finds the pool empty and nothing is preempted. A slot
-is then only a row of the batch, not a reservation of max_context tokens."""
+Admission is by blocks: a sequence is admitted only when the pool can promise it blocks (`reserve`).
+Under TensorRT-LLM's "guaranteed no evict" policy the promise covers its longest possible length
+(prompt + max_tokens, at most max_context) and nothing is ever preempted; under "max utilization"
+it covers what the next step writes and grows step by step, the scheduler preempting a sequence
+when the pool cannot keep a promise. A slot is only a row of the batch, never a reservation of
+max_context tokens."""
 
 from __future__ import annotations
 
@@ -134,15 +136,17 @@ class BlockTables:
         self._mark(slot, len(self.tables[slot]), len(self.tables[slot]) + 1)
         self.tables[slot].append(block)
 
-    def reserve(self, slot: int, tokens: int) -> bool:
-        """Promise `slot` the blocks of `tokens` positions if the pool can keep every promise made."""
-        need = blocks_for(tokens, self.block_size)
-        if self.pool.available - self.owed < need - len(self.tables[slot]):
-            return False
-        self.owed -= self._owed(slot)
+    def reserve(self, slot: int, tokens: int, spare: int = 0) -> int:
+        """Promise `slot` the blocks of `tokens` positions (a promise only grows) if the pool can keep
+        every promise made and still has `spare` blocks besides. Returns the positions promised
+        now, whole blocks (0: refused, nothing changed)."""
+        need = max(blocks_for(tokens, self.block_size), self.reserved[slot])
+        others = self.owed - self._owed(slot)
+        if self.pool.available - others - spare < need - len(self.tables[slot]):
+            return 0
         self.reserved[slot] = need
-        self.owed += self._owed(slot)
-        return True
+        self.owed = others + self._owed(slot)
+        return need * self.block_size
 
     def release(self, slot: int) -> None:
         """The slot's sequence ended: its blocks go back (full registered ones stay cached) and its
@@ -250,8 +254,8 @@ class PagedAdmission:
 
     blocks: BlockTables
 
-    def reserve_kv(self, slot: int, tokens: int) -> bool:
-        return self.blocks.reserve(slot, tokens)
+    def reserve_kv(self, slot: int, tokens: int, spare: int = 0) -> int:
+        return self.blocks.reserve(slot, tokens, spare)
 
     def release_kv(self, slot: int) -> None:
         self.blocks.release(slot)

@@ -78,6 +78,11 @@ class EngineMetrics:
             fam.COUNTER,
             "engine steps at which the next request had a slot but waited for KV blocks (the pool was promised)",
         )
+        self.kv_preemptions = metric(
+            "tritonllm_kv_cache_preemptions_total",
+            fam.COUNTER,
+            "sequences whose KV blocks were taken back when the pool ran out, to be recomputed (max-utilization)",
+        )
         self.kv_blocks = metric("tritonllm_kv_cache_blocks_total", fam.GAUGE, "blocks of the paged KV cache")
         self.kv_used = metric(
             "tritonllm_kv_cache_blocks_used", fam.GAUGE, "KV blocks held by sequences (not free, not evictable)"
@@ -136,6 +141,7 @@ class EngineMetrics:
                 ("prefix_queried", st.prefix_queried, self.prefix_queried),
                 ("prefix_hits", st.prefix_hits, self.prefix_hits),
                 ("kv_waits", st.kv_waits, self.kv_waits),
+                ("kv_preemptions", st.kv_preemptions, self.kv_preemptions),
             ]
             for key, value, m in counters:
                 if value > self._last.get(key, 0):

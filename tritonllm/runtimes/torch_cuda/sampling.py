@@ -50,7 +50,7 @@ class SamplingPlan:
                 masked.setdefault(s.stop_token_ids, []).append(i)
             if s.needs_host_history:
                 self.history_rows.append(i)
-            if not s.greedy and s.prefilled + s.chunk >= s.n_prompt:  # a prompt piece draws nothing:
+            if not s.greedy and s.prefilled + s.chunk >= s.n_prefill:  # a prompt piece draws nothing:
                 self.sampled_rows.append(i)  # a seeded request samples the same however its prompt was split
         self.masked = list(masked.items())
         self.logprob_rows = [i for i, s in enumerate(seqs) if s.params.logprobs]
