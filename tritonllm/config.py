@@ -71,6 +71,8 @@ class EngineConfig:
     response_threads: int = 1  # threads sending responses off the engine loop (merging under backpressure)
     engine_process: str = "auto"  # Triton: "on" runs the engine loop in a child process with its own GIL (the model
     # instance keeps the request/response I/O); "auto": on for the GPU runtimes, off for ONNX Runtime on the CPU
+    io_processes: int = 1  # Triton model instances sharing one engine process as its request/response I/O (each
+    # with its own python stub and GIL; needs the engine process)
     instance_balance_ms: float = 50.0  # several engine instances: a full one holds a new request this long
     # in execute() (so Triton hands the next ones to the others) before queueing it
     threads: int = 0  # runtime intra-op threads (0: runtime default)
@@ -121,6 +123,13 @@ class EngineConfig:
         _check(1 <= self.launch_ahead <= 4, "launch_ahead", self.launch_ahead, "1..4")
         _check(1 <= self.response_threads <= 64, "response_threads", self.response_threads, "1..64")
         _check(self.engine_process in ENGINE_PROCESS, "engine_process", self.engine_process, "|".join(ENGINE_PROCESS))
+        _check(1 <= self.io_processes <= 32, "io_processes", self.io_processes, "1..32")
+        _check(
+            self.io_processes == 1 or self.separate_process,
+            "io_processes",
+            self.io_processes,
+            "1 unless the engine runs in its own process (engine_process on, or auto with a GPU runtime)",
+        )
         _check(0 <= self.instance_balance_ms <= 10_000, "instance_balance_ms", self.instance_balance_ms, "0..10000")
         _check(self.dtype in DTYPES, "dtype", self.dtype, "|".join(DTYPES))
         _check(

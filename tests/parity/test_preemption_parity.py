@@ -31,7 +31,9 @@ def test_preempted_sequences_recompute_to_the_ids_of_an_uncontended_run(tiny_dir
             return InProcessEngine(tiny_engine_dir, cfg)
         fused = runtime == "torch-fused-ops"
         model = CausalLM(hf)
-        return InProcessEngine(None, cfg, runtime=TorchCudaRuntime(None, cfg, model=model, device="cpu", fused_kernels=fused))
+        return InProcessEngine(
+            None, cfg, runtime=TorchCudaRuntime(None, cfg, model=model, device="cpu", fused_kernels=fused)
+        )
 
     greedy = dict(max_tokens=32, temperature=0.0, ignore_eos=True)
     sampled = dict(max_tokens=32, temperature=0.9, top_k=20, ignore_eos=True)

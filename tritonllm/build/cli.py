@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--engine-process", choices=ENGINE_PROCESS, default=d.engine_process,
                    help="the engine loop in its own process beside Triton's python stub; auto: on for the GPU "
                    "runtimes (README: engine process)")
+    p.add_argument("--io-processes", type=int, default=d.io_processes,
+                   help="Triton model instances sharing the engine process as its request/response I/O, each with "
+                   "its own GIL (README: engine process)")
     p.add_argument("--steps-per-launch", type=int, default=d.steps_per_launch,
                    help="torch-cuda: decode steps per host pass under load (README: multi-step; 1 = off)")
     p.add_argument("--multi-step-min-active", type=int, default=d.multi_step_min_active)
@@ -101,7 +104,8 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
                         default_max_tokens=a.default_max_tokens, request_timeout_s=a.request_timeout_s,
                         stream_interval_ms=a.stream_interval_ms, threads=a.threads, dtype=a.dtype,
                         emit_text=a.emit_text, response_threads=a.response_threads,
-                        engine_process=a.engine_process, max_prefill_tokens=a.max_prefill_tokens,
+                        engine_process=a.engine_process, io_processes=a.io_processes,
+                        max_prefill_tokens=a.max_prefill_tokens,
                         prefill_gather_ms=a.prefill_gather_ms,
                         steps_per_launch=a.steps_per_launch,
                         multi_step_min_active=a.multi_step_min_active, launch_ahead=a.launch_ahead,

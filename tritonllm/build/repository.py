@@ -48,6 +48,9 @@ class RepositoryConfig:
         if self.gpus and (self.engine_instances != 1 or len(set(self.gpus)) != len(self.gpus) or min(self.gpus) < 0):
             raise ValueError(f"gpus={list(self.gpus)}, engine_instances={self.engine_instances}: list distinct GPU "
                              "indices, one engine each (engine_instances applies to CPU engines)")
+        if self.engine.io_processes > 1 and self.engine_instances > 1:
+            raise ValueError(f"io_processes={self.engine.io_processes} with engine_instances={self.engine_instances}: "
+                             "I/O processes share one engine; use one engine (or one per GPU with --gpus)")
 
     def stage(self, stage: str) -> str:
         return f"{self.name}_{stage}"
@@ -79,10 +82,10 @@ def _params(values: dict[str, str]) -> list[dict]:
 
 
 def instance_group(count: int = 1, gpus: tuple[int, ...] = ()) -> list[dict]:
-    """`count` instances on the CPU kind, or one instance on each of `gpus` (Triton passes each its
+    """`count` instances on the CPU kind, or `count` on each of `gpus` (Triton passes each its
     device id; the engine runs there)."""
     if gpus:
-        return [{"count": 1, "kind": Enum("KIND_GPU"), "gpus": list(gpus)}]
+        return [{"count": count, "kind": Enum("KIND_GPU"), "gpus": list(gpus)}]
     return [{"count": count, "kind": Enum("KIND_CPU")}]
 
 
@@ -131,7 +134,7 @@ def model_configs(cfg: RepositoryConfig) -> dict[str, dict]:
                                              {"max_context": str(eng.max_context)},
                                              instances=instance_group(cfg.tokenizer_instances)),
         cfg.stage("engine"): python_model(cfg.stage("engine"), cfg, T.ENGINE_INPUTS, engine_outputs,
-                                          eng.to_parameters(), instance_group(cfg.engine_instances, cfg.gpus),
+                                          eng.to_parameters(), instance_group(cfg.engine_instances * eng.io_processes, cfg.gpus),
                                           decoupled=True),
     }
     if not eng.emit_text:

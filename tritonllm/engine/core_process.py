@@ -9,8 +9,15 @@ and `EngineLoop`. The child sends back each pass's responses as one message (ids
 log-probabilities, finished records); a receiver thread here passes them to the requests' sinks.
 
     parent -> child: ("submit", Sequence) | ("cancel", uid) | ("stop",)
-    child -> parent: ("ready", shape, description) | ("failed", message)
+    child -> parent: ("ready", shape, description, slots, pid) | ("failed", message)
                      | ("events", [event, ...], EngineSnapshot | None) | ("bye",)
+
+Shared (`io_processes` > 1): several model instances of one engine on one device are its I/O
+sides. The first to start (a file lock orders them) spawns the child, which also listens on a Unix
+socket in a folder only this user can open; the others connect there and speak the same messages.
+Each sequence's records go back to the side that sent it; counters only to the spawner (so the
+engine-wide metrics are not counted once per side). A joined side's "stop" only takes it away (its
+sequences are cancelled); the spawner's stops the engine, and every side then gets "bye".
 
 The child's standard output and error are the server's, so its log lines land in Triton's log. It
 runs `main()` by import (not `-m`), so what it pickles names this module, not `__main__`."""
@@ -18,16 +25,19 @@ runs `main()` by import (not `-m`), so what it pickles names this module, not `_
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
 import logging
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Protocol
 
@@ -126,41 +136,110 @@ class _Outbox:
                 log.warning("the engine process lost its I/O side; %s not delivered", message[0])
 
 
+class _Hub:
+    """The child's I/O sides: the spawner's connection and those that joined through its socket.
+    Each sequence's finished record goes to the side that sent the sequence."""
+
+    def __init__(self):
+        self.outboxes: list[_Outbox] = []
+        self.routes: dict[int, _Outbox] = {}  # uid -> the side that sent it, until it finishes
+        self.lock = threading.Lock()
+
+    def attach(self, conn: Connection) -> _Outbox:
+        box = _Outbox(conn)
+        with self.lock:
+            self.outboxes.append(box)
+        return box
+
+    def detach(self, box: _Outbox) -> None:
+        with self.lock:
+            self.outboxes.remove(box)
+
+    def flush(self) -> None:
+        for box in list(self.outboxes):
+            box.flush()
+
+    def finished(self, done: Finished) -> None:
+        box = self.routes.pop(done.uid, None)
+        if box is not None:
+            box.finished(done)
+
+    def post_all(self, message) -> None:
+        for box in list(self.outboxes):
+            box.post(message)
+
+
 def _serve(conn: Connection) -> None:
     from ..runtimes import load_runtime
     from ..text import TokenizerFiles
     from .loop import EngineLoop
 
-    cfg, engine_dir, tokenizer_dir, device = conn.recv()
+    cfg, engine_dir, tokenizer_dir, device, address = conn.recv()
     sys.setswitchinterval(cfg.switch_interval_ms / 1000.0)
-    outbox = _Outbox(conn)
+    hub = _Hub()
+    owner = hub.attach(conn)
     try:
         runtime = load_runtime(cfg, Path(engine_dir), device)
         decode = TokenizerFiles(Path(tokenizer_dir)).decode if tokenizer_dir else None
     except Exception as exc:
         log.exception("the engine process could not load its runtime")
-        outbox.post(("failed", f"{type(exc).__name__}: {exc}"))
+        owner.post(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    seqs: dict[int, Sequence] = {}
-    loop = EngineLoop(runtime, cfg, decode=decode, after_step=outbox.flush)
-    loop.on_finish = outbox.finished
-    outbox.source = loop
+    loop = EngineLoop(runtime, cfg, decode=decode, after_step=hub.flush)
+    loop.on_finish = hub.finished
+    owner.source = loop
     loop.start()
-    outbox.post(("ready", runtime.shape, runtime.describe(), loop.scheduler.slots))
-    _read_commands(conn, loop, outbox, seqs)
+    ready = ("ready", runtime.shape, runtime.describe(), loop.scheduler.slots, os.getpid())
+    listener = _listen(address, loop, hub, ready) if address else None
+    owner.post(ready)
+    _read_commands(conn, loop, owner, hub, {})
+    if listener is not None:
+        listener.close()
     loop.stop()
-    outbox.flush()
-    outbox.post(("bye",))
+    hub.flush()
+    hub.post_all(("bye",))
 
 
-def _read_commands(conn: Connection, loop, outbox: _Outbox, seqs: dict[int, Sequence]) -> None:
+def _listen(address: str, loop, hub: _Hub, ready: tuple) -> Listener:
+    """Accept the I/O sides that join (in a thread): each gets `ready` and a reader of its own."""
+    listener = Listener(address, family="AF_UNIX")
+
+    def accept() -> None:
+        while True:
+            try:
+                conn = listener.accept()
+            except OSError:  # closed: the engine is stopping
+                return
+            box = hub.attach(conn)
+            box.post(ready)
+            threading.Thread(target=_serve_joined, args=(conn, loop, box, hub), daemon=True).start()
+
+    threading.Thread(target=accept, name="tritonllm-core-accept", daemon=True).start()
+    return listener
+
+
+def _serve_joined(conn: Connection, loop, box: _Outbox, hub: _Hub) -> None:
+    """A joined side's commands until it leaves; then its unfinished sequences are cancelled (no one
+    is left to answer them) and, where it asked to leave, it is told "bye"."""
+    seqs: dict[int, Sequence] = {}
+    asked = _read_commands(conn, loop, box, hub, seqs)
+    for seq in seqs.values():
+        if seq.finish_reason is None:
+            loop.cancel(seq)
+    hub.detach(box)
+    if asked:
+        box.post(("bye",))
+
+
+def _read_commands(conn: Connection, loop, outbox: _Outbox, hub: _Hub, seqs: dict[int, Sequence]) -> bool:
+    """Serve one side's commands; True when it sent "stop", False when it went away."""
     while True:
         try:
             msg = conn.recv()
         except (EOFError, OSError):  # the I/O side is gone: nothing to answer to
-            return
+            return False
         if msg[0] == "stop":
-            return
+            return True
         if msg[0] == "cancel":
             seq = seqs.get(msg[1])
             if seq is not None:
@@ -169,10 +248,12 @@ def _read_commands(conn: Connection, loop, outbox: _Outbox, seqs: dict[int, Sequ
         seq = msg[1]
         seq.sink = outbox
         seqs[seq.uid] = seq
+        hub.routes[seq.uid] = outbox
         try:
             loop.submit(seq)
         except Exception as exc:  # a full queue: this request's error, sent now
             seqs.pop(seq.uid, None)
+            hub.routes.pop(seq.uid, None)
             outbox.post(("events", [_failure(seq.uid, exc)], None))
         # ended sequences are dropped lazily: the dict only serves cancellations
         if len(seqs) > 4 * loop.scheduler.slots:
@@ -200,28 +281,40 @@ def child_python() -> str:
     return found
 
 
-class EngineCoreClient:
-    """Runs the engine loop in a child process; offers the loop's surface to the Triton adapter
-    (submit, wait_for_capacity, snapshot, shape, describe, stop)."""
+def socket_path(key: str) -> Path:
+    """Where the engine process shared under `key` listens: a folder only this user can open."""
+    folder = Path(tempfile.gettempdir()) / f"tritonllm-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.sock"
 
-    def __init__(self, cfg: EngineConfig, engine_dir: Path, tokenizer_dir: Path | None, device: str = "cuda"):
+
+class EngineCoreClient:
+    """Runs the engine loop in a child process, or with `share` joins the one another model instance
+    started under the same key; offers the loop's surface to the Triton adapter (submit,
+    wait_for_capacity, snapshot, shape, describe, stop)."""
+
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        engine_dir: Path,
+        tokenizer_dir: Path | None,
+        device: str = "cuda",
+        share: str | None = None,
+    ):
         self.cfg = cfg
         self.on_finish = None  # callback(Finished) for metrics
         self._live: dict[int, Sequence] = {}
         self._capacity = threading.Condition()
         self._send_lock = threading.Lock()
         self._dead: str | None = None
-        ours, theirs = socket.socketpair()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self._proc = subprocess.Popen(
-            [child_python(), "-c", "from tritonllm.engine.core_process import main; main()", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            env=env,
-        )
-        theirs.close()
-        self._conn = Connection(ours.detach())
-        self._conn.send((cfg, str(engine_dir), str(tokenizer_dir) if tokenizer_dir else "", device))
-        self.shape, self._description, slots = self._wait_ready()
+        self._proc: subprocess.Popen | None = None  # None: joined another instance's engine process
+        start = (cfg, str(engine_dir), str(tokenizer_dir) if tokenizer_dir else "", device)
+        if share is None:
+            self._spawn(start, "")
+            ready = self._wait_ready()
+        else:
+            ready = self._join_or_spawn(start, socket_path(share))
+        self.shape, self._description, slots, self._pid = ready
         self._snapshot = EngineSnapshot(EngineStats(), 0, 0, slots)
         self._stop = threading.Event()
         self._receiver = threading.Thread(target=self._receive, name="tritonllm-core-receiver", daemon=True)
@@ -232,13 +325,43 @@ class EngineCoreClient:
             daemon=True,
         )
 
+    @property
+    def owner(self) -> bool:
+        """Whether this side started the engine process (and stops it)."""
+        return self._proc is not None
+
+    def _spawn(self, start: tuple, address: str) -> None:
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._proc = subprocess.Popen(
+            [child_python(), "-c", "from tritonllm.engine.core_process import main; main()", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            env=env,
+        )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send((*start, address))
+
+    def _join_or_spawn(self, start: tuple, path: Path) -> tuple:
+        """Join the engine process listening at `path`, or start it there. Instances come through
+        here one at a time (a file lock), so the first one's process is ready before the others look."""
+        with open(f"{path}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._conn = Client(str(path), family="AF_UNIX")
+            except (FileNotFoundError, ConnectionRefusedError):
+                path.unlink(missing_ok=True)  # a socket left by a server that died
+                self._spawn(start, str(path))
+            return self._wait_ready()
+
     def _wait_ready(self):
         try:
             msg = self._conn.recv()
         except (EOFError, OSError):
-            msg = ("failed", f"it exited with code {self._proc.wait()}")
+            msg = ("failed", f"it exited with code {self._proc.wait()}" if self._proc else "it closed the connection")
         if msg[0] != "ready":
-            self._proc.kill()
+            if self._proc is not None:
+                self._proc.kill()
             raise RuntimeError(f"the engine process did not start: {msg[1]} (see the log above)")
         return msg[1:]
 
@@ -248,7 +371,7 @@ class EngineCoreClient:
         return self
 
     def describe(self) -> dict:
-        return {**self._description, "engine_process": self._proc.pid}
+        return {**self._description, "engine_process": self._pid, "engine_process_owner": self.owner}
 
     def snapshot(self) -> EngineSnapshot:
         return self._snapshot
@@ -257,7 +380,7 @@ class EngineCoreClient:
         """Hand a validated sequence to the engine process; its responses come to `seq.sink` (a
         CountedSink), a full queue comes back as its error response."""
         if self._dead is not None:
-            raise RuntimeError(f"the engine process is gone ({self._dead}); restart the model")
+            raise RuntimeError(f"the engine process {self._dead}; restart the model")
         with self._capacity:
             self._live[seq.uid] = seq
         self._post(("submit", dataclasses.replace(seq, sink=None)))
@@ -300,9 +423,8 @@ class EngineCoreClient:
                 self._snapshot = snap
             for event in events:
                 self._deliver(event)
-        code = self._proc.wait()
-        self._dead = f"exit code {code}"
-        self._fail_all(RuntimeError(f"the engine process exited (code {code}) before this request finished"))
+        self._dead = f"exited (code {self._proc.wait()})" if self._proc is not None else "closed its connection"
+        self._fail_all(RuntimeError(f"the engine process {self._dead} before this request finished"))
 
     def _deliver(self, event) -> None:
         if isinstance(event, Done):
@@ -340,6 +462,7 @@ class EngineCoreClient:
                 log.warning("could not send the error for sequence %d", seq.uid, exc_info=True)
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        """The owner stops the engine process; a joined side only leaves it."""
         self._stop.set()
         try:
             self._post(("stop",))
@@ -347,7 +470,8 @@ class EngineCoreClient:
             pass  # already gone
         if self._receiver.is_alive():
             self._receiver.join(timeout_s)
-        if self._proc.poll() is None:
+        if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+        self._conn.close()
         self._fail_all(RuntimeError("the engine is shutting down"))

@@ -4,6 +4,7 @@ and progress) and one step's plan (`StepPlan`). Triton-free."""
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 from ..config import SamplingParams
 from ..runtimes.base import StepInput
 
-_ids = itertools.count()
+_ids = itertools.count(os.getpid() << 32)  # unique across the processes that share an engine process
 
 
 @dataclass(eq=False)

@@ -46,11 +46,12 @@ class Finished:
     reason: str
     ttft_s: float | None  # time to first token, None when no token came
     itl_s: float | None  # mean inter-token latency, None below two tokens
+    uid: int = -1  # the sequence's (an engine process routes the record to the I/O side that sent it)
 
     @classmethod
     def of(cls, seq) -> Finished:
         if seq.first_token_at is None:
-            return cls(seq.finish_reason or "unknown", None, None)
+            return cls(seq.finish_reason or "unknown", None, None, seq.uid)
         n = len(seq.output_ids)
         itl = (seq.last_emit - seq.first_token_at) / (n - 1) if n > 1 and seq.last_emit > seq.first_token_at else None
-        return cls(seq.finish_reason or "unknown", seq.first_token_at - seq.arrival, itl)
+        return cls(seq.finish_reason or "unknown", seq.first_token_at - seq.arrival, itl, seq.uid)

@@ -19,9 +19,11 @@ LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class EngineMetrics:
-    def __init__(self, pb, engine: EngineSource, model: str, instance: str = ""):
+    def __init__(self, pb, engine: EngineSource, model: str, instance: str = "", engine_wide: bool = True):
         """Every metric is labelled with the model and the engine instance (one per GPU, or several
-        CPU instances: each its own process, engine and slots)."""
+        CPU instances: each its own process, engine and slots). Where model instances share one
+        engine process (io_processes), only the one that started it exports the engine's series
+        (`engine_wide`); each exports its own requests' (finished, TTFT, ITL)."""
         fam = pb.MetricFamily
         labels = {"model": model, "instance": instance or model}
         self._families = []  # a family must outlive its metrics
@@ -31,6 +33,31 @@ class EngineMetrics:
             self._families.append(family)
             return family.Metric(labels=labels, **kw)
 
+        if engine_wide:
+            self._engine_series(metric, fam, labels)
+        self.finished_family = fam(
+            name="tritonllm_requests_finished_total", kind=fam.COUNTER, description="requests finished, by reason"
+        )
+        self.ttft = metric(
+            "tritonllm_time_to_first_token_seconds", fam.HISTOGRAM, "time to first token", buckets=LATENCY_BUCKETS
+        )
+        self.itl = metric(
+            "tritonllm_inter_token_latency_seconds",
+            fam.HISTOGRAM,
+            "mean inter-token latency per request",
+            buckets=LATENCY_BUCKETS,
+        )
+        self.labels, self.engine = labels, engine
+        self._finished: dict[str, object] = {}
+        self._last: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True, name="tritonllm-metrics")
+        if engine_wide:
+            self.slots.set(engine.snapshot().slots)  # the runtime's count (memory may allow fewer than configured)
+            self._thread.start()
+
+    def _engine_series(self, metric, fam, labels) -> None:
+        """The engine's own series (slots, loop, prefill, cache), polled from its snapshots."""
         self.active = metric("tritonllm_requests_active", fam.GAUGE, "sequences generating (slots in use)")
         self.queued = metric("tritonllm_requests_queued", fam.GAUGE, "requests waiting for a slot")
         self.slots = metric("tritonllm_slots_total", fam.GAUGE, "engine slots (max in-flight batch)")
@@ -87,25 +114,6 @@ class EngineMetrics:
         self.kv_used = metric(
             "tritonllm_kv_cache_blocks_used", fam.GAUGE, "KV blocks held by sequences (not free, not evictable)"
         )
-        self.finished_family = fam(
-            name="tritonllm_requests_finished_total", kind=fam.COUNTER, description="requests finished, by reason"
-        )
-        self.ttft = metric(
-            "tritonllm_time_to_first_token_seconds", fam.HISTOGRAM, "time to first token", buckets=LATENCY_BUCKETS
-        )
-        self.itl = metric(
-            "tritonllm_inter_token_latency_seconds",
-            fam.HISTOGRAM,
-            "mean inter-token latency per request",
-            buckets=LATENCY_BUCKETS,
-        )
-        self.labels, self.engine = labels, engine
-        self._finished: dict[str, object] = {}
-        self._last: dict[str, float] = {}
-        self.slots.set(engine.snapshot().slots)  # the runtime's count (memory may allow fewer than configured)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True, name="tritonllm-metrics")
-        self._thread.start()
 
     def observe_finished(self, done: Finished) -> None:
         if done.reason not in self._finished:
@@ -150,4 +158,5 @@ class EngineMetrics:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(2)
+        if self._thread.is_alive():
+            self._thread.join(2)
