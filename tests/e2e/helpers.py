@@ -1,9 +1,22 @@
 import queue
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
+from tritonllm.build.repository import RepositoryConfig, write_repository
 from tritonllm.triton.scrape import metric_samples
+from tritonllm.triton.server_process import TritonServer
+
+
+@contextmanager
+def serve_tiny(cfg: RepositoryConfig, tiny_dir, tiny_engine_dir, tmp_path_factory, logs: str):
+    """A real Triton serving the tiny model's repository built with `cfg` (logs under build/logs/tests/)."""
+    repo = tmp_path_factory.mktemp(f"{cfg.name}_repo")
+    write_repository(repo, cfg, tiny_dir, tiny_engine_dir)
+    with TritonServer(repo, log_dir=Path("build/logs/tests") / logs) as server:
+        yield server
 
 
 def metric_value(server, name: str, model: str) -> float:

@@ -1,30 +1,39 @@
 """The engine loop in its own process (`--engine-process`) behind a real Triton: the ensemble's
 greedy ids match the loop in this process, bad input is that request's error, a cancelled stream
-reaches the engine process, and its counters reach /metrics."""
+reaches the engine process, and its counters reach /metrics. With `--io-processes 2`, two model
+instances share one engine process: concurrent requests get the same ids, its counters are on
+/metrics once, and cancellation reaches it."""
 
+import threading
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
-from tritonllm.build.repository import RepositoryConfig, write_repository
+from tritonllm.build.repository import RepositoryConfig
 from tritonllm.client import GenerationError, LLMClient
 from tritonllm.config import EngineConfig
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.text import TokenizerFiles
-from tritonllm.triton.server_process import TritonServer
+from tritonllm.triton.scrape import metric_samples
 
-from .helpers import cancel_reaches_engine, engine_output_ids, metric_value, wait_for_metric
+from .helpers import cancel_reaches_engine, engine_output_ids, metric_value, serve_tiny, wait_for_metric
 
 ENGINE = EngineConfig(max_slots=4, max_context=256, max_tokens_limit=200, threads=1, engine_process="on")
 
 
-@pytest.fixture(scope="module")
-def core_server(tiny_dir, tiny_engine_dir, tmp_path_factory):
-    repo = tmp_path_factory.mktemp("core_repo")
-    write_repository(repo, RepositoryConfig(name="tinycore", engine=ENGINE), tiny_dir, tiny_engine_dir)
-    with TritonServer(repo, log_dir=Path("build/logs/tests/engine-process")) as server:
-        yield server
+def served(name: str, engine: EngineConfig, logs: str):
+    """A module-scoped fixture: a real Triton serving the tiny model built with `engine`."""
+
+    @pytest.fixture(scope="module")
+    def server(tiny_dir, tiny_engine_dir, tmp_path_factory):
+        cfg = RepositoryConfig(name=name, engine=engine)
+        with serve_tiny(cfg, tiny_dir, tiny_engine_dir, tmp_path_factory, logs) as running:
+            yield running
+
+    return server
+
+
+core_server = served("tinycore", ENGINE, "engine-process")
 
 
 def test_ids_match_the_loop_in_this_process(core_server, tiny_dir, tiny_engine_dir):
@@ -56,3 +65,42 @@ def test_counters_reach_metrics(core_server):
     wait_for_metric(core_server, "tritonllm_tokens_generated_total", "tinycore_engine", lambda v: v >= 8)
     assert metric_value(core_server, "tritonllm_slots_total", "tinycore_engine") == 4
     assert metric_value(core_server, "tritonllm_time_to_first_token_seconds_count", "tinycore_engine") >= 1
+
+
+SHARED = replace(ENGINE, io_processes=2)
+PROMPTS = ["The quick brown fox", "1, 2, 3,", "Once upon a time", "Paris is the capital of"] * 2
+
+
+shared_server = served("tinyio", SHARED, "io-processes")
+
+
+def test_concurrent_requests_through_two_io_processes_get_the_engines_ids(shared_server, tiny_dir, tiny_engine_dir):
+    tok = TokenizerFiles(tiny_dir)
+    with InProcessEngine(tiny_engine_dir, replace(SHARED, engine_process="off", io_processes=1)) as eng:
+        want = [
+            tok.decode(eng.generate(tok.encode(p), max_tokens=16, temperature=0.0, ignore_eos=True).ids)
+            for p in PROMPTS
+        ]
+    got: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        with LLMClient(shared_server.grpc_url, "tinyio", timeout_s=120) as c:
+            got[i] = c.generate(PROMPTS[i], max_tokens=16, temperature=0.0, ignore_eos=True).text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert [got.get(i) for i in range(len(PROMPTS))] == want
+    tokens = wait_for_metric(shared_server, "tritonllm_tokens_generated_total", "tinyio_engine", lambda v: v >= 128)
+    samples = [
+        (labels, v)
+        for n, labels, v in metric_samples(shared_server.metrics())
+        if n == "tritonllm_slots_total" and labels.get("model") == "tinyio_engine"
+    ]
+    assert [v for _, v in samples] == [4] and tokens == 16 * len(PROMPTS)  # one engine's series, counted once
+
+
+def test_cancel_reaches_the_shared_engine_process(shared_server, tiny_dir):
+    cancel_reaches_engine(shared_server, "tinyio_engine", TokenizerFiles(tiny_dir).encode("Cancel me"))
