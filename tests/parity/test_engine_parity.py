@@ -190,3 +190,40 @@ def test_prefix_cache_reuse_gives_the_ids_of_a_cold_run(tiny_dir, tiny_engine_di
         # of the five later prompts at least three found the shared blocks (one may have lost them to
         # eviction); a 40-token piece reuses its two whole blocks, never its last token
         assert hits >= 3 * (48 if budget > 48 else 32), (budget, hits)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch-reference-ops"])
+def test_a_cold_burst_sharing_a_prefix_computes_it_once_with_hf_ids(tiny_dir, tiny_engine_dir, runtime):
+    """Four prompts with the same new 80-token prefix arrive in one pass of the loop: the three
+    others reuse the first one's five blocks (ONNX Runtime computes a step's prompts in turn; the
+    torch runtime batches them, so the scheduler holds the three back a step); greedy ids equal HF's."""
+    from tritonllm.engine.inprocess import QueueSink
+    from tritonllm.engine.loop import EngineLoop
+    from tritonllm.engine.request import DictReader, build_sequence
+    from tritonllm.model.modeling import CausalLM
+    from tritonllm.runtimes import load_runtime
+    from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
+
+    hf, tok = load_hf(tiny_dir), TokenizerFiles(tiny_dir)
+    shared = tok.encode("A system prompt every request of the burst starts with, word for word. " * 6)[:80]
+    prompts = [shared + tok.encode(f" Request {i} asks about {i * 7}.") for i in range(4)]
+    cfg = EngineConfig(max_slots=4, max_context=160, max_tokens_limit=32, default_max_tokens=8, threads=2)
+    if runtime == "onnxruntime":
+        rt = load_runtime(cfg, tiny_engine_dir)
+    else:
+        rt = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", fused_kernels=False)
+    loop = EngineLoop(rt, cfg)
+    sinks = []
+    for p in prompts:  # all queued before the loop starts: they meet in its first pass
+        seq = build_sequence(DictReader({"input_ids": p, "max_tokens": 8, "ignore_eos": True}), cfg, rt.shape)
+        seq.sink = QueueSink()
+        sinks.append(seq.sink)
+        loop.submit(seq)
+    loop.start()
+    try:
+        got = [s.wait(120) for s in sinks]
+    finally:
+        loop.stop()
+    assert [g.ids for g in got] == [hf_greedy(hf, p, 8) for p in prompts]
+    assert [s.reused_tokens for s in sinks] == [0, 80, 80, 80]
+    assert loop.scheduler.prefix_waits == (0 if runtime == "onnxruntime" else 1)

@@ -519,6 +519,9 @@ class TokenBudget:
     def cached_prompt_tokens(self, prompt):
         return 0
 
+    def prefix_block_tokens(self):
+        return 0
+
 
 def test_sequences_wait_for_kv_blocks_with_free_slots_and_none_is_lost(Runtime):
     """Four slots but a pool of 25 positions: each sequence may fill 2 + 8, so two run at once;
@@ -548,3 +551,41 @@ def test_a_prompt_prefix_found_cached_does_not_count_against_the_prefill_budget(
         plan = sch.schedule()
         assert len(plan.prefill) == per_step
         assert [s.chunk for s in plan.prefill] == ([100] * 3 if per_step == 3 else [16])
+
+
+class PrefixCache(TokenBudget):
+    """A prefix cache of 16-token blocks over a roomy pool: `register` makes a prompt's whole
+    blocks findable, as a runtime does when it computes them."""
+
+    def __init__(self):
+        super().__init__(10_000)
+        self.known: set[tuple] = set()
+
+    def register(self, prompt):
+        self.known.update(tuple(prompt[:n]) for n in range(16, len(prompt), 16))
+
+    def cached_prompt_tokens(self, prompt):
+        return max((n for n in range(16, len(prompt), 16) if tuple(prompt[:n]) in self.known), default=0)
+
+    def prefix_block_tokens(self):
+        return 16
+
+
+def test_a_burst_sharing_a_new_prefix_computes_it_once():
+    """Three prompts arriving together with the same 80 uncached tokens first: the first prefills
+    alone, the others wait one step and then reuse its blocks; a prompt that shares fewer than
+    four blocks with it does not wait."""
+    shared = list(range(1, 81))
+    kv = PrefixCache()
+    sch = Scheduler(EngineConfig(max_slots=4, max_context=256, max_tokens_limit=64), kv=kv)
+    burst = [seq(shared + [100 + i] * 8, max_tokens=4) for i in range(3)]
+    other = seq(shared[:40] + [7] * 40, max_tokens=4)
+    for s in (*burst, other):
+        sch.add(s)
+    plan = sch.schedule()
+    assert plan.prefill == [burst[0]] and sch.prefix_waits == 1
+    sch.launched(plan)
+    kv.register(burst[0].prompt_ids)
+    plan = sch.schedule()
+    assert plan.prefill == [burst[1], burst[2], other]
+    assert [kv.cached_prompt_tokens(s.prompt_ids) for s in plan.prefill] == [80, 80, 32]

@@ -87,6 +87,7 @@ class EngineLoop:
             max_steps=cfg.steps_per_launch if can.multi_step else 1,
             chunked=can.prompt_pieces,
             kv=runtime,
+            hold_shared=not can.prompts_in_turn,
         )
         self.stats = EngineStats()
         self.on_finish = on_finish  # callback(Finished) for metrics

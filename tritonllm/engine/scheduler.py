@@ -46,6 +46,7 @@ class KVAdmission(Protocol):
     def reserve_kv(self, slot: int, tokens: int, spare: int = 0) -> int: ...
     def release_kv(self, slot: int) -> None: ...
     def cached_prompt_tokens(self, prompt: list[int]) -> int: ...
+    def prefix_block_tokens(self) -> int: ...
 
 
 class SlotsOnly:
@@ -60,6 +61,12 @@ class SlotsOnly:
     def cached_prompt_tokens(self, prompt: list[int]) -> int:
         return 0
 
+    def prefix_block_tokens(self) -> int:
+        return 0
+
+
+SHARED_BLOCKS = 4  # a newcomer waits for a prefill of the same next 4 blocks (64 tokens) to be cached
+
 
 class Scheduler:
     def __init__(
@@ -70,16 +77,20 @@ class Scheduler:
         max_steps: int = 1,
         chunked: bool = False,
         kv: KVAdmission | None = None,
+        hold_shared: bool = True,
     ):
         """max_steps: decode steps the runtime can run in one launch (cfg.steps_per_launch where it can);
         chunked: the runtime takes a prompt in pieces at any start (prompts longer than the step's
         prefill budget are split over steps); kv: the cache that admits a sequence by the blocks it
-        may fill (a paged runtime), else slots alone."""
+        may fill (a paged runtime), else slots alone; hold_shared: a prompt whose first uncached blocks
+        another prompt of the same step computes waits a step (the runtime batches a step's prompts)."""
         self.cfg, self.decode, self.max_steps, self.chunked = cfg, decode, max_steps, chunked
+        self.hold_shared = hold_shared
         self.kv = kv or SlotsOnly()
         self.preempting = cfg.kv_policy == "max-utilization"
         self.preemptions = 0  # sequences whose blocks were taken back to be recomputed later
         self.kv_waits = 0  # steps at which the next waiting sequence had a slot but not its KV blocks
+        self.prefix_waits = 0  # steps at which the next waiting sequence waited for a prefix computed in that step
         self._kv_short = False  # ... and no sequence has ended since
         self.tokens_kept = 0  # tokens appended to outputs (not EOS, none past a stop)
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -114,6 +125,7 @@ class Scheduler:
             for seq in self.running:
                 if seq.prefilled < seq.n_prefill and budget > 0:
                     budget = self._take_piece(seq, budget, prefill, partial)
+        computing: set = set()  # what this step's new prompts compute first (`_shared_start`)
         while self.waiting and self.free_slots and budget > 0 and self._admit_now(decode):
             head = self.waiting[0]
             if head.pending:  # preempted with a token on its way: readmitted once it has arrived
@@ -121,6 +133,11 @@ class Scheduler:
             if head.preemptions:
                 head.resume()
             cached = self.kv.cached_prompt_tokens(head.context_ids())  # not computed: not in the budget
+            start = self._shared_start(head, cached)
+            if start is not None and start in computing:
+                self.prefix_waits += 1  # next step it finds those blocks cached instead of computing them again
+                break
+            computing.add(start)
             n = head.n_prefill - cached
             if prefill and n > budget and not (self.chunked and n > self.cfg.max_prefill_tokens):
                 break
@@ -133,6 +150,17 @@ class Scheduler:
             self.running.append(seq)
             budget = self._take_piece(seq, budget, prefill, partial, cached)
         return StepPlan(prefill, decode, 1 if prefill else self._steps_for(decode), frozenset(partial))
+
+    def _shared_start(self, seq: Sequence, cached: int) -> tuple | None:
+        """The first blocks a sequence's prefill would compute (where they start and their tokens),
+        or None without a prefix cache or that many uncached blocks. A sequence whose start another
+        one admitted in the same step computes waits a step, then reuses them (SGLang's in-batch
+        prefix caching): a burst of requests with a new shared system prompt computes it once."""
+        block = self.kv.prefix_block_tokens() if self.hold_shared else 0
+        end = cached + SHARED_BLOCKS * block
+        if not block or end >= seq.n_prefill:
+            return None
+        return cached, tuple(seq.context_ids()[cached:end])
 
     def _reserve_for(self, seq: Sequence) -> bool:
         """Blocks for a sequence about to take the lowest free slot: for every token it may generate

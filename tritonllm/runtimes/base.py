@@ -56,6 +56,9 @@ class RuntimeCapabilities:
     multi_step: bool = False  # launch(..., steps=n) runs n decode steps on one host pass (needs overlap)
     prompt_pieces: bool = False  # step() takes a prompt piece at any start: chunked prefill
     device_sampling: bool = False  # sample() draws each row's token where the logits are (no host copy)
+    prompts_in_turn: bool = False  # a step computes its prompts one after another, each finding the prefix
+    # blocks the ones before it cached (else they run as one batch, and a prompt sharing a prefix with another
+    # one of the same step is held back a step to reuse it)
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,11 @@ class Runtime(ABC):
     def cached_prompt_tokens(self, prompt: list[int]) -> int:
         """How many of a prompt's first tokens a prefix cache holds now (what its prefill would not
         compute), without taking them; 0 for a runtime without one."""
+        return 0
+
+    def prefix_block_tokens(self) -> int:
+        """Tokens per block of a prefix cache (what a prompt can reuse comes in whole blocks); 0
+        for a runtime without one."""
         return 0
 
     def reused_prompt_tokens(self, slot: int) -> int:

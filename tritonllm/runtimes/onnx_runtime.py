@@ -54,7 +54,7 @@ class DecodeStaging:
 
 
 class OnnxRuntime(PagedAdmission, Runtime):
-    capabilities = RuntimeCapabilities(prompt_pieces=True)  # the graph reads the cached past at any start
+    capabilities = RuntimeCapabilities(prompt_pieces=True, prompts_in_turn=True)  # the graph reads the cached past
 
     def __init__(self, engine_dir: Path, cfg: EngineConfig, providers: list[str] | None = None):
         import onnxruntime as ort

@@ -266,6 +266,9 @@ class PagedAdmission:
     def reused_prompt_tokens(self, slot: int) -> int:
         return self.blocks.reused[slot]
 
+    def prefix_block_tokens(self) -> int:
+        return self.blocks.block_size if self.blocks.prefix_cache else 0
+
 
 class PagedKVCache:
     """Host keys/values [layers, kv_heads, blocks, BLOCK_SIZE, head_dim] behind `BlockTables`: `tokens`
