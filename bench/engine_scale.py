@@ -9,7 +9,8 @@ shape with random bf16 weights built on the GPU.
   bytes, beside the most 128/128 sequences the engine ran at once with that many closed-loop
   streams; then 128/128 tokens/s at each `--concurrency` on the same engine.
 - prefix: 64 streams, a 1,024-token shared prefix + 64 tokens of their own, 128 out, the prefix
-  cache off and on: TTFT and tokens/s.
+  cache off, on from cold (the first 64 arrive together with the prefix not yet cached), and on
+  with the prefix cached by the warm-up: TTFT and tokens/s.
 - variable: 256 streams, input ~ N(512, 128), output ~ N(256, 64) (seeded), whole-prompt prefill
   against chunked prefill (512-token budget): tokens/s, TTFT, ITL p50/p99.
 Writes {date}-{gpu}-engine-scale.json/.md after each part (a run cut short keeps what it measured)."""
@@ -102,12 +103,13 @@ def shared_prefix(model, vocab: int, a, rows: list, facts: dict) -> None:
     rng = np.random.default_rng(5)
     prefix = rng.integers(3, vocab, 1024).tolist()
     prompts = [prefix + rng.integers(3, vocab, 64).tolist() for _ in range(64 * a.rounds)]
+    unrelated = rng.integers(3, vocab, 1088).tolist()
     counters = {}
-    for cached in (False, True):
+    for cached, warm in ((False, prompts[0]), (True, unrelated), (True, prompts[0])):
         cfg = bench_engine_config(64, max_context=2048, max_tokens_limit=1024, prefix_cache=cached)
         with engine_for(model, cfg) as eng:
-            eng.generate(prompts[0], max_tokens=2, temperature=0.0)  # warm-up (cached: the prefix's blocks)
-            name = f"shared prefix, cache {'on' if cached else 'off'}"
+            eng.generate(warm, max_tokens=2, temperature=0.0)  # warm-up; with prompts[0], the prefix's blocks
+            name = f"shared prefix, cache {'off' if not cached else 'on' if warm is not unrelated else 'on, cold'}"
             rows.append(run_inprocess(eng, prompts, 64, 128, PowerSampler(), name=name).row())
             counters[name] = {"queried": eng.loop.stats.prefix_queried, "hits": eng.loop.stats.prefix_hits}
             log.info("%s %s", rows[-1], counters[name])
