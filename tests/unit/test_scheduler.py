@@ -562,7 +562,7 @@ class PrefixCache(TokenBudget):
         self.known: set[tuple] = set()
 
     def register(self, prompt):
-        self.known.update(tuple(prompt[:n]) for n in range(16, len(prompt), 16))
+        self.known.update(tuple(prompt[:n]) for n in range(16, len(prompt) + 1, 16))
 
     def cached_prompt_tokens(self, prompt):
         return max((n for n in range(16, len(prompt), 16) if tuple(prompt[:n]) in self.known), default=0)
@@ -589,3 +589,21 @@ def test_a_burst_sharing_a_new_prefix_computes_it_once():
     plan = sch.schedule()
     assert plan.prefill == [burst[1], burst[2], other]
     assert [kv.cached_prompt_tokens(s.prompt_ids) for s in plan.prefill] == [80, 80, 32]
+
+
+def test_a_newcomer_waits_for_the_piece_of_a_long_shared_prompt_computed_in_its_step():
+    """Chunked prefill (96-token budget): the first prompt's second piece computes tokens 96..160
+    while a newcomer sharing them finds 96 cached; it waits for them instead of computing them too."""
+    shared = list(range(1, 161))
+    kv = PrefixCache()
+    cfg = EngineConfig(max_slots=4, max_context=512, max_tokens_limit=64, max_prefill_tokens=96)
+    sch = Scheduler(cfg, chunked=True, kv=kv)
+    first = seq(shared + [300], max_tokens=4)
+    sch.add(first)
+    plan = sch.schedule()
+    sch.launched(plan)
+    kv.register(first.prompt_ids[: first.prefilled])  # its first piece is cached
+    late = seq(shared + [400], max_tokens=4)
+    sch.add(late)
+    plan = sch.schedule()
+    assert plan.prefill == [first] and sch.prefix_waits == 1

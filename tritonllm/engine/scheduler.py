@@ -121,11 +121,12 @@ class Scheduler:
         decode = [s for s in self.running if s.prefilled >= s.n_prefill and not self._ends_with_pending(s)]
         prefill, partial = [], []
         budget = self.cfg.max_prefill_tokens
+        computing: set = set()  # where this step's prompts (and pieces) start computing (`_shared_start`)
         if self.chunked:  # a prompt split over steps goes on first
             for seq in self.running:
                 if seq.prefilled < seq.n_prefill and budget > 0:
+                    computing.add(self._shared_start(seq, seq.prefilled))
                     budget = self._take_piece(seq, budget, prefill, partial)
-        computing: set = set()  # what this step's new prompts compute first (`_shared_start`)
         while self.waiting and self.free_slots and budget > 0 and self._admit_now(decode):
             head = self.waiting[0]
             if head.pending:  # preempted with a token on its way: readmitted once it has arrived
