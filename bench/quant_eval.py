@@ -19,6 +19,8 @@ the quantized weights dequantized once (q * scale, exactly the values the GPU ke
 so their numbers are the schemes' accuracy; the GPU kernels are checked against the same
 dequantized reference (bench.quant_speed, tests/parity/test_quantized.py). "fp8 w8a8" also rounds
 each product's activations to e4m3 per token, as the FP8 Tensor Core GEMM does at large batch.
+"fp8 KV cache": fp32 weights, keys/values stored as e4m3 with the runtime's per-head scales (every
+decode step here reads them back from the cache).
 "tensorrt int8 / fp8 (Q/DQ)" are the calibrated Q/DQ graphs' arithmetic (their SmoothQuant-scaled
 weights, each projection's input divided and rounded with the graph's static scale, calibrated on
 the build's built-in text, not on this eval's text) on the torch reference: what TensorRT's plan of
@@ -123,7 +125,8 @@ def engines(ckpt, onnx_dir, max_context: int, rows: int, only: list[str] | None)
     ort_cfg = lambda scheme: EngineConfig(**limits, threads=threads, prefix_cache=False, quantization=scheme)
     ort = lambda scheme: OnnxRuntime(engine_dir_for(ort_cfg(scheme), onnx_dir), ort_cfg(scheme))
     pt_cfg = EngineConfig(runtime="torch-cuda", **limits)
-    run = lambda model: TorchCudaRuntime(None, pt_cfg, model=model, device="cpu", fused_kernels=False)
+    run = lambda model, cfg=pt_cfg: TorchCudaRuntime(None, cfg, model=model, device="cpu", fused_kernels=False)
+    fp8_kv = EngineConfig(runtime="torch-cuda", kv_cache_dtype="fp8", **limits)
     pt = lambda scheme, act=False, gptq=False: run(torch_model(ckpt, scheme, act, gptq))
     made = {  # name -> (baseline, a thunk: only the engines asked for are built)
         "onnxruntime fp32": ("onnxruntime fp32", lambda: ort("none")),
@@ -133,6 +136,7 @@ def engines(ckpt, onnx_dir, max_context: int, rows: int, only: list[str] | None)
         "torch int8-wo": ("torch fp32", lambda: pt("int8-wo")),
         "torch fp8": ("torch fp32", lambda: pt("fp8")),
         "torch fp8 w8a8": ("torch fp32", lambda: pt("fp8", True)),
+        "torch fp32, fp8 KV cache": ("torch fp32", lambda: run(torch_model(ckpt, "none"), fp8_kv)),
         "torch int8-wo gptq": ("torch fp32", lambda: pt("int8-wo", gptq=True)),
         "torch fp8 gptq": ("torch fp32", lambda: pt("fp8", gptq=True)),
         "tensorrt int8 (Q/DQ)": ("torch fp32", lambda: run(qdq_model(ckpt, onnx_dir, "int8"))),

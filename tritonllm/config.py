@@ -14,6 +14,7 @@ from .errors import RequestValidationError
 RUNTIMES = ("onnxruntime", "torch-cuda", "tensorrt")
 DTYPES = ("float32", "float16", "bfloat16")
 ENGINE_PROCESS = ("auto", "on", "off")
+KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the weights' dtype
 KV_POLICIES = ("guaranteed-no-evict", "max-utilization")  # TensorRT-LLM's names for the same two policies
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 QUANTIZATIONS = ("none", "fp8", "int8-wo", "int8", "int4")
@@ -82,6 +83,8 @@ class EngineConfig:
     # a GPU, every slot at max_context on the host); requests are admitted by the blocks they may fill
     torch_compile: bool = False  # torch-cuda: torch.compile the decode step before graph capture
     prefix_cache: bool = True  # onnxruntime, torch-cuda: prompts reuse the cached keys/values of a prefix seen before
+    kv_cache_dtype: str = "auto"  # torch-cuda: "fp8" stores keys/values as e4m3 with a scale per layer and KV head
+    # (twice the tokens in the same memory; the attention kernels read them)
     kv_policy: str = "guaranteed-no-evict"  # paged runtimes: admit a sequence only with blocks for its longest
     # length (never preempted), or "max-utilization": admit with blocks for its prompt, grow step by step, and
     # preempt the youngest sequence (recomputed later) when the pool runs out
@@ -145,6 +148,14 @@ class EngineConfig:
             f"0 (sized by memory) or >= max_context ({self.max_context}): one sequence at max_context must fit",
         )
 
+        _check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype, "|".join(KV_CACHE_DTYPES))
+        _check(
+            self.kv_cache_dtype == "auto" or self.runtime == "torch-cuda",
+            "kv_cache_dtype",
+            self.kv_cache_dtype,
+            f"auto for runtime {self.runtime!r}: an fp8 KV cache is built for --runtime torch-cuda (its attention "
+            "kernels read fp8 keys/values)",
+        )
         _check(self.kv_policy in KV_POLICIES, "kv_policy", self.kv_policy, "|".join(KV_POLICIES))
         _check(self.quantization in QUANTIZATIONS, "quantization", self.quantization, "|".join(QUANTIZATIONS))
         allowed = RUNTIME_QUANTIZATIONS[self.runtime]

@@ -11,6 +11,8 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
+import triton
+import triton.language as tl
 
 from tritonllm.config import EngineConfig
 from tritonllm.engine.inprocess import InProcessEngine
@@ -249,9 +251,9 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv):
 
 def test_start_up_self_check_passes_for_every_kernel_form():
     """What the GPU runtime runs before enabling the kernels (decode and prefill rotary forms, and
-    the q/k-norm form, included: a form that fails to compile there turns the fused kernels off,
-    not the engine)."""
-    fk.self_check(torch.device("cpu"), torch.float32, 64, qk_norm=True)
+    the q/k-norm and fp8-cache forms, included: a form that fails to compile there turns the fused
+    kernels off, not the engine)."""
+    fk.self_check(torch.device("cpu"), torch.float32, 64, qk_norm=True, fp8_kv=True)
 
 
 def test_rope_kv_write_norms_each_q_and_k_head_first():
@@ -322,3 +324,58 @@ def test_decode_attention_rows_of_one_slot_attend_up_to_their_own_positions():
             q[i].view(kv_heads, 2, d), kc[s, :, :n], vc[s, :, :n]
         ).reshape(-1)
         torch.testing.assert_close(got[i, 0], ref, atol=1e-4, rtol=1e-4)
+
+
+@triton.jit
+def _to_e4m3(x, y, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(y + i, tl.load(x + i, mask=i < n).to(y.dtype.element_ty), mask=i < n)
+
+
+def triton_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """x as e4m3 by Triton's own conversion. On the GPU it is the hardware's (round to nearest,
+    saturating); the interpreter's emulation drops some carries into the exponent (124.3 -> 64), so
+    the kernels' stores are compared with the same conversion, not torch's."""
+    flat = x.contiguous().view(-1)
+    out = torch.empty_like(flat, dtype=torch.float8_e4m3fn)
+    _to_e4m3[(1,)](flat, out, flat.numel(), BLOCK=triton.next_power_of_2(flat.numel()))
+    return out.view(x.shape)
+
+
+def test_fp8_cache_kernels_store_scaled_e4m3_and_attend_to_the_dequantized_values():
+    """kv_cache_dtype fp8: the rotary kernel stores k / scale and v / scale (per KV head) as e4m3,
+    saturated at 448; decode attention multiplies them back: it equals SDPA over the dequantized cache."""
+    torch.manual_seed(8)
+    b, h, hkv, d, slots, ctx = 3, 4, 2, 8, 4, 16
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d) * 4
+    ang = torch.randn(b, 1, d // 2)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    (kp, table), (vp, _) = paged(torch.zeros(slots, hkv, ctx, d), 4), paged(torch.zeros(slots, hkv, ctx, d), 4)
+    kp8, vp8 = kp.to(torch.float8_e4m3fn), vp.to(torch.float8_e4m3fn)
+    scale = torch.tensor([[0.05, 0.002], [0.02, 0.5]])  # [k, v] x KV head; 0.002: k of head 1 saturates
+    pos = torch.tensor([5, 0, 11])
+    q = fk.rope_kv_write(qkv, cos, sin, kp8, vp8, table, pos, h, hkv, kv_scale=scale)
+    heads = qkv.view(b, 1, h + 2 * hkv, d)
+    ref = heads[:, :, : h + hkv] * cos[:, :, None] + rotate_half(heads[:, :, : h + hkv]) * sin[:, :, None]
+    torch.testing.assert_close(q, ref[:, 0, :h])
+    kc, vc = ak.read_pages(kp8, table), ak.read_pages(vp8, table)
+    for i in range(b):
+        want_k = triton_e4m3((ref[i, 0, h:] / scale[0][:, None]).clamp(-448, 448))
+        want_v = triton_e4m3((heads[i, 0, h + hkv :] / scale[1][:, None]).clamp(-448, 448))
+        torch.testing.assert_close(kc[i, :, pos[i]].float(), want_k.float(), atol=0, rtol=0)
+        torch.testing.assert_close(vc[i, :, pos[i]].float(), want_v.float(), atol=0, rtol=0)
+    assert (kc[:, 1].float().abs() == 448).any()  # saturated, not inf/nan
+    q1 = torch.randn(b, h, d)
+    keys, values = torch.randn(slots, hkv, ctx, d), torch.randn(slots, hkv, ctx, d)
+    (k8, tab8), (v8, _) = paged((keys / scale[0][None, :, None, None]).clamp(-448, 448)), paged(values / 0.5)
+    k8, v8 = k8.to(torch.float8_e4m3fn), v8.to(torch.float8_e4m3fn)
+    scales = torch.stack([scale[0], torch.full((hkv,), 0.5)])
+    got = ak.decode_attention(q1, k8, v8, tab8, pos, limit=16, kv_scale=scales)
+    kd = ak.read_pages(k8, tab8).float() * scales[0][None, :, None, None]
+    vd = ak.read_pages(v8, tab8).float() * 0.5
+    for i in range(b):
+        n = int(pos[i]) + 1
+        ref_i = torch.nn.functional.scaled_dot_product_attention(
+            q1[i].view(hkv, h // hkv, d), kd[i, :, :n], vd[i, :, :n]
+        )
+        torch.testing.assert_close(got[i, 0], ref_i.reshape(-1), atol=1e-4, rtol=1e-4)

@@ -9,7 +9,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..config import DTYPES, ENGINE_PROCESS, KV_POLICIES, QUANTIZATIONS, RUNTIMES, EngineConfig
+from ..config import DTYPES, ENGINE_PROCESS, KV_CACHE_DTYPES, KV_POLICIES, QUANTIZATIONS, RUNTIMES, EngineConfig
 from .calibrate import Calibration
 from .pipeline import build
 from .repository import RepositoryConfig
@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=d.kv_cache_tokens,
                    help="tokens the KV block pool holds (0: by --kv-cache-memory-fraction on a GPU, every slot "
                    "at --max-context on the CPU); requests are admitted by the blocks they may fill")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=d.kv_cache_dtype,
+                   help="torch-cuda: fp8 keeps keys/values as e4m3 with a scale per layer and KV head (twice the "
+                   "tokens per byte); auto: the weights' dtype")
     p.add_argument("--kv-policy", choices=KV_POLICIES, default=d.kv_policy,
                    help="admit with blocks for a request's longest length, or for its prompt and preempt "
                    "(recompute) the youngest when blocks run out (README: KV cache)")
@@ -111,7 +114,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
                         multi_step_min_active=a.multi_step_min_active, launch_ahead=a.launch_ahead,
                         prefix_cache=not a.no_prefix_cache, quantization=a.quantization,
                         kv_cache_memory_fraction=a.kv_cache_memory_fraction, kv_cache_tokens=a.kv_cache_tokens,
-                        kv_policy=a.kv_policy)
+                        kv_policy=a.kv_policy, kv_cache_dtype=a.kv_cache_dtype)
 
 if __name__ == "__main__":
     main()

@@ -23,6 +23,7 @@ def _decode_attention_kernel(
     pos,
     row_slot,
     out,
+    kv_scale,
     limit,
     window,
     scale,
@@ -40,6 +41,8 @@ def _decode_attention_kernel(
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAPPED: tl.constexpr,
+    FP8: tl.constexpr,
+    HKV: tl.constexpr,
 ):
     b, kv = tl.program_id(0), tl.program_id(1)
     g, d = tl.arange(0, GP), tl.arange(0, D)
@@ -51,12 +54,16 @@ def _decode_attention_kernel(
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
+    if FP8:  # keys/values stored divided by the head's scale
+        scale = scale * tl.load(kv_scale + kv)
     for start in range((lo // BLOCK_N) * BLOCK_N, n, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         live = (cols < n) & (cols >= lo)
         block = tl.load(table + slot * s_table + cols // PAGE, mask=live, other=0).to(tl.int64)
         at = (block * s_c_block + kv * s_c_head + (cols % PAGE) * s_c_pos)[:, None] + d[None, :]
         kb = tl.load(k_cache + at, mask=live[:, None], other=0.0)
+        if FP8:
+            kb = kb.to(qv.dtype)
         s = tl.dot(qv, tl.trans(kb)).to(tl.float32) * scale
         if CAPPED:  # Gemma 2: cap * tanh(s / cap), tanh from exp (2 / (1 + e^-2z) - 1)
             s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
@@ -66,9 +73,14 @@ def _decode_attention_kernel(
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         vb = tl.load(v_cache + at, mask=live[:, None], other=0.0)
+        if FP8:
+            vb = vb.to(qv.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb).to(tl.float32)
         m_i = m_new
-    tl.store(out + b * s_q_b + rows, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=(g < G)[:, None])
+    acc = acc / l_i[:, None]
+    if FP8:
+        acc = acc * tl.load(kv_scale + HKV + kv)
+    tl.store(out + b * s_q_b + rows, acc.to(out.dtype.element_ty), mask=(g < G)[:, None])
 
 
 # (keys per block, warps, stages); 2 warps: a batch of many rows runs more programs per SM at once
@@ -87,6 +99,7 @@ def decode_attention(
     scale: float | None = None,
     softcap: float | None = None,
     row_slots: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B,H,D] (contiguous) of slots 0..B-1 (or `row_slots` [B]: several rows may be one slot's,
     the tokens of a prompt piece, each attending up to its own position) at positions [B];
@@ -95,7 +108,8 @@ def decode_attention(
     a time). Row b attends to keys 0..min(positions[b], limit - 1), the last `window` of them where
     one is set; scores scaled by `scale` (default D ** -0.5), then soft-capped at `softcap` where
     one is set. Returns [B,1,H*D]. `config`: keys per tile (fewer tiles, fewer dependent loads:
-    what a batch of few rows waits on), warps, stages."""
+    what a batch of few rows waits on), warps, stages. `kv_scale` [2, Hkv] (float32): the caches are
+    fp8, keys and values stored divided by their head's scale."""
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     out = torch.empty_like(q)
@@ -108,6 +122,7 @@ def decode_attention(
         positions,
         row_slots if row_slots is not None else positions,
         out,
+        kv_scale if kv_scale is not None else q,
         limit,
         window or 2**30,
         scale or d**-0.5,
@@ -125,6 +140,8 @@ def decode_attention(
         D=d,
         BLOCK_N=block_n,
         CAPPED=softcap is not None,
+        FP8=kv_scale is not None,
+        HKV=hkv,
         num_warps=warps,
         num_stages=stages,
     )
@@ -148,30 +165,36 @@ def spread_table(rows: int, context: int, page: int, num_blocks: int, device) ->
     return flat.view(rows, n).to(torch.int32)
 
 
-def tune_attention(k_caches, v_caches, num_heads: int, batches, context: int) -> tuple[dict, list]:
+def tune_attention(
+    k_caches, v_caches, num_heads: int, batches, context: int, dtype: torch.dtype, kv_scales=None
+) -> tuple[dict, list]:
     """The fastest ATTENTION_CONFIGS entry per batch size, timed over every layer's cache
     [blocks, Hkv, PAGE, D] at `context` keys per row, rows' blocks spread over the pool (CUDA graph
-    replays). Returns ({batch: config}, timings for the log)."""
+    replays); queries in `dtype`, each layer's `kv_scales` [2, Hkv] where the caches are fp8.
+    Returns ({batch: config}, timings for the log)."""
     from .gemv import graph_ms
 
     blocks, hkv, page, d = k_caches[0].shape
+    scales = kv_scales if kv_scales is not None else [None] * len(k_caches)
     table, report = {}, []
     for b in batches:
-        q = torch.randn(b, num_heads, d, device=k_caches[0].device, dtype=k_caches[0].dtype)
+        q = torch.randn(b, num_heads, d, device=k_caches[0].device, dtype=dtype)
         pos = torch.full((b,), context - 1, device=q.device)
         tab = spread_table(b, context, page, blocks, q.device)
         few = min(blocks, b * tab.shape[1])  # random keys (the cache may be all zeros) in a pool of their own
-        kr, vr = (torch.randn((few, hkv, page, d), device=q.device, dtype=q.dtype) for _ in range(2))
+        kr, vr = (torch.randn((few, hkv, page, d), device=q.device).to(k_caches[0].dtype) for _ in range(2))
         check = spread_table(b, context, page, few, q.device)
-        ref = decode_attention(q, kr, vr, check, pos, context).float()
-        agree = [
-            cfg
-            for cfg in ATTENTION_CONFIGS  # the default is checked against SDPA in self_check
-            if torch.allclose(decode_attention(q, kr, vr, check, pos, context, cfg).float(), ref, atol=2e-2, rtol=2e-2)
+        run = lambda cfg=ATTENTION_CONFIGS[0]: decode_attention(q, kr, vr, check, pos, context, cfg, kv_scale=scales[0])
+        ref = run().float()
+        agree = [  # the default is checked against SDPA in self_check
+            cfg for cfg in ATTENTION_CONFIGS if torch.allclose(run(cfg).float(), ref, atol=2e-2, rtol=2e-2)
         ]
         times = {
             cfg: graph_ms(
-                lambda cfg=cfg: [decode_attention(q, k, v, tab, pos, context, cfg) for k, v in zip(k_caches, v_caches)]
+                lambda cfg=cfg: [
+                    decode_attention(q, k, v, tab, pos, context, cfg, kv_scale=s)
+                    for k, v, s in zip(k_caches, v_caches, scales)
+                ]
             )
             for cfg in agree
         }

@@ -56,6 +56,7 @@ def _rope_kv_kernel(
     row_slot,
     q_w,
     k_w,
+    kv_scale,
     eps,
     n_heads,
     n_kv,
@@ -77,6 +78,7 @@ def _rope_kv_kernel(
     WRITE_K: tl.constexpr,
     QK_NORM: tl.constexpr,
     GEMMA_NORM: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     row = tl.program_id(0)  # one token of one sequence, all its heads: q and k heads as the rows of a tile
     h, j = tl.arange(0, HP)[:, None], tl.arange(0, HALF)[None, :]
@@ -108,15 +110,21 @@ def _rope_kv_kernel(
     block = tl.load(table + slot * s_table + p // PAGE).to(tl.int64)  # the paged cache's block of p
     at = block * s_c_block + (p % PAGE) * s_c_pos
     is_k, kv = live & (h >= n_heads), h - n_heads
-    tl.store(k_cache + at + kv * s_c_head + j, y1.to(k_cache.dtype.element_ty), mask=is_k)
-    tl.store(k_cache + at + kv * s_c_head + HALF + j, y2.to(k_cache.dtype.element_ty), mask=is_k)
+    k1, k2 = y1, y2
+    if FP8:  # divided by the head's scale, saturated at e4m3's largest
+        ks = tl.load(kv_scale + kv, mask=(h >= n_heads) & (h < n_heads + n_kv), other=1.0)
+        k1, k2 = tl.clamp(y1 / ks, -448.0, 448.0), tl.clamp(y2 / ks, -448.0, 448.0)
+    tl.store(k_cache + at + kv * s_c_head + j, k1.to(k_cache.dtype.element_ty), mask=is_k)
+    tl.store(k_cache + at + kv * s_c_head + HALF + j, k2.to(k_cache.dtype.element_ty), mask=is_k)
     if WRITE_K:
         kdst = k_out + (row * n_kv + kv) * 2 * HALF + j
         tl.store(kdst, y1.to(k_out.dtype.element_ty), mask=is_k)
         tl.store(kdst + HALF, y2.to(k_out.dtype.element_ty), mask=is_k)
     g, d = tl.arange(0, KP)[:, None], tl.arange(0, 2 * HALF)[None, :]  # v heads: copied as they are
     v_live = (g < n_kv) & (d < 2 * HALF)
-    v = _load_product(qkv, row * s_qkv + (n_heads + n_kv + g) * 2 * HALF + d, v_live, n_split, s_split, v_cache)
+    v = _load_product(qkv, row * s_qkv + (n_heads + n_kv + g) * 2 * HALF + d, v_live, n_split, s_split, q_out)
+    if FP8:
+        v = tl.clamp(v / tl.load(kv_scale + n_kv + g, mask=g < n_kv, other=1.0), -448.0, 448.0)
     tl.store(v_cache + at + g * s_c_head + d, v.to(v_cache.dtype.element_ty), mask=v_live)
 
 
@@ -133,6 +141,7 @@ def rope_kv_write(
     slots: torch.Tensor | None = None,
     return_k: bool = False,
     qk_norm: tuple[torch.Tensor, torch.Tensor, float, bool] | None = None,
+    kv_scale: torch.Tensor | None = None,
 ):
     """qkv [..., (H+2Hkv)*D] (or its split partial sums): R token rows, row r at positions[r] of
     cache slot slots[r] (default: slot r, one decode token per slot); cos/sin [..., D] per row;
@@ -140,7 +149,8 @@ def rope_kv_write(
     (int32). Writes rotated k and v into the caches; returns rotated
     q [R,H,D], and with `return_k` also the rotated k [R,Hkv,D] (what a prefill attends to).
     `qk_norm`: (q scale [D], k scale [D], eps, gemma) of an RMSNorm over each head before the
-    rotary; gemma: the scales are Gemma's fp32 (1 + w), applied before the one rounding."""
+    rotary; gemma: the scales are Gemma's fp32 (1 + w), applied before the one rounding.
+    `kv_scale` [2, Hkv] (float32): the caches are fp8, k and v stored divided by their head's scale."""
     parts, n_split, s_split, dtype = _product(qkv)
     rows, d = parts.shape[1], k_cache.shape[-1]
     cos, sin = cos.reshape(-1, d), sin.reshape(-1, d)
@@ -159,6 +169,7 @@ def rope_kv_write(
         slots if slots is not None else positions,
         qk_norm[0] if qk_norm else cos,
         qk_norm[1] if qk_norm else cos,
+        kv_scale if kv_scale is not None else cos,
         qk_norm[2] if qk_norm else 0.0,
         n_heads,
         n_kv,
@@ -180,6 +191,7 @@ def rope_kv_write(
         WRITE_K=return_k,
         QK_NORM=qk_norm is not None,
         GEMMA_NORM=bool(qk_norm and qk_norm[3]),
+        FP8=kv_scale is not None,
     )
     return (q, k) if return_k else q
 
@@ -265,10 +277,10 @@ def activate_mul(gate_up: torch.Tensor | SplitK, activation: str = "silu") -> to
     return out
 
 
-def self_check(device, dtype, head_dim: int, qk_norm: bool = False) -> None:
+def self_check(device, dtype, head_dim: int, qk_norm: bool = False, fp8_kv: bool = False) -> None:
     """Compile and run each kernel once on small inputs against the reference ops (the q/k-norm
-    rotary form where the model needs it); raises if a kernel does not compile on this GPU/Triton
-    or disagrees."""
+    rotary form where the model needs it, the fp8-cache forms with `fp8_kv`); raises if a kernel
+    does not compile on this GPU/Triton or disagrees."""
     g = torch.Generator(device="cpu").manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
     qkv, ang = r(2, 1, 4 * head_dim), torch.randn(2, 1, head_dim // 2, generator=g)
@@ -327,6 +339,13 @@ def self_check(device, dtype, head_dim: int, qk_norm: bool = False) -> None:
     torch.testing.assert_close(
         attention.decode_attention(q4, kc, vc, table, pos, 80).view(2, -1).float(), ref, atol=5e-2, rtol=5e-2
     )
+    if fp8_kv:  # e4m3 caches of the same values (halved: scale 2), read back through the scales
+        scale = torch.full((2, 2), 2.0, device=device)
+        k8, v8 = ((c.float() / 2).to(torch.float8_e4m3fn) for c in (kc, vc))
+        got = attention.decode_attention(q4, k8, v8, table, pos, 80, kv_scale=scale).view(2, -1).float()
+        torch.testing.assert_close(got, ref, atol=0.15, rtol=0.15)
+        own8 = torch.zeros(2, 1, 4, head_dim, device=device, dtype=torch.float8_e4m3fn)
+        rope_kv_write(qkv, cos, sin, own8, own8.clone(), own, torch.tensor([1, 3], device=device), 2, 1, kv_scale=scale)
     gu = r(2, 1, 128)
     torch.testing.assert_close(
         activate_mul(gu).float(),

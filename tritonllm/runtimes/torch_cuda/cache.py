@@ -3,7 +3,14 @@ positions from one pool sized by `kv_cache_memory_fraction` of free memory; `Blo
 with the host runtimes) keeps each slot's blocks, the prefix cache and admission's promises, and
 a device mirror of the tables lets the kernels (and CUDA graphs) find a position's block there.
 Every table entry without a block points at one scratch block: the writes of a graph's padding
-rows and of positions past a sequence's promise land there, never in another sequence's block."""
+rows and of positions past a sequence's promise land there, never in another sequence's block.
+
+With `kv_cache_dtype` fp8 the blocks hold e4m3 keys/values, each divided by a scale per layer and KV
+head (`scales` [layers, 2, Hkv]: keys', values') and saturated at +-448; the readers multiply it
+back. The scales come from `measure_kv_scales`: FP8_HEADROOM times the largest key/value each head
+showed over random tokens, over 448. e4m3 is floating point (3 mantissa bits at every magnitude),
+so the headroom costs precision only for values that many times smaller than the largest (then
+below e4m3's smallest normal), which weigh nothing in attention."""
 
 from __future__ import annotations
 
@@ -17,6 +24,9 @@ from ..paged_kv import BLOCK_SIZE, BlockTables, blocks_for
 from .transfers import PinnedRing, copy_to
 
 log = logging.getLogger(__name__)
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+FP8_HEADROOM = 4.0  # keys/values of real text may exceed those of random tokens
 
 
 class PagedDeviceCache:
@@ -32,10 +42,14 @@ class PagedDeviceCache:
         dtype: torch.dtype,
         device,
         prefix_cache: bool = True,
+        scales: torch.Tensor | None = None,
     ):
+        """`dtype`: the activations'; `scales` [layers, 2, Hkv] (float32): store fp8 keys/values."""
         dims = (shape.num_layers, num_blocks + 1, shape.num_kv_heads, BLOCK_SIZE, shape.head_dim)
-        self.keys = torch.zeros(dims, dtype=dtype, device=device)
-        self.values = torch.zeros(dims, dtype=dtype, device=device)
+        self.dtype, self.fp8 = dtype, scales is not None
+        self.keys = torch.zeros(dims, dtype=FP8 if self.fp8 else dtype, device=device)
+        self.values = torch.zeros(dims, dtype=FP8 if self.fp8 else dtype, device=device)
+        self.scales = scales.to(device=device, dtype=torch.float32).contiguous() if self.fp8 else None
         self.scratch = self.num_blocks = num_blocks
         self.blocks = BlockTables(num_blocks, slots, prefix_cache)
         self.block_size, self.width = BLOCK_SIZE, blocks_for(max_context)
@@ -77,8 +91,19 @@ class PagedDeviceCache:
         if real is not None:
             block = torch.where(real, block, self.scratch)
         offset = positions % self.block_size
-        self.keys[layer][block, :, offset] = k.transpose(1, 2)
-        self.values[layer][block, :, offset] = v.transpose(1, 2)
+        self.keys[layer][block, :, offset] = self._stored(k, layer, 0).transpose(1, 2)
+        self.values[layer][block, :, offset] = self._stored(v, layer, 1).transpose(1, 2)
+
+    def layer_scales(self, layer: int) -> torch.Tensor | None:
+        """[2, Hkv] of one layer (what the kernels take), None without fp8."""
+        return self.scales[layer] if self.fp8 else None
+
+    def _stored(self, x: torch.Tensor, layer: int, which: int) -> torch.Tensor:
+        """k or v [B,Hkv,T,D] as the cache holds them."""
+        if not self.fp8:
+            return x
+        scale = self.scales[layer, which][None, :, None, None]
+        return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
     def gather(self, layer: int, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of slots `rows` [B] at positions 0..length-1: [B, Hkv, length, D] each,
@@ -86,7 +111,41 @@ class PagedDeviceCache:
         from ..kernels.attention import read_pages
 
         blocks = self.table[rows, : blocks_for(length, self.block_size)]
-        return tuple(read_pages(cache[layer], blocks)[:, :, :length] for cache in (self.keys, self.values))
+        out = [read_pages(cache[layer], blocks)[:, :, :length] for cache in (self.keys, self.values)]
+        if self.fp8:
+            out = [(x.float() * self.scales[layer, i][None, :, None, None]).to(self.dtype) for i, x in enumerate(out)]
+        return tuple(out)
+
+
+@torch.no_grad()
+def measure_kv_scales(model, device, rows: int = 4, length: int = 128, seed: int = 0) -> torch.Tensor:
+    """[layers, 2, Hkv] fp8 scales of the keys and values `model` computes for random tokens (no
+    calibration text needed; FP8_HEADROOM over the largest each head showed), in one forward pass."""
+    sh = model.shape
+    ids = torch.randint(3, sh.vocab_size, (rows, length), generator=torch.Generator().manual_seed(seed)).to(device)
+    positions = torch.arange(length, device=device)[None].expand(rows, -1)
+    causal = torch.full((length, length), float("-inf"), device=device).triu(1)[None, None].expand(rows, 1, -1, -1)
+    past = torch.zeros((sh.num_layers, rows, sh.num_kv_heads, 0, sh.head_dim), device=device, dtype=model.embed.dtype)
+    last = torch.full((rows,), length - 1, device=device)
+    _, keys, values = model(ids, positions, causal.to(past.dtype), last, past, past)  # [L, B, Hkv, T, D] each
+    found = torch.stack([x.float().abs().amax(dim=(1, 3, 4)) for x in (keys, values)], dim=1)  # [L, 2, Hkv]
+    return (found.clamp(min=1e-6) * FP8_HEADROOM / FP8_MAX).cpu()
+
+
+def kv_scales_for(cfg: EngineConfig, model, device: torch.device) -> torch.Tensor | None:
+    """The fp8 cache's scales where `kv_cache_dtype` asks for fp8 (refused on a GPU without FP8
+    conversions), else None."""
+    if cfg.kv_cache_dtype != "fp8":
+        return None
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(
+            f"kv_cache_dtype=fp8 needs FP8 conversions (compute capability >= 8.9); {name} has "
+            f"{torch.cuda.get_device_capability(device)}: build with --kv-cache-dtype auto"
+        )
+    scales = measure_kv_scales(model, device)
+    log.info("fp8 KV cache: scales per layer and KV head from random tokens, %.3g..%.3g", scales.min(), scales.max())
+    return scales
 
 
 def size_blocks(shape: ModelShape, cfg: EngineConfig, dtype: torch.dtype, device: torch.device) -> int:

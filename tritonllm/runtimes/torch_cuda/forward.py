@@ -170,6 +170,7 @@ class ForwardPasses:
                 slots=row_slots,
                 return_k=True,
                 qk_norm=self._head_norms(self.model.layers[i]),
+                kv_scale=cache.layer_scales(i),
             )
             v = qkv.view(b, t, kv_from + sh.num_kv_heads, sh.head_dim)[:, :, kv_from:]
             return q.view(b, t, sh.num_heads, -1), k.view(b, t, sh.num_kv_heads, -1), v
@@ -215,6 +216,7 @@ class ForwardPasses:
             sh.num_kv_heads,
             slots=writes,
             qk_norm=self._head_norms(m.layers[i]),
+            kv_scale=cache.layer_scales(i),
         )
         attend = lambda i, q: ak.decode_attention(
             q,
@@ -226,6 +228,7 @@ class ForwardPasses:
             config,
             *self._attention_args(m.layers[i]),
             row_slots=reads,
+            kv_scale=cache.layer_scales(i),
         )
         return rope, attend
 

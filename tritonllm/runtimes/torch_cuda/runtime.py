@@ -21,7 +21,7 @@ from ...model.quant import check_device_support, place, scheme_of
 from ..base import Runtime, RuntimeCapabilities, RuntimeStats, StepInput
 from ..paged_kv import BLOCK_SIZE, PagedAdmission
 from . import sampling
-from .cache import PagedDeviceCache, size_blocks
+from .cache import FP8, PagedDeviceCache, kv_scales_for, size_blocks
 from .forward import ForwardPasses
 from .graphs import PREFILL_GRAPH_TOKENS, Buckets, GraphCache, bucket_for
 from .transfers import PinnedRing, StepDownloads, copy_to, to_device
@@ -62,9 +62,10 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         self.shape, self.max_context = self.model.shape, cfg.max_context
         self.max_slots = cfg.max_slots  # rows of a step; the KV pool bounds how many run by their tokens
         self.scratch_slot = self.max_slots  # padding rows write their K/V here (its table: the scratch block)
-        blocks = size_blocks(self.shape, cfg, self.dtype, self.device)
+        scales = kv_scales_for(cfg, self.model, self.device)
+        blocks = size_blocks(self.shape, cfg, FP8 if scales is not None else self.dtype, self.device)
         self.cache = PagedDeviceCache(
-            self.shape, blocks, self.max_slots + 1, cfg.max_context, self.dtype, self.device, cfg.prefix_cache
+            self.shape, blocks, self.max_slots + 1, cfg.max_context, self.dtype, self.device, cfg.prefix_cache, scales
         )
         self.blocks = self.cache.blocks
         self.buckets = Buckets.for_engine(self.max_slots, cfg.max_context)
@@ -77,7 +78,7 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
             log.info("fused decode kernels off for this model (they do not compute %s): torch ops", ", ".join(gaps))
         qk_norm = self.model.features.qk_norm
         triton = not gaps and want_triton(
-            triton_kernels, fused_kernels, self.device, self.dtype, self.shape.head_dim, qk_norm
+            triton_kernels, fused_kernels, self.device, self.dtype, self.shape.head_dim, qk_norm, self.cache.fp8
         )
         self.kernels = choose_kernels(
             self.model, self.cache, self.buckets.batch, cfg.max_context, triton, gemv_table, quant_table
@@ -131,6 +132,7 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
             "slots": self.max_slots,
             "max_context": self.max_context,
             "kv_cache_bytes": self.cache.nbytes,
+            "kv_cache_dtype": str(self.cache.keys.dtype),
             "kv_blocks": self.cache.num_blocks,
             "kv_block_size": BLOCK_SIZE,
             "kv_cache_tokens": self.cache.num_blocks * BLOCK_SIZE,

@@ -38,7 +38,13 @@ class KernelChoice:
 
 
 def want_triton(
-    asked: bool | None, fused_ops: bool, device: torch.device, dtype: torch.dtype, head_dim: int, qk_norm: bool = False
+    asked: bool | None,
+    fused_ops: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    qk_norm: bool = False,
+    fp8_kv: bool = False,
 ) -> bool:
     """Fused Triton kernels on CUDA where `triton` imports and their self check passes;
     TRITONLLM_TRITON_KERNELS=0 turns them off; `asked` forces the choice (tests, profiling)."""
@@ -49,7 +55,7 @@ def want_triton(
     try:
         from ..kernels import fused
 
-        fused.self_check(device, dtype, head_dim, qk_norm)
+        fused.self_check(device, dtype, head_dim, qk_norm, fp8_kv)
         return True
     except Exception as exc:  # no triton, or its kernels do not compile here: the torch ops serve
         log.warning("fused Triton decode kernels unavailable (%s): using the torch ops", str(exc)[:300])
@@ -139,6 +145,7 @@ def _product_consumers(model, cache: PagedDeviceCache, max_rows: int) -> dict:
             sh.num_heads,
             sh.num_kv_heads,
             qk_norm=(norm[: sh.head_dim], norm[: sh.head_dim], 1e-6, False) if model.features.qk_norm else None,
+            kv_scale=cache.layer_scales(0),
         ),
         "o": lambda y: fk.add_rms_norm(y, residual[: rows(y)], norm, 1e-5),
         "down": lambda y: fk.add_rms_norm(y, residual[: rows(y)], norm, 1e-5),
@@ -151,8 +158,9 @@ def _tune_attention(model, cache: PagedDeviceCache, batch_buckets: list[int], ma
     from ..kernels import attention as ak
 
     try:
+        scales = [cache.layer_scales(i) for i in range(model.shape.num_layers)] if cache.fp8 else None
         table, report = ak.tune_attention(
-            cache.keys, cache.values, model.shape.num_heads, batch_buckets, min(256, max_context)
+            cache.keys, cache.values, model.shape.num_heads, batch_buckets, min(256, max_context), cache.dtype, scales
         )
     except Exception as exc:  # a config does not compile here: the default (self-checked) serves
         log.warning("decode attention tuning failed (%s): default blocks", str(exc)[:300])
