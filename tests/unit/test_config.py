@@ -23,6 +23,9 @@ CFG = EngineConfig(max_slots=4, max_context=256, max_tokens_limit=200, default_m
         dict(kv_cache_tokens=1000, max_context=2048),
         dict(max_slots=4097),
         dict(engine_process="yes"),
+        dict(kv_policy="lru"),
+        dict(kv_cache_dtype="int8"),
+        dict(io_processes=0),
     ],
 )
 def test_engine_config_bounds(kw):
@@ -36,6 +39,30 @@ def test_engine_process_auto_is_on_for_gpu_runtimes_only():
     assert EngineConfig(runtime="onnxruntime", engine_process="on").separate_process
     assert not EngineConfig(runtime="torch-cuda", dtype="bfloat16", engine_process="off").separate_process
     assert EngineConfig.from_parameters(EngineConfig(engine_process="on").to_parameters()).engine_process == "on"
+
+
+def test_options_the_engine_cannot_honour_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8'.*built for --runtime torch-cuda"):
+        EngineConfig(runtime="onnxruntime", kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="io_processes=2.*engine_process on"):
+        EngineConfig(runtime="torch-cuda", dtype="bfloat16", engine_process="off", io_processes=2)
+    shared = EngineConfig(runtime="torch-cuda", dtype="bfloat16", io_processes=3)
+    with pytest.raises(ValueError, match="io_processes=3 with engine_instances=2"):
+        RepositoryConfig(engine=shared, engine_instances=2)
+    group = model_configs(RepositoryConfig(engine=shared, gpus=(0, 1)))["llm_engine"]["instance_group"]
+    assert group[0]["count"] == 3 and group[0]["gpus"] == [0, 1]  # 3 I/O instances on each GPU's engine
+
+
+def test_kv_cache_dtype_fp8_is_refused_on_a_gpu_without_fp8_conversions(monkeypatch):
+    import torch
+
+    from tritonllm.runtimes.torch_cuda.cache import kv_scales_for
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "A100")
+    cfg = EngineConfig(runtime="torch-cuda", dtype="bfloat16", kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match=r"compute capability >= 8.9.*A100.*--kv-cache-dtype auto"):
+        kv_scales_for(cfg, None, torch.device("cuda"))
 
 
 @pytest.mark.parametrize(
