@@ -97,6 +97,8 @@ def gpu_suite(a, results: list, facts: dict) -> None:
         steps_per_launch=a.steps_per_launch,
         quantization=a.gpu_quantization,
         kv_cache_memory_fraction=a.kv_cache_memory_fraction,
+        kv_cache_dtype=a.kv_cache_dtype,
+        kv_policy=a.kv_policy,
     )
     runtime = TorchCudaRuntime(None, cfg, model=model)
     del hf
@@ -416,6 +418,15 @@ def main() -> None:
     p.add_argument("--response-threads", type=int, default=EngineConfig.response_threads)
     p.add_argument("--launch-ahead", type=int, default=EngineConfig.launch_ahead)
     p.add_argument("--kv-cache-memory-fraction", type=float, default=EngineConfig.kv_cache_memory_fraction)
+    p.add_argument(
+        "--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="GPU: the KV cache of every engine in the run"
+    )
+    p.add_argument(
+        "--kv-policy",
+        choices=["guaranteed-no-evict", "max-utilization"],
+        default=EngineConfig.kv_policy,
+        help="GPU: the KV admission policy of every engine in the run (Triton variants may override it)",
+    )
     p.add_argument("--steps-per-launch", type=int, default=EngineConfig.steps_per_launch)
     p.add_argument("--client-procs", type=int, default=1, help="load-generating processes for the Triton runs")
     p.add_argument(

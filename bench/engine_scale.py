@@ -72,10 +72,15 @@ def free_memory() -> None:
 
 def capacity(model, vocab: int, a, rows: list, facts: dict) -> None:
     cfg = bench_engine_config(
-        a.capacity_slots, max_context=8192, max_tokens_limit=1024, kv_cache_memory_fraction=0.5, max_queue=4096
+        a.capacity_slots,
+        max_context=8192,
+        max_tokens_limit=1024,
+        kv_cache_memory_fraction=0.5,
+        max_queue=4096,
+        kv_cache_dtype=a.kv_cache_dtype,
     )
     with engine_for(model, cfg) as eng:
-        d = eng.runtime.describe()
+        d = eng.runtime.describe()  # slots of 8192 bf16 positions each: what the same bytes reserved before paging
         per_slot = PagedDeviceCache.bytes_per_block(model.shape, torch.bfloat16) * (8192 // BLOCK_SIZE)
         pool_bytes = d["kv_cache_bytes"]
         streams = a.capacity_slots
@@ -172,6 +177,9 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256, 1024])
     p.add_argument("--capacity-slots", type=int, default=2048)
     p.add_argument("--rounds", type=int, default=2, help="requests per stream")
+    p.add_argument(
+        "--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="capacity part: the pool's keys/values"
+    )
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
     hf = random_model("llama", SMALL)
