@@ -285,6 +285,9 @@ def socket_path(key: str) -> Path:
     """Where the engine process shared under `key` listens: a folder only this user can open."""
     folder = Path(tempfile.gettempdir()) / f"tritonllm-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
+    st = folder.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise RuntimeError(f"{folder} is not this user's private folder: remove it, or set TMPDIR to another place")
     return folder / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.sock"
 
 
