@@ -2,7 +2,10 @@
 fresh server with the tiny model; counts lost responses and reports server memory growth.
 
     python -m loadtests.soak --requests 3000 --concurrency 16     (writes build/results/{date}-cpu-soak.json)
-"""
+
+`--kv-cache-tokens 256 --kv-policy max-utilization --topic soak-preempt` oversubscribes the KV pool
+(8 slots whose sequences reach ~50 tokens in 16 blocks of 16): sequences wait for blocks and are
+preempted mid-generation; the report counts both, and nothing may be lost."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from tritonllm.config import EngineConfig
 from tritonllm.triton.server_process import TritonServer
 
 log = logging.getLogger(__name__)
+KV_SERIES = ("tritonllm_kv_cache_waits_total", "tritonllm_kv_cache_preemptions_total")
 
 
 def server_rss_mib(server: TritonServer) -> float:
@@ -79,6 +83,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=3000)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-cache-tokens", type=int, default=0, help="the KV pool (0: every slot at max_context)")
+    p.add_argument("--kv-policy", default=EngineConfig.kv_policy)
+    p.add_argument("--topic", default="soak", help="results file name: {date}-{machine}-{topic}")
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
     from tritonllm.build.pipeline import export_cached
@@ -87,7 +94,15 @@ def main() -> None:
     tiny = prepare_tiny(Path("build/models/tiny"), prepare_smollm2(Path("build/models/smollm2")))
     export_cached(tiny, Path("build/onnx/tiny"))
     repo = Path("build/soak_repository")
-    cfg = EngineConfig(max_slots=8, max_context=256, max_queue=64, max_tokens_limit=200, threads=1)
+    cfg = EngineConfig(
+        max_slots=8,
+        max_context=256,
+        max_queue=64,
+        max_tokens_limit=200,
+        threads=1,
+        kv_cache_tokens=a.kv_cache_tokens,
+        kv_policy=a.kv_policy,
+    )
     write_repository(repo, RepositoryConfig(name="tiny", engine=cfg), tiny, Path("build/onnx/tiny"))
     with TritonServer(repo, log_dir=Path("build/logs/soak"), watchdog=True) as server:
         rss = [server_rss_mib(server)]
@@ -113,9 +128,12 @@ def main() -> None:
             "engine_active_after": [
                 line for line in active.splitlines() if line.startswith("tritonllm_requests_active")
             ],
+            "kv_cache_tokens": a.kv_cache_tokens,
+            "kv_policy": a.kv_policy,
+            "kv_counters": [line for line in active.splitlines() if line.startswith(KV_SERIES)],
         }
     )
-    log.info("%s: %s", write_json(a.out, "soak", report), json.dumps(report, indent=1))
+    log.info("%s: %s", write_json(a.out, a.topic, report), json.dumps(report, indent=1))
     if counts["lost"]:
         raise SystemExit(f"{counts['lost']} responses lost")
 
