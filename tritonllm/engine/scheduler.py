@@ -168,11 +168,10 @@ class Scheduler:
         (guaranteed-no-evict), or for its prefill and first launch, leaving a block for each running
         sequence to grow into (max-utilization: a newcomer does not take what the running need next)."""
         if self.preempting:
-            tokens = min(seq.n_prefill + self.max_steps, self.cfg.max_context)
-            seq.kv_room = self.kv.reserve_kv(self.free_slots[0], tokens, spare=len(self.running))
+            tokens, spare = seq.n_prefill + self.max_steps, len(self.running)
         else:
-            tokens = min(seq.n_prompt + seq.params.max_tokens, self.cfg.max_context)
-            seq.kv_room = self.kv.reserve_kv(self.free_slots[0], tokens)
+            tokens, spare = seq.n_prompt + seq.params.max_tokens, 0
+        seq.kv_room = self.kv.reserve_kv(self.free_slots[0], min(tokens, self.cfg.max_context), spare)
         return seq.kv_room > 0
 
     def _grow_or_preempt(self) -> None:
