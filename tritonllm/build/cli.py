@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> None:
                    "tokens per byte); auto: the weights' dtype")
     p.add_argument("--kv-policy", choices=KV_POLICIES, default=d.kv_policy,
                    help="admit with blocks for a request's longest length, or for its prompt and preempt "
-                   "(recompute) the youngest when blocks run out (README: KV cache)")
+                   "(recompute) the youngest when blocks run out (docs/engine.md)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default=d.quantization,
                    help="fp8 / int8-wo (torch-cuda), int8 / int4 (onnxruntime), int8-wo / int8 / fp8 (tensorrt Q/DQ); "
-                   "README: quantization")
+                   "docs/quantization.md")
     p.add_argument("--calibration-text", type=Path, metavar="FILE",
                    help="text (paragraphs split by blank lines) for tensorrt int8/fp8's static activation scales "
                    "and --gptq; default: a built-in English sample")
@@ -72,12 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--response-threads", type=int, default=d.response_threads)
     p.add_argument("--engine-process", choices=ENGINE_PROCESS, default=d.engine_process,
                    help="the engine loop in its own process beside Triton's python stub; auto: on for the GPU "
-                   "runtimes (README: engine process)")
+                   "runtimes (docs/engine.md)")
     p.add_argument("--io-processes", type=int, default=d.io_processes,
                    help="Triton model instances sharing the engine process as its request/response I/O, each with "
-                   "its own GIL (README: engine process)")
+                   "its own GIL (docs/engine.md)")
     p.add_argument("--steps-per-launch", type=int, default=d.steps_per_launch,
-                   help="torch-cuda: decode steps per host pass under load (README: multi-step; 1 = off)")
+                   help="torch-cuda: decode steps per host pass under load (docs/engine.md: multi_step; 1 = off)")
     p.add_argument("--multi-step-min-active", type=int, default=d.multi_step_min_active)
     p.add_argument("--launch-ahead", type=int, default=d.launch_ahead,
                    help="torch-cuda: launched steps left queued on the device while older ones complete")
