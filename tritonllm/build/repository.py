@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ ADAPTERS_DIR = PACKAGE_DIR / "triton" / "models"  # <stage>.py, copied as each s
 REQUIREMENTS_DIR = PACKAGE_DIR / "build" / "requirements"  # <runtime>.txt: what a served repository imports
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+WARMUP_TEXT = "Hello"  # the tokenizer's warm-up prompt (`stage_warmup`), in <name>_tokenizer/warmup/text_input
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,24 @@ def instance_group(count: int = 1, gpus: tuple[int, ...] = ()) -> list[dict]:
     return [{"count": count, "kind": Enum("KIND_CPU")}]
 
 
-def python_model(name: str, cfg: RepositoryConfig, inputs, outputs, params, instances=None, decoupled=False) -> dict:
+def stage_warmup(stage: str) -> list[dict]:
+    """One request Triton sends through each instance of a text stage while loading it (Triton's
+    model_warmup): a python stub's first request otherwise waits ~50 ms for its set-up, and with
+    several instances each one's first request does. The engine gets none: a warm-up there would be
+    a generation counted in its metrics."""
+    inputs: dict[str, dict]
+    if stage == "tokenizer":
+        inputs = {"text_input": {"data_type": Enum("TYPE_STRING"), "dims": [1], "input_data_file": "text_input"}}
+    elif stage == "detokenizer":  # one id, no context, not final: a stateless delta
+        inputs = {"output_ids": {"data_type": Enum("TYPE_INT32"), "dims": [1], "zero_data": True},
+                  "response_info": {"data_type": Enum("TYPE_INT32"), "dims": [len(T.RESPONSE_INFO)], "zero_data": True}}
+    else:
+        raise ValueError(f"no warm-up request for the {stage!r} stage")
+    return [{"name": f"{stage}_warmup", "batch_size": 1, "inputs": [{"key": k, "value": v} for k, v in inputs.items()]}]
+
+
+def python_model(name: str, cfg: RepositoryConfig, inputs, outputs, params, instances=None, decoupled=False,
+                 warmup: list[dict] | None = None) -> dict:
     d = {"name": name, "backend": "python", "max_batch_size": cfg.max_batch_size,
          "input": _io(inputs, ragged=True), "output": _outputs(outputs),
          "instance_group": instances or instance_group()}
@@ -99,6 +118,7 @@ def python_model(name: str, cfg: RepositoryConfig, inputs, outputs, params, inst
     # batcher drops the stage requests it still queues and the ensemble never releases the request
     # (it stays in flight until Triton's exit timeout: docs/decisions.md, 2026-12-01).
     d["parameters"] = _params(params) or None
+    d["model_warmup"] = warmup
     return d
 
 
@@ -132,7 +152,8 @@ def model_configs(cfg: RepositoryConfig) -> dict[str, dict]:
     configs = {
         cfg.stage("tokenizer"): python_model(cfg.stage("tokenizer"), cfg, T.TOKENIZER_INPUTS, T.TOKENIZER_OUTPUTS,
                                              {"max_context": str(eng.max_context)},
-                                             instances=instance_group(cfg.tokenizer_instances)),
+                                             instances=instance_group(cfg.tokenizer_instances),
+                                             warmup=stage_warmup("tokenizer")),
         cfg.stage("engine"): python_model(cfg.stage("engine"), cfg, T.ENGINE_INPUTS, engine_outputs,
                                           eng.to_parameters(), instance_group(cfg.engine_instances * eng.io_processes, cfg.gpus),
                                           decoupled=True),
@@ -140,7 +161,8 @@ def model_configs(cfg: RepositoryConfig) -> dict[str, dict]:
     if not eng.emit_text:
         configs[cfg.stage("detokenizer")] = python_model(cfg.stage("detokenizer"), cfg, T.DETOKENIZER_INPUTS,
                                                          T.DETOKENIZER_OUTPUTS, {},
-                                                         instances=instance_group(cfg.detokenizer_instances))
+                                                         instances=instance_group(cfg.detokenizer_instances),
+                                                         warmup=stage_warmup("detokenizer"))
     return configs | {cfg.name: ensemble_model(cfg)}
 
 
@@ -180,6 +202,9 @@ def write_repository(out: Path, cfg: RepositoryConfig, checkpoint: Path, engine_
         for f in TOKENIZER_FILES:
             if (Path(checkpoint) / f).exists():
                 _link_or_copy(Path(checkpoint) / f, version / "tokenizer" / f)
+        if stage == "tokenizer":  # Triton's BYTES serialization: a 4-byte little-endian length, then the bytes
+            (mdir / "warmup").mkdir()
+            (mdir / "warmup" / "text_input").write_bytes(struct.pack("<I", len(WARMUP_TEXT)) + WARMUP_TEXT.encode())
         if stage == "engine":  # what a container serving this repository must install
             shutil.copy2(REQUIREMENTS_DIR / f"{cfg.engine.runtime}.txt", mdir / "requirements.txt")
             for f in Path(engine_dir).iterdir():
