@@ -39,6 +39,7 @@ from bench.workloads import (
 )
 from tritonllm.build.repository import RepositoryConfig, write_repository
 from tritonllm.config import EngineConfig
+from tritonllm.engine.heap import frozen_heap
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model.modeling import CausalLM
 from tritonllm.triton.server_process import TritonServer
@@ -134,7 +135,11 @@ def gpu_suite(a, results: list, facts: dict) -> None:
             ],
         }
         log.info("multi-step parity: %s", facts["bf16_greedy_parity_multi_step"])
-    with InProcessEngine(None, replace(cfg, stream_interval_ms=0.0, max_responses_per_s=0.0), runtime=runtime) as eng:
+    # the served engine freezes its heap once built (tritonllm/engine/heap.py): so do these rows
+    with (
+        frozen_heap(),
+        InProcessEngine(None, replace(cfg, stream_interval_ms=0.0, max_responses_per_s=0.0), runtime=runtime) as eng,
+    ):
         for c in a.concurrency if "inprocess" in a.systems else []:
             prompts = random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)
             run_inprocess(eng, prompts[:c], c, a.out_len, power)  # warm-up: graphs for this batch
@@ -386,7 +391,7 @@ def cpu_suite(a, results: list, facts: dict) -> None:
     )
     for scheme in a.quantizations:
         q = replace(cfg, quantization=scheme)
-        with InProcessEngine(engine_dir_for(q, onnx_dir), q) as eng:
+        with InProcessEngine(engine_dir_for(q, onnx_dir), q) as eng, frozen_heap():  # frozen once built, as served
             facts["engine" if scheme == "none" else f"engine {scheme}"] = eng.runtime.describe()
             name = "engine in-process" + ("" if scheme == "none" else f" {scheme}")
             for c in a.concurrency:

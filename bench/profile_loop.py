@@ -9,16 +9,19 @@ sets the inter-token latency, and under Triton it competes for the engine proces
                       (fixed logits over a 1024-id vocabulary): what the loop thread does per step
                       on a GPU host, less the CUDA calls themselves
 
-  python -m bench.profile_loop --batch 1 8 64 --runtime torch [--steps-per-launch 4] [--out results]
+  python -m bench.profile_loop --batch 1 8 64 --runtime torch [--steps-per-launch 4] [--heap frozen plain]
+      [--out results]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 from bench.provenance import run_facts, write_json
 from tritonllm.config import EngineConfig
+from tritonllm.engine.heap import frozen_heap
 from tritonllm.engine.inprocess import QueueSink
 from tritonllm.engine.loop import EngineLoop
 from tritonllm.engine.request import DictReader, build_sequence
@@ -90,12 +93,18 @@ def stubbed_torch_runtime(cfg: EngineConfig):
     return runtime
 
 
-def host_ms_per_step(runtime_kind: str, batch: int, tokens: int, steps_per_launch: int) -> dict:
+def host_ms_per_step(runtime_kind: str, batch: int, tokens: int, steps_per_launch: int, freeze: bool = True) -> dict:
     """One warm-up wave, then one measured wave of `batch` requests, each wave queued before its
     loop starts so every step holds the whole batch (submitted to a running loop, a fast runtime
-    steps before the last requests arrive and the batch is never full)."""
+    steps before the last requests arrive and the batch is never full). `freeze`: the objects alive
+    before the loop starts are frozen out of the garbage collector's passes, as a served engine's are."""
     cfg = EngineConfig(max_slots=batch, max_context=512, max_tokens_limit=tokens, steps_per_launch=steps_per_launch)
     runtime = InstantRuntime(batch) if runtime_kind == "instant" else stubbed_torch_runtime(cfg)
+    with frozen_heap() if freeze else contextlib.nullcontext():
+        return _measure(runtime, cfg, batch, tokens)
+
+
+def _measure(runtime, cfg: EngineConfig, batch: int, tokens: int) -> dict:
     for _ in range(2):
         loop = EngineLoop(runtime, cfg)
         sinks = []
@@ -116,11 +125,11 @@ def host_ms_per_step(runtime_kind: str, batch: int, tokens: int, steps_per_launc
             seq.sink = QueueSink()
             sinks.append(seq.sink)
             loop.submit(seq)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loop.start()
         for s in sinks:
             s.wait(120)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         loop.stop()
     st = loop.stats
     steps = max(st.steps, 1)
@@ -128,6 +137,7 @@ def host_ms_per_step(runtime_kind: str, batch: int, tokens: int, steps_per_launc
         "batch": batch,
         "steps": st.steps,
         "wall_ms_per_step": round(1e3 * elapsed / steps, 3),
+        "cpu_ms_per_step": round(1e3 * cpu / steps, 3),  # this process's CPU time: less noisy on a shared machine
         "launch_ms_per_step": round(1e3 * st.launch_s / steps, 3),
         "complete_ms_per_step": round(1e3 * st.complete_s / steps, 3),
     }
@@ -139,21 +149,33 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--runtime", choices=["instant", "torch"], default="instant")
     p.add_argument("--steps-per-launch", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=3, help="runs per batch; the fastest is reported")
+    p.add_argument("--repeat", type=int, default=3, help="runs per batch and heap; the median-CPU run is reported")
+    p.add_argument(
+        "--heap",
+        nargs="+",
+        choices=["frozen", "plain"],
+        default=["frozen"],
+        help="frozen: startup objects frozen out of the garbage collector (as served); plain: not; both "
+        "are run in turns when listed together",
+    )
     p.add_argument("--out", help="write profile-loop-<runtime>[-steps<n>].json here")
     a = p.parse_args()
     rows = []
     for b in a.batch:
-        runs = [host_ms_per_step(a.runtime, b, a.tokens, a.steps_per_launch) for _ in range(a.repeat)]
-        rows.append(min(runs, key=lambda r: r["wall_ms_per_step"]))
-        r = rows[-1]
-        print(
-            f"batch {b:3d}: {r['wall_ms_per_step']:.3f} ms host per step (launch {r['launch_ms_per_step']:.3f}, "
-            f"complete {r['complete_ms_per_step']:.3f})"
-        )
+        runs: dict[str, list[dict]] = {h: [] for h in a.heap}
+        for _ in range(a.repeat):  # in turns, so a drift of this machine hits every setting alike
+            for h in a.heap:
+                runs[h].append(host_ms_per_step(a.runtime, b, a.tokens, a.steps_per_launch, freeze=h == "frozen"))
+        for h, rs in runs.items():
+            r = sorted(rs, key=lambda r: r["cpu_ms_per_step"])[len(rs) // 2] | {"heap": h}
+            rows.append(r)
+            print(
+                f"batch {b:4d}, heap {h:6s}: {r['cpu_ms_per_step']:.3f} ms CPU per step, {r['wall_ms_per_step']:.3f} "
+                f"wall (launch {r['launch_ms_per_step']:.3f}, complete {r['complete_ms_per_step']:.3f})"
+            )
     if a.out:
         steps = "" if a.steps_per_launch == 1 else f"-steps{a.steps_per_launch}"
-        write_json(a.out, f"profile-loop-{a.runtime}{steps}", run_facts(rows=rows))
+        write_json(a.out, f"profile-loop-{a.runtime}{steps}", run_facts(rows=rows, repeat=a.repeat))
 
 
 if __name__ == "__main__":

@@ -172,6 +172,7 @@ class _Hub:
 def _serve(conn: Connection) -> None:
     from ..runtimes import load_runtime
     from ..text import TokenizerFiles
+    from .heap import freeze_heap
     from .loop import EngineLoop
 
     cfg, engine_dir, tokenizer_dir, device, address = conn.recv()
@@ -188,6 +189,7 @@ def _serve(conn: Connection) -> None:
     loop = EngineLoop(runtime, cfg, decode=decode, after_step=hub.flush)
     loop.on_finish = hub.finished
     owner.source = loop
+    freeze_heap()  # this process holds its engine until it exits
     loop.start()
     ready = ("ready", runtime.shape, runtime.describe(), loop.scheduler.slots, os.getpid())
     listener = _listen(address, loop, hub, ready) if address else None

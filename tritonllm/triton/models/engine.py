@@ -14,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from tritonllm.config import EngineConfig
 from tritonllm.engine.core_process import EngineCoreClient
+from tritonllm.engine.heap import freeze_heap
 from tritonllm.engine.loop import EngineLoop
 from tritonllm.engine.request import build_sequence
 from tritonllm.engine.response_pump import ResponsePump
@@ -162,6 +163,7 @@ class TritonPythonModel:
             pb_utils, self.loop, args["model_name"], args["model_instance_name"], engine_wide=engine_wide
         )
         self.loop.on_finish = self.metrics.observe_finished
+        freeze_heap()  # this stub serves one model instance until it exits
         self.loop.start()
         pb_utils.Logger.log_info(f"tritonllm engine ready: {json.dumps(self.loop.describe())}")
 
