@@ -379,3 +379,29 @@ def test_fp8_cache_kernels_store_scaled_e4m3_and_attend_to_the_dequantized_value
             q1[i].view(hkv, h // hkv, d), kd[i, :, :n], vd[i, :, :n]
         )
         torch.testing.assert_close(got[i, 0], ref_i.reshape(-1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 16])
+def test_piece_tiles_attend_as_one_row_per_program(rows):
+    """Prompt pieces' tokens taken `rows` to a program (`PieceTiles`: one tile of keys read for all
+    of them) give each token the attention of its own row: causal over its piece and the slot's
+    cached past, pieces of lengths that do and do not fill tiles, a sliding window too."""
+    torch.manual_seed(9)
+    heads, kv_heads, d, ctx = 8, 2, 16, 96
+    kc, vc = torch.randn(3, kv_heads, ctx, d), torch.randn(3, kv_heads, ctx, d)
+    (kp, table), (vp, _) = paged(kc, seed=4), paged(vc, seed=4)
+    pieces = [(2, 40, 23), (0, 0, 5), (1, 70, 16)]  # (slot, first position, tokens)
+    row_slots = torch.tensor([s for s, _, n in pieces for _ in range(n)])
+    pos = torch.tensor([p + j for _, p, n in pieces for j in range(n)])
+    q = torch.randn(len(pos), heads, d)
+    tiles = ak.PieceTiles.of([n for *_, n in pieces], rows, lambda v: torch.tensor(v, dtype=torch.int32))
+    assert len(tiles) == sum(-(-n // rows) for *_, n in pieces)
+    for window in (None, 24):
+        got = ak.decode_attention(q, kp, vp, table, pos, 128, window=window, row_slots=row_slots, tiles=tiles)
+        for i in range(len(pos)):
+            s, n = int(row_slots[i]), int(pos[i]) + 1
+            lo = max(0, n - window) if window else 0
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q[i].view(kv_heads, heads // kv_heads, d), kc[s, :, lo:n], vc[s, :, lo:n]
+            ).reshape(-1)
+            torch.testing.assert_close(got[i, 0], ref, atol=1e-4, rtol=1e-4)

@@ -9,6 +9,8 @@ with TRITON_INTERPRET=1 on the CPU (tests/parity)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -22,6 +24,8 @@ def _decode_attention_kernel(
     table,
     pos,
     row_slot,
+    tile_row,
+    tile_len,
     out,
     kv_scale,
     limit,
@@ -36,24 +40,30 @@ def _decode_attention_kernel(
     s_c_pos,
     PAGE: tl.constexpr,
     HAS_SLOTS: tl.constexpr,
+    TILED: tl.constexpr,
     G: tl.constexpr,
-    GP: tl.constexpr,
+    R: tl.constexpr,
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAPPED: tl.constexpr,
     FP8: tl.constexpr,
     HKV: tl.constexpr,
 ):
-    b, kv = tl.program_id(0), tl.program_id(1)
-    g, d = tl.arange(0, GP), tl.arange(0, D)
-    rows = (kv * G + g)[:, None] * s_q_h + d[None, :]
-    qv = tl.load(q + b * s_q_b + rows, mask=(g < G)[:, None], other=0.0)
-    n = tl.minimum(tl.load(pos + b) + 1, limit)  # keys 0..pos, never beyond the graph's context
-    slot = tl.load(row_slot + b) if HAS_SLOTS else b
-    lo = tl.maximum(n - window, 0)  # a sliding window sees the last `window` keys only
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
+    t, kv = tl.program_id(0), tl.program_id(1)
+    first = tl.load(tile_row + t) if TILED else t  # the program's rows: first.. first+count-1, one slot's
+    count = tl.load(tile_len + t) if TILED else 1
+    i, d = tl.arange(0, R), tl.arange(0, D)  # R rows: token i // G of the tile, query head kv * G + i % G
+    tok, row = i // G, first + i // G
+    real = tok < count
+    at_q = (row * s_q_b + (kv * G + i % G) * s_q_h)[:, None] + d[None, :]
+    qv = tl.load(q + at_q, mask=real[:, None], other=0.0)
+    n_r = tl.minimum(tl.load(pos + row, mask=real, other=0) + 1, limit)  # keys 0..pos, never past the graph's
+    lo_r = tl.maximum(n_r - window, 0)  # a sliding window sees the last `window` keys only
+    n, lo = tl.max(n_r, 0), tl.min(lo_r, 0)
+    slot = tl.load(row_slot + first) if HAS_SLOTS else first
+    m_i = tl.full([R], float("-inf"), tl.float32)
+    l_i = tl.zeros([R], tl.float32)
+    acc = tl.zeros([R, D], tl.float32)
     if FP8:  # keys/values stored divided by the head's scale
         scale = scale * tl.load(kv_scale + kv)
     for start in range((lo // BLOCK_N) * BLOCK_N, n, BLOCK_N):
@@ -67,10 +77,11 @@ def _decode_attention_kernel(
         s = tl.dot(qv, tl.trans(kb)).to(tl.float32) * scale
         if CAPPED:  # Gemma 2: cap * tanh(s / cap), tanh from exp (2 / (1 + e^-2z) - 1)
             s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
-        s = tl.where(live[None, :], s, float("-inf"))
+        s = tl.where((cols[None, :] < n_r[:, None]) & (cols[None, :] >= lo_r[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row none of whose keys are in this tile yet
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         vb = tl.load(v_cache + at, mask=live[:, None], other=0.0)
         if FP8:
@@ -80,7 +91,38 @@ def _decode_attention_kernel(
     acc = acc / l_i[:, None]
     if FP8:
         acc = acc * tl.load(kv_scale + HKV + kv)
-    tl.store(out + b * s_q_b + rows, acc.to(out.dtype.element_ty), mask=(g < G)[:, None])
+    tl.store(out + at_q, acc.to(out.dtype.element_ty), mask=real[:, None])
+
+
+@dataclass(frozen=True)
+class PieceTiles:
+    """Prompt pieces' token rows in tiles for `decode_attention`: tile t is rows first[t] ..
+    first[t] + count[t] - 1, all of one piece (one slot), at most `rows` of them."""
+
+    first: torch.Tensor  # [tiles] int32
+    count: torch.Tensor  # [tiles] int32
+    rows: int
+
+    def __len__(self) -> int:
+        return self.first.shape[0]
+
+    @staticmethod
+    def rows_for(group: int) -> int:
+        """Tokens per tile for `group` query heads per KV head: about 64 query rows a program (one
+        tile of keys serves them all; more would spill the accumulator's registers)."""
+        return max(1, 64 // group)
+
+    @staticmethod
+    def of(lengths: list[int], rows: int, put) -> PieceTiles:
+        """Tiles of pieces laid out one after another with these token counts; `put(list)` makes
+        the int32 device tensor of a host list."""
+        first, count, at = [], [], 0
+        for n in lengths:
+            for j in range(0, n, rows):
+                first.append(at + j)
+                count.append(min(rows, n - j))
+            at += n
+        return PieceTiles(put(first), put(count), rows)
 
 
 # (keys per block, warps, stages); 2 warps: a batch of many rows runs more programs per SM at once
@@ -100,6 +142,7 @@ def decode_attention(
     softcap: float | None = None,
     row_slots: torch.Tensor | None = None,
     kv_scale: torch.Tensor | None = None,
+    tiles: PieceTiles | None = None,
 ) -> torch.Tensor:
     """q [B,H,D] (contiguous) of slots 0..B-1 (or `row_slots` [B]: several rows may be one slot's,
     the tokens of a prompt piece, each attending up to its own position) at positions [B];
@@ -109,18 +152,23 @@ def decode_attention(
     one is set; scores scaled by `scale` (default D ** -0.5), then soft-capped at `softcap` where
     one is set. Returns [B,1,H*D]. `config`: keys per tile (fewer tiles, fewer dependent loads:
     what a batch of few rows waits on), warps, stages. `kv_scale` [2, Hkv] (float32): the caches are
-    fp8, keys and values stored divided by their head's scale."""
+    fp8, keys and values stored divided by their head's scale. `tiles`: consecutive rows of one slot
+    (a prompt piece's tokens) taken `tiles.rows` to a program, so each tile of keys is read once for
+    all of them rather than once per row."""
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     out = torch.empty_like(q)
     block_n, warps, stages = config
-    _decode_attention_kernel[(b, hkv)](
+    per = tiles.rows if tiles is not None else 1
+    _decode_attention_kernel[(len(tiles) if tiles is not None else b, hkv)](
         q,
         k_cache,
         v_cache,
         table,
         positions,
         row_slots if row_slots is not None else positions,
+        tiles.first if tiles is not None else positions,
+        tiles.count if tiles is not None else positions,
         out,
         kv_scale if kv_scale is not None else q,
         limit,
@@ -135,8 +183,9 @@ def decode_attention(
         k_cache.stride(2),
         PAGE=k_cache.shape[2],
         HAS_SLOTS=row_slots is not None,
+        TILED=tiles is not None,
         G=h // hkv,
-        GP=max(16, triton.next_power_of_2(h // hkv)),
+        R=max(16, triton.next_power_of_2(per * (h // hkv))),
         D=d,
         BLOCK_N=block_n,
         CAPPED=softcap is not None,

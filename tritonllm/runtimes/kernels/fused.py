@@ -339,11 +339,19 @@ def self_check(device, dtype, head_dim: int, qk_norm: bool = False, fp8_kv: bool
     torch.testing.assert_close(
         attention.decode_attention(q4, kc, vc, table, pos, 80).view(2, -1).float(), ref, atol=5e-2, rtol=5e-2
     )
+    # prompt-piece tiles (compiled separately): two tokens of slot 0 in one program, as each in its own
+    tokens, one_slot = torch.tensor([69, 70], device=device), torch.zeros(2, dtype=torch.long, device=device)
+    tiles = attention.PieceTiles.of([2], 16, lambda v: torch.tensor(v, dtype=torch.int32, device=device))
+    alone = attention.decode_attention(q4, kc, vc, table, tokens, 80, row_slots=one_slot)
+    tiled = attention.decode_attention(q4, kc, vc, table, tokens, 80, row_slots=one_slot, tiles=tiles)
+    torch.testing.assert_close(tiled.float(), alone.float(), atol=5e-2, rtol=5e-2)
     if fp8_kv:  # e4m3 caches of the same values (halved: scale 2), read back through the scales
         scale = torch.full((2, 2), 2.0, device=device)
         k8, v8 = ((c.float() / 2).to(torch.float8_e4m3fn) for c in (kc, vc))
         got = attention.decode_attention(q4, k8, v8, table, pos, 80, kv_scale=scale).view(2, -1).float()
         torch.testing.assert_close(got, ref, atol=0.15, rtol=0.15)
+        got = attention.decode_attention(q4, k8, v8, table, tokens, 80, row_slots=one_slot, kv_scale=scale, tiles=tiles)
+        torch.testing.assert_close(got.float(), alone.float(), atol=0.15, rtol=0.15)
         own8 = torch.zeros(2, 1, 4, head_dim, device=device, dtype=torch.float8_e4m3fn)
         rope_kv_write(qkv, cos, sin, own8, own8.clone(), own, torch.tensor([1, 3], device=device), 2, 1, kv_scale=scale)
     gu = r(2, 1, 128)

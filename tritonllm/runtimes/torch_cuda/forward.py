@@ -103,18 +103,19 @@ class ForwardPasses:
         x = self._layers(x, rot, slots, positions, attend)
         return self._logits(x[rows, last])
 
-    def pieces_triton(self, ids, slots, positions, last, span: int) -> torch.Tensor:
+    def pieces_triton(self, ids, slots, positions, last, span: int, tiles) -> torch.Tensor:
         """Prompt pieces on the fused kernels, every token a row: ids/slots/positions [R] of the
         pieces' tokens in order, last [b] the row of each piece's last token, `span` the largest
-        position + 1. The rotary kernel writes each token's K/V through the block tables first;
-        then each token attends to its slot's positions up to its own (the decode attention kernel
-        with a slot per row: causal by position, no gather of the cache). Logits [b, V]."""
+        position + 1, `tiles` (PieceTiles) the pieces' rows in tiles of one slot. The rotary kernel
+        writes each token's K/V through the block tables first; then each token attends to its
+        slot's positions up to its own (the decode attention kernel with a slot per row, a tile of a
+        piece's tokens to a program: causal by position, no gather of the cache). Logits [b, V]."""
         from ..kernels import attention as ak
 
         m = self.model
         x = m.embed_tokens(ids[:, None])  # [R, 1, H]: the residual stream
         rot = m.rotaries(positions[:, None], x.dtype)
-        rope, attend = self._row_kernels(rot, positions, slots, span, ak.ATTENTION_CONFIGS[0], reads=slots)
+        rope, attend = self._row_kernels(rot, positions, slots, span, ak.ATTENTION_CONFIGS[0], reads=slots, tiles=tiles)
         h = self._fused_layers(x, rope, attend, lambda kind, layer, inp: self._linear(kind, layer, inp, small=False))
         return m.cap_logits(torch.matmul(h[last, 0], m.lm_head.t()))
 
@@ -197,10 +198,11 @@ class ForwardPasses:
         h = self._fused_layers(x, rope, attend, self._linear)
         return m.cap_logits(dense(self._project("lm_head", m.lm_head, None, h[:, 0])))
 
-    def _row_kernels(self, rot, positions, writes, limit: int, config, reads=None) -> tuple:
+    def _row_kernels(self, rot, positions, writes, limit: int, config, reads=None, tiles=None) -> tuple:
         """(rope, attend) of the fused layers for token rows at `positions` [R]: the rotary kernel
         writes each row's K/V into slot writes[r]'s blocks; the attention kernel reads slot
-        reads[r] (default: row r is slot r) up to the row's position, at most `limit` keys."""
+        reads[r] (default: row r is slot r) up to the row's position, at most `limit` keys, `tiles`
+        of rows to a program where given."""
         from ..kernels import attention as ak
         from ..kernels import fused as fk
 
@@ -229,6 +231,7 @@ class ForwardPasses:
             *self._attention_args(m.layers[i]),
             row_slots=reads,
             kv_scale=cache.layer_scales(i),
+            tiles=tiles,
         )
         return rope, attend
 

@@ -292,17 +292,26 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         self._prefill_counts[0] += sum(len(r.tokens) for r in rows)
         self._prefill_counts[1] += sum(len(r.tokens) for r in rows)
         span = max(r.start + len(r.tokens) for r in rows)
-        if self.kernels.triton:  # every token a row (no padding)
-            ids = [t for r in rows for t in r.tokens]
-            slots = [r.slot for r in rows for _ in r.tokens]
-            positions = [r.start + i for r in rows for i in range(len(r.tokens))]
-            last = [n - 1 for n in itertools.accumulate(len(r.tokens) for r in rows)]
-            flat = (to_device(v, self.device) for v in (ids, slots, positions, last))
-            return self.forward.pieces_triton(*flat, span)
+        if self.kernels.triton:
+            return self._pieces_on_kernels(rows, span)
         t = max(len(r.tokens) for r in rows)
         ids = [r.tokens + [0] * (t - len(r.tokens)) for r in rows]
         slots, starts, lens = ([r.slot for r in rows], [r.start for r in rows], [len(r.tokens) for r in rows])
         return self.forward.prefill_pieces(*(to_device(v, self.device) for v in (ids, slots, starts, lens)), span)
+
+    def _pieces_on_kernels(self, rows: list[StepInput], span: int) -> torch.Tensor:
+        """Every token a row (no padding); the attention kernel takes a piece's tokens a tile at a time."""
+        from ..kernels.attention import PieceTiles
+
+        lengths = [len(r.tokens) for r in rows]
+        ids = [t for r in rows for t in r.tokens]
+        slots = [r.slot for r in rows for _ in r.tokens]
+        positions = [r.start + i for r in rows for i in range(len(r.tokens))]
+        last = [n - 1 for n in itertools.accumulate(lengths)]
+        flat = (to_device(v, self.device) for v in (ids, slots, positions, last))
+        per = PieceTiles.rows_for(self.shape.num_heads // self.shape.num_kv_heads)
+        tiles = PieceTiles.of(lengths, per, lambda v: to_device(v, self.device, torch.int32))
+        return self.forward.pieces_triton(*flat, span, tiles)
 
     def sample(self, logits: torch.Tensor, seqs) -> list:
         return sampling.sample_batch(logits, seqs)
