@@ -396,6 +396,7 @@ def test_piece_tiles_attend_as_one_row_per_program(rows):
     q = torch.randn(len(pos), heads, d)
     tiles = ak.PieceTiles.of([n for *_, n in pieces], rows, lambda v: torch.tensor(v, dtype=torch.int32))
     assert len(tiles) == sum(-(-n // rows) for *_, n in pieces)
+    assert ak.PieceTiles.rows_for(4, 4096, 8) == 16 and ak.PieceTiles.rows_for(4, 512, 8) == 4  # programs kept
     for window in (None, 24):
         got = ak.decode_attention(q, kp, vp, table, pos, 128, window=window, row_slots=row_slots, tiles=tiles)
         for i in range(len(pos)):

@@ -107,10 +107,15 @@ class PieceTiles:
         return self.first.shape[0]
 
     @staticmethod
-    def rows_for(group: int) -> int:
-        """Tokens per tile for `group` query heads per KV head: about 64 query rows a program (one
-        tile of keys serves them all; more would spill the accumulator's registers)."""
-        return max(1, 64 // group)
+    def rows_for(group: int, tokens: int, kv_heads: int, programs: int = 1024) -> int:
+        """Tokens per tile: about 64 query rows a program (tokens x the `group` query heads of a KV
+        head; one tile of keys serves them all, more would spill the accumulator's registers), fewer
+        while `tokens` would make under `programs` programs (a lone 512-token chunk in tiles of 16
+        would be 32 programs per KV head, too few to keep the GPU's SMs busy)."""
+        rows = max(1, 64 // group)
+        while rows > 1 and -(-tokens // rows) * kv_heads < programs:
+            rows //= 2
+        return rows
 
     @staticmethod
     def of(lengths: list[int], rows: int, put) -> PieceTiles:

@@ -309,7 +309,8 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         positions = [r.start + i for r in rows for i in range(len(r.tokens))]
         last = [n - 1 for n in itertools.accumulate(lengths)]
         flat = (to_device(v, self.device) for v in (ids, slots, positions, last))
-        per = PieceTiles.rows_for(self.shape.num_heads // self.shape.num_kv_heads)
+        sh = self.shape
+        per = PieceTiles.rows_for(sh.num_heads // sh.num_kv_heads, len(ids), sh.num_kv_heads)
         tiles = PieceTiles.of(lengths, per, lambda v: to_device(v, self.device, torch.int32))
         return self.forward.pieces_triton(*flat, span, tiles)
 
