@@ -477,6 +477,35 @@ def test_wait_for_capacity_holds_a_caller_while_every_slot_is_claimed():
         loop.stop()
 
 
+def test_a_large_batch_alternates_admissions_with_multi_step_runs():
+    """With enough sequences decoding, a launch that admitted prompts is followed by a run of decode
+    steps although requests wait (they go in at the launch after it), so arrivals at every step do
+    not keep every launch single."""
+    cfg = EngineConfig(max_slots=4, max_context=64, max_tokens_limit=60, default_max_tokens=16, multi_step_min_active=2)
+    sch = Scheduler(cfg, max_steps=4)
+    a, b, c, d = (seq([1] * 10, max_tokens=40) for _ in range(4))
+    sch.add(a)
+    sch.add(b)
+    admit = sch.schedule()
+    assert admit.prefill == [a, b] and admit.steps == 1
+    sch.launched(admit)
+    sch.add(c)  # arrives while a run is due
+    run = sch.schedule()
+    assert run.prefill == [] and run.decode == [a, b] and run.steps == 4 and list(sch.waiting) == [c]
+    sch.launched(run)
+    admit = sch.schedule()
+    assert admit.prefill == [c] and admit.steps == 1
+    sch.launched(admit)
+    sch.add(d)
+    assert sch.schedule().steps == 4 and list(sch.waiting) == [d]
+    few = Scheduler(replace(cfg, multi_step_min_active=3), max_steps=4)  # too few decoding: admit at once
+    for s in (seq([1] * 10), seq([1] * 10)):
+        few.add(s)
+    few.launched(few.schedule())
+    few.add(seq([1] * 10))
+    assert len(few.schedule().prefill) == 1
+
+
 def test_logprobs_follow_the_kept_tokens_and_keep_multi_step_off():
     """A sequence that asks for log-probabilities gets one per kept id (EOS is not kept), and
     decodes one step per launch even where the others could run several."""

@@ -92,6 +92,7 @@ class Scheduler:
         self.kv_waits = 0  # steps at which the next waiting sequence had a slot but not its KV blocks
         self.prefix_waits = 0  # steps at which the next waiting sequence waited for a prefix computed in that step
         self._kv_short = False  # ... and no sequence has ended since
+        self._admitted_last = False  # the last plan prefilled: a multi-step run is due (`_run_due`)
         self.tokens_kept = 0  # tokens appended to outputs (not EOS, none past a stop)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
@@ -115,7 +116,8 @@ class Scheduler:
         one rather than being split. Where the runtime takes prompts in pieces, a longer prompt is
         split over steps (its rest goes first in the next); elsewhere the first prompt always goes
         whole. With a step still in flight (overlapped loop) a sequence its pending token surely
-        ends (length) sits out."""
+        ends (length) sits out. With multi-step decode at a large batch, a launch that admitted
+        prompts is followed by a run of decode steps before the next admission (`_run_due`)."""
         if self.preempting:
             self._grow_or_preempt()
         decode = [s for s in self.running if s.prefilled >= s.n_prefill and not self._ends_with_pending(s)]
@@ -127,7 +129,8 @@ class Scheduler:
                 if seq.prefilled < seq.n_prefill and budget > 0:
                     computing.add(self._shared_start(seq, seq.prefilled))
                     budget = self._take_piece(seq, budget, prefill, partial)
-        while self.waiting and self.free_slots and budget > 0 and self._admit_now(decode):
+        run = self._steps_for(decode, run_due=True) if self._run_due(decode) else 1  # > 1: admit after it
+        while self.waiting and self.free_slots and budget > 0 and run == 1 and self._admit_now(decode):
             head = self.waiting[0]
             if head.pending:  # preempted with a token on its way: readmitted once it has arrived
                 break
@@ -150,7 +153,9 @@ class Scheduler:
             seq.slot = heapq.heappop(self.free_slots)
             self.running.append(seq)
             budget = self._take_piece(seq, budget, prefill, partial, cached)
-        return StepPlan(prefill, decode, 1 if prefill else self._steps_for(decode), frozenset(partial))
+        self._admitted_last = bool(prefill)
+        steps = 1 if prefill else run if run > 1 else self._steps_for(decode)
+        return StepPlan(prefill, decode, steps, frozenset(partial))
 
     def _shared_start(self, seq: Sequence, cached: int) -> tuple | None:
         """The first blocks a sequence's prefill would compute (where they start and their tokens),
@@ -214,13 +219,20 @@ class Scheduler:
             partial.append(seq)
         return budget - max(0, seq.chunk - cached)
 
-    def _steps_for(self, decode: list[Sequence]) -> int:
+    def _run_due(self, decode: list[Sequence]) -> bool:
+        """Multi-step decode at a large batch (at least `multi_step_min_active` decoding): after a
+        launch that admitted prompts, the next is a run of decode steps even with requests waiting;
+        they go in at the launch after it. Under Triton at hundreds of streams a request arrives
+        every step, and admitting first every time would keep every launch a single step."""
+        return self.max_steps > 1 and self._admitted_last and len(decode) >= self.cfg.multi_step_min_active
+
+    def _steps_for(self, decode: list[Sequence], run_due: bool = False) -> int:
         """Decode steps to launch at once: up to max_steps while at least `multi_step_min_active`
-        sequences decode and nothing is left to prefill; no sequence may outrun its context, change
-        its EOS masking (min_tokens) meanwhile, or need its tokens on the host between steps. A
-        sequence whose length limit or stop comes inside the run drops the tokens after it. Sequences
-        that ask for log-probabilities decode one step per launch."""
-        admitting = self.waiting and self.free_slots and not self._kv_short
+        sequences decode and nothing is left to prefill (or a run is due: `_run_due`); no sequence
+        may outrun its context, change its EOS masking (min_tokens) meanwhile, or need its tokens on
+        the host between steps. A sequence whose length limit or stop comes inside the run drops the
+        tokens after it. Sequences that ask for log-probabilities decode one step per launch."""
+        admitting = self.waiting and self.free_slots and not self._kv_short and not run_due
         if self.max_steps <= 1 or len(decode) < self.cfg.multi_step_min_active or admitting:
             return 1
         steps = self.max_steps
