@@ -59,7 +59,8 @@ def _decode_attention_kernel(
     qv = tl.load(q + at_q, mask=real[:, None], other=0.0)
     n_r = tl.minimum(tl.load(pos + row, mask=real, other=0) + 1, limit)  # keys 0..pos, never past the graph's
     lo_r = tl.maximum(n_r - window, 0)  # a sliding window sees the last `window` keys only
-    n, lo = tl.max(n_r, 0), tl.min(lo_r, 0)
+    n = tl.max(n_r, 0)
+    lo = tl.min(tl.where(real, lo_r, n), 0)  # padding rows must not pull the first tile back
     slot = tl.load(row_slot + first) if HAS_SLOTS else first
     m_i = tl.full([R], float("-inf"), tl.float32)
     l_i = tl.zeros([R], tl.float32)
@@ -88,7 +89,7 @@ def _decode_attention_kernel(
             vb = vb.to(qv.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb).to(tl.float32)
         m_i = m_new
-    acc = acc / l_i[:, None]
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # 0 only in padding rows (never stored)
     if FP8:
         acc = acc * tl.load(kv_scale + HKV + kv)
     tl.store(out + at_q, acc.to(out.dtype.element_ty), mask=real[:, None])
