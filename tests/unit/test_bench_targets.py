@@ -49,7 +49,7 @@ def test_cpu_target_is_against_hf_at_batch_1_and_the_file_says_where_time_goes()
 
 
 def test_engine_note_reads_the_engines_counters_off_metrics_text():
-    from bench.bench_llm import engine_counters, engine_note
+    from bench.triton_runs import engine_counters, engine_note
 
     class Server:
         text = ""
