@@ -2,10 +2,11 @@
 slot's cached keys/values, found through the slot's block table (a paged cache: position p is at
 offset p % PAGE of block table[slot, p // PAGE]), flash-style (online softmax over tiles of the
 context, each tile's keys gathered by their blocks), the G query heads of a KV head as the rows of
-one tile so K/V are read once; each row reads only its own valid length (read on the device, so
-one CUDA graph serves every length), from the start of its sliding window where the layer has one.
-`tune_attention` picks the tile configuration per batch size at start-up. Checked against SDPA
-with TRITON_INTERPRET=1 on the CPU (tests/parity)."""
+one tile so K/V are read once (for a prompt piece, `PieceTiles`: the heads of several of its
+tokens); each row reads only its own valid length (read on the device, so one CUDA graph serves
+every length), from the start of its sliding window where the layer has one. `tune_attention`
+picks the tile configuration per batch size at start-up. Checked against SDPA with
+TRITON_INTERPRET=1 on the CPU (tests/parity)."""
 
 from __future__ import annotations
 
