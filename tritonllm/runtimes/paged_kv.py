@@ -73,8 +73,14 @@ class BlockPool:
         return block
 
     def acquire(self, block: int) -> None:
-        self.refs[block] += 1
-        self.evictable.pop(block, None)
+        self.acquire_all((block,))
+
+    def acquire_all(self, blocks) -> None:
+        """Hold cached blocks (a prefix found for a new sequence): none of them can be evicted."""
+        refs, evictable = self.refs, self.evictable
+        for block in blocks:
+            refs[block] += 1
+            evictable.pop(block, None)
 
     def release(self, block: int) -> None:
         self.refs[block] -= 1
@@ -183,10 +189,10 @@ class BlockTables:
             table = self.tables[slot]
             self.owed -= min(len(found), self._owed(slot))
             self._mark(slot, len(table), len(table) + len(found))
-            for block, chain in found:
-                self.pool.acquire(block)
-                table.append(block)
-                self.chains[slot].append(chain)
+            blocks, chains = zip(*found)
+            self.pool.acquire_all(blocks)
+            table.extend(blocks)
+            self.chains[slot].extend(chains)
             self.tokens[slot].extend(tokens[:reused])
         self.pool.stats.hit_tokens += reused
         self.reused[slot] += reused
@@ -194,12 +200,14 @@ class BlockTables:
 
     def _cached_blocks(self, tokens: list[int], chain: int) -> list[tuple[int, int]]:
         """(block, chain hash) of each whole block of `tokens` found cached, from the first, after a
-        prefix whose chain hash is `chain`; never the block of the last token. Takes nothing."""
-        size, found = self.block_size, []
-        while (len(found) + 1) * size < len(tokens):
-            block_tokens = tuple(tokens[len(found) * size : (len(found) + 1) * size])
+        prefix whose chain hash is `chain`; never the block of the last token. Takes nothing. (A burst
+        of prompts with a long shared prefix runs this for every block of each, on the engine
+        loop's thread: no per-block work beyond the hash and the lookup.)"""
+        size, found, lookup = self.block_size, [], self.pool.lookup
+        for start in range(0, len(tokens) - 1 - (len(tokens) - 1) % size, size):
+            block_tokens = tuple(tokens[start : start + size])
             chain = chain_hash(chain, block_tokens)
-            block = self.pool.lookup(chain, block_tokens)
+            block = lookup(chain, block_tokens)
             if block is None:
                 break
             found.append((block, chain))

@@ -72,11 +72,12 @@ class PagedDeviceCache:
         if not dirty:
             return
         at, blocks = [], []
-        for slot, (first, end) in dirty.items():
-            table = self.blocks.tables[slot]
-            for i in range(first, max(end, len(table))):
-                at.append(slot * self.width + i)
-                blocks.append(table[i] if i < len(table) else self.scratch)
+        for slot, (first, end) in dirty.items():  # entries past a table's end point at the scratch block
+            table, base = self.blocks.tables[slot], slot * self.width
+            stop = max(end, len(table))
+            at.extend(range(base + first, base + stop))
+            blocks.extend(table[first:stop])
+            blocks.extend([self.scratch] * (stop - max(first, len(table))))
         staged = torch.empty(2 * len(at), dtype=torch.long, device=self.table.device)
         copy_to(staged, at + blocks, ring)
         self.table.view(-1)[staged[: len(at)]] = staged[len(at) :].to(torch.int32)
