@@ -111,13 +111,13 @@ def shared_prefix(model, vocab: int, a, rows: list, facts: dict) -> None:
     unrelated = rng.integers(3, vocab, 1088).tolist()
     tail = rng.integers(3, vocab, 64).tolist()
     counters = {}
-    for cached, warm in ((False, prompts[0]), (True, unrelated), (True, prompts[0])):
+    for state, cached, warm in (("off", False, prompts[0]), ("on, cold", True, unrelated), ("on", True, prompts[0])):
         cfg = bench_engine_config(64, max_context=2048, max_tokens_limit=1024, prefix_cache=cached)
         with engine_for(model, cfg) as eng:
             eng.generate(warm, max_tokens=2, temperature=0.0)  # warm-up; with prompts[0], the prefix's blocks
             if cached:  # and a prompt after a cached past: the piece path's first run is not in the rows
                 eng.generate(warm[:1024] + tail, max_tokens=2, temperature=0.0)
-            name = f"shared prefix, cache {'off' if not cached else 'on' if warm is not unrelated else 'on, cold'}"
+            name = f"shared prefix, cache {state}"
             rows.append(run_inprocess(eng, prompts, 64, 128, PowerSampler(), name=name).row())
             counters[name] = {"queried": eng.loop.stats.prefix_queried, "hits": eng.loop.stats.prefix_hits}
             log.info("%s %s", rows[-1], counters[name])

@@ -204,7 +204,8 @@ class BlockTables:
         of prompts with a long shared prefix runs this for every block of each, on the engine
         loop's thread: no per-block work beyond the hash and the lookup.)"""
         size, found, lookup = self.block_size, [], self.pool.lookup
-        for start in range(0, len(tokens) - 1 - (len(tokens) - 1) % size, size):
+        whole = (len(tokens) - 1) // size  # the blocks before the one holding the last token
+        for start in range(0, whole * size, size):
             block_tokens = tuple(tokens[start : start + size])
             chain = chain_hash(chain, block_tokens)
             block = lookup(chain, block_tokens)
