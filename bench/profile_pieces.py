@@ -5,15 +5,18 @@ prompt: prefix-cache hits and chunked prefill), on the GPU, Llama-3.2-1B's shape
 - chunk: one 512-token piece after 512 cached tokens;
 - cold: 7 whole 1,088-token prompts (what the prefix saves), for comparison.
 Each timed over repeats (device synchronised), the prefix step also under torch.profiler (top
-operators by device and by host time). Writes {date}-{gpu}-profile-pieces.json.
+operators by device and by host time) and under cProfile (the host's Python functions by
+cumulative time: what the step's host time is, beside the device's). Writes {date}-{gpu}-profile-pieces.json.
 
     python -m bench.profile_pieces [--repeats 5]"""
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import logging
+import pstats
 import time
 
 import numpy as np
@@ -50,6 +53,20 @@ def top_ops(prof, key: str, n: int = 15) -> list[dict]:
             "host_ms": round(e.cpu_time_total / 1e3, 2),
         }
         for e in rows
+    ]
+
+
+def top_functions(run, n: int = 25) -> list[dict]:
+    """The host's Python functions in one `run()`, by cumulative time (cProfile's overhead
+    inflates Python-heavy parts: read the shares, not the absolute ms)."""
+    prof = cProfile.Profile()
+    prof.runcall(run)
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][3], reverse=True)[:n]
+    return [
+        {"function": f"{path.rsplit('/', 2)[-1]}:{line}({name})", "calls": calls, "cumulative_ms": round(1e3 * cum, 2)}
+        for (path, line, name), (_, calls, _, cum, _) in rows
     ]
 
 
@@ -103,9 +120,11 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         prefix_step()
         torch.cuda.synchronize()
+    functions = top_functions(prefix_step)
     out = {
         **run_facts(),
         "median_ms": results,
+        "prefix_step_by_host_function": functions,
         "prefix_step_by_device_time": top_ops(prof, "device_time_total"),
         "prefix_step_by_host_time": top_ops(prof, "cpu_time_total"),
         "stats": rt.stats().__dict__,
