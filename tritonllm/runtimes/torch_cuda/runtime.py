@@ -93,6 +93,7 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
             self._uploads = PinnedRing(max(PREFILL_GRAPH_TOKENS, self.max_slots), depth=16)
             self._downloads = StepDownloads(self.max_slots * cfg.steps_per_launch)
         self._run_tokens = torch.zeros(cfg.steps_per_launch * self.max_slots, dtype=torch.long, device=self.device)
+        self._piece_tokens = cfg.max_prefill_tokens  # the most prompt tokens a step of pieces holds
         self._prefill_counts = [0, 0]  # prompt tokens prefilled, tokens computed for them (padding to buckets)
         self._in_order = [tuple(range(n)) for n in range(self.max_slots + 1)]  # slots 0..n-1, to compare with
         self._writes: tuple = ()  # the decode rows' write slots last uploaded
@@ -114,13 +115,27 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
             for b in bk.prefill_batch:
                 if bk.prefill_graphed(b, t):
                     self.prefill_graph(b, t)
+        if self.kernels.triton:
+            self.warm_pieces()
         torch.cuda.synchronize(self.device)
         log.info(
-            "captured %d decode and %d prefill graphs in %.1f s",
+            "captured %d decode and %d prefill graphs, warmed the piece path, in %.1f s",
             self.graphs.count("decode"),
             self.graphs.count("prefill"),
             time.perf_counter() - t0,
         )
+
+    def warm_pieces(self) -> None:
+        """Run the prompt-piece path (eager) once for each kernel variant it can meet
+        (`piece_warm_ups`), so none compiles under load. Scratch-slot rows: their K/V land in the
+        scratch block; the prefill counters are left as they were."""
+        sh, counts = self.shape, list(self._prefill_counts)
+        for lengths in piece_warm_ups(
+            sh.num_heads // sh.num_kv_heads, sh.num_kv_heads, self._piece_tokens, self.max_context
+        ):
+            for start in (16, 17):  # the span a multiple of 16 or not
+                self.prefill_pieces([StepInput(self.scratch_slot, [0] * n, start) for n in lengths])
+        self._prefill_counts = counts
 
     def describe(self) -> dict:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -360,6 +375,24 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         if steps > 1:
             return chosen.view(steps, -1).t().tolist()
         return plan.results(chosen.tolist(), logprobs)
+
+
+def piece_warm_ups(group: int, kv_heads: int, most_tokens: int, max_context: int) -> list[list[int]]:
+    """Steps of prompt pieces (the token count of each piece) that between them meet every kernel
+    variant a step of up to `most_tokens` can: the attention tile's height (`PieceTiles.rows_for`,
+    by the step's tokens) and OpenAI Triton's integer specialisation (a multiple of 16 or not) each
+    compile on first use, a stall of hundreds of ms if met under load. Pieces stay 32 tokens clear
+    of `max_context` (they start at 16 or 17)."""
+    from ..kernels.attention import PieceTiles
+
+    longest, steps, seen = max(1, max_context - 32), [], set()
+    totals = [2, 3] + [n + k for n in (16 << i for i in range(24)) if n <= most_tokens for k in (0, 1)]
+    for total in (t for t in totals if t <= most_tokens):
+        key = (PieceTiles.rows_for(group, total, kv_heads), total % 16 == 0)
+        if key not in seen:
+            seen.add(key)
+            steps.append([min(longest, total - at) for at in range(0, total, longest)])
+    return steps
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,22 @@
+"""The start-up warm-up of the prompt-piece path meets every kernel variant a step can (no compile
+under load), and its pieces fit the context."""
+
+import pytest
+
+from tritonllm.runtimes.kernels.attention import PieceTiles
+from tritonllm.runtimes.torch_cuda.runtime import piece_warm_ups
+
+
+def variant(group: int, kv_heads: int, tokens: int) -> tuple:
+    return PieceTiles.rows_for(group, tokens, kv_heads), tokens % 16 == 0
+
+
+@pytest.mark.parametrize(
+    "group, kv_heads, most, max_context", [(4, 8, 8192, 512), (4, 8, 8192, 4096), (8, 4, 1000, 256), (1, 2, 64, 64)]
+)
+def test_every_step_size_meets_a_warmed_variant(group, kv_heads, most, max_context):
+    steps = piece_warm_ups(group, kv_heads, most, max_context)
+    warmed = {variant(group, kv_heads, sum(s)) for s in steps}
+    assert {variant(group, kv_heads, t) for t in range(2, most + 1)} <= warmed
+    assert all(sum(s) <= most and max(s) + 17 <= max_context for s in steps)
+    assert len(steps) == len(warmed)  # one step per variant, no more
