@@ -82,8 +82,6 @@ def main() -> None:
     cfg = bench_engine_config(64, max_context=2048, max_tokens_limit=1024)
     rt = TorchCudaRuntime(None, cfg, model=model)
     prefix = rng.integers(3, vocab, 1024).tolist()
-    prompts = [prefix + rng.integers(3, vocab, 64).tolist() for _ in range(64)]
-    long = rng.integers(3, vocab, 1024).tolist()
 
     def fresh(slots, tokens):
         for s in slots:
@@ -91,14 +89,15 @@ def main() -> None:
             rt.reserve_kv(s, tokens)
 
     fresh([0], 1200)
-    rt.step([StepInput(0, prompts[0], 0)])  # caches the prefix's blocks
+    rt.step([StepInput(0, prefix + rng.integers(3, vocab, 64).tolist(), 0)])  # caches the prefix's blocks
 
-    def prefix_step():
+    def prefix_step():  # new suffixes each run: a repeat must not find the last run's cached
         fresh(range(64), 1200)
-        rt.step([StepInput(s, prompts[s], 0) for s in range(64)])
+        rt.step([StepInput(s, prefix + rng.integers(3, vocab, 64).tolist(), 0) for s in range(64)])
 
     def chunk_step():
         fresh([1], 1100)
+        long = rng.integers(3, vocab, 1024).tolist()
         rt.step([StepInput(1, long[:512], 0)])
         rt.step([StepInput(1, long[512:], 512)])
 
