@@ -12,11 +12,17 @@ def variant(group: int, kv_heads: int, tokens: int) -> tuple:
 
 
 @pytest.mark.parametrize(
-    "group, kv_heads, most, max_context", [(4, 8, 8192, 512), (4, 8, 8192, 4096), (8, 4, 1000, 256), (1, 2, 64, 64)]
+    "group, kv_heads, most, max_context",
+    [(4, 8, 8192, 512), (4, 8, 8192, 4096), (8, 4, 1000, 256), (1, 2, 64, 64), (4, 8, 64, 24)],
 )
 def test_every_step_size_meets_a_warmed_variant(group, kv_heads, most, max_context):
     steps = piece_warm_ups(group, kv_heads, most, max_context)
     warmed = {variant(group, kv_heads, sum(s)) for s in steps}
     assert {variant(group, kv_heads, t) for t in range(2, most + 1)} <= warmed
-    assert all(sum(s) <= most and max(s) + 17 <= max_context for s in steps)
+    assert all(sum(s) <= most and max(s) + 18 <= max_context for s in steps)  # from position 17: inside
     assert len(steps) == len(warmed)  # one step per variant, no more
+
+
+def test_a_context_too_short_for_a_piece_is_not_warmed():
+    assert piece_warm_ups(4, 8, 8192, 19) == []
+    assert max(max(s) for s in piece_warm_ups(4, 8, 8192, 20)) == 2

@@ -381,11 +381,13 @@ def piece_warm_ups(group: int, kv_heads: int, most_tokens: int, max_context: int
     """Steps of prompt pieces (the token count of each piece) that between them meet every kernel
     variant a step of up to `most_tokens` can: the attention tile's height (`PieceTiles.rows_for`,
     by the step's tokens) and OpenAI Triton's integer specialisation (a multiple of 16 or not) each
-    compile on first use, a stall of hundreds of ms if met under load. Pieces stay 32 tokens clear
-    of `max_context` (they start at 16 or 17)."""
+    compile on first use, a stall of hundreds of ms if met under load. Pieces start at 16 or 17
+    and end before `max_context` (none where it is too short for a piece of 2)."""
     from ..kernels.attention import PieceTiles
 
-    longest, steps, seen = max(1, max_context - 32), [], set()
+    longest, steps, seen = max_context - 18, [], set()
+    if longest < 2:
+        return []
     totals = [2, 3] + [n + k for n in (16 << i for i in range(24)) if n <= most_tokens for k in (0, 1)]
     for total in (t for t in totals if t <= most_tokens):
         key = (PieceTiles.rows_for(group, total, kv_heads), total % 16 == 0)
