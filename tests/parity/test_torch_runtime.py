@@ -217,3 +217,23 @@ def test_fp8_kv_cache_logits_stay_close_to_the_unquantized_cache(tiny_dir):
         for a, b in zip(exact, logits("fp8", fused)):
             err, cos = float((a - b).abs().mean() / a.std()), float(torch.nn.functional.cosine_similarity(a, b, 0))
             assert err < 0.03 and cos > 0.9995, (fused, err, cos)
+
+
+def test_start_up_piece_warm_up_leaves_the_cache_and_counters_as_they_were(tiny_dir):
+    """`warm_pieces` (run at start-up on the GPU) writes only the scratch block: a prompt cached
+    before it is still found afterwards, the ids after it equal HF's, and the prefill counters do
+    not count it."""
+    hf, tok = load_hf(tiny_dir), TokenizerFiles(tiny_dir)
+    shared = tok.encode("Paged attention keeps each sequence's keys in blocks of sixteen. " * 3)
+    prompts = [shared + tok.encode(" first"), shared + tok.encode(" second one")]
+    cfg = EngineConfig(max_slots=2, max_context=128, max_tokens_limit=32, default_max_tokens=6, max_prefill_tokens=64)
+    runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu")
+    with InProcessEngine(None, cfg, runtime=runtime) as eng:
+        kw = dict(max_tokens=6, temperature=0.0, ignore_eos=True)
+        first = eng.generate(prompts[0], **kw)
+        before = runtime.stats()
+        runtime.warm_pieces()
+        assert runtime.stats() == before
+        second = eng.generate(prompts[1], **kw)
+    assert [first.ids, second.ids] == [hf_greedy(hf, p, 6) for p in prompts]
+    assert second.reused_tokens == len(shared) // 16 * 16
