@@ -105,8 +105,8 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
                 self.capture_all()
 
     def capture_all(self) -> None:
-        """Capture every decode and prefill graph now: captured lazily, a bucket first met under
-        load would stall the loop for its capture."""
+        """Capture every decode and prefill graph now, and compile the piece path's kernels
+        (`warm_pieces`): done lazily, a bucket or kernel first met under load would stall the loop."""
         t0, bk = time.perf_counter(), self.buckets
         for b in bk.batch:
             for c in bk.context:
@@ -388,8 +388,8 @@ def piece_warm_ups(group: int, kv_heads: int, most_tokens: int, max_context: int
     longest, steps, seen = max_context - 18, [], set()
     if longest < 2:
         return []
-    totals = [2, 3] + [n + k for n in (16 << i for i in range(24)) if n <= most_tokens for k in (0, 1)]
-    for total in (t for t in totals if t <= most_tokens):
+    totals = [t for n in [2] + [16 << i for i in range(24)] for t in (n, n + 1) if t <= most_tokens]
+    for total in totals:
         key = (PieceTiles.rows_for(group, total, kv_heads), total % 16 == 0)
         if key not in seen:
             seen.add(key)
