@@ -18,6 +18,7 @@ Writes {date}-{gpu}-engine-scale.json/.md after each part (a run cut short keeps
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import threading
@@ -104,6 +105,21 @@ def capacity(model, vocab: int, a, rows: list, facts: dict) -> None:
             log.info("%s", rows[-1])
 
 
+def loop_counters(stats, before) -> dict:
+    """The prefix cache's counters, and how the run's prompts went through the loop: prompts per
+    prefill step (a burst split over steps waits longer for its first tokens) and the loop's host
+    and wait time per step."""
+    d = {f: getattr(stats, f) - getattr(before, f) for f in ("prefill_steps", "prefilled", "steps")}
+    per_step = lambda f: round(1e3 * (getattr(stats, f) - getattr(before, f)) / max(1, d["steps"]), 3)
+    return {
+        "queried": stats.prefix_queried,
+        "hits": stats.prefix_hits,
+        **d,
+        "prompts_per_prefill_step": round(d["prefilled"] / max(1, d["prefill_steps"]), 1),
+        **{f"{f[:-2]}_ms_per_step": per_step(f) for f in ("launch_s", "wait_s", "complete_s", "gpu_idle_s")},
+    }
+
+
 def shared_prefix(model, vocab: int, a, rows: list, facts: dict) -> None:
     rng = np.random.default_rng(5)
     prefix = rng.integers(3, vocab, 1024).tolist()
@@ -118,8 +134,9 @@ def shared_prefix(model, vocab: int, a, rows: list, facts: dict) -> None:
             if cached:  # and a prompt after a cached past: the piece path's first run is not in the rows
                 eng.generate(warm[:1024] + tail, max_tokens=2, temperature=0.0)
             name = f"shared prefix, cache {state}"
+            before = dataclasses.replace(eng.loop.stats)
             rows.append(run_inprocess(eng, prompts, 64, 128, PowerSampler(), name=name).row())
-            counters[name] = {"queried": eng.loop.stats.prefix_queried, "hits": eng.loop.stats.prefix_hits}
+            counters[name] = loop_counters(eng.loop.stats, before)
             log.info("%s %s", rows[-1], counters[name])
         eng = None
         free_memory()

@@ -4,8 +4,9 @@ prompt: prefix-cache hits and chunked prefill), on the GPU, Llama-3.2-1B's shape
 - prefix: 64 prompts of a cached 1,024-token prefix + 64 tokens of their own, in one step;
 - chunk: one 512-token piece after 512 cached tokens;
 - cold: 7 whole 1,088-token prompts (what the prefix saves), for comparison.
-Each timed over repeats (device synchronised), the prefix step also under torch.profiler (top
-operators by device and by host time) and under cProfile (the host's Python functions by
+Each timed over repeats (device synchronised) with the default piece attention tile and with the
+one start-up tuning chose (`tune_pieces`, its timings recorded); the prefix step also under
+torch.profiler (top operators by device and by host time) and under cProfile (the host's Python functions by
 cumulative time: what the step's host time is, beside the device's). Writes {date}-{gpu}-profile-pieces.json.
 
     python -m bench.profile_pieces [--repeats 5]"""
@@ -26,6 +27,7 @@ from bench.families import SMALL, bench_engine_config, random_model
 from bench.provenance import DEFAULT_OUT, run_facts, write_json
 from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.base import StepInput
+from tritonllm.runtimes.kernels.attention import PIECE_CONFIGS
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 
 log = logging.getLogger("bench.profile_pieces")
@@ -105,15 +107,19 @@ def main() -> None:
         fresh(range(2, 9), 1200)
         rt.step([StepInput(s, rng.integers(3, vocab, 1088).tolist(), 0) for s in range(2, 9)])
 
-    results = {}
-    for name, run in (
-        ("prefix 64 x 64 after 1024", prefix_step),
-        ("chunk 512 after 512 (+ first 512)", chunk_step),
-        ("cold 7 x 1088", cold_step),
-    ):
-        run()  # warm-up
-        results[name] = timed(run, a.repeats)
-        log.info("%s: %.1f ms", name, results[name])
+    tuned, results = rt.kernels.piece_config, {}
+    for config in dict.fromkeys((PIECE_CONFIGS[0], tuned)):  # the default tile beside the tuned one
+        rt.kernels.piece_config = config
+        rt.warm_pieces()
+        for name, run in (
+            ("prefix 64 x 64 after 1024", prefix_step),
+            ("chunk 512 after 512 (+ first 512)", chunk_step),
+            ("cold 7 x 1088", cold_step),
+        ):
+            run()  # warm-up
+            results[f"{name}, piece tile {config}"] = timed(run, a.repeats)
+            log.info("%s, piece tile %s: %.1f ms", name, config, results[f"{name}, piece tile {config}"])
+    rt.kernels.piece_config = tuned
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -123,6 +129,8 @@ def main() -> None:
     out = {
         **run_facts(),
         "median_ms": results,
+        "piece_tile_tuned": list(tuned),
+        "piece_tile_timings": rt.kernels.piece_report,
         "prefix_step_by_host_function": functions,
         "prefix_step_by_device_time": top_ops(prof, "device_time_total"),
         "prefix_step_by_host_time": top_ops(prof, "cpu_time_total"),

@@ -381,11 +381,16 @@ def test_fp8_cache_kernels_store_scaled_e4m3_and_attend_to_the_dequantized_value
         torch.testing.assert_close(got[i, 0], ref_i.reshape(-1), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 16])
-def test_piece_tiles_attend_as_one_row_per_program(rows):
+@pytest.mark.parametrize(
+    "rows, config",
+    [(1, ak.PIECE_CONFIGS[0]), (4, ak.PIECE_CONFIGS[0]), (16, ak.PIECE_CONFIGS[0])]
+    + [(c[0] // 4, c) for c in ak.PIECE_CONFIGS[1:4:2] + ak.PIECE_CONFIGS[4:6] + ak.PIECE_CONFIGS[7:]],
+)
+def test_piece_tiles_attend_as_one_row_per_program(rows, config):
     """Prompt pieces' tokens taken `rows` to a program (`PieceTiles`: one tile of keys read for all
     of them) give each token the attention of its own row: causal over its piece and the slot's
-    cached past, pieces of lengths that do and do not fill tiles, a sliding window too."""
+    cached past, pieces of lengths that do and do not fill tiles, a sliding window too; under each
+    tile configuration `tune_pieces` may choose (rows from its query rows, 4 query heads a KV head)."""
     torch.manual_seed(9)
     heads, kv_heads, d, ctx = 8, 2, 16, 96
     kc, vc = torch.randn(3, kv_heads, ctx, d), torch.randn(3, kv_heads, ctx, d)
@@ -397,8 +402,11 @@ def test_piece_tiles_attend_as_one_row_per_program(rows):
     tiles = ak.PieceTiles.of([n for *_, n in pieces], rows, lambda v: torch.tensor(v, dtype=torch.int32))
     assert len(tiles) == sum(-(-n // rows) for *_, n in pieces)
     assert ak.PieceTiles.rows_for(4, 4096, 8) == 16 and ak.PieceTiles.rows_for(4, 512, 8) == 4  # programs kept
+    assert ak.PieceTiles.rows_for(4, 8192, 8, 128) == 32 and ak.PieceTiles.rows_for(4, 8192, 8, 32) == 8
     for window in (None, 24):
-        got = ak.decode_attention(q, kp, vp, table, pos, 128, window=window, row_slots=row_slots, tiles=tiles)
+        got = ak.decode_attention(
+            q, kp, vp, table, pos, 128, config[1:], window=window, row_slots=row_slots, tiles=tiles
+        )
         for i in range(len(pos)):
             s, n = int(row_slots[i]), int(pos[i]) + 1
             lo = max(0, n - window) if window else 0

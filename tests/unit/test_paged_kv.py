@@ -13,6 +13,7 @@ from tritonllm.runtimes.paged_kv import (
     OutOfBlocksError,
     PagedKVCache,
     chain_hash,
+    shared_blocks,
 )
 
 SHAPE = ModelShape(2, 4, 2, 8, 32, 100, 1024, (0,), None, None)
@@ -188,3 +189,52 @@ def test_a_promise_grows_against_the_others_and_keeps_spare_blocks():
     assert tables.reserve(0, 5 * BLOCK_SIZE) == 5 * BLOCK_SIZE and tables.owed == 2
     tables.release(0)
     assert tables.owed == 1 and tables.pool.available == 6
+
+
+def test_shared_blocks_counts_the_whole_blocks_two_lists_start_with():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        a = rng.integers(0, 3, int(rng.integers(0, 40))).tolist()
+        b = a[: int(rng.integers(0, len(a) + 1))] + rng.integers(0, 3, int(rng.integers(0, 10))).tolist()
+        size, most = int(rng.integers(1, 5)), int(rng.integers(0, 12))
+        most = min(most, len(a) // size, len(b) // size)
+        brute = next((k for k in range(most + 1) if a[k * size : (k + 1) * size] != b[k * size : (k + 1) * size]), most)
+        assert shared_blocks(a, b, most, size) == min(brute, most)
+
+
+def test_a_burst_sharing_a_prefix_finds_what_a_lookup_from_scratch_finds():
+    """Lookups reuse the last lookup's blocks for the tokens a prompt shares with it
+    (`_recent_blocks`): prompts that share all, part or none of it, or start after a cached past,
+    find exactly what hashing every block finds."""
+    rng = np.random.default_rng(1)
+    system = rng.integers(3, 50, 5 * BLOCK_SIZE).tolist()
+    tables = BlockTables(num_blocks=64, slots=2)
+    tables.ensure(0, len(system) + 1)
+    tables.record(0, 0, system + [9])
+    probes = [
+        system + [1, 2],  # all of it
+        system[: 3 * BLOCK_SIZE] + [1] * 40,  # part of it, then tokens of its own
+        system[:BLOCK_SIZE] + [7] + system[BLOCK_SIZE + 1 :],  # differs inside the second block
+        [8] + system,  # none of it
+        system + [3],
+    ]
+    for probe in probes:
+        fresh = BlockTables(num_blocks=1, slots=1)
+        fresh.pool, fresh.prefix_cache = tables.pool, True  # the same cache, no recent lookup
+        assert tables.cached_prefix(probe) == fresh.cached_prefix(probe)
+        assert tables._cached_blocks(probe[BLOCK_SIZE:], tables.chains[0][0]) == fresh._cached_blocks(
+            probe[BLOCK_SIZE:], tables.chains[0][0]
+        )
+    assert [tables.cached_prefix(p) for p in probes] == [5 * BLOCK_SIZE, 3 * BLOCK_SIZE, BLOCK_SIZE, 0, 5 * BLOCK_SIZE]
+
+
+def test_a_recent_lookups_blocks_evicted_since_are_not_found():
+    """A block the last lookup found, evicted and refilled since, is a miss for the next prompt."""
+    system = list(range(3, 3 + 3 * BLOCK_SIZE))
+    tables = BlockTables(num_blocks=3, slots=2)
+    tables.ensure(0, len(system))
+    tables.record(0, 0, system)
+    assert tables.cached_prefix(system + [1]) == 3 * BLOCK_SIZE  # remembered as the recent lookup
+    tables.release(0)  # all three cached, unheld
+    tables.pool.allocate()  # evicts the first: the chain breaks there
+    assert tables.cached_prefix(system + [2]) == 0

@@ -101,6 +101,21 @@ def chain_hash(previous: int, tokens: tuple[int, ...]) -> int:
     return hash((previous, tokens))
 
 
+def shared_blocks(a: list[int], b: list[int], most: int, size: int) -> int:
+    """How many whole blocks (at most `most`) `a` and `b` share from their start: a binary search of
+    list-slice comparisons, each over the span not yet known equal (linear in the tokens, in C)."""
+    if a[: most * size] == b[: most * size]:
+        return most
+    lo, hi = 0, most - 1  # the blocks shared lie in [lo, hi]: the first lo are known equal
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo * size : mid * size] == b[lo * size : mid * size]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
     return -(-tokens // block_size)
 
@@ -121,6 +136,7 @@ class BlockTables:
         self.reserved = [0] * slots  # blocks promised to each slot's sequence (0: none promised)
         self.owed = 0  # promised blocks not yet in their slot's table, over all slots
         self.dirty: dict[int, list[int]] = {}  # slot -> [first, end) of table entries changed since `take_dirty`
+        self._recent: tuple[int, list[int], list[tuple[int, int]]] | None = None  # `_recent_blocks`
 
     @property
     def stats(self) -> PrefixStats:
@@ -200,18 +216,40 @@ class BlockTables:
 
     def _cached_blocks(self, tokens: list[int], chain: int) -> list[tuple[int, int]]:
         """(block, chain hash) of each whole block of `tokens` found cached, from the first, after a
-        prefix whose chain hash is `chain`; never the block of the last token. Takes nothing. (A burst
-        of prompts with a long shared prefix runs this for every block of each, on the engine
-        loop's thread: no per-block work beyond the hash and the lookup.)"""
-        size, found, lookup = self.block_size, [], self.pool.lookup
+        prefix whose chain hash is `chain`; never the block of the last token. Takes nothing. A burst
+        of prompts with a long shared prefix runs this for each prompt twice (admission, then the
+        step), on the engine loop's thread: the blocks a prompt shares with the last one looked up
+        are taken from that lookup (`_recent_blocks`), so only the rest are hashed."""
+        size = self.block_size
         whole = (len(tokens) - 1) // size  # the blocks before the one holding the last token
-        for start in range(0, whole * size, size):
+        found = self._recent_blocks(tokens, chain, whole)
+        lookup = self.pool.lookup
+        chain = found[-1][1] if found else chain
+        for start in range(len(found) * size, whole * size, size):
             block_tokens = tuple(tokens[start : start + size])
             chain = chain_hash(chain, block_tokens)
             block = lookup(chain, block_tokens)
             if block is None:
                 break
             found.append((block, chain))
+        if found:
+            self._recent = (found[0][1], tokens[: len(found) * size], found)
+        return found
+
+    def _recent_blocks(self, tokens: list[int], chain: int, whole: int) -> list[tuple[int, int]]:
+        """The last lookup's found blocks that `tokens` starts with (same tokens after the same
+        chain), as long as each still holds its chain hash: compared as token lists, not hashed."""
+        recent = self._recent
+        if recent is None or whole == 0:
+            return []
+        first, recent_tokens, recent_found = recent
+        if chain_hash(chain, tuple(tokens[: self.block_size])) != first:
+            return []
+        n = shared_blocks(tokens, recent_tokens, min(whole, len(recent_found)), self.block_size)
+        by_hash, found = self.pool.by_hash, recent_found[:n]
+        for i, (block, chain_i) in enumerate(found):
+            if by_hash.get(chain_i) != block:  # evicted since: look the rest up again
+                return found[:i]
         return found
 
     def cached_prefix(self, tokens: list[int]) -> int:

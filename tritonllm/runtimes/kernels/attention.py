@@ -109,12 +109,12 @@ class PieceTiles:
         return self.first.shape[0]
 
     @staticmethod
-    def rows_for(group: int, tokens: int, kv_heads: int, programs: int = 1024) -> int:
-        """Tokens per tile: about 64 query rows a program (tokens x the `group` query heads of a KV
-        head; one tile of keys serves them all, more would spill the accumulator's registers), fewer
-        while `tokens` would make under `programs` programs (a lone 512-token chunk in tiles of 16
-        would be 32 programs per KV head, too few to keep the GPU's SMs busy)."""
-        rows = max(1, 64 // group)
+    def rows_for(group: int, tokens: int, kv_heads: int, query_rows: int = 64, programs: int = 1024) -> int:
+        """Tokens per tile: about `query_rows` query rows a program (tokens x the `group` query heads
+        of a KV head; one tile of keys serves them all), fewer while `tokens` would make under
+        `programs` programs (a lone 512-token chunk in tiles of 16 would be 32 programs per KV head,
+        too few to keep the GPU's SMs busy)."""
+        rows = max(1, query_rows // group)
         while rows > 1 and -(-tokens // rows) * kv_heads < programs:
             rows //= 2
         return rows
@@ -134,6 +134,20 @@ class PieceTiles:
 
 # (keys per block, warps, stages); 2 warps: a batch of many rows runs more programs per SM at once
 ATTENTION_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2), (64, 2, 3), (32, 2, 4))
+
+
+# prompt pieces: (query rows a program, keys per block, warps, stages); the first is the default.
+# More rows a program read each tile of keys for more queries; their accumulator needs more warps.
+PIECE_CONFIGS = (
+    (64, 64, 4, 3),
+    (64, 128, 4, 3),
+    (64, 64, 8, 3),
+    (64, 32, 4, 4),
+    (128, 64, 8, 3),
+    (128, 128, 8, 2),
+    (128, 64, 4, 3),
+    (32, 64, 4, 3),
+)
 
 
 def decode_attention(
@@ -259,3 +273,46 @@ def tune_attention(
             {"batch": b, "chosen": str(table[b]), "us": {str(c): round(1e3 * t, 1) for c, t in times.items()}}
         )
     return table, report
+
+
+def tune_pieces(k_caches, v_caches, num_heads: int, shapes, dtype: torch.dtype, kv_scales=None) -> tuple[tuple, list]:
+    """The PIECE_CONFIGS entry with the least time over `shapes` [(pieces, tokens each, cached
+    positions before them)], each step timed over every layer's cache (CUDA graph replays), the
+    pieces' blocks spread over the pool; a config whose output differs from the default's on random
+    keys is left out. Returns (config, timings for the log)."""
+    from .gemv import graph_ms
+
+    blocks, hkv, page, d = k_caches[0].shape
+    device, group = k_caches[0].device, num_heads // hkv
+    scales = kv_scales if kv_scales is not None else [None] * len(k_caches)
+    put = lambda v: torch.tensor(v, dtype=torch.int32, device=device)
+    totals, report = dict.fromkeys(PIECE_CONFIGS, 0.0), []
+    for pieces, n, past in shapes:
+        q = torch.randn(pieces * n, num_heads, d, device=device, dtype=dtype)
+        slots = torch.arange(pieces, device=device).repeat_interleave(n)
+        pos = (past + torch.arange(n, device=device)).repeat(pieces)
+        tab = spread_table(pieces, past + n, page, blocks, device)
+        few = min(blocks, tab.numel())  # random keys (the cache may be all zeros) in a pool of their own
+        kr, vr = (torch.randn((few, hkv, page, d), device=device).to(k_caches[0].dtype) for _ in range(2))
+        check = spread_table(pieces, past + n, page, few, device)
+        tiles = {c: PieceTiles.of([n] * pieces, PieceTiles.rows_for(group, pieces * n, hkv, c[0]), put) for c in totals}
+
+        def run(cfg, k, v, table, s):
+            return decode_attention(
+                q, k, v, table, pos, past + n, cfg[1:], row_slots=slots, kv_scale=s, tiles=tiles[cfg]
+            )
+
+        ref = run(PIECE_CONFIGS[0], kr, vr, check, scales[0]).float()
+        agree = [
+            c for c in totals if torch.allclose(run(c, kr, vr, check, scales[0]).float(), ref, atol=2e-2, rtol=2e-2)
+        ]
+        times = {
+            c: graph_ms(lambda c=c: [run(c, *kvs) for kvs in zip(k_caches, v_caches, [tab] * len(scales), scales)])
+            for c in agree
+        }
+        for c in totals:
+            totals[c] = totals[c] + times[c] if c in times else float("inf")
+        report.append(
+            {"pieces": pieces, "tokens": n, "past": past, "us": {str(c): round(1e3 * t, 1) for c, t in times.items()}}
+        )
+    return min(totals, key=totals.get), report

@@ -110,12 +110,12 @@ class ForwardPasses:
         writes each token's K/V through the block tables first; then each token attends to its
         slot's positions up to its own (the decode attention kernel with a slot per row, a tile of a
         piece's tokens to a program: causal by position, no gather of the cache). Logits [b, V]."""
-        from ..kernels import attention as ak
 
         m = self.model
         x = m.embed_tokens(ids[:, None])  # [R, 1, H]: the residual stream
         rot = m.rotaries(positions[:, None], x.dtype)
-        rope, attend = self._row_kernels(rot, positions, slots, span, ak.ATTENTION_CONFIGS[0], reads=slots, tiles=tiles)
+        config = self.kernels.piece_config[1:]  # keys a block, warps, stages (`tune_pieces`)
+        rope, attend = self._row_kernels(rot, positions, slots, span, config, reads=slots, tiles=tiles)
         h = self._fused_layers(x, rope, attend, lambda kind, layer, inp: self._linear(kind, layer, inp, small=False))
         return m.cap_logits(torch.matmul(h[last, 0], m.lm_head.t()))
 

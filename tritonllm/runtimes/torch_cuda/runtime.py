@@ -81,7 +81,14 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
             triton_kernels, fused_kernels, self.device, self.dtype, self.shape.head_dim, qk_norm, self.cache.fp8
         )
         self.kernels = choose_kernels(
-            self.model, self.cache, self.buckets.batch, cfg.max_context, triton, gemv_table, quant_table
+            self.model,
+            self.cache,
+            self.buckets.batch,
+            cfg.max_context,
+            triton,
+            gemv_table,
+            quant_table,
+            cfg.max_prefill_tokens,
         )
         sampling.warm_up_logprobs(self.shape.vocab_size, self.device)
         self.compiled = bool(cfg.torch_compile and self.device.type == "cuda")
@@ -130,9 +137,8 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         (`piece_warm_ups`), so none compiles under load. Scratch-slot rows: their K/V land in the
         scratch block; the prefill counters are left as they were."""
         sh, counts = self.shape, list(self._prefill_counts)
-        for lengths in piece_warm_ups(
-            sh.num_heads // sh.num_kv_heads, sh.num_kv_heads, self._piece_tokens, self.max_context
-        ):
+        group, rows = sh.num_heads // sh.num_kv_heads, self.kernels.piece_config[0]
+        for lengths in piece_warm_ups(group, sh.num_kv_heads, self._piece_tokens, self.max_context, rows):
             for start in (16, 17):  # the span a multiple of 16 or not
                 self.prefill_pieces([StepInput(self.scratch_slot, [0] * n, start) for n in lengths])
         self._prefill_counts = counts
@@ -325,7 +331,9 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         last = [n - 1 for n in itertools.accumulate(lengths)]
         flat = (to_device(v, self.device) for v in (ids, slots, positions, last))
         sh = self.shape
-        per = PieceTiles.rows_for(sh.num_heads // sh.num_kv_heads, len(ids), sh.num_kv_heads)
+        per = PieceTiles.rows_for(
+            sh.num_heads // sh.num_kv_heads, len(ids), sh.num_kv_heads, self.kernels.piece_config[0]
+        )
         tiles = PieceTiles.of(lengths, per, lambda v: to_device(v, self.device, torch.int32))
         return self.forward.pieces_triton(*flat, span, tiles)
 
@@ -377,7 +385,9 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         return plan.results(chosen.tolist(), logprobs)
 
 
-def piece_warm_ups(group: int, kv_heads: int, most_tokens: int, max_context: int) -> list[list[int]]:
+def piece_warm_ups(
+    group: int, kv_heads: int, most_tokens: int, max_context: int, query_rows: int = 64
+) -> list[list[int]]:
     """Steps of prompt pieces (the token count of each piece) that between them meet every kernel
     variant a step of up to `most_tokens` can: the attention tile's height (`PieceTiles.rows_for`,
     by the step's tokens) and OpenAI Triton's integer specialisation (a multiple of 16 or not) each
@@ -390,7 +400,7 @@ def piece_warm_ups(group: int, kv_heads: int, most_tokens: int, max_context: int
         return []
     totals = [t for n in [2] + [16 << i for i in range(24)] for t in (n, n + 1) if t <= most_tokens]
     for total in totals:
-        key = (PieceTiles.rows_for(group, total, kv_heads), total % 16 == 0)
+        key = (PieceTiles.rows_for(group, total, kv_heads, query_rows), total % 16 == 0)
         if key not in seen:
             seen.add(key)
             steps.append([min(longest, total - at) for at in range(0, total, longest)])

@@ -16,6 +16,7 @@ from .cache import PagedDeviceCache
 
 log = logging.getLogger(__name__)
 PREFILL_ROWS = 2048  # a prefill's products (prompt tokens x weight) are timed at this many rows
+PIECE_DEFAULT = (64, 64, 4, 3)  # kernels.attention.PIECE_CONFIGS[0] (that module needs OpenAI Triton)
 
 
 @dataclass
@@ -24,15 +25,18 @@ class KernelChoice:
     gemv_table: dict = field(default_factory=dict)  # {(weight kind, batch rows): tile config}
     attention_table: dict = field(default_factory=dict)  # {batch bucket: decode attention config}
     quant_table: dict = field(default_factory=dict)  # 8-bit weights, beyond gemv's rows: {(kind, rows): choice}
+    piece_config: tuple = PIECE_DEFAULT  # prompt pieces' attention: (query rows a program, keys, warps, stages)
     gemv_report: list = field(default_factory=list)  # the timings behind the tables
     attention_report: list = field(default_factory=list)
     quant_report: list = field(default_factory=list)
+    piece_report: list = field(default_factory=list)
 
     def describe(self) -> dict:
         return {
             "triton_kernels": self.triton,
             "gemv": {f"{kind} x{rows}": list(cfg) for (kind, rows), cfg in sorted(self.gemv_table.items())},
             "decode_attention": {b: list(cfg) for b, cfg in sorted(self.attention_table.items())},
+            "piece_attention": list(self.piece_config),
             "quantized_products": {f"{kind} x{rows}": str(c) for (kind, rows), c in sorted(self.quant_table.items())},
         }
 
@@ -70,9 +74,10 @@ def choose_kernels(
     triton: bool,
     gemv_table: dict | None,
     quant_table: dict | None = None,
+    piece_tokens: int = 0,
 ) -> KernelChoice:
     """The tables for this model on this device: `gemv_table` / `quant_table` as given (tests),
-    else tuned."""
+    else tuned; the prompt pieces' attention tile for steps of up to `piece_tokens` (0: default)."""
     device = cache.keys.device
     if not triton or device.type != "cuda":
         return KernelChoice(triton, dict(gemv_table or {}), quant_table=dict(quant_table or {}))
@@ -82,6 +87,8 @@ def choose_kernels(
     elif os.environ.get("TRITONLLM_GEMV") != "0":
         choice.gemv_table, choice.gemv_report = _tune_gemv(model, cache, batch_buckets)
     choice.attention_table, choice.attention_report = _tune_attention(model, cache, batch_buckets, max_context)
+    if piece_tokens:
+        choice.piece_config, choice.piece_report = _tune_pieces(model, cache, piece_tokens, max_context)
     if quant_table is not None:
         choice.quant_table = dict(quant_table)
     elif scheme_of(model) != "none":
@@ -167,3 +174,30 @@ def _tune_attention(model, cache: PagedDeviceCache, batch_buckets: list[int], ma
         return {}, []
     log.info("decode attention configs by batch: %s", table)
     return table, report
+
+
+def piece_shapes(piece_tokens: int, max_context: int) -> list[tuple[int, int, int]]:
+    """The prompt-piece steps the tile is chosen on, (pieces, tokens each, cached positions before
+    them): many short pieces after a long cached past (a burst of prompts with a shared system
+    prompt), and one long piece after a cached one (chunked prefill of a long prompt)."""
+    short, long = min(64, piece_tokens), min(512, piece_tokens)
+    return [
+        (max(1, piece_tokens // short), short, max(0, min(1024, max_context - short - 1))),
+        (1, long, max(0, min(512, max_context - long - 1))),
+    ]
+
+
+def _tune_pieces(model, cache: PagedDeviceCache, piece_tokens: int, max_context: int) -> tuple[tuple, list]:
+    """The prompt pieces' attention tile (`attention.tune_pieces`), default where tuning fails."""
+    from ..kernels import attention as ak
+
+    sh = model.shape
+    try:
+        scales = [cache.layer_scales(i) for i in range(sh.num_layers)] if cache.fp8 else None
+        shapes = piece_shapes(piece_tokens, max_context)
+        config, report = ak.tune_pieces(cache.keys, cache.values, sh.num_heads, shapes, cache.dtype, scales)
+    except Exception as exc:  # a config does not compile here: the default (self-checked) serves
+        log.warning("prompt piece attention tuning failed (%s): default tile", str(exc)[:300])
+        return PIECE_DEFAULT, []
+    log.info("prompt piece attention config: %s", config)
+    return config, report
