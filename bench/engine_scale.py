@@ -10,9 +10,10 @@ shape with random bf16 weights built on the GPU.
   streams; then 128/128 tokens/s at each `--concurrency` on the same engine.
 - prefix: 64 streams, a 1,024-token shared prefix + 64 tokens of their own, 128 out, the prefix
   cache off, on from cold (the first 64 arrive together with the prefix not yet cached), and on
-  with the prefix cached by the warm-up: TTFT and tokens/s.
+  with the prefix cached by the warm-up: TTFT and tokens/s, and how the prompts went through the
+  loop (prompts per prefill step, host time per step), at each of `--prefix-budgets`.
 - variable: 256 streams, input ~ N(512, 128), output ~ N(256, 64) (seeded), whole-prompt prefill
-  against chunked prefill (512-token budget): tokens/s, TTFT, ITL p50/p99.
+  against chunked prefill (`--variable-budgets`, default 8192 and 512): tokens/s, TTFT, ITL p50/p99.
 Writes {date}-{gpu}-engine-scale.json/.md after each part (a run cut short keeps what it measured)."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import itertools
 import logging
 import threading
 import time
@@ -127,13 +129,17 @@ def shared_prefix(model, vocab: int, a, rows: list, facts: dict) -> None:
     unrelated = rng.integers(3, vocab, 1088).tolist()
     tail = rng.integers(3, vocab, 64).tolist()
     counters = {}
-    for state, cached, warm in (("off", False, prompts[0]), ("on, cold", True, unrelated), ("on", True, prompts[0])):
-        cfg = bench_engine_config(64, max_context=2048, max_tokens_limit=1024, prefix_cache=cached)
+    for budget, (state, cached, warm) in itertools.product(
+        a.prefix_budgets, (("off", False, prompts[0]), ("on, cold", True, unrelated), ("on", True, prompts[0]))
+    ):
+        cfg = bench_engine_config(
+            64, max_context=2048, max_tokens_limit=1024, prefix_cache=cached, max_prefill_tokens=budget
+        )
         with engine_for(model, cfg) as eng:
             eng.generate(warm, max_tokens=2, temperature=0.0)  # warm-up; with prompts[0], the prefix's blocks
             if cached:  # and a prompt after a cached past: the piece path's first run is not in the rows
                 eng.generate(warm[:1024] + tail, max_tokens=2, temperature=0.0)
-            name = f"shared prefix, cache {state}"
+            name = f"shared prefix, cache {state}, prefill budget {budget}"
             before = dataclasses.replace(eng.loop.stats)
             rows.append(run_inprocess(eng, prompts, 64, 128, PowerSampler(), name=name).row())
             counters[name] = loop_counters(eng.loop.stats, before)
@@ -150,7 +156,7 @@ def variable(model, vocab: int, a, rows: list, facts: dict) -> None:
     outs = np.clip(rng.normal(256, 64, n), 16, 512).astype(int).tolist()
     prompts = [rng.integers(3, vocab, int(k)).tolist() for k in ins]
     facts["variable"] = {"mean_in": float(ins.mean()), "mean_out": float(np.mean(outs)), "requests": n}
-    for budget in (8192, 512):
+    for budget in a.variable_budgets:
         cfg = bench_engine_config(256, max_context=2048, max_tokens_limit=1024, max_prefill_tokens=budget)
         with engine_for(model, cfg) as eng:
             eng.generate(prompts[0], max_tokens=2, temperature=0.0)
@@ -200,6 +206,8 @@ def main() -> None:
     p.add_argument(
         "--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="capacity part: the pool's keys/values"
     )
+    p.add_argument("--prefix-budgets", type=int, nargs="+", default=[8192], help="prefix part: max_prefill_tokens")
+    p.add_argument("--variable-budgets", type=int, nargs="+", default=[8192, 512], help="variable part: the same")
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
     hf = random_model("llama", SMALL)
