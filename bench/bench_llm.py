@@ -41,6 +41,7 @@ from tritonllm.config import EngineConfig
 from tritonllm.engine.heap import frozen_heap
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model.modeling import CausalLM
+from tritonllm.runtimes.kernels.compile_watch import WATCH
 
 log = logging.getLogger("bench")
 
@@ -157,6 +158,7 @@ def gpu_suite(a, results: list, facts: dict) -> None:
             r.note = engine_note(stats_counters(before), stats_counters(eng.loop.stats), [])[2:]
             results.append(r.row())
             log.info("%s", results[-1])
+    facts["kernel_compiles_after_start_in_process"] = WATCH.count  # each a stall in some row (logged)
     facts["decode_step_gpu_ms"] = profile_decode_graphs(runtime, a)
     if a.compile_variant:
         compile_variant(a, runtime.model, cfg, vocab, results, power)

@@ -36,6 +36,7 @@ from bench.provenance import DEFAULT_OUT
 from bench.workloads import random_prompts
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model.modeling import CausalLM
+from tritonllm.runtimes.kernels.compile_watch import WATCH
 from tritonllm.runtimes.paged_kv import BLOCK_SIZE
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 from tritonllm.runtimes.torch_cuda.cache import PagedDeviceCache
@@ -221,6 +222,7 @@ def main() -> None:
         parts[part](model, vocab, a, rows, facts)
         free_memory()
         facts.setdefault("part_seconds", {})[part] = round(time.perf_counter() - t0, 1)
+        facts["kernel_compiles_after_start"] = WATCH.count  # each a stall in some row (logged)
         if rows:  # the parity part alone has no rows (its facts go out with the next part's)
             print(write_results(a.out, "engine-scale", facts, rows))
 

@@ -19,6 +19,7 @@ from ...config import EngineConfig, require_scheme
 from ...model.modeling import CausalLM, load_engine_model
 from ...model.quant import check_device_support, place, scheme_of
 from ..base import Runtime, RuntimeCapabilities, RuntimeStats, StepInput
+from ..kernels.compile_watch import WATCH
 from ..paged_kv import BLOCK_SIZE, PagedAdmission
 from . import sampling
 from .cache import FP8, PagedDeviceCache, kv_scales_for, size_blocks
@@ -50,7 +51,26 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         """`model`: an already built module (benchmarks, tests) instead of `engine_dir`'s;
         `fused_kernels=False`: the module's reference ops; `triton_kernels` / `gemv_table` /
         `quant_table` (8-bit products beyond gemv's rows) force the start-up kernel choices;
-        `capture_at_start=False`: graphs captured on first use."""
+        `capture_at_start=False`: graphs captured on first use. With graphs captured at start-up, a
+        kernel compiled later is logged (`compile_watch`)."""
+        with WATCH.starting():  # this runtime's own compiles are expected
+            self._start(
+                engine_dir,
+                cfg,
+                model,
+                use_cuda_graphs,
+                device,
+                fused_kernels,
+                triton_kernels,
+                gemv_table,
+                capture_at_start,
+                quant_table,
+            )
+        if capture_at_start and self.use_cuda_graphs:
+            WATCH.arm()
+
+    def _start(self, engine_dir, cfg, model, use_cuda_graphs, device, fused_kernels, triton_kernels, gemv_table,
+               capture_at_start, quant_table):  # fmt: skip
         self.device = torch.device(device)
         self.dtype = DTYPES[cfg.dtype]
         if model is None:
