@@ -14,7 +14,11 @@ def compile_event(watch: CompileWatch, warmup: bool = False):
         key=("k",),
         repr="_decode_attention_kernel[num_warps=4](tile_row: ('*i32', 'D'))",
         fn=None,
-        compile={},
+        compile={
+            "signature": {"tile_row": "*i32"},
+            "constants": {"R": 64},
+            "configs": [{(7,): [["tt.divisibility", 16]]}],
+        },
         is_manual_warmup=warmup,
         already_compiled=False,
     )
@@ -28,7 +32,7 @@ def test_a_compile_after_start_up_is_counted_and_named(caplog):
     assert watch.count == 0 and not caplog.records
     with caplog.at_level(logging.WARNING):
         compile_event(watch)
-    assert watch.count == 1 and "tile_row: ('*i32', 'D')" in caplog.text
+    assert watch.count == 1 and "tile_row: ('*i32', 'D')" in caplog.text and "'R': 64" in caplog.text
 
 
 def test_arming_installs_the_hook_once_and_chains_the_one_before():
