@@ -47,7 +47,12 @@ class CompileWatch:
         if not self._starting and not is_manual_warmup:
             self.count += 1
             log.warning(
-                "OpenAI Triton compiles a kernel variant after start-up (a stall; add it to the warm-up): %s", repr
+                "OpenAI Triton compiles a kernel variant after start-up (a stall; add it to the warm-up): %s; "
+                "signature %s; constants %s; specialization %s",
+                repr,
+                compile.get("signature"),
+                compile.get("constants"),
+                compile.get("configs"),
             )
         if self._previous is not None:
             return self._previous(
