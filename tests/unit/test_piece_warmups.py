@@ -1,5 +1,6 @@
 """The start-up warm-up of the prompt-piece path meets every kernel variant a step can (no compile
-under load), and its pieces fit the context."""
+under load): each tile height and token count's specialisation, with the span (the attention's key
+limit) both a multiple of 16 and not; and its pieces fit the context."""
 
 import pytest
 
@@ -15,20 +16,22 @@ def variant(group: int, kv_heads: int, tokens: int, query_rows: int) -> tuple:
 @pytest.mark.parametrize("query_rows", [32, 64, 128])
 @pytest.mark.parametrize(
     "group, kv_heads, most, max_context",
-    [(4, 8, 8192, 512), (4, 8, 8192, 4096), (8, 4, 1000, 256), (1, 2, 64, 64), (4, 8, 64, 24)],
+    [(4, 8, 8192, 512), (4, 8, 8192, 4096), (8, 4, 1000, 256), (1, 2, 64, 64), (4, 8, 64, 40), (4, 8, 8192, 2047)],
 )
 def test_every_step_size_meets_a_warmed_variant(group, kv_heads, most, max_context, query_rows):
-    """Whatever tile height start-up tuning chose (`query_rows`)."""
+    """Whatever tile height start-up tuning chose (`query_rows`); pieces capped by the context
+    (a long step in several pieces) still see both spans."""
     steps = piece_warm_ups(group, kv_heads, most, max_context, query_rows)
-    warmed = {variant(group, kv_heads, sum(s), query_rows) for s in steps}
-    assert {variant(group, kv_heads, t, query_rows) for t in range(2, most + 1)} <= warmed
-    assert all(sum(s) <= most and max(s) + 18 <= max_context for s in steps)  # from position 17: inside
+    warmed = {(*variant(group, kv_heads, sum(n), query_rows), (start + max(n)) % 16 == 0) for n, start in steps}
+    wanted = {(*variant(group, kv_heads, t, query_rows), aligned) for t in range(2, most + 1) for aligned in (0, 1)}
+    assert wanted <= warmed
+    assert all(sum(n) <= most and start >= 16 and start + max(n) <= max_context for n, start in steps)
     assert len(steps) == len(warmed)  # one step per variant, no more
 
 
 def test_a_context_too_short_for_a_piece_is_not_warmed():
-    assert piece_warm_ups(4, 8, 8192, 19) == []
-    assert max(max(s) for s in piece_warm_ups(4, 8, 8192, 20)) == 2
+    assert piece_warm_ups(4, 8, 8192, 34) == []
+    assert max(max(n) for n, _ in piece_warm_ups(4, 8, 8192, 35)) == 2
 
 
 @pytest.mark.parametrize("budget, max_context", [(8192, 2048), (512, 512), (16, 64), (8192, 40)])

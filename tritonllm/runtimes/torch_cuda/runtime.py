@@ -158,9 +158,8 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         scratch block; the prefill counters are left as they were."""
         sh, counts = self.shape, list(self._prefill_counts)
         group, rows = sh.num_heads // sh.num_kv_heads, self.kernels.piece_config[0]
-        for lengths in piece_warm_ups(group, sh.num_kv_heads, self._piece_tokens, self.max_context, rows):
-            for start in (16, 17):  # the span a multiple of 16 or not
-                self.prefill_pieces([StepInput(self.scratch_slot, [0] * n, start) for n in lengths])
+        for lengths, start in piece_warm_ups(group, sh.num_kv_heads, self._piece_tokens, self.max_context, rows):
+            self.prefill_pieces([StepInput(self.scratch_slot, [0] * n, start) for n in lengths])
         self._prefill_counts = counts
 
     def describe(self) -> dict:
@@ -407,15 +406,17 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
 
 def piece_warm_ups(
     group: int, kv_heads: int, most_tokens: int, max_context: int, query_rows: int = 64
-) -> list[list[int]]:
-    """Steps of prompt pieces (the token count of each piece) that between them meet every kernel
-    variant a step of up to `most_tokens` can: the attention tile's height (`PieceTiles.rows_for`,
-    by the step's tokens) and OpenAI Triton's integer specialisation (a multiple of 16 or not) each
-    compile on first use, a stall of hundreds of ms if met under load. Pieces start at 16 or 17
-    and end before `max_context` (none where it is too short for a piece of 2)."""
+) -> list[tuple[list[int], int]]:
+    """Steps of prompt pieces (the token count of each piece, and where they all start) that between
+    them meet every kernel variant a step of up to `most_tokens` can: the attention tile's height
+    (`PieceTiles.rows_for`, by the step's tokens) and OpenAI Triton's integer specialisation (a
+    multiple of 16 or not) of the step's tokens and of its span (the attention's key limit: start
+    + the longest piece) each compile on first use, a stall of hundreds of ms if met under load.
+    Each step runs twice, its span once a multiple of 16 and once not; pieces start at 16-32 and
+    end before `max_context` (none where it is too short for a piece of 2)."""
     from ..kernels.attention import PieceTiles
 
-    longest, steps, seen = max_context - 18, [], set()
+    longest, steps, seen = max_context - 33, [], set()
     if longest < 2:
         return []
     totals = [t for n in [2] + [16 << i for i in range(24)] for t in (n, n + 1) if t <= most_tokens]
@@ -423,7 +424,9 @@ def piece_warm_ups(
         key = (PieceTiles.rows_for(group, total, kv_heads, query_rows), total % 16 == 0)
         if key not in seen:
             seen.add(key)
-            steps.append([min(longest, total - at) for at in range(0, total, longest)])
+            lengths = [min(longest, total - at) for at in range(0, total, longest)]
+            start = 16 + (-(16 + lengths[0])) % 16  # start + the longest piece: a multiple of 16
+            steps += [(lengths, start), (lengths, start + 1)]
     return steps
 
 
