@@ -6,6 +6,7 @@ import pytest
 
 from tritonllm.config import EngineConfig
 from tritonllm.engine.scheduler import Scheduler
+from tritonllm.runtimes.base import RuntimeStats
 
 from .test_scheduler import (
     CountingRuntime,
@@ -90,3 +91,14 @@ def test_guaranteed_no_evict_never_preempts(Runtime):
     results, loop = run_loop(rt, cfg, [seq([5 * i + 1, 5 * i + 2], max_tokens=14) for i in range(8)])
     assert [len(r.ids) for r in results] == [14] * 8
     assert loop.scheduler.preemptions == 0 and budget.most_held <= 2 * 16
+
+
+def test_the_runtimes_counters_reach_the_engines_stats():
+    """What the runtime counts of its own work (here a kernel compiled after start-up, a stall)
+    reaches the engine's stats, which /metrics exports."""
+    class Compiling(CountingRuntime):
+        def stats(self) -> RuntimeStats:
+            return RuntimeStats(gpu_idle_s=0.5, kernel_compiles=3)
+
+    _, loop = run_loop(Compiling(), EngineConfig(max_slots=2, max_tokens_limit=100), [seq([5], max_tokens=3)])
+    assert loop.stats.kernel_compiles == 3 and loop.stats.gpu_idle_s == 0.5

@@ -255,6 +255,7 @@ class EngineLoop:
         self.stats.prefix_queried, self.stats.prefix_hits = runtime.prefix_queried_tokens, runtime.prefix_hit_tokens
         self.stats.kv_blocks, self.stats.kv_blocks_available = runtime.kv_blocks, runtime.kv_blocks_available
         self.stats.kv_waits, self.stats.kv_preemptions = self.scheduler.kv_waits, self.scheduler.preemptions
+        self.stats.kernel_compiles = runtime.kernel_compiles
         self.stats.wait_s += t1 - t0
         self.stats.complete_s += time.perf_counter() - t1
 

@@ -27,6 +27,7 @@ class EngineStats:
     kv_preemptions: int = 0  # sequences whose blocks were taken back, to be recomputed (kv_policy max-utilization)
     kv_blocks: int = 0  # a paged runtime's KV blocks ...
     kv_blocks_available: int = 0  # ... held by no sequence
+    kernel_compiles: int = 0  # kernel variants the runtime compiled after start-up (each a stall), where watched
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ class RuntimeStats:
     prefix_hit_tokens: int = 0  # ... and found there (not computed again)
     kv_blocks: int = 0  # a paged cache's blocks ...
     kv_blocks_available: int = 0  # ... held by no sequence (free, or cached and evictable)
+    kernel_compiles: int = 0  # kernel variants compiled after start-up (each a stall of the loop)
 
 
 class Runtime(ABC):

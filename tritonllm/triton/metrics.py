@@ -110,6 +110,11 @@ class EngineMetrics:
             fam.COUNTER,
             "sequences whose KV blocks were taken back when the pool ran out, to be recomputed (max-utilization)",
         )
+        self.kernel_compiles = metric(
+            "tritonllm_kernel_compiles_total",
+            fam.COUNTER,
+            "kernel variants compiled after start-up (each stalled the engine loop; the log names it)",
+        )
         self.kv_blocks = metric("tritonllm_kv_cache_blocks_total", fam.GAUGE, "blocks of the paged KV cache")
         self.kv_used = metric(
             "tritonllm_kv_cache_blocks_used", fam.GAUGE, "KV blocks held by sequences (not free, not evictable)"
@@ -150,6 +155,7 @@ class EngineMetrics:
                 ("prefix_hits", st.prefix_hits, self.prefix_hits),
                 ("kv_waits", st.kv_waits, self.kv_waits),
                 ("kv_preemptions", st.kv_preemptions, self.kv_preemptions),
+                ("kernel_compiles", st.kernel_compiles, self.kernel_compiles),
             ]
             for key, value, m in counters:
                 if value > self._last.get(key, 0):

@@ -185,7 +185,7 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
 
     def stats(self) -> RuntimeStats:
         idle = self._downloads.idle_s if self._downloads else 0.0
-        return RuntimeStats(idle, *self._prefill_counts, **self.blocks.counts())
+        return RuntimeStats(idle, *self._prefill_counts, **self.blocks.counts(), kernel_compiles=WATCH.count)
 
     # -- graphs ----------------------------------------------------------------------------------
     def decode_graph(self, b: int, c: int) -> tuple:
