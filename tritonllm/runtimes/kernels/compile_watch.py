@@ -43,27 +43,21 @@ class CompileWatch:
             with self._lock:
                 self._starting -= 1
 
-    def hook(self, *, key, repr, fn, compile, is_manual_warmup, already_compiled):
-        if not self._starting and not is_manual_warmup:
+    def hook(self, **event):
+        """OpenAI Triton's `jit_cache_hook` (keywords: key, repr, fn, compile, is_manual_warmup,
+        already_compiled), called before it compiles (or loads from its disk cache) a new variant."""
+        if not self._starting and not event["is_manual_warmup"]:
             self.count += 1
+            spec = event["compile"]
             log.warning(
                 "OpenAI Triton compiles a kernel variant after start-up (a stall; add it to the warm-up): %s; "
                 "signature %s; constants %s; specialization %s",
-                repr,
-                compile.get("signature"),
-                compile.get("constants"),
-                compile.get("configs"),
+                event["repr"],
+                spec.get("signature"),
+                spec.get("constants"),
+                spec.get("configs"),
             )
-        if self._previous is not None:
-            return self._previous(
-                key=key,
-                repr=repr,
-                fn=fn,
-                compile=compile,
-                is_manual_warmup=is_manual_warmup,
-                already_compiled=already_compiled,
-            )
-        return None
+        return self._previous(**event) if self._previous is not None else None
 
 
 WATCH = CompileWatch()  # one per process: Triton's hook is process-wide
