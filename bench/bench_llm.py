@@ -181,6 +181,7 @@ def stats_counters(stats) -> dict[str, float]:
         "wait": stats.wait_s,
         "complete": stats.complete_s,
         "gpu_idle": stats.gpu_idle_s,
+        "kernel_compiles": stats.kernel_compiles,
         "prefill_tokens": stats.prefill_tokens,
         "prefill_computed": stats.prefill_computed,
     }

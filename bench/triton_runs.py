@@ -97,6 +97,7 @@ ENGINE_COUNTERS = {
     "prefill_tokens": ("tritonllm_prefill_tokens_total", None),
     "prefill_computed": ("tritonllm_prefill_computed_tokens_total", None),
     "tokens": ("tritonllm_tokens_generated_total", None),
+    "kernel_compiles": ("tritonllm_kernel_compiles_total", None),
     **{p: ("tritonllm_loop_seconds_total", p) for p in ("launch", "wait", "complete")},
 }
 STAGE_COUNTERS = {  # Triton's own per-model counters, for each python stage of the ensemble
@@ -132,6 +133,8 @@ def engine_note(before: dict, after: dict, client_ttft: list[float]) -> str:
     and the first response's way back), the loop's time per step and how prefills were batched."""
     d = {k: after[k] - before[k] for k in before}
     notes = []
+    if d.get("kernel_compiles", 0) > 0:  # each a stall of the engine loop in this row (the server log names it)
+        notes.append(f"{d['kernel_compiles']:.0f} kernel compiles during the row")
     if d["ttft_count"] > 0 and client_ttft:
         notes.append(
             f"TTFT mean client {1e3 * sum(client_ttft) / len(client_ttft):.1f} ms, "

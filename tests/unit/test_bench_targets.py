@@ -70,6 +70,7 @@ def test_engine_note_reads_the_engines_counters_off_metrics_text():
                 f"tritonllm_gpu_idle_seconds_total{{{m}}} {0.03 * scale}",
                 f"tritonllm_prefill_tokens_total{{{m}}} {1000 * scale}",
                 f"tritonllm_prefill_computed_tokens_total{{{m}}} {1250 * scale}",
+                f"tritonllm_kernel_compiles_total{{{m}}} {scale}",
                 *(
                     f'tritonllm_loop_seconds_total{{{m},phase="{p}"}} {t * scale}'
                     for p, t in (("launch", 0.05), ("wait", 0.1), ("complete", 0.02))
@@ -83,7 +84,8 @@ def test_engine_note_reads_the_engines_counters_off_metrics_text():
     srv.text = metrics(3)
     note = engine_note(before, engine_counters(srv, "m"), [0.06] * 20)
     assert note == (
-        "; TTFT mean client 60.0 ms, in engine 50.0 ms; loop ms/step launch 0.50 / wait 1.00 / "
+        "; 2 kernel compiles during the row; TTFT mean client 60.0 ms, in engine 50.0 ms; "
+        "loop ms/step launch 0.50 / wait 1.00 / "
         "complete 0.20; GPU idle between steps 0.30 ms/step; 2.5 prefills/step in 8 of 200 steps; "
         "prefill computed 1.25x its prompt tokens (padding)"
     )

@@ -96,6 +96,7 @@ def test_guaranteed_no_evict_never_preempts(Runtime):
 def test_the_runtimes_counters_reach_the_engines_stats():
     """What the runtime counts of its own work (here a kernel compiled after start-up, a stall)
     reaches the engine's stats, which /metrics exports."""
+
     class Compiling(CountingRuntime):
         def stats(self) -> RuntimeStats:
             return RuntimeStats(gpu_idle_s=0.5, kernel_compiles=3)
