@@ -39,3 +39,17 @@ def test_the_tuned_piece_steps_fit_the_budget_and_the_context(budget, max_contex
     """`piece_shapes`: what start-up times the piece tile on, within one step's tokens and the context."""
     for pieces, tokens, past in piece_shapes(budget, max_context):
         assert pieces * tokens <= budget and past >= 0 and (past + tokens < max_context or past == 0)
+
+
+def test_a_piece_tile_that_differs_or_does_not_build_is_no_candidate():
+    import torch
+
+    from tritonllm.runtimes.kernels.attention import _agrees
+
+    def out_of_resources():
+        raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+
+    ref = torch.zeros(4)
+    assert _agrees(lambda: torch.full((4,), 0.01), ref, (64, 64, 4, 3))
+    assert not _agrees(lambda: torch.ones(4), ref, (64, 128, 4, 3))
+    assert not _agrees(out_of_resources, ref, (128, 128, 8, 2))
