@@ -53,3 +53,10 @@ def test_a_piece_tile_that_differs_or_does_not_build_is_no_candidate():
     assert _agrees(lambda: torch.full((4,), 0.01), ref, (64, 64, 4, 3))
     assert not _agrees(lambda: torch.ones(4), ref, (64, 128, 4, 3))
     assert not _agrees(out_of_resources, ref, (128, 128, 8, 2))
+
+
+def test_the_runtimes_default_piece_tile_is_the_kernels_first():
+    from tritonllm.runtimes.kernels.attention import PIECE_CONFIGS
+    from tritonllm.runtimes.torch_cuda.tuning import PIECE_DEFAULT
+
+    assert PIECE_DEFAULT == PIECE_CONFIGS[0]
