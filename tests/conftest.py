@@ -57,14 +57,16 @@ SMOL_ENGINE = dict(max_slots=4, max_context=512, max_queue=16, max_tokens_limit=
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory, tiny_dir, tiny_engine_dir, smollm2_dir, smollm2_engine_dir) -> Path:
     """Three LLMs in one repository: `tiny`, `smollm2`, and `tiny_onehop` (the tiny weights with
-    the engine detokenizing: tokenizer -> engine, no detokenizer stage; and chunked prefill: a
-    16-token budget)."""
+    the engine detokenizing: tokenizer -> engine, no detokenizer stage; chunked prefill: a
+    16-token budget; a response every step)."""
     from tritonllm.build.repository import RepositoryConfig, write_repository
     from tritonllm.config import EngineConfig
 
     repo = tmp_path_factory.mktemp("model_repository")
     write_repository(repo, RepositoryConfig(name="tiny", engine=EngineConfig(**TINY_ENGINE)), tiny_dir, tiny_engine_dir)
-    onehop = EngineConfig(**TINY_ENGINE, emit_text=True, max_prefill_tokens=16)  # prompts over 16 tokens in pieces
+    # prompts over 16 tokens in pieces; a response for every step (no adaptive coalescing, whose
+    # chunk count follows the machine's speed): the tests count its streamed deltas
+    onehop = EngineConfig(**TINY_ENGINE, emit_text=True, max_prefill_tokens=16, max_responses_per_s=0.0)
     write_repository(repo, RepositoryConfig(name="tiny_onehop", engine=onehop), tiny_dir, tiny_engine_dir)
     write_repository(
         repo, RepositoryConfig(name="smollm2", engine=EngineConfig(**SMOL_ENGINE)), smollm2_dir, smollm2_engine_dir
