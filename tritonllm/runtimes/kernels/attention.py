@@ -238,6 +238,16 @@ def spread_table(rows: int, context: int, page: int, num_blocks: int, device) ->
     return flat.view(rows, n).to(torch.int32)
 
 
+def random_pool(rows: int, context: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random keys and values in a pool of their own, shaped and typed as the cache `like` [blocks,
+    Hkv, PAGE, D] (a real cache may be all zeros, which any tile would agree on), and a table of
+    `rows` rows of `context` positions into it: what tuning checks candidates on."""
+    blocks, hkv, page, d = like.shape
+    few = min(blocks, rows * -(-context // page))
+    kr, vr = (torch.randn((few, hkv, page, d), device=like.device).to(like.dtype) for _ in range(2))
+    return kr, vr, spread_table(rows, context, page, few, like.device)
+
+
 def tune_attention(
     k_caches, v_caches, num_heads: int, batches, context: int, dtype: torch.dtype, kv_scales=None
 ) -> tuple[dict, list]:
@@ -254,9 +264,7 @@ def tune_attention(
         q = torch.randn(b, num_heads, d, device=k_caches[0].device, dtype=dtype)
         pos = torch.full((b,), context - 1, device=q.device)
         tab = spread_table(b, context, page, blocks, q.device)
-        few = min(blocks, b * tab.shape[1])  # random keys (the cache may be all zeros) in a pool of their own
-        kr, vr = (torch.randn((few, hkv, page, d), device=q.device).to(k_caches[0].dtype) for _ in range(2))
-        check = spread_table(b, context, page, few, q.device)
+        kr, vr, check = random_pool(b, context, k_caches[0])
         run = lambda cfg=ATTENTION_CONFIGS[0]: decode_attention(q, kr, vr, check, pos, context, cfg, kv_scale=scales[0])
         ref = run().float()
         agree = [  # the default is checked against SDPA in self_check
@@ -305,9 +313,7 @@ def tune_pieces(k_caches, v_caches, num_heads: int, shapes, dtype: torch.dtype, 
         slots = torch.arange(pieces, device=device).repeat_interleave(n)
         pos = (past + torch.arange(n, device=device)).repeat(pieces)
         tab = spread_table(pieces, past + n, page, blocks, device)
-        few = min(blocks, tab.numel())  # random keys (the cache may be all zeros) in a pool of their own
-        kr, vr = (torch.randn((few, hkv, page, d), device=device).to(k_caches[0].dtype) for _ in range(2))
-        check = spread_table(pieces, past + n, page, few, device)
+        kr, vr, check = random_pool(pieces, past + n, k_caches[0])
         tiles = {c: PieceTiles.of([n] * pieces, PieceTiles.rows_for(group, pieces * n, hkv, c[0]), put) for c in totals}
 
         def run(cfg, k, v, table, s):
