@@ -136,7 +136,8 @@ class BlockTables:
         self.reserved = [0] * slots  # blocks promised to each slot's sequence (0: none promised)
         self.owed = 0  # promised blocks not yet in their slot's table, over all slots
         self.dirty: dict[int, list[int]] = {}  # slot -> [first, end) of table entries changed since `take_dirty`
-        self._recent: tuple[int, list[int], list[tuple[int, int]]] | None = None  # `_recent_blocks`
+        # the last lookup that found blocks: (the chain it started after, their tokens, what it found)
+        self._recent: tuple[int, list[int], list[tuple[int, int]]] | None = None
 
     @property
     def stats(self) -> PrefixStats:
@@ -220,7 +221,7 @@ class BlockTables:
         of prompts with a long shared prefix runs this for each prompt twice (admission, then the
         step), on the engine loop's thread: the blocks a prompt shares with the last one looked up
         are taken from that lookup (`_recent_blocks`), so only the rest are hashed."""
-        size = self.block_size
+        size, after = self.block_size, chain
         whole = (len(tokens) - 1) // size  # the blocks before the one holding the last token
         found = self._recent_blocks(tokens, chain, whole)
         lookup = self.pool.lookup
@@ -233,18 +234,16 @@ class BlockTables:
                 break
             found.append((block, chain))
         if found:
-            self._recent = (found[0][1], tokens[: len(found) * size], found)
+            self._recent = (after, tokens[: len(found) * size], found)
         return found
 
     def _recent_blocks(self, tokens: list[int], chain: int, whole: int) -> list[tuple[int, int]]:
         """The last lookup's found blocks that `tokens` starts with (same tokens after the same
         chain), as long as each still holds its chain hash: compared as token lists, not hashed."""
         recent = self._recent
-        if recent is None or whole == 0:
+        if recent is None or whole == 0 or recent[0] != chain:
             return []
-        first, recent_tokens, recent_found = recent
-        if chain_hash(chain, tuple(tokens[: self.block_size])) != first:
-            return []
+        _, recent_tokens, recent_found = recent
         n = shared_blocks(tokens, recent_tokens, min(whole, len(recent_found)), self.block_size)
         by_hash, found = self.pool.by_hash, recent_found[:n]
         for i, (block, chain_i) in enumerate(found):
