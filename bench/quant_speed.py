@@ -65,6 +65,17 @@ def kernel_errors(runtime: TorchCudaRuntime) -> dict:
     return out
 
 
+def product_bandwidth(runtime: TorchCudaRuntime) -> dict:
+    """{kind x rows: GB/s} of the chosen batch-1..8 product over every layer's weight of the kind
+    (the tuner's own timing), beside the copy bandwidth: how near each kernel streams its bytes."""
+    layers, out = runtime.model.layers, {}
+    for r in (r for r in runtime.kernels.gemv_report if r["rows"] <= gemv.MAX_ROWS and r["kind"] in quant.PROJECTIONS):
+        weight = quant.operands(getattr(layers[0], r["kind"]))[0]
+        nbytes = len(layers) * weight.numel() * weight.element_size()
+        out[f"{r['kind']} x{r['rows']}"] = round(nbytes / (r["us"][r["chosen"]] * 1e-6) / 1e9)
+    return out
+
+
 def greedy(runtime: TorchCudaRuntime, cfg: EngineConfig, prompts: list[list[int]]) -> list[list[int]]:
     with InProcessEngine(None, cfg, runtime=runtime) as eng:
         return [
@@ -90,6 +101,8 @@ def run_scheme(base: CausalLM, name: str, scheme: str, concurrency: list[int], p
         "quant_report": runtime.kernels.quant_report,
         "weight_bytes_per_token": weight_bytes(runtime.model),
         "kernel_rel_error": kernel_errors(runtime),
+        "product_gb_per_s": product_bandwidth(runtime),
+        "gemv_report": [r for r in runtime.kernels.gemv_report if r["rows"] <= gemv.MAX_ROWS],
     }
     roofline = COPY_BANDWIDTH / detail["weight_bytes_per_token"]
     vocab = model.shape.vocab_size

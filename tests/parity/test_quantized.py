@@ -55,6 +55,51 @@ def test_small_batch_products_read_8bit_weights(scheme, config):
     torch.testing.assert_close(got, gemv.reference(x, q, bias, scale), atol=1e-4, rtol=1e-4)
 
 
+def test_float8_activation_tiles_scale_each_row_and_k_step_by_its_own_range():
+    """The 8-bit x 8-bit tile rounds each row's activations per K step with that step's absmax, so
+    rows of very different ranges each keep ~3 mantissa bits (a scale shared across rows or steps
+    would flush the small ones to zero); unsplit and split along K, with a bias."""
+    torch.manual_seed(4)
+    q, scale = quant.quantize_weight(torch.randn(48, 128), "fp8")
+    x = torch.randn(6, 1, 128) * torch.logspace(-3, 3, 6)[:, None, None]
+    x[:, :, 64:] *= 1e-3  # the second K step of every row is far smaller than the first
+    bias = torch.randn(48)
+    ref = gemv.reference(x, q, bias, scale).view(6, 48) - bias
+    for config in [(16, 64, 4, 2, 1, 1), (16, 64, 4, 2, 2, 1)]:
+        got = gemv.dense(gemv.small_matmul(x, q, bias, config, scale)).view(6, 48) - bias
+        rel = (got - ref).norm(dim=1) / ref.norm(dim=1)
+        assert (rel > 0).all() and (rel < 0.1).all(), (config, rel)
+        small = gemv.reference(x[:, :, 64:], q[:, 64:], None, scale).view(6, 48)
+        second = gemv.dense(gemv.small_matmul(x[:, :, 64:], q[:, 64:], None, config, scale)).view(6, 48)
+        assert ((second - small).norm(dim=1) / small.norm(dim=1) < 0.1).all()
+
+
+def test_float8_activation_tiles_refuse_other_weights():
+    q, scale = quant.quantize_weight(torch.randn(16, 64), "int8-wo")
+    with pytest.raises(ValueError, match="needs float8 weights"):
+        gemv.small_matmul(torch.randn(1, 64), q, None, (16, 64, 4, 2, 1, 1), scale)
+
+
+@pytest.mark.parametrize("scheme", [None, *SCHEMES])
+def test_small_batch_candidates_offer_tensor_core_tiles_at_one_row(scheme):
+    """At 1-8 rows the tuner times the CUDA-core gemv tiles and the tensor-core tiles; beyond, only
+    the latter. Split tiles only where a consumer adds up partial sums; float8 activations only
+    for float8 weights."""
+    w = torch.randn(64, 4096)
+    if scheme is not None:
+        w, _ = quant.quantize_weight(w, scheme)
+    q = scheme is not None
+    one, many = (
+        gemv.candidates(1, w, q, False, gemv.CONFIGS, gemv.DOT_CONFIGS),
+        gemv.candidates(16, w, q, True, gemv.CONFIGS, gemv.DOT_CONFIGS),
+    )
+    assert any(len(c) == 3 for c in one) and any(len(c) == 4 for c in one)
+    assert all(len(c) >= 4 for c in many) and any(len(c) == 5 for c in many)
+    assert all(len(c) < 5 or c[4] == 1 for c in one)
+    x8 = [c for c in [*one, *many] if len(c) == 6]
+    assert bool(x8) == (scheme == "fp8")
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_large_batch_tiles_match_the_dequantized_reference(scheme):
     torch.manual_seed(2)

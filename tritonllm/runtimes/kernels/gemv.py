@@ -38,7 +38,11 @@ QUANT_CONFIGS = CONFIGS + ((2, 4096, 4), (4, 4096, 8), (1, 8192, 8), (2, 8192, 8
 QUANT_DOT_CONFIGS = DOT_CONFIGS + ((16, 256, 4, 4), (32, 256, 4, 4), (64, 256, 8, 3), (32, 512, 8, 3))
 SPLITS = (1, 2, 4, 8)  # slices of K a skinny_dot may run as separate programs (a 5th number in its config)
 SPLIT_TILES = ((32, 128, 4, 4), (64, 64, 4, 4))  # the tiles tried split (the others never won split)
-Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot, 5: skinny_dot split along K
+# float8 weights at a few rows: the activations rounded to float8 per K step (a 6th number, 1), so
+# the tensor cores multiply 8 bits by 8 bits and no weight is widened in registers
+X8_TILES = ((32, 256, 4, 4, 1, 1), (64, 256, 4, 3, 1, 1), (32, 256, 4, 4, 2, 1), (64, 128, 4, 4, 2, 1))
+X8_TOLERANCE = 0.1  # float8 activations keep 3 mantissa bits: each term is off by up to 2^-4 relative
+Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot, 5: split along K, 6: float8 activations
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ def _small_matmul_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     USE_DOT: tl.constexpr,
+    QUANT_X: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -87,10 +92,12 @@ def _small_matmul_kernel(
         k_ok = k < K
         xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w + n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if HAS_SCALE and USE_DOT:  # an 8-bit weight (int8 or float8): widened in registers, exactly
-            wt = wt.to(xt.dtype)
-        if USE_DOT:  # skinny_dot: the tensor cores (at least 16 rows, padded)
-            acc += tl.dot(xt, tl.trans(wt))
+        if QUANT_X:  # float8 x float8 on the tensor cores, each row of this K step scaled by its absmax
+            amax = tl.maximum(tl.max(tl.abs(xt.to(tl.float32)), axis=1), 1e-30)
+            xq = (xt.to(tl.float32) * (448.0 / amax)[:, None]).to(wt.dtype)  # 448: float8 e4m3's largest
+            acc += tl.dot(xq, tl.trans(wt)) * (amax / 448.0)[:, None]
+        elif USE_DOT:  # skinny_dot: the tensor cores (at least 16 rows, padded); an 8-bit weight
+            acc += tl.dot(xt, tl.trans(wt.to(xt.dtype)))  # widened in registers, exactly
         else:  # gemv: rows x tile products summed along K on the CUDA cores
             acc += tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
     if HAS_SCALE:  # per output channel: (x @ q.T) * scale == x @ (q * scale).T
@@ -113,11 +120,15 @@ def small_matmul(
     A 3-number config (rows of W, K step, warps) is `gemv`: at most MAX_ROWS rows, its K step
     shrinking as rows grow (a program holds rows x tile). A 4-number one (..., stages) is
     `skinny_dot`: at most MAX_DOT_ROWS rows on the tensor cores; a 5th number S > 1 splits K
-    into S slices, each its own programs, and returns their `SplitK` partial sums. With `scale`
+    into S slices, each its own programs, and returns their `SplitK` partial sums; a 6th number 1
+    (float8 weights only) rounds x to float8 per K step and row for 8-bit x 8-bit products. With `scale`
     [N] the weight is 8-bit (int8 or float8, model/quant.py) and the product is x @ (weight *
     scale).T: the weight streams at a byte per value."""
     use_dot = len(config) >= 4
-    splits = config[4] if len(config) == 5 else 1
+    splits = config[4] if len(config) >= 5 else 1
+    quant_x = len(config) == 6 and config[5] == 1
+    if quant_x and weight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"config {config} rounds activations to float8: it needs float8 weights, got {weight.dtype}")
     limit, name = (MAX_DOT_ROWS, "skinny_dot") if use_dot else (MAX_ROWS, "gemv")
     k = x.shape[-1]
     rows = x.numel() // k
@@ -153,6 +164,7 @@ def small_matmul(
         HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None,
         USE_DOT=use_dot,
+        QUANT_X=quant_x,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -217,13 +229,29 @@ def agrees(label: str, product: Callable[[], torch.Tensor], ref: torch.Tensor, t
 
 
 def _agrees(x: torch.Tensor, w, b, s, config: Config) -> bool:
-    """The config's product equals the reference within rounding of the activations' type."""
-    return agrees(f"gemv {config}", lambda: dense(small_matmul(x, w, b, config, s)), reference(x, w, b, s))
+    """The config's product equals the reference within rounding of the activations' type (of
+    float8 where the config rounds them)."""
+    tolerance = X8_TOLERANCE if len(config) == 6 else 2e-2
+    return agrees(f"gemv {config}", lambda: dense(small_matmul(x, w, b, config, s)), reference(x, w, b, s), tolerance)
 
 
 def split_configs(dot_configs: Sequence[Config], k: int) -> list[Config]:
     """Each tile unsplit, and the SPLIT_TILES split S ways where every slice holds at least one K step."""
     return list(dot_configs) + [(*tile, s) for tile in SPLIT_TILES for s in SPLITS[1:] if k >= s * tile[1]]
+
+
+def candidates(
+    rows: int, weight: torch.Tensor, quantized: bool, split_ok: bool, configs: Sequence[Config], dots: Sequence[Config]
+) -> list[Config]:
+    """The tiles timed for `rows` rows of x against `weight` [N, K]: gemv up to MAX_ROWS rows and
+    the tensor-core tiles at every row count (a padded 16-row tile streams a weight well even for one
+    row), split along K only where the consumer adds up partial sums (`split_ok`); float8 weights
+    also try float8 activations. `quantized`: the weight is 8-bit (the 8-bit tile lists)."""
+    small, dots = (QUANT_CONFIGS, QUANT_DOT_CONFIGS) if quantized else (configs, dots)
+    tiles = split_configs(dots, weight.shape[1]) if split_ok else list(dots)
+    if weight.dtype == torch.float8_e4m3fn:
+        tiles += [c for c in X8_TILES if split_ok or c[4] == 1]
+    return [*small, *tiles] if rows <= MAX_ROWS else tiles
 
 
 Consumer = Callable[["torch.Tensor | SplitK"], object]
@@ -238,8 +266,9 @@ def tune(
     dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[dict[tuple[str, int], Config], list[dict]]:
     """For each weight kind (its (weight, bias, scale) of every layer; scale None unless the weight
-    is 8-bit) and batch rows, the fastest of the reference (`reference`: cuBLAS)
-    and `configs` (gemv, up to MAX_ROWS rows) or `dot_configs` (skinny_dot, up to MAX_DOT_ROWS).
+    is 8-bit) and batch rows, the fastest of the reference (`reference`: cuBLAS) and the
+    `candidates`: `configs` (gemv, up to MAX_ROWS rows) and `dot_configs` (skinny_dot, up to
+    MAX_DOT_ROWS), or their 8-bit lists.
     Each product is timed followed by its kind's consumer (`consumers`: the fused kernel that reads
     it in a decode step); only kinds with a consumer, which adds up split partial sums as it loads
     them, try split configs. `dtype`: the activations'. Returns {(kind, rows): config} for the kinds where a config beat
@@ -254,9 +283,8 @@ def tune(
             x = torch.randn(m, 1, k, device=mats[0][0].device, dtype=dtype)
             run = lambda f: lambda: [consume(f(x, w, b, s)) for w, b, s in mats]
             times = {"cublas": graph_ms(run(reference))}
-            small, dots = (QUANT_CONFIGS, QUANT_DOT_CONFIGS) if mats[0][2] is not None else (configs, dot_configs)
-            candidates = small if m <= MAX_ROWS else split_configs(dots, k) if kind in consumers else dots
-            for cfg in (c for c in candidates if _agrees(x, *mats[0], c)):
+            tiles = candidates(m, mats[0][0], mats[0][2] is not None, kind in consumers, configs, dot_configs)
+            for cfg in (c for c in tiles if _agrees(x, *mats[0], c)):
                 times[cfg] = graph_ms(run(lambda x, w, b, s, cfg=cfg: small_matmul(x, w, b, cfg, s)))
             best = min(times, key=times.get)
             if best != "cublas":
