@@ -39,8 +39,9 @@ QUANT_DOT_CONFIGS = DOT_CONFIGS + ((16, 256, 4, 4), (32, 256, 4, 4), (64, 256, 8
 SPLITS = (1, 2, 4, 8)  # slices of K a skinny_dot may run as separate programs (a 5th number in its config)
 SPLIT_TILES = ((32, 128, 4, 4), (64, 64, 4, 4))  # the tiles tried split (the others never won split)
 # float8 weights at a few rows: the activations rounded to float8 per K step (a 6th number, 1), so
-# the tensor cores multiply 8 bits by 8 bits and no weight is widened in registers
-X8_TILES = ((32, 256, 4, 4, 1, 1), (64, 256, 4, 3, 1, 1), (32, 256, 4, 4, 2, 1), (64, 128, 4, 4, 2, 1))
+# the tensor cores multiply 8 bits by 8 bits and no weight is widened in registers; each tile also
+# split along K, as a weight of few output rows (4096) gives too few programs to fill the SMs
+X8_TILES = ((32, 256, 4, 4), (64, 256, 4, 3), (64, 128, 4, 4))
 X8_TOLERANCE = 0.1  # float8 activations keep 3 mantissa bits: each term is off by up to 2^-4 relative
 Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot, 5: split along K, 6: float8 activations
 
@@ -250,7 +251,8 @@ def candidates(
     small, dots = (QUANT_CONFIGS, QUANT_DOT_CONFIGS) if quantized else (configs, dots)
     tiles = split_configs(dots, weight.shape[1]) if split_ok else list(dots)
     if weight.dtype == torch.float8_e4m3fn:
-        tiles += [c for c in X8_TILES if split_ok or c[4] == 1]
+        splits = [s for s in SPLITS if s == 1 or split_ok]
+        tiles += [(*t, s, 1) for t in X8_TILES for s in splits if weight.shape[1] >= s * t[1]]
     return [*small, *tiles] if rows <= MAX_ROWS else tiles
 
 
