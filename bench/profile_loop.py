@@ -9,14 +9,21 @@ sets the inter-token latency, and under Triton it competes for the engine proces
                       (fixed logits over a 1024-id vocabulary): what the loop thread does per step
                       on a GPU host, less the CUDA calls themselves
 
+  --runtime gpu       the torch-cuda runtime on the GPU over the Llama-3.2-1B shape (random bf16
+                      weights): the loop thread as served in-process, CUDA calls included
+  --cprofile N        also the loop thread's N most expensive functions (own time per step) under
+                      cProfile, whose overhead inflates Python-heavy parts: read shares, not ms
+
   python -m bench.profile_loop --batch 1 8 64 --runtime torch [--steps-per-launch 4] [--heap frozen plain]
-      [--out results]
+      [--cprofile 30] [--out results]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import pstats
 import time
 
 from bench.provenance import run_facts, write_json
@@ -93,20 +100,71 @@ def stubbed_torch_runtime(cfg: EngineConfig):
     return runtime
 
 
-def host_ms_per_step(runtime_kind: str, batch: int, tokens: int, steps_per_launch: int, freeze: bool = True) -> dict:
+def gpu_runtime(cfg: EngineConfig):
+    """TorchCudaRuntime on the GPU over a random Llama-3.2-1B-shaped model."""
+    from bench.families import SMALL, random_model
+    from tritonllm.model.modeling import CausalLM
+    from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
+
+    return TorchCudaRuntime(None, cfg, model=CausalLM(random_model("llama", SMALL)))
+
+
+class ProfiledLoop(EngineLoop):
+    """The engine loop with its thread under `profile` (None: not profiled)."""
+
+    profile: cProfile.Profile | None = None
+
+    def _run(self) -> None:
+        if self.profile is None:
+            return super()._run()
+        self.profile.enable()
+        try:
+            return super()._run()
+        finally:
+            self.profile.disable()
+
+
+def own_time(profile: cProfile.Profile, steps: int, n: int) -> list[dict]:
+    """The `n` functions with the most own time (excluding callees), in ms per engine step."""
+    stats = pstats.Stats(profile).stats
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:n]
+    return [
+        {
+            "function": f"{path.rsplit('/', 2)[-1]}:{line}({name})",
+            "calls_per_step": round(calls / steps, 1),
+            "own_ms_per_step": round(1e3 * own / steps, 4),
+            "cumulative_ms_per_step": round(1e3 * cum / steps, 4),
+        }
+        for (path, line, name), (_, calls, own, cum, _) in rows
+    ]
+
+
+def make_runtime(kind: str, cfg: EngineConfig):
+    if kind == "instant":
+        return InstantRuntime(cfg.max_slots)
+    return stubbed_torch_runtime(cfg) if kind == "torch" else gpu_runtime(cfg)
+
+
+def host_ms_per_step(
+    runtime_kind: str, batch: int, tokens: int, steps_per_launch: int, freeze: bool = True, cprofile: int = 0
+) -> dict:
     """One warm-up wave, then one measured wave of `batch` requests, each wave queued before its
     loop starts so every step holds the whole batch (submitted to a running loop, a fast runtime
     steps before the last requests arrive and the batch is never full). `freeze`: the objects alive
     before the loop starts are frozen out of the garbage collector's passes, as a served engine's are."""
-    cfg = EngineConfig(max_slots=batch, max_context=512, max_tokens_limit=tokens, steps_per_launch=steps_per_launch)
-    runtime = InstantRuntime(batch) if runtime_kind == "instant" else stubbed_torch_runtime(cfg)
+    fields = dict(runtime="torch-cuda", dtype="bfloat16") if runtime_kind == "gpu" else {}
+    cfg = EngineConfig(
+        max_slots=batch, max_context=512, max_tokens_limit=tokens, steps_per_launch=steps_per_launch, **fields
+    )
+    runtime = make_runtime(runtime_kind, cfg)
     with frozen_heap() if freeze else contextlib.nullcontext():
-        return _measure(runtime, cfg, batch, tokens)
+        return _measure(runtime, cfg, batch, tokens, cprofile)
 
 
-def _measure(runtime, cfg: EngineConfig, batch: int, tokens: int) -> dict:
-    for _ in range(2):
-        loop = EngineLoop(runtime, cfg)
+def _measure(runtime, cfg: EngineConfig, batch: int, tokens: int, cprofile: int = 0) -> dict:
+    for warm in (True, False):
+        loop = ProfiledLoop(runtime, cfg)
+        loop.profile = cProfile.Profile() if cprofile and not warm else None
         sinks = []
         for _ in range(batch):
             seq = build_sequence(
@@ -140,14 +198,16 @@ def _measure(runtime, cfg: EngineConfig, batch: int, tokens: int) -> dict:
         "cpu_ms_per_step": round(1e3 * cpu / steps, 3),  # this process's CPU time: less noisy on a shared machine
         "launch_ms_per_step": round(1e3 * st.launch_s / steps, 3),
         "complete_ms_per_step": round(1e3 * st.complete_s / steps, 3),
-    }
+        "gpu_idle_ms_per_step": round(1e3 * st.gpu_idle_s / steps, 3),
+    } | ({"loop_functions": own_time(loop.profile, steps, cprofile)} if loop.profile else {})
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--runtime", choices=["instant", "torch"], default="instant")
+    p.add_argument("--runtime", choices=["instant", "torch", "gpu"], default="instant")
+    p.add_argument("--cprofile", type=int, default=0, help="N: the loop thread's N costliest functions")
     p.add_argument("--steps-per-launch", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3, help="runs per batch and heap; the median-CPU run is reported")
     p.add_argument(
@@ -165,7 +225,7 @@ def main() -> None:
         runs: dict[str, list[dict]] = {h: [] for h in a.heap}
         for _ in range(a.repeat):  # in turns, so a drift of this machine hits every setting alike
             for h in a.heap:
-                runs[h].append(host_ms_per_step(a.runtime, b, a.tokens, a.steps_per_launch, freeze=h == "frozen"))
+                runs[h].append(host_ms_per_step(a.runtime, b, a.tokens, a.steps_per_launch, h == "frozen", a.cprofile))
         for h, rs in runs.items():
             r = sorted(rs, key=lambda r: r["cpu_ms_per_step"])[len(rs) // 2] | {"heap": h}
             rows.append(r)
@@ -173,6 +233,9 @@ def main() -> None:
                 f"batch {b:4d}, heap {h:6s}: {r['cpu_ms_per_step']:.3f} ms CPU per step, {r['wall_ms_per_step']:.3f} "
                 f"wall (launch {r['launch_ms_per_step']:.3f}, complete {r['complete_ms_per_step']:.3f})"
             )
+            for f in r.get("loop_functions", []):
+                own, cum = f["own_ms_per_step"], f["cumulative_ms_per_step"]
+                print(f"  {own:8.4f} own / {cum:8.4f} cumulative ms per step  {f['function']}")
     if a.out:
         steps = "" if a.steps_per_launch == 1 else f"-steps{a.steps_per_launch}"
         write_json(a.out, f"profile-loop-{a.runtime}{steps}", run_facts(rows=rows, repeat=a.repeat))
