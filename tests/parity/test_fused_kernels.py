@@ -149,7 +149,8 @@ def test_gemv_matches_linear_on_ragged_shapes(rows, config, with_bias):
 
 
 @pytest.mark.parametrize(
-    "rows,config", [(9, gemv.DOT_CONFIGS[0]), (33, gemv.DOT_CONFIGS[2]), (64, gemv.DOT_CONFIGS[3])]
+    "rows,config",
+    [(1, gemv.DOT_CONFIGS[1]), (9, gemv.DOT_CONFIGS[0]), (33, gemv.DOT_CONFIGS[2]), (64, gemv.DOT_CONFIGS[3])],
 )
 def test_skinny_dot_matches_linear_on_ragged_shapes(rows, config):
     torch.manual_seed(4)
@@ -160,7 +161,9 @@ def test_skinny_dot_matches_linear_on_ragged_shapes(rows, config):
     )
 
 
-@pytest.mark.parametrize("rows,config", [(5, (16, 128, 4, 4, 2)), (33, (32, 64, 4, 4, 4)), (64, (64, 64, 4, 3, 8))])
+@pytest.mark.parametrize(
+    "rows,config", [(1, (32, 64, 4, 4, 2)), (5, (16, 128, 4, 4, 2)), (33, (32, 64, 4, 4, 4)), (64, (64, 64, 4, 3, 8))]
+)
 def test_split_k_partial_sums_add_up_to_linear(rows, config):
     torch.manual_seed(5)
     n, k = 45, 300  # the last slice of the 8-way split holds no K step at all: its partials are zeros
