@@ -13,6 +13,9 @@ sets the inter-token latency, and under Triton it competes for the engine proces
                       weights): the loop thread as served in-process, CUDA calls included
   --cprofile N        also the loop thread's N most expensive functions (own time per step) under
                       cProfile, whose overhead inflates Python-heavy parts: read shares, not ms
+  --sink outbox       responses as the engine process sends them (one pickled message a loop pass
+                      over a pipe another process drains, as Triton's I/O side does) instead of
+                      in-process queues
 
   python -m bench.profile_loop --batch 1 8 64 --runtime torch [--steps-per-launch 4] [--heap frozen plain]
       [--cprofile 30] [--out results]
@@ -23,11 +26,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import multiprocessing
 import pstats
 import time
 
 from bench.provenance import run_facts, write_json
 from tritonllm.config import EngineConfig
+from tritonllm.engine.core_process import _Outbox
 from tritonllm.engine.heap import frozen_heap
 from tritonllm.engine.inprocess import QueueSink
 from tritonllm.engine.loop import EngineLoop
@@ -139,6 +144,55 @@ def own_time(profile: cProfile.Profile, steps: int, n: int) -> list[dict]:
     ]
 
 
+class QueueSinks:
+    """In-process sinks: a queue per request, as InProcessEngine's."""
+
+    def __init__(self):
+        self.sinks: list[QueueSink] = []
+        self.after_step = None
+
+    def new(self) -> QueueSink:
+        self.sinks.append(QueueSink())
+        return self.sinks[-1]
+
+    def wait(self, loop: EngineLoop, n: int) -> None:
+        for s in self.sinks:
+            s.wait(120)
+
+    def close(self) -> None:
+        pass
+
+
+def _drain(conn) -> None:
+    while conn.recv()[0] != "bye":
+        pass
+
+
+class OutboxSinks:
+    """The engine process's sink (`_Outbox`): each loop pass's responses pickled into one message
+    on a pipe that another process reads, as the I/O side under Triton does."""
+
+    def __init__(self):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, theirs = ctx.Pipe()
+        self.reader = ctx.Process(target=_drain, args=(theirs,), daemon=True)
+        self.reader.start()
+        self.outbox = _Outbox(self.conn)
+        self.after_step = self.outbox.flush
+
+    def new(self) -> _Outbox:
+        return self.outbox
+
+    def wait(self, loop: EngineLoop, n: int) -> None:
+        deadline = time.monotonic() + 120
+        while sum(loop.stats.requests_finished.values()) < n and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        self.conn.send(("bye",))
+        self.reader.join(10)
+
+
 def make_runtime(kind: str, cfg: EngineConfig):
     if kind == "instant":
         return InstantRuntime(cfg.max_slots)
@@ -146,7 +200,14 @@ def make_runtime(kind: str, cfg: EngineConfig):
 
 
 def host_ms_per_step(
-    runtime_kind: str, batch: int, tokens: int, steps_per_launch: int, freeze: bool = True, cprofile: int = 0
+    runtime_kind: str,
+    batch: int,
+    tokens: int,
+    steps_per_launch: int,
+    freeze: bool = True,
+    cprofile: int = 0,
+    sink: str = "queue",
+    responses_per_s: float = EngineConfig.max_responses_per_s,
 ) -> dict:
     """One warm-up wave, then one measured wave of `batch` requests, each wave queued before its
     loop starts so every step holds the whole batch (submitted to a running loop, a fast runtime
@@ -154,18 +215,23 @@ def host_ms_per_step(
     before the loop starts are frozen out of the garbage collector's passes, as a served engine's are."""
     fields = dict(runtime="torch-cuda", dtype="bfloat16") if runtime_kind == "gpu" else {}
     cfg = EngineConfig(
-        max_slots=batch, max_context=512, max_tokens_limit=tokens, steps_per_launch=steps_per_launch, **fields
+        max_slots=batch,
+        max_context=512,
+        max_tokens_limit=tokens,
+        steps_per_launch=steps_per_launch,
+        max_responses_per_s=responses_per_s,
+        **fields,
     )
     runtime = make_runtime(runtime_kind, cfg)
     with frozen_heap() if freeze else contextlib.nullcontext():
-        return _measure(runtime, cfg, batch, tokens, cprofile)
+        return _measure(runtime, cfg, batch, tokens, cprofile, sink)
 
 
-def _measure(runtime, cfg: EngineConfig, batch: int, tokens: int, cprofile: int = 0) -> dict:
+def _measure(runtime, cfg: EngineConfig, batch: int, tokens: int, cprofile: int = 0, sink: str = "queue") -> dict:
     for warm in (True, False):
-        loop = ProfiledLoop(runtime, cfg)
+        sinks = OutboxSinks() if sink == "outbox" else QueueSinks()
+        loop = ProfiledLoop(runtime, cfg, after_step=sinks.after_step)
         loop.profile = cProfile.Profile() if cprofile and not warm else None
-        sinks = []
         for _ in range(batch):
             seq = build_sequence(
                 DictReader(
@@ -180,15 +246,14 @@ def _measure(runtime, cfg: EngineConfig, batch: int, tokens: int, cprofile: int 
                 cfg,
                 runtime.shape,
             )
-            seq.sink = QueueSink()
-            sinks.append(seq.sink)
+            seq.sink = sinks.new()
             loop.submit(seq)
         t0, c0 = time.perf_counter(), time.process_time()
         loop.start()
-        for s in sinks:
-            s.wait(120)
+        sinks.wait(loop, batch)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         loop.stop()
+        sinks.close()
     st = loop.stats
     steps = max(st.steps, 1)
     return {
@@ -208,6 +273,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--runtime", choices=["instant", "torch", "gpu"], default="instant")
     p.add_argument("--cprofile", type=int, default=0, help="N: the loop thread's N costliest functions")
+    p.add_argument("--sink", choices=["queue", "outbox"], default="queue", help="in-process or engine-process sinks")
+    p.add_argument(
+        "--max-responses-per-s",
+        type=float,
+        default=EngineConfig.max_responses_per_s,
+        help="the engine's response budget (0: every token its own response, as the GPU benches stream)",
+    )
     p.add_argument("--steps-per-launch", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3, help="runs per batch and heap; the median-CPU run is reported")
     p.add_argument(
@@ -225,7 +297,18 @@ def main() -> None:
         runs: dict[str, list[dict]] = {h: [] for h in a.heap}
         for _ in range(a.repeat):  # in turns, so a drift of this machine hits every setting alike
             for h in a.heap:
-                runs[h].append(host_ms_per_step(a.runtime, b, a.tokens, a.steps_per_launch, h == "frozen", a.cprofile))
+                runs[h].append(
+                    host_ms_per_step(
+                        a.runtime,
+                        b,
+                        a.tokens,
+                        a.steps_per_launch,
+                        h == "frozen",
+                        a.cprofile,
+                        a.sink,
+                        a.max_responses_per_s,
+                    )
+                )
         for h, rs in runs.items():
             r = sorted(rs, key=lambda r: r["cpu_ms_per_step"])[len(rs) // 2] | {"heap": h}
             rows.append(r)
@@ -238,7 +321,8 @@ def main() -> None:
                 print(f"  {own:8.4f} own / {cum:8.4f} cumulative ms per step  {f['function']}")
     if a.out:
         steps = "" if a.steps_per_launch == 1 else f"-steps{a.steps_per_launch}"
-        write_json(a.out, f"profile-loop-{a.runtime}{steps}", run_facts(rows=rows, repeat=a.repeat))
+        sink = "" if a.sink == "queue" else f"-{a.sink}"
+        write_json(a.out, f"profile-loop-{a.runtime}{steps}{sink}", run_facts(rows=rows, repeat=a.repeat))
 
 
 if __name__ == "__main__":

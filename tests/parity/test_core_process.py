@@ -5,15 +5,17 @@ every request answered when the engine process dies."""
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import signal
 
 import pytest
 
-from tritonllm.config import EngineConfig
-from tritonllm.engine.core_process import EngineCoreClient
+from tritonllm.config import EngineConfig, SamplingParams
+from tritonllm.engine.core_process import EngineCoreClient, Failure, Response, _as_response, _Outbox
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.engine.request import DictReader, build_sequence
+from tritonllm.engine.sequence import Sequence
 from tritonllm.errors import ServerBusyError
 
 CFG = EngineConfig(max_slots=2, max_context=256, max_queue=2, max_tokens_limit=200, threads=1)
@@ -103,3 +105,36 @@ def test_every_request_answered_when_the_engine_process_dies(tiny_engine_dir, ti
             submit(client, PROMPTS[0])
     finally:
         client.stop()
+
+
+def test_responses_travel_as_plain_tuples_in_the_loops_order():
+    """The engine process sends a loop pass's responses as plain tuples (cheap to build, pickle and
+    read back at a thousand a step), other events as they are, in the order the loop made them; the
+    I/O side reads each tuple back as the `Response` it was."""
+    sent = []
+
+    class Pipe:
+        def send(self, message):
+            sent.append(pickle.loads(pickle.dumps(message)))
+
+    outbox = _Outbox(Pipe())
+    a, b = (Sequence([1, 2, 3], SamplingParams(max_tokens=4), frozenset({2}), None) for _ in range(2))
+    a.output_ids = [5, 6]
+    outbox.send(a, [5, 6], 0, False)
+    outbox.send_error(b, ValueError("bad"))
+    a.finish_reason, a.reused_tokens = "length", 16
+    outbox.send(a, [6, 7], 1, True)
+    outbox.flush()
+    ((kind, events, _),) = sent
+    assert kind == "events" and [type(e) for e in events] == [tuple, Failure, tuple]
+    first, last = (_as_response(e) for e in (events[0], events[2]))
+    assert first == Response(a.uid, [5, 6], 0, False, 2, 0, None, None, None, 0)
+    assert (last.uid, last.ids, last.n_context, last.final, last.finish_reason, last.reused_tokens) == (
+        a.uid,
+        [6, 7],
+        1,
+        True,
+        "length",
+        16,
+    )
+    assert events[1].uid == b.uid and isinstance(events[1].error, RuntimeError)

@@ -57,8 +57,9 @@ def response_window(seq: Sequence, final: bool) -> tuple[list[int], int] | None:
         return (visible, 0) if final else None
     if len(visible) == seq.emitted and not final:
         return None
-    context = DETOKENIZE_CONTEXT + 2 * max((len(s) for s in seq.params.stop_ids), default=0)
-    start = max(0, seq.emitted - context)
+    start = seq.emitted - DETOKENIZE_CONTEXT - 2 * seq.longest_stop
+    if start < 0:
+        start = 0
     return visible[start:], seq.emitted - start
 
 

@@ -53,6 +53,7 @@ class Sequence:
     greedy: bool = field(init=False)
     eos_masked_below: float = field(init=False)  # the EOS ids are masked while fewer tokens were generated
     # (min_tokens; inf with ignore_eos; 0 without EOS ids)
+    longest_stop: int = field(init=False)  # ids in the longest stop sequence (a response resends twice that)
 
     def __post_init__(self) -> None:
         p = self.params
@@ -60,6 +61,7 @@ class Sequence:
         self.needs_host_history = p.repetition_penalty != 1.0 or bool(p.bad_ids) or p.has_output_penalties
         self.greedy = p.greedy
         self.eos_masked_below = 0 if not self.stop_token_ids else float("inf") if p.ignore_eos else p.min_tokens
+        self.longest_stop = max(map(len, p.stop_ids), default=0)
 
     @property
     def length(self) -> int:
