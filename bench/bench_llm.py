@@ -106,8 +106,10 @@ def gpu_suite(a, results: list, facts: dict) -> None:
     torch.cuda.empty_cache()
     facts["engine"] = runtime.describe()
 
-    # in-process there is no per-response cost to amortize: every token is delivered as it is made
-    with InProcessEngine(None, replace(cfg, stream_interval_ms=0.0, max_responses_per_s=0.0), runtime=runtime) as eng:
+    # in-process every token is delivered as it is made unless --inprocess-responses-per-s sets the
+    # served engine's budget (at 1,024 streams a queue put per token is a cost of its own)
+    streamed = replace(cfg, stream_interval_ms=0.0, max_responses_per_s=a.inprocess_responses_per_s)
+    with InProcessEngine(None, streamed, runtime=runtime) as eng:
         got = [
             s.wait().ids
             for s in [eng.submit(p, max_tokens=32, temperature=0.0, ignore_eos=True) for p in parity_prompts]
@@ -137,7 +139,7 @@ def gpu_suite(a, results: list, facts: dict) -> None:
     # the served engine freezes its heap once built (tritonllm/engine/heap.py): so do these rows
     with (
         frozen_heap(),
-        InProcessEngine(None, replace(cfg, stream_interval_ms=0.0, max_responses_per_s=0.0), runtime=runtime) as eng,
+        InProcessEngine(None, streamed, runtime=runtime) as eng,
     ):
         for c in a.concurrency if "inprocess" in a.systems else []:
             prompts = random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)
@@ -274,6 +276,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="requests per concurrent stream")
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--stream-interval-ms", type=float, default=0.0)
+    p.add_argument(
+        "--inprocess-responses-per-s",
+        type=float,
+        default=0.0,
+        help="GPU: the in-process rows' response budget (0: every token; the Triton rows use the engine's, "
+        f"{EngineConfig.max_responses_per_s:g} by default)",
+    )
     p.add_argument("--response-threads", type=int, default=EngineConfig.response_threads)
     p.add_argument("--launch-ahead", type=int, default=EngineConfig.launch_ahead)
     p.add_argument("--kv-cache-memory-fraction", type=float, default=EngineConfig.kv_cache_memory_fraction)
