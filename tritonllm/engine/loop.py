@@ -102,6 +102,8 @@ class EngineLoop:
         self._capacity = threading.Condition()  # notified when a sequence finishes (wait_for_capacity)
         self._overlap = can.overlap
         self._device_sampling = can.device_sampling
+        self._cancels_flagged = False  # cancel() was called since the last scan (`_drop_cancelled`)
+        self._next_deadline = float("inf")  # the earliest deadline of a live sequence (or earlier)
 
     def start(self) -> EngineLoop:
         self._thread.start()
@@ -186,16 +188,28 @@ class EngineLoop:
     def _admit(self) -> None:
         with self._lock:
             while not self._inbox.empty():
-                self.scheduler.waiting.append(self._inbox.get_nowait())
+                seq = self._inbox.get_nowait()
+                self._next_deadline = min(self._next_deadline, seq.deadline)
+                self.scheduler.waiting.append(seq)
 
     def _drop_cancelled(self) -> None:
-        """End sequences the watcher found cancelled (a flag it set), and those past their deadline."""
+        """End sequences the watcher found cancelled (a flag it set), and those past their deadline.
+        The live sequences are scanned only when one of those can have happened (cancel() was
+        called, or the earliest deadline has passed): at a thousand streams a scan every pass is a
+        cost of its own."""
         now = time.monotonic()
+        if not self._cancels_flagged and now <= self._next_deadline:
+            return
+        self._cancels_flagged = False  # before the scan: a cancel() during it flags the next pass
+        earliest = float("inf")
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             if seq.cancel_requested:
                 self._end(seq, "cancelled")
             elif now > seq.deadline:
                 self._end(seq, "timeout")
+            elif seq.deadline < earliest:
+                earliest = seq.deadline
+        self._next_deadline = earliest
 
     def _watch_cancellations(self) -> None:
         watch_cancellations(self._stop, self._live, self.cancel)
@@ -206,6 +220,7 @@ class EngineLoop:
     def cancel(self, seq: Sequence) -> None:
         """End `seq` at the loop's next pass (any thread)."""
         seq.cancel_requested = True
+        self._cancels_flagged = True
         self._wake.set()
 
     def _launch(self, plan: StepPlan) -> InFlight | None:

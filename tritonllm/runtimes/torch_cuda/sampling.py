@@ -44,7 +44,7 @@ class SamplingPlan:
     def __init__(self, seqs):
         self.seqs = seqs
         masked: dict[frozenset, list[int]] = {}  # rows whose EOS is masked, grouped by EOS set: one op each
-        self.history_rows, self.sampled_rows = [], []
+        self.history_rows, self.sampled_rows, self.logprob_rows = [], [], []
         for i, s in enumerate(seqs):
             if len(s.output_ids) + s.pending < s.eos_masked_below:  # ignore_eos, or below min_tokens
                 masked.setdefault(s.stop_token_ids, []).append(i)
@@ -52,8 +52,9 @@ class SamplingPlan:
                 self.history_rows.append(i)
             if not s.greedy and s.prefilled + s.chunk >= s.n_prefill:  # a prompt piece draws nothing:
                 self.sampled_rows.append(i)  # a seeded request samples the same however its prompt was split
+            if s.params.logprobs:
+                self.logprob_rows.append(i)
         self.masked = list(masked.items())
-        self.logprob_rows = [i for i, s in enumerate(seqs) if s.params.logprobs]
         self.top_logprobs = max((seqs[i].params.top_logprobs for i in self.logprob_rows), default=0)
         self.upcast = bool(self.sampled_rows) or any(
             seqs[i].params.repetition_penalty != 1.0 or seqs[i].params.has_output_penalties for i in self.history_rows
