@@ -110,7 +110,6 @@ class ForwardPasses:
         writes each token's K/V through the block tables first; then each token attends to its
         slot's positions up to its own (the decode attention kernel with a slot per row, a tile of a
         piece's tokens to a program: causal by position, no gather of the cache). Logits [b, V]."""
-
         m = self.model
         x = m.embed_tokens(ids[:, None])  # [R, 1, H]: the residual stream
         rot = m.rotaries(positions[:, None], x.dtype)
