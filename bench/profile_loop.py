@@ -16,6 +16,10 @@ sets the inter-token latency, and under Triton it competes for the engine proces
   --sink outbox       responses as the engine process sends them (one pickled message a loop pass
                       over a pipe another process drains, as Triton's I/O side does) instead of
                       in-process queues
+  --churn R           closed-loop streams as the benchmark runs them: each stream's final response
+                      submits its next request (R requests a stream, `--prompt` distinct random ids
+                      each), so steps mix prompts with decodes as they do under load; without it
+                      the whole batch is queued at once and only the first step prefills
 
   python -m bench.profile_loop --batch 1 8 64 --runtime torch [--steps-per-launch 4] [--heap frozen plain]
       [--cprofile 30] [--out results]
@@ -29,6 +33,8 @@ import cProfile
 import multiprocessing
 import pstats
 import time
+
+import numpy as np
 
 from bench.provenance import run_facts, write_json
 from tritonllm.config import EngineConfig
@@ -158,9 +164,16 @@ class QueueSinks:
     def wait(self, loop: EngineLoop, n: int) -> None:
         for s in self.sinks:
             s.wait(120)
+        wait_finished(loop, n)
 
     def close(self) -> None:
         pass
+
+
+def wait_finished(loop: EngineLoop, n: int, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sum(loop.stats.requests_finished.values()) < n and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def _drain(conn) -> None:
@@ -184,13 +197,31 @@ class OutboxSinks:
         return self.outbox
 
     def wait(self, loop: EngineLoop, n: int) -> None:
-        deadline = time.monotonic() + 120
-        while sum(loop.stats.requests_finished.values()) < n and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_finished(loop, n)
 
     def close(self) -> None:
         self.conn.send(("bye",))
         self.reader.join(10)
+
+
+class Resubmit:
+    """One closed-loop stream: forwards responses to the sinks' sink and, on a final one, submits
+    the stream's next request (from the loop's thread, as a client's next request arrives)."""
+
+    def __init__(self, inner, make, loop: EngineLoop, left: int):
+        self.inner, self.make, self.loop, self.left = inner, make, loop, left
+
+    def send(self, seq, ids, n_context, final):
+        self.inner.send(seq, ids, n_context, final)
+        if final and self.left > 0:
+            self.left -= 1
+            self.loop.submit(self.make(self))
+
+    def send_error(self, seq, error):
+        self.inner.send_error(seq, error)
+
+    def is_cancelled(self):
+        return False
 
 
 def make_runtime(kind: str, cfg: EngineConfig):
@@ -208,6 +239,8 @@ def host_ms_per_step(
     cprofile: int = 0,
     sink: str = "queue",
     responses_per_s: float = EngineConfig.max_responses_per_s,
+    churn: int = 0,
+    prompt: int = 16,
 ) -> dict:
     """One warm-up wave, then one measured wave of `batch` requests, each wave queued before its
     loop starts so every step holds the whole batch (submitted to a running loop, a fast runtime
@@ -216,7 +249,7 @@ def host_ms_per_step(
     fields = dict(runtime="torch-cuda", dtype="bfloat16") if runtime_kind == "gpu" else {}
     cfg = EngineConfig(
         max_slots=batch,
-        max_context=512,
+        max_context=max(512, prompt + tokens),
         max_tokens_limit=tokens,
         steps_per_launch=steps_per_launch,
         max_responses_per_s=responses_per_s,
@@ -224,33 +257,38 @@ def host_ms_per_step(
     )
     runtime = make_runtime(runtime_kind, cfg)
     with frozen_heap() if freeze else contextlib.nullcontext():
-        return _measure(runtime, cfg, batch, tokens, cprofile, sink)
+        return _measure(runtime, cfg, batch, tokens, cprofile, sink, churn, prompt)
 
 
-def _measure(runtime, cfg: EngineConfig, batch: int, tokens: int, cprofile: int = 0, sink: str = "queue") -> dict:
+def _measure(
+    runtime,
+    cfg: EngineConfig,
+    batch: int,
+    tokens: int,
+    cprofile: int = 0,
+    sink: str = "queue",
+    churn: int = 0,
+    prompt: int = 16,
+) -> dict:
+    rng = np.random.default_rng(0)
+
+    def request(sink_of_stream):
+        ids = [1] * prompt if not churn else rng.integers(3, VOCAB, prompt).tolist()  # churn: no prefix hits
+        fields = {"input_ids": ids, "max_tokens": tokens, "ignore_eos": True, "temperature": 0.0, "stream": True}
+        seq = build_sequence(DictReader(fields), cfg, runtime.shape)
+        seq.sink = sink_of_stream
+        return seq
+
     for warm in (True, False):
         sinks = OutboxSinks() if sink == "outbox" else QueueSinks()
         loop = ProfiledLoop(runtime, cfg, after_step=sinks.after_step)
         loop.profile = cProfile.Profile() if cprofile and not warm else None
         for _ in range(batch):
-            seq = build_sequence(
-                DictReader(
-                    {
-                        "input_ids": [1] * 16,
-                        "max_tokens": tokens,
-                        "ignore_eos": True,
-                        "temperature": 0.0,
-                        "stream": True,
-                    }
-                ),
-                cfg,
-                runtime.shape,
-            )
-            seq.sink = sinks.new()
-            loop.submit(seq)
+            stream = Resubmit(sinks.new(), request, loop, churn - 1) if churn else sinks.new()
+            loop.submit(request(stream))
         t0, c0 = time.perf_counter(), time.process_time()
         loop.start()
-        sinks.wait(loop, batch)
+        sinks.wait(loop, batch * max(churn, 1))
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         loop.stop()
         sinks.close()
@@ -258,7 +296,10 @@ def _measure(runtime, cfg: EngineConfig, batch: int, tokens: int, cprofile: int 
     steps = max(st.steps, 1)
     return {
         "batch": batch,
+        "churn": churn,
+        "prompt": prompt,
         "steps": st.steps,
+        "prefill_steps": st.prefill_steps,
         "wall_ms_per_step": round(1e3 * elapsed / steps, 3),
         "cpu_ms_per_step": round(1e3 * cpu / steps, 3),  # this process's CPU time: less noisy on a shared machine
         "launch_ms_per_step": round(1e3 * st.launch_s / steps, 3),
@@ -280,6 +321,8 @@ def main() -> None:
         default=EngineConfig.max_responses_per_s,
         help="the engine's response budget (0: every token its own response, as the GPU benches stream)",
     )
+    p.add_argument("--churn", type=int, default=0, help="R: closed-loop streams of R requests each (0: one wave)")
+    p.add_argument("--prompt", type=int, default=16, help="prompt tokens a request")
     p.add_argument("--steps-per-launch", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3, help="runs per batch and heap; the median-CPU run is reported")
     p.add_argument(
@@ -307,6 +350,8 @@ def main() -> None:
                         a.cprofile,
                         a.sink,
                         a.max_responses_per_s,
+                        a.churn,
+                        a.prompt,
                     )
                 )
         for h, rs in runs.items():
@@ -322,7 +367,8 @@ def main() -> None:
     if a.out:
         steps = "" if a.steps_per_launch == 1 else f"-steps{a.steps_per_launch}"
         sink = "" if a.sink == "queue" else f"-{a.sink}"
-        write_json(a.out, f"profile-loop-{a.runtime}{steps}{sink}", run_facts(rows=rows, repeat=a.repeat))
+        churn = f"-churn{a.churn}" if a.churn else ""
+        write_json(a.out, f"profile-loop-{a.runtime}{steps}{sink}{churn}", run_facts(rows=rows, repeat=a.repeat))
 
 
 if __name__ == "__main__":
