@@ -25,7 +25,7 @@ from ..config import EngineConfig
 from ..runtimes.base import Runtime
 from .sampling import sample
 from .scheduler import Scheduler, queue_full
-from .sequence import Sequence, StepPlan
+from .sequence import Sequence, StepPlan, step_inputs
 from .stats import EngineSnapshot, EngineStats, Finished
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,12 @@ class ResponseSink(Protocol):
 
 @dataclass
 class InFlight:
-    """A launched step: its plan and what `collect` turns into the sampled ids (or the ids)."""
+    """A launched step: its plan, what `collect` turns into the sampled ids (or the ids), and its
+    sequences whose next step needs this step's token on the host (usually none)."""
 
     plan: StepPlan
     handle: object
+    host_history: list[Sequence]
 
 
 def response_window(seq: Sequence, final: bool) -> tuple[list[int], int] | None:
@@ -181,9 +183,7 @@ class EngineLoop:
 
     def _may_overlap(self, in_flight) -> bool:
         """False while a launched step holds a sequence whose next step needs its token on the host."""
-        return self._overlap and not any(
-            s.needs_host_history and s.finish_reason is None for step in in_flight for s in step.plan.sequences
-        )
+        return self._overlap and not any(s.finish_reason is None for step in in_flight for s in step.host_history)
 
     def _admit(self) -> None:
         with self._lock:
@@ -228,11 +228,11 @@ class EngineLoop:
         t0 = time.perf_counter()
         try:
             if plan.steps > 1:
-                handle = self.runtime.launch([s.step_input() for s in seqs], seqs, steps=plan.steps)
+                handle = self.runtime.launch(step_inputs(seqs), seqs, steps=plan.steps)
             elif self._overlap:
-                handle = self.runtime.launch([s.step_input() for s in seqs], seqs)
+                handle = self.runtime.launch(step_inputs(seqs), seqs)
             else:
-                handle = self._choose(self.runtime.step([s.step_input() for s in seqs]), seqs, plan.partial)
+                handle = self._choose(self.runtime.step(step_inputs(seqs)), seqs, plan.partial)
         except Exception as exc:  # a failed step ends its sequences with an error, the loop goes on
             log.exception("engine step failed")
             for seq in seqs:
@@ -243,7 +243,7 @@ class EngineLoop:
                 seq.reused_tokens = self.runtime.reused_prompt_tokens(seq.slot)
         self.scheduler.launched(plan)
         self.stats.launch_s += time.perf_counter() - t0
-        return InFlight(plan, handle)
+        return InFlight(plan, handle, [s for s in seqs if s.needs_host_history])
 
     def _complete(self, step: InFlight) -> None:
         live = [s for s in step.plan.sequences if s.finish_reason is None]
@@ -262,8 +262,12 @@ class EngineLoop:
         interval, now = self._response_interval(), time.monotonic()
         partial = step.plan.partial  # prompt pieces: nothing to send yet
         for seq in live:
-            if not partial or seq not in partial:
-                self._emit(seq, final=seq in finished, interval=interval, now=now)
+            if partial and seq in partial:
+                continue
+            if seq in finished:
+                self._emit(seq, final=True, now=now)
+            elif seq.sink is not None and not (seq.emitted and now - seq.last_emit < interval):  # `_emit`'s
+                self._emit(seq, final=False, interval=interval, now=now)  # own test, before a call per row
         self.stats.steps += step.plan.steps
         runtime = self.runtime.stats()
         self.stats.gpu_idle_s = runtime.gpu_idle_s

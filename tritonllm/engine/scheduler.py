@@ -120,7 +120,7 @@ class Scheduler:
         prompts is followed by a run of decode steps before the next admission (`_run_due`)."""
         if self.preempting:
             self._grow_or_preempt()
-        decode = [s for s in self.running if s.prefilled >= s.n_prefill and not self._ends_with_pending(s)]
+        decode = self._decoding()
         prefill, partial = [], []
         budget = self.cfg.max_prefill_tokens
         computing: set = set()  # where this step's prompts (and pieces) start computing (`_shared_start`)
@@ -255,11 +255,19 @@ class Scheduler:
             return True
         return 1e3 * (time.monotonic() - self.waiting[0].arrival) >= gather
 
-    def _ends_with_pending(self, seq: Sequence) -> bool:
-        if not seq.pending:
-            return False
-        n = len(seq.output_ids) + seq.pending
-        return n >= seq.params.max_tokens or seq.n_prompt + n >= self.cfg.max_context
+    def _decoding(self) -> list[Sequence]:
+        """The running sequences that decode this step: prefilled, and not surely ended by the tokens
+        still on their way (length). One pass, inline: it runs over every running row each step."""
+        max_context, decode = self.cfg.max_context, []
+        for s in self.running:
+            if s.prefilled < s.n_prefill:
+                continue
+            if s.pending:
+                n = len(s.output_ids) + s.pending
+                if n >= s.params.max_tokens or s.n_prompt + n >= max_context:
+                    continue
+            decode.append(s)
+        return decode
 
     def launched(self, plan: StepPlan) -> None:
         """The plan's step is enqueued: its prompt pieces are in the cache, and each of its other
@@ -276,19 +284,30 @@ class Scheduler:
         plan); return those that finished (slots freed). Sequences that ended while the step was in
         flight (cancelled, or finished by an earlier step in the overlapped loop) drop their tokens."""
         finished = []
-        now = time.monotonic()
+        now, steps, partial, max_context, kept = time.monotonic(), plan.steps, plan.partial, self.cfg.max_context, 0
         for seq, got in zip(plan.sequences, tokens):
-            if plan.partial and seq in plan.partial:  # a prompt piece: its logits were not sampled
+            if partial and seq in partial:  # a prompt piece: its logits were not sampled
                 continue
-            seq.pending = seq.pending - plan.steps if seq.pending > plan.steps else 0
+            seq.pending = seq.pending - steps if seq.pending > steps else 0
             if seq.finish_reason is not None:
                 continue
             if seq.first_token_at is None:
                 seq.first_token_at = now
-            reason = self._append(seq, got) if plan.steps == 1 else self._append_run(seq, got)
+            if steps == 1 and seq.plain_append:  # `_append` for the usual row, inline: EOS, append, length
+                if got in seq.ends_on:
+                    reason = "stop"
+                else:
+                    out = seq.output_ids
+                    out.append(got)
+                    kept += 1
+                    n = len(out)
+                    reason = "length" if n >= seq.params.max_tokens or seq.n_prompt + n >= max_context else None
+            else:
+                reason = self._append(seq, got) if steps == 1 else self._append_run(seq, got)
             if reason:
                 self.finish(seq, reason)
                 finished.append(seq)
+        self.tokens_kept += kept
         return finished
 
     def _append(self, seq: Sequence, tok) -> str | None:

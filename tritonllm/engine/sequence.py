@@ -3,6 +3,7 @@ and progress) and one step's plan (`StepPlan`). Triton-free."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -15,6 +16,7 @@ from ..config import SamplingParams
 from ..runtimes.base import StepInput
 
 _ids = itertools.count(os.getpid() << 32)  # unique across the processes that share an engine process
+_step_input = functools.partial(tuple.__new__, StepInput)  # a StepInput without the named tuple's Python __new__
 
 
 @dataclass(eq=False)
@@ -54,6 +56,10 @@ class Sequence:
     eos_masked_below: float = field(init=False)  # the EOS ids are masked while fewer tokens were generated
     # (min_tokens; inf with ignore_eos; 0 without EOS ids)
     longest_stop: int = field(init=False)  # ids in the longest stop sequence (a response resends twice that)
+    ends_on: frozenset[int] = field(init=False)  # ids that end it when sampled (none with ignore_eos)
+    plain_append: bool = field(init=False)  # a sampled id is only appended and length-checked (no
+    # log-probabilities, stop sequences or stop strings): the scheduler's per-row fast path
+    plain_sampling: bool = field(init=False)  # greedy, no history processors, no log-probabilities
 
     def __post_init__(self) -> None:
         p = self.params
@@ -62,6 +68,9 @@ class Sequence:
         self.greedy = p.greedy
         self.eos_masked_below = 0 if not self.stop_token_ids else float("inf") if p.ignore_eos else p.min_tokens
         self.longest_stop = max(map(len, p.stop_ids), default=0)
+        self.ends_on = frozenset() if p.ignore_eos else self.stop_token_ids
+        self.plain_append = not (p.logprobs or p.stop_ids or p.stop_strings)
+        self.plain_sampling = self.greedy and not self.needs_host_history and not p.logprobs
 
     @property
     def length(self) -> int:
@@ -95,11 +104,20 @@ class Sequence:
 
     def step_input(self) -> StepInput:
         if self.pending:  # a token still pending lives only on the device: the runtime reads it there
-            return StepInput(self.slot, [], self.n_prompt + len(self.output_ids) - 1 + self.pending)
+            return _step_input((self.slot, [], self.n_prompt + len(self.output_ids) - 1 + self.pending))
         if self.prefilled < self.n_prefill:  # the prompt, or its next piece (chunked prefill)
             piece = self.context_ids()[self.prefilled : self.prefilled + self.chunk]
             return StepInput(self.slot, piece, self.prefilled)
         return StepInput(self.slot, self.output_ids[-1:], self.n_prompt + len(self.output_ids) - 1)
+
+
+def step_inputs(seqs: list[Sequence]) -> list[StepInput]:
+    """Each sequence's `step_input()`, the decode row with a token on its way (most rows, each step)
+    made inline."""
+    new = _step_input
+    return [
+        new((s.slot, [], s.n_prompt + len(s.output_ids) - 1 + s.pending)) if s.pending else s.step_input() for s in seqs
+    ]
 
 
 @dataclass

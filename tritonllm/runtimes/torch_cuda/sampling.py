@@ -45,9 +45,16 @@ class SamplingPlan:
         self.seqs = seqs
         masked: dict[frozenset, list[int]] = {}  # rows whose EOS is masked, grouped by EOS set: one op each
         self.history_rows, self.sampled_rows, self.logprob_rows = [], [], []
+        eos_ids, eos_rows = None, []  # the last row's group: consecutive rows mostly share one EOS set
         for i, s in enumerate(seqs):
-            if len(s.output_ids) + s.pending < s.eos_masked_below:  # ignore_eos, or below min_tokens
-                masked.setdefault(s.stop_token_ids, []).append(i)
+            below = s.eos_masked_below
+            if below and len(s.output_ids) + s.pending < below:  # ignore_eos, or below min_tokens
+                if s.stop_token_ids is not eos_ids:
+                    eos_ids = s.stop_token_ids
+                    eos_rows = masked.setdefault(eos_ids, [])
+                eos_rows.append(i)
+            if s.plain_sampling:  # greedy, no processors, no log-probabilities: nothing more to note
+                continue
             if s.needs_host_history:
                 self.history_rows.append(i)
             if not s.greedy and s.prefilled + s.chunk >= s.n_prefill:  # a prompt piece draws nothing:
