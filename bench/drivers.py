@@ -10,6 +10,7 @@ import torch
 
 from tritonllm.client.llm_client import itl_from_chunks
 
+from .host_cpu import HostCpu
 from .measure import PowerSampler, RunResult
 
 
@@ -172,7 +173,7 @@ def run_triton(
         p.start()
     for _ in procs:  # every process imported and connected before the clock starts
         ready.get(timeout=300)
-    with power:
+    with power, HostCpu() as cpu:
         start = time.time()
         go.set()
         outs = []
@@ -199,5 +200,5 @@ def run_triton(
         power.mean_watts(),
         power.joules(),
         power.memory_used_bytes() and power.memory_used_bytes() / 2**30,
-        note=f"{procs_n} client procs, busiest at {busiest:.0%} CPU",
+        note=f"{procs_n} client procs, busiest at {busiest:.0%} CPU; {cpu.note()}",
     )
