@@ -251,6 +251,7 @@ def host_ms_per_step(
         max_slots=batch,
         max_context=max(512, prompt + tokens),
         max_tokens_limit=tokens,
+        default_max_tokens=tokens,
         steps_per_launch=steps_per_launch,
         max_responses_per_s=responses_per_s,
         **fields,

@@ -636,3 +636,32 @@ def test_a_newcomer_waits_for_the_piece_of_a_long_shared_prompt_computed_in_its_
     sch.add(late)
     plan = sch.schedule()
     assert plan.prefill == [first] and sch.prefix_waits == 1
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_the_inline_append_of_a_plain_row_agrees_with_append(ignore_eos):
+    """update_from_output's inline path for plain rows (no log-probabilities or stop words) against
+    `_append` (forced for a twin): the same ids, finish reasons and kept-token count, over random
+    tokens with EOS among them, across the max_tokens and context limits."""
+    cfg = EngineConfig(max_slots=8, max_context=40, max_tokens_limit=39, default_max_tokens=16)
+    runs = []
+    for inline in (True, False):
+        sch = Scheduler(cfg)
+        seqs = [seq([1] * n, max_tokens=m, ignore_eos=ignore_eos) for n, m in ((3, 30), (20, 30), (30, 9), (5, 6))]
+        for s in seqs:
+            s.plain_append = inline
+            sch.add(s)
+        plan = sch.schedule()
+        draws = np.random.default_rng(7).integers(0, 6, (40, len(seqs))).tolist()  # EOS (0) about 1 in 6
+        for row in draws:
+            live = [s for s in seqs if s.finish_reason is None]
+            if not live:
+                break
+            sch.update_from_output(StepPlan([], live), [row[seqs.index(s)] for s in live])
+        runs.append(([(s.output_ids, s.finish_reason) for s in seqs], sch.tokens_kept))
+        assert plan.prefill == seqs
+    assert runs[0] == runs[1]
+    reasons = {r for _, r in runs[0][0]}
+    assert reasons == ({"length"} if ignore_eos else {"stop", "length"})
+    if ignore_eos:  # the context limit (20 + 20 = 40) came before max_tokens (30)
+        assert len(runs[0][0][1][0]) == 20
