@@ -3,7 +3,7 @@ passes (a served engine keeps them for good; a benchmark's block gives them back
 
 import gc
 
-from tritonllm.engine.heap import frozen_heap
+from tritonllm.engine.heap import YOUNG_THRESHOLD, frozen_heap
 
 
 def test_frozen_heap_moves_live_objects_out_of_collection_and_back():
@@ -16,3 +16,10 @@ def test_frozen_heap_moves_live_objects_out_of_collection_and_back():
         del cycle
         assert gc.collect() >= 1
     assert gc.get_freeze_count() == 0  # gc.unfreeze gives every frozen object back
+
+
+def test_a_frozen_heap_collects_its_young_generation_less_often_and_restores_the_thresholds():
+    before = gc.get_threshold()
+    with frozen_heap():
+        assert gc.get_threshold() == (YOUNG_THRESHOLD, *before[1:])
+    assert gc.get_threshold() == before

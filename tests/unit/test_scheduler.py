@@ -160,7 +160,7 @@ def test_a_pending_token_that_ends_the_sequence_keeps_it_out_of_the_next_step():
     sch.launched(plan)
     nxt = sch.schedule()
     assert nxt.decode == [going, full]
-    assert going.step_input() == StepInput(1, [], 3)  # prompt 2 + 1 out, +1 pending
+    assert going.step_input() == StepInput(1, (), 3)  # prompt 2 + 1 out, +1 pending
     full.output_ids += [8] * 8  # 63 tokens + 1 pending == max_context
     assert sch.schedule().decode == [going]
     ending.finish_reason = "cancelled"

@@ -16,6 +16,7 @@ from ..config import SamplingParams
 from ..runtimes.base import StepInput
 
 _ids = itertools.count(os.getpid() << 32)  # unique across the processes that share an engine process
+NO_TOKENS: tuple[int, ...] = ()  # a decode row whose token is on the device: shared, nothing to allocate or free
 _step_input = functools.partial(tuple.__new__, StepInput)  # a StepInput without the named tuple's Python __new__
 
 
@@ -104,7 +105,7 @@ class Sequence:
 
     def step_input(self) -> StepInput:
         if self.pending:  # a token still pending lives only on the device: the runtime reads it there
-            return _step_input((self.slot, [], self.n_prompt + len(self.output_ids) - 1 + self.pending))
+            return _step_input((self.slot, NO_TOKENS, self.n_prompt + len(self.output_ids) - 1 + self.pending))
         if self.prefilled < self.n_prefill:  # the prompt, or its next piece (chunked prefill)
             piece = self.context_ids()[self.prefilled : self.prefilled + self.chunk]
             return StepInput(self.slot, piece, self.prefilled)
@@ -114,9 +115,10 @@ class Sequence:
 def step_inputs(seqs: list[Sequence]) -> list[StepInput]:
     """Each sequence's `step_input()`, the decode row with a token on its way (most rows, each step)
     made inline."""
-    new = _step_input
+    new, none = _step_input, NO_TOKENS
     return [
-        new((s.slot, [], s.n_prompt + len(s.output_ids) - 1 + s.pending)) if s.pending else s.step_input() for s in seqs
+        new((s.slot, none, s.n_prompt + len(s.output_ids) - 1 + s.pending)) if s.pending else s.step_input()
+        for s in seqs
     ]
 
 

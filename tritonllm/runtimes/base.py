@@ -31,7 +31,7 @@ class StepInput(NamedTuple):
     per step, and a tuple is the cheapest such object."""
 
     slot: int
-    tokens: list[int]
+    tokens: Sequence[int]  # a list; the empty tuple where the runtime holds the token
     start: int
 
 

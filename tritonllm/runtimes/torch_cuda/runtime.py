@@ -13,6 +13,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ...config import EngineConfig, require_scheme
@@ -247,7 +248,18 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
     @torch.no_grad()
     def decode(self, rows: list[StepInput]) -> torch.Tensor:
         """One token for each row; rows are laid out by slot over a batch bucket."""
-        return self._decode_setup(rows, 1)()[self._slot_index(tuple(r.slot for r in rows))]
+        slots, tokens, starts = zip(*rows)
+        return self._decode_setup(slots, tokens, starts, 1)()[self._slot_index(slots)]
+
+    def _ensure_decode_blocks(self, slots: tuple, starts: tuple, steps: int) -> None:
+        """`_take_blocks` for decode rows only (the usual step): the rows whose `steps` positions
+        run past their slot's blocks are found in arrays, not in a pass over a thousand rows."""
+        blocks = self.blocks
+        held = np.fromiter(map(len, blocks.tables), np.int64, len(blocks.tables)) * blocks.block_size
+        short = np.flatnonzero(np.asarray(starts) + steps > held[np.asarray(slots)])
+        for i in short.tolist():
+            blocks.ensure(slots[i], starts[i] + steps)
+        self.cache.sync(self._uploads)
 
     def _take_blocks(self, rows: list[StepInput], steps: int) -> list[StepInput]:
         """Blocks for every position the rows write, mirrored on the device before the step. A
@@ -272,12 +284,12 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         self.cache.sync(self._uploads)
         return out
 
-    def _decode_setup(self, rows: list[StepInput], steps: int):
-        """Positions, the slots rows write and known tokens uploaded for `steps` decode steps;
-        returns a function that runs one step and returns its logits [bucket, vocab]. Padding rows
-        (free slots, slots prefilled in the same step, sequences sitting out their last step) write
-        their throw-away K/V into the scratch slot, whose table points at the scratch block."""
-        slots, tokens, starts = zip(*rows)  # one pass over the rows (named tuples)
+    def _decode_setup(self, slots: tuple, tokens: tuple, starts: tuple, steps: int):
+        """Positions, the slots rows write and known tokens uploaded for `steps` decode steps (the
+        rows' columns, `zip(*rows)`); returns a function that runs one step and returns its logits
+        [bucket, vocab]. Padding rows (free slots, slots prefilled in the same step, sequences
+        sitting out their last step) write their throw-away K/V into the scratch slot, whose table
+        points at the scratch block."""
         b = bucket_for(max(slots) + 1, self.buckets.batch)
         c = bucket_for(max(starts) + steps, self.buckets.context)
         pad, scratch = self.max_context - steps, self.scratch_slot
@@ -313,6 +325,18 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
     def step(self, inputs: list[StepInput]) -> torch.Tensor:
         """Whole prompts (start 0), prompt pieces after a cached part (chunked prefill) and decode
         rows, each kind run its own way; logits in input order."""
+        return self._step(inputs, tuple(zip(*inputs)))
+
+    @staticmethod
+    def _decode_only(tokens: tuple, starts: tuple) -> bool:
+        """Every row a decode row (no prompt, no piece of more than one token): read in C, per column."""
+        return min(starts) > 0 and max(map(len, tokens)) <= 1
+
+    def _step(self, inputs: list[StepInput], columns: tuple) -> torch.Tensor:
+        slots, tokens, starts = columns
+        if self._decode_only(tokens, starts):  # the usual step: its rows as columns, no per-row pass
+            self._ensure_decode_blocks(slots, starts, 1)
+            return self._decode_setup(slots, tokens, starts, 1)()[self._slot_index(slots)]
         inputs = self._take_blocks(inputs, 1)
         kinds = [0 if x.start == 0 else 1 if len(x.tokens) > 1 else 2 for x in inputs]
         runs = (self.prefill, self.prefill_pieces, self.decode)
@@ -365,25 +389,33 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         token buffer, where the next decode step reads them, so the engine loop can launch step N+1
         before it has read step N's tokens."""
         start = self._downloads.mark_start() if self._downloads else None
-        index = self._slot_index(tuple(i.slot for i in inputs))
+        columns = tuple(zip(*inputs))  # slots, tokens, starts: one pass over the rows
+        index = self._slot_index(columns[0])
         plan, logprobs = sampling.SamplingPlan(seqs), None
         if steps == 1:
-            chosen = plan.choose(self.step(inputs))
+            chosen = plan.choose(self._step(inputs, columns))
             self.forward.tokens[index] = chosen
             if plan.logprob_rows:  # copied down before the ids: the ids' fence covers them
                 logprobs = tuple(_host_copy(t) for t in plan.logprobs(chosen))
         else:
-            chosen = self._decode_run(inputs, plan, index, steps)
+            chosen = self._decode_run(inputs, columns, plan, index, steps)
         flat = chosen.view(-1)
         if self.device.type != "cuda":  # a multi-step run's ids sit in a buffer the next run reuses
             return flat.clone(), steps, plan, logprobs
         return self._downloads.send(flat, start), steps, plan, logprobs
 
     @torch.no_grad()
-    def _decode_run(self, rows: list[StepInput], plan: sampling.SamplingPlan, index, steps: int) -> torch.Tensor:
+    def _decode_run(
+        self, rows: list[StepInput], columns: tuple, plan: sampling.SamplingPlan, index, steps: int
+    ) -> torch.Tensor:
         """`steps` decode steps on one upload: positions advance on the device, each step's chosen
         ids feed the next. Returns the chosen ids [steps, rows]."""
-        run = self._decode_setup(self._take_blocks(rows, steps), steps)
+        slots, tokens, starts = columns
+        if self._decode_only(tokens, starts):
+            self._ensure_decode_blocks(slots, starts, steps)
+        else:  # rows a multi-step plan does not make (it has no prompts): the general path
+            slots, tokens, starts = zip(*self._take_blocks(rows, steps))
+        run = self._decode_setup(slots, tokens, starts, steps)
         chosen = self._run_tokens[: steps * len(rows)].view(steps, len(rows))  # contiguous: one copy down
         for k in range(steps):
             if k:
