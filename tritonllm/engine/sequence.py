@@ -20,7 +20,7 @@ NO_TOKENS: tuple[int, ...] = ()  # a decode row whose token is on the device: sh
 _step_input = functools.partial(tuple.__new__, StepInput)  # a StepInput without the named tuple's Python __new__
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
