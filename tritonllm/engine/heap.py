@@ -10,8 +10,8 @@ Triton model instance's stub); a benchmark freezes for a block and gives them ba
 
 Frozen processes also collect their youngest generation less often (`YOUNG_THRESHOLD` net
 allocations instead of Python's 700): a step at a thousand streams allocates several thousand
-containers that die within the step, and at 700 the collector walked them several times a step,
-5-8 % of the engine loop's CPU at 1,024 streams on the 2-core VM (docs/decisions.md)."""
+containers that die within the step, and at 700 the collector walked them several times a step
+(measured: docs/decisions.md)."""
 
 from __future__ import annotations
 
