@@ -83,3 +83,48 @@ def host_logprobs(row, s):
 
     x = processed_logits(row.float().numpy(), s.params, s.prompt_ids + s.output_ids, 2, EOS).astype(float)
     return x - np.log(np.exp(x - x.max()).sum()) - x.max()
+
+
+def test_batched_top_k_top_p_filter_matches_the_host_filter_row_by_row():
+    from tritonllm.engine.sampling import top_k_top_p_filter
+
+    torch.manual_seed(2)
+    x = torch.randn(6, 50)
+    params = [
+        SamplingParams(temperature=1.0, top_k=k, top_p=p)
+        for k, p in ((0, 0.0), (5, 0.0), (0, 0.7), (3, 0.5), (50, 1.0), (12, 0.9))
+    ]
+    got = torch_sampling.filter_top_k_top_p_rows(x.clone(), params)
+    for row, p, out in zip(x, params, got):
+        want = top_k_top_p_filter(row.numpy().copy(), p.top_k, p.top_p)
+        assert np.array_equal(np.isinf(out.numpy()), np.isinf(want)), (p.top_k, p.top_p)
+        assert np.allclose(out.numpy()[~np.isinf(want)], want[~np.isinf(want)])
+
+
+def test_sampled_rows_follow_their_distribution_and_seeded_rows_ignore_their_batch():
+    """Unseeded rows share one batched draw; over many steps each row's ids follow softmax(logits /
+    T) within its top_k. A seeded row draws the same ids alone or beside others."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
+
+    def decoding(**params) -> Sequence:  # past its prompt: a row that samples
+        s = seq([], **params)
+        s.prefilled = s.n_prefill
+        return s
+
+    hot, topk = decoding(temperature=1.0, top_p=1.0), decoding(temperature=1.0, top_k=2)  # top_p 1: no filter
+    counts = np.zeros((2, 4))
+    for _ in range(3000):
+        ids = torch_sampling.choose(logits.clone(), [hot, topk]).tolist()
+        counts[0, ids[0]] += 1
+        counts[1, ids[1]] += 1
+    assert np.abs(counts[0] / 3000 - [0.5, 0.3, 0.15, 0.05]).max() < 0.04
+    assert counts[1, :2].sum() == 0  # top_k=2 keeps ids 2 and 3 only
+    assert abs(counts[1, 3] / 3000 - 0.4 / 0.7) < 0.04
+
+    def seeded_ids(with_others: bool) -> list[int]:
+        s = decoding(temperature=1.0, top_p=1.0, seed=11)
+        batch = [decoding(temperature=0.7, top_p=1.0), s, decoding(temperature=0.0)] if with_others else [s]
+        rows = logits[[0, 0, 1]] if with_others else logits[[0]]
+        return [torch_sampling.choose(rows.clone(), batch).tolist()[batch.index(s)] for _ in range(20)]
+
+    assert seeded_ids(True) == seeded_ids(False)

@@ -77,14 +77,26 @@ class SamplingPlan:
         self._mask(logits)
         self.processed = logits  # masked and penalised (`logprobs` reads it)
         chosen = torch.argmax(logits, dim=-1)
-        for i in self.sampled_rows:
-            s = self.seqs[i]
-            p = s.params
-            row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
-            u = torch.rand(row.shape, generator=_generator(s, logits.device), device=logits.device)
-            gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0)))
-            chosen[i] = torch.argmax(row + gumbel)
+        if self.sampled_rows:
+            self._draw(logits, chosen)
         return chosen
+
+    def _draw(self, logits: torch.Tensor, chosen: torch.Tensor) -> None:
+        """The sampled rows' ids (Gumbel-max over the filtered, temperature-scaled logits), every
+        sampled row in one batch of device ops: at hundreds of sampling streams a few ops per row
+        would be thousands of launches a step. The noise of a row with a seed comes from its own
+        generator (its ids do not depend on what it is batched with); the rows without one share
+        one draw from the device's default generator."""
+        device, params = logits.device, [self.seqs[i].params for i in self.sampled_rows]
+        rows = to_device(self.sampled_rows, device)
+        temps = to_device([p.temperature for p in params], device, torch.float32)
+        x = filter_top_k_top_p_rows(logits.index_select(0, rows) / temps[:, None], params)
+        seeded = [j for j, p in enumerate(params) if p.seed is not None]
+        u = torch.rand(x.shape, device=device)  # unseeded rows' noise; seeded rows' overwritten below
+        for j in seeded:
+            u[j] = torch.rand(x.shape[1:], generator=_generator(self.seqs[self.sampled_rows[j]], device), device=device)
+        gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0)))
+        chosen[rows] = torch.argmax(x + gumbel, dim=-1)
 
     def logprobs(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For the rows that ask for them (after `choose`): [n, 1 + k] float32 log-
@@ -147,17 +159,25 @@ class SamplingPlan:
                 logits.index_put_((to_device([i], logits.device), to_device(banned, logits.device)), _neg_inf(logits))
 
 
-def _filter_top_k_top_p(row: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if 0 < top_k < row.shape[-1]:
-        kth = torch.topk(row, top_k).values[-1]
-        row = row.masked_fill(row < kth, NEG_INF)
-    if 0.0 < top_p < 1.0:
-        sorted_vals, order = torch.sort(row, descending=True)
+def filter_top_k_top_p_rows(x: torch.Tensor, params) -> torch.Tensor:
+    """Each row of x [n, vocab] filtered by its request's top_k, then top_p (the host sampler's
+    `top_k_top_p_filter`, row by row): values below the row's k-th largest, then those past the
+    smallest prefix of the sorted row whose probability reaches top_p, become -inf. One topk and
+    one sort for the rows together, only where some row asks for each."""
+    n, vocab = x.shape
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(ks):
+        k = to_device(ks, x.device)
+        kth = torch.topk(x, max(ks), dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])
+        x = x.masked_fill((k > 0)[:, None] & (x < kth), NEG_INF)
+    ps = [p.top_p if 0.0 < p.top_p < 1.0 else 0.0 for p in params]
+    if any(ps):
+        top_p = to_device(ps, x.device, torch.float32)
+        sorted_vals, order = torch.sort(x, dim=-1, descending=True)
         probs = torch.softmax(sorted_vals, -1)
-        drop = torch.cumsum(probs, -1) - probs > top_p
-        row = row.clone()
-        row[order[drop]] = NEG_INF
-    return row
+        drop = (torch.cumsum(probs, -1) - probs > top_p[:, None]) & (top_p > 0)[:, None]
+        x = x.scatter(1, order, sorted_vals.masked_fill(drop, NEG_INF))
+    return x
 
 
 def sample_batch(logits: torch.Tensor, seqs) -> list:
