@@ -128,3 +128,19 @@ def test_sampled_rows_follow_their_distribution_and_seeded_rows_ignore_their_bat
         return [torch_sampling.choose(rows.clone(), batch).tolist()[batch.index(s)] for _ in range(20)]
 
     assert seeded_ids(True) == seeded_ids(False)
+
+
+def test_sampled_rows_drawn_in_chunks_give_the_same_seeded_ids(monkeypatch):
+    logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(4))
+
+    def ids() -> list[int]:
+        seqs = []
+        for i in range(5):
+            s = seq([], temperature=0.9, top_k=10 + i, seed=100 + i)
+            s.prefilled = s.n_prefill
+            seqs.append(s)
+        return [torch_sampling.choose(logits.clone(), seqs).tolist() for _ in range(4)]
+
+    whole = ids()
+    monkeypatch.setattr(torch_sampling, "DRAW_ROWS", 2)  # chunks of 2, 2 and 1 rows
+    assert ids() == whole

@@ -23,6 +23,8 @@ def _generator(seq, device) -> torch.Generator:
 
 
 _NEG_INF: dict[tuple, torch.Tensor] = {}
+DRAW_ROWS = 256  # sampled rows drawn together: a batch's float temporaries (a sort's too) stay near a
+# gigabyte at a 128k vocabulary, beside a KV pool sized from the memory free at start-up
 
 
 def _neg_inf(like: torch.Tensor) -> torch.Tensor:
@@ -77,26 +79,38 @@ class SamplingPlan:
         self._mask(logits)
         self.processed = logits  # masked and penalised (`logprobs` reads it)
         chosen = torch.argmax(logits, dim=-1)
-        if self.sampled_rows:
-            self._draw(logits, chosen)
+        for first in range(0, len(self.sampled_rows), DRAW_ROWS):
+            self._draw(logits, chosen, self.sampled_rows[first : first + DRAW_ROWS])
         return chosen
 
-    def _draw(self, logits: torch.Tensor, chosen: torch.Tensor) -> None:
-        """The sampled rows' ids (Gumbel-max over the filtered, temperature-scaled logits), every
-        sampled row in one batch of device ops: at hundreds of sampling streams a few ops per row
-        would be thousands of launches a step. The noise of a row with a seed comes from its own
-        generator (its ids do not depend on what it is batched with); the rows without one share
-        one draw from the device's default generator."""
-        device, params = logits.device, [self.seqs[i].params for i in self.sampled_rows]
-        rows = to_device(self.sampled_rows, device)
+    def _draw(self, logits: torch.Tensor, chosen: torch.Tensor, sampled: list[int]) -> None:
+        """The ids of these sampled rows (Gumbel-max over the filtered, temperature-scaled logits)
+        in one batch of device ops: at hundreds of sampling streams a few ops per row would be
+        thousands of launches a step. The noise of a row with a seed comes from its own generator
+        (its ids do not depend on what it is batched with); the rows without one share one draw
+        from the device's default generator."""
+        device, params = logits.device, [self.seqs[i].params for i in sampled]
+        rows = to_device(sampled, device)
         temps = to_device([p.temperature for p in params], device, torch.float32)
         x = filter_top_k_top_p_rows(logits.index_select(0, rows) / temps[:, None], params)
-        seeded = [j for j, p in enumerate(params) if p.seed is not None]
-        u = torch.rand(x.shape, device=device)  # unseeded rows' noise; seeded rows' overwritten below
-        for j in seeded:
-            u[j] = torch.rand(x.shape[1:], generator=_generator(self.seqs[self.sampled_rows[j]], device), device=device)
+        u = self._noise(x, params, sampled)
         gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0)))
         chosen[rows] = torch.argmax(x + gumbel, dim=-1)
+
+    def _noise(self, x: torch.Tensor, params: list, sampled: list[int]) -> torch.Tensor:
+        """Uniform noise like x: one draw for the rows without a seed, a row from its own
+        generator for each row with one."""
+        seeded = [j for j, p in enumerate(params) if p.seed is not None]
+        if not seeded:
+            return torch.rand(x.shape, device=x.device)
+        u = torch.empty_like(x)
+        drawn = [j for j, p in enumerate(params) if p.seed is None]
+        if drawn:
+            u[to_device(drawn, x.device)] = torch.rand((len(drawn), x.shape[1]), device=x.device)
+        for j in seeded:
+            gen = _generator(self.seqs[sampled[j]], x.device)
+            u[j] = torch.rand(x.shape[1:], generator=gen, device=x.device)
+        return u
 
     def logprobs(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For the rows that ask for them (after `choose`): [n, 1 + k] float32 log-
