@@ -2,7 +2,9 @@
 arguments after `--`, waits until the engine's loop steps quickly (the load phase, read from the
 server's /metrics), then samples the engine's python stub with py-spy in `--gil` mode (only the
 thread holding the GIL is sampled) and reports the share of wall time the GIL was held, split by
-thread (engine loop, response senders, cancellation watcher, execute, ...) and by function.
+thread (engine loop, request reader, response senders, cancellation watcher, execute, ...) and by
+function. `--target engine-process` samples the engine process the stub spawned instead (where the
+loop and its request reader share a GIL).
 
   python -m bench.profile_server_gil --out results -- --device gpu --systems triton --concurrency 64 \
       --rounds 24 --client-procs 8 --detokenizer-instances 4 --out /tmp/r
@@ -26,12 +28,14 @@ from pathlib import Path
 from bench.provenance import DEFAULT_OUT, run_facts, write_json
 from tritonllm.triton.scrape import metric_samples
 
-THREADS = {
-    "engine loop": "engine_loop.py:_run",
-    "response senders": "response_pump.py:_run",
-    "cancellation watcher": "_watch_cancellations",
-    "execute (requests in)": ":execute",
-    "metrics": "engine_metrics.py",
+THREADS = {  # a thread is named by a frame its stacks pass through ("file.py:function" as py-spy names it)
+    "engine loop": "loop.py:EngineLoop._run",
+    "request reader (engine process)": "core_process.py:_read_commands",
+    "responses in (I/O side)": "core_process.py:EngineCoreClient._receive",
+    "response senders": "response_pump.py:_Worker._run",
+    "cancellation watcher": "watch_cancellations",
+    "execute (requests in)": ":TritonPythonModel.execute",
+    "metrics": "metrics.py:",
 }
 
 
@@ -63,6 +67,19 @@ def engine_stub_and_metrics_port() -> tuple[int, int] | None:
 def loop_steps(port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
     return sum(value for name, _, value in metric_samples(text) if name == "tritonllm_loop_steps_total")
+
+
+def engine_process_of(stub: int) -> int | None:
+    """The engine process a stub spawned (the engine loop's own process), if any."""
+    for pid, cmd in processes():
+        if any("tritonllm.engine.core_process" in c for c in cmd):
+            try:
+                parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == stub:
+                return pid
+    return None
 
 
 def wait_for_load(min_steps_per_s: float, timeout_s: float = 900) -> int:
@@ -114,12 +131,20 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--rate", type=int, default=250)
     p.add_argument("--min-steps-per-s", type=float, default=200.0)
+    p.add_argument(
+        "--target",
+        choices=["stub", "engine-process"],
+        default="stub",
+        help="the engine model's python stub, or the engine process it spawned (where the loop runs)",
+    )
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     a = p.parse_args()
     bench = subprocess.Popen([sys.executable, "-m", "bench.bench_llm", *[x for x in a.bench_args if x != "--"]])
     raw_path = Path("/tmp/tritonllm-gil.txt")
     try:
         pid = wait_for_load(a.min_steps_per_s)
+        if a.target == "engine-process":
+            pid = engine_process_of(pid) or pid  # an engine in the stub's own process: the stub
         subprocess.run(
             [
                 "py-spy",
@@ -144,7 +169,7 @@ def main() -> None:
         if bench.poll() is None:
             bench.terminate()
             bench.wait()
-    report = run_facts(**summarize(raw_path.read_text(), int(a.seconds), a.rate))
+    report = run_facts(target=a.target, pid=pid, **summarize(raw_path.read_text(), int(a.seconds), a.rate))
     write_json(a.out, "server-gil-profile", report)
     print(json.dumps(report, indent=1))
 
