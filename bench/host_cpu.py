@@ -12,7 +12,7 @@ from pathlib import Path
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
-def _stat(pid: int) -> tuple[int, float] | None:
+def proc_stat(pid: int) -> tuple[int, float] | None:
     """(parent pid, CPU seconds: user + system over all its threads) of a live process, or None."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
@@ -52,7 +52,7 @@ def sample() -> dict[int, tuple[str, float]]:
             continue
         pid = int(name)
         role = role_of(_cmdline(pid))
-        stat = _stat(pid) if role else None
+        stat = proc_stat(pid) if role else None
         if stat is not None:
             seen[pid] = (role, stat[0], stat[1])
     out = {}

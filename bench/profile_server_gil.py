@@ -25,6 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench.host_cpu import proc_stat, role_of
 from bench.provenance import DEFAULT_OUT, run_facts, write_json
 from tritonllm.triton.scrape import metric_samples
 
@@ -72,13 +73,8 @@ def loop_steps(port: int) -> float:
 def engine_process_of(stub: int) -> int | None:
     """The engine process a stub spawned (the engine loop's own process), if any."""
     for pid, cmd in processes():
-        if any("tritonllm.engine.core_process" in c for c in cmd):
-            try:
-                parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if parent == stub:
-                return pid
+        if role_of(cmd) == "engine process" and (proc_stat(pid) or (None,))[0] == stub:
+            return pid
     return None
 
 

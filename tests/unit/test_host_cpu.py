@@ -3,7 +3,7 @@
 import os
 import time
 
-from bench.host_cpu import HostCpu, _stat, role_of
+from bench.host_cpu import HostCpu, proc_stat, role_of
 
 
 def test_roles_from_command_lines():
@@ -16,11 +16,11 @@ def test_roles_from_command_lines():
 
 
 def test_cpu_seconds_of_a_process_grow_with_its_work():
-    before = _stat(os.getpid())[1]
+    before = proc_stat(os.getpid())[1]
     end = time.process_time() + 0.2
     while time.process_time() < end:
         pass
-    assert _stat(os.getpid())[1] - before >= 0.1
+    assert proc_stat(os.getpid())[1] - before >= 0.1
 
 
 def test_host_note_counts_busy_cores():

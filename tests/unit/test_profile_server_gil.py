@@ -24,3 +24,20 @@ def test_stacks_are_attributed_to_the_engine_threads():
         "response senders": 0.05,
         "other": 0.05,
     }
+
+
+def test_the_engine_process_of_a_stub_is_its_child_running_the_engine_core():
+    import os
+    import subprocess
+    import sys
+
+    from bench.profile_server_gil import engine_process_of
+
+    code = "import time; time.sleep(30)  # stands for: from tritonllm.engine.core_process import main"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        assert engine_process_of(os.getpid()) == child.pid
+        assert engine_process_of(child.pid) is None  # it spawned nothing
+    finally:
+        child.kill()
+        child.wait()
