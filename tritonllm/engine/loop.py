@@ -266,8 +266,8 @@ class EngineLoop:
                 continue
             if seq in finished:
                 self._emit(seq, final=True, now=now)
-            elif seq.sink is not None and not (seq.emitted and now - seq.last_emit < interval):  # `_emit`'s
-                self._emit(seq, final=False, interval=interval, now=now)  # own test, before a call per row
+            elif seq.sink is not None and not (seq.emitted and now - seq.last_emit < interval):  # tested here,
+                self._emit(seq, final=False, now=now)  # not in a call per row: most rows wait their interval
         self.stats.steps += step.plan.steps
         runtime = self.runtime.stats()
         self.stats.gpu_idle_s = runtime.gpu_idle_s
@@ -305,17 +305,16 @@ class EngineLoop:
             self.stats.batched_decode_steps += plan.steps * (len(plan.decode) > 1)
 
     # -- responses -----------------------------------------------------------------------------
-    def _emit(self, seq: Sequence, final: bool, interval: float = 0.0, now: float | None = None) -> None:
-        """Send what is new, unless `interval` (s) has not passed since the stream's last response.
-        A final response is sent after the request is counted as finished (metrics), so a client
-        that reads /metrics as soon as its stream ends finds its request there."""
+    def _emit(self, seq: Sequence, final: bool, now: float | None = None) -> None:
+        """Send what is new (the caller has decided a response is due: `_complete` keeps each stream
+        to its response interval). A final response is sent after the request is counted as
+        finished (metrics), so a client that reads /metrics as soon as its stream ends finds its
+        request there."""
         now = time.monotonic() if now is None else now
         if final:
             seq.last_emit = now
             self._finished(seq)
         if seq.sink is None:
-            return
-        if not final and seq.emitted and now - seq.last_emit < interval:
             return
         window = response_window(seq, final)
         if window is None:

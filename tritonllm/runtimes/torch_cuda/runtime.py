@@ -245,10 +245,13 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         """The forward pass's prefill inputs for `rows` padded to b x t, as device tensors."""
         return tuple(to_device(values, self.device) for values in self._prefill_lists(rows, b, t))
 
-    @torch.no_grad()
     def decode(self, rows: list[StepInput]) -> torch.Tensor:
         """One token for each row; rows are laid out by slot over a batch bucket."""
-        slots, tokens, starts = zip(*rows)
+        return self._decode_columns(*zip(*rows))
+
+    @torch.no_grad()
+    def _decode_columns(self, slots: tuple, tokens: tuple, starts: tuple) -> torch.Tensor:
+        """`decode` of rows given as their columns (`zip(*rows)`): logits in row order."""
         return self._decode_setup(slots, tokens, starts, 1)()[self._slot_index(slots)]
 
     def _ensure_decode_blocks(self, slots: tuple, starts: tuple, steps: int) -> None:
@@ -336,7 +339,7 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         slots, tokens, starts = columns
         if self._decode_only(tokens, starts):  # the usual step: its rows as columns, no per-row pass
             self._ensure_decode_blocks(slots, starts, 1)
-            return self._decode_setup(slots, tokens, starts, 1)()[self._slot_index(slots)]
+            return self._decode_columns(slots, tokens, starts)
         inputs = self._take_blocks(inputs, 1)
         kinds = [0 if x.start == 0 else 1 if len(x.tokens) > 1 else 2 for x in inputs]
         runs = (self.prefill, self.prefill_pieces, self.decode)
