@@ -341,6 +341,12 @@ def main() -> None:
     p.add_argument(
         "--logprobs", type=int, help="also run the most streams with return_log_probs and this top_logprobs k"
     )
+    p.add_argument(
+        "--trace-rate",
+        type=int,
+        default=0,
+        help="Triton runs: trace every n-th request (Triton's trace) and report where its first token went (0: off)",
+    )
     p.add_argument("--work", default="/tmp/tritonllm-bench")
     p.add_argument("--topic", default="bench", help="the results file's topic: {date}-{machine}-{topic}.json")
     p.add_argument("--out", default=DEFAULT_OUT, help="results folder (copy a run into results/ deliberately)")

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from bench import triton_trace
 from bench.drivers import run_triton
 from bench.workloads import engine_dir_for, random_prompts
 from tritonllm.build.repository import RepositoryConfig, write_repository
@@ -49,10 +50,17 @@ def triton_suite(
 def triton_row(a, server, name: str, prompts: list, c: int, label: str, results: list, power, extra=None) -> None:
     """One measured run through the ensemble `name`, with the engine's counters over it in its note."""
     before = engine_counters(server, name)
+    t0 = time.monotonic_ns()
     r = run_triton(server.grpc_url, name, prompts, c, a.out_len, power, a.client_procs, extra)
+    t1 = time.monotonic_ns()
     r.system = label
     r.note += engine_note(before, engine_counters(server, name), r.ttft_s)
-    results.append(r.row())
+    row = r.row()
+    if a.trace_rate:  # the sampled requests read during this row (their files are written as each ends)
+        hops = triton_trace.summary(triton_trace.first_token_hops(triton_trace.load(trace_path(a)), name, t0, t1))
+        row["note"] += "; " + triton_trace.describe(hops)
+        row["triton_trace"] = hops
+    results.append(row)
     log.info("%s", results[-1])
 
 
@@ -77,10 +85,18 @@ def variant_server(a, variants: dict, ckpt: Path, engine_dir: Path):
         )
     # BYTES tensors must stay in plain host memory for the python stubs on a GPU host
     args = ["--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"] if a.device == "gpu" else []
+    if a.trace_rate:
+        shutil.rmtree(trace_path(a).parent, ignore_errors=True)
+        trace_path(a).parent.mkdir(parents=True)
+        args += triton_trace.trace_args(trace_path(a), a.trace_rate)
     with TritonServer(
         repo, log_dir=Path("build/logs/bench"), startup_timeout_s=600, env=env, extra_args=args
     ) as server:
         yield server
+
+
+def trace_path(a) -> Path:
+    return Path(a.work) / "triton_trace" / "trace.json"
 
 
 def logprob_request(top: int) -> dict:
