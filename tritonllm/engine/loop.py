@@ -307,9 +307,8 @@ class EngineLoop:
     # -- responses -----------------------------------------------------------------------------
     def _emit(self, seq: Sequence, final: bool, now: float | None = None) -> None:
         """Send what is new (the caller has decided a response is due: `_complete` keeps each stream
-        to its response interval). A final response is sent after the request is counted as
-        finished (metrics), so a client that reads /metrics as soon as its stream ends finds its
-        request there."""
+        to its response interval). A final response is sent after the request is reported
+        finished (`on_finish`): its record is on its way to the metrics before the client sees the end."""
         now = time.monotonic() if now is None else now
         if final:
             seq.last_emit = now
