@@ -50,24 +50,20 @@ def processes() -> list[tuple[int, list[str]]]:
     return out
 
 
-def engine_stub_and_metrics_port() -> tuple[int, int] | None:
-    stub = next(
-        (
-            pid
-            for pid, cmd in processes()
-            if cmd[0].endswith("triton_python_backend_stub") and any("_engine" in c for c in cmd)
-        ),
-        None,
-    )
+def engine_stub_and_metrics_port(model: str = "_engine") -> tuple[int, int] | None:
+    """The first python stub of a model whose name contains `model`, and the server's metrics port."""
+    stubs = (pid for pid, cmd in processes() if model in (role := role_of(cmd) or "") and role.startswith("stub "))
+    stub = next(stubs, None)
     port = next(
         (int(m.group(1)) for _, cmd in processes() for c in cmd if (m := re.match(r"--metrics-port=(\d+)", c))), None
     )
     return (stub, port) if stub and port else None
 
 
-def loop_steps(port: int) -> float:
+def metric_sum(port: int, metric: str, model: str = "") -> float:
+    """A tritonllm metric summed over the series of models whose name contains `model`."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    return sum(value for name, _, value in metric_samples(text) if name == "tritonllm_loop_steps_total")
+    return sum(v for name, labels, v in metric_samples(text) if name == metric and model in labels.get("model", ""))
 
 
 def engine_process_of(stub: int) -> int | None:
@@ -78,21 +74,24 @@ def engine_process_of(stub: int) -> int | None:
     return None
 
 
-def wait_for_load(min_steps_per_s: float, timeout_s: float = 900) -> int:
-    """The engine stub's pid once its loop steps at least `min_steps_per_s` (the load is on)."""
+def wait_for_load(min_steps_per_s: float, min_active: int, model: str, bench, timeout_s: float = 900) -> int:
+    """The engine stub's pid once its loop steps at least `min_steps_per_s` with at least
+    `min_active` sequences generating (the load is on), while the bench runs."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = engine_stub_and_metrics_port()
+    while time.monotonic() < deadline and bench.poll() is None:
+        found = engine_stub_and_metrics_port(model)
         if found:
             try:
-                a = loop_steps(found[1])
+                a = metric_sum(found[1], "tritonllm_loop_steps_total", model)
                 time.sleep(0.5)
-                if (loop_steps(found[1]) - a) / 0.5 >= min_steps_per_s:
+                steps_per_s = (metric_sum(found[1], "tritonllm_loop_steps_total", model) - a) / 0.5
+                active = metric_sum(found[1], "tritonllm_requests_active", model)
+                if steps_per_s >= min_steps_per_s and active >= min_active:
                     return found[0]
             except OSError:
                 pass
-        time.sleep(0.5)
-    raise TimeoutError("the engine never reached the load phase")
+        time.sleep(0.2)
+    raise TimeoutError("the engine never reached the load phase while the bench ran")
 
 
 def summarize(raw: str, seconds: float, rate: int) -> dict:
@@ -127,6 +126,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--rate", type=int, default=250)
     p.add_argument("--min-steps-per-s", type=float, default=200.0)
+    p.add_argument("--min-active", type=int, default=0, help="... and at least this many sequences generating")
+    p.add_argument("--model", default="_engine", help="the engine model to sample (bench variants: '<variant>_engine')")
     p.add_argument(
         "--target",
         choices=["stub", "engine-process"],
@@ -138,7 +139,7 @@ def main() -> None:
     bench = subprocess.Popen([sys.executable, "-m", "bench.bench_llm", *[x for x in a.bench_args if x != "--"]])
     raw_path = Path("/tmp/tritonllm-gil.txt")
     try:
-        pid = wait_for_load(a.min_steps_per_s)
+        pid = wait_for_load(a.min_steps_per_s, a.min_active, a.model, bench)
         if a.target == "engine-process":
             pid = engine_process_of(pid) or pid  # an engine in the stub's own process: the stub
         subprocess.run(

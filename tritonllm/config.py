@@ -15,6 +15,7 @@ RUNTIMES = ("onnxruntime", "torch-cuda", "tensorrt")
 DTYPES = ("float32", "float16", "bfloat16")
 ENGINE_PROCESS = ("auto", "on", "off")
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the weights' dtype
+RESPONSE_ORDERS = ("ends-first", "arrival")  # the response senders' order (engine/response_pump.py)
 KV_POLICIES = ("guaranteed-no-evict", "max-utilization")  # TensorRT-LLM's names for the same two policies
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 QUANTIZATIONS = ("none", "fp8", "int8-wo", "int8", "int4")
@@ -70,6 +71,8 @@ class EngineConfig:
     multi_step_min_active: int = 16  # ... while at least this many sequences decode (below, host time is hidden)
     launch_ahead: int = 1  # GPU runtimes: steps left queued on the device while the loop completes older ones
     response_threads: int = 1  # threads sending responses off the engine loop (merging under backpressure)
+    response_order: str = "ends-first"  # a stream's first and final responses ahead of its mid-stream ones (what
+    # TTFT and a closed-loop client's next request wait on), or "arrival": in the order the loop made them
     engine_process: str = "auto"  # Triton: "on" runs the engine loop in a child process with its own GIL (the model
     # instance keeps the request/response I/O); "auto": on for the GPU runtimes, off for ONNX Runtime on the CPU
     io_processes: int = 1  # Triton model instances sharing one engine process as its request/response I/O (each
@@ -125,6 +128,7 @@ class EngineConfig:
         _check(self.multi_step_min_active >= 1, "multi_step_min_active", self.multi_step_min_active, ">= 1")
         _check(1 <= self.launch_ahead <= 4, "launch_ahead", self.launch_ahead, "1..4")
         _check(1 <= self.response_threads <= 64, "response_threads", self.response_threads, "1..64")
+        _check(self.response_order in RESPONSE_ORDERS, "response_order", self.response_order, "|".join(RESPONSE_ORDERS))
         _check(self.engine_process in ENGINE_PROCESS, "engine_process", self.engine_process, "|".join(ENGINE_PROCESS))
         _check(1 <= self.io_processes <= 32, "io_processes", self.io_processes, "1..32")
         _check(

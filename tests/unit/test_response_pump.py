@@ -135,3 +135,70 @@ def test_guarded_sender_is_never_touched_after_the_final_response():
     with pytest.raises(RuntimeError, match="after the final"):
         sender.send("late", final=False, flags=0)
     assert raw.sent == 51
+
+
+def test_first_and_final_responses_go_out_ahead_of_mid_stream_ones():
+    """ends-first: while the sender is held, a new stream's first response and a finished stream's
+    final one overtake mid-stream responses put before them; each stream keeps its own order."""
+    rec = Recorder()
+    rec.gate.clear()
+    pump = rec.pump(workers=1)
+    pump.put(seq(0), [0], 0, False)  # blocks the sender (taken before the gate)
+    time.sleep(0.05)
+    pump.put(seq(1), [1, 2], 1, False)  # mid-stream (context 1 already sent)
+    pump.put(seq(2), [7], 0, False)  # a stream's first response
+    pump.put(seq(3), [3, 4], 1, True)  # a final one
+    pump.put(seq(4), [5, 6], 1, False)  # mid-stream
+    pump.put(seq(4), [6, 8], 1, True)  # ... its final: merged and promoted
+    rec.gate.set()
+    pump.close()
+    order = [x[0] for x in rec.sent]
+    assert order == [0, 2, 3, 4, 1]
+    assert rec.sent[3] == (4, [5, 6, 8], 1, True)
+
+
+def test_arrival_order_keeps_the_order_responses_were_first_put():
+    rec = Recorder()
+    rec.gate.clear()
+    pump = ResponsePump(rec.send, rec.send_error, lambda s, exc: None, workers=1, ends_first=False)
+    pump.put(seq(0), [0], 0, False)
+    time.sleep(0.05)
+    pump.put(seq(1), [1, 2], 1, False)
+    pump.put(seq(2), [7], 0, False)
+    pump.put(seq(3), [3, 4], 1, True)
+    pump.put(seq(1), [2, 9], 1, True)  # merged in place: keeps seq 1's turn
+    rec.gate.set()
+    pump.close()
+    assert [x[0] for x in rec.sent] == [0, 1, 2, 3]
+    assert rec.sent[1] == (1, [1, 2, 9], 1, True)
+
+
+def test_an_error_takes_the_mid_stream_response_before_it_along():
+    rec = Recorder()
+    rec.gate.clear()
+    pump = rec.pump(workers=1)
+    pump.put(seq(0), [0], 0, False)
+    time.sleep(0.05)
+    pump.put(seq(5), [1, 2], 1, False)  # mid-stream
+    pump.put(seq(6), [3, 4], 1, False)  # mid-stream, another stream
+    pump.put_error(seq(5), ValueError("bad"))
+    rec.gate.set()
+    pump.close()
+    assert [(x[0], x[1]) for x in rec.sent] == [(0, [0]), (5, [1, 2]), (5, "error"), (6, [3, 4])]
+
+
+def test_ends_first_under_load_loses_and_reorders_nothing():
+    """Many streams, first/mid/final responses put while the sender is slow: every id arrives once,
+    in order, and each stream's last response is its only final one."""
+    rec = Recorder(delay=0.0002)
+    pump = rec.pump(workers=2)
+    streams = [seq(u) for u in range(40)]
+    for n in range(30):
+        for s in streams:  # the first response has no context, later ones one id of it
+            pump.put(s, [n - 1, n] if n else [0], 1 if n else 0, n == 29)
+    pump.close()
+    for s in streams:
+        mine = [x for x in rec.sent if x[0] == s.uid]
+        got = mine[0][1] + sum((x[1][x[2] :] for x in mine[1:]), [])
+        assert got == list(range(30))
+        assert [x[3] for x in mine] == [False] * (len(mine) - 1) + [True]

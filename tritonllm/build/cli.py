@@ -9,7 +9,16 @@ import logging
 import time
 from pathlib import Path
 
-from ..config import DTYPES, ENGINE_PROCESS, KV_CACHE_DTYPES, KV_POLICIES, QUANTIZATIONS, RUNTIMES, EngineConfig
+from ..config import (
+    DTYPES,
+    ENGINE_PROCESS,
+    KV_CACHE_DTYPES,
+    KV_POLICIES,
+    QUANTIZATIONS,
+    RESPONSE_ORDERS,
+    RUNTIMES,
+    EngineConfig,
+)
 from .calibrate import Calibration
 from .pipeline import build
 from .repository import RepositoryConfig
@@ -70,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gptq", action="store_true",
                    help="torch-cuda fp8/int8-wo: GPTQ rounding of the weights over the calibration text")
     p.add_argument("--response-threads", type=int, default=d.response_threads)
+    p.add_argument("--response-order", choices=RESPONSE_ORDERS, default=d.response_order,
+                   help="ends-first: a stream's first and final responses go out ahead of mid-stream ones "
+                   "(docs/engine.md); arrival: in the order the engine made them")
     p.add_argument("--engine-process", choices=ENGINE_PROCESS, default=d.engine_process,
                    help="the engine loop in its own process beside Triton's python stub; auto: on for the GPU "
                    "runtimes (docs/engine.md)")
@@ -107,6 +119,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
                         default_max_tokens=a.default_max_tokens, request_timeout_s=a.request_timeout_s,
                         stream_interval_ms=a.stream_interval_ms, threads=a.threads, dtype=a.dtype,
                         emit_text=a.emit_text, response_threads=a.response_threads,
+                        response_order=a.response_order,
                         engine_process=a.engine_process, io_processes=a.io_processes,
                         max_prefill_tokens=a.max_prefill_tokens,
                         prefill_gather_ms=a.prefill_gather_ms,

@@ -137,6 +137,7 @@ class TritonPythonModel:
             lambda seq, exc: seq.sink.deliver_error(seq, exc),
             _mark_failed,
             workers=self.cfg.response_threads,
+            ends_first=self.cfg.response_order == "ends-first",
         )
         self.outputs, self.logprob_outputs = id_outputs, packed_logprobs
         if self.cfg.emit_text:  # the ensemble has no detokenizer stage: text leaves the engine
