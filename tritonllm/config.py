@@ -15,6 +15,7 @@ RUNTIMES = ("onnxruntime", "torch-cuda", "tensorrt")
 DTYPES = ("float32", "float16", "bfloat16")
 ENGINE_PROCESS = ("auto", "on", "off")
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the weights' dtype
+AUTO_IO_PROCESSES = 2  # I/O processes an engine process gets by default (docs/decisions.md, 2026-12-04)
 RESPONSE_ORDERS = ("ends-first", "arrival")  # the response senders' order (engine/response_pump.py)
 KV_POLICIES = ("guaranteed-no-evict", "max-utilization")  # TensorRT-LLM's names for the same two policies
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
@@ -75,8 +76,9 @@ class EngineConfig:
     # TTFT and a closed-loop client's next request wait on), or "arrival": in the order the loop made them
     engine_process: str = "auto"  # Triton: "on" runs the engine loop in a child process with its own GIL (the model
     # instance keeps the request/response I/O); "auto": on for the GPU runtimes, off for ONNX Runtime on the CPU
-    io_processes: int = 1  # Triton model instances sharing one engine process as its request/response I/O (each
-    # with its own python stub and GIL; needs the engine process)
+    io_processes: int = 0  # Triton model instances sharing one engine process as its request/response I/O (each
+    # with its own python stub and GIL; needs the engine process); 0 (auto): AUTO_IO_PROCESSES with the engine
+    # process, else 1
     instance_balance_ms: float = 50.0  # several engine instances: a full one holds a new request this long
     # in execute() (so Triton hands the next ones to the others) before queueing it
     threads: int = 0  # runtime intra-op threads (0: runtime default)
@@ -130,12 +132,12 @@ class EngineConfig:
         _check(1 <= self.response_threads <= 64, "response_threads", self.response_threads, "1..64")
         _check(self.response_order in RESPONSE_ORDERS, "response_order", self.response_order, "|".join(RESPONSE_ORDERS))
         _check(self.engine_process in ENGINE_PROCESS, "engine_process", self.engine_process, "|".join(ENGINE_PROCESS))
-        _check(1 <= self.io_processes <= 32, "io_processes", self.io_processes, "1..32")
+        _check(0 <= self.io_processes <= 32, "io_processes", self.io_processes, "0 (auto)..32")
         _check(
-            self.io_processes == 1 or self.separate_process,
+            self.io_processes <= 1 or self.separate_process,
             "io_processes",
             self.io_processes,
-            "1 unless the engine runs in its own process (engine_process on, or auto with a GPU runtime)",
+            "0 (auto) or 1 unless the engine runs in its own process (engine_process on, or auto with a GPU runtime)",
         )
         _check(0 <= self.instance_balance_ms <= 10_000, "instance_balance_ms", self.instance_balance_ms, "0..10000")
         _check(self.dtype in DTYPES, "dtype", self.dtype, "|".join(DTYPES))
@@ -173,6 +175,13 @@ class EngineConfig:
     def separate_process(self) -> bool:
         """Whether Triton's model instance runs the engine loop in a child process (`engine_process`)."""
         return self.engine_process == "on" or (self.engine_process == "auto" and self.runtime != "onnxruntime")
+
+    @property
+    def io_instances(self) -> int:
+        """Model instances per engine serving its requests and responses (`io_processes`, resolved)."""
+        if self.io_processes:
+            return self.io_processes
+        return AUTO_IO_PROCESSES if self.separate_process else 1
 
     def to_parameters(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}

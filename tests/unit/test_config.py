@@ -25,7 +25,7 @@ CFG = EngineConfig(max_slots=4, max_context=256, max_tokens_limit=200, default_m
         dict(engine_process="yes"),
         dict(kv_policy="lru"),
         dict(kv_cache_dtype="int8"),
-        dict(io_processes=0),
+        dict(io_processes=33),
     ],
 )
 def test_engine_config_bounds(kw):
@@ -51,6 +51,21 @@ def test_options_the_engine_cannot_honour_are_refused_with_the_fix():
         RepositoryConfig(engine=shared, engine_instances=2)
     group = model_configs(RepositoryConfig(engine=shared, gpus=(0, 1)))["llm_engine"]["instance_group"]
     assert group[0]["count"] == 3 and group[0]["gpus"] == [0, 1]  # 3 I/O instances on each GPU's engine
+
+
+def test_io_processes_auto_gives_an_engine_process_two_io_instances_and_records_the_number():
+    def engine_instances(repo):
+        config = model_configs(repo)["llm_engine"]
+        params = {p["key"]: p["value"]["string_value"] for p in config["parameters"]}
+        return config["instance_group"][0]["count"], params["io_processes"]
+
+    gpu = EngineConfig(runtime="torch-cuda", dtype="bfloat16")
+    assert gpu.io_processes == 0 and gpu.io_instances == 2
+    assert engine_instances(RepositoryConfig(engine=gpu)) == (2, "2")
+    assert engine_instances(RepositoryConfig(engine=replace(gpu, io_processes=3))) == (3, "3")
+    assert engine_instances(RepositoryConfig(engine=replace(gpu, engine_process="off"))) == (1, "1")
+    assert engine_instances(RepositoryConfig(engine=CFG)) == (1, "1")  # onnxruntime: the loop in the stub
+    assert engine_instances(RepositoryConfig(engine=gpu, engine_instances=2)) == (2, "1")  # one each
 
 
 def test_kv_cache_dtype_fp8_is_refused_on_a_gpu_without_fp8_conversions(monkeypatch):

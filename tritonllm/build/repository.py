@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import tensors as T
@@ -50,9 +50,16 @@ class RepositoryConfig:
         if self.gpus and (self.engine_instances != 1 or len(set(self.gpus)) != len(self.gpus) or min(self.gpus) < 0):
             raise ValueError(f"gpus={list(self.gpus)}, engine_instances={self.engine_instances}: list distinct GPU "
                              "indices, one engine each (engine_instances applies to CPU engines)")
-        if self.engine.io_processes > 1 and self.engine_instances > 1:
+        if self.engine.io_processes > 1 and self.engine_instances > 1:  # asked for: auto (0) gives them one each
             raise ValueError(f"io_processes={self.engine.io_processes} with engine_instances={self.engine_instances}: "
                              "I/O processes share one engine; use one engine (or one per GPU with --gpus)")
+
+    @property
+    def served_engine(self) -> EngineConfig:
+        """The engine config the repository records: `io_processes` resolved (auto: 1 per engine when
+        several CPU engines run, else the engine's own default)."""
+        io = 1 if self.engine_instances > 1 else self.engine.io_instances
+        return replace(self.engine, io_processes=io)
 
     def stage(self, stage: str) -> str:
         return f"{self.name}_{stage}"
@@ -147,7 +154,7 @@ def ensemble_model(cfg: RepositoryConfig) -> dict:
 
 
 def model_configs(cfg: RepositoryConfig) -> dict[str, dict]:
-    eng = cfg.engine
+    eng = cfg.served_engine
     engine_outputs = T.ENGINE_TEXT_OUTPUTS if eng.emit_text else T.ENGINE_OUTPUTS
     configs = {
         cfg.stage("tokenizer"): python_model(cfg.stage("tokenizer"), cfg, T.TOKENIZER_INPUTS, T.TOKENIZER_OUTPUTS,
@@ -155,7 +162,7 @@ def model_configs(cfg: RepositoryConfig) -> dict[str, dict]:
                                              instances=instance_group(cfg.tokenizer_instances),
                                              warmup=stage_warmup("tokenizer")),
         cfg.stage("engine"): python_model(cfg.stage("engine"), cfg, T.ENGINE_INPUTS, engine_outputs,
-                                          eng.to_parameters(), instance_group(cfg.engine_instances * eng.io_processes, cfg.gpus),
+                                          eng.to_parameters(), instance_group(cfg.engine_instances * eng.io_instances, cfg.gpus),
                                           decoupled=True),
     }
     if not eng.emit_text:

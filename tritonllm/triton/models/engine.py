@@ -149,8 +149,8 @@ class TritonPythonModel:
             self.outputs, self.logprob_outputs = text_outputs, logprob_outputs
         device, engine_wide = instance_device(args), True
         if self.cfg.separate_process:  # the loop gets a GIL of its own; this process keeps the I/O
-            # with io_processes, the instances on one device (the server's, by its pid) share one engine
-            share = f"{os.getppid()}/{args['model_name']}/{device}" if self.cfg.io_processes > 1 else None
+            # with I/O processes, the instances on one device (the server's, by its pid) share one engine
+            share = f"{os.getppid()}/{args['model_name']}/{device}" if self.cfg.io_instances > 1 else None
             self.loop = EngineCoreClient(self.cfg, here / "engine", here / "tokenizer", device, share=share)
             engine_wide = self.loop.owner
         else:
@@ -158,7 +158,7 @@ class TritonPythonModel:
             self.loop = EngineLoop(runtime, self.cfg, decode=tok.decode)
         # with several engines a full one holds new requests briefly, so Triton hands the next ones
         # to a free instance (it routes each request to an instance whose execute() is idle)
-        engines = instance_count(model_config) // self.cfg.io_processes
+        engines = instance_count(model_config) // self.cfg.io_instances
         self.balance_s = self.cfg.instance_balance_ms / 1000.0 if engines > 1 else 0.0
         self.metrics = EngineMetrics(
             pb_utils, self.loop, args["model_name"], args["model_instance_name"], engine_wide=engine_wide
