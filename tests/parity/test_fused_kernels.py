@@ -254,9 +254,9 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv):
 
 def test_start_up_self_check_passes_for_every_kernel_form():
     """What the GPU runtime runs before enabling the kernels (decode and prefill rotary forms, and
-    the q/k-norm and fp8-cache forms, included: a form that fails to compile there turns the fused
+    the q/k-norm, fp8-cache and fp8-rows forms, included: a form that fails to compile there turns the fused
     kernels off, not the engine)."""
-    fk.self_check(torch.device("cpu"), torch.float32, 64, qk_norm=True, fp8_kv=True)
+    fk.self_check(torch.device("cpu"), torch.float32, 64, qk_norm=True, fp8_kv=True, fp8_rows=True)
 
 
 def test_rope_kv_write_norms_each_q_and_k_head_first():

@@ -320,3 +320,61 @@ def test_a_gptq_build_records_its_rounding_and_serves(tiny_dir, tmp_path, monkey
     assert any(not torch.equal(a.qweight, b.qweight) for a, b in pairs)
     with InProcessEngine(None, cfg, runtime=TorchCudaRuntime(out, cfg, device="cpu", fused_kernels=False)) as eng:
         assert len(eng.generate([1, 2, 3, 4], max_tokens=6, temperature=0.0, ignore_eos=True).ids) == 6
+
+
+def test_norm_and_activation_round_their_output_as_the_row_quantizer_does():
+    """Where the FP8 GEMM runs, add + norm and the gated activation hand it their output already
+    rounded per row: the e4m3 values and scales `quantize_rows` gives their plain output, the
+    residual updated the same, and the same product (21 rows: padded to 32; 1,500 activation
+    columns: two blocks a pass)."""
+    from tritonllm.runtimes.kernels import fused as fk
+
+    torch.manual_seed(9)
+    e4m3, ranges = torch.float8_e4m3fn, torch.logspace(-2, 2, 21)[:, None, None]
+    x, res, w = torch.randn(21, 1, 96) * ranges, torch.randn(21, 1, 96), torch.randn(96)
+    res_rounded = res.clone()
+    gu = torch.randn(21, 1, 3000) * ranges / 10  # gates up to ~10: no overflow in exp(-g)
+    pairs = [
+        (fk.add_rms_norm(x, res, w, 1e-5), fk.add_rms_norm(x, res_rounded, w, 1e-5, quantize=e4m3)),
+        (fk.activate_mul(gu), fk.activate_mul(gu, quantize=e4m3)),
+    ]
+    assert torch.equal(res, res_rounded)
+    for plain, rows in pairs:
+        k = plain.shape[-1]
+        ref_q, ref_scale = qmatmul.quantize_rows(plain.view(21, k), e4m3)
+        assert isinstance(rows, qmatmul.QuantRows) and rows.shape == plain.shape and rows.q.shape == (32, k)
+        assert torch.equal(rows.q[:21].float(), ref_q.float()) and torch.equal(rows.scale[:21], ref_scale)
+        q, scale = quant.quantize_weight(torch.randn(48, k), "fp8")
+        assert torch.equal(qmatmul.fp8_matmul(rows, q, scale, None), qmatmul.fp8_matmul(plain, q, scale, None))
+
+
+def test_fused_row_rounding_leaves_the_fp8_engines_logits_unchanged(tiny_dir):
+    """A prefill and a decode step on the fused kernels with every product the FP8 GEMM: the
+    producers rounding their outputs for it give the logits of each product rounding its own
+    input, bit for bit; the products' own quantize kernel runs only where no fused kernel makes
+    the input (layer 0's qkv, every o)."""
+    from tritonllm.runtimes.base import StepInput
+
+    hf = load_hf(tiny_dir)
+    cfg = EngineConfig(
+        runtime="torch-cuda", max_slots=2, max_context=64, max_tokens_limit=32, default_max_tokens=8, quantization="fp8"
+    )
+    large = {(kind, 2048): "fp8" for kind in PROJECTIONS}
+    prompts = [StepInput(0, [5, 6, 7, 8, 9, 10, 11], 0), StepInput(1, [12, 13, 14], 0)]
+    runs, calls = [], []
+    for fuse in (False, True):
+        model = CausalLM(hf)
+        quant.quantize_model(model, "fp8")
+        rt = TorchCudaRuntime(
+            None, cfg, model=model, device="cpu", triton_kernels=True, gemv_table={}, quant_table=large
+        )
+        rt.forward.fuse_row_quantization = fuse
+        counted = qmatmul.quantize_rows
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(qmatmul, "quantize_rows", lambda *a: calls.append(fuse) or counted(*a))
+            runs.append([rt.step(prompts), rt.step([StepInput(0, [3], 7), StepInput(1, [4], 3)])])
+    for ref, got in zip(*runs):
+        assert torch.equal(got, ref)
+    layers = len(CausalLM(hf).layers)
+    # per layer and step: 4 products rounding their input unfused; only o's (and layer 0's qkv) fused
+    assert calls.count(False) == 2 * 4 * layers and calls.count(True) == 2 * (layers + 1)

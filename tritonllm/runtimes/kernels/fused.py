@@ -7,6 +7,8 @@
 - `add_rms_norm`: residual add (in place) + RMSNorm in one kernel (replaces 2); with Gemma 2/3's
   sandwich norms, the added product is RMS-normed first (replaces 3).
 - `activate_mul`: SiLU(gate) * up, or GELU-tanh(gate) * up (GeGLU), in one kernel (replaces 2).
+Where the next product is an FP8 GEMM, add + norm and the activation round their output to e4m3
+per row themselves (`quantize`): the product's quantize kernel and a round trip of its input go.
 Decode attention is in `attention.py`. The kernels that read a matrix product (rotary, add + norm,
 activation) also take it as `gemv.SplitK` partial sums and add them up as they load
 (`_load_product`): a split-K product needs no reduce kernel of its own.
@@ -21,6 +23,7 @@ import triton.language as tl
 
 from . import attention
 from .gemv import SplitK
+from .qmatmul import QuantRows
 
 
 @triton.jit
@@ -197,8 +200,35 @@ def rope_kv_write(
 
 
 @triton.jit
+def _store_rows(out, scale_out, row, i, m, y, s_out, QUANT: tl.constexpr, QMAX: tl.constexpr):
+    """Stores a row of activations `y` (already in their type): as they are, or with QUANT divided
+    by the row's absmax / QMAX and rounded to out's 8-bit type (qmatmul.quantize_rows' values)."""
+    if QUANT:
+        v = y.to(tl.float32)
+        step = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-12) / QMAX
+        tl.store(scale_out + row, step)
+        v = tl.minimum(tl.maximum(v / step, -QMAX), QMAX)
+        tl.store(out + row * s_out + i, v.to(out.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+    else:
+        tl.store(out + row * s_out + i, y, mask=m)
+
+
+@triton.jit
 def _add_rms_norm_kernel(
-    x, residual, weight, pre_weight, out, n, eps, n_split, s_split, BLOCK: tl.constexpr, PRE: tl.constexpr
+    x,
+    residual,
+    weight,
+    pre_weight,
+    out,
+    scale_out,
+    n,
+    eps,
+    n_split,
+    s_split,
+    BLOCK: tl.constexpr,
+    PRE: tl.constexpr,
+    QUANT: tl.constexpr,
+    QMAX: tl.constexpr,
 ):
     row = tl.program_id(0)
     i = tl.arange(0, BLOCK)
@@ -213,7 +243,16 @@ def _add_rms_norm_kernel(
     s = s_stored.to(tl.float32)  # normalise what the residual stream holds
     inv = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / n + eps)
     w = tl.load(weight + i, mask=m, other=0.0).to(tl.float32)
-    tl.store(out + row * n + i, (s * inv * w).to(out.dtype.element_ty), mask=m)
+    _store_rows(out, scale_out, row, i, m, (s * inv * w).to(residual.dtype.element_ty), n, QUANT, QMAX)
+
+
+def _output(shape: torch.Size, dtype: torch.dtype, device, quantize: torch.dtype | None):
+    """(the kernel's output: activations, or QuantRows where `quantize`, its store arguments)."""
+    if quantize is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+        return out, (out, out, torch.finfo(torch.float8_e4m3fn).max)
+    rows = QuantRows.empty(shape, dtype, quantize, device)
+    return rows, (rows.q, rows.scale, torch.finfo(quantize).max)
 
 
 def add_rms_norm(
@@ -222,13 +261,15 @@ def add_rms_norm(
     weight: torch.Tensor,
     eps: float,
     pre_weight: torch.Tensor | None = None,
-) -> torch.Tensor:
+    quantize: torch.dtype | None = None,
+) -> torch.Tensor | QuantRows:
     """residual += x (in place), or += RMSNorm(x) * pre_weight (Gemma 2/3's norm on a layer's
     outputs); returns RMSNorm(residual) * weight. Contiguous [..., E] tensors (x may be a product's
-    split partial sums); the weights are the scales applied in fp32 (Gemma's 1 + w)."""
+    split partial sums); the weights are the scales applied in fp32 (Gemma's 1 + w). `quantize`
+    (e4m3): the result rounded per row for an FP8 GEMM (`QuantRows`) instead."""
     parts, n_split, s_split, _ = _product(x)
     n = residual.shape[-1]
-    out = torch.empty_like(residual)
+    result, (out, scale_out, qmax) = _output(residual.shape, residual.dtype, residual.device, quantize)
     pre = pre_weight if pre_weight is not None else weight
     _add_rms_norm_kernel[(residual.numel() // n,)](
         parts,
@@ -236,14 +277,30 @@ def add_rms_norm(
         weight,
         pre,
         out,
+        scale_out,
         n,
         eps,
         n_split,
         s_split,
         BLOCK=triton.next_power_of_2(n),
         PRE=pre_weight is not None,
+        QUANT=quantize is not None,
+        QMAX=qmax,
     )
-    return out
+    return result
+
+
+@triton.jit
+def _gated(gate_up, row, i, m, f, n_split, s_split, like, GELU: tl.constexpr):
+    """act(gate) * up at columns i of a row, rounded to like's type as the module rounds it."""
+    g = _load_product(gate_up, row * 2 * f + i, m, n_split, s_split, like)
+    u = _load_product(gate_up, row * 2 * f + f + i, m, n_split, s_split, like)
+    if GELU:  # the tanh approximation: 0.5 g (1 + tanh z) = g / (1 + e^-2z)
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = g / (1.0 + tl.exp(-2.0 * z))
+    else:
+        a = g / (1.0 + tl.exp(-g))
+    return (a.to(like.dtype.element_ty).to(tl.float32) * u).to(like.dtype.element_ty)
 
 
 @triton.jit
@@ -251,36 +308,60 @@ def _activate_mul_kernel(gate_up, out, f, n_split, s_split, BLOCK: tl.constexpr,
     row, blk = tl.program_id(0), tl.program_id(1)
     i = blk * BLOCK + tl.arange(0, BLOCK)
     m = i < f
-    g = _load_product(gate_up, row * 2 * f + i, m, n_split, s_split, out)
-    u = _load_product(gate_up, row * 2 * f + f + i, m, n_split, s_split, out)
-    if GELU:  # the tanh approximation: 0.5 g (1 + tanh z) = g / (1 + e^-2z)
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        a = g / (1.0 + tl.exp(-2.0 * z))
-    else:
-        a = g / (1.0 + tl.exp(-g))
-    tl.store(out + row * f + i, (a.to(out.dtype.element_ty).to(tl.float32) * u).to(out.dtype.element_ty), mask=m)
+    tl.store(out + row * f + i, _gated(gate_up, row, i, m, f, n_split, s_split, out, GELU), mask=m)
 
 
-def activate_mul(gate_up: torch.Tensor | SplitK, activation: str = "silu") -> torch.Tensor:
+@triton.jit
+def _activate_mul_rows_kernel(
+    gate_up, like, q, scale, f, n_split, s_split, BLOCK: tl.constexpr, GELU: tl.constexpr, QMAX: tl.constexpr
+):
+    """A whole row per program, rounded per row to q's 8-bit type: its absmax first, then the row
+    again (from L2) divided by it; the values are computed twice rather than stored and re-read."""
+    row = tl.program_id(0)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, f, BLOCK):
+        i = k0 + tl.arange(0, BLOCK)
+        v = _gated(gate_up, row, i, i < f, f, n_split, s_split, like, GELU).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    step = tl.maximum(tl.max(amax, axis=0), 1e-12) / QMAX
+    tl.store(scale + row, step)
+    for k0 in range(0, f, BLOCK):
+        i = k0 + tl.arange(0, BLOCK)
+        v = _gated(gate_up, row, i, i < f, f, n_split, s_split, like, GELU).to(tl.float32) / step
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        tl.store(q + row * f + i, v.to(q.dtype.element_ty, fp_downcast_rounding="rtne"), mask=i < f)
+
+
+def activate_mul(
+    gate_up: torch.Tensor | SplitK, activation: str = "silu", quantize: torch.dtype | None = None
+) -> torch.Tensor | QuantRows:
     """[..., 2F] (gate then up; or its split partial sums [S, rows, 2F]) -> act(gate) * up [..., F]
-    ([rows, 1, F] from partial sums); act: "silu" or "gelu_tanh" (GeGLU)."""
+    ([rows, 1, F] from partial sums); act: "silu" or "gelu_tanh" (GeGLU). `quantize` (e4m3): the
+    result rounded per row for an FP8 GEMM (`QuantRows`) instead."""
     if activation not in ("silu", "gelu_tanh"):
         raise ValueError(f"activate_mul: activation {activation!r} is not a kernel form; use silu or gelu_tanh")
     parts, n_split, s_split, dtype = _product(gate_up)
     f, rows = parts.shape[-1] // 2, parts.shape[1]
     lead = gate_up.shape[:-1] if isinstance(gate_up, torch.Tensor) else (rows, 1)
-    out = torch.empty((*lead, f), dtype=dtype, device=parts.device)
-    block = 1024
-    _activate_mul_kernel[(rows, triton.cdiv(f, block))](
-        parts, out, f, n_split, s_split, BLOCK=block, GELU=activation == "gelu_tanh"
+    result, (out, scale_out, qmax) = _output(torch.Size((*lead, f)), dtype, parts.device, quantize)
+    block, gelu = 1024, activation == "gelu_tanh"
+    if quantize is None:
+        _activate_mul_kernel[(rows, triton.cdiv(f, block))](parts, out, f, n_split, s_split, BLOCK=block, GELU=gelu)
+        return result
+    like = parts if parts.dtype == dtype else torch.empty(1, dtype=dtype, device=parts.device)
+    _activate_mul_rows_kernel[(rows,)](
+        parts, like, out, scale_out, f, n_split, s_split, BLOCK=block, GELU=gelu, QMAX=qmax
     )
-    return out
+    return result
 
 
-def self_check(device, dtype, head_dim: int, qk_norm: bool = False, fp8_kv: bool = False) -> None:
+def self_check(
+    device, dtype, head_dim: int, qk_norm: bool = False, fp8_kv: bool = False, fp8_rows: bool = False
+) -> None:
     """Compile and run each kernel once on small inputs against the reference ops (the q/k-norm
-    rotary form where the model needs it, the fp8-cache forms with `fp8_kv`); raises if a kernel
-    does not compile on this GPU/Triton or disagrees."""
+    rotary form where the model needs it, the fp8-cache forms with `fp8_kv`, the forms that round
+    their output for an FP8 GEMM with `fp8_rows`); raises if a kernel does not compile on this
+    GPU/Triton or disagrees."""
     g = torch.Generator(device="cpu").manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
     qkv, ang = r(2, 1, 4 * head_dim), torch.randn(2, 1, head_dim // 2, generator=g)
@@ -361,3 +442,14 @@ def self_check(device, dtype, head_dim: int, qk_norm: bool = False, fp8_kv: bool
         atol=5e-2,
         rtol=5e-2,
     )
+    if fp8_rows:  # the e4m3 rows and scales of the row-quantizing kernel (its own check: tests, bench)
+        from .qmatmul import quantize_rows
+
+        e4m3, x, res0 = torch.float8_e4m3fn, r(2, 1, 64), r(2, 1, 64)
+        for plain, rows in (
+            (add_rms_norm(x, res0.clone(), w, 1e-5), add_rms_norm(x, res0.clone(), w, 1e-5, quantize=e4m3)),
+            (activate_mul(gu), activate_mul(gu, quantize=e4m3)),
+        ):
+            q, scale = quantize_rows(plain.view(2, -1), e4m3)
+            if not (torch.equal(rows.q[:2].float(), q.float()) and torch.equal(rows.scale[:2], scale)):
+                raise AssertionError("a kernel's e4m3 rows differ from quantize_rows' rounding of its output")

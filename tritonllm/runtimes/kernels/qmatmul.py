@@ -7,12 +7,17 @@ rows) by timing at start-up, like `gemv.tune`:
 - `fp8_matmul` (fp8 weights only): activations quantized per token (dynamic scales) and one FP8
   Tensor Core GEMM with row-wise scales (`torch._scaled_mm`, cuBLASLt), at twice bf16's peak.
 - `reference`: dequantize the weight, then cuBLAS (the fallback; what the others are checked against).
+
+Where the FP8 GEMM runs, the kernel that makes its input (add + norm, the gated activation:
+`fused.py`) can round it per row itself and hand over `QuantRows`: the same e4m3 values and scales
+as `quantize_rows`, without a kernel and a round trip of the activations of its own.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -26,6 +31,30 @@ TILE_CONFIGS = ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), 
 GROUP_M = 8  # programs along M that sweep the same columns of W together (the weight tiles stay in L2)
 FP8_ALIGN = 16  # the FP8 GEMM's row count must be a multiple of this
 Choice = "str | tuple[int, ...]"  # "reference", "fp8", or a TILE_CONFIGS entry
+
+
+class QuantRows(NamedTuple):
+    """Activations rounded to e4m3 with one scale per row, by the kernel that made them: `q`
+    [rows rounded up to FP8_ALIGN, K] and `scale` [same, 1] (float32) (rows past the real ones are
+    never read back); `shape` and `dtype`: the activations' own ([..., K]), which the product's
+    output takes."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @staticmethod
+    def empty(shape: torch.Size, dtype: torch.dtype, fmt: torch.dtype, device) -> QuantRows:
+        """Room for activations of `shape` / `dtype` rounded to `fmt`."""
+        rows = shape.numel() // shape[-1]
+        padded = rows + (-rows % FP8_ALIGN)
+        q = torch.empty((padded, shape[-1]), dtype=fmt, device=device)
+        return QuantRows(q, torch.empty((padded, 1), dtype=torch.float32, device=device), shape, dtype)
+
+    @property
+    def rows(self) -> int:
+        return self.shape.numel() // self.shape[-1]
 
 
 @triton.jit
@@ -132,19 +161,22 @@ def tile_matmul(x, weight, scale, bias, config: tuple[int, ...]) -> torch.Tensor
 
 
 def fp8_matmul(x, weight, scale, bias) -> torch.Tensor:
-    """The FP8 Tensor Core product: x quantized per row to e4m3, weight [N, K] e4m3 with its
-    per-channel scale; float32 accumulation, output in x's dtype."""
-    x2 = _rows(x)
-    m = x2.shape[0]
-    pad = -m % FP8_ALIGN
-    if pad:
-        x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
-    xq, x_scale = quantize_rows(x2, weight.dtype)  # the kernel: the same rounding as model.quant's
+    """The FP8 Tensor Core product: x quantized per row to e4m3 (here, or already: `QuantRows`),
+    weight [N, K] e4m3 with its per-channel scale; float32 accumulation, output in x's dtype."""
+    if isinstance(x, QuantRows):
+        xq, x_scale, m, shape = x.q, x.scale, x.rows, x.shape
+    else:
+        x2, shape = _rows(x), x.shape
+        m = x2.shape[0]
+        pad = -m % FP8_ALIGN
+        if pad:
+            x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
+        xq, x_scale = quantize_rows(x2, weight.dtype)  # the kernel: the same rounding as model.quant's
     y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=x.dtype)
-    y = y[:m] if pad else y
+    y = y[:m] if y.shape[0] != m else y
     if bias is not None:
         y = y + bias
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y.view(*shape[:-1], weight.shape[0])
 
 
 def matmul(x, weight, scale, bias, choice: Choice) -> torch.Tensor:

@@ -80,6 +80,7 @@ class ForwardPasses:
         self.tokens = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # each slot's next token
         self.positions = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # ... and its position
         self.writes = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # the slot each row writes
+        self.fuse_row_quantization = True  # False: each FP8 GEMM rounds its own input (the A/B in tests, bench)
         self.decode = self._decode_triton if kernels.triton else self._decode_torch
         if compiled:  # fuses the many small kernels of the torch ops' step
             self.decode = torch.compile(self._decode_torch, fullgraph=False, dynamic=False)
@@ -115,7 +116,7 @@ class ForwardPasses:
         rot = m.rotaries(positions[:, None], x.dtype)
         config = self.kernels.piece_config[1:]  # keys a block, warps, stages (`tune_pieces`)
         rope, attend = self._row_kernels(rot, positions, slots, span, config, reads=slots, tiles=tiles)
-        h = self._fused_layers(x, rope, attend, lambda kind, layer, inp: self._linear(kind, layer, inp, small=False))
+        h = self._fused_layers(x, rope, attend, small=False)
         return m.cap_logits(torch.matmul(h[last, 0], m.lm_head.t()))
 
     def prefill_pieces(self, ids: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, span):
@@ -180,7 +181,7 @@ class ForwardPasses:
 
         # a prompt's products are never the decode step's small-batch tiles (whose split-K partial sums
         # the prefill's value view cannot read)
-        return self._fused_layers(x, rope, attend, lambda kind, layer, inp: self._linear(kind, layer, inp, small=False))
+        return self._fused_layers(x, rope, attend, small=False)
 
     # -- decode ----------------------------------------------------------------------------------
     def _decode_triton(self, b: int, c: int) -> torch.Tensor:
@@ -194,7 +195,7 @@ class ForwardPasses:
         rot = m.rotaries(positions[:, None], x.dtype)
         config = self.kernels.attention_table.get(b, ak.ATTENTION_CONFIGS[0])
         rope, attend = self._row_kernels(rot, positions, self.writes[:b], c, config)
-        h = self._fused_layers(x, rope, attend, self._linear)
+        h = self._fused_layers(x, rope, attend, small=True)
         return m.cap_logits(dense(self._project("lm_head", m.lm_head, None, h[:, 0])))
 
     def _row_kernels(self, rot, positions, writes, limit: int, config, reads=None, tiles=None) -> tuple:
@@ -269,22 +270,43 @@ class ForwardPasses:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.cap_logits(torch.matmul(self._norm(self.model.norm, hidden), self.model.lm_head.t()))
 
-    def _fused_layers(self, x: torch.Tensor, rope, attend, proj) -> torch.Tensor:
-        """The decoder stack on the fused kernels: per layer 4 matrix products (`proj`) and 4 small
-        kernels (rotary + KV write `rope`, attention `attend`, residual add + norm twice (each with
-        the output's own norm first in Gemma 2/3), the gated activation).
-        x is the residual stream (updated in place); returns it normalised by the final norm."""
+    def _fused_layers(self, x: torch.Tensor, rope, attend, small: bool) -> torch.Tensor:
+        """The decoder stack on the fused kernels: per layer 4 matrix products (`_linear`; `small`:
+        a decode step's, by the small-batch tables) and 4 small kernels (rotary + KV write `rope`,
+        attention `attend`, residual add + norm twice (each with the output's own norm first in
+        Gemma 2/3), the gated activation); add + norm and the activation hand an FP8 GEMM its input
+        rounded per row (`_rounds_input`). x is the residual stream (updated in place); returns it
+        normalised by the final norm."""
         from ..kernels import fused as fk
 
         m, scale = self.model, self._scale
+        rows = x.numel() // x.shape[-1]
+        fmt = {kind: self._rounds_input(kind, rows, small) for kind in ("qkv_proj", "gate_up", "down")}
         h = rms_norm(m.layers[0].ln1, x)
         for i, layer in enumerate(m.layers):
-            a = attend(i, rope(i, proj("qkv_proj", layer, h)))
-            h = fk.add_rms_norm(proj("o", layer, a), x, scale(layer.ln2), layer.ln2.eps, scale(layer.post_attention))
-            nxt = m.layers[i + 1].ln1 if i + 1 < len(m.layers) else m.norm
-            up = fk.activate_mul(proj("gate_up", layer, h), layer.activation)
-            h = fk.add_rms_norm(proj("down", layer, up), x, scale(nxt), nxt.eps, scale(layer.post_mlp))
+            a = attend(i, rope(i, self._linear("qkv_proj", layer, h, small)))
+            o = self._linear("o", layer, a, small)
+            h = fk.add_rms_norm(o, x, scale(layer.ln2), layer.ln2.eps, scale(layer.post_attention), fmt["gate_up"])
+            last = i + 1 == len(m.layers)
+            nxt, rounds = (m.norm, None) if last else (m.layers[i + 1].ln1, fmt["qkv_proj"])
+            up = fk.activate_mul(self._linear("gate_up", layer, h, small), layer.activation, fmt["down"])
+            down = self._linear("down", layer, up, small)
+            h = fk.add_rms_norm(down, x, scale(nxt), nxt.eps, scale(layer.post_mlp), rounds)
         return h
+
+    def _rounds_input(self, kind: str, rows: int, small: bool) -> torch.dtype | None:
+        """e4m3 where the layers' product `kind` at `rows` rows is the FP8 GEMM (its input made
+        rounded per row), else None (the product takes its input as it is)."""
+        if not self.fuse_row_quantization:
+            return None
+        weight, _, scale = operands(getattr(self.model.layers[0], kind))
+        if scale is None or weight.dtype != torch.float8_e4m3fn:
+            return None
+        if small and (kind, rows) in self.kernels.gemv_table:
+            return None
+        from ..kernels import qmatmul
+
+        return weight.dtype if qmatmul.choose(self.kernels.quant_table, kind, rows) == "fp8" else None
 
     def _scale(self, norm) -> torch.Tensor | None:
         return None if norm is None else self._scales[id(norm)]
@@ -300,14 +322,19 @@ class ForwardPasses:
         """decode_attention's (window, scale, softcap) for a layer."""
         return layer.window, layer.scale, layer.softcap
 
-    def _linear(self, kind: str, layer, x: torch.Tensor, small: bool = True):
+    def _linear(self, kind: str, layer, x, small: bool = True):
         """A layer's projection `kind` of x, by the start-up tables."""
         weight, bias, scale = operands(getattr(layer, kind))
         return self._project(kind, weight, bias, x, scale, small)
 
-    def _project(self, kind: str, weight, bias, x: torch.Tensor, scale: torch.Tensor | None = None, small=True):
+    def _project(self, kind: str, weight, bias, x, scale: torch.Tensor | None = None, small=True):
         """x @ weight.T + bias: the tuned small-batch tile for these rows (`small`: a decode step),
-        else cuBLAS; an 8-bit weight (with `scale`) otherwise takes its tuned large-batch product."""
+        else cuBLAS; an 8-bit weight (with `scale`) otherwise takes its tuned large-batch product,
+        the FP8 GEMM where x comes rounded for it (`QuantRows`, see `_rounds_input`)."""
+        from ..kernels import qmatmul
+
+        if isinstance(x, qmatmul.QuantRows):
+            return qmatmul.fp8_matmul(x, weight, scale, bias)
         rows = x.numel() // x.shape[-1]
         config = self.kernels.gemv_table.get((kind, rows)) if small else None
         if config is not None:
@@ -316,6 +343,4 @@ class ForwardPasses:
             return gemv.small_matmul(x, weight, bias, config, scale)
         if scale is None:
             return F.linear(x, weight, bias)
-        from ..kernels import qmatmul
-
         return qmatmul.matmul(x, weight, scale, bias, qmatmul.choose(self.kernels.quant_table, kind, rows))

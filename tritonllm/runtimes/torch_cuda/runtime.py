@@ -99,7 +99,14 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
             log.info("fused decode kernels off for this model (they do not compute %s): torch ops", ", ".join(gaps))
         qk_norm = self.model.features.qk_norm
         triton = not gaps and want_triton(
-            triton_kernels, fused_kernels, self.device, self.dtype, self.shape.head_dim, qk_norm, self.cache.fp8
+            triton_kernels,
+            fused_kernels,
+            self.device,
+            self.dtype,
+            self.shape.head_dim,
+            qk_norm,
+            self.cache.fp8,
+            self.quantization == "fp8",
         )
         self.kernels = choose_kernels(
             self.model,

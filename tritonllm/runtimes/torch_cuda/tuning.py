@@ -49,8 +49,10 @@ def want_triton(
     head_dim: int,
     qk_norm: bool = False,
     fp8_kv: bool = False,
+    fp8_rows: bool = False,
 ) -> bool:
-    """Fused Triton kernels on CUDA where `triton` imports and their self check passes;
+    """Fused Triton kernels on CUDA where `triton` imports and their self check passes (with the
+    forms an fp8 cache / fp8 weights need);
     TRITONLLM_TRITON_KERNELS=0 turns them off; `asked` forces the choice (tests, profiling)."""
     if asked is not None:
         return asked
@@ -59,7 +61,7 @@ def want_triton(
     try:
         from ..kernels import fused
 
-        fused.self_check(device, dtype, head_dim, qk_norm, fp8_kv)
+        fused.self_check(device, dtype, head_dim, qk_norm, fp8_kv, fp8_rows)
         return True
     except Exception as exc:  # no triton, or its kernels do not compile here: the torch ops serve
         log.warning("fused Triton decode kernels unavailable (%s): using the torch ops", str(exc)[:300])

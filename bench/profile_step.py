@@ -1,0 +1,125 @@
+"""Where a large decode step's GPU time goes, on the engine as served (paged cache, the start-up
+kernel tables, quantized weights, fp8 KV where asked): for each batch, every slot holding
+`--context` positions, the decode step replayed from a CUDA graph and a prefill of `--prefill`
+prompts of 128 tokens, each with the producers of an FP8 GEMM's input rounding it per row
+(`fused rows`) and without (`own quantize`), the kernels of one eager decode step by GPU time,
+and the floors: the step's products alone and the KV bytes it reads over the copy bandwidth.
+
+  python -m bench.profile_step --shape 8b --quantization fp8 --kv-cache-dtype fp8 --batches 256 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from bench.families import bench_engine_config, random_model
+from bench.measure import write_results
+from bench.profile_decode import top_kernels
+from bench.provenance import DEFAULT_OUT
+from bench.quant_speed import SHAPES
+from bench.workloads import copy_bandwidth
+from tritonllm.model import quant
+from tritonllm.model.modeling import CausalLM
+from tritonllm.runtimes.base import StepInput
+from tritonllm.runtimes.kernels import qmatmul
+from tritonllm.runtimes.kernels.gemv import graph_ms
+from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
+from tritonllm.runtimes.torch_cuda.graphs import bucket_for
+
+log = logging.getLogger("bench.profile_step")
+VARIANTS = {"fused rows": True, "own quantize": False}
+
+
+def hold_context(rt: TorchCudaRuntime, batch: int, context: int) -> None:
+    """Slots 0..batch-1 each hold `context` positions (their blocks taken; the values are whatever
+    the pool holds: the step's time does not depend on them) and decode their next one."""
+    for slot in range(batch):
+        rt.blocks.ensure(slot, context + 1)
+    rt.cache.sync()
+    f = rt.forward
+    f.positions[:batch].fill_(context)
+    f.writes[:batch].copy_(torch.arange(batch, device=f.writes.device))
+    f.tokens[:batch].random_(1, rt.shape.vocab_size)
+
+
+def products_floor_ms(rt: TorchCudaRuntime, rows: int) -> float:
+    """The step's products alone at `rows` rows as the tables run them, their inputs already made
+    (fp8: already rounded), every layer's weights in turn, plus the LM head."""
+    total = 0.0
+    for kind in quant.PROJECTIONS:
+        mats = [quant.operands(getattr(layer, kind)) for layer in rt.model.layers]
+        x = torch.randn(rows, mats[0][0].shape[1], device="cuda", dtype=rt.dtype)
+        if mats[0][2] is not None and rt.forward._rounds_input(kind, rows, True):
+            x = qmatmul.QuantRows(*qmatmul.quantize_rows(x, mats[0][0].dtype), x.shape, x.dtype)
+        total += graph_ms(lambda: [rt.forward._project(kind, w, b, x, s) for w, b, s in mats], reps=10)
+    h = torch.randn(rows, rt.shape.hidden_size, device="cuda", dtype=rt.dtype)
+    return total + graph_ms(lambda: rt.forward._project("lm_head", rt.model.lm_head, None, h), reps=10)
+
+
+def kv_bytes(rt: TorchCudaRuntime, batch: int, context: int) -> int:
+    """Keys and values a decode step reads: every layer's, at every held position of every row."""
+    per_position = 2 * rt.shape.num_kv_heads * rt.shape.head_dim * rt.cache.keys.element_size()
+    return per_position * rt.shape.num_layers * batch * (context + 1)
+
+
+def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwidth: float) -> dict:
+    hold_context(rt, batch, context)
+    bucket = bucket_for(context + 1, rt.buckets.context)
+    rows = [StepInput(batch + i, list(range(1, 129)), 0) for i in range(prompts) if batch + i < rt.max_slots]
+    out = {
+        "batch": batch,
+        "context": context,
+        "kv_read_floor_ms": round(1e3 * kv_bytes(rt, batch, context) / bandwidth, 3),
+    }
+    for name, fuse in VARIANTS.items():
+        rt.forward.fuse_row_quantization = fuse
+        out[f"decode ms, {name}"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20), 3)
+        if rows:
+            inputs = rt.prefill_inputs(rows, len(rows), 128)
+            out[f"prefill {len(rows)}x128 ms, {name}"] = round(
+                graph_ms(lambda: rt.forward.prefill(*inputs), reps=10), 3
+            )
+    rt.forward.fuse_row_quantization = True
+    out["products_floor_ms"] = round(products_floor_ms(rt, batch), 3)
+    out["top_kernels"] = top_kernels(lambda: rt.forward.decode(batch, bucket), n=16)
+    log.info("%s", {k: v for k, v in out.items() if k != "top_kernels"})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=list(SHAPES), default="8b")
+    p.add_argument("--quantization", choices=["none", *quant.SCHEMES], default="fp8")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    p.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
+    p.add_argument("--context", type=int, default=192, help="positions each row holds (128/128: 128-255)")
+    p.add_argument("--prefill", type=int, default=8, help="prompts of 128 tokens in the prefill measured")
+    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--topic", default="profile-step")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    model = CausalLM(random_model("llama", SHAPES[a.shape]))
+    if a.quantization != "none":
+        quant.quantize_model(model, a.quantization)
+    slots = max(a.batches) + a.prefill
+    cfg = bench_engine_config(slots, quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype)
+    rt = TorchCudaRuntime(None, cfg, model=model, capture_at_start=False)
+    bandwidth = copy_bandwidth()
+    rows = [measure(rt, b, a.context, a.prefill, bandwidth) for b in a.batches]
+    table = [{k: v for k, v in r.items() if k != "top_kernels"} for r in rows]
+    facts = {
+        "shape": a.shape,
+        "quantization": a.quantization,
+        "kv_cache_dtype": a.kv_cache_dtype,
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9),
+        "kernels": rt.kernels.describe(),
+        "top_kernels": {r["batch"]: r["top_kernels"] for r in rows},
+    }
+    print(write_results(a.out, a.topic, facts, table))
+
+
+if __name__ == "__main__":
+    main()
