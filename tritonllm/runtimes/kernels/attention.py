@@ -21,6 +21,17 @@ log = logging.getLogger(__name__)
 
 
 @triton.jit
+def _widened(x, like, WIDEN: tl.constexpr):
+    """fp8 keys/values in the product's dtype: converted (WIDEN 0: the query's, 1: fp16), or (2)
+    their bits moved into fp16's: the value / 256, e4m3's exponent bias being 8 below fp16's; its
+    subnormals land on fp16 subnormals, exact too."""
+    if WIDEN == 2:
+        b = x.to(tl.uint8, bitcast=True).to(tl.uint16)
+        return (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
+    return x.to(like.dtype)
+
+
+@triton.jit
 def _decode_attention_kernel(
     q,
     k_cache,
@@ -52,6 +63,8 @@ def _decode_attention_kernel(
     CAPPED: tl.constexpr,
     FP8: tl.constexpr,
     HKV: tl.constexpr,
+    WIDEN: tl.constexpr,
+    KT: tl.constexpr,
 ):
     t, kv = tl.program_id(0), tl.program_id(1)
     first = tl.load(tile_row + t) if TILED else t  # the program's rows: first.. first+count-1, one slot's
@@ -61,6 +74,8 @@ def _decode_attention_kernel(
     real = tok < count
     at_q = (row * s_q_b + (kv * G + i % G) * s_q_h)[:, None] + d[None, :]
     qv = tl.load(q + at_q, mask=real[:, None], other=0.0)
+    if FP8 and WIDEN > 0:  # fp8 keys/values widen to fp16 more cheaply than to bf16
+        qv = qv.to(tl.float16)
     n_r = tl.minimum(tl.load(pos + row, mask=real, other=0) + 1, limit)  # keys 0..pos, never past the graph's
     lo_r = tl.maximum(n_r - window, 0)  # a sliding window sees the last `window` keys only
     n = tl.max(n_r, 0)
@@ -70,16 +85,20 @@ def _decode_attention_kernel(
     l_i = tl.zeros([R], tl.float32)
     acc = tl.zeros([R, D], tl.float32)
     if FP8:  # keys/values stored divided by the head's scale
-        scale = scale * tl.load(kv_scale + kv)
+        scale = scale * tl.load(kv_scale + kv) * (256.0 if WIDEN == 2 else 1.0)
     for start in range((lo // BLOCK_N) * BLOCK_N, n, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         live = (cols < n) & (cols >= lo)
         block = tl.load(table + slot * s_table + cols // PAGE, mask=live, other=0).to(tl.int64)
-        at = (block * s_c_block + kv * s_c_head + (cols % PAGE) * s_c_pos)[:, None] + d[None, :]
-        kb = tl.load(k_cache + at, mask=live[:, None], other=0.0)
+        base = block * s_c_block + kv * s_c_head + (cols % PAGE) * s_c_pos
+        at = base[:, None] + d[None, :]
+        if KT:  # keys read as [D, BLOCK_N] already: no transpose of the tile before the product
+            kt = tl.load(k_cache + base[None, :] + d[:, None], mask=live[None, :], other=0.0)
+        else:
+            kt = tl.trans(tl.load(k_cache + at, mask=live[:, None], other=0.0))
         if FP8:
-            kb = kb.to(qv.dtype)
-        s = tl.dot(qv, tl.trans(kb)).to(tl.float32) * scale
+            kt = _widened(kt, qv, WIDEN)
+        s = tl.dot(qv, kt).to(tl.float32) * scale
         if CAPPED:  # Gemma 2: cap * tanh(s / cap), tanh from exp (2 / (1 + e^-2z) - 1)
             s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
         s = tl.where((cols[None, :] < n_r[:, None]) & (cols[None, :] >= lo_r[:, None]), s, float("-inf"))
@@ -90,12 +109,12 @@ def _decode_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         vb = tl.load(v_cache + at, mask=live[:, None], other=0.0)
         if FP8:
-            vb = vb.to(qv.dtype)
+            vb = _widened(vb, qv, WIDEN)
         acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb).to(tl.float32)
         m_i = m_new
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # 0 only in padding rows (never stored)
     if FP8:
-        acc = acc * tl.load(kv_scale + HKV + kv)
+        acc = acc * tl.load(kv_scale + HKV + kv) * (256.0 if WIDEN == 2 else 1.0)
     tl.store(out + at_q, acc.to(out.dtype.element_ty), mask=real[:, None])
 
 
@@ -167,6 +186,8 @@ def decode_attention(
     row_slots: torch.Tensor | None = None,
     kv_scale: torch.Tensor | None = None,
     tiles: PieceTiles | None = None,
+    widen: int = 0,
+    keys_transposed: bool = False,
 ) -> torch.Tensor:
     """q [B,H,D] (contiguous) of slots 0..B-1 (or `row_slots` [B]: several rows may be one slot's,
     the tokens of a prompt piece, each attending up to its own position) at positions [B];
@@ -215,6 +236,8 @@ def decode_attention(
         CAPPED=softcap is not None,
         FP8=kv_scale is not None,
         HKV=hkv,
+        WIDEN=widen if kv_scale is not None else 0,
+        KT=keys_transposed,
         num_warps=warps,
         num_stages=stages,
     )

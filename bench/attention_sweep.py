@@ -1,0 +1,135 @@
+"""The decode attention kernel against its KV-read floor, on the paged cache as the engine lays it
+out ([blocks, Hkv, PAGE, D], rows' blocks spread over the pool): for each case (the 8B and 1B
+shapes' heads, bf16 or fp8 keys/values) and batch, every kernel form (fp8 widened to the query's
+bf16, to fp16, or to fp16 by moving bits; keys read as [BLOCK_N, D] and transposed or read as
+[D, BLOCK_N]) over the tile configurations, timed from CUDA graph replays over `--layers` pools of
+their own (each larger than L2), each form's output checked against the default's. Prints the best
+per (case, batch, form) and writes every timing.
+
+  python -m bench.attention_sweep --batches 256 1024 --context 192
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+
+import torch
+
+from bench.measure import write_results
+from bench.provenance import DEFAULT_OUT
+from bench.workloads import copy_bandwidth
+from tritonllm.runtimes.kernels import attention as ak
+from tritonllm.runtimes.kernels.gemv import graph_ms
+
+log = logging.getLogger("bench.attention_sweep")
+CASES = {  # name: (query heads, KV heads, head size, fp8 keys/values)
+    "8b-fp8": (32, 8, 128, True),
+    "8b-bf16": (32, 8, 128, False),
+    "1b-bf16": (32, 8, 64, False),
+}
+PAGE = 16
+GRID = [(n, w, s) for n, w, s in itertools.product((32, 64, 128), (1, 2, 4, 8), (2, 3, 4)) if n * w <= 512]
+
+
+def forms(fp8: bool) -> list[tuple[int, bool]]:
+    """(widen, keys_transposed) pairs that differ for this cache."""
+    return [(w, t) for w in ((0, 1, 2) if fp8 else (0,)) for t in (False, True)]
+
+
+def pools(batch: int, context: int, hkv: int, d: int, fp8: bool, layers: int):
+    """`layers` (keys, values, scales) pools of `batch` rows x `context` positions, and their table."""
+    blocks = batch * -(-context // PAGE)
+    out = []
+    for _ in range(layers):
+        k, v = (torch.randn(blocks, hkv, PAGE, d, device="cuda") for _ in range(2))
+        if fp8:
+            out.append((k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), torch.rand(2, hkv, device="cuda") + 0.5))
+        else:
+            out.append((k.to(torch.bfloat16), v.to(torch.bfloat16), None))
+    return out, ak.spread_table(batch, context, PAGE, blocks, "cuda")
+
+
+def sweep(case: str, batch: int, context: int, layers: int, bandwidth: float, configs, only=None) -> list[dict]:
+    h, hkv, d, fp8 = CASES[case]
+    kvs, table = pools(batch, context, hkv, d, fp8, layers)
+    q = torch.randn(batch, h, d, device="cuda", dtype=torch.bfloat16)
+    pos = torch.full((batch,), context - 1, device="cuda")
+    floor_us = 1e6 * 2 * batch * context * hkv * d * kvs[0][0].element_size() / bandwidth
+    k0, v0, s0 = kvs[0]
+    ref = ak.decode_attention(q, k0, v0, table, pos, context, ak.ATTENTION_CONFIGS[0], kv_scale=s0).float()
+    rows = []
+    for (widen, kt), cfg in itertools.product([only] if only else forms(fp8), configs):
+        run = lambda k, v, s, cfg=cfg, w=widen, t=kt: ak.decode_attention(
+            q, k, v, table, pos, context, cfg, kv_scale=s, widen=w, keys_transposed=t
+        )
+        try:
+            err = (run(k0, v0, s0).float() - ref).abs().max().item()
+            us = 1e3 * graph_ms(lambda: [run(*kv) for kv in kvs], reps=10) / layers
+        except Exception as exc:  # out of shared memory / registers for this tile: no candidate
+            log.info("%s %s widen=%s kt=%s left out: %s", case, cfg, widen, kt, str(exc)[:120])
+            continue
+        rows.append(
+            {
+                "case": case,
+                "batch": batch,
+                "widen": widen,
+                "keys_transposed": kt,
+                "config": str(cfg),
+                "us_per_layer": round(us, 1),
+                "share_of_floor": round(floor_us / us, 3),
+                "max_err": round(err, 4),
+            }
+        )
+    return rows
+
+
+def best(rows: list[dict]) -> list[dict]:
+    """The fastest row of each (case, batch, form), and the default form's default config."""
+    keyed = {}
+    for r in rows:
+        k = (r["case"], r["batch"], r["widen"], r["keys_transposed"])
+        if k not in keyed or r["us_per_layer"] < keyed[k]["us_per_layer"]:
+            keyed[k] = r
+    return list(keyed.values())
+
+
+def fastest_form(rows: list[dict]) -> tuple[int, bool]:
+    """The form whose best time summed over the batches is least."""
+    totals = {}
+    for r in best(rows):
+        form = (r["widen"], r["keys_transposed"])
+        totals[form] = totals.get(form, 0.0) + r["us_per_layer"]
+    return min(totals, key=totals.get)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    p.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
+    p.add_argument("--context", type=int, default=192)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--grid", action="store_true", help="then every tile in GRID for each case's fastest form")
+    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--topic", default="attention-sweep")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    bandwidth = copy_bandwidth()
+    rows = []
+    for case in a.cases:
+        mine = [r for b in a.batches for r in sweep(case, b, a.context, a.layers, bandwidth, ak.ATTENTION_CONFIGS)]
+        log.info("%s", best(mine))
+        if a.grid:
+            form = fastest_form(mine)
+            tried = {(r["batch"], r["config"]) for r in mine if (r["widen"], r["keys_transposed"]) == form}
+            grid = [c for c in GRID if str(c) not in {cfg for _, cfg in tried}]
+            mine += [r for b in a.batches for r in sweep(case, b, a.context, a.layers, bandwidth, grid, form)]
+            log.info("%s grid, form %s: %s", case, form, best(mine))
+        rows += mine
+    facts = {"context": a.context, "copy_bandwidth_gb_s": round(bandwidth / 1e9), "all": rows}
+    print(write_results(a.out, a.topic, facts, best(rows)))
+
+
+if __name__ == "__main__":
+    main()
