@@ -1,10 +1,9 @@
 """The decode attention kernel against its KV-read floor, on the paged cache as the engine lays it
 out ([blocks, Hkv, PAGE, D], rows' blocks spread over the pool): for each case (the 8B and 1B
-shapes' heads, bf16 or fp8 keys/values) and batch, every kernel form (fp8 widened to the query's
-bf16, to fp16, or to fp16 by moving bits; keys read as [BLOCK_N, D] and transposed or read as
-[D, BLOCK_N]) over the tile configurations, timed from CUDA graph replays over `--layers` pools of
-their own (each larger than L2), each form's output checked against the default's. Prints the best
-per (case, batch, form) and writes every timing.
+shapes' heads, bf16 or fp8 keys/values) and batch, both kernel forms (keys read as [BLOCK_N, D] and
+transposed, or read as [D, BLOCK_N]) over the tile configurations, timed from CUDA graph replays
+over `--layers` pools of their own (each larger than L2), each form's output checked against the
+default's. Prints the best per (case, batch, form) and writes every timing.
 
   python -m bench.attention_sweep --batches 256 1024 --context 192
 """
@@ -33,11 +32,6 @@ PAGE = 16
 GRID = [(n, w, s) for n, w, s in itertools.product((32, 64, 128), (1, 2, 4, 8), (2, 3, 4)) if n * w <= 512]
 
 
-def forms(fp8: bool) -> list[tuple[int, bool]]:
-    """(widen, keys_transposed) pairs that differ for this cache."""
-    return [(w, t) for w in ((0, 1, 2) if fp8 else (0,)) for t in (False, True)]
-
-
 def pools(batch: int, context: int, hkv: int, d: int, fp8: bool, layers: int):
     """`layers` (keys, values, scales) pools of `batch` rows x `context` positions, and their table."""
     blocks = batch * -(-context // PAGE)
@@ -60,21 +54,18 @@ def sweep(case: str, batch: int, context: int, layers: int, bandwidth: float, co
     k0, v0, s0 = kvs[0]
     ref = ak.decode_attention(q, k0, v0, table, pos, context, ak.ATTENTION_CONFIGS[0], kv_scale=s0).float()
     rows = []
-    for (widen, kt), cfg in itertools.product([only] if only else forms(fp8), configs):
-        run = lambda k, v, s, cfg=cfg, w=widen, t=kt: ak.decode_attention(
-            q, k, v, table, pos, context, cfg, kv_scale=s, widen=w, keys_transposed=t
-        )
+    for kt, cfg in itertools.product([only] if only is not None else (False, True), configs):
+        run = lambda k, v, s, cfg=(*cfg, kt): ak.decode_attention(q, k, v, table, pos, context, cfg, kv_scale=s)
         try:
             err = (run(k0, v0, s0).float() - ref).abs().max().item()
             us = 1e3 * graph_ms(lambda: [run(*kv) for kv in kvs], reps=10) / layers
         except Exception as exc:  # out of shared memory / registers for this tile: no candidate
-            log.info("%s %s widen=%s kt=%s left out: %s", case, cfg, widen, kt, str(exc)[:120])
+            log.info("%s %s kt=%s left out: %s", case, cfg, kt, str(exc)[:120])
             continue
         rows.append(
             {
                 "case": case,
                 "batch": batch,
-                "widen": widen,
                 "keys_transposed": kt,
                 "config": str(cfg),
                 "us_per_layer": round(us, 1),
@@ -86,20 +77,20 @@ def sweep(case: str, batch: int, context: int, layers: int, bandwidth: float, co
 
 
 def best(rows: list[dict]) -> list[dict]:
-    """The fastest row of each (case, batch, form), and the default form's default config."""
+    """The fastest row of each (case, batch, form)."""
     keyed = {}
     for r in rows:
-        k = (r["case"], r["batch"], r["widen"], r["keys_transposed"])
+        k = (r["case"], r["batch"], r["keys_transposed"])
         if k not in keyed or r["us_per_layer"] < keyed[k]["us_per_layer"]:
             keyed[k] = r
     return list(keyed.values())
 
 
-def fastest_form(rows: list[dict]) -> tuple[int, bool]:
-    """The form whose best time summed over the batches is least."""
+def fastest_form(rows: list[dict]) -> bool:
+    """The form (keys transposed or not) whose best time summed over the batches is least."""
     totals = {}
     for r in best(rows):
-        form = (r["widen"], r["keys_transposed"])
+        form = r["keys_transposed"]
         totals[form] = totals.get(form, 0.0) + r["us_per_layer"]
     return min(totals, key=totals.get)
 
@@ -122,7 +113,7 @@ def main() -> None:
         log.info("%s", best(mine))
         if a.grid:
             form = fastest_form(mine)
-            tried = {(r["batch"], r["config"]) for r in mine if (r["widen"], r["keys_transposed"]) == form}
+            tried = {(r["batch"], r["config"]) for r in mine if r["keys_transposed"] == form}
             grid = [c for c in GRID if str(c) not in {cfg for _, cfg in tried}]
             mine += [r for b in a.batches for r in sweep(case, b, a.context, a.layers, bandwidth, grid, form)]
             log.info("%s grid, form %s: %s", case, form, best(mine))

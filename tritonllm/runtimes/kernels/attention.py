@@ -21,17 +21,6 @@ log = logging.getLogger(__name__)
 
 
 @triton.jit
-def _widened(x, like, WIDEN: tl.constexpr):
-    """fp8 keys/values in the product's dtype: converted (WIDEN 0: the query's, 1: fp16), or (2)
-    their bits moved into fp16's: the value / 256, e4m3's exponent bias being 8 below fp16's; its
-    subnormals land on fp16 subnormals, exact too."""
-    if WIDEN == 2:
-        b = x.to(tl.uint8, bitcast=True).to(tl.uint16)
-        return (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
-    return x.to(like.dtype)
-
-
-@triton.jit
 def _decode_attention_kernel(
     q,
     k_cache,
@@ -63,7 +52,6 @@ def _decode_attention_kernel(
     CAPPED: tl.constexpr,
     FP8: tl.constexpr,
     HKV: tl.constexpr,
-    WIDEN: tl.constexpr,
     KT: tl.constexpr,
 ):
     t, kv = tl.program_id(0), tl.program_id(1)
@@ -74,8 +62,8 @@ def _decode_attention_kernel(
     real = tok < count
     at_q = (row * s_q_b + (kv * G + i % G) * s_q_h)[:, None] + d[None, :]
     qv = tl.load(q + at_q, mask=real[:, None], other=0.0)
-    if FP8 and WIDEN > 0:  # fp8 keys/values widen to fp16 more cheaply than to bf16
-        qv = qv.to(tl.float16)
+    if FP8:  # fp8 keys/values widen to fp16 in far fewer instructions than to bf16; the products
+        qv = qv.to(tl.float16)  # run in fp16 (a bf16 query is exact in it up to |q| 65,504)
     n_r = tl.minimum(tl.load(pos + row, mask=real, other=0) + 1, limit)  # keys 0..pos, never past the graph's
     lo_r = tl.maximum(n_r - window, 0)  # a sliding window sees the last `window` keys only
     n = tl.max(n_r, 0)
@@ -85,7 +73,7 @@ def _decode_attention_kernel(
     l_i = tl.zeros([R], tl.float32)
     acc = tl.zeros([R, D], tl.float32)
     if FP8:  # keys/values stored divided by the head's scale
-        scale = scale * tl.load(kv_scale + kv) * (256.0 if WIDEN == 2 else 1.0)
+        scale = scale * tl.load(kv_scale + kv)
     for start in range((lo // BLOCK_N) * BLOCK_N, n, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         live = (cols < n) & (cols >= lo)
@@ -97,7 +85,7 @@ def _decode_attention_kernel(
         else:
             kt = tl.trans(tl.load(k_cache + at, mask=live[:, None], other=0.0))
         if FP8:
-            kt = _widened(kt, qv, WIDEN)
+            kt = kt.to(tl.float16)
         s = tl.dot(qv, kt).to(tl.float32) * scale
         if CAPPED:  # Gemma 2: cap * tanh(s / cap), tanh from exp (2 / (1 + e^-2z) - 1)
             s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
@@ -109,12 +97,12 @@ def _decode_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         vb = tl.load(v_cache + at, mask=live[:, None], other=0.0)
         if FP8:
-            vb = _widened(vb, qv, WIDEN)
+            vb = vb.to(tl.float16)
         acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb).to(tl.float32)
         m_i = m_new
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # 0 only in padding rows (never stored)
     if FP8:
-        acc = acc * tl.load(kv_scale + HKV + kv) * (256.0 if WIDEN == 2 else 1.0)
+        acc = acc * tl.load(kv_scale + HKV + kv)
     tl.store(out + at_q, acc.to(out.dtype.element_ty), mask=real[:, None])
 
 
@@ -154,8 +142,10 @@ class PieceTiles:
         return PieceTiles(put(first), put(count), rows)
 
 
-# (keys per block, warps, stages); 2 warps: a batch of many rows runs more programs per SM at once
-ATTENTION_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2), (64, 2, 3), (32, 2, 4))
+# (keys per block, warps, stages); 1-2 warps: a batch of many rows runs more programs per SM at once.
+# A config may end in True: keys read as [D, BLOCK_N] (no transpose of the tile), which `tune_attention`
+# also tries for fp8 caches, where it helped (results/2026-12-04-h200-attention-sweep).
+ATTENTION_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2), (64, 2, 3), (32, 2, 4), (32, 1, 2), (32, 1, 3))
 
 
 # prompt pieces: (query rows a program, keys per block, warps, stages); the first is the default.
@@ -186,8 +176,6 @@ def decode_attention(
     row_slots: torch.Tensor | None = None,
     kv_scale: torch.Tensor | None = None,
     tiles: PieceTiles | None = None,
-    widen: int = 0,
-    keys_transposed: bool = False,
 ) -> torch.Tensor:
     """q [B,H,D] (contiguous) of slots 0..B-1 (or `row_slots` [B]: several rows may be one slot's,
     the tokens of a prompt piece, each attending up to its own position) at positions [B];
@@ -196,14 +184,15 @@ def decode_attention(
     a time). Row b attends to keys 0..min(positions[b], limit - 1), the last `window` of them where
     one is set; scores scaled by `scale` (default D ** -0.5), then soft-capped at `softcap` where
     one is set. Returns [B,1,H*D]. `config`: keys per tile (fewer tiles, fewer dependent loads:
-    what a batch of few rows waits on), warps, stages. `kv_scale` [2, Hkv] (float32): the caches are
-    fp8, keys and values stored divided by their head's scale. `tiles`: consecutive rows of one slot
+    what a batch of few rows waits on), warps, stages, and optionally True: keys read as [D, keys].
+    `kv_scale` [2, Hkv] (float32): the caches are fp8, keys and values stored divided by their
+    head's scale; the products then run in fp16. `tiles`: consecutive rows of one slot
     (a prompt piece's tokens) taken `tiles.rows` to a program, so each tile of keys is read once for
     all of them rather than once per row."""
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     out = torch.empty_like(q)
-    block_n, warps, stages = config
+    block_n, warps, stages, *transposed = config
     per = tiles.rows if tiles is not None else 1
     _decode_attention_kernel[(len(tiles) if tiles is not None else b, hkv)](
         q,
@@ -236,8 +225,7 @@ def decode_attention(
         CAPPED=softcap is not None,
         FP8=kv_scale is not None,
         HKV=hkv,
-        WIDEN=widen if kv_scale is not None else 0,
-        KT=keys_transposed,
+        KT=bool(transposed and transposed[0]),
         num_warps=warps,
         num_stages=stages,
     )
@@ -276,8 +264,8 @@ def tune_attention(
 ) -> tuple[dict, list]:
     """The fastest ATTENTION_CONFIGS entry per batch size, timed over every layer's cache
     [blocks, Hkv, PAGE, D] at `context` keys per row, rows' blocks spread over the pool (CUDA graph
-    replays); queries in `dtype`, each layer's `kv_scales` [2, Hkv] where the caches are fp8.
-    Returns ({batch: config}, timings for the log)."""
+    replays); queries in `dtype`, each layer's `kv_scales` [2, Hkv] where the caches are fp8 (then
+    each entry also with its keys read transposed). Returns ({batch: config}, timings for the log)."""
     from .gemv import graph_ms
 
     blocks, hkv, page, d = k_caches[0].shape
@@ -290,8 +278,11 @@ def tune_attention(
         kr, vr, check = random_pool(b, context, k_caches[0])
         run = lambda cfg=ATTENTION_CONFIGS[0]: decode_attention(q, kr, vr, check, pos, context, cfg, kv_scale=scales[0])
         ref = run().float()
+        candidates = list(ATTENTION_CONFIGS)
+        if kv_scales is not None:
+            candidates += [(*cfg, True) for cfg in ATTENTION_CONFIGS]
         agree = [  # the default is checked against SDPA in self_check
-            cfg for cfg in ATTENTION_CONFIGS if torch.allclose(run(cfg).float(), ref, atol=2e-2, rtol=2e-2)
+            cfg for cfg in candidates if torch.allclose(run(cfg).float(), ref, atol=2e-2, rtol=2e-2)
         ]
         times = {
             cfg: graph_ms(
