@@ -85,15 +85,20 @@ def test_add_rms_norm_norms_the_product_first_for_sandwich_norms():
 
 
 @pytest.mark.parametrize("config", ak.ATTENTION_CONFIGS[:2] + ak.ATTENTION_CONFIGS[3:])
-@pytest.mark.parametrize("heads,kv_heads,transposed", [(9, 3, False), (8, 2, False), (8, 2, True)])
-def test_decode_attention_matches_sdpa_over_each_rows_valid_keys(heads, kv_heads, transposed, config):
+@pytest.mark.parametrize(
+    "heads,kv_heads,transposed,splits",
+    [(9, 3, False, 1), (8, 2, False, 1), (8, 2, True, 1), (8, 2, False, 4), (9, 3, True, 8)],
+)
+def test_decode_attention_matches_sdpa_over_each_rows_valid_keys(heads, kv_heads, transposed, splits, config):
+    """Every row over its own keys (row 0 has one: most splits of it see none), each config, the keys
+    read transposed or not, split over programs whose sums are combined or not."""
     torch.manual_seed(2)
     b, d, ctx = 3, 16, 150
     q = torch.randn(b, heads, d)
     kc, vc = torch.randn(4, kv_heads, ctx, d), torch.randn(4, kv_heads, ctx, d)
     (kp, table), (vp, _) = paged(kc), paged(vc)
     pos = torch.tensor([0, 70, 149])
-    got = ak.decode_attention(q, kp, vp, table, pos, limit=128, config=(*config, transposed))
+    got = ak.decode_attention(q, kp, vp, table, pos, limit=128, config=(*config, transposed, splits))
     # row 2 is cut at the graph's context
     g = heads // kv_heads
     for i in range(b):
@@ -104,7 +109,7 @@ def test_decode_attention_matches_sdpa_over_each_rows_valid_keys(heads, kv_heads
         torch.testing.assert_close(got[i, 0], ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("config", [ak.ATTENTION_CONFIGS[0], ak.ATTENTION_CONFIGS[5]])
+@pytest.mark.parametrize("config", [ak.ATTENTION_CONFIGS[0], ak.ATTENTION_CONFIGS[5], (32, 1, 2, False, 4)])
 def test_decode_attention_keeps_to_a_sliding_window_with_a_query_scale(config):
     torch.manual_seed(4)
     b, heads, kv_heads, d, ctx, window, scale = 3, 4, 2, 16, 150, 40, 0.3
@@ -346,8 +351,8 @@ def triton_e4m3(x: torch.Tensor) -> torch.Tensor:
     return out.view(x.shape)
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-def test_fp8_cache_kernels_store_scaled_e4m3_and_attend_to_the_dequantized_values(transposed):
+@pytest.mark.parametrize("transposed,splits", [(False, 1), (True, 1), (True, 2)])
+def test_fp8_cache_kernels_store_scaled_e4m3_and_attend_to_the_dequantized_values(transposed, splits):
     """kv_cache_dtype fp8: the rotary kernel stores k / scale and v / scale (per KV head) as e4m3,
     saturated at 448; decode attention multiplies them back: it equals SDPA over the dequantized cache."""
     torch.manual_seed(8)
@@ -375,7 +380,7 @@ def test_fp8_cache_kernels_store_scaled_e4m3_and_attend_to_the_dequantized_value
     (k8, tab8), (v8, _) = paged((keys / scale[0][None, :, None, None]).clamp(-448, 448)), paged(values / 0.5)
     k8, v8 = k8.to(torch.float8_e4m3fn), v8.to(torch.float8_e4m3fn)
     scales = torch.stack([scale[0], torch.full((hkv,), 0.5)])
-    got = ak.decode_attention(q1, k8, v8, tab8, pos, 16, (64, 4, 3, transposed), kv_scale=scales)
+    got = ak.decode_attention(q1, k8, v8, tab8, pos, 16, (16, 4, 3, transposed, splits), kv_scale=scales)
     kd = ak.read_pages(k8, tab8).float() * scales[0][None, :, None, None]
     vd = ak.read_pages(v8, tab8).float() * 0.5
     for i in range(b):

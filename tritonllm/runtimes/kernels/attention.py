@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -31,6 +32,7 @@ def _decode_attention_kernel(
     tile_row,
     tile_len,
     out,
+    part,
     kv_scale,
     limit,
     window,
@@ -53,8 +55,9 @@ def _decode_attention_kernel(
     FP8: tl.constexpr,
     HKV: tl.constexpr,
     KT: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
-    t, kv = tl.program_id(0), tl.program_id(1)
+    t, kv, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first = tl.load(tile_row + t) if TILED else t  # the program's rows: first.. first+count-1, one slot's
     count = tl.load(tile_len + t) if TILED else 1
     i, d = tl.arange(0, R), tl.arange(0, D)  # R rows: token i // G of the tile, query head kv * G + i % G
@@ -74,7 +77,12 @@ def _decode_attention_kernel(
     acc = tl.zeros([R, D], tl.float32)
     if FP8:  # keys/values stored divided by the head's scale
         scale = scale * tl.load(kv_scale + kv)
-    for start in range((lo // BLOCK_N) * BLOCK_N, n, BLOCK_N):
+    begin, end = (lo // BLOCK_N) * BLOCK_N, n
+    if SPLITS > 1:  # this program takes its share of the keys, whole tiles of them; `part` gets its sums
+        share = tl.cdiv(tl.cdiv(n - begin, SPLITS), BLOCK_N) * BLOCK_N
+        begin = begin + sp * share
+        end = tl.minimum(n, begin + share)
+    for start in range(begin, end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         live = (cols < n) & (cols >= lo)
         block = tl.load(table + slot * s_table + cols // PAGE, mask=live, other=0).to(tl.int64)
@@ -100,10 +108,31 @@ def _decode_attention_kernel(
             vb = vb.to(tl.float16)
         acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb).to(tl.float32)
         m_i = m_new
-    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # 0 only in padding rows (never stored)
     if FP8:
         acc = acc * tl.load(kv_scale + HKV + kv)
-    tl.store(out + at_q, acc.to(out.dtype.element_ty), mask=real[:, None])
+    if SPLITS > 1:  # unnormalised: (max, sum, weighted values) per query head, for _combine_splits
+        at_p = ((sp * tl.num_programs(0) + row) * (HKV * G) + kv * G + i % G) * (D + 2)
+        tl.store(part + at_p[:, None] + d[None, :], acc, mask=real[:, None])
+        tl.store(part + at_p + D, m_i, mask=real)
+        tl.store(part + at_p + D + 1, l_i, mask=real)
+    else:
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # 0 only in padding rows (never stored)
+        tl.store(out + at_q, acc.to(out.dtype.element_ty), mask=real[:, None])
+
+
+@triton.jit
+def _combine_splits_kernel(part, out, flats, SPLITS: tl.constexpr, D: tl.constexpr):
+    """One query head of one row (program id = row * heads + head, of `flats`; out [rows, heads, D]
+    contiguous): the splits' sums rescaled to their common maximum, a split that saw no key weighing
+    nothing."""
+    flat, sp, d = tl.program_id(0), tl.arange(0, SPLITS), tl.arange(0, D)
+    at = (sp * flats + flat) * (D + 2)
+    m = tl.load(part + at + D)
+    w = tl.exp(m - tl.max(m, 0))
+    w = tl.where(m == float("-inf"), 0.0, w)
+    acc = tl.sum(tl.load(part + at[:, None] + d[None, :]) * w[:, None], 0)
+    total = tl.sum(tl.load(part + at + D + 1) * w, 0)
+    tl.store(out + flat * D + d, (acc / tl.where(total > 0, total, 1.0)).to(out.dtype.element_ty))
 
 
 @dataclass(frozen=True)
@@ -142,6 +171,19 @@ class PieceTiles:
         return PieceTiles(put(first), put(count), rows)
 
 
+class Tile(NamedTuple):
+    """A decode attention configuration: keys per tile, warps, pipeline stages; keys read as
+    [D, keys] (no transpose of the tile); the keys of each row split over `splits` programs whose
+    sums a second kernel combines (flash-decoding: more programs where rows x KV heads are few and
+    contexts long). Plain tuples of its leading fields stand for it."""
+
+    block_n: int
+    warps: int
+    stages: int
+    transposed: bool = False
+    splits: int = 1
+
+
 # (keys per block, warps, stages); 1-2 warps: a batch of many rows runs more programs per SM at once.
 # A config may end in True: keys read as [D, BLOCK_N] (no transpose of the tile), which `tune_attention`
 # also tries for fp8 caches, where it helped (results/2026-12-04-h200-attention-sweep).
@@ -169,7 +211,7 @@ def decode_attention(
     table: torch.Tensor,
     positions: torch.Tensor,
     limit: int,
-    config: tuple[int, int, int] = ATTENTION_CONFIGS[0],
+    config: tuple = ATTENTION_CONFIGS[0],
     window: int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
@@ -183,8 +225,8 @@ def decode_attention(
     layer), table [slots, blocks per sequence] (int32: the block of each slot's positions, PAGE at
     a time). Row b attends to keys 0..min(positions[b], limit - 1), the last `window` of them where
     one is set; scores scaled by `scale` (default D ** -0.5), then soft-capped at `softcap` where
-    one is set. Returns [B,1,H*D]. `config`: keys per tile (fewer tiles, fewer dependent loads:
-    what a batch of few rows waits on), warps, stages, and optionally True: keys read as [D, keys].
+    one is set. Returns [B,1,H*D]. `config`: a `Tile` or its leading fields (keys per tile: fewer
+    tiles, fewer dependent loads, what a batch of few rows waits on; warps; stages; ...).
     `kv_scale` [2, Hkv] (float32): the caches are fp8, keys and values stored divided by their
     head's scale; the products then run in fp16. `tiles`: consecutive rows of one slot
     (a prompt piece's tokens) taken `tiles.rows` to a program, so each tile of keys is read once for
@@ -192,9 +234,12 @@ def decode_attention(
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     out = torch.empty_like(q)
-    block_n, warps, stages, *transposed = config
+    tile = Tile(*config)
+    if tile.splits > 1 and tiles is not None:
+        raise ValueError(f"decode attention splits {tile.splits} with prompt-piece tiles: use splits 1 there")
+    part = torch.empty((tile.splits, b, h, d + 2), device=q.device, dtype=torch.float32) if tile.splits > 1 else out
     per = tiles.rows if tiles is not None else 1
-    _decode_attention_kernel[(len(tiles) if tiles is not None else b, hkv)](
+    _decode_attention_kernel[(len(tiles) if tiles is not None else b, hkv, tile.splits)](
         q,
         k_cache,
         v_cache,
@@ -204,6 +249,7 @@ def decode_attention(
         tiles.first if tiles is not None else positions,
         tiles.count if tiles is not None else positions,
         out,
+        part,
         kv_scale if kv_scale is not None else q,
         limit,
         window or 2**30,
@@ -221,14 +267,17 @@ def decode_attention(
         G=h // hkv,
         R=max(16, triton.next_power_of_2(per * (h // hkv))),
         D=d,
-        BLOCK_N=block_n,
+        BLOCK_N=tile.block_n,
         CAPPED=softcap is not None,
         FP8=kv_scale is not None,
         HKV=hkv,
-        KT=bool(transposed and transposed[0]),
-        num_warps=warps,
-        num_stages=stages,
+        KT=tile.transposed,
+        SPLITS=tile.splits,
+        num_warps=tile.warps,
+        num_stages=tile.stages,
     )
+    if tile.splits > 1:
+        _combine_splits_kernel[(b * h,)](part, out, b * h, SPLITS=tile.splits, D=d)
     return out.view(b, 1, h * d)
 
 
