@@ -5,7 +5,8 @@ transposed, or read as [D, BLOCK_N]) over the tile configurations, timed from CU
 over `--layers` pools of their own (each larger than L2), each form's output checked against the
 default's. Prints the best per (case, batch, form) and writes every timing.
 
-  python -m bench.attention_sweep --batches 256 1024 --context 192
+  python -m bench.attention_sweep --batches 256 1024 --contexts 192
+  python -m bench.attention_sweep --batches 16 64 256 --contexts 192 1088 4096 --splits 1 2 4 8
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ CASES = {  # name: (query heads, KV heads, head size, fp8 keys/values)
 }
 PAGE = 16
 GRID = [(n, w, s) for n, w, s in itertools.product((32, 64, 128), (1, 2, 4, 8), (2, 3, 4)) if n * w <= 512]
+SPLIT_TILES = ((32, 1, 2), (32, 1, 3), (64, 2, 3), (64, 4, 3))  # the tiles tried with splits > 1
 
 
 def pools(batch: int, context: int, hkv: int, d: int, fp8: bool, layers: int):
@@ -54,18 +56,23 @@ def sweep(case: str, batch: int, context: int, layers: int, bandwidth: float, co
     k0, v0, s0 = kvs[0]
     ref = ak.decode_attention(q, k0, v0, table, pos, context, ak.ATTENTION_CONFIGS[0], kv_scale=s0).float()
     rows = []
-    for kt, cfg in itertools.product([only] if only is not None else (False, True), configs):
-        run = lambda k, v, s, cfg=(*cfg, kt): ak.decode_attention(q, k, v, table, pos, context, cfg, kv_scale=s)
+    for kt, (*tile, splits) in itertools.product([only] if only is not None else (False, True), configs):
+        cfg = tuple(tile)
+        run = lambda k, v, s, t=ak.Tile(*cfg, kt, splits): ak.decode_attention(
+            q, k, v, table, pos, context, t, kv_scale=s
+        )
         try:
             err = (run(k0, v0, s0).float() - ref).abs().max().item()
             us = 1e3 * graph_ms(lambda: [run(*kv) for kv in kvs], reps=10) / layers
         except Exception as exc:  # out of shared memory / registers for this tile: no candidate
-            log.info("%s %s kt=%s left out: %s", case, cfg, kt, str(exc)[:120])
+            log.info("%s %s kt=%s splits=%s left out: %s", case, cfg, kt, splits, str(exc)[:120])
             continue
         rows.append(
             {
                 "case": case,
                 "batch": batch,
+                "context": context,
+                "splits": splits,
                 "keys_transposed": kt,
                 "config": str(cfg),
                 "us_per_layer": round(us, 1),
@@ -77,10 +84,10 @@ def sweep(case: str, batch: int, context: int, layers: int, bandwidth: float, co
 
 
 def best(rows: list[dict]) -> list[dict]:
-    """The fastest row of each (case, batch, form)."""
+    """The fastest row of each (case, batch, context, form, splits)."""
     keyed = {}
     for r in rows:
-        k = (r["case"], r["batch"], r["keys_transposed"])
+        k = (r["case"], r["batch"], r["context"], r["keys_transposed"], r["splits"])
         if k not in keyed or r["us_per_layer"] < keyed[k]["us_per_layer"]:
             keyed[k] = r
     return list(keyed.values())
@@ -99,7 +106,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     p.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
-    p.add_argument("--context", type=int, default=192)
+    p.add_argument("--contexts", type=int, nargs="+", default=[192])
+    p.add_argument("--splits", type=int, nargs="+", default=[1], help="key splits a row (powers of 2)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--grid", action="store_true", help="then every tile in GRID for each case's fastest form")
     p.add_argument("--out", default=DEFAULT_OUT)
@@ -107,18 +115,21 @@ def main() -> None:
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     bandwidth = copy_bandwidth()
+    configs = [(*c, 1) for c in ak.ATTENTION_CONFIGS if 1 in a.splits]
+    configs += [(*c, n) for n in a.splits if n > 1 for c in SPLIT_TILES]
+    shapes = list(itertools.product(a.batches, a.contexts))
     rows = []
     for case in a.cases:
-        mine = [r for b in a.batches for r in sweep(case, b, a.context, a.layers, bandwidth, ak.ATTENTION_CONFIGS)]
+        mine = [r for b, c in shapes for r in sweep(case, b, c, a.layers, bandwidth, configs)]
         log.info("%s", best(mine))
         if a.grid:
             form = fastest_form(mine)
-            tried = {(r["batch"], r["config"]) for r in mine if r["keys_transposed"] == form}
-            grid = [c for c in GRID if str(c) not in {cfg for _, cfg in tried}]
-            mine += [r for b in a.batches for r in sweep(case, b, a.context, a.layers, bandwidth, grid, form)]
+            tried = {r["config"] for r in mine if r["keys_transposed"] == form and r["splits"] == 1}
+            grid = [(*c, 1) for c in GRID if str(c) not in tried]
+            mine += [r for b, c in shapes for r in sweep(case, b, c, a.layers, bandwidth, grid, form)]
             log.info("%s grid, form %s: %s", case, form, best(mine))
         rows += mine
-    facts = {"context": a.context, "copy_bandwidth_gb_s": round(bandwidth / 1e9), "all": rows}
+    facts = {"copy_bandwidth_gb_s": round(bandwidth / 1e9), "all": rows}
     print(write_results(a.out, a.topic, facts, best(rows)))
 
 
