@@ -83,6 +83,10 @@ def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwi
                 graph_ms(lambda: rt.forward.prefill(*inputs), reps=10), 3
             )
     rt.forward.fuse_row_quantization = True
+    if rt.kernels.split_table:  # the same step with every row's keys in one program, for comparison
+        splits, rt.kernels.split_table = rt.kernels.split_table, {}
+        out["decode ms, unsplit keys"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20), 3)
+        rt.kernels.split_table = splits
     out["products_floor_ms"] = round(products_floor_ms(rt, batch), 3)
     out["top_kernels"] = top_kernels(lambda: rt.forward.decode(batch, bucket), n=16)
     log.info("%s", {k: v for k, v in out.items() if k != "top_kernels"})
@@ -96,6 +100,7 @@ def main() -> None:
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     p.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--context", type=int, default=192, help="positions each row holds (128/128: 128-255)")
+    p.add_argument("--max-context", type=int, default=512, help="the engine's; 1,024+ tunes split-key attention")
     p.add_argument("--prefill", type=int, default=8, help="prompts of 128 tokens in the prefill measured")
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--topic", default="profile-step")
@@ -105,7 +110,13 @@ def main() -> None:
     if a.quantization != "none":
         quant.quantize_model(model, a.quantization)
     slots = max(a.batches) + a.prefill
-    cfg = bench_engine_config(slots, quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype)
+    cfg = bench_engine_config(
+        slots,
+        quantization=a.quantization,
+        kv_cache_dtype=a.kv_cache_dtype,
+        max_context=a.max_context,
+        max_tokens_limit=a.max_context - 1,
+    )
     rt = TorchCudaRuntime(None, cfg, model=model, capture_at_start=False)
     bandwidth = copy_bandwidth()
     rows = [measure(rt, b, a.context, a.prefill, bandwidth) for b in a.batches]

@@ -227,8 +227,8 @@ def test_fused_prefill_gives_the_torch_ops_logits_and_cache(tiny_dir):
     assert keys.abs().sum() > 0
 
 
-@pytest.mark.parametrize("use_gemv", [False, True, "split"])
-def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv):
+@pytest.mark.parametrize("use_gemv", [False, True, "split", "keys split"])
+def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
     from .test_engine_parity import PROMPTS, hf_greedy
 
     hf, tok = load_hf(tiny_dir), TokenizerFiles(tiny_dir)
@@ -241,13 +241,16 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv):
             for kind in PROJECTIONS + ("lm_head",)
             for rows in (1, 2)
         }
-        if use_gemv
+        if use_gemv is True or use_gemv == "split"
         else {}
     )
     if use_gemv == "split":  # every product split along K, the LM head's summed before the logits
         table = {key: (1024, 64, 4, 2, 2) if key[0] == "lm_head" else (32, 64, 4, 2, 2) for key in table}
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table=table)
     assert runtime.describe()["triton_kernels"] and len(runtime.describe()["gemv"]) == len(table)
+    if use_gemv == "keys split":  # every decode graph long enough for the split table, which splits 4 / 2 ways
+        monkeypatch.setattr(ak, "LONG_CONTEXT", 1)
+        runtime.kernels.split_table = {1: ak.Tile(32, 1, 2, False, 4), 2: ak.Tile(16, 4, 3, True, 2)}
     with InProcessEngine(None, cfg, runtime=runtime) as eng:
         got = [
             s.wait(300).ids
@@ -256,6 +259,13 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv):
             ]
         ]
     assert got == [hf_greedy(hf, ids, n) for ids, n in zip(prompts, lengths)]
+
+
+def test_split_candidates_only_where_rows_leave_programs_free():
+    many = ak.split_candidates([1, 16, 64, 128, 256], kv_heads=8, programs=132, fp8=True)
+    assert sorted(many) == [1, 16, 64]  # 64 x 8 = 512 <= 4 x 132 < 128 x 8
+    assert len(many[1]) == len(ak.SPLIT_TILES) * 2 * len(ak.SPLITS) and all(t.splits > 1 for t in many[1])
+    assert not any(t.transposed for t in ak.split_candidates([1], 8, 132, fp8=False)[1])
 
 
 def test_start_up_self_check_passes_for_every_kernel_form():

@@ -187,6 +187,11 @@ class Tile(NamedTuple):
 # (keys per block, warps, stages); 1-2 warps: a batch of many rows runs more programs per SM at once.
 # A config may end in True: keys read as [D, BLOCK_N] (no transpose of the tile), which `tune_attention`
 # also tries for fp8 caches, where it helped (results/2026-12-04-h200-attention-sweep).
+# splitting a row's keys pays where rows x KV heads are about one program per SM or fewer and rows
+# hold 1,000+ keys (results/2026-12-04-h200-attention-splits): the tiles and splits tried there
+SPLIT_TILES = ((32, 1, 2), (64, 2, 3), (64, 4, 3))
+SPLITS = (2, 4, 8)
+LONG_CONTEXT = 1024  # graphs of at least this many keys use the split table where it has the batch
 ATTENTION_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2), (64, 2, 3), (32, 2, 4), (32, 1, 2), (32, 1, 3))
 
 
@@ -347,6 +352,55 @@ def tune_attention(
             {"batch": b, "chosen": str(table[b]), "us": {str(c): round(1e3 * t, 1) for c, t in times.items()}}
         )
     return table, report
+
+
+def split_candidates(batches, kv_heads: int, programs: int, fp8: bool) -> dict:
+    """{batch: Tile candidates with split keys} for the batches whose rows x `kv_heads` stay within
+    4 x `programs` (the SM count): more rows fill the GPU without splitting."""
+    forms = (False, True) if fp8 else (False,)
+    tiles = [Tile(*t, kt, n) for t in SPLIT_TILES for kt in forms for n in SPLITS]
+    return {b: tiles for b in batches if b * kv_heads <= 4 * programs}
+
+
+def tune_splits(k_caches, v_caches, num_heads: int, table: dict, context: int, dtype, kv_scales=None):
+    """{batch: split Tile} where one beats the batch's unsplit config (`table`, from
+    `tune_attention`) at `context` keys a row, timed like it; batches with no such win are left
+    out. Returns (that table, timings for the log)."""
+    from .gemv import graph_ms
+
+    blocks, hkv, page, d = k_caches[0].shape
+    device = k_caches[0].device
+    scales = kv_scales if kv_scales is not None else [None] * len(k_caches)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    splits, report = {}, []
+    for b, tiles in split_candidates(sorted(table), hkv, sms, kv_scales is not None).items():
+        q = torch.randn(b, num_heads, d, device=device, dtype=dtype)
+        pos = torch.full((b,), context - 1, device=device)
+        tab = spread_table(b, context, page, blocks, device)
+        run = lambda cfg, tb=tab, kvs=None: [
+            decode_attention(q, k, v, tb, pos, context, cfg, kv_scale=s)
+            for k, v, s in (kvs or zip(k_caches, v_caches, scales))
+        ]
+        kr, vr, check = random_pool(b, context, k_caches[0])
+        ref = run(table[b], check, [(kr, vr, scales[0])])[0].float()
+        agree = [
+            t
+            for t in tiles
+            if torch.allclose(run(t, check, [(kr, vr, scales[0])])[0].float(), ref, atol=2e-2, rtol=2e-2)
+        ]
+        times = {cfg: graph_ms(lambda cfg=cfg: run(cfg)) for cfg in [table[b], *agree]}
+        best = min(times, key=times.get)
+        if best != table[b]:
+            splits[b] = best
+        report.append(
+            {
+                "batch": b,
+                "context": context,
+                "chosen": str(best),
+                "us": {str(c): round(1e3 * t, 1) for c, t in times.items()},
+            }
+        )
+    return splits, report
 
 
 def _agrees(run, ref: torch.Tensor, config) -> bool:

@@ -194,6 +194,8 @@ class ForwardPasses:
         x = m.embed_tokens(self.tokens[:b, None])  # the residual stream
         rot = m.rotaries(positions[:, None], x.dtype)
         config = self.kernels.attention_table.get(b, ak.ATTENTION_CONFIGS[0])
+        if c >= ak.LONG_CONTEXT:  # few rows of many keys: each row's keys split over programs where tuned
+            config = self.kernels.split_table.get(b, config)
         rope, attend = self._row_kernels(rot, positions, self.writes[:b], c, config)
         h = self._fused_layers(x, rope, attend, small=True)
         return m.cap_logits(dense(self._project("lm_head", m.lm_head, None, h[:, 0])))

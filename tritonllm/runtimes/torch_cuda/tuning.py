@@ -24,6 +24,7 @@ class KernelChoice:
     triton: bool = False  # fused Triton kernels for decode and prefill
     gemv_table: dict = field(default_factory=dict)  # {(weight kind, batch rows): tile config}
     attention_table: dict = field(default_factory=dict)  # {batch bucket: decode attention config}
+    split_table: dict = field(default_factory=dict)  # {batch bucket: split-key config at long contexts}
     quant_table: dict = field(default_factory=dict)  # 8-bit weights, beyond gemv's rows: {(kind, rows): choice}
     piece_config: tuple = PIECE_DEFAULT  # prompt pieces' attention: (query rows a program, keys, warps, stages)
     gemv_report: list = field(default_factory=list)  # the timings behind the tables
@@ -36,6 +37,7 @@ class KernelChoice:
             "triton_kernels": self.triton,
             "gemv": {f"{kind} x{rows}": list(cfg) for (kind, rows), cfg in sorted(self.gemv_table.items())},
             "decode_attention": {b: list(cfg) for b, cfg in sorted(self.attention_table.items())},
+            "decode_attention_long": {b: list(cfg) for b, cfg in sorted(self.split_table.items())},
             "piece_attention": list(self.piece_config),
             "quantized_products": {f"{kind} x{rows}": str(c) for (kind, rows), c in sorted(self.quant_table.items())},
         }
@@ -89,6 +91,7 @@ def choose_kernels(
     elif os.environ.get("TRITONLLM_GEMV") != "0":
         choice.gemv_table, choice.gemv_report = _tune_gemv(model, cache, batch_buckets)
     choice.attention_table, choice.attention_report = _tune_attention(model, cache, batch_buckets, max_context)
+    choice.split_table = _tune_splits(model, cache, choice.attention_table, max_context)
     if piece_tokens:
         choice.piece_config, choice.piece_report = _tune_pieces(model, cache, piece_tokens, max_context)
     if quant_table is not None:
@@ -176,6 +179,25 @@ def _tune_attention(model, cache: PagedDeviceCache, batch_buckets: list[int], ma
         return {}, []
     log.info("decode attention configs by batch: %s", table)
     return table, report
+
+
+def _tune_splits(model, cache: PagedDeviceCache, table: dict, max_context: int) -> dict:
+    """{batch bucket: split-key config} for graphs of LONG_CONTEXT keys or more, timed at up to
+    2,048 keys a row (none where max_context is shorter or tuning failed)."""
+    from ..kernels import attention as ak
+
+    if max_context < ak.LONG_CONTEXT or not table:
+        return {}
+    try:
+        scales = [cache.layer_scales(i) for i in range(model.shape.num_layers)] if cache.fp8 else None
+        splits, report = ak.tune_splits(
+            cache.keys, cache.values, model.shape.num_heads, table, min(2048, max_context), cache.dtype, scales
+        )
+    except Exception as exc:  # a split config does not compile here: unsplit configs serve long contexts too
+        log.warning("split-key attention tuning failed (%s): unsplit blocks", str(exc)[:300])
+        return {}
+    log.info("decode attention split-key configs by batch (long contexts): %s; timings %s", splits, report)
+    return splits
 
 
 def piece_shapes(piece_tokens: int, max_context: int) -> list[tuple[int, int, int]]:
