@@ -187,12 +187,13 @@ class Tile(NamedTuple):
 # (keys per block, warps, stages); 1-2 warps: a batch of many rows runs more programs per SM at once.
 # A config may end in True: keys read as [D, BLOCK_N] (no transpose of the tile), which `tune_attention`
 # also tries for fp8 caches, where it helped (results/2026-12-04-h200-attention-sweep).
-# splitting a row's keys pays where rows x KV heads are about one program per SM or fewer and rows
-# hold 1,000+ keys (results/2026-12-04-h200-attention-splits): the tiles and splits tried there
+ATTENTION_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2), (64, 2, 3), (32, 2, 4), (32, 1, 2), (32, 1, 3))
+
+# Splitting a row's keys pays where rows x KV heads are about one program per SM or fewer and rows
+# hold 1,000+ keys (results/2026-12-04-h200-attention-splits): the tiles and splits tried there.
 SPLIT_TILES = ((32, 1, 2), (64, 2, 3), (64, 4, 3))
 SPLITS = (2, 4, 8)
 LONG_CONTEXT = 1024  # graphs of at least this many keys use the split table where it has the batch
-ATTENTION_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2), (64, 2, 3), (32, 2, 4), (32, 1, 2), (32, 1, 3))
 
 
 # prompt pieces: (query rows a program, keys per block, warps, stages); the first is the default.
@@ -313,6 +314,39 @@ def random_pool(rows: int, context: int, like: torch.Tensor) -> tuple[torch.Tens
     return kr, vr, spread_table(rows, context, page, few, like.device)
 
 
+def _agreeing_times(caches, num_heads: int, b: int, context: int, dtype, ref_config, candidates) -> dict:
+    """{config: ms} for each of `candidates` whose output agrees with `ref_config`'s on random keys:
+    `b` rows of `context` keys, timed over every layer's (keys, values, fp8 scales or None) in
+    `caches` (CUDA graph replays), rows' blocks spread over the pool."""
+    from .gemv import graph_ms
+
+    k0 = caches[0][0]
+    blocks, hkv, page, d = k0.shape
+    q = torch.randn(b, num_heads, d, device=k0.device, dtype=dtype)
+    pos = torch.full((b,), context - 1, device=q.device)
+    tab = spread_table(b, context, page, blocks, q.device)
+    kr, vr, check = random_pool(b, context, k0)
+    run = lambda cfg: decode_attention(q, kr, vr, check, pos, context, cfg, kv_scale=caches[0][2])
+    ref = run(ref_config).float()
+    agree = [cfg for cfg in candidates if torch.allclose(run(cfg).float(), ref, atol=2e-2, rtol=2e-2)]
+    return {
+        cfg: graph_ms(
+            lambda cfg=cfg: [decode_attention(q, k, v, tab, pos, context, cfg, kv_scale=s) for k, v, s in caches]
+        )
+        for cfg in agree
+    }
+
+
+def _timings(chosen, times: dict, **where) -> dict:
+    """A tuner's log entry: where it timed, what it chose, every candidate's microseconds."""
+    return {**where, "chosen": str(chosen), "us": {str(c): round(1e3 * t, 1) for c, t in times.items()}}
+
+
+def _layer_caches(k_caches, v_caches, kv_scales) -> list:
+    """(keys, values, fp8 scales or None) of every layer."""
+    return list(zip(k_caches, v_caches, kv_scales if kv_scales is not None else [None] * len(k_caches)))
+
+
 def tune_attention(
     k_caches, v_caches, num_heads: int, batches, context: int, dtype: torch.dtype, kv_scales=None
 ) -> tuple[dict, list]:
@@ -320,37 +354,15 @@ def tune_attention(
     [blocks, Hkv, PAGE, D] at `context` keys per row, rows' blocks spread over the pool (CUDA graph
     replays); queries in `dtype`, each layer's `kv_scales` [2, Hkv] where the caches are fp8 (then
     each entry also with its keys read transposed). Returns ({batch: config}, timings for the log)."""
-    from .gemv import graph_ms
-
-    blocks, hkv, page, d = k_caches[0].shape
-    scales = kv_scales if kv_scales is not None else [None] * len(k_caches)
+    caches = _layer_caches(k_caches, v_caches, kv_scales)
+    candidates = list(ATTENTION_CONFIGS)
+    if kv_scales is not None:
+        candidates += [(*cfg, True) for cfg in ATTENTION_CONFIGS]
     table, report = {}, []
-    for b in batches:
-        q = torch.randn(b, num_heads, d, device=k_caches[0].device, dtype=dtype)
-        pos = torch.full((b,), context - 1, device=q.device)
-        tab = spread_table(b, context, page, blocks, q.device)
-        kr, vr, check = random_pool(b, context, k_caches[0])
-        run = lambda cfg=ATTENTION_CONFIGS[0]: decode_attention(q, kr, vr, check, pos, context, cfg, kv_scale=scales[0])
-        ref = run().float()
-        candidates = list(ATTENTION_CONFIGS)
-        if kv_scales is not None:
-            candidates += [(*cfg, True) for cfg in ATTENTION_CONFIGS]
-        agree = [  # the default is checked against SDPA in self_check
-            cfg for cfg in candidates if torch.allclose(run(cfg).float(), ref, atol=2e-2, rtol=2e-2)
-        ]
-        times = {
-            cfg: graph_ms(
-                lambda cfg=cfg: [
-                    decode_attention(q, k, v, tab, pos, context, cfg, kv_scale=s)
-                    for k, v, s in zip(k_caches, v_caches, scales)
-                ]
-            )
-            for cfg in agree
-        }
+    for b in batches:  # the default is checked against SDPA in self_check
+        times = _agreeing_times(caches, num_heads, b, context, dtype, ATTENTION_CONFIGS[0], candidates)
         table[b] = min(times, key=times.get)
-        report.append(
-            {"batch": b, "chosen": str(table[b]), "us": {str(c): round(1e3 * t, 1) for c, t in times.items()}}
-        )
+        report.append(_timings(table[b], times, batch=b))
     return table, report
 
 
@@ -366,40 +378,16 @@ def tune_splits(k_caches, v_caches, num_heads: int, table: dict, context: int, d
     """{batch: split Tile} where one beats the batch's unsplit config (`table`, from
     `tune_attention`) at `context` keys a row, timed like it; batches with no such win are left
     out. Returns (that table, timings for the log)."""
-    from .gemv import graph_ms
-
-    blocks, hkv, page, d = k_caches[0].shape
-    device = k_caches[0].device
-    scales = kv_scales if kv_scales is not None else [None] * len(k_caches)
+    caches = _layer_caches(k_caches, v_caches, kv_scales)
+    hkv, device = k_caches[0].shape[1], k_caches[0].device
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     splits, report = {}, []
     for b, tiles in split_candidates(sorted(table), hkv, sms, kv_scales is not None).items():
-        q = torch.randn(b, num_heads, d, device=device, dtype=dtype)
-        pos = torch.full((b,), context - 1, device=device)
-        tab = spread_table(b, context, page, blocks, device)
-        run = lambda cfg, tb=tab, kvs=None: [
-            decode_attention(q, k, v, tb, pos, context, cfg, kv_scale=s)
-            for k, v, s in (kvs or zip(k_caches, v_caches, scales))
-        ]
-        kr, vr, check = random_pool(b, context, k_caches[0])
-        ref = run(table[b], check, [(kr, vr, scales[0])])[0].float()
-        agree = [
-            t
-            for t in tiles
-            if torch.allclose(run(t, check, [(kr, vr, scales[0])])[0].float(), ref, atol=2e-2, rtol=2e-2)
-        ]
-        times = {cfg: graph_ms(lambda cfg=cfg: run(cfg)) for cfg in [table[b], *agree]}
+        times = _agreeing_times(caches, num_heads, b, context, dtype, table[b], [table[b], *tiles])
         best = min(times, key=times.get)
         if best != table[b]:
             splits[b] = best
-        report.append(
-            {
-                "batch": b,
-                "context": context,
-                "chosen": str(best),
-                "us": {str(c): round(1e3 * t, 1) for c, t in times.items()},
-            }
-        )
+        report.append(_timings(best, times, batch=b, context=context))
     return splits, report
 
 
