@@ -10,6 +10,8 @@ import pytest
 
 from tritonllm.client import AsyncLLMClient, GenerationError, LLMClient
 
+from .helpers import wait_for_metric
+
 
 def test_overload_rejects_cleanly_and_every_accepted_request_finishes(live_server):
     """40 streams at once against 4 slots + a queue of 8: the excess gets UNAVAILABLE at once,
@@ -220,6 +222,8 @@ def test_ttft_and_itl_histograms_agree_with_what_the_client_measured(live_server
             client_ttft.append(times[0] - t0)
             gaps = itl_from_chunks(times, counts)
             client_itl.append(sum(gaps) / len(gaps))
+    for name, before in ((ttft_name, n0), (itl_name, in0)):  # a finished request's metrics publish off its thread
+        wait_for_metric(live_server, f"{name}_count", model, lambda v, before=before: v >= before + 4)
     (b1, s1, n1), (_, is1, in1) = histogram(live_server, ttft_name, model), histogram(live_server, itl_name, model)
     assert n1 - n0 == 4 and in1 - in0 == 4
     delta = {le: b1[le] - b0.get(le, 0.0) for le in sorted(b1)}
