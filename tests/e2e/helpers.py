@@ -19,19 +19,19 @@ def serve_tiny(cfg: RepositoryConfig, tiny_dir, tiny_engine_dir, tmp_path_factor
         yield server
 
 
-def metric_value(server, name: str, model: str) -> float:
+def metric_value(server, name: str, model: str, summed: bool = False) -> float:
     """The first sample of `name` for `model` on /metrics (a counter not yet incremented is not
-    exported: 0)."""
-    return next(
-        (v for n, labels, v in metric_samples(server.metrics()) if n == name and labels.get("model") == model), 0.0
-    )
+    exported: 0); `summed`: every instance's sample added (the series each I/O instance exports for
+    its own requests, such as TTFT)."""
+    values = [v for n, labels, v in metric_samples(server.metrics()) if n == name and labels.get("model") == model]
+    return sum(values) if summed else next(iter(values), 0.0)
 
 
-def wait_for_metric(server, name, model, predicate, timeout_s=10.0):
+def wait_for_metric(server, name, model, predicate, timeout_s=10.0, summed=False):
     deadline = time.monotonic() + timeout_s
-    value = metric_value(server, name, model)
+    value = metric_value(server, name, model, summed)
     while time.monotonic() < deadline:
-        value = metric_value(server, name, model)
+        value = metric_value(server, name, model, summed)
         if predicate(value):
             return value
         time.sleep(0.25)
