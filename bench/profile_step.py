@@ -2,8 +2,10 @@
 kernel tables, quantized weights, fp8 KV where asked): for each batch, every slot holding
 `--context` positions, the decode step replayed from a CUDA graph and a prefill of `--prefill`
 prompts of 128 tokens, each with the producers of an FP8 GEMM's input rounding it per row
-(`fused rows`) and without (`own quantize`), the kernels of one eager decode step by GPU time,
-and the floors: the step's products alone and the KV bytes it reads over the copy bandwidth.
+(`fused rows`) and without (`own quantize`), the decode step with its kernels launched with
+programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), the kernels of one
+eager decode step by GPU time, and the floors: the step's products alone and the KV bytes it
+reads over the copy bandwidth.
 
   python -m bench.profile_step --shape 8b --quantization fp8 --kv-cache-dtype fp8 --batches 256 1024
 """
@@ -24,13 +26,17 @@ from bench.workloads import copy_bandwidth
 from tritonllm.model import quant
 from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.base import StepInput
+from tritonllm.runtimes.kernels import pdl as gdc
 from tritonllm.runtimes.kernels import qmatmul
-from tritonllm.runtimes.kernels.gemv import graph_ms
+from tritonllm.runtimes.kernels.gemv import graph_ms, replay_ms
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 from tritonllm.runtimes.torch_cuda.graphs import bucket_for
 
 log = logging.getLogger("bench.profile_step")
 VARIANTS = {"fused rows": True, "own quantize": False}
+# the decode step's kernels launched with programmatic dependent launch or not: (PDL, K steps of
+# its weight tile each small product asks L2 for before its wait)
+PDL_VARIANTS = {"no PDL": (False, 0), "PDL": (True, 0), "PDL + prefetch 1": (True, 1), "PDL + prefetch 4": (True, 4)}
 
 
 def hold_context(rt: TorchCudaRuntime, batch: int, context: int) -> None:
@@ -65,6 +71,41 @@ def kv_bytes(rt: TorchCudaRuntime, batch: int, context: int) -> int:
     return per_position * rt.shape.num_layers * batch * (context + 1)
 
 
+def replayed(step, reps: int = 20) -> tuple[torch.Tensor, float]:
+    """(a copy of step()'s output after a replay of its CUDA graph, milliseconds per replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    ms = replay_ms(graph, reps)
+    return out.clone(), ms
+
+
+def pdl_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
+    """The decode step's graph with and without PDL side by side, each replay's logits against
+    the no-PDL step's (PDL changes when kernels start, never what they compute: 0 expected)."""
+    kernels, out, ref = rt.kernels, {}, None
+    if not gdc.supported(torch.device("cuda")):
+        return {"pdl": "not supported here"}
+    saved = kernels.pdl, kernels.prefetch_steps
+    for name, (on, steps) in PDL_VARIANTS.items():
+        kernels.pdl, kernels.prefetch_steps = on, steps
+        try:
+            logits, ms = replayed(lambda: rt.forward.decode(batch, bucket))
+        except Exception as exc:  # a launch or capture this GPU/driver refuses: reported, not fatal
+            out[f"decode ms, {name}"] = f"failed: {str(exc)[:300]}"
+            continue
+        ref = logits if ref is None else ref
+        out[f"decode ms, {name}"] = round(ms, 4)
+        out[f"max |logits - no PDL|, {name}"] = (logits.float() - ref.float()).abs().max().item()
+    kernels.pdl, kernels.prefetch_steps = saved
+    return out
+
+
 def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwidth: float) -> dict:
     hold_context(rt, batch, context)
     bucket = bucket_for(context + 1, rt.buckets.context)
@@ -83,6 +124,7 @@ def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwi
                 graph_ms(lambda: rt.forward.prefill(*inputs), reps=10), 3
             )
     rt.forward.fuse_row_quantization = True
+    out.update(pdl_variants(rt, batch, bucket))
     if rt.kernels.split_table:  # the same step with every row's keys in one program, for comparison
         splits, rt.kernels.split_table = rt.kernels.split_table, {}
         out["decode ms, unsplit keys"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20), 3)
@@ -102,6 +144,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=192, help="positions each row holds (128/128: 128-255)")
     p.add_argument("--max-context", type=int, default=512, help="the engine's; 1,024+ tunes split-key attention")
     p.add_argument("--prefill", type=int, default=8, help="prompts of 128 tokens in the prefill measured")
+    p.add_argument("--no-pdl", action="store_true", help="every row but the PDL A/B without PDL")
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--topic", default="profile-step")
     a = p.parse_args()
@@ -118,6 +161,7 @@ def main() -> None:
         max_tokens_limit=a.max_context - 1,
     )
     rt = TorchCudaRuntime(None, cfg, model=model, capture_at_start=False)
+    rt.kernels.pdl = rt.kernels.pdl and not a.no_pdl
     bandwidth = copy_bandwidth()
     rows = [measure(rt, b, a.context, a.prefill, bandwidth) for b in a.batches]
     table = [{k: v for k, v in r.items() if k != "top_kernels"} for r in rows]

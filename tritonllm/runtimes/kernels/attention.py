@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl as gdc
+
 log = logging.getLogger(__name__)
 
 
@@ -56,7 +58,9 @@ def _decode_attention_kernel(
     HKV: tl.constexpr,
     KT: tl.constexpr,
     SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    gdc.enter(PDL)
     t, kv, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first = tl.load(tile_row + t) if TILED else t  # the program's rows: first.. first+count-1, one slot's
     count = tl.load(tile_len + t) if TILED else 1
@@ -121,10 +125,11 @@ def _decode_attention_kernel(
 
 
 @triton.jit
-def _combine_splits_kernel(part, out, flats, SPLITS: tl.constexpr, D: tl.constexpr):
+def _combine_splits_kernel(part, out, flats, SPLITS: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
     """One query head of one row (program id = row * heads + head, of `flats`; out [rows, heads, D]
     contiguous): the splits' sums rescaled to their common maximum, a split that saw no key weighing
     nothing."""
+    gdc.enter(PDL)
     flat, sp, d = tl.program_id(0), tl.arange(0, SPLITS), tl.arange(0, D)
     at = (sp * flats + flat) * (D + 2)
     m = tl.load(part + at + D)
@@ -224,6 +229,7 @@ def decode_attention(
     row_slots: torch.Tensor | None = None,
     kv_scale: torch.Tensor | None = None,
     tiles: PieceTiles | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """q [B,H,D] (contiguous) of slots 0..B-1 (or `row_slots` [B]: several rows may be one slot's,
     the tokens of a prompt piece, each attending up to its own position) at positions [B];
@@ -236,7 +242,7 @@ def decode_attention(
     `kv_scale` [2, Hkv] (float32): the caches are fp8, keys and values stored divided by their
     head's scale; the products then run in fp16. `tiles`: consecutive rows of one slot
     (a prompt piece's tokens) taken `tiles.rows` to a program, so each tile of keys is read once for
-    all of them rather than once per row."""
+    all of them rather than once per row. `pdl`: launched with programmatic dependent launch."""
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     out = torch.empty_like(q)
@@ -281,9 +287,10 @@ def decode_attention(
         SPLITS=tile.splits,
         num_warps=tile.warps,
         num_stages=tile.stages,
+        **gdc.launch(pdl),
     )
     if tile.splits > 1:
-        _combine_splits_kernel[(b * h,)](part, out, b * h, SPLITS=tile.splits, D=d)
+        _combine_splits_kernel[(b * h,)](part, out, b * h, SPLITS=tile.splits, D=d, **gdc.launch(pdl))
     return out.view(b, 1, h * d)
 
 

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import attention
+from . import pdl as gdc
 from .gemv import SplitK
 from .qmatmul import QuantRows
 
@@ -82,7 +83,9 @@ def _rope_kv_kernel(
     QK_NORM: tl.constexpr,
     GEMMA_NORM: tl.constexpr,
     FP8: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    gdc.enter(PDL)
     row = tl.program_id(0)  # one token of one sequence, all its heads: q and k heads as the rows of a tile
     h, j = tl.arange(0, HP)[:, None], tl.arange(0, HALF)[None, :]
     live = (h < n_heads + n_kv) & (j < HALF)
@@ -145,6 +148,7 @@ def rope_kv_write(
     return_k: bool = False,
     qk_norm: tuple[torch.Tensor, torch.Tensor, float, bool] | None = None,
     kv_scale: torch.Tensor | None = None,
+    pdl: bool = False,
 ):
     """qkv [..., (H+2Hkv)*D] (or its split partial sums): R token rows, row r at positions[r] of
     cache slot slots[r] (default: slot r, one decode token per slot); cos/sin [..., D] per row;
@@ -153,7 +157,8 @@ def rope_kv_write(
     q [R,H,D], and with `return_k` also the rotated k [R,Hkv,D] (what a prefill attends to).
     `qk_norm`: (q scale [D], k scale [D], eps, gemma) of an RMSNorm over each head before the
     rotary; gemma: the scales are Gemma's fp32 (1 + w), applied before the one rounding.
-    `kv_scale` [2, Hkv] (float32): the caches are fp8, k and v stored divided by their head's scale."""
+    `kv_scale` [2, Hkv] (float32): the caches are fp8, k and v stored divided by their head's scale.
+    `pdl`: launched with programmatic dependent launch (kernels/pdl.py), as are the other kernels here."""
     parts, n_split, s_split, dtype = _product(qkv)
     rows, d = parts.shape[1], k_cache.shape[-1]
     cos, sin = cos.reshape(-1, d), sin.reshape(-1, d)
@@ -195,6 +200,7 @@ def rope_kv_write(
         QK_NORM=qk_norm is not None,
         GEMMA_NORM=bool(qk_norm and qk_norm[3]),
         FP8=kv_scale is not None,
+        **gdc.launch(pdl),
     )
     return (q, k) if return_k else q
 
@@ -229,7 +235,9 @@ def _add_rms_norm_kernel(
     PRE: tl.constexpr,
     QUANT: tl.constexpr,
     QMAX: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    gdc.enter(PDL)
     row = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     m = i < n
@@ -262,6 +270,7 @@ def add_rms_norm(
     eps: float,
     pre_weight: torch.Tensor | None = None,
     quantize: torch.dtype | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor | QuantRows:
     """residual += x (in place), or += RMSNorm(x) * pre_weight (Gemma 2/3's norm on a layer's
     outputs); returns RMSNorm(residual) * weight. Contiguous [..., E] tensors (x may be a product's
@@ -286,6 +295,7 @@ def add_rms_norm(
         PRE=pre_weight is not None,
         QUANT=quantize is not None,
         QMAX=qmax,
+        **gdc.launch(pdl),
     )
     return result
 
@@ -304,7 +314,8 @@ def _gated(gate_up, row, i, m, f, n_split, s_split, like, GELU: tl.constexpr):
 
 
 @triton.jit
-def _activate_mul_kernel(gate_up, out, f, n_split, s_split, BLOCK: tl.constexpr, GELU: tl.constexpr):
+def _activate_mul_kernel(gate_up, out, f, n_split, s_split, BLOCK: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr):
+    gdc.enter(PDL)
     row, blk = tl.program_id(0), tl.program_id(1)
     i = blk * BLOCK + tl.arange(0, BLOCK)
     m = i < f
@@ -313,10 +324,21 @@ def _activate_mul_kernel(gate_up, out, f, n_split, s_split, BLOCK: tl.constexpr,
 
 @triton.jit
 def _activate_mul_rows_kernel(
-    gate_up, like, q, scale, f, n_split, s_split, BLOCK: tl.constexpr, GELU: tl.constexpr, QMAX: tl.constexpr
+    gate_up,
+    like,
+    q,
+    scale,
+    f,
+    n_split,
+    s_split,
+    BLOCK: tl.constexpr,
+    GELU: tl.constexpr,
+    QMAX: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """A whole row per program, rounded per row to q's 8-bit type: its absmax first, then the row
     again (from L2) divided by it; the values are computed twice rather than stored and re-read."""
+    gdc.enter(PDL)
     row = tl.program_id(0)
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for k0 in range(0, f, BLOCK):
@@ -333,7 +355,7 @@ def _activate_mul_rows_kernel(
 
 
 def activate_mul(
-    gate_up: torch.Tensor | SplitK, activation: str = "silu", quantize: torch.dtype | None = None
+    gate_up: torch.Tensor | SplitK, activation: str = "silu", quantize: torch.dtype | None = None, pdl: bool = False
 ) -> torch.Tensor | QuantRows:
     """[..., 2F] (gate then up; or its split partial sums [S, rows, 2F]) -> act(gate) * up [..., F]
     ([rows, 1, F] from partial sums); act: "silu" or "gelu_tanh" (GeGLU). `quantize` (e4m3): the
@@ -346,11 +368,13 @@ def activate_mul(
     result, (out, scale_out, qmax) = _output(torch.Size((*lead, f)), dtype, parts.device, quantize)
     block, gelu = 1024, activation == "gelu_tanh"
     if quantize is None:
-        _activate_mul_kernel[(rows, triton.cdiv(f, block))](parts, out, f, n_split, s_split, BLOCK=block, GELU=gelu)
+        _activate_mul_kernel[(rows, triton.cdiv(f, block))](
+            parts, out, f, n_split, s_split, BLOCK=block, GELU=gelu, **gdc.launch(pdl)
+        )
         return result
     like = parts if parts.dtype == dtype else torch.empty(1, dtype=dtype, device=parts.device)
     _activate_mul_rows_kernel[(rows,)](
-        parts, like, out, scale_out, f, n_split, s_split, BLOCK=block, GELU=gelu, QMAX=qmax
+        parts, like, out, scale_out, f, n_split, s_split, BLOCK=block, GELU=gelu, QMAX=qmax, **gdc.launch(pdl)
     )
     return result
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl as gdc
+
 log = logging.getLogger(__name__)
 MAX_ROWS = 8  # batch rows a gemv program holds beside its weight tile
 MAX_DOT_ROWS = 64  # up to here `skinny_dot` (tensor cores, a narrow tile of W per program); beyond, cuBLAS
@@ -82,11 +84,17 @@ def _small_matmul_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    ELEM: tl.constexpr,
 ):
     split = tl.program_id(1)  # this program's slice of K: [split * K_SPLIT, (split + 1) * K_SPLIT)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     n_ok, m_ok = n < N, m < M
+    if PREFETCH:  # the weight's first bytes stream into L2 while the kernel before finishes
+        gdc.prefetch_rows(w, n, n_ok, s_wn, split * K_SPLIT, K, PREFETCH, ELEM)
+    gdc.enter(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(split * K_SPLIT, (split + 1) * K_SPLIT, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -114,7 +122,12 @@ def _small_matmul_kernel(
 
 
 def small_matmul(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config, scale: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: Config,
+    scale: torch.Tensor | None = None,
+    pdl_steps: int | None = None,
 ) -> torch.Tensor | SplitK:
     """x [..., K], weight [N, K] (nn.Linear layout) -> x @ weight.T + bias [..., N], float32
     accumulation, each program computing every row for a narrow tile of the weight's rows.
@@ -124,7 +137,8 @@ def small_matmul(
     into S slices, each its own programs, and returns their `SplitK` partial sums; a 6th number 1
     (float8 weights only) rounds x to float8 per K step and row for 8-bit x 8-bit products. With `scale`
     [N] the weight is 8-bit (int8 or float8, model/quant.py) and the product is x @ (weight *
-    scale).T: the weight streams at a byte per value."""
+    scale).T: the weight streams at a byte per value. `pdl_steps` (not None): launched with PDL
+    (`pdl`), each program first asking L2 for that many K steps of its weight tile."""
     use_dot = len(config) >= 4
     splits = config[4] if len(config) >= 5 else 1
     quant_x = len(config) == 6 and config[5] == 1
@@ -148,6 +162,8 @@ def small_matmul(
         block_k = max(64, block_k // block_m)
     opts = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
     k_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # whole K steps per slice
+    elem = weight.element_size()
+    lines = gdc.prefetch_lines(k_split, block_k, elem, pdl_steps) if pdl_steps else 0
     _small_matmul_kernel[(triton.cdiv(n, block_n), splits)](
         x2,
         weight,
@@ -169,6 +185,9 @@ def small_matmul(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        PREFETCH=lines,
+        ELEM=elem,
+        **gdc.launch(pdl_steps is not None),
         **opts,
     )
     if splits > 1:

@@ -196,15 +196,15 @@ class ForwardPasses:
         config = self.kernels.attention_table.get(b, ak.ATTENTION_CONFIGS[0])
         if c >= ak.LONG_CONTEXT:  # few rows of many keys: each row's keys split over programs where tuned
             config = self.kernels.split_table.get(b, config)
-        rope, attend = self._row_kernels(rot, positions, self.writes[:b], c, config)
+        rope, attend = self._row_kernels(rot, positions, self.writes[:b], c, config, pdl=self.kernels.pdl)
         h = self._fused_layers(x, rope, attend, small=True)
         return m.cap_logits(dense(self._project("lm_head", m.lm_head, None, h[:, 0])))
 
-    def _row_kernels(self, rot, positions, writes, limit: int, config, reads=None, tiles=None) -> tuple:
+    def _row_kernels(self, rot, positions, writes, limit: int, config, reads=None, tiles=None, pdl=False) -> tuple:
         """(rope, attend) of the fused layers for token rows at `positions` [R]: the rotary kernel
         writes each row's K/V into slot writes[r]'s blocks; the attention kernel reads slot
         reads[r] (default: row r is slot r) up to the row's position, at most `limit` keys, `tiles`
-        of rows to a program where given."""
+        of rows to a program where given; both launched with PDL where `pdl`."""
         from ..kernels import attention as ak
         from ..kernels import fused as fk
 
@@ -221,6 +221,7 @@ class ForwardPasses:
             slots=writes,
             qk_norm=self._head_norms(m.layers[i]),
             kv_scale=cache.layer_scales(i),
+            pdl=pdl,
         )
         attend = lambda i, q: ak.decode_attention(
             q,
@@ -234,6 +235,7 @@ class ForwardPasses:
             row_slots=reads,
             kv_scale=cache.layer_scales(i),
             tiles=tiles,
+            pdl=pdl,
         )
         return rope, attend
 
@@ -282,18 +284,18 @@ class ForwardPasses:
         from ..kernels import fused as fk
 
         m, scale = self.model, self._scale
-        rows = x.numel() // x.shape[-1]
+        rows, pdl = x.numel() // x.shape[-1], self.kernels.pdl and small
         fmt = {kind: self._rounds_input(kind, rows, small) for kind in ("qkv_proj", "gate_up", "down")}
         h = rms_norm(m.layers[0].ln1, x)
         for i, layer in enumerate(m.layers):
             a = attend(i, rope(i, self._linear("qkv_proj", layer, h, small)))
             o = self._linear("o", layer, a, small)
-            h = fk.add_rms_norm(o, x, scale(layer.ln2), layer.ln2.eps, scale(layer.post_attention), fmt["gate_up"])
+            h = fk.add_rms_norm(o, x, scale(layer.ln2), layer.ln2.eps, scale(layer.post_attention), fmt["gate_up"], pdl)
             last = i + 1 == len(m.layers)
             nxt, rounds = (m.norm, None) if last else (m.layers[i + 1].ln1, fmt["qkv_proj"])
-            up = fk.activate_mul(self._linear("gate_up", layer, h, small), layer.activation, fmt["down"])
+            up = fk.activate_mul(self._linear("gate_up", layer, h, small), layer.activation, fmt["down"], pdl)
             down = self._linear("down", layer, up, small)
-            h = fk.add_rms_norm(down, x, scale(nxt), nxt.eps, scale(layer.post_mlp), rounds)
+            h = fk.add_rms_norm(down, x, scale(nxt), nxt.eps, scale(layer.post_mlp), rounds, pdl)
         return h
 
     def _rounds_input(self, kind: str, rows: int, small: bool) -> torch.dtype | None:
@@ -342,7 +344,8 @@ class ForwardPasses:
         if config is not None:
             from ..kernels import gemv
 
-            return gemv.small_matmul(x, weight, bias, config, scale)
+            steps = self.kernels.prefetch_steps if self.kernels.pdl else None
+            return gemv.small_matmul(x, weight, bias, config, scale, steps)
         if scale is None:
             return F.linear(x, weight, bias)
         return qmatmul.matmul(x, weight, scale, bias, qmatmul.choose(self.kernels.quant_table, kind, rows))

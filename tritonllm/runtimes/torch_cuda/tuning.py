@@ -17,6 +17,7 @@ from .cache import PagedDeviceCache
 log = logging.getLogger(__name__)
 PREFILL_ROWS = 2048  # a prefill's products (prompt tokens x weight) are timed at this many rows
 PIECE_DEFAULT = (64, 64, 4, 3)  # kernels.attention.PIECE_CONFIGS[0] (that module needs OpenAI Triton)
+PREFETCH_STEPS = 1  # K steps of its weight tile a small product asks L2 for before its wait (PDL)
 
 
 @dataclass
@@ -27,6 +28,8 @@ class KernelChoice:
     split_table: dict = field(default_factory=dict)  # {batch bucket: split-key config at long contexts}
     quant_table: dict = field(default_factory=dict)  # 8-bit weights, beyond gemv's rows: {(kind, rows): choice}
     piece_config: tuple = PIECE_DEFAULT  # prompt pieces' attention: (query rows a program, keys, warps, stages)
+    pdl: bool = False  # the decode step's kernels launched with programmatic dependent launch (kernels/pdl.py)
+    prefetch_steps: int = PREFETCH_STEPS  # ... each small product first asking L2 for this many K steps of its tile
     gemv_report: list = field(default_factory=list)  # the timings behind the tables
     attention_report: list = field(default_factory=list)
     quant_report: list = field(default_factory=list)
@@ -39,6 +42,8 @@ class KernelChoice:
             "decode_attention": {b: list(cfg) for b, cfg in sorted(self.attention_table.items())},
             "decode_attention_long": {b: list(cfg) for b, cfg in sorted(self.split_table.items())},
             "piece_attention": list(self.piece_config),
+            "pdl": self.pdl,
+            "prefetch_steps": self.prefetch_steps,
             "quantized_products": {f"{kind} x{rows}": str(c) for (kind, rows), c in sorted(self.quant_table.items())},
         }
 
@@ -85,7 +90,9 @@ def choose_kernels(
     device = cache.keys.device
     if not triton or device.type != "cuda":
         return KernelChoice(triton, dict(gemv_table or {}), quant_table=dict(quant_table or {}))
-    choice = KernelChoice(True)
+    from ..kernels import pdl
+
+    choice = KernelChoice(True, pdl=pdl.supported(device))
     if gemv_table is not None:
         choice.gemv_table = dict(gemv_table)
     elif os.environ.get("TRITONLLM_GEMV") != "0":

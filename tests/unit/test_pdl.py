@@ -1,0 +1,88 @@
+"""Programmatic dependent launch (kernels/pdl.py): the launch arguments, the prefetch size rule,
+and the compiled kernels themselves. A PDL kernel must wait for the kernel before it ahead of every
+load of another kernel's output and every store; only its weight prefetch may come first. The
+kernels are compiled for sm_90 on this CPU (Triton's bundled ptxas) in a fresh process, since the
+interpreter (TRITON_INTERPRET=1, set by the parity tests) has no griddepcontrol."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # as the parity tests: this process's kernels are interpreted
+pytest.importorskip("triton")
+from tritonllm.runtimes.kernels import pdl
+
+PTX_ORDER = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from tritonllm.runtimes.kernels import attention, fused, gemv
+
+def order(fn, sig, consts, marks):
+    src = triton.compiler.ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+    lines = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"].splitlines()
+    print(fn.__name__, *[next((n for n, l in enumerate(lines) if m in l), -1) for m in marks])
+
+ptr = lambda t, *names: {n: t for n in names}
+i32 = lambda *names: {n: "i32" for n in names}
+marks = ("prefetch.global.L2", "griddepcontrol.wait", "griddepcontrol.launch_dependents", "ld.global", "st.global")
+order(
+    gemv._small_matmul_kernel,
+    {**ptr("*bf16", "x"), "w": "*fp8e4nv", **ptr("*bf16", "bias"), "w_scale": "*fp32", "out": "*bf16",
+     **i32("M", "N", "K", "K_SPLIT", "s_xm", "s_wn", "s_os", "s_om")},
+    dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=True, QUANT_X=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+         PDL=True, PREFETCH=2, ELEM=1),
+    marks,
+)
+order(
+    fused._add_rms_norm_kernel,
+    {**ptr("*bf16", "x", "residual", "weight", "pre_weight", "out"), "scale_out": "*fp32", "n": "i32",
+     "eps": "fp32", "n_split": "i32", "s_split": "i32"},
+    dict(BLOCK=1024, PRE=False, QUANT=False, QMAX=448.0, PDL=True),
+    marks,
+)
+order(
+    attention._combine_splits_kernel,
+    {"part": "*fp32", "out": "*bf16", "flats": "i32"},
+    dict(SPLITS=4, D=64, PDL=True),
+    marks,
+)
+"""
+
+
+def test_launch_arguments_name_the_constexpr_and_triton_option_only_when_on():
+    assert pdl.launch(False) == {"PDL": False}  # an older Triton never sees launch_pdl
+    assert pdl.launch(True) == {"PDL": True, "launch_pdl": True}
+
+
+def test_no_pdl_off_cuda_or_under_the_interpreter():
+    assert not pdl.supported(torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "k, block_k, elem, steps, lines",
+    [
+        (4096, 128, 1, 1, 1),  # one K step of 128 fp8 values: one 128-byte line
+        (4096, 256, 1, 2, 4),
+        (4096, 256, 2, 1, 4),  # bf16: twice the bytes
+        (2048, 4096, 2, 1, 32),  # the step is longer than the row: the row's 4,096 bytes
+        (4096, 64, 1, 1, 0),  # under a line: nothing asked for
+        (4096, 128, 1, 3, 2),  # 3 lines round down to a power of two
+    ],
+)
+def test_prefetch_lines(k, block_k, elem, steps, lines):
+    assert pdl.prefetch_lines(k, block_k, elem, steps) == lines
+
+
+def test_compiled_pdl_kernels_wait_before_reading_or_writing_activations():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", PTX_ORDER], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r.split()[0]: [int(v) for v in r.split()[1:]] for r in out.stdout.splitlines()}
+    prefetch, wait, launch, load, store = rows["_small_matmul_kernel"]
+    assert 0 <= prefetch < wait < launch < load < store  # only the weight prefetch runs ahead of the wait
+    for name in ("_add_rms_norm_kernel", "_combine_splits_kernel"):
+        prefetch, wait, launch, load, store = rows[name]
+        assert prefetch == -1 and 0 <= wait < launch < load < store, (name, rows[name])
