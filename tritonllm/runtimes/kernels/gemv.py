@@ -285,6 +285,7 @@ def tune(
     configs: Sequence[Config] = CONFIGS,
     dot_configs: Sequence[Config] = DOT_CONFIGS,
     dtype: torch.dtype = torch.bfloat16,
+    pdl: bool = False,
 ) -> tuple[dict[tuple[str, int], Config], list[dict]]:
     """For each weight kind (its (weight, bias, scale) of every layer; scale None unless the weight
     is 8-bit) and batch rows, the fastest of the reference (`reference`: cuBLAS) and the
@@ -292,9 +293,10 @@ def tune(
     MAX_DOT_ROWS), or their 8-bit lists.
     Each product is timed followed by its kind's consumer (`consumers`: the fused kernel that reads
     it in a decode step); only kinds with a consumer, which adds up split partial sums as it loads
-    them, try split configs. `dtype`: the activations'. Returns {(kind, rows): config} for the kinds where a config beat
-    cuBLAS, and the timings (microseconds for all layers' weights of the kind) for the log and the
-    benchmark."""
+    them, try split configs. `dtype`: the activations'. `pdl`: the tiles launched with PDL, as the
+    decode step launches them (the consumers too, where they were made so). Returns {(kind, rows):
+    config} for the kinds where a config beat cuBLAS, and the timings (microseconds for all layers'
+    weights of the kind) for the log and the benchmark."""
     consumers = consumers or {}
     table, report = {}, []
     for kind, mats in weights.items():
@@ -306,7 +308,8 @@ def tune(
             times = {"cublas": graph_ms(run(reference))}
             tiles = candidates(m, mats[0][0], mats[0][2] is not None, kind in consumers, configs, dot_configs)
             for cfg in (c for c in tiles if _agrees(x, *mats[0], c)):
-                times[cfg] = graph_ms(run(lambda x, w, b, s, cfg=cfg: small_matmul(x, w, b, cfg, s)))
+                steps = 0 if pdl else None
+                times[cfg] = graph_ms(run(lambda x, w, b, s, cfg=cfg: small_matmul(x, w, b, cfg, s, steps)))
             best = min(times, key=times.get)
             if best != "cublas":
                 table[(kind, m)] = best

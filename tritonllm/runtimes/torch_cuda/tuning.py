@@ -17,7 +17,8 @@ from .cache import PagedDeviceCache
 log = logging.getLogger(__name__)
 PREFILL_ROWS = 2048  # a prefill's products (prompt tokens x weight) are timed at this many rows
 PIECE_DEFAULT = (64, 64, 4, 3)  # kernels.attention.PIECE_CONFIGS[0] (that module needs OpenAI Triton)
-PREFETCH_STEPS = 1  # K steps of its weight tile a small product asks L2 for before its wait (PDL)
+PREFETCH_STEPS = 0  # K steps of its weight tile a small product asks L2 for before its wait (PDL); none:
+# on the H200 the prefetch made a batch-1 step slower (docs/decisions.md)
 
 
 @dataclass
@@ -96,7 +97,7 @@ def choose_kernels(
     if gemv_table is not None:
         choice.gemv_table = dict(gemv_table)
     elif os.environ.get("TRITONLLM_GEMV") != "0":
-        choice.gemv_table, choice.gemv_report = _tune_gemv(model, cache, batch_buckets)
+        choice.gemv_table, choice.gemv_report = _tune_gemv(model, cache, batch_buckets, choice.pdl)
     choice.attention_table, choice.attention_report = _tune_attention(model, cache, batch_buckets, max_context)
     choice.split_table = _tune_splits(model, cache, choice.attention_table, max_context)
     if piece_tokens:
@@ -108,15 +109,16 @@ def choose_kernels(
     return choice
 
 
-def _tune_gemv(model, cache: PagedDeviceCache, batch_buckets: list[int]) -> tuple[dict, list]:
+def _tune_gemv(model, cache: PagedDeviceCache, batch_buckets: list[int], pdl: bool = False) -> tuple[dict, list]:
     """{(weight kind, batch rows): tile} for the decode step's small-batch products, each timed
-    with the fused kernel that reads its product (split-K partial sums are added up there)."""
+    with the fused kernel that reads its product (split-K partial sums are added up there),
+    launched with PDL where the step launches them so."""
     weights = {**_projections(model), "lm_head": [(model.lm_head, None, None)]}
     try:
         from ..kernels import gemv
 
-        consumers = _product_consumers(model, cache, max(batch_buckets))
-        return gemv.tune(weights, batch_buckets, consumers, dtype=model.embed.dtype)
+        consumers = _product_consumers(model, cache, max(batch_buckets), pdl)
+        return gemv.tune(weights, batch_buckets, consumers, dtype=model.embed.dtype, pdl=pdl)
     except Exception as exc:  # the tiles do not compile here: cuBLAS serves every product
         log.warning("gemv tuning failed (%s): cuBLAS serves the decode products", str(exc)[:300])
         return {}, []
@@ -141,7 +143,7 @@ def _tune_quant(model, batch_buckets: list[int]) -> tuple[dict, list]:
         return {}, []
 
 
-def _product_consumers(model, cache: PagedDeviceCache, max_rows: int) -> dict:
+def _product_consumers(model, cache: PagedDeviceCache, max_rows: int, pdl: bool = False) -> dict:
     """{weight kind: the fused kernel that reads its product in the decode step}, on scratch
     inputs. Writes K/V at position 0 of the first slots, whose tables point at the scratch block."""
     from ..kernels import fused as fk
@@ -165,10 +167,11 @@ def _product_consumers(model, cache: PagedDeviceCache, max_rows: int) -> dict:
             sh.num_kv_heads,
             qk_norm=(norm[: sh.head_dim], norm[: sh.head_dim], 1e-6, False) if model.features.qk_norm else None,
             kv_scale=cache.layer_scales(0),
+            pdl=pdl,
         ),
-        "o": lambda y: fk.add_rms_norm(y, residual[: rows(y)], norm, 1e-5),
-        "down": lambda y: fk.add_rms_norm(y, residual[: rows(y)], norm, 1e-5),
-        "gate_up": lambda y: fk.activate_mul(y, model.features.activation),
+        "o": lambda y: fk.add_rms_norm(y, residual[: rows(y)], norm, 1e-5, pdl=pdl),
+        "down": lambda y: fk.add_rms_norm(y, residual[: rows(y)], norm, 1e-5, pdl=pdl),
+        "gate_up": lambda y: fk.activate_mul(y, model.features.activation, pdl=pdl),
     }
 
 
