@@ -33,6 +33,7 @@ from bench.drivers import run_inprocess
 from bench.families import SMALL, bench_engine_config, random_model
 from bench.measure import PowerSampler, write_results
 from bench.provenance import DEFAULT_OUT
+from bench.timeline import StepTimeline
 from bench.workloads import random_prompts
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model.modeling import CausalLM
@@ -142,8 +143,12 @@ def shared_prefix(model, vocab: int, a, rows: list, facts: dict) -> None:
                 eng.generate(warm[:1024] + tail, max_tokens=2, temperature=0.0)
             name = f"shared prefix, cache {state}, prefill budget {budget}"
             before = dataclasses.replace(eng.loop.stats)
-            rows.append(run_inprocess(eng, prompts, 64, 128, PowerSampler(), name=name).row())
+            timeline = StepTimeline(eng.loop, limit=24)
+            result = run_inprocess(eng, prompts, 64, 128, PowerSampler(), name=name)
+            rows.append(result.row())
             counters[name] = loop_counters(eng.loop.stats, before)
+            counters[name]["timeline"] = timeline.detach()  # the first bursts' steps, in order
+            counters[name]["ttft_ms"] = sorted(round(1e3 * t, 1) for t in result.ttft_s)
             log.info("%s %s", rows[-1], counters[name])
         eng = None
         free_memory()
