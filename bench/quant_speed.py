@@ -90,11 +90,14 @@ def reference_divergence(model: CausalLM, cfg: EngineConfig, kernels: TorchCudaR
     return [next((i for i, (x, y) in enumerate(zip(g, r)) if x != y), 32) for g, r in zip(got, ref)]
 
 
-def run_scheme(base: CausalLM, name: str, scheme: str, concurrency: list[int], power: PowerSampler) -> tuple:
+def run_scheme(
+    base: CausalLM, name: str, scheme: str, concurrency: list[int], power: PowerSampler, kv: str = "auto"
+) -> tuple:
+    """One engine's rows and details; `kv`: the quantized engines' KV cache dtype (bf16's stays)."""
     model = copy.deepcopy(base)
     if scheme != "none":
         quant.quantize_model(model, scheme)
-    cfg = bench_engine_config(max(concurrency), quantization=scheme)
+    cfg = bench_engine_config(max(concurrency), quantization=scheme, kv_cache_dtype=kv if scheme != "none" else "auto")
     runtime = TorchCudaRuntime(None, cfg, model=model)
     detail = {
         "kernels": runtime.kernels.describe(),
@@ -134,6 +137,8 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     p.add_argument("--schemes", nargs="+", choices=["none", *quant.SCHEMES], default=["none", *quant.SCHEMES])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="the quantized engines' KV cache")
+    p.add_argument("--topic", default="quant-speed")
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
     rows, details = [], {}
@@ -141,7 +146,9 @@ def main() -> None:
         base = CausalLM(random_model("llama", SHAPES[name]))
         for scheme in a.schemes:
             try:
-                r, details[f"{name} {scheme}"] = run_scheme(base, name, scheme, a.concurrency, PowerSampler())
+                r, details[f"{name} {scheme}"] = run_scheme(
+                    base, name, scheme, a.concurrency, PowerSampler(), a.kv_cache_dtype
+                )
                 rows += r
             except Exception as exc:  # one scheme failing must not lose the others' measurements
                 log.exception("%s %s failed", name, scheme)
@@ -150,8 +157,9 @@ def main() -> None:
                 "shapes": {n: SHAPES[n] for n in a.shapes},
                 "details": details,
                 "workload": "in-process engine, 128 in / 128 out, 2 requests per stream",
+                "quantized_kv_cache_dtype": a.kv_cache_dtype,
             }
-            print(write_results(a.out, "quant-speed", facts, rows or [{"engine": "none measured"}]))
+            print(write_results(a.out, a.topic, facts, rows or [{"engine": "none measured"}]))
         del base
         gc.collect()
         torch.cuda.empty_cache()
