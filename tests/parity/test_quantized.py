@@ -184,6 +184,35 @@ def test_quantized_engine_on_the_kernels_gives_the_reference_greedy_ids(tiny_dir
     assert runs[0] == runs[1]
 
 
+def test_a_decode_step_the_tuner_gave_to_the_fp8_gemm_runs_it_on_rows_its_producers_rounded(tiny_dir, monkeypatch):
+    """gemv.FP8_GEMM in the small-batch table: the decode step's products are the FP8 GEMM, fed
+    e4m3 rows by add + norm and the activation (not by a quantize of their own) for the kinds they
+    make, and the ids equal those of the same GEMM reached through the large-batch table."""
+    from .test_engine_parity import PROMPTS
+
+    hf, tok = load_hf(tiny_dir), TokenizerFiles(tiny_dir)
+    prompts = [tok.encode(p) for p in PROMPTS[:2]]
+    cfg = EngineConfig(runtime="torch-cuda", max_slots=2, max_context=160, max_tokens_limit=64, quantization="fp8")
+    calls, real = [], qmatmul.fp8_matmul
+    monkeypatch.setattr(qmatmul, "fp8_matmul", lambda x, *a: calls.append(type(x).__name__) or real(x, *a))
+    small = {(kind, rows): gemv.FP8_GEMM for kind in PROJECTIONS for rows in (1, 2)}
+    large = {(kind, 2048): "fp8" for kind in PROJECTIONS}
+    runs = []
+    for tables in ({"gemv_table": small, "quant_table": large}, {"gemv_table": {}, "quant_table": large}):
+        model = CausalLM(hf)
+        quant.quantize_model(model, "fp8")
+        runtime = TorchCudaRuntime(None, cfg, model=model, device="cpu", triton_kernels=True, **tables)
+        calls.clear()
+        with InProcessEngine(None, cfg, runtime=runtime) as eng:
+            seqs = [eng.submit(ids, max_tokens=n, temperature=0.0, ignore_eos=True) for ids, n in zip(prompts, [5, 3])]
+            runs.append([s.wait(300).ids for s in seqs])
+        # each step: every layer's o reads attention's output (a tensor), the first layer's qkv the
+        # torch norm's; every other product's input comes rounded by its producer (QuantRows)
+        n = len(model.layers)
+        assert calls and calls.count("QuantRows") * (n + 1) == calls.count("Tensor") * (3 * n - 1)
+    assert runs[0] == runs[1]
+
+
 def test_a_quantized_torch_engine_refuses_a_config_of_another_scheme(tiny_dir):
     model = CausalLM(load_hf(tiny_dir))
     quant.quantize_model(model, "int8-wo")

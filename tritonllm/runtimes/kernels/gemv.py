@@ -46,6 +46,7 @@ SPLIT_TILES = ((32, 128, 4, 4), (64, 64, 4, 4))  # the tiles tried split (the ot
 X8_TILES = ((32, 256, 4, 4), (64, 256, 4, 3), (64, 128, 4, 4))
 X8_TOLERANCE = 0.1  # float8 activations keep 3 mantissa bits: each term is off by up to 2^-4 relative
 Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot, 5: split along K, 6: float8 activations
+FP8_GEMM = "fp8"  # a table entry that is no tile: the FP8 Tensor Core GEMM (`qmatmul.fp8_matmul`) serves
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,20 @@ def _agrees(x: torch.Tensor, w, b, s, config: Config) -> bool:
     return agrees(f"gemv {config}", lambda: dense(small_matmul(x, w, b, config, s)), reference(x, w, b, s), tolerance)
 
 
+def _fp8_gemm_time(x: torch.Tensor, mats, rounded: bool, consume) -> dict:
+    """{FP8_GEMM: ms} of the FP8 GEMM over every layer's weight, then the consumer; x as its
+    producer hands it (rounded per row already, or not); {} where it disagrees or does not run."""
+    from . import qmatmul
+
+    w, b, s = mats[0]
+    if not agrees("gemv fp8 GEMM", lambda: qmatmul.fp8_matmul(x, w, s, b), reference(x, w, b, s), X8_TOLERANCE):
+        return {}
+    if rounded:
+        pad = torch.nn.functional.pad(x.reshape(-1, x.shape[-1]), (0, 0, 0, -x.shape[0] % qmatmul.FP8_ALIGN))
+        x = qmatmul.QuantRows(*qmatmul.quantize_rows(pad, w.dtype), x.shape, x.dtype)
+    return {FP8_GEMM: graph_ms(lambda: [consume(qmatmul.fp8_matmul(x, w, s, b)) for w, b, s in mats])}
+
+
 def split_configs(dot_configs: Sequence[Config], k: int) -> list[Config]:
     """Each tile unsplit, and the SPLIT_TILES split S ways where every slice holds at least one K step."""
     return list(dot_configs) + [(*tile, s) for tile in SPLIT_TILES for s in SPLITS[1:] if k >= s * tile[1]]
@@ -286,7 +301,8 @@ def tune(
     dot_configs: Sequence[Config] = DOT_CONFIGS,
     dtype: torch.dtype = torch.bfloat16,
     pdl: bool = False,
-) -> tuple[dict[tuple[str, int], Config], list[dict]]:
+    rounded: frozenset = frozenset(),
+) -> tuple[dict[tuple[str, int], Config | str], list[dict]]:
     """For each weight kind (its (weight, bias, scale) of every layer; scale None unless the weight
     is 8-bit) and batch rows, the fastest of the reference (`reference`: cuBLAS) and the
     `candidates`: `configs` (gemv, up to MAX_ROWS rows) and `dot_configs` (skinny_dot, up to
@@ -294,7 +310,9 @@ def tune(
     Each product is timed followed by its kind's consumer (`consumers`: the fused kernel that reads
     it in a decode step); only kinds with a consumer, which adds up split partial sums as it loads
     them, try split configs. `dtype`: the activations'. `pdl`: the tiles launched with PDL, as the
-    decode step launches them (the consumers too, where they were made so). Returns {(kind, rows):
+    decode step launches them (the consumers too, where they were made so). Float8 weights also
+    time the FP8 GEMM (`FP8_GEMM`): on rows already rounded to e4m3 for the kinds in `rounded`
+    (their producers round them), else rounding them itself. Returns {(kind, rows):
     config} for the kinds where a config beat cuBLAS, and the timings (microseconds for all layers'
     weights of the kind) for the log and the benchmark."""
     consumers = consumers or {}
@@ -310,6 +328,8 @@ def tune(
             for cfg in (c for c in tiles if _agrees(x, *mats[0], c)):
                 steps = 0 if pdl else None
                 times[cfg] = graph_ms(run(lambda x, w, b, s, cfg=cfg: small_matmul(x, w, b, cfg, s, steps)))
+            if mats[0][0].dtype == torch.float8_e4m3fn:
+                times.update(_fp8_gemm_time(x, mats, kind in rounded, consume))
             best = min(times, key=times.get)
             if best != "cublas":
                 table[(kind, m)] = best

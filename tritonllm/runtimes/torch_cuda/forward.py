@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ...model.modeling import CausalLM, RMSNorm
 from ...model.quant import operands
 from .cache import PagedDeviceCache
-from .tuning import KernelChoice
+from .tuning import ROUNDED_BY_PRODUCER, KernelChoice
 
 NEG = -1e9
 
@@ -285,7 +285,7 @@ class ForwardPasses:
 
         m, scale = self.model, self._scale
         rows, pdl = x.numel() // x.shape[-1], self.kernels.pdl and small
-        fmt = {kind: self._rounds_input(kind, rows, small) for kind in ("qkv_proj", "gate_up", "down")}
+        fmt = {kind: self._rounds_input(kind, rows, small) for kind in ROUNDED_BY_PRODUCER}
         h = rms_norm(m.layers[0].ln1, x)
         for i, layer in enumerate(m.layers):
             a = attend(i, rope(i, self._linear("qkv_proj", layer, h, small)))
@@ -306,10 +306,10 @@ class ForwardPasses:
         weight, _, scale = operands(getattr(self.model.layers[0], kind))
         if scale is None or weight.dtype != torch.float8_e4m3fn:
             return None
-        if small and (kind, rows) in self.kernels.gemv_table:
-            return None
-        from ..kernels import qmatmul
+        from ..kernels import gemv, qmatmul
 
+        if small and (kind, rows) in self.kernels.gemv_table:
+            return weight.dtype if self.kernels.gemv_table[(kind, rows)] == gemv.FP8_GEMM else None
         return weight.dtype if qmatmul.choose(self.kernels.quant_table, kind, rows) == "fp8" else None
 
     def _scale(self, norm) -> torch.Tensor | None:
@@ -335,15 +335,15 @@ class ForwardPasses:
         """x @ weight.T + bias: the tuned small-batch tile for these rows (`small`: a decode step),
         else cuBLAS; an 8-bit weight (with `scale`) otherwise takes its tuned large-batch product,
         the FP8 GEMM where x comes rounded for it (`QuantRows`, see `_rounds_input`)."""
-        from ..kernels import qmatmul
+        from ..kernels import gemv, qmatmul
 
         if isinstance(x, qmatmul.QuantRows):
             return qmatmul.fp8_matmul(x, weight, scale, bias)
         rows = x.numel() // x.shape[-1]
         config = self.kernels.gemv_table.get((kind, rows)) if small else None
+        if config == gemv.FP8_GEMM:  # start-up timing preferred the FP8 GEMM to every tile at these rows
+            return qmatmul.fp8_matmul(x, weight, scale, bias)
         if config is not None:
-            from ..kernels import gemv
-
             steps = self.kernels.prefetch_steps if self.kernels.pdl else None
             return gemv.small_matmul(x, weight, bias, config, scale, steps)
         if scale is None:

@@ -17,6 +17,8 @@ from .cache import PagedDeviceCache
 log = logging.getLogger(__name__)
 PREFILL_ROWS = 2048  # a prefill's products (prompt tokens x weight) are timed at this many rows
 PIECE_DEFAULT = (64, 64, 4, 3)  # kernels.attention.PIECE_CONFIGS[0] (that module needs OpenAI Triton)
+ROUNDED_BY_PRODUCER = ("qkv_proj", "gate_up", "down")  # products whose input a fused kernel makes (and can
+# round per row for an FP8 GEMM); the attention output that "o" reads is not
 PREFETCH_STEPS = 0  # K steps of its weight tile a small product asks L2 for before its wait (PDL); none:
 # on the H200 the prefetch made a batch-1 step slower (docs/decisions.md)
 
@@ -24,7 +26,7 @@ PREFETCH_STEPS = 0  # K steps of its weight tile a small product asks L2 for bef
 @dataclass
 class KernelChoice:
     triton: bool = False  # fused Triton kernels for decode and prefill
-    gemv_table: dict = field(default_factory=dict)  # {(weight kind, batch rows): tile config}
+    gemv_table: dict = field(default_factory=dict)  # {(weight kind, batch rows): tile config, or gemv.FP8_GEMM}
     attention_table: dict = field(default_factory=dict)  # {batch bucket: decode attention config}
     split_table: dict = field(default_factory=dict)  # {batch bucket: split-key config at long contexts}
     quant_table: dict = field(default_factory=dict)  # 8-bit weights, beyond gemv's rows: {(kind, rows): choice}
@@ -39,7 +41,10 @@ class KernelChoice:
     def describe(self) -> dict:
         return {
             "triton_kernels": self.triton,
-            "gemv": {f"{kind} x{rows}": list(cfg) for (kind, rows), cfg in sorted(self.gemv_table.items())},
+            "gemv": {
+                f"{kind} x{rows}": list(cfg) if isinstance(cfg, tuple) else cfg
+                for (kind, rows), cfg in sorted(self.gemv_table.items())
+            },
             "decode_attention": {b: list(cfg) for b, cfg in sorted(self.attention_table.items())},
             "decode_attention_long": {b: list(cfg) for b, cfg in sorted(self.split_table.items())},
             "piece_attention": list(self.piece_config),
@@ -118,7 +123,8 @@ def _tune_gemv(model, cache: PagedDeviceCache, batch_buckets: list[int], pdl: bo
         from ..kernels import gemv
 
         consumers = _product_consumers(model, cache, max(batch_buckets), pdl)
-        return gemv.tune(weights, batch_buckets, consumers, dtype=model.embed.dtype, pdl=pdl)
+        rounded = frozenset(ROUNDED_BY_PRODUCER)
+        return gemv.tune(weights, batch_buckets, consumers, dtype=model.embed.dtype, pdl=pdl, rounded=rounded)
     except Exception as exc:  # the tiles do not compile here: cuBLAS serves every product
         log.warning("gemv tuning failed (%s): cuBLAS serves the decode products", str(exc)[:300])
         return {}, []
