@@ -28,7 +28,7 @@ from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.base import StepInput
 from tritonllm.runtimes.kernels import pdl as gdc
 from tritonllm.runtimes.kernels import qmatmul
-from tritonllm.runtimes.kernels.gemv import graph_ms, replay_ms
+from tritonllm.runtimes.kernels.gemv import capture, graph_ms, replay_ms
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 from tritonllm.runtimes.torch_cuda.graphs import bucket_for
 
@@ -73,14 +73,7 @@ def kv_bytes(rt: TorchCudaRuntime, batch: int, context: int) -> int:
 
 def replayed(step, reps: int = 20) -> tuple[torch.Tensor, float]:
     """(a copy of step()'s output after a replay of its CUDA graph, milliseconds per replay)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture(step)
     ms = replay_ms(graph, reps)
     return out.clone(), ms
 

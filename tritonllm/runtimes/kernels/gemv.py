@@ -201,8 +201,9 @@ def dense(y: torch.Tensor | SplitK) -> torch.Tensor:
     return y.total() if isinstance(y, SplitK) else y
 
 
-def graph_ms(fn: Callable[[], object], reps: int = 5) -> float:
-    """GPU milliseconds per call of `fn` replayed from a CUDA graph (Python launch cost excluded)."""
+def capture(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """A CUDA graph of `fn` (run once on a side stream first, so it compiles and allocates outside
+    the capture) and what the captured call returned (rewritten by each replay)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -210,8 +211,13 @@ def graph_ms(fn: Callable[[], object], reps: int = 5) -> float:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return replay_ms(graph, reps)
+        out = fn()
+    return graph, out
+
+
+def graph_ms(fn: Callable[[], object], reps: int = 5) -> float:
+    """GPU milliseconds per call of `fn` replayed from a CUDA graph (Python launch cost excluded)."""
+    return replay_ms(capture(fn)[0], reps)
 
 
 def replay_ms(graph, reps: int = 50) -> float:
