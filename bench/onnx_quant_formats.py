@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.int8_rows import matmul_int8_rows
 from bench.measure import write_results
 from bench.provenance import DEFAULT_OUT
 from bench.quant_eval import kjv_verses, log_probs
@@ -59,6 +60,12 @@ def feed(shape: ModelShape, ids: np.ndarray, past: int) -> dict:
     }
 
 
+def rows_then_nbits(src: Path, dst: Path, keep, **smooth) -> None:
+    """int8 rows for every product but those `keep` accepts, which go to MatMulNBits 8-bit."""
+    matmul_int8_rows(src, dst, keep=keep, **smooth)
+    matmul_nbits(dst, dst, 8)
+
+
 def call_ms(session, inputs: dict, reps: int) -> float:
     session.run(OUTPUTS, inputs)
     t0 = time.perf_counter()
@@ -74,6 +81,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("build/onnx/smollm2-formats"))
+    p.add_argument("--formats", nargs="*", help="only the formats whose name contains one of these")
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
     ckpt, onnx_dir = smollm2_onnx()
@@ -81,16 +89,45 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     graph = onnx.load(str(src), load_external_data=False)
     down = [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.name.startswith("/down")]
+    is_down = set(down).__contains__
+    lm_head = [n.name for n in graph.graph.node if n.op_type == "MatMul"][-1]  # the last product
+    memo = {}
+
+    def calibrated():
+        if not memo:
+            from tritonllm.build.calibrate import calibration_prompts
+            from tritonllm.build.qdq_export import _calibrate, projection_nodes
+
+            full = onnx.load(str(src), load_external_data=False)
+            inputs = [n.input[0] for n, _ in projection_nodes(full, shape.vocab_size)]
+            memo.update(_calibrate(src, full, shape, calibration_prompts(ckpt), inputs))
+        return memo
+
     makers = {
         "dynamic int8 (QOperator, per-tensor activations)": lambda d: dynamic_int8(src, d, [], False),
         "dynamic int8, 7-bit weights (reduce_range)": lambda d: dynamic_int8(src, d, [], True),
         "dynamic int8, 7-bit weights, down_proj fp32": lambda d: dynamic_int8(src, d, down, True),
-        "MatMulNBits 8-bit block 32, acc 4 [int8]": lambda d: matmul_nbits(src, d, 8),
+        "int8 rows (MatMulInteger u8 x s8, a scale per activation row) [int8]": lambda d: matmul_int8_rows(src, d),
+        "int8 rows, SmoothQuant 0.5": lambda d: matmul_int8_rows(src, d, absmax=calibrated(), alpha=0.5),
+        "int8 rows, SmoothQuant 0.8": lambda d: matmul_int8_rows(src, d, absmax=calibrated(), alpha=0.8),
+        "int8 rows, SmoothQuant 0.3": lambda d: matmul_int8_rows(src, d, absmax=calibrated(), alpha=0.3),
+        "int8 rows, SmoothQuant 0.5, o and down_proj MatMulNBits 8-bit": lambda d: rows_then_nbits(
+            src, d, lambda n: is_down(n) or n.startswith("/o"), absmax=calibrated(), alpha=0.5
+        ),
+        "int8 rows, SmoothQuant 0.5, down_proj MatMulNBits 8-bit": lambda d: rows_then_nbits(
+            src, d, is_down, absmax=calibrated(), alpha=0.5
+        ),
+        "int8 rows, down_proj fp32": lambda d: matmul_int8_rows(src, d, keep=is_down),
+        "int8 rows, down_proj MatMulNBits 8-bit": lambda d: rows_then_nbits(src, d, is_down),
+        "int8 rows, LM head fp32": lambda d: matmul_int8_rows(src, d, keep=lambda n: n == lm_head),
+        "MatMulNBits 8-bit block 32, acc 4": lambda d: matmul_nbits(src, d, 8),
         "MatMulNBits 8-bit block 128, acc 4": lambda d: matmul_nbits(src, d, 8, block=128),
         "MatMulNBits 8-bit block 128, fp32 compute": lambda d: matmul_nbits(src, d, 8, block=128, accuracy_level=None),
         "MatMulNBits 4-bit block 32, acc 4 [int4]": lambda d: matmul_nbits(src, d, 4),
         "MatMulNBits 4-bit block 32, fp32 compute": lambda d: matmul_nbits(src, d, 4, accuracy_level=None),
     }
+    if a.formats:
+        makers = {k: v for k, v in makers.items() if any(f in k for f in a.formats)}
     tok = TokenizerFiles(ckpt)
     text = np.array(tok.encode(" ".join(kjv_verses()[:400]), add_special_tokens=False)[: 8 * 96]).reshape(8, 96)
     rng = np.random.default_rng(1)
