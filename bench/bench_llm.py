@@ -247,7 +247,8 @@ def cpu_suite(a, results: list, facts: dict) -> None:
     )
     for scheme in a.quantizations:
         q = replace(cfg, quantization=scheme)
-        with InProcessEngine(engine_dir_for(q, onnx_dir), q) as eng, frozen_heap():  # frozen once built, as served
+        folder = engine_dir_for(q, onnx_dir, ckpt)
+        with InProcessEngine(folder, q) as eng, frozen_heap():  # frozen once built, as served
             facts["engine" if scheme == "none" else f"engine {scheme}"] = eng.runtime.describe()
             name = "engine in-process" + ("" if scheme == "none" else f" {scheme}")
             for c in a.concurrency:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.int8_rows import matmul_int8_rows
 from bench.measure import write_results
 from bench.provenance import DEFAULT_OUT
 from bench.quant_eval import kjv_verses, log_probs
 from bench.workloads import smollm2_onnx
+from tritonllm.build.int8_rows import matmul_int8_rows
 from tritonllm.build.quantize_onnx import matmul_nbits
 from tritonllm.model.graph_io import OUTPUTS, causal_bias
 from tritonllm.model.shape import ModelShape
@@ -96,11 +96,9 @@ def main() -> None:
     def calibrated():
         if not memo:
             from tritonllm.build.calibrate import calibration_prompts
-            from tritonllm.build.qdq_export import _calibrate, projection_nodes
+            from tritonllm.build.qdq_export import projection_absmax
 
-            full = onnx.load(str(src), load_external_data=False)
-            inputs = [n.input[0] for n, _ in projection_nodes(full, shape.vocab_size)]
-            memo.update(_calibrate(src, full, shape, calibration_prompts(ckpt), inputs))
+            memo.update(projection_absmax(src, shape, calibration_prompts(ckpt)))
         return memo
 
     makers = {

@@ -123,7 +123,7 @@ def engines(ckpt, onnx_dir, max_context: int, rows: int, only: list[str] | None)
         "default_max_tokens": 1,
     }
     ort_cfg = lambda scheme: EngineConfig(**limits, threads=threads, prefix_cache=False, quantization=scheme)
-    ort = lambda scheme: OnnxRuntime(engine_dir_for(ort_cfg(scheme), onnx_dir), ort_cfg(scheme))
+    ort = lambda scheme: OnnxRuntime(engine_dir_for(ort_cfg(scheme), onnx_dir, ckpt), ort_cfg(scheme))
     pt_cfg = EngineConfig(runtime="torch-cuda", **limits)
     run = lambda model, cfg=pt_cfg: TorchCudaRuntime(None, cfg, model=model, device="cpu", fused_kernels=False)
     fp8_kv = EngineConfig(runtime="torch-cuda", kv_cache_dtype="fp8", **limits)

@@ -77,7 +77,7 @@ def variant_server(a, variants: dict, ckpt: Path, engine_dir: Path):
             tokenizer_instances=a.tokenizer_instances,
             gpus=gpus,
         )
-        write_repository(repo, repository, ckpt, engine_dir_for(engine, engine_dir))
+        write_repository(repo, repository, ckpt, engine_dir_for(engine, engine_dir, ckpt))
     env = {"PYTHONPATH": f"{a.server_pythonpath}:{os.environ.get('PYTHONPATH', '')}"} if a.server_pythonpath else {}
     if a.server_hide_gpu:  # Triton's core without CUDA; only the engine's stub sees the GPU
         env.update(

@@ -85,7 +85,7 @@ def copy_bandwidth(nbytes: int = 2 << 30, iters: int = 20) -> float:
 
 def engine_dir_for(engine, onnx_dir: Path, checkpoint: Path | None = None) -> Path:
     """The engine folder of the config's quantization, made from the fp32 export once (the build's
-    own step; TensorRT's int8 / fp8 calibrate on the built-in text with the checkpoint's tokenizer).
+    own step; int8 and TensorRT's fp8 calibrate on the built-in text with the checkpoint's tokenizer).
     A torch-cuda folder already holds its quantized weights (the GPU bench saves them so)."""
     from tritonllm.build.pipeline import quantized_graph
 

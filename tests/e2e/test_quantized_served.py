@@ -7,7 +7,6 @@ import os
 import pytest
 import tritonclient.grpc as g
 
-from tritonllm.build.quantize_onnx import quantize_onnx
 from tritonllm.config import EngineConfig
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.text import TokenizerFiles
@@ -17,6 +16,13 @@ from ..parity.test_engine_parity import PROMPTS
 from .helpers import engine_output_ids
 
 
+def int8_graph(tiny_dir, tiny_engine_dir):
+    """The tiny model's int8 graph as the build makes it (calibrated on the built-in text)."""
+    from tritonllm.build.pipeline import quantized_graph
+
+    return quantized_graph(tiny_engine_dir, EngineConfig(quantization="int8"), tiny_dir)
+
+
 @pytest.fixture(scope="module")
 def int8_server(tmp_path_factory, tiny_dir, tiny_engine_dir):
     from tritonllm.build.repository import RepositoryConfig, write_repository
@@ -24,9 +30,8 @@ def int8_server(tmp_path_factory, tiny_dir, tiny_engine_dir):
 
     repo = tmp_path_factory.mktemp("int8_repository")
     cfg = EngineConfig(**TINY_ENGINE, quantization="int8")
-    write_repository(
-        repo, RepositoryConfig(name="tiny_int8", engine=cfg), tiny_dir, quantize_onnx(tiny_engine_dir, "int8")
-    )
+    graph = int8_graph(tiny_dir, tiny_engine_dir)
+    write_repository(repo, RepositoryConfig(name="tiny_int8", engine=cfg), tiny_dir, graph)
     srv = TritonServer(repo, log_dir=BUILD / "logs" / "tests" / f"int8-{os.getpid()}")
     srv.start()
     yield srv
@@ -37,7 +42,7 @@ def test_the_int8_engine_serves_the_ids_of_its_graph_in_process(int8_server, tin
     ids = TokenizerFiles(tiny_dir).encode(PROMPTS[0])
     served = engine_output_ids(int8_server.grpc_url, "tiny_int8_engine", ids, 12)
     cfg = EngineConfig(**TINY_ENGINE, quantization="int8")
-    with InProcessEngine(quantize_onnx(tiny_engine_dir, "int8"), cfg) as eng:
+    with InProcessEngine(int8_graph(tiny_dir, tiny_engine_dir), cfg) as eng:
         local = eng.generate(ids, max_tokens=12, temperature=0.0, ignore_eos=True).ids
     assert served == local and len(served) == 12
     config = g.InferenceServerClient(int8_server.grpc_url).get_model_config("tiny_int8_engine").config

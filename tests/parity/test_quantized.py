@@ -265,16 +265,25 @@ def test_an_onnx_engine_refuses_a_config_of_another_scheme(onnx_quantized):
         )
 
 
-def test_a_cached_graph_of_another_format_is_quantized_again(onnx_quantized):
-    """A graph an earlier build made in another format (say quantize_dynamic's) is not reused."""
+def test_a_cached_graph_of_another_format_or_calibration_is_quantized_again(onnx_quantized, tiny_dir):
+    """A graph an earlier build made in another format (say quantize_dynamic's), or calibrated on
+    other text, is not reused."""
     import json
 
-    from tritonllm.build.quantize_onnx import FORMAT, QUANT_FILE, quantize_onnx, write_scheme
+    from tritonllm.build.pipeline import quantized_graph
+    from tritonllm.build.quantize_onnx import FORMAT, QUANT_FILE, write_scheme
 
-    folder = onnx_quantized["int8"]
-    write_scheme(folder, {"scheme": "int8", "format": "QOperator DynamicQuantizeMatMul"})
-    assert quantize_onnx(folder.parent, "int8") == folder
+    folder, cfg = onnx_quantized["int8"], EngineConfig(quantization="int8")
+    calibrated = json.loads((folder / QUANT_FILE).read_text())["calibration"]
+    write_scheme(folder, {"scheme": "int8", "format": "QOperator DynamicQuantizeMatMul", "calibration": calibrated})
+    assert quantized_graph(folder.parent, cfg, tiny_dir) == folder
     assert json.loads((folder / QUANT_FILE).read_text())["format"] == FORMAT["int8"]
+    stamp = (folder / "model.onnx").stat().st_mtime_ns
+    assert quantized_graph(folder.parent, cfg, tiny_dir) == folder  # up to date: kept
+    assert (folder / "model.onnx").stat().st_mtime_ns == stamp
+    assert quantized_graph(folder.parent, cfg, tiny_dir, "One other paragraph of text.") == folder
+    report = json.loads((folder / QUANT_FILE).read_text())
+    assert report["calibration"] != calibrated and (folder / "model.onnx").stat().st_mtime_ns != stamp
 
 
 def test_the_tensorrt_qdq_graph_holds_the_torch_engines_int8_weights(tiny_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""The candidate CPU int8 graph (bench/int8_rows.py) on a small hand-made graph run by ONNX
+"""The CPU int8 graph (tritonllm/build/int8_rows.py) on a small hand-made graph run by ONNX
 Runtime: products replaced, each activation quantized once, a tied weight kept for its other
 reader, and outputs within int8 rounding of the fp32 graph, row by row (a row of large values
 must not take the small rows' resolution)."""
@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from bench.int8_rows import matmul_int8_rows
+from tritonllm.build.int8_rows import matmul_int8_rows
 
 
 def small_graph(path, rng):

@@ -85,8 +85,8 @@ def quantized_graph(
     onnx_dir: Path, engine: EngineConfig, checkpoint: Path | None = None, calibration_text: str | None = None
 ) -> Path:
     """The folder of the exported graph quantized for the engine's runtime: ONNX Runtime's own
-    formats, or Q/DQ for TensorRT's builder (int8 / fp8 calibrated on `calibration_text`, the
-    default text when None, tokenized by the checkpoint's tokenizer)."""
+    formats (int8 calibrated), or Q/DQ for TensorRT's builder (int8 / fp8 calibrated); calibration
+    on `calibration_text`, the default text when None, tokenized by the checkpoint's tokenizer."""
     if engine.runtime == "tensorrt":
         from .qdq_export import ACTIVATED, qdq_graph
 
@@ -98,7 +98,12 @@ def quantized_graph(
         return qdq_graph(onnx_dir, engine.quantization, prompts)
     from .quantize_onnx import quantize_onnx
 
-    return quantize_onnx(onnx_dir, engine.quantization)
+    prompts = None
+    if engine.quantization == "int8":
+        if checkpoint is None:
+            raise ValueError("quantization 'int8' on onnxruntime calibrates: pass the checkpoint")
+        prompts = calibration_prompts(checkpoint, calibration_text)
+    return quantize_onnx(onnx_dir, engine.quantization, prompts)
 
 
 def build(

@@ -59,15 +59,15 @@ def qdq_graph(onnx_dir: Path, scheme: str, prompts: list[list[int]] | None = Non
     if scheme in ACTIVATED and not prompts:
         raise ValueError(f"quantization {scheme!r} on tensorrt needs calibration prompts for its activation scales")
     src, out = Path(onnx_dir) / "model.onnx", Path(onnx_dir) / f"{PREFIX}{scheme}"
-    dst, digest = out / "model.onnx", _digest(prompts)
-    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and _recorded(out) == (FORMAT[scheme], digest):
+    dst, calibration = out / "model.onnx", digest(prompts)
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and _recorded(out) == (FORMAT[scheme], calibration):
         return out  # a graph of another format or calibration is made again, never reused
     model = onnx.load(str(src))
     if scheme == "fp8":  # ONNX's converter rewrites the ops whose form changed (ReduceMean's axes, ...)
         model = onnx.version_converter.convert_version(model, FP8_OPSET)
     shape = ModelShape.load(Path(onnx_dir) / "model_shape.json")
     targets = projection_nodes(model, shape.vocab_size)
-    report = {"scheme": scheme, "format": FORMAT[scheme], "weights": len(targets), "calibration": digest}
+    report = {"scheme": scheme, "format": FORMAT[scheme], "weights": len(targets), "calibration": calibration}
     absmax = {}
     if scheme in ACTIVATED:
         absmax = _calibrate(src, model, shape, prompts, [node.input[0] for node, _ in targets])
@@ -207,6 +207,15 @@ def q_tensor(q, name: str):
     return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, list(q.shape), raw, raw=True)
 
 
+def projection_absmax(src: Path, shape: ModelShape, prompts: list[list[int]]) -> dict[str, np.ndarray]:
+    """{input tensor: channel absmax} of each decoder projection of the graph at `src` (LM head
+    left out), over prefills of `prompts`."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    return _calibrate(src, model, shape, prompts, [n.input[0] for n, _ in projection_nodes(model, shape.vocab_size)])
+
+
 def _calibrate(src: Path, model, shape: ModelShape, prompts: list[list[int]], tensors: list[str]) -> dict:
     from onnx.helper import tensor_dtype_to_np_dtype
 
@@ -219,7 +228,7 @@ def _calibrate(src: Path, model, shape: ModelShape, prompts: list[list[int]], te
     return channel_absmax(src, feeds, tensors)
 
 
-def _digest(prompts: list[list[int]] | None) -> str:
+def digest(prompts: list[list[int]] | None) -> str:
     if not prompts:
         return "none (weights' absmax)"
     raw = json.dumps(prompts).encode()

@@ -1,12 +1,15 @@
 """Quantized copies of the exported ONNX graph for ONNX Runtime on the CPU, made once at build time
 with ONNX Runtime's own tooling (`onnxruntime.quantization`).
 
-- int8 / int4: `MatMulNBitsQuantizer`, weights 8- or 4-bit in blocks of 32 along K with a scale
-  per block (symmetric, calibration-free), activations quantized to int8 per block inside the
-  kernel (accuracy level 4): integer dot products on the CPU.
-`quantize_dynamic`'s per-tensor activation scales (DynamicQuantizeMatMul) were measured first and
-wrecked SmolLM2 (its activations have outliers); docs/decisions.md has the comparison
-(bench.onnx_quant_formats).
+- int8: weights int8 per output column, activations rounded to uint8 per row at run time after
+  SmoothQuant (alpha 0.5, channel maxima from the calibration text), MatMulInteger
+  (`int8_rows.py`): integer products for decode and prompts alike.
+- int4: `MatMulNBitsQuantizer`, weights 4-bit in blocks of 32 along K with a scale per block
+  (symmetric, calibration-free), activations quantized to int8 per block inside the kernel
+  (accuracy level 4).
+`quantize_dynamic`'s per-tensor activation scales (DynamicQuantizeMatMul) wrecked SmolLM2 (its
+activations have outliers); MatMulNBits 8-bit, int8's format before, computed prompts no faster
+than fp32; docs/decisions.md has the comparisons (bench.onnx_quant_formats).
 
 Each quantized graph sits in its own folder beside the fp32 export (`<onnx_dir>/<scheme>/`), with
 the model shape and a `quantization.json` the runtime checks against its config."""
@@ -19,12 +22,17 @@ import shutil
 from pathlib import Path
 
 from ..config import require_scheme
+from ..model.shape import ModelShape
 
 log = logging.getLogger(__name__)
 QUANT_FILE = "quantization.json"
 BLOCK = 32  # weights per scale along K
 BITS = {"int8": 8, "int4": 4}
-FORMAT = {scheme: f"MatMulNBits {bits}-bit, block {BLOCK}, symmetric, accuracy level 4" for scheme, bits in BITS.items()}
+SMOOTHING = 0.5  # int8's SmoothQuant alpha
+FORMAT = {
+    "int8": f"MatMulInteger uint8 x int8, weights per column, activations per row, SmoothQuant {SMOOTHING}",
+    "int4": f"MatMulNBits 4-bit, block {BLOCK}, symmetric, accuracy level 4",
+}
 
 
 def recorded(engine_dir: Path) -> tuple[str, str | None]:
@@ -48,23 +56,41 @@ def write_scheme(engine_dir: Path, report: dict) -> None:
     (Path(engine_dir) / QUANT_FILE).write_text(json.dumps(report, indent=1))
 
 
-def quantize_onnx(onnx_dir: Path, scheme: str) -> Path:
-    """`<onnx_dir>/<scheme>/model.onnx` from `<onnx_dir>/model.onnx` (redone when the export is newer)."""
+def quantize_onnx(onnx_dir: Path, scheme: str, prompts: list[list[int]] | None = None) -> Path:
+    """`<onnx_dir>/<scheme>/model.onnx` from `<onnx_dir>/model.onnx`, redone when the export is
+    newer or the format or calibration changed. int8 calibrates on `prompts` (token ids)."""
+    from .qdq_export import digest
+
     if scheme not in BITS:
         raise ValueError(f"quantization {scheme!r} is not an ONNX Runtime scheme: use int8 or int4")
+    if scheme == "int8" and not prompts:
+        raise ValueError("quantization 'int8' on onnxruntime calibrates its SmoothQuant scales: pass the prompts")
     src, out = Path(onnx_dir) / "model.onnx", Path(onnx_dir) / scheme
-    dst = out / "model.onnx"
-    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and recorded(out) == (scheme, FORMAT[scheme]):
+    dst, calibration = out / "model.onnx", digest(prompts) if scheme == "int8" else "none (absmax)"
+    made = recorded(out) == (scheme, FORMAT[scheme]) and _calibration(out) == calibration
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and made:
         log.info("      %s graph up to date: %s", scheme, dst)
         return out
     out.mkdir(parents=True, exist_ok=True)
-    matmul_nbits(src, dst, BITS[scheme])
+    if scheme == "int8":  # (int8_rows reads qdq_export, which reads this module)
+        from .int8_rows import matmul_int8_rows
+        from .qdq_export import projection_absmax
+
+        shape = ModelShape.load(Path(onnx_dir) / "model_shape.json")
+        matmul_int8_rows(src, dst, absmax=projection_absmax(src, shape, prompts), alpha=SMOOTHING)
+    else:
+        matmul_nbits(src, dst, BITS[scheme])
     shutil.copy2(Path(onnx_dir) / "model_shape.json", out / "model_shape.json")
     report = {"scheme": scheme, "format": FORMAT[scheme],
-              "source_bytes": _bytes(src), "quantized_bytes": _bytes(dst), "calibration": "none (absmax)"}
+              "source_bytes": _bytes(src), "quantized_bytes": _bytes(dst), "calibration": calibration}
     write_scheme(out, report)
     log.info("      %s graph: %.1f MB -> %.1f MB", scheme, report["source_bytes"] / 1e6, report["quantized_bytes"] / 1e6)
     return out
+
+
+def _calibration(engine_dir: Path) -> str | None:
+    path = Path(engine_dir) / QUANT_FILE
+    return json.loads(path.read_text()).get("calibration") if path.exists() else None
 
 
 def _bytes(model: Path) -> int:

@@ -1,5 +1,5 @@
-"""A candidate int8 format for the CPU engine (measured by bench.onnx_quant_formats, not what the
-build makes): integer products with activations quantized per row at run time.
+"""The CPU engine's int8 graph (`--quantization int8` on onnxruntime): integer products with
+activations quantized per row at run time.
 
 Each MatMul of the fp32 export whose weight is a constant [K, N] becomes
   weight: int8 per output column (absmax / 127, `qdq_export.quantize_columns`);
@@ -11,7 +11,8 @@ ONNX Runtime's own dynamic quantization (`quantize_dynamic`) gives an activation
 whole tensor, which SmolLM2's outlier channels wreck; a scale per row keeps each token's range.
 Its signed-activation form (int8 x int8) runs far slower here than uint8 x int8. With `absmax`
 (each input's channel maxima from a calibration run), SmoothQuant moves activation range into the
-weight first (x / s, W * s). docs/decisions.md: why the build does not use it yet."""
+weight first (x / s, W * s): the build smooths every decoder projection with alpha 0.5
+(bench.onnx_quant_formats and bench.quant_eval measured the choices; docs/decisions.md)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tritonllm.build.qdq_export import quantize_columns, smoothing
+from .qdq_export import quantize_columns, smoothing
 
 QMAX = 127.0
 
