@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="fp8 / int8-wo (torch-cuda), int8 / int4 (onnxruntime), int8-wo / int8 / fp8 (tensorrt Q/DQ); "
                    "docs/quantization.md")
     p.add_argument("--calibration-text", type=Path, metavar="FILE",
-                   help="text (paragraphs split by blank lines) for tensorrt int8/fp8's static activation scales "
-                   "and --gptq; default: a built-in English sample")
+                   help="text (paragraphs split by blank lines) for tensorrt int8/fp8's static activation scales, "
+                   "onnxruntime int8's SmoothQuant and --gptq; default: a built-in English sample")
     p.add_argument("--gptq", action="store_true",
                    help="torch-cuda fp8/int8-wo: GPTQ rounding of the weights over the calibration text")
     p.add_argument("--response-threads", type=int, default=d.response_threads)
