@@ -27,7 +27,7 @@ import numpy as np
 
 from ..model.quant import STATIC
 from ..model.shape import ModelShape
-from .quantize_onnx import QUANT_FILE, write_scheme
+from .quantize_onnx import report_of, write_scheme
 
 log = logging.getLogger(__name__)
 QDQ_SCHEMES = ("int8-wo", "int8", "fp8")
@@ -60,7 +60,8 @@ def qdq_graph(onnx_dir: Path, scheme: str, prompts: list[list[int]] | None = Non
         raise ValueError(f"quantization {scheme!r} on tensorrt needs calibration prompts for its activation scales")
     src, out = Path(onnx_dir) / "model.onnx", Path(onnx_dir) / f"{PREFIX}{scheme}"
     dst, calibration = out / "model.onnx", digest(prompts)
-    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and _recorded(out) == (FORMAT[scheme], calibration):
+    made, fresh = report_of(out), dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime
+    if fresh and (made.get("format"), made.get("calibration")) == (FORMAT[scheme], calibration):
         return out  # a graph of another format or calibration is made again, never reused
     model = onnx.load(str(src))
     if scheme == "fp8":  # ONNX's converter rewrites the ops whose form changed (ReduceMean's axes, ...)
@@ -233,9 +234,3 @@ def digest(prompts: list[list[int]] | None) -> str:
         return "none (weights' absmax)"
     raw = json.dumps(prompts).encode()
     return f"{len(prompts)} prompts, sha256 {hashlib.sha256(raw).hexdigest()[:16]}"
-
-
-def _recorded(out: Path) -> tuple[str | None, str | None]:
-    path = out / QUANT_FILE
-    report = json.loads(path.read_text()) if path.exists() else {}
-    return report.get("format"), report.get("calibration")

@@ -35,10 +35,15 @@ FORMAT = {
 }
 
 
+def report_of(engine_dir: Path) -> dict:
+    """What an engine folder's `quantization.json` records ({} when it has none)."""
+    path = Path(engine_dir) / QUANT_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def recorded(engine_dir: Path) -> tuple[str, str | None]:
     """(scheme, format) an engine folder records ("none" when it records none)."""
-    path = Path(engine_dir) / QUANT_FILE
-    report = json.loads(path.read_text()) if path.exists() else {}
+    report = report_of(engine_dir)
     return report.get("scheme", "none"), report.get("format")
 
 
@@ -67,8 +72,8 @@ def quantize_onnx(onnx_dir: Path, scheme: str, prompts: list[list[int]] | None =
         raise ValueError("quantization 'int8' on onnxruntime calibrates its SmoothQuant scales: pass the prompts")
     src, out = Path(onnx_dir) / "model.onnx", Path(onnx_dir) / scheme
     dst, calibration = out / "model.onnx", digest(prompts) if scheme == "int8" else "none (absmax)"
-    made = recorded(out) == (scheme, FORMAT[scheme]) and _calibration(out) == calibration
-    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and made:
+    made, fresh = report_of(out), dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime
+    if fresh and (made.get("scheme"), made.get("format"), made.get("calibration")) == (scheme, FORMAT[scheme], calibration):
         log.info("      %s graph up to date: %s", scheme, dst)
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -86,11 +91,6 @@ def quantize_onnx(onnx_dir: Path, scheme: str, prompts: list[list[int]] | None =
     write_scheme(out, report)
     log.info("      %s graph: %.1f MB -> %.1f MB", scheme, report["source_bytes"] / 1e6, report["quantized_bytes"] / 1e6)
     return out
-
-
-def _calibration(engine_dir: Path) -> str | None:
-    path = Path(engine_dir) / QUANT_FILE
-    return json.loads(path.read_text()).get("calibration") if path.exists() else None
 
 
 def _bytes(model: Path) -> int:

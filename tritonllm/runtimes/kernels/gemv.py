@@ -271,8 +271,7 @@ def _fp8_gemm_time(x: torch.Tensor, mats, rounded: bool, consume) -> dict:
     if not agrees("gemv fp8 GEMM", lambda: qmatmul.fp8_matmul(x, w, s, b), reference(x, w, b, s), X8_TOLERANCE):
         return {}
     if rounded:
-        pad = torch.nn.functional.pad(x.reshape(-1, x.shape[-1]), (0, 0, 0, -x.shape[0] % qmatmul.FP8_ALIGN))
-        x = qmatmul.QuantRows(*qmatmul.quantize_rows(pad, w.dtype), x.shape, x.dtype)
+        x = qmatmul.round_rows(x, w.dtype)
     return {FP8_GEMM: graph_ms(lambda: [consume(qmatmul.fp8_matmul(x, w, s, b)) for w, b, s in mats])}
 
 
@@ -321,7 +320,7 @@ def tune(
     (their producers round them), else rounding them itself. Returns {(kind, rows):
     config} for the kinds where a config beat cuBLAS, and the timings (microseconds for all layers'
     weights of the kind) for the log and the benchmark."""
-    consumers = consumers or {}
+    consumers, steps = consumers or {}, 0 if pdl else None  # steps: small_matmul's PDL argument
     table, report = {}, []
     for kind, mats in weights.items():
         k = mats[0][0].shape[1]
@@ -332,7 +331,6 @@ def tune(
             times = {"cublas": graph_ms(run(reference))}
             tiles = candidates(m, mats[0][0], mats[0][2] is not None, kind in consumers, configs, dot_configs)
             for cfg in (c for c in tiles if _agrees(x, *mats[0], c)):
-                steps = 0 if pdl else None
                 times[cfg] = graph_ms(run(lambda x, w, b, s, cfg=cfg: small_matmul(x, w, b, cfg, s, steps)))
             if mats[0][0].dtype == torch.float8_e4m3fn:
                 times.update(_fp8_gemm_time(x, mats, kind in rounded, consume))

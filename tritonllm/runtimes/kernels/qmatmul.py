@@ -160,23 +160,26 @@ def tile_matmul(x, weight, scale, bias, config: tuple[int, ...]) -> torch.Tensor
     return out.view(*x.shape[:-1], n)
 
 
+def round_rows(x: torch.Tensor, fmt: torch.dtype) -> QuantRows:
+    """x [..., K] rounded to `fmt` per row by the quantize kernel (the same rounding as
+    model.quant's), rows padded to FP8_ALIGN: what a fused producer would have handed over."""
+    x2 = _rows(x)
+    pad = -x2.shape[0] % FP8_ALIGN
+    if pad:
+        x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
+    return QuantRows(*quantize_rows(x2, fmt), x.shape, x.dtype)
+
+
 def fp8_matmul(x, weight, scale, bias) -> torch.Tensor:
     """The FP8 Tensor Core product: x quantized per row to e4m3 (here, or already: `QuantRows`),
     weight [N, K] e4m3 with its per-channel scale; float32 accumulation, output in x's dtype."""
-    if isinstance(x, QuantRows):
-        xq, x_scale, m, shape = x.q, x.scale, x.rows, x.shape
-    else:
-        x2, shape = _rows(x), x.shape
-        m = x2.shape[0]
-        pad = -m % FP8_ALIGN
-        if pad:
-            x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
-        xq, x_scale = quantize_rows(x2, weight.dtype)  # the kernel: the same rounding as model.quant's
-    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=x.dtype)
-    y = y[:m] if y.shape[0] != m else y
+    if not isinstance(x, QuantRows):
+        x = round_rows(x, weight.dtype)
+    y = torch._scaled_mm(x.q, weight.t(), scale_a=x.scale, scale_b=scale.view(1, -1), out_dtype=x.dtype)
+    y = y[: x.rows] if y.shape[0] != x.rows else y
     if bias is not None:
         y = y + bias
-    return y.view(*shape[:-1], weight.shape[0])
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def matmul(x, weight, scale, bias, choice: Choice) -> torch.Tensor:
