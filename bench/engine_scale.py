@@ -11,7 +11,8 @@ shape with random bf16 weights built on the GPU.
 - prefix: 64 streams, a 1,024-token shared prefix + 64 tokens of their own, 128 out, the prefix
   cache off, on from cold (the first 64 arrive together with the prefix not yet cached), and on
   with the prefix cached by the warm-up: TTFT and tokens/s, and how the prompts went through the
-  loop (prompts per prefill step, host time per step), at each of `--prefix-budgets`.
+  loop (prompts per prefill step, host time per step), at each of `--prefix-budgets`, steps of
+  prompt pieces from CUDA graphs or eager (`--piece-launch`).
 - variable: 256 streams, input ~ N(512, 128), output ~ N(256, 64) (seeded), whole-prompt prefill
   against chunked prefill (`--variable-budgets`, default 8192 and 512): tokens/s, TTFT, ITL p50/p99.
 Writes {date}-{gpu}-engine-scale.json/.md after each part (a run cut short keeps what it measured)."""
@@ -131,17 +132,20 @@ def shared_prefix(model, vocab: int, a, rows: list, facts: dict) -> None:
     unrelated = rng.integers(3, vocab, 1088).tolist()
     tail = rng.integers(3, vocab, 64).tolist()
     counters = {}
-    for budget, (state, cached, warm) in itertools.product(
-        a.prefix_budgets, (("off", False, prompts[0]), ("on, cold", True, unrelated), ("on", True, prompts[0]))
+    for budget, launch, (state, cached, warm) in itertools.product(
+        a.prefix_budgets,
+        a.piece_launch,
+        (("off", False, prompts[0]), ("on, cold", True, unrelated), ("on", True, prompts[0])),
     ):
         cfg = bench_engine_config(
             64, max_context=2048, max_tokens_limit=1024, prefix_cache=cached, max_prefill_tokens=budget
         )
         with engine_for(model, cfg) as eng:
+            eng.runtime.graph_pieces = launch == "graphs"
             eng.generate(warm, max_tokens=2, temperature=0.0)  # warm-up; with prompts[0], the prefix's blocks
             if cached:  # and a prompt after a cached past: the piece path's first run is not in the rows
                 eng.generate(warm[:1024] + tail, max_tokens=2, temperature=0.0)
-            name = f"shared prefix, cache {state}, prefill budget {budget}"
+            name = f"shared prefix, cache {state}, prefill budget {budget}, pieces {launch}"
             before = dataclasses.replace(eng.loop.stats)
             timeline = StepTimeline(eng.loop, limit=24)
             result = run_inprocess(eng, prompts, 64, 128, PowerSampler(), name=name)
@@ -213,6 +217,13 @@ def main() -> None:
         "--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="capacity part: the pool's keys/values"
     )
     p.add_argument("--prefix-budgets", type=int, nargs="+", default=[8192], help="prefix part: max_prefill_tokens")
+    p.add_argument(
+        "--piece-launch",
+        nargs="+",
+        choices=["graphs", "eager"],
+        default=["graphs"],
+        help="prefix part: steps of prompt pieces replayed from CUDA graphs, or launched eagerly",
+    )
     p.add_argument("--variable-budgets", type=int, nargs="+", default=[8192, 512], help="variable part: the same")
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()

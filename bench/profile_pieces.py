@@ -1,13 +1,15 @@
 """Where a torch-cuda step of prompt pieces goes (the rows that start after a cached part of their
 prompt: prefix-cache hits and chunked prefill), on the GPU, Llama-3.2-1B's shape (random bf16):
 
-- prefix: 64 prompts of a cached 1,024-token prefix + 64 tokens of their own, in one step;
+- prefix N: N prompts of a cached 1,024-token prefix + 64 tokens of their own, in one step (N = 64,
+  16, 4: a burst in one step, or in the steps of a smaller prefill budget);
 - chunk: one 512-token piece after 512 cached tokens;
 - cold: 7 whole 1,088-token prompts (what the prefix saves), for comparison.
-Each timed over repeats (device synchronised) with the default piece attention tile and with the
-one start-up tuning chose (`tune_pieces`, its timings recorded); the prefix step also under
-torch.profiler (top operators by device and by host time) and under cProfile (the host's Python functions by
-cumulative time: what the step's host time is, beside the device's). Writes {date}-{gpu}-profile-pieces.json.
+Each launched eagerly and replayed from its CUDA graph (`PieceGraphs`), timed over repeats: the
+host's time to launch the step and the time to its end (device synchronised), and the largest
+logit difference between the two launches on the same inputs. The 64-prompt step is also
+profiled under torch.profiler (top operators by device and by host time) and cProfile (the host's
+Python functions by cumulative time). Writes {date}-{gpu}-profile-pieces.json.
 
     python -m bench.profile_pieces [--repeats 5]"""
 
@@ -27,22 +29,22 @@ from bench.families import SMALL, bench_engine_config, random_model
 from bench.provenance import DEFAULT_OUT, run_facts, write_json
 from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.base import StepInput
-from tritonllm.runtimes.kernels.attention import PIECE_CONFIGS
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 
 log = logging.getLogger("bench.profile_pieces")
 
 
-def timed(run, repeats: int) -> float:
-    """Median ms of `run()` (which sets up and steps), the device synchronised around each."""
-    times = []
+def timed(run, repeats: int) -> tuple[float, float]:
+    """Median ms of launching `run()` (which sets up and steps) and of it to the device's end."""
+    launch, total = [], []
     for _ in range(repeats):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         run()
+        launch.append(1e3 * (time.perf_counter() - t0))
         torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return float(np.median(times))
+        total.append(1e3 * (time.perf_counter() - t0))
+    return float(np.median(launch)), float(np.median(total))
 
 
 def top_ops(prof, key: str, n: int = 15) -> list[dict]:
@@ -93,9 +95,20 @@ def main() -> None:
     fresh([0], 1200)
     rt.step([StepInput(0, prefix + rng.integers(3, vocab, 64).tolist(), 0)])  # caches the prefix's blocks
 
-    def prefix_step():  # new suffixes each run: a repeat must not find the last run's cached
-        fresh(range(64), 1200)
-        rt.step([StepInput(s, prefix + rng.integers(3, vocab, 64).tolist(), 0) for s in range(64)])
+    def prefix_step(n: int):  # new suffixes each run: a repeat must not find the last run's cached
+        fresh(range(n), 1200)
+        rt.step([StepInput(s, prefix + rng.integers(3, vocab, 64).tolist(), 0) for s in range(n)])
+
+    def parity(n: int) -> float:
+        """The largest logit difference of n pieces after the prefix, eager against graphed (the
+        same pieces twice: the second writes the same keys and values again)."""
+        fresh(range(n), 1200)
+        rows = [StepInput(s, prefix + rng.integers(3, vocab, 64).tolist(), 0) for s in range(n)]
+        pieces, got = rt._take_blocks(rows, 1), []
+        for graphed in (False, True):
+            rt.graph_pieces = graphed
+            got.append(rt.prefill_pieces(pieces).float())
+        return float((got[0] - got[1]).abs().max())
 
     def chunk_step():
         fresh([1], 1100)
@@ -107,29 +120,30 @@ def main() -> None:
         fresh(range(2, 9), 1200)
         rt.step([StepInput(s, rng.integers(3, vocab, 1088).tolist(), 0) for s in range(2, 9)])
 
-    tuned, results = rt.kernels.piece_config, {}
-    for config in dict.fromkeys((PIECE_CONFIGS[0], tuned)):  # the default tile beside the tuned one
-        rt.kernels.piece_config = config
-        rt.warm_pieces()
-        for name, run in (
-            ("prefix 64 x 64 after 1024", prefix_step),
-            ("chunk 512 after 512 (+ first 512)", chunk_step),
-            ("cold 7 x 1088", cold_step),
-        ):
+    steps = {f"prefix {n} x 64 after 1024": lambda n=n: prefix_step(n) for n in (64, 16, 4)}
+    steps.update({"chunk 512 after 512 (+ first 512)": chunk_step, "cold 7 x 1088": cold_step})
+    results = {}
+    parities = {f"prefix {n}": parity(n) for n in (64, 16, 4)}
+    for launch in ("eager", "graphs"):
+        rt.graph_pieces = launch == "graphs"
+        for name, run in steps.items():
             run()  # warm-up
-            results[f"{name}, piece tile {config}"] = timed(run, a.repeats)
-            log.info("%s, piece tile %s: %.1f ms", name, config, results[f"{name}, piece tile {config}"])
-    rt.kernels.piece_config = tuned
+            launch_ms, total_ms = timed(run, a.repeats)
+            results[f"{name}, {launch}"] = {"launch_ms": round(launch_ms, 2), "total_ms": round(total_ms, 2)}
+            log.info("%s, %s: %s", name, launch, results[f"{name}, {launch}"])
+    profiled = steps["prefix 64 x 64 after 1024"]  # graphed
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        prefix_step()
+        profiled()
         torch.cuda.synchronize()
-    functions = top_functions(prefix_step)
+    functions = top_functions(profiled)
     out = {
         **run_facts(),
         "median_ms": results,
-        "piece_tile_tuned": list(tuned),
+        "max_abs_logits_graphs_vs_eager": parities,
+        "graphs": {kind: rt.graphs.count(kind) for kind in ("decode", "prefill", "pieces")},
+        "piece_tile_tuned": list(rt.kernels.piece_config),
         "piece_tile_timings": rt.kernels.piece_report,
         "prefix_step_by_host_function": functions,
         "prefix_step_by_device_time": top_ops(prof, "device_time_total"),

@@ -435,3 +435,32 @@ def test_piece_tiles_attend_as_one_row_per_program(rows, config):
                 q[i].view(kv_heads, heads // kv_heads, d), kc[s, :, lo:n], vc[s, :, lo:n]
             ).reshape(-1)
             torch.testing.assert_close(got[i, 0], ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("budget", [8192, 40])
+def test_pieces_padded_to_their_graph_bucket_give_hf_ids(tiny_dir, budget, monkeypatch):
+    """Steps of prompt pieces (prefix-cache hits; with a 40-token budget, chunks) run as their CUDA
+    graph would, padded to its bucket (`PieceGraphs.eager`: the captured body, launched eagerly on
+    the CPU): greedy ids equal HF's and the padding computed is counted."""
+    from .test_engine_parity import hf_greedy
+
+    hf, tok = load_hf(tiny_dir), TokenizerFiles(tiny_dir)
+    shared = tok.encode("Paged attention keeps each sequence's keys in blocks of sixteen. " * 3)
+    prompts = [shared + tok.encode(" and then" * (i + 1)) for i in range(4)]
+    cfg = EngineConfig(
+        max_slots=4, max_context=128, max_tokens_limit=32, default_max_tokens=5, max_prefill_tokens=budget
+    )
+    runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table={})
+    buckets, pieces = [], runtime.pieces
+    runtime.graph_pieces = True
+    monkeypatch.setattr(
+        pieces, "replay", lambda rows, bucket, ring: buckets.append(bucket) or pieces.eager(rows, bucket)
+    )
+    with InProcessEngine(None, cfg, runtime=runtime) as eng:
+        kw = dict(max_tokens=5, temperature=0.0, ignore_eos=True)
+        first = eng.generate(prompts[0], **kw)
+        rest = [s.wait(300) for s in [eng.submit(p, **kw) for p in prompts[1:]]]
+    assert [first.ids] + [r.ids for r in rest] == [hf_greedy(hf, p, 5) for p in prompts]
+    assert buckets and all(b in runtime.pieces.buckets.all() for b in buckets)
+    stats = runtime.stats()
+    assert stats.prefill_computed_tokens > stats.prefill_tokens  # padded to the buckets

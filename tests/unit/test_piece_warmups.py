@@ -5,7 +5,7 @@ limit) both a multiple of 16 and not; and its pieces fit the context."""
 import pytest
 
 from tritonllm.runtimes.kernels.attention import PieceTiles
-from tritonllm.runtimes.torch_cuda.runtime import piece_warm_ups
+from tritonllm.runtimes.torch_cuda.pieces import piece_warm_ups
 from tritonllm.runtimes.torch_cuda.tuning import piece_shapes
 
 

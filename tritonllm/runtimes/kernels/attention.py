@@ -145,8 +145,8 @@ class PieceTiles:
     """Prompt pieces' token rows in tiles for `decode_attention`: tile t is rows first[t] ..
     first[t] + count[t] - 1, all of one piece (one slot), at most `rows` of them."""
 
-    first: torch.Tensor  # [tiles] int32
-    count: torch.Tensor  # [tiles] int32
+    first: torch.Tensor  # [tiles] int32 or int64
+    count: torch.Tensor  # [tiles] int32 or int64
     rows: int
 
     def __len__(self) -> int:
@@ -164,16 +164,19 @@ class PieceTiles:
         return rows
 
     @staticmethod
-    def of(lengths: list[int], rows: int, put) -> PieceTiles:
-        """Tiles of pieces laid out one after another with these token counts; `put(list)` makes
-        the int32 device tensor of a host list."""
+    def lists(lengths: list[int], rows: int) -> tuple[list[int], list[int]]:
+        """(first row, rows) of each tile of pieces laid out one after another with these token counts."""
         first, count, at = [], [], 0
         for n in lengths:
-            for j in range(0, n, rows):
-                first.append(at + j)
-                count.append(min(rows, n - j))
+            first += range(at, at + n, rows)
+            count += [min(rows, n - j) for j in range(0, n, rows)]
             at += n
-        return PieceTiles(put(first), put(count), rows)
+        return first, count
+
+    @staticmethod
+    def of(lengths: list[int], rows: int, put) -> PieceTiles:
+        """`lists` as int32 device tensors: `put(list)` makes one of a host list."""
+        return PieceTiles(*map(put, PieceTiles.lists(lengths, rows)), rows)
 
 
 class Tile(NamedTuple):

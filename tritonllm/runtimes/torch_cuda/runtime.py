@@ -8,7 +8,6 @@ The parts, one job each: `cache` (the paged KV pool and its tables), `tuning` (s
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from . import sampling
 from .cache import FP8, PagedDeviceCache, kv_scales_for, size_blocks
 from .forward import ForwardPasses
 from .graphs import PREFILL_GRAPH_TOKENS, Buckets, GraphCache, bucket_for
+from .pieces import PieceBuckets, PieceGraphs, PieceLayout, piece_warm_ups
 from .transfers import PinnedRing, StepDownloads, copy_to, to_device
 from .tuning import choose_kernels, want_triton
 
@@ -123,21 +123,40 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         self.forward = ForwardPasses(self.model, self.cache, self.kernels, self.max_slots, fused_kernels, self.compiled)
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self.graphs = GraphCache()
+        self._piece_tokens = cfg.max_prefill_tokens  # the most prompt tokens a step of pieces holds
+        # every prefill graph and graph of pieces writes its logits here (one buffer, not one each)
+        self._prefill_logits = torch.empty(
+            (self.max_slots, self.shape.vocab_size), device=self.device, dtype=self.dtype
+        )
+        self.pieces = self._piece_graphs() if self.kernels.triton else None
+        self.graph_pieces = self.use_cuda_graphs  # False: steps of pieces launch eagerly (an A/B in bench)
         self._uploads = self._downloads = None  # staging for positions and prompt ids up, sampled ids down
         if self.device.type == "cuda":
-            self._uploads = PinnedRing(max(PREFILL_GRAPH_TOKENS, self.max_slots), depth=16)
+            most = max(PREFILL_GRAPH_TOKENS, self.max_slots, self.pieces.numel if self.pieces else 0)
+            self._uploads = PinnedRing(most, depth=16)
             self._downloads = StepDownloads(self.max_slots * cfg.steps_per_launch)
         self._run_tokens = torch.zeros(cfg.steps_per_launch * self.max_slots, dtype=torch.long, device=self.device)
-        self._piece_tokens = cfg.max_prefill_tokens  # the most prompt tokens a step of pieces holds
         self._prefill_counts = [0, 0]  # prompt tokens prefilled, tokens computed for them (padding to buckets)
         self._in_order = [tuple(range(n)) for n in range(self.max_slots + 1)]  # slots 0..n-1, to compare with
         self._writes: tuple = ()  # the decode rows' write slots last uploaded
-        if self.use_cuda_graphs:  # every prefill graph writes its logits here (one buffer, not one each)
-            self._prefill_logits = torch.empty(
-                (self.max_slots, self.shape.vocab_size), device=self.device, dtype=self.dtype
-            )
-            if capture_at_start:
-                self.capture_all()
+        if self.use_cuda_graphs and capture_at_start:
+            self.capture_all()
+
+    def _piece_graphs(self) -> PieceGraphs:
+        from ..kernels.attention import PieceTiles
+
+        sh, rows = self.shape, self.kernels.piece_config[0]
+        group = sh.num_heads // sh.num_kv_heads
+        return PieceGraphs(
+            PieceBuckets.for_engine(self._piece_tokens, self.max_slots),
+            lambda ids, slots, positions, last, tiles: self.forward.pieces_triton(
+                ids, slots, positions, last, self.max_context, tiles
+            ),
+            lambda tokens: PieceTiles.rows_for(group, tokens, sh.num_kv_heads, rows),
+            self._prefill_logits,
+            self.scratch_slot,
+            self.graphs,
+        )
 
     def capture_all(self) -> None:
         """Capture every decode and prefill graph now, and compile the piece path's kernels
@@ -150,13 +169,14 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
             for b in bk.prefill_batch:
                 if bk.prefill_graphed(b, t):
                     self.prefill_graph(b, t)
-        if self.kernels.triton:
+        if self.pieces is not None:
             self.warm_pieces()
+            for bucket in self.pieces.buckets.all():
+                self.pieces.graph(*bucket)
         torch.cuda.synchronize(self.device)
         log.info(
-            "captured %d decode and %d prefill graphs, warmed the piece path, in %.1f s",
-            self.graphs.count("decode"),
-            self.graphs.count("prefill"),
+            "captured %d decode, %d prefill and %d piece graphs, warmed the eager piece path, in %.1f s",
+            *(self.graphs.count(kind) for kind in ("decode", "prefill", "pieces")),
             time.perf_counter() - t0,
         )
 
@@ -167,7 +187,7 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         sh, counts = self.shape, list(self._prefill_counts)
         group, rows = sh.num_heads // sh.num_kv_heads, self.kernels.piece_config[0]
         for lengths, start in piece_warm_ups(group, sh.num_kv_heads, self._piece_tokens, self.max_context, rows):
-            self.prefill_pieces([StepInput(self.scratch_slot, [0] * n, start) for n in lengths])
+            self.prefill_pieces([StepInput(self.scratch_slot, [0] * n, start) for n in lengths], graphed=False)
         self._prefill_counts = counts
 
     def describe(self) -> dict:
@@ -360,34 +380,36 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         return logits
 
     @torch.no_grad()
-    def prefill_pieces(self, rows: list[StepInput]) -> torch.Tensor:
+    def prefill_pieces(self, rows: list[StepInput], graphed: bool = True) -> torch.Tensor:
         """Prompt pieces that start after the part of their prompt already cached (chunked prefill, a
-        prefix-cache hit), in one eager batch: each attends to its slot's cached past and its own tokens."""
-        self._prefill_counts[0] += sum(len(r.tokens) for r in rows)
-        self._prefill_counts[1] += sum(len(r.tokens) for r in rows)
+        prefix-cache hit), in one batch: each attends to its slot's cached past and its own tokens.
+        On the fused kernels every token is a row, replayed from the graph of its bucket where
+        `graphed` and there is one."""
+        tokens = sum(len(r.tokens) for r in rows)
+        self._prefill_counts[0] += tokens
+        self._prefill_counts[1] += tokens
         span = max(r.start + len(r.tokens) for r in rows)
-        if self.kernels.triton:
-            return self._pieces_on_kernels(rows, span)
-        t = max(len(r.tokens) for r in rows)
-        ids = [r.tokens + [0] * (t - len(r.tokens)) for r in rows]
-        slots, starts, lens = ([r.slot for r in rows], [r.start for r in rows], [len(r.tokens) for r in rows])
-        return self.forward.prefill_pieces(*(to_device(v, self.device) for v in (ids, slots, starts, lens)), span)
+        if self.pieces is None:
+            t = max(len(r.tokens) for r in rows)
+            ids = [r.tokens + [0] * (t - len(r.tokens)) for r in rows]
+            slots, starts, lens = ([r.slot for r in rows], [r.start for r in rows], [len(r.tokens) for r in rows])
+            return self.forward.prefill_pieces(*(to_device(v, self.device) for v in (ids, slots, starts, lens)), span)
+        bucket = self.pieces.buckets.of(tokens, len(rows)) if graphed and self.graph_pieces else None
+        if bucket is None:
+            return self._pieces_eager(rows, tokens, span)
+        self._prefill_counts[1] += bucket[0] - tokens  # the padding is computed too
+        return self.pieces.replay(rows, bucket, self._uploads)
 
-    def _pieces_on_kernels(self, rows: list[StepInput], span: int) -> torch.Tensor:
+    def _pieces_eager(self, rows: list[StepInput], tokens: int, span: int) -> torch.Tensor:
         """Every token a row (no padding); the attention kernel takes a piece's tokens a tile at a time."""
         from ..kernels.attention import PieceTiles
 
-        lengths = [len(r.tokens) for r in rows]
-        ids = [t for r in rows for t in r.tokens]
-        slots = [r.slot for r in rows for _ in r.tokens]
-        positions = [r.start + i for r in rows for i in range(len(r.tokens))]
-        last = [n - 1 for n in itertools.accumulate(lengths)]
-        flat = (to_device(v, self.device) for v in (ids, slots, positions, last))
-        sh = self.shape
-        per = PieceTiles.rows_for(
-            sh.num_heads // sh.num_kv_heads, len(ids), sh.num_kv_heads, self.kernels.piece_config[0]
-        )
-        tiles = PieceTiles.of(lengths, per, lambda v: to_device(v, self.device, torch.int32))
+        per = self.pieces.per(tokens)
+        lay = PieceLayout.of(rows, per)
+        flat = (to_device(v, self.device) for v in (lay.ids, lay.slots, lay.positions, lay.last))
+        tiles = PieceTiles(
+            to_device(lay.first, self.device), to_device(lay.count, self.device), per
+        )  # int64 as the graphs'
         return self.forward.pieces_triton(*flat, span, tiles)
 
     def sample(self, logits: torch.Tensor, seqs) -> list:
@@ -444,32 +466,6 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         if steps > 1:
             return chosen.view(steps, -1).t().tolist()
         return plan.results(chosen.tolist(), logprobs)
-
-
-def piece_warm_ups(
-    group: int, kv_heads: int, most_tokens: int, max_context: int, query_rows: int = 64
-) -> list[tuple[list[int], int]]:
-    """Steps of prompt pieces (the token count of each piece, and where they all start) that between
-    them meet every kernel variant a step of up to `most_tokens` can: the attention tile's height
-    (`PieceTiles.rows_for`, by the step's tokens) and OpenAI Triton's integer specialisation (a
-    multiple of 16 or not) of the step's tokens and of its span (the attention's key limit: start
-    + the longest piece) each compile on first use, a stall of hundreds of ms if met under load.
-    Each step runs twice, its span once a multiple of 16 and once not; pieces start at 16-32 and
-    end before `max_context` (none where it is too short for a piece of 2)."""
-    from ..kernels.attention import PieceTiles
-
-    longest, steps, seen = max_context - 33, [], set()
-    if longest < 2:
-        return []
-    totals = [t for n in [2] + [16 << i for i in range(24)] for t in (n, n + 1) if t <= most_tokens]
-    for total in totals:
-        key = (PieceTiles.rows_for(group, total, kv_heads, query_rows), total % 16 == 0)
-        if key not in seen:
-            seen.add(key)
-            lengths = [min(longest, total - at) for at in range(0, total, longest)]
-            start = 16 + (-(16 + lengths[0])) % 16  # start + the longest piece: a multiple of 16
-            steps += [(lengths, start), (lengths, start + 1)]
-    return steps
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
