@@ -80,7 +80,8 @@ class BlockPool:
         refs, evictable = self.refs, self.evictable
         for block in blocks:
             refs[block] += 1
-            evictable.pop(block, None)
+            if refs[block] == 1:  # held by nobody until now: it may have waited for eviction
+                evictable.pop(block, None)
 
     def release(self, block: int) -> None:
         self.refs[block] -= 1
@@ -136,8 +137,9 @@ class BlockTables:
         self.reserved = [0] * slots  # blocks promised to each slot's sequence (0: none promised)
         self.owed = 0  # promised blocks not yet in their slot's table, over all slots
         self.dirty: dict[int, list[int]] = {}  # slot -> [first, end) of table entries changed since `take_dirty`
-        # the last lookup that found blocks: (the chain it started after, their tokens, what it found)
-        self._recent: tuple[int, list[int], list[tuple[int, int]]] | None = None
+        # the last lookup that found blocks: (the chain it started after, their tokens, what it found,
+        # the pool's evictions then)
+        self._recent: tuple[int, list[int], list[tuple[int, int]], int] | None = None
 
     @property
     def stats(self) -> PrefixStats:
@@ -234,18 +236,21 @@ class BlockTables:
                 break
             found.append((block, chain))
         if found:
-            self._recent = (after, tokens[: len(found) * size], found)
+            self._recent = (after, tokens[: len(found) * size], found, self.pool.stats.evicted_blocks)
         return found
 
     def _recent_blocks(self, tokens: list[int], chain: int, whole: int) -> list[tuple[int, int]]:
         """The last lookup's found blocks that `tokens` starts with (same tokens after the same
-        chain), as long as each still holds its chain hash: compared as token lists, not hashed."""
+        chain), as long as each still holds its chain hash: compared as token lists, not hashed. A
+        block leaves the cache only when evicted: with no eviction since, each still does."""
         recent = self._recent
         if recent is None or whole == 0 or recent[0] != chain:
             return []
-        _, recent_tokens, recent_found = recent
+        _, recent_tokens, recent_found, evicted = recent
         n = shared_blocks(tokens, recent_tokens, min(whole, len(recent_found)), self.block_size)
         by_hash, found = self.pool.by_hash, recent_found[:n]
+        if evicted == self.pool.stats.evicted_blocks:
+            return found
         for i, (block, chain_i) in enumerate(found):
             if by_hash.get(chain_i) != block:  # evicted since: look the rest up again
                 return found[:i]
