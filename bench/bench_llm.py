@@ -142,7 +142,7 @@ def gpu_suite(a, results: list, facts: dict) -> None:
         InProcessEngine(None, streamed, runtime=runtime) as eng,
     ):
         for c in a.concurrency if "inprocess" in a.systems else []:
-            prompts = random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)
+            prompts = random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c, shared=a.shared_prefix)
             run_inprocess(eng, prompts[:c], c, a.out_len, power)  # warm-up: graphs for this batch
             torch.cuda.reset_peak_memory_stats()
             before = replace(eng.loop.stats)
@@ -153,7 +153,7 @@ def gpu_suite(a, results: list, facts: dict) -> None:
             log.info("%s", results[-1])
         if a.logprobs is not None and "inprocess" in a.systems:  # their cost, at the most streams
             c = max(a.concurrency)
-            prompts = random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)
+            prompts = random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c, shared=a.shared_prefix)
             before = replace(eng.loop.stats)
             r = run_inprocess(eng, prompts, c, a.out_len, power, extra=logprob_request(a.logprobs))
             r.system += f" with logprobs (top {a.logprobs})"
@@ -273,6 +273,13 @@ def main() -> None:
     p.add_argument("--device", choices=["gpu", "cpu"], required=True)
     p.add_argument("--concurrency", type=int, nargs="+")
     p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        help="GPU: ids every prompt starts with (a system prompt) before its own --prompt-len; the warm-up "
+        "run of each row caches it where the prefix cache is on",
+    )
     p.add_argument("--out-len", type=int)
     p.add_argument("--rounds", type=int, default=2, help="requests per concurrent stream")
     p.add_argument("--max-context", type=int, default=512)
@@ -359,7 +366,8 @@ def main() -> None:
     facts = run_facts(
         torch=torch.__version__,
         gpu=torch.cuda.get_device_name() if gpu else None,
-        workload=f"prompt {a.prompt_len}, output {a.out_len}, ignore_eos, greedy",
+        workload=f"prompt {a.prompt_len}, output {a.out_len}, ignore_eos, greedy"
+        + (f", every prompt after the same {a.shared_prefix} ids" if a.shared_prefix else ""),
     )
     results: list[dict] = []
     try:

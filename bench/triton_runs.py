@@ -28,7 +28,9 @@ def triton_suite(
     (`--server-per-variant`: two engines that do not fit on the GPU together, one after the other)."""
     variants = {name: (engine, gpus) for name, engine, gpus in (triton_variant(v, cfg) for v in a.triton_variants)}
     texts_for = texts_for or (lambda ids: " ".join(f"w{i}" for i in ids))
-    prompts_for = lambda c: [texts_for(p) for p in random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c)]
+    prompts_for = lambda c: [
+        texts_for(p) for p in random_prompts(c * a.rounds, a.prompt_len, vocab, seed=100 + c, shared=a.shared_prefix)
+    ]
     groups = [[name] for name in variants] if a.server_per_variant else [list(variants)]
     for i, group in enumerate(groups):
         with variant_server(a, {name: variants[name] for name in group}, ckpt, engine_dir) as server:

@@ -54,9 +54,11 @@ def word_tokenizer(vocab_size: int, out_dir: Path) -> Path:
     return out_dir
 
 
-def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0, shared: int = 0) -> list[list[int]]:
+    """n prompts of `length` random ids, each after the same `shared` ids (a system prompt) where set."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(3, vocab, size=length).tolist() for _ in range(n)]
+    prefix = np.random.default_rng(10**6).integers(3, vocab, size=shared).tolist()
+    return [prefix + rng.integers(3, vocab, size=length).tolist() for _ in range(n)]
 
 
 def weight_bytes(model) -> int:
