@@ -71,3 +71,43 @@ def test_the_tile_bound_holds_for_any_lengths_and_padding_past_a_bucket_is_refus
         PieceLayout.of(rows, 4, (16, 2, 10, 0))
     with pytest.raises(ValueError, match="padded to"):
         PieceLayout.of(rows, 4, (32, 1, 10, 0))
+
+
+class _Capturing:
+    """A GraphCache that runs each body once where the real one captures it."""
+
+    def __init__(self):
+        self.keys = []
+
+    def get(self, key, make):
+        self.keys.append(key)
+        return make()
+
+    def capture(self, body, what):
+        return None, body()
+
+
+@pytest.mark.parametrize("most, slots, max_context", [(8192, 1024, 512), (8192, 64, 2048), (1024, 4, 128)])
+def test_every_graph_captured_at_start_up_reads_inputs_inside_the_cache_and_the_step(most, slots, max_context):
+    """At start-up each bucket's graph is captured on padding alone: every token in the scratch slot at
+    a position inside its table, every piece's last row and every tile inside the step (the buckets
+    share one buffer, where a larger bucket's slots once read as a smaller one's positions)."""
+    import torch
+
+    from tritonllm.runtimes.torch_cuda.pieces import PieceGraphs
+
+    def run(ids, slots, positions, last, tiles):
+        t = len(ids)
+        assert (slots == scratch).all(), slots
+        assert int(positions.max()) < max_context and int(last.max()) < t
+        assert int((tiles.first + tiles.count).max()) <= t and int(tiles.count.sum()) == t
+        return torch.zeros(len(last), 8)
+
+    scratch = slots
+    buckets = PieceBuckets.for_engine(most, slots)
+    per = lambda tokens: PieceTiles.rows_for(4, tokens, 8)
+    graphs = _Capturing()
+    pieces = PieceGraphs(buckets, run, per, torch.zeros(slots, 8), slots, graphs)
+    for bucket in reversed(buckets.all()):  # the largest first: its inputs are what the rest find
+        pieces.capture(bucket)
+    assert len(graphs.keys) == len(buckets.all())

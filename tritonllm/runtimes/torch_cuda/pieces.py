@@ -124,8 +124,6 @@ class PieceGraphs:
         self.scratch_slot, self.graphs = scratch_slot, graphs
         self.numel = max(self._sizes(t, b)[-1] for t, b in buckets.all())  # the largest bucket's inputs
         self._static = torch.zeros(self.numel, dtype=torch.long, device=logits.device)
-        t, b = buckets.all()[-1]  # a graph captured at start-up writes its K/V in the scratch slot
-        self._static[t : 2 * t] = scratch_slot
 
     def _sizes(self, tokens: int, pieces: int) -> list[int]:
         """Where each input of the bucket ends in the static buffer."""
@@ -145,6 +143,12 @@ class PieceGraphs:
 
         key = ("pieces", tokens, pieces)
         return self.graphs.get(key, lambda: self.graphs.capture(body, f"pieces tokens={tokens} pieces={pieces}"))
+
+    def capture(self, bucket: tuple[int, int], ring: PinnedRing | None = None) -> None:
+        """Capture the bucket's graph now (start-up) on inputs of padding alone: the buckets share
+        the static buffer, so what another bucket left there may point past a table or a row."""
+        self.fill([], bucket, ring)
+        self.graph(*bucket)
 
     def fill(self, rows: list[StepInput], bucket: tuple[int, int], ring: PinnedRing | None) -> None:
         """The static inputs of `bucket`'s graph for these pieces, padded, in one copy."""

@@ -172,7 +172,7 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         if self.pieces is not None:
             self.warm_pieces()
             for bucket in self.pieces.buckets.all():
-                self.pieces.graph(*bucket)
+                self.pieces.capture(bucket, self._uploads)
         torch.cuda.synchronize(self.device)
         log.info(
             "captured %d decode, %d prefill and %d piece graphs, warmed the eager piece path, in %.1f s",
