@@ -124,10 +124,11 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self.graphs = GraphCache()
         self._piece_tokens = cfg.max_prefill_tokens  # the most prompt tokens a step of pieces holds
-        # every prefill graph and graph of pieces writes its logits here (one buffer, not one each)
-        self._prefill_logits = torch.empty(
-            (self.max_slots, self.shape.vocab_size), device=self.device, dtype=self.dtype
-        )
+        self._prefill_logits = None  # every prefill graph and graph of pieces writes its logits here
+        if self.use_cuda_graphs or self.kernels.triton:  # (one buffer, not one each)
+            self._prefill_logits = torch.empty(
+                (self.max_slots, self.shape.vocab_size), device=self.device, dtype=self.dtype
+            )
         self.pieces = self._piece_graphs() if self.kernels.triton else None
         self.graph_pieces = self.use_cuda_graphs  # False: steps of pieces launch eagerly (an A/B in bench)
         self._uploads = self._downloads = None  # staging for positions and prompt ids up, sampled ids down
