@@ -41,7 +41,7 @@ def test_padded_layout_keeps_every_real_row_and_leaves_padding_out_of_the_tiles(
     per, scratch = 4, 8
     exact = PieceLayout.of(rows, per)
     tokens, pieces, tiles = 64, 16, max_tiles(64, 16, per)
-    padded = PieceLayout.of(rows, per, (tokens, pieces, tiles, 0), scratch)
+    padded = PieceLayout.of(rows, per, (tokens, pieces, tiles), scratch)
     real = len(exact.ids)
     assert (len(padded.ids), len(padded.last), len(padded.first)) == (tokens, pieces, tiles)
     for name in ("ids", "slots", "positions"):
@@ -64,13 +64,13 @@ def test_the_tile_bound_holds_for_any_lengths_and_padding_past_a_bucket_is_refus
         assert len(PieceTiles.lists(lengths, per)[0]) <= max_tiles(sum(lengths), len(lengths), per)
         tokens, pieces = sum(lengths) + rng.randrange(40), len(lengths) + rng.randrange(3)
         rows = [StepInput(0, [1] * n, 16) for n in lengths]
-        lay = PieceLayout.of(rows, per, (tokens, pieces, max_tiles(tokens, pieces, per), 0))  # fits its bound
+        lay = PieceLayout.of(rows, per, (tokens, pieces, max_tiles(tokens, pieces, per)))  # fits its bound
         assert sum(lay.count) == tokens
     rows = [StepInput(0, [1] * 10, 16), StepInput(1, [2] * 10, 16)]
     with pytest.raises(ValueError, match="20 tokens in 2 pieces"):
-        PieceLayout.of(rows, 4, (16, 2, 10, 0))
+        PieceLayout.of(rows, 4, (16, 2, 10))
     with pytest.raises(ValueError, match="padded to"):
-        PieceLayout.of(rows, 4, (32, 1, 10, 0))
+        PieceLayout.of(rows, 4, (32, 1, 10))
 
 
 class _Capturing:

@@ -71,8 +71,7 @@ def max_tiles(tokens: int, pieces: int, per: int) -> int:
 @dataclass(frozen=True)
 class PieceLayout:
     """A step of pieces as host lists: each token's id, slot and position, the row of each piece's
-    last token, and the attention tiles (first row, rows), padded where sizes are given: the
-    padding tokens in `pad_slot` at the pad position, in tiles of their own."""
+    last token, and the attention tiles (first row, rows), padded where sizes are given."""
 
     ids: list[int]
     slots: list[int]
@@ -82,30 +81,28 @@ class PieceLayout:
     count: list[int]
 
     @classmethod
-    def of(cls, rows: list[StepInput], per: int, pad: tuple[int, int, int, int] | None = None,
+    def of(cls, rows: list[StepInput], per: int, pad: tuple[int, int, int] | None = None,
            pad_slot: int = 0) -> PieceLayout:  # fmt: skip
-        """`per` rows a tile; `pad`: (tokens, pieces, tiles, pad position) to pad to, the padding
-        tokens in `pad_slot`."""
+        """`per` rows a tile; `pad`: (tokens, pieces, tiles) to pad to, the padding tokens a piece
+        of their own in `pad_slot` at position 0, in tiles like the rest (their attention then reads
+        only what they wrote: no stale rows)."""
         lengths = [len(r.tokens) for r in rows]
         ids = [t for r in rows for t in r.tokens]
         slots = [r.slot for r in rows for _ in r.tokens]
         positions = [r.start + i for r in rows for i in range(len(r.tokens))]
         last = [n - 1 for n in itertools.accumulate(lengths)]
-        first, count = PieceTiles.lists(lengths, per)
         if pad is None:
-            return cls(ids, slots, positions, last, first, count)
-        tokens, pieces, tiles, position = pad
-        at = len(ids)
-        if at > tokens or len(rows) > pieces or len(first) + -(-(tokens - at) // per) > tiles:
-            raise ValueError(f"{at} tokens in {len(rows)} pieces, {len(first)} tiles, padded to {pad[:3]}")
-        more = tokens - at  # the padding: one more piece, its rows in tiles like the rest (their
-        first += range(at, tokens, per)  # attention then reads only what they wrote: no stale rows)
-        count += [min(per, tokens - j) for j in range(at, tokens, per)]
+            return cls(ids, slots, positions, last, *PieceTiles.lists(lengths, per))
+        tokens, pieces, tiles = pad
+        more = tokens - len(ids)
+        first, count = PieceTiles.lists(lengths + [max(more, 0)], per)
+        if more < 0 or len(rows) > pieces or len(first) > tiles:
+            raise ValueError(f"{len(ids)} tokens in {len(rows)} pieces, {len(first)} tiles, padded to {pad}")
         fewer = tiles - len(first)
         return cls(
             ids + [0] * more,
             slots + [pad_slot] * more,
-            positions + [position] * more,
+            positions + [0] * more,
             last + [0] * (pieces - len(rows)),
             first + [0] * fewer,
             count + [0] * fewer,
@@ -154,7 +151,7 @@ class PieceGraphs:
         """The static inputs of `bucket`'s graph for these pieces, padded, in one copy."""
         tokens, pieces = bucket
         per = self.per(tokens)
-        lay = PieceLayout.of(rows, per, (tokens, pieces, max_tiles(tokens, pieces, per), 0), self.scratch_slot)
+        lay = PieceLayout.of(rows, per, (tokens, pieces, max_tiles(tokens, pieces, per)), self.scratch_slot)
         values = [*lay.ids, *lay.slots, *lay.positions, *lay.last, *lay.first, *lay.count]
         copy_to(self._static[: len(values)], values, ring)
 

@@ -408,9 +408,7 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         per = self.pieces.per(tokens)
         lay = PieceLayout.of(rows, per)
         flat = (to_device(v, self.device) for v in (lay.ids, lay.slots, lay.positions, lay.last))
-        tiles = PieceTiles(
-            to_device(lay.first, self.device), to_device(lay.count, self.device), per
-        )  # int64 as the graphs'
+        tiles = PieceTiles(*(to_device(v, self.device) for v in (lay.first, lay.count)), per)  # int64, as graphs
         return self.forward.pieces_triton(*flat, span, tiles)
 
     def sample(self, logits: torch.Tensor, seqs) -> list:
