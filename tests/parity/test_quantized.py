@@ -74,6 +74,22 @@ def test_float8_activation_tiles_scale_each_row_and_k_step_by_its_own_range():
         assert ((second - small).norm(dim=1) / small.norm(dim=1) < 0.1).all()
 
 
+@pytest.mark.parametrize("config", [(16, 64, 4, 2, 1, 1, 1), (32, 64, 4, 2, 2, 1, 1), (16, 32, 4, 2, 1, 0, 1)])
+def test_swapped_tiles_give_the_unswapped_product(config):
+    """With the weight tile as the tensor cores' first operand (float8 activations or the weight
+    widened), the product equals the same tile unswapped up to float32 summation order: ragged
+    rows and N, split along K or not, with a bias."""
+    torch.manual_seed(5)
+    q, scale = quant.quantize_weight(torch.randn(40, 128), "fp8")
+    x = torch.randn(3, 1, 128) * torch.logspace(-2, 2, 3)[:, None, None]
+    bias = torch.randn(40)
+    got = gemv.dense(gemv.small_matmul(x, q, bias, config, scale)).view(3, 40)
+    same = gemv.dense(gemv.small_matmul(x, q, bias, config[:6], scale)).view(3, 40)
+    torch.testing.assert_close(got, same, atol=1e-4, rtol=1e-4)
+    if config[5] == 0:
+        torch.testing.assert_close(got, gemv.reference(x, q, bias, scale).view(3, 40), atol=1e-4, rtol=1e-4)
+
+
 def test_float8_activation_tiles_refuse_other_weights():
     q, scale = quant.quantize_weight(torch.randn(16, 64), "int8-wo")
     with pytest.raises(ValueError, match="needs float8 weights"):
@@ -96,8 +112,10 @@ def test_small_batch_candidates_offer_tensor_core_tiles_at_one_row(scheme):
     assert any(len(c) == 3 for c in one) and any(len(c) == 4 for c in one)
     assert all(len(c) >= 4 for c in many) and any(len(c) == 5 for c in many)
     assert all(len(c) < 5 or c[4] == 1 for c in one)
-    x8 = [c for c in [*one, *many] if len(c) == 6]
+    x8 = [c for c in [*one, *many] if len(c) >= 6]
     assert bool(x8) == (scheme == "fp8")
+    swapped = [c for c in [*one, *many] if len(c) == 7]
+    assert bool(swapped) == (scheme == "fp8")
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -45,7 +45,12 @@ SPLIT_TILES = ((32, 128, 4, 4), (64, 64, 4, 4))  # the tiles tried split (the ot
 # split along K, as a weight of few output rows (4096) gives too few programs to fill the SMs
 X8_TILES = ((32, 256, 4, 4), (64, 256, 4, 3), (64, 128, 4, 4))
 X8_TOLERANCE = 0.1  # float8 activations keep 3 mantissa bits: each term is off by up to 2^-4 relative
-Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot, 5: split along K, 6: float8 activations
+# The same float8 tiles with the operands swapped (a 7th number, 1): the weight tile is the tensor
+# cores' wide operand (64-128 of its rows) and the few rows of x the narrow one, as CUTLASS's
+# small-batch FP8 kernels do, so Hopper's warpgroup products (64+ rows a side) can serve a batch
+# of 1-64 rows (x padded to 16+ rows as the narrow side)
+SWAP_TILES = ((64, 256, 4, 3), (128, 256, 8, 3))
+Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot, 5: split along K, 6: float8 activations, 7: swapped
 FP8_GEMM = "fp8"  # a table entry that is no tile: the FP8 Tensor Core GEMM (`qmatmul.fp8_matmul`) serves
 
 
@@ -61,6 +66,21 @@ class SplitK:
     def total(self) -> torch.Tensor:
         """The product itself [rows, N] (for a consumer that cannot read partial sums)."""
         return self.parts.sum(0).to(self.dtype)
+
+
+@triton.jit
+def _tile_product(xt, wt, QUANT_X: tl.constexpr, SWAP: tl.constexpr):
+    """One K step's product of x's rows `xt` [M, K] and a weight tile `wt` [N, K] on the tensor
+    cores: [M, N], or [N, M] where SWAP (the weight as the wide operand)."""
+    if QUANT_X:  # float8 x float8, each row of this K step scaled by its absmax
+        amax = tl.maximum(tl.max(tl.abs(xt.to(tl.float32)), axis=1), 1e-30)
+        xq = (xt.to(tl.float32) * (448.0 / amax)[:, None]).to(wt.dtype)  # 448: float8 e4m3's largest
+        if SWAP:
+            return tl.dot(wt, tl.trans(xq)) * (amax / 448.0)[None, :]
+        return tl.dot(xq, tl.trans(wt)) * (amax / 448.0)[:, None]
+    if SWAP:  # an 8-bit weight widened in registers, exactly
+        return tl.dot(wt.to(xt.dtype), tl.trans(xt))
+    return tl.dot(xt, tl.trans(wt.to(xt.dtype)))
 
 
 @triton.jit
@@ -82,6 +102,7 @@ def _small_matmul_kernel(
     HAS_SCALE: tl.constexpr,
     USE_DOT: tl.constexpr,
     QUANT_X: tl.constexpr,
+    SWAP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -96,20 +117,21 @@ def _small_matmul_kernel(
     if PREFETCH:  # the weight's first bytes stream into L2 while the kernel before finishes
         gdc.prefetch_rows(w, n, n_ok, s_wn, split * K_SPLIT, K, PREFETCH, ELEM)
     gdc.enter(PDL)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP:  # the accumulator kept as the swapped product gives it, turned once at the end
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(split * K_SPLIT, (split + 1) * K_SPLIT, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
         xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w + n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if QUANT_X:  # float8 x float8 on the tensor cores, each row of this K step scaled by its absmax
-            amax = tl.maximum(tl.max(tl.abs(xt.to(tl.float32)), axis=1), 1e-30)
-            xq = (xt.to(tl.float32) * (448.0 / amax)[:, None]).to(wt.dtype)  # 448: float8 e4m3's largest
-            acc += tl.dot(xq, tl.trans(wt)) * (amax / 448.0)[:, None]
-        elif USE_DOT:  # skinny_dot: the tensor cores (at least 16 rows, padded); an 8-bit weight
-            acc += tl.dot(xt, tl.trans(wt.to(xt.dtype)))  # widened in registers, exactly
+        if USE_DOT:  # skinny_dot: the tensor cores (at least 16 rows, padded)
+            acc += _tile_product(xt, wt, QUANT_X, SWAP)
         else:  # gemv: rows x tile products summed along K on the CUDA cores
             acc += tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
+    if SWAP:
+        acc = tl.trans(acc)
     if HAS_SCALE:  # per output channel: (x @ q.T) * scale == x @ (q * scale).T
         acc *= tl.load(w_scale + n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -131,18 +153,20 @@ def small_matmul(
     pdl_steps: int | None = None,
 ) -> torch.Tensor | SplitK:
     """x [..., K], weight [N, K] (nn.Linear layout) -> x @ weight.T + bias [..., N], float32
-    accumulation, each program computing every row for a narrow tile of the weight's rows.
-    A 3-number config (rows of W, K step, warps) is `gemv`: at most MAX_ROWS rows, its K step
-    shrinking as rows grow (a program holds rows x tile). A 4-number one (..., stages) is
-    `skinny_dot`: at most MAX_DOT_ROWS rows on the tensor cores; a 5th number S > 1 splits K
-    into S slices, each its own programs, and returns their `SplitK` partial sums; a 6th number 1
-    (float8 weights only) rounds x to float8 per K step and row for 8-bit x 8-bit products. With `scale`
-    [N] the weight is 8-bit (int8 or float8, model/quant.py) and the product is x @ (weight *
-    scale).T: the weight streams at a byte per value. `pdl_steps` (not None): launched with PDL
-    (`pdl`), each program first asking L2 for that many K steps of its weight tile."""
+        accumulation, each program computing every row for a narrow tile of the weight's rows.
+        A 3-number config (rows of W, K step, warps) is `gemv`: at most MAX_ROWS rows, its K step
+        shrinking as rows grow (a program holds rows x tile). A 4-number one (..., stages) is
+        `skinny_dot`: at most MAX_DOT_ROWS rows on the tensor cores; a 5th number S > 1 splits K
+        into S slices, each its own programs, and returns their `SplitK` partial sums; a 6th number 1
+        (float8 weights only) rounds x to float8 per K step and row for 8-bit x 8-bit products; a 7th
+    number 1 swaps the operands (the weight tile first, SWAP_TILES). With `scale`
+        [N] the weight is 8-bit (int8 or float8, model/quant.py) and the product is x @ (weight *
+        scale).T: the weight streams at a byte per value. `pdl_steps` (not None): launched with PDL
+        (`pdl`), each program first asking L2 for that many K steps of its weight tile."""
     use_dot = len(config) >= 4
     splits = config[4] if len(config) >= 5 else 1
-    quant_x = len(config) == 6 and config[5] == 1
+    quant_x = len(config) >= 6 and config[5] == 1
+    swap = len(config) == 7 and config[6] == 1
     if quant_x and weight.dtype != torch.float8_e4m3fn:
         raise ValueError(f"config {config} rounds activations to float8: it needs float8 weights, got {weight.dtype}")
     limit, name = (MAX_DOT_ROWS, "skinny_dot") if use_dot else (MAX_ROWS, "gemv")
@@ -183,6 +207,7 @@ def small_matmul(
         HAS_SCALE=scale is not None,
         USE_DOT=use_dot,
         QUANT_X=quant_x,
+        SWAP=swap,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -258,7 +283,7 @@ def agrees(label: str, product: Callable[[], torch.Tensor], ref: torch.Tensor, t
 def _agrees(x: torch.Tensor, w, b, s, config: Config) -> bool:
     """The config's product equals the reference within rounding of the activations' type (of
     float8 where the config rounds them)."""
-    tolerance = X8_TOLERANCE if len(config) == 6 else 2e-2
+    tolerance = X8_TOLERANCE if len(config) >= 6 and config[5] == 1 else 2e-2
     return agrees(f"gemv {config}", lambda: dense(small_matmul(x, w, b, config, s)), reference(x, w, b, s), tolerance)
 
 
@@ -286,12 +311,14 @@ def candidates(
     """The tiles timed for `rows` rows of x against `weight` [N, K]: gemv up to MAX_ROWS rows and
     the tensor-core tiles at every row count (a padded 16-row tile streams a weight well even for one
     row), split along K only where the consumer adds up partial sums (`split_ok`); float8 weights
-    also try float8 activations. `quantized`: the weight is 8-bit (the 8-bit tile lists)."""
+    also try float8 activations, unswapped and swapped. `quantized`: the weight is 8-bit (the
+    8-bit tile lists)."""
     small, dots = (QUANT_CONFIGS, QUANT_DOT_CONFIGS) if quantized else (configs, dots)
     tiles = split_configs(dots, weight.shape[1]) if split_ok else list(dots)
     if weight.dtype == torch.float8_e4m3fn:
         splits = [s for s in SPLITS if s == 1 or split_ok]
         tiles += [(*t, s, 1) for t in X8_TILES for s in splits if weight.shape[1] >= s * t[1]]
+        tiles += [(*t, s, 1, 1) for t in SWAP_TILES for s in splits[:3] if weight.shape[1] >= s * t[1]]
     return [*small, *tiles] if rows <= MAX_ROWS else tiles
 
 
