@@ -90,6 +90,14 @@ def test_swapped_tiles_give_the_unswapped_product(config):
         torch.testing.assert_close(got, gemv.reference(x, q, bias, scale).view(3, 40), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+def test_swapped_tiles_of_plain_weights_match_linear(splits):
+    torch.manual_seed(6)
+    w, x, bias = torch.randn(40, 128), torch.randn(3, 1, 128), torch.randn(40)
+    got = gemv.dense(gemv.small_matmul(x, w, bias, (16, 32, 4, 2, splits, 0, 1))).view(3, 40)
+    torch.testing.assert_close(got, gemv.reference(x, w, bias).view(3, 40), atol=1e-4, rtol=1e-4)
+
+
 def test_float8_activation_tiles_refuse_other_weights():
     q, scale = quant.quantize_weight(torch.randn(16, 64), "int8-wo")
     with pytest.raises(ValueError, match="needs float8 weights"):
@@ -100,7 +108,7 @@ def test_float8_activation_tiles_refuse_other_weights():
 def test_small_batch_candidates_offer_tensor_core_tiles_at_one_row(scheme):
     """At 1-8 rows the tuner times the CUDA-core gemv tiles and the tensor-core tiles; beyond, only
     the latter. Split tiles only where a consumer adds up partial sums; float8 activations only
-    for float8 weights."""
+    for float8 weights; swapped tiles for every weight."""
     w = torch.randn(64, 4096)
     if scheme is not None:
         w, _ = quant.quantize_weight(w, scheme)
@@ -112,10 +120,10 @@ def test_small_batch_candidates_offer_tensor_core_tiles_at_one_row(scheme):
     assert any(len(c) == 3 for c in one) and any(len(c) == 4 for c in one)
     assert all(len(c) >= 4 for c in many) and any(len(c) == 5 for c in many)
     assert all(len(c) < 5 or c[4] == 1 for c in one)
-    x8 = [c for c in [*one, *many] if len(c) >= 6]
+    x8 = [c for c in [*one, *many] if len(c) >= 6 and c[5] == 1]
     assert bool(x8) == (scheme == "fp8")
-    swapped = [c for c in [*one, *many] if len(c) == 7]
-    assert bool(swapped) == (scheme == "fp8")
+    swapped = [c for c in [*one, *many] if len(c) == 7 and c[6] == 1]
+    assert swapped and all(c[5] == (scheme == "fp8") for c in swapped)  # fp8: float8 x float8; else widened
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

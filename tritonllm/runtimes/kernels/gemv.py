@@ -50,6 +50,7 @@ X8_TOLERANCE = 0.1  # float8 activations keep 3 mantissa bits: each term is off 
 # small-batch FP8 kernels do, so Hopper's warpgroup products (64+ rows a side) can serve a batch
 # of 1-64 rows (x padded to 16+ rows as the narrow side)
 SWAP_TILES = ((64, 256, 4, 3), (128, 256, 8, 3))
+SWAP_WIDE_TILES = ((64, 128, 4, 3), (128, 128, 8, 3))  # swapped, 16-bit weights or 8-bit ones widened (6th number 0)
 Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot, 5: split along K, 6: float8 activations, 7: swapped
 FP8_GEMM = "fp8"  # a table entry that is no tile: the FP8 Tensor Core GEMM (`qmatmul.fp8_matmul`) serves
 
@@ -72,15 +73,19 @@ class SplitK:
 def _tile_product(xt, wt, QUANT_X: tl.constexpr, SWAP: tl.constexpr):
     """One K step's product of x's rows `xt` [M, K] and a weight tile `wt` [N, K] on the tensor
     cores: [M, N], or [N, M] where SWAP (the weight as the wide operand)."""
+    # one return: Triton types every return of a function, constexpr branches or not
     if QUANT_X:  # float8 x float8, each row of this K step scaled by its absmax
         amax = tl.maximum(tl.max(tl.abs(xt.to(tl.float32)), axis=1), 1e-30)
         xq = (xt.to(tl.float32) * (448.0 / amax)[:, None]).to(wt.dtype)  # 448: float8 e4m3's largest
         if SWAP:
-            return tl.dot(wt, tl.trans(xq)) * (amax / 448.0)[None, :]
-        return tl.dot(xq, tl.trans(wt)) * (amax / 448.0)[:, None]
-    if SWAP:  # an 8-bit weight widened in registers, exactly
-        return tl.dot(wt.to(xt.dtype), tl.trans(xt))
-    return tl.dot(xt, tl.trans(wt.to(xt.dtype)))
+            y = tl.dot(wt, tl.trans(xq)) * (amax / 448.0)[None, :]
+        else:
+            y = tl.dot(xq, tl.trans(wt)) * (amax / 448.0)[:, None]
+    elif SWAP:  # an 8-bit weight widened in registers, exactly
+        y = tl.dot(wt.to(xt.dtype), tl.trans(xt))
+    else:
+        y = tl.dot(xt, tl.trans(wt.to(xt.dtype)))
+    return y
 
 
 @triton.jit
@@ -311,14 +316,17 @@ def candidates(
     """The tiles timed for `rows` rows of x against `weight` [N, K]: gemv up to MAX_ROWS rows and
     the tensor-core tiles at every row count (a padded 16-row tile streams a weight well even for one
     row), split along K only where the consumer adds up partial sums (`split_ok`); float8 weights
-    also try float8 activations, unswapped and swapped. `quantized`: the weight is 8-bit (the
-    8-bit tile lists)."""
+    also try float8 activations, unswapped and swapped (SWAP_TILES), other weights swapped tiles of
+    their own type (SWAP_WIDE_TILES). `quantized`: the weight is 8-bit (the 8-bit tile lists)."""
     small, dots = (QUANT_CONFIGS, QUANT_DOT_CONFIGS) if quantized else (configs, dots)
     tiles = split_configs(dots, weight.shape[1]) if split_ok else list(dots)
+    splits = [s for s in SPLITS[:3] if s == 1 or split_ok]
+    fits = lambda t, s: weight.shape[1] >= s * t[1]  # every slice of K holds a K step
     if weight.dtype == torch.float8_e4m3fn:
-        splits = [s for s in SPLITS if s == 1 or split_ok]
-        tiles += [(*t, s, 1) for t in X8_TILES for s in splits if weight.shape[1] >= s * t[1]]
-        tiles += [(*t, s, 1, 1) for t in SWAP_TILES for s in splits[:3] if weight.shape[1] >= s * t[1]]
+        tiles += [(*t, s, 1) for t in X8_TILES for s in SPLITS if (s == 1 or split_ok) and fits(t, s)]
+        tiles += [(*t, s, 1, 1) for t in SWAP_TILES for s in splits if fits(t, s)]
+    else:
+        tiles += [(*t, s, 0, 1) for t in SWAP_WIDE_TILES for s in splits if fits(t, s)]
     return [*small, *tiles] if rows <= MAX_ROWS else tiles
 
 
