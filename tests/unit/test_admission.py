@@ -68,3 +68,27 @@ def test_a_closed_loop_client_that_fits_the_slots_is_never_refused(kind):
             loop.submit(seq([1], max_tokens=3))
     finally:
         loop.stop()
+
+
+def test_cancellation_polls_follow_the_loops_step_time_within_bounds():
+    """At most one poll round a step (a cancel takes effect at a step's end), never more often than
+    CANCEL_POLL_S nor than CANCEL_POLLS_PER_S requests a second; long steps wait at most CANCEL_POLL_MAX_S."""
+    from tritonllm.engine import loop
+
+    assert loop.cancel_poll_period(8, 0.0) == loop.CANCEL_POLL_S
+    assert loop.cancel_poll_period(8, 0.045) == 0.045  # a CPU engine's step
+    assert loop.cancel_poll_period(1000, 0.004) == 1000 / loop.CANCEL_POLLS_PER_S
+    assert loop.cancel_poll_period(100, 0.004) == 100 / loop.CANCEL_POLLS_PER_S
+    assert loop.cancel_poll_period(8, 3.0) == loop.CANCEL_POLL_MAX_S  # a long prefill step
+
+
+def test_the_loop_times_its_steps_while_busy_and_forgets_idle_gaps():
+    eng = EngineLoop(CountingRuntime(2), EngineConfig(max_slots=2))
+    eng._time_step(10.0)
+    for t in (10.05, 10.10, 10.15, 10.20):
+        eng._time_step(t)
+    assert 0.02 < eng._step_s < 0.05  # moving toward 50 ms a step
+    eng._last_complete = None  # an idle pass
+    before = eng._step_s
+    eng._time_step(99.0)
+    assert eng._step_s == before

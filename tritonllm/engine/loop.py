@@ -34,6 +34,7 @@ CANCEL_POLL_S = 0.02  # asking Triton whether a request was cancelled is an IPC 
 # and from a watcher thread, never from the loop's
 CANCEL_POLLS_PER_S = 500  # and at most this many calls a second over all live requests (each is a round
 # trip through the python stub, competing with the responses)
+CANCEL_POLL_MAX_S = 0.5  # a round at least this often, however long the loop's steps take
 
 
 class ResponseSink(Protocol):
@@ -65,11 +66,18 @@ def response_window(seq: Sequence, final: bool) -> tuple[list[int], int] | None:
     return visible[start:], seq.emitted - start
 
 
-def watch_cancellations(stop: threading.Event, live, on_cancel) -> None:
+def cancel_poll_period(live: int, step_s: float) -> float:
+    """Seconds between two polls of `live` requests' cancellation by a loop whose steps take `step_s`."""
+    return max(CANCEL_POLL_S, live / CANCEL_POLLS_PER_S, min(step_s, CANCEL_POLL_MAX_S))
+
+
+def watch_cancellations(stop: threading.Event, live, on_cancel, step_s=lambda: 0.0) -> None:
     """Poll each live request's sink (an IPC round trip under Triton) until `stop`, off the loop's
-    thread; `live()` lists the sequences, `on_cancel(seq)` is told once per cancelled one."""
+    thread; `live()` lists the sequences, `on_cancel(seq)` is told once per cancelled one. At most
+    once per step of the loop (`step_s()`: its recent step time): a cancellation takes effect at a
+    step's end anyway, and on a CPU engine each poll's IPC work takes cores from the step itself."""
     seqs: list[Sequence] = []
-    while not stop.wait(max(CANCEL_POLL_S, len(seqs) / CANCEL_POLLS_PER_S)):
+    while not stop.wait(cancel_poll_period(len(seqs), step_s())):
         seqs = live()
         for seq in seqs:
             try:
@@ -106,6 +114,8 @@ class EngineLoop:
         self._device_sampling = can.device_sampling
         self._cancels_flagged = False  # cancel() was called since the last scan (`_drop_cancelled`)
         self._next_deadline = float("inf")  # the earliest deadline of a live sequence (or earlier)
+        self._step_s = 0.0  # recent time between completed steps while busy (moving average)
+        self._last_complete: float | None = None  # None after an idle pass
 
     def start(self) -> EngineLoop:
         self._thread.start()
@@ -176,6 +186,7 @@ class EngineLoop:
             if len(in_flight) > ahead or (in_flight and launched is None):
                 self._complete(in_flight.popleft())
             elif launched is None:
+                self._last_complete = None  # idle: the gap until the next step is no step time
                 self._wake.wait(0.05)
                 self._wake.clear()
             if self.after_step is not None:
@@ -212,7 +223,12 @@ class EngineLoop:
         self._next_deadline = earliest
 
     def _watch_cancellations(self) -> None:
-        watch_cancellations(self._stop, self._live, self.cancel)
+        watch_cancellations(self._stop, self._live, self.cancel, lambda: self._step_s)
+
+    def _time_step(self, now: float) -> None:
+        if self._last_complete is not None:
+            self._step_s += 0.2 * (now - self._last_complete - self._step_s)
+        self._last_complete = now
 
     def _live(self) -> list[Sequence]:
         return list(self.scheduler.running) + list(self.scheduler.waiting)
@@ -260,6 +276,7 @@ class EngineLoop:
         finished = set(self.scheduler.update_from_output(step.plan, tokens))
         self.stats.tokens_generated = self.scheduler.tokens_kept
         interval, now = self._response_interval(), time.monotonic()
+        self._time_step(now)
         partial = step.plan.partial  # prompt pieces: nothing to send yet
         for seq in live:
             if partial and seq in partial:
