@@ -32,7 +32,7 @@ order(
     gemv._small_matmul_kernel,
     {**ptr("*bf16", "x"), "w": "*fp8e4nv", **ptr("*bf16", "bias"), "w_scale": "*fp32", "out": "*bf16",
      **i32("M", "N", "K", "K_SPLIT", "s_xm", "s_wn", "s_os", "s_om")},
-    dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=True, QUANT_X=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+    dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=True, QUANT_X=False, SWAP=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
          PDL=True, PREFETCH=2, ELEM=1),
     marks,
 )
