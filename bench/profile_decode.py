@@ -35,7 +35,7 @@ VARIANTS = {
 
 def gemm_floor_ms(model: CausalLM, batch: int) -> float:
     """The step's matrix products alone (every layer's qkv, o, gate_up, down and the LM head)."""
-    x = torch.randn(batch, model.shape.hidden_size, device="cuda", dtype=model.lm_head.dtype)
+    x = torch.randn(batch, model.shape.hidden_size, device="cuda", dtype=model.embed.dtype)
     layer = model.layers[0]
     per_layer = 0.0
     for lin in (layer.qkv_proj, layer.o, layer.gate_up, layer.down):

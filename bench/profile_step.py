@@ -62,7 +62,8 @@ def products_floor_ms(rt: TorchCudaRuntime, rows: int) -> float:
             x = qmatmul.QuantRows(*qmatmul.quantize_rows(x, mats[0][0].dtype), x.shape, x.dtype)
         total += graph_ms(lambda: [rt.forward._project(kind, w, b, x, s) for w, b, s in mats], reps=10)
     h = torch.randn(rows, rt.shape.hidden_size, device="cuda", dtype=rt.dtype)
-    return total + graph_ms(lambda: rt.forward._project("lm_head", rt.model.lm_head, None, h), reps=10)
+    head, scale = rt.model.head()
+    return total + graph_ms(lambda: rt.forward._project("lm_head", head, None, h, scale), reps=10)
 
 
 def kv_bytes(rt: TorchCudaRuntime, batch: int, context: int) -> int:

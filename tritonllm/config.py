@@ -94,6 +94,7 @@ class EngineConfig:
     # length (never preempted), or "max-utilization": admit with blocks for its prompt, grow step by step, and
     # preempt the youngest sequence (recomputed later) when the pool runs out
     quantization: str = "none"  # weights' scheme (QUANTIZATIONS), quantized once at build time
+    quantize_lm_head: bool = False  # torch-cuda fp8 / int8-wo: the LM head too (a scale per vocabulary row)
 
     def __post_init__(self) -> None:
         _check(self.runtime in RUNTIMES, "runtime", self.runtime, f"one of {RUNTIMES}")
@@ -170,6 +171,13 @@ class EngineConfig:
                 f"config quantization={self.quantization!r} is not built for runtime {self.runtime!r} "
                 f"(it takes {'|'.join(allowed)}): {QUANTIZATION_ADVICE[self.quantization]}"
             )
+        _check(
+            not self.quantize_lm_head or (self.runtime == "torch-cuda" and self.quantization in ("fp8", "int8-wo")),
+            "quantize_lm_head",
+            self.quantize_lm_head,
+            f"False with runtime={self.runtime!r} quantization={self.quantization!r}: the LM head is quantized "
+            "by --runtime torch-cuda with --quantization fp8 or int8-wo (onnxruntime's int8 / int4 already include it)",
+        )
 
     @property
     def separate_process(self) -> bool:

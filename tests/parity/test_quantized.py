@@ -239,6 +239,52 @@ def test_a_decode_step_the_tuner_gave_to_the_fp8_gemm_runs_it_on_rows_its_produc
     assert runs[0] == runs[1]
 
 
+def test_a_quantized_lm_head_serves_the_ids_of_its_dequantized_reference(tiny_dir):
+    """--quantize-lm-head: the head's product on the kernels (a gemv tile reading the 8-bit head at
+    1-2 rows) gives the ids of the reference ops over the same dequantized head; the
+    head is really rounded (its logits move) and the unquantized head is gone."""
+    from .test_engine_parity import PROMPTS
+
+    hf, tok = load_hf(tiny_dir), TokenizerFiles(tiny_dir)
+    prompts = [tok.encode(p) for p in PROMPTS[:2]]
+    limits = {"max_slots": 2, "max_context": 160, "max_tokens_limit": 64}
+    cfg = EngineConfig(runtime="torch-cuda", **limits, quantization="fp8", quantize_lm_head=True)
+    # the head's decode tile wide (1,024 vocabulary rows a program: the interpreter runs programs one
+    # by one); a prefill's head rows on the dequantized reference
+    small = {(kind, rows): gemv.CONFIGS[1] for kind in PROJECTIONS for rows in (1, 2)}
+    small |= {("lm_head", rows): (1024, 64, 4) for rows in (1, 2)}
+    large = {(kind, 2048): TILE for kind in PROJECTIONS} | {("lm_head", 2048): "reference"}
+    runs = []
+    for kernels in (False, True):
+        model = CausalLM(hf)
+        quant.quantize_model(model, "fp8")
+        report = quant.quantize_head(model, "fp8")
+        assert model.lm_head is None and report["quantized_lm_head_bytes"] * 4 == report["lm_head_bytes"]
+        kw = {"triton_kernels": True, "gemv_table": small, "quant_table": large} if kernels else {}
+        runtime = TorchCudaRuntime(None, cfg, model=model, device="cpu", fused_kernels=kernels, **kw)
+        with InProcessEngine(None, cfg, runtime=runtime) as eng:
+            seqs = [eng.submit(ids, max_tokens=n, temperature=0.0, ignore_eos=True) for ids, n in zip(prompts, [7, 4])]
+            runs.append([s.wait(300).ids for s in seqs])
+    assert runs[0] == runs[1]
+    plain, rounded = CausalLM(hf), CausalLM(hf)
+    quant.quantize_head(rounded, "fp8")
+    h = torch.randn(3, plain.shape.hidden_size)
+    a, b = plain.logits(h), rounded.logits(h)
+    assert 0 < (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+def test_an_engine_refuses_a_config_that_disagrees_about_its_lm_head(tiny_dir):
+    model = CausalLM(load_hf(tiny_dir))
+    quant.quantize_model(model, "fp8")
+    quant.quantize_head(model, "fp8")
+    cfg = EngineConfig(runtime="torch-cuda", max_slots=2, max_context=64, max_tokens_limit=32, default_max_tokens=8)
+    cfg = replace(cfg, quantization="fp8")
+    with pytest.raises(ValueError, match="quantize_lm_head=False.*with --quantize-lm-head"):
+        TorchCudaRuntime(None, cfg, model=model, device="cpu")
+    with pytest.raises(ValueError, match="quantize_lm_head.*--runtime torch-cuda with --quantization fp8 or int8-wo"):
+        EngineConfig(runtime="onnxruntime", quantization="int8", quantize_lm_head=True)
+
+
 def test_a_quantized_torch_engine_refuses_a_config_of_another_scheme(tiny_dir):
     model = CausalLM(load_hf(tiny_dir))
     quant.quantize_model(model, "int8-wo")
@@ -382,6 +428,28 @@ def test_a_gptq_build_records_its_rounding_and_serves(tiny_dir, tmp_path, monkey
     pairs = [(getattr(a, k), getattr(b, k)) for a, b in zip(built.layers, nearest.layers) for k in quant.PROJECTIONS]
     assert all(a.qweight.dtype == torch.int8 and torch.equal(a.scale, b.scale) for a, b in pairs)
     assert any(not torch.equal(a.qweight, b.qweight) for a, b in pairs)
+    with InProcessEngine(None, cfg, runtime=TorchCudaRuntime(out, cfg, device="cpu", fused_kernels=False)) as eng:
+        assert len(eng.generate([1, 2, 3, 4], max_tokens=6, temperature=0.0, ignore_eos=True).ids) == 6
+
+
+def test_the_build_quantizes_the_lm_head_once_where_asked(tiny_dir, tmp_path, monkeypatch):
+    """--quantize-lm-head: the engine folder holds the 8-bit head (recorded in quantization.json)
+    and no unquantized one, and the engine serves it."""
+    import json
+
+    from tritonllm.build.pipeline import engine_files
+    from tritonllm.model.modeling import load_engine_model
+
+    monkeypatch.chdir(tmp_path)
+    cfg = EngineConfig(
+        runtime="torch-cuda", dtype="float32", max_slots=2, max_context=128, max_tokens_limit=64, default_max_tokens=8
+    )
+    cfg = replace(cfg, quantization="int8-wo", quantize_lm_head=True)
+    out = engine_files(tiny_dir, "tiny-head", cfg)
+    report = json.loads((out / "quantization.json").read_text())
+    assert report["lm_head"] == "int8-wo" and report["quantized_lm_head_bytes"] * 4 == report["lm_head_bytes"]
+    built = load_engine_model(out, torch.float32)
+    assert built.lm_head is None and built.head()[0].dtype == torch.int8
     with InProcessEngine(None, cfg, runtime=TorchCudaRuntime(out, cfg, device="cpu", fused_kernels=False)) as eng:
         assert len(eng.generate([1, 2, 3, 4], max_tokens=6, temperature=0.0, ignore_eos=True).ids) == 6
 

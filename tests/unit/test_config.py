@@ -235,3 +235,12 @@ def test_response_info_round_trips_every_finish_reason():
         ResponseInfo(0, True, 1, 1, "exploded").pack()
     with pytest.raises(ValueError, match="expected 6 values"):
         ResponseInfo.unpack([0, 1, 2])
+
+
+def test_the_build_cli_refuses_an_lm_head_it_would_not_quantize(tmp_path, capsys):
+    from tritonllm.build.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path), "--runtime", "torch-cuda", "--quantize-lm-head", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "quantize_lm_head" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calibration-text", type=Path, metavar="FILE",
                    help="text (paragraphs split by blank lines) for tensorrt int8/fp8's static activation scales, "
                    "onnxruntime int8's SmoothQuant and --gptq; default: a built-in English sample")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="torch-cuda fp8/int8-wo: quantize the LM head too (a scale per vocabulary row; "
+                   "docs/quantization.md: what it costs)")
     p.add_argument("--gptq", action="store_true",
                    help="torch-cuda fp8/int8-wo: GPTQ rounding of the weights over the calibration text")
     p.add_argument("--response-threads", type=int, default=d.response_threads)
@@ -127,7 +130,8 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
                         multi_step_min_active=a.multi_step_min_active, launch_ahead=a.launch_ahead,
                         prefix_cache=not a.no_prefix_cache, quantization=a.quantization,
                         kv_cache_memory_fraction=a.kv_cache_memory_fraction, kv_cache_tokens=a.kv_cache_tokens,
-                        kv_policy=a.kv_policy, kv_cache_dtype=a.kv_cache_dtype)
+                        kv_policy=a.kv_policy, kv_cache_dtype=a.kv_cache_dtype,
+                        quantize_lm_head=a.quantize_lm_head)
 
 if __name__ == "__main__":
     main()

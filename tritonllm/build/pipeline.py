@@ -66,7 +66,13 @@ def engine_files(
         log.info("[1/3] saving the PyTorch engine (%s, quantization %s)", engine.dtype, engine.quantization)
         prompts = gptq_prompts(checkpoint, calibration) if calibration.gptq else None
         out = save_engine_model(
-            checkpoint, Path("build/engines") / name, engine.dtype, engine.quantization, prompts, calibration.describe()
+            checkpoint,
+            Path("build/engines") / name,
+            engine.dtype,
+            engine.quantization,
+            prompts,
+            calibration.describe(),
+            engine.quantize_lm_head,
         )
         log.info("[2/3] nothing to verify: the module is the one the parity tests check")
         return out

@@ -173,6 +173,7 @@ class CausalLM(nn.Module):
         )
         self.norm = RMSNorm(base.norm.weight, eps, feats.norm_offset)
         self.lm_head = nn.Parameter(hf_model.lm_head.weight.detach().clone(), requires_grad=False)
+        self.quant_head = None  # the LM head as a QuantLinear where the build quantized it (quant.quantize_head)
         kinds, freqs, self.rope_scales = _rotary_tables(base.rotary_emb, feats)
         self.register_buffer("inv_freq", torch.stack([f.detach().float() for f in freqs]), persistent=False)
         self.layer_rope = [kinds.index(k) if kinds else 0 for k in feats.layer_types]  # each layer's table
@@ -204,8 +205,16 @@ class CausalLM(nn.Module):
         cap = self.features.logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's weight as stored [vocab, hidden] and its per-row scale (None: unquantized)."""
+        if self.quant_head is None:
+            return self.lm_head, None
+        return self.quant_head.qweight, self.quant_head.scale
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.cap_logits(torch.matmul(self.norm(hidden), self.lm_head.t()).float())
+        h = self.norm(hidden)
+        raw = torch.matmul(h, self.lm_head.t()) if self.quant_head is None else self.quant_head(h)
+        return self.cap_logits(raw.float())
 
     def forward(self, input_ids, position_ids, attn_bias, last_index, past_k, past_v):
         """input_ids/position_ids [B,T]; attn_bias [B,1,T,P+T]; last_index [B]; past_k/v [L,B,Hkv,P,D].
@@ -248,14 +257,16 @@ def save_engine_model(
     quantization: str = "none",
     calibration: list | None = None,
     calibration_source: str = "",
+    quantize_head: bool = False,
 ) -> Path:
     """Build step for torch-cuda: our module with its weights in `dtype` ("bfloat16", ...), its
     projections quantized once here when asked (`quant.SCHEMES`), loadable with torch alone (no
     transformers needed where the repository is served). `calibration` (token-id prompts) rounds
-    the weights with GPTQ, from an fp32 pass over those prompts."""
+    the weights with GPTQ, from an fp32 pass over those prompts; `quantize_head`: the LM head too
+    (absmax per vocabulary row)."""
     import json
 
-    from .quant import place, quantize_model
+    from . import quant
 
     engine_dir.mkdir(parents=True, exist_ok=True)
     if quantization == "none":
@@ -263,10 +274,12 @@ def save_engine_model(
     elif calibration:
         model, report = _gptq_model(checkpoint, quantization, calibration)
         report["calibration_data"] = calibration_source
-        place(model, torch.device("cpu"), getattr(torch, dtype))
+        quant.place(model, torch.device("cpu"), getattr(torch, dtype))
     else:
         model = CausalLM(load_hf(checkpoint, dtype=getattr(torch, dtype)))
-        report = quantize_model(model, quantization)
+        report = quant.quantize_model(model, quantization)
+    if quantize_head:
+        report.update(quant.quantize_head(model, quantization))
     model.shape.save(engine_dir / "model_shape.json")
     (engine_dir / "quantization.json").write_text(json.dumps(report, indent=1))
     torch.save(model, engine_dir / ENGINE_FILE)

@@ -5,8 +5,8 @@ value (int8: 127; float8 e4m3: 448), so the dequantized weight is q * scale[n]. 
 x @ W.T then equals (x @ q.T) * scale, which is how the kernels compute it: the weight is read in
 8 bits and converted in registers, the scale applied once per output. `QuantLinear.forward` is the
 dequantized reference (CPU, the torch ops, tests); the GPU kernels are checked against it.
-The embedding and the LM head stay in the model's dtype (as TensorRT-LLM's FP8 recipes keep them):
-the head's errors land on every logit directly."""
+The embedding and, unless asked (`quantize_head`), the LM head stay in the model's dtype (as
+TensorRT-LLM's FP8 recipes keep them): the head's errors land on every logit directly."""
 
 from __future__ import annotations
 
@@ -139,6 +139,19 @@ def quantize_model(model: nn.Module, scheme: str, hessians: dict | None = None) 
             setattr(layer, kind, quantized)
     rounding = "none (absmax, nearest)" if hessians is None else "GPTQ rounding (absmax scales)"
     return {"scheme": scheme, "projection_bytes": before, "quantized_bytes": after, "calibration": rounding}
+
+
+def quantize_head(model: nn.Module, scheme: str) -> dict:
+    """The model's LM head quantized like its projections (a scale per vocabulary row), in place:
+    `model.quant_head` holds it and the unquantized head is dropped. Off by default: the head's
+    errors land on every logit (docs/quantization.md has what it costs on SmolLM2)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"the LM head quantizes with a torch-cuda scheme ({', '.join(SCHEMES)}), not {scheme!r}")
+    before = model.lm_head.numel() * model.lm_head.element_size()
+    q, scale = quantize_weight(model.lm_head, scheme)
+    model.quant_head = QuantLinear(q, scale, None, scheme)
+    model.lm_head = None
+    return {"lm_head": scheme, "lm_head_bytes": before, "quantized_lm_head_bytes": q.numel() * q.element_size()}
 
 
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 Tensor Cores

@@ -95,7 +95,7 @@ class ForwardPasses:
         rows = torch.arange(b, device=self.device)
         if self.kernels.triton:
             h = self._prefill_triton(x, rot, slots)
-            return self.model.cap_logits(torch.matmul(h[rows, last], self.model.lm_head.t()))
+            return self.model.cap_logits(self._head(h[rows, last]))
         if self.fused_ops:
             attend = lambda i, layer, q, k, v: attend_prompt(layer, q, k, v)
         else:
@@ -117,7 +117,7 @@ class ForwardPasses:
         config = self.kernels.piece_config[1:]  # keys a block, warps, stages (`tune_pieces`)
         rope, attend = self._row_kernels(rot, positions, slots, span, config, reads=slots, tiles=tiles)
         h = self._fused_layers(x, rope, attend, small=False)
-        return m.cap_logits(torch.matmul(h[last, 0], m.lm_head.t()))
+        return m.cap_logits(self._head(h[last, 0]))
 
     def prefill_pieces(self, ids: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, span):
         """Prompt pieces after cached parts of their prompts (chunked prefill, prefix-cache hits), in
@@ -198,7 +198,8 @@ class ForwardPasses:
             config = self.kernels.split_table.get(b, config)
         rope, attend = self._row_kernels(rot, positions, self.writes[:b], c, config, pdl=self.kernels.pdl)
         h = self._fused_layers(x, rope, attend, small=True)
-        return m.cap_logits(dense(self._project("lm_head", m.lm_head, None, h[:, 0])))
+        head, scale = m.head()
+        return m.cap_logits(dense(self._project("lm_head", head, None, h[:, 0], scale)))
 
     def _row_kernels(self, rot, positions, writes, limit: int, config, reads=None, tiles=None, pdl=False) -> tuple:
         """(rope, attend) of the fused layers for token rows at `positions` [R]: the rotary kernel
@@ -272,7 +273,14 @@ class ForwardPasses:
         return x
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.cap_logits(torch.matmul(self._norm(self.model.norm, hidden), self.model.lm_head.t()))
+        return self.model.cap_logits(self._head(self._norm(self.model.norm, hidden)))
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """h @ the LM head's weight.T for a prompt's rows: cuBLAS, or an 8-bit head's product."""
+        head, scale = self.model.head()
+        if scale is None:
+            return torch.matmul(h, head.t())
+        return self._project("lm_head", head, None, h, scale, small=False)
 
     def _fused_layers(self, x: torch.Tensor, rope, attend, small: bool) -> torch.Tensor:
         """The decoder stack on the fused kernels: per layer 4 matrix products (`_linear`; `small`:

@@ -77,6 +77,12 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
         if model is None:
             model = load_engine_model(Path(engine_dir), self.dtype)
         self.quantization = require_scheme(scheme_of(model), cfg.quantization, "the engine model")
+        if (model.quant_head is not None) != cfg.quantize_lm_head:
+            raise ValueError(
+                f"the engine model's LM head is {'' if model.quant_head is not None else 'not '}quantized but the "
+                f"config says quantize_lm_head={cfg.quantize_lm_head}: rebuild the repository "
+                f"{'with' if model.quant_head is not None else 'without'} --quantize-lm-head"
+            )
         check_device_support(self.quantization, self.device, "torch-cuda")
         self.model = place(model, self.device, self.dtype).eval()
         self.model.inv_freq = self.model.inv_freq.float()

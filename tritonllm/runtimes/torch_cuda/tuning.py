@@ -118,7 +118,8 @@ def _tune_gemv(model, cache: PagedDeviceCache, batch_buckets: list[int], pdl: bo
     """{(weight kind, batch rows): tile} for the decode step's small-batch products, each timed
     with the fused kernel that reads its product (split-K partial sums are added up there),
     launched with PDL where the step launches them so."""
-    weights = {**_projections(model), "lm_head": [(model.lm_head, None, None)]}
+    head, scale = model.head()
+    weights = {**_projections(model), "lm_head": [(head, None, scale)]}
     try:
         from ..kernels import gemv
 
@@ -141,6 +142,9 @@ def _tune_quant(model, batch_buckets: list[int]) -> tuple[dict, list]:
     from ..kernels import gemv, qmatmul
 
     weights = _projections(model)
+    head, scale = model.head()
+    if scale is not None:  # an 8-bit LM head: its rows are the batch's (a prefill's: its prompts')
+        weights["lm_head"] = [(head, None, scale)]
     rows = [b for b in batch_buckets if b > gemv.MAX_DOT_ROWS] + [PREFILL_ROWS]
     try:
         return qmatmul.tune(weights, rows, model.embed.dtype)
