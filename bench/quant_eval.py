@@ -82,9 +82,9 @@ class Simulated(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-def torch_model(ckpt, scheme: str, fp8_activations: bool = False, gptq: bool = False, head: bool = False) -> CausalLM:
+def torch_model(ckpt, scheme: str, fp8_activations: bool = False, gptq: bool = False, head: str = "") -> CausalLM:
     """The torch reference with `scheme`'s weights (GPTQ-rounded over the build's built-in
-    calibration text if `gptq`); `head`: the LM head too, per vocabulary row (absmax)."""
+    calibration text if `gptq`); `head`: the LM head too in that scheme, per vocabulary row (absmax)."""
     model = CausalLM(load_hf(ckpt))
     if scheme != "none":
         quant.quantize_model(model, scheme, gptq_hessians(ckpt) if gptq else None)
@@ -92,7 +92,7 @@ def torch_model(ckpt, scheme: str, fp8_activations: bool = False, gptq: bool = F
             for kind in quant.PROJECTIONS:
                 setattr(layer, kind, Simulated(getattr(layer, kind), fp8_activations))
     if head:
-        q, scale = quant.quantize_weight(model.lm_head, scheme)
+        q, scale = quant.quantize_weight(model.lm_head, head)
         model.lm_head.data = q.float() * scale[:, None]
     return model
 
@@ -130,7 +130,7 @@ def engines(ckpt, onnx_dir, max_context: int, rows: int, only: list[str] | None)
     pt_cfg = EngineConfig(runtime="torch-cuda", **limits)
     run = lambda model, cfg=pt_cfg: TorchCudaRuntime(None, cfg, model=model, device="cpu", fused_kernels=False)
     fp8_kv = EngineConfig(runtime="torch-cuda", kv_cache_dtype="fp8", **limits)
-    pt = lambda scheme, act=False, gptq=False, head=False: run(torch_model(ckpt, scheme, act, gptq, head))
+    pt = lambda scheme, act=False, gptq=False, head="": run(torch_model(ckpt, scheme, act, gptq, head))
     made = {  # name -> (baseline, a thunk: only the engines asked for are built)
         "onnxruntime fp32": ("onnxruntime fp32", lambda: ort("none")),
         "onnxruntime int8": ("onnxruntime fp32", lambda: ort("int8")),
@@ -142,8 +142,9 @@ def engines(ckpt, onnx_dir, max_context: int, rows: int, only: list[str] | None)
         "torch fp32, fp8 KV cache": ("torch fp32", lambda: run(torch_model(ckpt, "none"), fp8_kv)),
         "torch int8-wo gptq": ("torch fp32", lambda: pt("int8-wo", gptq=True)),
         "torch fp8 gptq": ("torch fp32", lambda: pt("fp8", gptq=True)),
-        "torch fp8 gptq, fp8 LM head": ("torch fp32", lambda: pt("fp8", gptq=True, head=True)),
-        "torch int8-wo, int8 LM head": ("torch fp32", lambda: pt("int8-wo", head=True)),
+        "torch fp8 gptq, fp8 LM head": ("torch fp32", lambda: pt("fp8", gptq=True, head="fp8")),
+        "torch fp8 gptq, int8 LM head": ("torch fp32", lambda: pt("fp8", gptq=True, head="int8-wo")),
+        "torch int8-wo, int8 LM head": ("torch fp32", lambda: pt("int8-wo", head="int8-wo")),
         "tensorrt int8 (Q/DQ)": ("torch fp32", lambda: run(qdq_model(ckpt, onnx_dir, "int8"))),
         "tensorrt fp8 (Q/DQ)": ("torch fp32", lambda: run(qdq_model(ckpt, onnx_dir, "fp8"))),
     }

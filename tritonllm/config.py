@@ -94,7 +94,7 @@ class EngineConfig:
     # length (never preempted), or "max-utilization": admit with blocks for its prompt, grow step by step, and
     # preempt the youngest sequence (recomputed later) when the pool runs out
     quantization: str = "none"  # weights' scheme (QUANTIZATIONS), quantized once at build time
-    quantize_lm_head: bool = False  # torch-cuda fp8 / int8-wo: the LM head too (a scale per vocabulary row)
+    quantize_lm_head: bool = False  # torch-cuda fp8 / int8-wo: the LM head too (int8, a scale per vocabulary row)
 
     def __post_init__(self) -> None:
         _check(self.runtime in RUNTIMES, "runtime", self.runtime, f"one of {RUNTIMES}")

@@ -258,8 +258,9 @@ def test_a_quantized_lm_head_serves_the_ids_of_its_dequantized_reference(tiny_di
     for kernels in (False, True):
         model = CausalLM(hf)
         quant.quantize_model(model, "fp8")
-        report = quant.quantize_head(model, "fp8")
-        assert model.lm_head is None and report["quantized_lm_head_bytes"] * 4 == report["lm_head_bytes"]
+        report = quant.quantize_head(model)
+        assert model.lm_head is None and model.head()[0].dtype == torch.int8  # int8 under fp8 projections
+        assert report["quantized_lm_head_bytes"] * 4 == report["lm_head_bytes"]
         kw = {"triton_kernels": True, "gemv_table": small, "quant_table": large} if kernels else {}
         runtime = TorchCudaRuntime(None, cfg, model=model, device="cpu", fused_kernels=kernels, **kw)
         with InProcessEngine(None, cfg, runtime=runtime) as eng:
@@ -267,7 +268,7 @@ def test_a_quantized_lm_head_serves_the_ids_of_its_dequantized_reference(tiny_di
             runs.append([s.wait(300).ids for s in seqs])
     assert runs[0] == runs[1]
     plain, rounded = CausalLM(hf), CausalLM(hf)
-    quant.quantize_head(rounded, "fp8")
+    quant.quantize_head(rounded)
     h = torch.randn(3, plain.shape.hidden_size)
     a, b = plain.logits(h), rounded.logits(h)
     assert 0 < (a - b).abs().max() < 0.1 * a.abs().max()
@@ -276,7 +277,7 @@ def test_a_quantized_lm_head_serves_the_ids_of_its_dequantized_reference(tiny_di
 def test_an_engine_refuses_a_config_that_disagrees_about_its_lm_head(tiny_dir):
     model = CausalLM(load_hf(tiny_dir))
     quant.quantize_model(model, "fp8")
-    quant.quantize_head(model, "fp8")
+    quant.quantize_head(model)
     cfg = EngineConfig(runtime="torch-cuda", max_slots=2, max_context=64, max_tokens_limit=32, default_max_tokens=8)
     cfg = replace(cfg, quantization="fp8")
     with pytest.raises(ValueError, match="quantize_lm_head=False.*with --quantize-lm-head"):

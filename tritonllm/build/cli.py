@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="text (paragraphs split by blank lines) for tensorrt int8/fp8's static activation scales, "
                    "onnxruntime int8's SmoothQuant and --gptq; default: a built-in English sample")
     p.add_argument("--quantize-lm-head", action="store_true",
-                   help="torch-cuda fp8/int8-wo: quantize the LM head too (a scale per vocabulary row; "
+                   help="torch-cuda fp8/int8-wo: quantize the LM head too (int8, a scale per vocabulary row; "
                    "docs/quantization.md: what it costs)")
     p.add_argument("--gptq", action="store_true",
                    help="torch-cuda fp8/int8-wo: GPTQ rounding of the weights over the calibration text")

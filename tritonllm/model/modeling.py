@@ -263,7 +263,7 @@ def save_engine_model(
     projections quantized once here when asked (`quant.SCHEMES`), loadable with torch alone (no
     transformers needed where the repository is served). `calibration` (token-id prompts) rounds
     the weights with GPTQ, from an fp32 pass over those prompts; `quantize_head`: the LM head too
-    (absmax per vocabulary row)."""
+    (int8, absmax per vocabulary row: `quant.quantize_head`)."""
     import json
 
     from . import quant
@@ -279,7 +279,7 @@ def save_engine_model(
         model = CausalLM(load_hf(checkpoint, dtype=getattr(torch, dtype)))
         report = quant.quantize_model(model, quantization)
     if quantize_head:
-        report.update(quant.quantize_head(model, quantization))
+        report.update(quant.quantize_head(model))
     model.shape.save(engine_dir / "model_shape.json")
     (engine_dir / "quantization.json").write_text(json.dumps(report, indent=1))
     torch.save(model, engine_dir / ENGINE_FILE)

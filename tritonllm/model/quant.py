@@ -141,17 +141,19 @@ def quantize_model(model: nn.Module, scheme: str, hessians: dict | None = None) 
     return {"scheme": scheme, "projection_bytes": before, "quantized_bytes": after, "calibration": rounding}
 
 
-def quantize_head(model: nn.Module, scheme: str) -> dict:
-    """The model's LM head quantized like its projections (a scale per vocabulary row), in place:
-    `model.quant_head` holds it and the unquantized head is dropped. Off by default: the head's
-    errors land on every logit (docs/quantization.md has what it costs on SmolLM2)."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"the LM head quantizes with a torch-cuda scheme ({', '.join(SCHEMES)}), not {scheme!r}")
+HEAD_SCHEME = "int8-wo"  # the LM head's format under --quantize-lm-head, whatever the projections' scheme
+
+
+def quantize_head(model: nn.Module) -> dict:
+    """The model's LM head quantized to int8 with a scale per vocabulary row, in place:
+    `model.quant_head` holds it and the unquantized head is dropped. int8 under fp8 projections
+    too: on SmolLM2 an e4m3 head cost +0.65 points of perplexity and an int8 one +0.04
+    (docs/benchmarks.md), for the same bytes. Off by default: the head's errors land on every logit."""
     before = model.lm_head.numel() * model.lm_head.element_size()
-    q, scale = quantize_weight(model.lm_head, scheme)
-    model.quant_head = QuantLinear(q, scale, None, scheme)
+    q, scale = quantize_weight(model.lm_head, HEAD_SCHEME)
+    model.quant_head = QuantLinear(q, scale, None, HEAD_SCHEME)
     model.lm_head = None
-    return {"lm_head": scheme, "lm_head_bytes": before, "quantized_lm_head_bytes": q.numel() * q.element_size()}
+    return {"lm_head": HEAD_SCHEME, "lm_head_bytes": before, "quantized_lm_head_bytes": q.numel() * q.element_size()}
 
 
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 Tensor Cores
