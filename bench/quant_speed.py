@@ -2,7 +2,7 @@
 Llama-3.1-8B shapes (random bf16 weights built on the GPU), each quantized at start (`quant.
 quantize_model`, the build step's own function) to int8-wo and fp8.
 
-    python -m bench.quant_speed [--shapes 1b 8b --schemes none int8-wo fp8 --concurrency 1 64 256]
+    python -m bench.quant_speed [--shapes 1b 8b --schemes none int8-wo fp8 fp8+head --concurrency 1 64 256]
 
 For each (shape, scheme):
 - the products the engine chose at start-up (gemv tiles, large-batch choices) against the
@@ -90,14 +90,22 @@ def reference_divergence(model: CausalLM, cfg: EngineConfig, kernels: TorchCudaR
     return [next((i for i, (x, y) in enumerate(zip(g, r)) if x != y), 32) for g, r in zip(got, ref)]
 
 
+HEAD = "+head"  # a scheme name's suffix: the LM head quantized too
+
+
 def run_scheme(
     base: CausalLM, name: str, scheme: str, concurrency: list[int], power: PowerSampler, kv: str = "auto"
 ) -> tuple:
-    """One engine's rows and details; `kv`: the quantized engines' KV cache dtype (bf16's stays)."""
+    """One engine's rows and details; `kv`: the quantized engines' KV cache dtype (bf16's stays);
+    a scheme ending in HEAD (`fp8+head`) quantizes the LM head too (`--quantize-lm-head`)."""
     model = copy.deepcopy(base)
-    if scheme != "none":
-        quant.quantize_model(model, scheme)
-    cfg = bench_engine_config(max(concurrency), quantization=scheme, kv_cache_dtype=kv if scheme != "none" else "auto")
+    weights, head = scheme.removesuffix(HEAD), scheme.endswith(HEAD)
+    if weights != "none":
+        quant.quantize_model(model, weights)
+    if head:
+        quant.quantize_head(model)
+    kv = kv if weights != "none" else "auto"
+    cfg = bench_engine_config(max(concurrency), quantization=weights, kv_cache_dtype=kv, quantize_lm_head=head)
     runtime = TorchCudaRuntime(None, cfg, model=model)
     detail = {
         "kernels": runtime.kernels.describe(),
@@ -109,7 +117,7 @@ def run_scheme(
     }
     roofline = COPY_BANDWIDTH / detail["weight_bytes_per_token"]
     vocab = model.shape.vocab_size
-    if name == "1b" and scheme != "none":
+    if name == "1b" and weights != "none":
         small = replace(cfg, max_slots=4, max_context=128, max_tokens_limit=64)
         detail["first_divergence_vs_reference_ops"] = reference_divergence(
             model, small, TorchCudaRuntime(None, small, model=model), vocab
@@ -135,7 +143,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    p.add_argument("--schemes", nargs="+", choices=["none", *quant.SCHEMES], default=["none", *quant.SCHEMES])
+    heads = [s + HEAD for s in quant.SCHEMES]
+    p.add_argument("--schemes", nargs="+", choices=["none", *quant.SCHEMES, *heads], default=["none", *quant.SCHEMES])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="the quantized engines' KV cache")
     p.add_argument("--topic", default="quant-speed")
