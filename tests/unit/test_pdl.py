@@ -30,9 +30,9 @@ i32 = lambda *names: {n: "i32" for n in names}
 marks = ("prefetch.global.L2", "griddepcontrol.wait", "griddepcontrol.launch_dependents", "ld.global", "st.global")
 order(
     gemv._small_matmul_kernel,
-    {**ptr("*bf16", "x"), "w": "*fp8e4nv", **ptr("*bf16", "bias"), "w_scale": "*fp32", "out": "*bf16",
-     **i32("M", "N", "K", "K_SPLIT", "s_xm", "s_wn", "s_os", "s_om")},
-    dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=True, QUANT_X=False, SWAP=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+    {**ptr("*bf16", "x"), "x_scale": "*fp32", "w": "*fp8e4nv", **ptr("*bf16", "bias"), "w_scale": "*fp32",
+     "out": "*bf16", **i32("M", "N", "K", "K_SPLIT", "s_xm", "s_wn", "s_os", "s_om")},
+    dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=True, QUANT_X=0, SWAP=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
          PDL=True, PREFETCH=2, ELEM=1),
     marks,
 )

@@ -24,7 +24,7 @@ import triton.language as tl
 from . import attention
 from . import pdl as gdc
 from .gemv import SplitK
-from .qmatmul import QuantRows
+from .rows import QuantRows
 
 
 @triton.jit

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import pdl as gdc
+from .rows import QuantRows
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 8  # batch rows a gemv program holds beside its weight tile
@@ -51,6 +52,11 @@ X8_TOLERANCE = 0.1  # float8 activations keep 3 mantissa bits: each term is off 
 # of 1-64 rows (x padded to 16+ rows as the narrow side)
 SWAP_TILES = ((64, 256, 4, 3), (128, 256, 8, 3))
 SWAP_WIDE_TILES = ((64, 128, 4, 3), (128, 128, 8, 3))  # swapped, 16-bit weights or 8-bit ones widened (6th number 0)
+# float8 weights whose input its producer rounds per row (`QuantRows`, as it does for the FP8 GEMM):
+# 8-bit x 8-bit tiles (a 6th number 2) with no rounding and no absmax in the K loop, the row scales
+# applied once at the end: the X8 tiles unswapped (rows of x as the first operand) and SWAP_TILES
+ROUNDED_TILES = ((64, 256, 4, 3, 0), (64, 128, 4, 4, 0), (64, 256, 4, 3, 1), (128, 256, 8, 3, 1))  # 5th: swapped
+X_AS_GIVEN, X_ROUNDED_PER_STEP, X_ROUNDED_PER_ROW = 0, 1, 2  # a config's 6th number
 Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot, 5: split along K, 6: float8 activations, 7: swapped
 FP8_GEMM = "fp8"  # a table entry that is no tile: the FP8 Tensor Core GEMM (`qmatmul.fp8_matmul`) serves
 
@@ -91,6 +97,7 @@ def _tile_product(xt, wt, QUANT_X: tl.constexpr, SWAP: tl.constexpr):
 @triton.jit
 def _small_matmul_kernel(
     x,
+    x_scale,
     w,
     bias,
     w_scale,
@@ -132,11 +139,13 @@ def _small_matmul_kernel(
         xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w + n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         if USE_DOT:  # skinny_dot: the tensor cores (at least 16 rows, padded)
-            acc += _tile_product(xt, wt, QUANT_X, SWAP)
+            acc += _tile_product(xt, wt, QUANT_X == 1, SWAP)
         else:  # gemv: rows x tile products summed along K on the CUDA cores
             acc += tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
     if SWAP:
         acc = tl.trans(acc)
+    if QUANT_X == 2:  # x came rounded per row: each row's products times its scale
+        acc *= tl.load(x_scale + m, mask=m_ok, other=0.0)[:, None]
     if HAS_SCALE:  # per output channel: (x @ q.T) * scale == x @ (q * scale).T
         acc *= tl.load(w_scale + n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -150,7 +159,7 @@ def _small_matmul_kernel(
 
 
 def small_matmul(
-    x: torch.Tensor,
+    x: torch.Tensor | QuantRows,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     config: Config,
@@ -158,37 +167,29 @@ def small_matmul(
     pdl_steps: int | None = None,
 ) -> torch.Tensor | SplitK:
     """x [..., K], weight [N, K] (nn.Linear layout) -> x @ weight.T + bias [..., N], float32
-        accumulation, each program computing every row for a narrow tile of the weight's rows.
-        A 3-number config (rows of W, K step, warps) is `gemv`: at most MAX_ROWS rows, its K step
-        shrinking as rows grow (a program holds rows x tile). A 4-number one (..., stages) is
-        `skinny_dot`: at most MAX_DOT_ROWS rows on the tensor cores; a 5th number S > 1 splits K
-        into S slices, each its own programs, and returns their `SplitK` partial sums; a 6th number 1
-        (float8 weights only) rounds x to float8 per K step and row for 8-bit x 8-bit products; a 7th
-    number 1 swaps the operands (the weight tile first, SWAP_TILES). With `scale`
-        [N] the weight is 8-bit (int8 or float8, model/quant.py) and the product is x @ (weight *
-        scale).T: the weight streams at a byte per value. `pdl_steps` (not None): launched with PDL
-        (`pdl`), each program first asking L2 for that many K steps of its weight tile."""
+    accumulation, each program computing every row for a narrow tile of the weight's rows.
+    A 3-number config (rows of W, K step, warps) is `gemv`: at most MAX_ROWS rows, its K step
+    shrinking as rows grow (a program holds rows x tile). A 4-number one (..., stages) is
+    `skinny_dot`: at most MAX_DOT_ROWS rows on the tensor cores; a 5th number S > 1 splits K into S
+    slices, each its own programs, and returns their `SplitK` partial sums; a 6th number (float8
+    weights only) 1 rounds x to float8 per K step and row for 8-bit x 8-bit products, 2 takes x
+    already rounded per row (`QuantRows`); a 7th number 1 swaps the operands (the weight tile
+    first, SWAP_TILES). With `scale` [N] the weight is 8-bit (int8 or float8, model/quant.py) and
+    the product is x @ (weight * scale).T: the weight streams at a byte per value. `pdl_steps` (not
+    None): launched with PDL (`pdl`), each program first asking L2 for that many K steps of its
+    weight tile."""
     use_dot = len(config) >= 4
     splits = config[4] if len(config) >= 5 else 1
-    quant_x = len(config) >= 6 and config[5] == 1
-    swap = len(config) == 7 and config[6] == 1
-    if quant_x and weight.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"config {config} rounds activations to float8: it needs float8 weights, got {weight.dtype}")
+    x2, x_scale, shape, dtype, quant_x = _operands(x, weight, config)
+    rows, k = shape.numel() // shape[-1], shape[-1]
     limit, name = (MAX_DOT_ROWS, "skinny_dot") if use_dot else (MAX_ROWS, "gemv")
-    k = x.shape[-1]
-    rows = x.numel() // k
     if rows > limit:
         raise ValueError(f"{name} takes at most {limit} rows, got {rows}: use the matmul")
-    x2 = x.reshape(rows, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     n = weight.shape[0]
-    out = torch.empty((splits, rows, n), dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
+    out = torch.empty((splits, rows, n), dtype=dtype if splits == 1 else torch.float32, device=x2.device)
     block_n, block_k, warps, stages = config[:4] if use_dot else (*config, None)
-    block_m = triton.next_power_of_2(rows)
-    if use_dot:
-        block_m = max(16, block_m)
-    else:
+    block_m = max(16, triton.next_power_of_2(rows)) if use_dot else triton.next_power_of_2(rows)
+    if not use_dot:
         block_k = max(64, block_k // block_m)
     opts = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
     k_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # whole K steps per slice
@@ -196,6 +197,7 @@ def small_matmul(
     lines = gdc.prefetch_lines(k_split, block_k, elem, pdl_steps) if pdl_steps else 0
     _small_matmul_kernel[(triton.cdiv(n, block_n), splits)](
         x2,
+        x_scale,
         weight,
         bias if bias is not None else weight,
         scale if scale is not None else weight,
@@ -212,7 +214,7 @@ def small_matmul(
         HAS_SCALE=scale is not None,
         USE_DOT=use_dot,
         QUANT_X=quant_x,
-        SWAP=swap,
+        SWAP=len(config) == 7 and config[6] == 1,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -222,8 +224,25 @@ def small_matmul(
         **opts,
     )
     if splits > 1:
-        return SplitK(out, x.dtype)
-    return out.view(*x.shape[:-1], n)
+        return SplitK(out, dtype)
+    return out.view(*shape[:-1], n)
+
+
+def _operands(x: torch.Tensor | QuantRows, weight: torch.Tensor, config: Config) -> tuple:
+    """(x as [rows, K] with unit stride, its row scales (x itself where it has none), x's shape and
+    dtype, the config's treatment of x): a config that rounds x to float8 needs float8 weights, and
+    one that takes x rounded per row needs it so (`QuantRows`) and no other config does."""
+    quant_x = config[5] if len(config) >= 6 else X_AS_GIVEN
+    if quant_x != X_AS_GIVEN and weight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"config {config} multiplies float8 activations: it needs float8 weights, got {weight.dtype}")
+    if (quant_x == X_ROUNDED_PER_ROW) != isinstance(x, QuantRows):
+        given = "rows rounded to float8 (QuantRows)" if isinstance(x, QuantRows) else f"a {x.dtype} tensor"
+        raise ValueError(f"config {config} and its input disagree: got {given}; a 6th number 2 takes QuantRows")
+    if isinstance(x, QuantRows):
+        return x.q, x.scale, x.shape, x.dtype, quant_x
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    return x2, x2, x.shape, x.dtype, quant_x
 
 
 def dense(y: torch.Tensor | SplitK) -> torch.Tensor:
@@ -285,11 +304,20 @@ def agrees(label: str, product: Callable[[], torch.Tensor], ref: torch.Tensor, t
     return ok
 
 
-def _agrees(x: torch.Tensor, w, b, s, config: Config) -> bool:
-    """The config's product equals the reference within rounding of the activations' type (of
-    float8 where the config rounds them)."""
-    tolerance = X8_TOLERANCE if len(config) >= 6 and config[5] == 1 else 2e-2
-    return agrees(f"gemv {config}", lambda: dense(small_matmul(x, w, b, config, s)), reference(x, w, b, s), tolerance)
+def _agrees(x: torch.Tensor, xr, w, b, s, config: Config) -> bool:
+    """The config's product (of `xr`, x rounded per row, where it takes that) equals the reference
+    within rounding of the activations' type (of float8 where the config multiplies float8)."""
+    quant_x = config[5] if len(config) >= 6 else X_AS_GIVEN
+    tolerance = X8_TOLERANCE if quant_x != X_AS_GIVEN else 2e-2
+    given = xr if quant_x == X_ROUNDED_PER_ROW else x
+    product = lambda: dense(small_matmul(given, w, b, config, s))
+    return agrees(f"gemv {config}", product, reference(x, w, b, s), tolerance)
+
+
+def _round_rows(x: torch.Tensor, fmt: torch.dtype) -> QuantRows:
+    from .qmatmul import round_rows  # qmatmul builds on this module
+
+    return round_rows(x, fmt)
 
 
 def _fp8_gemm_time(x: torch.Tensor, mats, rounded: bool, consume) -> dict:
@@ -311,13 +339,20 @@ def split_configs(dot_configs: Sequence[Config], k: int) -> list[Config]:
 
 
 def candidates(
-    rows: int, weight: torch.Tensor, quantized: bool, split_ok: bool, configs: Sequence[Config], dots: Sequence[Config]
+    rows: int,
+    weight: torch.Tensor,
+    quantized: bool,
+    split_ok: bool,
+    configs: Sequence[Config],
+    dots: Sequence[Config],
+    rounded: bool = False,
 ) -> list[Config]:
     """The tiles timed for `rows` rows of x against `weight` [N, K]: gemv up to MAX_ROWS rows and
     the tensor-core tiles at every row count (a padded 16-row tile streams a weight well even for one
     row), split along K only where the consumer adds up partial sums (`split_ok`); float8 weights
-    also try float8 activations, unswapped and swapped (SWAP_TILES), other weights swapped tiles of
-    their own type (SWAP_WIDE_TILES). `quantized`: the weight is 8-bit (the 8-bit tile lists)."""
+    also try float8 activations, unswapped and swapped (SWAP_TILES), and where the producer rounds x
+    per row (`rounded`) the ROUNDED_TILES on that x; other weights swapped tiles of their own type
+    (SWAP_WIDE_TILES). `quantized`: the weight is 8-bit (the 8-bit tile lists)."""
     small, dots = (QUANT_CONFIGS, QUANT_DOT_CONFIGS) if quantized else (configs, dots)
     tiles = split_configs(dots, weight.shape[1]) if split_ok else list(dots)
     splits = [s for s in SPLITS[:3] if s == 1 or split_ok]
@@ -325,9 +360,17 @@ def candidates(
     if weight.dtype == torch.float8_e4m3fn:
         tiles += [(*t, s, 1) for t in X8_TILES for s in SPLITS if (s == 1 or split_ok) and fits(t, s)]
         tiles += [(*t, s, 1, 1) for t in SWAP_TILES for s in splits if fits(t, s)]
+        if rounded:
+            tiles += [(*t[:4], s, X_ROUNDED_PER_ROW, t[4]) for t in ROUNDED_TILES for s in splits if fits(t, s)]
     else:
         tiles += [(*t, s, 0, 1) for t in SWAP_WIDE_TILES for s in splits if fits(t, s)]
     return [*small, *tiles] if rows <= MAX_ROWS else tiles
+
+
+def takes_rounded(entry: Config | str | None) -> bool:
+    """A table entry whose product takes its input rounded per row (`QuantRows`): the FP8 GEMM, or
+    a tile with a 6th number 2."""
+    return entry == FP8_GEMM or (isinstance(entry, tuple) and len(entry) >= 6 and entry[5] == X_ROUNDED_PER_ROW)
 
 
 Consumer = Callable[["torch.Tensor | SplitK"], object]
@@ -364,9 +407,12 @@ def tune(
             x = torch.randn(m, 1, k, device=mats[0][0].device, dtype=dtype)
             run = lambda f: lambda: [consume(f(x, w, b, s)) for w, b, s in mats]
             times = {"cublas": graph_ms(run(reference))}
-            tiles = candidates(m, mats[0][0], mats[0][2] is not None, kind in consumers, configs, dot_configs)
-            for cfg in (c for c in tiles if _agrees(x, *mats[0], c)):
-                times[cfg] = graph_ms(run(lambda x, w, b, s, cfg=cfg: small_matmul(x, w, b, cfg, s, steps)))
+            w0, rounds = mats[0][0], kind in rounded and mats[0][0].dtype == torch.float8_e4m3fn
+            tiles = candidates(m, w0, mats[0][2] is not None, kind in consumers, configs, dot_configs, rounds)
+            xr = _round_rows(x, w0.dtype) if rounds else None  # as the kind's producer hands it over
+            for cfg in (c for c in tiles if _agrees(x, xr, *mats[0], c)):
+                given = xr if takes_rounded(cfg) else x
+                times[cfg] = graph_ms(run(lambda _, w, b, s, c=cfg, g=given: small_matmul(g, w, b, c, s, steps)))
             if mats[0][0].dtype == torch.float8_e4m3fn:
                 times.update(_fp8_gemm_time(x, mats, kind in rounded, consume))
             best = min(times, key=times.get)

@@ -17,44 +17,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .gemv import agrees, graph_ms, reference
+from .rows import FP8_ALIGN, QuantRows
 
 log = logging.getLogger(__name__)
 # (rows of x, rows of W, K step, warps, stages) per program
 TILE_CONFIGS = ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 256, 64, 8, 3))
 GROUP_M = 8  # programs along M that sweep the same columns of W together (the weight tiles stay in L2)
-FP8_ALIGN = 16  # the FP8 GEMM's row count must be a multiple of this
 Choice = "str | tuple[int, ...]"  # "reference", "fp8", or a TILE_CONFIGS entry
-
-
-class QuantRows(NamedTuple):
-    """Activations rounded to e4m3 with one scale per row, by the kernel that made them: `q`
-    [rows rounded up to FP8_ALIGN, K] and `scale` [same, 1] (float32) (rows past the real ones are
-    never read back); `shape` and `dtype`: the activations' own ([..., K]), which the product's
-    output takes."""
-
-    q: torch.Tensor
-    scale: torch.Tensor
-    shape: torch.Size
-    dtype: torch.dtype
-
-    @staticmethod
-    def empty(shape: torch.Size, dtype: torch.dtype, fmt: torch.dtype, device) -> QuantRows:
-        """Room for activations of `shape` / `dtype` rounded to `fmt`."""
-        rows = shape.numel() // shape[-1]
-        padded = rows + (-rows % FP8_ALIGN)
-        q = torch.empty((padded, shape[-1]), dtype=fmt, device=device)
-        return QuantRows(q, torch.empty((padded, 1), dtype=torch.float32, device=device), shape, dtype)
-
-    @property
-    def rows(self) -> int:
-        return self.shape.numel() // self.shape[-1]
 
 
 @triton.jit

@@ -307,8 +307,8 @@ class ForwardPasses:
         return h
 
     def _rounds_input(self, kind: str, rows: int, small: bool) -> torch.dtype | None:
-        """e4m3 where the layers' product `kind` at `rows` rows is the FP8 GEMM (its input made
-        rounded per row), else None (the product takes its input as it is)."""
+        """e4m3 where the layers' product `kind` at `rows` rows is the FP8 GEMM or a tile that takes
+        its input rounded per row, else None (the product takes its input as it is)."""
         if not self.fuse_row_quantization:
             return None
         weight, _, scale = operands(getattr(self.model.layers[0], kind))
@@ -317,7 +317,7 @@ class ForwardPasses:
         from ..kernels import gemv, qmatmul
 
         if small and (kind, rows) in self.kernels.gemv_table:
-            return weight.dtype if self.kernels.gemv_table[(kind, rows)] == gemv.FP8_GEMM else None
+            return weight.dtype if gemv.takes_rounded(self.kernels.gemv_table[(kind, rows)]) else None
         return weight.dtype if qmatmul.choose(self.kernels.quant_table, kind, rows) == "fp8" else None
 
     def _scale(self, norm) -> torch.Tensor | None:
@@ -345,13 +345,14 @@ class ForwardPasses:
         the FP8 GEMM where x comes rounded for it (`QuantRows`, see `_rounds_input`)."""
         from ..kernels import gemv, qmatmul
 
-        if isinstance(x, qmatmul.QuantRows):
-            return qmatmul.fp8_matmul(x, weight, scale, bias)
-        rows = x.numel() // x.shape[-1]
+        rounded = isinstance(x, qmatmul.QuantRows)
+        rows = x.rows if rounded else x.numel() // x.shape[-1]
         config = self.kernels.gemv_table.get((kind, rows)) if small else None
-        if config == gemv.FP8_GEMM:  # start-up timing preferred the FP8 GEMM to every tile at these rows
+        if config == gemv.FP8_GEMM or (rounded and config is None):  # the FP8 GEMM, tuned for these rows
             return qmatmul.fp8_matmul(x, weight, scale, bias)
         if config is not None:
+            if gemv.takes_rounded(config) and not rounded:  # the first layer's qkv: a plain norm made x
+                x = qmatmul.round_rows(x, weight.dtype)
             steps = self.kernels.prefetch_steps if self.kernels.pdl else None
             return gemv.small_matmul(x, weight, bias, config, scale, steps)
         if scale is None:
