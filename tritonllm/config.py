@@ -82,6 +82,8 @@ class EngineConfig:
     instance_balance_ms: float = 50.0  # several engine instances: a full one holds a new request this long
     # in execute() (so Triton hands the next ones to the others) before queueing it
     threads: int = 0  # runtime intra-op threads (0: runtime default)
+    ort_spin_wait: bool = True  # onnxruntime: its compute threads spin between ops (ONNX Runtime's default);
+    # False: they sleep, leaving the cores to the server's other processes between ops
     dtype: str = "float32"
     kv_cache_memory_fraction: float = 0.5  # GPU runtimes: share of free memory for the KV cache
     kv_cache_tokens: int = 0  # paged runtimes: tokens the KV block pool holds (0: by kv_cache_memory_fraction on

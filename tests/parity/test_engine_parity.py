@@ -1,6 +1,8 @@
 """The engine (ONNX Runtime, in-process, in-flight batched) against transformers' greedy
 `generate`: exact token ids, on the tiny random model and on SmolLM2-135M-Instruct."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -227,3 +229,21 @@ def test_a_cold_burst_sharing_a_prefix_computes_it_once_with_hf_ids(tiny_dir, ti
     assert [g.ids for g in got] == [hf_greedy(hf, p, 8) for p in prompts]
     assert [s.reused_tokens for s in sinks] == [0, 80, 80, 80]
     assert loop.scheduler.prefix_waits == (0 if runtime == "onnxruntime" else 1)
+
+
+def test_onnx_threads_that_sleep_between_ops_give_the_same_logits(tiny_dir, tiny_engine_dir):
+    """ort_spin_wait=False: ONNX Runtime's compute threads sleep between ops instead of spinning
+    (the session says so), and a prompt's logits are those of the spinning default."""
+    from tritonllm.runtimes.base import StepInput
+    from tritonllm.runtimes.onnx_runtime import OnnxRuntime
+
+    prompt = TokenizerFiles(tiny_dir).encode(PROMPTS[0])
+    cfg = EngineConfig(max_slots=1, max_context=64, max_tokens_limit=32, default_max_tokens=8, threads=2)
+    spin, sleep = OnnxRuntime(tiny_engine_dir, cfg), OnnxRuntime(tiny_engine_dir, replace(cfg, ort_spin_wait=False))
+    entry = "session.intra_op.allow_spinning"
+    assert sleep.session.get_session_options().get_session_config_entry(entry) == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's default: spin
+        spin.session.get_session_options().get_session_config_entry(entry)
+    torch.testing.assert_close(
+        torch.as_tensor(sleep.step([StepInput(0, prompt, 0)])), torch.as_tensor(spin.step([StepInput(0, prompt, 0)]))
+    )

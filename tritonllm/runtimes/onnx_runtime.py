@@ -67,6 +67,8 @@ class OnnxRuntime(PagedAdmission, Runtime):
         opts = ort.SessionOptions()
         if cfg.threads:
             opts.intra_op_num_threads = cfg.threads
+        if not cfg.ort_spin_wait:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(
             str(Path(engine_dir) / "model.onnx"), opts, providers=providers or ["CPUExecutionProvider"]
