@@ -151,6 +151,8 @@ def test_engine_config_roundtrips_through_parameters():
     assert EngineConfig.from_parameters(CFG.to_parameters()) == CFG
     quantized = EngineConfig(runtime="torch-cuda", quantization="fp8")
     assert EngineConfig.from_parameters(quantized.to_parameters()) == quantized
+    sleeping = replace(CFG, ort_spin_wait=False)  # a False bool survives the strings
+    assert EngineConfig.from_parameters(sleeping.to_parameters()) == sleeping != CFG
 
 
 @pytest.mark.parametrize(

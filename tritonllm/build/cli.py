@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
     p.add_argument("--stream-interval-ms", type=float, default=d.stream_interval_ms)
     p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--ort-no-spin", action="store_true",
+                   help="onnxruntime: compute threads sleep between ops instead of spinning (leaves the cores to "
+                   "Triton's processes: faster at batch 8 on a 2-core host, slower at batch 1; docs/benchmarks.md)")
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="weights and KV cache (torch-cuda: bfloat16)")
     p.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
                    help="prompt tokens one engine step prefills (bounds the stall of the running streams)")
@@ -131,7 +134,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
                         prefix_cache=not a.no_prefix_cache, quantization=a.quantization,
                         kv_cache_memory_fraction=a.kv_cache_memory_fraction, kv_cache_tokens=a.kv_cache_tokens,
                         kv_policy=a.kv_policy, kv_cache_dtype=a.kv_cache_dtype,
-                        quantize_lm_head=a.quantize_lm_head)
+                        quantize_lm_head=a.quantize_lm_head, ort_spin_wait=not a.ort_no_spin)
 
 if __name__ == "__main__":
     main()
