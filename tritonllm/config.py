@@ -88,6 +88,8 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.5  # GPU runtimes: share of free memory for the KV cache
     kv_cache_tokens: int = 0  # paged runtimes: tokens the KV block pool holds (0: by kv_cache_memory_fraction on
     # a GPU, every slot at max_context on the host); requests are admitted by the blocks they may fill
+    tuning_cache: str = "auto"  # torch-cuda: folder of start-up kernel tables kept per GPU kind, model shape and
+    # code ("auto": $XDG_CACHE_HOME or ~/.cache, under tritonllm/tuning; "off": tune at every start)
     torch_compile: bool = False  # torch-cuda: torch.compile the decode step before graph capture
     prefix_cache: bool = True  # onnxruntime, torch-cuda: prompts reuse the cached keys/values of a prefix seen before
     kv_cache_dtype: str = "auto"  # torch-cuda: "fp8" stores keys/values as e4m3 with a scale per layer and KV head
@@ -133,6 +135,7 @@ class EngineConfig:
         _check(self.multi_step_min_active >= 1, "multi_step_min_active", self.multi_step_min_active, ">= 1")
         _check(1 <= self.launch_ahead <= 4, "launch_ahead", self.launch_ahead, "1..4")
         _check(1 <= self.response_threads <= 64, "response_threads", self.response_threads, "1..64")
+        _check(bool(self.tuning_cache.strip()), "tuning_cache", self.tuning_cache, '"auto", "off" or a folder')
         _check(self.response_order in RESPONSE_ORDERS, "response_order", self.response_order, "|".join(RESPONSE_ORDERS))
         _check(self.engine_process in ENGINE_PROCESS, "engine_process", self.engine_process, "|".join(ENGINE_PROCESS))
         _check(0 <= self.io_processes <= 32, "io_processes", self.io_processes, "0 (auto)..32")

@@ -58,6 +58,9 @@ def test_kustomize_overlay_renders_valid_kubernetes_objects(overlay, tmp_path):
     assert pod["terminationGracePeriodSeconds"] > 90 + 15  # the drain, then Triton's exit timeout
     assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["volumes"])  # /dev/shm
     assert ("nvidia.com/gpu" in container["resources"]["limits"]) == (overlay == "gpu")
+    if overlay == "gpu":  # the tuned kernel tables (tuning_cache "auto") outlive a container restart
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["XDG_CACHE_HOME"] in {m["mountPath"] for m in container["volumeMounts"]}
 
 
 def test_the_prestop_drain_runs_on_the_standard_library_alone():

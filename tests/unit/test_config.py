@@ -26,6 +26,7 @@ CFG = EngineConfig(max_slots=4, max_context=256, max_tokens_limit=200, default_m
         dict(kv_policy="lru"),
         dict(kv_cache_dtype="int8"),
         dict(io_processes=33),
+        dict(tuning_cache=" "),
     ],
 )
 def test_engine_config_bounds(kw):

@@ -21,7 +21,7 @@ from ...model.quant import check_device_support, place, scheme_of
 from ..base import Runtime, RuntimeCapabilities, RuntimeStats, StepInput
 from ..kernels.compile_watch import WATCH
 from ..paged_kv import BLOCK_SIZE, PagedAdmission
-from . import sampling
+from . import sampling, tuning_cache
 from .cache import FP8, PagedDeviceCache, kv_scales_for, size_blocks
 from .forward import ForwardPasses
 from .graphs import PREFILL_GRAPH_TOKENS, Buckets, GraphCache, bucket_for
@@ -123,6 +123,7 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
             gemv_table,
             quant_table,
             cfg.max_prefill_tokens,
+            tuning_cache.cache_dir(cfg.tuning_cache),
         )
         sampling.warm_up_logprobs(self.shape.vocab_size, self.device)
         self.compiled = bool(cfg.torch_compile and self.device.type == "cuda")

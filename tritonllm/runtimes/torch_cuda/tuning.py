@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from ...model.quant import PROJECTIONS, operands, scheme_of
+from . import tuning_cache
 from .cache import PagedDeviceCache
 
 log = logging.getLogger(__name__)
@@ -90,15 +92,26 @@ def choose_kernels(
     gemv_table: dict | None,
     quant_table: dict | None = None,
     piece_tokens: int = 0,
+    folder: Path | None = None,
 ) -> KernelChoice:
     """The tables for this model on this device: `gemv_table` / `quant_table` as given (tests),
-    else tuned; the prompt pieces' attention tile for steps of up to `piece_tokens` (0: default)."""
+    else tuned, or read from `folder` where this engine was tuned before (`tuning_cache`); the
+    prompt pieces' attention tile for steps of up to `piece_tokens` (0: default)."""
     device = cache.keys.device
     if not triton or device.type != "cuda":
         return KernelChoice(triton, dict(gemv_table or {}), quant_table=dict(quant_table or {}))
     from ..kernels import pdl
 
-    choice = KernelChoice(True, pdl=pdl.supported(device))
+    on = pdl.supported(device)
+    tune = lambda: _tune_all(model, cache, batch_buckets, max_context, gemv_table, quant_table, piece_tokens, on)
+    if gemv_table is not None or quant_table is not None:  # tables given: nothing to keep
+        return tune()
+    fields = tuning_cache.facts(model, cache, batch_buckets, max_context, piece_tokens, on)
+    return tuning_cache.cached(folder, fields, tune, KernelChoice)
+
+
+def _tune_all(model, cache, batch_buckets, max_context, gemv_table, quant_table, piece_tokens, pdl) -> KernelChoice:
+    choice = KernelChoice(True, pdl=pdl)
     if gemv_table is not None:
         choice.gemv_table = dict(gemv_table)
     elif os.environ.get("TRITONLLM_GEMV") != "0":
