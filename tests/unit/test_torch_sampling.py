@@ -144,3 +144,32 @@ def test_sampled_rows_drawn_in_chunks_give_the_same_seeded_ids(monkeypatch):
     whole = ids()
     monkeypatch.setattr(torch_sampling, "DRAW_ROWS", 2)  # chunks of 2, 2 and 1 rows
     assert ids() == whole
+
+
+def test_a_plan_notes_each_row_where_its_request_asks():
+    """Rows of every kind in one batch: EOS masked for ignore_eos and below min_tokens (not past
+    it), grouped by EOS set; history rows for penalties and bad words; sampled rows, except a prompt
+    piece that does not end its prompt; log-probability rows."""
+    other_eos = frozenset({4, 5})
+    rows = [
+        seq([], temperature=0.0),  # 0: nothing to do
+        seq([1, 2], temperature=0.0, ignore_eos=True),  # 1: masked
+        seq([1], temperature=0.0, min_tokens=4),  # 2: masked (1 of 4)
+        seq([1, 2, 3, 4], temperature=0.0, min_tokens=4),  # 3: past min_tokens
+        seq([], temperature=0.0, repetition_penalty=1.2),  # 4: history
+        seq([], temperature=0.7, top_k=5),  # 5: sampled
+        seq([], temperature=0.7),  # 6: sampled, but a piece mid-prompt
+        seq([], temperature=0.0, logprobs=True, top_logprobs=3),  # 7: log-probabilities
+        Sequence([5, 6], SamplingParams(temperature=0.0, ignore_eos=True), other_eos, new_rng(0)),  # 8
+        seq([], temperature=0.0, bad_ids=[[9]], ignore_eos=True),  # 9: masked, history
+    ]
+    rows[2].pending = 2  # 1 generated + 2 on the way: still below 4
+    rows[5].prefilled = rows[5].n_prefill  # decoding
+    rows[6].n_prefill, rows[6].prefilled, rows[6].chunk = 40, 0, 16
+    plan = torch_sampling.SamplingPlan(rows)
+    assert sorted((sorted(ids), got) for ids, got in plan.masked) == [([3], [1, 2, 9]), ([4, 5], [8])]
+    assert plan.history_rows == [4, 9] and plan.sampled_rows == [5] and plan.logprob_rows == [7]
+    assert plan.top_logprobs == 3 and plan.upcast
+    rows[2].pending = 3  # 1 + 3 reaches min_tokens: no longer masked
+    assert [got for _, got in torch_sampling.SamplingPlan(rows[:4]).masked] == [[1]]
+    assert torch_sampling.SamplingPlan(rows[:1]).masked == [] and not torch_sampling.SamplingPlan(rows[:1]).upcast

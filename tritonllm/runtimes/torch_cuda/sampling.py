@@ -36,6 +36,21 @@ def _neg_inf(like: torch.Tensor) -> torch.Tensor:
     return _NEG_INF[key]
 
 
+def _ends_prompt(s) -> bool:
+    return s.prefilled + s.chunk >= s.n_prefill
+
+
+def _by_stop_ids(seqs, rows: list[int]) -> list[tuple[frozenset, list[int]]]:
+    """The rows grouped by their EOS set (one masking op each): mostly a single set for all."""
+    ids = [seqs[i].stop_token_ids for i in rows]
+    if not ids or ids.count(ids[0]) == len(ids):
+        return [(ids[0], rows)] if ids else []
+    groups: dict[frozenset, list[int]] = {}
+    for i, eos in zip(rows, ids):
+        groups.setdefault(eos, []).append(i)
+    return list(groups.items())
+
+
 class SamplingPlan:
     """What a batch's sampling does, read from its sequences once per launch (one pass over them)
     and applied to each step's logits: EOS masking (min_tokens / ignore_eos) grouped by EOS set,
@@ -45,25 +60,17 @@ class SamplingPlan:
 
     def __init__(self, seqs):
         self.seqs = seqs
-        masked: dict[frozenset, list[int]] = {}  # rows whose EOS is masked, grouped by EOS set: one op each
-        self.history_rows, self.sampled_rows, self.logprob_rows = [], [], []
-        eos_ids, eos_rows = None, []  # the last row's group: consecutive rows mostly share one EOS set
-        for i, s in enumerate(seqs):
-            below = s.eos_masked_below
-            if below and len(s.output_ids) + s.pending < below:  # ignore_eos, or below min_tokens
-                if s.stop_token_ids is not eos_ids:
-                    eos_ids = s.stop_token_ids
-                    eos_rows = masked.setdefault(eos_ids, [])
-                eos_rows.append(i)
-            if s.plain_sampling:  # greedy, no processors, no log-probabilities: nothing more to note
-                continue
-            if s.needs_host_history:
-                self.history_rows.append(i)
-            if not s.greedy and s.prefilled + s.chunk >= s.n_prefill:  # a prompt piece draws nothing:
-                self.sampled_rows.append(i)  # a seeded request samples the same however its prompt was split
-            if s.params.logprobs:
-                self.logprob_rows.append(i)
-        self.masked = list(masked.items())
+        # list comprehensions over every row, the per-row work only where a row asks for it: at a
+        # thousand rows a step this pass is host time of every launch
+        masked = [
+            i for i, s in enumerate(seqs) if s.eos_masked_below and len(s.output_ids) + s.pending < s.eos_masked_below
+        ]
+        other = [i for i, s in enumerate(seqs) if not s.plain_sampling]  # greedy, no processors: nothing more
+        self.history_rows = [i for i in other if seqs[i].needs_host_history]
+        # a prompt piece draws nothing: a seeded request samples the same however its prompt was split
+        self.sampled_rows = [i for i in other if not seqs[i].greedy and _ends_prompt(seqs[i])]
+        self.logprob_rows = [i for i in other if seqs[i].params.logprobs]
+        self.masked = _by_stop_ids(seqs, masked)
         self.top_logprobs = max((seqs[i].params.top_logprobs for i in self.logprob_rows), default=0)
         self.upcast = bool(self.sampled_rows) or any(
             seqs[i].params.repetition_penalty != 1.0 or seqs[i].params.has_output_penalties for i in self.history_rows
