@@ -56,6 +56,7 @@ class Sequence:
     greedy: bool = field(init=False)
     eos_masked_below: float = field(init=False)  # the EOS ids are masked while fewer tokens were generated
     # (min_tokens; inf with ignore_eos; 0 without EOS ids)
+    eos_always_masked: bool = field(init=False)  # ignore_eos with EOS ids: the sampler's one-test row
     longest_stop: int = field(init=False)  # ids in the longest stop sequence (a response resends twice that)
     ends_on: frozenset[int] = field(init=False)  # ids that end it when sampled (none with ignore_eos)
     plain_append: bool = field(init=False)  # a sampled id is only appended and length-checked (no
@@ -68,6 +69,7 @@ class Sequence:
         self.needs_host_history = p.repetition_penalty != 1.0 or bool(p.bad_ids) or p.has_output_penalties
         self.greedy = p.greedy
         self.eos_masked_below = 0 if not self.stop_token_ids else float("inf") if p.ignore_eos else p.min_tokens
+        self.eos_always_masked = self.eos_masked_below == float("inf")
         self.longest_stop = max(map(len, p.stop_ids), default=0)
         self.ends_on = frozenset() if p.ignore_eos else self.stop_token_ids
         self.plain_append = not (p.logprobs or p.stop_ids or p.stop_strings)

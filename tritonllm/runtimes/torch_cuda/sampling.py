@@ -63,7 +63,9 @@ class SamplingPlan:
         # list comprehensions over every row, the per-row work only where a row asks for it: at a
         # thousand rows a step this pass is host time of every launch
         masked = [
-            i for i, s in enumerate(seqs) if s.eos_masked_below and len(s.output_ids) + s.pending < s.eos_masked_below
+            i
+            for i, s in enumerate(seqs)
+            if s.eos_always_masked or (s.eos_masked_below and len(s.output_ids) + s.pending < s.eos_masked_below)
         ]
         other = [i for i, s in enumerate(seqs) if not s.plain_sampling]  # greedy, no processors: nothing more
         self.history_rows = [i for i in other if seqs[i].needs_host_history]
