@@ -228,11 +228,16 @@ def small_matmul(
     return out.view(*shape[:-1], n)
 
 
+def _x_mode(config: Config) -> int:
+    """What a config does with x: X_AS_GIVEN, X_ROUNDED_PER_STEP or X_ROUNDED_PER_ROW (its 6th number)."""
+    return config[5] if len(config) >= 6 else X_AS_GIVEN
+
+
 def _operands(x: torch.Tensor | QuantRows, weight: torch.Tensor, config: Config) -> tuple:
     """(x as [rows, K] with unit stride, its row scales (x itself where it has none), x's shape and
     dtype, the config's treatment of x): a config that rounds x to float8 needs float8 weights, and
     one that takes x rounded per row needs it so (`QuantRows`) and no other config does."""
-    quant_x = config[5] if len(config) >= 6 else X_AS_GIVEN
+    quant_x = _x_mode(config)
     if quant_x != X_AS_GIVEN and weight.dtype != torch.float8_e4m3fn:
         raise ValueError(f"config {config} multiplies float8 activations: it needs float8 weights, got {weight.dtype}")
     if (quant_x == X_ROUNDED_PER_ROW) != isinstance(x, QuantRows):
@@ -304,20 +309,13 @@ def agrees(label: str, product: Callable[[], torch.Tensor], ref: torch.Tensor, t
     return ok
 
 
-def _agrees(x: torch.Tensor, xr, w, b, s, config: Config) -> bool:
-    """The config's product (of `xr`, x rounded per row, where it takes that) equals the reference
-    within rounding of the activations' type (of float8 where the config multiplies float8)."""
-    quant_x = config[5] if len(config) >= 6 else X_AS_GIVEN
-    tolerance = X8_TOLERANCE if quant_x != X_AS_GIVEN else 2e-2
-    given = xr if quant_x == X_ROUNDED_PER_ROW else x
+def _agrees(x: torch.Tensor, given, w, b, s, config: Config) -> bool:
+    """The config's product of `given` (x, or x rounded per row where the config takes that) equals
+    the reference on x within rounding of the activations' type (of float8 where the config
+    multiplies float8)."""
+    tolerance = X8_TOLERANCE if _x_mode(config) != X_AS_GIVEN else 2e-2
     product = lambda: dense(small_matmul(given, w, b, config, s))
     return agrees(f"gemv {config}", product, reference(x, w, b, s), tolerance)
-
-
-def _round_rows(x: torch.Tensor, fmt: torch.dtype) -> QuantRows:
-    from .qmatmul import round_rows  # qmatmul builds on this module
-
-    return round_rows(x, fmt)
 
 
 def _fp8_gemm_time(x: torch.Tensor, mats, rounded: bool, consume) -> dict:
@@ -370,7 +368,7 @@ def candidates(
 def takes_rounded(entry: Config | str | None) -> bool:
     """A table entry whose product takes its input rounded per row (`QuantRows`): the FP8 GEMM, or
     a tile with a 6th number 2."""
-    return entry == FP8_GEMM or (isinstance(entry, tuple) and len(entry) >= 6 and entry[5] == X_ROUNDED_PER_ROW)
+    return entry == FP8_GEMM or (isinstance(entry, tuple) and _x_mode(entry) == X_ROUNDED_PER_ROW)
 
 
 Consumer = Callable[["torch.Tensor | SplitK"], object]
@@ -398,6 +396,8 @@ def tune(
     (their producers round them), else rounding them itself. Returns {(kind, rows):
     config} for the kinds where a config beat cuBLAS, and the timings (microseconds for all layers'
     weights of the kind) for the log and the benchmark."""
+    from . import qmatmul  # it builds on this module
+
     consumers, steps = consumers or {}, 0 if pdl else None  # steps: small_matmul's PDL argument
     table, report = {}, []
     for kind, mats in weights.items():
@@ -409,10 +409,10 @@ def tune(
             times = {"cublas": graph_ms(run(reference))}
             w0, rounds = mats[0][0], kind in rounded and mats[0][0].dtype == torch.float8_e4m3fn
             tiles = candidates(m, w0, mats[0][2] is not None, kind in consumers, configs, dot_configs, rounds)
-            xr = _round_rows(x, w0.dtype) if rounds else None  # as the kind's producer hands it over
-            for cfg in (c for c in tiles if _agrees(x, xr, *mats[0], c)):
-                given = xr if takes_rounded(cfg) else x
-                times[cfg] = graph_ms(run(lambda _, w, b, s, c=cfg, g=given: small_matmul(g, w, b, c, s, steps)))
+            xr = qmatmul.round_rows(x, w0.dtype) if rounds else None  # as the kind's producer hands it over
+            for cfg, given in ((c, xr if takes_rounded(c) else x) for c in tiles):
+                if _agrees(x, given, *mats[0], cfg):
+                    times[cfg] = graph_ms(run(lambda _, w, b, s, c=cfg, g=given: small_matmul(g, w, b, c, s, steps)))
             if mats[0][0].dtype == torch.float8_e4m3fn:
                 times.update(_fp8_gemm_time(x, mats, kind in rounded, consume))
             best = min(times, key=times.get)

@@ -43,8 +43,10 @@ def _ends_prompt(s) -> bool:
 def _by_stop_ids(seqs, rows: list[int]) -> list[tuple[frozenset, list[int]]]:
     """The rows grouped by their EOS set (one masking op each): mostly a single set for all."""
     ids = [seqs[i].stop_token_ids for i in rows]
-    if not ids or ids.count(ids[0]) == len(ids):
-        return [(ids[0], rows)] if ids else []
+    if not ids:
+        return []
+    if ids.count(ids[0]) == len(ids):
+        return [(ids[0], rows)]
     groups: dict[frozenset, list[int]] = {}
     for i, eos in zip(rows, ids):
         groups.setdefault(eos, []).append(i)
