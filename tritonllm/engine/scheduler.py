@@ -151,6 +151,7 @@ class Scheduler:
                 break
             seq = self.waiting.popleft()
             seq.slot = heapq.heappop(self.free_slots)
+            seq.limit_output(self.cfg.max_context)
             self.running.append(seq)
             budget = self._take_piece(seq, budget, prefill, partial, cached)
         self._admitted_last = bool(prefill)
@@ -258,16 +259,11 @@ class Scheduler:
     def _decoding(self) -> list[Sequence]:
         """The running sequences that decode this step: prefilled, and not surely ended by the tokens
         still on their way (length). One pass, inline: it runs over every running row each step."""
-        max_context, decode = self.cfg.max_context, []
-        for s in self.running:
-            if s.prefilled < s.n_prefill:
-                continue
-            if s.pending:
-                n = len(s.output_ids) + s.pending
-                if n >= s.params.max_tokens or s.n_prompt + n >= max_context:
-                    continue
-            decode.append(s)
-        return decode
+        return [
+            s
+            for s in self.running
+            if s.prefilled >= s.n_prefill and not (s.pending and len(s.output_ids) + s.pending >= s.output_limit)
+        ]
 
     def launched(self, plan: StepPlan) -> None:
         """The plan's step is enqueued: its prompt pieces are in the cache, and each of its other
@@ -284,7 +280,7 @@ class Scheduler:
         plan); return those that finished (slots freed). Sequences that ended while the step was in
         flight (cancelled, or finished by an earlier step in the overlapped loop) drop their tokens."""
         finished = []
-        now, steps, partial, max_context, kept = time.monotonic(), plan.steps, plan.partial, self.cfg.max_context, 0
+        now, steps, partial, kept = time.monotonic(), plan.steps, plan.partial, 0
         for seq, got in zip(plan.sequences, tokens):
             if partial and seq in partial:  # a prompt piece: its logits were not sampled
                 continue
@@ -300,8 +296,7 @@ class Scheduler:
                     out = seq.output_ids
                     out.append(got)
                     kept += 1
-                    n = len(out)
-                    reason = "length" if n >= seq.params.max_tokens or seq.n_prompt + n >= max_context else None
+                    reason = "length" if len(out) >= seq.output_limit else None
             else:
                 reason = self._append(seq, got) if steps == 1 else self._append_run(seq, got)
             if reason:

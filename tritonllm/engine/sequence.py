@@ -62,6 +62,8 @@ class Sequence:
     plain_append: bool = field(init=False)  # a sampled id is only appended and length-checked (no
     # log-probabilities, stop sequences or stop strings): the scheduler's per-row fast path
     plain_sampling: bool = field(init=False)  # greedy, no history processors, no log-probabilities
+    output_limit: int = field(init=False)  # output ids at which it ends for length: max_tokens, lowered to
+    # what max_context leaves after the prompt once a scheduler admits it (`limit_output`); read per row per step
 
     def __post_init__(self) -> None:
         p = self.params
@@ -74,6 +76,11 @@ class Sequence:
         self.ends_on = frozenset() if p.ignore_eos else self.stop_token_ids
         self.plain_append = not (p.logprobs or p.stop_ids or p.stop_strings)
         self.plain_sampling = self.greedy and not self.needs_host_history and not p.logprobs
+        self.output_limit = p.max_tokens
+
+    def limit_output(self, max_context: int) -> None:
+        """The engine's context bounds the output too: one comparison per step instead of two."""
+        self.output_limit = min(self.params.max_tokens, max_context - self.n_prompt)
 
     @property
     def length(self) -> int:
