@@ -14,6 +14,8 @@ import torch
 log = logging.getLogger(__name__)
 PREFILL_GRAPH_TOKENS = 8192  # larger prefills launch eagerly: their GPU time hides the launches, and each
 # graph's memory pool grows with its size
+PREFILL_PAD_TOKENS = 1024  # above this many tokens a prefill's device time hides its eager launches, so ...
+PREFILL_PAD_SHARE = 0.1  # ... a bucket that would compute more than this share of padding is not replayed
 
 
 def buckets(limit: int, start: int = 1) -> list[int]:
@@ -52,6 +54,21 @@ class Buckets:
 
     def prefill_graphed(self, b: int, t: int) -> bool:
         return b * t <= PREFILL_GRAPH_TOKENS
+
+    def prefill_bucket(self, b: int, t: int) -> tuple[int, int] | None:
+        """The (batch, length) graph that replays a prefill of b prompts of up to t tokens, or None to
+        launch it eagerly (b x t computed): beyond PREFILL_GRAPH_TOKENS, and for a large prefill that its
+        bucket pads by more than PREFILL_PAD_SHARE. Under Triton prompts arrive a few at a time: 25
+        prompts of 128 tokens on the 32-prompt graph compute 28 % more than they hold, device time that
+        at hundreds of streams every decoding sequence waits for, while launching them eagerly costs
+        host time that a step of that size hides."""
+        bb, tb = bucket_for(b, self.prefill_batch), bucket_for(t, self.prefill_length)
+        padded = bb * tb
+        if not self.prefill_graphed(bb, tb):
+            return None
+        if padded > PREFILL_PAD_TOKENS and padded > (1 + PREFILL_PAD_SHARE) * b * t:
+            return None
+        return bb, tb
 
 
 class GraphCache:

@@ -250,15 +250,17 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
     # -- steps -----------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, rows: list[StepInput]) -> torch.Tensor:
-        """Whole prompts, right-padded to one length bucket (a graph replay up to
-        PREFILL_GRAPH_TOKENS: launched eagerly, a short prompt costs the host far more than the
-        device, and the loop launches no decode step meanwhile)."""
+        """Whole prompts, right-padded to one length bucket and replayed from its graph where
+        `Buckets.prefill_bucket` has one (launched eagerly, a short prompt costs the host far more
+        than the device, and the loop launches no decode step meanwhile); else launched eagerly,
+        padded to the longest prompt only."""
         b, t = len(rows), max(len(r.tokens) for r in rows)
-        bb, tb = bucket_for(b, self.buckets.prefill_batch), bucket_for(t, self.buckets.prefill_length)
+        bucket = self.buckets.prefill_bucket(b, t) if self.use_cuda_graphs else None
         self._prefill_counts[0] += sum(len(r.tokens) for r in rows)
-        if not self.use_cuda_graphs or not self.buckets.prefill_graphed(bb, tb):
+        if bucket is None:
             self._prefill_counts[1] += b * t
             return self.forward.prefill(*self.prefill_inputs(rows, b, t))
+        bb, tb = bucket
         self._prefill_counts[1] += bb * tb
         graph, static, out = self.prefill_graph(bb, tb)
         for buf, values in zip(static, self._prefill_lists(rows, bb, tb)):
