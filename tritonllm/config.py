@@ -84,6 +84,8 @@ class EngineConfig:
     threads: int = 0  # runtime intra-op threads (0: runtime default)
     ort_spin_wait: bool = True  # onnxruntime: its compute threads spin between ops (ONNX Runtime's default);
     # False: they sleep, leaving the cores to the server's other processes between ops
+    ort_spin_after_run: bool = True  # onnxruntime: ... and keep spinning after a step's Run returns (ONNX
+    # Runtime's default); False: they stop as it returns (`session.force_spinning_stop`), spinning only within steps
     dtype: str = "float32"
     kv_cache_memory_fraction: float = 0.5  # GPU runtimes: share of free memory for the KV cache
     kv_cache_tokens: int = 0  # paged runtimes: tokens the KV block pool holds (0: by kv_cache_memory_fraction on
