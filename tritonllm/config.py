@@ -14,6 +14,8 @@ from .errors import RequestValidationError
 RUNTIMES = ("onnxruntime", "torch-cuda", "tensorrt")
 DTYPES = ("float32", "float16", "bfloat16")
 ENGINE_PROCESS = ("auto", "on", "off")
+ORT_SPIN_AFTER_RUN = ("auto", "on", "off")
+INTEGER_SCHEMES = ("int8", "int4")  # ONNX Runtime's integer products (`ort_spin_after_run` auto)
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the weights' dtype
 AUTO_IO_PROCESSES = 2  # I/O processes an engine process gets by default (docs/decisions.md, 2026-12-04)
 RESPONSE_ORDERS = ("ends-first", "arrival")  # the response senders' order (engine/response_pump.py)
@@ -84,8 +86,9 @@ class EngineConfig:
     threads: int = 0  # runtime intra-op threads (0: runtime default)
     ort_spin_wait: bool = True  # onnxruntime: its compute threads spin between ops (ONNX Runtime's default);
     # False: they sleep, leaving the cores to the server's other processes between ops
-    ort_spin_after_run: bool = True  # onnxruntime: ... and keep spinning after a step's Run returns (ONNX
-    # Runtime's default); False: they stop as it returns (`session.force_spinning_stop`), spinning only within steps
+    ort_spin_after_run: str = "auto"  # onnxruntime: "on": they go on spinning after a step's Run returns (ONNX
+    # Runtime's default); "off": they stop as it returns (`session.force_spinning_stop`), spinning only within a
+    # step; "auto": off for integer-quantized engines (int8, int4), whose short steps leave the most gaps to the stubs
     dtype: str = "float32"
     kv_cache_memory_fraction: float = 0.5  # GPU runtimes: share of free memory for the KV cache
     kv_cache_tokens: int = 0  # paged runtimes: tokens the KV block pool holds (0: by kv_cache_memory_fraction on
@@ -140,6 +143,12 @@ class EngineConfig:
         _check(bool(self.tuning_cache.strip()), "tuning_cache", self.tuning_cache, '"auto", "off" or a folder')
         _check(self.response_order in RESPONSE_ORDERS, "response_order", self.response_order, "|".join(RESPONSE_ORDERS))
         _check(self.engine_process in ENGINE_PROCESS, "engine_process", self.engine_process, "|".join(ENGINE_PROCESS))
+        _check(
+            self.ort_spin_after_run in ORT_SPIN_AFTER_RUN,
+            "ort_spin_after_run",
+            self.ort_spin_after_run,
+            "|".join(ORT_SPIN_AFTER_RUN),
+        )
         _check(0 <= self.io_processes <= 32, "io_processes", self.io_processes, "0 (auto)..32")
         _check(
             self.io_processes <= 1 or self.separate_process,
@@ -190,6 +199,13 @@ class EngineConfig:
     def separate_process(self) -> bool:
         """Whether Triton's model instance runs the engine loop in a child process (`engine_process`)."""
         return self.engine_process == "on" or (self.engine_process == "auto" and self.runtime != "onnxruntime")
+
+    @property
+    def ort_spins_after_run(self) -> bool:
+        """Whether ONNX Runtime's threads go on spinning after each Run (`ort_spin_after_run`, resolved)."""
+        if self.ort_spin_after_run == "auto":
+            return self.quantization not in INTEGER_SCHEMES
+        return self.ort_spin_after_run == "on"
 
     @property
     def io_instances(self) -> int:

@@ -233,7 +233,7 @@ def test_a_cold_burst_sharing_a_prefix_computes_it_once_with_hf_ids(tiny_dir, ti
 
 def test_onnx_threads_that_sleep_between_ops_give_the_same_logits(tiny_dir, tiny_engine_dir):
     """ort_spin_wait=False: ONNX Runtime's compute threads sleep between ops instead of spinning;
-    ort_spin_after_run=False: they stop spinning as a step's Run returns (the sessions say so), and a
+    ort_spin_after_run off: they stop spinning as a step's Run returns (the sessions say so), and a
     prompt's logits are those of the spinning default."""
     from tritonllm.runtimes.base import StepInput
     from tritonllm.runtimes.onnx_runtime import OnnxRuntime
@@ -241,7 +241,7 @@ def test_onnx_threads_that_sleep_between_ops_give_the_same_logits(tiny_dir, tiny
     prompt = TokenizerFiles(tiny_dir).encode(PROMPTS[0])
     cfg = EngineConfig(max_slots=1, max_context=64, max_tokens_limit=32, default_max_tokens=8, threads=2)
     spin, sleep = OnnxRuntime(tiny_engine_dir, cfg), OnnxRuntime(tiny_engine_dir, replace(cfg, ort_spin_wait=False))
-    stop = OnnxRuntime(tiny_engine_dir, replace(cfg, ort_spin_after_run=False))
+    stop = OnnxRuntime(tiny_engine_dir, replace(cfg, ort_spin_after_run="off"))
     entries = ("session.intra_op.allow_spinning", "session.force_spinning_stop")
     assert [sleep.session.get_session_options().get_session_config_entry(e) for e in entries[:1]] == ["0"]
     assert [stop.session.get_session_options().get_session_config_entry(e) for e in entries[1:]] == ["1"]

@@ -247,3 +247,15 @@ def test_the_build_cli_refuses_an_lm_head_it_would_not_quantize(tmp_path, capsys
         main(["--model", str(tmp_path), "--runtime", "torch-cuda", "--quantize-lm-head", "--out", str(tmp_path)])
     assert e.value.code == 2 and "quantize_lm_head" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_onnx_threads_stop_spinning_after_each_step_of_an_integer_engine_by_default():
+    """ort_spin_after_run auto: off for int8 / int4 ONNX Runtime engines, on otherwise; on / off as
+    given; anything else is refused with the choices."""
+    assert EngineConfig().ort_spins_after_run
+    assert not EngineConfig(quantization="int8").ort_spins_after_run
+    assert not EngineConfig(quantization="int4").ort_spins_after_run
+    assert EngineConfig(quantization="int8", ort_spin_after_run="on").ort_spins_after_run
+    assert not EngineConfig(ort_spin_after_run="off").ort_spins_after_run
+    with pytest.raises(ValueError, match="ort_spin_after_run.*auto\\|on\\|off"):
+        EngineConfig(ort_spin_after_run="sometimes")

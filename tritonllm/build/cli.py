@@ -14,6 +14,7 @@ from ..config import (
     ENGINE_PROCESS,
     KV_CACHE_DTYPES,
     KV_POLICIES,
+    ORT_SPIN_AFTER_RUN,
     QUANTIZATIONS,
     RESPONSE_ORDERS,
     RUNTIMES,
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ort-no-spin", action="store_true",
                    help="onnxruntime: compute threads sleep between ops instead of spinning (leaves the cores to "
                    "Triton's processes: faster at batch 8 on a 2-core host, slower at batch 1; docs/benchmarks.md)")
+    p.add_argument("--ort-spin-after-run", choices=ORT_SPIN_AFTER_RUN, default=d.ort_spin_after_run,
+                   help="onnxruntime: compute threads go on spinning after each step (on) or stop as it ends (off); "
+                   "auto: off for int8 / int4 engines (docs/benchmarks.md)")
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="weights and KV cache (torch-cuda: bfloat16)")
     p.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
                    help="prompt tokens one engine step prefills (bounds the stall of the running streams)")
@@ -138,7 +142,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
                         kv_cache_memory_fraction=a.kv_cache_memory_fraction, kv_cache_tokens=a.kv_cache_tokens,
                         kv_policy=a.kv_policy, kv_cache_dtype=a.kv_cache_dtype,
                         quantize_lm_head=a.quantize_lm_head, ort_spin_wait=not a.ort_no_spin,
-                        tuning_cache=a.tuning_cache)
+                        ort_spin_after_run=a.ort_spin_after_run, tuning_cache=a.tuning_cache)
 
 if __name__ == "__main__":
     main()

@@ -69,7 +69,7 @@ class OnnxRuntime(PagedAdmission, Runtime):
             opts.intra_op_num_threads = cfg.threads
         if not cfg.ort_spin_wait:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if not cfg.ort_spin_after_run:
+        if not cfg.ort_spins_after_run:
             opts.add_session_config_entry("session.force_spinning_stop", "1")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(
