@@ -251,9 +251,9 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
     @torch.no_grad()
     def prefill(self, rows: list[StepInput]) -> torch.Tensor:
         """Whole prompts: replayed from the graph of their (batch, length) bucket, padded to it, where
-        `Buckets.prefill_bucket` names one (a short prefill launched eagerly would cost the host far
-        more than the device, and the loop launches no decode step meanwhile); else launched eagerly,
-        padded to the longest prompt only."""
+        `Buckets.prefill_bucket` names one (launched eagerly, a prefill below PREFILL_GRAPH_TOKENS
+        costs the host more than the device, and the loop launches no decode step meanwhile); else
+        launched eagerly, padded to the longest prompt only."""
         b, t = len(rows), max(len(r.tokens) for r in rows)
         bucket = self.buckets.prefill_bucket(b, t) if self.use_cuda_graphs else None
         self._prefill_counts[0] += sum(len(r.tokens) for r in rows)
