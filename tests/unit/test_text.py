@@ -96,3 +96,10 @@ def test_chat_template_renders_messages(tok):
     assert "<|im_start|>user\nWhat is 2+2?<|im_end|>" in prompt and prompt.endswith("<|im_start|>assistant\n")
     msgs = parse_messages('[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]')
     assert [m["role"] for m in msgs] == ["system", "user"]
+
+
+@pytest.mark.parametrize("special", [True, False])
+def test_encode_matches_the_tokenizers_own_encode(tok, special):
+    texts = ["", "Hello world", "  lead\n\ttabs", "é 🤖🎉 中文", "<|im_start|>user\nhi<|im_end|>", "ab" * 2000]
+    for text in texts:
+        assert tok.encode(text, special) == tok.tokenizer.encode(text, add_special_tokens=special).ids
