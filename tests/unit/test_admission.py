@@ -12,7 +12,7 @@ from tritonllm.engine.loop import EngineLoop
 from tritonllm.engine.scheduler import Scheduler
 from tritonllm.errors import ServerBusyError
 
-from .test_scheduler import CountingRuntime, MultiStepRuntime, OverlappingRuntime, TwoAheadRuntime, seq
+from .engine_fakes import CountingRuntime, MultiStepRuntime, OverlappingRuntime, TwoAheadRuntime, seq
 
 
 def test_queue_bound_rejects_with_busy_error():

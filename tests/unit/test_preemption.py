@@ -8,7 +8,7 @@ from tritonllm.config import EngineConfig
 from tritonllm.engine.scheduler import Scheduler
 from tritonllm.runtimes.base import RuntimeStats
 
-from .test_scheduler import (
+from .engine_fakes import (
     CountingRuntime,
     MultiStepRuntime,
     OverlappingRuntime,

@@ -5,101 +5,27 @@ import threading
 import time
 from dataclasses import replace
 
-import numpy as np
 import pytest
 
 from tritonllm.config import EngineConfig, SamplingParams
 from tritonllm.engine.inprocess import QueueSink
 from tritonllm.engine.loop import EngineLoop
-from tritonllm.engine.sampling import new_rng, sample
+from tritonllm.engine.sampling import new_rng
 from tritonllm.engine.scheduler import Scheduler, should_stop
 from tritonllm.engine.sequence import Sequence, StepPlan
-from tritonllm.model.shape import ModelShape
-from tritonllm.runtimes.base import Runtime as RuntimeContract
-from tritonllm.runtimes.base import RuntimeCapabilities, Sampled, StepInput
+from tritonllm.runtimes.base import Sampled, StepInput
 
-V = 50
-EOS = 0
-
-
-class CountingRuntime(RuntimeContract):
-    """Next token = last token + 1 (mod V, skipping EOS unless asked); records batch sizes."""
-
-    def __init__(self, slots=4, eos_after=None, fail_on=None, delay=0.0):
-        self.shape = ModelShape(1, 1, 1, 1, 1, V, 1024, (EOS,), None, None)
-        self.max_slots, self.max_context = slots, 1024
-        self.eos_after, self.fail_on, self.delay = eos_after, fail_on, delay
-        self.batches = []
-        self.slots_seen = set()
-
-    def describe(self):
-        return {}
-
-    def step(self, inputs):
-        if self.delay:
-            time.sleep(self.delay)
-        self.batches.append(len(inputs))
-        out = np.zeros((len(inputs), V), dtype=np.float32)
-        for i, x in enumerate(inputs):
-            self.slots_seen.add(x.slot)
-            if self.fail_on is not None and x.tokens[-1] == self.fail_on:
-                raise RuntimeError("boom")
-            nxt = x.tokens[-1] % (V - 1) + 1
-            if self.eos_after is not None and x.start + len(x.tokens) >= self.eos_after:
-                nxt = EOS
-            out[i, nxt] = 10.0
-        return out
-
-
-class OverlappingRuntime(CountingRuntime):
-    """The same tokens through `launch`/`collect`: the loop launches step N+1 before it reads step
-    N's tokens, so decode inputs arrive without their last token (tokens=[]), which this runtime
-    keeps per slot as a GPU runtime keeps it on the device."""
-
-    capabilities = RuntimeCapabilities(overlap=True)
-    launch_ahead = 1
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.device_tokens: dict[int, int] = {}
-        self.device_token_steps = 0
-        self.in_flight = self.max_in_flight = 0
-
-    def launch(self, inputs, seqs, steps=1):
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        self.device_token_steps += any(not x.tokens for x in inputs)
-        runs = []
-        for k in range(steps):  # a multi-step launch: each step reads the tokens the one before chose
-            concrete = [
-                StepInput(x.slot, x.tokens if x.tokens and not k else [self.device_tokens[x.slot]], x.start + k)
-                for x in inputs
-            ]
-            logits = self.step(concrete)
-            chosen = [
-                sample(row, s.params, s.prompt_ids + s.output_ids, s.generated, s.stop_token_ids, s.rng)
-                for s, row in zip(seqs, logits)
-            ]
-            self.device_tokens.update((x.slot, t) for x, t in zip(inputs, chosen))
-            runs.append(chosen)
-        return runs[0] if steps == 1 else [list(r) for r in zip(*runs)]
-
-    def collect(self, handle):
-        self.in_flight -= 1
-        return handle
-
-
-class TwoAheadRuntime(OverlappingRuntime):
-    """Run with launch_ahead=2: two steps stay queued while the loop completes the oldest."""
-
-    launch_ahead = 2
-
-
-class MultiStepRuntime(OverlappingRuntime):
-    """Run with steps_per_launch=3 from one decoding sequence on: decode steps go in runs of 3."""
-
-    capabilities = RuntimeCapabilities(overlap=True, multi_step=True)
-    steps_per_launch = 3
+from .engine_fakes import (
+    EOS,
+    ChunkedRuntime,
+    CountingRuntime,
+    MultiStepRuntime,
+    OverlappingRuntime,
+    TwoAheadRuntime,
+    run_loop,
+    run_step,
+    seq,
+)
 
 
 @pytest.fixture(
@@ -108,29 +34,6 @@ class MultiStepRuntime(OverlappingRuntime):
 )
 def Runtime(request):
     return request.param
-
-
-def seq(prompt, **kw):
-    return Sequence(list(prompt), SamplingParams(temperature=0.0, **kw), frozenset({EOS}), new_rng(0))
-
-
-def run_loop(runtime, cfg, seqs, cancel_after=None):
-    cfg = replace(
-        cfg,
-        launch_ahead=getattr(runtime, "launch_ahead", 1),
-        steps_per_launch=getattr(runtime, "steps_per_launch", 1),
-        multi_step_min_active=1,
-    )
-    loop = EngineLoop(runtime, cfg).start()
-    sinks = []
-    for s in seqs:
-        s.sink = QueueSink()
-        sinks.append(s.sink)
-        loop.submit(s)
-    try:
-        return [sk.wait(10) for sk in sinks], loop
-    finally:
-        loop.stop()
 
 
 def test_tokens_and_length_finish(Runtime):
@@ -360,76 +263,6 @@ def test_prefill_gather_holds_newcomers_while_others_decode():
     assert [s.slot for s in (first, late, a, b)] == [0, 1, 2, 3]
 
 
-def run_step(sched: Scheduler, plan: StepPlan, token: int = 5) -> None:
-    """What the engine loop does with a plan: launch it, then hand back one token per row."""
-    sched.launched(plan)
-    sched.update_from_output(plan, [token] * len(plan.sequences))
-
-
-def test_prefill_token_budget_spreads_newcomers_over_steps():
-    """max_prefill_tokens: a step prefills waiting prompts in arrival order while their tokens fit;
-    without chunking the first always goes whole (a prompt longer than the budget runs alone), the
-    rest wait their turn while the admitted ones decode."""
-    cfg = EngineConfig(max_slots=4, max_context=256, max_tokens_limit=32, default_max_tokens=16, max_prefill_tokens=20)
-    sched = Scheduler(cfg)
-    long, a, b, c = seq(list(range(1, 31)), max_tokens=8), seq([1] * 12), seq([2] * 8), seq([3] * 5)
-    for s in (long, a, b, c):
-        sched.add(s)
-    plan = sched.schedule()
-    assert plan.prefill == [long] and long.step_input() == StepInput(0, long.prompt_ids, 0)  # 30 > 20: alone
-    run_step(sched, plan)
-    plan = sched.schedule()
-    assert plan.prefill == [a, b] and plan.decode == [long]  # 12 + 8 = 20 fit, c's 5 more would not
-    run_step(sched, plan)
-    plan = sched.schedule()
-    assert plan.prefill == [c] and plan.decode == [long, a, b]
-    with pytest.raises(ValueError, match="max_prefill_tokens"):
-        EngineConfig(max_prefill_tokens=8)
-
-
-def test_chunked_prefill_splits_a_long_prompt_and_samples_only_its_last_piece():
-    """A runtime that takes prompt pieces, a 16-token budget: a 34-token prompt prefills 14 (after
-    the 2 of the prompt before it), then 16 while the other decodes, then its last 4; a 14-token
-    prompt, which fits a step, waits for the next step whole rather than being split; only the last
-    piece gives a token."""
-    cfg = EngineConfig(max_slots=4, max_context=256, max_tokens_limit=32, default_max_tokens=16, max_prefill_tokens=16)
-    sched = Scheduler(cfg, chunked=True)
-    short, long = seq([9, 9], max_tokens=8), seq(list(range(1, 35)), max_tokens=8)
-    mid, tiny = seq([7] * 14, max_tokens=8), seq([8, 8], max_tokens=8)
-    for s in (short, long, mid, tiny):
-        sched.add(s)
-    plan = sched.schedule()
-    assert plan.prefill == [short, long] and plan.partial == {long}
-    assert long.step_input() == StepInput(1, list(range(1, 15)), 0)
-    run_step(sched, plan)
-    assert short.output_ids == [5] and long.output_ids == [] and long.first_token_at is None
-    plan = sched.schedule()
-    assert plan.prefill == [long] and plan.decode == [short] and plan.partial == {long}  # the budget is spent
-    assert long.step_input() == StepInput(1, list(range(15, 31)), 14)
-    run_step(sched, plan)
-    plan = sched.schedule()
-    assert plan.prefill == [long] and not plan.partial  # 4 + mid's 14 > 16, but 14 fits a step: mid waits
-    assert long.step_input() == StepInput(1, [31, 32, 33, 34], 30)
-    run_step(sched, plan, token=6)
-    assert long.output_ids == [6] and long.step_input() == StepInput(1, [6], 34)
-    plan = sched.schedule()
-    assert plan.prefill == [mid, tiny] and plan.decode == [short, long] and not plan.partial
-
-
-class ChunkedRuntime(CountingRuntime):
-    """Takes prompt pieces (as ONNX Runtime does); records each row's (start, length)."""
-
-    capabilities = RuntimeCapabilities(prompt_pieces=True)
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.rows: list[tuple[int, int]] = []
-
-    def step(self, inputs):
-        self.rows += [(x.start, len(x.tokens)) for x in inputs]
-        return super().step(inputs)
-
-
 def test_a_prompt_in_pieces_streams_like_a_whole_one_and_can_be_cancelled_mid_prefill():
     """Through the loop: a 40-token prompt goes in pieces of 16, 16 and 8 and then generates as a
     whole one would; one cancelled while its pieces run gets
@@ -524,144 +357,3 @@ def test_logprobs_follow_the_kept_tokens_and_keep_multi_step_off():
     assert lp.output_ids == [5] and lp.logprobs == [-0.5] and lp.top_logprobs == [([5], [-0.5])]
     assert lp.finish_reason == "stop" and plain.output_ids == [6, 6]
     assert sch.schedule().steps == 4  # without it, the others run in multi-step again
-
-
-class TokenBudget:
-    """A KV pool of `tokens` positions in blocks of one: the admission seam a paged runtime speaks."""
-
-    def __init__(self, tokens):
-        self.free, self.held, self.most_held = tokens, {}, 0
-
-    def reserve_kv(self, slot, tokens, spare=0):
-        more = tokens - self.held.get(slot, 0)
-        if more > self.free - spare:
-            return 0
-        if more > 0:
-            self.free -= more
-            self.held[slot] = tokens
-        self.most_held = max(self.most_held, sum(self.held.values()))
-        return self.held[slot]
-
-    def release_kv(self, slot):
-        self.free += self.held.pop(slot)
-
-    def cached_prompt_tokens(self, prompt):
-        return 0
-
-    def prefix_block_tokens(self):
-        return 0
-
-
-def test_sequences_wait_for_kv_blocks_with_free_slots_and_none_is_lost(Runtime):
-    """Four slots but a pool of 25 positions: each sequence may fill 2 + 8, so two run at once;
-    the others wait (counted) until one ends, then run; every one finishes with its own tokens."""
-    cfg = EngineConfig(max_slots=4, max_tokens_limit=100)
-    rt, budget = Runtime(slots=4), TokenBudget(25)
-    rt.reserve_kv, rt.release_kv = budget.reserve_kv, budget.release_kv
-    results, loop = run_loop(rt, cfg, [seq([5 * i + 1, 5 * i + 2], max_tokens=8) for i in range(5)])
-    assert [r.ids for r in results] == [[5 * i + 3 + k for k in range(8)] for i in range(5)]
-    assert budget.most_held == 20 and budget.held == {} and budget.free == 25
-    assert loop.scheduler.kv_waits > 0 and len(rt.slots_seen) <= 4
-
-
-def test_a_prompt_prefix_found_cached_does_not_count_against_the_prefill_budget():
-    """Three 100-token prompts whose first 96 tokens the cache holds fit a 16-token budget in one
-    step: only their 4 uncached tokens each are computed; uncached, the budget takes one a step."""
-
-    class Cached(TokenBudget):
-        def cached_prompt_tokens(self, prompt):
-            return 96
-
-    cfg = EngineConfig(max_slots=4, max_context=256, max_tokens_limit=64, max_prefill_tokens=16)
-    for kv, per_step in ((Cached(10_000), 3), (TokenBudget(10_000), 1)):
-        sch = Scheduler(cfg, chunked=True, kv=kv)
-        for _ in range(3):
-            sch.add(seq(list(range(1, 101)), max_tokens=4))
-        plan = sch.schedule()
-        assert len(plan.prefill) == per_step
-        assert [s.chunk for s in plan.prefill] == ([100] * 3 if per_step == 3 else [16])
-
-
-class PrefixCache(TokenBudget):
-    """A prefix cache of 16-token blocks over a roomy pool: `register` makes a prompt's whole
-    blocks findable, as a runtime does when it computes them."""
-
-    def __init__(self):
-        super().__init__(10_000)
-        self.known: set[tuple] = set()
-
-    def register(self, prompt):
-        self.known.update(tuple(prompt[:n]) for n in range(16, len(prompt) + 1, 16))
-
-    def cached_prompt_tokens(self, prompt):
-        return max((n for n in range(16, len(prompt), 16) if tuple(prompt[:n]) in self.known), default=0)
-
-    def prefix_block_tokens(self):
-        return 16
-
-
-def test_a_burst_sharing_a_new_prefix_computes_it_once():
-    """Three prompts arriving together with the same 80 uncached tokens first: the first prefills
-    alone, the others wait one step and then reuse its blocks; a prompt that shares fewer than
-    four blocks with it does not wait."""
-    shared = list(range(1, 81))
-    kv = PrefixCache()
-    sch = Scheduler(EngineConfig(max_slots=4, max_context=256, max_tokens_limit=64), kv=kv)
-    burst = [seq(shared + [100 + i] * 8, max_tokens=4) for i in range(3)]
-    other = seq(shared[:40] + [7] * 40, max_tokens=4)
-    for s in (*burst, other):
-        sch.add(s)
-    plan = sch.schedule()
-    assert plan.prefill == [burst[0]] and sch.prefix_waits == 1
-    sch.launched(plan)
-    kv.register(burst[0].prompt_ids)
-    plan = sch.schedule()
-    assert plan.prefill == [burst[1], burst[2], other]
-    assert [kv.cached_prompt_tokens(s.prompt_ids) for s in plan.prefill] == [80, 80, 32]
-
-
-def test_a_newcomer_waits_for_the_piece_of_a_long_shared_prompt_computed_in_its_step():
-    """Chunked prefill (96-token budget): the first prompt's second piece computes tokens 96..160
-    while a newcomer sharing them finds 96 cached; it waits for them instead of computing them too."""
-    shared = list(range(1, 161))
-    kv = PrefixCache()
-    cfg = EngineConfig(max_slots=4, max_context=512, max_tokens_limit=64, max_prefill_tokens=96)
-    sch = Scheduler(cfg, chunked=True, kv=kv)
-    first = seq(shared + [300], max_tokens=4)
-    sch.add(first)
-    plan = sch.schedule()
-    sch.launched(plan)
-    kv.register(first.prompt_ids[: first.prefilled])  # its first piece is cached
-    late = seq(shared + [400], max_tokens=4)
-    sch.add(late)
-    plan = sch.schedule()
-    assert plan.prefill == [first] and sch.prefix_waits == 1
-
-
-@pytest.mark.parametrize("ignore_eos", [False, True])
-def test_the_inline_append_of_a_plain_row_agrees_with_append(ignore_eos):
-    """update_from_output's inline path for plain rows (no log-probabilities or stop words) against
-    `_append` (forced for a twin): the same ids, finish reasons and kept-token count, over random
-    tokens with EOS among them, across the max_tokens and context limits."""
-    cfg = EngineConfig(max_slots=8, max_context=40, max_tokens_limit=39, default_max_tokens=16)
-    runs = []
-    for inline in (True, False):
-        sch = Scheduler(cfg)
-        seqs = [seq([1] * n, max_tokens=m, ignore_eos=ignore_eos) for n, m in ((3, 30), (20, 30), (30, 9), (5, 6))]
-        for s in seqs:
-            s.plain_append = inline
-            sch.add(s)
-        plan = sch.schedule()
-        draws = np.random.default_rng(7).integers(0, 6, (40, len(seqs))).tolist()  # EOS (0) about 1 in 6
-        for row in draws:
-            live = [s for s in seqs if s.finish_reason is None]
-            if not live:
-                break
-            sch.update_from_output(StepPlan([], live), [row[seqs.index(s)] for s in live])
-        runs.append(([(s.output_ids, s.finish_reason) for s in seqs], sch.tokens_kept))
-        assert plan.prefill == seqs
-    assert runs[0] == runs[1]
-    reasons = {r for _, r in runs[0][0]}
-    assert reasons == ({"length"} if ignore_eos else {"stop", "length"})
-    if ignore_eos:  # the context limit (20 + 20 = 40) came before max_tokens (30)
-        assert len(runs[0][0][1][0]) == 20
