@@ -21,19 +21,10 @@ from .engine_fakes import (
     CountingRuntime,
     MultiStepRuntime,
     OverlappingRuntime,
-    TwoAheadRuntime,
     run_loop,
     run_step,
     seq,
 )
-
-
-@pytest.fixture(
-    params=[CountingRuntime, OverlappingRuntime, TwoAheadRuntime, MultiStepRuntime],
-    ids=["sync", "overlapped", "ahead2", "multi-step"],
-)
-def Runtime(request):
-    return request.param
 
 
 def test_tokens_and_length_finish(Runtime):

@@ -10,24 +10,12 @@ from tritonllm.engine.sequence import StepPlan
 from tritonllm.runtimes.base import StepInput
 
 from .engine_fakes import (
-    CountingRuntime,
-    MultiStepRuntime,
-    OverlappingRuntime,
     PrefixCache,
     TokenBudget,
-    TwoAheadRuntime,
     run_loop,
     run_step,
     seq,
 )
-
-
-@pytest.fixture(
-    params=[CountingRuntime, OverlappingRuntime, TwoAheadRuntime, MultiStepRuntime],
-    ids=["sync", "overlapped", "ahead2", "multi-step"],
-)
-def Runtime(request):
-    return request.param
 
 
 def test_prefill_token_budget_spreads_newcomers_over_steps():
