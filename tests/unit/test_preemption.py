@@ -2,26 +2,15 @@
 step; when the pool runs out the youngest running sequence gives its blocks back and is recomputed
 later (its prompt and generated ids prefilled again), never lost, never sent a token twice."""
 
-import pytest
-
 from tritonllm.config import EngineConfig
 from tritonllm.engine.scheduler import Scheduler
 from tritonllm.runtimes.base import RuntimeStats
 
 from .engine_fakes import (
     CountingRuntime,
-    MultiStepRuntime,
-    OverlappingRuntime,
     TokenBudget,
-    TwoAheadRuntime,
     run_loop,
     seq,
-)
-
-RUNTIMES = pytest.mark.parametrize(
-    "Runtime",
-    [CountingRuntime, OverlappingRuntime, TwoAheadRuntime, MultiStepRuntime],
-    ids=["sync", "overlapped", "ahead2", "multi-step"],
 )
 
 MAX_UTILIZATION = dict(kv_policy="max-utilization")
@@ -69,7 +58,6 @@ def test_a_preempted_sequence_waits_for_its_token_in_flight():
     assert s.output_ids == [3] and sch.schedule().prefill == [s] and s.n_prefill == 3
 
 
-@RUNTIMES
 def test_every_sequence_finishes_with_its_own_ids_when_the_pool_is_oversubscribed(Runtime):
     """Eight sequences over four slots and a pool of 40 positions, each reaching 2 + 14: the pool
     runs out mid-generation again and again; every sequence still ends with exactly its ids and
@@ -83,7 +71,6 @@ def test_every_sequence_finishes_with_its_own_ids_when_the_pool_is_oversubscribe
     assert budget.held == {} and budget.free == 40 and budget.most_held <= 40
 
 
-@RUNTIMES
 def test_guaranteed_no_evict_never_preempts(Runtime):
     cfg = EngineConfig(max_slots=4, max_tokens_limit=100)
     rt, budget = Runtime(slots=4), TokenBudget(40)
