@@ -12,7 +12,7 @@ from tritonllm.engine.loop import EngineLoop
 from tritonllm.engine.scheduler import Scheduler
 from tritonllm.errors import ServerBusyError
 
-from .engine_fakes import CountingRuntime, MultiStepRuntime, OverlappingRuntime, TwoAheadRuntime, seq
+from .engine_fakes import CountingRuntime, seq
 
 
 def test_queue_bound_rejects_with_busy_error():
@@ -24,12 +24,11 @@ def test_queue_bound_rejects_with_busy_error():
         sch.add(seq([1]))
 
 
-@pytest.mark.parametrize("kind", [CountingRuntime, OverlappingRuntime, TwoAheadRuntime, MultiStepRuntime])
-def test_a_closed_loop_client_that_fits_the_slots_is_never_refused(kind):
+def test_a_closed_loop_client_that_fits_the_slots_is_never_refused(Runtime):
     """max_queue 0 and 4 slots: 4 streams, each sending its next request as soon as its last one
     ended (a finished sequence frees its slot before its final response goes out), are never
     refused; a 5th request while 4 generate is."""
-    runtime = kind(slots=4, delay=0.002)
+    runtime = Runtime(slots=4, delay=0.002)
     cfg = EngineConfig(
         max_slots=4,
         max_queue=0,
