@@ -56,14 +56,8 @@ SWAP_WIDE_TILES = ((64, 128, 4, 3), (128, 128, 8, 3))  # swapped, 16-bit weights
 # 8-bit x 8-bit tiles (a 6th number 2) with no rounding and no absmax in the K loop, the row scales
 # applied once at the end: the X8 tiles unswapped (rows of x as the first operand) and SWAP_TILES
 ROUNDED_TILES = ((64, 256, 4, 3, 0), (64, 128, 4, 4, 0), (64, 256, 4, 3, 1), (128, 256, 8, 3, 1))  # 5th: swapped
-# 8-bit weights (float8 or int8) widened to fp16 rather than to the activations' bf16, x rounded to
-# fp16 (a 6th number 3): float8 widens to fp16 in far fewer instructions than to bf16 (why the fp8
-# cache's attention runs in fp16, attention.py), and fp16 keeps more of x's bits than bf16. A row
-# of a K step whose values reach past 2^15 is first divided by a power of two (exact), so fp16's
-# narrower range never clips an activation. (5th number: swapped)
-HALF_TILES = ((64, 256, 4, 3, 0), (64, 256, 4, 3, 1), (128, 256, 8, 3, 1))
-X_AS_GIVEN, X_ROUNDED_PER_STEP, X_ROUNDED_PER_ROW, X_HALF = 0, 1, 2, 3  # a config's 6th number
-Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot, 5: split along K, 6: x's treatment, 7: swapped
+X_AS_GIVEN, X_ROUNDED_PER_STEP, X_ROUNDED_PER_ROW = 0, 1, 2  # a config's 6th number
+Config = tuple[int, ...]  # 3 numbers: gemv, 4: skinny_dot, 5: split along K, 6: float8 activations, 7: swapped
 FP8_GEMM = "fp8"  # a table entry that is no tile: the FP8 Tensor Core GEMM (`qmatmul.fp8_matmul`) serves
 
 
@@ -82,20 +76,11 @@ class SplitK:
 
 
 @triton.jit
-def _tile_product(xt, wt, QUANT_X: tl.constexpr, HALF: tl.constexpr, SWAP: tl.constexpr):
+def _tile_product(xt, wt, QUANT_X: tl.constexpr, SWAP: tl.constexpr):
     """One K step's product of x's rows `xt` [M, K] and a weight tile `wt` [N, K] on the tensor
     cores: [M, N], or [N, M] where SWAP (the weight as the wide operand)."""
     # one return: Triton types every return of a function, constexpr branches or not
-    if HALF:  # an 8-bit weight widened to fp16 (exactly), x rounded to fp16 after a power of two
-        xf = xt.to(tl.float32)  # that brings each row's largest value under 2^15 (1 for most rows)
-        amax = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-30)
-        step = tl.exp2(tl.maximum(tl.ceil(tl.log2(amax) - 15.0), 0.0))
-        xh = (xf / step[:, None]).to(tl.float16)
-        if SWAP:
-            y = tl.dot(wt.to(tl.float16), tl.trans(xh)) * step[None, :]
-        else:
-            y = tl.dot(xh, tl.trans(wt.to(tl.float16))) * step[:, None]
-    elif QUANT_X:  # float8 x float8, each row of this K step scaled by its absmax
+    if QUANT_X:  # float8 x float8, each row of this K step scaled by its absmax
         amax = tl.maximum(tl.max(tl.abs(xt.to(tl.float32)), axis=1), 1e-30)
         xq = (xt.to(tl.float32) * (448.0 / amax)[:, None]).to(wt.dtype)  # 448: float8 e4m3's largest
         if SWAP:
@@ -154,7 +139,7 @@ def _small_matmul_kernel(
         xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w + n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         if USE_DOT:  # skinny_dot: the tensor cores (at least 16 rows, padded)
-            acc += _tile_product(xt, wt, QUANT_X == 1, QUANT_X == 3, SWAP)
+            acc += _tile_product(xt, wt, QUANT_X == 1, SWAP)
         else:  # gemv: rows x tile products summed along K on the CUDA cores
             acc += tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
     if SWAP:
@@ -188,8 +173,7 @@ def small_matmul(
     `skinny_dot`: at most MAX_DOT_ROWS rows on the tensor cores; a 5th number S > 1 splits K into S
     slices, each its own programs, and returns their `SplitK` partial sums; a 6th number (float8
     weights only) 1 rounds x to float8 per K step and row for 8-bit x 8-bit products, 2 takes x
-    already rounded per row (`QuantRows`), 3 (any 8-bit weight) multiplies in fp16 (`HALF_TILES`);
-    a 7th number 1 swaps the operands (the weight tile
+    already rounded per row (`QuantRows`); a 7th number 1 swaps the operands (the weight tile
     first, SWAP_TILES). With `scale` [N] the weight is 8-bit (int8 or float8, model/quant.py) and
     the product is x @ (weight * scale).T: the weight streams at a byte per value. `pdl_steps` (not
     None): launched with PDL (`pdl`), each program first asking L2 for that many K steps of its
@@ -245,7 +229,7 @@ def small_matmul(
 
 
 def _x_mode(config: Config) -> int:
-    """What a config does with x: X_AS_GIVEN, X_ROUNDED_PER_STEP, X_ROUNDED_PER_ROW or X_HALF (its 6th number)."""
+    """What a config does with x: X_AS_GIVEN, X_ROUNDED_PER_STEP or X_ROUNDED_PER_ROW (its 6th number)."""
     return config[5] if len(config) >= 6 else X_AS_GIVEN
 
 
@@ -254,9 +238,7 @@ def _operands(x: torch.Tensor | QuantRows, weight: torch.Tensor, config: Config)
     dtype, the config's treatment of x): a config that rounds x to float8 needs float8 weights, and
     one that takes x rounded per row needs it so (`QuantRows`) and no other config does."""
     quant_x = _x_mode(config)
-    if quant_x == X_HALF and weight.element_size() != 1:
-        raise ValueError(f"config {config} widens 8-bit weights to fp16: got {weight.dtype}; use a 6th number 0")
-    if quant_x not in (X_AS_GIVEN, X_HALF) and weight.dtype != torch.float8_e4m3fn:
+    if quant_x != X_AS_GIVEN and weight.dtype != torch.float8_e4m3fn:
         raise ValueError(f"config {config} multiplies float8 activations: it needs float8 weights, got {weight.dtype}")
     if (quant_x == X_ROUNDED_PER_ROW) != isinstance(x, QuantRows):
         given = "rows rounded to float8 (QuantRows)" if isinstance(x, QuantRows) else f"a {x.dtype} tensor"
@@ -331,7 +313,7 @@ def _agrees(x: torch.Tensor, given, w, b, s, config: Config) -> bool:
     """The config's product of `given` (x, or x rounded per row where the config takes that) equals
     the reference on x within rounding of the activations' type (of float8 where the config
     multiplies float8)."""
-    tolerance = X8_TOLERANCE if _x_mode(config) not in (X_AS_GIVEN, X_HALF) else 2e-2
+    tolerance = X8_TOLERANCE if _x_mode(config) != X_AS_GIVEN else 2e-2
     product = lambda: dense(small_matmul(given, w, b, config, s))
     return agrees(f"gemv {config}", product, reference(x, w, b, s), tolerance)
 
@@ -368,7 +350,7 @@ def candidates(
     row), split along K only where the consumer adds up partial sums (`split_ok`); float8 weights
     also try float8 activations, unswapped and swapped (SWAP_TILES), and where the producer rounds x
     per row (`rounded`) the ROUNDED_TILES on that x; other weights swapped tiles of their own type
-    (SWAP_WIDE_TILES). `quantized`: the weight is 8-bit (the 8-bit tile lists, and HALF_TILES)."""
+    (SWAP_WIDE_TILES). `quantized`: the weight is 8-bit (the 8-bit tile lists)."""
     small, dots = (QUANT_CONFIGS, QUANT_DOT_CONFIGS) if quantized else (configs, dots)
     tiles = split_configs(dots, weight.shape[1]) if split_ok else list(dots)
     splits = [s for s in SPLITS[:3] if s == 1 or split_ok]
@@ -380,8 +362,6 @@ def candidates(
             tiles += [(*t[:4], s, X_ROUNDED_PER_ROW, t[4]) for t in ROUNDED_TILES for s in splits if fits(t, s)]
     else:
         tiles += [(*t, s, 0, 1) for t in SWAP_WIDE_TILES for s in splits if fits(t, s)]
-    if quantized:
-        tiles += [(*t[:4], s, X_HALF, t[4]) for t in HALF_TILES for s in splits if fits(t, s)]
     return [*small, *tiles] if rows <= MAX_ROWS else tiles
 
 
