@@ -28,7 +28,7 @@ from bench.drivers import run_inprocess
 from bench.families import LARGE, SMALL, bench_engine_config, random_model
 from bench.measure import PowerSampler, write_results
 from bench.provenance import DEFAULT_OUT
-from bench.workloads import random_prompts
+from bench.workloads import copy_bandwidth, random_prompts
 from tritonllm.config import EngineConfig
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model import quant
@@ -38,7 +38,6 @@ from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 
 log = logging.getLogger("bench.quant_speed")
 SHAPES = {"1b": SMALL, "8b": LARGE["llama"]}
-COPY_BANDWIDTH = 4.2e12  # bytes/s, the H200's measured device copy rate (docs/benchmarks.md)
 CHECK_ROWS = (1, 8, 64, 256, 2048)
 
 
@@ -94,9 +93,16 @@ HEAD = "+head"  # a scheme name's suffix: the LM head quantized too
 
 
 def run_scheme(
-    base: CausalLM, name: str, scheme: str, concurrency: list[int], power: PowerSampler, kv: str = "auto"
+    base: CausalLM,
+    name: str,
+    scheme: str,
+    concurrency: list[int],
+    power: PowerSampler,
+    bandwidth: float,
+    kv: str = "auto",
 ) -> tuple:
-    """One engine's rows and details; `kv`: the quantized engines' KV cache dtype (bf16's stays);
+    """One engine's rows and details; `bandwidth`: the GPU's copy rate (bytes/s) that the batch-1
+    roofline divides by the weight bytes; `kv`: the quantized engines' KV cache dtype (bf16's stays);
     a scheme ending in HEAD (`fp8+head`) quantizes the LM head too (`--quantize-lm-head`)."""
     model = copy.deepcopy(base)
     weights, head = scheme.removesuffix(HEAD), scheme.endswith(HEAD)
@@ -115,7 +121,7 @@ def run_scheme(
         "product_gb_per_s": product_bandwidth(runtime),
         "gemv_report": [r for r in runtime.kernels.gemv_report if r["rows"] <= gemv.MAX_ROWS],
     }
-    roofline = COPY_BANDWIDTH / detail["weight_bytes_per_token"]
+    roofline = bandwidth / detail["weight_bytes_per_token"]
     vocab = model.shape.vocab_size
     if name == "1b" and weights != "none":
         small = replace(cfg, max_slots=4, max_context=128, max_tokens_limit=64)
@@ -151,12 +157,13 @@ def main() -> None:
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
     rows, details = [], {}
+    bandwidth = copy_bandwidth()  # this GPU's: the batch-1 roofline is its copy rate over the weight bytes
     for name in a.shapes:
         base = CausalLM(random_model("llama", SHAPES[name]))
         for scheme in a.schemes:
             try:
                 r, details[f"{name} {scheme}"] = run_scheme(
-                    base, name, scheme, a.concurrency, PowerSampler(), a.kv_cache_dtype
+                    base, name, scheme, a.concurrency, PowerSampler(), bandwidth, a.kv_cache_dtype
                 )
                 rows += r
             except Exception as exc:  # one scheme failing must not lose the others' measurements
@@ -167,6 +174,7 @@ def main() -> None:
                 "details": details,
                 "workload": "in-process engine, 128 in / 128 out, 2 requests per stream",
                 "quantized_kv_cache_dtype": a.kv_cache_dtype,
+                "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
             }
             print(write_results(a.out, a.topic, facts, rows or [{"engine": "none measured"}]))
         del base
