@@ -148,14 +148,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     hf = llama_1b_random()
     bw = copy_bandwidth()
+    model = CausalLM(hf).to("cuda", torch.bfloat16)
+    del hf
     facts = run_facts(
         gpu=torch.cuda.get_device_name(),
         torch=torch.__version__,
         context=a.context,
-        weight_read_floor_ms=round(1e3 * weight_bytes(hf) / bw, 3),
+        weight_read_floor_ms=round(1e3 * weight_bytes(model) / bw, 3),
     )
-    model = CausalLM(hf).to("cuda", torch.bfloat16)
-    del hf
     facts["gemm_floor_ms"] = {b: round(gemm_floor_ms(model, b), 3) for b in a.batches}
     log.info("floors: weights %.3f ms, GEMMs %s", facts["weight_read_floor_ms"], facts["gemm_floor_ms"])
     facts["variants"] = {}

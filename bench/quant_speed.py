@@ -28,7 +28,7 @@ from bench.drivers import run_inprocess
 from bench.families import LARGE, SMALL, bench_engine_config, random_model
 from bench.measure import PowerSampler, write_results
 from bench.provenance import DEFAULT_OUT
-from bench.workloads import copy_bandwidth, random_prompts
+from bench.workloads import copy_bandwidth, random_prompts, weight_bytes
 from tritonllm.config import EngineConfig
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model import quant
@@ -39,12 +39,6 @@ from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 log = logging.getLogger("bench.quant_speed")
 SHAPES = {"1b": SMALL, "8b": LARGE["llama"]}
 CHECK_ROWS = (1, 8, 64, 256, 2048)
-
-
-def weight_bytes(model: CausalLM) -> int:
-    """Bytes a decode step reads per token at batch 1: every projection, norm and the LM head."""
-    skip = {id(model.embed)}
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if id(t) not in skip)
 
 
 def kernel_errors(runtime: TorchCudaRuntime) -> dict:

@@ -62,12 +62,12 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0, shared: int =
 
 
 def weight_bytes(model) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
+    """Bytes a decode step reads per token at batch 1 from an engine's model (`CausalLM`): every
+    projection as stored (8-bit weights and their scales are buffers), norm and the LM head; not
+    the input embedding table, of which a step reads one row a token."""
+    head, scale = model.head()
+    stored = (*model.layers.parameters(), *model.layers.buffers(), *model.norm.parameters(), head)
+    return sum(t.numel() * t.element_size() for t in (*stored, *([] if scale is None else [scale])))
 
 
 def copy_bandwidth(nbytes: int = 2 << 30, iters: int = 20) -> float:
