@@ -294,18 +294,19 @@ def test_a_quantized_torch_engine_refuses_a_config_of_another_scheme(tiny_dir):
         TorchCudaRuntime(None, cfg, model=model, device="cpu")
 
 
-def test_norm_and_activation_round_their_output_as_the_row_quantizer_does():
+@pytest.mark.parametrize("width", [1500, 16384, 16500])
+def test_norm_and_activation_round_their_output_as_the_row_quantizer_does(width):
     """Where the FP8 GEMM runs, add + norm and the gated activation hand it their output already
     rounded per row: the e4m3 values and scales `quantize_rows` gives their plain output, the
-    residual updated the same, and the same product (21 rows: padded to 32; 1,500 activation
-    columns: two blocks a pass)."""
+    residual updated the same, and the same product (21 rows: padded to 32; activation rows of
+    1,500 and 16,384 columns rounded from one block, 16,500 in two passes of 1,024-column blocks)."""
     from tritonllm.runtimes.kernels import fused as fk
 
     torch.manual_seed(9)
     e4m3, ranges = torch.float8_e4m3fn, torch.logspace(-2, 2, 21)[:, None, None]
     x, res, w = torch.randn(21, 1, 96) * ranges, torch.randn(21, 1, 96), torch.randn(96)
     res_rounded = res.clone()
-    gu = torch.randn(21, 1, 3000) * ranges / 10  # gates up to ~10: no overflow in exp(-g)
+    gu = torch.randn(21, 1, 2 * width) * ranges / 10  # gates up to ~10: no overflow in exp(-g)
     pairs = [
         (fk.add_rms_norm(x, res, w, 1e-5), fk.add_rms_norm(x, res_rounded, w, 1e-5, quantize=e4m3)),
         (fk.activate_mul(gu), fk.activate_mul(gu, quantize=e4m3)),

@@ -26,6 +26,8 @@ from . import pdl as gdc
 from .gemv import SplitK
 from .rows import QuantRows
 
+WHOLE_ROW = 16384  # activation widths (Llama-3.1-8B's 14,336) rounded per row from one block in registers
+
 
 @triton.jit
 def _load_product(ptr, offs, mask, n_split, s_split, like):
@@ -335,23 +337,31 @@ def _activate_mul_rows_kernel(
     GELU: tl.constexpr,
     QMAX: tl.constexpr,
     PDL: tl.constexpr,
+    WHOLE: tl.constexpr = False,
 ):
-    """A whole row per program, rounded per row to q's 8-bit type: its absmax first, then the row
-    again (from L2) divided by it; the values are computed twice rather than stored and re-read."""
+    """A whole row per program, rounded per row to q's 8-bit type. WHOLE (BLOCK covers the row):
+    read once, its absmax taken in registers. Else its absmax first, then the row again (from L2)
+    divided by it, the values computed twice rather than stored and re-read: at a few rows such a
+    program's two passes are a decode step's longest chain, hence WHOLE up to `WHOLE_ROW`."""
     gdc.enter(PDL)
     row = tl.program_id(0)
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for k0 in range(0, f, BLOCK):
-        i = k0 + tl.arange(0, BLOCK)
-        v = _gated(gate_up, row, i, i < f, f, n_split, s_split, like, GELU).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
-    step = tl.maximum(tl.max(amax, axis=0), 1e-12) / QMAX
-    tl.store(scale + row, step)
-    for k0 in range(0, f, BLOCK):
-        i = k0 + tl.arange(0, BLOCK)
-        v = _gated(gate_up, row, i, i < f, f, n_split, s_split, like, GELU).to(tl.float32) / step
-        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-        tl.store(q + row * f + i, v.to(q.dtype.element_ty, fp_downcast_rounding="rtne"), mask=i < f)
+    if WHOLE:
+        i = tl.arange(0, BLOCK)
+        y = _gated(gate_up, row, i, i < f, f, n_split, s_split, like, GELU)
+        _store_rows(q, scale, row, i, i < f, y, f, True, QMAX)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, f, BLOCK):
+            i = k0 + tl.arange(0, BLOCK)
+            v = _gated(gate_up, row, i, i < f, f, n_split, s_split, like, GELU).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        step = tl.maximum(tl.max(amax, axis=0), 1e-12) / QMAX
+        tl.store(scale + row, step)
+        for k0 in range(0, f, BLOCK):
+            i = k0 + tl.arange(0, BLOCK)
+            v = _gated(gate_up, row, i, i < f, f, n_split, s_split, like, GELU).to(tl.float32) / step
+            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+            tl.store(q + row * f + i, v.to(q.dtype.element_ty, fp_downcast_rounding="rtne"), mask=i < f)
 
 
 def activate_mul(
@@ -373,8 +383,10 @@ def activate_mul(
         )
         return result
     like = parts if parts.dtype == dtype else torch.empty(1, dtype=dtype, device=parts.device)
+    whole = triton.next_power_of_2(f)
+    shape = dict(BLOCK=whole, WHOLE=True, num_warps=16 if whole > 8192 else 8) if f <= WHOLE_ROW else {"BLOCK": block}
     _activate_mul_rows_kernel[(rows,)](
-        parts, like, out, scale_out, f, n_split, s_split, BLOCK=block, GELU=gelu, QMAX=qmax, **gdc.launch(pdl)
+        parts, like, out, scale_out, f, n_split, s_split, GELU=gelu, QMAX=qmax, **shape, **gdc.launch(pdl)
     )
     return result
 
