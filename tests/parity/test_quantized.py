@@ -294,19 +294,20 @@ def test_a_quantized_torch_engine_refuses_a_config_of_another_scheme(tiny_dir):
         TorchCudaRuntime(None, cfg, model=model, device="cpu")
 
 
-@pytest.mark.parametrize("width", [1500, 16384, 16500])
-def test_norm_and_activation_round_their_output_as_the_row_quantizer_does(width):
+@pytest.mark.parametrize("n, width", [(21, 1500), (21, 16384), (21, 16500), (70, 1500)])
+def test_norm_and_activation_round_their_output_as_the_row_quantizer_does(n, width):
     """Where the FP8 GEMM runs, add + norm and the gated activation hand it their output already
     rounded per row: the e4m3 values and scales `quantize_rows` gives their plain output, the
-    residual updated the same, and the same product (21 rows: padded to 32; activation rows of
-    1,500 and 16,384 columns rounded from one block, 16,500 in two passes of 1,024-column blocks)."""
+    residual updated the same, and the same product (rows padded to 16s; at up to 64 rows,
+    activation rows of 1,500 and 16,384 columns rounded from one block; 16,500 columns, or more
+    rows, in two passes of 1,024-column blocks)."""
     from tritonllm.runtimes.kernels import fused as fk
 
     torch.manual_seed(9)
-    e4m3, ranges = torch.float8_e4m3fn, torch.logspace(-2, 2, 21)[:, None, None]
-    x, res, w = torch.randn(21, 1, 96) * ranges, torch.randn(21, 1, 96), torch.randn(96)
+    e4m3, ranges = torch.float8_e4m3fn, torch.logspace(-2, 2, n)[:, None, None]
+    x, res, w = torch.randn(n, 1, 96) * ranges, torch.randn(n, 1, 96), torch.randn(96)
     res_rounded = res.clone()
-    gu = torch.randn(21, 1, 2 * width) * ranges / 10  # gates up to ~10: no overflow in exp(-g)
+    gu = torch.randn(n, 1, 2 * width) * ranges / 10  # gates up to ~10: no overflow in exp(-g)
     pairs = [
         (fk.add_rms_norm(x, res, w, 1e-5), fk.add_rms_norm(x, res_rounded, w, 1e-5, quantize=e4m3)),
         (fk.activate_mul(gu), fk.activate_mul(gu, quantize=e4m3)),
@@ -314,9 +315,9 @@ def test_norm_and_activation_round_their_output_as_the_row_quantizer_does(width)
     assert torch.equal(res, res_rounded)
     for plain, rows in pairs:
         k = plain.shape[-1]
-        ref_q, ref_scale = qmatmul.quantize_rows(plain.view(21, k), e4m3)
-        assert isinstance(rows, qmatmul.QuantRows) and rows.shape == plain.shape and rows.q.shape == (32, k)
-        assert torch.equal(rows.q[:21].float(), ref_q.float()) and torch.equal(rows.scale[:21], ref_scale)
+        ref_q, ref_scale = qmatmul.quantize_rows(plain.view(n, k), e4m3)
+        assert isinstance(rows, qmatmul.QuantRows) and rows.shape == plain.shape and rows.q.shape == (n + -n % 16, k)
+        assert torch.equal(rows.q[:n].float(), ref_q.float()) and torch.equal(rows.scale[:n], ref_scale)
         q, scale = quant.quantize_weight(torch.randn(48, k), "fp8")
         assert torch.equal(qmatmul.fp8_matmul(rows, q, scale, None), qmatmul.fp8_matmul(plain, q, scale, None))
 

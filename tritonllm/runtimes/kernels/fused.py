@@ -26,7 +26,9 @@ from . import pdl as gdc
 from .gemv import SplitK
 from .rows import QuantRows
 
-WHOLE_ROW = 16384  # activation widths (Llama-3.1-8B's 14,336) rounded per row from one block in registers
+WHOLE_ROW = 16384  # activation widths (Llama-3.1-8B's 14,336) rounded per row from one block in registers,
+WHOLE_ROWS = 64  # for batches up to this many rows (a decode step's small-batch tiles); larger ones, whose
+# programs fill the GPU anyway, keep the two passes they were measured with
 
 
 @triton.jit
@@ -384,7 +386,9 @@ def activate_mul(
         return result
     like = parts if parts.dtype == dtype else torch.empty(1, dtype=dtype, device=parts.device)
     whole = triton.next_power_of_2(f)
-    shape = dict(BLOCK=whole, WHOLE=True, num_warps=16 if whole > 8192 else 8) if f <= WHOLE_ROW else {"BLOCK": block}
+    shape = {"BLOCK": block}
+    if f <= WHOLE_ROW and rows <= WHOLE_ROWS:
+        shape = dict(BLOCK=whole, WHOLE=True, num_warps=16 if whole > 8192 else 8)
     _activate_mul_rows_kernel[(rows,)](
         parts, like, out, scale_out, f, n_split, s_split, GELU=gelu, QMAX=qmax, **shape, **gdc.launch(pdl)
     )
