@@ -3,7 +3,8 @@ kernel tables, quantized weights, fp8 KV where asked): for each batch, every slo
 `--context` positions, the decode step replayed from a CUDA graph and a prefill of `--prefill`
 prompts of 128 tokens, each with the producers of an FP8 GEMM's input rounding it per row
 (`fused rows`) and without (`own quantize`), the decode step with its kernels launched with
-programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), the kernels of one
+programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), with the activation
+rounded per row in two passes (what it did before one-block rows at small batches), the kernels of one
 eager decode step by GPU time, and the floors: the step's products alone and the KV bytes it
 reads over the copy bandwidth.
 
@@ -26,8 +27,8 @@ from bench.workloads import copy_bandwidth
 from tritonllm.model import quant
 from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.base import StepInput
+from tritonllm.runtimes.kernels import fused, qmatmul
 from tritonllm.runtimes.kernels import pdl as gdc
-from tritonllm.runtimes.kernels import qmatmul
 from tritonllm.runtimes.kernels.gemv import capture, graph_ms, replay_ms
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 from tritonllm.runtimes.torch_cuda.graphs import bucket_for
@@ -123,6 +124,9 @@ def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwi
         splits, rt.kernels.split_table = rt.kernels.split_table, {}
         out["decode ms, unsplit keys"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20), 3)
         rt.kernels.split_table = splits
+    whole, fused.WHOLE_ROWS = fused.WHOLE_ROWS, 0  # the activation rounded per row in two passes (before c5af351)
+    out["decode ms, activation rounded in two passes"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket)), 3)
+    fused.WHOLE_ROWS = whole
     out["products_floor_ms"] = round(products_floor_ms(rt, batch), 3)
     out["top_kernels"] = top_kernels(lambda: rt.forward.decode(batch, bucket), n=16)
     log.info("%s", {k: v for k, v in out.items() if k != "top_kernels"})
