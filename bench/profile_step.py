@@ -3,8 +3,8 @@ kernel tables, quantized weights, fp8 KV where asked): for each batch, every slo
 `--context` positions, the decode step replayed from a CUDA graph and a prefill of `--prefill`
 prompts of 128 tokens, each with the producers of an FP8 GEMM's input rounding it per row
 (`fused rows`) and without (`own quantize`), the decode step with its kernels launched with
-programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), with the activation
-rounded per row in two passes (what it did before one-block rows at small batches), the kernels of one
+programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), with the activation's
+per-row rounding in two passes instead of one block (`fused.WHOLE_ROWS` 0), the kernels of one
 eager decode step by GPU time, and the floors: the step's products alone and the KV bytes it
 reads over the copy bandwidth.
 
@@ -124,7 +124,7 @@ def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwi
         splits, rt.kernels.split_table = rt.kernels.split_table, {}
         out["decode ms, unsplit keys"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20), 3)
         rt.kernels.split_table = splits
-    whole, fused.WHOLE_ROWS = fused.WHOLE_ROWS, 0  # the activation rounded per row in two passes (before c5af351)
+    whole, fused.WHOLE_ROWS = fused.WHOLE_ROWS, 0  # every row's rounding in two passes
     out["decode ms, activation rounded in two passes"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket)), 3)
     fused.WHOLE_ROWS = whole
     out["products_floor_ms"] = round(products_floor_ms(rt, batch), 3)
