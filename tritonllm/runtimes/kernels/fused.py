@@ -344,7 +344,7 @@ def _activate_mul_rows_kernel(
     """A whole row per program, rounded per row to q's 8-bit type. WHOLE (BLOCK covers the row):
     read once, its absmax taken in registers. Else its absmax first, then the row again (from L2)
     divided by it, the values computed twice rather than stored and re-read: at a few rows such a
-    program's two passes are a decode step's longest chain, hence WHOLE up to `WHOLE_ROW`."""
+    program's two passes are a decode step's longest chain, hence WHOLE (`WHOLE_ROW`, `WHOLE_ROWS`)."""
     gdc.enter(PDL)
     row = tl.program_id(0)
     if WHOLE:
@@ -385,9 +385,9 @@ def activate_mul(
         )
         return result
     like = parts if parts.dtype == dtype else torch.empty(1, dtype=dtype, device=parts.device)
-    whole = triton.next_power_of_2(f)
     shape = {"BLOCK": block}
     if f <= WHOLE_ROW and rows <= WHOLE_ROWS:
+        whole = triton.next_power_of_2(f)
         shape = dict(BLOCK=whole, WHOLE=True, num_warps=16 if whole > 8192 else 8)
     _activate_mul_rows_kernel[(rows,)](
         parts, like, out, scale_out, f, n_split, s_split, GELU=gelu, QMAX=qmax, **shape, **gdc.launch(pdl)
