@@ -3,7 +3,8 @@ kernel tables, quantized weights, fp8 KV where asked): for each batch, every slo
 `--context` positions, the decode step replayed from a CUDA graph and a prefill of `--prefill`
 prompts of 128 tokens, each with the producers of an FP8 GEMM's input rounding it per row
 (`fused rows`) and without (`own quantize`), the decode step with its kernels launched with
-programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), with the activation's
+programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), with the products'
+weights asked into L2 ahead of them or not (`AHEAD_VARIANTS`), with the activation's
 per-row rounding in two passes instead of one block (`fused.WHOLE_ROWS` 0), the kernels of one
 eager decode step by GPU time, and the floors: the step's products alone and the KV bytes it
 reads over the copy bandwidth.
@@ -27,7 +28,7 @@ from bench.workloads import copy_bandwidth
 from tritonllm.model import quant
 from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.base import StepInput
-from tritonllm.runtimes.kernels import fused, qmatmul
+from tritonllm.runtimes.kernels import fused, l2, qmatmul
 from tritonllm.runtimes.kernels import pdl as gdc
 from tritonllm.runtimes.kernels.gemv import capture, graph_ms, replay_ms
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
@@ -38,6 +39,15 @@ VARIANTS = {"fused rows": True, "own quantize": False}
 # the decode step's kernels launched with programmatic dependent launch or not: (PDL, K steps of
 # its weight tile each small product asks L2 for before its wait)
 PDL_VARIANTS = {"no PDL": (False, 0), "PDL": (True, 0), "PDL + prefetch 1": (True, 1), "PDL + prefetch 4": (True, 4)}
+# the products' weights a decode step asks into L2 ahead of them ({kind: bytes, None: all}): the
+# kernels before o (rotary, attention), gate_up (add + norm), down (activation) and the next
+# layer's qkv (add + norm) read next to nothing from memory
+AHEAD_VARIANTS = {
+    "nothing ahead": {},
+    "o ahead": {"o": None},
+    "o + qkv ahead": {"o": None, "qkv_proj": None},
+    "o + qkv ahead, 16 MB of gate_up / down": {"o": None, "qkv_proj": None, "gate_up": 16 << 20, "down": 16 << 20},
+}
 
 
 def hold_context(rt: TorchCudaRuntime, batch: int, context: int) -> None:
@@ -80,15 +90,13 @@ def replayed(step, reps: int = 20) -> tuple[torch.Tensor, float]:
     return out.clone(), ms
 
 
-def pdl_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
-    """The decode step's graph with and without PDL side by side, each replay's logits against
-    the no-PDL step's (PDL changes when kernels start, never what they compute: 0 expected)."""
-    kernels, out, ref = rt.kernels, {}, None
-    if not gdc.supported(torch.device("cuda")):
-        return {"pdl": "not supported here"}
-    saved = kernels.pdl, kernels.prefetch_steps
-    for name, (on, steps) in PDL_VARIANTS.items():
-        kernels.pdl, kernels.prefetch_steps = on, steps
+def compare(rt: TorchCudaRuntime, batch: int, bucket: int, variants: dict, against: str) -> dict:
+    """The decode step's graph under each variant (name: a function that sets it up) side by side,
+    each replay's logits against the first's (a variant that changes when or from where kernels
+    read, never what they compute: 0 expected)."""
+    out, ref = {}, None
+    for name, setup in variants.items():
+        setup()
         try:
             logits, ms = replayed(lambda: rt.forward.decode(batch, bucket))
         except Exception as exc:  # a launch or capture this GPU/driver refuses: reported, not fatal
@@ -96,8 +104,34 @@ def pdl_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
             continue
         ref = logits if ref is None else ref
         out[f"decode ms, {name}"] = round(ms, 4)
-        out[f"max |logits - no PDL|, {name}"] = (logits.float() - ref.float()).abs().max().item()
+        out[f"max |logits - {against}|, {name}"] = (logits.float() - ref.float()).abs().max().item()
+    return out
+
+
+def pdl_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
+    """The decode step's graph with and without PDL side by side."""
+    kernels = rt.kernels
+    if not gdc.supported(torch.device("cuda")):
+        return {"pdl": "not supported here"}
+    saved = kernels.pdl, kernels.prefetch_steps
+
+    def setting(on: bool, steps: int):
+        return lambda: (setattr(kernels, "pdl", on), setattr(kernels, "prefetch_steps", steps))
+
+    out = compare(rt, batch, bucket, {n: setting(*v) for n, v in PDL_VARIANTS.items()}, "no PDL")
     kernels.pdl, kernels.prefetch_steps = saved
+    return out
+
+
+def ahead_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
+    """The decode step's graph with the products' weights asked into L2 on a side stream while the
+    memory-light kernels before them run (`KernelChoice.ahead`), or not."""
+    if not l2.supported(torch.device("cuda")):
+        return {"ahead": "not supported here"}
+    saved = rt.kernels.ahead
+    setting = lambda plan: lambda: setattr(rt.kernels, "ahead", plan)
+    out = compare(rt, batch, bucket, {n: setting(p) for n, p in AHEAD_VARIANTS.items()}, "nothing ahead")
+    rt.kernels.ahead = saved
     return out
 
 
@@ -120,6 +154,7 @@ def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwi
             )
     rt.forward.fuse_row_quantization = True
     out.update(pdl_variants(rt, batch, bucket))
+    out.update(ahead_variants(rt, batch, bucket))
     if rt.kernels.split_table:  # the same step with every row's keys in one program, for comparison
         splits, rt.kernels.split_table = rt.kernels.split_table, {}
         out["decode ms, unsplit keys"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20), 3)
