@@ -3,8 +3,7 @@ kernel tables, quantized weights, fp8 KV where asked): for each batch, every slo
 `--context` positions, the decode step replayed from a CUDA graph and a prefill of `--prefill`
 prompts of 128 tokens, each with the producers of an FP8 GEMM's input rounding it per row
 (`fused rows`) and without (`own quantize`), the decode step with its kernels launched with
-programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), with the products'
-weights asked into L2 ahead of them or not (`AHEAD_VARIANTS`), with the activation's
+programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), with the activation's
 per-row rounding in two passes instead of one block (`fused.WHOLE_ROWS` 0), the kernels of one
 eager decode step by GPU time, and the floors: the step's products alone and the KV bytes it
 reads over the copy bandwidth.
@@ -28,7 +27,7 @@ from bench.workloads import copy_bandwidth
 from tritonllm.model import quant
 from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.base import StepInput
-from tritonllm.runtimes.kernels import fused, l2, qmatmul
+from tritonllm.runtimes.kernels import fused, qmatmul
 from tritonllm.runtimes.kernels import pdl as gdc
 from tritonllm.runtimes.kernels.gemv import capture, graph_ms, replay_ms
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
@@ -39,15 +38,6 @@ VARIANTS = {"fused rows": True, "own quantize": False}
 # the decode step's kernels launched with programmatic dependent launch or not: (PDL, K steps of
 # its weight tile each small product asks L2 for before its wait)
 PDL_VARIANTS = {"no PDL": (False, 0), "PDL": (True, 0), "PDL + prefetch 1": (True, 1), "PDL + prefetch 4": (True, 4)}
-# the products' weights a decode step asks into L2 ahead of them ({kind: bytes, None: all}): the
-# kernels before o (rotary, attention), gate_up (add + norm), down (activation) and the next
-# layer's qkv (add + norm) read next to nothing from memory
-AHEAD_VARIANTS = {
-    "nothing ahead": {},
-    "o ahead": {"o": None},
-    "o + qkv ahead": {"o": None, "qkv_proj": None},
-    "o + qkv ahead, 16 MB of gate_up / down": {"o": None, "qkv_proj": None, "gate_up": 16 << 20, "down": 16 << 20},
-}
 
 
 def hold_context(rt: TorchCudaRuntime, batch: int, context: int) -> None:
@@ -123,18 +113,6 @@ def pdl_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
     return out
 
 
-def ahead_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
-    """The decode step's graph with the products' weights asked into L2 on a side stream while the
-    memory-light kernels before them run (`KernelChoice.ahead`), or not."""
-    if not l2.supported(torch.device("cuda")):
-        return {"ahead": "not supported here"}
-    saved = rt.kernels.ahead
-    setting = lambda plan: lambda: setattr(rt.kernels, "ahead", plan)
-    out = compare(rt, batch, bucket, {n: setting(p) for n, p in AHEAD_VARIANTS.items()}, "nothing ahead")
-    rt.kernels.ahead = saved
-    return out
-
-
 def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwidth: float) -> dict:
     hold_context(rt, batch, context)
     bucket = bucket_for(context + 1, rt.buckets.context)
@@ -154,7 +132,6 @@ def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwi
             )
     rt.forward.fuse_row_quantization = True
     out.update(pdl_variants(rt, batch, bucket))
-    out.update(ahead_variants(rt, batch, bucket))
     if rt.kernels.split_table:  # the same step with every row's keys in one program, for comparison
         splits, rt.kernels.split_table = rt.kernels.split_table, {}
         out["decode ms, unsplit keys"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20), 3)

@@ -105,6 +105,7 @@ def run_scheme(
     if head:
         quant.quantize_head(model)
     kv = kv if weights != "none" else "auto"
+    label = f"{name} {scheme}" + (" kv-fp8" if kv == "fp8" else "")
     cfg = bench_engine_config(max(concurrency), quantization=weights, kv_cache_dtype=kv, quantize_lm_head=head)
     runtime = TorchCudaRuntime(None, cfg, model=model)
     detail = {
@@ -127,12 +128,12 @@ def run_scheme(
         for c in concurrency:
             prompts = random_prompts(2 * c, 128, vocab, seed=c)
             run_inprocess(eng, prompts[:c], c, 32, power)  # warm-up
-            row = run_inprocess(eng, prompts, c, 128, power, name=f"{name} {scheme}").row()
+            row = run_inprocess(eng, prompts, c, 128, power, name=label).row()
             if c == 1:
                 row["roofline_share_pct"] = round(100 * row["tokens_per_s"] / roofline, 1)
             rows.append(row)
             log.info("%s", row)
-    log.info("%s %s: %s", name, scheme, detail)
+    log.info("%s: %s", label, detail)
     del runtime, eng, model
     gc.collect()
     torch.cuda.empty_cache()
@@ -146,7 +147,13 @@ def main() -> None:
     heads = [s + HEAD for s in quant.SCHEMES]
     p.add_argument("--schemes", nargs="+", choices=["none", *quant.SCHEMES, *heads], default=["none", *quant.SCHEMES])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
-    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="the quantized engines' KV cache")
+    p.add_argument(
+        "--kv-cache-dtype",
+        nargs="+",
+        choices=["auto", "fp8"],
+        default=["auto"],
+        help="the quantized engines' KV cache; each quantized scheme runs with each dtype given",
+    )
     p.add_argument("--topic", default="quant-speed")
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
@@ -154,15 +161,14 @@ def main() -> None:
     bandwidth = copy_bandwidth()  # this GPU's: the batch-1 roofline is its copy rate over the weight bytes
     for name in a.shapes:
         base = CausalLM(random_model("llama", SHAPES[name]))
-        for scheme in a.schemes:
+        for scheme, kv in [(s, kv) for s in a.schemes for kv in (["auto"] if s == "none" else a.kv_cache_dtype)]:
+            label = f"{name} {scheme} kv {kv}"
             try:
-                r, details[f"{name} {scheme}"] = run_scheme(
-                    base, name, scheme, a.concurrency, PowerSampler(), bandwidth, a.kv_cache_dtype
-                )
+                r, details[label] = run_scheme(base, name, scheme, a.concurrency, PowerSampler(), bandwidth, kv)
                 rows += r
             except Exception as exc:  # one scheme failing must not lose the others' measurements
-                log.exception("%s %s failed", name, scheme)
-                details[f"{name} {scheme}"] = {"error": repr(exc)[:500]}
+                log.exception("%s failed", label)
+                details[label] = {"error": repr(exc)[:500]}
             facts = {
                 "shapes": {n: SHAPES[n] for n in a.shapes},
                 "details": details,

@@ -80,7 +80,6 @@ class ForwardPasses:
         self.tokens = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # each slot's next token
         self.positions = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # ... and its position
         self.writes = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # the slot each row writes
-        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # L2 prefetches (`_ahead`)
         self.fuse_row_quantization = True  # False: each FP8 GEMM rounds its own input (the A/B in tests, bench)
         self.decode = self._decode_triton if kernels.triton else self._decode_torch
         if compiled:  # fuses the many small kernels of the torch ops' step
@@ -295,43 +294,17 @@ class ForwardPasses:
         m, scale = self.model, self._scale
         rows, pdl = x.numel() // x.shape[-1], self.kernels.pdl and small
         fmt = {kind: self._rounds_input(kind, rows, small) for kind in ROUNDED_BY_PRODUCER}
-        ahead = self._ahead if small and self.kernels.ahead else lambda kind, layer, work: work()
         h = rms_norm(m.layers[0].ln1, x)
         for i, layer in enumerate(m.layers):
-            qkv = self._linear("qkv_proj", layer, h, small)
-            a = ahead("o", layer, lambda: attend(i, rope(i, qkv)))
+            a = attend(i, rope(i, self._linear("qkv_proj", layer, h, small)))
             o = self._linear("o", layer, a, small)
-            post = scale(layer.post_attention)
-            h = ahead(
-                "gate_up",
-                layer,
-                lambda: fk.add_rms_norm(o, x, scale(layer.ln2), layer.ln2.eps, post, fmt["gate_up"], pdl),
-            )
-            up = self._linear("gate_up", layer, h, small)
-            up = ahead("down", layer, lambda: fk.activate_mul(up, layer.activation, fmt["down"], pdl))
-            down = self._linear("down", layer, up, small)
+            h = fk.add_rms_norm(o, x, scale(layer.ln2), layer.ln2.eps, scale(layer.post_attention), fmt["gate_up"], pdl)
             last = i + 1 == len(m.layers)
             nxt, rounds = (m.norm, None) if last else (m.layers[i + 1].ln1, fmt["qkv_proj"])
-            norm = lambda: fk.add_rms_norm(down, x, scale(nxt), nxt.eps, scale(layer.post_mlp), rounds, pdl)
-            h = norm() if last else ahead("qkv_proj", m.layers[i + 1], norm)
+            up = fk.activate_mul(self._linear("gate_up", layer, h, small), layer.activation, fmt["down"], pdl)
+            down = self._linear("down", layer, up, small)
+            h = fk.add_rms_norm(down, x, scale(nxt), nxt.eps, scale(layer.post_mlp), rounds, pdl)
         return h
-
-    def _ahead(self, kind: str, layer, work):
-        """work() (kernels that read next to nothing from memory) with `layer`'s `kind` weight asked
-        into L2 beside it on a side stream (`KernelChoice.ahead`: how many of its bytes), the main
-        stream joining before the product that reads it: the memory bus works through kernels that
-        leave it idle. The side kernel follows everything launched before it."""
-        if kind not in self.kernels.ahead:
-            return work()
-        from ..kernels import l2
-
-        main = torch.cuda.current_stream(self.device)
-        self._side.wait_stream(main)
-        with torch.cuda.stream(self._side):
-            l2.prefetch(operands(getattr(layer, kind))[0], self.kernels.ahead[kind])
-        out = work()
-        main.wait_stream(self._side)
-        return out
 
     def _rounds_input(self, kind: str, rows: int, small: bool) -> torch.dtype | None:
         """e4m3 where the layers' product `kind` at `rows` rows is the FP8 GEMM or a tile that takes

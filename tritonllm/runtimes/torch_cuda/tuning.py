@@ -35,8 +35,6 @@ class KernelChoice:
     piece_config: tuple = PIECE_DEFAULT  # prompt pieces' attention: (query rows a program, keys, warps, stages)
     pdl: bool = False  # the decode step's kernels launched with programmatic dependent launch (kernels/pdl.py)
     prefetch_steps: int = PREFETCH_STEPS  # ... each small product first asking L2 for this many K steps of its tile
-    ahead: dict = field(default_factory=dict)  # {product kind: bytes (None: all)} of its weight a decode step asks
-    # into L2 on a side stream while the memory-light kernels before the product run (kernels/l2.py)
     gemv_report: list = field(default_factory=list)  # the timings behind the tables
     attention_report: list = field(default_factory=list)
     quant_report: list = field(default_factory=list)
@@ -54,7 +52,6 @@ class KernelChoice:
             "piece_attention": list(self.piece_config),
             "pdl": self.pdl,
             "prefetch_steps": self.prefetch_steps,
-            "ahead": dict(self.ahead),
             "quantized_products": {f"{kind} x{rows}": str(c) for (kind, rows), c in sorted(self.quant_table.items())},
         }
 
