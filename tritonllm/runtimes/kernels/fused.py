@@ -29,6 +29,7 @@ from .rows import QuantRows
 WHOLE_ROW = 16384  # activation widths (Llama-3.1-8B's 14,336) rounded per row from one block in registers,
 WHOLE_ROWS = 64  # for batches up to this many rows (a decode step's small-batch tiles); larger ones, whose
 # programs fill the GPU anyway, keep the two passes they were measured with
+NORM_WARPS = 4  # warps of an add + norm program, which holds a whole row (Triton's default)
 
 
 @triton.jit
@@ -299,6 +300,7 @@ def add_rms_norm(
         PRE=pre_weight is not None,
         QUANT=quantize is not None,
         QMAX=qmax,
+        num_warps=NORM_WARPS,
         **gdc.launch(pdl),
     )
     return result

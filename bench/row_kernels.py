@@ -1,0 +1,62 @@
+"""The per-row kernels of a decode step by their warps: residual add + RMSNorm, plain and rounding
+its output per row for an 8-bit product (`fused.add_rms_norm`), at a few batch sizes, each in a CUDA
+graph of 64 launches (a Llama-3.1-8B step's count) with PDL where the GPU has it. A program holds a
+whole row; at one row that program is the whole kernel, so its warps set how long the chain of
+loads, sums and stores takes.
+
+    python -m bench.row_kernels --width 4096 --rows 1 64 --warps 4 8 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from bench.measure import write_results
+from bench.provenance import DEFAULT_OUT
+from tritonllm.runtimes.kernels import fused
+from tritonllm.runtimes.kernels import pdl as gdc
+from tritonllm.runtimes.kernels.gemv import graph_ms
+
+log = logging.getLogger("bench.row_kernels")
+LAUNCHES = 64
+
+
+def norm_us(rows: int, width: int, quantize: torch.dtype | None, pdl: bool) -> float:
+    """Microseconds per add + norm launch, LAUNCHES of them in a graph."""
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, 1, width, device="cuda", dtype=torch.bfloat16, generator=g)
+    residual = torch.randn(rows, 1, width, device="cuda", dtype=torch.bfloat16, generator=g)
+    weight = torch.rand(width, device="cuda", dtype=torch.bfloat16, generator=g)
+    step = lambda: [fused.add_rms_norm(x, residual, weight, 1e-5, None, quantize, pdl) for _ in range(LAUNCHES)]
+    return 1e3 * graph_ms(step, reps=20) / LAUNCHES
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--width", type=int, default=4096)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--topic", default="row-kernels")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    pdl = gdc.supported(torch.device("cuda"))
+    table, saved = [], fused.NORM_WARPS
+    for rows in a.rows:
+        for name, quantize in (("add + norm", None), ("add + norm, rounded per row", torch.float8_e4m3fn)):
+            row = {"kernel": name, "rows": rows, "width": a.width}
+            for warps in a.warps:
+                fused.NORM_WARPS = warps
+                row[f"us, {warps} warps"] = round(norm_us(rows, a.width, quantize, pdl), 2)
+            fused.NORM_WARPS = saved
+            log.info("%s", row)
+            table.append(row)
+    facts = {"launches_per_graph": LAUNCHES, "pdl": pdl, "default_warps": saved}
+    print(write_results(a.out, a.topic, facts, table))
+
+
+if __name__ == "__main__":
+    main()
