@@ -71,6 +71,11 @@ def test_add_rms_norm_and_activate_mul_match_the_reference_ops():
     torch.testing.assert_close(fk.activate_mul(gu, "gelu_tanh"), geglu)
 
 
+@pytest.mark.parametrize("width, warps", [(40, 4), (1024, 4), (2048, 8), (4096, 16), (5000, 16), (16384, 16)])
+def test_add_rms_norm_gives_a_thread_8_values_between_4_and_16_warps(width, warps):
+    assert fk.norm_warps(width) == warps
+
+
 def test_add_rms_norm_norms_the_product_first_for_sandwich_norms():
     """Gemma 2/3: residual += RMSNorm(x) * (1 + w_post); out = RMSNorm(residual) * (1 + w_pre)."""
     from tritonllm.model.modeling import RMSNorm
