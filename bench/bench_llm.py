@@ -40,6 +40,7 @@ from bench.workloads import (
 from tritonllm.config import EngineConfig
 from tritonllm.engine.heap import frozen_heap
 from tritonllm.engine.inprocess import InProcessEngine
+from tritonllm.model import quant
 from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.kernels.compile_watch import WATCH
 
@@ -72,10 +73,11 @@ def gpu_suite(a, results: list, facts: dict) -> None:
     ckpt, engine_dir = Path(a.work) / f"llama{a.shape}", Path(a.work) / f"llama{a.shape}-engine"
     model = CausalLM(hf)
     if a.gpu_quantization != "none":  # the build step's own function: the engine files hold 8-bit weights
-        from tritonllm.model import quant
-
         quant.quantize_model(model, a.gpu_quantization)
+    if a.gpu_quantize_lm_head:
+        quant.quantize_head(model)
     facts["shape"], facts["quantization"] = a.shape, a.gpu_quantization
+    facts["quantized_lm_head"] = a.gpu_quantize_lm_head
     facts["weight_bytes"] = weight_bytes(model)  # as the engine stores them: 8-bit weights read at a byte
     facts["roofline_batch1_tokens_per_s"] = round(facts["copy_bandwidth_TBps"] * 1e12 / facts["weight_bytes"], 1)
     if "triton" in a.systems:
@@ -96,6 +98,7 @@ def gpu_suite(a, results: list, facts: dict) -> None:
         launch_ahead=a.launch_ahead,
         steps_per_launch=a.steps_per_launch,
         quantization=a.gpu_quantization,
+        quantize_lm_head=a.gpu_quantize_lm_head,
         kv_cache_memory_fraction=a.kv_cache_memory_fraction,
         kv_cache_dtype=a.kv_cache_dtype,
         kv_policy=a.kv_policy,
@@ -343,6 +346,11 @@ def main() -> None:
         default="none",
         help="GPU: the torch-cuda engine's weights (in-process and through Triton; the HF rows stay bf16)",
     )
+    p.add_argument(
+        "--gpu-quantize-lm-head",
+        action="store_true",
+        help="GPU: the engine's LM head in int8 too (EngineConfig.quantize_lm_head; the HF rows stay bf16)",
+    )
     p.add_argument("--server-pythonpath", help="prepended to PYTHONPATH of the Triton server's python stubs")
     p.add_argument("--server-hide-gpu", action="store_true", help="run Triton's core without CUDA (engine keeps it)")
     p.add_argument("--compile-variant", action="store_true", help="also time torch.compile'd decode (GPU, batch 1)")
@@ -360,6 +368,8 @@ def main() -> None:
     p.add_argument("--out", default=DEFAULT_OUT, help="results folder (copy a run into results/ deliberately)")
     a = p.parse_args()
     gpu = a.device == "gpu"
+    if a.gpu_quantize_lm_head and a.gpu_quantization == "none":
+        p.error("--gpu-quantize-lm-head quantizes the head of an 8-bit engine: add --gpu-quantization fp8 or int8-wo")
     a.concurrency = a.concurrency or ([1, 8, 64] if gpu else [1, 8])
     a.out_len = a.out_len or (128 if gpu else 64)
     Path(a.out).mkdir(parents=True, exist_ok=True)
