@@ -27,12 +27,13 @@ from bench.families import LARGE, random_model
 from bench.measure import PowerSampler, markdown_table
 from bench.provenance import DEFAULT_OUT, result_stem, run_facts
 from bench.targets import COLS, render, target_lines
-from bench.triton_runs import engine_note, logprob_request, triton_suite
+from bench.triton_runs import engine_note, logprob_request, triton_suite, triton_variant
 from bench.workloads import (
     copy_bandwidth,
     engine_dir_for,
     llama_1b_random,
     random_prompts,
+    save_scheme_engines,
     smollm2_onnx,
     weight_bytes,
     word_tokenizer,
@@ -41,10 +42,33 @@ from tritonllm.config import EngineConfig
 from tritonllm.engine.heap import frozen_heap
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model import quant
-from tritonllm.model.modeling import CausalLM
+from tritonllm.model.modeling import ENGINE_FILE, CausalLM
 from tritonllm.runtimes.kernels.compile_watch import WATCH
 
 log = logging.getLogger("bench")
+
+
+def engine_model(a, hf, cfg: EngineConfig, ckpt: Path, engine_dir: Path, vocab: int, facts: dict) -> CausalLM:
+    """The bench engine's model from the HF one, quantized as asked (the build step's functions) and,
+    for Triton, saved with a tokenizer; each Triton variant of other weights (bf16 beside fp8, the
+    int8 head or not) saved first in its own folder, from the bf16 weights."""
+    model = CausalLM(hf)
+    if "triton" in a.systems:  # Triton variants of other weights (e.g. bf16 beside fp8), each its own folder
+        variants = [triton_variant(v, cfg)[1] for v in a.triton_variants]
+        facts["variant_engine_dirs"] = [str(d) for d in save_scheme_engines(model, engine_dir, cfg, variants)]
+    if a.gpu_quantization != "none":  # the build step's own function: the engine files hold 8-bit weights
+        quant.quantize_model(model, a.gpu_quantization)
+    if a.gpu_quantize_lm_head:
+        quant.quantize_head(model)
+    facts["shape"], facts["quantization"] = a.shape, a.gpu_quantization
+    facts["quantized_lm_head"] = a.gpu_quantize_lm_head
+    facts["weight_bytes"] = weight_bytes(model)  # as the engine stores them: 8-bit weights read at a byte
+    facts["roofline_batch1_tokens_per_s"] = round(facts["copy_bandwidth_TBps"] * 1e12 / facts["weight_bytes"], 1)
+    if "triton" in a.systems:
+        word_tokenizer(vocab, ckpt)
+        engine_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(model, engine_dir / ENGINE_FILE)
+    return model
 
 
 def gpu_suite(a, results: list, facts: dict) -> None:
@@ -71,21 +95,6 @@ def gpu_suite(a, results: list, facts: dict) -> None:
         results.append(run_hf(hf, random_prompts(c, a.prompt_len, vocab, seed=c), a.out_len, True, power).row())
         log.info("%s", results[-1])
     ckpt, engine_dir = Path(a.work) / f"llama{a.shape}", Path(a.work) / f"llama{a.shape}-engine"
-    model = CausalLM(hf)
-    if a.gpu_quantization != "none":  # the build step's own function: the engine files hold 8-bit weights
-        quant.quantize_model(model, a.gpu_quantization)
-    if a.gpu_quantize_lm_head:
-        quant.quantize_head(model)
-    facts["shape"], facts["quantization"] = a.shape, a.gpu_quantization
-    facts["quantized_lm_head"] = a.gpu_quantize_lm_head
-    facts["weight_bytes"] = weight_bytes(model)  # as the engine stores them: 8-bit weights read at a byte
-    facts["roofline_batch1_tokens_per_s"] = round(facts["copy_bandwidth_TBps"] * 1e12 / facts["weight_bytes"], 1)
-    if "triton" in a.systems:
-        from tritonllm.model.modeling import ENGINE_FILE
-
-        word_tokenizer(vocab, ckpt)
-        engine_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(model, engine_dir / ENGINE_FILE)
     cfg = EngineConfig(
         runtime="torch-cuda",
         dtype="bfloat16",
@@ -103,6 +112,7 @@ def gpu_suite(a, results: list, facts: dict) -> None:
         kv_cache_dtype=a.kv_cache_dtype,
         kv_policy=a.kv_policy,
     )
+    model = engine_model(a, hf, cfg, ckpt, engine_dir, vocab, facts)
     runtime = TorchCudaRuntime(None, cfg, model=model)
     del hf
     gc.collect()

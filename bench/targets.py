@@ -43,13 +43,42 @@ def _verdict(name: str, value: float, target: float, unit: str = "x") -> str:
     return f"- {name}: {shown} (target >= {goal}): missed by {f.format(k * (target - value))}"
 
 
+WEIGHT_FIELDS = ("'quantization'", "'quantize_lm_head'")  # a Triton variant label naming these serves other weights
+
+
+def _other_weights(system: str) -> bool:
+    """A Triton variant whose engine holds other weights than the bench's own (its label lists the
+    EngineConfig fields it changes): the in-process engine and the roofline are not its own."""
+    return any(f in system for f in WEIGHT_FIELDS)
+
+
+def _joules(rows: list[dict], system: str, conc: int) -> float | None:
+    return next((r.get("tokens_per_joule") for r in rows if r["system"] == system and r["concurrency"] == conc), None)
+
+
+def weight_lines(rows: list[dict], t: str, concs: list[int]) -> list[str]:
+    """A Triton variant of other weights against the bench's own through Triton: issue 17's
+    ratios (tokens/s >= 1.6x at one stream, tokens per joule >= 1.5x at each concurrency)."""
+    out = []
+    for c in concs:
+        mine, base = _rate(rows, t, c), _rate(rows, TRITON, c)
+        if mine and base and c == 1:
+            out.append(_verdict(f"{t}, concurrency 1, x {TRITON}", mine / base, 1.6))
+        j, base_j = _joules(rows, t, c), _joules(rows, TRITON, c)
+        if j and base_j:
+            out.append(_verdict(f"{t}, concurrency {c}, tokens/J x {TRITON}", j / base_j, 1.5))
+    return out
+
+
 def target_lines(facts: dict, rows: list[dict]) -> list[str]:
     gpu = bool(facts.get("gpu"))
     hf = "HF generate (static cache)" if gpu else "HF generate"
     tritons = sorted({r["system"] for r in rows if r["system"].startswith(TRITON)})
     concs = sorted({r["concurrency"] for r in rows})
     out = []
-    for t in tritons:
+    for t in [t for t in tritons if _other_weights(t)]:
+        out += weight_lines(rows, t, concs)
+    for t in [t for t in tritons if not _other_weights(t)]:
         one, inproc_max = _rate(rows, t, 1), max(concs)
         if gpu and one and facts.get("roofline_batch1_tokens_per_s"):
             out.append(

@@ -88,12 +88,54 @@ def copy_bandwidth(nbytes: int = 2 << 30, iters: int = 20) -> float:
 def engine_dir_for(engine, onnx_dir: Path, checkpoint: Path | None = None) -> Path:
     """The engine folder of the config's quantization, made from the fp32 export once (the build's
     own step; int8 and TensorRT's fp8 calibrate on the built-in text with the checkpoint's tokenizer).
-    A torch-cuda folder already holds its quantized weights (the GPU bench saves them so)."""
+    A torch-cuda folder already holds its quantized weights (the GPU bench saves them so), and the
+    folder of another scheme than the bench's own, where the bench saved one, sits beside it
+    (`scheme_dir`)."""
     from tritonllm.build.pipeline import quantized_graph
 
-    if engine.quantization == "none" or engine.runtime == "torch-cuda":
+    if engine.runtime == "torch-cuda":
+        other = scheme_dir(onnx_dir, engine)
+        return other if other.exists() else onnx_dir
+    if engine.quantization == "none":
         return onnx_dir
     return quantized_graph(onnx_dir, engine, checkpoint)
+
+
+def scheme_dir(engine_dir: Path, engine) -> Path:
+    """Where a GPU bench keeps a torch-cuda engine whose weights' scheme differs from its own
+    engine's: beside that engine's folder, named by quantization and LM head."""
+    head = "-head" if engine.quantize_lm_head else ""
+    return engine_dir.with_name(f"{engine_dir.name}-{engine.quantization}{head}")
+
+
+def save_scheme_engines(model, engine_dir: Path, base, engines) -> list[Path]:
+    """Each torch-cuda engine of `engines` (EngineConfigs) whose quantization or LM head differs
+    from `base`'s saved in its `scheme_dir`, quantized from `model` (unquantized) by the build
+    step's own functions; the folders written. Folders of earlier runs beside it are removed first
+    (one of the bench's own scheme would be taken for it)."""
+    import copy
+    import shutil
+
+    from tritonllm.model import quant
+    from tritonllm.model.modeling import ENGINE_FILE
+
+    schemes = {(e.quantization, e.quantize_lm_head): e for e in engines if e.runtime == "torch-cuda"}
+    schemes.pop((base.quantization, base.quantize_lm_head), None)
+    for stale in engine_dir.parent.glob(f"{engine_dir.name}-*"):
+        shutil.rmtree(stale)
+    written = []
+    for (scheme, head), engine in sorted(schemes.items()):
+        variant = copy.deepcopy(model)
+        if scheme != "none":
+            quant.quantize_model(variant, scheme)
+        if head:
+            quant.quantize_head(variant)
+        folder = scheme_dir(engine_dir, engine)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(variant, folder / ENGINE_FILE)
+        written.append(folder)
+        del variant
+    return written
 
 
 def smollm2_onnx() -> tuple[Path, Path]:

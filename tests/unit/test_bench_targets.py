@@ -34,6 +34,23 @@ def test_verdicts_say_met_or_by_how_much_missed():
     assert lines[-1].startswith("- engine in-process, concurrency 64") and lines[-1].endswith("met")
 
 
+def test_a_variant_of_other_weights_is_compared_with_the_bench_engine_through_triton():
+    fp8 = "Triton ensemble gRPC stream fp8 {'quantization': 'fp8', 'quantize_lm_head': True}"
+    rows = [
+        {**row("engine in-process", 1, 180), "tokens_per_joule": 0.3},
+        {**row("Triton ensemble gRPC stream", 1, 170), "tokens_per_joule": 0.3},
+        {**row(fp8, 1, 280), "tokens_per_joule": 0.6},
+        {**row("Triton ensemble gRPC stream", 256, 10000), "tokens_per_joule": 20.0},
+        {**row(fp8, 256, 20000), "tokens_per_joule": 28.0},
+    ]
+    lines = [line for line in target_lines(FACTS, rows) if line.startswith(f"- {fp8}")]
+    assert lines == [
+        f"- {fp8}, concurrency 1, x Triton ensemble gRPC stream: 1.65x (target >= 1.60x): met",
+        f"- {fp8}, concurrency 1, tokens/J x Triton ensemble gRPC stream: 2.00x (target >= 1.50x): met",
+        f"- {fp8}, concurrency 256, tokens/J x Triton ensemble gRPC stream: 1.40x (target >= 1.50x): missed by 0.10x",
+    ]  # never against the bf16 in-process engine or the bf16 roofline
+
+
 def test_cpu_target_is_against_hf_at_batch_1_and_the_file_says_where_time_goes():
     cpu_rows = [
         row("HF generate", 1, 10.0),
