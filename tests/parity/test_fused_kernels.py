@@ -71,9 +71,12 @@ def test_add_rms_norm_and_activate_mul_match_the_reference_ops():
     torch.testing.assert_close(fk.activate_mul(gu, "gelu_tanh"), geglu)
 
 
-@pytest.mark.parametrize("width, warps", [(40, 4), (1024, 4), (2048, 8), (4096, 16), (5000, 16), (16384, 16)])
-def test_add_rms_norm_gives_a_thread_8_values_between_4_and_16_warps(width, warps):
-    assert fk.norm_warps(width) == warps
+@pytest.mark.parametrize(
+    "width, rows, warps",
+    [(40, 1, 4), (1024, 1, 4), (2048, 1, 8), (4096, 1, 16), (5000, 64, 16), (16384, 8, 16), (4096, 65, 4)],
+)
+def test_add_rms_norm_gives_a_thread_8_values_between_4_and_16_warps_at_a_few_rows(width, rows, warps):
+    assert fk.norm_warps(width, rows) == warps
 
 
 def test_add_rms_norm_norms_the_product_first_for_sandwich_norms():

@@ -30,8 +30,9 @@ WHOLE_ROW = 16384  # activation widths (Llama-3.1-8B's 14,336) rounded per row f
 WHOLE_ROWS = 64  # for batches up to this many rows (a decode step's small-batch tiles); larger ones, whose
 # programs fill the GPU anyway, keep the two passes they were measured with
 NORM_VALUES = 8  # row values a thread of an add + norm program holds (the program holds the row), between
-NORM_WARPS = (4, 16)  # these warps: at one row the program is the kernel, and fewer values a thread
-# shorten its chain of loads, sums and stores (bench.row_kernels)
+NORM_WARPS = (4, 16)  # these warps, at up to WHOLE_ROWS rows: at one row the program is the kernel, and
+# fewer values a thread shorten its chain of loads, sums and stores (bench.row_kernels); larger
+# batches keep Triton's default 4, which they were measured with
 
 
 @triton.jit
@@ -270,9 +271,11 @@ def _output(shape: torch.Size, dtype: torch.dtype, device, quantize: torch.dtype
     return rows, (rows.q, rows.scale, torch.finfo(quantize).max)
 
 
-def norm_warps(n: int) -> int:
-    """Warps of an add + norm program over rows of n values."""
+def norm_warps(n: int, rows: int = 1) -> int:
+    """Warps of an add + norm program over `rows` rows of n values."""
     low, high = NORM_WARPS
+    if rows > WHOLE_ROWS:
+        return low
     return min(high, max(low, triton.next_power_of_2(n) // (32 * NORM_VALUES)))
 
 
@@ -308,7 +311,7 @@ def add_rms_norm(
         PRE=pre_weight is not None,
         QUANT=quantize is not None,
         QMAX=qmax,
-        num_warps=norm_warps(n),
+        num_warps=norm_warps(n, residual.numel() // n),
         **gdc.launch(pdl),
     )
     return result
