@@ -19,7 +19,7 @@ from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model.modeling import CausalLM, load_hf, rotate_half
 from tritonllm.runtimes.kernels import attention as ak
 from tritonllm.runtimes.kernels import fused as fk
-from tritonllm.runtimes.kernels import gemv
+from tritonllm.runtimes.kernels import fused_check, gemv
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 from tritonllm.runtimes.torch_cuda.tuning import PROJECTIONS
 from tritonllm.text import TokenizerFiles
@@ -280,7 +280,7 @@ def test_start_up_self_check_passes_for_every_kernel_form():
     """What the GPU runtime runs before enabling the kernels (decode and prefill rotary forms, and
     the q/k-norm, fp8-cache and fp8-rows forms, included: a form that fails to compile there turns the fused
     kernels off, not the engine)."""
-    fk.self_check(torch.device("cpu"), torch.float32, 64, qk_norm=True, fp8_kv=True, fp8_rows=True)
+    fused_check.self_check(torch.device("cpu"), torch.float32, 64, qk_norm=True, fp8_kv=True, fp8_rows=True)
 
 
 def test_rope_kv_write_norms_each_q_and_k_head_first():

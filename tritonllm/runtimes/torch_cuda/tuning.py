@@ -74,9 +74,9 @@ def want_triton(
     if not fused_ops or device.type != "cuda" or os.environ.get("TRITONLLM_TRITON_KERNELS") == "0":
         return False
     try:
-        from ..kernels import fused
+        from ..kernels import fused_check
 
-        fused.self_check(device, dtype, head_dim, qk_norm, fp8_kv, fp8_rows)
+        fused_check.self_check(device, dtype, head_dim, qk_norm, fp8_kv, fp8_rows)
         return True
     except Exception as exc:  # no triton, or its kernels do not compile here: the torch ops serve
         log.warning("fused Triton decode kernels unavailable (%s): using the torch ops", str(exc)[:300])
