@@ -86,6 +86,11 @@ def reference_divergence(model: CausalLM, cfg: EngineConfig, kernels: TorchCudaR
 HEAD = "+head"  # a scheme name's suffix: the LM head quantized too
 
 
+def engine_label(name: str, scheme: str, kv: str) -> str:
+    """An engine's name in the rows and details: shape, scheme, and its KV cache where fp8."""
+    return f"{name} {scheme}" + (" kv-fp8" if kv == "fp8" else "")
+
+
 def run_scheme(
     base: CausalLM,
     name: str,
@@ -105,7 +110,7 @@ def run_scheme(
     if head:
         quant.quantize_head(model)
     kv = kv if weights != "none" else "auto"
-    label = f"{name} {scheme}" + (" kv-fp8" if kv == "fp8" else "")
+    label = engine_label(name, scheme, kv)
     cfg = bench_engine_config(max(concurrency), quantization=weights, kv_cache_dtype=kv, quantize_lm_head=head)
     runtime = TorchCudaRuntime(None, cfg, model=model)
     detail = {
@@ -162,7 +167,7 @@ def main() -> None:
     for name in a.shapes:
         base = CausalLM(random_model("llama", SHAPES[name]))
         for scheme, kv in [(s, kv) for s in a.schemes for kv in (["auto"] if s == "none" else a.kv_cache_dtype)]:
-            label = f"{name} {scheme} kv {kv}"
+            label = engine_label(name, scheme, kv)
             try:
                 r, details[label] = run_scheme(base, name, scheme, a.concurrency, PowerSampler(), bandwidth, kv)
                 rows += r

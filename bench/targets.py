@@ -30,8 +30,9 @@ COLS = [
 ]
 
 
-def _rate(rows: list[dict], system: str, conc: int) -> float | None:
-    return next((r["tokens_per_s"] for r in rows if r["system"] == system and r["concurrency"] == conc), None)
+def _rate(rows: list[dict], system: str, conc: int, key: str = "tokens_per_s") -> float | None:
+    """A row's `key` (tokens/s unless named) for this system at this concurrency, None where absent."""
+    return next((r.get(key) for r in rows if r["system"] == system and r["concurrency"] == conc), None)
 
 
 def _verdict(name: str, value: float, target: float, unit: str = "x") -> str:
@@ -52,10 +53,6 @@ def _other_weights(system: str) -> bool:
     return any(f in system for f in WEIGHT_FIELDS)
 
 
-def _joules(rows: list[dict], system: str, conc: int) -> float | None:
-    return next((r.get("tokens_per_joule") for r in rows if r["system"] == system and r["concurrency"] == conc), None)
-
-
 def weight_lines(rows: list[dict], t: str, concs: list[int]) -> list[str]:
     """A Triton variant of other weights against the bench's own through Triton: issue 17's
     ratios (tokens/s >= 1.6x at one stream, tokens per joule >= 1.5x at each concurrency)."""
@@ -64,7 +61,7 @@ def weight_lines(rows: list[dict], t: str, concs: list[int]) -> list[str]:
         mine, base = _rate(rows, t, c), _rate(rows, TRITON, c)
         if mine and base and c == 1:
             out.append(_verdict(f"{t}, concurrency 1, x {TRITON}", mine / base, 1.6))
-        j, base_j = _joules(rows, t, c), _joules(rows, TRITON, c)
+        j, base_j = _rate(rows, t, c, "tokens_per_joule"), _rate(rows, TRITON, c, "tokens_per_joule")
         if j and base_j:
             out.append(_verdict(f"{t}, concurrency {c}, tokens/J x {TRITON}", j / base_j, 1.5))
     return out

@@ -3,7 +3,9 @@ fetched) with a word-level tokenizer covering its 128256 ids, and SmolLM2 on the
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -113,9 +115,6 @@ def save_scheme_engines(model, engine_dir: Path, base, engines) -> list[Path]:
     from `base`'s saved in its `scheme_dir`, quantized from `model` (unquantized) by the build
     step's own functions; the folders written. Folders of earlier runs beside it are removed first
     (one of the bench's own scheme would be taken for it)."""
-    import copy
-    import shutil
-
     from tritonllm.model import quant
     from tritonllm.model.modeling import ENGINE_FILE
 
