@@ -220,7 +220,7 @@ def test_a_decode_step_the_tuner_gave_to_the_fp8_gemm_runs_it_on_rows_its_produc
     prompts = [tok.encode(p) for p in PROMPTS[:2]]
     cfg = EngineConfig(runtime="torch-cuda", max_slots=2, max_context=160, max_tokens_limit=64, quantization="fp8")
     calls, real = [], qmatmul.fp8_matmul
-    monkeypatch.setattr(qmatmul, "fp8_matmul", lambda x, *a: calls.append(type(x).__name__) or real(x, *a))
+    monkeypatch.setattr(qmatmul, "fp8_matmul", lambda x, *a, **kw: calls.append(type(x).__name__) or real(x, *a, **kw))
     small = {(kind, rows): gemv.FP8_GEMM for kind in PROJECTIONS for rows in (1, 2)}
     large = {(kind, 2048): "fp8" for kind in PROJECTIONS}
     runs = []

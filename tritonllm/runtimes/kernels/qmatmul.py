@@ -4,13 +4,18 @@ rows) by timing at start-up, like `gemv.tune`:
 
 - `tile_matmul` (OpenAI Triton): a tiled GEMM that loads int8 / float8 weight tiles, widens them in
   registers and runs the Tensor Cores in the activations' dtype; the scale is applied per output.
+  Its float8 x float8 form (`X8_TILES`) multiplies rows rounded to e4m3 per row by the weight as
+  stored, the row and channel scales applied once at the end, optionally split along K into
+  partial sums (`gemv.SplitK`) that the next fused kernel adds up.
 - `fp8_matmul` (fp8 weights only): activations quantized per token (dynamic scales) and one FP8
-  Tensor Core GEMM with row-wise scales (`torch._scaled_mm`, cuBLASLt), at twice bf16's peak.
+  Tensor Core GEMM with row-wise scales (`torch._scaled_mm`), at twice bf16's peak; `FP8_FAST` the
+  same with fast accumulation (partial sums kept at the Tensor Cores' own precision).
 - `reference`: dequantize the weight, then cuBLAS (the fallback; what the others are checked against).
 
-Where the FP8 GEMM runs, the kernel that makes its input (add + norm, the gated activation:
-`fused.py`) can round it per row itself and hand over `QuantRows`: the same e4m3 values and scales
-as `quantize_rows`, without a kernel and a round trip of the activations of its own.
+Where a product takes rows rounded per row (`takes_rounded`), the kernel that makes its input (add +
+norm, the gated activation: `fused.py`) can round it itself and hand over `QuantRows`: the same
+e4m3 values and scales as `quantize_rows`, without a kernel and a round trip of the activations of
+its own.
 """
 
 from __future__ import annotations
@@ -22,19 +27,27 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import agrees, graph_ms, reference
+from .gemv import SplitK, agrees, dense, graph_ms, reference
 from .rows import FP8_ALIGN, QuantRows
 
 log = logging.getLogger(__name__)
 # (rows of x, rows of W, K step, warps, stages) per program
 TILE_CONFIGS = ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 256, 64, 8, 3))
+# float8 weights on rows rounded per row: (rows of x, rows of W, K step, warps, stages) float8 x
+# float8, each also split along K (a 6th number S) for the kinds whose consumer adds up partial
+# sums: a 4,096-row weight (Llama-3.1-8B's o and down) at 128-256 rows leaves 128 x 128 output tiles
+# 32-64 programs for 132 SMs
+X8_TILES = ((64, 128, 128, 4, 4), (128, 128, 128, 8, 4), (64, 256, 128, 8, 3), (128, 256, 128, 8, 3))
+X8_SPLITS = (1, 2, 4)
 GROUP_M = 8  # programs along M that sweep the same columns of W together (the weight tiles stay in L2)
-Choice = "str | tuple[int, ...]"  # "reference", "fp8", or a TILE_CONFIGS entry
+FP8, FP8_FAST = "fp8", "fp8-fast"  # the FP8 GEMM, with precise or fast accumulation
+Choice = "str | tuple[int, ...]"  # "reference", FP8, FP8_FAST, or a TILE_CONFIGS / X8_TILES (+ split) entry
 
 
 @triton.jit
 def _tile_kernel(
     x,
+    x_scale,
     w,
     w_scale,
     bias,
@@ -42,16 +55,21 @@ def _tile_kernel(
     M,
     N,
     K,
+    K_SPLIT,
     s_xm,
     s_wn,
+    s_os,
     s_om,
     HAS_BIAS: tl.constexpr,
+    X8: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    """One output tile over this program's slice of K (program_id 1: [split * K_SPLIT, ...)); X8:
+    x is float8 rounded per row (`x_scale` [M]) and multiplies the float8 weight as it is."""
+    pid, split = tl.program_id(0), tl.program_id(1)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     width = GROUP * grid_n  # programs in one group of GROUP row blocks
     first_m = (pid // width) * GROUP
@@ -62,16 +80,23 @@ def _tile_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = m < M, n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(split * K_SPLIT, (split + 1) * K_SPLIT, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
         xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w + n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.dot(xt, tl.trans(wt.to(xt.dtype)))
+        if X8:
+            acc += tl.dot(xt, tl.trans(wt))
+        else:
+            acc += tl.dot(xt, tl.trans(wt.to(xt.dtype)))
+    if X8:
+        acc *= tl.load(x_scale + m, mask=m_ok, other=0.0)[:, None]
     acc *= tl.load(w_scale + n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out + m[:, None] * s_om + n[None, :], acc.to(out.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        if split == 0:
+            acc += tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    ptrs = out + split * s_os + m[:, None] * s_om + n[None, :]
+    tl.store(ptrs, acc.to(out.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -105,15 +130,24 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def tile_matmul(x, weight, scale, bias, config: tuple[int, ...]) -> torch.Tensor:
-    """x [..., K] @ (weight [N, K] 8-bit * scale [N]).T + bias -> [..., N] in x's dtype."""
-    x2, n = _rows(x), weight.shape[0]
-    m, k = x2.shape
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    bm, bn, bk, warps, stages = config
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _tile_kernel[grid](
+def tile_matmul(x, weight, scale, bias, config: tuple[int, ...]):
+    """x [..., K] @ (weight [N, K] 8-bit * scale [N]).T + bias -> [..., N] in x's dtype. A 5-number
+    config widens the weight to x's dtype; a 6-number one (`X8_TILES` + splits S) takes x rounded
+    per row (`QuantRows`, rounded here if it is not) and returns `SplitK` partial sums where S > 1."""
+    x8 = len(config) == 6
+    if x8 and not isinstance(x, QuantRows):
+        x = round_rows(x, weight.dtype)
+    if isinstance(x, QuantRows) and not x8:
+        raise ValueError(f"tile {config} widens the weight to the activations' type: it takes a tensor, not QuantRows")
+    x2, x_scale = (x.q, x.scale) if x8 else (_rows(x), scale)  # (no row scales: any pointer)
+    shape, dtype = x.shape, x.dtype
+    m, n, k = shape.numel() // shape[-1], weight.shape[0], shape[-1]
+    bm, bn, bk, warps, stages = config[:5]
+    splits = config[5] if x8 else 1
+    out = torch.empty((splits, m, n), dtype=dtype if splits == 1 else torch.float32, device=x2.device)
+    _tile_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), splits)](
         x2,
+        x_scale,
         weight,
         scale,
         bias if bias is not None else scale,
@@ -121,10 +155,13 @@ def tile_matmul(x, weight, scale, bias, config: tuple[int, ...]) -> torch.Tensor
         m,
         n,
         k,
+        triton.cdiv(triton.cdiv(k, splits), bk) * bk,  # whole K steps per slice
         x2.stride(0),
         weight.stride(0),
         out.stride(0),
+        out.stride(1),
         HAS_BIAS=bias is not None,
+        X8=x8,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
@@ -132,7 +169,7 @@ def tile_matmul(x, weight, scale, bias, config: tuple[int, ...]) -> torch.Tensor
         num_warps=warps,
         num_stages=stages,
     )
-    return out.view(*x.shape[:-1], n)
+    return SplitK(out, dtype) if splits > 1 else out.view(*shape[:-1], n)
 
 
 def round_rows(x: torch.Tensor, fmt: torch.dtype) -> QuantRows:
@@ -145,22 +182,31 @@ def round_rows(x: torch.Tensor, fmt: torch.dtype) -> QuantRows:
     return QuantRows(*quantize_rows(x2, fmt), x.shape, x.dtype)
 
 
-def fp8_matmul(x, weight, scale, bias) -> torch.Tensor:
+def fp8_matmul(x, weight, scale, bias, fast: bool = False) -> torch.Tensor:
     """The FP8 Tensor Core product: x quantized per row to e4m3 (here, or already: `QuantRows`),
-    weight [N, K] e4m3 with its per-channel scale; float32 accumulation, output in x's dtype."""
+    weight [N, K] e4m3 with its per-channel scale; float32 accumulation (`fast`: the Tensor Cores'
+    own, promoted less often), output in x's dtype."""
     if not isinstance(x, QuantRows):
         x = round_rows(x, weight.dtype)
-    y = torch._scaled_mm(x.q, weight.t(), scale_a=x.scale, scale_b=scale.view(1, -1), out_dtype=x.dtype)
+    y = torch._scaled_mm(
+        x.q, weight.t(), scale_a=x.scale, scale_b=scale.view(1, -1), out_dtype=x.dtype, use_fast_accum=fast
+    )
     y = y[: x.rows] if y.shape[0] != x.rows else y
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def matmul(x, weight, scale, bias, choice: Choice) -> torch.Tensor:
-    """The product by a tuned choice."""
-    if choice == "fp8":
-        return fp8_matmul(x, weight, scale, bias)
+def takes_rounded(choice: Choice) -> bool:
+    """A choice whose product multiplies rows rounded to float8 per row (`QuantRows`): the FP8
+    GEMM, or a float8 x float8 tile."""
+    return choice in (FP8, FP8_FAST) or (isinstance(choice, tuple) and len(choice) == 6)
+
+
+def matmul(x, weight, scale, bias, choice: Choice):
+    """The product by a tuned choice (a tensor, or `SplitK` partial sums for a split tile)."""
+    if choice in (FP8, FP8_FAST):
+        return fp8_matmul(x, weight, scale, bias, fast=choice == FP8_FAST)
     if choice == "reference":
         return reference(x, weight, bias, scale)
     return tile_matmul(x, weight, scale, bias, choice)
@@ -175,28 +221,55 @@ def choose(table: dict, kind: str, rows: int) -> Choice:
     return table[(kind, next((r for r in tuned if r >= rows), tuned[-1]))]
 
 
-def _agrees(x, w, b, s, choice) -> bool:
-    # FP8 activations keep 3 mantissa bits: each product term is off by up to 2^-4 relative
-    tolerance = 0.1 if choice == "fp8" else 2e-2
-    return agrees(f"quantized product {choice}", lambda: matmul(x, w, s, b, choice), reference(x, w, b, s), tolerance)
+def candidates(weight: torch.Tensor, split_ok: bool) -> list:
+    """What is timed for an 8-bit weight: the widening tiles; for float8 weights the FP8 GEMM both
+    ways and the float8 x float8 tiles (which the widening ones never beat), split along K where
+    the consumer adds up partial sums (`split_ok`) and every slice holds a K step."""
+    if weight.dtype != torch.float8_e4m3fn:
+        return list(TILE_CONFIGS)
+    splits = [s for s in X8_SPLITS if s == 1 or (split_ok and weight.shape[1] >= s * 128)]
+    return [FP8, FP8_FAST, *((*t, s) for t in X8_TILES for s in splits)]
 
 
-def tune(weights: dict[str, Sequence[tuple]], rows: Sequence[int], dtype: torch.dtype) -> tuple[dict, list[dict]]:
+def tune(
+    weights: dict[str, Sequence[tuple]],
+    rows: Sequence[int],
+    dtype: torch.dtype,
+    consumers: dict | None = None,
+    consumer_rows: int = 0,
+    rounded: frozenset = frozenset(),
+) -> tuple[dict, list[dict]]:
     """{(kind, rows): choice} for each weight kind (its (qweight, bias, scale) of every layer) and
-    row count, timed over every layer's weight in turn, and the timings (microseconds)."""
+    row count, timed over every layer's weight in turn, and the timings (microseconds). Up to
+    `consumer_rows` rows (a decode batch) each product is timed followed by its kind's consumer
+    (`consumers`, as `gemv.tune`), and those kinds also try split tiles; the kinds in `rounded`
+    time the products that take rounded rows on rows rounded already (their producers round them),
+    the others round them in the product."""
     table, report = {}, []
     for kind, mats in weights.items():
         w0 = mats[0][0]
-        candidates = [*TILE_CONFIGS, *(["fp8"] if w0.dtype == torch.float8_e4m3fn else [])]
         for m in rows:
+            consume = (consumers or {}).get(kind) if m <= consumer_rows else None
             x = torch.randn(m, w0.shape[1], device=w0.device, dtype=dtype)
-            run = lambda c: lambda: [matmul(x, w, s, b, c) for w, b, s in mats]
-            times = {"reference": graph_ms(run("reference"))}
-            for c in (c for c in candidates if _agrees(x, *mats[0], c)):
-                times[c] = graph_ms(run(c))
+            xr = round_rows(x, w0.dtype) if kind in rounded and w0.dtype == torch.float8_e4m3fn else x
+            times = {}
+            for c in ["reference", *candidates(w0, consume is not None)]:
+                given = xr if takes_rounded(c) else x
+                if c == "reference" or _agrees(x, given, *mats[0], c):
+                    run = lambda c=c, g=given: [(consume or dense)(matmul(g, w, s, b, c)) for w, b, s in mats]
+                    times[c] = graph_ms(run)
             table[(kind, m)] = best = min(times, key=times.get)
             us = {str(c): round(1e3 * t, 1) for c, t in times.items()}
             report.append({"kind": kind, "rows": m, "chosen": str(best), "us": us})
     for r in report:
         log.info("quantized product %s x%d: %s (%s)", r["kind"], r["rows"], r["chosen"], r["us"])
     return table, report
+
+
+def _agrees(x, given, w, b, s, choice) -> bool:
+    """The choice's product of `given` (x, or x rounded per row where it takes that) equals the
+    reference on x."""
+    # FP8 activations keep 3 mantissa bits: each product term is off by up to 2^-4 relative
+    tolerance = 0.1 if takes_rounded(choice) else 2e-2
+    product = lambda: dense(matmul(given, w, s, b, choice))
+    return agrees(f"quantized product {choice}", product, reference(x, w, b, s), tolerance)

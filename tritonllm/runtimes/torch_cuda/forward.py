@@ -152,6 +152,7 @@ class ForwardPasses:
         prompt's new tokens; `rot`: (cos, sin) of each rotary table. Returns the final-normed
         hidden states."""
         from ..kernels import fused as fk
+        from ..kernels.gemv import dense
 
         (b, t, _), sh, cache = x.shape, self.shape, self.cache
         row_slots = slots.repeat_interleave(t)
@@ -159,6 +160,7 @@ class ForwardPasses:
         kv_from = sh.num_heads + sh.num_kv_heads
 
         def rope(i, qkv):
+            qkv = dense(qkv)  # a split product's partial sums: v is read from the sum below
             q, k = fk.rope_kv_write(
                 qkv,
                 *rot[self.model.layer_rope[i]],
@@ -179,8 +181,6 @@ class ForwardPasses:
         def attend(i, qkv):
             return attend_prompt(self.model.layers[i], *(y.transpose(1, 2) for y in qkv))
 
-        # a prompt's products are never the decode step's small-batch tiles (whose split-K partial sums
-        # the prefill's value view cannot read)
         return self._fused_layers(x, rope, attend, small=False)
 
     # -- decode ----------------------------------------------------------------------------------
@@ -318,7 +318,7 @@ class ForwardPasses:
 
         if small and (kind, rows) in self.kernels.gemv_table:
             return weight.dtype if gemv.takes_rounded(self.kernels.gemv_table[(kind, rows)]) else None
-        return weight.dtype if qmatmul.choose(self.kernels.quant_table, kind, rows) == "fp8" else None
+        return weight.dtype if qmatmul.takes_rounded(qmatmul.choose(self.kernels.quant_table, kind, rows)) else None
 
     def _scale(self, norm) -> torch.Tensor | None:
         return None if norm is None else self._scales[id(norm)]
@@ -342,13 +342,13 @@ class ForwardPasses:
     def _project(self, kind: str, weight, bias, x, scale: torch.Tensor | None = None, small=True):
         """x @ weight.T + bias: the tuned small-batch tile for these rows (`small`: a decode step),
         else cuBLAS; an 8-bit weight (with `scale`) otherwise takes its tuned large-batch product,
-        the FP8 GEMM where x comes rounded for it (`QuantRows`, see `_rounds_input`)."""
+        on x rounded per row where that product takes it so (`QuantRows`, see `_rounds_input`)."""
         from ..kernels import gemv, qmatmul
 
         rounded = isinstance(x, qmatmul.QuantRows)
         rows = x.rows if rounded else x.numel() // x.shape[-1]
         config = self.kernels.gemv_table.get((kind, rows)) if small else None
-        if config == gemv.FP8_GEMM or (rounded and config is None):  # the FP8 GEMM, tuned for these rows
+        if config == gemv.FP8_GEMM:  # the FP8 GEMM, tuned for these rows
             return qmatmul.fp8_matmul(x, weight, scale, bias)
         if config is not None:
             if gemv.takes_rounded(config) and not rounded:  # the first layer's qkv: a plain norm made x

@@ -123,7 +123,7 @@ def _tune_all(model, cache, batch_buckets, max_context, gemv_table, quant_table,
     if quant_table is not None:
         choice.quant_table = dict(quant_table)
     elif scheme_of(model) != "none":
-        choice.quant_table, choice.quant_report = _tune_quant(model, batch_buckets)
+        choice.quant_table, choice.quant_report = _tune_quant(model, cache, batch_buckets, choice.pdl)
     return choice
 
 
@@ -149,9 +149,10 @@ def _projections(model) -> dict:
     return {kind: [operands(getattr(layer, kind)) for layer in model.layers] for kind in PROJECTIONS}
 
 
-def _tune_quant(model, batch_buckets: list[int]) -> tuple[dict, list]:
+def _tune_quant(model, cache: PagedDeviceCache, batch_buckets: list[int], pdl: bool = False) -> tuple[dict, list]:
     """{(kind, rows): choice} for the 8-bit projections at the rows gemv does not serve: decode
-    batches beyond its tiles and a prefill's many rows."""
+    batches beyond its tiles, each product timed with the fused kernel that reads it (launched
+    with PDL where the step launches it so), and a prefill's many rows."""
     from ..kernels import gemv, qmatmul
 
     weights = _projections(model)
@@ -160,7 +161,9 @@ def _tune_quant(model, batch_buckets: list[int]) -> tuple[dict, list]:
         weights["lm_head"] = [(head, None, scale)]
     rows = [b for b in batch_buckets if b > gemv.MAX_DOT_ROWS] + [PREFILL_ROWS]
     try:
-        return qmatmul.tune(weights, rows, model.embed.dtype)
+        consumers = _product_consumers(model, cache, max(batch_buckets), pdl)
+        rounded = frozenset(ROUNDED_BY_PRODUCER)
+        return qmatmul.tune(weights, rows, model.embed.dtype, consumers, max(batch_buckets), rounded)
     except Exception as exc:  # no kernel builds here: the dequantized reference serves (slowly)
         log.warning("quantized product tuning failed (%s): dequantize + cuBLAS", str(exc)[:300])
         return {}, []
