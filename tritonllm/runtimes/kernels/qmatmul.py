@@ -36,8 +36,9 @@ TILE_CONFIGS = ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), 
 # float8 weights on rows rounded per row: (rows of x, rows of W, K step, warps, stages) float8 x
 # float8, each also split along K (a 6th number S) for the kinds whose consumer adds up partial
 # sums: a 4,096-row weight (Llama-3.1-8B's o and down) at 128-256 rows leaves 128 x 128 output tiles
-# 32-64 programs for 132 SMs
-X8_TILES = ((64, 128, 128, 4, 4), (128, 128, 128, 8, 4), (64, 256, 128, 8, 3), (128, 256, 128, 8, 3))
+# 32-64 programs for 132 SMs. (A 128 x 256 tile at 8 warps took 3-12x the others' time at every
+# row count on an H100, docs/decisions.md: not a candidate.)
+X8_TILES = ((64, 128, 128, 4, 4), (128, 128, 128, 8, 4), (64, 256, 128, 8, 3))
 X8_SPLITS = (1, 2, 4)
 GROUP_M = 8  # programs along M that sweep the same columns of W together (the weight tiles stay in L2)
 FP8, FP8_FAST = "fp8", "fp8-fast"  # the FP8 GEMM, with precise or fast accumulation
