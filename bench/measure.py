@@ -123,13 +123,14 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
 
 def write_results(out_dir, name: str, facts: dict, rows: list[dict]) -> str:
     """{date}-{machine}-{name}.json and .md under out_dir: where the run came from (command, date,
-    machine, commit: `provenance.run_facts`), the caller's facts and the rows as a table. Returns the table."""
+    machine, commit: `provenance.run_facts`), the caller's facts and the rows as a table (the columns
+    of every row, in order of first appearance). Returns the table."""
     import json
 
     from bench.provenance import run_facts, write_json
 
     facts = run_facts(**facts)
     path = write_json(out_dir, name, {**facts, "rows": rows})
-    table = markdown_table(rows, list(rows[0]))
+    table = markdown_table(rows, list(dict.fromkeys(c for r in rows for c in r)))  # every row's columns
     path.with_suffix(".md").write_text(f"# {name}\n\n```\n{json.dumps(facts, indent=1)}\n```\n\n{table}\n")
     return table

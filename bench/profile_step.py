@@ -4,7 +4,7 @@ kernel tables, quantized weights, fp8 KV where asked): for each batch, every slo
 prompts of 128 tokens, each with the producers of an FP8 GEMM's input rounding it per row
 (`fused rows`) and without (`own quantize`), the decode step with its kernels launched with
 programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), with the activation's
-per-row rounding in two passes instead of one block (`fused.WHOLE_ROWS` 0), the kernels of one
+per-row rounding in two passes instead of one block (`fused.rounding_in_two_passes`), the kernels of one
 eager decode step by GPU time, and the floors: the step's products alone and the KV bytes it
 reads over the copy bandwidth.
 
@@ -136,10 +136,9 @@ def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwi
         splits, rt.kernels.split_table = rt.kernels.split_table, {}
         out["decode ms, unsplit keys"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20), 3)
         rt.kernels.split_table = splits
-    whole, fused.WHOLE_ROWS = fused.WHOLE_ROWS, 0  # every row's rounding in two passes
-    two_pass = graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20)
+    with fused.rounding_in_two_passes():
+        two_pass = graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20)
     out["decode ms, activation rounded in two passes"] = round(two_pass, 3)
-    fused.WHOLE_ROWS = whole
     out["products_floor_ms"] = round(products_floor_ms(rt, batch), 3)
     out["top_kernels"] = top_kernels(lambda: rt.forward.decode(batch, bucket), n=16)
     log.info("%s", {k: v for k, v in out.items() if k != "top_kernels"})

@@ -45,13 +45,12 @@ def activation_us(rows: int, width: int, pdl: bool) -> float:
 
 def activation_rows(rows: list[int], width: int, pdl: bool) -> list[dict]:
     """The rounding activation at each row count from one block (WHOLE) and in two passes."""
-    table, saved = [], fused.WHOLE_ROWS
+    table = []
     for n in rows:
         row = {"kernel": "activation, rounded per row", "rows": n, "width": width}
-        for name, limit in (("one block", n), ("two passes", 0)):
-            fused.WHOLE_ROWS = limit
-            row[f"us, {name}"] = round(activation_us(n, width, pdl), 2)
-        fused.WHOLE_ROWS = saved
+        row["us, one block"] = round(activation_us(n, width, pdl), 2)
+        with fused.rounding_in_two_passes():
+            row["us, two passes"] = round(activation_us(n, width, pdl), 2)
         log.info("%s", row)
         table.append(row)
     return table

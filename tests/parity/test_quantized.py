@@ -294,13 +294,18 @@ def test_a_quantized_torch_engine_refuses_a_config_of_another_scheme(tiny_dir):
         TorchCudaRuntime(None, cfg, model=model, device="cpu")
 
 
-@pytest.mark.parametrize("n, width", [(21, 1500), (21, 16384), (21, 16500), (70, 1500)])
-def test_norm_and_activation_round_their_output_as_the_row_quantizer_does(n, width):
+@pytest.mark.parametrize(
+    "n, width, two_pass",
+    [(21, 1500, False), (21, 16384, False), (21, 16500, False), (70, 1500, False), (70, 1500, True)],
+)
+def test_norm_and_activation_round_their_output_as_the_row_quantizer_does(n, width, two_pass):
     """Where the FP8 GEMM runs, add + norm and the gated activation hand it their output already
     rounded per row: the e4m3 values and scales `quantize_rows` gives their plain output, the
-    residual updated the same, and the same product (rows padded to 16s; at up to 64 rows,
-    activation rows of 1,500 and 16,384 columns rounded from one block; 16,500 columns, or more
-    rows, in two passes of 1,024-column blocks)."""
+    residual updated the same, and the same product (rows padded to 16s; activation rows of 1,500
+    and 16,384 columns rounded from one block; 16,500 columns, or any within
+    `rounding_in_two_passes`, in two passes of 1,024-column blocks)."""
+    import contextlib
+
     from tritonllm.runtimes.kernels import fused as fk
 
     torch.manual_seed(9)
@@ -308,10 +313,11 @@ def test_norm_and_activation_round_their_output_as_the_row_quantizer_does(n, wid
     x, res, w = torch.randn(n, 1, 96) * ranges, torch.randn(n, 1, 96), torch.randn(96)
     res_rounded = res.clone()
     gu = torch.randn(n, 1, 2 * width) * ranges / 10  # gates up to ~10: no overflow in exp(-g)
-    pairs = [
-        (fk.add_rms_norm(x, res, w, 1e-5), fk.add_rms_norm(x, res_rounded, w, 1e-5, quantize=e4m3)),
-        (fk.activate_mul(gu), fk.activate_mul(gu, quantize=e4m3)),
-    ]
+    with fk.rounding_in_two_passes() if two_pass else contextlib.nullcontext():
+        pairs = [
+            (fk.add_rms_norm(x, res, w, 1e-5), fk.add_rms_norm(x, res_rounded, w, 1e-5, quantize=e4m3)),
+            (fk.activate_mul(gu), fk.activate_mul(gu, quantize=e4m3)),
+        ]
     assert torch.equal(res, res_rounded)
     for plain, rows in pairs:
         k = plain.shape[-1]

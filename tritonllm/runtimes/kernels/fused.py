@@ -17,6 +17,8 @@ TRITON_INTERPRET=1 on the CPU (tests/parity) and measured on the GPU (bench)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -25,13 +27,15 @@ from . import pdl as gdc
 from .gemv import SplitK
 from .rows import QuantRows
 
-WHOLE_ROW = 16384  # activation widths (Llama-3.1-8B's 14,336) rounded per row from one block in registers,
-WHOLE_ROWS = 64  # for batches up to this many rows (a decode step's small-batch tiles); larger ones, whose
-# programs fill the GPU anyway, keep the two passes they were measured with
+WHOLE_ROW = 16384  # activation widths (Llama-3.1-8B's 14,336) rounded per row from one block in registers
+# at every batch size: a row read once, where two passes over it make each program's chain twice as
+# long and, at a few programs a SM, leave too few loads in flight (bench.row_kernels)
+_two_pass_rounding = False  # set only by `rounding_in_two_passes`, for the benches' comparison
+NORM_ROWS = 64  # up to this many rows an add + norm program's warps follow NORM_VALUES:
 NORM_VALUES = 8  # row values a thread of an add + norm program holds (the program holds the row), between
-NORM_WARPS = (4, 16)  # these warps, at up to WHOLE_ROWS rows: at one row the program is the kernel, and
-# fewer values a thread shorten its chain of loads, sums and stores (bench.row_kernels); larger
-# batches keep Triton's default 4, which they were measured with
+NORM_WARPS = (4, 16)  # these warps: at one row the program is the kernel, and fewer values a thread
+# shorten its chain of loads, sums and stores (bench.row_kernels); larger batches keep Triton's
+# default 4, which they were measured with
 
 
 @triton.jit
@@ -270,10 +274,22 @@ def _output(shape: torch.Size, dtype: torch.dtype, device, quantize: torch.dtype
     return rows, (rows.q, rows.scale, torch.finfo(quantize).max)
 
 
+@contextlib.contextmanager
+def rounding_in_two_passes():
+    """Within: the rounding activation goes over each row twice even where one block holds it (what
+    `bench.row_kernels` and `bench.profile_step` compare the one-block form with)."""
+    global _two_pass_rounding
+    saved, _two_pass_rounding = _two_pass_rounding, True
+    try:
+        yield
+    finally:
+        _two_pass_rounding = saved
+
+
 def norm_warps(n: int, rows: int = 1) -> int:
     """Warps of an add + norm program over `rows` rows of n values."""
     low, high = NORM_WARPS
-    if rows > WHOLE_ROWS:
+    if rows > NORM_ROWS:
         return low
     return min(high, max(low, triton.next_power_of_2(n) // (32 * NORM_VALUES)))
 
@@ -356,7 +372,7 @@ def _activate_mul_rows_kernel(
     """A whole row per program, rounded per row to q's 8-bit type. WHOLE (BLOCK covers the row):
     read once, its absmax taken in registers. Else its absmax first, then the row again (from L2)
     divided by it, the values computed twice rather than stored and re-read: at a few rows such a
-    program's two passes are a decode step's longest chain, hence WHOLE (`WHOLE_ROW`, `WHOLE_ROWS`)."""
+    program's two passes are a decode step's longest chain, hence WHOLE (`WHOLE_ROW`)."""
     gdc.enter(PDL)
     row = tl.program_id(0)
     if WHOLE:
@@ -398,7 +414,7 @@ def activate_mul(
         return result
     like = parts if parts.dtype == dtype else torch.empty(1, dtype=dtype, device=parts.device)
     shape = {"BLOCK": block}
-    if f <= WHOLE_ROW and rows <= WHOLE_ROWS:
+    if f <= WHOLE_ROW and not _two_pass_rounding:
         whole = triton.next_power_of_2(f)
         shape = dict(BLOCK=whole, WHOLE=True, num_warps=16 if whole > 8192 else 8)
     _activate_mul_rows_kernel[(rows,)](
