@@ -329,7 +329,7 @@ def _agreeing_times(caches, num_heads: int, b: int, context: int, dtype, ref_con
     (one that does not build here is left out, not the whole table): `b` rows of `context` keys,
     timed over every layer's (keys, values, fp8 scales or None) in `caches` (CUDA graph replays),
     rows' blocks spread over the pool."""
-    from .gemv import graph_ms
+    from .gemv import check_all, graph_ms
 
     k0 = caches[0][0]
     blocks, hkv, page, d = k0.shape
@@ -339,7 +339,8 @@ def _agreeing_times(caches, num_heads: int, b: int, context: int, dtype, ref_con
     kr, vr, check = random_pool(b, context, k0)
     run = lambda cfg: decode_attention(q, kr, vr, check, pos, context, cfg, kv_scale=caches[0][2])
     ref = run(ref_config).float()
-    agree = [cfg for cfg in candidates if _agrees(lambda cfg=cfg: run(cfg), ref, cfg)]
+    checks = [lambda cfg=cfg: _agrees(lambda: run(cfg), ref, cfg) for cfg in candidates]
+    agree = [cfg for cfg, ok in zip(candidates, check_all(checks, q.device)) if ok]
     return {
         cfg: graph_ms(
             lambda cfg=cfg: [decode_attention(q, k, v, tab, pos, context, cfg, kv_scale=s) for k, v, s in caches]
@@ -417,7 +418,7 @@ def tune_pieces(k_caches, v_caches, num_heads: int, shapes, dtype: torch.dtype, 
     positions before them)], each step timed over every layer's cache (CUDA graph replays), the
     pieces' blocks spread over the pool; a config whose output differs from the default's on random
     keys is left out. Returns (config, timings for the log)."""
-    from .gemv import graph_ms
+    from .gemv import check_all, graph_ms
 
     blocks, hkv, page, d = k_caches[0].shape
     device, group = k_caches[0].device, num_heads // hkv
@@ -438,7 +439,8 @@ def tune_pieces(k_caches, v_caches, num_heads: int, shapes, dtype: torch.dtype, 
             )
 
         ref = run(PIECE_CONFIGS[0], kr, vr, check, scales[0]).float()
-        agree = [c for c in totals if _agrees(lambda c=c: run(c, kr, vr, check, scales[0]), ref, c)]
+        checks = [lambda c=c: _agrees(lambda: run(c, kr, vr, check, scales[0]), ref, c) for c in totals]
+        agree = [c for c, ok in zip(totals, check_all(checks, device)) if ok]
         times = {
             c: graph_ms(lambda c=c: [run(c, *kvs) for kvs in zip(k_caches, v_caches, [tab] * len(scales), scales)])
             for c in agree

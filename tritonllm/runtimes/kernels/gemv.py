@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,9 @@ DOT_CONFIGS = (
 # reach further along K to keep as many bytes in flight
 QUANT_CONFIGS = CONFIGS + ((2, 4096, 4), (4, 4096, 8), (1, 8192, 8), (2, 8192, 8), (8, 2048, 8))
 QUANT_DOT_CONFIGS = DOT_CONFIGS + ((16, 256, 4, 4), (32, 256, 4, 4), (64, 256, 8, 3), (32, 512, 8, 3))
+COMPILE_THREADS = 8  # candidates checked at once at start-up: a check's first run compiles its kernel,
+# most of a tuning's time, and OpenAI Triton's compiler leaves the GIL for most of that; the timings
+# after the checks stay one at a time (each captures a CUDA graph)
 SPLITS = (1, 2, 4, 8)  # slices of K a skinny_dot may run as separate programs (a 5th number in its config)
 SPLIT_TILES = ((32, 128, 4, 4), (64, 64, 4, 4))  # the tiles tried split (the others never won split)
 # float8 weights at a few rows: the activations rounded to float8 per K step (a 6th number, 1), so
@@ -309,13 +313,31 @@ def agrees(label: str, product: Callable[[], torch.Tensor], ref: torch.Tensor, t
     return ok
 
 
-def _agrees(x: torch.Tensor, given, w, b, s, config: Config) -> bool:
+def check_all(checks: Sequence[Callable[[], bool]], device: torch.device) -> list[bool]:
+    """Each candidate's check against the reference, whose first run compiles the candidate: on
+    COMPILE_THREADS threads on a GPU, one after another elsewhere (the CPU interpreter patches
+    Triton's language module while it runs a kernel)."""
+    if device.type != "cuda" or COMPILE_THREADS <= 1 or len(checks) <= 1:
+        return [check() for check in checks]
+
+    def on_device(check: Callable[[], bool]) -> bool:
+        with torch.cuda.device(device):  # a new thread's current device is the first GPU
+            return check()
+
+    with ThreadPoolExecutor(min(COMPILE_THREADS, len(checks)), thread_name_prefix="tune") as pool:
+        return list(pool.map(on_device, checks))
+
+
+def _agrees(given, w, b, s, config: Config, ref: torch.Tensor, pdl_steps: int | None = None) -> bool:
     """The config's product of `given` (x, or x rounded per row where the config takes that) equals
-    the reference on x within rounding of the activations' type (of float8 where the config
-    multiplies float8)."""
+    `ref` (the reference on x) within rounding of the activations' type (of float8 where the config
+    multiplies float8). One that agrees is also run as the step launches it (`pdl_steps`), so that
+    form is compiled here too."""
     tolerance = X8_TOLERANCE if _x_mode(config) != X_AS_GIVEN else 2e-2
-    product = lambda: dense(small_matmul(given, w, b, config, s))
-    return agrees(f"gemv {config}", product, reference(x, w, b, s), tolerance)
+    ok = agrees(f"gemv {config}", lambda: dense(small_matmul(given, w, b, config, s)), ref, tolerance)
+    if ok and pdl_steps is not None:
+        small_matmul(given, w, b, config, s, pdl_steps)
+    return ok
 
 
 def _fp8_gemm_time(x: torch.Tensor, mats, rounded: bool, consume) -> dict:
@@ -410,9 +432,12 @@ def tune(
             w0, rounds = mats[0][0], kind in rounded and mats[0][0].dtype == torch.float8_e4m3fn
             tiles = candidates(m, w0, mats[0][2] is not None, kind in consumers, configs, dot_configs, rounds)
             xr = qmatmul.round_rows(x, w0.dtype) if rounds else None  # as the kind's producer hands it over
-            for cfg, given in ((c, xr if takes_rounded(c) else x) for c in tiles):
-                if _agrees(x, given, *mats[0], cfg):
-                    times[cfg] = graph_ms(run(lambda _, w, b, s, c=cfg, g=given: small_matmul(g, w, b, c, s, steps)))
+            given = [(c, xr if takes_rounded(c) else x) for c in tiles]
+            ref = reference(x, *mats[0])
+            ok = check_all([lambda c=c, g=g: _agrees(g, *mats[0], c, ref, steps) for c, g in given], x.device)
+            for (cfg, g), agreed in zip(given, ok):
+                if agreed:
+                    times[cfg] = graph_ms(run(lambda _, w, b, s, c=cfg, g=g: small_matmul(g, w, b, c, s, steps)))
             if mats[0][0].dtype == torch.float8_e4m3fn:
                 times.update(_fp8_gemm_time(x, mats, kind in rounded, consume))
             best = min(times, key=times.get)

@@ -1,0 +1,36 @@
+"""The start-up tuners check their candidates (and so compile them) several at a time on a GPU
+(`gemv.check_all`); the answers come back in the candidates' order whatever thread ran them."""
+
+import contextlib
+import threading
+import time
+
+import torch
+
+from tritonllm.runtimes.kernels import gemv
+
+
+def checks(n: int, seen: list):
+    def check(i):
+        time.sleep(0.01 * (n - i))  # later candidates finish first
+        seen.append(threading.current_thread().name)
+        return i % 3 != 0
+
+    return [lambda i=i: check(i) for i in range(n)]
+
+
+def test_on_a_gpu_the_checks_run_on_threads_and_answer_in_order(monkeypatch):
+    devices = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: devices.append(d) or contextlib.nullcontext())
+    seen = []
+    assert gemv.check_all(checks(10, seen), torch.device("cuda", 1)) == [i % 3 != 0 for i in range(10)]
+    assert len(seen) == 10 and all(name.startswith("tune") for name in seen)
+    assert devices == [torch.device("cuda", 1)] * 10  # each thread on the engine's GPU
+
+
+def test_elsewhere_or_with_one_thread_they_run_in_order_on_the_caller(monkeypatch):
+    seen = []
+    assert gemv.check_all(checks(4, seen), torch.device("cpu")) == [False, True, True, False]
+    monkeypatch.setattr(gemv, "COMPILE_THREADS", 1)
+    assert gemv.check_all(checks(4, seen), torch.device("cuda")) == [False, True, True, False]
+    assert set(seen) == {threading.current_thread().name}
