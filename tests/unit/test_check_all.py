@@ -2,8 +2,11 @@
 (`gemv.check_all`); the answers come back in the candidates' order whatever thread ran them."""
 
 import contextlib
+import os
 import threading
 import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # as the parity tests: this process's kernels are interpreted
 
 import torch
 
@@ -22,15 +25,25 @@ def checks(n: int, seen: list):
 def test_on_a_gpu_the_checks_run_on_threads_and_answer_in_order(monkeypatch):
     devices = []
     monkeypatch.setattr(torch.cuda, "device", lambda d: devices.append(d) or contextlib.nullcontext())
-    seen = []
-    assert gemv.check_all(checks(10, seen), torch.device("cuda", 1)) == [i % 3 != 0 for i in range(10)]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (80 * 2**30, 80 * 2**30))
+    seen, ref = [], torch.zeros(64, 4096)
+    assert gemv.check_all(checks(10, seen), torch.device("cuda", 1), ref) == [i % 3 != 0 for i in range(10)]
     assert len(seen) == 10 and all(name.startswith("tune") for name in seen)
     assert devices == [torch.device("cuda", 1)] * 10  # each thread on the engine's GPU
 
 
-def test_elsewhere_or_with_one_thread_they_run_in_order_on_the_caller(monkeypatch):
+def test_threads_stop_at_half_the_free_memory(monkeypatch):
+    """A 2,048 x 28,672 output's checks take ~1.9 GB each: with 3 GB free they run one at a time."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (3 * 10**9, 80 * 10**9))
     seen = []
-    assert gemv.check_all(checks(4, seen), torch.device("cpu")) == [False, True, True, False]
+    big = torch.zeros(2048, 28672, dtype=torch.bfloat16)
+    assert gemv.check_all(checks(4, seen), torch.device("cuda"), big) == [False, True, True, False]
+    assert set(seen) == {threading.current_thread().name}
+
+
+def test_elsewhere_or_with_one_thread_they_run_in_order_on_the_caller(monkeypatch):
+    seen, ref = [], torch.zeros(4)
+    assert gemv.check_all(checks(4, seen), torch.device("cpu"), ref) == [False, True, True, False]
     monkeypatch.setattr(gemv, "COMPILE_THREADS", 1)
-    assert gemv.check_all(checks(4, seen), torch.device("cuda")) == [False, True, True, False]
+    assert gemv.check_all(checks(4, seen), torch.device("cuda"), ref) == [False, True, True, False]
     assert set(seen) == {threading.current_thread().name}

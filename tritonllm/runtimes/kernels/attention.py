@@ -340,7 +340,7 @@ def _agreeing_times(caches, num_heads: int, b: int, context: int, dtype, ref_con
     run = lambda cfg: decode_attention(q, kr, vr, check, pos, context, cfg, kv_scale=caches[0][2])
     ref = run(ref_config).float()
     checks = [lambda cfg=cfg: _agrees(lambda: run(cfg), ref, cfg) for cfg in candidates]
-    agree = [cfg for cfg, ok in zip(candidates, check_all(checks, q.device)) if ok]
+    agree = [cfg for cfg, ok in zip(candidates, check_all(checks, q.device, ref)) if ok]
     return {
         cfg: graph_ms(
             lambda cfg=cfg: [decode_attention(q, k, v, tab, pos, context, cfg, kv_scale=s) for k, v, s in caches]
@@ -440,7 +440,7 @@ def tune_pieces(k_caches, v_caches, num_heads: int, shapes, dtype: torch.dtype, 
 
         ref = run(PIECE_CONFIGS[0], kr, vr, check, scales[0]).float()
         checks = [lambda c=c: _agrees(lambda: run(c, kr, vr, check, scales[0]), ref, c) for c in totals]
-        agree = [c for c, ok in zip(totals, check_all(checks, device)) if ok]
+        agree = [c for c, ok in zip(totals, check_all(checks, device, ref)) if ok]
         times = {
             c: graph_ms(lambda c=c: [run(c, *kvs) for kvs in zip(k_caches, v_caches, [tab] * len(scales), scales)])
             for c in agree

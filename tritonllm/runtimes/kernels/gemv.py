@@ -43,6 +43,8 @@ QUANT_DOT_CONFIGS = DOT_CONFIGS + ((16, 256, 4, 4), (32, 256, 4, 4), (64, 256, 8
 COMPILE_THREADS = 8  # candidates checked at once at start-up: a check's first run compiles its kernel,
 # most of a tuning's time, and OpenAI Triton's compiler leaves the GIL for most of that; the timings
 # after the checks stay one at a time (each captures a CUDA graph)
+CHECK_COPIES = 8  # float32 copies of the reference's size a check holds at once (output, its split
+# partial sums, the differences), for `check_all`'s share of free memory
 SPLITS = (1, 2, 4, 8)  # slices of K a skinny_dot may run as separate programs (a 5th number in its config)
 SPLIT_TILES = ((32, 128, 4, 4), (64, 64, 4, 4))  # the tiles tried split (the others never won split)
 # float8 weights at a few rows: the activations rounded to float8 per K step (a 6th number, 1), so
@@ -313,18 +315,22 @@ def agrees(label: str, product: Callable[[], torch.Tensor], ref: torch.Tensor, t
     return ok
 
 
-def check_all(checks: Sequence[Callable[[], bool]], device: torch.device) -> list[bool]:
-    """Each candidate's check against the reference, whose first run compiles the candidate: on
-    COMPILE_THREADS threads on a GPU, one after another elsewhere (the CPU interpreter patches
-    Triton's language module while it runs a kernel)."""
-    if device.type != "cuda" or COMPILE_THREADS <= 1 or len(checks) <= 1:
+def check_all(checks: Sequence[Callable[[], bool]], device: torch.device, ref: torch.Tensor) -> list[bool]:
+    """Each candidate's check against `ref`, whose first run compiles the candidate: on up to
+    COMPILE_THREADS threads on a GPU, as many as half its free memory holds (a check makes a few
+    float32 copies of an output, and the KV pool may have taken most of the memory already); one
+    after another elsewhere (the CPU interpreter patches Triton's language module while it runs)."""
+    threads = min(COMPILE_THREADS, len(checks))
+    if device.type == "cuda" and threads > 1:
+        threads = min(threads, torch.cuda.mem_get_info(device)[0] // (2 * CHECK_COPIES * 4 * ref.numel()))
+    if device.type != "cuda" or threads <= 1:
         return [check() for check in checks]
 
     def on_device(check: Callable[[], bool]) -> bool:
         with torch.cuda.device(device):  # a new thread's current device is the first GPU
             return check()
 
-    with ThreadPoolExecutor(min(COMPILE_THREADS, len(checks)), thread_name_prefix="tune") as pool:
+    with ThreadPoolExecutor(threads, thread_name_prefix="tune") as pool:
         return list(pool.map(on_device, checks))
 
 
@@ -434,7 +440,7 @@ def tune(
             xr = qmatmul.round_rows(x, w0.dtype) if rounds else None  # as the kind's producer hands it over
             given = [(c, xr if takes_rounded(c) else x) for c in tiles]
             ref = reference(x, *mats[0])
-            ok = check_all([lambda c=c, g=g: _agrees(g, *mats[0], c, ref, steps) for c, g in given], x.device)
+            ok = check_all([lambda c=c, g=g: _agrees(g, *mats[0], c, ref, steps) for c, g in given], x.device, ref)
             for (cfg, g), agreed in zip(given, ok):
                 if agreed:
                     times[cfg] = graph_ms(run(lambda _, w, b, s, c=cfg, g=g: small_matmul(g, w, b, c, s, steps)))

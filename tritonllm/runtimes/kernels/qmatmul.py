@@ -255,7 +255,7 @@ def tune(
             xr = round_rows(x, w0.dtype) if kind in rounded and w0.dtype == torch.float8_e4m3fn else x
             times, ref = {}, reference(x, *mats[0])
             given = [(c, xr if takes_rounded(c) else x) for c in candidates(w0, consume is not None)]
-            ok = check_all([lambda c=c, g=g: _agrees(g, *mats[0], c, ref) for c, g in given], x.device)
+            ok = check_all([lambda c=c, g=g: _agrees(g, *mats[0], c, ref) for c, g in given], x.device, ref)
             for c, g in [("reference", x)] + [cg for cg, agreed in zip(given, ok) if agreed]:
                 times[c] = graph_ms(lambda c=c, g=g: [(consume or dense)(matmul(g, w, s, b, c)) for w, b, s in mats])
             table[(kind, m)] = best = min(times, key=times.get)
