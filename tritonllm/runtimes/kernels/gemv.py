@@ -320,10 +320,10 @@ def check_all(checks: Sequence[Callable[[], bool]], device: torch.device, ref: t
     COMPILE_THREADS threads on a GPU, as many as half its free memory holds (a check makes a few
     float32 copies of an output, and the KV pool may have taken most of the memory already); one
     after another elsewhere (the CPU interpreter patches Triton's language module while it runs)."""
-    threads = min(COMPILE_THREADS, len(checks))
-    if device.type == "cuda" and threads > 1:
+    threads = min(COMPILE_THREADS, len(checks)) if device.type == "cuda" else 1
+    if threads > 1:
         threads = min(threads, torch.cuda.mem_get_info(device)[0] // (2 * CHECK_COPIES * 4 * ref.numel()))
-    if device.type != "cuda" or threads <= 1:
+    if threads <= 1:
         return [check() for check in checks]
 
     def on_device(check: Callable[[], bool]) -> bool:
@@ -439,7 +439,7 @@ def tune(
             tiles = candidates(m, w0, mats[0][2] is not None, kind in consumers, configs, dot_configs, rounds)
             xr = qmatmul.round_rows(x, w0.dtype) if rounds else None  # as the kind's producer hands it over
             given = [(c, xr if takes_rounded(c) else x) for c in tiles]
-            ref = reference(x, *mats[0])
+            ref = reference(x, *mats[0]).float()  # (float once: `agrees` compares in float32)
             ok = check_all([lambda c=c, g=g: _agrees(g, *mats[0], c, ref, steps) for c, g in given], x.device, ref)
             for (cfg, g), agreed in zip(given, ok):
                 if agreed:

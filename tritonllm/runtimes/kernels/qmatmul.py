@@ -253,7 +253,7 @@ def tune(
             consume = (consumers or {}).get(kind) if m <= consumer_rows else None
             x = torch.randn(m, w0.shape[1], device=w0.device, dtype=dtype)
             xr = round_rows(x, w0.dtype) if kind in rounded and w0.dtype == torch.float8_e4m3fn else x
-            times, ref = {}, reference(x, *mats[0])
+            times, ref = {}, reference(x, *mats[0]).float()  # (float once: `agrees` compares in float32)
             given = [(c, xr if takes_rounded(c) else x) for c in candidates(w0, consume is not None)]
             ok = check_all([lambda c=c, g=g: _agrees(g, *mats[0], c, ref) for c, g in given], x.device, ref)
             for c, g in [("reference", x)] + [cg for cg, agreed in zip(given, ok) if agreed]:
