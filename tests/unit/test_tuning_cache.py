@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from tritonllm.model import quant
@@ -34,29 +35,63 @@ def test_a_stored_table_reads_back_equal(tmp_path):
     assert tc.load_choice(json.loads(json.dumps(tc.dump(choice))), KernelChoice) == choice
 
 
+class Stages:
+    """The tuning's stages over `tuned_choice()`'s tables, counting the runs of each; `stop_at`
+    names a stage that raises as a start stopped there would."""
+
+    def __init__(self, stop_at: str | None = None):
+        self.runs, self.stop_at, want = [], stop_at, tuned_choice()
+        parts = {"gemv": ("gemv_table", "gemv_report"), "attention": ("attention_table",), "splits": ("split_table",)}
+        parts |= {"pieces": ("piece_config",), "quant": ("quant_table",)}
+        self.stages = [(name, lambda c, n=name, f=f: self.run(c, n, f, want)) for name, f in parts.items()]
+
+    def run(self, choice, name, fields, want):
+        if name == self.stop_at:
+            raise KeyboardInterrupt(name)
+        self.runs.append(name)
+        for f in fields:
+            setattr(choice, f, getattr(want, f))
+
+
+def start() -> KernelChoice:
+    return KernelChoice(True, pdl=True)
+
+
 def test_a_second_start_reads_the_tables_instead_of_tuning(tmp_path):
-    tunings = []
-    tune = lambda: tunings.append(1) or tuned_choice()
-    facts = {"device": {"name": "H200"}, "weights": {"w": [[8, 8], "torch.float8_e4m3fn"]}}
-    first = tc.cached(tmp_path, facts, tune, KernelChoice)
-    again = tc.cached(tmp_path, facts, tune, KernelChoice)
-    assert first == again == tuned_choice() and len(tunings) == 1
+    facts, tuner = {"device": {"name": "H200"}, "weights": {"w": [[8, 8], "torch.float8_e4m3fn"]}}, Stages()
+    first = tc.cached(tmp_path, facts, start(), tuner.stages, KernelChoice)
+    again = tc.cached(tmp_path, facts, start(), tuner.stages, KernelChoice)
+    assert first == again == tuned_choice() and len(tuner.runs) == 5
     other = facts | {"device": {"name": "H100"}}
-    tc.cached(tmp_path, other, tune, KernelChoice)
-    assert len(tunings) == 2 and len(list(tmp_path.glob("*.json"))) == 2
-    tc.cached(None, facts, tune, KernelChoice)  # no folder: tuned, nothing stored
-    assert len(tunings) == 3 and len(list(tmp_path.iterdir())) == 2
+    tc.cached(tmp_path, other, start(), tuner.stages, KernelChoice)
+    assert len(tuner.runs) == 10 and len(list(tmp_path.glob("*.json"))) == 2
+    assert tc.cached(None, facts, start(), tuner.stages, KernelChoice) == tuned_choice()  # no folder: tuned
+    assert len(tuner.runs) == 15 and len(list(tmp_path.iterdir())) == 2  # ... nothing stored
+
+
+def test_a_start_stopped_mid_tuning_resumes_at_the_stage_it_was_in(tmp_path):
+    facts = {"device": {"name": "H200"}}
+    stopped = Stages(stop_at="splits")
+    with pytest.raises(KeyboardInterrupt):
+        tc.cached(tmp_path, facts, start(), stopped.stages, KernelChoice)
+    assert stopped.runs == ["gemv", "attention"]
+    resumed = Stages()
+    assert tc.cached(tmp_path, facts, start(), resumed.stages, KernelChoice) == tuned_choice()
+    assert resumed.runs == ["splits", "pieces", "quant"]
+    assert tc.cached(tmp_path, facts, start(), resumed.stages, KernelChoice) == tuned_choice()
+    assert resumed.runs == ["splits", "pieces", "quant"]  # whole now: read, not tuned
 
 
 def test_a_broken_file_or_an_unwritable_folder_only_costs_a_tuning(tmp_path):
-    facts, tunings = {"device": {"name": "H200"}}, []
-    tune = lambda: tunings.append(1) or tuned_choice()
+    facts, tuner = {"device": {"name": "H200"}}, Stages()
     (tmp_path / f"{tc.key(facts)}.json").write_text('{"choice": {"triton": tru')
-    assert tc.cached(tmp_path, facts, tune, KernelChoice) == tuned_choice() and len(tunings) == 1
-    assert tc.cached(tmp_path, facts, tune, KernelChoice) == tuned_choice() and len(tunings) == 1  # rewritten
+    assert tc.cached(tmp_path, facts, start(), tuner.stages, KernelChoice) == tuned_choice()
+    assert tc.cached(tmp_path, facts, start(), tuner.stages, KernelChoice) == tuned_choice()  # rewritten
+    assert len(tuner.runs) == 5
     blocked = tmp_path / "a-file"
     blocked.write_text("")
-    assert tc.cached(blocked / "tuning", facts, tune, KernelChoice) == tuned_choice() and len(tunings) == 2
+    assert tc.cached(blocked / "tuning", facts, start(), tuner.stages, KernelChoice) == tuned_choice()
+    assert len(tuner.runs) == 10
 
 
 def test_the_key_follows_the_weights_types_and_the_cache(tiny_dir):
@@ -81,3 +116,18 @@ def test_the_folder_setting(monkeypatch, tmp_path):
     assert tc.cache_dir("auto") == tmp_path / "tritonllm" / "tuning"
     assert tc.cache_dir("off") is None
     assert tc.cache_dir("/srv/tables") == Path("/srv/tables")
+
+
+def test_the_engine_tunes_in_a_stage_per_weight_kind(tiny_dir, monkeypatch):
+    from tritonllm.runtimes.torch_cuda import tuning
+
+    monkeypatch.delenv("TRITONLLM_GEMV", raising=False)
+    model = CausalLM(load_hf(tiny_dir))
+    names = lambda m, **given: [n for n, _ in tuning._stages(m, None, [1, 64], 512, given.get("g"), given.get("q"), 0)]
+    kinds = list(quant.PROJECTIONS)
+    assert names(model) == [*(f"gemv {k}" for k in kinds), "gemv lm_head", "attention", "splits"]
+    quant.quantize_model(model, "fp8")
+    assert names(model)[-len(kinds) :] == [f"quant {k}" for k in kinds]
+    quant.quantize_head(model)
+    assert names(model)[-1] == "quant lm_head"
+    assert names(model, g={}, q={}) == ["gemv", "attention", "splits", "quant"]  # tables given: one stage each

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,69 +104,98 @@ def choose_kernels(
     from ..kernels import pdl
 
     on = pdl.supported(device)
-    tune = lambda: _tune_all(model, cache, batch_buckets, max_context, gemv_table, quant_table, piece_tokens, on)
+    stages = _stages(model, cache, batch_buckets, max_context, gemv_table, quant_table, piece_tokens)
     if gemv_table is not None or quant_table is not None:  # tables given: nothing to keep
-        return tune()
+        folder = None
     fields = tuning_cache.facts(model, cache, batch_buckets, max_context, piece_tokens, on)
-    return tuning_cache.cached(folder, fields, tune, KernelChoice)
+    return tuning_cache.cached(folder, fields, KernelChoice(True, pdl=on), stages, KernelChoice)
 
 
-def _tune_all(model, cache, batch_buckets, max_context, gemv_table, quant_table, piece_tokens, pdl) -> KernelChoice:
-    choice = KernelChoice(True, pdl=pdl)
+Stage = tuple[str, Callable[[KernelChoice], None]]
+
+
+def _stages(model, cache, batch_buckets, max_context, gemv_table, quant_table, piece_tokens) -> list[Stage]:
+    """The tuning in named steps, each filling its part of the choice: the cache stores the choice
+    after each one, so a start stopped mid-tuning resumes at the step it was in. The products
+    are a step per weight kind (the longest part: compiling and timing every tile)."""
+
+    def products(part: str, tune, kind: str) -> Callable[[KernelChoice], None]:
+        return lambda c: _merge(c, part, tune(model, cache, batch_buckets, c.pdl, kind))
+
+    def attention(c: KernelChoice) -> None:
+        c.attention_table, c.attention_report = _tune_attention(model, cache, batch_buckets, max_context)
+
+    def splits(c: KernelChoice) -> None:
+        c.split_table = _tune_splits(model, cache, c.attention_table, max_context)
+
+    def pieces(c: KernelChoice) -> None:
+        c.piece_config, c.piece_report = _tune_pieces(model, cache, piece_tokens, max_context)
+
+    stages: list[Stage] = []
     if gemv_table is not None:
-        choice.gemv_table = dict(gemv_table)
+        stages.append(("gemv", lambda c: c.gemv_table.update(gemv_table)))
     elif os.environ.get("TRITONLLM_GEMV") != "0":
-        choice.gemv_table, choice.gemv_report = _tune_gemv(model, cache, batch_buckets, choice.pdl)
-    choice.attention_table, choice.attention_report = _tune_attention(model, cache, batch_buckets, max_context)
-    choice.split_table = _tune_splits(model, cache, choice.attention_table, max_context)
-    if piece_tokens:
-        choice.piece_config, choice.piece_report = _tune_pieces(model, cache, piece_tokens, max_context)
+        stages += [(f"gemv {k}", products("gemv", _tune_gemv, k)) for k in (*PROJECTIONS, "lm_head")]
+    stages += [("attention", attention), ("splits", splits)] + ([("pieces", pieces)] if piece_tokens else [])
     if quant_table is not None:
-        choice.quant_table = dict(quant_table)
+        stages.append(("quant", lambda c: c.quant_table.update(quant_table)))
     elif scheme_of(model) != "none":
-        choice.quant_table, choice.quant_report = _tune_quant(model, cache, batch_buckets, choice.pdl)
-    return choice
+        stages += [(f"quant {k}", products("quant", _tune_quant, k)) for k in _quant_kinds(model)]
+    return stages
 
 
-def _tune_gemv(model, cache: PagedDeviceCache, batch_buckets: list[int], pdl: bool = False) -> tuple[dict, list]:
-    """{(weight kind, batch rows): tile} for the decode step's small-batch products, each timed
-    with the fused kernel that reads its product (split-K partial sums are added up there),
-    launched with PDL where the step launches them so."""
-    head, scale = model.head()
-    weights = {**_projections(model), "lm_head": [(head, None, scale)]}
+def _merge(choice: KernelChoice, part: str, tuned: tuple[dict, list]) -> None:
+    """Adds one weight kind's table entries and timings to the choice's `part` ("gemv" / "quant")."""
+    table, report = tuned
+    getattr(choice, f"{part}_table").update(table)
+    getattr(choice, f"{part}_report").extend(report)
+
+
+def _tune_gemv(model, cache: PagedDeviceCache, batch_buckets: list[int], pdl: bool, kind: str) -> tuple[dict, list]:
+    """{(kind, batch rows): tile} for one weight kind's small-batch products in the decode step,
+    each timed with the fused kernel that reads its product (split-K partial sums are added up
+    there), launched with PDL where the step launches them so."""
     try:
         from ..kernels import gemv
 
         consumers = _product_consumers(model, cache, max(batch_buckets), pdl)
         rounded = frozenset(ROUNDED_BY_PRODUCER)
+        weights = {kind: _weights(model, kind)}
         return gemv.tune(weights, batch_buckets, consumers, dtype=model.embed.dtype, pdl=pdl, rounded=rounded)
-    except Exception as exc:  # the tiles do not compile here: cuBLAS serves every product
-        log.warning("gemv tuning failed (%s): cuBLAS serves the decode products", str(exc)[:300])
+    except Exception as exc:  # the tiles do not compile here: cuBLAS serves these products
+        log.warning("gemv tuning of %s failed (%s): cuBLAS serves its decode products", kind, str(exc)[:300])
         return {}, []
 
 
-def _projections(model) -> dict:
-    """{projection kind: (weight as stored, bias, scale or None) of every layer}: what tuning times."""
-    return {kind: [operands(getattr(layer, kind)) for layer in model.layers] for kind in PROJECTIONS}
+def _weights(model, kind: str) -> list[tuple]:
+    """(weight as stored, bias, scale or None) of every layer's `kind` projection, or the LM
+    head's: what tuning times."""
+    if kind == "lm_head":
+        head, scale = model.head()
+        return [(head, None, scale)]
+    return [operands(getattr(layer, kind)) for layer in model.layers]
 
 
-def _tune_quant(model, cache: PagedDeviceCache, batch_buckets: list[int], pdl: bool = False) -> tuple[dict, list]:
-    """{(kind, rows): choice} for the 8-bit projections at the rows gemv does not serve: decode
+def _quant_kinds(model) -> list[str]:
+    """The 8-bit products: every projection, and the LM head where it is 8-bit too."""
+    return [*PROJECTIONS, "lm_head"] if model.head()[1] is not None else list(PROJECTIONS)
+
+
+def _tune_quant(model, cache: PagedDeviceCache, batch_buckets: list[int], pdl: bool, kind: str) -> tuple[dict, list]:
+    """{(kind, rows): choice} for one 8-bit weight kind at the rows gemv does not serve: decode
     batches beyond its tiles, each product timed with the fused kernel that reads it (launched
-    with PDL where the step launches it so), and a prefill's many rows."""
+    with PDL where the step launches it so), and a prefill's many rows (an LM head's rows are
+    the batch's; a prefill's, its prompts')."""
     from ..kernels import gemv, qmatmul
 
-    weights = _projections(model)
-    head, scale = model.head()
-    if scale is not None:  # an 8-bit LM head: its rows are the batch's (a prefill's: its prompts')
-        weights["lm_head"] = [(head, None, scale)]
     rows = [b for b in batch_buckets if b > gemv.MAX_DOT_ROWS] + [PREFILL_ROWS]
     try:
         consumers = _product_consumers(model, cache, max(batch_buckets), pdl)
         rounded = frozenset(ROUNDED_BY_PRODUCER)
+        weights = {kind: _weights(model, kind)}
         return qmatmul.tune(weights, rows, model.embed.dtype, consumers, max(batch_buckets), rounded)
     except Exception as exc:  # no kernel builds here: the dequantized reference serves (slowly)
-        log.warning("quantized product tuning failed (%s): dequantize + cuBLAS", str(exc)[:300])
+        log.warning("quantized product tuning of %s failed (%s): dequantize + cuBLAS", kind, str(exc)[:300])
         return {}, []
 
 

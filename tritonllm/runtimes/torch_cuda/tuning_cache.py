@@ -3,8 +3,9 @@ candidates (1.5-3 minutes on an H200), and every start of the same engine on the
 would choose the same. A file per key in a cache folder (`EngineConfig.tuning_cache`), the key
 a hash of everything the choice depends on: the GPU model, torch / Triton / CUDA versions, the
 model's weight shapes and types, the cache's, the batch buckets and context, and the source of the
-kernels and of the tuner themselves (a code change tunes again). A file that cannot be read is
-tuned again and rewritten; a folder that cannot be written only costs the next start its tuning."""
+kernels and of the tuner themselves (a code change tunes again). The file is written after each
+stage of the tuning, so a start stopped part-way resumes. A file that cannot be read is tuned
+again and rewritten; a folder that cannot be written only costs the next start its tuning."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
-VERSION = 1  # of the file's layout
+VERSION = 2  # of the file's layout
 
 
 def cache_dir(setting: str) -> Path | None:
@@ -113,27 +114,48 @@ def load_choice(data: dict, cls):
     )
 
 
-def cached(folder: Path | None, fields: dict, tune: Callable[[], object], cls):
-    """The tables stored under `fields`' key in `folder`, else `tune()`'s, stored there for the
-    next start (`folder` None: always tuned, nothing stored)."""
+def cached(folder: Path | None, fields: dict, start, stages: Sequence[tuple[str, Callable]], cls):
+    """The choice stored under `fields`' key in `folder`, tuned by running each of `stages`
+    (name, fn(choice) filling its part) on `start` that the stored file has not recorded as done;
+    the file is rewritten after every stage, so a start stopped mid-tuning (a probe's deadline, a
+    preemption) resumes where it was. `folder` None: every stage runs, nothing is stored."""
     if folder is None:
-        return tune()
+        for _, run in stages:
+            run(start)
+        return start
     path = folder / f"{key(fields)}.json"
-    try:
-        choice = load_choice(json.loads(path.read_text())["choice"], cls)
+    choice, done = _read(path, start, cls)
+    todo = [(name, run) for name, run in stages if name not in done]
+    if not todo:
         log.info("kernel tables from %s (tuned before on this GPU kind, model shape and code)", path)
         return choice
+    if done:
+        log.info("kernel tables in %s: resuming the tuning at %s", path, todo[0][0])
+    for name, run in todo:
+        run(choice)
+        done.append(name)
+        _write(folder, path, {"facts": fields, "done": done, "choice": dump(choice)})
+    return choice
+
+
+def _read(path: Path, start, cls) -> tuple[object, list[str]]:
+    """The stored choice and the stages it holds, or (`start`, []) where there is none to read."""
+    try:
+        data = json.loads(path.read_text())
+        return load_choice(data["choice"], cls), list(data["done"])
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, TypeError) as exc:  # unreadable or another layout: tune again
         log.warning("kernel tables in %s unreadable (%s): tuning again", path, str(exc)[:200])
-    choice = tune()
+    return start, []
+
+
+def _write(folder: Path, path: Path, data: dict) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")  # whole files only: another engine may read it now
-        tmp.write_text(json.dumps({"facts": fields, "choice": dump(choice)}, default=str))
+        tmp.write_text(json.dumps(data, default=str))
         tmp.replace(path)
-        log.info("kernel tables stored in %s", path)
+        log.info("kernel tables stored in %s (%s done)", path, data["done"][-1])
     except OSError as exc:  # a read-only folder: the next start tunes again
         log.warning("kernel tables not stored in %s (%s)", folder, exc)
-    return choice
