@@ -10,8 +10,8 @@ For each (shape, scheme):
 - greedy ids of the engine on its kernels against the same quantized weights on the reference
   ops (bf16), 4 prompts x 32 tokens, first divergence (1B shape only: the reference ops are slow);
 - in-process decode, 128 in / 128 out, closed-loop streams at each concurrency: tokens/s, TTFT,
-  ITL, tokens per joule; batch-1 tokens/s against the weight-read roofline (copy bandwidth /
-  bytes of weights read per token).
+  ITL, tokens per joule (`--rounds` requests a stream); batch-1 tokens/s against the weight-read
+  roofline (copy bandwidth / bytes of weights read per token).
 Writes {date}-{gpu}-quant-speed.json/.md after each shape (a run cut short keeps what it measured)."""
 
 from __future__ import annotations
@@ -99,10 +99,12 @@ def run_scheme(
     power: PowerSampler,
     bandwidth: float,
     kv: str = "auto",
+    rounds: int = 2,
 ) -> tuple:
     """One engine's rows and details; `bandwidth`: the GPU's copy rate (bytes/s) that the batch-1
     roofline divides by the weight bytes; `kv`: the quantized engines' KV cache dtype (bf16's stays);
-    a scheme ending in HEAD (`fp8+head`) quantizes the LM head too (`--quantize-lm-head`)."""
+    a scheme ending in HEAD (`fp8+head`) quantizes the LM head too (`--quantize-lm-head`);
+    `rounds`: requests per stream."""
     model = copy.deepcopy(base)
     weights, head = scheme.removesuffix(HEAD), scheme.endswith(HEAD)
     if weights != "none":
@@ -131,7 +133,7 @@ def run_scheme(
     rows = []
     with InProcessEngine(None, cfg, runtime=runtime) as eng:
         for c in concurrency:
-            prompts = random_prompts(2 * c, 128, vocab, seed=c)
+            prompts = random_prompts(rounds * c, 128, vocab, seed=c)
             run_inprocess(eng, prompts[:c], c, 32, power)  # warm-up
             row = run_inprocess(eng, prompts, c, 128, power, name=label).row()
             if c == 1:
@@ -159,6 +161,12 @@ def main() -> None:
         default=["auto"],
         help="the quantized engines' KV cache; each quantized scheme runs with each dtype given",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="requests per stream; energy needs runs of several seconds (NVML's counter moves every 100 ms)",
+    )
     p.add_argument("--topic", default="quant-speed")
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
@@ -169,7 +177,8 @@ def main() -> None:
         for scheme, kv in [(s, kv) for s in a.schemes for kv in (["auto"] if s == "none" else a.kv_cache_dtype)]:
             label = engine_label(name, scheme, kv)
             try:
-                r, details[label] = run_scheme(base, name, scheme, a.concurrency, PowerSampler(), bandwidth, kv)
+                power = PowerSampler()
+                r, details[label] = run_scheme(base, name, scheme, a.concurrency, power, bandwidth, kv, a.rounds)
                 rows += r
             except Exception as exc:  # one scheme failing must not lose the others' measurements
                 log.exception("%s failed", label)
@@ -177,7 +186,7 @@ def main() -> None:
             facts = {
                 "shapes": {n: SHAPES[n] for n in a.shapes},
                 "details": details,
-                "workload": "in-process engine, 128 in / 128 out, 2 requests per stream",
+                "workload": f"in-process engine, 128 in / 128 out, {a.rounds} requests per stream",
                 "quantized_kv_cache_dtype": a.kv_cache_dtype,
                 "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
             }
