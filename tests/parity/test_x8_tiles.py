@@ -47,6 +47,30 @@ def test_a_float8_tile_multiplies_exactly_the_rounded_rows(config):
     torch.testing.assert_close(qmatmul.matmul(rows, q, scale, bias, qmatmul.FP8_FAST), got, **close)
 
 
+@pytest.mark.parametrize("config", TILES)
+def test_an_int8_tile_multiplies_exactly_the_rows_rounded_to_int8(config):
+    """An int8 weight (the LM head's format) times rows rounded to int8 per row: int32 sums, so the
+    product equals the dequantized rows' and weight's up to float32 rounding of the scaling."""
+    torch.manual_seed(5)
+    q, scale = quant.quantize_weight(torch.randn(40, 192), "int8-wo")
+    x = torch.randn(37, 192) * torch.logspace(-2, 2, 37)[:, None]
+    rows = qmatmul.round_rows(x, torch.int8)
+    assert rows.q.dtype == torch.int8 and int(rows.q.abs().max()) == 127
+    want = torch.round(x / (x.abs().amax(1, keepdim=True) / 127))  # no value of randn lands on a half
+    assert torch.equal(rows.q[:37].float(), want)
+    got = gemv.dense(qmatmul.tile_matmul(x, q, scale, None, config))
+    exact = rows.q[:37].float() * rows.scale[:37]
+    torch.testing.assert_close(got, gemv.reference(exact, q, None, scale), atol=1e-4, rtol=1e-4)
+    rel = (got - gemv.reference(x, q, None, scale)).norm() / got.norm()
+    assert rel < 1e-2  # the rows' own rounding: 8 bits a value, against the unrounded rows
+
+
+def test_an_8bit_tile_refuses_rows_rounded_to_another_type():
+    q, scale = quant.quantize_weight(torch.randn(16, 64), "int8-wo")
+    with pytest.raises(ValueError, match="round x to its type"):
+        qmatmul.tile_matmul(qmatmul.round_rows(torch.randn(3, 64), E4M3), q, scale, None, TILES[0])
+
+
 def test_a_widening_tile_refuses_rounded_rows():
     q, scale = quant.quantize_weight(torch.randn(16, 64), "fp8")
     with pytest.raises(ValueError, match="takes a tensor, not QuantRows"):
@@ -57,6 +81,9 @@ def test_candidates_split_only_where_the_consumer_adds_partial_sums():
     fp8 = quant.quantize_weight(torch.randn(64, 512), "fp8")[0]
     int8 = quant.quantize_weight(torch.randn(64, 512), "int8-wo")[0]
     assert qmatmul.candidates(int8, True) == list(qmatmul.TILE_CONFIGS)
+    with_rows = qmatmul.candidates(int8, False, int8_rows=True)  # the int8 head beside fp8 projections
+    assert with_rows[: len(qmatmul.TILE_CONFIGS)] == list(qmatmul.TILE_CONFIGS)
+    assert {c for c in with_rows if qmatmul.takes_rounded(c)} == {(*t, 1) for t in qmatmul.X8_TILES}
     split = qmatmul.candidates(fp8, True)
     assert {qmatmul.FP8, qmatmul.FP8_FAST} <= set(split) and all(qmatmul.takes_rounded(c) for c in split)
     assert {c[5] for c in split if isinstance(c, tuple)} == {1, 2, 4}
@@ -113,4 +140,34 @@ def test_an_engine_on_float8_tiles_gives_the_fp8_gemm_ids(tiny_dir):
         with InProcessEngine(None, cfg, runtime=runtime) as eng:
             seqs = [eng.submit(ids, max_tokens=n, temperature=0.0, ignore_eos=True) for ids, n in zip(prompts, [5, 3])]
             runs.append([s.wait(300).ids for s in seqs])
+    assert runs[0] == runs[1]
+
+
+def test_an_int8_head_on_int8_rows_beside_fp8_projections(tiny_dir):
+    """The int8 LM head beside fp8 projections as an int8 x int8 tile at every row count: the engine's
+    greedy ids (prefill and decode: no small-batch table) equal those of the same engine with the
+    head dequantized: the rounding of its input to int8 per row moves no argmax here."""
+    from .test_engine_parity import PROMPTS
+
+    hf, tok = load_hf(tiny_dir), TokenizerFiles(tiny_dir)
+    prompt = tok.encode(PROMPTS[0])
+    cfg = EngineConfig(
+        runtime="torch-cuda",
+        max_slots=2,
+        max_context=160,
+        max_tokens_limit=64,
+        quantization="fp8",
+        quantize_lm_head=True,
+    )
+    runs = []
+    for head in ("reference", (16, 512, 64, 4, 2, 1)):  # wide tiles: few programs for the interpreter
+        model = CausalLM(hf)
+        quant.quantize_model(model, "fp8")
+        quant.quantize_head(model)
+        table = {("lm_head", 2048): head, **{(kind, 2048): qmatmul.FP8 for kind in PROJECTIONS}}
+        runtime = TorchCudaRuntime(
+            None, cfg, model=model, device="cpu", triton_kernels=True, gemv_table={}, quant_table=table
+        )
+        with InProcessEngine(None, cfg, runtime=runtime) as eng:
+            runs.append(eng.submit(prompt, max_tokens=4, temperature=0.0, ignore_eos=True).wait(300).ids)
     assert runs[0] == runs[1]

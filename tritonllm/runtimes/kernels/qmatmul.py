@@ -6,7 +6,9 @@ rows) by timing at start-up, like `gemv.tune`:
   registers and runs the Tensor Cores in the activations' dtype; the scale is applied per output.
   Its float8 x float8 form (`X8_TILES`) multiplies rows rounded to e4m3 per row by the weight as
   stored, the row and channel scales applied once at the end, optionally split along K into
-  partial sums (`gemv.SplitK`) that the next fused kernel adds up.
+  partial sums (`gemv.SplitK`) that the next fused kernel adds up. The same tiles multiply int8
+  weights by rows rounded to int8 per row (int32 sums on the integer Tensor Cores, twice bf16's
+  rate), where the engine allows int8 activations for the kind (`tune`'s `int8_rows`).
 - `fp8_matmul` (fp8 weights only): activations quantized per token (dynamic scales) and one FP8
   Tensor Core GEMM with row-wise scales (`torch._scaled_mm`), at twice bf16's peak; `FP8_FAST` the
   same with fast accumulation (partial sums kept at the Tensor Cores' own precision).
@@ -63,13 +65,15 @@ def _tile_kernel(
     s_om,
     HAS_BIAS: tl.constexpr,
     X8: tl.constexpr,
+    INT8: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr,
 ):
     """One output tile over this program's slice of K (program_id 1: [split * K_SPLIT, ...)); X8:
-    x is float8 rounded per row (`x_scale` [M]) and multiplies the float8 weight as it is."""
+    x is rounded per row (`x_scale` [M]) to the weight's 8-bit type and multiplies it as it is
+    (INT8: int8 x int8, summed exactly in int32)."""
     pid, split = tl.program_id(0), tl.program_id(1)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     width = GROUP * grid_n  # programs in one group of GROUP row blocks
@@ -80,7 +84,7 @@ def _tile_kernel(
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = m < M, n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if INT8 else tl.float32)
     for k0 in range(split * K_SPLIT, (split + 1) * K_SPLIT, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
@@ -90,19 +94,21 @@ def _tile_kernel(
             acc += tl.dot(xt, tl.trans(wt))
         else:
             acc += tl.dot(xt, tl.trans(wt.to(xt.dtype)))
+    y = acc.to(tl.float32)
     if X8:
-        acc *= tl.load(x_scale + m, mask=m_ok, other=0.0)[:, None]
-    acc *= tl.load(w_scale + n, mask=n_ok, other=0.0)[None, :]
+        y *= tl.load(x_scale + m, mask=m_ok, other=0.0)[:, None]
+    y *= tl.load(w_scale + n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         if split == 0:
-            acc += tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            y += tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     ptrs = out + split * s_os + m[:, None] * s_om + n[None, :]
-    tl.store(ptrs, acc.to(out.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(ptrs, y.to(out.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _quantize_rows_kernel(x, q, scale, K, s_x, s_q, QMAX: tl.constexpr, BLOCK: tl.constexpr):
-    """One row: its absmax, then every value over absmax / QMAX rounded to q's type (e4m3)."""
+def _quantize_rows_kernel(x, q, scale, K, s_x, s_q, QMAX: tl.constexpr, INT: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: its absmax, then every value over absmax / QMAX rounded to q's type (e4m3, or
+    int8 where INT: to the nearest integer, halves away from zero)."""
     row = tl.program_id(0)
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
@@ -114,15 +120,22 @@ def _quantize_rows_kernel(x, q, scale, K, s_x, s_q, QMAX: tl.constexpr, BLOCK: t
         k = k0 + tl.arange(0, BLOCK)
         v = tl.load(x + row * s_x + k, mask=k < K, other=0.0).to(tl.float32) / step
         v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-        tl.store(q + row * s_q + k, v.to(q.dtype.element_ty, fp_downcast_rounding="rtne"), mask=k < K)
+        if INT:
+            v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(0.5 - v))
+            tl.store(q + row * s_q + k, v.to(q.dtype.element_ty), mask=k < K)
+        else:
+            tl.store(q + row * s_q + k, v.to(q.dtype.element_ty, fp_downcast_rounding="rtne"), mask=k < K)
 
 
 def quantize_rows(x2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """`model.quant.quantize_rows` in one kernel (the torch ops take five launches per product)."""
+    """`model.quant.quantize_rows` in one kernel (the torch ops take five launches per product);
+    int8 rows scale each row's absmax to 127."""
     m, k = x2.shape
     q = torch.empty((m, k), dtype=dtype, device=x2.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x2.device)
-    _quantize_rows_kernel[(m,)](x2, q, scale, k, x2.stride(0), q.stride(0), QMAX=torch.finfo(dtype).max, BLOCK=1024)
+    integer = not dtype.is_floating_point
+    qmax = torch.iinfo(dtype).max if integer else torch.finfo(dtype).max
+    _quantize_rows_kernel[(m,)](x2, q, scale, k, x2.stride(0), q.stride(0), QMAX=qmax, INT=integer, BLOCK=1024)
     return q, scale
 
 
@@ -134,12 +147,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def tile_matmul(x, weight, scale, bias, config: tuple[int, ...]):
     """x [..., K] @ (weight [N, K] 8-bit * scale [N]).T + bias -> [..., N] in x's dtype. A 5-number
     config widens the weight to x's dtype; a 6-number one (`X8_TILES` + splits S) takes x rounded
-    per row (`QuantRows`, rounded here if it is not) and returns `SplitK` partial sums where S > 1."""
+    per row to the weight's type (`QuantRows`, rounded here if it is not: float8, or int8 for an
+    int8 weight) and returns `SplitK` partial sums where S > 1."""
     x8 = len(config) == 6
     if x8 and not isinstance(x, QuantRows):
         x = round_rows(x, weight.dtype)
     if isinstance(x, QuantRows) and not x8:
         raise ValueError(f"tile {config} widens the weight to the activations' type: it takes a tensor, not QuantRows")
+    if x8 and x.q.dtype != weight.dtype:
+        raise ValueError(f"tile {config} multiplies {x.q.dtype} rows by a {weight.dtype} weight: round x to its type")
     x2, x_scale = (x.q, x.scale) if x8 else (_rows(x), scale)  # (no row scales: any pointer)
     shape, dtype = x.shape, x.dtype
     m, n, k = shape.numel() // shape[-1], weight.shape[0], shape[-1]
@@ -163,6 +179,7 @@ def tile_matmul(x, weight, scale, bias, config: tuple[int, ...]):
         out.stride(1),
         HAS_BIAS=bias is not None,
         X8=x8,
+        INT8=x8 and weight.dtype == torch.int8,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
@@ -199,8 +216,8 @@ def fp8_matmul(x, weight, scale, bias, fast: bool = False) -> torch.Tensor:
 
 
 def takes_rounded(choice: Choice) -> bool:
-    """A choice whose product multiplies rows rounded to float8 per row (`QuantRows`): the FP8
-    GEMM, or a float8 x float8 tile."""
+    """A choice whose product multiplies rows rounded per row (`QuantRows`) to the weight's 8-bit
+    type: the FP8 GEMM, or an 8-bit x 8-bit tile."""
     return choice in (FP8, FP8_FAST) or (isinstance(choice, tuple) and len(choice) == 6)
 
 
@@ -222,14 +239,16 @@ def choose(table: dict, kind: str, rows: int) -> Choice:
     return table[(kind, next((r for r in tuned if r >= rows), tuned[-1]))]
 
 
-def candidates(weight: torch.Tensor, split_ok: bool) -> list:
+def candidates(weight: torch.Tensor, split_ok: bool, int8_rows: bool = False) -> list:
     """What is timed for an 8-bit weight: the widening tiles; for float8 weights the FP8 GEMM both
     ways and the float8 x float8 tiles (which the widening ones never beat), split along K where
-    the consumer adds up partial sums (`split_ok`) and every slice holds a K step."""
-    if weight.dtype != torch.float8_e4m3fn:
-        return list(TILE_CONFIGS)
+    the consumer adds up partial sums (`split_ok`) and every slice holds a K step; for int8
+    weights, where `int8_rows` allows their input rounded to int8, the int8 x int8 tiles too."""
     splits = [s for s in X8_SPLITS if s == 1 or (split_ok and weight.shape[1] >= s * 128)]
-    return [FP8, FP8_FAST, *((*t, s) for t in X8_TILES for s in splits)]
+    x8 = [(*t, s) for t in X8_TILES for s in splits]
+    if weight.dtype == torch.float8_e4m3fn:
+        return [FP8, FP8_FAST, *x8]
+    return [*TILE_CONFIGS, *x8] if int8_rows and weight.dtype == torch.int8 else list(TILE_CONFIGS)
 
 
 def tune(
@@ -239,13 +258,15 @@ def tune(
     consumers: dict | None = None,
     consumer_rows: int = 0,
     rounded: frozenset = frozenset(),
+    int8_rows: frozenset = frozenset(),
 ) -> tuple[dict, list[dict]]:
     """{(kind, rows): choice} for each weight kind (its (qweight, bias, scale) of every layer) and
     row count, timed over every layer's weight in turn, and the timings (microseconds). Up to
     `consumer_rows` rows (a decode batch) each product is timed followed by its kind's consumer
     (`consumers`, as `gemv.tune`), and those kinds also try split tiles; the kinds in `rounded`
     time the products that take rounded rows on rows rounded already (their producers round them),
-    the others round them in the product."""
+    the others round them in the product; int8 weights of the kinds in `int8_rows` also try
+    int8 x int8 tiles."""
     table, report = {}, []
     for kind, mats in weights.items():
         w0 = mats[0][0]
@@ -254,7 +275,8 @@ def tune(
             x = torch.randn(m, w0.shape[1], device=w0.device, dtype=dtype)
             xr = round_rows(x, w0.dtype) if kind in rounded and w0.dtype == torch.float8_e4m3fn else x
             times, ref = {}, reference(x, *mats[0]).float()  # (float once: `agrees` compares in float32)
-            given = [(c, xr if takes_rounded(c) else x) for c in candidates(w0, consume is not None)]
+            tiles = candidates(w0, consume is not None, kind in int8_rows)
+            given = [(c, xr if takes_rounded(c) else x) for c in tiles]
             ok = check_all([lambda c=c, g=g: _agrees(g, *mats[0], c, ref) for c, g in given], x.device, ref)
             for c, g in [("reference", x)] + [cg for cg, agreed in zip(given, ok) if agreed]:
                 times[c] = graph_ms(lambda c=c, g=g: [(consume or dense)(matmul(g, w, s, b, c)) for w, b, s in mats])

@@ -22,6 +22,9 @@ PREFILL_ROWS = 2048  # a prefill's products (prompt tokens x weight) are timed a
 PIECE_DEFAULT = (64, 64, 4, 3)  # kernels.attention.PIECE_CONFIGS[0] (that module needs OpenAI Triton)
 ROUNDED_BY_PRODUCER = ("qkv_proj", "gate_up", "down")  # products whose input a fused kernel makes (and can
 # round per row for an FP8 GEMM); the attention output that "o" reads is not
+INT8_ROWS = frozenset({"lm_head"})  # int8 weights that may multiply rows rounded to int8 (int8 x int8
+# tiles): the int8 LM head beside fp8 projections, whose inputs are rounded to 8 bits already (an
+# int8-wo engine keeps its activations as they are: weight-only is its promise)
 PREFETCH_STEPS = 0  # K steps of its weight tile a small product asks L2 for before its wait (PDL); none:
 # on the H200 the prefetch made a batch-1 step slower (docs/decisions.md)
 
@@ -193,7 +196,8 @@ def _tune_quant(model, cache: PagedDeviceCache, batch_buckets: list[int], pdl: b
         consumers = _product_consumers(model, cache, max(batch_buckets), pdl)
         rounded = frozenset(ROUNDED_BY_PRODUCER)
         weights = {kind: _weights(model, kind)}
-        return qmatmul.tune(weights, rows, model.embed.dtype, consumers, max(batch_buckets), rounded)
+        int8_rows = INT8_ROWS if scheme_of(model) == "fp8" else frozenset()
+        return qmatmul.tune(weights, rows, model.embed.dtype, consumers, max(batch_buckets), rounded, int8_rows)
     except Exception as exc:  # no kernel builds here: the dequantized reference serves (slowly)
         log.warning("quantized product tuning of %s failed (%s): dequantize + cuBLAS", kind, str(exc)[:300])
         return {}, []
