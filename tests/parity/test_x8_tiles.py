@@ -5,6 +5,7 @@ producer rounds, consumers and splits only at decode rows), and an engine whose 
 product is such a tile giving the FP8 GEMM's greedy ids."""
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -151,14 +152,8 @@ def test_an_int8_head_on_int8_rows_beside_fp8_projections(tiny_dir):
 
     hf, tok = load_hf(tiny_dir), TokenizerFiles(tiny_dir)
     prompt = tok.encode(PROMPTS[0])
-    cfg = EngineConfig(
-        runtime="torch-cuda",
-        max_slots=2,
-        max_context=160,
-        max_tokens_limit=64,
-        quantization="fp8",
-        quantize_lm_head=True,
-    )
+    fp8 = EngineConfig(runtime="torch-cuda", max_slots=2, max_context=160, max_tokens_limit=64, quantization="fp8")
+    cfg = replace(fp8, quantize_lm_head=True)
     runs = []
     for head in ("reference", (16, 512, 64, 4, 2, 1)):  # wide tiles: few programs for the interpreter
         model = CausalLM(hf)
