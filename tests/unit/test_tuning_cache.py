@@ -131,3 +131,19 @@ def test_the_engine_tunes_in_a_stage_per_weight_kind(tiny_dir, monkeypatch):
     quant.quantize_head(model)
     assert names(model)[-1] == "quant lm_head"
     assert names(model, g={}, q={}) == ["gemv", "attention", "splits", "quant"]  # tables given: one stage each
+
+
+def test_only_an_int8_head_beside_fp8_projections_may_take_int8_rows(tiny_dir, monkeypatch):
+    from tritonllm.runtimes.kernels import qmatmul
+    from tritonllm.runtimes.torch_cuda import tuning
+
+    offered = {}
+    monkeypatch.setattr(tuning, "_product_consumers", lambda *a: {})
+    monkeypatch.setattr(qmatmul, "tune", lambda weights, *a: offered.update({next(iter(weights)): a[-1]}) or ({}, []))
+    for scheme in ("fp8", "int8-wo"):
+        model = CausalLM(load_hf(tiny_dir))
+        quant.quantize_model(model, scheme)
+        quant.quantize_head(model)
+        for kind in tuning._quant_kinds(model):
+            tuning._tune_quant(model, None, [1, 128], False, kind)
+        assert offered["lm_head"] == (frozenset({"lm_head"}) if scheme == "fp8" else frozenset())
