@@ -20,6 +20,7 @@ import argparse
 import copy
 import gc
 import logging
+import time
 from dataclasses import replace
 
 import torch
@@ -114,8 +115,10 @@ def run_scheme(
     kv = kv if weights != "none" else "auto"
     label = engine_label(name, scheme, kv)
     cfg = bench_engine_config(max(concurrency), quantization=weights, kv_cache_dtype=kv, quantize_lm_head=head)
+    started = time.perf_counter()
     runtime = TorchCudaRuntime(None, cfg, model=model)
     detail = {
+        "start_s": round(time.perf_counter() - started, 1),  # cache, tuning (or its stored tables), graphs
         "kernels": runtime.kernels.describe(),
         "quant_report": runtime.kernels.quant_report,
         "weight_bytes_per_token": weight_bytes(runtime.model),
