@@ -41,7 +41,7 @@ def main() -> None:
         x = torch.randn(r["rows"], HIDDEN, device="cuda", dtype=torch.bfloat16)
         bf16_us = round(1e3 * gemv.graph_ms(lambda x=x: F.linear(x, head)), 1)
         us = r["us"]
-        widened = min(t for c, t in us.items() if c.startswith("(") and c.count(",") == 4)
+        widened = min((t for c, t in us.items() if c.startswith("(") and c.count(",") == 4), default=None)
         int8x8 = min((t for c, t in us.items() if c.startswith("(") and c.count(",") == 5), default=None)
         rows.append(
             {
