@@ -108,10 +108,11 @@ def choose_kernels(
 
     on = pdl.supported(device)
     stages = _stages(model, cache, batch_buckets, max_context, gemv_table, quant_table, piece_tokens)
+    start = KernelChoice(True, pdl=on)
     if gemv_table is not None or quant_table is not None:  # tables given: nothing to keep
-        folder = None
+        return tuning_cache.cached(None, {}, start, stages, KernelChoice)
     fields = tuning_cache.facts(model, cache, batch_buckets, max_context, piece_tokens, on)
-    return tuning_cache.cached(folder, fields, KernelChoice(True, pdl=on), stages, KernelChoice)
+    return tuning_cache.cached(folder, fields, start, stages, KernelChoice)
 
 
 Stage = tuple[str, Callable[[KernelChoice], None]]
