@@ -35,14 +35,15 @@ def main() -> None:
     head = (torch.randn(VOCAB, HIDDEN, device="cuda", generator=g) / 64).to(torch.bfloat16)
     q, scale = quant.quantize_weight(head, quant.HEAD_SCHEME)
     int8_rows = frozenset({"lm_head"})
+    int8_tiles = [c for c in qmatmul.candidates(q, False, int8_rows=True) if qmatmul.takes_rounded(c)]
     table, report = qmatmul.tune({"lm_head": [(q, None, scale)]}, a.rows, torch.bfloat16, int8_rows=int8_rows)
     rows = []
     for r in report:
         x = torch.randn(r["rows"], HIDDEN, device="cuda", dtype=torch.bfloat16)
         bf16_us = round(1e3 * gemv.graph_ms(lambda x=x: F.linear(x, head)), 1)
         us = r["us"]
-        widened = min((t for c, t in us.items() if c.startswith("(") and c.count(",") == 4), default=None)
-        int8x8 = min((t for c, t in us.items() if c.startswith("(") and c.count(",") == 5), default=None)
+        widened = min((us[str(c)] for c in qmatmul.TILE_CONFIGS if str(c) in us), default=None)
+        int8x8 = min((us[str(c)] for c in int8_tiles if str(c) in us), default=None)
         rows.append(
             {
                 "rows": r["rows"],

@@ -1,6 +1,6 @@
-"""The start-up kernel tables kept on disk: tuning an 8B fp8 engine times thousands of kernel
-candidates (1.5-3 minutes on an H200), and every start of the same engine on the same kind of GPU
-would choose the same. A file per key in a cache folder (`EngineConfig.tuning_cache`), the key
+"""The start-up kernel tables kept on disk: tuning an 8B fp8 engine compiles and times thousands
+of kernel candidates, and every start of the same engine on the same kind of GPU would choose the
+same. A file per key in a cache folder (`EngineConfig.tuning_cache`), the key
 a hash of everything the choice depends on: the GPU model, torch / Triton / CUDA versions, the
 model's weight shapes and types, the cache's, the batch buckets and context, and the source of the
 kernels and of the tuner themselves (a code change tunes again). The file is written after each
