@@ -21,7 +21,7 @@ from bench.measure import write_results
 from bench.provenance import DEFAULT_OUT
 from bench.workloads import copy_bandwidth
 from tritonllm.runtimes.kernels import attention as ak
-from tritonllm.runtimes.kernels.gemv import graph_ms
+from tritonllm.runtimes.kernels.timing import graph_ms
 
 log = logging.getLogger("bench.attention_sweep")
 CASES = {  # name: (query heads, KV heads, head size, fp8 keys/values)

@@ -205,7 +205,7 @@ def stats_counters(stats) -> dict[str, float]:
 def profile_decode_graphs(runtime, a) -> dict:
     """Where the time goes: GPU time of one captured decode step per batch size (graph replays
     timed with CUDA events), to compare with the engine's measured inter-token latency."""
-    from tritonllm.runtimes.kernels.gemv import replay_ms
+    from tritonllm.runtimes.kernels.timing import replay_ms
 
     out = {}
     ctx = next(c for c in runtime.buckets.context if c >= a.prompt_len + a.out_len)

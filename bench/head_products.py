@@ -29,7 +29,7 @@ def main() -> None:
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from tritonllm.model import quant
-    from tritonllm.runtimes.kernels import gemv, qmatmul
+    from tritonllm.runtimes.kernels import qmatmul, timing
 
     g = torch.Generator(device="cuda").manual_seed(0)
     head = (torch.randn(VOCAB, HIDDEN, device="cuda", generator=g) / 64).to(torch.bfloat16)
@@ -40,7 +40,7 @@ def main() -> None:
     rows = []
     for r in report:
         x = torch.randn(r["rows"], HIDDEN, device="cuda", dtype=torch.bfloat16)
-        bf16_us = round(1e3 * gemv.graph_ms(lambda x=x: F.linear(x, head)), 1)
+        bf16_us = round(1e3 * timing.graph_ms(lambda x=x: F.linear(x, head)), 1)
         us = r["us"]
         widened = min((us[str(c)] for c in qmatmul.TILE_CONFIGS if str(c) in us), default=None)
         int8x8 = min((us[str(c)] for c in int8_tiles if str(c) in us), default=None)

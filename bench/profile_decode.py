@@ -21,7 +21,7 @@ from bench.workloads import copy_bandwidth, llama_1b_random, weight_bytes
 from tritonllm.config import EngineConfig
 from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.base import StepInput
-from tritonllm.runtimes.kernels.gemv import graph_ms, replay_ms
+from tritonllm.runtimes.kernels.timing import graph_ms, replay_ms
 
 log = logging.getLogger("profile")
 VARIANTS = {

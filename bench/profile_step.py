@@ -29,7 +29,7 @@ from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.base import StepInput
 from tritonllm.runtimes.kernels import fused, qmatmul
 from tritonllm.runtimes.kernels import pdl as gdc
-from tritonllm.runtimes.kernels.gemv import capture, graph_ms, replay_ms
+from tritonllm.runtimes.kernels.timing import capture, graph_ms, replay_ms
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 from tritonllm.runtimes.torch_cuda.graphs import bucket_for
 

@@ -19,7 +19,7 @@ from bench.measure import write_results
 from bench.provenance import DEFAULT_OUT
 from tritonllm.runtimes.kernels import fused
 from tritonllm.runtimes.kernels import pdl as gdc
-from tritonllm.runtimes.kernels.gemv import graph_ms
+from tritonllm.runtimes.kernels.timing import graph_ms
 
 log = logging.getLogger("bench.row_kernels")
 LAUNCHES = 64

@@ -1,5 +1,5 @@
 """How long the start-up product tuner takes with its candidates checked (and so compiled) on
-1 thread against `gemv.COMPILE_THREADS` threads: Llama-3.1-8B's four layer products in fp8, a
+1 thread against `timing.COMPILE_THREADS` threads: Llama-3.1-8B's four layer products in fp8, a
 few layers each, at the decode batch sizes asked (a 64-slot engine's by default). Each variant runs in a fresh process
 with an empty OpenAI Triton cache (what a first start on a new machine pays); the tables each chose
 are compared (timing noise may pick different tiles where two are within a few percent).
@@ -29,10 +29,10 @@ def child(threads: int, layers: int, rows: list[int]) -> dict:
     import torch
 
     from tritonllm.model import quant
-    from tritonllm.runtimes.kernels import gemv
+    from tritonllm.runtimes.kernels import gemv, timing
     from tritonllm.runtimes.torch_cuda.tuning import ROUNDED_BY_PRODUCER
 
-    gemv.COMPILE_THREADS = threads
+    timing.COMPILE_THREADS = threads
     g = torch.Generator(device="cuda").manual_seed(0)
     fp8 = lambda n, k: quant.quantize_weight(torch.randn(n, k, device="cuda", generator=g) / 64, "fp8")
     mats = {kind: [(q, None, s) for q, s in (fp8(n, k) for _ in range(layers))] for kind, (n, k) in SHAPES.items()}

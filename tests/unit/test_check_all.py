@@ -1,5 +1,5 @@
 """The start-up tuners check their candidates (and so compile them) several at a time on a GPU
-(`gemv.check_all`); the answers come back in the candidates' order whatever thread ran them."""
+(`timing.check_all`); the answers come back in the candidates' order whatever thread ran them."""
 
 import contextlib
 import os
@@ -10,7 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # as the parity tests: this proc
 
 import torch
 
-from tritonllm.runtimes.kernels import gemv
+from tritonllm.runtimes.kernels import timing
 
 
 def checks(n: int, seen: list):
@@ -27,7 +27,7 @@ def test_on_a_gpu_the_checks_run_on_threads_and_answer_in_order(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda d: devices.append(d) or contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (80 * 2**30, 80 * 2**30))
     seen, ref = [], torch.zeros(64, 4096)
-    assert gemv.check_all(checks(10, seen), torch.device("cuda", 1), ref) == [i % 3 != 0 for i in range(10)]
+    assert timing.check_all(checks(10, seen), torch.device("cuda", 1), ref) == [i % 3 != 0 for i in range(10)]
     assert len(seen) == 10 and all(name.startswith("tune") for name in seen)
     assert devices == [torch.device("cuda", 1)] * 10  # each thread on the engine's GPU
 
@@ -37,13 +37,13 @@ def test_threads_stop_at_half_the_free_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (3 * 10**9, 80 * 10**9))
     seen = []
     big = torch.zeros(2048, 28672, dtype=torch.bfloat16)
-    assert gemv.check_all(checks(4, seen), torch.device("cuda"), big) == [False, True, True, False]
+    assert timing.check_all(checks(4, seen), torch.device("cuda"), big) == [False, True, True, False]
     assert set(seen) == {threading.current_thread().name}
 
 
 def test_elsewhere_or_with_one_thread_they_run_in_order_on_the_caller(monkeypatch):
     seen, ref = [], torch.zeros(4)
-    assert gemv.check_all(checks(4, seen), torch.device("cpu"), ref) == [False, True, True, False]
-    monkeypatch.setattr(gemv, "COMPILE_THREADS", 1)
-    assert gemv.check_all(checks(4, seen), torch.device("cuda"), ref) == [False, True, True, False]
+    assert timing.check_all(checks(4, seen), torch.device("cpu"), ref) == [False, True, True, False]
+    monkeypatch.setattr(timing, "COMPILE_THREADS", 1)
+    assert timing.check_all(checks(4, seen), torch.device("cuda"), ref) == [False, True, True, False]
     assert set(seen) == {threading.current_thread().name}

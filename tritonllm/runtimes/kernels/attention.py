@@ -329,7 +329,7 @@ def _agreeing_times(caches, num_heads: int, b: int, context: int, dtype, ref_con
     (one that does not build here is left out, not the whole table): `b` rows of `context` keys,
     timed over every layer's (keys, values, fp8 scales or None) in `caches` (CUDA graph replays),
     rows' blocks spread over the pool."""
-    from .gemv import check_all, graph_ms
+    from .timing import check_all, graph_ms
 
     k0 = caches[0][0]
     blocks, hkv, page, d = k0.shape
@@ -418,7 +418,7 @@ def tune_pieces(k_caches, v_caches, num_heads: int, shapes, dtype: torch.dtype, 
     positions before them)], each step timed over every layer's cache (CUDA graph replays), the
     pieces' blocks spread over the pool; a config whose output differs from the default's on random
     keys is left out. Returns (config, timings for the log)."""
-    from .gemv import check_all, graph_ms
+    from .timing import check_all, graph_ms
 
     blocks, hkv, page, d = k_caches[0].shape
     device, group = k_caches[0].device, num_heads // hkv

@@ -11,7 +11,7 @@ Where the next product is an FP8 GEMM, add + norm and the activation round their
 per row themselves (`quantize`): the product's quantize kernel and a round trip of its input go.
 Decode attention is in `attention.py`. The kernels that read a matrix product (rotary, add + norm,
 activation) also take it as `gemv.SplitK` partial sums and add them up as they load
-(`_load_product`): a split-K product needs no reduce kernel of its own.
+(`gating.load_product`): a split-K product needs no reduce kernel of its own.
 Arithmetic in float32, stored in the activations' type. Checked against the reference ops with
 TRITON_INTERPRET=1 on the CPU (tests/parity) and measured on the GPU (bench)."""
 
@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import gating
 from . import pdl as gdc
 from .gemv import SplitK
 from .rows import QuantRows
@@ -36,25 +37,6 @@ NORM_VALUES = 8  # row values a thread of an add + norm program holds (the progr
 NORM_WARPS = (4, 16)  # these warps: at one row the program is the kernel, and fewer values a thread
 # shorten its chain of loads, sums and stores (bench.row_kernels); larger batches keep Triton's
 # default 4, which they were measured with
-
-
-@triton.jit
-def _load_product(ptr, offs, mask, n_split, s_split, like):
-    """A matrix product's values at ptr + offs as float32: the sum of its `n_split` partial sums
-    (slices `s_split` apart; 1 for a plain product), rounded to `like`'s element type first, as
-    the unsplit product's output is."""
-    acc = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    for s in range(1, n_split):
-        acc += tl.load(ptr + s * s_split + offs, mask=mask, other=0.0).to(tl.float32)
-    return acc.to(like.dtype.element_ty).to(tl.float32)
-
-
-def _product(y: torch.Tensor | SplitK) -> tuple[torch.Tensor, int, int, torch.dtype]:
-    """(values [S, rows, N], S, stride between slices, activations' type) of a plain or split product."""
-    if isinstance(y, SplitK):
-        return y.parts, y.parts.shape[0], y.parts.stride(0), y.dtype
-    flat = y.reshape(1, -1, y.shape[-1])
-    return flat, 1, flat.stride(0), y.dtype
 
 
 @triton.jit
@@ -101,8 +83,8 @@ def _rope_kv_kernel(
     h, j = tl.arange(0, HP)[:, None], tl.arange(0, HALF)[None, :]
     live = (h < n_heads + n_kv) & (j < HALF)
     src = row * s_qkv + h * 2 * HALF + j
-    x1 = _load_product(qkv, src, live, n_split, s_split, q_out)
-    x2 = _load_product(qkv, src + HALF, live, n_split, s_split, q_out)
+    x1 = gating.load_product(qkv, src, live, n_split, s_split, q_out)
+    x2 = gating.load_product(qkv, src + HALF, live, n_split, s_split, q_out)
     if QK_NORM:  # Qwen3: each q and k head RMS-normed (rounded as the module rounds), then rotated
         r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
         is_q_row = h < n_heads
@@ -139,7 +121,7 @@ def _rope_kv_kernel(
         tl.store(kdst + HALF, y2.to(k_out.dtype.element_ty), mask=is_k)
     g, d = tl.arange(0, KP)[:, None], tl.arange(0, 2 * HALF)[None, :]  # v heads: copied as they are
     v_live = (g < n_kv) & (d < 2 * HALF)
-    v = _load_product(qkv, row * s_qkv + (n_heads + n_kv + g) * 2 * HALF + d, v_live, n_split, s_split, q_out)
+    v = gating.load_product(qkv, row * s_qkv + (n_heads + n_kv + g) * 2 * HALF + d, v_live, n_split, s_split, q_out)
     if FP8:
         v = tl.clamp(v / tl.load(kv_scale + n_kv + g, mask=g < n_kv, other=1.0), -448.0, 448.0)
     tl.store(v_cache + at + g * s_c_head + d, v.to(v_cache.dtype.element_ty), mask=v_live)
@@ -170,7 +152,7 @@ def rope_kv_write(
     rotary; gemma: the scales are Gemma's fp32 (1 + w), applied before the one rounding.
     `kv_scale` [2, Hkv] (float32): the caches are fp8, k and v stored divided by their head's scale.
     `pdl`: launched with programmatic dependent launch (kernels/pdl.py), as are the other kernels here."""
-    parts, n_split, s_split, dtype = _product(qkv)
+    parts, n_split, s_split, dtype = gating.parts(qkv)
     rows, d = parts.shape[1], k_cache.shape[-1]
     cos, sin = cos.reshape(-1, d), sin.reshape(-1, d)
     q = torch.empty((rows, n_heads, d), dtype=dtype, device=parts.device)
@@ -252,7 +234,7 @@ def _add_rms_norm_kernel(
     row = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     m = i < n
-    y = _load_product(x, row * n + i, m, n_split, s_split, residual)
+    y = gating.load_product(x, row * n + i, m, n_split, s_split, residual)
     if PRE:  # the product RMS-normed before it is added, rounded as the module rounds it
         y = y / tl.sqrt(tl.sum(y * y, axis=0) / n + eps) * tl.load(pre_weight + i, mask=m, other=0.0).to(tl.float32)
         y = y.to(residual.dtype.element_ty).to(tl.float32)
@@ -307,7 +289,7 @@ def add_rms_norm(
     outputs); returns RMSNorm(residual) * weight. Contiguous [..., E] tensors (x may be a product's
     split partial sums); the weights are the scales applied in fp32 (Gemma's 1 + w). `quantize`
     (e4m3): the result rounded per row for an FP8 GEMM (`QuantRows`) instead."""
-    parts, n_split, s_split, _ = _product(x)
+    parts, n_split, s_split, _ = gating.parts(x)
     n = residual.shape[-1]
     result, (out, scale_out, qmax) = _output(residual.shape, residual.dtype, residual.device, quantize)
     pre = pre_weight if pre_weight is not None else weight
@@ -333,25 +315,12 @@ def add_rms_norm(
 
 
 @triton.jit
-def _gated(gate_up, row, i, m, f, n_split, s_split, like, GELU: tl.constexpr):
-    """act(gate) * up at columns i of a row, rounded to like's type as the module rounds it."""
-    g = _load_product(gate_up, row * 2 * f + i, m, n_split, s_split, like)
-    u = _load_product(gate_up, row * 2 * f + f + i, m, n_split, s_split, like)
-    if GELU:  # the tanh approximation: 0.5 g (1 + tanh z) = g / (1 + e^-2z)
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        a = g / (1.0 + tl.exp(-2.0 * z))
-    else:
-        a = g / (1.0 + tl.exp(-g))
-    return (a.to(like.dtype.element_ty).to(tl.float32) * u).to(like.dtype.element_ty)
-
-
-@triton.jit
 def _activate_mul_kernel(gate_up, out, f, n_split, s_split, BLOCK: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr):
     gdc.enter(PDL)
     row, blk = tl.program_id(0), tl.program_id(1)
     i = blk * BLOCK + tl.arange(0, BLOCK)
     m = i < f
-    tl.store(out + row * f + i, _gated(gate_up, row, i, m, f, n_split, s_split, out, GELU), mask=m)
+    tl.store(out + row * f + i, gating.gated(gate_up, row, i, m, f, n_split, s_split, out, GELU), mask=m)
 
 
 @triton.jit
@@ -377,19 +346,19 @@ def _activate_mul_rows_kernel(
     row = tl.program_id(0)
     if WHOLE:
         i = tl.arange(0, BLOCK)
-        y = _gated(gate_up, row, i, i < f, f, n_split, s_split, like, GELU)
+        y = gating.gated(gate_up, row, i, i < f, f, n_split, s_split, like, GELU)
         _store_rows(q, scale, row, i, i < f, y, f, True, QMAX)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, f, BLOCK):
             i = k0 + tl.arange(0, BLOCK)
-            v = _gated(gate_up, row, i, i < f, f, n_split, s_split, like, GELU).to(tl.float32)
+            v = gating.gated(gate_up, row, i, i < f, f, n_split, s_split, like, GELU).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(v))
         step = tl.maximum(tl.max(amax, axis=0), 1e-12) / QMAX
         tl.store(scale + row, step)
         for k0 in range(0, f, BLOCK):
             i = k0 + tl.arange(0, BLOCK)
-            v = _gated(gate_up, row, i, i < f, f, n_split, s_split, like, GELU).to(tl.float32) / step
+            v = gating.gated(gate_up, row, i, i < f, f, n_split, s_split, like, GELU).to(tl.float32) / step
             v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
             tl.store(q + row * f + i, v.to(q.dtype.element_ty, fp_downcast_rounding="rtne"), mask=i < f)
 
@@ -400,19 +369,18 @@ def activate_mul(
     """[..., 2F] (gate then up; or its split partial sums [S, rows, 2F]) -> act(gate) * up [..., F]
     ([rows, 1, F] from partial sums); act: "silu" or "gelu_tanh" (GeGLU). `quantize` (e4m3): the
     result rounded per row for an FP8 GEMM (`QuantRows`) instead."""
-    if activation not in ("silu", "gelu_tanh"):
-        raise ValueError(f"activate_mul: activation {activation!r} is not a kernel form; use silu or gelu_tanh")
-    parts, n_split, s_split, dtype = _product(gate_up)
+    gelu = gating.check_activation(activation, "activate_mul")
+    parts, n_split, s_split, dtype = gating.parts(gate_up)
     f, rows = parts.shape[-1] // 2, parts.shape[1]
     lead = gate_up.shape[:-1] if isinstance(gate_up, torch.Tensor) else (rows, 1)
     result, (out, scale_out, qmax) = _output(torch.Size((*lead, f)), dtype, parts.device, quantize)
-    block, gelu = 1024, activation == "gelu_tanh"
+    block = 1024
     if quantize is None:
         _activate_mul_kernel[(rows, triton.cdiv(f, block))](
             parts, out, f, n_split, s_split, BLOCK=block, GELU=gelu, **gdc.launch(pdl)
         )
         return result
-    like = parts if parts.dtype == dtype else torch.empty(1, dtype=dtype, device=parts.device)
+    like = gating.like(parts, dtype)
     shape = {"BLOCK": block}
     if f <= WHOLE_ROW and not _two_pass_rounding:
         whole = triton.next_power_of_2(f)

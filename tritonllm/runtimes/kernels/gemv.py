@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from . import gating
 from . import pdl as gdc
 from .rows import QuantRows
+from .timing import agrees, check_all, graph_ms
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 8  # batch rows a gemv program holds beside its weight tile
@@ -40,11 +42,6 @@ DOT_CONFIGS = (
 # reach further along K to keep as many bytes in flight
 QUANT_CONFIGS = CONFIGS + ((2, 4096, 4), (4, 4096, 8), (1, 8192, 8), (2, 8192, 8), (8, 2048, 8))
 QUANT_DOT_CONFIGS = DOT_CONFIGS + ((16, 256, 4, 4), (32, 256, 4, 4), (64, 256, 8, 3), (32, 512, 8, 3))
-COMPILE_THREADS = 8  # candidates checked at once at start-up: a check's first run compiles its kernel,
-# most of a tuning's time, and OpenAI Triton's compiler leaves the GIL for most of that; the timings
-# after the checks stay one at a time (each captures a CUDA graph)
-CHECK_COPIES = 8  # float32 copies of the reference's size a check holds at once (output, its split
-# partial sums, the differences), for `check_all`'s share of free memory
 SPLITS = (1, 2, 4, 8)  # slices of K a skinny_dot may run as separate programs (a 5th number in its config)
 SPLIT_TILES = ((32, 128, 4, 4), (64, 64, 4, 4))  # the tiles tried split (the others never won split)
 # float8 weights at a few rows: the activations rounded to float8 per K step (a 6th number, 1), so
@@ -81,6 +78,23 @@ class SplitK:
         return self.parts.sum(0).to(self.dtype)
 
 
+class Gated(NamedTuple):
+    """A gated MLP's input to its down product: gate_up's product [..., 2F] (gate then up; or its
+    `SplitK` partial sums) that the product turns into act(gate) * up [..., F] as it loads each K
+    step, rounded to the activations' type as the activation kernel rounds it: that kernel (a
+    launch and a round trip of its output, per layer of a decode step) goes."""
+
+    product: torch.Tensor | SplitK
+    activation: str  # gating.ACTIVATIONS
+
+    @property
+    def shape(self) -> torch.Size:
+        """The activation's shape, as `fused.activate_mul` gives it."""
+        values, _, _, _ = gating.parts(self.product)
+        lead = self.product.shape[:-1] if isinstance(self.product, torch.Tensor) else (values.shape[1], 1)
+        return torch.Size((*lead, values.shape[-1] // 2))
+
+
 @triton.jit
 def _tile_product(xt, wt, QUANT_X: tl.constexpr, SWAP: tl.constexpr):
     """One K step's product of x's rows `xt` [M, K] and a weight tile `wt` [N, K] on the tensor
@@ -108,6 +122,7 @@ def _small_matmul_kernel(
     bias,
     w_scale,
     out,
+    like,
     M,
     N,
     K,
@@ -116,11 +131,15 @@ def _small_matmul_kernel(
     s_wn,
     s_os,
     s_om,
+    n_split,
+    s_split,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     USE_DOT: tl.constexpr,
     QUANT_X: tl.constexpr,
     SWAP: tl.constexpr,
+    GATED: tl.constexpr,
+    GELU: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -142,7 +161,10 @@ def _small_matmul_kernel(
     for k0 in range(split * K_SPLIT, (split + 1) * K_SPLIT, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if GATED:  # x is gate_up's product (n_split slices): act(gate) * up of this K step, made here
+            xt = gating.gated(x, m[:, None], k[None, :], m_ok[:, None] & k_ok[None, :], K, n_split, s_split, like, GELU)
+        else:
+            xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w + n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         if USE_DOT:  # skinny_dot: the tensor cores (at least 16 rows, padded)
             acc += _tile_product(xt, wt, QUANT_X == 1, SWAP)
@@ -165,7 +187,7 @@ def _small_matmul_kernel(
 
 
 def small_matmul(
-    x: torch.Tensor | QuantRows,
+    x: torch.Tensor | QuantRows | Gated,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     config: Config,
@@ -180,19 +202,20 @@ def small_matmul(
     slices, each its own programs, and returns their `SplitK` partial sums; a 6th number (float8
     weights only) 1 rounds x to float8 per K step and row for 8-bit x 8-bit products, 2 takes x
     already rounded per row (`QuantRows`); a 7th number 1 swaps the operands (the weight tile
-    first, SWAP_TILES). With `scale` [N] the weight is 8-bit (int8 or float8, model/quant.py) and
-    the product is x @ (weight * scale).T: the weight streams at a byte per value. `pdl_steps` (not
-    None): launched with PDL (`pdl`), each program first asking L2 for that many K steps of its
-    weight tile."""
+    first, SWAP_TILES). x may be `Gated` (gate_up's product, the activation made as it loads) for
+    any config that does not take rows rounded per row. With `scale` [N] the weight is 8-bit
+    (int8 or float8, model/quant.py) and the product is x @ (weight * scale).T: the weight streams
+    at a byte per value. `pdl_steps` (not None): launched with PDL (`pdl`), each program first
+    asking L2 for that many K steps of its weight tile."""
     use_dot = len(config) >= 4
     splits = config[4] if len(config) >= 5 else 1
-    x2, x_scale, shape, dtype, quant_x = _operands(x, weight, config)
-    rows, k = shape.numel() // shape[-1], shape[-1]
+    given = _operands(x, weight, config)
+    rows, k = given.shape.numel() // given.shape[-1], given.shape[-1]
     limit, name = (MAX_DOT_ROWS, "skinny_dot") if use_dot else (MAX_ROWS, "gemv")
     if rows > limit:
         raise ValueError(f"{name} takes at most {limit} rows, got {rows}: use the matmul")
-    n = weight.shape[0]
-    out = torch.empty((splits, rows, n), dtype=dtype if splits == 1 else torch.float32, device=x2.device)
+    n, device = weight.shape[0], weight.device
+    out = torch.empty((splits, rows, n), dtype=given.dtype if splits == 1 else torch.float32, device=device)
     block_n, block_k, warps, stages = config[:4] if use_dot else (*config, None)
     block_m = max(16, triton.next_power_of_2(rows)) if use_dot else triton.next_power_of_2(rows)
     if not use_dot:
@@ -202,25 +225,30 @@ def small_matmul(
     elem = weight.element_size()
     lines = gdc.prefetch_lines(k_split, block_k, elem, pdl_steps) if pdl_steps else 0
     _small_matmul_kernel[(triton.cdiv(n, block_n), splits)](
-        x2,
-        x_scale,
+        given.values,
+        given.scale,
         weight,
         bias if bias is not None else weight,
         scale if scale is not None else weight,
         out,
+        given.like,
         rows,
         n,
         k,
         k_split,
-        x2.stride(0),
+        given.values.stride(-2),
         weight.stride(0),
         out.stride(0),
         out.stride(1),
+        given.n_split,
+        given.s_split,
         HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None,
         USE_DOT=use_dot,
-        QUANT_X=quant_x,
+        QUANT_X=given.mode,
         SWAP=len(config) == 7 and config[6] == 1,
+        GATED=given.gelu is not None,
+        GELU=bool(given.gelu),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -230,8 +258,8 @@ def small_matmul(
         **opts,
     )
     if splits > 1:
-        return SplitK(out, dtype)
-    return out.view(*shape[:-1], n)
+        return SplitK(out, given.dtype)
+    return out.view(*given.shape[:-1], n)
 
 
 def _x_mode(config: Config) -> int:
@@ -239,57 +267,50 @@ def _x_mode(config: Config) -> int:
     return config[5] if len(config) >= 6 else X_AS_GIVEN
 
 
-def _operands(x: torch.Tensor | QuantRows, weight: torch.Tensor, config: Config) -> tuple:
-    """(x as [rows, K] with unit stride, its row scales (x itself where it has none), x's shape and
-    dtype, the config's treatment of x): a config that rounds x to float8 needs float8 weights, and
-    one that takes x rounded per row needs it so (`QuantRows`) and no other config does."""
+class _Input(NamedTuple):
+    """x as the kernel reads it: `values` (rows of K with unit stride, or gate_up's product
+    [S, rows, 2F] where gated), its row scales (any tensor where it has none), x's shape and dtype,
+    the config's treatment of x (`_x_mode`), and for a gated x its slices, their stride, a tensor of
+    the activations' type and whether the activation is GeGLU (`gelu` None: x is not gated)."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    mode: int
+    n_split: int = 1
+    s_split: int = 0
+    like: torch.Tensor | None = None
+    gelu: bool | None = None
+
+
+def _operands(x: torch.Tensor | QuantRows | Gated, weight: torch.Tensor, config: Config) -> _Input:
+    """x as the kernel reads it: a config that rounds x to float8 needs float8 weights, one that
+    takes x rounded per row needs it so (`QuantRows`) and no other config does, and a gated x is
+    made per K step (never rounded per row: no kernel saw the whole row)."""
     quant_x = _x_mode(config)
     if quant_x != X_AS_GIVEN and weight.dtype != torch.float8_e4m3fn:
         raise ValueError(f"config {config} multiplies float8 activations: it needs float8 weights, got {weight.dtype}")
+    if isinstance(x, Gated):
+        if quant_x == X_ROUNDED_PER_ROW:
+            raise ValueError(f"config {config} takes rows rounded per row; a gated input is not: use another tile")
+        gelu = gating.check_activation(x.activation, "a gated product's input")
+        values, n_split, s_split, dtype = gating.parts(x.product)
+        like = gating.like(values, dtype)
+        return _Input(values, values, x.shape, dtype, quant_x, n_split, s_split, like, gelu)
     if (quant_x == X_ROUNDED_PER_ROW) != isinstance(x, QuantRows):
         given = "rows rounded to float8 (QuantRows)" if isinstance(x, QuantRows) else f"a {x.dtype} tensor"
         raise ValueError(f"config {config} and its input disagree: got {given}; a 6th number 2 takes QuantRows")
     if isinstance(x, QuantRows):
-        return x.q, x.scale, x.shape, x.dtype, quant_x
+        return _Input(x.q, x.scale, x.shape, x.dtype, quant_x, like=x.q)
     x2 = x.reshape(-1, x.shape[-1])
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    return x2, x2, x.shape, x.dtype, quant_x
+    return _Input(x2, x2, x.shape, x.dtype, quant_x, like=x2)
 
 
 def dense(y: torch.Tensor | SplitK) -> torch.Tensor:
     """A product as a plain tensor, whichever way it was computed."""
     return y.total() if isinstance(y, SplitK) else y
-
-
-def capture(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
-    """A CUDA graph of `fn` (run once on a side stream first, so it compiles and allocates outside
-    the capture) and what the captured call returned (rewritten by each replay)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
-def graph_ms(fn: Callable[[], object], reps: int = 5) -> float:
-    """GPU milliseconds per call of `fn` replayed from a CUDA graph (Python launch cost excluded)."""
-    return replay_ms(capture(fn)[0], reps)
-
-
-def replay_ms(graph, reps: int = 50) -> float:
-    """GPU milliseconds per replay of a captured CUDA graph (one replay first, then `reps` timed)."""
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: torch.Tensor | None = None):
@@ -298,40 +319,6 @@ def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: t
     if scale is not None:
         w = (w.float() * scale[:, None]).to(x.dtype)
     return torch.nn.functional.linear(x, w, b)
-
-
-def agrees(label: str, product: Callable[[], torch.Tensor], ref: torch.Tensor, tolerance: float = 2e-2) -> bool:
-    """A candidate `product` (a thunk) equals `ref` within `tolerance` x max(|ref|, 1); one that
-    does not compile on this GPU (shared memory, ...) or disagrees is logged and not a candidate."""
-    ref = ref.float()
-    try:
-        err = (product().float().view_as(ref) - ref).abs().max().item()
-    except Exception as exc:  # a tile that does not compile here: not a candidate
-        log.warning("%s unavailable here (%s)", label, str(exc)[:200])
-        return False
-    ok = err <= tolerance * max(ref.abs().max().item(), 1.0)
-    if not ok:
-        log.warning("%s disagrees with the reference (max |diff| %.3g): not used", label, err)
-    return ok
-
-
-def check_all(checks: Sequence[Callable[[], bool]], device: torch.device, ref: torch.Tensor) -> list[bool]:
-    """Each candidate's check against `ref`, whose first run compiles the candidate: on up to
-    COMPILE_THREADS threads on a GPU, as many as half its free memory holds (a check makes a few
-    float32 copies of an output, and the KV pool may have taken most of the memory already); one
-    after another elsewhere (the CPU interpreter patches Triton's language module while it runs)."""
-    threads = min(COMPILE_THREADS, len(checks)) if device.type == "cuda" else 1
-    if threads > 1:
-        threads = min(threads, torch.cuda.mem_get_info(device)[0] // (2 * CHECK_COPIES * 4 * ref.numel()))
-    if threads <= 1:
-        return [check() for check in checks]
-
-    def on_device(check: Callable[[], bool]) -> bool:
-        with torch.cuda.device(device):  # a new thread's current device is the first GPU
-            return check()
-
-    with ThreadPoolExecutor(threads, thread_name_prefix="tune") as pool:
-        return list(pool.map(on_device, checks))
 
 
 def _agrees(given, w, b, s, config: Config, ref: torch.Tensor, pdl_steps: int | None = None) -> bool:

@@ -29,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import SplitK, agrees, check_all, dense, graph_ms, reference
+from .gemv import SplitK, dense, reference
 from .rows import FP8_ALIGN, QuantRows
+from .timing import agrees, check_all, graph_ms
 
 log = logging.getLogger(__name__)
 # (rows of x, rows of W, K step, warps, stages) per program
