@@ -29,7 +29,7 @@ def child(threads: int, layers: int, rows: list[int]) -> dict:
     import torch
 
     from tritonllm.model import quant
-    from tritonllm.runtimes.kernels import gemv, timing
+    from tritonllm.runtimes.kernels import gemv, gemv_tuning, timing
     from tritonllm.runtimes.torch_cuda.tuning import ROUNDED_BY_PRODUCER
 
     timing.COMPILE_THREADS = threads
@@ -39,7 +39,7 @@ def child(threads: int, layers: int, rows: list[int]) -> dict:
     consumers = {kind: gemv.dense for kind in mats}  # every kind tries split tiles, as in the engine
     torch.cuda.synchronize()
     start = time.perf_counter()
-    table, _ = gemv.tune(mats, rows, consumers, pdl=True, rounded=frozenset(ROUNDED_BY_PRODUCER))
+    table, _ = gemv_tuning.tune(mats, rows, consumers, pdl=True, rounded=frozenset(ROUNDED_BY_PRODUCER))
     seconds = time.perf_counter() - start
     return {"seconds": round(seconds, 1), "table": {f"{k} x{m}": str(c) for (k, m), c in sorted(table.items())}}
 

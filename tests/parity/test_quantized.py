@@ -20,7 +20,7 @@ from tritonllm.config import EngineConfig
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model import quant
 from tritonllm.model.modeling import CausalLM, load_hf
-from tritonllm.runtimes.kernels import gemv, qmatmul
+from tritonllm.runtimes.kernels import gemv, gemv_tuning, qmatmul
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 from tritonllm.runtimes.torch_cuda.tuning import PROJECTIONS
 from tritonllm.text import TokenizerFiles
@@ -114,8 +114,8 @@ def test_small_batch_candidates_offer_tensor_core_tiles_at_one_row(scheme):
         w, _ = quant.quantize_weight(w, scheme)
     q = scheme is not None
     one, many = (
-        gemv.candidates(1, w, q, False, gemv.CONFIGS, gemv.DOT_CONFIGS),
-        gemv.candidates(16, w, q, True, gemv.CONFIGS, gemv.DOT_CONFIGS),
+        gemv_tuning.candidates(1, w, q, False, gemv.CONFIGS, gemv.DOT_CONFIGS),
+        gemv_tuning.candidates(16, w, q, True, gemv.CONFIGS, gemv.DOT_CONFIGS),
     )
     assert any(len(c) == 3 for c in one) and any(len(c) == 4 for c in one)
     assert all(len(c) >= 4 for c in many) and any(len(c) == 5 for c in many)

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 from tritonllm.config import EngineConfig
 from tritonllm.model import quant
 from tritonllm.model.modeling import CausalLM, load_hf
-from tritonllm.runtimes.kernels import gemv, qmatmul
+from tritonllm.runtimes.kernels import gemv, gemv_tuning, qmatmul
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 from tritonllm.runtimes.torch_cuda.tuning import PROJECTIONS, ROUNDED_BY_PRODUCER
 
@@ -56,7 +56,7 @@ def test_rounded_tiles_are_candidates_only_for_float8_rows_a_producer_rounds(row
     fp8, int8 = quant.quantize_weight(w, "fp8")[0], quant.quantize_weight(w, "int8-wo")[0]
     offered = lambda weight, rounded: [
         c
-        for c in gemv.candidates(rows, weight, True, True, gemv.CONFIGS, gemv.DOT_CONFIGS, rounded)
+        for c in gemv_tuning.candidates(rows, weight, True, True, gemv.CONFIGS, gemv.DOT_CONFIGS, rounded)
         if gemv.takes_rounded(c)
     ]
     assert offered(fp8, True) and not offered(fp8, False) and not offered(int8, True)

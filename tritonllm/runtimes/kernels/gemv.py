@@ -13,7 +13,6 @@ decode step reads them (a single weight would sit in L2 and flatter the small ti
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,7 +23,6 @@ import triton.language as tl
 from . import gating
 from . import pdl as gdc
 from .rows import QuantRows
-from .timing import agrees, check_all, graph_ms
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 8  # batch rows a gemv program holds beside its weight tile
@@ -262,7 +260,7 @@ def small_matmul(
     return out.view(*given.shape[:-1], n)
 
 
-def _x_mode(config: Config) -> int:
+def x_mode(config: Config) -> int:
     """What a config does with x: X_AS_GIVEN, X_ROUNDED_PER_STEP or X_ROUNDED_PER_ROW (its 6th number)."""
     return config[5] if len(config) >= 6 else X_AS_GIVEN
 
@@ -270,7 +268,7 @@ def _x_mode(config: Config) -> int:
 class _Input(NamedTuple):
     """x as the kernel reads it: `values` (rows of K with unit stride, or gate_up's product
     [S, rows, 2F] where gated), its row scales (any tensor where it has none), x's shape and dtype,
-    the config's treatment of x (`_x_mode`), and for a gated x its slices, their stride, a tensor of
+    the config's treatment of x (`x_mode`), and for a gated x its slices, their stride, a tensor of
     the activations' type and whether the activation is GeGLU (`gelu` None: x is not gated)."""
 
     values: torch.Tensor
@@ -288,7 +286,7 @@ def _operands(x: torch.Tensor | QuantRows | Gated, weight: torch.Tensor, config:
     """x as the kernel reads it: a config that rounds x to float8 needs float8 weights, one that
     takes x rounded per row needs it so (`QuantRows`) and no other config does, and a gated x is
     made per K step (never rounded per row: no kernel saw the whole row)."""
-    quant_x = _x_mode(config)
+    quant_x = x_mode(config)
     if quant_x != X_AS_GIVEN and weight.dtype != torch.float8_e4m3fn:
         raise ValueError(f"config {config} multiplies float8 activations: it needs float8 weights, got {weight.dtype}")
     if isinstance(x, Gated):
@@ -321,129 +319,12 @@ def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: t
     return torch.nn.functional.linear(x, w, b)
 
 
-def _agrees(given, w, b, s, config: Config, ref: torch.Tensor, pdl_steps: int | None = None) -> bool:
-    """The config's product of `given` (x, or x rounded per row where the config takes that) equals
-    `ref` (the reference on x) within rounding of the activations' type (of float8 where the config
-    multiplies float8). One that agrees is also run as the step launches it (`pdl_steps`), so that
-    form is compiled here too."""
-    tolerance = X8_TOLERANCE if _x_mode(config) != X_AS_GIVEN else 2e-2
-    ok = agrees(f"gemv {config}", lambda: dense(small_matmul(given, w, b, config, s)), ref, tolerance)
-    if ok and pdl_steps is not None:
-        small_matmul(given, w, b, config, s, pdl_steps)
-    return ok
-
-
-def _fp8_gemm_time(x: torch.Tensor, mats, rounded: bool, consume) -> dict:
-    """{FP8_GEMM: ms} of the FP8 GEMM over every layer's weight, then the consumer; x as its
-    producer hands it (rounded per row already, or not); {} where it disagrees or does not run."""
-    from . import qmatmul
-
-    w, b, s = mats[0]
-    if not agrees("gemv fp8 GEMM", lambda: qmatmul.fp8_matmul(x, w, s, b), reference(x, w, b, s), X8_TOLERANCE):
-        return {}
-    if rounded:
-        x = qmatmul.round_rows(x, w.dtype)
-    return {FP8_GEMM: graph_ms(lambda: [consume(qmatmul.fp8_matmul(x, w, s, b)) for w, b, s in mats])}
-
-
-def split_configs(dot_configs: Sequence[Config], k: int) -> list[Config]:
-    """Each tile unsplit, and the SPLIT_TILES split S ways where every slice holds at least one K step."""
-    return list(dot_configs) + [(*tile, s) for tile in SPLIT_TILES for s in SPLITS[1:] if k >= s * tile[1]]
-
-
-def candidates(
-    rows: int,
-    weight: torch.Tensor,
-    quantized: bool,
-    split_ok: bool,
-    configs: Sequence[Config],
-    dots: Sequence[Config],
-    rounded: bool = False,
-) -> list[Config]:
-    """The tiles timed for `rows` rows of x against `weight` [N, K]: gemv up to MAX_ROWS rows and
-    the tensor-core tiles at every row count (a padded 16-row tile streams a weight well even for one
-    row), split along K only where the consumer adds up partial sums (`split_ok`); float8 weights
-    also try float8 activations, unswapped and swapped (SWAP_TILES), and where the producer rounds x
-    per row (`rounded`) the ROUNDED_TILES on that x; other weights swapped tiles of their own type
-    (SWAP_WIDE_TILES). `quantized`: the weight is 8-bit (the 8-bit tile lists)."""
-    small, dots = (QUANT_CONFIGS, QUANT_DOT_CONFIGS) if quantized else (configs, dots)
-    tiles = split_configs(dots, weight.shape[1]) if split_ok else list(dots)
-    splits = [s for s in SPLITS[:3] if s == 1 or split_ok]
-    fits = lambda t, s: weight.shape[1] >= s * t[1]  # every slice of K holds a K step
-    if weight.dtype == torch.float8_e4m3fn:
-        tiles += [(*t, s, 1) for t in X8_TILES for s in SPLITS if (s == 1 or split_ok) and fits(t, s)]
-        tiles += [(*t, s, 1, 1) for t in SWAP_TILES for s in splits if fits(t, s)]
-        if rounded:
-            tiles += [(*t[:4], s, X_ROUNDED_PER_ROW, t[4]) for t in ROUNDED_TILES for s in splits if fits(t, s)]
-    else:
-        tiles += [(*t, s, 0, 1) for t in SWAP_WIDE_TILES for s in splits if fits(t, s)]
-    return [*small, *tiles] if rows <= MAX_ROWS else tiles
-
-
 def takes_rounded(entry: Config | str | None) -> bool:
     """A table entry whose product takes its input rounded per row (`QuantRows`): the FP8 GEMM, or
     a tile with a 6th number 2."""
-    return entry == FP8_GEMM or (isinstance(entry, tuple) and _x_mode(entry) == X_ROUNDED_PER_ROW)
+    return entry == FP8_GEMM or (isinstance(entry, tuple) and x_mode(entry) == X_ROUNDED_PER_ROW)
 
 
-Consumer = Callable[["torch.Tensor | SplitK"], object]
-
-
-def tune(
-    weights: dict[str, Sequence[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]],
-    rows: Sequence[int],
-    consumers: dict[str, Consumer] | None = None,
-    configs: Sequence[Config] = CONFIGS,
-    dot_configs: Sequence[Config] = DOT_CONFIGS,
-    dtype: torch.dtype = torch.bfloat16,
-    pdl: bool = False,
-    rounded: frozenset = frozenset(),
-) -> tuple[dict[tuple[str, int], Config | str], list[dict]]:
-    """For each weight kind (its (weight, bias, scale) of every layer; scale None unless the weight
-    is 8-bit) and batch rows, the fastest of the reference (`reference`: cuBLAS) and the
-    `candidates`: `configs` (gemv, up to MAX_ROWS rows) and `dot_configs` (skinny_dot, up to
-    MAX_DOT_ROWS), or their 8-bit lists.
-    Each product is timed followed by its kind's consumer (`consumers`: the fused kernel that reads
-    it in a decode step); only kinds with a consumer, which adds up split partial sums as it loads
-    them, try split configs. `dtype`: the activations'. `pdl`: the tiles launched with PDL, as the
-    decode step launches them (the consumers too, where they were made so). Float8 weights also
-    time the FP8 GEMM (`FP8_GEMM`): on rows already rounded to e4m3 for the kinds in `rounded`
-    (their producers round them), else rounding them itself. Returns {(kind, rows):
-    config} for the kinds where a config beat cuBLAS, and the timings (microseconds for all layers'
-    weights of the kind) for the log and the benchmark."""
-    from . import qmatmul  # it builds on this module
-
-    consumers, steps = consumers or {}, 0 if pdl else None  # steps: small_matmul's PDL argument
-    table, report = {}, []
-    for kind, mats in weights.items():
-        k = mats[0][0].shape[1]
-        consume = consumers.get(kind, dense)
-        for m in (r for r in rows if r <= MAX_DOT_ROWS):
-            x = torch.randn(m, 1, k, device=mats[0][0].device, dtype=dtype)
-            run = lambda f: lambda: [consume(f(x, w, b, s)) for w, b, s in mats]
-            times = {"cublas": graph_ms(run(reference))}
-            w0, rounds = mats[0][0], kind in rounded and mats[0][0].dtype == torch.float8_e4m3fn
-            tiles = candidates(m, w0, mats[0][2] is not None, kind in consumers, configs, dot_configs, rounds)
-            xr = qmatmul.round_rows(x, w0.dtype) if rounds else None  # as the kind's producer hands it over
-            given = [(c, xr if takes_rounded(c) else x) for c in tiles]
-            ref = reference(x, *mats[0]).float()  # (float once: `agrees` compares in float32)
-            ok = check_all([lambda c=c, g=g: _agrees(g, *mats[0], c, ref, steps) for c, g in given], x.device, ref)
-            for (cfg, g), agreed in zip(given, ok):
-                if agreed:
-                    times[cfg] = graph_ms(run(lambda _, w, b, s, c=cfg, g=g: small_matmul(g, w, b, c, s, steps)))
-            if mats[0][0].dtype == torch.float8_e4m3fn:
-                times.update(_fp8_gemm_time(x, mats, kind in rounded, consume))
-            best = min(times, key=times.get)
-            if best != "cublas":
-                table[(kind, m)] = best
-            report.append(
-                {
-                    "kind": kind,
-                    "rows": m,
-                    "chosen": str(best),
-                    "us": {str(c): round(1e3 * t, 1) for c, t in times.items()},
-                }
-            )
-    for r in report:
-        log.info("gemv %s x%d: %s (%s)", r["kind"], r["rows"], r["chosen"], r["us"])
-    return table, report
+def gated_key(kind: str) -> str:
+    """The table's key for a kind's product reading its input gated (`Gated`): "down+act"."""
+    return f"{kind}+act"

@@ -1,6 +1,6 @@
 """Products with 8-bit weights (model/quant.py) at batch sizes beyond the small-batch kernels of
 `gemv` (more than MAX_DOT_ROWS rows: large decode batches and prefill), chosen per (weight kind,
-rows) by timing at start-up, like `gemv.tune`:
+rows) by timing at start-up, like `gemv_tuning.tune`:
 
 - `tile_matmul` (OpenAI Triton): a tiled GEMM that loads int8 / float8 weight tiles, widens them in
   registers and runs the Tensor Cores in the activations' dtype; the scale is applied per output.
@@ -264,7 +264,7 @@ def tune(
     """{(kind, rows): choice} for each weight kind (its (qweight, bias, scale) of every layer) and
     row count, timed over every layer's weight in turn, and the timings (microseconds). Up to
     `consumer_rows` rows (a decode batch) each product is timed followed by its kind's consumer
-    (`consumers`, as `gemv.tune`), and those kinds also try split tiles; the kinds in `rounded`
+    (`consumers`, as `gemv_tuning.tune`), and those kinds also try split tiles; the kinds in `rounded`
     time the products that take rounded rows on rows rounded already (their producers round them),
     the others round them in the product; int8 weights of the kinds in `int8_rows` also try
     int8 x int8 tiles."""

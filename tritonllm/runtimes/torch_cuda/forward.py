@@ -301,10 +301,28 @@ class ForwardPasses:
             h = fk.add_rms_norm(o, x, scale(layer.ln2), layer.ln2.eps, scale(layer.post_attention), fmt["gate_up"], pdl)
             last = i + 1 == len(m.layers)
             nxt, rounds = (m.norm, None) if last else (m.layers[i + 1].ln1, fmt["qkv_proj"])
-            up = fk.activate_mul(self._linear("gate_up", layer, h, small), layer.activation, fmt["down"], pdl)
-            down = self._linear("down", layer, up, small)
+            down = self._down(layer, self._linear("gate_up", layer, h, small), small, fmt["down"], pdl)
             h = fk.add_rms_norm(down, x, scale(nxt), nxt.eps, scale(layer.post_mlp), rounds, pdl)
         return h
+
+    def _down(self, layer, gate_up, small: bool, rounds: torch.dtype | None, pdl: bool):
+        """The down product of act(gate) * up: on gate_up's product itself where the decode table
+        has a tile for that (`gemv.Gated`: no activation kernel, no round trip of its output), else
+        after the activation kernel (rounding per row where the product takes `rounds`)."""
+        from ..kernels import fused as fk
+        from ..kernels import gemv
+
+        gated = gemv.Gated(gate_up, layer.activation)
+        rows = gated.shape.numel() // gated.shape[-1]
+        config = self.kernels.gemv_table.get((gemv.gated_key("down"), rows)) if small else None
+        if config is None:
+            return self._linear("down", layer, fk.activate_mul(gate_up, layer.activation, rounds, pdl), small)
+        weight, bias, scale = operands(layer.down)
+        return gemv.small_matmul(gated, weight, bias, config, scale, self._pdl_steps())
+
+    def _pdl_steps(self) -> int | None:
+        """small_matmul's PDL argument: K steps to ask L2 for, or None where PDL is off."""
+        return self.kernels.prefetch_steps if self.kernels.pdl else None
 
     def _rounds_input(self, kind: str, rows: int, small: bool) -> torch.dtype | None:
         """e4m3 where the layers' product `kind` at `rows` rows is the FP8 GEMM or a tile that takes
@@ -353,8 +371,7 @@ class ForwardPasses:
         if config is not None:
             if gemv.takes_rounded(config) and not rounded:  # the first layer's qkv: a plain norm made x
                 x = qmatmul.round_rows(x, weight.dtype)
-            steps = self.kernels.prefetch_steps if self.kernels.pdl else None
-            return gemv.small_matmul(x, weight, bias, config, scale, steps)
+            return gemv.small_matmul(x, weight, bias, config, scale, self._pdl_steps())
         if scale is None:
             return F.linear(x, weight, bias)
         return qmatmul.matmul(x, weight, scale, bias, qmatmul.choose(self.kernels.quant_table, kind, rows))

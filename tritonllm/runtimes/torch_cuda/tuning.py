@@ -25,6 +25,7 @@ ROUNDED_BY_PRODUCER = ("qkv_proj", "gate_up", "down")  # products whose input a 
 INT8_ROWS = frozenset({"lm_head"})  # int8 weights that may multiply rows rounded to int8 (int8 x int8
 # tiles): the int8 LM head beside fp8 projections, whose inputs are rounded to 8 bits already (an
 # int8-wo engine keeps its activations as they are: weight-only is its promise)
+GATED = "down"  # the product that may make its own input from gate_up's (`gemv.Gated`) at decode rows
 PREFETCH_STEPS = 0  # K steps of its weight tile a small product asks L2 for before its wait (PDL); none:
 # on the H200 the prefetch made a batch-1 step slower (docs/decisions.md)
 
@@ -158,17 +159,34 @@ def _merge(choice: KernelChoice, part: str, tuned: tuple[dict, list]) -> None:
 def _tune_gemv(model, cache: PagedDeviceCache, batch_buckets: list[int], pdl: bool, kind: str) -> tuple[dict, list]:
     """{(kind, batch rows): tile} for one weight kind's small-batch products in the decode step,
     each timed with the fused kernel that reads its product (split-K partial sums are added up
-    there), launched with PDL where the step launches them so."""
+    there), launched with PDL where the step launches them so; the down product also on gate_up's
+    product through the activation (`gemv.Gated`, under `gemv.gated_key("down")`)."""
     try:
-        from ..kernels import gemv
+        from ..kernels import gemv_tuning
 
         consumers = _product_consumers(model, cache, max(batch_buckets), pdl)
         rounded = frozenset(ROUNDED_BY_PRODUCER)
         weights = {kind: _weights(model, kind)}
-        return gemv.tune(weights, batch_buckets, consumers, dtype=model.embed.dtype, pdl=pdl, rounded=rounded)
+        gated = {kind: _gated_kind(model, pdl)} if kind == GATED else {}
+        return gemv_tuning.tune(
+            weights, batch_buckets, consumers, dtype=model.embed.dtype, pdl=pdl, rounded=rounded, gated=gated
+        )
     except Exception as exc:  # the tiles do not compile here: cuBLAS serves these products
         log.warning("gemv tuning of %s failed (%s): cuBLAS serves its decode products", kind, str(exc)[:300])
         return {}, []
+
+
+def _gated_kind(model, pdl: bool):
+    """The down product's input as the decode step makes it: the activation kernel on gate_up's
+    product, rounding per row to the weight's float8 for a product that takes it so."""
+    from ..kernels import fused as fk
+    from ..kernels import gemv_tuning
+
+    activation, weight = model.features.activation, operands(model.layers[0].down)[0]
+    fmt = weight.dtype if weight.dtype == torch.float8_e4m3fn else None
+    return gemv_tuning.GatedKind(
+        activation, lambda y, rounded: fk.activate_mul(y, activation, fmt if rounded else None, pdl)
+    )
 
 
 def _weights(model, kind: str) -> list[tuple]:
