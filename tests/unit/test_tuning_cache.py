@@ -138,12 +138,11 @@ def test_only_an_int8_head_beside_fp8_projections_may_take_int8_rows(tiny_dir, m
     from tritonllm.runtimes.torch_cuda import tuning
 
     offered = {}
-    monkeypatch.setattr(tuning, "_product_consumers", lambda *a: {})
     monkeypatch.setattr(qmatmul, "tune", lambda weights, *a: offered.update({next(iter(weights)): a[-1]}) or ({}, []))
     for scheme in ("fp8", "int8-wo"):
         model = CausalLM(load_hf(tiny_dir))
         quant.quantize_model(model, scheme)
         quant.quantize_head(model)
         for kind in tuning._quant_kinds(model):
-            tuning._tune_quant(model, None, [1, 128], False, kind)
+            tuning._tune_quant(model, {}, [1, 128], False, kind)
         assert offered["lm_head"] == (frozenset({"lm_head"}) if scheme == "fp8" else frozenset())

@@ -124,8 +124,15 @@ def _stages(model, cache, batch_buckets, max_context, gemv_table, quant_table, p
     after each one, so a start stopped mid-tuning resumes at the step it was in. The products
     are a step per weight kind (the longest part: compiling and timing every tile)."""
 
+    scratch: dict[bool, dict] = {}  # the products' consumers on scratch inputs, made once for every stage
+
+    def consumers(pdl: bool) -> dict:
+        if pdl not in scratch:
+            scratch[pdl] = _product_consumers(model, cache, max(batch_buckets), pdl)
+        return scratch[pdl]
+
     def products(part: str, tune, kind: str) -> Callable[[KernelChoice], None]:
-        return lambda c: _merge(c, part, tune(model, cache, batch_buckets, c.pdl, kind))
+        return lambda c: _merge(c, part, tune(model, consumers(c.pdl), batch_buckets, c.pdl, kind))
 
     def attention(c: KernelChoice) -> None:
         c.attention_table, c.attention_report = _tune_attention(model, cache, batch_buckets, max_context)
@@ -156,18 +163,18 @@ def _merge(choice: KernelChoice, part: str, tuned: tuple[dict, list]) -> None:
     getattr(choice, f"{part}_report").extend(report)
 
 
-def _tune_gemv(model, cache: PagedDeviceCache, batch_buckets: list[int], pdl: bool, kind: str) -> tuple[dict, list]:
+def _tune_gemv(model, consumers: dict, batch_buckets: list[int], pdl: bool, kind: str) -> tuple[dict, list]:
     """{(kind, batch rows): tile} for one weight kind's small-batch products in the decode step,
     each timed with the fused kernel that reads its product (split-K partial sums are added up
     there), launched with PDL where the step launches them so; the down product also on gate_up's
     product through the activation (`gemv.Gated`, under `gemv.gated_key("down")`)."""
     try:
-        from ..kernels import gemv_tuning
+        from ..kernels import gating, gemv_tuning
 
-        consumers = _product_consumers(model, cache, max(batch_buckets), pdl)
         rounded = frozenset(ROUNDED_BY_PRODUCER)
         weights = {kind: _weights(model, kind)}
-        gated = {kind: _gated_kind(model, pdl)} if kind == GATED else {}
+        gates = kind == GATED and model.features.activation in gating.ACTIVATIONS
+        gated = {kind: _gated_kind(model, pdl)} if gates else {}
         return gemv_tuning.tune(
             weights, batch_buckets, consumers, dtype=model.embed.dtype, pdl=pdl, rounded=rounded, gated=gated
         )
@@ -203,7 +210,7 @@ def _quant_kinds(model) -> list[str]:
     return [*PROJECTIONS, "lm_head"] if model.head()[1] is not None else list(PROJECTIONS)
 
 
-def _tune_quant(model, cache: PagedDeviceCache, batch_buckets: list[int], pdl: bool, kind: str) -> tuple[dict, list]:
+def _tune_quant(model, consumers: dict, batch_buckets: list[int], pdl: bool, kind: str) -> tuple[dict, list]:
     """{(kind, rows): choice} for one 8-bit weight kind at the rows gemv does not serve: decode
     batches beyond its tiles, each product timed with the fused kernel that reads it (launched
     with PDL where the step launches it so), and a prefill's many rows (an LM head's rows are
@@ -212,7 +219,6 @@ def _tune_quant(model, cache: PagedDeviceCache, batch_buckets: list[int], pdl: b
 
     rows = [b for b in batch_buckets if b > gemv.MAX_DOT_ROWS] + [PREFILL_ROWS]
     try:
-        consumers = _product_consumers(model, cache, max(batch_buckets), pdl)
         rounded = frozenset(ROUNDED_BY_PRODUCER)
         weights = {kind: _weights(model, kind)}
         int8_rows = INT8_ROWS if scheme_of(model) == "fp8" else frozenset()
