@@ -3,7 +3,8 @@ kernel tables, quantized weights, fp8 KV where asked): for each batch, every slo
 `--context` positions, the decode step replayed from a CUDA graph and a prefill of `--prefill`
 prompts of 128 tokens, each with the producers of an FP8 GEMM's input rounding it per row
 (`fused rows`) and without (`own quantize`), the decode step with its kernels launched with
-programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), with the activation's
+programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), with the down product
+reading gate_up's product itself and with the activation kernel before it (`gated_variants`), with the activation's
 per-row rounding in two passes instead of one block (`fused.rounding_in_two_passes`), the kernels of one
 eager decode step by GPU time, and the floors: the step's products alone and the KV bytes it
 reads over the copy bandwidth.
@@ -14,6 +15,7 @@ reads over the copy bandwidth.
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 
 import torch
@@ -27,7 +29,7 @@ from bench.workloads import copy_bandwidth
 from tritonllm.model import quant
 from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.base import StepInput
-from tritonllm.runtimes.kernels import fused, qmatmul
+from tritonllm.runtimes.kernels import fused, gemv, qmatmul
 from tritonllm.runtimes.kernels import pdl as gdc
 from tritonllm.runtimes.kernels.timing import capture, graph_ms, replay_ms
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
@@ -113,6 +115,24 @@ def pdl_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
     return out
 
 
+def gated_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
+    """The decode step with the down product reading gate_up's product itself (`down+act`: the
+    table's tile, or the fastest gated tile the tuner timed where it chose the activation kernel)
+    and with the activation kernel before the table's down tile, side by side."""
+    table, key = rt.kernels.gemv_table, (gemv.gated_key("down"), batch)
+    timed = next((r["us"] for r in rt.kernels.gemv_report if (r["kind"], r["rows"]) == key), {})
+    tiles = {c: t for c, t in timed.items() if c.startswith("(")}
+    tile = table.get(key) or (ast.literal_eval(min(tiles, key=tiles.get)) if tiles else None)
+    if tile is None:
+        return {"gated down": "no gated tile timed at this batch"}
+    saved = table.pop(key, None)
+    variants = {"activation kernel": lambda: table.pop(key, None), "gated down": lambda: table.update({key: tile})}
+    out = compare(rt, batch, bucket, variants, "activation kernel")
+    table.pop(key, None)
+    table.update({key: saved} if saved is not None else {})
+    return {**out, "gated tile": str(tile), "gated tile chosen by the tuner": saved is not None}
+
+
 def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwidth: float) -> dict:
     hold_context(rt, batch, context)
     bucket = bucket_for(context + 1, rt.buckets.context)
@@ -132,6 +152,7 @@ def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwi
             )
     rt.forward.fuse_row_quantization = True
     out.update(pdl_variants(rt, batch, bucket))
+    out.update(gated_variants(rt, batch, bucket))
     if rt.kernels.split_table:  # the same step with every row's keys in one program, for comparison
         splits, rt.kernels.split_table = rt.kernels.split_table, {}
         out["decode ms, unsplit keys"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20), 3)

@@ -1,0 +1,34 @@
+"""`bench.profile_step.gated_variants`: the decode step timed with the down product gated and with
+the activation kernel, whichever the tuner chose, and the table left as it was."""
+
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("triton")
+
+from bench import profile_step
+
+
+def runtime(table: dict, report: list):
+    return SimpleNamespace(kernels=SimpleNamespace(gemv_table=table, gemv_report=report))
+
+
+def test_each_variant_sees_its_table_and_the_table_is_restored(monkeypatch):
+    seen = {}
+
+    def compare(rt, batch, bucket, variants, against):
+        for name, setup in variants.items():
+            setup()
+            seen[name] = rt.kernels.gemv_table.get(("down+act", batch))
+        return {"decode ms, gated down": 1.0}
+
+    monkeypatch.setattr(profile_step, "compare", compare)
+    timed = [{"kind": "down+act", "rows": 1, "us": {"activation kernel + (1, 2, 4)": 9.0, "(4, 8, 4, 3)": 8.0}}]
+    for table, chosen in (({("down+act", 1): (2, 4, 4, 3)}, (2, 4, 4, 3)), ({}, (4, 8, 4, 3))):
+        before = dict(table)
+        out = profile_step.gated_variants(runtime(table, timed), 1, 64)
+        assert seen == {"activation kernel": None, "gated down": chosen}
+        assert out["gated tile"] == str(chosen) and out["gated tile chosen by the tuner"] == bool(before)
+        assert table == before
+    assert "no gated tile" in profile_step.gated_variants(runtime({}, []), 1, 64)["gated down"]
