@@ -31,9 +31,10 @@ marks = ("prefetch.global.L2", "griddepcontrol.wait", "griddepcontrol.launch_dep
 order(
     gemv._small_matmul_kernel,
     {**ptr("*bf16", "x"), "x_scale": "*fp32", "w": "*fp8e4nv", **ptr("*bf16", "bias"), "w_scale": "*fp32",
-     "out": "*bf16", **i32("M", "N", "K", "K_SPLIT", "s_xm", "s_wn", "s_os", "s_om")},
-    dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=True, QUANT_X=0, SWAP=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
-         PDL=True, PREFETCH=2, ELEM=1),
+     "out": "*bf16", "like": "*bf16", **i32("M", "N", "K", "K_SPLIT", "s_xm", "s_wn", "s_os", "s_om"),
+     **i32("n_split", "s_split")},
+    dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=True, QUANT_X=0, SWAP=False, GATED=True, GELU=False, BLOCK_M=16,
+         BLOCK_N=64, BLOCK_K=128, PDL=True, PREFETCH=2, ELEM=1),
     marks,
 )
 order(
