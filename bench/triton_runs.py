@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict
@@ -91,10 +92,29 @@ def variant_server(a, variants: dict, ckpt: Path, engine_dir: Path):
         shutil.rmtree(trace_path(a).parent, ignore_errors=True)
         trace_path(a).parent.mkdir(parents=True)
         args += triton_trace.trace_args(trace_path(a), a.trace_rate)
-    with TritonServer(
-        repo, log_dir=Path("build/logs/bench"), startup_timeout_s=600, env=env, extra_args=args
-    ) as server:
-        yield server
+    log_dir = Path("build/logs/bench")
+    try:
+        with TritonServer(repo, log_dir=log_dir, startup_timeout_s=600, env=env, extra_args=args) as server:
+            yield server
+    finally:
+        keep_tuning_lines(
+            log_dir / "tritonserver.log", Path(a.out) / f"{a.topic}-server-{'+'.join(variants)}-tuning.log"
+        )
+
+
+TUNING_LINE = re.compile(r"(gemv|quantized product) \S+ x\d+: |kernel tables ")  # an engine's start-up choices
+
+
+def keep_tuning_lines(server_log: Path, dst: Path) -> None:
+    """The engines' product choices and timings from a server's log, kept beside the results (the
+    next server overwrites its log)."""
+    try:
+        lines = [line for line in server_log.read_text(errors="replace").splitlines() if TUNING_LINE.search(line)]
+    except FileNotFoundError:  # the server never started
+        return
+    if lines:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text("\n".join(lines) + "\n")
 
 
 def trace_path(a) -> Path:
