@@ -169,7 +169,8 @@ def tune(
             report.append(_report(kind, m, best, times))
             if kind in gated:
                 chosen, gtimes = _tune_gated(mats, m, times, consume, gated[kind], steps, dtype)
-                table.update({(gated_key(kind), m): chosen} if isinstance(chosen, tuple) else {})
+                if isinstance(chosen, tuple):  # else the activation kernel + the product stay
+                    table[(gated_key(kind), m)] = chosen
                 report.append(_report(gated_key(kind), m, chosen, gtimes))
     for r in report:
         log.info("gemv %s x%d: %s (%s)", r["kind"], r["rows"], r["chosen"], r["us"])

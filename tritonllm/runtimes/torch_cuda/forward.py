@@ -312,9 +312,9 @@ class ForwardPasses:
         from ..kernels import fused as fk
         from ..kernels import gemv
 
-        gated = gemv.Gated(gate_up, layer.activation)
-        rows = gated.shape.numel() // gated.shape[-1]
-        config = self.kernels.gemv_table.get((gemv.gated_key("down"), rows)) if small else None
+        gated, config = gemv.Gated(gate_up, layer.activation), None
+        if small:  # (a prompt's products are never gated: only decode rows have table entries)
+            config = self.kernels.gemv_table.get((gemv.gated_key("down"), gated.shape.numel() // gated.shape[-1]))
         if config is None:
             return self._linear("down", layer, fk.activate_mul(gate_up, layer.activation, rounds, pdl), small)
         weight, bias, scale = operands(layer.down)
