@@ -4,7 +4,8 @@ kernel tables, quantized weights, fp8 KV where asked): for each batch, every slo
 prompts of 128 tokens, each with the producers of an FP8 GEMM's input rounding it per row
 (`fused rows`) and without (`own quantize`), the decode step with its kernels launched with
 programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), with the down product
-reading gate_up's product itself and with the activation kernel before it (`gated_variants`), with the activation's
+reading gate_up's product itself and with the activation kernel before it (`gated_variants`), with
+the rotary and KV write inside the attention kernel and before it (`rope_variants`), with the activation's
 per-row rounding in two passes instead of one block (`fused.rounding_in_two_passes`), the kernels of one
 eager decode step by GPU time, and the floors: the step's products alone and the KV bytes it
 reads over the copy bandwidth.
@@ -133,6 +134,22 @@ def gated_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
     return {**out, "gated tile": str(tile), "gated tile chosen by the tuner": saved is not None}
 
 
+def rope_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
+    """The decode step with the rotary + KV write kernel before attention and inside it
+    (`KernelChoice.rope_in_attention`) side by side; the logits differ by summation order only."""
+    kernels, saved = rt.kernels, rt.kernels.rope_in_attention
+    variants = {"rotary kernel": False, "rotary in attention": True}
+    out = compare(
+        rt,
+        batch,
+        bucket,
+        {n: (lambda on=on: setattr(kernels, "rope_in_attention", on)) for n, on in variants.items()},
+        "rotary kernel",
+    )
+    kernels.rope_in_attention = saved
+    return out
+
+
 def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwidth: float) -> dict:
     hold_context(rt, batch, context)
     bucket = bucket_for(context + 1, rt.buckets.context)
@@ -153,6 +170,7 @@ def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwi
     rt.forward.fuse_row_quantization = True
     out.update(pdl_variants(rt, batch, bucket))
     out.update(gated_variants(rt, batch, bucket))
+    out.update(rope_variants(rt, batch, bucket))
     if rt.kernels.split_table:  # the same step with every row's keys in one program, for comparison
         splits, rt.kernels.split_table = rt.kernels.split_table, {}
         out["decode ms, unsplit keys"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20), 3)

@@ -20,6 +20,8 @@ from tritonllm.model.modeling import CausalLM, load_hf, rotate_half
 from tritonllm.runtimes.kernels import attention as ak
 from tritonllm.runtimes.kernels import fused as fk
 from tritonllm.runtimes.kernels import fused_check, gemv
+from tritonllm.runtimes.kernels import rope_attention as ra
+from tritonllm.runtimes.kernels.rope_attention import rope_attention as fused_rope_attention
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 from tritonllm.runtimes.torch_cuda.tuning import PROJECTIONS
 from tritonllm.text import TokenizerFiles
@@ -235,7 +237,9 @@ def test_fused_prefill_gives_the_torch_ops_logits_and_cache(tiny_dir):
     assert keys.abs().sum() > 0
 
 
-@pytest.mark.parametrize("use_gemv", [False, True, "split", "keys split"])
+@pytest.mark.parametrize(
+    "use_gemv", [False, True, "split", "keys split", "rope in attention", "rope in attention, keys split"]
+)
 def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
     from .test_engine_parity import PROMPTS, hf_greedy
 
@@ -256,7 +260,12 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
         table = {key: (1024, 64, 4, 2, 2) if key[0] == "lm_head" else (32, 64, 4, 2, 2) for key in table}
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table=table)
     assert runtime.describe()["triton_kernels"] and len(runtime.describe()["gemv"]) == len(table)
-    if use_gemv == "keys split":  # every decode graph long enough for the split table, which splits 4 / 2 ways
+    runtime.kernels.rope_in_attention = str(use_gemv).startswith("rope in attention")
+    calls = []
+    monkeypatch.setattr(ra, "rope_attention", lambda *a, **k: calls.append(1) or fused_rope_attention(*a, **k))
+    if str(use_gemv).endswith(
+        "keys split"
+    ):  # every decode graph long enough for the split table, which splits 4 / 2 ways
         monkeypatch.setattr(ak, "LONG_CONTEXT", 1)
         runtime.kernels.split_table = {1: ak.Tile(32, 1, 2, False, 4), 2: ak.Tile(16, 4, 3, True, 2)}
     with InProcessEngine(None, cfg, runtime=runtime) as eng:
@@ -267,6 +276,7 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
             ]
         ]
     assert got == [hf_greedy(hf, ids, n) for ids, n in zip(prompts, lengths)]
+    assert bool(calls) == runtime.kernels.rope_in_attention
 
 
 def test_split_candidates_only_where_rows_leave_programs_free():

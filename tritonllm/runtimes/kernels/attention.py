@@ -24,6 +24,66 @@ log = logging.getLogger(__name__)
 
 
 @triton.jit
+def attend_tiles(
+    qv, k_cache, v_cache, table, slot, kv, lo, n, lo_r, n_r, begin, end, scale, softcap, m_i, l_i, acc,
+    s_table, s_c_block, s_c_head, s_c_pos,
+    PAGE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, CAPPED: tl.constexpr, FP8: tl.constexpr,
+    KT: tl.constexpr,
+):  # fmt: skip
+    """The online softmax of queries qv [R, D] over the cached keys begin..end-1 of `slot`'s KV head
+    `kv`, BLOCK_N at a time: keys lo..n-1 read, row r's scores kept at lo_r[r]..n_r[r]-1; its
+    running (max, sum, weighted values) taken and returned."""
+    d = tl.arange(0, D)
+    for start in range(begin, end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        live = (cols < n) & (cols >= lo)
+        block = tl.load(table + slot * s_table + cols // PAGE, mask=live, other=0).to(tl.int64)
+        base = block * s_c_block + kv * s_c_head + (cols % PAGE) * s_c_pos
+        at = base[:, None] + d[None, :]
+        if KT:  # keys read as [D, BLOCK_N] already: no transpose of the tile before the product
+            kt = tl.load(k_cache + base[None, :] + d[:, None], mask=live[None, :], other=0.0)
+        else:
+            kt = tl.trans(tl.load(k_cache + at, mask=live[:, None], other=0.0))
+        if FP8:
+            kt = kt.to(tl.float16)
+        s = tl.dot(qv, kt).to(tl.float32) * scale
+        if CAPPED:  # Gemma 2: cap * tanh(s / cap), tanh from exp (2 / (1 + e^-2z) - 1)
+            s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
+        s = tl.where((cols[None, :] < n_r[:, None]) & (cols[None, :] >= lo_r[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row none of whose keys are in this tile yet
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vb = tl.load(v_cache + at, mask=live[:, None], other=0.0)
+        if FP8:
+            vb = vb.to(tl.float16)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb).to(tl.float32)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def finish_rows(
+    acc, m_i, l_i, out, part, kv_scale, at_q, row, kv, head, real,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr, SPLITS: tl.constexpr,
+):  # fmt: skip
+    """A program's query rows done: normalised into out at `at_q`, or with SPLITS > 1 unnormalised
+    (max, sum, weighted values) per query head of `row` into `part`, for `_combine_splits_kernel`."""
+    d = tl.arange(0, D)
+    if FP8:  # values stored divided by the head's scale
+        acc = acc * tl.load(kv_scale + HKV + kv)
+    if SPLITS > 1:
+        at_p = ((tl.program_id(2) * tl.num_programs(0) + row) * (HKV * G) + kv * G + head) * (D + 2)
+        tl.store(part + at_p[:, None] + d[None, :], acc, mask=real[:, None])
+        tl.store(part + at_p + D, m_i, mask=real)
+        tl.store(part + at_p + D + 1, l_i, mask=real)
+    else:
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # 0 only in padding rows (never stored)
+        tl.store(out + at_q, acc.to(out.dtype.element_ty), mask=real[:, None])
+
+
+@triton.jit
 def _decode_attention_kernel(
     q,
     k_cache,
@@ -86,42 +146,11 @@ def _decode_attention_kernel(
         share = tl.cdiv(tl.cdiv(n - begin, SPLITS), BLOCK_N) * BLOCK_N
         begin = begin + sp * share
         end = tl.minimum(n, begin + share)
-    for start in range(begin, end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        live = (cols < n) & (cols >= lo)
-        block = tl.load(table + slot * s_table + cols // PAGE, mask=live, other=0).to(tl.int64)
-        base = block * s_c_block + kv * s_c_head + (cols % PAGE) * s_c_pos
-        at = base[:, None] + d[None, :]
-        if KT:  # keys read as [D, BLOCK_N] already: no transpose of the tile before the product
-            kt = tl.load(k_cache + base[None, :] + d[:, None], mask=live[None, :], other=0.0)
-        else:
-            kt = tl.trans(tl.load(k_cache + at, mask=live[:, None], other=0.0))
-        if FP8:
-            kt = kt.to(tl.float16)
-        s = tl.dot(qv, kt).to(tl.float32) * scale
-        if CAPPED:  # Gemma 2: cap * tanh(s / cap), tanh from exp (2 / (1 + e^-2z) - 1)
-            s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
-        s = tl.where((cols[None, :] < n_r[:, None]) & (cols[None, :] >= lo_r[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row none of whose keys are in this tile yet
-        alpha = tl.exp(m_i - m_use)
-        p = tl.exp(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vb = tl.load(v_cache + at, mask=live[:, None], other=0.0)
-        if FP8:
-            vb = vb.to(tl.float16)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb).to(tl.float32)
-        m_i = m_new
-    if FP8:
-        acc = acc * tl.load(kv_scale + HKV + kv)
-    if SPLITS > 1:  # unnormalised: (max, sum, weighted values) per query head, for _combine_splits
-        at_p = ((sp * tl.num_programs(0) + row) * (HKV * G) + kv * G + i % G) * (D + 2)
-        tl.store(part + at_p[:, None] + d[None, :], acc, mask=real[:, None])
-        tl.store(part + at_p + D, m_i, mask=real)
-        tl.store(part + at_p + D + 1, l_i, mask=real)
-    else:
-        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # 0 only in padding rows (never stored)
-        tl.store(out + at_q, acc.to(out.dtype.element_ty), mask=real[:, None])
+    m_i, l_i, acc = attend_tiles(
+        qv, k_cache, v_cache, table, slot, kv, lo, n, lo_r, n_r, begin, end, scale, softcap, m_i, l_i, acc,
+        s_table, s_c_block, s_c_head, s_c_pos, PAGE, D, BLOCK_N, CAPPED, FP8, KT,
+    )  # fmt: skip
+    finish_rows(acc, m_i, l_i, out, part, kv_scale, at_q, row, kv, i % G, real, HKV, G, D, FP8, SPLITS)
 
 
 @triton.jit
@@ -252,7 +281,7 @@ def decode_attention(
     tile = Tile(*config)
     if tile.splits > 1 and tiles is not None:
         raise ValueError(f"decode attention splits {tile.splits} with prompt-piece tiles: use splits 1 there")
-    part = torch.empty((tile.splits, b, h, d + 2), device=q.device, dtype=torch.float32) if tile.splits > 1 else out
+    part = split_sums(tile, q, out)
     per = tiles.rows if tiles is not None else 1
     _decode_attention_kernel[(len(tiles) if tiles is not None else b, hkv, tile.splits)](
         q,
@@ -292,8 +321,20 @@ def decode_attention(
         num_stages=tile.stages,
         **gdc.launch(pdl),
     )
-    if tile.splits > 1:
-        _combine_splits_kernel[(b * h,)](part, out, b * h, SPLITS=tile.splits, D=d, **gdc.launch(pdl))
+    return combined(part, out, tile.splits, pdl)
+
+
+def split_sums(tile: Tile, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Where the programs of a row's key splits leave their sums (`out` itself where unsplit)."""
+    b, h, d = q.shape
+    return torch.empty((tile.splits, b, h, d + 2), device=q.device, dtype=torch.float32) if tile.splits > 1 else out
+
+
+def combined(part: torch.Tensor, out: torch.Tensor, splits: int, pdl: bool) -> torch.Tensor:
+    """out [B, H, D] as [B, 1, H * D], the splits' sums in `part` combined into it first where split."""
+    b, h, d = out.shape
+    if splits > 1:
+        _combine_splits_kernel[(b * h,)](part, out, b * h, SPLITS=splits, D=d, **gdc.launch(pdl))
     return out.view(b, 1, h * d)
 
 

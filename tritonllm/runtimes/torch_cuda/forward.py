@@ -196,7 +196,10 @@ class ForwardPasses:
         config = self.kernels.attention_table.get(b, ak.ATTENTION_CONFIGS[0])
         if c >= ak.LONG_CONTEXT:  # few rows of many keys: each row's keys split over programs where tuned
             config = self.kernels.split_table.get(b, config)
-        rope, attend = self._row_kernels(rot, positions, self.writes[:b], c, config, pdl=self.kernels.pdl)
+        if self.kernels.rope_in_attention and not m.features.qk_norm:
+            rope, attend = self._rope_attention(rot, positions, self.writes[:b], c, config)
+        else:
+            rope, attend = self._row_kernels(rot, positions, self.writes[:b], c, config, pdl=self.kernels.pdl)
         h = self._fused_layers(x, rope, attend, small=True)
         head, scale = m.head()
         return m.cap_logits(dense(self._project("lm_head", head, None, h[:, 0], scale)))
@@ -239,6 +242,29 @@ class ForwardPasses:
             pdl=pdl,
         )
         return rope, attend
+
+    def _rope_attention(self, rot, positions, writes, limit: int, config) -> tuple:
+        """(rope, attend) of the fused layers with the rotary and the K/V write inside the attention
+        kernel (`kernels/rope_attention.py`): `rope` hands the qkv product on as it is."""
+        from ..kernels.rope_attention import rope_attention
+
+        m, sh, cache = self.model, self.shape, self.cache
+        attend = lambda i, qkv: rope_attention(
+            qkv,
+            *rot[m.layer_rope[i]],
+            cache.keys[i],
+            cache.values[i],
+            cache.table,
+            positions,
+            writes,
+            sh.num_heads,
+            limit,
+            config,
+            *self._attention_args(m.layers[i]),
+            kv_scale=cache.layer_scales(i),
+            pdl=self.kernels.pdl,
+        )
+        return (lambda i, qkv: qkv), attend
 
     def _decode_torch(self, b: int, c: int) -> torch.Tensor:
         """The decode step on torch ops (fused attention and norms, or the reference ops)."""

@@ -40,6 +40,7 @@ class KernelChoice:
     piece_config: tuple = PIECE_DEFAULT  # prompt pieces' attention: (query rows a program, keys, warps, stages)
     pdl: bool = False  # the decode step's kernels launched with programmatic dependent launch (kernels/pdl.py)
     prefetch_steps: int = PREFETCH_STEPS  # ... each small product first asking L2 for this many K steps of its tile
+    rope_in_attention: bool = False  # a decode step's rotary + KV write inside its attention kernel
     gemv_report: list = field(default_factory=list)  # the timings behind the tables
     attention_report: list = field(default_factory=list)
     quant_report: list = field(default_factory=list)
@@ -57,6 +58,7 @@ class KernelChoice:
             "piece_attention": list(self.piece_config),
             "pdl": self.pdl,
             "prefetch_steps": self.prefetch_steps,
+            "rope_in_attention": self.rope_in_attention,
             "quantized_products": {f"{kind} x{rows}": str(c) for (kind, rows), c in sorted(self.quant_table.items())},
         }
 

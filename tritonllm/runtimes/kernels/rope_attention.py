@@ -1,0 +1,150 @@
+"""The decode step's rotary, KV cache write and attention in one kernel (OpenAI Triton): a program of
+(row, KV head, key split) reads its G query heads, its key and its value straight from the qkv
+product (split-K partial sums added as they load), rotates q and k, writes the new key and value
+into the row's cache block (the first split's program), and attends over the cached keys before
+the row's position plus the new key taken from registers. Nothing it writes is read back in the
+kernel, so the programs of a row's other splits never wait for it; against `rope_kv_write` +
+`decode_attention` one kernel and a round trip of q a layer go, which at a few rows is launch and
+latency the step waits on. Models with q/k norms (Qwen3, Gemma 3) keep the two kernels.
+Checked against them with TRITON_INTERPRET=1 on the CPU (tests/parity)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import gating
+from . import pdl as gdc
+from .attention import Tile, attend_tiles, combined, finish_rows, split_sums
+from .gemv import SplitK
+
+
+@triton.jit
+def _rotated(qkv, at, mask, c, sn, n_split, s_split, like, D: tl.constexpr):
+    """Heads of the qkv product at `at` (each head's D values from there) rotated: x cos + x' sin,
+    x' the head's other half, negated in its first half (rotate_half), float32."""
+    d = tl.arange(0, D)
+    partner = (d + D // 2) % D
+    sign = tl.where(d < D // 2, -1.0, 1.0)
+    x = gating.load_product(qkv, at + d, mask, n_split, s_split, like)
+    xp = gating.load_product(qkv, at + partner, mask, n_split, s_split, like)
+    return x * c + sign * xp * sn
+
+
+@triton.jit
+def _new_key_value(
+    qkv, c, sn, k_cache, v_cache, table, write_slot, kv_scale, row, kv, p, n_split, s_split, s_qkv, like,
+    s_table, s_c_block, s_c_head, s_c_pos,
+    PAGE: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, FP8: tl.constexpr,
+):  # fmt: skip
+    """The row's new key (rotated) and value of head `kv`, as the cache holds them (float32 of the
+    cache's type, before the head's scale): written at position p of the row's write slot by the
+    first split's program."""
+    d = tl.arange(0, D)
+    every = d < D
+    k = _rotated(qkv, row * s_qkv + (H + kv) * D, every, c, sn, n_split, s_split, like, D)
+    v = gating.load_product(qkv, row * s_qkv + (H + HKV + kv) * D + d, every, n_split, s_split, like)
+    if FP8:  # divided by the head's scale, saturated at e4m3's largest
+        k = tl.clamp(k / tl.load(kv_scale + kv), -448.0, 448.0)
+        v = tl.clamp(v / tl.load(kv_scale + HKV + kv), -448.0, 448.0)
+    k, v = k.to(k_cache.dtype.element_ty), v.to(v_cache.dtype.element_ty)
+    block = tl.load(table + tl.load(write_slot + row) * s_table + p // PAGE).to(tl.int64)
+    at = block * s_c_block + kv * s_c_head + (p % PAGE) * s_c_pos + d
+    first = d < tl.where(tl.program_id(2) == 0, D, 0)  # the first split's program alone
+    tl.store(k_cache + at, k, mask=first)
+    tl.store(v_cache + at, v, mask=first)
+    if FP8:  # what the attention reads of an fp8 cache: its values widened to fp16
+        return k.to(tl.float16).to(tl.float32), v.to(tl.float16).to(tl.float32)
+    return k.to(tl.float32), v.to(tl.float32)
+
+
+@triton.jit
+def _rope_attention_kernel(
+    qkv, cos, sin, k_cache, v_cache, table, pos, write_slot, out, part, kv_scale,
+    limit, window, scale, softcap, n_split, s_split, s_qkv, s_cs, s_table, s_c_block, s_c_head, s_c_pos,
+    PAGE: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAPPED: tl.constexpr, FP8: tl.constexpr, HKV: tl.constexpr, KT: tl.constexpr, SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    gdc.enter(PDL)
+    row, kv, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i, d = tl.arange(0, R), tl.arange(0, D)  # R rows: query head kv * G + i, real below G
+    real = i < G
+    p = tl.load(pos + row)
+    c, sn = tl.load(cos + row * s_cs + d).to(tl.float32), tl.load(sin + row * s_cs + d).to(tl.float32)
+    at_q = (row * s_qkv + (kv * G + i) * D)[:, None]
+    qv = _rotated(qkv, at_q, real[:, None], c[None, :], sn[None, :], n_split, s_split, out, D)
+    qv = qv.to(out.dtype.element_ty)  # the query as the separate rotary kernel stores it
+    if FP8:  # fp16 products against fp8 keys, as in decode_attention
+        qv = qv.to(tl.float16)
+    k, v = _new_key_value(qkv, c, sn, k_cache, v_cache, table, write_slot, kv_scale, row, kv, p, n_split, s_split,
+                          s_qkv, out, s_table, s_c_block, s_c_head, s_c_pos, PAGE, D, G * HKV, HKV, FP8)  # fmt: skip
+    n_all = tl.minimum(p + 1, limit)  # keys 0..p: the cached ones before p, then the new one
+    n = n_all - 1
+    lo = tl.maximum(n_all - window, 0)  # a sliding window sees the last `window` keys only
+    if FP8:  # keys/values stored divided by the head's scale
+        scale = scale * tl.load(kv_scale + kv)
+    begin, end = (lo // BLOCK_N) * BLOCK_N, n
+    if SPLITS > 1:  # this program takes its share of the cached keys; the first split the new key too
+        share = tl.cdiv(tl.cdiv(n - begin, SPLITS), BLOCK_N) * BLOCK_N
+        begin = begin + sp * share
+        end = tl.minimum(n, begin + share)
+    m_i, l_i = tl.full([R], float("-inf"), tl.float32), tl.zeros([R], tl.float32)
+    lo_r, n_r = tl.full([R], 0, tl.int32) + lo, tl.full([R], 0, tl.int32) + n
+    m_i, l_i, acc = attend_tiles(
+        qv, k_cache, v_cache, table, row, kv, lo, n, lo_r, n_r, begin, end, scale, softcap, m_i, l_i,
+        tl.zeros([R, D], tl.float32), s_table, s_c_block, s_c_head, s_c_pos, PAGE, D, BLOCK_N, CAPPED, FP8, KT,
+    )  # fmt: skip
+    s = tl.sum(qv.to(tl.float32) * k[None, :], 1) * scale
+    if CAPPED:
+        s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
+    s = tl.where(sp == 0, s, float("-inf"))
+    m_new = tl.maximum(m_i, s)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha, w = tl.exp(m_i - m_use), tl.exp(s - m_use)
+    l_i = l_i * alpha + w
+    acc = acc * alpha[:, None] + w.to(qv.dtype).to(tl.float32)[:, None] * v[None, :]
+    at_out = (row * G * HKV + kv * G + i)[:, None] * D + d[None, :]
+    finish_rows(acc, m_new, l_i, out, part, kv_scale, at_out, row, kv, i, real, HKV, G, D, FP8, SPLITS)
+
+
+def rope_attention(
+    qkv: torch.Tensor | SplitK,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    positions: torch.Tensor,
+    writes: torch.Tensor,
+    n_heads: int,
+    limit: int,
+    config: tuple,
+    window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    kv_scale: torch.Tensor | None = None,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """A decode step's attention from its qkv product [B, (H+2Hkv)*D] (or its split partial sums):
+    row b is slot b at positions[b], its new key and value written at that position of slot
+    writes[b]'s block (`rope_kv_write`'s cache write); attends as `decode_attention` does with the
+    same `config` (a `Tile` or its leading fields), `window`, `scale`, `softcap` and `kv_scale`.
+    cos/sin [B, ..., D]. Returns [B, 1, H*D]."""
+    parts, n_split, s_split, dtype = gating.parts(qkv)
+    (b, _), (_, hkv, page, d) = parts.shape[1:], k_cache.shape
+    tile = Tile(*config)
+    cos, sin = cos.reshape(-1, d), sin.reshape(-1, d)
+    out = torch.empty((b, n_heads, d), dtype=dtype, device=parts.device)
+    part = split_sums(tile, out, out)
+    _rope_attention_kernel[(b, hkv, tile.splits)](
+        parts, cos, sin, k_cache, v_cache, table, positions, writes, out, part,
+        kv_scale if kv_scale is not None else cos,
+        limit, window or 2**30, scale or d**-0.5, softcap or 1.0, n_split, s_split, parts.stride(1), cos.stride(0),
+        table.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        PAGE=page, G=n_heads // hkv, R=max(16, triton.next_power_of_2(n_heads // hkv)), D=d,
+        BLOCK_N=tile.block_n, CAPPED=softcap is not None, FP8=kv_scale is not None, HKV=hkv, KT=tile.transposed,
+        SPLITS=tile.splits, num_warps=tile.warps, num_stages=tile.stages, **gdc.launch(pdl),
+    )  # fmt: skip
+    return combined(part, out, tile.splits, pdl)
