@@ -135,19 +135,16 @@ def gated_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
 
 
 def rope_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
-    """The decode step with the rotary + KV write kernel before attention and inside it
-    (`KernelChoice.rope_in_attention`) side by side; the logits differ by summation order only."""
-    kernels, saved = rt.kernels, rt.kernels.rope_in_attention
-    variants = {"rotary kernel": False, "rotary in attention": True}
+    """The decode step with the rotary + KV write kernel before attention and inside it (the
+    tuner's `rope_table`) side by side; the logits differ by summation order only."""
+    table, saved = rt.kernels.rope_table, dict(rt.kernels.rope_table)
+    setting = lambda on: lambda: table.update({batch: on})
     out = compare(
-        rt,
-        batch,
-        bucket,
-        {n: (lambda on=on: setattr(kernels, "rope_in_attention", on)) for n, on in variants.items()},
-        "rotary kernel",
+        rt, batch, bucket, {"rotary kernel": setting(False), "rotary in attention": setting(True)}, "rotary kernel"
     )
-    kernels.rope_in_attention = saved
-    return out
+    table.clear()
+    table.update(saved)
+    return {**out, "rotary in attention chosen by the tuner": bool(saved.get(batch))}
 
 
 def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwidth: float) -> dict:

@@ -260,7 +260,8 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
         table = {key: (1024, 64, 4, 2, 2) if key[0] == "lm_head" else (32, 64, 4, 2, 2) for key in table}
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table=table)
     assert runtime.describe()["triton_kernels"] and len(runtime.describe()["gemv"]) == len(table)
-    runtime.kernels.rope_in_attention = str(use_gemv).startswith("rope in attention")
+    fuse_rope = str(use_gemv).startswith("rope in attention")
+    runtime.kernels.rope_table = {1: True, 2: True} if fuse_rope else {}
     calls = []
     monkeypatch.setattr(ra, "rope_attention", lambda *a, **k: calls.append(1) or fused_rope_attention(*a, **k))
     if str(use_gemv).endswith(
@@ -276,7 +277,7 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
             ]
         ]
     assert got == [hf_greedy(hf, ids, n) for ids, n in zip(prompts, lengths)]
-    assert bool(calls) == runtime.kernels.rope_in_attention
+    assert bool(calls) == fuse_rope
 
 
 def test_split_candidates_only_where_rows_leave_programs_free():

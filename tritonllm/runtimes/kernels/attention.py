@@ -395,7 +395,7 @@ def _timings(chosen, times: dict, **where) -> dict:
     return {**where, "chosen": str(chosen), "us": {str(c): round(1e3 * t, 1) for c, t in times.items()}}
 
 
-def _layer_caches(k_caches, v_caches, kv_scales) -> list:
+def layer_caches(k_caches, v_caches, kv_scales) -> list:
     """(keys, values, fp8 scales or None) of every layer."""
     return list(zip(k_caches, v_caches, kv_scales if kv_scales is not None else [None] * len(k_caches)))
 
@@ -407,7 +407,7 @@ def tune_attention(
     [blocks, Hkv, PAGE, D] at `context` keys per row, rows' blocks spread over the pool (CUDA graph
     replays); queries in `dtype`, each layer's `kv_scales` [2, Hkv] where the caches are fp8 (then
     each entry also with its keys read transposed). Returns ({batch: config}, timings for the log)."""
-    caches = _layer_caches(k_caches, v_caches, kv_scales)
+    caches = layer_caches(k_caches, v_caches, kv_scales)
     candidates = list(ATTENTION_CONFIGS)
     if kv_scales is not None:
         candidates += [(*cfg, True) for cfg in ATTENTION_CONFIGS]
@@ -431,7 +431,7 @@ def tune_splits(k_caches, v_caches, num_heads: int, table: dict, context: int, d
     """{batch: split Tile} where one beats the batch's unsplit config (`table`, from
     `tune_attention`) at `context` keys a row, timed like it; batches with no such win are left
     out. Returns (that table, timings for the log)."""
-    caches = _layer_caches(k_caches, v_caches, kv_scales)
+    caches = layer_caches(k_caches, v_caches, kv_scales)
     hkv, device = k_caches[0].shape[1], k_caches[0].device
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     splits, report = {}, []

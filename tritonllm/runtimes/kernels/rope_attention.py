@@ -148,3 +148,43 @@ def rope_attention(
         SPLITS=tile.splits, num_warps=tile.warps, num_stages=tile.stages, **gdc.launch(pdl),
     )  # fmt: skip
     return combined(part, out, tile.splits, pdl)
+
+
+def tune(k_caches, v_caches, num_heads: int, table: dict, context: int, dtype, kv_scales=None) -> tuple[dict, list]:
+    """{batch: True} where this kernel beats `rope_kv_write` + `decode_attention` with the batch's
+    attention config (`table`, from `attention.tune_attention`), timed over every layer's cache
+    (CUDA graph replays) with every row's new key at position `context` - 1 of blocks spread over
+    the pool; a batch where it loses, or disagrees with the two kernels on random keys, is left
+    out. Writes those positions of the caches (tuning runs before any sequence holds them).
+    Returns (that table, timings for the log)."""
+    from .attention import decode_attention, layer_caches, random_pool, spread_table
+    from .fused import rope_kv_write
+    from .timing import agrees, graph_ms
+
+    caches = layer_caches(k_caches, v_caches, kv_scales)
+    blocks, hkv, page, d = k_caches[0].shape
+    device, chosen, report = k_caches[0].device, {}, []
+    for b, config in sorted(table.items()):
+        qkv = torch.randn(b, (num_heads + 2 * hkv) * d, device=device, dtype=dtype)
+        ang = torch.randn(b, d // 2, device=device)
+        cos, sin = (torch.cat([f(ang)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+        pos, rows = torch.full((b,), context - 1, device=device), torch.arange(b, device=device)
+
+        def two(k, v, blocks_of, s):
+            q = rope_kv_write(qkv, cos, sin, k, v, blocks_of, pos, num_heads, hkv, slots=rows, kv_scale=s)
+            return decode_attention(q, k, v, blocks_of, pos, context, config, kv_scale=s)
+
+        def one(k, v, blocks_of, s):
+            return rope_attention(qkv, cos, sin, k, v, blocks_of, pos, rows, num_heads, context, config, kv_scale=s)
+
+        kr, vr, check = random_pool(b, context, k_caches[0])
+        ref = two(kr, vr, check, caches[0][2])
+        if not agrees(f"rotary in attention at {b} rows", lambda: one(kr, vr, check, caches[0][2]), ref):
+            continue
+        tab = spread_table(b, context, page, blocks, device)
+        forms = {"rotary kernel": two, "rotary in attention": one}
+        times = {n: graph_ms(lambda f=f: [f(k, v, tab, s) for k, v, s in caches]) for n, f in forms.items()}
+        if times["rotary in attention"] < times["rotary kernel"]:
+            chosen[b] = True
+        report.append({"batch": b, "us": {n: round(1e3 * t, 1) for n, t in times.items()}})
+    return chosen, report

@@ -40,11 +40,12 @@ class KernelChoice:
     piece_config: tuple = PIECE_DEFAULT  # prompt pieces' attention: (query rows a program, keys, warps, stages)
     pdl: bool = False  # the decode step's kernels launched with programmatic dependent launch (kernels/pdl.py)
     prefetch_steps: int = PREFETCH_STEPS  # ... each small product first asking L2 for this many K steps of its tile
-    rope_in_attention: bool = False  # a decode step's rotary + KV write inside its attention kernel
+    rope_table: dict = field(default_factory=dict)  # {batch bucket: True}: rotary + KV write inside decode attention
     gemv_report: list = field(default_factory=list)  # the timings behind the tables
     attention_report: list = field(default_factory=list)
     quant_report: list = field(default_factory=list)
     piece_report: list = field(default_factory=list)
+    rope_report: list = field(default_factory=list)
 
     def describe(self) -> dict:
         return {
@@ -58,7 +59,7 @@ class KernelChoice:
             "piece_attention": list(self.piece_config),
             "pdl": self.pdl,
             "prefetch_steps": self.prefetch_steps,
-            "rope_in_attention": self.rope_in_attention,
+            "rotary_in_attention": sorted(self.rope_table),
             "quantized_products": {f"{kind} x{rows}": str(c) for (kind, rows), c in sorted(self.quant_table.items())},
         }
 
@@ -139,6 +140,9 @@ def _stages(model, cache, batch_buckets, max_context, gemv_table, quant_table, p
     def attention(c: KernelChoice) -> None:
         c.attention_table, c.attention_report = _tune_attention(model, cache, batch_buckets, max_context)
 
+    def rope(c: KernelChoice) -> None:
+        c.rope_table, c.rope_report = _tune_rope(model, cache, c.attention_table, max_context)
+
     def splits(c: KernelChoice) -> None:
         c.split_table = _tune_splits(model, cache, c.attention_table, max_context)
 
@@ -150,7 +154,9 @@ def _stages(model, cache, batch_buckets, max_context, gemv_table, quant_table, p
         stages.append(("gemv", lambda c: c.gemv_table.update(gemv_table)))
     elif os.environ.get("TRITONLLM_GEMV") != "0":
         stages += [(f"gemv {k}", products("gemv", _tune_gemv, k)) for k in (*PROJECTIONS, "lm_head")]
-    stages += [("attention", attention), ("splits", splits)] + ([("pieces", pieces)] if piece_tokens else [])
+    stages += [("attention", attention), ("rotary", rope), ("splits", splits)] + (
+        [("pieces", pieces)] if piece_tokens else []
+    )
     if quant_table is not None:
         stages.append(("quant", lambda c: c.quant_table.update(quant_table)))
     elif scheme_of(model) != "none":
@@ -276,6 +282,27 @@ def _tune_attention(model, cache: PagedDeviceCache, batch_buckets: list[int], ma
         return {}, []
     log.info("decode attention configs by batch: %s", table)
     return table, report
+
+
+def _tune_rope(model, cache: PagedDeviceCache, table: dict, max_context: int) -> tuple[dict, list]:
+    """{batch bucket: True} where the decode step's rotary and KV write run inside its attention
+    kernel (`kernels/rope_attention.py`), timed against the two kernels at up to 256 keys per row
+    with each batch's attention config (none for q/k-normed models, which keep the two kernels)."""
+    from ..kernels import rope_attention
+
+    if model.features.qk_norm or not table:
+        return {}, []
+    try:
+        scales = [cache.layer_scales(i) for i in range(model.shape.num_layers)] if cache.fp8 else None
+        context = min(256, max_context)
+        chosen, report = rope_attention.tune(
+            cache.keys, cache.values, model.shape.num_heads, table, context, cache.dtype, scales
+        )
+    except Exception as exc:  # the fused kernel does not compile here: the two kernels serve
+        log.warning("rotary-in-attention tuning failed (%s): the rotary kernel serves", str(exc)[:300])
+        return {}, []
+    log.info("rotary inside decode attention at batches %s; timings %s", sorted(chosen), report)
+    return chosen, report
 
 
 def _tune_splits(model, cache: PagedDeviceCache, table: dict, max_context: int) -> dict:

@@ -75,6 +75,9 @@ def key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
+REPORTS = ("gemv_report", "attention_report", "quant_report", "piece_report", "rope_report")
+
+
 def _plain(value):
     """A table entry as JSON keeps it: tuples as lists."""
     return list(value) if isinstance(value, tuple) else value
@@ -95,7 +98,8 @@ def dump(choice) -> dict:
         "piece_config": list(choice.piece_config),
         "pdl": choice.pdl,
         "prefetch_steps": choice.prefetch_steps,
-        "reports": {n: getattr(choice, n) for n in ("gemv_report", "attention_report", "quant_report", "piece_report")},
+        "rope_table": sorted(choice.rope_table),
+        "reports": {n: getattr(choice, n) for n in REPORTS},
     }
 
 
@@ -110,6 +114,7 @@ def load_choice(data: dict, cls):
         piece_config=tuple(data["piece_config"]),
         pdl=data["pdl"],
         prefetch_steps=data["prefetch_steps"],
+        rope_table=dict.fromkeys(data["rope_table"], True),
         **data["reports"],
     )
 
