@@ -16,6 +16,7 @@ from tritonllm.runtimes.kernels import attention as ak
 from tritonllm.runtimes.kernels import fused as fk
 from tritonllm.runtimes.kernels import gemv
 from tritonllm.runtimes.kernels.rope_attention import rope_attention
+from tritonllm.runtimes.kernels.rope_attention import tune as ra_tune
 
 from .test_fused_kernels import paged
 
@@ -43,7 +44,7 @@ def both(product, cos, sin, pos, kp, vp, table, scales, limit, config, **attn):
     """(fused output, its pools), (two kernels' output, their pools), each on its own copy of the cache."""
     writes = torch.arange(3)
     pools = [(kp.clone(), vp.clone()) for _ in range(2)]
-    fused = rope_attention(product, cos, sin, *pools[0], table, pos, writes, H, limit, config, kv_scale=scales, **attn)
+    fused = rope_attention(product, cos, sin, pos, writes, *pools[0], table, H, limit, config, kv_scale=scales, **attn)
     q = fk.rope_kv_write(product, cos, sin, *pools[1], table, pos, H, HKV, slots=writes, kv_scale=scales)
     two = ak.decode_attention(q, *pools[1], table, pos, limit, config, kv_scale=scales, **attn)
     return (fused, pools[0]), (two, pools[1])
@@ -90,7 +91,24 @@ def test_rope_attention_writes_the_new_key_to_the_write_slot_only():
     x, w, cos, sin, pos, kp, vp, table, _ = inputs(3, fp8=False)
     before = ak.read_pages(kp, table).clone()
     k2, v2 = kp.clone(), vp.clone()
-    rope_attention(x @ w.T, cos, sin, k2, v2, table, pos, torch.tensor([0, 3, 2]), H, CTX, (16, 4, 3))
+    rope_attention(x @ w.T, cos, sin, pos, torch.tensor([0, 3, 2]), k2, v2, table, H, CTX, (16, 4, 3))
     after = ak.read_pages(k2, table)
     changed = {(s, p) for s, _, p in (after != before).any(-1).nonzero().tolist()}
     assert changed == {(0, 5), (3, 1), (2, 37)}
+
+
+@pytest.mark.parametrize("fused_ms,chosen", [(1.0, {1: True, 2: True}), (3.0, {})])
+def test_the_tuner_takes_the_fused_kernel_only_where_it_times_faster(monkeypatch, fused_ms, chosen):
+    """`tune` runs both forms on every layer's cache and keeps the fused one per batch where its
+    time is the lower (the timer is the GPU's CUDA graph replays, stood in for here: one run each)."""
+    from tritonllm.runtimes.kernels import timing
+
+    def timed(fn, reps=5):
+        fn()
+        return next(times)
+
+    times = iter([2.0, fused_ms] * 2)  # (two kernels, fused) per batch
+    monkeypatch.setattr(timing, "graph_ms", timed)
+    caches = [torch.randn(12, HKV, PAGE, D) for _ in range(4)]
+    table, report = ra_tune(caches[:2], caches[2:], H, {1: (16, 4, 3), 2: (16, 4, 3, True, 2)}, 20, torch.float32)
+    assert table == chosen and [r["batch"] for r in report] == [1, 2]

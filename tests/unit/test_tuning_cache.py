@@ -130,7 +130,13 @@ def test_the_engine_tunes_in_a_stage_per_weight_kind(tiny_dir, monkeypatch):
     assert names(model)[-len(kinds) :] == [f"quant {k}" for k in kinds]
     quant.quantize_head(model)
     assert names(model)[-1] == "quant lm_head"
-    assert names(model, g={}, q={}) == ["gemv", "attention", "rotary", "splits", "quant"]  # tables given: one stage each
+    assert names(model, g={}, q={}) == [
+        "gemv",
+        "attention",
+        "rotary",
+        "splits",
+        "quant",
+    ]  # tables given: one stage each
 
 
 def test_only_an_int8_head_beside_fp8_projections_may_take_int8_rows(tiny_dir, monkeypatch):

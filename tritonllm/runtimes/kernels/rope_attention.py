@@ -113,11 +113,11 @@ def rope_attention(
     qkv: torch.Tensor | SplitK,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    positions: torch.Tensor,
+    writes: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     table: torch.Tensor,
-    positions: torch.Tensor,
-    writes: torch.Tensor,
     n_heads: int,
     limit: int,
     config: tuple,
@@ -175,7 +175,7 @@ def tune(k_caches, v_caches, num_heads: int, table: dict, context: int, dtype, k
             return decode_attention(q, k, v, blocks_of, pos, context, config, kv_scale=s)
 
         def one(k, v, blocks_of, s):
-            return rope_attention(qkv, cos, sin, k, v, blocks_of, pos, rows, num_heads, context, config, kv_scale=s)
+            return rope_attention(qkv, cos, sin, pos, rows, k, v, blocks_of, num_heads, context, config, kv_scale=s)
 
         kr, vr, check = random_pool(b, context, k_caches[0])
         ref = two(kr, vr, check, caches[0][2])

@@ -252,11 +252,11 @@ class ForwardPasses:
         attend = lambda i, qkv: rope_attention(
             qkv,
             *rot[m.layer_rope[i]],
+            positions,
+            writes,
             cache.keys[i],
             cache.values[i],
             cache.table,
-            positions,
-            writes,
             sh.num_heads,
             limit,
             config,
