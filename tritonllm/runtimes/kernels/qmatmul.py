@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .gemv import SplitK, dense, reference
-from .rows import FP8_ALIGN, QuantRows
+from .rows import FP8_ALIGN, QuantRows, float8_of
 from .timing import agrees, check_all, graph_ms
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ def tune(
         for m in rows:
             consume = (consumers or {}).get(kind) if m <= consumer_rows else None
             x = torch.randn(m, w0.shape[1], device=w0.device, dtype=dtype)
-            xr = round_rows(x, w0.dtype) if kind in rounded and w0.dtype == torch.float8_e4m3fn else x
+            xr = round_rows(x, w0.dtype) if kind in rounded and float8_of(w0) else x
             times, ref = {}, reference(x, *mats[0]).float()  # (float once: `agrees` compares in float32)
             tiles = candidates(w0, consume is not None, kind in int8_rows)
             given = [(c, xr if takes_rounded(c) else x) for c in tiles]

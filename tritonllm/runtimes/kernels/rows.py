@@ -33,3 +33,9 @@ class QuantRows(NamedTuple):
     @property
     def rows(self) -> int:
         return self.shape.numel() // self.shape[-1]
+
+
+def float8_of(weight: torch.Tensor) -> torch.dtype | None:
+    """The type a product of `weight` may take its input rows rounded to by their producer: the
+    weight's own float8 (e4m3), else None (int8 and unquantized weights take them as they are)."""
+    return weight.dtype if weight.dtype == torch.float8_e4m3fn else None

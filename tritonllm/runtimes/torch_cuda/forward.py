@@ -355,10 +355,12 @@ class ForwardPasses:
         its input rounded per row, else None (the product takes its input as it is)."""
         if not self.fuse_row_quantization:
             return None
-        weight, _, scale = operands(getattr(self.model.layers[0], kind))
-        if scale is None or weight.dtype != torch.float8_e4m3fn:
-            return None
         from ..kernels import gemv, qmatmul
+        from ..kernels.rows import float8_of
+
+        weight, _, scale = operands(getattr(self.model.layers[0], kind))
+        if scale is None or float8_of(weight) is None:
+            return None
 
         if small and (kind, rows) in self.kernels.gemv_table:
             return weight.dtype if gemv.takes_rounded(self.kernels.gemv_table[(kind, rows)]) else None

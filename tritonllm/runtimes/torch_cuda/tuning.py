@@ -196,9 +196,9 @@ def _gated_kind(model, pdl: bool):
     product, rounding per row to the weight's float8 for a product that takes it so."""
     from ..kernels import fused as fk
     from ..kernels import gemv_tuning
+    from ..kernels.rows import float8_of
 
-    activation, weight = model.features.activation, operands(model.layers[0].down)[0]
-    fmt = weight.dtype if weight.dtype == torch.float8_e4m3fn else None
+    activation, fmt = model.features.activation, float8_of(operands(model.layers[0].down)[0])
     return gemv_tuning.GatedKind(
         activation, lambda y, rounded: fk.activate_mul(y, activation, fmt if rounded else None, pdl)
     )
