@@ -1,5 +1,6 @@
-"""`bench.profile_step.gated_variants`: the decode step timed with the down product gated and with
-the activation kernel, whichever the tuner chose, and the table left as it was."""
+"""`bench.profile_step.gated_variants` and `rope_variants`: the decode step timed with the down
+product gated and with the activation kernel, whichever the tuner chose, and with the rotary
+inside attention and before it; the tables left as they were."""
 
 from types import SimpleNamespace
 
@@ -32,3 +33,21 @@ def test_each_variant_sees_its_table_and_the_table_is_restored(monkeypatch):
         assert out["gated tile"] == str(chosen) and out["gated tile chosen by the tuner"] == bool(before)
         assert table == before
     assert "no gated tile" in profile_step.gated_variants(runtime({}, []), 1, 64)["gated down"]
+
+
+def test_rope_variants_set_the_batch_both_ways_and_restore_the_table(monkeypatch):
+    seen = {}
+
+    def compare(rt, batch, bucket, variants, against):
+        for name, setup in variants.items():
+            setup()
+            seen[name] = rt.kernels.rope_table.get(batch)
+        return {}
+
+    monkeypatch.setattr(profile_step, "compare", compare)
+    for table in ({1: True, 64: True}, {64: True}):
+        before = dict(table)
+        rt = SimpleNamespace(kernels=SimpleNamespace(rope_table=table))
+        out = profile_step.rope_variants(rt, 1, 64)
+        assert seen == {"rotary kernel": False, "rotary in attention": True}
+        assert out["rotary in attention chosen by the tuner"] == (1 in before) and table == before
