@@ -18,7 +18,7 @@ from tritonllm.runtimes.kernels import pdl
 PTX_ORDER = r"""
 import triton
 from triton.backends.compiler import GPUTarget
-from tritonllm.runtimes.kernels import attention, fused, gemv
+from tritonllm.runtimes.kernels import attention, fused, gemv, rope_attention
 
 def order(fn, sig, consts, marks):
     src = triton.compiler.ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
@@ -44,6 +44,25 @@ order(
     dict(BLOCK=1024, PRE=False, QUANT=False, QMAX=448.0, PDL=True),
     marks,
 )
+for fp8 in (False, True):  # the decode step's attention, with the rotary inside it and without
+    cache = "*fp8e4nv" if fp8 else "*bf16"
+    shared = {**ptr(cache, "k_cache", "v_cache"), "table": "*i32", "out": "*bf16", "part": "*fp32", "kv_scale": "*fp32",
+              **i32("limit", "window"), "scale": "fp32", "softcap": "fp32"}
+    tile = dict(PAGE=16, G=4, R=16, D=128, BLOCK_N=64, CAPPED=False, FP8=fp8, HKV=8, KT=fp8, SPLITS=2, PDL=True)
+    order(
+        rope_attention._rope_attention_kernel,
+        {**ptr("*bf16", "qkv", "cos", "sin"), **ptr("*i64", "pos", "write_slot"), **shared,
+         **i32("n_split", "s_split", "s_qkv", "s_cs", "s_table", "s_c_block", "s_c_head", "s_c_pos")},
+        tile,
+        marks,
+    )
+    order(
+        attention._decode_attention_kernel,
+        {"q": "*bf16", **ptr("*i64", "pos", "row_slot", "tile_row", "tile_len"), **shared,
+         **i32("s_q_b", "s_q_h", "s_table", "s_c_block", "s_c_head", "s_c_pos")},
+        dict(tile, HAS_SLOTS=False, TILED=False),
+        marks,
+    )
 order(
     attention._combine_splits_kernel,
     {"part": "*fp32", "out": "*bf16", "flats": "i32"},
@@ -81,9 +100,14 @@ def test_compiled_pdl_kernels_wait_before_reading_or_writing_activations():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", PTX_ORDER], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = {r.split()[0]: [int(v) for v in r.split()[1:]] for r in out.stdout.splitlines()}
+    rows = {r.split()[0]: [int(v) for v in r.split()[1:]] for r in out.stdout.splitlines()}  # (attention: its fp8 form)
     prefetch, wait, launch, load, store = rows["_small_matmul_kernel"]
     assert 0 <= prefetch < wait < launch < load < store  # only the weight prefetch runs ahead of the wait
-    for name in ("_add_rms_norm_kernel", "_combine_splits_kernel"):
+    for name in (
+        "_add_rms_norm_kernel",
+        "_combine_splits_kernel",
+        "_rope_attention_kernel",
+        "_decode_attention_kernel",
+    ):
         prefetch, wait, launch, load, store = rows[name]
         assert prefetch == -1 and 0 <= wait < launch < load < store, (name, rows[name])
