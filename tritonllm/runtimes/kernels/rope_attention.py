@@ -60,6 +60,22 @@ def _new_key_value(
 
 
 @triton.jit
+def _with_new_key(qv, k, v, scale, softcap, mine, m_i, l_i, acc, CAPPED: tl.constexpr):
+    """The online softmax's (max, sum, weighted values) with the row's new key k [D] and value v
+    [D] added where `mine` (the first split's program), its weight rounded to the products' type as
+    the cached keys' tiles round theirs."""
+    s = tl.sum(qv.to(tl.float32) * k[None, :], 1) * scale
+    if CAPPED:
+        s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
+    s = tl.where(mine, s, float("-inf"))
+    m_new = tl.maximum(m_i, s)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key at all yet (a split without the new one)
+    alpha, w = tl.exp(m_i - m_use), tl.exp(s - m_use)
+    acc = acc * alpha[:, None] + w.to(qv.dtype).to(tl.float32)[:, None] * v[None, :]
+    return m_new, l_i * alpha + w, acc
+
+
+@triton.jit
 def _rope_attention_kernel(
     qkv, cos, sin, k_cache, v_cache, table, pos, write_slot, out, part, kv_scale,
     limit, window, scale, softcap, n_split, s_split, s_qkv, s_cs, s_table, s_c_block, s_c_head, s_c_pos,
@@ -96,17 +112,9 @@ def _rope_attention_kernel(
         qv, k_cache, v_cache, table, row, kv, lo, n, lo_r, n_r, begin, end, scale, softcap, m_i, l_i,
         tl.zeros([R, D], tl.float32), s_table, s_c_block, s_c_head, s_c_pos, PAGE, D, BLOCK_N, CAPPED, FP8, KT,
     )  # fmt: skip
-    s = tl.sum(qv.to(tl.float32) * k[None, :], 1) * scale
-    if CAPPED:
-        s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
-    s = tl.where(sp == 0, s, float("-inf"))
-    m_new = tl.maximum(m_i, s)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha, w = tl.exp(m_i - m_use), tl.exp(s - m_use)
-    l_i = l_i * alpha + w
-    acc = acc * alpha[:, None] + w.to(qv.dtype).to(tl.float32)[:, None] * v[None, :]
+    m_i, l_i, acc = _with_new_key(qv, k, v, scale, softcap, sp == 0, m_i, l_i, acc, CAPPED)
     at_out = (row * G * HKV + kv * G + i)[:, None] * D + d[None, :]
-    finish_rows(acc, m_new, l_i, out, part, kv_scale, at_out, row, kv, i, real, HKV, G, D, FP8, SPLITS)
+    finish_rows(acc, m_i, l_i, out, part, kv_scale, at_out, row, kv, i, real, HKV, G, D, FP8, SPLITS)
 
 
 def rope_attention(
