@@ -136,15 +136,15 @@ def gated_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
 
 def rope_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
     """The decode step with the rotary + KV write kernel before attention and inside it (the
-    tuner's `rope_table`) side by side; the logits differ by summation order only."""
-    table, saved = rt.kernels.rope_table, dict(rt.kernels.rope_table)
-    setting = lambda on: lambda: table.update({batch: on})
+    tuner's `rope_batches`) side by side; the logits differ by summation order only."""
+    batches, saved = rt.kernels.rope_batches, set(rt.kernels.rope_batches)
+    setting = lambda on: lambda: batches.add(batch) if on else batches.discard(batch)
     out = compare(
         rt, batch, bucket, {"rotary kernel": setting(False), "rotary in attention": setting(True)}, "rotary kernel"
     )
-    table.clear()
-    table.update(saved)
-    return {**out, "rotary in attention chosen by the tuner": bool(saved.get(batch))}
+    batches.clear()
+    batches.update(saved)
+    return {**out, "rotary in attention chosen by the tuner": batch in saved}
 
 
 def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwidth: float) -> dict:

@@ -261,7 +261,7 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table=table)
     assert runtime.describe()["triton_kernels"] and len(runtime.describe()["gemv"]) == len(table)
     fuse_rope = str(use_gemv).startswith("rope in attention")
-    runtime.kernels.rope_table = {1: True, 2: True} if fuse_rope else {}
+    runtime.kernels.rope_batches = {1, 2} if fuse_rope else set()
     calls = []
     monkeypatch.setattr(ra, "rope_attention", lambda *a, **k: calls.append(1) or fused_rope_attention(*a, **k))
     if str(use_gemv).endswith(

@@ -97,7 +97,7 @@ def test_rope_attention_writes_the_new_key_to_the_write_slot_only():
     assert changed == {(0, 5), (3, 1), (2, 37)}
 
 
-@pytest.mark.parametrize("fused_ms,chosen", [(1.0, {1: True, 2: True}), (3.0, {})])
+@pytest.mark.parametrize("fused_ms,chosen", [(1.0, {1, 2}), (3.0, set())])
 def test_the_tuner_takes_the_fused_kernel_only_where_it_times_faster(monkeypatch, fused_ms, chosen):
     """`tune` runs both forms on every layer's cache and keeps the fused one per batch where its
     time is the lower (the timer is the GPU's CUDA graph replays, stood in for here: one run each)."""

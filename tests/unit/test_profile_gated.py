@@ -41,13 +41,13 @@ def test_rope_variants_set_the_batch_both_ways_and_restore_the_table(monkeypatch
     def compare(rt, batch, bucket, variants, against):
         for name, setup in variants.items():
             setup()
-            seen[name] = rt.kernels.rope_table.get(batch)
+            seen[name] = batch in rt.kernels.rope_batches
         return {}
 
     monkeypatch.setattr(profile_step, "compare", compare)
-    for table in ({1: True, 64: True}, {64: True}):
-        before = dict(table)
-        rt = SimpleNamespace(kernels=SimpleNamespace(rope_table=table))
+    for table in ({1, 64}, {64}):
+        before = set(table)
+        rt = SimpleNamespace(kernels=SimpleNamespace(rope_batches=table))
         out = profile_step.rope_variants(rt, 1, 64)
         assert seen == {"rotary kernel": False, "rotary in attention": True}
         assert out["rotary in attention chosen by the tuner"] == (1 in before) and table == before

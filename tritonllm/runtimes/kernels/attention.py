@@ -281,7 +281,7 @@ def decode_attention(
     tile = Tile(*config)
     if tile.splits > 1 and tiles is not None:
         raise ValueError(f"decode attention splits {tile.splits} with prompt-piece tiles: use splits 1 there")
-    part = split_sums(tile, q, out)
+    part = split_sums(tile, out)
     per = tiles.rows if tiles is not None else 1
     _decode_attention_kernel[(len(tiles) if tiles is not None else b, hkv, tile.splits)](
         q,
@@ -324,10 +324,11 @@ def decode_attention(
     return combined(part, out, tile.splits, pdl)
 
 
-def split_sums(tile: Tile, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Where the programs of a row's key splits leave their sums (`out` itself where unsplit)."""
-    b, h, d = q.shape
-    return torch.empty((tile.splits, b, h, d + 2), device=q.device, dtype=torch.float32) if tile.splits > 1 else out
+def split_sums(tile: Tile, out: torch.Tensor) -> torch.Tensor:
+    """Where the programs of a row's key splits leave their sums for `out` [B, H, D] (`out` itself
+    where unsplit)."""
+    b, h, d = out.shape
+    return torch.empty((tile.splits, b, h, d + 2), device=out.device, dtype=torch.float32) if tile.splits > 1 else out
 
 
 def combined(part: torch.Tensor, out: torch.Tensor, splits: int, pdl: bool) -> torch.Tensor:

@@ -145,7 +145,7 @@ def rope_attention(
     tile = Tile(*config)
     cos, sin = cos.reshape(-1, d), sin.reshape(-1, d)
     out = torch.empty((b, n_heads, d), dtype=dtype, device=parts.device)
-    part = split_sums(tile, out, out)
+    part = split_sums(tile, out)
     _rope_attention_kernel[(b, hkv, tile.splits)](
         parts, cos, sin, k_cache, v_cache, table, positions, writes, out, part,
         kv_scale if kv_scale is not None else cos,
@@ -158,20 +158,20 @@ def rope_attention(
     return combined(part, out, tile.splits, pdl)
 
 
-def tune(k_caches, v_caches, num_heads: int, table: dict, context: int, dtype, kv_scales=None) -> tuple[dict, list]:
-    """{batch: True} where this kernel beats `rope_kv_write` + `decode_attention` with the batch's
+def tune(k_caches, v_caches, num_heads: int, table: dict, context: int, dtype, kv_scales=None) -> tuple[set, list]:
+    """The batches where this kernel beats `rope_kv_write` + `decode_attention` with the batch's
     attention config (`table`, from `attention.tune_attention`), timed over every layer's cache
     (CUDA graph replays) with every row's new key at position `context` - 1 of blocks spread over
     the pool; a batch where it loses, or disagrees with the two kernels on random keys, is left
     out. Writes those positions of the caches (tuning runs before any sequence holds them).
-    Returns (that table, timings for the log)."""
+    Returns (those batches, timings for the log)."""
     from .attention import decode_attention, layer_caches, random_pool, spread_table
     from .fused import rope_kv_write
     from .timing import agrees, graph_ms
 
     caches = layer_caches(k_caches, v_caches, kv_scales)
     blocks, hkv, page, d = k_caches[0].shape
-    device, chosen, report = k_caches[0].device, {}, []
+    device, chosen, report = k_caches[0].device, set(), []
     for b, config in sorted(table.items()):
         qkv = torch.randn(b, (num_heads + 2 * hkv) * d, device=device, dtype=dtype)
         ang = torch.randn(b, d // 2, device=device)
@@ -193,6 +193,6 @@ def tune(k_caches, v_caches, num_heads: int, table: dict, context: int, dtype, k
         forms = {"rotary kernel": two, "rotary in attention": one}
         times = {n: graph_ms(lambda f=f: [f(k, v, tab, s) for k, v, s in caches]) for n, f in forms.items()}
         if times["rotary in attention"] < times["rotary kernel"]:
-            chosen[b] = True
+            chosen.add(b)
         report.append({"batch": b, "us": {n: round(1e3 * t, 1) for n, t in times.items()}})
     return chosen, report

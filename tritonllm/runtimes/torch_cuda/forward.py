@@ -196,7 +196,7 @@ class ForwardPasses:
         config = self.kernels.attention_table.get(b, ak.ATTENTION_CONFIGS[0])
         if c >= ak.LONG_CONTEXT:  # few rows of many keys: each row's keys split over programs where tuned
             config = self.kernels.split_table.get(b, config)
-        if self.kernels.rope_table.get(b) and not m.features.qk_norm:
+        if b in self.kernels.rope_batches and not m.features.qk_norm:
             rope, attend = self._rope_attention(rot, positions, self.writes[:b], c, config)
         else:
             rope, attend = self._row_kernels(rot, positions, self.writes[:b], c, config, pdl=self.kernels.pdl)

@@ -40,7 +40,7 @@ class KernelChoice:
     piece_config: tuple = PIECE_DEFAULT  # prompt pieces' attention: (query rows a program, keys, warps, stages)
     pdl: bool = False  # the decode step's kernels launched with programmatic dependent launch (kernels/pdl.py)
     prefetch_steps: int = PREFETCH_STEPS  # ... each small product first asking L2 for this many K steps of its tile
-    rope_table: dict = field(default_factory=dict)  # {batch bucket: True}: rotary + KV write inside decode attention
+    rope_batches: set = field(default_factory=set)  # batch buckets whose decode attention does the rotary + KV write
     gemv_report: list = field(default_factory=list)  # the timings behind the tables
     attention_report: list = field(default_factory=list)
     quant_report: list = field(default_factory=list)
@@ -59,7 +59,7 @@ class KernelChoice:
             "piece_attention": list(self.piece_config),
             "pdl": self.pdl,
             "prefetch_steps": self.prefetch_steps,
-            "rotary_in_attention": sorted(self.rope_table),
+            "rotary_in_attention": sorted(self.rope_batches),
             "quantized_products": {f"{kind} x{rows}": str(c) for (kind, rows), c in sorted(self.quant_table.items())},
         }
 
@@ -141,7 +141,7 @@ def _stages(model, cache, batch_buckets, max_context, gemv_table, quant_table, p
         c.attention_table, c.attention_report = _tune_attention(model, cache, batch_buckets, max_context)
 
     def rope(c: KernelChoice) -> None:
-        c.rope_table, c.rope_report = _tune_rope(model, cache, c.attention_table, max_context)
+        c.rope_batches, c.rope_report = _tune_rope(model, cache, c.attention_table, max_context)
 
     def splits(c: KernelChoice) -> None:
         c.split_table = _tune_splits(model, cache, c.attention_table, max_context)
@@ -284,14 +284,14 @@ def _tune_attention(model, cache: PagedDeviceCache, batch_buckets: list[int], ma
     return table, report
 
 
-def _tune_rope(model, cache: PagedDeviceCache, table: dict, max_context: int) -> tuple[dict, list]:
-    """{batch bucket: True} where the decode step's rotary and KV write run inside its attention
+def _tune_rope(model, cache: PagedDeviceCache, table: dict, max_context: int) -> tuple[set, list]:
+    """The batch buckets where the decode step's rotary and KV write run inside its attention
     kernel (`kernels/rope_attention.py`), timed against the two kernels at up to 256 keys per row
     with each batch's attention config (none for q/k-normed models, which keep the two kernels)."""
     from ..kernels import rope_attention
 
     if model.features.qk_norm or not table:
-        return {}, []
+        return set(), []
     try:
         scales = [cache.layer_scales(i) for i in range(model.shape.num_layers)] if cache.fp8 else None
         context = min(256, max_context)
@@ -300,7 +300,7 @@ def _tune_rope(model, cache: PagedDeviceCache, table: dict, max_context: int) ->
         )
     except Exception as exc:  # the fused kernel does not compile here: the two kernels serve
         log.warning("rotary-in-attention tuning failed (%s): the rotary kernel serves", str(exc)[:300])
-        return {}, []
+        return set(), []
     log.info("rotary inside decode attention at batches %s; timings %s", sorted(chosen), report)
     return chosen, report
 

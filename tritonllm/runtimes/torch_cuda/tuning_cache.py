@@ -98,7 +98,7 @@ def dump(choice) -> dict:
         "piece_config": list(choice.piece_config),
         "pdl": choice.pdl,
         "prefetch_steps": choice.prefetch_steps,
-        "rope_table": sorted(choice.rope_table),
+        "rope_batches": sorted(choice.rope_batches),
         "reports": {n: getattr(choice, n) for n in REPORTS},
     }
 
@@ -114,7 +114,7 @@ def load_choice(data: dict, cls):
         piece_config=tuple(data["piece_config"]),
         pdl=data["pdl"],
         prefetch_steps=data["prefetch_steps"],
-        rope_table=dict.fromkeys(data["rope_table"], True),
+        rope_batches=set(data["rope_batches"]),
         **data["reports"],
     )
 
