@@ -5,8 +5,7 @@ prompts of 128 tokens, each with the producers of an FP8 GEMM's input rounding i
 (`fused rows`) and without (`own quantize`), the decode step with its kernels launched with
 programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), with the down product
 reading gate_up's product itself and with the activation kernel before it (`gated_variants`), with
-the rotary and KV write inside the attention kernel and before it (`rope_variants`), the add + norm
-after the o / down products made by their last program and by its own kernel (`norm_variants`), with the activation's
+the rotary and KV write inside the attention kernel and before it (`rope_variants`), with the activation's
 per-row rounding in two passes instead of one block (`fused.rounding_in_two_passes`), the kernels of one
 eager decode step by GPU time, and the floors: the step's products alone and the KV bytes it
 reads over the copy bandwidth.
@@ -135,26 +134,17 @@ def gated_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
     return {**out, "gated tile": str(tile), "gated tile chosen by the tuner": saved is not None}
 
 
-def choice_variants(rt: TorchCudaRuntime, batch: int, bucket: int, field: str, off: str, on: str) -> dict:
-    """The decode step with `batch` out of the tuner's set `field` (the form `off`) and in it (`on`)
-    side by side, the set restored after; the logits differ by summation order only."""
-    batches = getattr(rt.kernels, field)
-    saved = set(batches)
-    setting = lambda add: lambda: batches.add(batch) if add else batches.discard(batch)
-    out = compare(rt, batch, bucket, {off: setting(False), on: setting(True)}, off)
+def rope_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
+    """The decode step with the rotary + KV write kernel before attention and inside it (the
+    tuner's `rope_batches`) side by side; the logits differ by summation order only."""
+    batches, saved = rt.kernels.rope_batches, set(rt.kernels.rope_batches)
+    setting = lambda on: lambda: batches.add(batch) if on else batches.discard(batch)
+    out = compare(
+        rt, batch, bucket, {"rotary kernel": setting(False), "rotary in attention": setting(True)}, "rotary kernel"
+    )
     batches.clear()
     batches.update(saved)
-    return {**out, f"{on} chosen by the tuner": batch in saved}
-
-
-def rope_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
-    """The rotary + KV write kernel before attention and inside it (the tuner's `rope_batches`)."""
-    return choice_variants(rt, batch, bucket, "rope_batches", "rotary kernel", "rotary in attention")
-
-
-def norm_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
-    """The add + norm kernel after the o / down products and made by their last program (`norm_batches`)."""
-    return choice_variants(rt, batch, bucket, "norm_batches", "add + norm kernel", "add + norm in products")
+    return {**out, "rotary in attention chosen by the tuner": batch in saved}
 
 
 def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwidth: float) -> dict:
@@ -178,7 +168,6 @@ def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwi
     out.update(pdl_variants(rt, batch, bucket))
     out.update(gated_variants(rt, batch, bucket))
     out.update(rope_variants(rt, batch, bucket))
-    out.update(norm_variants(rt, batch, bucket))
     if rt.kernels.split_table:  # the same step with every row's keys in one program, for comparison
         splits, rt.kernels.split_table = rt.kernels.split_table, {}
         out["decode ms, unsplit keys"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20), 3)

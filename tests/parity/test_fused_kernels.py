@@ -17,9 +17,9 @@ import triton.language as tl
 from tritonllm.config import EngineConfig
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model.modeling import CausalLM, load_hf, rotate_half
-from tritonllm.runtimes.kernels import add_norm, fused_check, gemv
 from tritonllm.runtimes.kernels import attention as ak
 from tritonllm.runtimes.kernels import fused as fk
+from tritonllm.runtimes.kernels import fused_check, gemv
 from tritonllm.runtimes.kernels import rope_attention as ra
 from tritonllm.runtimes.kernels.rope_attention import rope_attention as fused_rope_attention
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
@@ -238,8 +238,7 @@ def test_fused_prefill_gives_the_torch_ops_logits_and_cache(tiny_dir):
 
 
 @pytest.mark.parametrize(
-    "use_gemv",
-    [False, True, "split", "keys split", "rope in attention", "rope in attention, keys split", "norm", "norm, split"],
+    "use_gemv", [False, True, "split", "keys split", "rope in attention", "rope in attention, keys split"]
 )
 def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
     from .test_engine_parity import PROMPTS, hf_greedy
@@ -254,21 +253,17 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
             for kind in PROJECTIONS + ("lm_head",)
             for rows in (1, 2)
         }
-        if use_gemv in (True, "split") or str(use_gemv).startswith("norm")
+        if use_gemv is True or use_gemv == "split"
         else {}
     )
-    if str(use_gemv).endswith("split") and "keys" not in str(use_gemv):  # every product split along K, the LM
-        # head's summed before the logits
+    if use_gemv == "split":  # every product split along K, the LM head's summed before the logits
         table = {key: (1024, 64, 4, 2, 2) if key[0] == "lm_head" else (32, 64, 4, 2, 2) for key in table}
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table=table)
     assert runtime.describe()["triton_kernels"] and len(runtime.describe()["gemv"]) == len(table)
     fuse_rope = str(use_gemv).startswith("rope in attention")
     runtime.kernels.rope_batches = {1, 2} if fuse_rope else set()
-    fuse_norm = str(use_gemv).startswith("norm")  # the add + norm made by the o / down tiles' last program
-    runtime.kernels.norm_batches = {1, 2} if fuse_norm else set()
-    calls, norms = [], []
+    calls = []
     monkeypatch.setattr(ra, "rope_attention", lambda *a, **k: calls.append(1) or fused_rope_attention(*a, **k))
-    monkeypatch.setattr(add_norm, "norm_args", lambda *a, real=add_norm.norm_args: norms.append(1) or real(*a))
     if str(use_gemv).endswith(
         "keys split"
     ):  # every decode graph long enough for the split table, which splits 4 / 2 ways
@@ -282,7 +277,7 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
             ]
         ]
     assert got == [hf_greedy(hf, ids, n) for ids, n in zip(prompts, lengths)]
-    assert bool(calls) == fuse_rope and bool(norms) == fuse_norm
+    assert bool(calls) == fuse_rope
 
 
 def test_split_candidates_only_where_rows_leave_programs_free():

@@ -20,31 +20,23 @@ import triton
 from triton.backends.compiler import GPUTarget
 from tritonllm.runtimes.kernels import attention, fused, gemv, rope_attention
 
-def compile_ptx(fn, sig, consts):
-    src = triton.compiler.ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"].splitlines()
-
 def order(fn, sig, consts, marks):
-    lines = compile_ptx(fn, sig, consts)
+    src = triton.compiler.ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+    lines = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"].splitlines()
     print(fn.__name__, *[next((n for n, l in enumerate(lines) if m in l), -1) for m in marks])
 
 ptr = lambda t, *names: {n: t for n in names}
 i32 = lambda *names: {n: "i32" for n in names}
 marks = ("prefetch.global.L2", "griddepcontrol.wait", "griddepcontrol.launch_dependents", "ld.global", "st.global")
-gemv_sig = {**ptr("*bf16", "x"), "x_scale": "*fp32", "w": "*fp8e4nv", **ptr("*bf16", "bias"), "w_scale": "*fp32",
-    "out": "*bf16", "like": "*bf16", **i32("M", "N", "K", "K_SPLIT", "s_xm", "s_wn", "s_os", "s_om"),
-    **i32("n_split", "s_split"), "counter": "*i32", **ptr("*bf16", "residual", "norm_weight", "pre_weight"),
-    "norm_out": "*fp8e4nv", "scale_out": "*fp32", "eps": "fp32"}
-gemv_consts = dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=True, QUANT_X=0, SWAP=False, GATED=True, GELU=False,
-    BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, PDL=True, PREFETCH=2, ELEM=1, NORM_BLOCK=4096, PRE=False, QUANT=True,
-    QMAX=448.0)
-order(gemv._small_matmul_kernel, gemv_sig, dict(gemv_consts, NORM=False), marks)
-# the add + norm by the product's last program: its count after a CTA barrier that follows its stores
-ptx = compile_ptx(gemv._small_matmul_kernel, gemv_sig, dict(gemv_consts, NORM=True))
-count = next(n for n, l in enumerate(ptx) if "atom.global" in l)
-barrier = max(n for n, l in enumerate(ptx[:count]) if "bar.sync" in l)
-first_store = next(n for n, l in enumerate(ptx) if "st.global" in l)
-print("norm_after_product", first_store, barrier, count, int("acq_rel" in ptx[count] and ".gpu" in ptx[count]))
+order(
+    gemv._small_matmul_kernel,
+    {**ptr("*bf16", "x"), "x_scale": "*fp32", "w": "*fp8e4nv", **ptr("*bf16", "bias"), "w_scale": "*fp32",
+     "out": "*bf16", "like": "*bf16", **i32("M", "N", "K", "K_SPLIT", "s_xm", "s_wn", "s_os", "s_om"),
+     **i32("n_split", "s_split")},
+    dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=True, QUANT_X=0, SWAP=False, GATED=True, GELU=False, BLOCK_M=16,
+         BLOCK_N=64, BLOCK_K=128, PDL=True, PREFETCH=2, ELEM=1),
+    marks,
+)
 order(
     fused._add_rms_norm_kernel,
     {**ptr("*bf16", "x", "residual", "weight", "pre_weight", "out"), "scale_out": "*fp32", "n": "i32",
@@ -119,5 +111,3 @@ def test_compiled_pdl_kernels_wait_before_reading_or_writing_activations():
     ):
         prefetch, wait, launch, load, store = rows[name]
         assert prefetch == -1 and 0 <= wait < launch < load < store, (name, rows[name])
-    first_store, barrier, count, acq_rel_gpu = rows["norm_after_product"]  # add_norm.after_product
-    assert first_store < barrier < count and acq_rel_gpu == 1, rows["norm_after_product"]

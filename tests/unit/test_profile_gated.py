@@ -1,7 +1,6 @@
-"""`bench.profile_step.gated_variants`, `rope_variants` and `norm_variants`: the decode step timed
-with the down product gated and with the activation kernel, whichever the tuner chose, with the
-rotary inside attention and before it, and with the add + norm made by the products and by its
-own kernel; the tables left as they were."""
+"""`bench.profile_step.gated_variants` and `rope_variants`: the decode step timed with the down
+product gated and with the activation kernel, whichever the tuner chose, and with the rotary
+inside attention and before it; the tables left as they were."""
 
 from types import SimpleNamespace
 
@@ -36,26 +35,19 @@ def test_each_variant_sees_its_table_and_the_table_is_restored(monkeypatch):
     assert "no gated tile" in profile_step.gated_variants(runtime({}, []), 1, 64)["gated down"]
 
 
-@pytest.mark.parametrize(
-    "variants, field, off, on",
-    [
-        (profile_step.rope_variants, "rope_batches", "rotary kernel", "rotary in attention"),
-        (profile_step.norm_variants, "norm_batches", "add + norm kernel", "add + norm in products"),
-    ],
-)
-def test_choice_variants_set_the_batch_both_ways_and_restore_the_set(monkeypatch, variants, field, off, on):
+def test_rope_variants_set_the_batch_both_ways_and_restore_the_table(monkeypatch):
     seen = {}
 
     def compare(rt, batch, bucket, variants, against):
         for name, setup in variants.items():
             setup()
-            seen[name] = batch in getattr(rt.kernels, field)
+            seen[name] = batch in rt.kernels.rope_batches
         return {}
 
     monkeypatch.setattr(profile_step, "compare", compare)
     for table in ({1, 64}, {64}):
         before = set(table)
-        rt = SimpleNamespace(kernels=SimpleNamespace(**{field: table}))
-        out = variants(rt, 1, 64)
-        assert seen == {off: False, on: True}
-        assert out[f"{on} chosen by the tuner"] == (1 in before) and table == before
+        rt = SimpleNamespace(kernels=SimpleNamespace(rope_batches=table))
+        out = profile_step.rope_variants(rt, 1, 64)
+        assert seen == {"rotary kernel": False, "rotary in attention": True}
+        assert out["rotary in attention chosen by the tuner"] == (1 in before) and table == before

@@ -25,7 +25,6 @@ import triton.language as tl
 
 from . import gating
 from . import pdl as gdc
-from .add_norm import add_norm_row, norm_output, store_rows
 from .gemv import SplitK
 from .rows import QuantRows
 
@@ -200,6 +199,20 @@ def rope_kv_write(
 
 
 @triton.jit
+def _store_rows(out, scale_out, row, i, m, y, s_out, QUANT: tl.constexpr, QMAX: tl.constexpr):
+    """Stores a row of activations `y` (already in their type): as they are, or with QUANT divided
+    by the row's absmax / QMAX and rounded to out's 8-bit type (qmatmul.quantize_rows' values)."""
+    if QUANT:
+        v = y.to(tl.float32)
+        step = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-12) / QMAX
+        tl.store(scale_out + row, step)
+        v = tl.minimum(tl.maximum(v / step, -QMAX), QMAX)
+        tl.store(out + row * s_out + i, v.to(out.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+    else:
+        tl.store(out + row * s_out + i, y, mask=m)
+
+
+@triton.jit
 def _add_rms_norm_kernel(
     x,
     residual,
@@ -218,8 +231,29 @@ def _add_rms_norm_kernel(
     PDL: tl.constexpr,
 ):
     gdc.enter(PDL)
-    r = tl.program_id(0)
-    add_norm_row(x, residual, weight, pre_weight, out, scale_out, r, n, eps, n_split, s_split, BLOCK, PRE, QUANT, QMAX)
+    row = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    m = i < n
+    y = gating.load_product(x, row * n + i, m, n_split, s_split, residual)
+    if PRE:  # the product RMS-normed before it is added, rounded as the module rounds it
+        y = y / tl.sqrt(tl.sum(y * y, axis=0) / n + eps) * tl.load(pre_weight + i, mask=m, other=0.0).to(tl.float32)
+        y = y.to(residual.dtype.element_ty).to(tl.float32)
+    s = y + tl.load(residual + row * n + i, mask=m, other=0.0).to(tl.float32)
+    s_stored = s.to(residual.dtype.element_ty)
+    tl.store(residual + row * n + i, s_stored, mask=m)
+    s = s_stored.to(tl.float32)  # normalise what the residual stream holds
+    inv = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / n + eps)
+    w = tl.load(weight + i, mask=m, other=0.0).to(tl.float32)
+    _store_rows(out, scale_out, row, i, m, (s * inv * w).to(residual.dtype.element_ty), n, QUANT, QMAX)
+
+
+def _output(shape: torch.Size, dtype: torch.dtype, device, quantize: torch.dtype | None):
+    """(the kernel's output: activations, or QuantRows where `quantize`, its store arguments)."""
+    if quantize is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+        return out, (out, out, torch.finfo(torch.float8_e4m3fn).max)
+    rows = QuantRows.empty(shape, dtype, quantize, device)
+    return rows, (rows.q, rows.scale, torch.finfo(quantize).max)
 
 
 @contextlib.contextmanager
@@ -257,7 +291,7 @@ def add_rms_norm(
     (e4m3): the result rounded per row for an FP8 GEMM (`QuantRows`) instead."""
     parts, n_split, s_split, _ = gating.parts(x)
     n = residual.shape[-1]
-    result, (out, scale_out, qmax) = norm_output(residual.shape, residual.dtype, residual.device, quantize)
+    result, (out, scale_out, qmax) = _output(residual.shape, residual.dtype, residual.device, quantize)
     pre = pre_weight if pre_weight is not None else weight
     _add_rms_norm_kernel[(residual.numel() // n,)](
         parts,
@@ -313,7 +347,7 @@ def _activate_mul_rows_kernel(
     if WHOLE:
         i = tl.arange(0, BLOCK)
         y = gating.gated(gate_up, row, i, i < f, f, n_split, s_split, like, GELU)
-        store_rows(q, scale, row, i, i < f, y, f, True, QMAX)
+        _store_rows(q, scale, row, i, i < f, y, f, True, QMAX)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, f, BLOCK):
@@ -339,7 +373,7 @@ def activate_mul(
     parts, n_split, s_split, dtype = gating.parts(gate_up)
     f, rows = parts.shape[-1] // 2, parts.shape[1]
     lead = gate_up.shape[:-1] if isinstance(gate_up, torch.Tensor) else (rows, 1)
-    result, (out, scale_out, qmax) = norm_output(torch.Size((*lead, f)), dtype, parts.device, quantize)
+    result, (out, scale_out, qmax) = _output(torch.Size((*lead, f)), dtype, parts.device, quantize)
     block = 1024
     if quantize is None:
         _activate_mul_kernel[(rows, triton.cdiv(f, block))](

@@ -20,9 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import add_norm, gating
+from . import gating
 from . import pdl as gdc
-from .add_norm import NormAfter
 from .rows import QuantRows
 
 log = logging.getLogger(__name__)
@@ -145,18 +144,6 @@ def _small_matmul_kernel(
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
     ELEM: tl.constexpr,
-    counter,
-    residual,
-    norm_weight,
-    pre_weight,
-    norm_out,
-    scale_out,
-    eps,
-    NORM: tl.constexpr,
-    NORM_BLOCK: tl.constexpr,
-    PRE: tl.constexpr,
-    QUANT: tl.constexpr,
-    QMAX: tl.constexpr,
 ):
     split = tl.program_id(1)  # this program's slice of K: [split * K_SPLIT, (split + 1) * K_SPLIT)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -195,11 +182,6 @@ def _small_matmul_kernel(
         acc.to(out.dtype.element_ty),
         mask=m_ok[:, None] & n_ok[None, :],
     )
-    if NORM:  # the residual add + norm of the product's rows, by the program that finishes last
-        add_norm.after_product(
-            counter, out, residual, norm_weight, pre_weight, norm_out, scale_out, M, N, eps,
-            tl.num_programs(1), s_os, NORM_BLOCK, PRE, QUANT, QMAX,
-        )  # fmt: skip
 
 
 def small_matmul(
@@ -209,8 +191,7 @@ def small_matmul(
     config: Config,
     scale: torch.Tensor | None = None,
     pdl_steps: int | None = None,
-    then: NormAfter | None = None,
-) -> torch.Tensor | SplitK | QuantRows:
+) -> torch.Tensor | SplitK:
     """x [..., K], weight [N, K] (nn.Linear layout) -> x @ weight.T + bias [..., N], float32
     accumulation, each program computing every row for a narrow tile of the weight's rows.
     A 3-number config (rows of W, K step, warps) is `gemv`: at most MAX_ROWS rows, its K step
@@ -223,9 +204,7 @@ def small_matmul(
     any config that does not take rows rounded per row. With `scale` [N] the weight is 8-bit
     (int8 or float8, model/quant.py) and the product is x @ (weight * scale).T: the weight streams
     at a byte per value. `pdl_steps` (not None): launched with PDL (`pdl`), each program first
-    asking L2 for that many K steps of its weight tile. `then`: the residual add + norm of the
-    product's rows made by its last program (`add_norm.after_product`), whose result is returned
-    (the product's output is only its input)."""
+    asking L2 for that many K steps of its weight tile."""
     use_dot = len(config) >= 4
     splits = config[4] if len(config) >= 5 else 1
     given = _operands(x, weight, config)
@@ -243,7 +222,6 @@ def small_matmul(
     k_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # whole K steps per slice
     elem = weight.element_size()
     lines = gdc.prefetch_lines(k_split, block_k, elem, pdl_steps) if pdl_steps else 0
-    result, norm = add_norm.norm_args(then, out) if then is not None else (None, _no_norm(weight))
     _small_matmul_kernel[(triton.cdiv(n, block_n), splits)](
         given.values,
         given.scale,
@@ -274,22 +252,12 @@ def small_matmul(
         BLOCK_K=block_k,
         PREFETCH=lines,
         ELEM=elem,
-        **norm,
         **gdc.launch(pdl_steps is not None),
         **opts,
     )
-    if result is not None:
-        return result
     if splits > 1:
         return SplitK(out, given.dtype)
     return out.view(*given.shape[:-1], n)
-
-
-def _no_norm(any_tensor: torch.Tensor) -> dict:
-    """`after_product`'s arguments where the product is followed by no add + norm."""
-    t = any_tensor
-    return dict(counter=t, residual=t, norm_weight=t, pre_weight=t, norm_out=t, scale_out=t, eps=0.0, NORM_BLOCK=1,
-                NORM=False, PRE=False, QUANT=False, QMAX=1.0)  # fmt: skip
 
 
 def x_mode(config: Config) -> int:

@@ -10,18 +10,13 @@ norms, and the module's own reference ops (`fused_ops=False`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
 from ...model.modeling import CausalLM, RMSNorm
 from ...model.quant import operands
 from .cache import PagedDeviceCache
-from .tuning import ROUNDED_BY_PRODUCER, KernelChoice, rounds_input
-
-if TYPE_CHECKING:
-    from ..kernels.add_norm import NormAfter
+from .tuning import ROUNDED_BY_PRODUCER, KernelChoice
 
 NEG = -1e9
 
@@ -85,7 +80,6 @@ class ForwardPasses:
         self.tokens = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # each slot's next token
         self.positions = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # ... and its position
         self.writes = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # the slot each row writes
-        self.counter = torch.zeros(1, dtype=torch.int32, device=self.device)  # `NormAfter`'s, 0 between launches
         self.fuse_row_quantization = True  # False: each FP8 GEMM rounds its own input (the A/B in tests, bench)
         self.decode = self._decode_triton if kernels.triton else self._decode_torch
         if compiled:  # fuses the many small kernels of the torch ops' step
@@ -318,11 +312,10 @@ class ForwardPasses:
         """The decoder stack on the fused kernels: per layer 4 matrix products (`_linear`; `small`:
         a decode step's, by the small-batch tables) and 4 small kernels (rotary + KV write `rope`,
         attention `attend`, residual add + norm twice (each with the output's own norm first in
-        Gemma 2/3; made by the o / down product's last program at rows the tuner chose that for),
-        the gated activation); add + norm and the activation hand an FP8 GEMM its input
+        Gemma 2/3), the gated activation); add + norm and the activation hand an FP8 GEMM its input
         rounded per row (`_rounds_input`). x is the residual stream (updated in place); returns it
         normalised by the final norm."""
-        from ..kernels.add_norm import NormAfter
+        from ..kernels import fused as fk
 
         m, scale = self.model, self._scale
         rows, pdl = x.numel() // x.shape[-1], self.kernels.pdl and small
@@ -330,21 +323,18 @@ class ForwardPasses:
         h = rms_norm(m.layers[0].ln1, x)
         for i, layer in enumerate(m.layers):
             a = attend(i, rope(i, self._linear("qkv_proj", layer, h, small)))
-            then = NormAfter(
-                x, scale(layer.ln2), layer.ln2.eps, scale(layer.post_attention), fmt["gate_up"], self.counter
-            )
-            h = self._linear("o", layer, a, small, then)
+            o = self._linear("o", layer, a, small)
+            h = fk.add_rms_norm(o, x, scale(layer.ln2), layer.ln2.eps, scale(layer.post_attention), fmt["gate_up"], pdl)
             last = i + 1 == len(m.layers)
             nxt, rounds = (m.norm, None) if last else (m.layers[i + 1].ln1, fmt["qkv_proj"])
-            then = NormAfter(x, scale(nxt), nxt.eps, scale(layer.post_mlp), rounds, self.counter)
-            h = self._down(layer, self._linear("gate_up", layer, h, small), small, fmt["down"], pdl, then)
+            down = self._down(layer, self._linear("gate_up", layer, h, small), small, fmt["down"], pdl)
+            h = fk.add_rms_norm(down, x, scale(nxt), nxt.eps, scale(layer.post_mlp), rounds, pdl)
         return h
 
-    def _down(self, layer, gate_up, small: bool, rounds: torch.dtype | None, pdl: bool, then: NormAfter):
+    def _down(self, layer, gate_up, small: bool, rounds: torch.dtype | None, pdl: bool):
         """The down product of act(gate) * up: on gate_up's product itself where the decode table
         has a tile for that (`gemv.Gated`: no activation kernel, no round trip of its output), else
-        after the activation kernel (rounding per row where the product takes `rounds`); followed
-        by the residual add + norm `then` (`_then`)."""
+        after the activation kernel (rounding per row where the product takes `rounds`)."""
         from ..kernels import fused as fk
         from ..kernels import gemv
 
@@ -352,36 +342,29 @@ class ForwardPasses:
         if small:  # (a prompt's products are never gated: only decode rows have table entries)
             config = self.kernels.gemv_table.get((gemv.gated_key("down"), gated.shape.numel() // gated.shape[-1]))
         if config is None:
-            return self._linear("down", layer, fk.activate_mul(gate_up, layer.activation, rounds, pdl), small, then)
+            return self._linear("down", layer, fk.activate_mul(gate_up, layer.activation, rounds, pdl), small)
         weight, bias, scale = operands(layer.down)
-        fused = self._fused_norm(then, gated.shape.numel() // gated.shape[-1], config, small)
-        y = gemv.small_matmul(gated, weight, bias, config, scale, self._pdl_steps(), fused)
-        return self._then(y, then, fused, pdl)
-
-    def _fused_norm(self, then: NormAfter | None, rows: int, config, small: bool) -> NormAfter | None:
-        """`then` where the product's own last program makes it: a decode tile at rows the tuner
-        chose that for (`KernelChoice.norm_batches`), else None."""
-        fuses = small and isinstance(config, tuple) and rows in self.kernels.norm_batches
-        return then if fuses else None
-
-    @staticmethod
-    def _then(y, then: NormAfter | None, fused: NormAfter | None, pdl: bool):
-        """A product's result: y itself where no add + norm follows or its product made it
-        (`fused`), else the add + norm kernel on it."""
-        from ..kernels import fused as fk
-
-        if then is None or fused is not None:
-            return y
-        return fk.add_rms_norm(y, then.residual, then.weight, then.eps, then.pre_weight, then.quantize, pdl)
+        return gemv.small_matmul(gated, weight, bias, config, scale, self._pdl_steps())
 
     def _pdl_steps(self) -> int | None:
         """small_matmul's PDL argument: K steps to ask L2 for, or None where PDL is off."""
         return self.kernels.prefetch_steps if self.kernels.pdl else None
 
     def _rounds_input(self, kind: str, rows: int, small: bool) -> torch.dtype | None:
-        """e4m3 where the layers' product `kind` at `rows` rows takes its input rounded per row
-        (`tuning.rounds_input`), unless the products round their own (`fuse_row_quantization`)."""
-        return rounds_input(self.model, self.kernels, kind, rows, small) if self.fuse_row_quantization else None
+        """e4m3 where the layers' product `kind` at `rows` rows is the FP8 GEMM or a tile that takes
+        its input rounded per row, else None (the product takes its input as it is)."""
+        if not self.fuse_row_quantization:
+            return None
+        from ..kernels import gemv, qmatmul
+        from ..kernels.rows import float8_of
+
+        weight, _, scale = operands(getattr(self.model.layers[0], kind))
+        if scale is None or float8_of(weight) is None:
+            return None
+
+        if small and (kind, rows) in self.kernels.gemv_table:
+            return weight.dtype if gemv.takes_rounded(self.kernels.gemv_table[(kind, rows)]) else None
+        return weight.dtype if qmatmul.takes_rounded(qmatmul.choose(self.kernels.quant_table, kind, rows)) else None
 
     def _scale(self, norm) -> torch.Tensor | None:
         return None if norm is None else self._scales[id(norm)]
@@ -397,30 +380,26 @@ class ForwardPasses:
         """decode_attention's (window, scale, softcap) for a layer."""
         return layer.window, layer.scale, layer.softcap
 
-    def _linear(self, kind: str, layer, x, small: bool = True, then: NormAfter | None = None):
-        """A layer's projection `kind` of x, by the start-up tables (then the add + norm `then`)."""
+    def _linear(self, kind: str, layer, x, small: bool = True):
+        """A layer's projection `kind` of x, by the start-up tables."""
         weight, bias, scale = operands(getattr(layer, kind))
-        return self._project(kind, weight, bias, x, scale, small, then)
+        return self._project(kind, weight, bias, x, scale, small)
 
-    def _project(self, kind: str, weight, bias, x, scale=None, small=True, then: NormAfter | None = None):
+    def _project(self, kind: str, weight, bias, x, scale: torch.Tensor | None = None, small=True):
         """x @ weight.T + bias: the tuned small-batch tile for these rows (`small`: a decode step),
         else cuBLAS; an 8-bit weight (with `scale`) otherwise takes its tuned large-batch product,
-        on x rounded per row where that product takes it so (`QuantRows`, see `_rounds_input`).
-        With `then`: the residual add + norm of the product, which is returned (`_then`)."""
+        on x rounded per row where that product takes it so (`QuantRows`, see `_rounds_input`)."""
         from ..kernels import gemv, qmatmul
 
         rounded = isinstance(x, qmatmul.QuantRows)
         rows = x.rows if rounded else x.numel() // x.shape[-1]
         config = self.kernels.gemv_table.get((kind, rows)) if small else None
-        fused = self._fused_norm(then, rows, config, small)
         if config == gemv.FP8_GEMM:  # the FP8 GEMM, tuned for these rows
-            y = qmatmul.fp8_matmul(x, weight, scale, bias)
-        elif config is not None:
+            return qmatmul.fp8_matmul(x, weight, scale, bias)
+        if config is not None:
             if gemv.takes_rounded(config) and not rounded:  # the first layer's qkv: a plain norm made x
                 x = qmatmul.round_rows(x, weight.dtype)
-            y = gemv.small_matmul(x, weight, bias, config, scale, self._pdl_steps(), fused)
-        elif scale is None:
-            y = F.linear(x, weight, bias)
-        else:
-            y = qmatmul.matmul(x, weight, scale, bias, qmatmul.choose(self.kernels.quant_table, kind, rows))
-        return self._then(y, then, fused, self.kernels.pdl and small)
+            return gemv.small_matmul(x, weight, bias, config, scale, self._pdl_steps())
+        if scale is None:
+            return F.linear(x, weight, bias)
+        return qmatmul.matmul(x, weight, scale, bias, qmatmul.choose(self.kernels.quant_table, kind, rows))

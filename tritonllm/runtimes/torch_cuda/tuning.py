@@ -41,13 +41,11 @@ class KernelChoice:
     pdl: bool = False  # the decode step's kernels launched with programmatic dependent launch (kernels/pdl.py)
     prefetch_steps: int = PREFETCH_STEPS  # ... each small product first asking L2 for this many K steps of its tile
     rope_batches: set = field(default_factory=set)  # batch buckets whose decode attention does the rotary + KV write
-    norm_batches: set = field(default_factory=set)  # ... whose o / down tiles make the add + norm after them
     gemv_report: list = field(default_factory=list)  # the timings behind the tables
     attention_report: list = field(default_factory=list)
     quant_report: list = field(default_factory=list)
     piece_report: list = field(default_factory=list)
     rope_report: list = field(default_factory=list)
-    norm_report: list = field(default_factory=list)
 
     def describe(self) -> dict:
         return {
@@ -62,24 +60,8 @@ class KernelChoice:
             "pdl": self.pdl,
             "prefetch_steps": self.prefetch_steps,
             "rotary_in_attention": sorted(self.rope_batches),
-            "add_norm_in_products": sorted(self.norm_batches),
             "quantized_products": {f"{kind} x{rows}": str(c) for (kind, rows), c in sorted(self.quant_table.items())},
         }
-
-
-def rounds_input(model, choice: KernelChoice, kind: str, rows: int, small: bool) -> torch.dtype | None:
-    """e4m3 where the layers' product `kind` at `rows` rows (`small`: a decode step's) is the FP8
-    GEMM or a tile that takes its input rounded per row, else None (it takes its input as it is):
-    what the kernel before it hands it."""
-    from ..kernels import gemv, qmatmul
-    from ..kernels.rows import float8_of
-
-    weight, _, scale = operands(getattr(model.layers[0], kind))
-    if scale is None or float8_of(weight) is None:
-        return None
-    if small and (kind, rows) in choice.gemv_table:
-        return weight.dtype if gemv.takes_rounded(choice.gemv_table[(kind, rows)]) else None
-    return weight.dtype if qmatmul.takes_rounded(qmatmul.choose(choice.quant_table, kind, rows)) else None
 
 
 def want_triton(
@@ -164,9 +146,6 @@ def _stages(model, cache, batch_buckets, max_context, gemv_table, quant_table, p
     def splits(c: KernelChoice) -> None:
         c.split_table = _tune_splits(model, cache, c.attention_table, max_context)
 
-    def norms(c: KernelChoice) -> None:
-        c.norm_batches, c.norm_report = _tune_norms(model, c, batch_buckets)
-
     def pieces(c: KernelChoice) -> None:
         c.piece_config, c.piece_report = _tune_pieces(model, cache, piece_tokens, max_context)
 
@@ -182,7 +161,7 @@ def _stages(model, cache, batch_buckets, max_context, gemv_table, quant_table, p
         stages.append(("quant", lambda c: c.quant_table.update(quant_table)))
     elif scheme_of(model) != "none":
         stages += [(f"quant {k}", products("quant", _tune_quant, k)) for k in _quant_kinds(model)]
-    return stages + [("norms", norms)]
+    return stages
 
 
 def _merge(choice: KernelChoice, part: str, tuned: tuple[dict, list]) -> None:
@@ -287,30 +266,6 @@ def _product_consumers(model, cache: PagedDeviceCache, max_rows: int, pdl: bool 
         "down": lambda y: fk.add_rms_norm(y, residual[: rows(y)], norm, 1e-5, pdl=pdl),
         "gate_up": lambda y: fk.activate_mul(y, model.features.activation, pdl=pdl),
     }
-
-
-def _tune_norms(model, c: KernelChoice, batch_buckets: list[int]) -> tuple[set, list]:
-    """The batch buckets (up to `add_norm.NORM_AFTER_ROWS` rows, where the o and down products are
-    decode tiles) whose o / down tiles make the residual add + norm after them in their last
-    program (`kernels/add_norm.py`), timed over every layer against the add + norm kernel."""
-    from ..kernels import add_norm
-
-    kinds = ("o", "down")
-    configs = {b: {k: c.gemv_table.get((k, b)) for k in kinds} for b in batch_buckets if b <= add_norm.NORM_AFTER_ROWS}
-    configs = {b: tiles for b, tiles in configs.items() if all(isinstance(t, tuple) for t in tiles.values())}
-    if not configs:
-        return set(), []
-    rounds = {b: {"o": rounds_input(model, c, "gate_up", b, True), "down": rounds_input(model, c, "qkv_proj", b, True)}
-              for b in configs}  # fmt: skip
-    try:
-        products = {k: _weights(model, k) for k in kinds}
-        steps = c.prefetch_steps if c.pdl else None
-        chosen, report = add_norm.tune(products, configs, rounds, model.embed.dtype, steps)
-    except Exception as exc:  # the fused form does not compile here: the add + norm kernel serves
-        log.warning("add + norm in products tuning failed (%s): the add + norm kernel serves", str(exc)[:300])
-        return set(), []
-    log.info("add + norm made by the o / down products at batches %s; timings %s", sorted(chosen), report)
-    return chosen, report
 
 
 def _tune_attention(model, cache: PagedDeviceCache, batch_buckets: list[int], max_context: int) -> tuple[dict, list]:

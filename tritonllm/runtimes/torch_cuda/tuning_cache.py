@@ -75,7 +75,7 @@ def key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
-REPORTS = ("gemv_report", "attention_report", "quant_report", "piece_report", "rope_report", "norm_report")
+REPORTS = ("gemv_report", "attention_report", "quant_report", "piece_report", "rope_report")
 
 
 def _plain(value):
@@ -99,7 +99,6 @@ def dump(choice) -> dict:
         "pdl": choice.pdl,
         "prefetch_steps": choice.prefetch_steps,
         "rope_batches": sorted(choice.rope_batches),
-        "norm_batches": sorted(choice.norm_batches),
         "reports": {n: getattr(choice, n) for n in REPORTS},
     }
 
@@ -116,7 +115,6 @@ def load_choice(data: dict, cls):
         pdl=data["pdl"],
         prefetch_steps=data["prefetch_steps"],
         rope_batches=set(data["rope_batches"]),
-        norm_batches=set(data["norm_batches"]),
         **data["reports"],
     )
 
