@@ -89,7 +89,7 @@ def candidates(
     (SWAP_WIDE_TILES). `quantized`: the weight is 8-bit (the 8-bit tile lists)."""
     small, dots = (QUANT_CONFIGS, QUANT_DOT_CONFIGS) if quantized else (configs, dots)
     tiles = split_configs(dots, weight.shape[1]) if split_ok else list(dots)
-    splits = [s for s in SPLITS[:3] if s == 1 or split_ok]
+    splits = [s for s in SPLITS if s == 1 or split_ok]  # 8 slices: a 4,096-row weight at a few rows fills the SMs
     fits = lambda t, s: weight.shape[1] >= s * t[1]  # every slice of K holds a K step
     if weight.dtype == torch.float8_e4m3fn:
         tiles += [(*t, s, 1) for t in X8_TILES for s in SPLITS if (s == 1 or split_ok) and fits(t, s)]
