@@ -5,7 +5,8 @@ prompts of 128 tokens, each with the producers of an FP8 GEMM's input rounding i
 (`fused rows`) and without (`own quantize`), the decode step with its kernels launched with
 programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), with the down product
 reading gate_up's product itself and with the activation kernel before it (`gated_variants`), with
-the rotary and KV write inside the attention kernel and before it (`rope_variants`), with the activation's
+the rotary and KV write inside the attention kernel and before it (`rope_variants`), with gate_up's
+tile making the activation and with the activation kernel after it (`glu_variants`), with the activation's
 per-row rounding in two passes instead of one block (`fused.rounding_in_two_passes`), the kernels of one
 eager decode step by GPU time, and the floors: the step's products alone and the KV bytes it
 reads over the copy bandwidth.
@@ -134,6 +135,29 @@ def gated_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
     return {**out, "gated tile": str(tile), "gated tile chosen by the tuner": saved is not None}
 
 
+def glu_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
+    """The decode step with gate_up's tile making the activation (`gemv.GLU_KEYS`: the tuner's
+    pair of tiles, or the fastest pair it timed where it kept the activation kernel) and with
+    gate_up's product then the activation as tuned otherwise, side by side."""
+    table, keys = rt.kernels.gemv_table, [(k, batch) for k in gemv.GLU_KEYS]
+    timed = next((r["us"] for r in rt.kernels.gemv_report if (r["kind"], r["rows"]) == ("glu", batch)), {})
+    pairs = {c: t for c, t in timed.items() if c.startswith("((")}
+    pair = ast.literal_eval(min(pairs, key=pairs.get)) if pairs else None
+    saved = {k: table.pop(k) for k in keys if k in table}
+    pair = tuple(saved.values()) if saved else pair
+    if pair is None:
+        return {"glu": "no glu tile timed at this batch"}
+    variants = {
+        "gate_up then activation": lambda: [table.pop(k, None) for k in keys],
+        "gate_up makes the activation": lambda: table.update(dict(zip(keys, pair))),
+    }
+    out = compare(rt, batch, bucket, variants, "gate_up then activation")
+    for k in keys:
+        table.pop(k, None)
+    table.update(saved)
+    return {**out, "glu tiles": str(pair), "glu chosen by the tuner": bool(saved)}
+
+
 def rope_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
     """The decode step with the rotary + KV write kernel before attention and inside it (the
     tuner's `rope_batches`) side by side; the logits differ by summation order only."""
@@ -168,6 +192,7 @@ def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwi
     out.update(pdl_variants(rt, batch, bucket))
     out.update(gated_variants(rt, batch, bucket))
     out.update(rope_variants(rt, batch, bucket))
+    out.update(glu_variants(rt, batch, bucket))
     if rt.kernels.split_table:  # the same step with every row's keys in one program, for comparison
         splits, rt.kernels.split_table = rt.kernels.split_table, {}
         out["decode ms, unsplit keys"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20), 3)

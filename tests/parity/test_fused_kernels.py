@@ -238,7 +238,7 @@ def test_fused_prefill_gives_the_torch_ops_logits_and_cache(tiny_dir):
 
 
 @pytest.mark.parametrize(
-    "use_gemv", [False, True, "split", "keys split", "rope in attention", "rope in attention, keys split"]
+    "use_gemv", [False, True, "split", "keys split", "rope in attention", "rope in attention, keys split", "glu"]
 )
 def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
     from .test_engine_parity import PROMPTS, hf_greedy
@@ -253,17 +253,26 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
             for kind in PROJECTIONS + ("lm_head",)
             for rows in (1, 2)
         }
-        if use_gemv is True or use_gemv == "split"
+        if use_gemv in (True, "split", "glu")
         else {}
     )
+    if use_gemv == "glu":  # gate_up's tile makes the activation, the down tile takes it as it is
+        table.update({(key, rows): (16, 64, 4, 2) for key in gemv.GLU_KEYS for rows in (1, 2)})
     if use_gemv == "split":  # every product split along K, the LM head's summed before the logits
         table = {key: (1024, 64, 4, 2, 2) if key[0] == "lm_head" else (32, 64, 4, 2, 2) for key in table}
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table=table)
     assert runtime.describe()["triton_kernels"] and len(runtime.describe()["gemv"]) == len(table)
     fuse_rope = str(use_gemv).startswith("rope in attention")
     runtime.kernels.rope_batches = {1, 2} if fuse_rope else set()
-    calls = []
+    calls, glus = [], []
     monkeypatch.setattr(ra, "rope_attention", lambda *a, **k: calls.append(1) or fused_rope_attention(*a, **k))
+    real_matmul = gemv.small_matmul
+
+    def small_matmul(*a, **k):  # counts the tiles asked to make the activation (small_matmul's 7th argument)
+        glus.extend(a[6:7] if len(a) > 6 and a[6] else [])
+        return real_matmul(*a, **k)
+
+    monkeypatch.setattr(gemv, "small_matmul", small_matmul)
     if str(use_gemv).endswith(
         "keys split"
     ):  # every decode graph long enough for the split table, which splits 4 / 2 ways
@@ -278,6 +287,7 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
         ]
     assert got == [hf_greedy(hf, ids, n) for ids, n in zip(prompts, lengths)]
     assert bool(calls) == fuse_rope
+    assert bool(glus) == (use_gemv == "glu")
 
 
 def test_split_candidates_only_where_rows_leave_programs_free():

@@ -20,23 +20,22 @@ import triton
 from triton.backends.compiler import GPUTarget
 from tritonllm.runtimes.kernels import attention, fused, gemv, rope_attention
 
-def order(fn, sig, consts, marks):
+def order(fn, sig, consts, marks, label=None):
     src = triton.compiler.ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
     lines = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"].splitlines()
-    print(fn.__name__, *[next((n for n, l in enumerate(lines) if m in l), -1) for m in marks])
+    print(label or fn.__name__, *[next((n for n, l in enumerate(lines) if m in l), -1) for m in marks])
 
 ptr = lambda t, *names: {n: t for n in names}
 i32 = lambda *names: {n: "i32" for n in names}
 marks = ("prefetch.global.L2", "griddepcontrol.wait", "griddepcontrol.launch_dependents", "ld.global", "st.global")
-order(
-    gemv._small_matmul_kernel,
-    {**ptr("*bf16", "x"), "x_scale": "*fp32", "w": "*fp8e4nv", **ptr("*bf16", "bias"), "w_scale": "*fp32",
-     "out": "*bf16", "like": "*bf16", **i32("M", "N", "K", "K_SPLIT", "s_xm", "s_wn", "s_os", "s_om"),
-     **i32("n_split", "s_split")},
-    dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=True, QUANT_X=0, SWAP=False, GATED=True, GELU=False, BLOCK_M=16,
-         BLOCK_N=64, BLOCK_K=128, PDL=True, PREFETCH=2, ELEM=1),
-    marks,
-)
+gemv_sig = {**ptr("*bf16", "x"), "x_scale": "*fp32", "w": "*fp8e4nv", **ptr("*bf16", "bias"), "w_scale": "*fp32",
+    "out": "*bf16", "like": "*bf16", **i32("M", "N", "K", "K_SPLIT", "s_xm", "s_wn", "s_os", "s_om"),
+    **i32("n_split", "s_split")}
+gemv_consts = dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=True, QUANT_X=0, SWAP=False, GATED=True, GELU=False,
+    GLU=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, PDL=True, PREFETCH=2, ELEM=1)
+order(gemv._small_matmul_kernel, gemv_sig, gemv_consts, marks)
+# gate_up's tile making the activation (swapped, rows rounded per row): gate and up tiles both after the wait
+order(gemv._small_matmul_kernel, gemv_sig, dict(gemv_consts, GATED=False, GLU=True, SWAP=True, QUANT_X=2), marks, "glu")
 order(
     fused._add_rms_norm_kernel,
     {**ptr("*bf16", "x", "residual", "weight", "pre_weight", "out"), "scale_out": "*fp32", "n": "i32",
@@ -101,8 +100,9 @@ def test_compiled_pdl_kernels_wait_before_reading_or_writing_activations():
     out = subprocess.run([sys.executable, "-c", PTX_ORDER], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {r.split()[0]: [int(v) for v in r.split()[1:]] for r in out.stdout.splitlines()}  # (attention: its fp8 form)
-    prefetch, wait, launch, load, store = rows["_small_matmul_kernel"]
-    assert 0 <= prefetch < wait < launch < load < store  # only the weight prefetch runs ahead of the wait
+    for name in ("_small_matmul_kernel", "glu"):
+        prefetch, wait, launch, load, store = rows[name]
+        assert 0 <= prefetch < wait < launch < load < store, name  # only the weight prefetch runs ahead of the wait
     for name in (
         "_add_rms_norm_kernel",
         "_combine_splits_kernel",

@@ -51,3 +51,25 @@ def test_rope_variants_set_the_batch_both_ways_and_restore_the_table(monkeypatch
         out = profile_step.rope_variants(rt, 1, 64)
         assert seen == {"rotary kernel": False, "rotary in attention": True}
         assert out["rotary in attention chosen by the tuner"] == (1 in before) and table == before
+
+
+def test_glu_variants_set_both_tiles_or_none_and_restore_the_table(monkeypatch):
+    seen = {}
+
+    def compare(rt, batch, bucket, variants, against):
+        for name, setup in variants.items():
+            setup()
+            seen[name] = tuple(rt.kernels.gemv_table.get((k, batch)) for k in ("glu gate_up", "glu down"))
+        return {}
+
+    monkeypatch.setattr(profile_step, "compare", compare)
+    us = {"gate_up + activation kernel + down": 9.0, "((1, 2, 4), (4, 8, 4, 3))": 8.0}
+    timed = [{"kind": "glu", "rows": 1, "us": us}]
+    chosen = {("glu gate_up", 1): (2, 4, 4), ("glu down", 1): (4, 4, 4, 3)}
+    for table, pair in ((dict(chosen), ((2, 4, 4), (4, 4, 4, 3))), ({}, ((1, 2, 4), (4, 8, 4, 3)))):
+        before = dict(table)
+        rt = SimpleNamespace(kernels=SimpleNamespace(gemv_table=table, gemv_report=timed))
+        out = profile_step.glu_variants(rt, 1, 64)
+        assert seen == {"gate_up then activation": (None, None), "gate_up makes the activation": pair}
+        assert out["glu chosen by the tuner"] == bool(before) and table == before
+    assert "no glu tile" in profile_step.glu_variants(runtime({}, []), 1, 64)["glu"]

@@ -29,6 +29,13 @@ def gated(gate_up, row, i, m, f, n_split, s_split, like, GELU: tl.constexpr):
     up), rounded to like's type as the module rounds it."""
     g = load_product(gate_up, row * 2 * f + i, m, n_split, s_split, like)
     u = load_product(gate_up, row * 2 * f + f + i, m, n_split, s_split, like)
+    return glu(g, u, like, GELU)
+
+
+@triton.jit
+def glu(g, u, like, GELU: tl.constexpr):
+    """act(g) * u of gate and up values (float32, each already rounded to like's type), rounded
+    to like's type as the module rounds it."""
     if GELU:  # the tanh approximation: 0.5 g (1 + tanh z) = g / (1 + e^-2z)
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         a = g / (1.0 + tl.exp(-2.0 * z))

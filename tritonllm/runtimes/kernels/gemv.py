@@ -138,6 +138,7 @@ def _small_matmul_kernel(
     SWAP: tl.constexpr,
     GATED: tl.constexpr,
     GELU: tl.constexpr,
+    GLU: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -156,6 +157,7 @@ def _small_matmul_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros_like(acc)  # GLU: the same tile of the up rows (N further on), unused otherwise
     for k0 in range(split * K_SPLIT, (split + 1) * K_SPLIT, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
@@ -163,11 +165,37 @@ def _small_matmul_kernel(
             xt = gating.gated(x, m[:, None], k[None, :], m_ok[:, None] & k_ok[None, :], K, n_split, s_split, like, GELU)
         else:
             xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w + n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if USE_DOT:  # skinny_dot: the tensor cores (at least 16 rows, padded)
-            acc += _tile_product(xt, wt, QUANT_X == 1, SWAP)
-        else:  # gemv: rows x tile products summed along K on the CUDA cores
-            acc += tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
+        acc += _k_step(xt, w, n, n_ok, k, k_ok, s_wn, QUANT_X, SWAP, USE_DOT)
+        if GLU:
+            acc_up += _k_step(xt, w, n + N, n_ok, k, k_ok, s_wn, QUANT_X, SWAP, USE_DOT)
+    y = _finish(acc, x_scale, w_scale, bias, m, m_ok, n, n_ok, split, SWAP, QUANT_X, HAS_SCALE, HAS_BIAS)
+    if GLU:  # act(gate) * up, rounded as the activation kernel rounds gate_up's stored product
+        up = _finish(acc_up, x_scale, w_scale, bias, m, m_ok, n + N, n_ok, split, SWAP, QUANT_X, HAS_SCALE, HAS_BIAS)
+        ty = out.dtype.element_ty
+        y = gating.glu(y.to(ty).to(tl.float32), up.to(ty).to(tl.float32), out, GELU)
+    tl.store(
+        out + split * s_os + m[:, None] * s_om + n[None, :],
+        y.to(out.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+@triton.jit
+def _k_step(xt, w, n, n_ok, k, k_ok, s_wn, QUANT_X: tl.constexpr, SWAP: tl.constexpr, USE_DOT: tl.constexpr):
+    """One K step's product of x's rows `xt` and the weight's rows `n`: [M, N] ([N, M] where SWAP)."""
+    wt = tl.load(w + n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    if USE_DOT:  # skinny_dot: the tensor cores (at least 16 rows, padded)
+        y = _tile_product(xt, wt, QUANT_X == 1, SWAP)
+    else:  # gemv: rows x tile products summed along K on the CUDA cores
+        y = tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
+    return y
+
+
+@triton.jit
+def _finish(acc, x_scale, w_scale, bias, m, m_ok, n, n_ok, split,
+            SWAP: tl.constexpr, QUANT_X: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """A program's accumulated sums of the weight's rows `n` as the product's values [M, N], float32:
+    turned where SWAP, times the rows' and channels' scales, plus the bias (in the first slice)."""
     if SWAP:
         acc = tl.trans(acc)
     if QUANT_X == 2:  # x came rounded per row: each row's products times its scale
@@ -177,11 +205,7 @@ def _small_matmul_kernel(
     if HAS_BIAS:
         if split == 0:
             acc += tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        out + split * s_os + m[:, None] * s_om + n[None, :],
-        acc.to(out.dtype.element_ty),
-        mask=m_ok[:, None] & n_ok[None, :],
-    )
+    return acc
 
 
 def small_matmul(
@@ -191,6 +215,7 @@ def small_matmul(
     config: Config,
     scale: torch.Tensor | None = None,
     pdl_steps: int | None = None,
+    glu: str | None = None,
 ) -> torch.Tensor | SplitK:
     """x [..., K], weight [N, K] (nn.Linear layout) -> x @ weight.T + bias [..., N], float32
     accumulation, each program computing every row for a narrow tile of the weight's rows.
@@ -204,7 +229,10 @@ def small_matmul(
     any config that does not take rows rounded per row. With `scale` [N] the weight is 8-bit
     (int8 or float8, model/quant.py) and the product is x @ (weight * scale).T: the weight streams
     at a byte per value. `pdl_steps` (not None): launched with PDL (`pdl`), each program first
-    asking L2 for that many K steps of its weight tile."""
+    asking L2 for that many K steps of its weight tile. `glu` (an activation of `gating.ACTIVATIONS`):
+    the weight is gate_up's [2F, K] (gate rows, then up rows) and the product returned is act(x @
+    gate.T) * (x @ up.T) [..., F], each program making both tiles of its columns (unsplit configs
+    only): the activation kernel and the round trip of gate_up's product go."""
     use_dot = len(config) >= 4
     splits = config[4] if len(config) >= 5 else 1
     given = _operands(x, weight, config)
@@ -212,7 +240,10 @@ def small_matmul(
     limit, name = (MAX_DOT_ROWS, "skinny_dot") if use_dot else (MAX_ROWS, "gemv")
     if rows > limit:
         raise ValueError(f"{name} takes at most {limit} rows, got {rows}: use the matmul")
-    n, device = weight.shape[0], weight.device
+    n, device = weight.shape[0] // (2 if glu else 1), weight.device
+    gelu = gating.check_activation(glu, "small_matmul's glu") if glu else bool(given.gelu)
+    if glu and (splits > 1 or given.gelu is not None):
+        raise ValueError(f"config {config}, glu={glu!r}: the activation needs whole sums of a plain x: unsplit only")
     out = torch.empty((splits, rows, n), dtype=given.dtype if splits == 1 else torch.float32, device=device)
     block_n, block_k, warps, stages = config[:4] if use_dot else (*config, None)
     block_m = max(16, triton.next_power_of_2(rows)) if use_dot else triton.next_power_of_2(rows)
@@ -246,7 +277,8 @@ def small_matmul(
         QUANT_X=given.mode,
         SWAP=len(config) == 7 and config[6] == 1,
         GATED=given.gelu is not None,
-        GELU=bool(given.gelu),
+        GELU=gelu,
+        GLU=glu is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -323,6 +355,10 @@ def takes_rounded(entry: Config | str | None) -> bool:
     """A table entry whose product takes its input rounded per row (`QuantRows`): the FP8 GEMM, or
     a tile with a 6th number 2."""
     return entry == FP8_GEMM or (isinstance(entry, tuple) and x_mode(entry) == X_ROUNDED_PER_ROW)
+
+
+GLU_KEYS = ("glu gate_up", "glu down")  # table keys of a decode step whose gate_up tile makes the activation
+# itself (`small_matmul(glu=...)`), and of the down tile that then takes the activation as it is
 
 
 def gated_key(kind: str) -> str:

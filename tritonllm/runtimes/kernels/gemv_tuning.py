@@ -14,6 +14,7 @@ from .gemv import (
     CONFIGS,
     DOT_CONFIGS,
     FP8_GEMM,
+    GLU_KEYS,
     MAX_DOT_ROWS,
     MAX_ROWS,
     QUANT_CONFIGS,
@@ -204,3 +205,63 @@ def _tune_gated(mats, m: int, times: dict, consume: Consumer, spec: GatedKind, s
         if agreed:
             out[cfg] = graph_ms(lambda c=cfg: [consume(small_matmul(x, w, b, c, s, steps)) for w, b, s in mats])
     return min(out, key=out.get), out
+
+
+GLU_TRIES = 6  # the fastest unsplit gate_up tiles also timed making the activation
+
+
+def tune_glu(mats, report: list, table: dict, rows: Sequence[int], activation: str, dtype, steps: int | None):
+    """Where gate_up's product may make the activation itself (`small_matmul(glu=...)`): for each
+    batch `rows` with gate_up and down timings in `report` (`tune`'s), the GLU_TRIES fastest
+    unsplit gate_up tiles that take x as gate_up's chosen entry does (rounded per row or not) are
+    checked and timed making the activation over every layer's weight (`mats`), plus the fastest
+    down tile that takes its input as it is; kept where that sum beats gate_up + the activation
+    kernel (gate_up's timings include it) + down as chosen. Returns ({(GLU_KEYS[i], rows): tile},
+    timings for the log)."""
+    timed = {(r["kind"], r["rows"]): r["us"] for r in report}
+    found, out_report = {}, []
+    for m in rows:
+        gate_up, down = timed.get(("gate_up", m)), timed.get(("down", m))
+        if gate_up is None or down is None:
+            continue
+        plain_down = _fastest(down, lambda c: x_mode(c) != X_ROUNDED_PER_ROW, 1)
+        rounded = takes_rounded(table.get(("gate_up", m)))
+        tries = _fastest(gate_up, lambda c: (len(c) < 5 or c[4] == 1) and takes_rounded(c) == rounded, GLU_TRIES)
+        if not plain_down or not tries:
+            continue
+        times = {"gate_up + activation kernel + down": (min(gate_up.values()) + min(down.values())) / 1e3}
+        for cfg, ms in _glu_times(mats, m, tries, rounded, activation, dtype, steps).items():
+            times[(cfg, plain_down[0])] = ms + down[str(plain_down[0])] / 1e3
+        best = min(times, key=times.get)
+        if isinstance(best, tuple):
+            found.update({(GLU_KEYS[0], m): best[0], (GLU_KEYS[1], m): best[1]})
+        out_report.append(_report("glu", m, best, times))
+    return found, out_report
+
+
+def _fastest(us: dict, keep: Callable[[Config], bool], n: int) -> list[Config]:
+    """The n fastest tiles (configs) of a kind's timings (`tune`'s report, keyed by str(config)) that `keep`."""
+    import ast
+
+    tiles = [(t, ast.literal_eval(c)) for c, t in us.items() if c.startswith("(")]
+    return [c for _, c in sorted(tiles) if keep(c)][:n]
+
+
+def _glu_times(mats, m: int, tries: list, rounded: bool, activation: str, dtype, steps: int | None) -> dict:
+    """{tile: ms} of gate_up's tiles making the activation over every layer, each checked first."""
+    from .fused import activate_mul
+    from .qmatmul import round_rows
+
+    w0 = mats[0][0]
+    x = torch.randn(m, 1, w0.shape[1], device=w0.device, dtype=dtype)
+    given = round_rows(x, w0.dtype) if rounded else x
+    ref = activate_mul(reference(x, *mats[0]), activation).float()
+    glu = lambda c, s=None: lambda: small_matmul(given, *mats[0][:2], c, mats[0][2], s, glu=activation)
+    tol = lambda c: X8_TOLERANCE if x_mode(c) != X_AS_GIVEN else 2e-2
+    ok = check_all([lambda c=c: agrees(f"glu {c}", glu(c), ref, tol(c)) for c in tries], w0.device, ref)
+    times = {}
+    for cfg in (c for c, agreed in zip(tries, ok) if agreed):
+        glu(cfg, steps)()  # the form the step launches (PDL), compiled before its graph
+        run = lambda c=cfg: [small_matmul(given, w, b, c, s, steps, glu=activation) for w, b, s in mats]
+        times[cfg] = graph_ms(run)
+    return times

@@ -327,9 +327,22 @@ class ForwardPasses:
             h = fk.add_rms_norm(o, x, scale(layer.ln2), layer.ln2.eps, scale(layer.post_attention), fmt["gate_up"], pdl)
             last = i + 1 == len(m.layers)
             nxt, rounds = (m.norm, None) if last else (m.layers[i + 1].ln1, fmt["qkv_proj"])
-            down = self._down(layer, self._linear("gate_up", layer, h, small), small, fmt["down"], pdl)
+            down = self._mlp(layer, h, small, fmt["down"], pdl)
             h = fk.add_rms_norm(down, x, scale(nxt), nxt.eps, scale(layer.post_mlp), rounds, pdl)
         return h
+
+    def _mlp(self, layer, h, small: bool, rounds: torch.dtype | None, pdl: bool):
+        """The down product of act(gate) * up of h: at decode rows whose table has it
+        (`gemv.GLU_KEYS`), gate_up's tile makes the activation itself and a down tile takes it as it
+        is; else gate_up's product, then `_down`."""
+        from ..kernels import gemv
+        from ..kernels.rows import QuantRows
+
+        rows = h.rows if isinstance(h, QuantRows) else h.numel() // h.shape[-1]
+        if small and (gemv.GLU_KEYS[0], rows) in self.kernels.gemv_table:
+            act = self._linear("gate_up", layer, h, small, gemv.GLU_KEYS[0], layer.activation)
+            return self._linear("down", layer, act, small, gemv.GLU_KEYS[1])
+        return self._down(layer, self._linear("gate_up", layer, h, small), small, rounds, pdl)
 
     def _down(self, layer, gate_up, small: bool, rounds: torch.dtype | None, pdl: bool):
         """The down product of act(gate) * up: on gate_up's product itself where the decode table
@@ -380,26 +393,28 @@ class ForwardPasses:
         """decode_attention's (window, scale, softcap) for a layer."""
         return layer.window, layer.scale, layer.softcap
 
-    def _linear(self, kind: str, layer, x, small: bool = True):
-        """A layer's projection `kind` of x, by the start-up tables."""
+    def _linear(self, kind: str, layer, x, small: bool = True, key: str | None = None, glu: str | None = None):
+        """A layer's projection `kind` of x, by the start-up tables (`_project`)."""
         weight, bias, scale = operands(getattr(layer, kind))
-        return self._project(kind, weight, bias, x, scale, small)
+        return self._project(kind, weight, bias, x, scale, small, key, glu)
 
-    def _project(self, kind: str, weight, bias, x, scale: torch.Tensor | None = None, small=True):
-        """x @ weight.T + bias: the tuned small-batch tile for these rows (`small`: a decode step),
-        else cuBLAS; an 8-bit weight (with `scale`) otherwise takes its tuned large-batch product,
-        on x rounded per row where that product takes it so (`QuantRows`, see `_rounds_input`)."""
+    def _project(self, kind: str, weight, bias, x, scale=None, small=True, key: str | None = None, glu=None):
+        """x @ weight.T + bias: the tuned small-batch tile for these rows (`small`: a decode step;
+        the table's entry under `key` where given, else `kind`), else cuBLAS; an 8-bit weight (with
+        `scale`) otherwise takes its tuned large-batch product, on x rounded per row where that
+        product takes it so (`QuantRows`, see `_rounds_input`). `glu`: the tile makes the
+        activation of gate_up's product (`gemv.small_matmul`; its table entry is a tile)."""
         from ..kernels import gemv, qmatmul
 
         rounded = isinstance(x, qmatmul.QuantRows)
         rows = x.rows if rounded else x.numel() // x.shape[-1]
-        config = self.kernels.gemv_table.get((kind, rows)) if small else None
+        config = self.kernels.gemv_table.get((key or kind, rows)) if small else None
         if config == gemv.FP8_GEMM:  # the FP8 GEMM, tuned for these rows
             return qmatmul.fp8_matmul(x, weight, scale, bias)
         if config is not None:
             if gemv.takes_rounded(config) and not rounded:  # the first layer's qkv: a plain norm made x
                 x = qmatmul.round_rows(x, weight.dtype)
-            return gemv.small_matmul(x, weight, bias, config, scale, self._pdl_steps())
+            return gemv.small_matmul(x, weight, bias, config, scale, self._pdl_steps(), glu)
         if scale is None:
             return F.linear(x, weight, bias)
         return qmatmul.matmul(x, weight, scale, bias, qmatmul.choose(self.kernels.quant_table, kind, rows))

@@ -154,6 +154,7 @@ def _stages(model, cache, batch_buckets, max_context, gemv_table, quant_table, p
         stages.append(("gemv", lambda c: c.gemv_table.update(gemv_table)))
     elif os.environ.get("TRITONLLM_GEMV") != "0":
         stages += [(f"gemv {k}", products("gemv", _tune_gemv, k)) for k in (*PROJECTIONS, "lm_head")]
+        stages.append(("glu", lambda c: _merge(c, "gemv", _tune_glu(model, c, batch_buckets))))
     stages += [("attention", attention), ("rotary", rope), ("splits", splits)] + (
         [("pieces", pieces)] if piece_tokens else []
     )
@@ -188,6 +189,22 @@ def _tune_gemv(model, consumers: dict, batch_buckets: list[int], pdl: bool, kind
         )
     except Exception as exc:  # the tiles do not compile here: cuBLAS serves these products
         log.warning("gemv tuning of %s failed (%s): cuBLAS serves its decode products", kind, str(exc)[:300])
+        return {}, []
+
+
+def _tune_glu(model, c: KernelChoice, batch_buckets: list[int]) -> tuple[dict, list]:
+    """The decode batches where gate_up's tile makes the activation itself and a down tile takes
+    it as it is (`gemv_tuning.tune_glu`, from the gate_up and down timings already in `c`)."""
+    from ..kernels import gating, gemv_tuning
+
+    activation = model.features.activation
+    if activation not in gating.ACTIVATIONS:
+        return {}, []
+    try:
+        mats, steps, dtype = _weights(model, "gate_up"), 0 if c.pdl else None, model.embed.dtype
+        return gemv_tuning.tune_glu(mats, c.gemv_report, c.gemv_table, batch_buckets, activation, dtype, steps)
+    except Exception as exc:  # the form does not compile here: gate_up + the activation kernel serve
+        log.warning("gate_up making the activation: tuning failed (%s); the activation kernel serves", str(exc)[:300])
         return {}, []
 
 
