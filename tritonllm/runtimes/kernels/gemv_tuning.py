@@ -208,11 +208,12 @@ def _tune_gated(mats, m: int, times: dict, consume: Consumer, spec: GatedKind, s
 
 
 GLU_TRIES = 6  # the fastest unsplit gate_up tiles also timed making the activation
+GLU_ROWS = 16  # ... at up to this many rows: beyond, the activation kernel is a small part of a step
 
 
 def tune_glu(mats, report: list, table: dict, rows: Sequence[int], activation: str, dtype, steps: int | None):
     """Where gate_up's product may make the activation itself (`small_matmul(glu=...)`): for each
-    batch `rows` with gate_up and down timings in `report` (`tune`'s), the GLU_TRIES fastest
+    batch of `rows` up to GLU_ROWS with gate_up and down timings in `report` (`tune`'s), the GLU_TRIES fastest
     unsplit gate_up tiles that take x as gate_up's chosen entry does (rounded per row or not) are
     checked and timed making the activation over every layer's weight (`mats`), plus the fastest
     down tile that takes its input as it is; kept where that sum beats gate_up + the activation
@@ -220,7 +221,7 @@ def tune_glu(mats, report: list, table: dict, rows: Sequence[int], activation: s
     timings for the log)."""
     timed = {(r["kind"], r["rows"]): r["us"] for r in report}
     found, out_report = {}, []
-    for m in rows:
+    for m in (r for r in rows if r <= GLU_ROWS):
         gate_up, down = timed.get(("gate_up", m)), timed.get(("down", m))
         if gate_up is None or down is None:
             continue
