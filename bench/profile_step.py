@@ -6,7 +6,8 @@ prompts of 128 tokens, each with the producers of an FP8 GEMM's input rounding i
 programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), with the down product
 reading gate_up's product itself and with the activation kernel before it (`gated_variants`), with
 the rotary and KV write inside the attention kernel and before it (`rope_variants`), with gate_up's
-tile making the activation and with the activation kernel after it (`glu_variants`), with the activation's
+tile making the activation and with the activation kernel after it (`glu_variants`), with the whole MLP
+in one kernel and as tuned otherwise (`mlp_variants`), with the activation's
 per-row rounding in two passes instead of one block (`fused.rounding_in_two_passes`), the kernels of one
 eager decode step by GPU time, and the floors: the step's products alone and the KV bytes it
 reads over the copy bandwidth.
@@ -31,7 +32,7 @@ from bench.workloads import copy_bandwidth
 from tritonllm.model import quant
 from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.base import StepInput
-from tritonllm.runtimes.kernels import fused, gemv, qmatmul
+from tritonllm.runtimes.kernels import fused, gemv, mlp, qmatmul
 from tritonllm.runtimes.kernels import pdl as gdc
 from tritonllm.runtimes.kernels.timing import capture, graph_ms, replay_ms
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
@@ -117,22 +118,43 @@ def pdl_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
     return out
 
 
+def entry_variants(rt: TorchCudaRuntime, batch: int, key: tuple, off: str, on: str, bucket: int):
+    """The decode step without and with the table entry `key` (the tuner's, or the fastest tile
+    it timed under that key where it chose none), side by side: (compare's columns, the tile,
+    whether the tuner chose it), or None where no tile was timed; the table is left as it was."""
+    table = rt.kernels.gemv_table
+    timed = next((r["us"] for r in rt.kernels.gemv_report if (r["kind"], r["rows"]) == key), {})
+    tiles = {c: t for c, t in timed.items() if c.startswith("(")}
+    saved = table.pop(key, None)
+    tile = saved or (ast.literal_eval(min(tiles, key=tiles.get)) if tiles else None)
+    if tile is None:
+        return None
+    out = compare(rt, batch, bucket, {off: lambda: table.pop(key, None), on: lambda: table.update({key: tile})}, off)
+    table.pop(key, None)
+    table.update({key: saved} if saved is not None else {})
+    return out, tile, saved is not None
+
+
 def gated_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
     """The decode step with the down product reading gate_up's product itself (`down+act`: the
     table's tile, or the fastest gated tile the tuner timed where it chose the activation kernel)
     and with the activation kernel before the table's down tile, side by side."""
-    table, key = rt.kernels.gemv_table, (gemv.gated_key("down"), batch)
-    timed = next((r["us"] for r in rt.kernels.gemv_report if (r["kind"], r["rows"]) == key), {})
-    tiles = {c: t for c, t in timed.items() if c.startswith("(")}
-    tile = table.get(key) or (ast.literal_eval(min(tiles, key=tiles.get)) if tiles else None)
-    if tile is None:
+    found = entry_variants(rt, batch, (gemv.gated_key("down"), batch), "activation kernel", "gated down", bucket)
+    if found is None:
         return {"gated down": "no gated tile timed at this batch"}
-    saved = table.pop(key, None)
-    variants = {"activation kernel": lambda: table.pop(key, None), "gated down": lambda: table.update({key: tile})}
-    out = compare(rt, batch, bucket, variants, "activation kernel")
-    table.pop(key, None)
-    table.update({key: saved} if saved is not None else {})
-    return {**out, "gated tile": str(tile), "gated tile chosen by the tuner": saved is not None}
+    out, tile, chosen = found
+    return {**out, "gated tile": str(tile), "gated tile chosen by the tuner": chosen}
+
+
+def mlp_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
+    """The decode step with the whole MLP in one kernel (`mlp.KEY`: the tuner's tile, or the
+    fastest it timed where it kept the MLP as tuned) and with the MLP as tuned otherwise, side by
+    side; the logits differ by summation order only."""
+    found = entry_variants(rt, batch, (mlp.KEY, batch), "MLP as tuned", "MLP in one kernel", bucket)
+    if found is None:
+        return {"mlp": "no fused MLP tile timed at this batch"}
+    out, tile, chosen = found
+    return {**out, "mlp tile": str(tile), "mlp tile chosen by the tuner": chosen}
 
 
 def glu_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
@@ -193,6 +215,7 @@ def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwi
     out.update(gated_variants(rt, batch, bucket))
     out.update(rope_variants(rt, batch, bucket))
     out.update(glu_variants(rt, batch, bucket))
+    out.update(mlp_variants(rt, batch, bucket))
     if rt.kernels.split_table:  # the same step with every row's keys in one program, for comparison
         splits, rt.kernels.split_table = rt.kernels.split_table, {}
         out["decode ms, unsplit keys"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20), 3)

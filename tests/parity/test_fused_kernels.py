@@ -19,7 +19,7 @@ from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model.modeling import CausalLM, load_hf, rotate_half
 from tritonllm.runtimes.kernels import attention as ak
 from tritonllm.runtimes.kernels import fused as fk
-from tritonllm.runtimes.kernels import fused_check, gemv
+from tritonllm.runtimes.kernels import fused_check, gemv, mlp
 from tritonllm.runtimes.kernels import rope_attention as ra
 from tritonllm.runtimes.kernels.rope_attention import rope_attention as fused_rope_attention
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
@@ -238,7 +238,7 @@ def test_fused_prefill_gives_the_torch_ops_logits_and_cache(tiny_dir):
 
 
 @pytest.mark.parametrize(
-    "use_gemv", [False, True, "split", "keys split", "rope in attention", "rope in attention, keys split", "glu"]
+    "use_gemv", [False, True, "split", "keys split", "rope in attention", "rope in attention, keys split", "glu", "mlp"]
 )
 def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
     from .test_engine_parity import PROMPTS, hf_greedy
@@ -253,11 +253,13 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
             for kind in PROJECTIONS + ("lm_head",)
             for rows in (1, 2)
         }
-        if use_gemv in (True, "split", "glu")
+        if use_gemv in (True, "split", "glu", "mlp")
         else {}
     )
     if use_gemv == "glu":  # gate_up's tile makes the activation, the down tile takes it as it is
         table.update({(key, rows): (16, 64, 4, 2) for key in gemv.GLU_KEYS for rows in (1, 2)})
+    if use_gemv == "mlp":  # the whole MLP in one kernel (swapped at one row), its sums zeroed by add + norm
+        table.update({(mlp.KEY, 1): (32, 64, 64, 4, 2, 0, 1), (mlp.KEY, 2): (16, 64, 32, 4, 2, 0, 0)})
     if use_gemv == "split":  # every product split along K, the LM head's summed before the logits
         table = {key: (1024, 64, 4, 2, 2) if key[0] == "lm_head" else (32, 64, 4, 2, 2) for key in table}
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table=table)
@@ -273,6 +275,8 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
         return real_matmul(*a, **k)
 
     monkeypatch.setattr(gemv, "small_matmul", small_matmul)
+    mlps, real_mlp = [], mlp.fused_mlp
+    monkeypatch.setattr(mlp, "fused_mlp", lambda *a, **k: mlps.append(a[4]) or real_mlp(*a, **k))
     if str(use_gemv).endswith(
         "keys split"
     ):  # every decode graph long enough for the split table, which splits 4 / 2 ways
@@ -288,6 +292,7 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
     assert got == [hf_greedy(hf, ids, n) for ids, n in zip(prompts, lengths)]
     assert bool(calls) == fuse_rope
     assert bool(glus) == (use_gemv == "glu")
+    assert set(mlps) == ({table[(mlp.KEY, 1)], table[(mlp.KEY, 2)]} if use_gemv == "mlp" else set())
 
 
 def test_split_candidates_only_where_rows_leave_programs_free():

@@ -18,7 +18,7 @@ from tritonllm.runtimes.kernels import pdl
 PTX_ORDER = r"""
 import triton
 from triton.backends.compiler import GPUTarget
-from tritonllm.runtimes.kernels import attention, fused, gemv, rope_attention
+from tritonllm.runtimes.kernels import attention, fused, gemv, mlp, rope_attention
 
 def order(fn, sig, consts, marks, label=None):
     src = triton.compiler.ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
@@ -36,11 +36,20 @@ gemv_consts = dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=True, QUANT_X=0, SWAP
 order(gemv._small_matmul_kernel, gemv_sig, gemv_consts, marks)
 # gate_up's tile making the activation (swapped, rows rounded per row): gate and up tiles both after the wait
 order(gemv._small_matmul_kernel, gemv_sig, dict(gemv_consts, GATED=False, GLU=True, SWAP=True, QUANT_X=2), marks, "glu")
+# the fused MLP: its sums leave by atomic adds (`red`), after the wait like every load of x
+order(
+    mlp._mlp_kernel,
+    {"x": "*fp8e4nv", "x_scale": "*fp32", **ptr("*fp8e4nv", "w_gu", "w_down"), **ptr("*fp32", "s_gu", "s_down", "out"),
+     "like": "*bf16", **i32("M", "D", "F", "s_xm")},
+    dict(HAS_SCALE=True, QUANT_X=2, DOWN_X=1, SWAP=True, GELU=False, BLOCK_M=16, BLOCK_I=64, BLOCK_K=256, BLOCK_N=128,
+         PDL=True),
+    (*marks[:4], "red.global.gpu.relaxed.add.f32"),
+)
 order(
     fused._add_rms_norm_kernel,
     {**ptr("*bf16", "x", "residual", "weight", "pre_weight", "out"), "scale_out": "*fp32", "n": "i32",
      "eps": "fp32", "n_split": "i32", "s_split": "i32"},
-    dict(BLOCK=1024, PRE=False, QUANT=False, QMAX=448.0, PDL=True),
+    dict(BLOCK=1024, PRE=False, QUANT=False, QMAX=448.0, PDL=True, CLEAR=True),  # (zeroing fused MLP sums)
     marks,
 )
 for fp8 in (False, True):  # the decode step's attention, with the rotary inside it and without
@@ -104,6 +113,7 @@ def test_compiled_pdl_kernels_wait_before_reading_or_writing_activations():
         prefetch, wait, launch, load, store = rows[name]
         assert 0 <= prefetch < wait < launch < load < store, name  # only the weight prefetch runs ahead of the wait
     for name in (
+        "_mlp_kernel",
         "_add_rms_norm_kernel",
         "_combine_splits_kernel",
         "_rope_attention_kernel",

@@ -1,6 +1,7 @@
-"""`bench.profile_step.gated_variants` and `rope_variants`: the decode step timed with the down
-product gated and with the activation kernel, whichever the tuner chose, and with the rotary
-inside attention and before it; the tables left as they were."""
+"""`bench.profile_step.gated_variants`, `mlp_variants` and `rope_variants`: the decode step timed
+with the down product gated and with the activation kernel, with the MLP in one kernel and as
+tuned, whichever the tuner chose, and with the rotary inside attention and before it; the tables
+left as they were."""
 
 from types import SimpleNamespace
 
@@ -15,24 +16,32 @@ def runtime(table: dict, report: list):
     return SimpleNamespace(kernels=SimpleNamespace(gemv_table=table, gemv_report=report))
 
 
-def test_each_variant_sees_its_table_and_the_table_is_restored(monkeypatch):
+@pytest.mark.parametrize(
+    "key, variants, names",
+    [
+        ("down+act", profile_step.gated_variants, ("activation kernel", "gated down", "gated tile")),
+        ("mlp", profile_step.mlp_variants, ("MLP as tuned", "MLP in one kernel", "mlp tile")),
+    ],
+)
+def test_each_variant_sees_its_table_and_the_table_is_restored(monkeypatch, key, variants, names):
     seen = {}
 
     def compare(rt, batch, bucket, variants, against):
         for name, setup in variants.items():
             setup()
-            seen[name] = rt.kernels.gemv_table.get(("down+act", batch))
-        return {"decode ms, gated down": 1.0}
+            seen[name] = rt.kernels.gemv_table.get((key, batch))
+        return {"decode ms, x": 1.0}
 
     monkeypatch.setattr(profile_step, "compare", compare)
-    timed = [{"kind": "down+act", "rows": 1, "us": {"activation kernel + (1, 2, 4)": 9.0, "(4, 8, 4, 3)": 8.0}}]
-    for table, chosen in (({("down+act", 1): (2, 4, 4, 3)}, (2, 4, 4, 3)), ({}, (4, 8, 4, 3))):
+    off, on, tile = names
+    timed = [{"kind": key, "rows": 1, "us": {"activation kernel + (1, 2, 4)": 9.0, "(4, 8, 4, 3)": 8.0}}]
+    for table, chosen in (({(key, 1): (2, 4, 4, 3)}, (2, 4, 4, 3)), ({}, (4, 8, 4, 3))):
         before = dict(table)
-        out = profile_step.gated_variants(runtime(table, timed), 1, 64)
-        assert seen == {"activation kernel": None, "gated down": chosen}
-        assert out["gated tile"] == str(chosen) and out["gated tile chosen by the tuner"] == bool(before)
+        out = variants(runtime(table, timed), 1, 64)
+        assert seen == {off: None, on: chosen}
+        assert out[tile] == str(chosen) and out[f"{tile} chosen by the tuner"] == bool(before)
         assert table == before
-    assert "no gated tile" in profile_step.gated_variants(runtime({}, []), 1, 64)["gated down"]
+    assert "no " in next(iter(variants(runtime({}, []), 1, 64).values()))
 
 
 def test_rope_variants_set_the_batch_both_ways_and_restore_the_table(monkeypatch):

@@ -125,7 +125,8 @@ def test_the_engine_tunes_in_a_stage_per_weight_kind(tiny_dir, monkeypatch):
     model = CausalLM(load_hf(tiny_dir))
     names = lambda m, **given: [n for n, _ in tuning._stages(m, None, [1, 64], 512, given.get("g"), given.get("q"), 0)]
     kinds = list(quant.PROJECTIONS)
-    assert names(model) == [*(f"gemv {k}" for k in kinds), "gemv lm_head", "glu", "attention", "rotary", "splits"]
+    after_products = ["glu", "mlp", "attention", "rotary", "splits"]
+    assert names(model) == [*(f"gemv {k}" for k in kinds), "gemv lm_head", *after_products]
     quant.quantize_model(model, "fp8")
     assert names(model)[-len(kinds) :] == [f"quant {k}" for k in kinds]
     quant.quantize_head(model)

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import gating
 from . import pdl as gdc
-from .gemv import SplitK
+from .gemv import Accumulated, SplitK
 from .rows import QuantRows
 
 WHOLE_ROW = 16384  # activation widths (Llama-3.1-8B's 14,336) rounded per row from one block in registers
@@ -229,12 +229,15 @@ def _add_rms_norm_kernel(
     QUANT: tl.constexpr,
     QMAX: tl.constexpr,
     PDL: tl.constexpr,
+    CLEAR: tl.constexpr = False,
 ):
     gdc.enter(PDL)
     row = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     m = i < n
     y = gating.load_product(x, row * n + i, m, n_split, s_split, residual)
+    if CLEAR:  # sums added by atomics (`Accumulated`): zero for the next product adding into them
+        tl.store(x + row * n + i, tl.zeros_like(y), mask=m)
     if PRE:  # the product RMS-normed before it is added, rounded as the module rounds it
         y = y / tl.sqrt(tl.sum(y * y, axis=0) / n + eps) * tl.load(pre_weight + i, mask=m, other=0.0).to(tl.float32)
         y = y.to(residual.dtype.element_ty).to(tl.float32)
@@ -288,7 +291,8 @@ def add_rms_norm(
     """residual += x (in place), or += RMSNorm(x) * pre_weight (Gemma 2/3's norm on a layer's
     outputs); returns RMSNorm(residual) * weight. Contiguous [..., E] tensors (x may be a product's
     split partial sums); the weights are the scales applied in fp32 (Gemma's 1 + w). `quantize`
-    (e4m3): the result rounded per row for an FP8 GEMM (`QuantRows`) instead."""
+    (e4m3): the result rounded per row for an FP8 GEMM (`QuantRows`) instead. `Accumulated` sums
+    are zeroed once read."""
     parts, n_split, s_split, _ = gating.parts(x)
     n = residual.shape[-1]
     result, (out, scale_out, qmax) = _output(residual.shape, residual.dtype, residual.device, quantize)
@@ -308,6 +312,7 @@ def add_rms_norm(
         PRE=pre_weight is not None,
         QUANT=quantize is not None,
         QMAX=qmax,
+        CLEAR=isinstance(x, Accumulated),
         num_warps=norm_warps(n, residual.numel() // n),
         **gdc.launch(pdl),
     )

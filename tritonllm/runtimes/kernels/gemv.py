@@ -76,6 +76,12 @@ class SplitK:
         return self.parts.sum(0).to(self.dtype)
 
 
+class Accumulated(SplitK):
+    """A product whose programs added their partial sums into one float32 slice with atomic adds
+    (`mlp.fused_mlp`): its one consumer reads the sums and zeroes them, so the buffer is ready for
+    the next product that adds into it."""
+
+
 class Gated(NamedTuple):
     """A gated MLP's input to its down product: gate_up's product [..., 2F] (gate then up; or its
     `SplitK` partial sums) that the product turns into act(gate) * up [..., F] as it loads each K

@@ -320,6 +320,7 @@ class ForwardPasses:
         m, scale = self.model, self._scale
         rows, pdl = x.numel() // x.shape[-1], self.kernels.pdl and small
         fmt = {kind: self._rounds_input(kind, rows, small) for kind in ROUNDED_BY_PRODUCER}
+        sums = self._mlp_sums(x, rows, small)
         h = rms_norm(m.layers[0].ln1, x)
         for i, layer in enumerate(m.layers):
             a = attend(i, rope(i, self._linear("qkv_proj", layer, h, small)))
@@ -327,18 +328,32 @@ class ForwardPasses:
             h = fk.add_rms_norm(o, x, scale(layer.ln2), layer.ln2.eps, scale(layer.post_attention), fmt["gate_up"], pdl)
             last = i + 1 == len(m.layers)
             nxt, rounds = (m.norm, None) if last else (m.layers[i + 1].ln1, fmt["qkv_proj"])
-            down = self._mlp(layer, h, small, fmt["down"], pdl)
+            down = self._mlp(layer, h, small, fmt["down"], pdl, sums)
             h = fk.add_rms_norm(down, x, scale(nxt), nxt.eps, scale(layer.post_mlp), rounds, pdl)
         return h
 
-    def _mlp(self, layer, h, small: bool, rounds: torch.dtype | None, pdl: bool):
-        """The down product of act(gate) * up of h: at decode rows whose table has it
+    def _mlp_sums(self, x: torch.Tensor, rows: int, small: bool) -> torch.Tensor | None:
+        """Zeros for the fused MLP's sums at decode rows whose table has its tile (`mlp.KEY`), once
+        a step: each layer's add + norm zeroes them again after reading (`gemv.Accumulated`)."""
+        from ..kernels import mlp
+
+        if not (small and (mlp.KEY, rows) in self.kernels.gemv_table):
+            return None
+        return torch.zeros(rows, x.shape[-1], dtype=torch.float32, device=x.device)
+
+    def _mlp(self, layer, h, small: bool, rounds: torch.dtype | None, pdl: bool, sums: torch.Tensor | None = None):
+        """The down product of act(gate) * up of h: with `sums` (`_mlp_sums`), the whole MLP in one
+        kernel adding into them (`mlp.fused_mlp`); at decode rows whose table has it
         (`gemv.GLU_KEYS`), gate_up's tile makes the activation itself and a down tile takes it as it
         is; else gate_up's product, then `_down`."""
-        from ..kernels import gemv
+        from ..kernels import gemv, mlp
         from ..kernels.rows import QuantRows
 
         rows = h.rows if isinstance(h, QuantRows) else h.numel() // h.shape[-1]
+        if sums is not None:
+            (w, _, s), (wd, _, sd) = operands(layer.gate_up), operands(layer.down)
+            tile = self.kernels.gemv_table[(mlp.KEY, rows)]
+            return mlp.fused_mlp(h, (w, s), (wd, sd), layer.activation, tile, sums, pdl)
         if small and (gemv.GLU_KEYS[0], rows) in self.kernels.gemv_table:
             act = self._linear("gate_up", layer, h, small, gemv.GLU_KEYS[0], layer.activation)
             return self._linear("down", layer, act, small, gemv.GLU_KEYS[1])
@@ -368,15 +383,18 @@ class ForwardPasses:
         its input rounded per row, else None (the product takes its input as it is)."""
         if not self.fuse_row_quantization:
             return None
-        from ..kernels import gemv, qmatmul
+        from ..kernels import gemv, mlp, qmatmul
         from ..kernels.rows import float8_of
 
         weight, _, scale = operands(getattr(self.model.layers[0], kind))
         if scale is None or float8_of(weight) is None:
             return None
 
-        if small and (kind, rows) in self.kernels.gemv_table:
-            return weight.dtype if gemv.takes_rounded(self.kernels.gemv_table[(kind, rows)]) else None
+        table = self.kernels.gemv_table
+        if small and kind == "gate_up" and (mlp.KEY, rows) in table:  # the fused MLP's tile reads it
+            return weight.dtype if table[(mlp.KEY, rows)][5] == gemv.X_ROUNDED_PER_ROW else None
+        if small and (kind, rows) in table:
+            return weight.dtype if gemv.takes_rounded(table[(kind, rows)]) else None
         return weight.dtype if qmatmul.takes_rounded(qmatmul.choose(self.kernels.quant_table, kind, rows)) else None
 
     def _scale(self, norm) -> torch.Tensor | None:

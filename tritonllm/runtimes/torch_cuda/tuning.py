@@ -155,6 +155,7 @@ def _stages(model, cache, batch_buckets, max_context, gemv_table, quant_table, p
     elif os.environ.get("TRITONLLM_GEMV") != "0":
         stages += [(f"gemv {k}", products("gemv", _tune_gemv, k)) for k in (*PROJECTIONS, "lm_head")]
         stages.append(("glu", lambda c: _merge(c, "gemv", _tune_glu(model, c, batch_buckets))))
+        stages.append(("mlp", lambda c: _merge(c, "gemv", _tune_mlp(model, c, batch_buckets, consumers(c.pdl)))))
     stages += [("attention", attention), ("rotary", rope), ("splits", splits)] + (
         [("pieces", pieces)] if piece_tokens else []
     )
@@ -205,6 +206,23 @@ def _tune_glu(model, c: KernelChoice, batch_buckets: list[int]) -> tuple[dict, l
         return gemv_tuning.tune_glu(mats, c.gemv_report, c.gemv_table, batch_buckets, activation, dtype, steps)
     except Exception as exc:  # the form does not compile here: gate_up + the activation kernel serve
         log.warning("gate_up making the activation: tuning failed (%s); the activation kernel serves", str(exc)[:300])
+        return {}, []
+
+
+def _tune_mlp(model, c: KernelChoice, batch_buckets: list[int], consumers: dict) -> tuple[dict, list]:
+    """The decode batches where one kernel makes the whole gated MLP (`mlp.tune`, against the
+    timings already in `c`); not for MLPs with biases (the kernel has none)."""
+    from ..kernels import gating, mlp
+
+    activation, gate_up, down = model.features.activation, _weights(model, "gate_up"), _weights(model, "down")
+    if activation not in gating.ACTIVATIONS or any(b is not None for _, b, _ in gate_up + down):
+        return {}, []
+    layers = [((w, s), (wd, sd)) for (w, _, s), (wd, _, sd) in zip(gate_up, down)]
+    try:
+        dtype, consume = model.embed.dtype, consumers["down"]
+        return mlp.tune(layers, c.gemv_report, c.gemv_table, batch_buckets, activation, dtype, consume, c.pdl)
+    except Exception as exc:  # the kernel does not compile here: the MLP stays as tuned
+        log.warning("fused MLP: tuning failed (%s); the MLP stays as tuned", str(exc)[:300])
         return {}, []
 
 
