@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tuning-cache", default=d.tuning_cache,
                    help="torch-cuda: folder of the start-up kernel tables kept per GPU kind, model shape and code "
                    "(auto: ~/.cache/tritonllm/tuning; off: tune at every start; docs/engine.md)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch-cuda: only kernels that add their sums in one fixed order (no atomics): the same "
+                   "logits run after run, at some speed at small batches (docs/engine.md)")
     p.add_argument("--gptq", action="store_true",
                    help="torch-cuda fp8/int8-wo: GPTQ rounding of the weights over the calibration text")
     p.add_argument("--response-threads", type=int, default=d.response_threads)
@@ -142,7 +145,8 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
                         kv_cache_memory_fraction=a.kv_cache_memory_fraction, kv_cache_tokens=a.kv_cache_tokens,
                         kv_policy=a.kv_policy, kv_cache_dtype=a.kv_cache_dtype,
                         quantize_lm_head=a.quantize_lm_head, ort_spin_wait=not a.ort_no_spin,
-                        ort_spin_after_run=a.ort_spin_after_run, tuning_cache=a.tuning_cache)
+                        ort_spin_after_run=a.ort_spin_after_run, tuning_cache=a.tuning_cache,
+                        deterministic=a.deterministic)
 
 if __name__ == "__main__":
     main()

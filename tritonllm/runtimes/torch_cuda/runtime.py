@@ -124,6 +124,7 @@ class TorchCudaRuntime(PagedAdmission, Runtime):
             quant_table,
             cfg.max_prefill_tokens,
             tuning_cache.cache_dir(cfg.tuning_cache),
+            cfg.deterministic,
         )
         sampling.warm_up_logprobs(self.shape.vocab_size, self.device)
         self.compiled = bool(cfg.torch_compile and self.device.type == "cuda")

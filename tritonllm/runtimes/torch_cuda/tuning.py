@@ -101,31 +101,36 @@ def choose_kernels(
     quant_table: dict | None = None,
     piece_tokens: int = 0,
     folder: Path | None = None,
+    deterministic: bool = False,
 ) -> KernelChoice:
     """The tables for this model on this device: `gemv_table` / `quant_table` as given (tests),
     else tuned, or read from `folder` where this engine was tuned before (`tuning_cache`); the
-    prompt pieces' attention tile for steps of up to `piece_tokens` (0: default)."""
+    prompt pieces' attention tile for steps of up to `piece_tokens` (0: default). `deterministic`:
+    no kernel whose sums' order varies between runs (the fused MLP's atomics) is tuned in."""
     device = cache.keys.device
     if not triton or device.type != "cuda":
         return KernelChoice(triton, dict(gemv_table or {}), quant_table=dict(quant_table or {}))
     from ..kernels import pdl
 
     on = pdl.supported(device)
-    stages = _stages(model, cache, batch_buckets, max_context, gemv_table, quant_table, piece_tokens)
+    stages = _stages(model, cache, batch_buckets, max_context, gemv_table, quant_table, piece_tokens, deterministic)
     start = KernelChoice(True, pdl=on)
     if gemv_table is not None or quant_table is not None:  # tables given: nothing to keep
         return tuning_cache.cached(None, {}, start, stages, KernelChoice)
-    fields = tuning_cache.facts(model, cache, batch_buckets, max_context, piece_tokens, on)
+    fields = {**tuning_cache.facts(model, cache, batch_buckets, max_context, piece_tokens, on), "det": deterministic}
     return tuning_cache.cached(folder, fields, start, stages, KernelChoice)
 
 
 Stage = tuple[str, Callable[[KernelChoice], None]]
 
 
-def _stages(model, cache, batch_buckets, max_context, gemv_table, quant_table, piece_tokens) -> list[Stage]:
+def _stages(
+    model, cache, batch_buckets, max_context, gemv_table, quant_table, piece_tokens, deterministic=False
+) -> list[Stage]:
     """The tuning in named steps, each filling its part of the choice: the cache stores the choice
     after each one, so a start stopped mid-tuning resumes at the step it was in. The products
-    are a step per weight kind (the longest part: compiling and timing every tile)."""
+    are a step per weight kind (the longest part: compiling and timing every tile); the fused
+    MLP's step is left out where `deterministic`."""
 
     scratch: dict[bool, dict] = {}  # the products' consumers on scratch inputs, made once for every stage
 
@@ -155,7 +160,8 @@ def _stages(model, cache, batch_buckets, max_context, gemv_table, quant_table, p
     elif os.environ.get("TRITONLLM_GEMV") != "0":
         stages += [(f"gemv {k}", products("gemv", _tune_gemv, k)) for k in (*PROJECTIONS, "lm_head")]
         stages.append(("glu", lambda c: _merge(c, "gemv", _tune_glu(model, c, batch_buckets))))
-        stages.append(("mlp", lambda c: _merge(c, "gemv", _tune_mlp(model, c, batch_buckets, consumers(c.pdl)))))
+        if not deterministic:  # its atomic adds sum in the order the programs reach them
+            stages.append(("mlp", lambda c: _merge(c, "gemv", _tune_mlp(model, c, batch_buckets, consumers(c.pdl)))))
     stages += [("attention", attention), ("rotary", rope), ("splits", splits)] + (
         [("pieces", pieces)] if piece_tokens else []
     )
