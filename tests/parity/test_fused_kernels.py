@@ -258,8 +258,8 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
     )
     if use_gemv == "glu":  # gate_up's tile makes the activation, the down tile takes it as it is
         table.update({(key, rows): (16, 64, 4, 2) for key in gemv.GLU_KEYS for rows in (1, 2)})
-    if use_gemv == "mlp":  # the whole MLP in one kernel (swapped at one row), its sums zeroed by add + norm
-        table.update({(mlp.KEY, 1): (32, 64, 64, 4, 2, 0, 1), (mlp.KEY, 2): (16, 64, 32, 4, 2, 0, 0)})
+    if use_gemv == "mlp":  # the MLP in one kernel (CUDA cores at one row, swapped at two); add + norm zeroes its sums
+        table.update({(mlp.KEY, 1): (32, 64, 64, 4, 1, 0, 2), (mlp.KEY, 2): (16, 64, 32, 4, 2, 0, 1)})
     if use_gemv == "split":  # every product split along K, the LM head's summed before the logits
         table = {key: (1024, 64, 4, 2, 2) if key[0] == "lm_head" else (32, 64, 4, 2, 2) for key in table}
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table=table)

@@ -41,9 +41,18 @@ order(
     mlp._mlp_kernel,
     {"x": "*fp8e4nv", "x_scale": "*fp32", **ptr("*fp8e4nv", "w_gu", "w_down"), **ptr("*fp32", "s_gu", "s_down", "out"),
      "like": "*bf16", **i32("M", "D", "F", "s_xm")},
-    dict(HAS_SCALE=True, QUANT_X=2, DOWN_X=1, SWAP=True, GELU=False, BLOCK_M=16, BLOCK_I=64, BLOCK_K=256, BLOCK_N=128,
-         PDL=True),
+    dict(HAS_SCALE=True, QUANT_X=2, DOWN_X=1, SWAP=True, USE_DOT=True, GELU=False, BLOCK_M=16, BLOCK_I=64,
+         BLOCK_K=256, BLOCK_N=128, PDL=True),
     (*marks[:4], "red.global.gpu.relaxed.add.f32"),
+)
+order(  # ... its CUDA-core form at one row
+    mlp._mlp_kernel,
+    {"x": "*bf16", "x_scale": "*bf16", **ptr("*fp8e4nv", "w_gu", "w_down"), **ptr("*fp32", "s_gu", "s_down", "out"),
+     "like": "*bf16", **i32("M", "D", "F", "s_xm")},
+    dict(HAS_SCALE=True, QUANT_X=0, DOWN_X=0, SWAP=False, USE_DOT=False, GELU=False, BLOCK_M=1, BLOCK_I=64,
+         BLOCK_K=64, BLOCK_N=64, PDL=True),
+    (*marks[:4], "red.global.gpu.relaxed.add.f32"),
+    "mlp_cores",
 )
 order(
     fused._add_rms_norm_kernel,
@@ -114,6 +123,7 @@ def test_compiled_pdl_kernels_wait_before_reading_or_writing_activations():
         assert 0 <= prefetch < wait < launch < load < store, name  # only the weight prefetch runs ahead of the wait
     for name in (
         "_mlp_kernel",
+        "mlp_cores",
         "_add_rms_norm_kernel",
         "_combine_splits_kernel",
         "_rope_attention_kernel",
