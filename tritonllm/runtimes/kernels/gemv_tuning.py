@@ -237,6 +237,7 @@ def tune_glu(mats, report: list, table: dict, rows: Sequence[int], activation: s
         if isinstance(best, tuple):
             found.update({(GLU_KEYS[0], m): best[0], (GLU_KEYS[1], m): best[1]})
         out_report.append(_report("glu", m, best, times))
+        log.info("gate_up making the activation x%d: %s (%s)", m, out_report[-1]["chosen"], out_report[-1]["us"])
     return found, out_report
 
 

@@ -15,6 +15,7 @@ within float32 rounding, not bit for bit, and may differ in the last bits betwee
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -34,6 +35,8 @@ from .gemv import (
     takes_rounded,
 )
 from .rows import QuantRows
+
+log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # rows a program holds (the tensor cores' narrow side, padded to 16)
 # (activation columns a program, K step of gate_up, output columns a step of down, warps, stages,
@@ -230,6 +233,7 @@ def tune(layers: list, report: list, table: dict, rows: Sequence[int], activatio
         if best != "as tuned":
             found[(KEY, m)] = best
         out.append(_report(KEY, m, best, {k: v / 1e3 for k, v in times.items()}))
+        log.info("fused MLP x%d: %s (%s)", m, out[-1]["chosen"], out[-1]["us"])
     return found, out
 
 
