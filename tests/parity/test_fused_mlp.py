@@ -86,6 +86,8 @@ def test_refusals_name_the_value_and_the_fix():
         mlp.fused_mlp(torch.randn(17, 1, D).to(HALF), gate_up, down, "silu", PLAIN[0])
     with pytest.raises(ValueError, match=r"needs gate_up \[2F, D\] and down \[D, F\]"):
         mlp.fused_mlp(x, gate_up, (down[0].T.contiguous(), None), "silu", PLAIN[0])
+    with pytest.raises(ValueError, match="must be contiguous"):
+        mlp.fused_mlp(x, gate_up, (down[0].T.contiguous().T, None), "silu", PLAIN[0])
 
 
 def test_candidates_take_x_as_the_producer_hands_it():

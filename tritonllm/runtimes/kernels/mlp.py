@@ -152,6 +152,8 @@ def fused_mlp(
             f"fused MLP: {rows} rows of {d} (at most {MAX_ROWS}), gate_up {tuple(w_gu.shape)}, down "
             f"{tuple(w_down.shape)}: needs gate_up [2F, D] and down [D, F]"
         )
+    if not (w_gu.is_contiguous() and w_down.is_contiguous()):  # the kernel steps rows by D and F
+        raise ValueError("fused MLP: gate_up's and down's weights must be contiguous: pass .contiguous() ones")
     sums = torch.zeros(rows, d, dtype=torch.float32, device=values.device) if sums is None else sums
     block_i, block_k, block_n, warps, stages = config[:5]
     _mlp_kernel[(triton.cdiv(f, block_i),)](
