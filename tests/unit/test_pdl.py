@@ -36,24 +36,20 @@ gemv_consts = dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=True, QUANT_X=0, SWAP
 order(gemv._small_matmul_kernel, gemv_sig, gemv_consts, marks)
 # gate_up's tile making the activation (swapped, rows rounded per row): gate and up tiles both after the wait
 order(gemv._small_matmul_kernel, gemv_sig, dict(gemv_consts, GATED=False, GLU=True, SWAP=True, QUANT_X=2), marks, "glu")
-# the fused MLP: its sums leave by atomic adds (`red`), after the wait like every load of x
-order(
-    mlp._mlp_kernel,
-    {"x": "*fp8e4nv", "x_scale": "*fp32", **ptr("*fp8e4nv", "w_gu", "w_down"), **ptr("*fp32", "s_gu", "s_down", "out"),
-     "like": "*bf16", **i32("M", "D", "F", "s_xm")},
-    dict(HAS_SCALE=True, QUANT_X=2, DOWN_X=1, SWAP=True, USE_DOT=True, GELU=False, BLOCK_M=16, BLOCK_I=64,
-         BLOCK_K=256, BLOCK_N=128, PDL=True),
-    (*marks[:4], "red.global.gpu.relaxed.add.f32"),
-)
-order(  # ... its CUDA-core form at one row
-    mlp._mlp_kernel,
-    {"x": "*bf16", "x_scale": "*bf16", **ptr("*fp8e4nv", "w_gu", "w_down"), **ptr("*fp32", "s_gu", "s_down", "out"),
-     "like": "*bf16", **i32("M", "D", "F", "s_xm")},
-    dict(HAS_SCALE=True, QUANT_X=0, DOWN_X=0, SWAP=False, USE_DOT=False, GELU=False, BLOCK_M=1, BLOCK_I=64,
-         BLOCK_K=64, BLOCK_N=64, PDL=True),
-    (*marks[:4], "red.global.gpu.relaxed.add.f32"),
-    "mlp_cores",
-)
+# the fused MLP, on the tensor cores and on the CUDA cores: its sums leave by atomic adds (`red`), after the wait
+mlp_tile = dict(HAS_SCALE=True, GELU=False, BLOCK_I=64, PDL=True)
+for label, x, tile in (
+    ("_mlp_kernel", "*fp8e4nv", dict(QUANT_X=2, DOWN_X=1, SWAP=True, USE_DOT=True, BLOCK_M=16, BLOCK_K=256)),
+    ("mlp_cores", "*bf16", dict(QUANT_X=0, DOWN_X=0, SWAP=False, USE_DOT=False, BLOCK_M=1, BLOCK_K=64)),
+):
+    order(
+        mlp._mlp_kernel,
+        {"x": x, "x_scale": "*fp32", "w_gu": "*fp8e4nv", "s_gu": "*fp32", "w_down": "*fp8e4nv", "s_down": "*fp32",
+         "out": "*fp32", "like": "*bf16", **i32("M", "D", "F", "s_xm")},  # (in the kernel's order)
+        dict(mlp_tile, BLOCK_N=128 if tile["USE_DOT"] else 64, **tile),
+        (*marks[:4], "red.global.gpu.relaxed.add.f32"),
+        label,
+    )
 order(
     fused._add_rms_norm_kernel,
     {**ptr("*bf16", "x", "residual", "weight", "pre_weight", "out"), "scale_out": "*fp32", "n": "i32",
