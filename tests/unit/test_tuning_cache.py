@@ -105,7 +105,11 @@ def test_the_key_follows_the_weights_types_and_the_cache(tiny_dir):
     assert len(keys) == 3
     base = tc.facts(model, cache, [1, 2], 64, 0, False)
     assert tc.key(base) == tc.key(tc.facts(model, cache, [1, 2], 64, 0, False))
-    for changed in (tc.facts(model, cache, [1, 2, 4], 64, 0, False), tc.facts(model, cache, [1, 2], 128, 0, False)):
+    for changed in (
+        tc.facts(model, cache, [1, 2, 4], 64, 0, False),
+        tc.facts(model, cache, [1, 2], 128, 0, False),
+        tc.facts(model, cache, [1, 2], 64, 0, False, deterministic=True),
+    ):
         assert tc.key(changed) != tc.key(base)
     fp8_cache = SimpleNamespace(keys=torch.zeros(4, 16, 2, 8, dtype=torch.float8_e4m3fn))
     assert tc.key(tc.facts(model, fp8_cache, [1, 2], 64, 0, False)) != tc.key(base)

@@ -164,7 +164,7 @@ def fused_mlp(
         w_down,
         s_down if s_down is not None else w_down,
         sums,
-        torch.empty(1, dtype=dtype, device=values.device) if rounded else values,
+        gating.like(values, dtype),  # (x itself, or one element of its type where x came rounded)
         rows,
         d,
         f,
@@ -217,7 +217,7 @@ def tune(layers: list, report: list, table: dict, rows: Sequence[int], activatio
     (w0, _), (d0, _) = layers[0]
     found, out = {}, []
     for m in (r for r in rows if r <= MAX_ROWS and ("gate_up", r) in timed and ("down", r) in timed):
-        times = {"as tuned": _current_us(timed, m)}
+        times = {"as tuned": _current_us(timed, m) / 1e3}  # ms
         x = torch.randn(m, 1, w0.shape[1], device=w0.device, dtype=dtype)
         rounded = takes_rounded(table.get(("gate_up", m)))
         given = round_rows(x, w0.dtype) if rounded else x
@@ -230,11 +230,11 @@ def tune(layers: list, report: list, table: dict, rows: Sequence[int], activatio
         for cfg in (c for c, agreed in zip(tiles, ok) if agreed):
             run(cfg, pdl)()  # the form the step launches, compiled before its graph
             step = lambda c=cfg: [consume(fused_mlp(given, gu, dn, activation, c, sums, pdl)) for gu, dn in layers]
-            times[cfg] = 1e3 * graph_ms(step)
+            times[cfg] = graph_ms(step)
         best = min(times, key=times.get)
         if best != "as tuned":
             found[(KEY, m)] = best
-        out.append(_report(KEY, m, best, {k: v / 1e3 for k, v in times.items()}))
+        out.append(_report(KEY, m, best, times))
         log.info("fused MLP x%d: %s (%s)", m, out[-1]["chosen"], out[-1]["us"])
     return found, out
 

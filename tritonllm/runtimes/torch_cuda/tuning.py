@@ -117,7 +117,7 @@ def choose_kernels(
     start = KernelChoice(True, pdl=on)
     if gemv_table is not None or quant_table is not None:  # tables given: nothing to keep
         return tuning_cache.cached(None, {}, start, stages, KernelChoice)
-    fields = {**tuning_cache.facts(model, cache, batch_buckets, max_context, piece_tokens, on), "det": deterministic}
+    fields = tuning_cache.facts(model, cache, batch_buckets, max_context, piece_tokens, on, deterministic)
     return tuning_cache.cached(folder, fields, start, stages, KernelChoice)
 
 

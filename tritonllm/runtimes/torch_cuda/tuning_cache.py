@@ -49,7 +49,9 @@ def _device(device: torch.device) -> dict:
     return {"name": props.name, "capability": [props.major, props.minor], "sms": props.multi_processor_count}
 
 
-def facts(model, cache, batch_buckets: list[int], max_context: int, piece_tokens: int, pdl: bool) -> dict:
+def facts(
+    model, cache, batch_buckets: list[int], max_context: int, piece_tokens: int, pdl: bool, deterministic: bool = False
+) -> dict:
     """What the tables depend on (weights by shape and type, not value)."""
     import triton
 
@@ -66,6 +68,7 @@ def facts(model, cache, batch_buckets: list[int], max_context: int, piece_tokens
         "max_context": max_context,
         "piece_tokens": piece_tokens,
         "pdl": pdl,
+        "deterministic": deterministic,  # (its tuning leaves kernels out)
         "gemv_env": os.environ.get("TRITONLLM_GEMV"),
         "sources": _sources(),
     }
