@@ -34,13 +34,13 @@ def _rotated(qkv, at, mask, c, sn, n_split, s_split, like, D: tl.constexpr):
 
 @triton.jit
 def _new_key_value(
-    qkv, c, sn, k_cache, v_cache, table, write_slot, kv_scale, row, kv, p, n_split, s_split, s_qkv, like,
+    qkv, c, sn, k_cache, v_cache, table, write_slot, kv_scale, row, kv, p, write, n_split, s_split, s_qkv, like,
     s_table, s_c_block, s_c_head, s_c_pos,
     PAGE: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     """The row's new key (rotated) and value of head `kv`, as the cache holds them (float32 of the
-    cache's type, before the head's scale): written at position p of the row's write slot by the
-    first split's program."""
+    cache's type, before the head's scale): written at position p of the row's write slot where
+    `write` (one program of those that read the row's head)."""
     d = tl.arange(0, D)
     every = d < D
     k = _rotated(qkv, row * s_qkv + (H + kv) * D, every, c, sn, n_split, s_split, like, D)
@@ -51,9 +51,9 @@ def _new_key_value(
     k, v = k.to(k_cache.dtype.element_ty), v.to(v_cache.dtype.element_ty)
     block = tl.load(table + tl.load(write_slot + row) * s_table + p // PAGE).to(tl.int64)
     at = block * s_c_block + kv * s_c_head + (p % PAGE) * s_c_pos + d
-    first = d < tl.where(tl.program_id(2) == 0, D, 0)  # the first split's program alone
-    tl.store(k_cache + at, k, mask=first)
-    tl.store(v_cache + at, v, mask=first)
+    one = d < tl.where(write, D, 0)
+    tl.store(k_cache + at, k, mask=one)
+    tl.store(v_cache + at, v, mask=one)
     if FP8:  # what the attention reads of an fp8 cache: its values widened to fp16
         return k.to(tl.float16).to(tl.float32), v.to(tl.float16).to(tl.float32)
     return k.to(tl.float32), v.to(tl.float32)
@@ -76,26 +76,28 @@ def _with_new_key(qv, k, v, scale, softcap, mine, m_i, l_i, acc, CAPPED: tl.cons
 
 
 @triton.jit
-def _rope_attention_kernel(
-    qkv, cos, sin, k_cache, v_cache, table, pos, write_slot, out, part, kv_scale,
+def attend_new_row(
+    qkv, cos, sin, k_cache, v_cache, table, pos, write_slot, like, kv_scale, row, kv, sp, write,
     limit, window, scale, softcap, n_split, s_split, s_qkv, s_cs, s_table, s_c_block, s_c_head, s_c_pos,
     PAGE: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     CAPPED: tl.constexpr, FP8: tl.constexpr, HKV: tl.constexpr, KT: tl.constexpr, SPLITS: tl.constexpr,
-    PDL: tl.constexpr,
 ):  # fmt: skip
-    gdc.enter(PDL)
-    row, kv, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i, d = tl.arange(0, R), tl.arange(0, D)  # R rows: query head kv * G + i, real below G
+    """The online softmax's (max, sum, weighted values) [R] [R] [R, D] of `row`'s G query heads of
+    KV head `kv` (rows past G padding) over split `sp`'s share of its cached keys, the new key
+    included in split 0's; the new key and value written to the cache where `write`."""
+    i, d = tl.arange(0, R), tl.arange(0, D)
     real = i < G
     p = tl.load(pos + row)
     c, sn = tl.load(cos + row * s_cs + d).to(tl.float32), tl.load(sin + row * s_cs + d).to(tl.float32)
     at_q = (row * s_qkv + (kv * G + i) * D)[:, None]
-    qv = _rotated(qkv, at_q, real[:, None], c[None, :], sn[None, :], n_split, s_split, out, D)
-    qv = qv.to(out.dtype.element_ty)  # the query as the separate rotary kernel stores it
+    qv = _rotated(qkv, at_q, real[:, None], c[None, :], sn[None, :], n_split, s_split, like, D)
+    qv = qv.to(like.dtype.element_ty)  # the query as the separate rotary kernel stores it
     if FP8:  # fp16 products against fp8 keys, as in decode_attention
         qv = qv.to(tl.float16)
-    k, v = _new_key_value(qkv, c, sn, k_cache, v_cache, table, write_slot, kv_scale, row, kv, p, n_split, s_split,
-                          s_qkv, out, s_table, s_c_block, s_c_head, s_c_pos, PAGE, D, G * HKV, HKV, FP8)  # fmt: skip
+    k, v = _new_key_value(
+        qkv, c, sn, k_cache, v_cache, table, write_slot, kv_scale, row, kv, p, write, n_split, s_split, s_qkv, like,
+        s_table, s_c_block, s_c_head, s_c_pos, PAGE, D, G * HKV, HKV, FP8,
+    )  # fmt: skip
     n_all = tl.minimum(p + 1, limit)  # keys 0..p: the cached ones before p, then the new one
     n = n_all - 1
     lo = tl.maximum(n_all - window, 0)  # a sliding window sees the last `window` keys only
@@ -112,9 +114,27 @@ def _rope_attention_kernel(
         qv, k_cache, v_cache, table, row, kv, lo, n, lo_r, n_r, begin, end, scale, softcap, m_i, l_i,
         tl.zeros([R, D], tl.float32), s_table, s_c_block, s_c_head, s_c_pos, PAGE, D, BLOCK_N, CAPPED, FP8, KT,
     )  # fmt: skip
-    m_i, l_i, acc = _with_new_key(qv, k, v, scale, softcap, sp == 0, m_i, l_i, acc, CAPPED)
+    return _with_new_key(qv, k, v, scale, softcap, sp == 0, m_i, l_i, acc, CAPPED)
+
+
+@triton.jit
+def _rope_attention_kernel(
+    qkv, cos, sin, k_cache, v_cache, table, pos, write_slot, out, part, kv_scale,
+    limit, window, scale, softcap, n_split, s_split, s_qkv, s_cs, s_table, s_c_block, s_c_head, s_c_pos,
+    PAGE: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAPPED: tl.constexpr, FP8: tl.constexpr, HKV: tl.constexpr, KT: tl.constexpr, SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    gdc.enter(PDL)
+    row, kv, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    m_i, l_i, acc = attend_new_row(
+        qkv, cos, sin, k_cache, v_cache, table, pos, write_slot, out, kv_scale, row, kv, sp, sp == 0,
+        limit, window, scale, softcap, n_split, s_split, s_qkv, s_cs, s_table, s_c_block, s_c_head, s_c_pos,
+        PAGE, G, R, D, BLOCK_N, CAPPED, FP8, HKV, KT, SPLITS,
+    )  # fmt: skip
+    i, d = tl.arange(0, R), tl.arange(0, D)
     at_out = (row * G * HKV + kv * G + i)[:, None] * D + d[None, :]
-    finish_rows(acc, m_i, l_i, out, part, kv_scale, at_out, row, kv, i, real, HKV, G, D, FP8, SPLITS)
+    finish_rows(acc, m_i, l_i, out, part, kv_scale, at_out, row, kv, i, i < G, HKV, G, D, FP8, SPLITS)
 
 
 def rope_attention(
