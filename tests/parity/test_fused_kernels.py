@@ -18,6 +18,7 @@ from tritonllm.config import EngineConfig
 from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model.modeling import CausalLM, load_hf, rotate_half
 from tritonllm.runtimes.kernels import attention as ak
+from tritonllm.runtimes.kernels import attention_o as ao
 from tritonllm.runtimes.kernels import fused as fk
 from tritonllm.runtimes.kernels import fused_check, gemv, mlp
 from tritonllm.runtimes.kernels import rope_attention as ra
@@ -238,7 +239,9 @@ def test_fused_prefill_gives_the_torch_ops_logits_and_cache(tiny_dir):
 
 
 @pytest.mark.parametrize(
-    "use_gemv", [False, True, "split", "keys split", "rope in attention", "rope in attention, keys split", "glu", "mlp"]
+    "use_gemv",
+    [False, True, "split", "keys split", "rope in attention", "rope in attention, keys split", "glu", "mlp"]
+    + ["rope in attention, o and mlp"],
 )
 def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
     from .test_engine_parity import PROMPTS, hf_greedy
@@ -253,13 +256,18 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
             for kind in PROJECTIONS + ("lm_head",)
             for rows in (1, 2)
         }
-        if use_gemv in (True, "split", "glu", "mlp")
+        if use_gemv in (True, "split", "glu", "mlp", "rope in attention, o and mlp")
         else {}
     )
     if use_gemv == "glu":  # gate_up's tile makes the activation, the down tile takes it as it is
         table.update({(key, rows): (16, 64, 4, 2) for key in gemv.GLU_KEYS for rows in (1, 2)})
-    if use_gemv == "mlp":  # the MLP in one kernel (CUDA cores at one row, swapped at two); add + norm zeroes its sums
+    fuse_o = use_gemv == "rope in attention, o and mlp"  # attention + o and the MLP add into one buffer of sums
+    if (
+        use_gemv == "mlp" or fuse_o
+    ):  # the MLP in one kernel (CUDA cores at one row, swapped at two); add + norm zeroes its sums
         table.update({(mlp.KEY, 1): (32, 64, 64, 4, 1, 0, 2), (mlp.KEY, 2): (16, 64, 32, 4, 2, 0, 1)})
+    if fuse_o:
+        table.update({(ao.KEY, 1): (32, 4, 2), (ao.KEY, 2): (64, 4, 2)})
     if use_gemv == "split":  # every product split along K, the LM head's summed before the logits
         table = {key: (1024, 64, 4, 2, 2) if key[0] == "lm_head" else (32, 64, 4, 2, 2) for key in table}
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table=table)
@@ -277,6 +285,8 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
     monkeypatch.setattr(gemv, "small_matmul", small_matmul)
     mlps, real_mlp = [], mlp.fused_mlp
     monkeypatch.setattr(mlp, "fused_mlp", lambda *a, **k: mlps.append(a[4]) or real_mlp(*a, **k))
+    os_, real_o = [], ao.attention_o
+    monkeypatch.setattr(ao, "attention_o", lambda *a, **k: os_.append(a[12]) or real_o(*a, **k))
     if str(use_gemv).endswith(
         "keys split"
     ):  # every decode graph long enough for the split table, which splits 4 / 2 ways
@@ -290,9 +300,10 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
             ]
         ]
     assert got == [hf_greedy(hf, ids, n) for ids, n in zip(prompts, lengths)]
-    assert bool(calls) == fuse_rope
+    assert bool(calls) == (fuse_rope and not fuse_o)  # attention + o calls attend_new_row, not rope_attention
+    assert set(os_) == ({table[(ao.KEY, 1)], table[(ao.KEY, 2)]} if fuse_o else set())
     assert bool(glus) == (use_gemv == "glu")
-    assert set(mlps) == ({table[(mlp.KEY, 1)], table[(mlp.KEY, 2)]} if use_gemv == "mlp" else set())
+    assert set(mlps) == ({table[(mlp.KEY, 1)], table[(mlp.KEY, 2)]} if use_gemv == "mlp" or fuse_o else set())
 
 
 def test_split_candidates_only_where_rows_leave_programs_free():

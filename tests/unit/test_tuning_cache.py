@@ -131,9 +131,10 @@ def test_the_engine_tunes_in_a_stage_per_weight_kind(tiny_dir, monkeypatch):
         n for n, _ in tuning._stages(m, None, [1, 64], 512, given.get("g"), given.get("q"), 0, det)
     ]
     kinds = list(quant.PROJECTIONS)
-    after_products = ["glu", "mlp", "attention", "rotary", "splits"]
+    after_products = ["glu", "mlp", "attention", "rotary", "attention+o", "splits"]
     assert names(model) == [*(f"gemv {k}" for k in kinds), "gemv lm_head", *after_products]
-    assert "mlp" not in names(model, det=True)  # deterministic: no atomics' order in the sums
+    atomics = {"mlp", "attention+o"}  # deterministic: no atomics' order in the sums
+    assert atomics.isdisjoint(names(model, det=True)) and atomics < set(names(model))
     quant.quantize_model(model, "fp8")
     assert names(model)[-len(kinds) :] == [f"quant {k}" for k in kinds]
     quant.quantize_head(model)

@@ -196,11 +196,13 @@ class ForwardPasses:
         config = self.kernels.attention_table.get(b, ak.ATTENTION_CONFIGS[0])
         if c >= ak.LONG_CONTEXT:  # few rows of many keys: each row's keys split over programs where tuned
             config = self.kernels.split_table.get(b, config)
+        mix = None
         if b in self.kernels.rope_batches and not m.features.qk_norm:
             rope, attend = self._rope_attention(rot, positions, self.writes[:b], c, config)
+            mix = self._attention_o(rot, positions, self.writes[:b], c, config)
         else:
             rope, attend = self._row_kernels(rot, positions, self.writes[:b], c, config, pdl=self.kernels.pdl)
-        h = self._fused_layers(x, rope, attend, small=True)
+        h = self._fused_layers(x, rope, attend, small=True, mix=mix)
         head, scale = m.head()
         return m.cap_logits(dense(self._project("lm_head", head, None, h[:, 0], scale)))
 
@@ -266,6 +268,27 @@ class ForwardPasses:
         )
         return (lambda i, qkv: qkv), attend
 
+    def _attention_o(self, rot, positions, writes, limit: int, config):
+        """`_fused_layers`' `mix` where the decode table has attention + o's tile for these rows and
+        the step's attention config is unsplit (`kernels/attention_o.py`): the o product of the
+        qkv product, added into the step's sums; else None."""
+        from ..kernels import attention_o as ao
+        from ..kernels.attention import Tile
+
+        m, cache, b = self.model, self.cache, positions.shape[0]
+        tile = self.kernels.gemv_table.get((ao.KEY, b))
+        if tile is None or Tile(*config).splits != 1:
+            return None
+
+        def mix(i, layer, qkv, sums):
+            w, _, s = operands(layer.o)
+            cs = (*rot[m.layer_rope[i]], positions, writes, cache.keys[i], cache.values[i], cache.table)
+            kw = {"kv_scale": cache.layer_scales(i), "pdl": self.kernels.pdl}
+            heads, args = m.shape.num_heads, self._attention_args(layer)
+            return ao.attention_o(qkv, *cs, heads, limit, config, (w, s), tile, sums, *args, **kw)
+
+        return mix
+
     def _decode_torch(self, b: int, c: int) -> torch.Tensor:
         """The decode step on torch ops (fused attention and norms, or the reference ops)."""
         tokens, positions = self.tokens[:b], self.positions[:b]
@@ -308,41 +331,45 @@ class ForwardPasses:
             return torch.matmul(h, head.t())
         return self._project("lm_head", head, None, h, scale, small=False)
 
-    def _fused_layers(self, x: torch.Tensor, rope, attend, small: bool) -> torch.Tensor:
+    def _fused_layers(self, x: torch.Tensor, rope, attend, small: bool, mix=None) -> torch.Tensor:
         """The decoder stack on the fused kernels: per layer 4 matrix products (`_linear`; `small`:
         a decode step's, by the small-batch tables) and 4 small kernels (rotary + KV write `rope`,
         attention `attend`, residual add + norm twice (each with the output's own norm first in
         Gemma 2/3), the gated activation); add + norm and the activation hand an FP8 GEMM its input
-        rounded per row (`_rounds_input`). x is the residual stream (updated in place); returns it
-        normalised by the final norm."""
+        rounded per row (`_rounds_input`). `mix(i, layer, qkv, sums)`, where given, makes the o
+        product from the qkv product itself (attention + o in one kernel). x is the residual stream
+        (updated in place); returns it normalised by the final norm."""
         from ..kernels import fused as fk
+        from ..kernels import mlp
 
         m, scale = self.model, self._scale
         rows, pdl = x.numel() // x.shape[-1], self.kernels.pdl and small
         fmt = {kind: self._rounds_input(kind, rows, small) for kind in ROUNDED_BY_PRODUCER}
-        sums = self._mlp_sums(x, rows, small)
+        sums = self._sums(x, rows, small, mix)
+        fused_mlp = sums is not None and (mlp.KEY, rows) in self.kernels.gemv_table
         h = rms_norm(m.layers[0].ln1, x)
         for i, layer in enumerate(m.layers):
-            a = attend(i, rope(i, self._linear("qkv_proj", layer, h, small)))
-            o = self._linear("o", layer, a, small)
+            qkv = self._linear("qkv_proj", layer, h, small)
+            o = mix(i, layer, qkv, sums) if mix else self._linear("o", layer, attend(i, rope(i, qkv)), small)
             h = fk.add_rms_norm(o, x, scale(layer.ln2), layer.ln2.eps, scale(layer.post_attention), fmt["gate_up"], pdl)
             last = i + 1 == len(m.layers)
             nxt, rounds = (m.norm, None) if last else (m.layers[i + 1].ln1, fmt["qkv_proj"])
-            down = self._mlp(layer, h, small, fmt["down"], pdl, sums)
+            down = self._mlp(layer, h, small, fmt["down"], pdl, sums if fused_mlp else None)
             h = fk.add_rms_norm(down, x, scale(nxt), nxt.eps, scale(layer.post_mlp), rounds, pdl)
         return h
 
-    def _mlp_sums(self, x: torch.Tensor, rows: int, small: bool) -> torch.Tensor | None:
-        """Zeros for the fused MLP's sums at decode rows whose table has its tile (`mlp.KEY`), once
-        a step: each layer's add + norm zeroes them again after reading (`gemv.Accumulated`)."""
+    def _sums(self, x: torch.Tensor, rows: int, small: bool, mix) -> torch.Tensor | None:
+        """Zeros for the sums that atomic-add kernels make (attention + o where `mix` is given, the
+        fused MLP at decode rows whose table has its tile, `mlp.KEY`), once a step: each add + norm
+        zeroes them again after reading (`gemv.Accumulated`), so both share one buffer."""
         from ..kernels import mlp
 
-        if not (small and (mlp.KEY, rows) in self.kernels.gemv_table):
+        if mix is None and not (small and (mlp.KEY, rows) in self.kernels.gemv_table):
             return None
         return torch.zeros(rows, x.shape[-1], dtype=torch.float32, device=x.device)
 
     def _mlp(self, layer, h, small: bool, rounds: torch.dtype | None, pdl: bool, sums: torch.Tensor | None = None):
-        """The down product of act(gate) * up of h: with `sums` (`_mlp_sums`), the whole MLP in one
+        """The down product of act(gate) * up of h: with `sums` (`_sums`), the whole MLP in one
         kernel adding into them (`mlp.fused_mlp`); at decode rows whose table has it
         (`gemv.GLU_KEYS`), gate_up's tile makes the activation itself and a down tile takes it as it
         is; else gate_up's product, then `_down`."""

@@ -162,9 +162,11 @@ def _stages(
         stages.append(("glu", lambda c: _merge(c, "gemv", _tune_glu(model, c, batch_buckets))))
         if not deterministic:  # its atomic adds sum in the order the programs reach them
             stages.append(("mlp", lambda c: _merge(c, "gemv", _tune_mlp(model, c, batch_buckets, consumers(c.pdl)))))
-    stages += [("attention", attention), ("rotary", rope), ("splits", splits)] + (
-        [("pieces", pieces)] if piece_tokens else []
-    )
+    stages += [("attention", attention), ("rotary", rope)]
+    if gemv_table is None and not deterministic:  # o's timings are gemv's; atomic adds as in "mlp"
+        tune_o = lambda c: _tune_attention_o(model, cache, c, max_context, consumers(c.pdl)["o"])
+        stages.append(("attention+o", lambda c: _merge(c, "gemv", tune_o(c))))
+    stages += [("splits", splits)] + ([("pieces", pieces)] if piece_tokens else [])
     if quant_table is not None:
         stages.append(("quant", lambda c: c.quant_table.update(quant_table)))
     elif scheme_of(model) != "none":
@@ -344,6 +346,32 @@ def _tune_rope(model, cache: PagedDeviceCache, table: dict, max_context: int) ->
         return set(), []
     log.info("rotary inside decode attention at batches %s; timings %s", sorted(chosen), report)
     return chosen, report
+
+
+def _tune_attention_o(model, cache: PagedDeviceCache, c: KernelChoice, max_context: int, consume) -> tuple:
+    """The decode batches whose attention (with the rotary inside) also makes the o product
+    (`attention_o.tune`, against the rotary stage's and o's timings already in `c`, each followed
+    by `consume`, the add + norm after o); not for o with a bias (the kernel has none). Rotary
+    batches exist only for models without q/k norms."""
+    from ..kernels import attention_o
+    from ..kernels.attention import layer_caches
+
+    o = _weights(model, "o")
+    if not c.rope_batches or any(b is not None for _, b, _ in o):
+        return {}, []
+    rope_us = {r["batch"]: r["us"]["rotary in attention"] for r in c.rope_report}
+    o_us = {r["rows"]: min(r["us"].values()) for r in c.gemv_report if r["kind"] == "o"}
+    sh, dtype = model.shape, model.embed.dtype
+    try:
+        scales = [cache.layer_scales(i) for i in range(sh.num_layers)] if cache.fp8 else None
+        caches, layers = layer_caches(cache.keys, cache.values, scales), [(w, s) for w, _, s in o]
+        batches, context = sorted(c.rope_batches), min(256, max_context)
+        return attention_o.tune(
+            caches, sh.num_heads, layers, c.attention_table, batches, rope_us, o_us, context, dtype, consume, c.pdl
+        )
+    except Exception as exc:  # the kernel does not compile here: attention and o stay as tuned
+        log.warning("attention + o: tuning failed (%s); attention and o stay as tuned", str(exc)[:300])
+        return {}, []
 
 
 def _tune_splits(model, cache: PagedDeviceCache, table: dict, max_context: int) -> dict:
