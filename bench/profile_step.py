@@ -32,7 +32,7 @@ from bench.workloads import copy_bandwidth
 from tritonllm.model import quant
 from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.base import StepInput
-from tritonllm.runtimes.kernels import fused, gemv, mlp, qmatmul
+from tritonllm.runtimes.kernels import attention_o, fused, gemv, mlp, qmatmul
 from tritonllm.runtimes.kernels import pdl as gdc
 from tritonllm.runtimes.kernels.timing import capture, graph_ms, replay_ms
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
@@ -146,15 +146,25 @@ def gated_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
     return {**out, "gated tile": str(tile), "gated tile chosen by the tuner": chosen}
 
 
-def mlp_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
-    """The decode step with the whole MLP in one kernel (`mlp.KEY`: the tuner's tile, or the
-    fastest it timed where it kept the MLP as tuned) and with the MLP as tuned otherwise, side by
-    side; the logits differ by summation order only."""
-    found = entry_variants(rt, batch, (mlp.KEY, batch), "MLP as tuned", "MLP in one kernel", bucket)
+def one_kernel_variants(rt: TorchCudaRuntime, batch: int, bucket: int, key: str, off: str, on: str) -> dict:
+    """The decode step with the table entry (key, batch) of a kernel that adds into the step's sums
+    (the tuner's tile, or the fastest it timed where it kept the step as tuned) and without it,
+    side by side; the logits differ by summation order only."""
+    found = entry_variants(rt, batch, (key, batch), off, on, bucket)
     if found is None:
-        return {"mlp": "no fused MLP tile timed at this batch"}
+        return {key: f"no {key} tile timed at this batch"}
     out, tile, chosen = found
-    return {**out, "mlp tile": str(tile), "mlp tile chosen by the tuner": chosen}
+    return {**out, f"{key} tile": str(tile), f"{key} tile chosen by the tuner": chosen}
+
+
+def mlp_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
+    """The whole MLP in one kernel (`mlp.KEY`) against the MLP as tuned otherwise."""
+    return one_kernel_variants(rt, batch, bucket, mlp.KEY, "MLP as tuned", "MLP in one kernel")
+
+
+def attention_o_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
+    """Attention + o in one kernel (`attention_o.KEY`) against the attention kernel then o's tile."""
+    return one_kernel_variants(rt, batch, bucket, attention_o.KEY, "attention then o", "attention + o in one kernel")
 
 
 def glu_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
@@ -216,6 +226,7 @@ def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwi
     out.update(rope_variants(rt, batch, bucket))
     out.update(glu_variants(rt, batch, bucket))
     out.update(mlp_variants(rt, batch, bucket))
+    out.update(attention_o_variants(rt, batch, bucket))
     if rt.kernels.split_table:  # the same step with every row's keys in one program, for comparison
         splits, rt.kernels.split_table = rt.kernels.split_table, {}
         out["decode ms, unsplit keys"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20), 3)

@@ -1,6 +1,6 @@
-"""`bench.profile_step.gated_variants`, `mlp_variants` and `rope_variants`: the decode step timed
-with the down product gated and with the activation kernel, with the MLP in one kernel and as
-tuned, whichever the tuner chose, and with the rotary inside attention and before it; the tables
+"""`bench.profile_step.gated_variants`, `mlp_variants`, `attention_o_variants` and `rope_variants`:
+the decode step timed with the down product gated and with the activation kernel, with the MLP
+(or attention and o) in one kernel and as tuned, whichever the tuner chose, and with the rotary inside attention and before it; the tables
 left as they were."""
 
 from types import SimpleNamespace
@@ -21,6 +21,11 @@ def runtime(table: dict, report: list):
     [
         ("down+act", profile_step.gated_variants, ("activation kernel", "gated down", "gated tile")),
         ("mlp", profile_step.mlp_variants, ("MLP as tuned", "MLP in one kernel", "mlp tile")),
+        (
+            "attention+o",
+            profile_step.attention_o_variants,
+            ("attention then o", "attention + o in one kernel", "attention+o tile"),
+        ),
     ],
 )
 def test_each_variant_sees_its_table_and_the_table_is_restored(monkeypatch, key, variants, names):
