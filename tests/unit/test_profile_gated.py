@@ -1,7 +1,7 @@
 """`bench.profile_step.gated_variants`, `mlp_variants`, `attention_o_variants` and `rope_variants`:
 the decode step timed with the down product gated and with the activation kernel, with the MLP
-(or attention and o) in one kernel and as tuned, whichever the tuner chose, and with the rotary inside attention and before it; the tables
-left as they were."""
+(or attention and o) in one kernel and as tuned, whichever the tuner chose, and with the rotary
+inside attention and before it; the tables left as they were."""
 
 from types import SimpleNamespace
 
