@@ -262,10 +262,8 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
     if use_gemv == "glu":  # gate_up's tile makes the activation, the down tile takes it as it is
         table.update({(key, rows): (16, 64, 4, 2) for key in gemv.GLU_KEYS for rows in (1, 2)})
     fuse_o = use_gemv == "rope in attention, o and mlp"  # attention + o and the MLP add into one buffer of sums
-    if (
-        use_gemv == "mlp" or fuse_o
-    ):  # the MLP in one kernel (CUDA cores at one row, swapped at two); add + norm zeroes its sums
-        table.update({(mlp.KEY, 1): (32, 64, 64, 4, 1, 0, 2), (mlp.KEY, 2): (16, 64, 32, 4, 2, 0, 1)})
+    if use_gemv == "mlp" or fuse_o:  # the MLP in one kernel (plain at 1 row, swapped at 2); add + norm zeroes sums
+        table.update({(mlp.KEY, 1): (32, 64, 64, 4, 1, 0, 0), (mlp.KEY, 2): (16, 64, 32, 4, 2, 0, 1)})
     if fuse_o:
         table.update({(ao.KEY, 1): (32, 4, 2), (ao.KEY, 2): (64, 4, 2)})
     if use_gemv == "split":  # every product split along K, the LM head's summed before the logits

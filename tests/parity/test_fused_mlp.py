@@ -16,9 +16,9 @@ from tritonllm.runtimes.kernels import fused, gemv, mlp, qmatmul
 
 D, F = 64, 96  # the hidden width and the activation's: interpreter-sized, F not a multiple of 64
 HALF = torch.float16  # the interpreter's bf16 tensor-core products are wrong (test_gated_tiles)
-PLAIN = [(32, 32, 32, 4, 2, 0, 0), (64, 32, 32, 4, 2, 0, 1), (32, 32, 32, 4, 1, 0, 2)]  # unswapped, swapped, cores
+PLAIN = [(32, 32, 32, 4, 2, 0, 0), (64, 32, 32, 4, 2, 0, 1)]  # unswapped, swapped
 FLOAT8 = [*PLAIN, (32, 32, 32, 4, 2, 1, 0), (64, 32, 32, 4, 2, 1, 1)]  # widened, rounded per K step
-ROUNDED = [(32, 32, 32, 4, 2, 2, 0), (64, 32, 32, 4, 2, 2, 1), (32, 32, 32, 4, 1, 2, 2)]  # rounded by their producer
+ROUNDED = [(32, 32, 32, 4, 2, 2, 0), (64, 32, 32, 4, 2, 2, 1)]  # rounded by their producer
 
 
 def weights(fp8: bool, seed: int = 0):
@@ -45,7 +45,7 @@ def test_the_fused_mlp_is_the_unfused_mlp_and_add_norm_zeroes_its_sums(config, f
     each product), as close to it as the unfused products are (+ the activations' rounding); the
     add + norm after it adds the sums to the residual and leaves them zero."""
     gate_up, down = weights(fp8)
-    for rows in (1, 2) if config[6] == mlp.CORES else (1, 3):
+    for rows in (1, 3):
         x = torch.randn(rows, 1, D).to(HALF)
         given = qmatmul.round_rows(x, gate_up[0].dtype) if config[5] == gemv.X_ROUNDED_PER_ROW else x
         ref = mlp.reference(x, gate_up, down, activation)
@@ -80,8 +80,6 @@ def test_refusals_name_the_value_and_the_fix():
         mlp.fused_mlp(x, gate_up, down, "silu", FLOAT8[-2])
     with pytest.raises(ValueError, match="activation 'relu' is not a kernel form"):
         mlp.fused_mlp(x, gate_up, down, "relu", PLAIN[0])
-    with pytest.raises(ValueError, match="CUDA-core tiles take at most 2 rows"):
-        mlp.fused_mlp(torch.randn(3, 1, D).to(HALF), gate_up, down, "silu", PLAIN[2])
     with pytest.raises(ValueError, match="at most 16"):
         mlp.fused_mlp(torch.randn(17, 1, D).to(HALF), gate_up, down, "silu", PLAIN[0])
     with pytest.raises(ValueError, match=r"needs gate_up \[2F, D\] and down \[D, F\]"):
@@ -96,9 +94,7 @@ def test_candidates_take_x_as_the_producer_hands_it():
     assert {c[5] for c in mlp.candidates(w8, rounded=True)} == {gemv.X_ROUNDED_PER_ROW}
     assert {c[5] for c in mlp.candidates(w8, rounded=False)} == {gemv.X_AS_GIVEN, gemv.X_ROUNDED_PER_STEP}
     assert {c[5] for c in mlp.candidates(w16, rounded=False)} == {gemv.X_AS_GIVEN}
-    assert len(mlp.candidates(w16, rounded=False)) == len(mlp.TILES) + len(mlp.CORE_TILES)
-    assert not any(c[6] == mlp.CORES for c in mlp.candidates(w16, rounded=False, rows=4))  # 16x the atomics, padded
-    assert not any(c[6] == mlp.CORES and c[5] == gemv.X_ROUNDED_PER_STEP for c in mlp.candidates(w8, rounded=False))
+    assert len(mlp.candidates(w16, rounded=False)) == len(mlp.TILES)
 
 
 REPORT = [  # `tune`'s timings (us over the layers, each with its consumer)
@@ -115,11 +111,12 @@ def test_the_mlp_as_tuned_is_the_cheapest_of_its_forms():
     assert mlp._current_us(timed, 1) == 4.0
 
 
-@pytest.mark.parametrize("mlp_us, chosen", [(4.0, True), (4.9, False)])
+@pytest.mark.parametrize("mlp_us, chosen", [(4.0, True), (4.65, False), (4.9, False)])
 def test_the_tuner_keeps_the_fused_mlp_only_where_it_beats_the_mlp_as_tuned(monkeypatch, mlp_us, chosen):
     """Each candidate is checked, compiled in its PDL-less form, then timed over both layers with
-    the consumer; kept where under the MLP as tuned (4.7 us); batches without gate_up and down
-    timings (2 rows here) are skipped."""
+    the consumer; kept where under 98 % of the MLP as tuned (4.7 us: 4.65 is faster, but within
+    the margin an unordered sum must win by); batches without gate_up and down timings (2 rows
+    here) are skipped."""
     from tritonllm.runtimes.kernels import timing
 
     layers = [weights(False, seed) for seed in (1, 2)]

@@ -18,7 +18,7 @@ from tritonllm.runtimes.kernels import pdl
 PTX_ORDER = r"""
 import triton
 from triton.backends.compiler import GPUTarget
-from tritonllm.runtimes.kernels import attention, fused, gemv, mlp, rope_attention
+from tritonllm.runtimes.kernels import attention, attention_o, fused, gemv, mlp, rope_attention
 
 def order(fn, sig, consts, marks, label=None):
     src = triton.compiler.ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
@@ -36,20 +36,15 @@ gemv_consts = dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=True, QUANT_X=0, SWAP
 order(gemv._small_matmul_kernel, gemv_sig, gemv_consts, marks)
 # gate_up's tile making the activation (swapped, rows rounded per row): gate and up tiles both after the wait
 order(gemv._small_matmul_kernel, gemv_sig, dict(gemv_consts, GATED=False, GLU=True, SWAP=True, QUANT_X=2), marks, "glu")
-# the fused MLP, on the tensor cores and on the CUDA cores: its sums leave by atomic adds (`red`), after the wait
-mlp_tile = dict(HAS_SCALE=True, GELU=False, BLOCK_I=64, PDL=True)
-for label, x, tile in (
-    ("_mlp_kernel", "*fp8e4nv", dict(QUANT_X=2, DOWN_X=1, SWAP=True, USE_DOT=True, BLOCK_M=16, BLOCK_K=256)),
-    ("mlp_cores", "*bf16", dict(QUANT_X=0, DOWN_X=0, SWAP=False, USE_DOT=False, BLOCK_M=1, BLOCK_K=64)),
-):
-    order(
-        mlp._mlp_kernel,
-        {"x": x, "x_scale": "*fp32", "w_gu": "*fp8e4nv", "s_gu": "*fp32", "w_down": "*fp8e4nv", "s_down": "*fp32",
-         "out": "*fp32", "like": "*bf16", **i32("M", "D", "F", "s_xm")},  # (in the kernel's order)
-        dict(mlp_tile, BLOCK_N=128 if tile["USE_DOT"] else 64, **tile),
-        (*marks[:4], "red.global.gpu.relaxed.add.f32"),
-        label,
-    )
+# the fused MLP: its sums leave by atomic adds (`red`), after the wait
+order(
+    mlp._mlp_kernel,
+    {"x": "*fp8e4nv", "x_scale": "*fp32", "w_gu": "*fp8e4nv", "s_gu": "*fp32", "w_down": "*fp8e4nv",
+     "s_down": "*fp32", "out": "*fp32", "like": "*bf16", **i32("M", "D", "F", "s_xm")},  # (in the kernel's order)
+    dict(HAS_SCALE=True, GELU=False, BLOCK_I=64, PDL=True, QUANT_X=2, DOWN_X=1, SWAP=True, BLOCK_M=16, BLOCK_K=256,
+         BLOCK_N=128),
+    (*marks[:4], "red.global.gpu.relaxed.add.f32"),
+)
 order(
     fused._add_rms_norm_kernel,
     {**ptr("*bf16", "x", "residual", "weight", "pre_weight", "out"), "scale_out": "*fp32", "n": "i32",
@@ -76,6 +71,17 @@ for fp8 in (False, True):  # the decode step's attention, with the rotary inside
         dict(tile, HAS_SLOTS=False, TILED=False),
         marks,
     )
+# attention + o (fp8 cache and weights): the cache write and its sums' atomic adds (`red`) after the wait
+order(
+    attention_o._attention_o_kernel,
+    {**ptr("*bf16", "qkv", "cos", "sin"), **ptr("*fp8e4nv", "k_cache", "v_cache"), "table": "*i32",
+     **ptr("*i64", "pos", "write_slot"), "like": "*bf16", "kv_scale": "*fp32", "w_o": "*fp8e4nv", "s_o": "*fp32",
+     "sums": "*fp32", **i32("limit", "window"), "scale": "fp32", "softcap": "fp32",
+     **i32("n_split", "s_split", "s_qkv", "s_cs", "s_table", "s_c_block", "s_c_head", "s_c_pos", "N")},
+    dict(PAGE=16, G=4, R=16, D=128, BLOCK_N=64, CAPPED=False, FP8=True, HKV=8, KT=True, BLOCK_C=128, HAS_SCALE=True,
+         PDL=True),
+    (*marks[:4], "red.global.gpu.relaxed.add.f32"),
+)
 order(
     attention._combine_splits_kernel,
     {"part": "*fp32", "out": "*bf16", "flats": "i32"},
@@ -119,7 +125,7 @@ def test_compiled_pdl_kernels_wait_before_reading_or_writing_activations():
         assert 0 <= prefetch < wait < launch < load < store, name  # only the weight prefetch runs ahead of the wait
     for name in (
         "_mlp_kernel",
-        "mlp_cores",
+        "_attention_o_kernel",
         "_add_rms_norm_kernel",
         "_combine_splits_kernel",
         "_rope_attention_kernel",

@@ -42,29 +42,25 @@ MAX_ROWS = 16  # rows a program holds (the tensor cores' narrow side, padded to 
 # (activation columns a program, K step of gate_up, output columns a step of down, warps, stages,
 # x mode (gemv's 6th number), form): the candidates start-up timing chooses from. Forms: the tensor
 # cores with x's rows as the first operand (PLAIN), or swapped, the weight on their wide side (64-128 of
-# its rows) as gemv's fastest small-batch float8 tiles do (SWAPPED), or the CUDA cores (CORES) at
-# up to CORE_ROWS rows, where padding the rows to 16 would multiply the down product's atomic adds
-# by 16 / rows; 32 columns a program give 2x the programs on a 8,192-wide activation
+# its rows) as gemv's fastest small-batch float8 tiles do (SWAPPED); 32 columns a program give 2x the
+# programs on a 8,192-wide activation. (A CUDA-core form at 1-2 rows, meant to spare the padded rows'
+# atomic adds, timed 5-6x slower than these on an H100: docs/decisions.md.)
 MLPConfig = tuple[int, int, int, int, int, int, int]
-PLAIN, SWAPPED, CORES = 0, 1, 2  # a config's 7th number
+PLAIN, SWAPPED = 0, 1  # a config's 7th number
 TILES = ((64, 256, 128, 4, 3, SWAPPED), (32, 256, 128, 4, 3, PLAIN), (128, 256, 128, 8, 3, SWAPPED),
          (64, 128, 256, 4, 4, SWAPPED))  # fmt: skip
-CORE_TILES = ((64, 64, 64, 4, 1, CORES), (32, 128, 64, 4, 1, CORES))  # a program holds rows x 64 x K step
-CORE_ROWS = 2
 
 
-def candidates(weight: torch.Tensor, rounded: bool, rows: int = 1) -> list[MLPConfig]:
-    """The tiles to time for gate_up's weight as stored at `rows` rows: rows rounded per row by
-    their producer (`rounded`, float8 weights) take the 8-bit x 8-bit form only; other float8
-    weights the widened form and activations rounded per K step (not on the CUDA cores); 16-bit
-    ones (or int8) as given."""
+def candidates(weight: torch.Tensor, rounded: bool) -> list[MLPConfig]:
+    """The tiles to time for gate_up's weight as stored: rows rounded per row by their producer
+    (`rounded`, float8 weights) take the 8-bit x 8-bit form only; other float8 weights the widened
+    form and activations rounded per K step; 16-bit ones (or int8) as given."""
     float8 = weight.dtype == torch.float8_e4m3fn
     if rounded:
         modes = (X_ROUNDED_PER_ROW,)
     else:
         modes = (X_AS_GIVEN, X_ROUNDED_PER_STEP) if float8 else (X_AS_GIVEN,)
-    tiles = [*TILES, *(CORE_TILES if rows <= CORE_ROWS else ())]
-    return [(*t[:5], m, t[5]) for t in tiles for m in modes if not (t[5] == CORES and m == X_ROUNDED_PER_STEP)]
+    return [(*t[:5], m, t[5]) for t in TILES for m in modes]
 
 
 @triton.jit
@@ -85,7 +81,6 @@ def _mlp_kernel(
     QUANT_X: tl.constexpr,
     DOWN_X: tl.constexpr,
     SWAP: tl.constexpr,
-    USE_DOT: tl.constexpr,
     GELU: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_I: tl.constexpr,
@@ -106,8 +101,8 @@ def _mlp_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < D
         xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc_g += _k_step(xt, w_gu, cols, c_ok, k, k_ok, D, QUANT_X, SWAP, USE_DOT)
-        acc_u += _k_step(xt, w_gu, cols + F, c_ok, k, k_ok, D, QUANT_X, SWAP, USE_DOT)
+        acc_g += _k_step(xt, w_gu, cols, c_ok, k, k_ok, D, QUANT_X, SWAP, True)
+        acc_u += _k_step(xt, w_gu, cols + F, c_ok, k, k_ok, D, QUANT_X, SWAP, True)
     g = _finish(acc_g, x_scale, s_gu, s_gu, m, m_ok, cols, c_ok, 0, SWAP, QUANT_X, HAS_SCALE, False)
     u = _finish(acc_u, x_scale, s_gu, s_gu, m, m_ok, cols + F, c_ok, 0, SWAP, QUANT_X, HAS_SCALE, False)
     ty = like.dtype.element_ty
@@ -115,7 +110,7 @@ def _mlp_kernel(
     for n0 in range(0, D, BLOCK_N):  # this program's share of every output column of down
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < D
-        part = _k_step(act, w_down, n, n_ok, cols, c_ok, F, DOWN_X, SWAP, USE_DOT)
+        part = _k_step(act, w_down, n, n_ok, cols, c_ok, F, DOWN_X, SWAP, True)
         part = _finish(part, x_scale, s_down, s_down, m, m_ok, n, n_ok, 0, SWAP, DOWN_X, HAS_SCALE, False)
         tl.atomic_add(out + m[:, None] * D + n[None, :], part, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
 
@@ -145,8 +140,6 @@ def fused_mlp(
     values, x_scale, shape, dtype = (x.q, x.scale, x.shape, x.dtype) if rounded else (x, x, x.shape, x.dtype)
     values = values.reshape(-1, shape[-1])
     rows, d, f = shape.numel() // shape[-1], shape[-1], w_down.shape[1]  # (QuantRows pad q's rows)
-    if form == CORES and (rows > CORE_ROWS or mode == X_ROUNDED_PER_STEP):
-        raise ValueError(f"mlp config {config}: CUDA-core tiles take at most {CORE_ROWS} rows, not rounded per step")
     if rows > MAX_ROWS or w_gu.shape != (2 * f, d) or w_down.shape != (d, f):
         raise ValueError(
             f"fused MLP: {rows} rows of {d} (at most {MAX_ROWS}), gate_up {tuple(w_gu.shape)}, down "
@@ -171,11 +164,10 @@ def fused_mlp(
         values.stride(0),
         HAS_SCALE=s_gu is not None,
         QUANT_X=mode,
-        DOWN_X=X_ROUNDED_PER_STEP if mode != X_AS_GIVEN and form != CORES else X_AS_GIVEN,  # float8 x float8: act too
+        DOWN_X=X_ROUNDED_PER_STEP if mode != X_AS_GIVEN else X_AS_GIVEN,  # float8 x float8: the activation too
         SWAP=form == SWAPPED,
-        USE_DOT=form != CORES,
         GELU=gelu,
-        BLOCK_M=triton.next_power_of_2(rows) if form == CORES else max(16, triton.next_power_of_2(rows)),
+        BLOCK_M=max(16, triton.next_power_of_2(rows)),
         BLOCK_I=block_i,
         BLOCK_K=block_k,
         BLOCK_N=block_n,
@@ -206,12 +198,12 @@ def tune(layers: list, report: list, table: dict, rows: Sequence[int], activatio
     with its consumer), the `candidates` taking x as gate_up's entry in `table` does (rounded per row
     or not) are checked against `reference` and timed over every layer (`layers`: (gate_up, down),
     each (weight, scale)), each followed by `consume` (the add + norm after down, which zeroes the
-    sums); kept where faster than the cheapest of gate_up + activation + down, the gated down and
-    gate_up making the activation (their report rows). `dtype`: the activations'. Returns
-    ({(KEY, rows): tile}, timings)."""
+    sums); kept where under `timing.ATOMICS_MARGIN` of the cheapest of gate_up + activation + down,
+    the gated down and gate_up making the activation (their report rows). `dtype`: the
+    activations'. Returns ({(KEY, rows): tile}, timings)."""
     from .gemv_tuning import _report
     from .qmatmul import round_rows
-    from .timing import agrees, check_all, graph_ms
+    from .timing import agrees, check_all, graph_ms, unordered_choice
 
     timed = {(r["kind"], r["rows"]): r["us"] for r in report}
     (w0, _), (d0, _) = layers[0]
@@ -222,7 +214,7 @@ def tune(layers: list, report: list, table: dict, rows: Sequence[int], activatio
         rounded = takes_rounded(table.get(("gate_up", m)))
         given = round_rows(x, w0.dtype) if rounded else x
         ref = reference(x, *layers[0], activation).view(m, 1, -1)
-        tiles = candidates(w0, rounded, m)
+        tiles = candidates(w0, rounded)
         tol = lambda c: TOLERANCE if c[5] == X_AS_GIVEN else X8_TOLERANCE
         run = lambda c, p=False: lambda: fused_mlp(given, *layers[0], activation, c, pdl=p).total()
         ok = check_all([lambda c=c: agrees(f"mlp {c}", run(c), ref, tol(c)) for c in tiles], w0.device, ref)
@@ -231,7 +223,7 @@ def tune(layers: list, report: list, table: dict, rows: Sequence[int], activatio
             run(cfg, pdl)()  # the form the step launches, compiled before its graph
             step = lambda c=cfg: [consume(fused_mlp(given, gu, dn, activation, c, sums, pdl)) for gu, dn in layers]
             times[cfg] = graph_ms(step)
-        best = min(times, key=times.get)
+        best = unordered_choice(times)
         if best != "as tuned":
             found[(KEY, m)] = best
         out.append(_report(KEY, m, best, times))
