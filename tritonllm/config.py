@@ -97,7 +97,7 @@ class EngineConfig:
     # code ("auto": $XDG_CACHE_HOME or ~/.cache, under tritonllm/tuning; "off": tune at every start)
     torch_compile: bool = False  # torch-cuda: torch.compile the decode step before graph capture
     deterministic: bool = False  # torch-cuda: only kernels that add their sums in one fixed order (the fused MLP's
-    # atomic adds are not tuned in), so the same requests give the same logits run after run
+    # and attention + o's atomic adds are not tuned in), so the same requests give the same logits run after run
     prefix_cache: bool = True  # onnxruntime, torch-cuda: prompts reuse the cached keys/values of a prefix seen before
     kv_cache_dtype: str = "auto"  # torch-cuda: "fp8" stores keys/values as e4m3 with a scale per layer and KV head
     # (twice the tokens in the same memory; the attention kernels read them)
