@@ -38,9 +38,10 @@ def run_both(seed, config, tile, fp8_kv=False, fp8_w=False, rows=3, **attn):
     product, o = (x @ w.T)[:rows], o_weight(seed + 1, fp8_w)
     writes, limit = torch.arange(rows), 40
     pools = [(kp.clone(), vp.clone()) for _ in range(2)]
-    args = (product, cos[:rows], sin[:rows], pos[:rows], writes)
-    fused = ao.attention_o(*args, *pools[0], table, H, limit, config, o, tile, kv_scale=scales, **attn)
-    a = rope_attention(*args, *pools[1], table, H, limit, config, kv_scale=scales, **attn)
+    args = (cos[:rows], sin[:rows], pos[:rows], writes)
+    at = ao.RowAttention(*args, *pools[0], table, H, limit, config, kv_scale=scales, **attn)
+    fused = ao.attention_o(product, at, o, tile)
+    a = rope_attention(product, *args, *pools[1], table, H, limit, config, kv_scale=scales, **attn)
     return (fused.total(), pools[0]), (a.float() @ ao.dequantized(o).T, pools[1])
 
 
@@ -75,8 +76,8 @@ def test_a_split_k_product_is_read_as_its_sum():
     y, o = (x @ w.T).view(3, -1), o_weight(4, False)
     parts = torch.stack([y / 2, y / 2])
     split = gemv.SplitK(parts, torch.float32)
-    args = (cos, sin, pos, torch.arange(3), kp.clone(), vp.clone(), table, H, 40, (16, 4, 3), o, (32, 4, 2))
-    close(ao.attention_o(split, *args).total(), ao.attention_o(y, *args).total())
+    at = ao.RowAttention(cos, sin, pos, torch.arange(3), kp.clone(), vp.clone(), table, H, 40, (16, 4, 3))
+    close(ao.attention_o(split, at, o, (32, 4, 2)).total(), ao.attention_o(y, at, o, (32, 4, 2)).total())
 
 
 def test_the_sums_add_into_what_the_buffer_holds_and_the_add_norm_zeroes_them():
@@ -84,9 +85,12 @@ def test_the_sums_add_into_what_the_buffer_holds_and_the_add_norm_zeroes_them():
     reads them as the product and leaves the buffer at zero for the next layer."""
     x, w, cos, sin, pos, kp, vp, table, _ = inputs(5, False)
     product, o = x @ w.T, o_weight(6, False)
-    sums = torch.full((3, N), 0.5)
-    acc = ao.attention_o(product, cos, sin, pos, torch.arange(3), kp, vp, table, H, 40, (16, 4, 3), o, (32, 4, 2), sums)
-    want = ao.attention_o(product, cos, sin, pos, torch.arange(3), kp, vp, table, H, 40, (16, 4, 3), o, (32, 4, 2))
+    sums, at = (
+        torch.full((3, N), 0.5),
+        ao.RowAttention(cos, sin, pos, torch.arange(3), kp, vp, table, H, 40, (16, 4, 3)),
+    )
+    acc = ao.attention_o(product, at, o, (32, 4, 2), sums)
+    want = ao.attention_o(product, at, o, (32, 4, 2))
     close(acc.total(), want.total() + 0.5)
     residual, norm = torch.zeros(3, 1, N), torch.ones(N)
     out = fk.add_rms_norm(acc, residual, norm, 1e-5)
@@ -108,11 +112,11 @@ def test_refusals_name_the_value_and_the_fix(config, rows, o, match):
     cos = sin = torch.zeros(rows, D)
     pool = torch.zeros(8, HKV, 8, D)
     table = torch.zeros(rows, 4, dtype=torch.int32)
+    at = ao.RowAttention(
+        cos, sin, torch.zeros(rows, dtype=torch.long), torch.arange(rows), pool, pool, table, H, 16, config
+    )
     with pytest.raises(ValueError, match=match):
-        ao.attention_o(
-            product, cos, sin, torch.zeros(rows, dtype=torch.long), torch.arange(rows), pool, pool, table, H, 16,
-            config, (torch.zeros(o), None), (32, 4, 2),
-        )  # fmt: skip
+        ao.attention_o(product, at, (torch.zeros(o), None), (32, 4, 2))
 
 
 @pytest.mark.parametrize("fused_ms,chosen", [(0.5, {1: (32, 4, 2)}), (0.99, {}), (3.0, {})])

@@ -284,7 +284,7 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
     mlps, real_mlp = [], mlp.fused_mlp
     monkeypatch.setattr(mlp, "fused_mlp", lambda *a, **k: mlps.append(a[4]) or real_mlp(*a, **k))
     os_, real_o = [], ao.attention_o
-    monkeypatch.setattr(ao, "attention_o", lambda *a, **k: os_.append(a[12]) or real_o(*a, **k))
+    monkeypatch.setattr(ao, "attention_o", lambda *a, **k: os_.append(a[3]) or real_o(*a, **k))
     if str(use_gemv).endswith(
         "keys split"
     ):  # every decode graph long enough for the split table, which splits 4 / 2 ways

@@ -19,8 +19,8 @@ reads the sums as `Accumulated` and zeroes them (`mlp` shares the buffer the sam
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -31,8 +31,6 @@ from . import pdl as gdc
 from .attention import Tile
 from .gemv import Accumulated
 from .rope_attention import attend_new_row, rope_attention
-
-log = logging.getLogger(__name__)
 
 KEY = "attention+o"  # the decode table's key (with batch rows) of this kernel's tile
 MAX_ROWS = 4  # each row's programs read o's weight again (from L2 past the first): few rows only
@@ -74,52 +72,56 @@ def _attention_o_kernel(
     tl.atomic_add(sums + row * N + n, part, mask=n_ok, sem="relaxed")
 
 
-def attention_o(
-    qkv,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    positions: torch.Tensor,
-    writes: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    table: torch.Tensor,
-    n_heads: int,
-    limit: int,
-    config: tuple,
-    o: tuple[torch.Tensor, torch.Tensor | None],
-    tile: OTile,
-    sums: torch.Tensor | None = None,
-    window: int | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    kv_scale: torch.Tensor | None = None,
-    pdl: bool = False,
-) -> Accumulated:
-    """`rope_attention`'s attention (same arguments; `config` a `Tile` or its leading fields, one
-    split only: its keys per block and key layout are used) multiplied by o's weight [N, H*D]
-    (with its per-output-channel scale, or None: `o` = (weight, scale)), no bias: added into
-    `sums` [rows, N] float32 (zeros, made here where None) and returned as `Accumulated`. `tile`:
-    (o's output columns a program, warps, stages)."""
+@dataclass(frozen=True)
+class RowAttention:
+    """What a decode step's attention reads besides the qkv product, as `rope_attention` takes it:
+    row b at positions[b] of slot b, its new key and value written to slot writes[b]; the layer's
+    caches [blocks, Hkv, PAGE, D] and block table; `config` a `Tile` or its leading fields."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor
+    writes: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    table: torch.Tensor
+    n_heads: int
+    limit: int
+    config: tuple
+    window: int | None = None
+    scale: float | None = None
+    softcap: float | None = None
+    kv_scale: torch.Tensor | None = None
+
+
+def attention_o(qkv, at: RowAttention, o: tuple, tile: OTile, sums=None, pdl: bool = False) -> Accumulated:
+    """`rope_attention`'s attention of the qkv product [B, (H+2Hkv)*D] (or its split partial sums)
+    as `at` describes it (one split only: the config's keys per block and key layout are used),
+    multiplied by o's weight [N, H*D] (`o` = (weight, per-output-channel scale or None)), no bias:
+    added into `sums` [rows, N] float32 (zeros, made here where None) and returned as
+    `Accumulated`. `tile`: (o's output columns a program, warps, stages)."""
     parts, n_split, s_split, dtype = gating.parts(qkv)
-    (b, _), (_, hkv, page, d) = parts.shape[1:], k_cache.shape
-    (w_o, s_o), att = o, Tile(*config)
+    (b, _), (_, hkv, page, d) = parts.shape[1:], at.k_cache.shape
+    (w_o, s_o), att = o, Tile(*at.config)
     n = w_o.shape[0]
-    if att.splits != 1 or b > MAX_ROWS or w_o.shape[1] != n_heads * d or not w_o.is_contiguous():
+    if att.splits != 1 or b > MAX_ROWS or w_o.shape[1] != at.n_heads * d or not w_o.is_contiguous():
         raise ValueError(
             f"attention + o: attention config {tuple(att)} (one split only), {b} rows (at most {MAX_ROWS}), "
-            f"o {tuple(w_o.shape)} contiguous={w_o.is_contiguous()}: needs one split, few rows and o [N, {n_heads * d}]"
+            f"o {tuple(w_o.shape)} contiguous={w_o.is_contiguous()}: needs one split, few rows and "
+            f"o [N, {at.n_heads * d}]"
         )
     sums = torch.zeros(b, n, dtype=torch.float32, device=parts.device) if sums is None else sums
-    cos, sin = cos.reshape(-1, d), sin.reshape(-1, d)
+    cos, sin, k_cache = at.cos.reshape(-1, d), at.sin.reshape(-1, d), at.k_cache
     block_c, warps, stages = tile
     _attention_o_kernel[(b, hkv, triton.cdiv(n, block_c))](
-        parts, cos, sin, k_cache, v_cache, table, positions, writes, gating.like(parts, dtype),
-        kv_scale if kv_scale is not None else cos, w_o, s_o if s_o is not None else w_o, sums,
-        limit, window or 2**30, scale or d**-0.5, softcap or 1.0, n_split, s_split, parts.stride(1), cos.stride(0),
-        table.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), n,
-        PAGE=page, G=n_heads // hkv, R=max(16, triton.next_power_of_2(n_heads // hkv)), D=d,
-        BLOCK_N=att.block_n, CAPPED=softcap is not None, FP8=kv_scale is not None, HKV=hkv, KT=att.transposed,
-        BLOCK_C=block_c, HAS_SCALE=s_o is not None, num_warps=warps, num_stages=stages, **gdc.launch(pdl),
+        parts, cos, sin, k_cache, at.v_cache, at.table, at.positions, at.writes, gating.like(parts, dtype),
+        at.kv_scale if at.kv_scale is not None else cos, w_o, s_o if s_o is not None else w_o, sums,
+        at.limit, at.window or 2**30, at.scale or d**-0.5, at.softcap or 1.0, n_split, s_split, parts.stride(1),
+        cos.stride(0), at.table.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), n,
+        PAGE=page, G=at.n_heads // hkv, R=max(16, triton.next_power_of_2(at.n_heads // hkv)), D=d,
+        BLOCK_N=att.block_n, CAPPED=at.softcap is not None, FP8=at.kv_scale is not None, HKV=hkv,
+        KT=att.transposed, BLOCK_C=block_c, HAS_SCALE=s_o is not None, num_warps=warps, num_stages=stages,
+        **gdc.launch(pdl),
     )  # fmt: skip
     return Accumulated(sums.view(1, b, n), dtype)
 
@@ -144,8 +146,7 @@ def tune(
     positions of the caches (tuning runs before any sequence holds them). Returns
     ({(KEY, b): tile}, timings)."""
     from .attention import random_pool, spread_table
-    from .gemv_tuning import _report
-    from .timing import agrees, check_all, graph_ms, unordered_choice
+    from .timing import agrees, check_all, graph_ms, keep_unordered
 
     blocks, hkv, page, d = caches[0][0].shape
     device, found, out = caches[0][0].device, {}, []
@@ -161,8 +162,8 @@ def tune(
         s0 = caches[0][2]
 
         def run(k, v, blocks_of, s, o, tile, sums=None):
-            args = (qkv, cos, sin, pos, rows, k, v, blocks_of, num_heads, context, config)
-            return attention_o(*args, o, tile, sums, kv_scale=s, pdl=pdl)
+            at = RowAttention(cos, sin, pos, rows, k, v, blocks_of, num_heads, context, config, kv_scale=s)
+            return attention_o(qkv, at, o, tile, sums, pdl)
 
         a = rope_attention(qkv, cos, sin, pos, rows, kr, vr, check, num_heads, context, config, kv_scale=s0)
         ref = a.float() @ dequantized(o_layers[0]).T
@@ -177,9 +178,5 @@ def tune(
         for tile in (t for t, agreed in zip(TILES, ok) if agreed):
             step = lambda t=tile: [consume(run(k, v, tab, s, o, t, sums)) for (k, v, s), o in zip(caches, o_layers)]
             times[tile] = graph_ms(step)
-        best = unordered_choice(times)
-        if best != "as tuned":
-            found[(KEY, b)] = best
-        out.append(_report(KEY, b, best, times))
-        log.info("attention + o x%d: %s (%s)", b, out[-1]["chosen"], out[-1]["us"])
+        keep_unordered(found, out, KEY, b, times, "attention + o")
     return found, out

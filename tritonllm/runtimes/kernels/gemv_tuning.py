@@ -38,7 +38,7 @@ from .gemv import (
     takes_rounded,
     x_mode,
 )
-from .timing import agrees, check_all, graph_ms
+from .timing import agrees, check_all, graph_ms, report_row
 
 log = logging.getLogger(__name__)
 
@@ -167,24 +167,15 @@ def tune(
             best = min(times, key=times.get)
             if best != "cublas":
                 table[(kind, m)] = best
-            report.append(_report(kind, m, best, times))
+            report.append(report_row(kind, m, best, times))
             if kind in gated:
                 chosen, gtimes = _tune_gated(mats, m, times, consume, gated[kind], steps, dtype)
                 if isinstance(chosen, tuple):  # else the activation kernel + the product stay
                     table[(gated_key(kind), m)] = chosen
-                report.append(_report(gated_key(kind), m, chosen, gtimes))
+                report.append(report_row(gated_key(kind), m, chosen, gtimes))
     for r in report:
         log.info("gemv %s x%d: %s (%s)", r["kind"], r["rows"], r["chosen"], r["us"])
     return table, report
-
-
-def _report(kind: str, rows: int, chosen, times: dict) -> dict:
-    return {
-        "kind": kind,
-        "rows": rows,
-        "chosen": str(chosen),
-        "us": {str(c): round(1e3 * t, 1) for c, t in times.items()},
-    }
 
 
 def _tune_gated(mats, m: int, times: dict, consume: Consumer, spec: GatedKind, steps: int | None, dtype) -> tuple:
@@ -236,7 +227,7 @@ def tune_glu(mats, report: list, table: dict, rows: Sequence[int], activation: s
         best = min(times, key=times.get)
         if isinstance(best, tuple):
             found.update({(GLU_KEYS[0], m): best[0], (GLU_KEYS[1], m): best[1]})
-        out_report.append(_report("glu", m, best, times))
+        out_report.append(report_row("glu", m, best, times))
         log.info("gate_up making the activation x%d: %s (%s)", m, out_report[-1]["chosen"], out_report[-1]["us"])
     return found, out_report
 

@@ -15,7 +15,6 @@ within float32 rounding, not bit for bit, and may differ in the last bits betwee
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -35,8 +34,6 @@ from .gemv import (
     takes_rounded,
 )
 from .rows import QuantRows
-
-log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # rows a program holds (the tensor cores' narrow side, padded to 16)
 # (activation columns a program, K step of gate_up, output columns a step of down, warps, stages,
@@ -201,9 +198,8 @@ def tune(layers: list, report: list, table: dict, rows: Sequence[int], activatio
     sums); kept where under `timing.ATOMICS_MARGIN` of the cheapest of gate_up + activation + down,
     the gated down and gate_up making the activation (their report rows). `dtype`: the
     activations'. Returns ({(KEY, rows): tile}, timings)."""
-    from .gemv_tuning import _report
     from .qmatmul import round_rows
-    from .timing import agrees, check_all, graph_ms, unordered_choice
+    from .timing import agrees, check_all, graph_ms, keep_unordered
 
     timed = {(r["kind"], r["rows"]): r["us"] for r in report}
     (w0, _), (d0, _) = layers[0]
@@ -223,11 +219,7 @@ def tune(layers: list, report: list, table: dict, rows: Sequence[int], activatio
             run(cfg, pdl)()  # the form the step launches, compiled before its graph
             step = lambda c=cfg: [consume(fused_mlp(given, gu, dn, activation, c, sums, pdl)) for gu, dn in layers]
             times[cfg] = graph_ms(step)
-        best = unordered_choice(times)
-        if best != "as tuned":
-            found[(KEY, m)] = best
-        out.append(_report(KEY, m, best, times))
-        log.info("fused MLP x%d: %s (%s)", m, out[-1]["chosen"], out[-1]["us"])
+        keep_unordered(found, out, KEY, m, times, "fused MLP")
     return found, out
 
 

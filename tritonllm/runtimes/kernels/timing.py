@@ -23,11 +23,26 @@ ATOMICS_MARGIN = 0.98  # a form whose sums' order varies run to run (atomic adds
 # logits that repeat bit for bit
 
 
-def unordered_choice(times: dict, tuned: str = "as tuned"):
-    """The fastest of `times` ({form: ms}, `tuned` the deterministic form as tuned so far), or
-    `tuned` where the fastest other form is not under ATOMICS_MARGIN of its time."""
+def report_row(kind: str, rows: int, chosen, times: dict) -> dict:
+    """A tuner's log and report entry: the table key's kind and rows, the choice, {form: us}."""
+    return {
+        "kind": kind,
+        "rows": rows,
+        "chosen": str(chosen),
+        "us": {str(c): round(1e3 * t, 1) for c, t in times.items()},
+    }
+
+
+def keep_unordered(found: dict, report: list, key: str, rows: int, times: dict, label: str) -> None:
+    """Records an atomic-sum form's choice at `rows`: the fastest of `times` ({form: ms}, "as
+    tuned" the deterministic step) into `found` under (key, rows) where it takes under
+    ATOMICS_MARGIN of "as tuned"'s time; the timings into `report` and the log."""
     best = min(times, key=times.get)
-    return best if times[best] < ATOMICS_MARGIN * times[tuned] else tuned
+    best = best if times[best] < ATOMICS_MARGIN * times["as tuned"] else "as tuned"
+    if best != "as tuned":
+        found[(key, rows)] = best
+    report.append(report_row(key, rows, best, times))
+    log.info("%s x%d: %s (%s)", label, rows, report[-1]["chosen"], report[-1]["us"])
 
 
 def capture(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:

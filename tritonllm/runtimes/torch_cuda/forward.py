@@ -282,10 +282,11 @@ class ForwardPasses:
 
         def mix(i, layer, qkv, sums):
             w, _, s = operands(layer.o)
-            cs = (*rot[m.layer_rope[i]], positions, writes, cache.keys[i], cache.values[i], cache.table)
-            kw = {"kv_scale": cache.layer_scales(i), "pdl": self.kernels.pdl}
-            heads, args = m.shape.num_heads, self._attention_args(layer)
-            return ao.attention_o(qkv, *cs, heads, limit, config, (w, s), tile, sums, *args, **kw)
+            at = ao.RowAttention(
+                *rot[m.layer_rope[i]], positions, writes, cache.keys[i], cache.values[i], cache.table,
+                m.shape.num_heads, limit, config, *self._attention_args(layer), cache.layer_scales(i),
+            )  # fmt: skip
+            return ao.attention_o(qkv, at, (w, s), tile, sums, self.kernels.pdl)
 
         return mix
 
