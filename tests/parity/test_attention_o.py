@@ -42,7 +42,7 @@ def run_both(seed, config, tile, fp8_kv=False, fp8_w=False, rows=3, **attn):
     at = ao.RowAttention(*args, *pools[0], table, H, limit, config, kv_scale=scales, **attn)
     fused = ao.attention_o(product, at, o, tile)
     a = rope_attention(product, *args, *pools[1], table, H, limit, config, kv_scale=scales, **attn)
-    return (fused.total(), pools[0]), (a.float() @ ao.dequantized(o).T, pools[1])
+    return (fused.total(), pools[0]), (a.float() @ gemv.dequantized(*o).T, pools[1])
 
 
 def close(got, want):

@@ -29,7 +29,7 @@ import triton.language as tl
 from . import gating
 from . import pdl as gdc
 from .attention import Tile
-from .gemv import Accumulated
+from .gemv import Accumulated, dequantized
 from .rope_attention import attend_new_row, rope_attention
 
 KEY = "attention+o"  # the decode table's key (with batch rows) of this kernel's tile
@@ -126,12 +126,6 @@ def attention_o(qkv, at: RowAttention, o: tuple, tile: OTile, sums=None, pdl: bo
     return Accumulated(sums.view(1, b, n), dtype)
 
 
-def dequantized(o: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    """o's weight in float32 (8-bit ones times their per-output-channel scales)."""
-    w, s = o
-    return w.float() * (s.float()[:, None] if s is not None else 1.0)
-
-
 def tune(
     caches: list, num_heads: int, o_layers: list, attention: dict, batches: Sequence[int], rope_us: dict,
     o_us: dict, context: int, dtype, consume, pdl: bool,
@@ -166,7 +160,7 @@ def tune(
             return attention_o(qkv, at, o, tile, sums, pdl)
 
         a = rope_attention(qkv, cos, sin, pos, rows, kr, vr, check, num_heads, context, config, kv_scale=s0)
-        ref = a.float() @ dequantized(o_layers[0]).T
+        ref = a.float() @ dequantized(*o_layers[0]).T
         label = lambda t: f"attention + o {t} at {b} rows"
         ok = check_all(
             [lambda t=t: agrees(label(t), lambda: run(kr, vr, check, s0, o_layers[0], t).total(), ref, TOLERANCE)

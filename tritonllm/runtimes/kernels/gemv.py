@@ -349,11 +349,16 @@ def dense(y: torch.Tensor | SplitK) -> torch.Tensor:
     return y.total() if isinstance(y, SplitK) else y
 
 
+def dequantized(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A weight as stored, in float32: an 8-bit one times its per-output-channel `scale`."""
+    return w.float() * (scale.float()[:, None] if scale is not None else 1.0)
+
+
 def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: torch.Tensor | None = None):
     """cuBLAS's product; an 8-bit weight (with `scale`) is dequantized first (every call: the
     fallback the quantized kernels must beat, and their reference)."""
     if scale is not None:
-        w = (w.float() * scale[:, None]).to(x.dtype)
+        w = dequantized(w, scale).to(x.dtype)
     return torch.nn.functional.linear(x, w, b)
 
 

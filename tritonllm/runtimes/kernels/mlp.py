@@ -30,6 +30,7 @@ from .gemv import (
     Accumulated,
     _finish,
     _k_step,
+    dequantized,
     gated_key,
     takes_rounded,
 )
@@ -177,11 +178,10 @@ def fused_mlp(
 
 def reference(x: torch.Tensor, gate_up, down, activation: str) -> torch.Tensor:
     """The unfused MLP in float32 on x (8-bit weights dequantized): what a tile is checked against."""
-    w = lambda pair: pair[0].float() * (pair[1].float()[:, None] if pair[1] is not None else 1.0)
-    gu, f = x.float() @ w(gate_up).T, down[0].shape[1]
+    gu, f = x.float() @ dequantized(*gate_up).T, down[0].shape[1]
     g, u = gu[..., :f], gu[..., f:]
     a = torch.nn.functional.gelu(g, approximate="tanh") if activation == "gelu_tanh" else torch.nn.functional.silu(g)
-    return (a * u) @ w(down).T
+    return (a * u) @ dequantized(*down).T
 
 
 KEY = "mlp"  # the decode table's key (with batch rows) of the fused MLP's tile

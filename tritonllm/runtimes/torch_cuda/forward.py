@@ -341,13 +341,11 @@ class ForwardPasses:
         product from the qkv product itself (attention + o in one kernel). x is the residual stream
         (updated in place); returns it normalised by the final norm."""
         from ..kernels import fused as fk
-        from ..kernels import mlp
 
         m, scale = self.model, self._scale
         rows, pdl = x.numel() // x.shape[-1], self.kernels.pdl and small
         fmt = {kind: self._rounds_input(kind, rows, small) for kind in ROUNDED_BY_PRODUCER}
         sums = self._sums(x, rows, small, mix)
-        fused_mlp = sums is not None and (mlp.KEY, rows) in self.kernels.gemv_table
         h = rms_norm(m.layers[0].ln1, x)
         for i, layer in enumerate(m.layers):
             qkv = self._linear("qkv_proj", layer, h, small)
@@ -355,7 +353,7 @@ class ForwardPasses:
             h = fk.add_rms_norm(o, x, scale(layer.ln2), layer.ln2.eps, scale(layer.post_attention), fmt["gate_up"], pdl)
             last = i + 1 == len(m.layers)
             nxt, rounds = (m.norm, None) if last else (m.layers[i + 1].ln1, fmt["qkv_proj"])
-            down = self._mlp(layer, h, small, fmt["down"], pdl, sums if fused_mlp else None)
+            down = self._mlp(layer, h, small, fmt["down"], pdl, sums)
             h = fk.add_rms_norm(down, x, scale(nxt), nxt.eps, scale(layer.post_mlp), rounds, pdl)
         return h
 
@@ -370,17 +368,18 @@ class ForwardPasses:
         return torch.zeros(rows, x.shape[-1], dtype=torch.float32, device=x.device)
 
     def _mlp(self, layer, h, small: bool, rounds: torch.dtype | None, pdl: bool, sums: torch.Tensor | None = None):
-        """The down product of act(gate) * up of h: with `sums` (`_sums`), the whole MLP in one
-        kernel adding into them (`mlp.fused_mlp`); at decode rows whose table has it
-        (`gemv.GLU_KEYS`), gate_up's tile makes the activation itself and a down tile takes it as it
-        is; else gate_up's product, then `_down`."""
+        """The down product of act(gate) * up of h: at decode rows whose table has its tile
+        (`mlp.KEY`), the whole MLP in one kernel adding into the step's `sums` (`_sums`,
+        `mlp.fused_mlp`); at decode rows whose table has it (`gemv.GLU_KEYS`), gate_up's tile makes
+        the activation itself and a down tile takes it as it is; else gate_up's product, then
+        `_down`."""
         from ..kernels import gemv, mlp
         from ..kernels.rows import QuantRows
 
         rows = h.rows if isinstance(h, QuantRows) else h.numel() // h.shape[-1]
-        if sums is not None:
+        tile = self.kernels.gemv_table.get((mlp.KEY, rows)) if small else None
+        if tile is not None:
             (w, _, s), (wd, _, sd) = operands(layer.gate_up), operands(layer.down)
-            tile = self.kernels.gemv_table[(mlp.KEY, rows)]
             return mlp.fused_mlp(h, (w, s), (wd, sd), layer.activation, tile, sums, pdl)
         if small and (gemv.GLU_KEYS[0], rows) in self.kernels.gemv_table:
             act = self._linear("gate_up", layer, h, small, gemv.GLU_KEYS[0], layer.activation)
