@@ -10,6 +10,8 @@ a CUDA graph:
 - `chain per launch`: this file's kernel, one launch per product (PDL on);
 - `persistent`: the same kernel launched once, `--per-sm` programs per SM taking every product's
   column tiles in turn and meeting at a grid-wide barrier (an atomic counter) between products;
+- `persistent + L2 prefetch`: the same, each program asking L2 for the first K step of its next
+  tile's weight rows before it waits at the barrier;
 
 against the weights' bytes over the copy bandwidth. The chain's kernel and barrier are the
 experiment, not the engine's (docs/decisions.md says what the numbers decided).
@@ -33,7 +35,8 @@ log = logging.getLogger("bench.persistent_chain")
 HIDDEN, QKV, INTER = 2048, 3072, 8192  # Llama-3.2-1B
 # the engine's tile per product (rows of W, K step, warps): the 1B fp8 tuner's choice or within 1 % of it
 ENGINE_TILES = {"qkv": (4, 1024, 4), "o": (2, 2048, 4), "gate_up": (4, 1024, 4), "down": (2, 4096, 4)}
-TILES = ((8, 512, 4), (16, 512, 4), (16, 1024, 8), (32, 512, 8), (8, 1024, 4))  # (BLOCK_N, BLOCK_K, warps)
+TILES = ((4, 1024, 4), (2, 2048, 4), (8, 1024, 4), (8, 512, 4), (16, 512, 4))  # (BLOCK_N, BLOCK_K, warps)
+PREFETCH_LINES = 8  # 128-byte lines a weight row of the next product's first tile asks of L2 before the barrier
 SM_THREADS = 2048  # resident threads an SM holds (Hopper)
 FIELDS = 4  # a product's entry in the table: weight offset, scale offset, N, K
 
@@ -102,10 +105,13 @@ def grid_barrier(counter, target):
 def _chain_kernel(
     w, scale, table, bufs, counter, first, last,
     BUF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """Products first..last-1 of `table`: product p reads bufs[p % 2] and writes bufs[(p + 1) % 2],
     this program taking column tiles pid, pid + programs, ...; with PERSISTENT every program meets
-    the others between products (the next product reads what all of them wrote)."""
+    the others between products (the next product reads what all of them wrote), having asked L2
+    for PREFETCH lines of each weight row of its first tile of the next product (which no program
+    writes), so those bytes travel while it waits."""
     gdc.enter(PDL)
     pid, programs = tl.program_id(0), tl.num_programs(0)
     n_i, k_i = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
@@ -125,6 +131,11 @@ def _chain_kernel(
                 acc += tl.sum(wt * xk[None, :], 1)
             tl.store(dst + rows, acc * tl.load(scale + s_at + rows, mask=ok, other=0.0), mask=ok)
         if PERSISTENT and p + 1 < last:
+            if PREFETCH:
+                q = (p + 1) * 4
+                nxt, n_next, k_next = tl.load(table + q), tl.load(table + q + 2), tl.load(table + q + 3)
+                rows = pid * BLOCK_N + n_i
+                gdc.prefetch_rows(w + nxt, rows, rows < n_next, k_next.to(tl.int32), 0, k_next, PREFETCH, 1)
             grid_barrier(counter, (p - first + 1) * programs)
 
 
@@ -134,22 +145,24 @@ def chain_per_launch(chain: Chain, bufs: torch.Tensor, tile, pdl: bool) -> None:
     for p, (n, _) in enumerate(chain.shapes):
         _chain_kernel[(triton.cdiv(n, block_n),)](
             chain.weight, chain.scale, chain.table, bufs, bufs, p, p + 1,
-            BUF=bufs.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=False, num_warps=warps,
+            BUF=bufs.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=False, PREFETCH=0, num_warps=warps,
             **gdc.launch(pdl),
         )  # fmt: skip
 
 
-def chain_persistent(chain: Chain, bufs: torch.Tensor, counter: torch.Tensor, tile, programs: int) -> None:
-    """One launch of `programs` programs (all resident at once, or the barrier never opens)."""
+def chain_persistent(chain: Chain, bufs, counter: torch.Tensor, tile, programs: int, prefetch: int = 0) -> None:
+    """One launch of `programs` programs (all resident at once, or the barrier never opens), each
+    asking L2 for `prefetch` lines a row of its next tile before each barrier (0: none)."""
     block_n, block_k, warps = tile
     counter.zero_()
     _chain_kernel[(programs,)](
         chain.weight, chain.scale, chain.table, bufs, counter, 0, len(chain.shapes),
-        BUF=bufs.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=True, PDL=False, num_warps=warps,
+        BUF=bufs.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=True, PDL=False, PREFETCH=prefetch,
+        num_warps=warps,
     )  # fmt: skip
 
 
-def resident_programs(chain: Chain, bufs: torch.Tensor, counter: torch.Tensor, tile, per_sm: int) -> int | None:
+def resident_programs(chain: Chain, bufs, counter: torch.Tensor, tile, per_sm: int, prefetch: int) -> int | None:
     """Programs of the persistent kernel with `tile` at `per_sm` a SM, where its registers, shared
     memory and warps let that many stay resident at once (else None: its barrier would never open).
     The kernel is compiled by a launch that runs no product."""
@@ -157,7 +170,8 @@ def resident_programs(chain: Chain, bufs: torch.Tensor, counter: torch.Tensor, t
     block_n, block_k, warps = tile
     k = _chain_kernel[(1,)](
         chain.weight, chain.scale, chain.table, bufs, counter, 0, 0,
-        BUF=bufs.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=True, PDL=False, num_warps=warps,
+        BUF=bufs.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=True, PDL=False, PREFETCH=prefetch,
+        num_warps=warps,
     )  # fmt: skip
     k._init_handles()
     fits = min(  # registers and shared memory of an SM (Hopper's: a block may take all), 2,048 threads an SM
@@ -210,11 +224,13 @@ def measure(chain: Chain, per_sm: list[int], reps: int, bandwidth: float, emit) 
         row("chain per launch", tile, None, lambda: chain_per_launch(chain, bufs, tile, pdl))
     for tile in TILES:
         for n in per_sm:
-            programs = resident_programs(chain, bufs, counter, tile, n)
-            if programs is None:
-                log.info("tile %s at %d a SM: cannot all be resident, not run", tile, n)
-                continue
-            row("persistent", tile, programs, lambda: chain_persistent(chain, bufs, counter, tile, programs))
+            for lines in (0, PREFETCH_LINES):
+                programs = resident_programs(chain, bufs, counter, tile, n, lines)
+                if programs is None:
+                    log.info("tile %s at %d a SM: cannot all be resident, not run", tile, n)
+                    continue
+                form = "persistent + L2 prefetch" if lines else "persistent"
+                row(form, tile, programs, lambda: chain_persistent(chain, bufs, counter, tile, programs, lines))
 
 
 def main() -> None:
@@ -225,7 +241,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--per-sm", type=int, nargs="+", default=[1, 2, 4], help="persistent programs a SM")
+    p.add_argument("--per-sm", type=int, nargs="+", default=[1, 2, 4, 8], help="persistent programs a SM")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--topic", default="persistent-chain")
     p.add_argument("--out", default=DEFAULT_OUT)

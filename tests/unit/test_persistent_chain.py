@@ -1,7 +1,8 @@
 """bench/persistent_chain.py: the chain kernel against the float32 reference in Triton's
 interpreter (one launch per product, and every product in one program, which needs no barrier),
 and the persistent form compiled for sm_90: its grid barrier is a release add and an acquire load
-at GPU scope after the program's threads meet, and the products' inputs are read from L2."""
+at GPU scope after the program's threads meet, the next product's weight is asked of L2 before
+the program arrives, and the products' inputs are read from L2."""
 
 import os
 import subprocess
@@ -47,7 +48,7 @@ def test_every_product_in_one_program_matches_the_reference():
     def one_program(bufs):  # a grid of one needs no barrier: the loop over products and tiles alone
         pc._chain_kernel[(1,)](
             chain.weight, chain.scale, chain.table, bufs, bufs, 0, len(chain.shapes),
-            BUF=bufs.shape[1], BLOCK_N=8, BLOCK_K=16, PERSISTENT=False, PDL=False,
+            BUF=bufs.shape[1], BLOCK_N=8, BLOCK_K=16, PERSISTENT=False, PDL=False, PREFETCH=0,
         )  # fmt: skip
 
     y, ref = _run(chain, one_program)
@@ -73,13 +74,13 @@ from triton.backends.compiler import GPUTarget
 from bench.persistent_chain import _chain_kernel
 sig = {"w": "*fp8e4nv", "scale": "*fp32", "table": "*i64", "bufs": "*fp32", "counter": "*i32", "first": "i32",
        "last": "i32"}
-consts = dict(BUF=16384, BLOCK_N=16, BLOCK_K=512, PERSISTENT=True, PDL=False)
+consts = dict(BUF=16384, BLOCK_N=4, BLOCK_K=1024, PERSISTENT=True, PDL=False, PREFETCH=8)
 sig.update({k: "constexpr" for k in consts})
 src = triton.compiler.ASTSource(fn=_chain_kernel, signature=sig, constexprs=consts)
 lines = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"].splitlines()
 first = lambda m: next((n for n, l in enumerate(lines) if m in l), -1)
-print(first("red.global.gpu.release.add"), first("ld.global.gpu.acquire"), first("ld.global.cg"),
-      sum("bar.sync" in l for l in lines))
+print(first("prefetch.global.L2"), first("red.global.gpu.release.add"), first("ld.global.gpu.acquire"),
+      first("ld.global.cg"), sum("bar.sync" in l for l in lines))
 """
 
 
@@ -89,5 +90,5 @@ def test_the_persistent_kernel_compiles_with_its_barrier_for_sm90():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     done = subprocess.run([sys.executable, "-c", PTX], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    arrive, wait, input_load, syncs = map(int, done.stdout.split()[-4:])
-    assert 0 <= input_load and arrive > 0 and wait > arrive and syncs >= 2
+    prefetch, arrive, wait, input_load, syncs = map(int, done.stdout.split()[-5:])
+    assert 0 <= input_load and 0 < prefetch < arrive < wait and syncs >= 2
