@@ -11,7 +11,8 @@ a CUDA graph:
 - `persistent`: the same kernel launched once, `--per-sm` programs per SM taking every product's
   column tiles in turn and meeting at a grid-wide barrier (an atomic counter) between products;
 - `persistent + L2 prefetch`: the same, each program asking L2 for the first K step of its next
-  tile's weight rows before it waits at the barrier;
+  tile's weight rows before it waits at the barrier; `persistent, inputs through L1`: the inputs
+  read with plain loads instead of past L1 (the check against the reference shows stale values);
 
 against the weights' bytes over the copy bandwidth. The chain's kernel and barrier are the
 experiment, not the engine's (docs/decisions.md says what the numbers decided).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -105,7 +107,7 @@ def grid_barrier(counter, target):
 def _chain_kernel(
     w, scale, table, bufs, counter, first, last,
     BUF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, X_L2: tl.constexpr,
 ):  # fmt: skip
     """Products first..last-1 of `table`: product p reads bufs[p % 2] and writes bufs[(p + 1) % 2],
     this program taking column tiles pid, pid + programs, ...; with PERSISTENT every program meets
@@ -127,7 +129,10 @@ def _chain_kernel(
                 k = k0 + k_i
                 at = w_at + rows[:, None].to(tl.int64) * K + k[None, :]
                 wt = tl.load(w + at, mask=ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
-                xk = tl.load(src + k, mask=k < K, other=0.0, cache_modifier=".cg")  # L2: other SMs wrote it
+                if X_L2:  # past this SM's L1, which may hold the last product's values from before a barrier
+                    xk = tl.load(src + k, mask=k < K, other=0.0, cache_modifier=".cg")
+                else:
+                    xk = tl.load(src + k, mask=k < K, other=0.0)
                 acc += tl.sum(wt * xk[None, :], 1)
             tl.store(dst + rows, acc * tl.load(scale + s_at + rows, mask=ok, other=0.0), mask=ok)
         if PERSISTENT and p + 1 < last:
@@ -145,24 +150,40 @@ def chain_per_launch(chain: Chain, bufs: torch.Tensor, tile, pdl: bool) -> None:
     for p, (n, _) in enumerate(chain.shapes):
         _chain_kernel[(triton.cdiv(n, block_n),)](
             chain.weight, chain.scale, chain.table, bufs, bufs, p, p + 1,
-            BUF=bufs.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=False, PREFETCH=0, num_warps=warps,
+            BUF=bufs.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=False, PREFETCH=0, X_L2=False,
+            num_warps=warps,
             **gdc.launch(pdl),
         )  # fmt: skip
 
 
-def chain_persistent(chain: Chain, bufs, counter: torch.Tensor, tile, programs: int, prefetch: int = 0) -> None:
-    """One launch of `programs` programs (all resident at once, or the barrier never opens), each
-    asking L2 for `prefetch` lines a row of its next tile before each barrier (0: none)."""
+class Form(NamedTuple):
+    """A persistent form: L2 lines a weight row of the next tile asked for before each barrier
+    (0: none), and whether the products' inputs are read past L1."""
+
+    label: str
+    prefetch: int
+    x_l2: bool
+
+
+PERSISTENT_FORMS = (
+    Form("persistent", 0, True),
+    Form("persistent + L2 prefetch", PREFETCH_LINES, True),
+    Form("persistent, inputs through L1", 0, False),
+)
+
+
+def chain_persistent(chain: Chain, bufs, counter: torch.Tensor, tile, programs: int, form: Form) -> None:
+    """One launch of `programs` programs (all resident at once, or the barrier never opens)."""
     block_n, block_k, warps = tile
     counter.zero_()
     _chain_kernel[(programs,)](
         chain.weight, chain.scale, chain.table, bufs, counter, 0, len(chain.shapes),
-        BUF=bufs.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=True, PDL=False, PREFETCH=prefetch,
-        num_warps=warps,
+        BUF=bufs.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=True, PDL=False, PREFETCH=form.prefetch,
+        X_L2=form.x_l2, num_warps=warps,
     )  # fmt: skip
 
 
-def resident_programs(chain: Chain, bufs, counter: torch.Tensor, tile, per_sm: int, prefetch: int) -> int | None:
+def resident_programs(chain: Chain, bufs, counter: torch.Tensor, tile, per_sm: int, form: Form) -> int | None:
     """Programs of the persistent kernel with `tile` at `per_sm` a SM, where its registers, shared
     memory and warps let that many stay resident at once (else None: its barrier would never open).
     The kernel is compiled by a launch that runs no product."""
@@ -170,8 +191,8 @@ def resident_programs(chain: Chain, bufs, counter: torch.Tensor, tile, per_sm: i
     block_n, block_k, warps = tile
     k = _chain_kernel[(1,)](
         chain.weight, chain.scale, chain.table, bufs, counter, 0, 0,
-        BUF=bufs.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=True, PDL=False, PREFETCH=prefetch,
-        num_warps=warps,
+        BUF=bufs.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=True, PDL=False, PREFETCH=form.prefetch,
+        X_L2=form.x_l2, num_warps=warps,
     )  # fmt: skip
     k._init_handles()
     fits = min(  # registers and shared memory of an SM (Hopper's: a block may take all), 2,048 threads an SM
@@ -224,13 +245,12 @@ def measure(chain: Chain, per_sm: list[int], reps: int, bandwidth: float, emit) 
         row("chain per launch", tile, None, lambda: chain_per_launch(chain, bufs, tile, pdl))
     for tile in TILES:
         for n in per_sm:
-            for lines in (0, PREFETCH_LINES):
-                programs = resident_programs(chain, bufs, counter, tile, n, lines)
+            for form in PERSISTENT_FORMS:
+                programs = resident_programs(chain, bufs, counter, tile, n, form)
                 if programs is None:
                     log.info("tile %s at %d a SM: cannot all be resident, not run", tile, n)
                     continue
-                form = "persistent + L2 prefetch" if lines else "persistent"
-                row(form, tile, programs, lambda: chain_persistent(chain, bufs, counter, tile, programs, lines))
+                row(form.label, tile, programs, lambda: chain_persistent(chain, bufs, counter, tile, programs, form))
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ def test_every_product_in_one_program_matches_the_reference():
     def one_program(bufs):  # a grid of one needs no barrier: the loop over products and tiles alone
         pc._chain_kernel[(1,)](
             chain.weight, chain.scale, chain.table, bufs, bufs, 0, len(chain.shapes),
-            BUF=bufs.shape[1], BLOCK_N=8, BLOCK_K=16, PERSISTENT=False, PDL=False, PREFETCH=0,
+            BUF=bufs.shape[1], BLOCK_N=8, BLOCK_K=16, PERSISTENT=False, PDL=False, PREFETCH=0, X_L2=True,
         )  # fmt: skip
 
     y, ref = _run(chain, one_program)
@@ -74,7 +74,7 @@ from triton.backends.compiler import GPUTarget
 from bench.persistent_chain import _chain_kernel
 sig = {"w": "*fp8e4nv", "scale": "*fp32", "table": "*i64", "bufs": "*fp32", "counter": "*i32", "first": "i32",
        "last": "i32"}
-consts = dict(BUF=16384, BLOCK_N=4, BLOCK_K=1024, PERSISTENT=True, PDL=False, PREFETCH=8)
+consts = dict(BUF=16384, BLOCK_N=4, BLOCK_K=1024, PERSISTENT=True, PDL=False, PREFETCH=8, X_L2=True)
 sig.update({k: "constexpr" for k in consts})
 src = triton.compiler.ASTSource(fn=_chain_kernel, signature=sig, constexprs=consts)
 lines = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"].splitlines()
