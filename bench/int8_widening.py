@@ -1,0 +1,123 @@
+"""Does widening int8 weights to float32 limit the small-batch gemv? Triton turns `w.to(float32)`
+of an int8 into I2F, which Hopper issues at a quarter of the float rate: at one row a gemv over
+int8 weights needs one a byte, about as many as the copy bandwidth brings (3 TB/s against
+132 SMs x 16 a clock). An exact alternative adds 2^23 + 128 to the integer, reads the bits as a
+float and subtracts 2^23 + 128 (an integer and a float add). This bench times one gemv tile loop
+(the engine's `gemv._k_step` form: rows x tile products summed along K on the CUDA cores) over int8
+weights widened each way, beside the same loop over float8 weights and the engine's
+`gemv.small_matmul` on the int8 weights, for the LM heads and layer products of the 1B and 8B at
+one row, against the bytes' time.
+
+  python -m bench.int8_widening
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+import triton
+import triton.language as tl
+
+log = logging.getLogger("bench.int8_widening")
+SHAPES = {  # (N, K) of the products a decode step streams
+    "1b lm_head": (128256, 2048),
+    "1b gate_up": (16384, 2048),
+    "1b down": (2048, 8192),
+    "8b lm_head": (128256, 4096),
+    "8b gate_up": (28672, 4096),
+}
+TILES = ((4, 1024, 4), (2, 2048, 4), (8, 1024, 8))  # (rows of W, K step, warps), as gemv's configs
+
+
+@triton.jit
+def widened(wt, MAGIC: tl.constexpr):
+    """An 8-bit weight tile as float32: int8 through 2^23 + 128 + w read as a float, exactly, where MAGIC."""
+    if MAGIC:
+        y = (wt.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        y = wt.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _gemv_kernel(x, w, scale, out, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr):
+    """out[n] = scale[n] * sum_k x[k] * w[n, k] for this program's BLOCK_N rows of w."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        xk = tl.load(x + k, mask=k_ok, other=0.0).to(tl.float32)
+        wt = tl.load(w + n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        acc += tl.sum(widened(wt, MAGIC) * xk[None, :], 1)
+    tl.store(out + n, acc * tl.load(scale + n, mask=n_ok, other=0.0), mask=n_ok)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, tile, magic: bool) -> torch.Tensor:
+    """x [K] (bf16) times w [N, K] (int8 or float8) with a scale per row: [N] float32."""
+    block_n, block_k, warps = tile
+    out = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    grid = (triton.cdiv(w.shape[0], block_n),)
+    _gemv_kernel[grid](x, w, scale, out, w.shape[0], w.shape[1], block_n, block_k, magic, num_warps=warps)
+    return out
+
+
+def weights(n: int, k: int, device, seed: int = 0) -> dict:
+    """The same random values as int8 and as float8 e4m3, a scale per row."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), generator=g, device=device, dtype=torch.int32).to(torch.int8)
+    fp8 = (q.float() / 16).to(torch.float8_e4m3fn)
+    return {"int8": q, "fp8": fp8, "scale": torch.full((n,), 1 / 64, device=device)}
+
+
+def measure(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
+    """Every form's us for one product at one row, its share of the bytes' time, and its largest
+    difference from the int8 widened the plain way (0 where exact)."""
+    from tritonllm.runtimes.kernels import gemv as engine_gemv
+    from tritonllm.runtimes.kernels.timing import graph_ms
+
+    ws = weights(n, k, "cuda")
+    x = torch.randn(k, device="cuda").to(torch.bfloat16)
+    floor_us = 1e6 * n * k / bandwidth
+    rows = []
+    for tile in TILES:
+        ref = gemv(x, ws["int8"], ws["scale"], tile, False)
+        forms = {
+            "int8, I2F": lambda: gemv(x, ws["int8"], ws["scale"], tile, False),
+            "int8, integer + float add": lambda: gemv(x, ws["int8"], ws["scale"], tile, True),
+            "fp8": lambda: gemv(x, ws["fp8"], ws["scale"], tile, False),
+            "int8, engine small_matmul": lambda: engine_gemv.small_matmul(
+                x[None], ws["int8"], None, tile, scale=ws["scale"], pdl_steps=None
+            )[0].float(),
+        }
+        for form, fn in forms.items():
+            diff = float((fn() - ref).abs().max()) if form.startswith("int8, integer") else None
+            us = 1e3 * graph_ms(fn, 20)
+            rows.append(dict(product=name, n=n, k=k, tile=str(tile), form=form, us=round(us, 1),
+                             bytes_share_pct=round(100 * floor_us / us, 1), max_diff=diff))  # fmt: skip
+            log.info("%s", rows[-1])
+    return rows
+
+
+def main() -> None:
+    from bench.measure import write_results
+    from bench.provenance import DEFAULT_OUT
+    from bench.workloads import copy_bandwidth
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--products", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--topic", default="int8-widening")
+    p.add_argument("--out", default=DEFAULT_OUT)
+    a = p.parse_args()
+    bandwidth = copy_bandwidth()
+    facts = dict(copy_bandwidth_gb_s=round(bandwidth / 1e9), gpu=torch.cuda.get_device_name())
+    rows = [r for name in a.products for r in measure(name, *SHAPES[name], bandwidth)]
+    print(write_results(a.out, a.topic, facts, rows))
+
+
+if __name__ == "__main__":
+    main()
