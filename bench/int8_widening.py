@@ -6,7 +6,9 @@ float and subtracts 2^23 + 128 (an integer and a float add). This bench times on
 (the engine's `gemv._k_step` form: rows x tile products summed along K on the CUDA cores) over int8
 weights widened each way, beside the same loop over float8 weights and the engine's
 `gemv.small_matmul` on the int8 weights, for the LM heads and layer products of the 1B and 8B at
-one row, against the bytes' time.
+one row, against the bytes' time; and per form, a line fitted through its best time per product
+against the product's bytes: a fixed cost per launch plus a streaming rate (`fit`), which says
+whether the small products lose their time to each launch or to the rate they read at.
 
   python -m bench.int8_widening
 """
@@ -22,6 +24,8 @@ import triton.language as tl
 
 log = logging.getLogger("bench.int8_widening")
 SHAPES = {  # (N, K) of the products a decode step streams
+    "1b o": (2048, 2048),
+    "1b qkv": (3072, 2048),
     "1b lm_head": (128256, 2048),
     "1b gate_up": (16384, 2048),
     "1b down": (2048, 8192),
@@ -102,6 +106,27 @@ def measure(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
     return rows
 
 
+def fit(rows: list[dict]) -> list[dict]:
+    """Per form, least squares of its best us per product against the product's bytes (N x K):
+    the fixed us per launch and the streaming rate in GB/s."""
+    best: dict[str, dict[str, tuple[int, float]]] = {}
+    for r in rows:
+        form = best.setdefault(r["form"], {})
+        old = form.get(r["product"])
+        if old is None or r["us"] < old[1]:
+            form[r["product"]] = (r["n"] * r["k"], r["us"])
+    out = []
+    for form, points in best.items():
+        if len(points) < 2:
+            continue
+        b = torch.tensor([p[0] for p in points.values()], dtype=torch.float64)
+        t = torch.tensor([p[1] for p in points.values()], dtype=torch.float64)
+        a = torch.stack([torch.ones_like(b), b], 1)
+        fixed, per_byte = torch.linalg.lstsq(a, t[:, None]).solution[:, 0]
+        out.append({"form": form, "fixed_us": round(float(fixed), 1), "rate_gb_s": round(1e-3 / float(per_byte))})
+    return out
+
+
 def main() -> None:
     from bench.measure import write_results
     from bench.provenance import DEFAULT_OUT
@@ -116,6 +141,8 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     facts = dict(copy_bandwidth_gb_s=round(bandwidth / 1e9), gpu=torch.cuda.get_device_name())
     rows = [r for name in a.products for r in measure(name, *SHAPES[name], bandwidth)]
+    facts["fit"] = fit(rows)
+    log.info("fixed us per launch + streaming rate: %s", facts["fit"])
     print(write_results(a.out, a.topic, facts, rows))
 
 

@@ -55,3 +55,12 @@ def test_compiled_for_sm90_the_add_form_has_no_int_to_float_conversion():
     assert done.returncode == 0, done.stderr[-2000:]
     plain, magic = map(int, done.stdout.split()[-2:])
     assert plain > 0 and magic == 0
+
+
+def test_the_fit_recovers_a_fixed_cost_and_a_rate():
+    rows = [  # 5 us a launch + 2,000 GB/s, and a slower tile that the fit must not take
+        {"form": "f", "product": name, "n": n, "k": 1000, "us": 5.0 + n * 1000 / 2e6}
+        for name, n in (("a", 1000), ("b", 8000), ("c", 64000))
+    ] + [{"form": "f", "product": "a", "n": 1000, "k": 1000, "us": 50.0}]
+    (line,) = iw.fit(rows)
+    assert line["form"] == "f" and line["fixed_us"] == 5.0 and line["rate_gb_s"] == 2000
