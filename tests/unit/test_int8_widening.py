@@ -3,8 +3,6 @@ one of the 256, and a gemv through both ways bit for bit in Triton's interpreter
 sm_90 it leaves no int-to-float conversion in the loop while the plain way has one."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +10,8 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 from bench import int8_widening as iw
+
+from ..compiled import run_uninterpreted
 
 
 def test_the_gemv_is_the_same_both_ways_and_matches_torch():
@@ -48,12 +48,7 @@ for magic in (False, True):
 
 
 def test_compiled_for_sm90_the_add_form_has_no_int_to_float_conversion():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", PTX], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    plain, magic = map(int, done.stdout.split()[-2:])
+    plain, magic = map(int, run_uninterpreted(PTX).split()[-2:])
     assert plain > 0 and magic == 0
 
 

@@ -5,8 +5,6 @@ kernels are compiled for sm_90 on this CPU (Triton's bundled ptxas) in a fresh p
 interpreter (TRITON_INTERPRET=1, set by the parity tests) has no griddepcontrol."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +12,8 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")  # as the parity tests: this process's kernels are interpreted
 pytest.importorskip("triton")
 from tritonllm.runtimes.kernels import pdl
+
+from ..compiled import run_uninterpreted
 
 PTX_ORDER = r"""
 import triton
@@ -116,10 +116,8 @@ def test_prefetch_lines(k, block_k, elem, steps, lines):
 
 
 def test_compiled_pdl_kernels_wait_before_reading_or_writing_activations():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", PTX_ORDER], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = {r.split()[0]: [int(v) for v in r.split()[1:]] for r in out.stdout.splitlines()}  # (attention: its fp8 form)
+    out = run_uninterpreted(PTX_ORDER)
+    rows = {r.split()[0]: [int(v) for v in r.split()[1:]] for r in out.splitlines()}  # (attention: its fp8 form)
     for name in ("_small_matmul_kernel", "glu"):
         prefetch, wait, launch, load, store = rows[name]
         assert 0 <= prefetch < wait < launch < load < store, name  # only the weight prefetch runs ahead of the wait

@@ -5,8 +5,6 @@ at GPU scope after the program's threads meet, the next product's weight is aske
 the program arrives, and the products' inputs are read from L2."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +12,8 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 from bench import persistent_chain as pc
+
+from ..compiled import run_uninterpreted
 
 SMALL = dict(hidden=32, qkv=48, inter=64)
 
@@ -85,10 +85,5 @@ print(first("prefetch.global.L2"), first("red.global.gpu.release.add"), first("l
 
 
 def test_the_persistent_kernel_compiles_with_its_barrier_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", PTX], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    prefetch, arrive, wait, input_load, syncs = map(int, done.stdout.split()[-5:])
+    prefetch, arrive, wait, input_load, syncs = map(int, run_uninterpreted(PTX).split()[-5:])
     assert 0 <= input_load and 0 < prefetch < arrive < wait and syncs >= 2
