@@ -40,13 +40,13 @@ ENGINE_TILES = {"qkv": (4, 1024, 4), "o": (2, 2048, 4), "gate_up": (4, 1024, 4),
 TILES = ((4, 1024, 4), (2, 2048, 4), (8, 1024, 4), (8, 512, 4), (16, 512, 4))  # (BLOCK_N, BLOCK_K, warps)
 PREFETCH_LINES = 8  # 128-byte lines a weight row of the next product's first tile asks of L2 before the barrier
 SM_THREADS = 2048  # resident threads an SM holds (Hopper)
-FIELDS = 4  # a product's entry in the table: weight offset, scale offset, N, K
 
 
 @dataclass
 class Chain:
     """The products of `layers` layers, weights in one float8 buffer (row-major [N, K] each), their
-    scales in one float32 buffer, `table` [products, FIELDS] int64 on the device."""
+    scales in one float32 buffer, `table` [products, 4] int64 on the device: each product's weight
+    offset, scale offset, N and K."""
 
     names: list[str]
     shapes: list[tuple[int, int]]  # (N, K)
@@ -146,41 +146,43 @@ def _chain_kernel(
 
 def chain_per_launch(chain: Chain, bufs: torch.Tensor, tile, pdl: bool) -> None:
     """One launch per product, a program per column tile."""
-    block_n, block_k, warps = tile
     for p, (n, _) in enumerate(chain.shapes):
-        _chain_kernel[(triton.cdiv(n, block_n),)](
-            chain.weight, chain.scale, chain.table, bufs, bufs, p, p + 1,
-            BUF=bufs.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=False, PREFETCH=0, X_L2=False,
-            num_warps=warps,
-            **gdc.launch(pdl),
-        )  # fmt: skip
+        _launch(chain, bufs, bufs, (triton.cdiv(n, tile[0]),), p, p + 1, tile, PER_LAUNCH, pdl)
 
 
 class Form(NamedTuple):
-    """A persistent form: L2 lines a weight row of the next tile asked for before each barrier
-    (0: none), and whether the products' inputs are read past L1."""
+    """A form of the chain kernel: one launch for every product with barriers between them
+    (`persistent`) or one launch per product; L2 lines a weight row of the next tile asked for
+    before each barrier (0: none); whether the products' inputs are read past L1."""
 
     label: str
+    persistent: bool
     prefetch: int
     x_l2: bool
 
 
+PER_LAUNCH = Form("chain per launch", False, 0, False)  # launches order the products: plain loads, nothing to prefetch
 PERSISTENT_FORMS = (
-    Form("persistent", 0, True),
-    Form("persistent + L2 prefetch", PREFETCH_LINES, True),
-    Form("persistent, inputs through L1", 0, False),
+    Form("persistent", True, 0, True),
+    Form("persistent + L2 prefetch", True, PREFETCH_LINES, True),
+    Form("persistent, inputs through L1", True, 0, False),
 )
+
+
+def _launch(chain: Chain, bufs, counter, grid, first: int, last: int, tile, form: Form, pdl: bool):
+    """The chain kernel over products first..last-1 in `form`; returns the compiled kernel."""
+    block_n, block_k, warps = tile
+    return _chain_kernel[grid](
+        chain.weight, chain.scale, chain.table, bufs, counter, first, last,
+        BUF=bufs.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=form.persistent,
+        PREFETCH=form.prefetch, X_L2=form.x_l2, num_warps=warps, **gdc.launch(pdl),
+    )  # fmt: skip
 
 
 def chain_persistent(chain: Chain, bufs, counter: torch.Tensor, tile, programs: int, form: Form) -> None:
     """One launch of `programs` programs (all resident at once, or the barrier never opens)."""
-    block_n, block_k, warps = tile
     counter.zero_()
-    _chain_kernel[(programs,)](
-        chain.weight, chain.scale, chain.table, bufs, counter, 0, len(chain.shapes),
-        BUF=bufs.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=True, PDL=False, PREFETCH=form.prefetch,
-        X_L2=form.x_l2, num_warps=warps,
-    )  # fmt: skip
+    _launch(chain, bufs, counter, (programs,), 0, len(chain.shapes), tile, form, pdl=False)
 
 
 def resident_programs(chain: Chain, bufs, counter: torch.Tensor, tile, per_sm: int, form: Form) -> int | None:
@@ -188,12 +190,8 @@ def resident_programs(chain: Chain, bufs, counter: torch.Tensor, tile, per_sm: i
     memory and warps let that many stay resident at once (else None: its barrier would never open).
     The kernel is compiled by a launch that runs no product."""
     props = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())
-    block_n, block_k, warps = tile
-    k = _chain_kernel[(1,)](
-        chain.weight, chain.scale, chain.table, bufs, counter, 0, 0,
-        BUF=bufs.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=True, PDL=False, PREFETCH=form.prefetch,
-        X_L2=form.x_l2, num_warps=warps,
-    )  # fmt: skip
+    warps = tile[2]
+    k = _launch(chain, bufs, counter, (1,), 0, 0, tile, form, pdl=False)
     k._init_handles()
     fits = min(  # registers and shared memory of an SM (Hopper's: a block may take all), 2,048 threads an SM
         props["max_num_regs"] // max(1, k.n_regs * 32 * warps),
@@ -242,7 +240,7 @@ def measure(chain: Chain, per_sm: list[int], reps: int, bandwidth: float, emit) 
 
     row("engine gemv", ENGINE_TILES, None, lambda: engine_chain(chain, bufs[0, :HIDDEN], pdl))
     for tile in TILES:
-        row("chain per launch", tile, None, lambda: chain_per_launch(chain, bufs, tile, pdl))
+        row(PER_LAUNCH.label, tile, None, lambda: chain_per_launch(chain, bufs, tile, pdl))
     for tile in TILES:
         for n in per_sm:
             for form in PERSISTENT_FORMS:
