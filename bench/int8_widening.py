@@ -5,7 +5,7 @@ int8 weights needs one a byte, about as many as the copy bandwidth brings (3 TB/
 float and subtracts 2^23 + 128 (an integer and a float add). This bench times one gemv tile loop
 (the engine's `gemv._k_step` form: rows x tile products summed along K on the CUDA cores) over int8
 weights widened each way, beside the same loop over float8 weights and the engine's
-`gemv.small_matmul` on the int8 weights, for the LM heads and layer products of the 1B and 8B at
+`gemv.small_matmul` on the int8 and the float8 weights, for the LM heads and layer products of the 1B and 8B at
 one row, against the bytes' time; and per form, a line fitted through its best time per product
 against the product's bytes: a fixed cost per launch plus a streaming rate (`fit`), which says
 whether the small products lose their time to each launch or to the rate they read at.
@@ -88,14 +88,14 @@ def measure(name: str, n: int, k: int, bandwidth: float) -> list[dict]:
     floor_us = 1e6 * n * k / bandwidth
     rows = []
     for tile in TILES:
+        engine = lambda w, t=tile: engine_gemv.small_matmul(x[None], w, None, t, scale=ws["scale"])[0].float()
         ref = gemv(x, ws["int8"], ws["scale"], tile, False)
         forms = {
             "int8, I2F": lambda: gemv(x, ws["int8"], ws["scale"], tile, False),
             "int8, integer + float add": lambda: gemv(x, ws["int8"], ws["scale"], tile, True),
             "fp8": lambda: gemv(x, ws["fp8"], ws["scale"], tile, False),
-            "int8, engine small_matmul": lambda: engine_gemv.small_matmul(
-                x[None], ws["int8"], None, tile, scale=ws["scale"], pdl_steps=None
-            )[0].float(),
+            "int8, engine small_matmul": lambda: engine(ws["int8"]),
+            "fp8, engine small_matmul": lambda: engine(ws["fp8"]),
         }
         for form, fn in forms.items():
             diff = float((fn() - ref).abs().max()) if form.startswith("int8, integer") else None
