@@ -24,6 +24,14 @@ def test_the_gemv_is_the_same_both_ways_and_matches_torch():
     assert torch.allclose(magic, ref, rtol=1e-5, atol=1e-4)
 
 
+def test_the_float8_gemv_matches_torch_with_a_ragged_edge():
+    ws = iw.weights(20, 80, "cpu")  # 20 rows, 80 columns: masked tails of both tile dimensions
+    x = torch.randn(80, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    y = iw.gemv(x, ws["fp8"], ws["scale"], (8, 32, 1), magic=False)
+    ref = (ws["fp8"].float() @ x.float()) * ws["scale"]
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4)
+
+
 def test_every_int8_value_widens_exactly():
     w = torch.zeros(256, 16, dtype=torch.int8)
     w[:, 0] = torch.arange(-128, 128, dtype=torch.int32).to(torch.int8)  # row r holds r - 128 in column 0
