@@ -9,7 +9,8 @@ weights widened each way, beside the same loop over float8 weights and the engin
 the 1B and 8B at one row (without PDL), against the bytes' time; and per form, a line fitted
 through its best time per product against the product's bytes: a fixed cost per launch plus a
 streaming rate (`fit`), which says whether the small products lose their time to each launch or
-to the rate they read at.
+to the rate they read at. The results also record each loop's widening instructions per weight
+value in the SASS compiled for sm_90 (`sass_per_value`).
 
   python -m bench.int8_widening
 """
@@ -17,7 +18,12 @@ to the rate they read at.
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import torch
 import triton
@@ -132,6 +138,36 @@ def fit(rows: list[dict]) -> list[dict]:
     return out
 
 
+SASS_WEIGHTS = {"int8, I2F": ("*i8", False), "int8, integer + float add": ("*i8", True), "fp8": ("*fp8e4nv", False)}
+CONVERSIONS = ("I2F", "F2FP", "HADD2.F32")  # SASS that widens a weight: int to float, float8 to half, half to float
+
+
+def sass_per_value(form: str, tile=TILES[0]) -> dict[str, float]:
+    """The widening instructions (CONVERSIONS) per weight value of `form`'s gemv loop, compiled
+    for sm_90 here (no GPU needed) with the alignment a launch on whole tensors gets (pointers,
+    N and K multiples of 16, so the loads are vectorized as they run), read from the SASS that
+    Triton's bundled cuobjdump prints: what the GPU issues, where the PTX's `cvt`s are not."""
+    from triton.backends.compiler import GPUTarget
+
+    w_type, magic = SASS_WEIGHTS[form]
+    block_n, block_k, warps = tile
+    sig = {"x": "*bf16", "w": w_type, "scale": "*fp32", "out": "*fp32", "N": "i32", "K": "i32",
+           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "MAGIC": "constexpr"}  # fmt: skip
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(6)}
+    consts = {"BLOCK_N": block_n, "BLOCK_K": block_k, "MAGIC": magic}
+    src = triton.compiler.ASTSource(fn=_gemv_kernel, signature=sig, constexprs=consts, attrs=aligned)
+    cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        done = subprocess.run([str(path / "cuobjdump"), "-sass", f.name], capture_output=True, check=True)
+    ops = collections.Counter(re.findall(rb"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", done.stdout))
+    values = block_n * block_k  # one K step's weight values: the loop's body, unrolled once
+    return {c: round(sum(n for op, n in ops.items() if op.decode().startswith(c)) / values * 32 * warps, 2)
+            for c in CONVERSIONS}  # fmt: skip
+
+
 def main() -> None:
     from bench.measure import write_results
     from bench.provenance import DEFAULT_OUT
@@ -145,6 +181,7 @@ def main() -> None:
     a = p.parse_args()
     bandwidth = copy_bandwidth()
     facts = dict(copy_bandwidth_gb_s=round(bandwidth / 1e9), gpu=torch.cuda.get_device_name())
+    facts["sass_widening_per_value"] = {form: sass_per_value(form) for form in SASS_WEIGHTS}
     rows = [r for name in a.products for r in measure(name, *SHAPES[name], bandwidth)]
     facts["fit"] = fit(rows)
     log.info("fixed us per launch + streaming rate: %s", facts["fit"])

@@ -1,7 +1,8 @@
 """bench/int8_widening.py: the integer + float add widening gives exactly the int8 values (every
 one of the 256, and a gemv through both ways bit for bit in Triton's interpreter), and compiled for
-sm_90 it leaves no int-to-float conversion in the loop while the plain way has one."""
+sm_90 its SASS has no int-to-float conversion (I2F) while the plain way has one a value."""
 
+import json
 import os
 
 import pytest
@@ -41,23 +42,18 @@ def test_every_int8_value_widens_exactly():
     assert torch.equal(y, torch.arange(-128, 128, dtype=torch.float32))
 
 
-PTX = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from bench.int8_widening import _gemv_kernel
-for magic in (False, True):
-    sig = {"x": "*bf16", "w": "*i8", "scale": "*fp32", "out": "*fp32", "N": "i32", "K": "i32",
-           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "MAGIC": "constexpr"}
-    consts = {"BLOCK_N": 4, "BLOCK_K": 1024, "MAGIC": magic}
-    src = triton.compiler.ASTSource(fn=_gemv_kernel, signature=sig, constexprs=consts)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-    print(sum("cvt.rn.f32.s" in line for line in ptx.splitlines()))
+SASS = r"""
+import json
+from bench.int8_widening import SASS_WEIGHTS, sass_per_value
+print(json.dumps({form: sass_per_value(form) for form in SASS_WEIGHTS}))
 """
 
 
-def test_compiled_for_sm90_the_add_form_has_no_int_to_float_conversion():
-    plain, magic = map(int, run_uninterpreted(PTX).split()[-2:])
-    assert plain > 0 and magic == 0
+def test_compiled_for_sm90_only_the_plain_int8_loop_has_int_to_float_conversions():
+    per_value = json.loads(run_uninterpreted(SASS).splitlines()[-1])
+    assert per_value["int8, I2F"]["I2F"] == 1.0  # one a weight value: the quarter-rate instruction
+    assert not any(per_value["int8, integer + float add"].values())
+    assert per_value["fp8"]["I2F"] == 0 and per_value["fp8"]["F2FP"] > 0  # float8 pairs to half, then to float
 
 
 def test_the_fit_recovers_a_fixed_cost_and_a_rate():
