@@ -142,29 +142,37 @@ SASS_WEIGHTS = {"int8, I2F": ("*i8", False), "int8, integer + float add": ("*i8"
 CONVERSIONS = ("I2F", "F2FP", "HADD2.F32")  # SASS that widens a weight: int to float, float8 to half, half to float
 
 
-def sass_per_value(form: str, tile=TILES[0]) -> dict[str, float]:
-    """The widening instructions (CONVERSIONS) per weight value of `form`'s gemv loop, compiled
-    for sm_90 here (no GPU needed) with the alignment a launch on whole tensors gets (pointers,
-    N and K multiples of 16, so the loads are vectorized as they run), read from the SASS that
-    Triton's bundled cuobjdump prints: what the GPU issues, where the PTX's `cvt`s are not."""
+def sass_ops(fn, signature: dict, constexprs: dict, aligned: list[int], warps: int) -> collections.Counter:
+    """SASS instructions by opcode of the Triton kernel `fn` compiled for sm_90 here (no GPU
+    needed): `signature` and `constexprs` as `triton.compiler.ASTSource` takes them, the arguments
+    at `aligned` (positions) multiples of 16 as a launch on whole tensors makes them (so the loads
+    are vectorized as they run), read from what Triton's bundled cuobjdump prints."""
     from triton.backends.compiler import GPUTarget
 
-    w_type, magic = SASS_WEIGHTS[form]
-    block_n, block_k, warps = tile
-    sig = {"x": "*bf16", "w": w_type, "scale": "*fp32", "out": "*fp32", "N": "i32", "K": "i32",
-           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "MAGIC": "constexpr"}  # fmt: skip
-    aligned = {(i,): [["tt.divisibility", 16]] for i in range(6)}
-    consts = {"BLOCK_N": block_n, "BLOCK_K": block_k, "MAGIC": magic}
-    src = triton.compiler.ASTSource(fn=_gemv_kernel, signature=sig, constexprs=consts, attrs=aligned)
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
     path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         done = subprocess.run([str(path / "cuobjdump"), "-sass", f.name], capture_output=True, check=True)
-    ops = collections.Counter(re.findall(rb"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", done.stdout))
+    return collections.Counter(
+        op.decode() for op in re.findall(rb"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", done.stdout)
+    )
+
+
+def sass_per_value(form: str, tile=TILES[0]) -> dict[str, float]:
+    """The widening instructions (CONVERSIONS) per weight value of `form`'s gemv loop in its sm_90
+    SASS (`sass_ops`): what the GPU issues, where the PTX's `cvt`s are not."""
+    w_type, magic = SASS_WEIGHTS[form]
+    block_n, block_k, warps = tile
+    sig = {"x": "*bf16", "w": w_type, "scale": "*fp32", "out": "*fp32", "N": "i32", "K": "i32",
+           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "MAGIC": "constexpr"}  # fmt: skip
+    consts = {"BLOCK_N": block_n, "BLOCK_K": block_k, "MAGIC": magic}
+    ops = sass_ops(_gemv_kernel, sig, consts, list(range(6)), warps)
     values = block_n * block_k  # one K step's weight values: the loop's body, unrolled once
-    return {c: round(sum(n for op, n in ops.items() if op.decode().startswith(c)) / values * 32 * warps, 2)
+    return {c: round(sum(n for op, n in ops.items() if op.startswith(c)) / values * 32 * warps, 2)
             for c in CONVERSIONS}  # fmt: skip
 
 

@@ -1,0 +1,49 @@
+"""The engine's gemv at one row, compiled for sm_90 (no GPU needed), issues what the plain
+one-row loop of bench.int8_widening issues: no round trip of x's K step through shared memory
+(the 3D broadcast that rows > 1 use stores it there every step: ~1.4x the time at one row)."""
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # as the other kernel tests: set before any import of triton
+pytest.importorskip("triton")
+
+from ..compiled import run_uninterpreted
+
+SASS = r"""
+import json
+from bench.int8_widening import _gemv_kernel, sass_ops
+from tritonllm.runtimes.kernels import gemv
+
+block_n, block_k, warps, rows = 4, 1024, 4, ROWS
+ints = ["M", "N", "K", "K_SPLIT", "s_xm", "s_wn", "s_os", "s_om", "n_split", "s_split"]
+pointers = {"x": "*bf16", "x_scale": "*bf16", "w": "*fp8e4nv", "bias": "*fp8e4nv", "w_scale": "*fp32",
+            "out": "*bf16", "like": "*bf16"}
+sig = {**pointers, **{name: "i32" for name in ints}}
+consts = dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=False, QUANT_X=0, SWAP=False, GATED=False, GELU=False,
+              GLU=False, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, PDL=False, PREFETCH=0, ELEM=1, n_split=1)
+if rows == 1:  # a launch makes an integer argument of 1 a constant
+    consts["M"] = 1
+sig.update({name: "constexpr" for name in consts})
+aligned = [i for i, name in enumerate(sig) if sig[name] != "constexpr" and name != "s_split"]
+engine = sass_ops(gemv._small_matmul_kernel, sig, consts, aligned, warps)
+plain_sig = {"x": "*bf16", "w": "*fp8e4nv", "scale": "*fp32", "out": "*fp32", "N": "i32", "K": "i32",
+             "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "MAGIC": "constexpr"}
+plain_consts = {"BLOCK_N": block_n, "BLOCK_K": block_k, "MAGIC": False}
+plain = sass_ops(_gemv_kernel, plain_sig, plain_consts, list(range(6)), warps)
+shared = lambda ops: sum(n for op, n in ops.items() if op.startswith("STS"))
+print(json.dumps([sum(engine.values()), sum(plain.values()), shared(engine), shared(plain)], separators=(",", ":")))
+"""
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_the_one_row_gemv_compiles_to_the_plain_loop(rows):
+    engine, plain, engine_stores, plain_stores = json.loads(
+        run_uninterpreted(SASS.replace("ROWS", str(rows))).split()[-1]
+    )
+    if rows == 1:  # the same loop: its shared stores are the cross-warp sums' alone
+        assert engine <= 1.05 * plain and engine_stores == plain_stores
+    else:  # two rows take the 3D form: x's K steps pass through shared memory
+        assert engine_stores > plain_stores
