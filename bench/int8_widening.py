@@ -162,15 +162,21 @@ def sass_ops(fn, signature: dict, constexprs: dict, aligned: list[int], warps: i
     )
 
 
-def sass_per_value(form: str, tile=TILES[0]) -> dict[str, float]:
-    """The widening instructions (CONVERSIONS) per weight value of `form`'s gemv loop in its sm_90
-    SASS (`sass_ops`): what the GPU issues, where the PTX's `cvt`s are not."""
-    w_type, magic = SASS_WEIGHTS[form]
+def loop_ops(w_type: str, magic: bool, tile=TILES[0]) -> collections.Counter:
+    """The SASS (`sass_ops`) of this file's gemv loop over `w_type` weights ("*i8", "*fp8e4nv"),
+    widened by the integer + float add where `magic`, for `tile`."""
     block_n, block_k, warps = tile
     sig = {"x": "*bf16", "w": w_type, "scale": "*fp32", "out": "*fp32", "N": "i32", "K": "i32",
            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "MAGIC": "constexpr"}  # fmt: skip
     consts = {"BLOCK_N": block_n, "BLOCK_K": block_k, "MAGIC": magic}
-    ops = sass_ops(_gemv_kernel, sig, consts, list(range(6)), warps)
+    return sass_ops(_gemv_kernel, sig, consts, list(range(6)), warps)
+
+
+def sass_per_value(form: str, tile=TILES[0]) -> dict[str, float]:
+    """The widening instructions (CONVERSIONS) per weight value of `form`'s gemv loop in its sm_90
+    SASS (`loop_ops`): what the GPU issues, where the PTX's `cvt`s are not."""
+    ops = loop_ops(*SASS_WEIGHTS[form], tile)
+    block_n, block_k, warps = tile
     values = block_n * block_k  # one K step's weight values: the loop's body, unrolled once
     return {c: round(sum(n for op, n in ops.items() if op.startswith(c)) / values * 32 * warps, 2)
             for c in CONVERSIONS}  # fmt: skip

@@ -12,7 +12,7 @@ a CUDA graph:
   column tiles in turn and meeting at a grid-wide barrier (an atomic counter) between products;
 - `persistent + L2 prefetch`: the same, each program asking L2 for the first K step of its next
   tile's weight rows before it waits at the barrier; `persistent, inputs through L1`: the inputs
-  read with plain loads instead of past L1 (the check against the reference shows stale values);
+  read with plain loads instead of past L1 (the check against the reference would show stale values);
 
 against the weights' bytes over the copy bandwidth. The chain's kernel and barrier are the
 experiment, not the engine's (docs/decisions.md says what the numbers decided).

@@ -14,7 +14,7 @@ from ..compiled import run_uninterpreted
 
 SASS = r"""
 import json
-from bench.int8_widening import _gemv_kernel, sass_ops
+from bench.int8_widening import loop_ops, sass_ops
 from tritonllm.runtimes.kernels import gemv
 
 block_n, block_k, warps, rows = 4, 1024, 4, ROWS
@@ -29,10 +29,7 @@ if rows == 1:  # a launch makes an integer argument of 1 a constant
 sig.update({name: "constexpr" for name in consts})
 aligned = [i for i, name in enumerate(sig) if sig[name] != "constexpr" and name != "s_split"]
 engine = sass_ops(gemv._small_matmul_kernel, sig, consts, aligned, warps)
-plain_sig = {"x": "*bf16", "w": "*fp8e4nv", "scale": "*fp32", "out": "*fp32", "N": "i32", "K": "i32",
-             "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "MAGIC": "constexpr"}
-plain_consts = {"BLOCK_N": block_n, "BLOCK_K": block_k, "MAGIC": False}
-plain = sass_ops(_gemv_kernel, plain_sig, plain_consts, list(range(6)), warps)
+plain = loop_ops("*fp8e4nv", False, (block_n, block_k, warps))
 shared = lambda ops: sum(n for op, n in ops.items() if op.startswith("STS"))
 print(json.dumps([sum(engine.values()), sum(plain.values()), shared(engine), shared(plain)], separators=(",", ":")))
 """

@@ -193,7 +193,7 @@ def _k_step(xt, w, n, n_ok, k, k_ok, s_wn, QUANT_X: tl.constexpr, SWAP: tl.const
     if USE_DOT:  # skinny_dot: the tensor cores (at least 16 rows, padded)
         y = _tile_product(xt, wt, QUANT_X == 1, SWAP)
     elif xt.shape[0] == 1:  # gemv of one row in the weight tile's own 2D layout (the 3D form below moves
-        # each K step of x through shared memory to its layout: ~1.4x the time at one row)
+        # each K step of x through shared memory into its layout)
         y = tl.sum(wt.to(tl.float32) * xt.to(tl.float32), axis=1)[None, :]
     else:  # gemv: rows x tile products summed along K on the CUDA cores
         y = tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
