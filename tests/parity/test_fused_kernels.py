@@ -237,6 +237,18 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
     assert set(mlps) == ({table[(mlp.KEY, 1)], table[(mlp.KEY, 2)]} if use_gemv == "mlp" or fuse_o else set())
 
 
+def test_rotary_table_rows_are_the_models_own_rotary_at_those_positions(tiny_dir):
+    from tritonllm.runtimes.torch_cuda.forward import RotaryTable
+
+    model = CausalLM(load_hf(tiny_dir))
+    positions = torch.tensor([0, 5, 159, 17])
+    table = RotaryTable(model, 160, torch.float32, "cpu")
+    for (cos, sin), (ref_cos, ref_sin) in zip(table(positions), model.rotaries(positions[:, None], torch.float32)):
+        assert cos.shape == ref_cos.shape and cos.stride(0) == sin.stride(0)  # the kernels' one row stride
+        torch.testing.assert_close(cos, ref_cos, rtol=0, atol=1e-6)
+        torch.testing.assert_close(sin, ref_sin, rtol=0, atol=1e-6)
+
+
 def test_split_candidates_only_where_rows_leave_programs_free():
     many = ak.split_candidates([1, 16, 64, 128, 256], kv_heads=8, programs=132, fp8=True)
     assert sorted(many) == [1, 16, 64]  # 64 x 8 = 512 <= 4 x 132 < 128 x 8

@@ -57,6 +57,24 @@ def attend_prompt(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     return out.transpose(1, 2).reshape(b, t, -1)
 
 
+class RotaryTable:
+    """(cos, sin) of every position the cache holds, per rotary table, made once by the model's own
+    ops: a decode step gathers its rows' in one kernel, where computing them took nine (cast,
+    product, concatenation, cos, sin, and a scale and a cast of each)."""
+
+    def __init__(self, model: CausalLM, positions: int, dtype: torch.dtype, device):
+        at = torch.arange(positions, device=device)[:, None]
+        self.tables = [torch.cat(model.rotary(at, dtype, i), -1)[:, 0] for i in range(len(model.rope_scales))]
+
+    def __call__(self, positions: torch.Tensor) -> list[tuple]:
+        """positions [b] -> [(cos, sin) [b, 1, D] of each table]: views of one gathered [b, 1, 2D]."""
+        out = []
+        for table in self.tables:
+            rows, d = table[positions][:, None], table.shape[-1] // 2
+            out.append((rows[..., :d], rows[..., d:]))
+        return out
+
+
 class ForwardPasses:
     def __init__(
         self,
@@ -80,6 +98,8 @@ class ForwardPasses:
         self.tokens = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # each slot's next token
         self.positions = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # ... and its position
         self.writes = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # the slot each row writes
+        span = cache.width * cache.block_size  # every position a slot's blocks hold
+        self.rotary = RotaryTable(model, span, model.embed.dtype, self.device) if kernels.triton else None
         self.fuse_row_quantization = True  # False: each FP8 GEMM rounds its own input (the A/B in tests, bench)
         self.decode = self._decode_triton if kernels.triton else self._decode_torch
         if compiled:  # fuses the many small kernels of the torch ops' step
@@ -192,7 +212,7 @@ class ForwardPasses:
 
         m, positions = self.model, self.positions[:b]
         x = m.embed_tokens(self.tokens[:b, None])  # the residual stream
-        rot = m.rotaries(positions[:, None], x.dtype)
+        rot = self.rotary(positions)
         config = self.kernels.attention_table.get(b, ak.ATTENTION_CONFIGS[0])
         if c >= ak.LONG_CONTEXT:  # few rows of many keys: each row's keys split over programs where tuned
             config = self.kernels.split_table.get(b, config)
