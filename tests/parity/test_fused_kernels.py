@@ -68,6 +68,9 @@ def test_add_rms_norm_and_activate_mul_match_the_reference_ops():
     out = fk.add_rms_norm(x, res, w, 1e-5)
     torch.testing.assert_close(res, expected_res)
     torch.testing.assert_close(out, torch.nn.functional.rms_norm(expected_res, (40,), w, 1e-5))
+    alone = fk.add_rms_norm(None, res, w, 1e-5)  # a step's first norm: no product to add
+    torch.testing.assert_close(res, expected_res)
+    torch.testing.assert_close(alone, out)
     gu = torch.randn(2, 1, 2 * 1500)
     torch.testing.assert_close(fk.activate_mul(gu), torch.nn.functional.silu(gu[..., :1500]) * gu[..., 1500:])
     geglu = torch.nn.functional.gelu(gu[..., :1500], approximate="tanh") * gu[..., 1500:]

@@ -230,21 +230,23 @@ def _add_rms_norm_kernel(
     QMAX: tl.constexpr,
     PDL: tl.constexpr,
     CLEAR: tl.constexpr = False,
+    ADD: tl.constexpr = True,
 ):
     gdc.enter(PDL)
     row = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     m = i < n
-    y = gating.load_product(x, row * n + i, m, n_split, s_split, residual)
-    if CLEAR:  # sums added by atomics (`Accumulated`): zero for the next product adding into them
-        tl.store(x + row * n + i, tl.zeros_like(y), mask=m)
-    if PRE:  # the product RMS-normed before it is added, rounded as the module rounds it
-        y = y / tl.sqrt(tl.sum(y * y, axis=0) / n + eps) * tl.load(pre_weight + i, mask=m, other=0.0).to(tl.float32)
-        y = y.to(residual.dtype.element_ty).to(tl.float32)
-    s = y + tl.load(residual + row * n + i, mask=m, other=0.0).to(tl.float32)
-    s_stored = s.to(residual.dtype.element_ty)
-    tl.store(residual + row * n + i, s_stored, mask=m)
-    s = s_stored.to(tl.float32)  # normalise what the residual stream holds
+    s = tl.load(residual + row * n + i, mask=m, other=0.0).to(tl.float32)
+    if ADD:  # else the residual stream's norm alone (a step's first layer)
+        y = gating.load_product(x, row * n + i, m, n_split, s_split, residual)
+        if CLEAR:  # sums added by atomics (`Accumulated`): zero for the next product adding into them
+            tl.store(x + row * n + i, tl.zeros_like(y), mask=m)
+        if PRE:  # the product RMS-normed before it is added, rounded as the module rounds it
+            y = y / tl.sqrt(tl.sum(y * y, axis=0) / n + eps) * tl.load(pre_weight + i, mask=m, other=0.0).to(tl.float32)
+            y = y.to(residual.dtype.element_ty).to(tl.float32)
+        s_stored = (y + s).to(residual.dtype.element_ty)
+        tl.store(residual + row * n + i, s_stored, mask=m)
+        s = s_stored.to(tl.float32)  # normalise what the residual stream holds
     inv = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / n + eps)
     w = tl.load(weight + i, mask=m, other=0.0).to(tl.float32)
     _store_rows(out, scale_out, row, i, m, (s * inv * w).to(residual.dtype.element_ty), n, QUANT, QMAX)
@@ -280,7 +282,7 @@ def norm_warps(n: int, rows: int = 1) -> int:
 
 
 def add_rms_norm(
-    x: torch.Tensor | SplitK,
+    x: torch.Tensor | SplitK | None,
     residual: torch.Tensor,
     weight: torch.Tensor,
     eps: float,
@@ -292,8 +294,8 @@ def add_rms_norm(
     outputs); returns RMSNorm(residual) * weight. Contiguous [..., E] tensors (x may be a product's
     split partial sums); the weights are the scales applied in fp32 (Gemma's 1 + w). `quantize`
     (e4m3): the result rounded per row for an FP8 GEMM (`QuantRows`) instead. `Accumulated` sums
-    are zeroed once read."""
-    parts, n_split, s_split, _ = gating.parts(x)
+    are zeroed once read. x None: RMSNorm(residual) * weight alone (residual unchanged)."""
+    parts, n_split, s_split, _ = gating.parts(residual if x is None else x)
     n = residual.shape[-1]
     result, (out, scale_out, qmax) = _output(residual.shape, residual.dtype, residual.device, quantize)
     pre = pre_weight if pre_weight is not None else weight
@@ -313,6 +315,7 @@ def add_rms_norm(
         QUANT=quantize is not None,
         QMAX=qmax,
         CLEAR=isinstance(x, Accumulated),
+        ADD=x is not None,
         num_warps=norm_warps(n, residual.numel() // n),
         **gdc.launch(pdl),
     )

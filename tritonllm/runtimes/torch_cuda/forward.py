@@ -366,7 +366,8 @@ class ForwardPasses:
         rows, pdl = x.numel() // x.shape[-1], self.kernels.pdl and small
         fmt = {kind: self._rounds_input(kind, rows, small) for kind in ROUNDED_BY_PRODUCER}
         sums = self._sums(x, rows, small, mix)
-        h = rms_norm(m.layers[0].ln1, x)
+        first = m.layers[0].ln1
+        h = fk.add_rms_norm(None, x, scale(first), first.eps, None, fmt["qkv_proj"], pdl)
         for i, layer in enumerate(m.layers):
             qkv = self._linear("qkv_proj", layer, h, small)
             o = mix(i, layer, qkv, sums) if mix else self._linear("o", layer, attend(i, rope(i, qkv)), small)
