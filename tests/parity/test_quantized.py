@@ -232,10 +232,9 @@ def test_a_decode_step_the_tuner_gave_to_the_fp8_gemm_runs_it_on_rows_its_produc
         with InProcessEngine(None, cfg, runtime=runtime) as eng:
             seqs = [eng.submit(ids, max_tokens=n, temperature=0.0, ignore_eos=True) for ids, n in zip(prompts, [5, 3])]
             runs.append([s.wait(300).ids for s in seqs])
-        # each step: every layer's o reads attention's output (a tensor), the first layer's qkv the
-        # torch norm's; every other product's input comes rounded by its producer (QuantRows)
-        n = len(model.layers)
-        assert calls and calls.count("QuantRows") * (n + 1) == calls.count("Tensor") * (3 * n - 1)
+        # each step: every layer's o reads attention's output (a tensor); every other product's
+        # input comes rounded by its producer (QuantRows), the first layer's qkv by the norm alone
+        assert calls and calls.count("QuantRows") == 3 * calls.count("Tensor")
     assert runs[0] == runs[1]
 
 

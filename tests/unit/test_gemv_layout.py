@@ -1,6 +1,6 @@
-"""The engine's gemv at one row, compiled for sm_90 (no GPU needed), issues what the plain
+"""The engine's gemv, compiled for sm_90 (no GPU needed), issues for each row what the plain
 one-row loop of bench.int8_widening issues: no round trip of x's K step through shared memory
-(the 3D broadcast that rows > 1 use stores it there every step: ~1.4x the time at one row)."""
+(a 3D broadcast of the rows stores it there every step: ~1.4x the time at one row)."""
 
 import json
 import os
@@ -35,12 +35,12 @@ print(json.dumps([sum(engine.values()), sum(plain.values()), shared(engine), sha
 """
 
 
-@pytest.mark.parametrize("rows", [1, 2])
-def test_the_one_row_gemv_compiles_to_the_plain_loop(rows):
+@pytest.mark.parametrize("rows", [1, 2, 8])
+def test_the_gemv_compiles_to_the_plain_loop_once_a_row(rows):
+    """Each row costs what the plain loop's one row does (within 5 %), its only shared stores the
+    cross-warp sums': x never passes through shared memory. (Rows as one [M, K] tile broadcast
+    to 3D took 592 instructions at 2 rows, 1,384 at 8, against 264 for one.)"""
     engine, plain, engine_stores, plain_stores = json.loads(
         run_uninterpreted(SASS.replace("ROWS", str(rows))).split()[-1]
     )
-    if rows == 1:  # the same loop: its shared stores are the cross-warp sums' alone
-        assert engine <= 1.05 * plain and engine_stores == plain_stores
-    else:  # two rows take the 3D form: x's K steps pass through shared memory
-        assert engine_stores > plain_stores
+    assert engine <= 1.05 * plain * rows and engine_stores == plain_stores * rows

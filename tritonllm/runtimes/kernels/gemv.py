@@ -167,13 +167,17 @@ def _small_matmul_kernel(
     for k0 in range(split * K_SPLIT, (split + 1) * K_SPLIT, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        if GATED:  # x is gate_up's product (n_split slices): act(gate) * up of this K step, made here
-            xt = gating.gated(x, m[:, None], k[None, :], m_ok[:, None] & k_ok[None, :], K, n_split, s_split, like, GELU)
+        if USE_DOT:
+            xt = _x_values(x, m[:, None], k[None, :], m_ok[:, None] & k_ok[None, :], s_xm, K, n_split, s_split, like,
+                           GATED, GELU)  # fmt: skip
+            acc += _k_step(xt, w, n, n_ok, k, k_ok, s_wn, QUANT_X, SWAP)
+            if GLU:
+                acc_up += _k_step(xt, w, n + N, n_ok, k, k_ok, s_wn, QUANT_X, SWAP)
         else:
-            xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += _k_step(xt, w, n, n_ok, k, k_ok, s_wn, QUANT_X, SWAP, USE_DOT)
-        if GLU:
-            acc_up += _k_step(xt, w, n + N, n_ok, k, k_ok, s_wn, QUANT_X, SWAP, USE_DOT)
+            acc = _rows_step(acc, x, w, m, M, n, n_ok, k, k_ok, s_xm, s_wn, K, n_split, s_split, like, GATED, GELU)
+            if GLU:
+                acc_up = _rows_step(acc_up, x, w, m, M, n + N, n_ok, k, k_ok, s_xm, s_wn, K, n_split, s_split, like,
+                                    GATED, GELU)  # fmt: skip
     y = _finish(acc, x_scale, w_scale, bias, m, m_ok, n, n_ok, split, SWAP, QUANT_X, HAS_SCALE, HAS_BIAS)
     if GLU:  # act(gate) * up, rounded as the activation kernel rounds gate_up's stored product
         up = _finish(acc_up, x_scale, w_scale, bias, m, m_ok, n + N, n_ok, split, SWAP, QUANT_X, HAS_SCALE, HAS_BIAS)
@@ -187,17 +191,44 @@ def _small_matmul_kernel(
 
 
 @triton.jit
-def _k_step(xt, w, n, n_ok, k, k_ok, s_wn, QUANT_X: tl.constexpr, SWAP: tl.constexpr, USE_DOT: tl.constexpr):
-    """One K step's product of x's rows `xt` and the weight's rows `n`: [M, N] ([N, M] where SWAP)."""
-    wt = tl.load(w + n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-    if USE_DOT:  # skinny_dot: the tensor cores (at least 16 rows, padded)
-        y = _tile_product(xt, wt, QUANT_X == 1, SWAP)
-    elif xt.shape[0] == 1:  # gemv of one row in the weight tile's own 2D layout (the 3D form below moves
-        # each K step of x through shared memory into its layout)
-        y = tl.sum(wt.to(tl.float32) * xt.to(tl.float32), axis=1)[None, :]
-    else:  # gemv: rows x tile products summed along K on the CUDA cores
-        y = tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
-    return y
+def _w_tile(w, n, n_ok, k, k_ok, s_wn):
+    return tl.load(w + n[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _k_step(xt, w, n, n_ok, k, k_ok, s_wn, QUANT_X: tl.constexpr, SWAP: tl.constexpr):
+    """One K step's product of x's rows `xt` and the weight's rows `n` on the tensor cores: [M, N]
+    ([N, M] where SWAP)."""
+    return _tile_product(xt, _w_tile(w, n, n_ok, k, k_ok, s_wn), QUANT_X == 1, SWAP)
+
+
+@triton.jit
+def _x_values(x, rows, k, ok, s_xm, K, n_split, s_split, like, GATED: tl.constexpr, GELU: tl.constexpr):
+    """x at `rows` and columns k (either 2D, or a row and a K step), or where GATED (x is gate_up's
+    product in n_split slices) the activation act(gate) * up there, made here."""
+    if GATED:
+        v = gating.gated(x, rows, k, ok, K, n_split, s_split, like, GELU)
+    else:
+        v = tl.load(x + rows * s_xm + k, mask=ok, other=0.0)
+    return v
+
+
+@triton.jit
+def _rows_step(acc, x, w, m, M, n, n_ok, k, k_ok, s_xm, s_wn, K, n_split, s_split, like,
+               GATED: tl.constexpr, GELU: tl.constexpr):  # fmt: skip
+    """gemv's K step on the CUDA cores, acc [M, N] plus each row of x against the weight tile in the
+    tile's own 2D layout: a row's K step loaded as a vector for it. (Rows as one [M, K] tile broadcast
+    to [M, N, K] pass each K step of x through shared memory, ~1.4-2x the instructions.)"""
+    wt = _w_tile(w, n, n_ok, k, k_ok, s_wn).to(tl.float32)
+    for r in tl.static_range(m.shape[0]):
+        row_ok = tl.full(k.shape, r, tl.int32) < M  # a tensor: the interpreter masks by tensors alone
+        xr = _x_values(x, r, k, k_ok & row_ok, s_xm, K, n_split, s_split, like, GATED, GELU).to(tl.float32)
+        y = tl.sum(wt * xr[None, :], axis=1)
+        if m.shape[0] == 1:
+            acc += y[None, :]
+        else:
+            acc += tl.where(m[:, None] == r, y[None, :], 0.0)
+    return acc
 
 
 @triton.jit
