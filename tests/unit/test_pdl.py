@@ -49,7 +49,7 @@ order(
     fused._add_rms_norm_kernel,
     {**ptr("*bf16", "x", "residual", "weight", "pre_weight", "out"), "scale_out": "*fp32", "n": "i32",
      "eps": "fp32", "n_split": "i32", "s_split": "i32"},
-    dict(BLOCK=1024, PRE=False, QUANT=False, QMAX=448.0, PDL=True, CLEAR=True),  # (zeroing fused MLP sums)
+    dict(BLOCK=1024, PRE=False, QUANT=False, QMAX=448.0, PDL=True, CLEAR=True, ADD=True),  # (zeroing fused MLP sums)
     marks,
 )
 for fp8 in (False, True):  # the decode step's attention, with the rotary inside it and without
