@@ -295,7 +295,7 @@ def add_rms_norm(
     split partial sums); the weights are the scales applied in fp32 (Gemma's 1 + w). `quantize`
     (e4m3): the result rounded per row for an FP8 GEMM (`QuantRows`) instead. `Accumulated` sums
     are zeroed once read. x None: RMSNorm(residual) * weight alone (residual unchanged)."""
-    parts, n_split, s_split, _ = gating.parts(residual if x is None else x)
+    parts, n_split, s_split, _ = gating.parts(residual if x is None else x)  # (x None: unread, any pointer)
     n = residual.shape[-1]
     result, (out, scale_out, qmax) = _output(residual.shape, residual.dtype, residual.device, quantize)
     pre = pre_weight if pre_weight is not None else weight
