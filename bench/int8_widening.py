@@ -1,16 +1,16 @@
-"""Does widening int8 weights to float32 limit the small-batch gemv? Triton turns `w.to(float32)`
-of an int8 into I2F, which Hopper issues at a quarter of the float rate: at one row a gemv over
-int8 weights needs one a byte, about as many as the copy bandwidth brings (3 TB/s against
-132 SMs x 16 a clock). An exact alternative adds 2^23 + 128 to the integer, reads the bits as a
-float and subtracts 2^23 + 128 (an integer and a float add). This bench times one gemv tile loop
-(the engine's one-row gemv form, `gemv._rows_step`: x a vector against the weight tile, summed
-along K on the CUDA cores) over int8 weights widened each way, beside the same loop over float8
-weights and the engine's `gemv.small_matmul` on the int8 and the float8 weights, for the LM heads and layer products of
-the 1B and 8B at one row (without PDL), against the bytes' time; and per form, a line fitted
-through its best time per product against the product's bytes: a fixed cost per launch plus a
-streaming rate (`fit`), which says whether the small products lose their time to each launch or
-to the rate they read at. The results also record each loop's widening instructions per weight
-value in the SASS compiled for sm_90 (`sass_per_value`).
+"""Does widening int8 weights to float32 limit the small-batch gemv? Triton turns `w.to(float32)` of an
+int8 into I2F, which Hopper issues at a quarter of the float rate: at one row a gemv over int8
+weights needs one a byte, about as many as the copy bandwidth brings (3 TB/s against 132 SMs x 16 a
+clock). An exact alternative adds 2^23 + 128 to the integer, reads the bits as a float and subtracts
+2^23 + 128 (an integer and a float add). This bench times one gemv tile loop (the engine's one-row
+gemv form, `gemv._rows_step`: x a vector against the weight tile, summed along K on the CUDA cores)
+over int8 weights widened each way, beside the same loop over float8 weights and the engine's
+`gemv.small_matmul` on the int8 and the float8 weights, for the LM heads and layer products of the
+1B and 8B at one row (without PDL), against the bytes' time; and per form, a line fitted through its
+best time per product against the product's bytes: a fixed cost per launch plus a streaming rate
+(`fit`), which says whether the small products lose their time to each launch or to the rate they
+read at. The results also record each loop's widening instructions per weight value in the SASS
+compiled for sm_90 (`sass_per_value`).
 
   python -m bench.int8_widening
 """
