@@ -59,8 +59,8 @@ def attend_prompt(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
 
 class RotaryTable:
     """(cos, sin) of every position the cache holds, per rotary table, made once by the model's own
-    ops: a decode step gathers its rows' in one kernel, where computing them took nine (cast,
-    product, concatenation, cos, sin, and a scale and a cast of each)."""
+    ops: a decode step or a step of prompt pieces gathers its rows' in one kernel, where computing
+    them took nine (cast, product, concatenation, cos, sin, and a scale and a cast of each)."""
 
     def __init__(self, model: CausalLM, positions: int, dtype: torch.dtype, device):
         at = torch.arange(positions, device=device)[:, None]
@@ -133,7 +133,7 @@ class ForwardPasses:
         piece's tokens to a program: causal by position, no gather of the cache). Logits [b, V]."""
         m = self.model
         x = m.embed_tokens(ids[:, None])  # [R, 1, H]: the residual stream
-        rot = m.rotaries(positions[:, None], x.dtype)
+        rot = self.rotary(positions)
         config = self.kernels.piece_config[1:]  # keys a block, warps, stages (`tune_pieces`)
         rope, attend = self._row_kernels(rot, positions, slots, span, config, reads=slots, tiles=tiles)
         h = self._fused_layers(x, rope, attend, small=False)
