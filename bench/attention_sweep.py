@@ -1,11 +1,13 @@
 """The decode attention kernel against its KV-read floor, on the paged cache as the engine lays it
-out ([blocks, Hkv, PAGE, D], rows' blocks spread over the pool): for each case (the 8B and 1B
-shapes' heads, bf16 or fp8 keys/values) and batch, both kernel forms (keys read as [BLOCK_N, D] and
-transposed, or read as [D, BLOCK_N]) over the tile configurations, timed from CUDA graph replays
-over `--layers` pools of their own (each larger than L2), each form's output checked against the
-default's. Prints the best per (case, batch, form) and writes every timing.
+out (keys [blocks, Hkv, PAGE, D], values stored [blocks, Hkv, D, PAGE]: `pages.value_pool`; rows'
+blocks spread over the pool): for each case (the 8B and 1B shapes' heads, bf16 or fp8 keys/values)
+and batch, both kernel forms (keys read as [BLOCK_N, D] and transposed, or read as [D, BLOCK_N])
+over the tile configurations, timed from CUDA graph replays over `--layers` pools of their own (each
+larger than L2), each form's output checked against the default's. `--value-layouts pages rows`
+also times values stored [PAGE, D] a block (the layout before `value_pool`), side by side. Prints
+the best per (case, batch, form, value layout) and writes every timing.
 
-  python -m bench.attention_sweep --batches 256 1024 --contexts 192
+  python -m bench.attention_sweep --batches 256 1024 --contexts 192 --value-layouts pages rows
   python -m bench.attention_sweep --batches 16 64 256 --contexts 192 1088 4096 --splits 1 2 4 8
 """
 
@@ -21,6 +23,7 @@ from bench.measure import write_results
 from bench.provenance import DEFAULT_OUT
 from bench.workloads import copy_bandwidth
 from tritonllm.runtimes.kernels import attention as ak
+from tritonllm.runtimes.kernels.pages import value_pool
 from tritonllm.runtimes.kernels.timing import graph_ms
 
 log = logging.getLogger("bench.attention_sweep")
@@ -34,12 +37,18 @@ GRID = [(n, w, s) for n, w, s in itertools.product((32, 64, 128), (1, 2, 4, 8), 
 SPLIT_TILES = ((32, 1, 2), (32, 1, 3), (64, 2, 3), (64, 4, 3))  # the tiles tried with splits > 1
 
 
-def pools(batch: int, context: int, hkv: int, d: int, fp8: bool, layers: int):
-    """`layers` (keys, values, scales) pools of `batch` rows x `context` positions, and their table."""
+VALUE_LAYOUTS = ("pages", "rows")  # values [D, PAGE] a block (the engine's), or [PAGE, D]
+
+
+def pools(batch: int, context: int, hkv: int, d: int, fp8: bool, layers: int, values: str = "pages"):
+    """`layers` (keys, values, scales) pools of `batch` rows x `context` positions, and their table;
+    values laid out as `values` (VALUE_LAYOUTS) says."""
     blocks = batch * -(-context // PAGE)
     out = []
     for _ in range(layers):
         k, v = (torch.randn(blocks, hkv, PAGE, d, device="cuda") for _ in range(2))
+        if values == "pages":
+            v = value_pool(v.shape, v.dtype, v.device).copy_(v)
         if fp8:
             out.append((k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), torch.rand(2, hkv, device="cuda") + 0.5))
         else:
@@ -47,9 +56,11 @@ def pools(batch: int, context: int, hkv: int, d: int, fp8: bool, layers: int):
     return out, ak.spread_table(batch, context, PAGE, blocks, "cuda")
 
 
-def sweep(case: str, batch: int, context: int, layers: int, bandwidth: float, configs, only=None) -> list[dict]:
+def sweep(
+    case: str, batch: int, context: int, layers: int, bandwidth: float, configs, only=None, values: str = "pages"
+) -> list[dict]:
     h, hkv, d, fp8 = CASES[case]
-    kvs, table = pools(batch, context, hkv, d, fp8, layers)
+    kvs, table = pools(batch, context, hkv, d, fp8, layers, values)
     q = torch.randn(batch, h, d, device="cuda", dtype=torch.bfloat16)
     pos = torch.full((batch,), context - 1, device="cuda")
     floor_us = 1e6 * 2 * batch * context * hkv * d * kvs[0][0].element_size() / bandwidth
@@ -74,6 +85,7 @@ def sweep(case: str, batch: int, context: int, layers: int, bandwidth: float, co
                 "context": context,
                 "splits": splits,
                 "keys_transposed": kt,
+                "values": values,
                 "config": str(cfg),
                 "us_per_layer": round(us, 1),
                 "share_of_floor": round(floor_us / us, 3),
@@ -84,19 +96,20 @@ def sweep(case: str, batch: int, context: int, layers: int, bandwidth: float, co
 
 
 def best(rows: list[dict]) -> list[dict]:
-    """The fastest row of each (case, batch, context, form, splits)."""
+    """The fastest row of each (case, batch, context, form, splits, value layout)."""
     keyed = {}
     for r in rows:
-        k = (r["case"], r["batch"], r["context"], r["keys_transposed"], r["splits"])
+        k = (r["case"], r["batch"], r["context"], r["keys_transposed"], r["splits"], r["values"])
         if k not in keyed or r["us_per_layer"] < keyed[k]["us_per_layer"]:
             keyed[k] = r
     return list(keyed.values())
 
 
 def fastest_form(rows: list[dict]) -> bool:
-    """The form (keys transposed or not) whose best time summed over the batches is least."""
+    """The form (keys transposed or not) whose best time summed over the batches is least, values
+    laid out as the engine lays them."""
     totals = {}
-    for r in best(rows):
+    for r in best([r for r in rows if r["values"] == "pages"]):
         form = r["keys_transposed"]
         totals[form] = totals.get(form, 0.0) + r["us_per_layer"]
     return min(totals, key=totals.get)
@@ -109,6 +122,7 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[192])
     p.add_argument("--splits", type=int, nargs="+", default=[1], help="key splits a row (powers of 2)")
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--value-layouts", nargs="+", choices=VALUE_LAYOUTS, default=["pages"])
     p.add_argument("--grid", action="store_true", help="then every tile in GRID for each case's fastest form")
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--topic", default="attention-sweep")
@@ -120,7 +134,12 @@ def main() -> None:
     shapes = list(itertools.product(a.batches, a.contexts))
     rows = []
     for case in a.cases:
-        mine = [r for b, c in shapes for r in sweep(case, b, c, a.layers, bandwidth, configs)]
+        mine = [
+            r
+            for v in a.value_layouts
+            for b, c in shapes
+            for r in sweep(case, b, c, a.layers, bandwidth, configs, values=v)
+        ]
         log.info("%s", best(mine))
         if a.grid:
             form = fastest_form(mine)

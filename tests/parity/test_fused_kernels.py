@@ -22,6 +22,7 @@ from tritonllm.runtimes.kernels import attention_o as ao
 from tritonllm.runtimes.kernels import fused as fk
 from tritonllm.runtimes.kernels import fused_check, gemv, mlp
 from tritonllm.runtimes.kernels import rope_attention as ra
+from tritonllm.runtimes.kernels.pages import read_pages, value_pool
 from tritonllm.runtimes.kernels.rope_attention import rope_attention as fused_rope_attention
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 from tritonllm.runtimes.torch_cuda.tuning import PROJECTIONS
@@ -42,16 +43,22 @@ def paged(static: torch.Tensor, page: int = 16, seed: int = 0) -> tuple[torch.Te
     return pool, where.view(slots, n).to(torch.int32)
 
 
+def paged_values(static: torch.Tensor, page: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`paged`, the pool laid out as the runtime's cache keeps values (`value_pool`: [D, page] a block)."""
+    pool, table = paged(static, page, seed)
+    return value_pool(pool.shape, pool.dtype, pool.device).copy_(pool), table
+
+
 def test_rope_kv_write_matches_rotate_half_and_writes_the_cache():
     torch.manual_seed(0)
     b, h, hkv, d, slots, ctx = 3, 4, 2, 8, 4, 16
     qkv = torch.randn(b, 1, (h + 2 * hkv) * d)
     ang = torch.randn(b, 1, d // 2)
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-    (kp, table), (vp, _) = paged(torch.zeros(slots, hkv, ctx, d), 4), paged(torch.zeros(slots, hkv, ctx, d), 4)
+    (kp, table), (vp, _) = paged(torch.zeros(slots, hkv, ctx, d), 4), paged_values(torch.zeros(slots, hkv, ctx, d), 4)
     pos = torch.tensor([5, 0, 11])
     q = fk.rope_kv_write(qkv, cos, sin, kp, vp, table, pos, h, hkv)
-    kc, vc = ak.read_pages(kp, table), ak.read_pages(vp, table)  # back in slot order
+    kc, vc = read_pages(kp, table), read_pages(vp, table)  # back in slot order
     heads = qkv.view(b, 1, h + 2 * hkv, d)
     ref = heads[:, :, : h + hkv] * cos[:, :, None] + rotate_half(heads[:, :, : h + hkv]) * sin[:, :, None]
     torch.testing.assert_close(q, ref[:, 0, :h])
@@ -110,7 +117,7 @@ def test_decode_attention_matches_sdpa_over_each_rows_valid_keys(heads, kv_heads
     b, d, ctx = 3, 16, 150
     q = torch.randn(b, heads, d)
     kc, vc = torch.randn(4, kv_heads, ctx, d), torch.randn(4, kv_heads, ctx, d)
-    (kp, table), (vp, _) = paged(kc), paged(vc)
+    (kp, table), (vp, _) = paged(kc), paged_values(vc)
     pos = torch.tensor([0, 70, 149])
     got = ak.decode_attention(q, kp, vp, table, pos, limit=128, config=(*config, transposed, splits))
     # row 2 is cut at the graph's context
@@ -123,13 +130,30 @@ def test_decode_attention_matches_sdpa_over_each_rows_valid_keys(heads, kv_heads
         torch.testing.assert_close(got[i, 0], ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_decode_attention_reads_values_through_their_strides(fp8):
+    """Values stored [page, D] a block (contiguous) or [D, page] (the runtime's `value_pool`) give
+    the same output: the kernel reads them through their strides, a block at a time."""
+    torch.manual_seed(5)
+    q, kc, vc = torch.randn(3, 8, 16), torch.randn(4, 2, 100, 16), torch.randn(4, 2, 100, 16)
+    (kp, table), (plain, _), (laid, _) = paged(kc), paged(vc), paged_values(vc)
+    dtype, scales = (torch.float8_e4m3fn, torch.ones(2, 2)) if fp8 else (kp.dtype, None)
+    kp, plain, laid = kp.to(dtype), plain.to(dtype), laid.to(dtype)
+    assert plain.is_contiguous() and laid.stride(-2) == 1
+    pos = torch.tensor([0, 40, 99])
+    got = [ak.decode_attention(q, kp, v, table, pos, 128, (32, 1, 2), kv_scale=scales) for v in (plain, laid)]
+    torch.testing.assert_close(got[0], got[1], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="strides"):
+        ak.decode_attention(q, kp, laid[:, :1], table, pos, 128)
+
+
 @pytest.mark.parametrize("config", [ak.ATTENTION_CONFIGS[0], ak.ATTENTION_CONFIGS[5], (32, 1, 2, False, 4)])
 def test_decode_attention_keeps_to_a_sliding_window_with_a_query_scale(config):
     torch.manual_seed(4)
     b, heads, kv_heads, d, ctx, window, scale = 3, 4, 2, 16, 150, 40, 0.3
     q = torch.randn(b, heads, d)
     kc, vc = torch.randn(4, kv_heads, ctx, d), torch.randn(4, kv_heads, ctx, d)
-    (kp, table), (vp, _) = paged(kc, 32, seed=1), paged(vc, 32, seed=1)
+    (kp, table), (vp, _) = paged(kc, 32, seed=1), paged_values(vc, 32, seed=1)
     pos = torch.tensor([10, 70, 149])  # inside the window, past it, and cut at the graph's context
     got = ak.decode_attention(q, kp, vp, table, pos, 128, config, window=window, scale=scale)
     for i in range(b):
@@ -146,7 +170,7 @@ def test_decode_attention_soft_caps_the_scores():
     b, heads, kv_heads, d, ctx, cap = 2, 4, 2, 16, 40, 0.5
     q, kc, vc = torch.randn(b, heads, d), torch.randn(3, kv_heads, ctx, d), torch.randn(3, kv_heads, ctx, d)
     pos = torch.tensor([9, 33])
-    (kp, table), (vp, _) = paged(kc, 8, seed=2), paged(vc, 8, seed=2)
+    (kp, table), (vp, _) = paged(kc, 8, seed=2), paged_values(vc, 8, seed=2)
     got = ak.decode_attention(q, kp, vp, table, pos, 64, window=16, scale=1.0, softcap=cap)
     for i in range(b):
         n = int(pos[i]) + 1
@@ -324,7 +348,7 @@ def test_decode_attention_rows_of_one_slot_attend_up_to_their_own_positions():
     torch.manual_seed(8)
     heads, kv_heads, d, ctx = 4, 2, 16, 48
     kc, vc = torch.randn(2, kv_heads, ctx, d), torch.randn(2, kv_heads, ctx, d)
-    (kp, table), (vp, _) = paged(kc, seed=3), paged(vc, seed=3)
+    (kp, table), (vp, _) = paged(kc, seed=3), paged_values(vc, seed=3)
     row_slots, pos = torch.tensor([1, 1, 1, 0, 0]), torch.tensor([30, 31, 32, 0, 1])
     q = torch.randn(5, heads, d)
     got = ak.decode_attention(q, kp, vp, table, pos, 64, row_slots=row_slots)
@@ -361,7 +385,7 @@ def test_fp8_cache_kernels_store_scaled_e4m3_and_attend_to_the_dequantized_value
     qkv = torch.randn(b, 1, (h + 2 * hkv) * d) * 4
     ang = torch.randn(b, 1, d // 2)
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-    (kp, table), (vp, _) = paged(torch.zeros(slots, hkv, ctx, d), 4), paged(torch.zeros(slots, hkv, ctx, d), 4)
+    (kp, table), (vp, _) = paged(torch.zeros(slots, hkv, ctx, d), 4), paged_values(torch.zeros(slots, hkv, ctx, d), 4)
     kp8, vp8 = kp.to(torch.float8_e4m3fn), vp.to(torch.float8_e4m3fn)
     scale = torch.tensor([[0.05, 0.002], [0.02, 0.5]])  # [k, v] x KV head; 0.002: k of head 1 saturates
     pos = torch.tensor([5, 0, 11])
@@ -369,7 +393,7 @@ def test_fp8_cache_kernels_store_scaled_e4m3_and_attend_to_the_dequantized_value
     heads = qkv.view(b, 1, h + 2 * hkv, d)
     ref = heads[:, :, : h + hkv] * cos[:, :, None] + rotate_half(heads[:, :, : h + hkv]) * sin[:, :, None]
     torch.testing.assert_close(q, ref[:, 0, :h])
-    kc, vc = ak.read_pages(kp8, table), ak.read_pages(vp8, table)
+    kc, vc = read_pages(kp8, table), read_pages(vp8, table)
     for i in range(b):
         want_k = triton_e4m3((ref[i, 0, h:] / scale[0][:, None]).clamp(-448, 448))
         want_v = triton_e4m3((heads[i, 0, h + hkv :] / scale[1][:, None]).clamp(-448, 448))
@@ -378,12 +402,12 @@ def test_fp8_cache_kernels_store_scaled_e4m3_and_attend_to_the_dequantized_value
     assert (kc[:, 1].float().abs() == 448).any()  # saturated, not inf/nan
     q1 = torch.randn(b, h, d)
     keys, values = torch.randn(slots, hkv, ctx, d), torch.randn(slots, hkv, ctx, d)
-    (k8, tab8), (v8, _) = paged((keys / scale[0][None, :, None, None]).clamp(-448, 448)), paged(values / 0.5)
+    (k8, tab8), (v8, _) = paged((keys / scale[0][None, :, None, None]).clamp(-448, 448)), paged_values(values / 0.5)
     k8, v8 = k8.to(torch.float8_e4m3fn), v8.to(torch.float8_e4m3fn)
     scales = torch.stack([scale[0], torch.full((hkv,), 0.5)])
     got = ak.decode_attention(q1, k8, v8, tab8, pos, 16, (16, 4, 3, transposed, splits), kv_scale=scales)
-    kd = ak.read_pages(k8, tab8).float() * scales[0][None, :, None, None]
-    vd = ak.read_pages(v8, tab8).float() * 0.5
+    kd = read_pages(k8, tab8).float() * scales[0][None, :, None, None]
+    vd = read_pages(v8, tab8).float() * 0.5
     for i in range(b):
         n = int(pos[i]) + 1
         ref_i = torch.nn.functional.scaled_dot_product_attention(
@@ -406,7 +430,7 @@ def test_piece_tiles_attend_as_one_row_per_program(rows, config):
     torch.manual_seed(9)
     heads, kv_heads, d, ctx = 8, 2, 16, 96
     kc, vc = torch.randn(3, kv_heads, ctx, d), torch.randn(3, kv_heads, ctx, d)
-    (kp, table), (vp, _) = paged(kc, seed=4), paged(vc, seed=4)
+    (kp, table), (vp, _) = paged(kc, seed=4), paged_values(vc, seed=4)
     pieces = [(2, 40, 23), (0, 0, 5), (1, 70, 16)]  # (slot, first position, tokens)
     row_slots = torch.tensor([s for s, _, n in pieces for _ in range(n)])
     pos = torch.tensor([p + j for _, p, n in pieces for j in range(n)])

@@ -15,10 +15,11 @@ pytest.importorskip("triton")
 from tritonllm.runtimes.kernels import attention as ak
 from tritonllm.runtimes.kernels import fused as fk
 from tritonllm.runtimes.kernels import gemv
+from tritonllm.runtimes.kernels.pages import read_pages
 from tritonllm.runtimes.kernels.rope_attention import rope_attention
 from tritonllm.runtimes.kernels.rope_attention import tune as ra_tune
 
-from .test_fused_kernels import paged
+from .test_fused_kernels import paged, paged_values
 
 H, HKV, D, SLOTS, CTX, PAGE = 8, 2, 16, 4, 48, 8
 
@@ -32,7 +33,7 @@ def inputs(seed: int, fp8: bool):
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
     (kp, table), (vp, _) = (
         paged(torch.randn(SLOTS, HKV, CTX, D, generator=g), PAGE),
-        paged(torch.randn(SLOTS, HKV, CTX, D, generator=g), PAGE),
+        paged_values(torch.randn(SLOTS, HKV, CTX, D, generator=g), PAGE),
     )
     scales = torch.tensor([[0.02, 0.05], [0.03, 0.5]]) if fp8 else None
     if fp8:
@@ -89,10 +90,10 @@ def test_rope_attention_reads_a_split_k_product_as_its_sum():
 def test_rope_attention_writes_the_new_key_to_the_write_slot_only():
     """A padding row writes the scratch slot (`writes`), never the slot it reads."""
     x, w, cos, sin, pos, kp, vp, table, _ = inputs(3, fp8=False)
-    before = ak.read_pages(kp, table).clone()
+    before = read_pages(kp, table).clone()
     k2, v2 = kp.clone(), vp.clone()
     rope_attention(x @ w.T, cos, sin, pos, torch.tensor([0, 3, 2]), k2, v2, table, H, CTX, (16, 4, 3))
-    after = ak.read_pages(k2, table)
+    after = read_pages(k2, table)
     changed = {(s, p) for s, _, p in (after != before).any(-1).nonzero().tolist()}
     assert changed == {(0, 5), (3, 1), (2, 37)}
 

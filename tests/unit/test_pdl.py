@@ -60,14 +60,15 @@ for fp8 in (False, True):  # the decode step's attention, with the rotary inside
     order(
         rope_attention._rope_attention_kernel,
         {**ptr("*bf16", "qkv", "cos", "sin"), **ptr("*i64", "pos", "write_slot"), **shared,
-         **i32("n_split", "s_split", "s_qkv", "s_cs", "s_table", "s_c_block", "s_c_head", "s_c_pos")},
+         **i32("n_split", "s_split", "s_qkv", "s_cs", "s_table", "s_c_block", "s_c_head", "s_c_pos", "s_v_pos"),
+         **i32("s_v_d")},
         tile,
         marks,
     )
     order(
         attention._decode_attention_kernel,
         {"q": "*bf16", **ptr("*i64", "pos", "row_slot", "tile_row", "tile_len"), **shared,
-         **i32("s_q_b", "s_q_h", "s_table", "s_c_block", "s_c_head", "s_c_pos")},
+         **i32("s_q_b", "s_q_h", "s_table", "s_c_block", "s_c_head", "s_c_pos", "s_v_pos", "s_v_d")},
         dict(tile, HAS_SLOTS=False, TILED=False),
         marks,
     )
@@ -77,7 +78,8 @@ order(
     {**ptr("*bf16", "qkv", "cos", "sin"), **ptr("*fp8e4nv", "k_cache", "v_cache"), "table": "*i32",
      **ptr("*i64", "pos", "write_slot"), "like": "*bf16", "kv_scale": "*fp32", "w_o": "*fp8e4nv", "s_o": "*fp32",
      "sums": "*fp32", **i32("limit", "window"), "scale": "fp32", "softcap": "fp32",
-     **i32("n_split", "s_split", "s_qkv", "s_cs", "s_table", "s_c_block", "s_c_head", "s_c_pos", "N")},
+     **i32("n_split", "s_split", "s_qkv", "s_cs", "s_table", "s_c_block", "s_c_head", "s_c_pos", "s_v_pos", "s_v_d"),
+     "N": "i32"},
     dict(PAGE=16, G=4, R=16, D=128, BLOCK_N=64, CAPPED=False, FP8=True, HKV=8, KT=True, BLOCK_C=128, HAS_SCALE=True,
          PDL=True),
     (*marks[:4], "red.global.gpu.relaxed.add.f32"),

@@ -3,7 +3,10 @@ slot's cached keys/values, found through the slot's block table (a paged cache: 
 offset p % PAGE of block table[slot, p // PAGE]), flash-style (online softmax over tiles of the
 context, each tile's keys gathered by their blocks), the G query heads of a KV head as the rows of
 one tile so K/V are read once (for a prompt piece, `PieceTiles`: the heads of several of its
-tokens); each row reads only its own valid length (read on the device, so one CUDA graph serves
+tokens); values read a block at a time through their own strides (a cache that keeps each block's
+values as [D, PAGE], `pages.value_pool`, as the runtime's does, feeds the P.V product
+keys-contiguous; 8-bit values laid out [PAGE, D] reach the Tensor Cores a byte at a time); each row
+reads only its own valid length (read on the device, so one CUDA graph serves
 every length), from the start of its sliding window where the layer has one. `tune_attention`
 picks the tile configuration per batch size at start-up. Checked against SDPA with
 TRITON_INTERPRET=1 on the CPU (tests/parity)."""
@@ -19,20 +22,41 @@ import triton
 import triton.language as tl
 
 from . import pdl as gdc
+from .pages import value_pool
 
 log = logging.getLogger(__name__)
 
 
 @triton.jit
+def _value_tile(
+    v_cache, table, slot, kv, lo, n, start, s_table, s_c_block, s_c_head, s_v_pos, s_v_d,
+    PAGE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Values of keys start..start+BLOCK_N-1 [BLOCK_N, D], read a block (PAGE keys) at a time: with
+    s_v_pos 1 each of a block's D rows is PAGE keys in a row, the layout the P.V product's operand
+    takes without moving single bytes. Keys outside lo..n-1 in a block that holds some inside are
+    read as they are (their weight is 0; every cache value is finite: fp8 ones are saturated), a
+    block of none of them as 0."""
+    pg = start // PAGE + tl.arange(0, BLOCK_N // PAGE)
+    live = (pg * PAGE < n) & (pg * PAGE + PAGE > lo)
+    block = tl.load(table + slot * s_table + pg, mask=live, other=0).to(tl.int64)
+    k, d = tl.arange(0, PAGE), tl.arange(0, D)
+    at = (block * s_c_block + kv * s_c_head)[:, None, None] + d[None, :, None] * s_v_d + k[None, None, :] * s_v_pos
+    v = tl.load(v_cache + at, mask=live[:, None, None], other=0.0)  # [blocks, D, PAGE]
+    return tl.reshape(tl.permute(v, (0, 2, 1)), (BLOCK_N, D))
+
+
+@triton.jit
 def attend_tiles(
     qv, k_cache, v_cache, table, slot, kv, lo, n, lo_r, n_r, begin, end, scale, softcap, m_i, l_i, acc,
-    s_table, s_c_block, s_c_head, s_c_pos,
+    s_table, s_c_block, s_c_head, s_c_pos, s_v_pos, s_v_d,
     PAGE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, CAPPED: tl.constexpr, FP8: tl.constexpr,
     KT: tl.constexpr,
 ):  # fmt: skip
     """The online softmax of queries qv [R, D] over the cached keys begin..end-1 of `slot`'s KV head
-    `kv`, BLOCK_N at a time: keys lo..n-1 read, row r's scores kept at lo_r[r]..n_r[r]-1; its
-    running (max, sum, weighted values) taken and returned."""
+    `kv`, BLOCK_N at a time (`begin` a multiple of it): keys lo..n-1 read, row r's scores kept at
+    lo_r[r]..n_r[r]-1; its running (max, sum, weighted values) taken and returned. Values are at
+    position * s_v_pos + d * s_v_d of their block and head."""
     d = tl.arange(0, D)
     for start in range(begin, end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
@@ -55,7 +79,8 @@ def attend_tiles(
         alpha = tl.exp(m_i - m_use)
         p = tl.exp(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vb = tl.load(v_cache + at, mask=live[:, None], other=0.0)
+        vb = _value_tile(v_cache, table, slot, kv, lo, n, start, s_table, s_c_block, s_c_head, s_v_pos, s_v_d,
+                         PAGE, D, BLOCK_N)  # fmt: skip
         if FP8:
             vb = vb.to(tl.float16)
         acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb).to(tl.float32)
@@ -106,6 +131,8 @@ def _decode_attention_kernel(
     s_c_block,
     s_c_head,
     s_c_pos,
+    s_v_pos,
+    s_v_d,
     PAGE: tl.constexpr,
     HAS_SLOTS: tl.constexpr,
     TILED: tl.constexpr,
@@ -148,7 +175,7 @@ def _decode_attention_kernel(
         end = tl.minimum(n, begin + share)
     m_i, l_i, acc = attend_tiles(
         qv, k_cache, v_cache, table, slot, kv, lo, n, lo_r, n_r, begin, end, scale, softcap, m_i, l_i, acc,
-        s_table, s_c_block, s_c_head, s_c_pos, PAGE, D, BLOCK_N, CAPPED, FP8, KT,
+        s_table, s_c_block, s_c_head, s_c_pos, s_v_pos, s_v_d, PAGE, D, BLOCK_N, CAPPED, FP8, KT,
     )  # fmt: skip
     finish_rows(acc, m_i, l_i, out, part, kv_scale, at_q, row, kv, i % G, real, HKV, G, D, FP8, SPLITS)
 
@@ -265,12 +292,13 @@ def decode_attention(
 ) -> torch.Tensor:
     """q [B,H,D] (contiguous) of slots 0..B-1 (or `row_slots` [B]: several rows may be one slot's,
     the tokens of a prompt piece, each attending up to its own position) at positions [B];
-    k/v_cache [blocks,Hkv,PAGE,D] (one
-    layer), table [slots, blocks per sequence] (int32: the block of each slot's positions, PAGE at
-    a time). Row b attends to keys 0..min(positions[b], limit - 1), the last `window` of them where
-    one is set; scores scaled by `scale` (default D ** -0.5), then soft-capped at `softcap` where
-    one is set. Returns [B,1,H*D]. `config`: a `Tile` or its leading fields (keys per tile: fewer
-    tiles, fewer dependent loads, what a batch of few rows waits on; warps; stages; ...).
+    k/v_cache [blocks,Hkv,PAGE,D] (one layer; the values read through their strides, fastest as
+    `value_pool` lays them out), table [slots, blocks per sequence] (int32: the block of each
+    slot's positions, PAGE at a time). Row b attends to keys 0..min(positions[b], limit - 1), the
+    last `window` of them where one is set; scores scaled by `scale` (default D ** -0.5), then
+    soft-capped at `softcap` where one is set. Returns [B,1,H*D]. `config`: a `Tile` or its leading
+    fields (keys per tile: fewer tiles, fewer dependent loads, what a batch of few rows waits on;
+    warps; stages; ...).
     `kv_scale` [2, Hkv] (float32): the caches are fp8, keys and values stored divided by their
     head's scale; the products then run in fp16. `tiles`: consecutive rows of one slot
     (a prompt piece's tokens) taken `tiles.rows` to a program, so each tile of keys is read once for
@@ -305,6 +333,7 @@ def decode_attention(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        *value_strides(k_cache, v_cache, tile.block_n),
         PAGE=k_cache.shape[2],
         HAS_SLOTS=row_slots is not None,
         TILED=tiles is not None,
@@ -324,6 +353,21 @@ def decode_attention(
     return combined(part, out, tile.splits, pdl)
 
 
+def value_strides(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> tuple[int, int]:
+    """(position, dimension) strides of a layer's values [blocks, Hkv, PAGE, D], which the kernels
+    find blocks and heads of through the keys' strides; checked against the keys and against the
+    keys a tile reads (whole blocks of them)."""
+    page = v_cache.shape[-2]
+    if v_cache.shape != k_cache.shape or v_cache.stride()[:2] != k_cache.stride()[:2]:
+        raise ValueError(
+            f"values {tuple(v_cache.shape)} strides {v_cache.stride()} against keys {tuple(k_cache.shape)} "
+            f"strides {k_cache.stride()}: make both caches' blocks and heads alike (value_pool)"
+        )
+    if block_n % page:
+        raise ValueError(f"attention tile of {block_n} keys over blocks of {page}: use a multiple of {page}")
+    return v_cache.stride(-2), v_cache.stride(-1)
+
+
 def split_sums(tile: Tile, out: torch.Tensor) -> torch.Tensor:
     """Where the programs of a row's key splits leave their sums for `out` [B, H, D] (`out` itself
     where unsplit)."""
@@ -339,14 +383,6 @@ def combined(part: torch.Tensor, out: torch.Tensor, splits: int, pdl: bool) -> t
     return out.view(b, 1, h * d)
 
 
-def read_pages(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """The positions that blocks [B, n] (a table's rows) hold in one layer's cache [blocks, Hkv, PAGE,
-    D], in order: [B, Hkv, n * PAGE, D] (a copy)."""
-    x = cache[blocks.long()]  # [B, n, Hkv, PAGE, D]
-    b, n, h, page, d = x.shape
-    return x.permute(0, 2, 1, 3, 4).reshape(b, h, n * page, d)
-
-
 def spread_table(rows: int, context: int, page: int, num_blocks: int, device) -> torch.Tensor:
     """A block table [rows, context / page] whose rows hold distinct blocks spread over the pool (as
     a busy cache's are), wrapping around where the pool is smaller: what tuning and checks read."""
@@ -358,12 +394,18 @@ def spread_table(rows: int, context: int, page: int, num_blocks: int, device) ->
 
 def random_pool(rows: int, context: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random keys and values in a pool of their own, shaped and typed as the cache `like` [blocks,
-    Hkv, PAGE, D] (a real cache may be all zeros, which any tile would agree on), and a table of
+    Hkv, PAGE, D], values laid out by `value_pool` as the runtime's are (a real cache may be all
+    zeros, which any tile would agree on), and a table of
     `rows` rows of `context` positions into it: what tuning checks candidates on."""
     blocks, hkv, page, d = like.shape
     few = min(blocks, rows * -(-context // page))
-    kr, vr = (torch.randn((few, hkv, page, d), device=like.device).to(like.dtype) for _ in range(2))
+    kr = torch.randn((few, hkv, page, d), device=like.device).to(like.dtype)
+    vr = value_pool((few, hkv, page, d), like.dtype, like.device, _random)
     return kr, vr, spread_table(rows, context, page, few, like.device)
+
+
+def _random(shape, dtype, device) -> torch.Tensor:
+    return torch.randn(shape, device=device).to(dtype)
 
 
 def _agreeing_times(caches, num_heads: int, b: int, context: int, dtype, ref_config, candidates) -> dict:

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import gating
 from . import pdl as gdc
-from .attention import Tile
+from .attention import Tile, value_strides
 from .gemv import Accumulated, dequantized
 from .rope_attention import attend_new_row, rope_attention
 
@@ -43,8 +43,8 @@ TOLERANCE = 2e-2  # the attention output rounded to the activations' type, then 
 @triton.jit
 def _attention_o_kernel(
     qkv, cos, sin, k_cache, v_cache, table, pos, write_slot, like, kv_scale, w_o, s_o, sums,
-    limit, window, scale, softcap, n_split, s_split, s_qkv, s_cs, s_table, s_c_block, s_c_head, s_c_pos, N,
-    PAGE: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    limit, window, scale, softcap, n_split, s_split, s_qkv, s_cs, s_table, s_c_block, s_c_head, s_c_pos, s_v_pos,
+    s_v_d, N, PAGE: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     CAPPED: tl.constexpr, FP8: tl.constexpr, HKV: tl.constexpr, KT: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_SCALE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
@@ -53,7 +53,7 @@ def _attention_o_kernel(
     m_i, l_i, acc = attend_new_row(
         qkv, cos, sin, k_cache, v_cache, table, pos, write_slot, like, kv_scale, row, kv, 0, cb == 0,
         limit, window, scale, softcap, n_split, s_split, s_qkv, s_cs, s_table, s_c_block, s_c_head, s_c_pos,
-        PAGE, G, R, D, BLOCK_N, CAPPED, FP8, HKV, KT, 1,
+        s_v_pos, s_v_d, PAGE, G, R, D, BLOCK_N, CAPPED, FP8, HKV, KT, 1,
     )  # fmt: skip
     if FP8:  # values stored divided by the head's scale
         acc = acc * tl.load(kv_scale + HKV + kv)
@@ -117,7 +117,8 @@ def attention_o(qkv, at: RowAttention, o: tuple, tile: OTile, sums=None, pdl: bo
         parts, cos, sin, k_cache, at.v_cache, at.table, at.positions, at.writes, gating.like(parts, dtype),
         at.kv_scale if at.kv_scale is not None else cos, w_o, s_o if s_o is not None else w_o, sums,
         at.limit, at.window or 2**30, at.scale or d**-0.5, at.softcap or 1.0, n_split, s_split, parts.stride(1),
-        cos.stride(0), at.table.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), n,
+        cos.stride(0), at.table.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        *value_strides(k_cache, at.v_cache, att.block_n), n,
         PAGE=page, G=at.n_heads // hkv, R=max(16, triton.next_power_of_2(at.n_heads // hkv)), D=d,
         BLOCK_N=att.block_n, CAPPED=at.softcap is not None, FP8=at.kv_scale is not None, HKV=hkv,
         KT=att.transposed, BLOCK_C=block_c, HAS_SCALE=s_o is not None, num_warps=warps, num_stages=stages,

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from . import gating
 from . import pdl as gdc
+from .attention import value_strides
 from .gemv import Accumulated, SplitK
 from .rows import QuantRows
 
@@ -67,6 +68,8 @@ def _rope_kv_kernel(
     s_c_block,
     s_c_head,
     s_c_pos,
+    s_v_pos,
+    s_v_d,
     PAGE: tl.constexpr,
     HALF: tl.constexpr,
     HP: tl.constexpr,
@@ -108,6 +111,7 @@ def _rope_kv_kernel(
     p = tl.load(pos + row)
     block = tl.load(table + slot * s_table + p // PAGE).to(tl.int64)  # the paged cache's block of p
     at = block * s_c_block + (p % PAGE) * s_c_pos
+    at_v = block * s_c_block + (p % PAGE) * s_v_pos
     is_k, kv = live & (h >= n_heads), h - n_heads
     k1, k2 = y1, y2
     if FP8:  # divided by the head's scale, saturated at e4m3's largest
@@ -124,7 +128,7 @@ def _rope_kv_kernel(
     v = gating.load_product(qkv, row * s_qkv + (n_heads + n_kv + g) * 2 * HALF + d, v_live, n_split, s_split, q_out)
     if FP8:
         v = tl.clamp(v / tl.load(kv_scale + n_kv + g, mask=g < n_kv, other=1.0), -448.0, 448.0)
-    tl.store(v_cache + at + g * s_c_head + d, v.to(v_cache.dtype.element_ty), mask=v_live)
+    tl.store(v_cache + at_v + g * s_c_head + d * s_v_d, v.to(v_cache.dtype.element_ty), mask=v_live)
 
 
 def rope_kv_write(
@@ -145,8 +149,8 @@ def rope_kv_write(
 ):
     """qkv [..., (H+2Hkv)*D] (or its split partial sums): R token rows, row r at positions[r] of
     cache slot slots[r] (default: slot r, one decode token per slot); cos/sin [..., D] per row;
-    k/v_cache [blocks,Hkv,PAGE,D] (one layer) behind the block table [slots, blocks per sequence]
-    (int32). Writes rotated k and v into the caches; returns rotated
+    k/v_cache [blocks,Hkv,PAGE,D] (one layer; the values written through their strides) behind the
+    block table [slots, blocks per sequence] (int32). Writes rotated k and v into the caches; returns rotated
     q [R,H,D], and with `return_k` also the rotated k [R,Hkv,D] (what a prefill attends to).
     `qk_norm`: (q scale [D], k scale [D], eps, gemma) of an RMSNorm over each head before the
     rotary; gemma: the scales are Gemma's fp32 (1 + w), applied before the one rounding.
@@ -184,6 +188,7 @@ def rope_kv_write(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        *value_strides(k_cache, v_cache, k_cache.shape[2]),
         PAGE=k_cache.shape[2],
         HALF=d // 2,
         HP=triton.next_power_of_2(n_heads + n_kv),

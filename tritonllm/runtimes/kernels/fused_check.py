@@ -7,6 +7,7 @@ import torch
 
 from . import attention
 from .fused import activate_mul, add_rms_norm, rope_kv_write
+from .pages import read_pages, value_pool
 
 
 def self_check(
@@ -21,7 +22,7 @@ def self_check(
     qkv, ang = r(2, 1, 4 * head_dim), torch.randn(2, 1, head_dim // 2, generator=g)
     cos, sin = (torch.cat([f(ang)] * 2, -1).to(device, dtype) for f in (torch.cos, torch.sin))
     kc = torch.zeros(2, 1, 4, head_dim, device=device, dtype=dtype)  # 2 slots of one 4-position block each
-    vc = torch.zeros_like(kc)
+    vc = value_pool(kc.shape, dtype, device)  # the runtime's value layout
     own = torch.arange(2, device=device, dtype=torch.int32).view(2, 1)  # slot s: block s
     q = rope_kv_write(qkv, cos, sin, kc, vc, own, torch.tensor([1, 3], device=device), 2, 1)
     x = qkv.view(2, 1, 4, head_dim)[:, 0, :2].float()
@@ -57,9 +58,10 @@ def self_check(
     torch.testing.assert_close(
         out.float(), torch.nn.functional.rms_norm(expected.float(), (64,), w.float(), 1e-5), atol=5e-2, rtol=5e-2
     )
-    kc, vc, q4 = r(10, 2, 16, head_dim), r(10, 2, 16, head_dim), r(2, 8, head_dim)  # 10 blocks of 16
+    kc, vc, q4 = r(10, 2, 16, head_dim), value_pool((10, 2, 16, head_dim), dtype, device), r(2, 8, head_dim)
+    vc.copy_(r(10, 2, 16, head_dim))  # 10 blocks of 16
     table = torch.tensor([[9, 7, 5, 3, 1], [8, 6, 4, 2, 0]], device=device, dtype=torch.int32)
-    keys, values = attention.read_pages(kc, table), attention.read_pages(vc, table)
+    keys, values = read_pages(kc, table), read_pages(vc, table)
     pos = torch.tensor([70, 5], device=device)
     ref = torch.cat(
         [
@@ -88,7 +90,8 @@ def self_check(
         got = attention.decode_attention(q4, k8, v8, table, tokens, 80, row_slots=one_slot, kv_scale=scale, tiles=tiles)
         torch.testing.assert_close(got.float(), alone.float(), atol=0.15, rtol=0.15)
         own8 = torch.zeros(2, 1, 4, head_dim, device=device, dtype=torch.float8_e4m3fn)
-        rope_kv_write(qkv, cos, sin, own8, own8.clone(), own, torch.tensor([1, 3], device=device), 2, 1, kv_scale=scale)
+        values8 = value_pool(own8.shape, own8.dtype, device)
+        rope_kv_write(qkv, cos, sin, own8, values8, own, torch.tensor([1, 3], device=device), 2, 1, kv_scale=scale)
     gu = r(2, 1, 128)
     torch.testing.assert_close(
         activate_mul(gu).float(),

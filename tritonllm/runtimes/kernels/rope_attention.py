@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import gating
 from . import pdl as gdc
-from .attention import Tile, attend_tiles, combined, finish_rows, split_sums
+from .attention import Tile, attend_tiles, combined, finish_rows, split_sums, value_strides
 from .gemv import SplitK
 
 
@@ -35,7 +35,7 @@ def _rotated(qkv, at, mask, c, sn, n_split, s_split, like, D: tl.constexpr):
 @triton.jit
 def _new_key_value(
     qkv, c, sn, k_cache, v_cache, table, write_slot, kv_scale, row, kv, p, write, n_split, s_split, s_qkv, like,
-    s_table, s_c_block, s_c_head, s_c_pos,
+    s_table, s_c_block, s_c_head, s_c_pos, s_v_pos, s_v_d,
     PAGE: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     """The row's new key (rotated) and value of head `kv`, as the cache holds them (float32 of the
@@ -50,10 +50,10 @@ def _new_key_value(
         v = tl.clamp(v / tl.load(kv_scale + HKV + kv), -448.0, 448.0)
     k, v = k.to(k_cache.dtype.element_ty), v.to(v_cache.dtype.element_ty)
     block = tl.load(table + tl.load(write_slot + row) * s_table + p // PAGE).to(tl.int64)
-    at = block * s_c_block + kv * s_c_head + (p % PAGE) * s_c_pos + d
+    at = block * s_c_block + kv * s_c_head
     one = d < tl.where(write, D, 0)
-    tl.store(k_cache + at, k, mask=one)
-    tl.store(v_cache + at, v, mask=one)
+    tl.store(k_cache + at + (p % PAGE) * s_c_pos + d, k, mask=one)
+    tl.store(v_cache + at + (p % PAGE) * s_v_pos + d * s_v_d, v, mask=one)
     if FP8:  # what the attention reads of an fp8 cache: its values widened to fp16
         return k.to(tl.float16).to(tl.float32), v.to(tl.float16).to(tl.float32)
     return k.to(tl.float32), v.to(tl.float32)
@@ -78,8 +78,8 @@ def _with_new_key(qv, k, v, scale, softcap, mine, m_i, l_i, acc, CAPPED: tl.cons
 @triton.jit
 def attend_new_row(
     qkv, cos, sin, k_cache, v_cache, table, pos, write_slot, like, kv_scale, row, kv, sp, write,
-    limit, window, scale, softcap, n_split, s_split, s_qkv, s_cs, s_table, s_c_block, s_c_head, s_c_pos,
-    PAGE: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    limit, window, scale, softcap, n_split, s_split, s_qkv, s_cs, s_table, s_c_block, s_c_head, s_c_pos, s_v_pos,
+    s_v_d, PAGE: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     CAPPED: tl.constexpr, FP8: tl.constexpr, HKV: tl.constexpr, KT: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
     """The online softmax's (max, sum, weighted values) [R] [R] [R, D] of `row`'s G query heads of
@@ -96,7 +96,7 @@ def attend_new_row(
         qv = qv.to(tl.float16)
     k, v = _new_key_value(
         qkv, c, sn, k_cache, v_cache, table, write_slot, kv_scale, row, kv, p, write, n_split, s_split, s_qkv, like,
-        s_table, s_c_block, s_c_head, s_c_pos, PAGE, D, G * HKV, HKV, FP8,
+        s_table, s_c_block, s_c_head, s_c_pos, s_v_pos, s_v_d, PAGE, D, G * HKV, HKV, FP8,
     )  # fmt: skip
     n_all = tl.minimum(p + 1, limit)  # keys 0..p: the cached ones before p, then the new one
     n = n_all - 1
@@ -112,7 +112,8 @@ def attend_new_row(
     lo_r, n_r = tl.full([R], 0, tl.int32) + lo, tl.full([R], 0, tl.int32) + n
     m_i, l_i, acc = attend_tiles(
         qv, k_cache, v_cache, table, row, kv, lo, n, lo_r, n_r, begin, end, scale, softcap, m_i, l_i,
-        tl.zeros([R, D], tl.float32), s_table, s_c_block, s_c_head, s_c_pos, PAGE, D, BLOCK_N, CAPPED, FP8, KT,
+        tl.zeros([R, D], tl.float32), s_table, s_c_block, s_c_head, s_c_pos, s_v_pos, s_v_d, PAGE, D, BLOCK_N,
+        CAPPED, FP8, KT,
     )  # fmt: skip
     return _with_new_key(qv, k, v, scale, softcap, sp == 0, m_i, l_i, acc, CAPPED)
 
@@ -120,8 +121,8 @@ def attend_new_row(
 @triton.jit
 def _rope_attention_kernel(
     qkv, cos, sin, k_cache, v_cache, table, pos, write_slot, out, part, kv_scale,
-    limit, window, scale, softcap, n_split, s_split, s_qkv, s_cs, s_table, s_c_block, s_c_head, s_c_pos,
-    PAGE: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    limit, window, scale, softcap, n_split, s_split, s_qkv, s_cs, s_table, s_c_block, s_c_head, s_c_pos, s_v_pos,
+    s_v_d, PAGE: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     CAPPED: tl.constexpr, FP8: tl.constexpr, HKV: tl.constexpr, KT: tl.constexpr, SPLITS: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
@@ -130,7 +131,7 @@ def _rope_attention_kernel(
     m_i, l_i, acc = attend_new_row(
         qkv, cos, sin, k_cache, v_cache, table, pos, write_slot, out, kv_scale, row, kv, sp, sp == 0,
         limit, window, scale, softcap, n_split, s_split, s_qkv, s_cs, s_table, s_c_block, s_c_head, s_c_pos,
-        PAGE, G, R, D, BLOCK_N, CAPPED, FP8, HKV, KT, SPLITS,
+        s_v_pos, s_v_d, PAGE, G, R, D, BLOCK_N, CAPPED, FP8, HKV, KT, SPLITS,
     )  # fmt: skip
     i, d = tl.arange(0, R), tl.arange(0, D)
     at_out = (row * G * HKV + kv * G + i)[:, None] * D + d[None, :]
@@ -171,6 +172,7 @@ def rope_attention(
         kv_scale if kv_scale is not None else cos,
         limit, window or 2**30, scale or d**-0.5, softcap or 1.0, n_split, s_split, parts.stride(1), cos.stride(0),
         table.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        *value_strides(k_cache, v_cache, tile.block_n),
         PAGE=page, G=n_heads // hkv, R=max(16, triton.next_power_of_2(n_heads // hkv)), D=d,
         BLOCK_N=tile.block_n, CAPPED=softcap is not None, FP8=kv_scale is not None, HKV=hkv, KT=tile.transposed,
         SPLITS=tile.splits, num_warps=tile.warps, num_stages=tile.stages, **gdc.launch(pdl),

@@ -20,6 +20,7 @@ import torch
 
 from ...config import EngineConfig
 from ...model.shape import ModelShape
+from ..kernels.pages import read_pages, value_pool
 from ..paged_kv import BLOCK_SIZE, BlockTables, blocks_for
 from .transfers import PinnedRing, copy_to
 
@@ -30,8 +31,9 @@ FP8_HEADROOM = 4.0  # keys/values of real text may exceed those of random tokens
 
 
 class PagedDeviceCache:
-    """keys/values [layers, blocks + 1, kv_heads, BLOCK_SIZE, head_dim] (block `scratch` = the last)
-    and `table` [slots, blocks per max_context] (int32) on the device."""
+    """keys/values [layers, blocks + 1, kv_heads, BLOCK_SIZE, head_dim] (block `scratch` = the last;
+    the values stored with each block's head_dim rows of BLOCK_SIZE positions, `value_pool`) and
+    `table` [slots, blocks per max_context] (int32) on the device."""
 
     def __init__(
         self,
@@ -48,7 +50,7 @@ class PagedDeviceCache:
         dims = (shape.num_layers, num_blocks + 1, shape.num_kv_heads, BLOCK_SIZE, shape.head_dim)
         self.dtype, self.fp8 = dtype, scales is not None
         self.keys = torch.zeros(dims, dtype=FP8 if self.fp8 else dtype, device=device)
-        self.values = torch.zeros(dims, dtype=FP8 if self.fp8 else dtype, device=device)
+        self.values = value_pool(dims, FP8 if self.fp8 else dtype, device)  # [D, PAGE] a block: see value_pool
         self.scales = scales.to(device=device, dtype=torch.float32).contiguous() if self.fp8 else None
         self.scratch = self.num_blocks = num_blocks
         self.blocks = BlockTables(num_blocks, slots, prefix_cache)
@@ -109,8 +111,6 @@ class PagedDeviceCache:
     def gather(self, layer: int, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of slots `rows` [B] at positions 0..length-1: [B, Hkv, length, D] each,
         copied out through the tables (the torch ops' attention reads them)."""
-        from ..kernels.attention import read_pages
-
         blocks = self.table[rows, : blocks_for(length, self.block_size)]
         out = [read_pages(cache[layer], blocks)[:, :, :length] for cache in (self.keys, self.values)]
         if self.fp8:
