@@ -158,7 +158,9 @@ def _decode_attention_kernel(
     qv = tl.load(q + at_q, mask=real[:, None], other=0.0)
     if FP8:  # fp8 keys/values widen to fp16 in far fewer instructions than to bf16; the products
         qv = qv.to(tl.float16)  # run in fp16 (a bf16 query is exact in it up to |q| 65,504)
-    n_r = tl.minimum(tl.load(pos + row, mask=real, other=0) + 1, limit)  # keys 0..pos, never past the graph's
+    # keys 0..pos, never past the graph's; positions as int32 (the step's int64 ones make every mask
+    # compare of the key loop two instructions)
+    n_r = tl.minimum(tl.load(pos + row, mask=real, other=0).to(tl.int32) + 1, limit)
     lo_r = tl.maximum(n_r - window, 0)  # a sliding window sees the last `window` keys only
     n = tl.max(n_r, 0)
     lo = tl.min(tl.where(real, lo_r, n), 0)  # padding rows must not pull the first tile back

@@ -87,7 +87,7 @@ def attend_new_row(
     included in split 0's; the new key and value written to the cache where `write`."""
     i, d = tl.arange(0, R), tl.arange(0, D)
     real = i < G
-    p = tl.load(pos + row)
+    p = tl.load(pos + row).to(tl.int32)  # int32 compares in the key loop
     c, sn = tl.load(cos + row * s_cs + d).to(tl.float32), tl.load(sin + row * s_cs + d).to(tl.float32)
     at_q = (row * s_qkv + (kv * G + i) * D)[:, None]
     qv = _rotated(qkv, at_q, real[:, None], c[None, :], sn[None, :], n_split, s_split, like, D)
