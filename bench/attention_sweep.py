@@ -23,6 +23,7 @@ from bench.measure import write_results
 from bench.provenance import DEFAULT_OUT
 from bench.workloads import copy_bandwidth
 from tritonllm.runtimes.kernels import attention as ak
+from tritonllm.runtimes.kernels import attention_tuning
 from tritonllm.runtimes.kernels.pages import value_pool
 from tritonllm.runtimes.kernels.timing import graph_ms
 
@@ -53,7 +54,7 @@ def pools(batch: int, context: int, hkv: int, d: int, fp8: bool, layers: int, va
             out.append((k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), torch.rand(2, hkv, device="cuda") + 0.5))
         else:
             out.append((k.to(torch.bfloat16), v.to(torch.bfloat16), None))
-    return out, ak.spread_table(batch, context, PAGE, blocks, "cuda")
+    return out, attention_tuning.spread_table(batch, context, PAGE, blocks, "cuda")
 
 
 def sweep(

@@ -19,8 +19,8 @@ from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model.modeling import CausalLM, load_hf, rotate_half
 from tritonllm.runtimes.kernels import attention as ak
 from tritonllm.runtimes.kernels import attention_o as ao
+from tritonllm.runtimes.kernels import attention_tuning, fused_check, gemv, mlp
 from tritonllm.runtimes.kernels import fused as fk
-from tritonllm.runtimes.kernels import fused_check, gemv, mlp
 from tritonllm.runtimes.kernels import rope_attention as ra
 from tritonllm.runtimes.kernels.pages import read_pages, value_pool
 from tritonllm.runtimes.kernels.rope_attention import rope_attention as fused_rope_attention
@@ -277,10 +277,10 @@ def test_rotary_table_rows_are_the_models_own_rotary_at_those_positions(tiny_dir
 
 
 def test_split_candidates_only_where_rows_leave_programs_free():
-    many = ak.split_candidates([1, 16, 64, 128, 256], kv_heads=8, programs=132, fp8=True)
+    many = attention_tuning.split_candidates([1, 16, 64, 128, 256], kv_heads=8, programs=132, fp8=True)
     assert sorted(many) == [1, 16, 64]  # 64 x 8 = 512 <= 4 x 132 < 128 x 8
     assert len(many[1]) == len(ak.SPLIT_TILES) * 2 * len(ak.SPLITS) and all(t.splits > 1 for t in many[1])
-    assert not any(t.transposed for t in ak.split_candidates([1], 8, 132, fp8=False)[1])
+    assert not any(t.transposed for t in attention_tuning.split_candidates([1], 8, 132, fp8=False)[1])
 
 
 def test_start_up_self_check_passes_for_every_kernel_form():

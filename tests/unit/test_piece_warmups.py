@@ -44,7 +44,7 @@ def test_the_tuned_piece_steps_fit_the_budget_and_the_context(budget, max_contex
 def test_a_piece_tile_that_differs_or_does_not_build_is_no_candidate():
     import torch
 
-    from tritonllm.runtimes.kernels.attention import _agrees
+    from tritonllm.runtimes.kernels.attention_tuning import _agrees
 
     def out_of_resources():
         raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")

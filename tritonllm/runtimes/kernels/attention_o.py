@@ -140,7 +140,7 @@ def tune(
     and o's tuned microseconds, both over every layer, o with the same add + norm). Writes those
     positions of the caches (tuning runs before any sequence holds them). Returns
     ({(KEY, b): tile}, timings)."""
-    from .attention import random_pool, spread_table
+    from .attention_tuning import random_pool, spread_table
     from .timing import agrees, check_all, graph_ms, keep_unordered
 
     blocks, hkv, page, d = caches[0][0].shape

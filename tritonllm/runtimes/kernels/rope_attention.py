@@ -182,12 +182,13 @@ def rope_attention(
 
 def tune(k_caches, v_caches, num_heads: int, table: dict, context: int, dtype, kv_scales=None) -> tuple[set, list]:
     """The batches where this kernel beats `rope_kv_write` + `decode_attention` with the batch's
-    attention config (`table`, from `attention.tune_attention`), timed over every layer's cache
+    attention config (`table`, from `attention_tuning.tune_attention`), timed over every layer's cache
     (CUDA graph replays) with every row's new key at position `context` - 1 of blocks spread over
     the pool; a batch where it loses, or disagrees with the two kernels on random keys, is left
     out. Writes those positions of the caches (tuning runs before any sequence holds them).
     Returns (those batches, timings for the log)."""
-    from .attention import decode_attention, layer_caches, random_pool, spread_table
+    from .attention import decode_attention
+    from .attention_tuning import layer_caches, random_pool, spread_table
     from .fused import rope_kv_write
     from .timing import agrees, graph_ms
 

@@ -313,11 +313,11 @@ def _product_consumers(model, cache: PagedDeviceCache, max_rows: int, pdl: bool 
 
 def _tune_attention(model, cache: PagedDeviceCache, batch_buckets: list[int], max_context: int) -> tuple[dict, list]:
     """{batch bucket: decode attention config}, timed at up to 256 keys per row."""
-    from ..kernels import attention as ak
+    from ..kernels import attention_tuning
 
     try:
         scales = [cache.layer_scales(i) for i in range(model.shape.num_layers)] if cache.fp8 else None
-        table, report = ak.tune_attention(
+        table, report = attention_tuning.tune_attention(
             cache.keys, cache.values, model.shape.num_heads, batch_buckets, min(256, max_context), cache.dtype, scales
         )
     except Exception as exc:  # a config does not compile here: the default (self-checked) serves
@@ -354,7 +354,7 @@ def _tune_attention_o(model, cache: PagedDeviceCache, c: KernelChoice, max_conte
     by `consume`, the add + norm after o); not for o with a bias (the kernel has none). Rotary
     batches exist only for models without q/k norms."""
     from ..kernels import attention_o
-    from ..kernels.attention import layer_caches
+    from ..kernels.attention_tuning import layer_caches
 
     o = _weights(model, "o")
     if not c.rope_batches or any(b is not None for _, b, _ in o):
@@ -378,12 +378,13 @@ def _tune_splits(model, cache: PagedDeviceCache, table: dict, max_context: int) 
     """{batch bucket: split-key config} for graphs of LONG_CONTEXT keys or more, timed at up to
     2,048 keys a row (none where max_context is shorter or tuning failed)."""
     from ..kernels import attention as ak
+    from ..kernels import attention_tuning
 
     if max_context < ak.LONG_CONTEXT or not table:
         return {}
     try:
         scales = [cache.layer_scales(i) for i in range(model.shape.num_layers)] if cache.fp8 else None
-        splits, report = ak.tune_splits(
+        splits, report = attention_tuning.tune_splits(
             cache.keys, cache.values, model.shape.num_heads, table, min(2048, max_context), cache.dtype, scales
         )
     except Exception as exc:  # a split config does not compile here: unsplit configs serve long contexts too
@@ -405,14 +406,16 @@ def piece_shapes(piece_tokens: int, max_context: int) -> list[tuple[int, int, in
 
 
 def _tune_pieces(model, cache: PagedDeviceCache, piece_tokens: int, max_context: int) -> tuple[tuple, list]:
-    """The prompt pieces' attention tile (`attention.tune_pieces`), default where tuning fails."""
-    from ..kernels import attention as ak
+    """The prompt pieces' attention tile (`attention_tuning.tune_pieces`), default where tuning fails."""
+    from ..kernels import attention_tuning
 
     sh = model.shape
     try:
         scales = [cache.layer_scales(i) for i in range(sh.num_layers)] if cache.fp8 else None
         shapes = piece_shapes(piece_tokens, max_context)
-        config, report = ak.tune_pieces(cache.keys, cache.values, sh.num_heads, shapes, cache.dtype, scales)
+        config, report = attention_tuning.tune_pieces(
+            cache.keys, cache.values, sh.num_heads, shapes, cache.dtype, scales
+        )
     except Exception as exc:  # a config does not compile here: the default (self-checked) serves
         log.warning("prompt piece attention tuning failed (%s): default tile", str(exc)[:300])
         return PIECE_DEFAULT, []
