@@ -24,7 +24,7 @@ from bench.provenance import DEFAULT_OUT
 from bench.workloads import copy_bandwidth
 from tritonllm.runtimes.kernels import attention as ak
 from tritonllm.runtimes.kernels import attention_tuning
-from tritonllm.runtimes.kernels.pages import value_pool
+from tritonllm.runtimes.kernels.pages import as_values
 from tritonllm.runtimes.kernels.timing import graph_ms
 
 log = logging.getLogger("bench.attention_sweep")
@@ -49,7 +49,7 @@ def pools(batch: int, context: int, hkv: int, d: int, fp8: bool, layers: int, va
     for _ in range(layers):
         k, v = (torch.randn(blocks, hkv, PAGE, d, device="cuda") for _ in range(2))
         if values == "pages":
-            v = value_pool(v.shape, v.dtype, v.device).copy_(v)
+            v = as_values(v)
         if fp8:
             out.append((k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), torch.rand(2, hkv, device="cuda") + 0.5))
         else:
@@ -108,9 +108,9 @@ def best(rows: list[dict]) -> list[dict]:
 
 def fastest_form(rows: list[dict]) -> bool:
     """The form (keys transposed or not) whose best time summed over the batches is least, values
-    laid out as the engine lays them."""
-    totals = {}
-    for r in best([r for r in rows if r["values"] == "pages"]):
+    laid out as the engine lays them where those were timed."""
+    totals, engine = {}, [r for r in rows if r["values"] == "pages"]
+    for r in best(engine or rows):
         form = r["keys_transposed"]
         totals[form] = totals.get(form, 0.0) + r["us_per_layer"]
     return min(totals, key=totals.get)

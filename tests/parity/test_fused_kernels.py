@@ -22,7 +22,7 @@ from tritonllm.runtimes.kernels import attention_o as ao
 from tritonllm.runtimes.kernels import attention_tuning, fused_check, gemv, mlp
 from tritonllm.runtimes.kernels import fused as fk
 from tritonllm.runtimes.kernels import rope_attention as ra
-from tritonllm.runtimes.kernels.pages import read_pages, value_pool
+from tritonllm.runtimes.kernels.pages import as_values, read_pages
 from tritonllm.runtimes.kernels.rope_attention import rope_attention as fused_rope_attention
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 from tritonllm.runtimes.torch_cuda.tuning import PROJECTIONS
@@ -44,9 +44,9 @@ def paged(static: torch.Tensor, page: int = 16, seed: int = 0) -> tuple[torch.Te
 
 
 def paged_values(static: torch.Tensor, page: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`paged`, the pool laid out as the runtime's cache keeps values (`value_pool`: [D, page] a block)."""
+    """`paged`, the pool laid out as the runtime's cache keeps values (`as_values`: [D, page] a block)."""
     pool, table = paged(static, page, seed)
-    return value_pool(pool.shape, pool.dtype, pool.device).copy_(pool), table
+    return as_values(pool), table
 
 
 def test_rope_kv_write_matches_rotate_half_and_writes_the_cache():

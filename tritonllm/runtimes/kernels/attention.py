@@ -59,11 +59,10 @@ def attend_tiles(
         live = (cols < n) & (cols >= lo)
         block = tl.load(table + slot * s_table + cols // PAGE, mask=live, other=0).to(tl.int64)
         base = block * s_c_block + kv * s_c_head + (cols % PAGE) * s_c_pos
-        at = base[:, None] + d[None, :]
         if KT:  # keys read as [D, BLOCK_N] already: no transpose of the tile before the product
             kt = tl.load(k_cache + base[None, :] + d[:, None], mask=live[None, :], other=0.0)
         else:
-            kt = tl.trans(tl.load(k_cache + at, mask=live[:, None], other=0.0))
+            kt = tl.trans(tl.load(k_cache + base[:, None] + d[None, :], mask=live[:, None], other=0.0))
         if FP8:
             kt = kt.to(tl.float16)
         s = tl.dot(qv, kt).to(tl.float32) * scale

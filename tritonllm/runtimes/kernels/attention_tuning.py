@@ -10,7 +10,7 @@ import logging
 import torch
 
 from .attention import ATTENTION_CONFIGS, PIECE_CONFIGS, SPLIT_TILES, SPLITS, PieceTiles, Tile, decode_attention
-from .pages import value_pool
+from .pages import as_values
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,8 @@ def random_pool(rows: int, context: int, like: torch.Tensor) -> tuple[torch.Tens
     blocks, hkv, page, d = like.shape
     few = min(blocks, rows * -(-context // page))
     kr = torch.randn((few, hkv, page, d), device=like.device).to(like.dtype)
-    vr = value_pool((few, hkv, page, d), like.dtype, like.device, _random)
+    vr = as_values(torch.randn((few, hkv, page, d), device=like.device).to(like.dtype))
     return kr, vr, spread_table(rows, context, page, few, like.device)
-
-
-def _random(shape, dtype, device) -> torch.Tensor:
-    return torch.randn(shape, device=device).to(dtype)
 
 
 def _agreeing_times(caches, num_heads: int, b: int, context: int, dtype, ref_config, candidates) -> dict:

@@ -7,7 +7,7 @@ import torch
 
 from . import attention
 from .fused import activate_mul, add_rms_norm, rope_kv_write
-from .pages import read_pages, value_pool
+from .pages import as_values, read_pages, value_pool
 
 
 def self_check(
@@ -58,8 +58,7 @@ def self_check(
     torch.testing.assert_close(
         out.float(), torch.nn.functional.rms_norm(expected.float(), (64,), w.float(), 1e-5), atol=5e-2, rtol=5e-2
     )
-    kc, vc, q4 = r(10, 2, 16, head_dim), value_pool((10, 2, 16, head_dim), dtype, device), r(2, 8, head_dim)
-    vc.copy_(r(10, 2, 16, head_dim))  # 10 blocks of 16
+    kc, vc, q4 = r(10, 2, 16, head_dim), as_values(r(10, 2, 16, head_dim)), r(2, 8, head_dim)  # 10 blocks of 16
     table = torch.tensor([[9, 7, 5, 3, 1], [8, 6, 4, 2, 0]], device=device, dtype=torch.int32)
     keys, values = read_pages(kc, table), read_pages(vc, table)
     pos = torch.tensor([70, 5], device=device)

@@ -9,11 +9,16 @@ from __future__ import annotations
 import torch
 
 
-def value_pool(dims: tuple, dtype: torch.dtype, device, fill=torch.zeros) -> torch.Tensor:
-    """Values [..., PAGE, D] (`dims`) stored as [..., D, PAGE] (the returned tensor a transposed
-    view): each block's D rows of PAGE keys, what the attention kernels read fastest (`_value_tile`);
-    indexing and the torch ops see the usual shape. `fill(shape, dtype=, device=)` makes the storage."""
-    return fill((*dims[:-2], dims[-1], dims[-2]), dtype=dtype, device=device).transpose(-1, -2)
+def value_pool(dims: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeroed values [..., PAGE, D] (`dims`) stored as [..., D, PAGE] (the returned tensor a
+    transposed view): each block's D rows of PAGE keys, what the attention kernels read fastest
+    (`_value_tile`); indexing and the torch ops see the usual shape."""
+    return torch.zeros((*dims[:-2], dims[-1], dims[-2]), dtype=dtype, device=device).transpose(-1, -2)
+
+
+def as_values(x: torch.Tensor) -> torch.Tensor:
+    """A copy of values x [..., PAGE, D] laid out as `value_pool` lays them out."""
+    return value_pool(x.shape, x.dtype, x.device).copy_(x)
 
 
 def read_pages(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
