@@ -19,11 +19,12 @@ from tritonllm.engine.inprocess import InProcessEngine
 from tritonllm.model.modeling import CausalLM, load_hf, rotate_half
 from tritonllm.runtimes.kernels import attention as ak
 from tritonllm.runtimes.kernels import attention_o as ao
-from tritonllm.runtimes.kernels import attention_tuning, fused_check, gemv, mlp
+from tritonllm.runtimes.kernels import attention_tuning, fused_check, gemv, mlp, normed
 from tritonllm.runtimes.kernels import fused as fk
 from tritonllm.runtimes.kernels import rope_attention as ra
 from tritonllm.runtimes.kernels.pages import as_values, read_pages
 from tritonllm.runtimes.kernels.rope_attention import rope_attention as fused_rope_attention
+from tritonllm.runtimes.kernels.rows import Normed
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
 from tritonllm.runtimes.torch_cuda.tuning import PROJECTIONS
 from tritonllm.text import TokenizerFiles
@@ -201,7 +202,8 @@ def test_fused_prefill_gives_the_torch_ops_logits_and_cache(tiny_dir):
 @pytest.mark.parametrize(
     "use_gemv",
     [False, True, "split", "keys split", "rope in attention", "rope in attention, keys split", "glu", "mlp"]
-    + ["rope in attention, o and mlp"],
+    + ["rope in attention, o and mlp", "norm in products", "glu, norm in products", "rope in attention, o, norm in"]
+    + ["split, norm in products"],
 )
 def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
     from .test_engine_parity import PROMPTS, hf_greedy
@@ -216,28 +218,35 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
             for kind in PROJECTIONS + ("lm_head",)
             for rows in (1, 2)
         }
-        if use_gemv in (True, "split", "glu", "mlp", "rope in attention, o and mlp")
+        if use_gemv in (True, "split", "glu", "mlp", "rope in attention, o and mlp") or "norm in" in str(use_gemv)
         else {}
     )
-    if use_gemv == "glu":  # gate_up's tile makes the activation, the down tile takes it as it is
+    if str(use_gemv).startswith("glu"):  # gate_up's tile makes the activation, the down tile takes it as it is
         table.update({(key, rows): (16, 64, 4, 2) for key in gemv.GLU_KEYS for rows in (1, 2)})
-    fuse_o = use_gemv == "rope in attention, o and mlp"  # attention + o and the MLP add into one buffer of sums
-    if use_gemv == "mlp" or fuse_o:  # the MLP in one kernel (plain at 1 row, swapped at 2); add + norm zeroes sums
+    fuse_o = str(use_gemv).startswith("rope in attention, o")  # attention + o (and the MLP) add into sums
+    if use_gemv in (
+        "mlp",
+        "rope in attention, o and mlp",
+    ):  # the MLP in one kernel (plain at 1 row, swapped at 2); add + norm zeroes sums
         table.update({(mlp.KEY, 1): (32, 64, 64, 4, 1, 0, 0), (mlp.KEY, 2): (16, 64, 32, 4, 2, 0, 1)})
     if fuse_o:
         table.update({(ao.KEY, 1): (32, 4, 2), (ao.KEY, 2): (64, 4, 2)})
-    if use_gemv == "split":  # every product split along K, the LM head's summed before the logits
+    if str(use_gemv).startswith("split"):  # every product split along K, the LM head's summed before the logits
         table = {key: (1024, 64, 4, 2, 2) if key[0] == "lm_head" else (32, 64, 4, 2, 2) for key in table}
+    readers = ("qkv_proj", "lm_head", gemv.GLU_KEYS[0] if str(use_gemv).startswith("glu") else "gate_up")
+    if "norm in" in str(use_gemv):  # the products after each add + norm make their input themselves
+        table.update({(normed.key(kind), rows): table[(kind, rows)] for kind in readers for rows in (1, 2)})
     runtime = TorchCudaRuntime(None, cfg, model=CausalLM(hf), device="cpu", triton_kernels=True, gemv_table=table)
     assert runtime.describe()["triton_kernels"] and len(runtime.describe()["gemv"]) == len(table)
     fuse_rope = str(use_gemv).startswith("rope in attention")
     runtime.kernels.rope_batches = {1, 2} if fuse_rope else set()
-    calls, glus = [], []
+    calls, glus, made = [], [], []
     monkeypatch.setattr(ra, "rope_attention", lambda *a, **k: calls.append(1) or fused_rope_attention(*a, **k))
     real_matmul = gemv.small_matmul
 
     def small_matmul(*a, **k):  # counts the tiles asked to make the activation (small_matmul's 7th argument)
         glus.extend(a[6:7] if len(a) > 6 and a[6] else [])
+        made.append(isinstance(a[0], Normed))
         return real_matmul(*a, **k)
 
     monkeypatch.setattr(gemv, "small_matmul", small_matmul)
@@ -260,12 +269,16 @@ def test_fused_decode_step_gives_hf_greedy_ids(tiny_dir, use_gemv, monkeypatch):
     assert got == [hf_greedy(hf, ids, n) for ids, n in zip(prompts, lengths)]
     assert bool(calls) == (fuse_rope and not fuse_o)  # attention + o calls attend_new_row, not rope_attention
     assert set(os_) == ({table[(ao.KEY, 1)], table[(ao.KEY, 2)]} if fuse_o else set())
-    assert bool(glus) == (use_gemv == "glu")
-    assert set(mlps) == ({table[(mlp.KEY, 1)], table[(mlp.KEY, 2)]} if use_gemv == "mlp" or fuse_o else set())
+    assert bool(glus) == str(use_gemv).startswith("glu")
+    # a decode step's tiles: 4 a layer (3 with o fused) and the LM head; qkv, gate_up and the head make their input
+    layers = len(hf.model.layers)
+    steps = len(made) / ((3 if fuse_o else 4) * layers + 1)
+    assert sum(made) == (steps * (2 * layers + 1) if "norm in" in str(use_gemv) else 0)
+    assert set(mlps) == ({table[(mlp.KEY, 1)], table[(mlp.KEY, 2)]} if (mlp.KEY, 1) in table else set())
 
 
 def test_rotary_table_rows_are_the_models_own_rotary_at_those_positions(tiny_dir):
-    from tritonllm.runtimes.torch_cuda.forward import RotaryTable
+    from tritonllm.runtimes.torch_cuda.ops import RotaryTable
 
     model = CausalLM(load_hf(tiny_dir))
     positions = torch.tensor([0, 5, 159, 17])

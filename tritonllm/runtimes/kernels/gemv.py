@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import gating
+from . import gating, normed
 from . import pdl as gdc
-from .rows import QuantRows
+from .rows import Normed, QuantRows
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 8  # batch rows a gemv program holds beside its weight tile
@@ -137,6 +137,12 @@ def _small_matmul_kernel(
     s_om,
     n_split,
     s_split,
+    res,
+    res_out,
+    norm_w,
+    clear,
+    n_clear,
+    eps,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     USE_DOT: tl.constexpr,
@@ -151,6 +157,10 @@ def _small_matmul_kernel(
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
     ELEM: tl.constexpr,
+    NORMED: tl.constexpr = False,
+    ADD: tl.constexpr = False,
+    CLEAR: tl.constexpr = False,
+    QMAX: tl.constexpr = 448.0,
 ):
     split = tl.program_id(1)  # this program's slice of K: [split * K_SPLIT, (split + 1) * K_SPLIT)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -159,6 +169,12 @@ def _small_matmul_kernel(
     if PREFETCH:  # the weight's first bytes stream into L2 while the kernel before finishes
         gdc.prefetch_rows(w, n, n_ok, s_wn, split * K_SPLIT, K, PREFETCH, ELEM)
     gdc.enter(PDL)
+    inv, row_scale = tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M], tl.float32)
+    if NORMED:  # x is made here: RMSNorm(residual + product) * norm_w (`normed.Normed`)
+        inv, row_scale = normed.prologue(x, res, res_out, norm_w, clear, n_clear, m, m_ok, K, n_split, s_split, eps,
+                                         BLOCK_K, ADD, QUANT_X == 2, QMAX, CLEAR)  # fmt: skip
+    elif QUANT_X == 2:  # x came rounded per row by its producer, with each row's scale
+        row_scale = tl.load(x_scale + m, mask=m_ok, other=0.0)
     if SWAP:  # the accumulator kept as the swapped product gives it, turned once at the end
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
@@ -168,19 +184,24 @@ def _small_matmul_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
         if USE_DOT:
-            xt = _x_values(x, m[:, None], k[None, :], m_ok[:, None] & k_ok[None, :], s_xm, K, n_split, s_split, like,
-                           GATED, GELU)  # fmt: skip
+            ok = m_ok[:, None] & k_ok[None, :]
+            if NORMED:
+                xt = normed.values(x, res, norm_w, w, m[:, None], k[None, :], ok, K, n_split, s_split, inv[:, None],
+                                   row_scale[:, None], ADD, QUANT_X == 2, QMAX)  # fmt: skip
+            else:
+                xt = _x_values(x, m[:, None], k[None, :], ok, s_xm, K, n_split, s_split, like, GATED, GELU)
             acc += _k_step(xt, w, n, n_ok, k, k_ok, s_wn, QUANT_X, SWAP)
             if GLU:
                 acc_up += _k_step(xt, w, n + N, n_ok, k, k_ok, s_wn, QUANT_X, SWAP)
         else:
-            acc = _rows_step(acc, x, w, m, M, n, n_ok, k, k_ok, s_xm, s_wn, K, n_split, s_split, like, GATED, GELU)
+            acc = _rows_step(acc, x, w, m, M, n, n_ok, k, k_ok, s_xm, s_wn, K, n_split, s_split, like, GATED, GELU,
+                             res, norm_w, inv, NORMED, ADD)  # fmt: skip
             if GLU:
                 acc_up = _rows_step(acc_up, x, w, m, M, n + N, n_ok, k, k_ok, s_xm, s_wn, K, n_split, s_split, like,
-                                    GATED, GELU)  # fmt: skip
-    y = _finish(acc, x_scale, w_scale, bias, m, m_ok, n, n_ok, split, SWAP, QUANT_X, HAS_SCALE, HAS_BIAS)
+                                    GATED, GELU, res, norm_w, inv, NORMED, ADD)  # fmt: skip
+    y = _finish(acc, row_scale, w_scale, bias, m, m_ok, n, n_ok, split, SWAP, QUANT_X, HAS_SCALE, HAS_BIAS)
     if GLU:  # act(gate) * up, rounded as the activation kernel rounds gate_up's stored product
-        up = _finish(acc_up, x_scale, w_scale, bias, m, m_ok, n + N, n_ok, split, SWAP, QUANT_X, HAS_SCALE, HAS_BIAS)
+        up = _finish(acc_up, row_scale, w_scale, bias, m, m_ok, n + N, n_ok, split, SWAP, QUANT_X, HAS_SCALE, HAS_BIAS)
         ty = out.dtype.element_ty
         y = gating.glu(y.to(ty).to(tl.float32), up.to(ty).to(tl.float32), out, GELU)
     tl.store(
@@ -215,14 +236,21 @@ def _x_values(x, rows, k, ok, s_xm, K, n_split, s_split, like, GATED: tl.constex
 
 @triton.jit
 def _rows_step(acc, x, w, m, M, n, n_ok, k, k_ok, s_xm, s_wn, K, n_split, s_split, like,
-               GATED: tl.constexpr, GELU: tl.constexpr):  # fmt: skip
+               GATED: tl.constexpr, GELU: tl.constexpr, res, norm_w, inv, NORMED: tl.constexpr,
+               ADD: tl.constexpr):  # fmt: skip
     """gemv's K step on the CUDA cores, acc [M, N] plus each row of x against the weight tile in the
     tile's own 2D layout: a row's K step loaded as a vector for it. (Rows as one [M, K] tile broadcast
-    to [M, N, K] pass each K step of x through shared memory, ~1.4-2x the instructions.)"""
+    to [M, N, K] pass each K step of x through shared memory, ~1.4-2x the instructions.) Where
+    NORMED, x is made from the residual, the norm weight and each row's 1 / RMS `inv` (`normed`)."""
     wt = _w_tile(w, n, n_ok, k, k_ok, s_wn).to(tl.float32)
     for r in tl.static_range(m.shape[0]):
         row_ok = tl.full(k.shape, r, tl.int32) < M  # a tensor: the interpreter masks by tensors alone
-        xr = _x_values(x, r, k, k_ok & row_ok, s_xm, K, n_split, s_split, like, GATED, GELU).to(tl.float32)
+        if NORMED:
+            inv_r = tl.sum(tl.where(m == r, inv, 0.0), axis=0)
+            xr = normed.values(x, res, norm_w, w, r, k, k_ok & row_ok, K, n_split, s_split, inv_r, 1.0, ADD, False, 1.0)
+        else:
+            xr = _x_values(x, r, k, k_ok & row_ok, s_xm, K, n_split, s_split, like, GATED, GELU)
+        xr = xr.to(tl.float32)
         y = tl.sum(wt * xr[None, :], axis=1)
         if m.shape[0] == 1:
             acc += y[None, :]
@@ -232,14 +260,15 @@ def _rows_step(acc, x, w, m, M, n, n_ok, k, k_ok, s_xm, s_wn, K, n_split, s_spli
 
 
 @triton.jit
-def _finish(acc, x_scale, w_scale, bias, m, m_ok, n, n_ok, split,
+def _finish(acc, row_scale, w_scale, bias, m, m_ok, n, n_ok, split,
             SWAP: tl.constexpr, QUANT_X: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
     """A program's accumulated sums of the weight's rows `n` as the product's values [M, N], float32:
-    turned where SWAP, times the rows' and channels' scales, plus the bias (in the first slice)."""
+    turned where SWAP, times the rows' scales (`row_scale`) and channels', plus the bias (in the
+    first slice)."""
     if SWAP:
         acc = tl.trans(acc)
-    if QUANT_X == 2:  # x came rounded per row: each row's products times its scale
-        acc *= tl.load(x_scale + m, mask=m_ok, other=0.0)[:, None]
+    if QUANT_X == 2:  # x rounded per row: each row's products times its scale
+        acc *= row_scale[:, None]
     if HAS_SCALE:  # per output channel: (x @ q.T) * scale == x @ (q * scale).T
         acc *= tl.load(w_scale + n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -249,7 +278,7 @@ def _finish(acc, x_scale, w_scale, bias, m, m_ok, n, n_ok, split,
 
 
 def small_matmul(
-    x: torch.Tensor | QuantRows | Gated,
+    x: torch.Tensor | QuantRows | Gated | Normed,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     config: Config,
@@ -272,7 +301,9 @@ def small_matmul(
     asking L2 for that many K steps of its weight tile. `glu` (an activation of `gating.ACTIVATIONS`):
     the weight is gate_up's [2F, K] (gate rows, then up rows) and the product returned is act(x @
     gate.T) * (x @ up.T) [..., F], each program making both tiles of its columns (unsplit configs
-    only): the activation kernel and the round trip of gate_up's product go."""
+    only): the activation kernel and the round trip of gate_up's product go. x may also be `Normed`
+    (the residual add + RMSNorm made in the product's programs, rounded per row where the config
+    takes rows so): the add + norm kernel goes."""
     use_dot = len(config) >= 4
     splits = config[4] if len(config) >= 5 else 1
     given = _operands(x, weight, config)
@@ -311,6 +342,7 @@ def small_matmul(
         out.stride(1),
         given.n_split,
         given.s_split,
+        *_norm_args(given.norm, weight),
         HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None,
         USE_DOT=use_dot,
@@ -324,6 +356,9 @@ def small_matmul(
         BLOCK_K=block_k,
         PREFETCH=lines,
         ELEM=elem,
+        NORMED=given.norm is not None,
+        ADD=given.norm is not None and given.norm.delta is not None,
+        CLEAR=given.norm is not None and given.norm.clear is not None,
         **gdc.launch(pdl_steps is not None),
         **opts,
     )
@@ -341,7 +376,8 @@ class _Input(NamedTuple):
     """x as the kernel reads it: `values` (rows of K with unit stride, or gate_up's product
     [S, rows, 2F] where gated), its row scales (any tensor where it has none), x's shape and dtype,
     the config's treatment of x (`x_mode`), and for a gated x its slices, their stride, a tensor of
-    the activations' type and whether the activation is GeGLU (`gelu` None: x is not gated)."""
+    the activations' type and whether the activation is GeGLU (`gelu` None: x is not gated); for x
+    made by the product (`norm`), the added product's values and slices."""
 
     values: torch.Tensor
     scale: torch.Tensor
@@ -352,12 +388,14 @@ class _Input(NamedTuple):
     s_split: int = 0
     like: torch.Tensor | None = None
     gelu: bool | None = None
+    norm: Normed | None = None
 
 
-def _operands(x: torch.Tensor | QuantRows | Gated, weight: torch.Tensor, config: Config) -> _Input:
+def _operands(x: torch.Tensor | QuantRows | Gated | Normed, weight: torch.Tensor, config: Config) -> _Input:
     """x as the kernel reads it: a config that rounds x to float8 needs float8 weights, one that
-    takes x rounded per row needs it so (`QuantRows`) and no other config does, and a gated x is
-    made per K step (never rounded per row: no kernel saw the whole row)."""
+    takes x rounded per row needs it so (`QuantRows`, or `Normed`: the kernel rounds the rows it
+    makes) and no other config does, and a gated x is made per K step (never rounded per row: no
+    kernel saw the whole row)."""
     quant_x = x_mode(config)
     if quant_x != X_AS_GIVEN and weight.dtype != torch.float8_e4m3fn:
         raise ValueError(f"config {config} multiplies float8 activations: it needs float8 weights, got {weight.dtype}")
@@ -368,6 +406,11 @@ def _operands(x: torch.Tensor | QuantRows | Gated, weight: torch.Tensor, config:
         values, n_split, s_split, dtype = gating.parts(x.product)
         like = gating.like(values, dtype)
         return _Input(values, values, x.shape, dtype, quant_x, n_split, s_split, like, gelu)
+    if isinstance(x, Normed):
+        norm = x.checked()
+        values, n_split, s_split, _ = gating.parts(norm.delta if norm.delta is not None else norm.residual)
+        res = norm.residual
+        return _Input(values, values, res.shape, res.dtype, quant_x, n_split, s_split, res, None, norm)
     if (quant_x == X_ROUNDED_PER_ROW) != isinstance(x, QuantRows):
         given = "rows rounded to float8 (QuantRows)" if isinstance(x, QuantRows) else f"a {x.dtype} tensor"
         raise ValueError(f"config {config} and its input disagree: got {given}; a 6th number 2 takes QuantRows")
@@ -376,6 +419,16 @@ def _operands(x: torch.Tensor | QuantRows | Gated, weight: torch.Tensor, config:
     x2 = x.reshape(-1, x.shape[-1])
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     return _Input(x2, x2, x.shape, x.dtype, quant_x, like=x2)
+
+
+def _norm_args(norm: Normed | None, weight: torch.Tensor) -> tuple:
+    """The kernel's (residual, its output, norm weight, sums to zero, their count, eps) for x made
+    by the product, else placeholders it never reads."""
+    if norm is None:
+        return weight, weight, weight, weight, 0, 0.0
+    clear = norm.clear if norm.clear is not None else norm.weight
+    count = norm.clear.numel() if norm.clear is not None else 0
+    return norm.residual, norm.out, norm.weight, clear, count, norm.eps
 
 
 def dense(y: torch.Tensor | SplitK) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""Activations rounded to float8 per row (`QuantRows`): what a fused producer (add + norm, the gated
-activation) hands a product that multiplies 8 bits by 8 bits, the FP8 GEMM (`qmatmul`) or a
-small-batch tile (`gemv`). Its own module, as both product modules read it."""
+"""Products' inputs as their producers hand them over: activations rounded to float8 per row
+(`QuantRows`), what a fused producer (add + norm, the gated activation) hands a product that
+multiplies 8 bits by 8 bits, the FP8 GEMM (`qmatmul`) or a small-batch tile (`gemv`); and the
+residual add + norm a small-batch tile makes itself (`Normed`, `normed.py`'s kernels). Their own
+module, free of OpenAI Triton: the product modules and the runtime's forward read them."""
 
 from __future__ import annotations
 
@@ -39,3 +41,37 @@ def float8_of(weight: torch.Tensor) -> torch.dtype | None:
     """The type a product of `weight` may take its input rows rounded to by their producer: the
     weight's own float8 (e4m3), else None (int8 and unquantized weights take them as they are)."""
     return weight.dtype if weight.dtype == torch.float8_e4m3fn else None
+
+
+class Normed(NamedTuple):
+    """RMSNorm(residual + delta) * weight as a product's input, made by the product: `delta` the
+    product added to the residual stream (a tensor, split partial sums, or `Accumulated` sums; None:
+    the stream's norm alone), `residual` [..., K] the stream as it stands, `out` where the product's
+    first program writes residual + delta (another buffer, unused where delta is None), `weight` [K]
+    the norm's scale, `clear` float32 sums the product's programs zero (None: none)."""
+
+    delta: object
+    residual: torch.Tensor
+    out: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+    clear: torch.Tensor | None = None
+
+    def checked(self) -> Normed:
+        """Itself, where the kernel can read it: contiguous rows of one width, `out` apart from
+        `residual`; else a ValueError naming what differs."""
+        k = self.residual.shape[-1]
+        if not self.residual.is_contiguous() or self.weight.shape != (k,):
+            shape = tuple(self.residual.shape)
+            raise ValueError(f"Normed: residual {shape} must be contiguous with a norm weight of {k}")
+        if self.delta is not None:
+            if self.out.shape != self.residual.shape or self.out.dtype != self.residual.dtype:
+                raise ValueError(f"Normed: out {tuple(self.out.shape)} must be a second {tuple(self.residual.shape)}")
+            if self.out.data_ptr() == self.residual.data_ptr():
+                raise ValueError("Normed: out is the residual itself, which the programs read: pass another buffer")
+            values = self.delta if isinstance(self.delta, torch.Tensor) else self.delta.parts
+            if not values.is_contiguous() or values.shape[-1] != k:
+                raise ValueError(f"Normed: the added product {tuple(values.shape)} must be contiguous rows of {k}")
+        if self.clear is not None and (self.clear.dtype != torch.float32 or not self.clear.is_contiguous()):
+            raise ValueError(f"Normed: clear must be contiguous float32 sums, got {self.clear.dtype}")
+        return self

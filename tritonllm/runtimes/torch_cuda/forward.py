@@ -15,64 +15,11 @@ import torch.nn.functional as F
 
 from ...model.modeling import CausalLM, RMSNorm
 from ...model.quant import operands
+from ..kernels.rows import Normed
 from .cache import PagedDeviceCache
+from .ops import NEG, RotaryTable, attend_decode, attend_prompt, causal_mask, rms_norm, rows_of
+from .residual import ResidualStream
 from .tuning import ROUNDED_BY_PRODUCER, KernelChoice
-
-NEG = -1e9
-
-
-def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """One kernel (the module's RMSNorm casts to float and back around it: four); Gemma's (1 + w)
-    norm scales before its cast, which this kernel cannot, so it keeps the module's ops."""
-    return norm(x) if norm.offset else F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
-
-
-def attend_decode(layer, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
-    """q [B,H,1,D] against cached keys/values [B,Hkv,C,D] where valid [B,1,1,C]: one fused attention
-    kernel. The G query heads of a KV head are its rows, so K/V are read once (no GQA repeat).
-    Soft-capped scores (Gemma 2) take the module's reference ops."""
-    b, h, _, d = q.shape
-    if layer.softcap is not None:
-        return layer.attend(q, keys, values, torch.where(valid, 0.0, NEG))
-    qg = q.reshape(b, layer.hkv, h // layer.hkv, d)
-    return F.scaled_dot_product_attention(qg, keys, values, attn_mask=valid, scale=layer.scale).reshape(b, 1, h * d)
-
-
-def causal_mask(t: int, window: int | None, device) -> torch.Tensor:
-    """[t, t] True where query i may see key j: j <= i, and i - j < window where one is set."""
-    i, j = torch.arange(t, device=device)[:, None], torch.arange(t, device=device)[None, :]
-    return (j <= i) & ((i - j) < window) if window else j <= i
-
-
-def attend_prompt(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention over right-padded prompts' new tokens [B,*,T,D] -> [B,T,H*D] (a padding
-    key is never before a real query, so causality alone masks it)."""
-    b, _, t, _ = q.shape
-    if layer.softcap is not None:
-        return layer.attend(q, k, v, torch.where(causal_mask(t, layer.window, q.device), 0.0, NEG).expand(b, 1, t, t))
-    mask = causal_mask(t, layer.window, q.device) if layer.window and layer.window < t else None
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, scale=layer.scale, enable_gqa=True
-    )
-    return out.transpose(1, 2).reshape(b, t, -1)
-
-
-class RotaryTable:
-    """(cos, sin) of every position the cache holds, per rotary table, made once by the model's own
-    ops: a decode step or a step of prompt pieces gathers its rows' in one kernel, where computing
-    them took nine (cast, product, concatenation, cos, sin, and a scale and a cast of each)."""
-
-    def __init__(self, model: CausalLM, positions: int, dtype: torch.dtype, device):
-        at = torch.arange(positions, device=device)[:, None]
-        self.tables = [torch.cat(model.rotary(at, dtype, i), -1)[:, 0] for i in range(len(model.rope_scales))]
-
-    def __call__(self, positions: torch.Tensor) -> list[tuple]:
-        """positions [b] -> [(cos, sin) [b, 1, D] of each table]: views of one gathered [b, 1, 2D]."""
-        out = []
-        for table in self.tables:
-            rows, d = table[positions][:, None], table.shape[-1] // 2
-            out.append((rows[..., :d], rows[..., d:]))
-        return out
 
 
 class ForwardPasses:
@@ -224,7 +171,8 @@ class ForwardPasses:
             rope, attend = self._row_kernels(rot, positions, self.writes[:b], c, config, pdl=self.kernels.pdl)
         h = self._fused_layers(x, rope, attend, small=True, mix=mix)
         head, scale = m.head()
-        return m.cap_logits(dense(self._project("lm_head", head, None, h[:, 0], scale)))
+        h = h if isinstance(h, Normed) else h[:, 0]  # (a head making its input: rows of [b, 1, E])
+        return m.cap_logits(dense(self._project("lm_head", head, None, h, scale)).view(b, -1))
 
     def _row_kernels(self, rot, positions, writes, limit: int, config, reads=None, tiles=None, pdl=False) -> tuple:
         """(rope, attend) of the fused layers for token rows at `positions` [R]: the rotary kernel
@@ -360,33 +308,55 @@ class ForwardPasses:
         rounded per row (`_rounds_input`). `mix(i, layer, qkv, sums)`, where given, makes the o
         product from the qkv product itself (attention + o in one kernel). x is the residual stream
         (updated in place); returns it normalised by the final norm."""
-        from ..kernels import fused as fk
-
         m, scale = self.model, self._scale
         rows, pdl = x.numel() // x.shape[-1], self.kernels.pdl and small
         fmt = {kind: self._rounds_input(kind, rows, small) for kind in ROUNDED_BY_PRODUCER}
         sums = self._sums(x, rows, small, mix)
-        first = m.layers[0].ln1
-        h = fk.add_rms_norm(None, x, scale(first), first.eps, None, fmt["qkv_proj"], pdl)
+        res = ResidualStream(x, self._normed_table(rows, small), pdl)
+        first, mlp_reader = m.layers[0].ln1, self._gate_up_key(rows, small)
+        h = res.norm(None, scale(first), first.eps, None, fmt["qkv_proj"], "qkv_proj")
         for i, layer in enumerate(m.layers):
             qkv = self._linear("qkv_proj", layer, h, small)
-            o = mix(i, layer, qkv, sums) if mix else self._linear("o", layer, attend(i, rope(i, qkv)), small)
-            h = fk.add_rms_norm(o, x, scale(layer.ln2), layer.ln2.eps, scale(layer.post_attention), fmt["gate_up"], pdl)
+            o = mix(i, layer, qkv, sums[i % 2]) if mix else self._linear("o", layer, attend(i, rope(i, qkv)), small)
+            post, other = scale(layer.post_attention), sums[(i + 1) % 2] if mix else None
+            h = res.norm(o, scale(layer.ln2), layer.ln2.eps, post, fmt["gate_up"], mlp_reader, other)
             last = i + 1 == len(m.layers)
             nxt, rounds = (m.norm, None) if last else (m.layers[i + 1].ln1, fmt["qkv_proj"])
-            down = self._mlp(layer, h, small, fmt["down"], pdl, sums)
-            h = fk.add_rms_norm(down, x, scale(nxt), nxt.eps, scale(layer.post_mlp), rounds, pdl)
+            down = self._mlp(layer, h, small, fmt["down"], pdl, sums[0] if sums is not None else None)
+            reader = "lm_head" if last else "qkv_proj"
+            h = res.norm(down, scale(nxt), nxt.eps, scale(layer.post_mlp), rounds, reader)
         return h
+
+    def _normed_table(self, rows: int, small: bool) -> dict | None:
+        """The decode table where its products may make their input (`ResidualStream`): at decode
+        rows without the fused MLP (whose sums no product could zero after reading them)."""
+        from ..kernels import mlp
+
+        table = self.kernels.gemv_table
+        return table if small and (mlp.KEY, rows) not in table else None
+
+    def _gate_up_key(self, rows: int, small: bool) -> str | None:
+        """The table key gate_up's product takes at these rows (the tile making the activation, or
+        its own); None where the fused MLP reads the norm's output instead."""
+        from ..kernels import gemv, mlp
+
+        table = self.kernels.gemv_table
+        if not small or (mlp.KEY, rows) in table:
+            return None
+        return gemv.GLU_KEYS[0] if (gemv.GLU_KEYS[0], rows) in table else "gate_up"
 
     def _sums(self, x: torch.Tensor, rows: int, small: bool, mix) -> torch.Tensor | None:
         """Zeros for the sums that atomic-add kernels make (attention + o where `mix` is given, the
-        fused MLP at decode rows whose table has its tile, `mlp.KEY`), once a step: each add + norm
-        zeroes them again after reading (`gemv.Accumulated`), so both share one buffer."""
+        fused MLP at decode rows whose table has its tile, `mlp.KEY`), once a step: two buffers
+        [2, rows, E]. An add + norm kernel zeroes what it reads (`gemv.Accumulated`), so the fused
+        MLP shares the first; a product making its input from attention + o's sums cannot (all its
+        programs read them), so layer i's attention + o adds into buffer i % 2 and the product
+        reading it zeroes the other (`ResidualStream.norm`'s `clear`)."""
         from ..kernels import mlp
 
         if mix is None and not (small and (mlp.KEY, rows) in self.kernels.gemv_table):
             return None
-        return torch.zeros(rows, x.shape[-1], dtype=torch.float32, device=x.device)
+        return torch.zeros(2, rows, x.shape[-1], dtype=torch.float32, device=x.device)
 
     def _mlp(self, layer, h, small: bool, rounds: torch.dtype | None, pdl: bool, sums: torch.Tensor | None = None):
         """The down product of act(gate) * up of h: at decode rows whose table has its tile
@@ -395,9 +365,8 @@ class ForwardPasses:
         the activation itself and a down tile takes it as it is; else gate_up's product, then
         `_down`."""
         from ..kernels import gemv, mlp
-        from ..kernels.rows import QuantRows
 
-        rows = h.rows if isinstance(h, QuantRows) else h.numel() // h.shape[-1]
+        rows = rows_of(h)
         tile = self.kernels.gemv_table.get((mlp.KEY, rows)) if small else None
         if tile is not None:
             (w, _, s), (wd, _, sd) = operands(layer.gate_up), operands(layer.down)
@@ -470,15 +439,18 @@ class ForwardPasses:
         `scale`) otherwise takes its tuned large-batch product, on x rounded per row where that
         product takes it so (`QuantRows`, see `_rounds_input`). `glu`: the tile makes the
         activation of gate_up's product (`gemv.small_matmul`; its table entry is a tile)."""
-        from ..kernels import gemv, qmatmul
+        from ..kernels import gemv, normed, qmatmul
 
-        rounded = isinstance(x, qmatmul.QuantRows)
-        rows = x.rows if rounded else x.numel() // x.shape[-1]
-        config = self.kernels.gemv_table.get((key or kind, rows)) if small else None
+        rounded, made = isinstance(x, qmatmul.QuantRows), isinstance(x, Normed)
+        table_key = normed.key(key or kind) if made else key or kind
+        rows = rows_of(x)
+        config = self.kernels.gemv_table.get((table_key, rows)) if small else None
+        if made and not isinstance(config, tuple):
+            raise ValueError(f"{kind}: a product making its input needs a tile under {table_key!r}, got {config!r}")
         if config == gemv.FP8_GEMM:  # the FP8 GEMM, tuned for these rows
             return qmatmul.fp8_matmul(x, weight, scale, bias)
         if config is not None:
-            if gemv.takes_rounded(config) and not rounded:  # the first layer's qkv: a plain norm made x
+            if gemv.takes_rounded(config) and not (rounded or made):  # the first layer's qkv: a plain norm made x
                 x = qmatmul.round_rows(x, weight.dtype)
             return gemv.small_matmul(x, weight, bias, config, scale, self._pdl_steps(), glu)
         if scale is None:
