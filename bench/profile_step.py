@@ -7,7 +7,8 @@ programmatic dependent launch and without (`PDL_VARIANTS`, logits compared), wit
 reading gate_up's product itself and with the activation kernel before it (`gated_variants`), with
 the rotary and KV write inside the attention kernel and before it (`rope_variants`), with gate_up's
 tile making the activation and with the activation kernel after it (`glu_variants`), with the whole MLP
-in one kernel and as tuned otherwise (`mlp_variants`), with the activation's
+in one kernel and as tuned otherwise (`mlp_variants`), with the products after each add + norm making
+their input and with the add + norm kernels (`normed_variants`), with the activation's
 per-row rounding in two passes instead of one block (`fused.rounding_in_two_passes`), the kernels of one
 eager decode step by GPU time, and the floors: the step's products alone and the KV bytes it
 reads over the copy bandwidth.
@@ -32,7 +33,7 @@ from bench.workloads import copy_bandwidth
 from tritonllm.model import quant
 from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.base import StepInput
-from tritonllm.runtimes.kernels import attention_o, fused, gemv, mlp, qmatmul
+from tritonllm.runtimes.kernels import attention_o, fused, gemv, mlp, normed, qmatmul
 from tritonllm.runtimes.kernels import pdl as gdc
 from tritonllm.runtimes.kernels.timing import capture, graph_ms, replay_ms
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
@@ -190,6 +191,35 @@ def glu_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
     return {**out, "glu tiles": str(pair), "glu chosen by the tuner": bool(saved)}
 
 
+def normed_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
+    """The decode step with the add + norm kernels, as tuned (the tuner's `normed.key` entries at
+    this batch, where it kept some), and with every product after an add + norm making its input
+    (the fastest such tile timed for each), side by side; the logits differ where a row's scale
+    does (its sum of squares in K steps)."""
+    table, fastest = rt.kernels.gemv_table, {}
+    for r in rt.kernels.gemv_report:
+        tiles = {c: t for c, t in r["us"].items() if c.startswith("(")}
+        if r["rows"] == batch and r["kind"].endswith(normed.KEY_SUFFIX) and tiles:
+            fastest[(r["kind"], batch)] = ast.literal_eval(min(tiles, key=tiles.get))
+    saved = {k: table.pop(k) for k in fastest if k in table}
+    if not fastest:
+        return {"norm in products": "none timed at this batch"}
+
+    def entries(chosen: dict):
+        return lambda: ([table.pop(k, None) for k in fastest], table.update(chosen))
+
+    variants = {"add + norm kernels": entries({})}
+    if saved and saved != fastest:
+        variants["as tuned"] = entries(saved)
+    variants["every product makes its input"] = entries(fastest)
+    out = compare(rt, batch, bucket, variants, "add + norm kernels")
+    for k in fastest:
+        table.pop(k, None)
+    table.update(saved)
+    return {**out, "tiles making their input": {k[0]: str(t) for k, t in fastest.items()},
+            "chosen by the tuner": sorted(k[0] for k in saved)}  # fmt: skip
+
+
 def rope_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
     """The decode step with the rotary + KV write kernel before attention and inside it (the
     tuner's `rope_batches`) side by side; the logits differ by summation order only."""
@@ -227,6 +257,7 @@ def measure(rt: TorchCudaRuntime, batch: int, context: int, prompts: int, bandwi
     out.update(glu_variants(rt, batch, bucket))
     out.update(mlp_variants(rt, batch, bucket))
     out.update(attention_o_variants(rt, batch, bucket))
+    out.update(normed_variants(rt, batch, bucket))
     if rt.kernels.split_table:  # the same step with every row's keys in one program, for comparison
         splits, rt.kernels.split_table = rt.kernels.split_table, {}
         out["decode ms, unsplit keys"] = round(graph_ms(lambda: rt.forward.decode(batch, bucket), reps=20), 3)

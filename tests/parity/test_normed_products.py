@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from tritonllm.model import quant
 from tritonllm.runtimes.kernels import fused, gemv
-from tritonllm.runtimes.kernels.normed import Normed
+from tritonllm.runtimes.kernels.rows import Normed
 
 HALF = torch.float16  # the interpreter's bf16 tensor-core products are wrong (test_gated_tiles)
 K, N = 96, 40  # K: not a multiple of every K step (masked tails); N: the last block masked
@@ -117,3 +117,29 @@ def test_refusals_name_the_value_and_the_fix():
         gemv.small_matmul(normed, w, None, PLAIN[2])
     with pytest.raises(ValueError, match="needs float8 weights"):
         gemv.small_matmul(Normed(delta, residual, torch.empty_like(residual), norm_w, 1e-5), w, None, FLOAT8[2])
+
+
+def test_the_tuner_keeps_a_tile_making_its_input_only_where_it_is_faster(monkeypatch):
+    """At 1 row: qkv's chosen tile and its two next fastest timed making their input (the fastest
+    kept), gate_up's own key skipped (its tile making the activation is read instead, timed alone),
+    the LM head's slower form not kept; 2 rows have the fused MLP (no product may make its input),
+    32 rows are past `normed.MAX_ROWS`. Every form is checked against the add + norm kernel first."""
+    from tritonllm.runtimes.kernels import mlp, normed, normed_tuning
+
+    mats = [(weight(False, seed=s)[0], None, None) for s in range(2)]
+    glu_mats = [(weight(False, 2 * N, s)[0], None, None) for s in range(2)]
+    a, b, c = PLAIN[2], PLAIN[3], PLAIN[0]
+    table = {("qkv_proj", 1): a, ("gate_up", 1): b, (gemv.GLU_KEYS[0], 1): a, ("lm_head", 1): c}
+    table |= {("qkv_proj", 2): a, (mlp.KEY, 2): (32, 64, 64, 4, 1, 0, 0), ("qkv_proj", 32): a}
+    report = [{"kind": "qkv_proj", "rows": 1, "us": {"cublas": 9.0, str(a): 1.0, str(b): 2.0, str(c): 3.0}}]
+    clock = iter([2.0, 1.5, 1.2, 1.9] + [2.0, 1.0] + [1.0, 1.1])  # ms: qkv's forms, the glu tile's, the head's
+    timed = []
+    monkeypatch.setattr(normed_tuning, "graph_ms", lambda fn, reps=5: timed.append(fn) or next(clock))
+    readers = {"qkv_proj": (mats, None), "gate_up": (glu_mats, None), gemv.GLU_KEYS[0]: (glu_mats, "silu")}
+    readers["lm_head"] = (mats[:1], None)
+    found, out = normed_tuning.tune(readers, report, table, [1, 2, 32], HALF, False)
+    assert found == {(normed.key("qkv_proj"), 1): b, (normed.key(gemv.GLU_KEYS[0]), 1): a}
+    assert len(timed) == 8 and [(r["kind"], r["rows"]) for r in out] == [
+        (normed.key(k), 1) for k in ("qkv_proj", gemv.GLU_KEYS[0], "lm_head")
+    ]
+    assert out[2]["chosen"].startswith("add + norm kernel")

@@ -21,9 +21,11 @@ block_n, block_k, warps, rows = 4, 1024, 4, ROWS
 ints = ["M", "N", "K", "K_SPLIT", "s_xm", "s_wn", "s_os", "s_om", "n_split", "s_split"]
 pointers = {"x": "*bf16", "x_scale": "*bf16", "w": "*fp8e4nv", "bias": "*fp8e4nv", "w_scale": "*fp32",
             "out": "*bf16", "like": "*bf16"}
-sig = {**pointers, **{name: "i32" for name in ints}}
+normed = {"res": "*bf16", "res_out": "*bf16", "norm_w": "*bf16", "clear": "*fp32", "n_clear": "i32", "eps": "fp32"}
+sig = {**pointers, **{name: "i32" for name in ints}, **normed}
 consts = dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=False, QUANT_X=0, SWAP=False, GATED=False, GELU=False,
-              GLU=False, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, PDL=False, PREFETCH=0, ELEM=1, n_split=1)
+              GLU=False, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, PDL=False, PREFETCH=0, ELEM=1, n_split=1,
+              NORMED=False, ADD=False, CLEAR=False, QMAX=448.0)
 if rows == 1:  # a launch makes an integer argument of 1 a constant
     consts["M"] = 1
 sig.update({name: "constexpr" for name in consts})

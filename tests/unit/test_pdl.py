@@ -30,12 +30,19 @@ i32 = lambda *names: {n: "i32" for n in names}
 marks = ("prefetch.global.L2", "griddepcontrol.wait", "griddepcontrol.launch_dependents", "ld.global", "st.global")
 gemv_sig = {**ptr("*bf16", "x"), "x_scale": "*fp32", "w": "*fp8e4nv", **ptr("*bf16", "bias"), "w_scale": "*fp32",
     "out": "*bf16", "like": "*bf16", **i32("M", "N", "K", "K_SPLIT", "s_xm", "s_wn", "s_os", "s_om"),
-    **i32("n_split", "s_split")}
+    **i32("n_split", "s_split"), **ptr("*bf16", "res", "res_out", "norm_w"), "clear": "*fp32", "n_clear": "i32",
+    "eps": "fp32"}
 gemv_consts = dict(HAS_BIAS=False, HAS_SCALE=True, USE_DOT=True, QUANT_X=0, SWAP=False, GATED=True, GELU=False,
-    GLU=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, PDL=True, PREFETCH=2, ELEM=1)
+    GLU=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, PDL=True, PREFETCH=2, ELEM=1, NORMED=False, ADD=False, CLEAR=False,
+    QMAX=448.0)
 order(gemv._small_matmul_kernel, gemv_sig, gemv_consts, marks)
 # gate_up's tile making the activation (swapped, rows rounded per row): gate and up tiles both after the wait
-order(gemv._small_matmul_kernel, gemv_sig, dict(gemv_consts, GATED=False, GLU=True, SWAP=True, QUANT_X=2), marks, "glu")
+glu = dict(gemv_consts, GATED=False, GLU=True, SWAP=True, QUANT_X=2)
+order(gemv._small_matmul_kernel, gemv_sig, glu, marks, "glu")
+# ... making its input too (residual add + norm, the stream's write, sums zeroed): all after the wait
+order(gemv._small_matmul_kernel, gemv_sig, dict(glu, NORMED=True, ADD=True, CLEAR=True), marks, "normed")
+order(gemv._small_matmul_kernel, gemv_sig, dict(gemv_consts, GATED=False, USE_DOT=False, BLOCK_M=1, BLOCK_N=2,
+      BLOCK_K=2048, NORMED=True, ADD=True, CLEAR=False), marks, "normed_gemv")
 # the fused MLP: its sums leave by atomic adds (`red`), after the wait
 order(
     mlp._mlp_kernel,
@@ -120,9 +127,9 @@ def test_prefetch_lines(k, block_k, elem, steps, lines):
 def test_compiled_pdl_kernels_wait_before_reading_or_writing_activations():
     out = run_uninterpreted(PTX_ORDER)
     rows = {r.split()[0]: [int(v) for v in r.split()[1:]] for r in out.splitlines()}  # (attention: its fp8 form)
-    for name in ("_small_matmul_kernel", "glu"):
+    for name in ("_small_matmul_kernel", "glu", "normed", "normed_gemv"):
         prefetch, wait, launch, load, store = rows[name]
-        assert 0 <= prefetch < wait < launch < load < store, name  # only the weight prefetch runs ahead of the wait
+        assert 0 <= prefetch < wait < launch < min(load, store), name  # only the weight prefetch runs ahead of the wait
     for name in (
         "_mlp_kernel",
         "_attention_o_kernel",

@@ -1,7 +1,8 @@
-"""`bench.profile_step.gated_variants`, `mlp_variants`, `attention_o_variants` and `rope_variants`:
-the decode step timed with the down product gated and with the activation kernel, with the MLP
-(or attention and o) in one kernel and as tuned, whichever the tuner chose, and with the rotary
-inside attention and before it; the tables left as they were."""
+"""`bench.profile_step.gated_variants`, `mlp_variants`, `attention_o_variants`, `rope_variants` and
+`normed_variants`: the decode step timed with the down product gated and with the activation
+kernel, with the MLP (or attention and o) in one kernel and as tuned, whichever the tuner chose,
+with the rotary inside attention and before it, and with the products after each add + norm making
+their input and not; the tables left as they were."""
 
 from types import SimpleNamespace
 
@@ -87,3 +88,33 @@ def test_glu_variants_set_both_tiles_or_none_and_restore_the_table(monkeypatch):
         assert seen == {"gate_up then activation": (None, None), "gate_up makes the activation": pair}
         assert out["glu chosen by the tuner"] == bool(before) and table == before
     assert "no glu tile" in profile_step.glu_variants(runtime({}, []), 1, 64)["glu"]
+
+
+def test_normed_variants_time_the_kernels_as_tuned_and_every_reader_making_its_input(monkeypatch):
+    """qkv's tile making its input was kept by the tuner, the LM head's was not: three steps (the
+    add + norm kernels, as tuned, both making their input), the table restored after."""
+    seen = {}
+    keys = [("qkv_proj+norm", 1), ("lm_head+norm", 1)]
+
+    def compare(rt, batch, bucket, variants, against):
+        for name, setup in variants.items():
+            setup()
+            seen[name] = tuple(rt.kernels.gemv_table.get(k) for k in keys)
+        return {}
+
+    monkeypatch.setattr(profile_step, "compare", compare)
+    timed = [
+        {"kind": "qkv_proj+norm", "rows": 1, "us": {"add + norm kernel + (2, 4, 4)": 9.0, "(2, 4, 4)": 7.0}},
+        {"kind": "lm_head+norm", "rows": 1, "us": {"add + norm kernel + (1, 8, 4)": 5.0, "(1, 8, 4)": 6.0}},
+        {"kind": "qkv_proj+norm", "rows": 2, "us": {"(4, 4, 4)": 1.0}},
+    ]
+    table = {keys[0]: (2, 4, 4), ("qkv_proj", 1): (2, 4, 4)}
+    before = dict(table)
+    out = profile_step.normed_variants(runtime(table, timed), 1, 64)
+    assert seen == {
+        "add + norm kernels": (None, None),
+        "as tuned": ((2, 4, 4), None),
+        "every product makes its input": ((2, 4, 4), (1, 8, 4)),
+    }
+    assert out["chosen by the tuner"] == ["qkv_proj+norm"] and table == before
+    assert "none timed" in next(iter(profile_step.normed_variants(runtime({}, []), 1, 64).values()))

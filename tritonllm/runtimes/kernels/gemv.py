@@ -169,12 +169,12 @@ def _small_matmul_kernel(
     if PREFETCH:  # the weight's first bytes stream into L2 while the kernel before finishes
         gdc.prefetch_rows(w, n, n_ok, s_wn, split * K_SPLIT, K, PREFETCH, ELEM)
     gdc.enter(PDL)
-    inv, row_scale = tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M], tl.float32)
-    if NORMED:  # x is made here: RMSNorm(residual + product) * norm_w (`normed.Normed`)
+    inv = tl.zeros([BLOCK_M], tl.float32)
+    if NORMED:  # x is made here: RMSNorm(residual + product) * norm_w (`rows.Normed`)
         inv, row_scale = normed.prologue(x, res, res_out, norm_w, clear, n_clear, m, m_ok, K, n_split, s_split, eps,
                                          BLOCK_K, ADD, QUANT_X == 2, QMAX, CLEAR)  # fmt: skip
-    elif QUANT_X == 2:  # x came rounded per row by its producer, with each row's scale
-        row_scale = tl.load(x_scale + m, mask=m_ok, other=0.0)
+    else:
+        row_scale = row_scales(x_scale, m, m_ok, QUANT_X)
     if SWAP:  # the accumulator kept as the swapped product gives it, turned once at the end
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
@@ -257,6 +257,14 @@ def _rows_step(acc, x, w, m, M, n, n_ok, k, k_ok, s_xm, s_wn, K, n_split, s_spli
         else:
             acc += tl.where(m[:, None] == r, y[None, :], 0.0)
     return acc
+
+
+@triton.jit
+def row_scales(x_scale, m, m_ok, QUANT_X: tl.constexpr):
+    """Each row m's scale where its producer rounded x per row (QUANT_X 2), else zeros (unread)."""
+    if QUANT_X == 2:
+        return tl.load(x_scale + m, mask=m_ok, other=0.0)
+    return tl.zeros(m.shape, tl.float32)
 
 
 @triton.jit

@@ -216,9 +216,9 @@ def tune_glu(mats, report: list, table: dict, rows: Sequence[int], activation: s
         gate_up, down = timed.get(("gate_up", m)), timed.get(("down", m))
         if gate_up is None or down is None:
             continue
-        plain_down = _fastest(down, lambda c: x_mode(c) != X_ROUNDED_PER_ROW, 1)
+        plain_down = fastest_tiles(down, lambda c: x_mode(c) != X_ROUNDED_PER_ROW, 1)
         rounded = takes_rounded(table.get(("gate_up", m)))
-        tries = _fastest(gate_up, lambda c: (len(c) < 5 or c[4] == 1) and takes_rounded(c) == rounded, GLU_TRIES)
+        tries = fastest_tiles(gate_up, lambda c: (len(c) < 5 or c[4] == 1) and takes_rounded(c) == rounded, GLU_TRIES)
         if not plain_down or not tries:
             continue
         times = {"gate_up + activation kernel + down": (min(gate_up.values()) + min(down.values())) / 1e3}
@@ -232,7 +232,7 @@ def tune_glu(mats, report: list, table: dict, rows: Sequence[int], activation: s
     return found, out_report
 
 
-def _fastest(us: dict, keep: Callable[[Config], bool], n: int) -> list[Config]:
+def fastest_tiles(us: dict, keep: Callable[[Config], bool], n: int) -> list[Config]:
     """The n fastest tiles (configs) of a kind's timings (`tune`'s report, keyed by str(config)) that `keep`."""
     import ast
 

@@ -32,6 +32,7 @@ from .gemv import (
     _k_step,
     dequantized,
     gated_key,
+    row_scales,
     takes_rounded,
 )
 from .rows import QuantRows
@@ -101,15 +102,16 @@ def _mlp_kernel(
         xt = tl.load(x + m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         acc_g += _k_step(xt, w_gu, cols, c_ok, k, k_ok, D, QUANT_X, SWAP)
         acc_u += _k_step(xt, w_gu, cols + F, c_ok, k, k_ok, D, QUANT_X, SWAP)
-    g = _finish(acc_g, x_scale, s_gu, s_gu, m, m_ok, cols, c_ok, 0, SWAP, QUANT_X, HAS_SCALE, False)
-    u = _finish(acc_u, x_scale, s_gu, s_gu, m, m_ok, cols + F, c_ok, 0, SWAP, QUANT_X, HAS_SCALE, False)
+    rows = row_scales(x_scale, m, m_ok, QUANT_X)
+    g = _finish(acc_g, rows, s_gu, s_gu, m, m_ok, cols, c_ok, 0, SWAP, QUANT_X, HAS_SCALE, False)
+    u = _finish(acc_u, rows, s_gu, s_gu, m, m_ok, cols + F, c_ok, 0, SWAP, QUANT_X, HAS_SCALE, False)
     ty = like.dtype.element_ty
     act = gating.glu(g.to(ty).to(tl.float32), u.to(ty).to(tl.float32), like, GELU)  # [BLOCK_M, BLOCK_I]
     for n0 in range(0, D, BLOCK_N):  # this program's share of every output column of down
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < D
         part = _k_step(act, w_down, n, n_ok, cols, c_ok, F, DOWN_X, SWAP)
-        part = _finish(part, x_scale, s_down, s_down, m, m_ok, n, n_ok, 0, SWAP, DOWN_X, HAS_SCALE, False)
+        part = _finish(part, rows, s_down, s_down, m, m_ok, n, n_ok, 0, SWAP, DOWN_X, HAS_SCALE, False)
         tl.atomic_add(out + m[:, None] * D + n[None, :], part, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
 
 

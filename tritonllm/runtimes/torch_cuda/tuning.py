@@ -166,6 +166,8 @@ def _stages(
     if gemv_table is None and not deterministic:  # o's timings are gemv's; atomic adds as in "mlp"
         tune_o = lambda c: _tune_attention_o(model, cache, c, max_context, consumers(c.pdl)["o"])
         stages.append(("attention+o", lambda c: _merge(c, "gemv", tune_o(c))))
+    if gemv_table is None and model.layers[0].post_attention is None:  # (Gemma's norms of products: kernel only)
+        stages.append(("norm in products", lambda c: _merge(c, "gemv", _tune_normed(model, c, batch_buckets))))
     stages += [("splits", splits)] + ([("pieces", pieces)] if piece_tokens else [])
     if quant_table is not None:
         stages.append(("quant", lambda c: c.quant_table.update(quant_table)))
@@ -231,6 +233,22 @@ def _tune_mlp(model, c: KernelChoice, batch_buckets: list[int], consumers: dict)
         return mlp.tune(layers, c.gemv_report, c.gemv_table, batch_buckets, activation, dtype, consume, c.pdl)
     except Exception as exc:  # the kernel does not compile here: the MLP stays as tuned
         log.warning("fused MLP: tuning failed (%s); the MLP stays as tuned", str(exc)[:300])
+        return {}, []
+
+
+def _tune_normed(model, c: KernelChoice, batch_buckets: list[int]) -> tuple[dict, list]:
+    """The decode batches where the products after an add + norm (qkv, gate_up or its
+    activation-making tile, the LM head) make their input themselves (`normed_tuning.tune`, against
+    the add + norm kernel + the tiles already in `c`)."""
+    from ..kernels import gemv, normed_tuning
+
+    gate_up, activation = _weights(model, "gate_up"), model.features.activation
+    readers = {"qkv_proj": (_weights(model, "qkv_proj"), None), "lm_head": (_weights(model, "lm_head"), None)}
+    readers |= {"gate_up": (gate_up, None), gemv.GLU_KEYS[0]: (gate_up, activation)}
+    try:
+        return normed_tuning.tune(readers, c.gemv_report, c.gemv_table, batch_buckets, model.embed.dtype, c.pdl)
+    except Exception as exc:  # the form does not compile here: the add + norm kernel serves
+        log.warning("products making their input: tuning failed (%s); the add + norm kernel serves", str(exc)[:300])
         return {}, []
 
 
