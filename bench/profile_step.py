@@ -276,6 +276,7 @@ def main() -> None:
     p.add_argument("--shape", choices=list(SHAPES), default="8b")
     p.add_argument("--quantization", choices=["none", *quant.SCHEMES], default="fp8")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    p.add_argument("--quantize-lm-head", action="store_true", help="the LM head 8-bit too (the served fp8 engines')")
     p.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--context", type=int, default=192, help="positions each row holds (128/128: 128-255)")
     p.add_argument("--max-context", type=int, default=512, help="the engine's; 1,024+ tunes split-key attention")
@@ -288,11 +289,14 @@ def main() -> None:
     model = CausalLM(random_model("llama", SHAPES[a.shape]))
     if a.quantization != "none":
         quant.quantize_model(model, a.quantization)
+    if a.quantize_lm_head:
+        quant.quantize_head(model)
     slots = max(a.batches) + a.prefill
     cfg = bench_engine_config(
         slots,
         quantization=a.quantization,
         kv_cache_dtype=a.kv_cache_dtype,
+        quantize_lm_head=a.quantize_lm_head,
         max_context=a.max_context,
         max_tokens_limit=a.max_context - 1,
     )
@@ -305,6 +309,7 @@ def main() -> None:
         "shape": a.shape,
         "quantization": a.quantization,
         "kv_cache_dtype": a.kv_cache_dtype,
+        "quantized_lm_head": a.quantize_lm_head,
         "copy_bandwidth_gb_s": round(bandwidth / 1e9),
         "kernels": rt.kernels.describe(),
         "top_kernels": {r["batch"]: r["top_kernels"] for r in rows},
