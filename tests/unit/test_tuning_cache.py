@@ -131,7 +131,7 @@ def test_the_engine_tunes_in_a_stage_per_weight_kind(tiny_dir, monkeypatch):
         n for n, _ in tuning._stages(m, None, [1, 64], 512, given.get("g"), given.get("q"), 0, det)
     ]
     kinds = list(quant.PROJECTIONS)
-    after_products = ["glu", "mlp", "attention", "rotary", "attention+o", "splits"]
+    after_products = ["glu", "mlp", "attention", "rotary", "attention+o", "norm in products", "splits"]
     assert names(model) == [*(f"gemv {k}" for k in kinds), "gemv lm_head", *after_products]
     atomics = {"mlp", "attention+o"}  # deterministic: no atomics' order in the sums
     assert atomics.isdisjoint(names(model, det=True)) and atomics < set(names(model))
