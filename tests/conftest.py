@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# OpenAI Triton's kernels run on its interpreter in this process (no GPU here); it reads the setting
+# when it is first imported, so before any test module imports it (uninterpreted compiles for sm_90
+# run in a fresh process: tests/compiled.py)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
 

@@ -19,7 +19,7 @@ from .rows import Normed, float8_of
 from .timing import agrees, check_all, graph_ms, report_row
 
 log = logging.getLogger(__name__)
-TRIES = 3  # tiles timed making their input: the chosen one and the next fastest of the kind's timings
+TRIES = 2  # tiles timed making their input: the chosen one and the next fastest of the kind's timings
 EPS = 1e-5
 
 Layers = Sequence[tuple]  # every layer's (weight as stored, bias, scale or None)
