@@ -46,3 +46,18 @@ def test_the_gemv_compiles_to_the_plain_loop_once_a_row(rows):
         run_uninterpreted(SASS.replace("ROWS", str(rows))).split()[-1]
     )
     assert engine <= 1.05 * plain * rows and engine_stores == plain_stores * rows
+
+
+NORMED = SASS.replace("NORMED=False, ADD=False", "NORMED=True, ADD=True").replace(
+    "print(json.dumps([sum(engine.values()), sum(plain.values()), shared(engine), shared(plain)], ",
+    "print(json.dumps([engine['STL'] + engine['LDL'], shared(engine), shared(plain)], ",
+)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_the_gemv_making_its_input_spills_nothing_and_stores_only_its_sums_in_shared_memory(rows):
+    """With the residual add + norm made in the program (`rows.Normed`): no register spills, and
+    beyond the plain loop's cross-warp sums only the prologue's sums of squares (one a row) go
+    through shared memory: the normed x of each K step stays in registers."""
+    spills, engine_stores, plain_stores = json.loads(run_uninterpreted(NORMED.replace("ROWS", str(rows))).split()[-1])
+    assert spills == 0 and engine_stores <= (plain_stores + 1) * rows
