@@ -8,12 +8,13 @@
 #   bf16-scale  8B bf16 engine through Triton at 256 and 512 streams (the energy ratio's baseline)
 #   1b          1B bf16 and fp8 engines in-process at one stream (bench.quant_speed)
 #   1b-batch1   1B bf16 and fp8 engines through Triton at one stream, each in its own server
-#   1b-profile  the 1B fp8 step at one row, each fused form against its unfused one (bench.profile_step)
+#   1b-profile  the 1B fp8 step at 1-2 rows, each fused form against its unfused one (bench.profile_step)
+#   8b-profile  the same for the 8B fp8 step
 # Usage, from the repository root on the GPU host (carry .carry for the Triton steps):
 #   TRITONLLM_COMMIT=<short sha measured> OUT=/path bash scripts/gpu_quant_runs.sh STEP
 # Results and a log of each step land in $OUT; add them to results/ and docs/benchmarks.md here.
 set -euo pipefail
-steps="attention fp8-scale batch1 bf16-scale 1b 1b-batch1 1b-profile"
+steps="attention fp8-scale batch1 bf16-scale 1b 1b-batch1 1b-profile 8b-profile"
 step=${1:?"name a step: $steps"}
 : "${OUT:?set OUT to the folder the results go to}"
 : "${TRITONLLM_COMMIT:?set TRITONLLM_COMMIT to the commit measured (the copy on the host may lack .git)}"
@@ -38,9 +39,10 @@ case "$step" in
   1b)
     run=(python -m bench.quant_speed --shapes 1b --schemes none fp8+head --concurrency 1 --kv-cache-dtype fp8
       --rounds 6 --out "$OUT" --topic quant-speed-1b-batch1) ;;
-  1b-profile)
-    run=(python -m bench.profile_step --shape 1b --quantization fp8 --kv-cache-dtype fp8 --quantize-lm-head
-      --batches 1 2 --prefill 0 --out "$OUT" --topic profile-step-1b-fp8-batch1) ;;
+  1b-profile|8b-profile)
+    shape=${step%-profile}
+    run=(python -m bench.profile_step --shape "$shape" --quantization fp8 --kv-cache-dtype fp8 --quantize-lm-head
+      --batches 1 2 --prefill 0 --out "$OUT" --topic "profile-step-$shape-fp8-batch1") ;;
   *) echo "unknown step $step: $steps" >&2; exit 2 ;;
 esac
 if [ "${run[0]} ${run[2]}" = "python bench.bench_llm" ]; then  # served: the Triton tree and numpy 1.26 stubs
