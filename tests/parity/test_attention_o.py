@@ -141,3 +141,20 @@ def test_the_tuner_keeps_it_only_where_it_times_faster(monkeypatch, fused_ms, ch
     found, report = ao.tune(caches, H, o_layers, attention, [1, 2, 8], rope_us, o_us, 20, torch.float32, consume, False)
     assert found == {(ao.KEY, b): t for b, t in chosen.items()}
     assert [r["rows"] for r in report] == [1] and "as tuned" in report[0]["us"]
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_tiles_asking_l2_for_os_weight_are_candidates_only_where_the_step_launches_with_pdl(monkeypatch, pdl):
+    """Each tile is also tried with o's weight asked of L2 before the attention (a 4th number 1),
+    where the decode step launches with PDL; the prefetch is never asked for otherwise."""
+    from tritonllm.runtimes.kernels import timing
+
+    checked = []
+    monkeypatch.setattr(
+        timing, "check_all", lambda checks, device, ref: checked.append(len(checks)) or [False] * len(checks)
+    )
+    caches = [(torch.randn(12, HKV, 8, D), torch.randn(12, HKV, 8, D), None)]
+    consume = lambda y: y
+    found, _ = ao.tune(caches, H, [o_weight(0, False)], {1: (16, 4, 3)}, [1], {1: 1.0}, {1: 1.0}, 20, torch.float32,
+                       consume, pdl)  # fmt: skip
+    assert checked == [len(ao.TILES) * (2 if pdl else 1)] and found == {}

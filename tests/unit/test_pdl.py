@@ -80,17 +80,16 @@ for fp8 in (False, True):  # the decode step's attention, with the rotary inside
         marks,
     )
 # attention + o (fp8 cache and weights): the cache write and its sums' atomic adds (`red`) after the wait
-order(
-    attention_o._attention_o_kernel,
-    {**ptr("*bf16", "qkv", "cos", "sin"), **ptr("*fp8e4nv", "k_cache", "v_cache"), "table": "*i32",
-     **ptr("*i64", "pos", "write_slot"), "like": "*bf16", "kv_scale": "*fp32", "w_o": "*fp8e4nv", "s_o": "*fp32",
-     "sums": "*fp32", **i32("limit", "window"), "scale": "fp32", "softcap": "fp32",
-     **i32("n_split", "s_split", "s_qkv", "s_cs", "s_table", "s_c_block", "s_c_head", "s_c_pos", "s_v_pos", "s_v_d"),
-     "N": "i32"},
-    dict(PAGE=16, G=4, R=16, D=128, BLOCK_N=64, CAPPED=False, FP8=True, HKV=8, KT=True, BLOCK_C=128, HAS_SCALE=True,
-         PDL=True),
-    (*marks[:4], "red.global.gpu.relaxed.add.f32"),
-)
+ao_sig = {**ptr("*bf16", "qkv", "cos", "sin"), **ptr("*fp8e4nv", "k_cache", "v_cache"), "table": "*i32",
+    **ptr("*i64", "pos", "write_slot"), "like": "*bf16", "kv_scale": "*fp32", "w_o": "*fp8e4nv", "s_o": "*fp32",
+    "sums": "*fp32", **i32("limit", "window"), "scale": "fp32", "softcap": "fp32",
+    **i32("n_split", "s_split", "s_qkv", "s_cs", "s_table", "s_c_block", "s_c_head", "s_c_pos", "s_v_pos", "s_v_d"),
+    "N": "i32"}
+ao_consts = dict(PAGE=16, G=4, R=16, D=128, BLOCK_N=64, CAPPED=False, FP8=True, HKV=8, KT=True, BLOCK_C=128,
+    HAS_SCALE=True, PDL=True, PREFETCH=0, ELEM=1)
+order(attention_o._attention_o_kernel, ao_sig, ao_consts, (*marks[:4], "red.global.gpu.relaxed.add.f32"))
+# ... asking L2 for its block of o's weight: after the wait, ahead of the attention's loads
+order(attention_o._attention_o_kernel, ao_sig, dict(ao_consts, PREFETCH=4), marks, "attention_o_prefetch")
 order(
     attention._combine_splits_kernel,
     {"part": "*fp32", "out": "*bf16", "flats": "i32"},
@@ -130,6 +129,8 @@ def test_compiled_pdl_kernels_wait_before_reading_or_writing_activations():
     for name in ("_small_matmul_kernel", "glu", "normed", "normed_gemv"):
         prefetch, wait, launch, load, store = rows[name]
         assert 0 <= prefetch < wait < launch < min(load, store), name  # only the weight prefetch runs ahead of the wait
+    prefetch, wait, launch, load, store = rows["attention_o_prefetch"]
+    assert 0 <= wait < launch < prefetch < load < store  # o's weight asked for once the wait is over
     for name in (
         "_mlp_kernel",
         "_attention_o_kernel",

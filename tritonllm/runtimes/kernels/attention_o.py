@@ -34,8 +34,10 @@ from .rope_attention import attend_new_row, rope_attention
 
 KEY = "attention+o"  # the decode table's key (with batch rows) of this kernel's tile
 MAX_ROWS = 4  # each row's programs read o's weight again (from L2 past the first): few rows only
-# (o's output columns a program, warps, stages): the candidates start-up timing chooses from
-OTile = tuple[int, int, int]
+# (o's output columns a program, warps, stages): the candidates start-up timing chooses from; a 4th
+# number 1 also asks L2 for the program's block of o's weight before its attention (where launched
+# with PDL, as the decode step is: the interpreter has no prefetch), each tile timed both ways
+OTile = tuple[int, ...]
 TILES: tuple[OTile, ...] = ((64, 4, 2), (128, 4, 2), (128, 8, 2), (256, 8, 2), (32, 4, 2))
 TOLERANCE = 2e-2  # the attention output rounded to the activations' type, then float32 sums
 
@@ -46,10 +48,15 @@ def _attention_o_kernel(
     limit, window, scale, softcap, n_split, s_split, s_qkv, s_cs, s_table, s_c_block, s_c_head, s_c_pos, s_v_pos,
     s_v_d, N, PAGE: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     CAPPED: tl.constexpr, FP8: tl.constexpr, HKV: tl.constexpr, KT: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_SCALE: tl.constexpr, PDL: tl.constexpr,
+    HAS_SCALE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0, ELEM: tl.constexpr = 1,
 ):  # fmt: skip
     gdc.enter(PDL)
     row, kv, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n = cb * BLOCK_C + tl.arange(0, BLOCK_C)  # this program's output columns of o
+    n_ok = n < N
+    width = G * HKV * D  # o's input: every query head's D values
+    if PREFETCH:  # o's weight for this block streams into L2 while the attention below waits on its keys
+        gdc.prefetch_rows(w_o, n, n_ok, width, kv * G * D, width, PREFETCH, ELEM)
     m_i, l_i, acc = attend_new_row(
         qkv, cos, sin, k_cache, v_cache, table, pos, write_slot, like, kv_scale, row, kv, 0, cb == 0,
         limit, window, scale, softcap, n_split, s_split, s_qkv, s_cs, s_table, s_c_block, s_c_head, s_c_pos,
@@ -59,9 +66,6 @@ def _attention_o_kernel(
         acc = acc * tl.load(kv_scale + HKV + kv)
     a = (acc / tl.where(l_i > 0, l_i, 1.0)[:, None]).to(like.dtype.element_ty).to(tl.float32)  # [R, D]
     i, d = tl.arange(0, R), tl.arange(0, D)
-    n = cb * BLOCK_C + tl.arange(0, BLOCK_C)  # this program's output columns of o
-    n_ok = n < N
-    width = G * HKV * D  # o's input: every query head's D values
     part = tl.zeros([BLOCK_C], dtype=tl.float32)
     for g in tl.static_range(G):  # query head kv * G + g: its D input columns of o
         a_g = tl.sum(tl.where((i == g)[:, None], a, 0.0), 0)
@@ -99,7 +103,8 @@ def attention_o(qkv, at: RowAttention, o: tuple, tile: OTile, sums=None, pdl: bo
     as `at` describes it (one split only: the config's keys per block and key layout are used),
     multiplied by o's weight [N, H*D] (`o` = (weight, per-output-channel scale or None)), no bias:
     added into `sums` [rows, N] float32 (zeros, made here where None) and returned as
-    `Accumulated`. `tile`: (o's output columns a program, warps, stages)."""
+    `Accumulated`. `tile`: (o's output columns a program, warps, stages[, 1: o's weight asked of L2
+    before the attention, where `pdl`])."""
     parts, n_split, s_split, dtype = gating.parts(qkv)
     (b, _), (_, hkv, page, d) = parts.shape[1:], at.k_cache.shape
     (w_o, s_o), att = o, Tile(*at.config)
@@ -112,7 +117,9 @@ def attention_o(qkv, at: RowAttention, o: tuple, tile: OTile, sums=None, pdl: bo
         )
     sums = torch.zeros(b, n, dtype=torch.float32, device=parts.device) if sums is None else sums
     cos, sin, k_cache = at.cos.reshape(-1, d), at.sin.reshape(-1, d), at.k_cache
-    block_c, warps, stages = tile
+    block_c, warps, stages = tile[:3]
+    lines = gdc.prefetch_lines(at.n_heads // hkv * d, at.n_heads // hkv * d, w_o.element_size(), 1)
+    prefetch = lines if pdl and len(tile) > 3 and tile[3] else 0
     _attention_o_kernel[(b, hkv, triton.cdiv(n, block_c))](
         parts, cos, sin, k_cache, at.v_cache, at.table, at.positions, at.writes, gating.like(parts, dtype),
         at.kv_scale if at.kv_scale is not None else cos, w_o, s_o if s_o is not None else w_o, sums,
@@ -122,7 +129,7 @@ def attention_o(qkv, at: RowAttention, o: tuple, tile: OTile, sums=None, pdl: bo
         PAGE=page, G=at.n_heads // hkv, R=max(16, triton.next_power_of_2(at.n_heads // hkv)), D=d,
         BLOCK_N=att.block_n, CAPPED=at.softcap is not None, FP8=at.kv_scale is not None, HKV=hkv,
         KT=att.transposed, BLOCK_C=block_c, HAS_SCALE=s_o is not None, num_warps=warps, num_stages=stages,
-        **gdc.launch(pdl),
+        PREFETCH=prefetch, ELEM=w_o.element_size(), **gdc.launch(pdl),
     )  # fmt: skip
     return Accumulated(sums.view(1, b, n), dtype)
 
@@ -163,14 +170,15 @@ def tune(
         a = rope_attention(qkv, cos, sin, pos, rows, kr, vr, check, num_heads, context, config, kv_scale=s0)
         ref = a.float() @ dequantized(*o_layers[0]).T
         label = lambda t: f"attention + o {t} at {b} rows"
+        tiles = [*TILES, *((*t, 1) for t in TILES)] if pdl else list(TILES)  # (prefetch: PDL launches only)
         ok = check_all(
             [lambda t=t: agrees(label(t), lambda: run(kr, vr, check, s0, o_layers[0], t).total(), ref, TOLERANCE)
-             for t in TILES], device, ref,
+             for t in tiles], device, ref,
         )  # fmt: skip
         tab = spread_table(b, context, page, blocks, device)
         sums = torch.zeros(b, o_layers[0][0].shape[0], device=device)
         times = {"as tuned": (rope_us[b] + o_us[b]) / 1e3}  # ms
-        for tile in (t for t, agreed in zip(TILES, ok) if agreed):
+        for tile in (t for t, agreed in zip(tiles, ok) if agreed):
             step = lambda t=tile: [consume(run(k, v, tab, s, o, t, sums)) for (k, v, s), o in zip(caches, o_layers)]
             times[tile] = graph_ms(step)
         keep_unordered(found, out, KEY, b, times, "attention + o")
