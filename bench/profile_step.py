@@ -33,7 +33,7 @@ from bench.workloads import copy_bandwidth
 from tritonllm.model import quant
 from tritonllm.model.modeling import CausalLM
 from tritonllm.runtimes.base import StepInput
-from tritonllm.runtimes.kernels import attention_o, fused, gemv, mlp, normed, qmatmul
+from tritonllm.runtimes.kernels import attention_o, fused, gemv, mlp, normed, normed_tuning, qmatmul
 from tritonllm.runtimes.kernels import pdl as gdc
 from tritonllm.runtimes.kernels.timing import capture, graph_ms, replay_ms
 from tritonllm.runtimes.torch_cuda import TorchCudaRuntime
@@ -194,29 +194,32 @@ def glu_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
 def normed_variants(rt: TorchCudaRuntime, batch: int, bucket: int) -> dict:
     """The decode step with the add + norm kernels, as tuned (the tuner's `normed.key` entries at
     this batch, where it kept some), and with every product after an add + norm making its input
-    (the fastest such tile timed for each), side by side; the logits differ where a row's scale
-    does (its sum of squares in K steps)."""
+    (the fastest such form timed for each, with its L2 prefetch where that was), side by side; the
+    logits differ where a row's scale does (its sum of squares in K steps)."""
     table, fastest = rt.kernels.gemv_table, {}
     for r in rt.kernels.gemv_report:
-        tiles = {c: t for c, t in r["us"].items() if c.startswith("(")}
-        if r["rows"] == batch and r["kind"].endswith(normed.KEY_SUFFIX) and tiles:
-            fastest[(r["kind"], batch)] = ast.literal_eval(min(tiles, key=tiles.get))
-    saved = {k: table.pop(k) for k in fastest if k in table}
+        forms = {f: t for f, t in r["us"].items() if normed_tuning.form_of(f) is not None}
+        if r["rows"] == batch and r["kind"].endswith(normed.KEY_SUFFIX) and forms:
+            config, steps = normed_tuning.form_of(min(forms, key=forms.get))
+            fastest[(r["kind"], batch)] = config
+            fastest.update({(r["kind"] + normed.PREFETCH_SUFFIX, batch): steps} if steps else {})
     if not fastest:
         return {"norm in products": "none timed at this batch"}
+    keys = {*fastest, *((k + normed.PREFETCH_SUFFIX, b) for k, b in fastest if k.endswith(normed.KEY_SUFFIX))}
+    saved = {k: table.pop(k) for k in keys if k in table}
 
     def entries(chosen: dict):
-        return lambda: ([table.pop(k, None) for k in fastest], table.update(chosen))
+        return lambda: ([table.pop(k, None) for k in keys], table.update(chosen))
 
     variants = {"add + norm kernels": entries({})}
     if saved and saved != fastest:
         variants["as tuned"] = entries(saved)
     variants["every product makes its input"] = entries(fastest)
     out = compare(rt, batch, bucket, variants, "add + norm kernels")
-    for k in fastest:
+    for k in keys:
         table.pop(k, None)
     table.update(saved)
-    return {**out, "tiles making their input": {k[0]: str(t) for k, t in fastest.items()},
+    return {**out, "forms making their input": {k[0]: str(t) for k, t in fastest.items()},
             "chosen by the tuner": sorted(k[0] for k in saved)}  # fmt: skip
 
 

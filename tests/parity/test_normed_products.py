@@ -143,3 +143,23 @@ def test_the_tuner_keeps_a_tile_making_its_input_only_where_it_is_faster(monkeyp
         (normed.key(k), 1) for k in ("qkv_proj", gemv.GLU_KEYS[0], "lm_head")
     ]
     assert out[2]["chosen"].startswith("add + norm kernel")
+
+
+def test_where_the_step_launches_with_pdl_each_tile_is_also_timed_asking_l2_for_its_first_k_step(monkeypatch):
+    """With PDL each tile making its input is timed without and with its first K step asked of L2
+    before its prologue; the prefetching form is kept under `normed.prefetch_key` where fastest.
+    (The interpreter has no PDL: the products stand in as records of how they were asked.)"""
+    from tritonllm.runtimes.kernels import normed, normed_tuning
+
+    asked = []
+    monkeypatch.setattr(normed_tuning, "check_all", lambda checks, device, ref: [True] * len(checks))
+    monkeypatch.setattr(normed_tuning, "add_rms_norm", lambda *a, **k: None)
+    monkeypatch.setattr(normed_tuning, "small_matmul", lambda x, *a: asked.append((getattr(x, "prefetch", None), a[4])))
+    monkeypatch.setattr(normed_tuning, "dense", lambda y: torch.zeros(1))
+    clock = iter([2.0, 1.5, 1.2])  # ms: the add + norm kernel + the tile, the tile without and with the prefetch
+    monkeypatch.setattr(normed_tuning, "graph_ms", lambda fn, reps=5: (fn(), next(clock))[1])
+    mats = [(weight(False, seed=s)[0], None, None) for s in range(2)]
+    found, out = normed_tuning.tune({"qkv_proj": (mats, None)}, [], {("qkv_proj", 1): PLAIN[2]}, [1], HALF, True)
+    assert found == {(normed.key("qkv_proj"), 1): PLAIN[2], (normed.prefetch_key("qkv_proj"), 1): 1}
+    assert out[0]["chosen"] == f"{PLAIN[2]} + L2 prefetch" and len(out[0]["us"]) == 3
+    assert {(p, steps) for p, steps in asked if p is not None} == {(0, 0), (1, 0)}  # launched with PDL

@@ -40,9 +40,11 @@ order(gemv._small_matmul_kernel, gemv_sig, gemv_consts, marks)
 glu = dict(gemv_consts, GATED=False, GLU=True, SWAP=True, QUANT_X=2)
 order(gemv._small_matmul_kernel, gemv_sig, glu, marks, "glu")
 # ... making its input too (residual add + norm, the stream's write, sums zeroed): all after the wait
-order(gemv._small_matmul_kernel, gemv_sig, dict(glu, NORMED=True, ADD=True, CLEAR=True), marks, "normed")
+order(gemv._small_matmul_kernel, gemv_sig, dict(glu, NORMED=True, ADD=True, CLEAR=True, PREFETCH=0), marks, "normed")
+# ... asking L2 for its first K step of weight: once the wait is over, before the prologue's loads
+order(gemv._small_matmul_kernel, gemv_sig, dict(glu, NORMED=True, ADD=True), marks, "normed_prefetch")
 order(gemv._small_matmul_kernel, gemv_sig, dict(gemv_consts, GATED=False, USE_DOT=False, BLOCK_M=1, BLOCK_N=2,
-      BLOCK_K=2048, NORMED=True, ADD=True, CLEAR=False), marks, "normed_gemv")
+      BLOCK_K=2048, NORMED=True, ADD=True, CLEAR=False, PREFETCH=0), marks, "normed_gemv")
 # the fused MLP: its sums leave by atomic adds (`red`), after the wait
 order(
     mlp._mlp_kernel,
@@ -126,9 +128,14 @@ def test_prefetch_lines(k, block_k, elem, steps, lines):
 def test_compiled_pdl_kernels_wait_before_reading_or_writing_activations():
     out = run_uninterpreted(PTX_ORDER)
     rows = {r.split()[0]: [int(v) for v in r.split()[1:]] for r in out.splitlines()}  # (attention: its fp8 form)
-    for name in ("_small_matmul_kernel", "glu", "normed", "normed_gemv"):
+    for name in ("_small_matmul_kernel", "glu"):
         prefetch, wait, launch, load, store = rows[name]
         assert 0 <= prefetch < wait < launch < min(load, store), name  # only the weight prefetch runs ahead of the wait
+    for name in ("normed", "normed_gemv"):
+        prefetch, wait, launch, load, store = rows[name]
+        assert prefetch == -1 and 0 <= wait < launch < min(load, store), name
+    prefetch, wait, launch, load, store = rows["normed_prefetch"]
+    assert 0 <= wait < launch < prefetch < min(load, store)
     prefetch, wait, launch, load, store = rows["attention_o_prefetch"]
     assert 0 <= wait < launch < prefetch < load < store  # o's weight asked for once the wait is over
     for name in (

@@ -91,10 +91,11 @@ def test_glu_variants_set_both_tiles_or_none_and_restore_the_table(monkeypatch):
 
 
 def test_normed_variants_time_the_kernels_as_tuned_and_every_reader_making_its_input(monkeypatch):
-    """qkv's tile making its input was kept by the tuner, the LM head's was not: three steps (the
-    add + norm kernels, as tuned, both making their input), the table restored after."""
+    """qkv's tile making its input was kept by the tuner, the LM head's was not (its fastest form
+    asks L2 for its first K step): three steps (the add + norm kernels, as tuned, both making their
+    input), the table restored after."""
     seen = {}
-    keys = [("qkv_proj+norm", 1), ("lm_head+norm", 1)]
+    keys = [("qkv_proj+norm", 1), ("lm_head+norm", 1), ("lm_head+norm prefetch", 1)]
 
     def compare(rt, batch, bucket, variants, against):
         for name, setup in variants.items():
@@ -105,16 +106,20 @@ def test_normed_variants_time_the_kernels_as_tuned_and_every_reader_making_its_i
     monkeypatch.setattr(profile_step, "compare", compare)
     timed = [
         {"kind": "qkv_proj+norm", "rows": 1, "us": {"add + norm kernel + (2, 4, 4)": 9.0, "(2, 4, 4)": 7.0}},
-        {"kind": "lm_head+norm", "rows": 1, "us": {"add + norm kernel + (1, 8, 4)": 5.0, "(1, 8, 4)": 6.0}},
+        {
+            "kind": "lm_head+norm",
+            "rows": 1,
+            "us": {"add + norm kernel + (1, 8, 4)": 5.0, "(1, 8, 4)": 6.0, "(1, 8, 4) + L2 prefetch": 5.5},
+        },  # fmt: skip
         {"kind": "qkv_proj+norm", "rows": 2, "us": {"(4, 4, 4)": 1.0}},
     ]
     table = {keys[0]: (2, 4, 4), ("qkv_proj", 1): (2, 4, 4)}
     before = dict(table)
     out = profile_step.normed_variants(runtime(table, timed), 1, 64)
     assert seen == {
-        "add + norm kernels": (None, None),
-        "as tuned": ((2, 4, 4), None),
-        "every product makes its input": ((2, 4, 4), (1, 8, 4)),
+        "add + norm kernels": (None, None, None),
+        "as tuned": ((2, 4, 4), None, None),
+        "every product makes its input": ((2, 4, 4), (1, 8, 4), 1),  # the head's fastest form prefetches
     }
     assert out["chosen by the tuner"] == ["qkv_proj+norm"] and table == before
     assert "none timed" in next(iter(profile_step.normed_variants(runtime({}, []), 1, 64).values()))

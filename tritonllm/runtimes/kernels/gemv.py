@@ -166,9 +166,13 @@ def _small_matmul_kernel(
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     n_ok, m_ok = n < N, m < M
-    if PREFETCH:  # the weight's first bytes stream into L2 while the kernel before finishes
-        gdc.prefetch_rows(w, n, n_ok, s_wn, split * K_SPLIT, K, PREFETCH, ELEM)
+    if PREFETCH:
+        if not NORMED:  # the weight's first bytes stream into L2 while the kernel before finishes
+            gdc.prefetch_rows(w, n, n_ok, s_wn, split * K_SPLIT, K, PREFETCH, ELEM)
     gdc.enter(PDL)
+    if PREFETCH:
+        if NORMED:  # ... while the prologue below waits on L2 (DRAM idle), the kernel before done
+            gdc.prefetch_rows(w, n, n_ok, s_wn, split * K_SPLIT, K, PREFETCH, ELEM)
     inv = tl.zeros([BLOCK_M], tl.float32)
     if NORMED:  # x is made here: RMSNorm(residual + product) * norm_w (`rows.Normed`)
         inv, row_scale = normed.prologue(x, res, res_out, norm_w, clear, n_clear, m, m_ok, K, n_split, s_split, eps,
@@ -331,6 +335,8 @@ def small_matmul(
     opts = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
     k_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # whole K steps per slice
     elem = weight.element_size()
+    if pdl_steps is not None and isinstance(x, Normed) and x.prefetch:
+        pdl_steps = x.prefetch  # (asked once the wait is over: see the kernel)
     lines = gdc.prefetch_lines(k_split, block_k, elem, pdl_steps) if pdl_steps else 0
     _small_matmul_kernel[(triton.cdiv(n, block_n), splits)](
         given.values,

@@ -28,9 +28,18 @@ MAX_ROWS = 8  # batches timed for it: beyond, the add + norm kernel is a smaller
 # each batch adds compiles to the start-up tuning)
 
 
+PREFETCH_SUFFIX = " prefetch"  # ... and of the K steps of weight that tile asks L2 for before its prologue
+
+
 def key(kind: str) -> str:
     """The decode table's key of `kind`'s tile reading a `Normed` input: "qkv_proj+norm"."""
     return kind + KEY_SUFFIX
+
+
+def prefetch_key(kind: str) -> str:
+    """The decode table's key of the K steps (an int) that tile's programs ask L2 for once the PDL
+    wait is over, before the prologue's round trips to L2 (absent: none)."""
+    return key(kind) + PREFETCH_SUFFIX
 
 
 @triton.jit

@@ -32,8 +32,10 @@ def tune(readers: dict[str, tuple[Layers, str | None]], report: list, table: dic
     (`gemv_tuning.tune`'s, the glu stage's). At each batch where the step would read the key (no
     fused MLP, gate_up's own key only where its tile does not make the activation), the kind's
     chosen tile and its next fastest (TRIES in all; the activation-making tile alone) are checked
-    and timed making their input against the add + norm kernel + the chosen tile. Returns
-    ({(normed.key(key), rows): tile} where one is faster, the timings for the log)."""
+    and timed making their input, each also asking L2 for its first K step before its prologue
+    where `pdl`, against the add + norm kernel + the chosen tile. Returns ({(normed.key(key),
+    rows): tile, and (normed.prefetch_key(key), rows): 1 where the fastest prefetches}, the
+    timings for the log, by `form_label`)."""
     timed = {(r["kind"], r["rows"]): r["us"] for r in report}
     found, out = {}, []
     for m in (r for r in rows if r <= normed.MAX_ROWS):
@@ -44,11 +46,34 @@ def tune(readers: dict[str, tuple[Layers, str | None]], report: list, table: dic
             others = [] if glu else fastest_tiles(timed.get((key, m), {}), lambda c: c != chosen, TRIES - 1)
             times = _times(mats, m, chosen, [chosen, *others], glu, dtype, pdl)
             best = min(times, key=times.get)
-            if isinstance(best, tuple):
-                found[(normed.key(key), m)] = best
-            out.append(report_row(normed.key(key), m, best, times))
+            if best is not None:
+                config, steps = best
+                found[(normed.key(key), m)] = config
+                found.update({(normed.prefetch_key(key), m): steps} if steps else {})
+            labelled = {form_label(f, chosen): ms for f, ms in times.items()}
+            out.append(report_row(normed.key(key), m, form_label(best, chosen), labelled))
             log.info("%s making its input x%d: %s (%s)", key, m, out[-1]["chosen"], out[-1]["us"])
     return found, out
+
+
+def form_of(label: str) -> tuple | None:
+    """A report label's form (`form_label`'s inverse): (tile, prefetched K steps), None for the
+    add + norm kernel's."""
+    import ast
+
+    if not label.startswith("("):
+        return None
+    config, _, prefetch = label.partition(" + ")
+    return ast.literal_eval(config), 1 if prefetch else 0
+
+
+def form_label(form: tuple | None, chosen) -> str:
+    """A timed form's name in the report: the add + norm kernel + the chosen tile (None), a tile
+    making its input "(...)", or one that also prefetches "(...) + L2 prefetch"."""
+    if form is None:
+        return f"add + norm kernel + {chosen}"
+    config, steps = form
+    return f"{config} + L2 prefetch" if steps else str(config)
 
 
 def _read_at(table: dict, key: str, m: int) -> bool:
@@ -61,8 +86,9 @@ def _read_at(table: dict, key: str, m: int) -> bool:
 
 
 def _times(mats: Layers, m: int, chosen, tries: list, glu: str | None, dtype, pdl: bool) -> dict:
-    """{form: ms} over every layer: the add + norm kernel + `chosen`, and each of `tries` making its
-    input that agrees with that form's output (their first runs compile them, with and without PDL)."""
+    """{form: ms} over every layer: the add + norm kernel + `chosen` (form None), and each of `tries`
+    making its input that agrees with that form's output ((tile, 0)), where `pdl` also asking L2
+    for its first K step ((tile, 1)); their first runs compile them, with and without PDL."""
     w0, b0, s0 = mats[0]
     k, device, steps = w0.shape[1], w0.device, 0 if pdl else None
     residual, delta = (torch.randn(m, 1, k, device=device, dtype=dtype) for _ in range(2))
@@ -78,8 +104,10 @@ def _times(mats: Layers, m: int, chosen, tries: list, glu: str | None, dtype, pd
     tolerance = lambda c: 2e-2 if x_mode(c) == x_mode(chosen) == X_AS_GIVEN else X8_TOLERANCE
     checks = [lambda c=c: agrees(f"{c} making its input", made(c), ref, tolerance(c)) for c in tries]
     ok = check_all(checks, device, ref)  # (before the timing below adds into the residual stream)
-    times = {f"add + norm kernel + {chosen}": graph_ms(lambda: [unfused(*mat) for mat in mats])}
+    times = {None: graph_ms(lambda: [unfused(*mat) for mat in mats])}
     for c in (c for c, agreed in zip(tries, ok) if agreed):
-        made(c, steps)()  # the form the step launches (PDL), compiled before its graph
-        times[c] = graph_ms(lambda c=c: [small_matmul(given, w, b, c, s, steps, glu) for w, b, s in mats])
+        for ahead in (0, 1) if pdl else (0,):
+            x = given._replace(prefetch=ahead)
+            small_matmul(x, w0, b0, c, s0, steps, glu)  # the form the step launches (PDL), compiled before its graph
+            times[(c, ahead)] = graph_ms(lambda c=c, x=x: [small_matmul(x, w, b, c, s, steps, glu) for w, b, s in mats])
     return times

@@ -48,7 +48,8 @@ class Normed(NamedTuple):
     product added to the residual stream (a tensor, split partial sums, or `Accumulated` sums; None:
     the stream's norm alone), `residual` [..., K] the stream as it stands, `out` where the product's
     first program writes residual + delta (another buffer, unused where delta is None), `weight` [K]
-    the norm's scale, `clear` float32 sums the product's programs zero (None: none)."""
+    the norm's scale, `clear` float32 sums the product's programs zero (None: none), `prefetch`
+    K steps of weight the product's programs ask L2 for before their prologue (launched with PDL)."""
 
     delta: object
     residual: torch.Tensor
@@ -56,6 +57,7 @@ class Normed(NamedTuple):
     weight: torch.Tensor
     eps: float
     clear: torch.Tensor | None = None
+    prefetch: int = 0  # K steps of its weight tile each program asks L2 for once the PDL wait is over
 
     def checked(self) -> Normed:
         """Itself, where the kernel can read it: contiguous rows of one width, `out` apart from

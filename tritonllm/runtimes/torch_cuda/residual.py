@@ -28,13 +28,15 @@ class ResidualStream:
         programs; else the kernel's output (rounded per row to `rounds` where given), x updated in
         place, and any `Accumulated` delta zeroed by it."""
         from ..kernels import fused as fk
+        from ..kernels import normed
 
         if self.makes(reader) and post is None:
+            steps = self.table.get((normed.prefetch_key(reader), self.rows), 0)
             if delta is None:
-                return Normed(None, self.x, self.x, weight, eps, clear)
+                return Normed(None, self.x, self.x, weight, eps, clear, steps)
             if self.spare is None:
                 self.spare = torch.empty_like(self.x)
-            given = Normed(delta, self.x, self.spare, weight, eps, clear)
+            given = Normed(delta, self.x, self.spare, weight, eps, clear, steps)
             self.x, self.spare = self.spare, self.x
             return given
         return fk.add_rms_norm(delta, self.x, weight, eps, post, rounds, self.pdl)
