@@ -307,7 +307,9 @@ class ForwardPasses:
         Gemma 2/3), the gated activation); add + norm and the activation hand an FP8 GEMM its input
         rounded per row (`_rounds_input`). `mix(i, layer, qkv, sums)`, where given, makes the o
         product from the qkv product itself (attention + o in one kernel). x is the residual stream
-        (updated in place); returns it normalised by the final norm."""
+        (`ResidualStream`: at decode rows whose table says so, the products after each add + norm
+        make their input); returns it normalised by the final norm, or the `Normed` input of an LM
+        head that makes it."""
         m, scale = self.model, self._scale
         rows, pdl = x.numel() // x.shape[-1], self.kernels.pdl and small
         fmt = {kind: self._rounds_input(kind, rows, small) for kind in ROUNDED_BY_PRODUCER}
