@@ -13,6 +13,7 @@
 # Usage, from the repository root on the GPU host (carry .carry for the Triton steps):
 #   TRITONLLM_COMMIT=<short sha measured> OUT=/path bash scripts/gpu_quant_runs.sh STEP
 # Results and a log of each step land in $OUT; add them to results/ and docs/benchmarks.md here.
+# DRY_RUN=1 prints the step's command instead of running it.
 set -euo pipefail
 steps="attention fp8-scale batch1 bf16-scale 1b 1b-batch1 1b-profile 8b-profile"
 step=${1:?"name a step: $steps"}
@@ -45,6 +46,9 @@ case "$step" in
       --batches 1 2 --prefill 0 --out "$OUT" --topic "profile-step-$shape-fp8-batch1") ;;
   *) echo "unknown step $step: $steps" >&2; exit 2 ;;
 esac
+if [ -n "${DRY_RUN:-}" ]; then  # the command alone (tests/unit/test_gpu_steps.py parses each step's arguments)
+  printf '%q ' "${run[@]}"; echo; exit 0
+fi
 if [ "${run[0]} ${run[2]}" = "python bench.bench_llm" ]; then  # served: the Triton tree and numpy 1.26 stubs
   [ -d /tmp/site/tritonclient ] || bash scripts/gpu_host_setup.sh
   export PYTHONPATH=/tmp/site:$PWD
