@@ -27,8 +27,8 @@ def spread_table(rows: int, context: int, page: int, num_blocks: int, device) ->
 def random_pool(rows: int, context: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random keys and values in a pool of their own, shaped and typed as the cache `like` [blocks,
     Hkv, PAGE, D], values laid out by `value_pool` as the runtime's are (a real cache may be all
-    zeros, which any tile would agree on), and a table of
-    `rows` rows of `context` positions into it: what tuning checks candidates on."""
+    zeros, which any tile would agree on), and a table of `rows` rows of `context` positions into
+    it: what tuning checks candidates on."""
     blocks, hkv, page, d = like.shape
     few = min(blocks, rows * -(-context // page))
     kr = torch.randn((few, hkv, page, d), device=like.device).to(like.dtype)

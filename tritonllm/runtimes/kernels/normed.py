@@ -24,16 +24,26 @@ import triton.language as tl
 from . import gating
 
 KEY_SUFFIX = "+norm"  # a decode table's key for a kind's tile that makes its input (`key`)
+PREFETCH_SUFFIX = " prefetch"  # ... and of the K steps of weight that tile asks L2 for before its prologue
 MAX_ROWS = 8  # batches timed for it: beyond, the add + norm kernel is a smaller part of a step (and
 # each batch adds compiles to the start-up tuning)
-
-
-PREFETCH_SUFFIX = " prefetch"  # ... and of the K steps of weight that tile asks L2 for before its prologue
 
 
 def key(kind: str) -> str:
     """The decode table's key of `kind`'s tile reading a `Normed` input: "qkv_proj+norm"."""
     return kind + KEY_SUFFIX
+
+
+def readers(table: dict, rows: int) -> tuple[str, ...]:
+    """The table keys of a decode step's products that read an add + norm's output at `rows` rows
+    (the next qkv, gate_up's tile or the one making its activation, the LM head): the ones that may
+    make their input; none where the fused MLP serves these rows (no product could zero its sums
+    after reading them)."""
+    from . import gemv, mlp
+
+    if (mlp.KEY, rows) in table:
+        return ()
+    return "qkv_proj", gemv.GLU_KEYS[0] if (gemv.GLU_KEYS[0], rows) in table else "gate_up", "lm_head"
 
 
 def prefetch_key(kind: str) -> str:
@@ -77,10 +87,9 @@ def prologue(delta, res, res_out, w, clear, n_clear, m, m_ok, K, n_split, s_spli
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             ok = m_ok[:, None] & (k < K)[None, :]
-            s = stream(delta, res, m[:, None], k[None, :], ok, K, n_split, s_split, ADD)
-            wk = tl.load(w + k, mask=k < K, other=0.0).to(tl.float32)
-            x = (s * inv[:, None] * wk[None, :]).to(res.dtype.element_ty).to(tl.float32)
-            top = tl.maximum(top, tl.max(tl.abs(x), axis=1))
+            x = values(delta, res, w, w, m[:, None], k[None, :], ok, K, n_split, s_split, inv[:, None], 1.0, ADD,
+                       False, QMAX)  # fmt: skip
+            top = tl.maximum(top, tl.max(tl.abs(x.to(tl.float32)), axis=1))
         step = tl.maximum(top, 1e-12) / QMAX
     if CLEAR:
         _zero_share(clear, n_clear)

@@ -13,7 +13,7 @@ import torch
 
 from . import normed
 from .fused import add_rms_norm
-from .gemv import GLU_KEYS, X8_TOLERANCE, X_AS_GIVEN, dense, small_matmul, takes_rounded, x_mode
+from .gemv import X8_TOLERANCE, X_AS_GIVEN, dense, small_matmul, takes_rounded, x_mode
 from .gemv_tuning import fastest_tiles
 from .rows import Normed, float8_of
 from .timing import agrees, check_all, graph_ms, report_row
@@ -77,12 +77,8 @@ def form_label(form: tuple | None, chosen) -> str:
 
 
 def _read_at(table: dict, key: str, m: int) -> bool:
-    """Whether a decode step of m rows reads `key`'s tile after an add + norm (forward.py's rule)."""
-    from . import mlp
-
-    if (mlp.KEY, m) in table or (key == "gate_up" and (GLU_KEYS[0], m) in table):
-        return False
-    return isinstance(table.get((key, m)), tuple)
+    """Whether a decode step of m rows reads `key`'s tile after an add + norm (`normed.readers`)."""
+    return key in normed.readers(table, m) and isinstance(table.get((key, m)), tuple)
 
 
 def _times(mats: Layers, m: int, chosen, tries: list, glu: str | None, dtype, pdl: bool) -> dict:

@@ -314,8 +314,9 @@ class ForwardPasses:
         rows, pdl = x.numel() // x.shape[-1], self.kernels.pdl and small
         fmt = {kind: self._rounds_input(kind, rows, small) for kind in ROUNDED_BY_PRODUCER}
         sums = self._sums(x, rows, small, mix)
-        res = ResidualStream(x, self._normed_table(rows, small), pdl)
-        first, mlp_reader = m.layers[0].ln1, self._gate_up_key(rows, small)
+        readers = self._normed_readers(rows, small)
+        res = ResidualStream(x, self.kernels.gemv_table if readers else None, pdl)
+        first, mlp_reader = m.layers[0].ln1, readers[1] if readers else None
         h = res.norm(None, scale(first), first.eps, None, fmt["qkv_proj"], "qkv_proj")
         for i, layer in enumerate(m.layers):
             qkv = self._linear("qkv_proj", layer, h, small)
@@ -329,23 +330,12 @@ class ForwardPasses:
             h = res.norm(down, scale(nxt), nxt.eps, scale(layer.post_mlp), rounds, reader)
         return h
 
-    def _normed_table(self, rows: int, small: bool) -> dict | None:
-        """The decode table where its products may make their input (`ResidualStream`): at decode
-        rows without the fused MLP (whose sums no product could zero after reading them)."""
-        from ..kernels import mlp
+    def _normed_readers(self, rows: int, small: bool) -> tuple[str, ...]:
+        """The products after an add + norm at decode rows (`normed.readers`; none in a prefill),
+        which `ResidualStream` lets make their input where the table says so."""
+        from ..kernels import normed
 
-        table = self.kernels.gemv_table
-        return table if small and (mlp.KEY, rows) not in table else None
-
-    def _gate_up_key(self, rows: int, small: bool) -> str | None:
-        """The table key gate_up's product takes at these rows (the tile making the activation, or
-        its own); None where the fused MLP reads the norm's output instead."""
-        from ..kernels import gemv, mlp
-
-        table = self.kernels.gemv_table
-        if not small or (mlp.KEY, rows) in table:
-            return None
-        return gemv.GLU_KEYS[0] if (gemv.GLU_KEYS[0], rows) in table else "gate_up"
+        return normed.readers(self.kernels.gemv_table, rows) if small else ()
 
     def _sums(self, x: torch.Tensor, rows: int, small: bool, mix) -> torch.Tensor | None:
         """Zeros for the sums that atomic-add kernels make (attention + o where `mix` is given, the
